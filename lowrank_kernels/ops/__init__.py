@@ -1,0 +1,38 @@
+"""Public kernels of lowrank_kernels, registered as ``torch.ops.lowrank_kernels.*``.
+
+See ``_registry`` for how an op picks its backend (reference, C++, Triton), and
+each family module for the ops it defines.
+"""
+from ._registry import (  # noqa: F401
+    BACKENDS,
+    OPS,
+    BackendUnavailableError,
+    backend_table,
+    forced_backend,
+    resolve_backend,
+    use_backend,
+)
+from .projection import (  # noqa: F401
+    backproject_apply_,
+    low_rank_shape,
+    project_adam_,
+    project_update_backproject_,
+)
+
+from lowrank_kernels import _ext as _ext_mod
+from . import _registry as _reg
+
+# Load the C++ kernels (if built) only after every Python schema exists, then give
+# the C++ ops the same fake impls as their public twins.
+_ext_mod.load()
+_reg.register_cpp_fakes()
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "use_backend",
+    "project_adam_",
+    "backproject_apply_",
+    "project_update_backproject_",
+    "low_rank_shape",
+]

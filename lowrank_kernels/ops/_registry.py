@@ -1,0 +1,281 @@
+"""The op registry: one schema per op, a fake impl, and three backends.
+
+Every op ``lowrank_kernels::<family>_<op>`` is defined here from Python (schema,
+fake impl) and implemented by a *router* registered as its
+``CompositeExplicitAutograd`` kernel. The router picks one backend per call:
+
+``reference``
+    the pure-PyTorch specification in ``lowrank_kernels/reference/<family>.py``;
+    serves every device.
+``cpp``
+    the C++ CPU kernel of ``csrc/cpu/<family>.cpp``. It is itself a dispatcher op,
+    ``lowrank_kernels::<family>_<op>_cpu``, defined and registered from C++
+    (``TORCH_LIBRARY_FRAGMENT`` + ``TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m)``),
+    so ``opcheck`` and ``torch.compile`` see it; serves CPU tensors when the
+    extension ``lowrank_kernels._C`` is built.
+``triton``
+    the Triton launcher ``<family>_<op>_triton`` in
+    ``lowrank_kernels/kernels/<family>.py``; serves CUDA tensors, and CPU tensors
+    under ``TRITON_INTERPRET=1`` (how CI runs the GPU kernels).
+
+Without a forced backend the router takes ``triton`` on CUDA, ``cpp`` on CPU, and
+the reference otherwise (or where the preferred one is missing). A backend is forced
+with the environment variable ``LOWRANK_KERNELS_BACKEND=reference|cpp|triton`` or
+the context manager :func:`use_backend`; forcing one that cannot serve the device
+raises :class:`BackendUnavailableError`.
+
+Why a router instead of C++ overriding the CPU key directly: a kernel registered
+for the CPU dispatch key would always win over the reference, so the reference
+could not be forced on CPU for tests and benchmarks. The router keeps every
+backend reachable through one public op.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+
+NAMESPACE = "lowrank_kernels"
+BACKENDS = ("reference", "cpp", "triton")
+ENV_VAR = "LOWRANK_KERNELS_BACKEND"
+
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+_state = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot serve an op on the given device."""
+
+
+@dataclass
+class OpDef:
+    """One registered op and where each backend's implementation lives."""
+
+    name: str  # e.g. "projection_project_adam"
+    family: str  # e.g. "projection"
+    schema: str
+    reference: Callable
+    has_cpp: bool = True
+    has_triton: bool = True
+    _triton_fn: Optional[Callable] = field(default=None, repr=False)
+
+    @property
+    def qualname(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+    @property
+    def cpp_name(self) -> str:
+        return f"{self.name}_cpu"
+
+    @property
+    def triton_name(self) -> str:
+        return f"{self.name}_triton"
+
+    def triton_fn(self) -> Callable:
+        # Imported lazily: Triton decides at decoration time whether it runs in the
+        # interpreter, and nothing may touch CUDA at import time.
+        if self._triton_fn is None:
+            mod = importlib.import_module(f"lowrank_kernels.kernels.{self.family}")
+            self._triton_fn = getattr(mod, self.triton_name)
+        return self._triton_fn
+
+    def cpp_op(self):
+        return getattr(getattr(torch.ops, NAMESPACE), self.cpp_name)
+
+
+OPS: Dict[str, OpDef] = {}
+
+
+# --------------------------------------------------------------------------- backend choice
+def _validate_backend_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by :func:`use_backend` (innermost) or the environment, else None."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return _validate_backend_name(env, ENV_VAR)
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every op called inside the block to run on backend ``name``.
+
+    ``name`` is ``"reference"``, ``"cpp"`` or ``"triton"``. Nested blocks stack; the
+    setting is per thread. An op called on a device the backend cannot serve raises
+    :class:`BackendUnavailableError` instead of silently falling back.
+    """
+    _validate_backend_name(name, "use_backend")
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def extension_loaded() -> bool:
+    from lowrank_kernels import _ext
+
+    return _ext.loaded()
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the machine
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(op: OpDef, backend: str, device: torch.device) -> Optional[str]:
+    """None when ``backend`` can serve ``op`` on ``device``, else the reason."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if not op.has_cpp:
+            return "it has no C++ kernel"
+        if device.type != "cpu":
+            return f"the C++ kernels serve CPU tensors only, got {device.type} tensors"
+        if not extension_loaded():
+            from lowrank_kernels import _ext
+
+            return (
+                "the C++ extension lowrank_kernels._C is not built "
+                f"({_ext.load_error()}); run `make test` or "
+                "`pip install --no-build-isolation -e .`"
+            )
+        return None
+    if backend == "triton":
+        if not op.has_triton:
+            return "it has no Triton kernel"
+        if not triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        return (
+            f"Triton kernels serve CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+            f"got {device.type} tensors"
+        )
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def resolve_backend(op: OpDef, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device`` now (forced, or the automatic choice)."""
+    forced = forced_backend()
+    if forced is not None:
+        reason = why_unavailable(op, forced, device)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend {forced!r} was forced but cannot run {op.qualname} on {device}: {reason}"
+            )
+        return forced
+    preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+    if preferred is not None and why_unavailable(op, preferred, device) is None:
+        return preferred
+    return "reference"
+
+
+def _first_device(args) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    raise TypeError("an op was called without any tensor argument")
+
+
+# --------------------------------------------------------------------------- definition
+def define_op(
+    name: str,
+    schema: str,
+    *,
+    family: str,
+    reference: Callable,
+    fake: Callable,
+    validate: Optional[Callable] = None,
+    has_cpp: bool = True,
+    has_triton: bool = True,
+) -> Callable:
+    """Define ``lowrank_kernels::<name>`` and return a callable that invokes it.
+
+    ``schema`` is the argument/return part, e.g. ``"(Tensor x, float a) -> Tensor"``.
+    ``validate(*args)`` raises a clear ``ValueError``/``TypeError`` on bad input; it
+    runs in the fake impl (so ``torch.compile`` traces see it) and before any backend
+    runs, so no backend ever sees (or half-updates) bad input. ``fake(*args)`` returns
+    the outputs' shapes/dtypes. The backends take the op's arguments positionally.
+    """
+    if name in OPS:
+        raise RuntimeError(f"op {name} defined twice")
+    op = OpDef(name=name, family=family, schema=schema, reference=reference, has_cpp=has_cpp, has_triton=has_triton)
+    OPS[name] = op
+    _lib.define(name + schema)
+
+    def router(*args):
+        if validate is not None:
+            validate(*args)
+        backend = resolve_backend(op, _first_device(args))
+        if backend == "reference":
+            return reference(*args)
+        if backend == "cpp":
+            return op.cpp_op()(*args)
+        return op.triton_fn()(*args)
+
+    _lib.impl(name, router, "CompositeExplicitAutograd")
+
+    def fake_impl(*args):
+        if validate is not None:
+            validate(*args)
+        return fake(*args)
+
+    torch.library.register_fake(op.qualname, lib=_lib)(fake_impl)
+    # The C++ op (defined from C++ with the same schema) gets the same fake impl, so
+    # it can be opchecked and traced on its own.
+    if has_cpp:
+        _cpp_fakes.append((op, fake_impl))
+    return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+_cpp_fakes: list = []
+
+
+def register_cpp_fakes() -> None:
+    """Attach fake impls to the C++ ops; called once the extension is loaded."""
+    for op, fake_impl in _cpp_fakes:
+        if hasattr(getattr(torch.ops, NAMESPACE), op.cpp_name):
+            torch.library.register_fake(f"{NAMESPACE}::{op.cpp_name}", lib=_lib)(fake_impl)
+    _cpp_fakes.clear()
+
+
+def backend_table() -> Dict[str, Dict[str, str]]:
+    """For every op, which backend the automatic choice uses on each available device."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    table = {}
+    for name, op in sorted(OPS.items()):
+        table[name] = {}
+        for dev in devices:
+            try:
+                table[name][str(dev)] = resolve_backend(op, dev)
+            except BackendUnavailableError as e:  # forced via the environment
+                table[name][str(dev)] = f"error: {e}"
+    return table

@@ -1,0 +1,47 @@
+"""Shared test set-up.
+
+TRITON_INTERPRET must be set before anything imports Triton kernels, so that the
+Triton backend runs on CPU tensors: it is set here, before lowrank_kernels loads.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import lowrank_kernels  # noqa: E402,F401
+from lowrank_kernels.ops import _registry  # noqa: E402
+
+
+def available_backends(device="cpu"):
+    """Backends that can run on ``device`` in this process (any op of the projection family)."""
+    op = _registry.OPS["projection_project_adam"]
+    return [b for b in _registry.BACKENDS if _registry.why_unavailable(op, b, torch.device(device)) is None]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64."""
+    out = out.double()
+    ref = ref.double()
+    den = ref.norm().item()
+    return (out - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+# bf16 / fp16 tolerances are relative errors against a float64 reference.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
