@@ -17,6 +17,7 @@ from .projection import (  # noqa: F401
     low_rank_shape,
     project_adam_,
     project_update_backproject_,
+    register_projector_type,
 )
 
 from lowrank_kernels import _ext as _ext_mod

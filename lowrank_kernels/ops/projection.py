@@ -139,6 +139,37 @@ project_update_backproject_op = define_op(
 )
 
 
+# --------------------------------------------------------------------------- structured projectors
+# A projector need not be a dense tensor: the DCT family passes basis indices, the
+# quant family a packed INT4 projector. Such a type registers the ops that serve it,
+# and the public functions below route to them, with the same keyword arguments.
+_STRUCTURED = {}
+
+
+def register_projector_type(cls, *, project_adam_, backproject_apply_, project_update_backproject_):
+    """Let ``cls`` instances stand in for ``proj`` in the public projection functions.
+
+    Each callable takes the public function's arguments (``proj`` being the ``cls``
+    instance) and must validate them and run the step on its own ops.
+    """
+    _STRUCTURED[cls] = {
+        "project_adam_": project_adam_,
+        "backproject_apply_": backproject_apply_,
+        "project_update_backproject_": project_update_backproject_,
+    }
+
+
+def _structured(proj, fn_name):
+    if isinstance(proj, torch.Tensor):
+        return None
+    for cls, impls in _STRUCTURED.items():
+        if isinstance(proj, cls):
+            return impls[fn_name]
+    raise TypeError(
+        f"{fn_name}: proj must be a Tensor or one of {[c.__name__ for c in _STRUCTURED]}, got {type(proj).__name__}"
+    )
+
+
 # --------------------------------------------------------------------------- public API
 def project_adam_(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.999, eps=1e-8):
     """Project the gradient and run the Adam moment update in the subspace.
@@ -151,6 +182,9 @@ def project_adam_(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.9
     Returns ``N = exp_avg / (sqrt(exp_avg_sq) + eps)`` (no bias correction), a new
     tensor of the low-rank shape in the moments' dtype.
     """
+    impl = _structured(proj, "project_adam_")
+    if impl is not None:
+        return impl(grad, proj, exp_avg, exp_avg_sq, side=side, beta1=beta1, beta2=beta2, eps=eps)
     return project_adam_op(grad, proj, exp_avg, exp_avg_sq, side, float(beta1), float(beta2), float(eps))
 
 
@@ -159,6 +193,9 @@ def backproject_apply_(param, update, proj, *, side, alpha, decay=1.0):
 
     ``back(N) = N P`` for ``side="right"`` and ``P N`` for ``side="left"``.
     """
+    impl = _structured(proj, "backproject_apply_")
+    if impl is not None:
+        return impl(param, update, proj, side=side, alpha=alpha, decay=decay)
     backproject_apply_op(param, update, proj, side, float(alpha), float(decay))
 
 
@@ -172,6 +209,12 @@ def project_update_backproject_(
     ``param <- (1 - lr * weight_decay) * param - step_size * scale * back(N)``
     (torch.optim.AdamW's order: decay first, on the old weight). ``step`` is 1-based.
     """
+    impl = _structured(proj, "project_update_backproject_")
+    if impl is not None:
+        return impl(
+            param, grad, proj, exp_avg, exp_avg_sq, side=side, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            step=step, weight_decay=weight_decay, scale=scale,
+        )
     project_update_backproject_op(
         param, grad, proj, exp_avg, exp_avg_sq, side, float(lr), float(beta1), float(beta2), float(eps),
         int(step), float(weight_decay), float(scale),
