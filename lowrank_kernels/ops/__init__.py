@@ -19,6 +19,8 @@ from .projection import (  # noqa: F401
     project_update_backproject_,
     register_projector_type,
 )
+from .dct import DCTProjector, dct_basis, dct_project, dct_score_topk, dct_scores  # noqa: F401
+from .quant import Int4Projector, int4_pack, int4_unpack, int8_dequantize, int8_quantize, int8_update_sr_  # noqa: F401
 
 from lowrank_kernels import _ext as _ext_mod
 from . import _registry as _reg
@@ -36,4 +38,10 @@ __all__ = [
     "backproject_apply_",
     "project_update_backproject_",
     "low_rank_shape",
+    "DCTProjector",
+    "dct_basis",
+    "dct_scores",
+    "dct_score_topk",
+    "dct_project",
 ]
+__all__ += ["Int4Projector", "int4_pack", "int4_unpack", "int8_quantize", "int8_dequantize", "int8_update_sr_"]

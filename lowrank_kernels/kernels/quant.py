@@ -1,0 +1,280 @@
+"""Triton kernels of the quant family (spec: ``lowrank_kernels/reference/quant.py``).
+
+Quantizing kernels give each program ``GPP`` whole groups and walk each group in
+chunks of ``CH`` (elements, or byte pairs for INT4): a first sweep takes the group's
+min/max, a second quantizes and stores (the group is back from L1/L2, so HBM traffic
+is one read and one write). Any ``group_size`` works; inputs are read through their
+2-D strides (tensors of other ranks through a flat view).
+
+The INT8 stochastic-rounding update draws ``u`` from the same counter hash as the
+reference and C++ backends (``mix32(mix32(i ^ k1) ^ k2)`` on the flat index, int64
+arithmetic masked to 32 bits), so the three backends draw the same numbers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_kernels.reference.quant import SCALE_FLOOR, num_groups, seed_keys
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _as_2d(x: torch.Tensor):
+    """``(view, rows, cols, stride0, stride1)`` reading ``x`` in row-major order."""
+    if x.dim() == 2:
+        return x, x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+    flat = x.reshape(-1)
+    return flat, 1, flat.numel(), 0, flat.stride(0)
+
+
+def _tiles(group_size: int, pairs: bool):
+    """``(GPP, CH)``: groups per program and chunk length along a group."""
+    units = group_size // 2 if pairs else group_size
+    ch = min(triton.next_power_of_2(max(units, 1)), 512)
+    gpp = max(1, min(16, 2048 // ch))
+    if _interpreting():
+        gpp = max(1, min(gpp, 4))
+    return gpp, ch
+
+
+# --------------------------------------------------------------------------- helpers
+@triton.jit
+def _mul32(x, c: tl.constexpr):
+    return (x * c) & 0xFFFFFFFF
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _uniform(idx, k1, k2):
+    """Float32 ``u in [0, 1)`` for int64 flat indices ``idx`` (the reference's hash)."""
+    h = _mix32(_mix32((idx & 0xFFFFFFFF) ^ k1) ^ k2)
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _load_strided(ptr, f, cols, s0, s1, mask):
+    row = f // cols
+    col = f - row * cols
+    return tl.load(ptr + row * s0 + col * s1, mask=mask, other=0.0).to(tl.float32)
+
+
+# --------------------------------------------------------------------------- INT4 pack / unpack
+@triton.jit
+def _quant_int4_pack_kernel(
+    x_ptr, packed_ptr, scale_ptr, min_ptr, numel, cols, s0, s1, n_groups, group_size,
+    GPP: tl.constexpr, CH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = pid.to(tl.int64) * GPP + tl.arange(0, GPP)
+    gmask = g < n_groups
+    gstart = g * group_size
+    gend = tl.minimum(gstart + group_size, numel)
+    half = group_size // 2
+    mn = tl.full((GPP,), float("inf"), tl.float32)
+    mx = tl.full((GPP,), float("-inf"), tl.float32)
+    for k0 in range(0, half, CH):
+        k = k0 + tl.arange(0, CH)
+        f0 = gstart[:, None] + 2 * k[None, :]
+        m0 = gmask[:, None] & (k[None, :] < half) & (f0 < gend[:, None])
+        m1 = m0 & (f0 + 1 < gend[:, None])
+        a = _load_strided(x_ptr, f0, cols, s0, s1, m0)
+        b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1)
+        mn = tl.minimum(mn, tl.min(tl.minimum(tl.where(m0, a, float("inf")), tl.where(m1, b, float("inf"))), axis=1))
+        mx = tl.maximum(mx, tl.max(tl.maximum(tl.where(m0, a, float("-inf")), tl.where(m1, b, float("-inf"))), axis=1))
+    scale = tl.maximum(mx - mn, 1e-5) / 15.0
+    for k0 in range(0, half, CH):
+        k = k0 + tl.arange(0, CH)
+        f0 = gstart[:, None] + 2 * k[None, :]
+        m0 = gmask[:, None] & (k[None, :] < half) & (f0 < gend[:, None])
+        m1 = m0 & (f0 + 1 < gend[:, None])
+        a = _load_strided(x_ptr, f0, cols, s0, s1, m0)
+        b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1)
+        qa = tl.minimum(tl.maximum(tl.floor((a - mn[:, None]) / scale[:, None] + 0.5), 0.0), 15.0).to(tl.int32)
+        qb = tl.minimum(tl.maximum(tl.floor((b - mn[:, None]) / scale[:, None] + 0.5), 0.0), 15.0).to(tl.int32)
+        qb = tl.where(m1, qb, 0)
+        byte = (qa | (qb << 4)).to(tl.uint8)
+        tl.store(packed_ptr + f0 // 2, byte, mask=m0)
+    tl.store(scale_ptr + g, scale, mask=gmask)
+    tl.store(min_ptr + g, mn, mask=gmask)
+
+
+def quant_int4_pack_triton(x, group_size):
+    x2, _, cols, s0, s1 = _as_2d(x)
+    numel = x.numel()
+    g = num_groups(numel, group_size)
+    packed = torch.empty(((numel + 1) // 2,), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((g,), dtype=torch.float32, device=x.device)
+    minimum = torch.empty((g,), dtype=torch.float32, device=x.device)
+    gpp, ch = _tiles(group_size, pairs=True)
+    _quant_int4_pack_kernel[(triton.cdiv(g, gpp),)](
+        x2, packed, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, num_warps=4,
+    )
+    return packed, scale, minimum
+
+
+@triton.jit
+def _int4_at(packed_ptr, scale_ptr, min_ptr, f, group_size, mask):
+    """Dequantized INT4 values at flat indices ``f`` (float32); usable inside GEMM tile loads."""
+    byte = tl.load(packed_ptr + f // 2, mask=mask, other=0).to(tl.int32)
+    q = (byte >> ((f & 1) * 4).to(tl.int32)) & 15
+    g = f // group_size
+    s = tl.load(scale_ptr + g, mask=mask, other=0.0)
+    mn = tl.load(min_ptr + g, mask=mask, other=0.0)
+    return mn + s * q.to(tl.float32)
+
+
+@triton.jit
+def _quant_int4_unpack_kernel(packed_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, BLOCK: tl.constexpr):
+    f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = f < numel
+    x = _int4_at(packed_ptr, scale_ptr, min_ptr, f, group_size, mask)
+    tl.store(out_ptr + f, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def quant_int4_unpack_triton(packed, scale, minimum, shape, dtype, group_size):
+    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    numel = out.numel()
+    block = 1024
+    _quant_int4_unpack_kernel[(triton.cdiv(numel, block),)](packed, scale, minimum, out, numel, group_size, BLOCK=block)
+    return out
+
+
+# --------------------------------------------------------------------------- INT8
+@triton.jit
+def _quant_int8_quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, min_ptr, numel, cols, s0, s1, n_groups, group_size,
+    GPP: tl.constexpr, CH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = pid.to(tl.int64) * GPP + tl.arange(0, GPP)
+    gmask = g < n_groups
+    gstart = g * group_size
+    gend = tl.minimum(gstart + group_size, numel)
+    mn = tl.full((GPP,), float("inf"), tl.float32)
+    mx = tl.full((GPP,), float("-inf"), tl.float32)
+    for k0 in range(0, group_size, CH):
+        k = k0 + tl.arange(0, CH)
+        f = gstart[:, None] + k[None, :]
+        m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
+        a = _load_strided(x_ptr, f, cols, s0, s1, m)
+        mn = tl.minimum(mn, tl.min(tl.where(m, a, float("inf")), axis=1))
+        mx = tl.maximum(mx, tl.max(tl.where(m, a, float("-inf")), axis=1))
+    scale = tl.maximum(mx - mn, 1e-5) / 255.0
+    for k0 in range(0, group_size, CH):
+        k = k0 + tl.arange(0, CH)
+        f = gstart[:, None] + k[None, :]
+        m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
+        a = _load_strided(x_ptr, f, cols, s0, s1, m)
+        q = tl.minimum(tl.maximum(tl.floor((a - mn[:, None]) / scale[:, None] + 0.5), 0.0), 255.0)
+        tl.store(q_ptr + f, q.to(tl.uint8), mask=m)
+    tl.store(scale_ptr + g, scale, mask=gmask)
+    tl.store(min_ptr + g, mn, mask=gmask)
+
+
+def quant_int8_quantize_triton(w, group_size):
+    w2, _, cols, s0, s1 = _as_2d(w)
+    numel = w.numel()
+    g = num_groups(numel, group_size)
+    q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    scale = torch.empty((g,), dtype=torch.float32, device=w.device)
+    minimum = torch.empty((g,), dtype=torch.float32, device=w.device)
+    gpp, ch = _tiles(group_size, pairs=False)
+    _quant_int8_quantize_kernel[(triton.cdiv(g, gpp),)](
+        w2, q, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, num_warps=4,
+    )
+    return q, scale, minimum
+
+
+@triton.jit
+def _int8_at(q_ptr, scale_ptr, min_ptr, f, group_size, mask):
+    """Dequantized INT8 values at flat indices ``f`` (float32)."""
+    q = tl.load(q_ptr + f, mask=mask, other=0).to(tl.float32)
+    g = f // group_size
+    s = tl.load(scale_ptr + g, mask=mask, other=0.0)
+    mn = tl.load(min_ptr + g, mask=mask, other=0.0)
+    return mn + s * q
+
+
+@triton.jit
+def _quant_int8_dequantize_kernel(q_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, BLOCK: tl.constexpr):
+    f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = f < numel
+    x = _int8_at(q_ptr, scale_ptr, min_ptr, f, group_size, mask)
+    tl.store(out_ptr + f, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def quant_int8_dequantize_triton(q, scale, minimum, group_size, dtype):
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    numel = q.numel()
+    block = 1024
+    _quant_int8_dequantize_kernel[(triton.cdiv(numel, block),)](q, scale, minimum, out, numel, group_size, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _quant_int8_update_sr_kernel(
+    q_ptr, scale_ptr, min_ptr, u_ptr, numel, cols, s0, s1, n_groups, group_size, decay, alpha, k1, k2,
+    GPP: tl.constexpr, CH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = pid.to(tl.int64) * GPP + tl.arange(0, GPP)
+    gmask = g < n_groups
+    gstart = g * group_size
+    gend = tl.minimum(gstart + group_size, numel)
+    old_s = tl.load(scale_ptr + g, mask=gmask, other=0.0)
+    old_mn = tl.load(min_ptr + g, mask=gmask, other=0.0)
+    mn = tl.full((GPP,), float("inf"), tl.float32)
+    mx = tl.full((GPP,), float("-inf"), tl.float32)
+    for k0 in range(0, group_size, CH):
+        k = k0 + tl.arange(0, CH)
+        f = gstart[:, None] + k[None, :]
+        m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
+        q = tl.load(q_ptr + f, mask=m, other=0).to(tl.float32)
+        upd = _load_strided(u_ptr, f, cols, s0, s1, m)
+        x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
+        mn = tl.minimum(mn, tl.min(tl.where(m, x, float("inf")), axis=1))
+        mx = tl.maximum(mx, tl.max(tl.where(m, x, float("-inf")), axis=1))
+    scale = tl.maximum(mx - mn, 1e-5) / 255.0
+    for k0 in range(0, group_size, CH):
+        k = k0 + tl.arange(0, CH)
+        f = gstart[:, None] + k[None, :]
+        m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
+        q = tl.load(q_ptr + f, mask=m, other=0).to(tl.float32)
+        upd = _load_strided(u_ptr, f, cols, s0, s1, m)
+        x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
+        r = _uniform(f, k1, k2)
+        qn = tl.minimum(tl.maximum(tl.floor((x - mn[:, None]) / scale[:, None] + r), 0.0), 255.0)
+        tl.store(q_ptr + f, qn.to(tl.uint8), mask=m)
+    tl.store(scale_ptr + g, scale, mask=gmask)
+    tl.store(min_ptr + g, mn, mask=gmask)
+
+
+def quant_int8_update_sr_triton(q, scale, minimum, update, decay, alpha, seed, group_size):
+    u2, _, cols, s0, s1 = _as_2d(update)
+    numel = q.numel()
+    g = num_groups(numel, group_size)
+    k1, k2 = seed_keys(seed)
+    gpp, ch = _tiles(group_size, pairs=False)
+    _quant_int8_update_sr_kernel[(triton.cdiv(g, gpp),)](
+        q, scale, minimum, u2, numel, cols, s0, s1, g, group_size, float(decay), float(alpha), k1, k2,
+        GPP=gpp, CH=ch, num_warps=4,
+    )
+
+
+assert SCALE_FLOOR == 1e-5  # the kernels hard-code the floor of the spec
