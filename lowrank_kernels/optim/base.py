@@ -1,0 +1,466 @@
+"""The shared base of the low-rank optimizers: :class:`LowRankOptimizer`.
+
+It owns everything the methods have in common, so that each method file only says
+how its projector is made and how one projected step is taken:
+
+- **param selection per group**: a group is *low-rank* when :meth:`_is_lowrank`
+  says so (by default: ``group["rank"]`` is not None, the galore-torch convention);
+  every other group gets plain AdamW, computed by ``torch.optim.adamw.adamw`` so it
+  is bit-identical to ``torch.optim.AdamW``;
+- **validation with clear errors** (:meth:`add_param_group`), before anything is
+  stored: hyper-parameters, 2-D parameters in low-rank groups, rank range, one
+  device per group. Errors name the optimizer, the group, the parameter and the
+  problem;
+- **state init** (:meth:`_init_state`), **the refresh schedule**
+  (:meth:`_should_refresh`: at steps 1, T+1, 2T+1, ... i.e. ``(t - 1) % T == 0``
+  with ``t`` the 1-based step), and **the side decision**: made once per parameter
+  from its shape and ``proj_type`` (:func:`resolve_side`) and stored in
+  ``state["side"]``, then used for projection and back-projection alike (the
+  reference packages re-derive the back-projection side from the moment's shape,
+  which is wrong for ``reverse_std`` when ``rank >= min(m, n)``);
+- **state-dict handling**: state holds tensors only, so ``state_dict()`` survives
+  ``torch.save`` + ``torch.load(weights_only=True)``. :meth:`load_state_dict` keeps
+  every saved tensor's dtype (torch's default casts floating state to the
+  parameter's dtype) and keeps the host-side bookkeeping tensors
+  (:attr:`host_state_keys`: ``step``, ``side``, ``seed``, ...) on the CPU, so that
+  reading them never synchronizes with an accelerator;
+- **non-finite gradients**: with ``skip_nonfinite=True`` (the default, a group key)
+  a parameter whose gradient holds a NaN or an infinity is *skipped*: its weight,
+  its moments, its projector and its step count stay exactly as they were; the
+  other parameters are updated normally, and :attr:`nonfinite_skips` counts the
+  skipped parameter-steps. The check costs one host synchronization per
+  :meth:`step` call (one fused inf-norm per device, read back once), never one per
+  parameter. With ``skip_nonfinite=False`` nothing is checked and a non-finite
+  gradient propagates as in ``torch.optim.AdamW``;
+- **failed projector refreshes**: when making a new projector fails (the SVD
+  raises or returns non-finite values), the previous projector is kept and the step
+  is taken with it; when there is no previous projector (the parameter's first
+  step) the parameter is skipped and no state is created for it. Either way no NaN
+  reaches the weights.
+
+Extension points (what a subclass overrides; the DCT and Q-GaLore optimizers are
+built this way):
+
+``_is_lowrank(group)``
+    whether a group is projected.
+``_group_rank(group, shape)``
+    the rank used for a parameter of ``shape`` (FRUGAL derives it from ``density``).
+``_validate_lowrank_group(group, gi)``
+    extra per-group checks (call ``super()``).
+``_init_state(p, state, group)``
+    fill a fresh state dict: the base sets ``step`` (CPU float32 tensor, as in
+    torch's AdamW) and ``side`` (CPU int8 tensor: 0 right, 1 left, 2 full); a
+    subclass adds its moments.
+``_should_refresh(p, state, group, step)``
+    whether step ``step`` (1-based) makes a new projector. Default: no projector
+    yet (:meth:`_has_projector`) or ``(step - 1) % update_proj_gap == 0``.
+``_refresh_projector(p, grad, state, group, step) -> bool``
+    make the new projector and store it in ``state``; return False (and change
+    nothing) on failure. The default calls :meth:`_compute_projector` and stores its
+    result as ``state["projector"]``.
+``_compute_projector(p, grad, state, group, step)``
+    the projection-producing part: return the new projector tensor, or None on
+    failure.
+``_get_projector(p, state, group)``
+    what the step passes as ``proj`` to ``lowrank_kernels.ops`` (a tensor, or a
+    structured projector registered with ``ops.register_projector_type``).
+``_project_step(p, grad, state, group, step)``
+    the update itself, through ``lowrank_kernels.ops``; ``state["step"]`` has
+    already been incremented to ``step``.
+
+Hot-path rules: no ``.item()`` on accelerator tensors per parameter (``step``,
+``side`` and ``seed`` live on the CPU), no ``torch.cuda`` calls, no ``p.data``
+swapping; all projected math goes through ``lowrank_kernels.ops``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from itertools import chain
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.adamw import adamw as _adamw_functional
+
+from lowrank_kernels import ops
+
+SIDE_NAMES = ("right", "left", "full")
+SIDE_CODES = {name: code for code, name in enumerate(SIDE_NAMES)}
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+def resolve_side(shape: Tuple[int, int], proj_type: str) -> str:
+    """The projection side of an ``m x n`` weight for a galore-torch ``proj_type``.
+
+    ``std``: right when ``m >= n`` (projector ``r x n``), left otherwise, so the
+    projector sits on the smaller side; ``reverse_std``: the opposite; ``left``,
+    ``right``, ``full``: as named.
+    """
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    raise ValueError(f"unknown proj_type {proj_type!r}; expected one of {', '.join(PROJ_TYPES)}")
+
+
+def project_fp32(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
+    """``R = G P^T`` (right) or ``P^T G`` (left) in float32 (float64 stays float64).
+
+    For methods that need ``R`` itself (APOLLO's scaling, FRUGAL's residual); the
+    plain GaLore step never materializes it.
+    """
+    acc = torch.float64 if torch.float64 in (grad.dtype, proj.dtype) else torch.float32
+    g = grad.to(acc)
+    p = proj.to(acc)
+    return g @ p.T if side == "right" else p.T @ g
+
+
+_EYE_CACHE: Dict[tuple, torch.Tensor] = {}
+
+
+def identity(r: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached ``r x r`` identity: the projector that feeds an already projected ``R``
+    to ``ops.project_adam_`` (the multiply by it is exact)."""
+    key = (r, str(device), dtype)
+    eye = _EYE_CACHE.get(key)
+    if eye is None:
+        if len(_EYE_CACHE) > 64:
+            _EYE_CACHE.clear()
+        eye = _EYE_CACHE[key] = torch.eye(r, device=device, dtype=dtype)
+    return eye
+
+
+def mix_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix64 finalizer)."""
+    x = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for part in parts:
+        x = (x ^ (int(part) & mask)) & mask
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class LowRankOptimizer(Optimizer):
+    """Base class of the low-rank AdamW optimizers (see the module docstring).
+
+    Subclasses pass ``defaults`` that contain at least ``lr``, ``betas``, ``eps``,
+    ``weight_decay`` and ``skip_nonfinite``, plus their low-rank keys.
+    """
+
+    #: proj_type values a low-rank group may use.
+    proj_types: Tuple[str, ...] = ("std", "reverse_std", "left", "right")
+    #: smallest rank a low-rank group may ask for.
+    min_rank: int = 1
+    #: state keys kept as CPU tensors (bookkeeping read on the host every step).
+    host_state_keys = frozenset({"step", "side", "seed", "subspace_step"})
+
+    def __init__(self, params, defaults: Dict[str, Any]):
+        self._param_index: Dict[torch.Tensor, int] = {}
+        #: number of parameter-steps skipped because the gradient was not finite.
+        self.nonfinite_skips = 0
+        #: number of projector refreshes that failed and kept the previous projector.
+        self.failed_refreshes = 0
+        super().__init__(params, defaults)
+        if not any(self._is_lowrank(g) for g in self.param_groups if g["params"]):
+            warnings.warn(
+                f"{type(self).__name__}: no parameter group is low-rank (no group sets "
+                f"'rank'), so every parameter gets plain AdamW; pass rank=... or use "
+                f"lowrank_kernels.optim.lowrank_param_groups(model, rank=...)",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ groups and validation
+    def _is_lowrank(self, group: Dict[str, Any]) -> bool:
+        return group.get("rank") is not None
+
+    def _group_rank(self, group: Dict[str, Any], shape: Tuple[int, int]) -> int:
+        return int(group["rank"])
+
+    def _err(self, gi: int, msg: str) -> str:
+        return f"{type(self).__name__}: param group {gi}: {msg}"
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Validate ``param_group`` (with the defaults filled in), then add it.
+
+        Raises ``ValueError`` / ``TypeError`` naming the group, the parameter and the
+        problem; nothing is added when a check fails.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{type(self).__name__}: a param group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                f"{type(self).__name__}: parameters must be an ordered collection (list, tuple), not a set"
+            )
+        else:
+            params = list(params)
+        preview = dict(self.defaults)
+        preview.update(param_group)
+        preview["params"] = params
+        gi = len(self.param_groups)
+        self._validate_group(preview, gi)
+        param_group["params"] = params
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._param_index.setdefault(p, len(self._param_index) + 1)
+
+    def _validate_group(self, group: Dict[str, Any], gi: int) -> None:
+        for pi, p in enumerate(group["params"]):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(self._err(gi, f"parameter {pi} must be a Tensor, got {type(p).__name__}"))
+            if not p.is_floating_point():
+                raise TypeError(self._err(gi, f"parameter {pi} must be floating point, got {p.dtype}"))
+        devices = sorted({str(p.device) for p in group["params"]})
+        if len(devices) > 1:
+            raise ValueError(
+                self._err(gi, f"parameters on several devices ({', '.join(devices)}); put the parameters "
+                              "of each device in their own param group")
+            )
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            raise TypeError(self._err(gi, "a Tensor lr is not supported; pass a float"))
+        if not _is_real(lr) or not lr >= 0.0:
+            raise ValueError(self._err(gi, f"lr must be a float >= 0, got {lr!r}"))
+        betas = group.get("betas")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) for b in betas)):
+            raise ValueError(self._err(gi, f"betas must be a pair of floats, got {betas!r}"))
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(self._err(gi, f"betas[{i}] must be in [0, 1), got {b}"))
+        eps = group.get("eps")
+        if not _is_real(eps) or not eps >= 0.0:
+            raise ValueError(self._err(gi, f"eps must be a float >= 0, got {eps!r}"))
+        wd = group.get("weight_decay")
+        if not _is_real(wd) or not wd >= 0.0:
+            raise ValueError(self._err(gi, f"weight_decay must be a float >= 0, got {wd!r}"))
+        if self._is_lowrank(group):
+            self._validate_lowrank_group(group, gi)
+
+    def _validate_lowrank_group(self, group: Dict[str, Any], gi: int) -> None:
+        """Checks of a low-rank group; subclasses extend it (call ``super()``)."""
+        rank = group.get("rank")
+        if rank is not None and (not _is_int(rank) or rank < self.min_rank):
+            raise ValueError(self._err(gi, f"rank must be an int >= {self.min_rank}, got {rank!r}"))
+        gap = group.get("update_proj_gap")
+        if not _is_int(gap) or gap < 1:
+            raise ValueError(self._err(gi, f"update_proj_gap must be an int >= 1, got {gap!r}"))
+        scale = group.get("scale")
+        if not _is_real(scale) or not math.isfinite(scale):
+            raise ValueError(self._err(gi, f"scale must be a finite float, got {scale!r}"))
+        proj_type = group.get("proj_type")
+        if proj_type not in self.proj_types:
+            raise ValueError(
+                self._err(gi, f"proj_type must be one of {', '.join(map(repr, self.proj_types))}, got {proj_type!r}")
+            )
+        for pi, p in enumerate(group["params"]):
+            if p.dim() != 2:
+                raise ValueError(
+                    self._err(
+                        gi,
+                        f"parameter {pi} has shape {tuple(p.shape)}: a low-rank group takes 2-D weights only; "
+                        "put it in a group with rank=None (lowrank_kernels.optim.lowrank_param_groups does this)",
+                    )
+                )
+            r = self._group_rank(group, tuple(p.shape))
+            k = min(p.shape)
+            if not self.min_rank <= r <= k:
+                raise ValueError(
+                    self._err(
+                        gi,
+                        f"rank {r} is out of range for parameter {pi} of shape {tuple(p.shape)}: "
+                        f"need {self.min_rank} <= rank <= min(m, n) = {k}",
+                    )
+                )
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every parameter that has a gradient.
+
+        ``closure`` (optional) re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work: List[Tuple[Dict[str, Any], torch.Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                work.append((group, p))
+        finite = self._finite_flags(work)
+        plain: Dict[int, List[torch.Tensor]] = defaultdict(list)
+        for (group, p), ok in zip(work, finite):
+            if not ok:
+                self.nonfinite_skips += 1
+                continue
+            if self._is_lowrank(group):
+                self._lowrank_step(p, p.grad, self.state[p], group)
+            else:
+                plain[id(group)].append(p)
+        for group in self.param_groups:
+            if plain.get(id(group)):
+                self._plain_step(group, plain[id(group)])
+        return loss
+
+    def _finite_flags(self, work) -> List[bool]:
+        """Per entry of ``work``: whether its gradient is finite (one host sync per device)."""
+        flags = [True] * len(work)
+        by_device: Dict[torch.device, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
+        for i, (group, p) in enumerate(work):
+            if group.get("skip_nonfinite", True):
+                by_device[p.grad.device].append((i, p.grad))
+        for entries in by_device.values():
+            norms = torch._foreach_norm([g for _, g in entries], float("inf"))
+            ok = torch.stack([n.to(torch.float32) for n in norms]).isfinite().tolist()
+            for (i, _), good in zip(entries, ok):
+                flags[i] = good
+        return flags
+
+    def _plain_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
+        """torch.optim.AdamW on ``params`` (same state layout, same kernels)."""
+        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        _adamw_functional(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            foreach=group.get("foreach"), capturable=False, differentiable=False, fused=None,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False,
+        )
+
+    def _lowrank_step(self, p: torch.Tensor, grad: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]):
+        """Init (on first use), refresh on schedule, then :meth:`_project_step`.
+
+        A state is created only once its first projector exists, so a parameter
+        whose first refresh fails is left exactly as it was.
+        """
+        fresh = len(state) == 0
+        work_state = {} if fresh else state
+        if fresh:
+            self._init_state(p, work_state, group)
+        step = int(work_state["step"]) + 1
+        if self._should_refresh(p, work_state, group, step):
+            ok = self._refresh_projector(p, grad, work_state, group, step)
+            if not ok:
+                self.failed_refreshes += 1
+                if fresh or not self._has_projector(work_state):
+                    return
+        if fresh:
+            state.update(work_state)
+        state["step"] += 1
+        self._project_step(p, grad, state, group, step)
+
+    # ------------------------------------------------------------------ extension points
+    def _state_dtype(self, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
+        """dtype of the moments: the parameter's (as the reference packages and torch's AdamW)."""
+        return p.dtype
+
+    def _side(self, state: Dict[str, Any]) -> str:
+        return SIDE_NAMES[int(state["side"])]
+
+    def _init_state(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        side = resolve_side(tuple(p.shape), group["proj_type"])
+        state["side"] = torch.tensor(SIDE_CODES[side], dtype=torch.int8)
+
+    def _has_projector(self, state: Dict[str, Any]) -> bool:
+        return "projector" in state
+
+    def _should_refresh(self, p, state, group, step: int) -> bool:
+        return not self._has_projector(state) or (step - 1) % group["update_proj_gap"] == 0
+
+    def _refresh_projector(self, p, grad, state, group, step: int) -> bool:
+        proj = self._compute_projector(p, grad, state, group, step)
+        if proj is None:
+            return False
+        state["projector"] = proj
+        return True
+
+    def _compute_projector(self, p, grad, state, group, step: int) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+    def _get_projector(self, p, state, group):
+        return state["projector"]
+
+    def _project_step(self, p, grad, state, group, step: int) -> None:
+        raise NotImplementedError
+
+    def _param_seed(self, p: torch.Tensor) -> int:
+        """1-based position of ``p`` among all parameters, in the order they were added."""
+        return self._param_index[p]
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`.
+
+        Unlike torch's default, every tensor keeps its saved dtype (moments kept in
+        float32 for a bfloat16 parameter stay float32), and the keys of
+        :attr:`host_state_keys` stay on the CPU; the others move to the parameter's
+        device.
+        """
+        saved_state = state_dict["state"]
+        saved_groups = state_dict["param_groups"]
+        super().load_state_dict(state_dict)
+        id_map = zip(
+            chain.from_iterable(g["params"] for g in saved_groups),
+            chain.from_iterable(g["params"] for g in self.param_groups),
+        )
+        for saved_id, p in id_map:
+            if saved_id in saved_state:
+                self.state[p] = {k: self._load_value(p, k, v) for k, v in saved_state[saved_id].items()}
+
+    def _load_value(self, p: torch.Tensor, key: str, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if key in self.host_state_keys:
+            return value.detach().to(device="cpu", copy=True)
+        return value.detach().to(device=p.device, copy=True)
+
+
+def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
+    """``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``: the bias-corrected step of the projected methods."""
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+__all__ = [
+    "LowRankOptimizer",
+    "resolve_side",
+    "project_fp32",
+    "identity",
+    "mix_seed",
+    "adam_step_size",
+    "SIDE_NAMES",
+    "SIDE_CODES",
+    "PROJ_TYPES",
+]

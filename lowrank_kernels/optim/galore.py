@@ -1,0 +1,191 @@
+"""GaLore-AdamW (Zhao et al. 2024): Adam in the span of the gradient's top singular vectors."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from lowrank_kernels import ops
+
+from .base import PROJ_TYPES, LowRankOptimizer, adam_step_size, mix_seed, project_fp32
+
+SVD_MODES = ("exact", "lowrank")
+#: extra columns drawn by the randomized SVD beyond the rank, and its power iterations.
+LOWRANK_OVERSAMPLE = 8
+LOWRANK_NITER = 2
+
+
+def randomized_svd(a: torch.Tensor, k: int, *, niter: int, generator: torch.Generator):
+    """Halko-Martinsson-Tropp randomized SVD of ``a`` (the algorithm of ``torch.svd_lowrank``).
+
+    Returns ``U (m x q), S (q), Vh (q x n)`` with ``q = min(k + oversample, m, n)``.
+    Draws its test matrix from ``generator``, so a refresh is reproducible (a resumed
+    run makes the same projector as an uninterrupted one).
+    """
+    m, n = a.shape
+    q = min(k + LOWRANK_OVERSAMPLE, m, n)
+    omega = torch.randn(n, q, generator=generator, device=a.device, dtype=a.dtype)
+    y = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):
+        z = torch.linalg.qr(a.T @ y).Q
+        y = torch.linalg.qr(a @ z).Q
+    ub, s, vh = torch.linalg.svd(y.T @ a, full_matrices=False)
+    return y @ ub, s, vh
+
+
+class GaLoreAdamW(LowRankOptimizer):
+    r"""AdamW with GaLore gradient projection, a drop-in for ``galore_torch.GaLoreAdamW``.
+
+    Param groups that set ``rank`` (galore-torch keys: ``rank``, ``update_proj_gap``,
+    ``scale``, ``proj_type``) are projected; every other group is plain
+    ``torch.optim.AdamW`` (bit-identical). Per projected ``m x n`` weight and step
+    ``t`` (1-based):
+
+    - at ``t = 1, T+1, 2T+1, ...`` (``T = update_proj_gap``) the projector is remade
+      from the gradient: ``svd="exact"``: ``torch.linalg.svd`` in float32;
+      ``svd="lowrank"``: a seeded randomized SVD (``torch.svd_lowrank``'s algorithm,
+      reproducible). Right side: ``P = Vh[:r]`` (``r x n``); left: ``P = U[:, :r]``;
+      ``full``: both. ``P`` is stored in the parameter's dtype (as galore-torch);
+    - then one fused step through ``lowrank_kernels.ops.project_update_backproject_``:
+      ``R = G P^T`` (or ``P^T G``), Adam moments on ``R`` (not reset at a refresh),
+      ``N = M / (sqrt(V) + eps)`` and
+      ``W <- (1 - lr wd) W - lr sqrt(1 - b2^t) / (1 - b1^t) * scale * back(N)``.
+
+    Weight decay uses torch.optim.AdamW's order (decay the old weight first);
+    galore-torch decays after the update, so the two agree only at ``weight_decay=0``.
+
+    Args:
+        params: parameters or param groups (e.g. from :func:`lowrank_param_groups`).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (``eps`` defaults to 1e-6
+            like galore-torch).
+        rank: default rank of every group that does not set ``rank`` itself; None
+            (default) leaves such groups plain AdamW. Must satisfy
+            ``1 <= rank <= min(m, n)`` for each weight of a low-rank group.
+        update_proj_gap, scale, proj_type: defaults for the low-rank groups
+            (``proj_type`` in ``std``, ``reverse_std``, ``left``, ``right``, ``full``).
+        svd: ``"exact"`` or ``"lowrank"``.
+        skip_nonfinite: skip a parameter whose gradient is not finite (see
+            :mod:`lowrank_kernels.optim.base`).
+        foreach: passed to torch's AdamW for the plain groups.
+
+    State per projected parameter (tensors only): ``step`` (CPU float32),
+    ``side`` (CPU int8: 0 right, 1 left, 2 full), ``projector`` (``r x n`` or
+    ``m x r``; the left factor ``m x r`` for ``full``), ``projector_right``
+    (``full`` only, ``r x n``), ``exp_avg`` and ``exp_avg_sq`` (``m x r``, ``r x n``
+    or ``r x r``, parameter dtype).
+    """
+
+    proj_types = PROJ_TYPES
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = True,
+        *,
+        rank: Optional[int] = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd: str = "exact",
+        skip_nonfinite: bool = True,
+        foreach: Optional[bool] = None,
+    ):
+        if not correct_bias:
+            raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
+            scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_lowrank_group(self, group, gi):
+        super()._validate_lowrank_group(group, gi)
+        if group.get("svd") not in SVD_MODES:
+            raise ValueError(self._err(gi, f"svd must be 'exact' or 'lowrank', got {group.get('svd')!r}"))
+
+    def _init_state(self, p, state, group):
+        super()._init_state(p, state, group)
+        m, n = p.shape
+        r = self._group_rank(group, (m, n))
+        side = self._side(state)
+        shape = (r, r) if side == "full" else ops.low_rank_shape(m, n, r, side)
+        dtype = self._state_dtype(p, group)
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+
+    # ------------------------------------------------------------------ projector
+    def _svd(self, p, grad, group, step: int):
+        g = grad.to(torch.float32) if grad.dtype != torch.float64 else grad
+        r = self._group_rank(group, tuple(p.shape))
+        try:
+            if group["svd"] == "exact":
+                return torch.linalg.svd(g, full_matrices=False)
+            gen = torch.Generator(device=g.device)
+            gen.manual_seed(mix_seed(self._param_seed(p), step))
+            return randomized_svd(g, r, niter=LOWRANK_NITER, generator=gen)
+        except RuntimeError:  # torch.linalg.LinAlgError (no convergence) is a RuntimeError
+            return None
+
+    def _compute_projector(self, p, grad, state, group, step):
+        """The new projector in the parameter's dtype, or None when the SVD failed.
+
+        Right: ``Vh[:r]``; left: ``U[:, :r]``; full: the pair ``(U[:, :r], Vh[:r])``.
+        """
+        usv = self._svd(p, grad, group, step)
+        if usv is None:
+            return None
+        u, _, vh = usv
+        r = self._group_rank(group, tuple(p.shape))
+        side = self._side(state)
+        if side == "right":
+            out = (vh[:r],)
+        elif side == "left":
+            out = (u[:, :r],)
+        else:
+            out = (u[:, :r], vh[:r])
+        # One host sync, on refresh steps only.
+        if not all(bool(torch.isfinite(t).all()) for t in out):
+            return None
+        out = tuple(t.to(p.dtype).contiguous() for t in out)
+        return out if side == "full" else out[0]
+
+    def _refresh_projector(self, p, grad, state, group, step):
+        proj = self._compute_projector(p, grad, state, group, step)
+        if proj is None:
+            return False
+        if isinstance(proj, tuple):
+            state["projector"], state["projector_right"] = proj
+        else:
+            state["projector"] = proj
+        return True
+
+    # ------------------------------------------------------------------ step
+    def _project_step(self, p, grad, state, group, step):
+        beta1, beta2 = group["betas"]
+        side = self._side(state)
+        if side == "full":
+            self._full_step(p, grad, state, group, step)
+            return
+        ops.project_update_backproject_(
+            p, grad, self._get_projector(p, state, group), state["exp_avg"], state["exp_avg_sq"],
+            side=side, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
+            weight_decay=group["weight_decay"], scale=group["scale"],
+        )
+
+    def _full_step(self, p, grad, state, group, step):
+        """``proj_type="full"``: ``R = U^T G Vh^T`` (``r x r``), ``back(N) = U N Vh``."""
+        beta1, beta2 = group["betas"]
+        u, vh = state["projector"], state["projector_right"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        left = project_fp32(grad, u, "left").to(exp_avg.dtype)  # U^T G, r x n
+        n = ops.project_adam_(left, vh, exp_avg, exp_avg_sq, side="right", beta1=beta1, beta2=beta2, eps=group["eps"])
+        half = n.to(torch.float32) @ vh.to(torch.float32)  # N Vh, r x n
+        step_size = adam_step_size(group["lr"], beta1, beta2, step)
+        ops.backproject_apply_(
+            p, half, u, side="left", alpha=-step_size * group["scale"], decay=1.0 - group["lr"] * group["weight_decay"]
+        )
