@@ -1,10 +1,32 @@
 """Low-rank gradient optimizers on the fused ``lowrank_kernels.ops`` kernels.
 
 All are ``torch.optim.Optimizer`` subclasses sharing :class:`LowRankOptimizer`
-(``base.py``). Param groups use galore-torch's keys (``rank``, ``update_proj_gap``,
-``scale``, ``proj_type``); a group without ``rank`` is plain AdamW.
-"""
-from .base import LowRankOptimizer, resolve_side  # noqa: F401
-from .galore import GaLoreAdamW  # noqa: F401
+(``base.py``: param selection, validation, state init, refresh schedule, stored
+projection side, non-finite handling, state-dict handling). Param groups use
+galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``); a
+group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
 
-__all__ = ["LowRankOptimizer", "GaLoreAdamW", "resolve_side"]
+- :class:`GaLoreAdamW`: SVD projector, fused project-Adam-back-project step.
+- :class:`APOLLOAdamW` (and :meth:`APOLLOAdamW.mini`): seeded random projection,
+  channel- or tensor-wise scaling of the raw gradient.
+- :class:`FrugalAdamW`: AdamW in a subspace + signSGD/SGD on the residual.
+- :func:`lowrank_param_groups`: split a model into a low-rank and a plain group.
+- :func:`layerwise`: step each parameter inside backward.
+"""
+from .apollo import APOLLOAdamW  # noqa: F401
+from .base import LowRankOptimizer, resolve_side  # noqa: F401
+from .frugal import FrugalAdamW  # noqa: F401
+from .galore import GaLoreAdamW  # noqa: F401
+from .groups import lowrank_param_groups  # noqa: F401
+from .layerwise import LayerwiseOptimizer, layerwise  # noqa: F401
+
+__all__ = [
+    "LowRankOptimizer",
+    "GaLoreAdamW",
+    "APOLLOAdamW",
+    "FrugalAdamW",
+    "lowrank_param_groups",
+    "layerwise",
+    "LayerwiseOptimizer",
+    "resolve_side",
+]

@@ -1,0 +1,187 @@
+"""APOLLO / APOLLO-Mini (Zhu et al. 2024): SGD-like memory, AdamW-like scaling from a random projection."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from lowrank_kernels import ops
+
+from .base import LowRankOptimizer, adam_step_size, identity, mix_seed, project_fp32
+
+SCALE_TYPES = ("channel", "tensor")
+_LIMIT = 1.01  # Fira's norm-growth limiter: at most 1% growth of the update norm per step
+
+
+class APOLLOAdamW(LowRankOptimizer):
+    r"""APOLLO, a drop-in for ``apollo_torch.APOLLOAdamW`` (random projection).
+
+    Param groups that set ``rank`` (keys ``rank``, ``update_proj_gap``, ``scale``,
+    ``proj_type``, ``scale_type``; apollo-torch's ``proj="random"`` is accepted) are
+    projected; every other group is plain ``torch.optim.AdamW``. Per projected
+    ``m x n`` weight and step ``t``:
+
+    - the projection is random, ``P = randn(shape) / sqrt(r)`` (right ``r x n``,
+      left ``m x r``, sides as galore's ``std``) drawn on the parameter's device from
+      a ``torch.Generator`` seeded with ``state["seed"]``. **Only the seed is
+      stored** and ``P`` is regenerated at every step; at ``t = T+1, 2T+1, ...`` the
+      seed advances (:meth:`_next_seed`), giving a new subspace. The first seed is
+      the parameter's 1-based position in the optimizer (as apollo-torch);
+    - ``R`` is the projected gradient; ``N = project_adam_(R)``
+      (``lowrank_kernels.ops``: Adam moments on ``R``, not reset at a refresh);
+    - scaling factor ``s``: ``scale_type="channel"``: ``||N_j|| / (||R_j|| + 1e-8)``
+      per channel of the full dimension (norms along the low-rank dimension);
+      ``"tensor"``: ``||N||_F / (||R||_F + 1e-8)``;
+    - ``Gt = G * s``; norm-growth limiter (Fira, on by default,
+      ``norm_growth_limiter=False`` disables it): when a previous norm exists,
+      ``Gt <- Gt / (max(||Gt|| / (prev + 1e-8), 1.01) / 1.01)``; ``prev <- ||Gt||``;
+    - ``W <- (1 - lr wd) W - lr sqrt(1 - b2^t) / (1 - b1^t) * sqrt(scale) * Gt``.
+
+    The limiter runs on device tensors (no host sync). Weight decay uses torch's
+    order (decay first); apollo-torch decays after the update.
+
+    To reproduce another implementation's projections (parity tests), override
+    :meth:`_projection` (``(shape, seed, device) -> float32 tensor``) and
+    :meth:`_next_seed`.
+
+    State per projected parameter: ``step`` (CPU float32), ``side`` (CPU int8),
+    ``seed`` (CPU int64, the seed of the current projection), ``exp_avg``,
+    ``exp_avg_sq`` (low-rank shape, parameter dtype) and, from the second step with
+    the limiter on, ``scaled_grad_norm`` (0-d float32 on the parameter's device).
+
+    Use :meth:`mini` for APOLLO-Mini (rank 1, tensor-wise scaling, scale 128).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = True,
+        *,
+        rank: Optional[int] = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        scale_type: str = "channel",
+        proj: str = "random",
+        norm_growth_limiter: bool = True,
+        skip_nonfinite: bool = True,
+        foreach: Optional[bool] = None,
+    ):
+        if not correct_bias:
+            raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
+            scale=scale, proj_type=proj_type, scale_type=scale_type, proj=proj,
+            norm_growth_limiter=norm_growth_limiter, skip_nonfinite=skip_nonfinite, foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    @classmethod
+    def mini(cls, params, lr: float = 1e-2, **kwargs) -> "APOLLOAdamW":
+        """APOLLO-Mini: rank 1, tensor-wise scaling, ``scale=128``, ``update_proj_gap=200``.
+
+        These become the defaults of every group that does not set them (groups with
+        ``rank=None`` stay plain AdamW); other keyword arguments go to the
+        constructor and may override the preset.
+        """
+        preset = dict(rank=1, scale_type="tensor", scale=128.0, update_proj_gap=200)
+        preset.update(kwargs)
+        return cls(params, lr=lr, **preset)
+
+    def _validate_lowrank_group(self, group, gi):
+        super()._validate_lowrank_group(group, gi)
+        if group.get("scale_type") not in SCALE_TYPES:
+            raise ValueError(self._err(gi, f"scale_type must be 'channel' or 'tensor', got {group.get('scale_type')!r}"))
+        if group.get("proj", "random") != "random":
+            raise ValueError(
+                self._err(gi, f"proj={group.get('proj')!r} is not supported: APOLLOAdamW projects with 'random' "
+                              "(use GaLoreAdamW for SVD projections)")
+            )
+        if group["scale"] < 0:
+            raise ValueError(self._err(gi, f"scale must be >= 0 (it enters as sqrt(scale)), got {group['scale']}"))
+
+    def _init_state(self, p, state, group):
+        super()._init_state(p, state, group)
+        m, n = p.shape
+        shape = ops.low_rank_shape(m, n, self._group_rank(group, (m, n)), self._side(state))
+        dtype = self._state_dtype(p, group)
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+
+    # ------------------------------------------------------------------ seeded projection
+    @staticmethod
+    def _next_seed(seed: int) -> int:
+        """The seed of the next subspace (deterministic)."""
+        return mix_seed(seed, 0xA90110)
+
+    @staticmethod
+    def _projection(shape, seed: int, device: torch.device) -> torch.Tensor:
+        """``randn(shape)`` in float32 from a generator seeded with ``seed`` on ``device``."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+    def _has_projector(self, state):
+        return "seed" in state
+
+    def _refresh_projector(self, p, grad, state, group, step):
+        if "seed" in state:
+            new = self._next_seed(int(state["seed"]))
+        else:
+            new = self._param_seed(p)
+        state["seed"] = torch.tensor(new, dtype=torch.int64)
+        return True
+
+    def _get_projector(self, p, state, group):
+        """``P = randn / sqrt(r)`` regenerated from ``state["seed"]``, in the parameter's dtype."""
+        m, n = p.shape
+        r = self._group_rank(group, (m, n))
+        shape = (r, n) if self._side(state) == "right" else (m, r)
+        proj = self._projection(shape, int(state["seed"]), p.device) / math.sqrt(r)
+        return proj.to(p.dtype)
+
+    # ------------------------------------------------------------------ step
+    def _project_step(self, p, grad, state, group, step):
+        beta1, beta2 = group["betas"]
+        side = self._side(state)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        proj = self._get_projector(p, state, group)
+        r_lr = project_fp32(grad, proj, side).to(exp_avg.dtype)  # R, low-rank shape
+        rank = proj.shape[0] if side == "right" else proj.shape[1]
+        # R is already projected: the identity projector feeds it to the Adam op unchanged.
+        n_lr = ops.project_adam_(
+            r_lr, identity(rank, p.device, r_lr.dtype), exp_avg, exp_avg_sq, side=side,
+            beta1=beta1, beta2=beta2, eps=group["eps"],
+        )
+        if group["scale_type"] == "channel":
+            dim = 1 if side == "right" else 0  # the low-rank dimension
+            s = torch.linalg.vector_norm(n_lr, dim=dim, dtype=torch.float32) / (
+                torch.linalg.vector_norm(r_lr, dim=dim, dtype=torch.float32) + 1e-8
+            )
+            gnorm = torch.linalg.vector_norm(grad, dim=dim, dtype=torch.float32)
+            scaled_norm = torch.linalg.vector_norm(s * gnorm)
+            coef = s.unsqueeze(1) if side == "right" else s.unsqueeze(0)
+        else:
+            s = torch.linalg.vector_norm(n_lr, dtype=torch.float32) / (
+                torch.linalg.vector_norm(r_lr, dtype=torch.float32) + 1e-8
+            )
+            scaled_norm = s * torch.linalg.vector_norm(grad, dtype=torch.float32)
+            coef = s
+        if group["norm_growth_limiter"]:
+            prev = state.get("scaled_grad_norm")
+            if prev is not None:
+                limiter = torch.clamp(scaled_norm / (prev + 1e-8), min=_LIMIT) / _LIMIT
+                coef = coef / limiter
+                scaled_norm = scaled_norm / limiter
+            state["scaled_grad_norm"] = scaled_norm.detach().clone()
+        step_size = adam_step_size(group["lr"], beta1, beta2, step)
+        coef = coef * (-step_size * math.sqrt(group["scale"]))
+        if group["weight_decay"] != 0.0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.addcmul_(grad, coef)

@@ -1,0 +1,226 @@
+"""FRUGAL (Zmushko et al. 2024): AdamW in a subspace plus a state-free update of the rest."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from lowrank_kernels import ops
+
+from .base import LowRankOptimizer, adam_step_size, identity, mix_seed, project_fp32
+
+UPDATES = ("signsgd", "sgd")
+
+# A projection method: (optimizer, p, grad, state, group, step, rank, side) -> projector or None.
+# The projector has orthonormal rows (right, ``r x n``) or columns (left, ``m x r``).
+ProjectionFn = Callable[..., Optional[torch.Tensor]]
+
+
+def _generator(opt: "FrugalAdamW", p: torch.Tensor, step: int) -> torch.Generator:
+    gen = torch.Generator(device=p.device)
+    gen.manual_seed(mix_seed(opt._param_seed(p), step, 0xF2))
+    return gen
+
+
+def svd_projection(opt, p, grad, state, group, step, rank, side):
+    """Top-``rank`` singular vectors of the gradient (exact SVD in float32)."""
+    g = grad.to(torch.float32) if grad.dtype != torch.float64 else grad
+    try:
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    except RuntimeError:  # no convergence
+        return None
+    proj = vh[:rank] if side == "right" else u[:, :rank]
+    if not bool(torch.isfinite(proj).all()):  # one host sync, refresh steps only
+        return None
+    return proj
+
+
+def random_projection(opt, p, grad, state, group, step, rank, side):
+    """A random orthonormal basis (QR of a seeded Gaussian matrix)."""
+    dim = p.shape[1] if side == "right" else p.shape[0]
+    gauss = torch.randn(dim, rank, generator=_generator(opt, p, step), device=p.device, dtype=torch.float32)
+    q = torch.linalg.qr(gauss).Q
+    return q.T if side == "right" else q
+
+
+def columns_projection(opt, p, grad, state, group, step, rank, side):
+    """A random subset of ``rank`` columns (right) or rows (left), kept in order."""
+    dim = p.shape[1] if side == "right" else p.shape[0]
+    idx = torch.randperm(dim, generator=_generator(opt, p, step), device=p.device)[:rank].sort().values
+    arange = torch.arange(rank, device=p.device)
+    if side == "right":
+        proj = torch.zeros(rank, dim, device=p.device, dtype=torch.float32)
+        proj[arange, idx] = 1.0
+    else:
+        proj = torch.zeros(dim, rank, device=p.device, dtype=torch.float32)
+        proj[idx, arange] = 1.0
+    return proj
+
+
+class FrugalAdamW(LowRankOptimizer):
+    r"""FRUGAL with a state-full AdamW part and a state-free part.
+
+    Param groups that set ``density`` or ``rank`` are split; every other group
+    (``rank=None`` and ``density=None``) is plain ``torch.optim.AdamW``. Per split
+    ``m x n`` weight (rank ``r = rank`` or ``round(density * min(m, n))``, ``0 <= r
+    <= min(m, n)``), sides as galore's ``proj_type``:
+
+    - every ``update_proj_gap`` steps (``t = 1, T+1, ...``) a new subspace ``P``
+      (orthonormal, stored in the parameter's dtype): ``projection="svd"`` (top
+      singular vectors of the gradient), ``"random"`` (seeded random orthonormal),
+      ``"columns"`` (a seeded random subset of columns / rows), or any method added
+      with :meth:`register_projection` (the hook for ``"dct"``). **At each subspace
+      change the moments are zeroed and the bias-correction step restarts**
+      (``state["subspace_step"]``);
+    - state-full part: ``R = G P^T`` (``P^T G``), ``N = project_adam_(R)`` and
+      ``W <- (1 - lr wd) W - lr sqrt(1 - b2^k) / (1 - b1^k) * scale * back(N)``
+      (``k`` counts steps since the subspace change);
+    - state-free part, on the residual ``G - back(R)``: ``update="signsgd"``:
+      ``W <- W - lr * inactive_lr_scale * sign(residual)``; ``"sgd"``: without the
+      sign. With ``r`` equal to the projected dimension the residual is empty and
+      skipped (density 1 with ``"columns"`` is AdamW); with ``r = 0`` there is no
+      state-full part (density 0 is signSGD / SGD).
+
+    A failed refresh (SVD error or non-finite result) keeps the previous subspace
+    and its moments. ``eps`` (1e-8) sits outside the bias correction as in the
+    other projected methods: ``N = M / (sqrt(V) + eps)``.
+
+    State per split parameter: ``step`` and ``subspace_step`` (CPU float32),
+    ``side`` (CPU int8) and, when ``r > 0``, ``projector`` (``r x n`` / ``m x r``),
+    ``exp_avg``, ``exp_avg_sq`` (low-rank shape, parameter dtype).
+    """
+
+    min_rank = 0
+    projections: Dict[str, ProjectionFn] = {
+        "svd": svd_projection,
+        "random": random_projection,
+        "columns": columns_projection,
+    }
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        density: Optional[float] = 0.25,
+        rank: Optional[int] = None,
+        update_proj_gap: int = 200,
+        projection: str = "svd",
+        update: str = "signsgd",
+        inactive_lr_scale: float = 1.0,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        skip_nonfinite: bool = True,
+        foreach: Optional[bool] = None,
+    ):
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, rank=rank,
+            update_proj_gap=update_proj_gap, projection=projection, update=update,
+            inactive_lr_scale=inactive_lr_scale, scale=scale, proj_type=proj_type,
+            skip_nonfinite=skip_nonfinite, foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    @classmethod
+    def register_projection(cls, name: str, fn: ProjectionFn) -> None:
+        """Add a projection method ``name`` (e.g. ``"dct"``) to this class and its subclasses.
+
+        ``fn(optimizer, p, grad, state, group, step, rank, side)`` returns the
+        orthonormal projector (right ``rank x n``, left ``m x rank``, any float
+        dtype) or None when it fails (the previous subspace is then kept).
+        """
+        cls.projections = {**cls.projections, name: fn}
+
+    # ------------------------------------------------------------------ groups
+    def _is_lowrank(self, group):
+        return group.get("rank") is not None or group.get("density") is not None
+
+    def _group_rank(self, group, shape):
+        if group.get("rank") is not None:
+            return int(group["rank"])
+        return int(round(float(group["density"]) * min(shape)))
+
+    def _validate_lowrank_group(self, group, gi):
+        density = group.get("density")
+        if group.get("rank") is None:
+            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
+                raise ValueError(self._err(gi, f"density must be a float in [0, 1], got {density!r}"))
+        super()._validate_lowrank_group(group, gi)
+        if group.get("projection") not in self.projections:
+            raise ValueError(
+                self._err(gi, f"projection must be one of {', '.join(map(repr, self.projections))}, "
+                              f"got {group.get('projection')!r}")
+            )
+        if group.get("update") not in UPDATES:
+            raise ValueError(self._err(gi, f"update must be 'signsgd' or 'sgd', got {group.get('update')!r}"))
+        ils = group.get("inactive_lr_scale")
+        if isinstance(ils, bool) or not isinstance(ils, (int, float)) or not ils >= 0.0:
+            raise ValueError(self._err(gi, f"inactive_lr_scale must be a float >= 0, got {ils!r}"))
+
+    # ------------------------------------------------------------------ state and subspace
+    def _init_state(self, p, state, group):
+        super()._init_state(p, state, group)
+        m, n = p.shape
+        r = self._group_rank(group, (m, n))
+        if r > 0:
+            shape = ops.low_rank_shape(m, n, r, self._side(state))
+            dtype = self._state_dtype(p, group)
+            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def _has_projector(self, state):
+        return "subspace_step" in state
+
+    def _compute_projector(self, p, grad, state, group, step):
+        r = self._group_rank(group, tuple(p.shape))
+        fn = self.projections[group["projection"]]
+        proj = fn(self, p, grad, state, group, step, r, self._side(state))
+        return None if proj is None else proj.to(p.dtype).contiguous()
+
+    def _refresh_projector(self, p, grad, state, group, step):
+        if self._group_rank(group, tuple(p.shape)) > 0:
+            proj = self._compute_projector(p, grad, state, group, step)
+            if proj is None:
+                return False
+            state["projector"] = proj
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+        state["subspace_step"] = torch.tensor(0.0, dtype=torch.float32)
+        return True
+
+    # ------------------------------------------------------------------ step
+    def _project_step(self, p, grad, state, group, step):
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        side = self._side(state)
+        decay = 1.0 - lr * group["weight_decay"]
+        state["subspace_step"] += 1
+        m, n = p.shape
+        r = self._group_rank(group, (m, n))
+        residual = grad
+        if r > 0:
+            proj = self._get_projector(p, state, group)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            low = project_fp32(grad, proj, side)  # R, needed for the residual as well
+            # R is already projected: the identity projector feeds it to the Adam op unchanged.
+            n_lr = ops.project_adam_(
+                low.to(exp_avg.dtype), identity(r, p.device, exp_avg.dtype), exp_avg, exp_avg_sq, side=side,
+                beta1=beta1, beta2=beta2, eps=group["eps"],
+            )
+            full_dim = n if side == "right" else m
+            if r < full_dim:
+                residual = grad.to(low.dtype, copy=True)
+                ops.backproject_apply_(residual, low, proj, side=side, alpha=-1.0, decay=1.0)
+            else:
+                residual = None
+            step_size = adam_step_size(lr, beta1, beta2, int(state["subspace_step"]))
+            ops.backproject_apply_(p, n_lr, proj, side=side, alpha=-step_size * group["scale"], decay=decay)
+            decay = 1.0
+        if residual is not None:
+            if decay != 1.0:
+                p.mul_(decay)
+            free = residual.sign() if group["update"] == "signsgd" else residual
+            p.add_(free, alpha=-lr * group["inactive_lr_scale"])

@@ -1,0 +1,193 @@
+"""Layer-wise updates: step each parameter inside backward and free its gradient at once.
+
+Peak memory then holds one parameter's gradient at a time instead of all of them
+(the trick of the GaLore 7B-on-24GB recipe), with two corrections over the
+reference scripts: gradient accumulation works (the update runs after the last
+micro-batch, on the summed gradient) and the learning-rate schedule advances once
+per optimizer step.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+
+class LayerwiseOptimizer:
+    """Per-parameter optimizers driven by ``register_post_accumulate_grad_hook``.
+
+    Built by :func:`layerwise`. After ``loss.backward()`` of the
+    ``accumulation_steps``-th micro-batch, each parameter has already been updated
+    (once its gradient was complete) and its ``.grad`` freed; in between, gradients
+    accumulate in ``.grad`` as usual. :meth:`step` and :meth:`zero_grad` exist so
+    that a training loop runs unchanged: ``step()`` does nothing (the updates
+    happened in backward) and ``zero_grad()`` clears whatever gradients remain.
+
+    Each parameter counts its own micro-batches (hook calls), so every parameter
+    must receive a gradient in every micro-batch; a parameter that gets none keeps
+    its count and falls out of step with the others.
+
+    The non-finite check of this package's optimizers (``skip_nonfinite``) then runs
+    once per parameter, i.e. one host synchronization per parameter; pass
+    ``skip_nonfinite=False`` to the optimizers to avoid it. APOLLO's default seed is
+    the parameter's position in its optimizer, which is 1 for every per-parameter
+    optimizer: pass a distinct seed offset per parameter if that matters.
+    """
+
+    def __init__(
+        self,
+        groups: List[Dict[str, Any]],
+        optimizer_factory: Callable[[List[Dict[str, Any]]], Optimizer],
+        accumulation_steps: int = 1,
+        scheduler_factory: Optional[Callable[[Optimizer], Any]] = None,
+    ):
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"layerwise: accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        self.accumulation_steps = accumulation_steps
+        self.params: List[torch.Tensor] = []
+        self.optimizers: List[Optimizer] = []
+        self.schedulers: List[Any] = []
+        self._micro: List[int] = []
+        self._handles = []
+        seen = set()
+        for group in groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                opt = optimizer_factory([{"params": [p], **options}])
+                if not isinstance(opt, Optimizer):
+                    raise TypeError(
+                        f"layerwise: optimizer_factory must return a torch.optim.Optimizer, got {type(opt).__name__}"
+                    )
+                index = len(self.params)
+                self.params.append(p)
+                self.optimizers.append(opt)
+                self.schedulers.append(scheduler_factory(opt) if scheduler_factory is not None else None)
+                self._micro.append(0)
+                self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))
+        if not self.params:
+            raise ValueError("layerwise: no parameter requires grad")
+
+    def _make_hook(self, index: int):
+        def hook(p: torch.Tensor) -> None:
+            self._micro[index] += 1
+            if self._micro[index] < self.accumulation_steps:
+                return  # keep accumulating into p.grad
+            self._micro[index] = 0
+            opt = self.optimizers[index]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched = self.schedulers[index]
+            if sched is not None:
+                sched.step()
+
+        return hook
+
+    # ------------------------------------------------------------------ training-loop API
+    def step(self, closure=None):
+        """Nothing to do: every parameter was stepped inside backward. Returns ``closure()`` if given."""
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear any gradient left (e.g. mid-accumulation) and restart the micro-batch count."""
+        for i, p in enumerate(self.params):
+            self._micro[i] = 0
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def clip_grad_norm_(self, *args, **kwargs):
+        """Always raises: clipping by the global norm needs every gradient at once,
+        but layer-wise updates step (and free) each gradient as soon as it exists."""
+        raise RuntimeError(
+            "layerwise: gradient clipping by global norm is impossible with layer-wise updates "
+            "(each parameter is updated and its gradient freed during backward, before the global "
+            "norm is known); use a standard optimizer to clip, or clip per parameter in the optimizer"
+        )
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """All per-parameter groups (for logging the learning rate)."""
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def get_last_lr(self) -> List[float]:
+        """The current learning rate of every parameter, in order."""
+        return [opt.param_groups[0]["lr"] for opt in self.optimizers]
+
+    def remove_hooks(self) -> None:
+        """Detach the backward hooks (the parameters then need an ordinary optimizer)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """Every per-parameter optimizer's and scheduler's state and the micro-batch counts."""
+        return {
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [s.state_dict() if s is not None else None for s in self.schedulers],
+            "micro_steps": list(self._micro),
+            "accumulation_steps": self.accumulation_steps,
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        opts = state_dict["optimizers"]
+        if len(opts) != len(self.optimizers):
+            raise ValueError(
+                f"layerwise: the state dict has {len(opts)} per-parameter optimizers, this one {len(self.optimizers)}"
+            )
+        for opt, sd in zip(self.optimizers, opts):
+            opt.load_state_dict(sd)
+        for sched, sd in zip(self.schedulers, state_dict.get("schedulers", [None] * len(self.schedulers))):
+            if sched is not None and sd is not None:
+                sched.load_state_dict(sd)
+        self._micro = list(state_dict.get("micro_steps", [0] * len(self.optimizers)))
+
+
+def layerwise(
+    model_or_params,
+    optimizer_factory: Callable[[List[Dict[str, Any]]], Optimizer],
+    *,
+    accumulation_steps: int = 1,
+    scheduler_factory: Optional[Callable[[Optimizer], Any]] = None,
+) -> LayerwiseOptimizer:
+    """Step each parameter inside backward (``register_post_accumulate_grad_hook``).
+
+    Args:
+        model_or_params: an ``nn.Module``, an iterable of parameters, or a list of
+            param-group dicts (e.g. from :func:`lowrank_param_groups`): each
+            parameter gets its own optimizer with its group's options.
+        optimizer_factory: called once per parameter with a one-group list
+            ``[{"params": [p], **group_options}]``; returns the optimizer, e.g.
+            ``lambda groups: GaLoreAdamW(groups, lr=1e-2)``.
+        accumulation_steps: micro-batches per optimizer step; the update runs in the
+            backward of the last one, on the summed gradient.
+        scheduler_factory: optional, called with each per-parameter optimizer; the
+            scheduler steps once per optimizer step of its parameter.
+
+    Returns a :class:`LayerwiseOptimizer`. Gradient clipping by global norm is not
+    possible (its ``clip_grad_norm_`` raises). Call ``remove_hooks()`` to detach.
+    """
+    if isinstance(model_or_params, nn.Module):
+        groups = [{"params": list(model_or_params.parameters())}]
+    else:
+        items = list(model_or_params)
+        if items and all(isinstance(g, dict) for g in items):
+            groups = [
+                dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"]))
+                for g in items
+            ]
+        elif all(isinstance(p, torch.Tensor) for p in items):
+            groups = [{"params": items}]
+        else:
+            raise TypeError("layerwise: pass an nn.Module, an iterable of Tensors, or a list of param-group dicts")
+    return LayerwiseOptimizer(groups, optimizer_factory, accumulation_steps, scheduler_factory)
