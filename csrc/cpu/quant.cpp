@@ -1,0 +1,364 @@
+// The quant family on CPU: packed INT4 projectors, INT8 weights with stochastic
+// rounding, and the projection family's three ops with a packed INT4 projector.
+// Specification: lowrank_kernels/reference/quant.py (same group layout, same
+// rounding, same counter hash for the random numbers, float32 arithmetic).
+//
+// Quantizing kernels run one group per iteration of at::parallel_for: a sweep for the
+// group's min/max, a sweep to quantize (the group is in cache). The INT4 projection
+// ops dequantize the projector one panel at a time into a bounded float buffer
+// (at most kPanel columns or rows of it) and run the GEMMs on those panels
+// (at::addmm, BLAS), so no float copy of the whole projector is ever built.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+namespace lowrank_kernels {
+namespace {
+
+constexpr float kScaleFloor = 1e-5f;
+constexpr int64_t kPanel = 256;  // rows/columns of the projector dequantized at once
+constexpr int64_t kRowBlock = 1024;
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline void seed_keys(int64_t seed, uint32_t* k1, uint32_t* k2) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  *k1 = mix32(static_cast<uint32_t>(s & 0xFFFFFFFFu) ^ mix32(static_cast<uint32_t>(s >> 32) ^ 0x9E3779B9u));
+  *k2 = mix32(*k1 ^ 0x85EBCA6Bu);
+}
+
+inline float uniform_at(int64_t idx, uint32_t k1, uint32_t k2) {
+  const uint32_t h = mix32(mix32(static_cast<uint32_t>(idx & 0xFFFFFFFF) ^ k1) ^ k2);
+  return static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+}
+
+inline int64_t ngroups(int64_t numel, int64_t gs) { return (numel + gs - 1) / gs; }
+
+inline float round_level(float v, float levels) {
+  return std::min(std::max(std::floor(v + 0.5f), 0.0f), levels);
+}
+
+// Quantize a flat contiguous tensor group by group with round-to-nearest; `emit(i, q)`
+// stores level q of element i.
+template <typename scalar_t, typename Emit>
+void quantize_groups(const scalar_t* x, int64_t numel, int64_t gs, float levels, float* scale, float* mn_out,
+                     Emit emit) {
+  at::parallel_for(0, ngroups(numel, gs), 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = g * gs, e = std::min(b + gs, numel);
+      float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+      for (int64_t i = b; i < e; ++i) {
+        const float v = static_cast<float>(x[i]);
+        mn = std::min(mn, v);
+        mx = std::max(mx, v);
+      }
+      const float s = std::max(mx - mn, kScaleFloor) / levels;
+      for (int64_t i = b; i < e; ++i) emit(i, round_level((static_cast<float>(x[i]) - mn) / s, levels));
+      scale[g] = s;
+      mn_out[g] = mn;
+    }
+  });
+}
+
+// --------------------------------------------------------------------------- INT4
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_pack_cpu(const at::Tensor& x_in, int64_t group_size) {
+  const at::Tensor x = x_in.reshape({-1}).contiguous();
+  const int64_t numel = x.numel();
+  at::Tensor packed = at::zeros({(numel + 1) / 2}, x.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({ngroups(numel, group_size)}, x.options().dtype(at::kFloat));
+  at::Tensor minimum = at::empty_like(scale);
+  uint8_t* pk = packed.data_ptr<uint8_t>();
+  // group_size is even, so a byte never holds two groups and groups write disjoint bytes.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quant_int4_pack_cpu", [&] {
+    quantize_groups<scalar_t>(x.data_ptr<scalar_t>(), numel, group_size, 15.0f, scale.data_ptr<float>(),
+                              minimum.data_ptr<float>(), [&](int64_t i, float q) {
+                                const uint8_t v = static_cast<uint8_t>(q);
+                                pk[i >> 1] |= (i & 1) ? static_cast<uint8_t>(v << 4) : v;
+                              });
+  });
+  return {packed, scale, minimum};
+}
+
+inline float int4_at(const uint8_t* pk, const float* s, const float* mn, int64_t f, int64_t gs) {
+  const int q = (pk[f >> 1] >> ((f & 1) * 4)) & 15;
+  const int64_t g = f / gs;
+  return mn[g] + s[g] * static_cast<float>(q);
+}
+
+at::Tensor int4_unpack_cpu(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& minimum,
+                           at::IntArrayRef shape, at::ScalarType dtype, int64_t group_size) {
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const int64_t numel = out.numel();
+  const uint8_t* pk = packed.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* mn = minimum.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "quant_int4_unpack_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, numel, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t f = b; f < e; ++f) o[f] = static_cast<scalar_t>(int4_at(pk, s, mn, f, group_size));
+    });
+  });
+  return out;
+}
+
+// --------------------------------------------------------------------------- INT8
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& w_in, int64_t group_size) {
+  const at::Tensor w = w_in.reshape({-1}).contiguous();
+  const int64_t numel = w.numel();
+  at::Tensor q = at::empty(w_in.sizes(), w.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({ngroups(numel, group_size)}, w.options().dtype(at::kFloat));
+  at::Tensor minimum = at::empty_like(scale);
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quant_int8_quantize_cpu", [&] {
+    quantize_groups<scalar_t>(w.data_ptr<scalar_t>(), numel, group_size, 255.0f, scale.data_ptr<float>(),
+                              minimum.data_ptr<float>(),
+                              [&](int64_t i, float v) { qp[i] = static_cast<uint8_t>(v); });
+  });
+  return {q, scale, minimum};
+}
+
+at::Tensor int8_dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& minimum,
+                               int64_t group_size, at::ScalarType dtype) {
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
+  const int64_t numel = q.numel();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* mn = minimum.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "quant_int8_dequantize_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, numel, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t f = b; f < e; ++f) {
+        const int64_t g = f / group_size;
+        o[f] = static_cast<scalar_t>(mn[g] + s[g] * static_cast<float>(qp[f]));
+      }
+    });
+  });
+  return out;
+}
+
+void int8_update_sr_cpu(at::Tensor& q, at::Tensor& scale, at::Tensor& minimum, const at::Tensor& update_in,
+                        double decay, double alpha, int64_t seed, int64_t group_size) {
+  const at::Tensor update = update_in.reshape({-1}).contiguous();
+  const int64_t numel = q.numel();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  float* mp = minimum.data_ptr<float>();
+  uint32_t k1, k2;
+  seed_keys(seed, &k1, &k2);
+  const float dec = static_cast<float>(decay), alp = static_cast<float>(alpha);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "quant_int8_update_sr_cpu", [&] {
+    const scalar_t* up = update.data_ptr<scalar_t>();
+    at::parallel_for(0, ngroups(numel, group_size), 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t b = g * group_size, e = std::min(b + group_size, numel);
+        const float os = sp[g], om = mp[g];
+        auto value = [&](int64_t i) {
+          return (om + os * static_cast<float>(qp[i])) * dec + static_cast<float>(up[i]) * alp;
+        };
+        float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+        for (int64_t i = b; i < e; ++i) {
+          const float v = value(i);
+          mn = std::min(mn, v);
+          mx = std::max(mx, v);
+        }
+        const float s = std::max(mx - mn, kScaleFloor) / 255.0f;
+        for (int64_t i = b; i < e; ++i) {
+          const float v = std::floor((value(i) - mn) / s + uniform_at(i, k1, k2));
+          qp[i] = static_cast<uint8_t>(std::min(std::max(v, 0.0f), 255.0f));
+        }
+        sp[g] = s;
+        mp[g] = mn;
+      }
+    });
+  });
+}
+
+// --------------------------------------------------------------------------- INT4 projector panels
+struct Int4View {
+  const uint8_t* pk;
+  const float* s;
+  const float* mn;
+  int64_t cols;  // columns of the dense projector
+  int64_t gs;
+};
+
+// Dense block P[i0:i1, j0:j1] in `dtype` (float or double).
+at::Tensor dequant_block(const Int4View& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::ScalarType dtype,
+                         const at::TensorOptions& opts) {
+  at::Tensor blk = at::empty({i1 - i0, j1 - j0}, opts.dtype(at::kFloat));
+  float* b = blk.data_ptr<float>();
+  const int64_t w = j1 - j0;
+  at::parallel_for(i0, i1, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t j = j0; j < j1; ++j) b[(i - i0) * w + (j - j0)] = int4_at(p.pk, p.s, p.mn, i * p.cols + j, p.gs);
+  });
+  return dtype == at::kFloat ? blk : blk.to(dtype);
+}
+
+at::ScalarType acc_type(std::initializer_list<at::ScalarType> ts) {
+  for (auto t : ts)
+    if (t == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+Int4View make_view(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& minimum, int64_t cols,
+                   int64_t gs) {
+  return {packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(), cols, gs};
+}
+
+// R = G P^T (right) or P^T G (left), in `acc`.
+at::Tensor project_int4(const at::Tensor& grad, const Int4View& p, int64_t rank, const std::string& side,
+                        at::ScalarType acc) {
+  const int64_t m = grad.size(0), n = grad.size(1);
+  const auto opts = grad.options();
+  if (side == "right") {
+    at::Tensor r = at::zeros({m, rank}, opts.dtype(acc));
+    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+      const int64_t j1 = std::min(n, j0 + kPanel);
+      at::Tensor pp = dequant_block(p, 0, rank, j0, j1, acc, opts);  // rank x bn
+      r.addmm_(grad.narrow(1, j0, j1 - j0).to(acc), pp.t());
+    }
+    return r;
+  }
+  at::Tensor r = at::zeros({rank, n}, opts.dtype(acc));
+  for (int64_t i0 = 0; i0 < m; i0 += kPanel) {
+    const int64_t i1 = std::min(m, i0 + kPanel);
+    at::Tensor pp = dequant_block(p, i0, i1, 0, rank, acc, opts);  // bm x rank
+    r.addmm_(pp.t(), grad.narrow(0, i0, i1 - i0).to(acc));
+  }
+  return r;
+}
+
+// The reference's adam_moments_: update the moments, return N in `r`'s dtype.
+at::Tensor adam_moments(const at::Tensor& r, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double beta1, double beta2,
+                        double eps) {
+  at::Tensor m = exp_avg.to(r.scalar_type()).mul(beta1).add_(r, 1.0 - beta1);
+  at::Tensor v = exp_avg_sq.to(r.scalar_type()).mul(beta2).addcmul_(r, r, 1.0 - beta2);
+  exp_avg.copy_(m);
+  exp_avg_sq.copy_(v);
+  return m / (v.sqrt() + eps);
+}
+
+// param <- decay * param + alpha * back(update), one (row block x panel) at a time.
+void backproject_int4(at::Tensor& param, const at::Tensor& update, const Int4View& p, int64_t rank,
+                      const std::string& side, double alpha, double decay, at::ScalarType acc) {
+  const int64_t m = param.size(0), n = param.size(1);
+  const auto opts = param.options();
+  const at::Tensor u = update.to(acc);
+  auto apply = [&](const at::Tensor& back, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    at::Tensor blk = param.narrow(0, i0, i1 - i0).narrow(1, j0, j1 - j0);
+    blk.copy_(blk.to(acc).mul_(decay).add_(back, alpha));
+  };
+  if (side == "right") {  // back = N P, P is rank x n
+    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+      const int64_t j1 = std::min(n, j0 + kPanel);
+      at::Tensor pp = dequant_block(p, 0, rank, j0, j1, acc, opts);
+      for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
+        const int64_t i1 = std::min(m, i0 + kRowBlock);
+        apply(at::mm(u.narrow(0, i0, i1 - i0), pp), i0, i1, j0, j1);
+      }
+    }
+  } else {  // back = P N, P is m x rank
+    for (int64_t i0 = 0; i0 < m; i0 += kPanel) {
+      const int64_t i1 = std::min(m, i0 + kPanel);
+      at::Tensor pp = dequant_block(p, i0, i1, 0, rank, acc, opts);
+      for (int64_t j0 = 0; j0 < n; j0 += kRowBlock) {
+        const int64_t j1 = std::min(n, j0 + kRowBlock);
+        apply(at::mm(pp, u.narrow(1, j0, j1 - j0)), i0, i1, j0, j1);
+      }
+    }
+  }
+}
+
+int64_t proj_cols(const at::Tensor& t, int64_t rank, const std::string& side) {
+  return side == "right" ? t.size(1) : rank;
+}
+
+at::Tensor int4_project_adam_cpu(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& scale,
+                                 const at::Tensor& minimum, int64_t rank, int64_t group_size, at::Tensor& exp_avg,
+                                 at::Tensor& exp_avg_sq, c10::string_view side_sv, double beta1, double beta2,
+                                 double eps) {
+  const std::string side(side_sv);
+  const auto acc = acc_type({grad.scalar_type(), exp_avg.scalar_type()});
+  const Int4View p = make_view(packed, scale, minimum, proj_cols(grad, rank, side), group_size);
+  at::Tensor r = project_int4(grad, p, rank, side, acc);
+  return adam_moments(r, exp_avg, exp_avg_sq, beta1, beta2, eps).to(exp_avg.scalar_type());
+}
+
+void int4_backproject_apply_cpu(at::Tensor& param, const at::Tensor& update, const at::Tensor& packed,
+                                const at::Tensor& scale, const at::Tensor& minimum, int64_t rank, int64_t group_size,
+                                c10::string_view side_sv, double alpha, double decay) {
+  const std::string side(side_sv);
+  const auto acc = acc_type({param.scalar_type(), update.scalar_type()});
+  const Int4View p = make_view(packed, scale, minimum, proj_cols(param, rank, side), group_size);
+  backproject_int4(param, update, p, rank, side, alpha, decay, acc);
+}
+
+void int4_project_update_backproject_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& packed,
+                                         const at::Tensor& scale, const at::Tensor& minimum, int64_t rank,
+                                         int64_t group_size, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                                         c10::string_view side_sv, double lr, double beta1, double beta2, double eps,
+                                         int64_t step, double weight_decay, double scale_factor) {
+  const std::string side(side_sv);
+  const auto acc = acc_type({param.scalar_type(), grad.scalar_type(), exp_avg.scalar_type()});
+  const Int4View p = make_view(packed, scale, minimum, proj_cols(param, rank, side), group_size);
+  at::Tensor r = project_int4(grad, p, rank, side, acc);
+  // N is rounded to the moments' dtype, as the two-op path does.
+  at::Tensor nn = adam_moments(r, exp_avg, exp_avg_sq, beta1, beta2, eps).to(exp_avg.scalar_type());
+  const double step_size =
+      lr * std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))) / (1.0 - std::pow(beta1, static_cast<double>(step)));
+  backproject_int4(param, nn, p, rank, side, -step_size * scale_factor, 1.0 - lr * weight_decay, acc);
+}
+
+}  // namespace
+}  // namespace lowrank_kernels
+
+TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
+  m.def("quant_int4_pack_cpu(Tensor x, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "quant_int4_unpack_cpu(Tensor packed, Tensor scale, Tensor minimum, int[] shape, ScalarType dtype, "
+      "int group_size) -> Tensor");
+  m.def("quant_int8_quantize_cpu(Tensor w, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "quant_int8_dequantize_cpu(Tensor q, Tensor scale, Tensor minimum, int group_size, ScalarType dtype) -> "
+      "Tensor");
+  m.def(
+      "quant_int8_update_sr_cpu(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) minimum, Tensor update, float decay, "
+      "float alpha, int seed, int group_size) -> ()");
+  m.def(
+      "quant_int4_project_adam_cpu(Tensor grad, Tensor packed, Tensor scale, Tensor minimum, int rank, "
+      "int group_size, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, float beta1, float beta2, float eps) "
+      "-> Tensor");
+  m.def(
+      "quant_int4_backproject_apply_cpu(Tensor(a!) param, Tensor update, Tensor packed, Tensor scale, "
+      "Tensor minimum, int rank, int group_size, str side, float alpha, float decay) -> ()");
+  m.def(
+      "quant_int4_project_update_backproject_cpu(Tensor(a!) param, Tensor grad, Tensor packed, Tensor scale, "
+      "Tensor minimum, int rank, int group_size, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, str side, float lr, "
+      "float beta1, float beta2, float eps, int step, float weight_decay, float scale_factor) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
+  using namespace lowrank_kernels;
+  m.impl("quant_int4_pack_cpu", &int4_pack_cpu);
+  m.impl("quant_int4_unpack_cpu", &int4_unpack_cpu);
+  m.impl("quant_int8_quantize_cpu", &int8_quantize_cpu);
+  m.impl("quant_int8_dequantize_cpu", &int8_dequantize_cpu);
+  m.impl("quant_int8_update_sr_cpu", &int8_update_sr_cpu);
+  m.impl("quant_int4_project_adam_cpu", &int4_project_adam_cpu);
+  m.impl("quant_int4_backproject_apply_cpu", &int4_backproject_apply_cpu);
+  m.impl("quant_int4_project_update_backproject_cpu", &int4_project_update_backproject_cpu);
+}
