@@ -1,0 +1,459 @@
+"""Triton kernels of the projection family: project + Adam epilogue, back-project + apply.
+
+Two GEMM kernels, each with its elementwise work fused into the epilogue:
+
+``_projection_project_adam_kernel``
+    tiles of the low-rank gradient ``R`` (side="right": ``R = G P^T``, ``m x r``,
+    reduction over ``n``; side="left": ``R = P^T G``, ``r x n``, reduction over ``m``),
+    float32 accumulation, then in the same program: load the ``M``/``V`` tiles,
+    ``M = b1 M + (1-b1) R``, ``V = b2 V + (1-b2) R^2``, store them, and store
+    ``N = M / (sqrt(V) + eps)`` (computed from the float32 moments, before they are
+    rounded to their storage dtype, exactly as the reference). ``R`` never reaches
+    memory. No split-K: the epilogue is nonlinear.
+``_projection_backproject_apply_kernel``
+    tiles of the weight (side="right": ``back(N) = N P``; side="left": ``P N``;
+    reduction over ``r``), epilogue ``W = decay * W + alpha * acc`` written in place
+    in ``W``'s dtype; no full-size temporary exists.
+
+Both kernels are one generic ``C[i, j] = sum_k A[i, k] B[k, j]`` in which one operand
+is the gradient / update (read through explicit strides, so transposed views work)
+and the other is the projector, read through :func:`_load_proj_tile`. Operand layouts
+for the usual row-major tensors: right-side project reads ``G`` and ``P^T`` both
+contiguous along ``k`` (an NT GEMM), left-side project reads ``P^T`` contiguous along
+``i`` and ``G`` contiguous along ``j`` (a TN GEMM; Hopper's wgmma takes MN-major 16-bit
+operands from shared memory); both back-projections are plain NN GEMMs. Integer
+arguments equal to 1 are specialised by Triton, so unit strides are compile-time
+constants and loads along them are vectorised and coalesced whichever dimension
+they are.
+
+Projector modes. ``_load_proj_tile`` is the one place that turns (rank index, dim
+index) into projector values, selected by the constexpr ``PROJ_MODE``. Only the dense
+mode (0) exists now. A mode that gathers rows of a shared DCT basis
+(``P[i, :] = C[idx[i], :]``) or dequantizes a packed INT4 projector plugs in there
+(see its docstring); the GEMM loops and epilogues do not change.
+
+Dtypes: float32 / bfloat16 / float16 tensors, float32 accumulation. The GEMM operands
+are cast to one "dot dtype": the 16-bit dtype when the operands are that 16-bit
+dtype and possibly float32 (tensor cores at the 16-bit rate; e.g. a float32 ``N``
+is rounded to the bf16 of the projector in the back-projection), float32 with
+``input_precision="ieee"`` when every operand is float32 (torch's default, no TF32),
+and float32 with TF32 when bf16 meets fp16 (TF32 holds every bf16 and fp16 value
+exactly). Under ``TRITON_INTERPRET=1`` the dot dtype is always float32: triton 3.9's
+interpreter miscomputes bf16 arithmetic and bf16 dots, so every load is upcast first.
+float64 is rejected with a TypeError (use the reference or C++ backend).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_kernels.reference.projection import adam_step_size
+
+# Triton decides at decoration time whether it interprets; read the flag once, here
+# (never query CUDA at import time).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_INT32_MAX = 2**31 - 1
+
+# Projector storage modes understood by _load_proj_tile.
+PROJ_DENSE = 0
+
+
+# --------------------------------------------------------------------------- tile configs
+def _gemm_configs():
+    """Autotune space on GPU; a single small config when interpreting."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    shapes = [
+        # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (128, 128, 128, 8, 3),
+        (64, 256, 64, 4, 4),
+        (256, 64, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (e.g. BLOCK_M=256 for rank 16)."""
+
+    def cap(x):
+        return max(64, triton.next_power_of_2(int(x)))
+
+    M, N, K = named_args["M"], named_args["N"], named_args["K"]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= cap(M) and c.kwargs["BLOCK_N"] <= cap(N) and c.kwargs["BLOCK_K"] <= cap(K)
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
+_HEURISTICS = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
+
+
+# --------------------------------------------------------------------------- shared device helpers
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, grouped GROUP_M tile-rows at a time for L2 reuse."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _cast_out(x, DST: tl.constexpr, INTERPRET: tl.constexpr):
+    """``x`` (float32) rounded to the storage dtype ``DST``, round-to-nearest-even.
+
+    The GPU's conversion already rounds to nearest even. triton 3.9's interpreter
+    truncates float32 -> bfloat16, so there the rounding is done on the bits first
+    (the truncation of the rounded value is then exact).
+    """
+    if INTERPRET:
+        if DST == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(DST)
+
+
+@triton.jit
+def _load_proj_tile(
+    p_ptr, rank_idx, dim_idx, mask, stride_rank, stride_dim, OUT_DTYPE: tl.constexpr, PROJ_MODE: tl.constexpr
+):
+    """Projector values at (rank_idx, dim_idx), broadcast to one tile, as ``OUT_DTYPE``.
+
+    ``rank_idx`` indexes the rank dimension (rows of a right projector ``r x n``,
+    columns of a left projector ``m x r``), ``dim_idx`` the other one; they are
+    broadcastable index tensors (e.g. ``[1, BN]`` and ``[BK, 1]``), so the caller
+    chooses the tile orientation. Masked-off elements are 0.
+
+    PROJ_MODE 0 (dense): ``p_ptr + rank_idx * stride_rank + dim_idx * stride_dim``.
+
+    Modes to add here (the caller passes the extra pointers through the kernel):
+    - DCT gather (``P[i, :] = C[idx[i], :]``, ``C`` the shared ``s x s`` basis):
+      ``row = tl.load(idx_ptr + rank_idx, mask=rank_idx < r)``, then
+      ``tl.load(c_ptr + row * stride_c0 + dim_idx * stride_c1, mask)``.
+    - packed INT4 (row-major projector, element ``e = row * ncols + col`` where
+      (row, col) is (rank, dim) for right and (dim, rank) for left, i.e.
+      ``e = rank_idx * stride_rank + dim_idx * stride_dim`` with the contiguous
+      strides): ``byte = tl.load(q_ptr + e // 2, mask)``, nibble
+      ``(byte >> 4 * (e % 2)) & 15`` (even index in the low nibble), group
+      ``g = e // 256``, value ``tl.load(min_ptr + g) + tl.load(scale_ptr + g) * nibble``
+      computed in float32, then ``.to(OUT_DTYPE)``.
+    """
+    tl.static_assert(PROJ_MODE == 0, "only the dense projector (PROJ_MODE=0) is implemented")
+    tile = tl.load(p_ptr + rank_idx * stride_rank + dim_idx * stride_dim, mask=mask, other=0.0)
+    return tile.to(OUT_DTYPE)
+
+
+# --------------------------------------------------------------------------- project + Adam
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M", "N", "K", "SIDE_RIGHT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    # Autotuning runs the kernel several times: put the moments back after each run.
+    restore_value=["m_ptr", "v_ptr"],
+)
+@triton.heuristics(_HEURISTICS)
+@triton.jit
+def _projection_project_adam_kernel(
+    g_ptr, p_ptr, m_ptr, v_ptr, n_ptr,
+    M, N, K,
+    stride_g0, stride_g1,
+    stride_p_rank, stride_p_dim,
+    stride_m0, stride_m1,
+    stride_v0, stride_v1,
+    stride_n0, stride_n1,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    SIDE_RIGHT: tl.constexpr,
+    PROJ_MODE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    IDX64: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """One ``BLOCK_M x BLOCK_N`` tile of ``R`` (``M x N``, reduction ``K``) + the Adam epilogue.
+
+    right: ``R[i, j] = sum_k G[i, k] P[j, k]`` (M=m, N=r, K=n);
+    left:  ``R[i, j] = sum_k P[k, i] G[k, j]`` (M=r, N=n, K=m).
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            mask_a = mask_m[:, None]
+            mask_b = mask_n[None, :]
+        else:
+            mask_a = mask_m[:, None] & (kk[None, :] < K)
+            mask_b = (kk[:, None] < K) & mask_n[None, :]
+        if SIDE_RIGHT:
+            a = tl.load(g_ptr + offs_m[:, None] * stride_g0 + kk[None, :] * stride_g1, mask=mask_a, other=0.0)
+            a = a.to(DOT_DTYPE)
+            b = _load_proj_tile(p_ptr, offs_n[None, :], kk[:, None], mask_b, stride_p_rank, stride_p_dim,
+                                DOT_DTYPE, PROJ_MODE)
+        else:
+            a = _load_proj_tile(p_ptr, offs_m[:, None], kk[None, :], mask_a, stride_p_rank, stride_p_dim,
+                                DOT_DTYPE, PROJ_MODE)
+            b = tl.load(g_ptr + kk[:, None] * stride_g0 + offs_n[None, :] * stride_g1, mask=mask_b, other=0.0)
+            b = b.to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue: the Adam moments of this tile, and N.
+    mask = mask_m[:, None] & mask_n[None, :]
+    m_ptrs = m_ptr + offs_m[:, None] * stride_m0 + offs_n[None, :] * stride_m1
+    v_ptrs = v_ptr + offs_m[:, None] * stride_v0 + offs_n[None, :] * stride_v1
+    mo = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+    vo = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    mo = beta1 * mo + one_minus_beta1 * acc
+    vo = beta2 * vo + one_minus_beta2 * (acc * acc)
+    tl.store(m_ptrs, _cast_out(mo, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(v_ptrs, _cast_out(vo, v_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    nn = tl.math.div_rn(mo, tl.sqrt_rn(vo) + eps)
+    tl.store(n_ptr + offs_m[:, None] * stride_n0 + offs_n[None, :] * stride_n1, _cast_out(nn, n_ptr.dtype.element_ty, INTERPRET),
+             mask=mask)
+
+
+# --------------------------------------------------------------------------- back-project + apply
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M", "N", "K", "SIDE_RIGHT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    restore_value=["w_ptr"],
+)
+@triton.heuristics(_HEURISTICS)
+@triton.jit
+def _projection_backproject_apply_kernel(
+    w_ptr, u_ptr, p_ptr,
+    M, N, K,
+    stride_w0, stride_w1,
+    stride_u0, stride_u1,
+    stride_p_rank, stride_p_dim,
+    alpha, decay,
+    SIDE_RIGHT: tl.constexpr,
+    PROJ_MODE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    IDX64: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """One ``BLOCK_M x BLOCK_N`` tile of ``W`` (``m x n``): ``W = decay * W + alpha * back(U)``.
+
+    right: ``back[i, j] = sum_k U[i, k] P[k, j]``; left: ``back[i, j] = sum_k P[i, k] U[k, j]``
+    (K = r).
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            mask_a = mask_m[:, None]
+            mask_b = mask_n[None, :]
+        else:
+            mask_a = mask_m[:, None] & (kk[None, :] < K)
+            mask_b = (kk[:, None] < K) & mask_n[None, :]
+        if SIDE_RIGHT:
+            a = tl.load(u_ptr + offs_m[:, None] * stride_u0 + kk[None, :] * stride_u1, mask=mask_a, other=0.0)
+            a = a.to(DOT_DTYPE)
+            b = _load_proj_tile(p_ptr, kk[:, None], offs_n[None, :], mask_b, stride_p_rank, stride_p_dim,
+                                DOT_DTYPE, PROJ_MODE)
+        else:
+            a = _load_proj_tile(p_ptr, kk[None, :], offs_m[:, None], mask_a, stride_p_rank, stride_p_dim,
+                                DOT_DTYPE, PROJ_MODE)
+            b = tl.load(u_ptr + kk[:, None] * stride_u0 + offs_n[None, :] * stride_u1, mask=mask_b, other=0.0)
+            b = b.to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    w_ptrs = w_ptr + offs_m[:, None] * stride_w0 + offs_n[None, :] * stride_w1
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    w = decay * w + alpha * acc
+    tl.store(w_ptrs, _cast_out(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _check_dtypes(op: str, named) -> None:
+    """TypeError naming the first argument the Triton kernels cannot take (before any write)."""
+    for name, t in named:
+        if t.dtype not in _SUPPORTED:
+            raise TypeError(
+                f"{op}: {name} has dtype {t.dtype}, but the triton backend supports float32/bfloat16/float16 "
+                "(use the reference or cpp backend for float64)"
+            )
+
+
+def _dot_config(*dtypes: torch.dtype):
+    """(dot dtype, input_precision) for GEMM operands stored in ``dtypes``; see the module doc."""
+    if _INTERPRET:
+        return tl.float32, "ieee"
+    low = {d for d in dtypes if d != torch.float32}
+    if not low:
+        return tl.float32, "ieee"
+    if len(low) == 1:
+        return _TL_DTYPE[low.pop()], "tf32"  # input_precision only matters for float32 operands
+    return tl.float32, "tf32"  # bf16 x fp16: exact in TF32
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether some element offset of some tensor does not fit in int32."""
+    for t in tensors:
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+        if span + 256 > _INT32_MAX:  # + slack for masked-off lanes of the last tile
+            return True
+    return False
+
+
+def _proj_strides(proj: torch.Tensor, side: str):
+    """(stride along the rank dimension, stride along the other one)."""
+    return (proj.stride(0), proj.stride(1)) if side == "right" else (proj.stride(1), proj.stride(0))
+
+
+def _grid(M, N):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps) -> torch.Tensor:
+    m, n = grad.shape
+    right = side == "right"
+    rank = proj.shape[0] if right else proj.shape[1]
+    M, N, K = (m, rank, n) if right else (rank, n, m)
+    out = torch.empty(exp_avg.shape, dtype=exp_avg.dtype, device=exp_avg.device)
+    if out.numel() == 0:
+        return out
+    dot_dtype, precision = _dot_config(grad.dtype, proj.dtype)
+    sp_rank, sp_dim = _proj_strides(proj, side)
+    _projection_project_adam_kernel[_grid(M, N)](
+        grad, proj, exp_avg, exp_avg_sq, out,
+        M, N, K,
+        grad.stride(0), grad.stride(1),
+        sp_rank, sp_dim,
+        exp_avg.stride(0), exp_avg.stride(1),
+        exp_avg_sq.stride(0), exp_avg_sq.stride(1),
+        out.stride(0), out.stride(1),
+        float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
+        SIDE_RIGHT=right,
+        PROJ_MODE=PROJ_DENSE,
+        DOT_DTYPE=dot_dtype,
+        INPUT_PRECISION=precision,
+        IDX64=_needs_int64(grad, proj, exp_avg, exp_avg_sq, out),
+        INTERPRET=_INTERPRET,
+    )
+    return out
+
+
+def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
+    m, n = param.shape
+    right = side == "right"
+    rank = proj.shape[0] if right else proj.shape[1]
+    if param.numel() == 0:
+        return
+    dot_dtype, precision = _dot_config(update.dtype, proj.dtype)
+    sp_rank, sp_dim = _proj_strides(proj, side)
+    _projection_backproject_apply_kernel[_grid(m, n)](
+        param, update, proj,
+        m, n, rank,
+        param.stride(0), param.stride(1),
+        update.stride(0), update.stride(1),
+        sp_rank, sp_dim,
+        float(alpha), float(decay),
+        SIDE_RIGHT=right,
+        PROJ_MODE=PROJ_DENSE,
+        DOT_DTYPE=dot_dtype,
+        INPUT_PRECISION=precision,
+        IDX64=_needs_int64(param, update, proj),
+        INTERPRET=_INTERPRET,
+    )
+
+
+def projection_project_adam_triton(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
+    """Triton backend of ``lowrank_kernels::projection_project_adam`` (arguments as the op).
+
+    One kernel: ``R`` tile by tile with float32 accumulation, the Adam moments updated
+    in place in its epilogue, ``N = M / (sqrt(V) + eps)`` returned in the moments' dtype.
+    """
+    _check_dtypes(
+        "projection_project_adam",
+        (("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
+    )
+    return _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+
+
+def projection_backproject_apply_triton(param, update, proj, side, alpha, decay):
+    """Triton backend of ``lowrank_kernels::projection_backproject_apply`` (arguments as the op).
+
+    One kernel over tiles of ``param``: ``param = decay * param + alpha * back(update)``
+    in place, in ``param``'s dtype, with float32 accumulation and no full-size temporary.
+    """
+    _check_dtypes("projection_backproject_apply", (("param", param), ("update", update), ("proj", proj)))
+    _launch_backproject_apply(param, update, proj, side, alpha, decay)
+
+
+def projection_project_update_backproject_triton(
+    param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale
+):
+    """Triton backend of ``lowrank_kernels::projection_project_update_backproject``.
+
+    The two kernels above: ``N`` (moments' dtype, as the reference rounds it), then
+    ``param = (1 - lr * wd) * param - step_size * scale * back(N)`` with
+    ``step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step)``.
+    """
+    _check_dtypes(
+        "projection_project_update_backproject",
+        (("param", param), ("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
+    )
+    n_upd = _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+    step_size = adam_step_size(lr, beta1, beta2, step)
+    _launch_backproject_apply(param, n_upd, proj, side, -step_size * scale, 1.0 - lr * weight_decay)
