@@ -62,6 +62,9 @@ _INT32_MAX = 2**31 - 1
 
 # Projector storage modes understood by _load_proj_tile.
 PROJ_DENSE = 0
+# Packed INT4 (lowrank_kernels/reference/quant.py): p_ptr = the uint8 nibbles,
+# aux0_ptr / aux1_ptr = the float32 per-group scale / minimum, aux_int = group size.
+PROJ_INT4 = 1
 
 
 # --------------------------------------------------------------------------- tile configs
@@ -141,7 +144,8 @@ def _cast_out(x, DST: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _load_proj_tile(
-    p_ptr, rank_idx, dim_idx, mask, stride_rank, stride_dim, OUT_DTYPE: tl.constexpr, PROJ_MODE: tl.constexpr
+    p_ptr, rank_idx, dim_idx, mask, stride_rank, stride_dim, OUT_DTYPE: tl.constexpr, PROJ_MODE: tl.constexpr,
+    aux0_ptr, aux1_ptr, aux_int,
 ):
     """Projector values at (rank_idx, dim_idx), broadcast to one tile, as ``OUT_DTYPE``.
 
@@ -163,10 +167,23 @@ def _load_proj_tile(
       ``(byte >> 4 * (e % 2)) & 15`` (even index in the low nibble), group
       ``g = e // 256``, value ``tl.load(min_ptr + g) + tl.load(scale_ptr + g) * nibble``
       computed in float32, then ``.to(OUT_DTYPE)``.
+
+    PROJ_MODE 1 (packed INT4, implemented as sketched above): the strides are the
+    dense row-major projector's, ``aux0_ptr``/``aux1_ptr`` the per-group scale/minimum
+    and ``aux_int`` the group size. ``aux*`` are unused by the dense mode.
     """
-    tl.static_assert(PROJ_MODE == 0, "only the dense projector (PROJ_MODE=0) is implemented")
-    tile = tl.load(p_ptr + rank_idx * stride_rank + dim_idx * stride_dim, mask=mask, other=0.0)
-    return tile.to(OUT_DTYPE)
+    tl.static_assert(PROJ_MODE == 0 or PROJ_MODE == 1, "PROJ_MODE must be 0 (dense) or 1 (packed INT4)")
+    if PROJ_MODE == 1:
+        e = rank_idx * stride_rank + dim_idx * stride_dim
+        byte = tl.load(p_ptr + e // 2, mask=mask, other=0).to(tl.int32)
+        nib = (byte >> ((e % 2) * 4).to(tl.int32)) & 15
+        grp = e // aux_int
+        s = tl.load(aux0_ptr + grp, mask=mask, other=0.0)
+        mn = tl.load(aux1_ptr + grp, mask=mask, other=0.0)
+        return (mn + s * nib.to(tl.float32)).to(OUT_DTYPE)
+    else:
+        tile = tl.load(p_ptr + rank_idx * stride_rank + dim_idx * stride_dim, mask=mask, other=0.0)
+        return tile.to(OUT_DTYPE)
 
 
 # --------------------------------------------------------------------------- project + Adam
@@ -188,6 +205,7 @@ def _projection_project_adam_kernel(
     stride_v0, stride_v1,
     stride_n0, stride_n1,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    aux0_ptr, aux1_ptr, aux_int,
     SIDE_RIGHT: tl.constexpr,
     PROJ_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -229,10 +247,10 @@ def _projection_project_adam_kernel(
             a = tl.load(g_ptr + offs_m[:, None] * stride_g0 + kk[None, :] * stride_g1, mask=mask_a, other=0.0)
             a = a.to(DOT_DTYPE)
             b = _load_proj_tile(p_ptr, offs_n[None, :], kk[:, None], mask_b, stride_p_rank, stride_p_dim,
-                                DOT_DTYPE, PROJ_MODE)
+                                DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int)
         else:
             a = _load_proj_tile(p_ptr, offs_m[:, None], kk[None, :], mask_a, stride_p_rank, stride_p_dim,
-                                DOT_DTYPE, PROJ_MODE)
+                                DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int)
             b = tl.load(g_ptr + kk[:, None] * stride_g0 + offs_n[None, :] * stride_g1, mask=mask_b, other=0.0)
             b = b.to(DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -268,6 +286,7 @@ def _projection_backproject_apply_kernel(
     stride_u0, stride_u1,
     stride_p_rank, stride_p_dim,
     alpha, decay,
+    aux0_ptr, aux1_ptr, aux_int,
     SIDE_RIGHT: tl.constexpr,
     PROJ_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -309,10 +328,10 @@ def _projection_backproject_apply_kernel(
             a = tl.load(u_ptr + offs_m[:, None] * stride_u0 + kk[None, :] * stride_u1, mask=mask_a, other=0.0)
             a = a.to(DOT_DTYPE)
             b = _load_proj_tile(p_ptr, kk[:, None], offs_n[None, :], mask_b, stride_p_rank, stride_p_dim,
-                                DOT_DTYPE, PROJ_MODE)
+                                DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int)
         else:
             a = _load_proj_tile(p_ptr, kk[None, :], offs_m[:, None], mask_a, stride_p_rank, stride_p_dim,
-                                DOT_DTYPE, PROJ_MODE)
+                                DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int)
             b = tl.load(u_ptr + kk[:, None] * stride_u0 + offs_n[None, :] * stride_u1, mask=mask_b, other=0.0)
             b = b.to(DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -361,6 +380,26 @@ def _proj_strides(proj: torch.Tensor, side: str):
     return (proj.stride(0), proj.stride(1)) if side == "right" else (proj.stride(1), proj.stride(0))
 
 
+def _proj_launch_args(proj, side: str):
+    """``(p, rank, stride_rank, stride_dim, dot_dtypes, aux0, aux1, aux_int, mode, idx64)`` for a projector.
+
+    ``proj`` is a dense tensor, or a packed INT4 projector given as the tuple
+    ``(packed, scale, minimum, (rows, cols), group_size)`` (see
+    ``lowrank_kernels/kernels/quant.py``), whose tiles ``_load_proj_tile`` dequantizes.
+    """
+    if isinstance(proj, torch.Tensor):
+        rank = proj.shape[0] if side == "right" else proj.shape[1]
+        sp_rank, sp_dim = _proj_strides(proj, side)
+        return proj, rank, sp_rank, sp_dim, (proj.dtype,), proj, proj, 0, PROJ_DENSE, _needs_int64(proj)
+    packed, scale, minimum, (rows, cols), group_size = proj
+    rank = rows if side == "right" else cols
+    # Element (row, col) of the dense row-major projector is nibble row * cols + col.
+    sp_rank, sp_dim = (cols, 1) if side == "right" else (1, cols)
+    # The dequantized values are float32 (cast to the GEMM's dot dtype).
+    return (packed, rank, sp_rank, sp_dim, (torch.float32,), scale, minimum, int(group_size), PROJ_INT4,
+            rows * cols + 256 > _INT32_MAX)
+
+
 def _grid(M, N):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
@@ -368,15 +407,14 @@ def _grid(M, N):
 def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps) -> torch.Tensor:
     m, n = grad.shape
     right = side == "right"
-    rank = proj.shape[0] if right else proj.shape[1]
+    p, rank, sp_rank, sp_dim, p_dtypes, aux0, aux1, aux_int, mode, p_idx64 = _proj_launch_args(proj, side)
     M, N, K = (m, rank, n) if right else (rank, n, m)
     out = torch.empty(exp_avg.shape, dtype=exp_avg.dtype, device=exp_avg.device)
     if out.numel() == 0:
         return out
-    dot_dtype, precision = _dot_config(grad.dtype, proj.dtype)
-    sp_rank, sp_dim = _proj_strides(proj, side)
+    dot_dtype, precision = _dot_config(grad.dtype, *p_dtypes)
     _projection_project_adam_kernel[_grid(M, N)](
-        grad, proj, exp_avg, exp_avg_sq, out,
+        grad, p, exp_avg, exp_avg_sq, out,
         M, N, K,
         grad.stride(0), grad.stride(1),
         sp_rank, sp_dim,
@@ -384,11 +422,12 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
         exp_avg_sq.stride(0), exp_avg_sq.stride(1),
         out.stride(0), out.stride(1),
         float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
+        aux0, aux1, aux_int,
         SIDE_RIGHT=right,
-        PROJ_MODE=PROJ_DENSE,
+        PROJ_MODE=mode,
         DOT_DTYPE=dot_dtype,
         INPUT_PRECISION=precision,
-        IDX64=_needs_int64(grad, proj, exp_avg, exp_avg_sq, out),
+        IDX64=p_idx64 or _needs_int64(grad, exp_avg, exp_avg_sq, out),
         INTERPRET=_INTERPRET,
     )
     return out
@@ -397,23 +436,23 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
 def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
     m, n = param.shape
     right = side == "right"
-    rank = proj.shape[0] if right else proj.shape[1]
+    p, rank, sp_rank, sp_dim, p_dtypes, aux0, aux1, aux_int, mode, p_idx64 = _proj_launch_args(proj, side)
     if param.numel() == 0:
         return
-    dot_dtype, precision = _dot_config(update.dtype, proj.dtype)
-    sp_rank, sp_dim = _proj_strides(proj, side)
+    dot_dtype, precision = _dot_config(update.dtype, *p_dtypes)
     _projection_backproject_apply_kernel[_grid(m, n)](
-        param, update, proj,
+        param, update, p,
         m, n, rank,
         param.stride(0), param.stride(1),
         update.stride(0), update.stride(1),
         sp_rank, sp_dim,
         float(alpha), float(decay),
+        aux0, aux1, aux_int,
         SIDE_RIGHT=right,
-        PROJ_MODE=PROJ_DENSE,
+        PROJ_MODE=mode,
         DOT_DTYPE=dot_dtype,
         INPUT_PRECISION=precision,
-        IDX64=_needs_int64(param, update, proj),
+        IDX64=p_idx64 or _needs_int64(param, update),
         INTERPRET=_INTERPRET,
     )
 

@@ -278,3 +278,49 @@ def quant_int8_update_sr_triton(q, scale, minimum, update, decay, alpha, seed, g
 
 
 assert SCALE_FLOOR == 1e-5  # the kernels hard-code the floor of the spec
+
+
+# --------------------------------------------------------------------------- INT4 projector in the projection GEMMs
+# The projection family's GEMM kernels (kernels/projection.py) take a packed INT4
+# projector in their PROJ_MODE=1: each projector tile is dequantized in registers as
+# it is loaded (nibble, group scale, group minimum); no float projector exists.
+def _int4_desc(packed, scale, minimum, rank, group_size, m, n, side):
+    shape = (rank, n) if side == "right" else (m, rank)
+    return (packed, scale, minimum, shape, group_size)
+
+
+def quant_int4_project_adam_triton(grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, beta1,
+                                   beta2, eps):
+    from lowrank_kernels.kernels import projection as kp
+
+    kp._check_dtypes("quant_int4_project_adam", (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)))
+    m, n = grad.shape
+    desc = _int4_desc(packed, scale, minimum, rank, group_size, m, n, side)
+    return kp._launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+
+
+def quant_int4_backproject_apply_triton(param, update, packed, scale, minimum, rank, group_size, side, alpha, decay):
+    from lowrank_kernels.kernels import projection as kp
+
+    kp._check_dtypes("quant_int4_backproject_apply", (("param", param), ("update", update)))
+    m, n = param.shape
+    desc = _int4_desc(packed, scale, minimum, rank, group_size, m, n, side)
+    kp._launch_backproject_apply(param, update, desc, side, alpha, decay)
+
+
+def quant_int4_project_update_backproject_triton(
+    param, grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step,
+    weight_decay, scale_factor,
+):
+    from lowrank_kernels.kernels import projection as kp
+    from lowrank_kernels.reference.projection import adam_step_size
+
+    kp._check_dtypes(
+        "quant_int4_project_update_backproject",
+        (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
+    )
+    m, n = param.shape
+    desc = _int4_desc(packed, scale, minimum, rank, group_size, m, n, side)
+    n_upd = kp._launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+    step_size = adam_step_size(lr, beta1, beta2, step)
+    kp._launch_backproject_apply(param, n_upd, desc, side, -step_size * scale_factor, 1.0 - lr * weight_decay)
