@@ -1,0 +1,258 @@
+"""Kernel-specific cases of the projection family's Triton backend.
+
+Under ``TRITON_INTERPRET=1`` (CPU): tile boundaries of the interpreter's 64^3 tile
+(exact multiples and one past), strided views of every operand, mixed dtypes, the
+int64-offset variant, float64 rejection that modifies nothing, the dot-dtype policy
+and the GPU tile space. With CUDA (``pytest -m gpu`` with ``TRITON_INTERPRET=0``):
+compiled kernels on odd shapes and the bf16 showcase step (4096 x 11008, rank 512).
+"""
+import os
+
+import pytest
+import torch
+
+from lowrank_kernels import ops
+from lowrank_kernels.ops import use_backend
+
+from ..conftest import TOL, rel_err
+
+kp = pytest.importorskip("lowrank_kernels.kernels.projection")
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _inputs(m, n, rank, side, dtype, moment_dtype, device="cpu", proj_dtype=None, gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed)
+    grad = torch.randn(m, n, generator=g).to(dtype)
+    pshape = (rank, n) if side == "right" else (m, rank)
+    proj = (torch.randn(pshape, generator=g) / (n if side == "right" else m) ** 0.5).to(proj_dtype or dtype)
+    lshape = ops.low_rank_shape(m, n, rank, side)
+    ea = (0.1 * torch.randn(lshape, generator=g)).to(moment_dtype)
+    eas = (0.1 * torch.rand(lshape, generator=g) + 0.01).to(moment_dtype)
+    return [t.to(device) for t in (grad, proj, ea, eas)]
+
+
+def _project_both(grad, proj, ea, eas, side, backend="triton", clone=lambda t: t.clone()):
+    """(reference (N, M, V), backend (N, M, V)) on copies."""
+    kw = dict(side=side, beta1=0.9, beta2=0.95, eps=1e-6)
+    ra, ras = ea.clone(), eas.clone()
+    with use_backend("reference"):
+        rn = ops.project_adam_(grad, proj, ra, ras, **kw)
+    oa, oas = clone(ea), clone(eas)
+    with use_backend(backend):
+        on = ops.project_adam_(grad, proj, oa, oas, **kw)
+    return (rn, ra, ras), (on, oa, oas)
+
+
+def _assert_project_close(ref, out, tol):
+    (rn, ra, ras), (on, oa, oas) = ref, out
+    assert rel_err(oa, ra) < tol
+    assert rel_err(oas, ras) < tol
+    assert rel_err(on, rn) < 4 * tol
+
+
+# --------------------------------------------------------------------------- tile boundaries
+# The interpreter's tile is 64 x 64 x 64: shapes exactly on, one below and one past it.
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("m,n,rank", [(64, 128, 64), (65, 129, 65), (130, 63, 63), (128, 192, 16)])
+def test_project_adam_tile_boundaries(side, m, n, rank):
+    grad, proj, ea, eas = _inputs(m, n, rank, side, torch.float32, torch.float32)
+    ref, out = _project_both(grad, proj, ea, eas, side)
+    _assert_project_close(ref, out, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("m,n,rank", [(64, 128, 64), (65, 129, 65), (130, 63, 17)])
+def test_backproject_apply_tile_boundaries(side, m, n, rank):
+    _, proj, upd, _ = _inputs(m, n, rank, side, torch.float32, torch.float32)
+    w = torch.randn(m, n)
+    rw, ow = w.clone(), w.clone()
+    with use_backend("reference"):
+        ops.backproject_apply_(rw, upd, proj, side=side, alpha=-0.3, decay=0.99)
+    with use_backend("triton"):
+        ops.backproject_apply_(ow, upd, proj, side=side, alpha=-0.3, decay=0.99)
+    assert rel_err(ow - w, rw - w) < 1e-5
+
+
+# --------------------------------------------------------------------------- strided operands
+def _transposed(t):
+    """The same values as a non-contiguous (column-major) view."""
+    return t.T.contiguous().T
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_project_adam_all_operands_strided(side):
+    m, n, rank = 70, 90, 21
+    grad, proj, ea, eas = _inputs(m, n, rank, side, torch.bfloat16, torch.float32)
+    grad_v, proj_v = _transposed(grad), _transposed(proj)
+    assert not grad_v.is_contiguous() and not proj_v.is_contiguous()
+    ref, out = _project_both(grad_v, proj_v, ea, eas, side, clone=_transposed)
+    assert not out[1].is_contiguous()  # the moments were updated through their strides
+    _assert_project_close(ref, out, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_backproject_apply_all_operands_strided(side):
+    m, n, rank = 70, 90, 21
+    _, proj, upd, _ = _inputs(m, n, rank, side, torch.float16, torch.float16)
+    w = torch.randn(m, n).half()
+    rw, ow = w.clone(), _transposed(w)
+    with use_backend("reference"):
+        ops.backproject_apply_(rw, upd, proj, side=side, alpha=-0.5, decay=0.9)
+    with use_backend("triton"):
+        ops.backproject_apply_(ow, _transposed(upd), _transposed(proj), side=side, alpha=-0.5, decay=0.9)
+    assert not ow.is_contiguous()
+    assert rel_err(ow.float() - w.float(), rw.float() - w.float()) < TOL[torch.float16]
+
+
+# --------------------------------------------------------------------------- mixed dtypes, int64 offsets
+@pytest.mark.parametrize(
+    "dtype,proj_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.float32, torch.float16)]
+)
+def test_fused_step_mixed_dtypes(dtype, proj_dtype):
+    m, n, rank, side = 77, 50, 9, "right"
+    grad, proj, ea, eas = _inputs(m, n, rank, side, dtype, torch.float32, proj_dtype=proj_dtype)
+    w = torch.randn(m, n).to(dtype)
+    kw = dict(side=side, lr=0.05, step=1, weight_decay=0.1, scale=1.0)
+    rw, ra = w.clone(), ea.clone()
+    with use_backend("reference"):
+        ops.project_update_backproject_(rw, grad, proj, ra, eas.clone(), **kw)
+    ow, oa = w.clone(), ea.clone()
+    with use_backend("triton"):
+        ops.project_update_backproject_(ow, grad, proj, oa, eas.clone(), **kw)
+    tol = TOL[dtype] if dtype != torch.float32 else TOL[proj_dtype]
+    assert rel_err(oa, ra) < tol
+    assert rel_err(ow.double() - w.double(), rw.double() - w.double()) < 4 * tol
+
+
+def test_int64_offsets_path(monkeypatch):
+    """The IDX64 variant (used for tensors past 2^31 elements) computes the same thing."""
+    monkeypatch.setattr(kp, "_needs_int64", lambda *ts: True)
+    for side in ("right", "left"):
+        grad, proj, ea, eas = _inputs(90, 70, 13, side, torch.float32, torch.float32)
+        ref, out = _project_both(grad, proj, ea, eas, side)
+        _assert_project_close(ref, out, TOL[torch.float32])
+        w = torch.randn(90, 70)
+        rw, ow = w.clone(), w.clone()
+        with use_backend("reference"):
+            ops.backproject_apply_(rw, ref[0], proj, side=side, alpha=-0.2, decay=0.95)
+        with use_backend("triton"):
+            ops.backproject_apply_(ow, ref[0], proj, side=side, alpha=-0.2, decay=0.95)
+        assert rel_err(ow - w, rw - w) < 1e-5
+
+
+def test_needs_int64():
+    assert not kp._needs_int64(torch.empty(1000, 1000, device="meta"))
+    assert kp._needs_int64(torch.empty(2**16, 2**16, device="meta"))
+    assert kp._needs_int64(torch.empty(2**16, 2**16, device="meta").T)
+
+
+# --------------------------------------------------------------------------- float64 rejection
+def _f64_cases():
+    g, p, ea, eas = _inputs(20, 12, 3, "right", torch.float64, torch.float64)
+    yield "project_adam", "grad", lambda: ops.project_adam_(g, p, ea, eas, side="right"), (ea, eas)
+    g32, p32, ea32, eas32 = _inputs(20, 12, 3, "right", torch.float32, torch.float32)
+    yield "project_adam", "proj", lambda: ops.project_adam_(g32, p, ea32, eas32, side="right"), (ea32, eas32)
+    w32 = torch.randn(20, 12)
+    yield "backproject_apply", "update", lambda: ops.backproject_apply_(w32, ea, p32, side="right", alpha=1.0), (w32,)
+    w64 = torch.randn(20, 12, dtype=torch.float64)
+    yield (
+        "project_update_backproject",
+        "param",
+        lambda: ops.project_update_backproject_(w64, g, p, ea, eas, side="right", lr=0.1, step=1),
+        (w64, ea, eas),
+    )
+    yield (
+        "project_update_backproject",
+        "proj",
+        lambda: ops.project_update_backproject_(w32, g32, p, ea32, eas32, side="right", lr=0.1, step=1),
+        (w32, ea32, eas32),
+    )
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_float64_rejected_before_any_write(case):
+    op, name, call, mutated = list(_f64_cases())[case]
+    before = [t.clone() for t in mutated]
+    with use_backend("triton"), pytest.raises(TypeError, match=rf"{op}: {name} has dtype torch.float64.*triton backend supports float32/bfloat16/float16"):
+        call()
+    for t, b in zip(mutated, before):
+        assert torch.equal(t, b)
+
+
+# --------------------------------------------------------------------------- launch policy (pure Python)
+def test_dot_dtype_policy(monkeypatch):
+    tl = kp.tl
+    monkeypatch.setattr(kp, "_INTERPRET", False)
+    assert kp._dot_config(torch.float32, torch.float32) == (tl.float32, "ieee")  # torch's default: no TF32
+    assert kp._dot_config(torch.bfloat16, torch.bfloat16)[0] == tl.bfloat16
+    assert kp._dot_config(torch.float32, torch.bfloat16)[0] == tl.bfloat16  # fp32 N meets a bf16 projector
+    assert kp._dot_config(torch.float16, torch.float32)[0] == tl.float16
+    assert kp._dot_config(torch.bfloat16, torch.float16) == (tl.float32, "tf32")  # exact for both
+    monkeypatch.setattr(kp, "_INTERPRET", True)
+    assert kp._dot_config(torch.bfloat16, torch.bfloat16) == (tl.float32, "ieee")  # interpreter bf16 bug
+
+
+def test_gpu_tile_space(monkeypatch):
+    monkeypatch.setattr(kp, "_INTERPRET", False)
+    configs = kp._gemm_configs()
+    assert len(configs) >= 8
+    for c in configs:
+        for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            assert 64 <= c.kwargs[b] <= 256
+        assert c.num_warps in (4, 8) and c.num_stages in (3, 4) and c.kwargs["GROUP_M"] >= 1
+    # Tiny problems keep only tiles of at most 64 along the small dimension; none is pruned to nothing.
+    small = kp._prune_configs(configs, {"M": 16, "N": 5000, "K": 4096})
+    assert small and all(c.kwargs["BLOCK_M"] == 64 for c in small)
+    big = kp._prune_configs(configs, {"M": 4096, "N": 11008, "K": 512})
+    assert len(big) == len(configs)
+    assert kp._prune_configs(configs, {"M": 1, "N": 1, "K": 1})
+
+
+# --------------------------------------------------------------------------- CUDA (compiled kernels)
+needs_compiled = pytest.mark.skipif(
+    INTERPRETING, reason="compiled-kernel tests: run them with `TRITON_INTERPRET=0 pytest -m gpu`"
+)
+
+
+@pytest.mark.gpu
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("m,n,rank", [(123, 77, 1), (123, 77, 33), (200, 150, 150)])
+def test_gpu_odd_shapes_vs_reference(dtype, side, m, n, rank):
+    grad, proj, ea, eas = _inputs(m, n, rank, side, dtype, torch.float32, device="cuda")
+    grad = _transposed(grad)
+    ref, out = _project_both(grad, proj, ea, eas, side)
+    _assert_project_close(ref, out, TOL[dtype])
+    w = (0.02 * torch.randn(m, n, device="cuda")).to(dtype)
+    kw = dict(side=side, lr=0.05, step=1, weight_decay=0.1, scale=1.0)
+    rw, ow = w.clone(), w.clone()
+    with use_backend("reference"):
+        ops.project_update_backproject_(rw, grad, proj, ea.clone(), eas.clone(), **kw)
+    with use_backend("triton"):
+        ops.project_update_backproject_(ow, grad, proj, ea.clone(), eas.clone(), **kw)
+    assert rel_err(ow.double() - w.double(), rw.double() - w.double()) < 4 * TOL[dtype]
+
+
+@pytest.mark.gpu
+@needs_compiled
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_showcase_fused_step_bf16(moment_dtype):
+    """The benchmark's headline case: bf16 4096 x 11008, rank 512 (left side, m < n)."""
+    m, n, rank, side = 4096, 11008, 512, "left"
+    grad, proj, ea, eas = _inputs(m, n, rank, side, torch.bfloat16, moment_dtype, device="cuda")
+    w = (0.02 * torch.randn(m, n, device="cuda")).to(torch.bfloat16)
+    kw = dict(side=side, lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, step=3, weight_decay=0.1, scale=0.25)
+    rw, ra, ras = w.clone(), ea.clone(), eas.clone()
+    with use_backend("reference"):
+        ops.project_update_backproject_(rw, grad, proj, ra, ras, **kw)
+    ow, oa, oas = w.clone(), ea.clone(), eas.clone()
+    with use_backend("triton"):
+        ops.project_update_backproject_(ow, grad, proj, oa, oas, **kw)
+    torch.cuda.synchronize()
+    tol = 1e-4 if moment_dtype == torch.float32 else TOL[torch.bfloat16]
+    assert rel_err(oa, ra) < tol
+    assert rel_err(oas, ras) < tol
+    # N is rounded to bf16 for the tensor-core back-projection: ~2^-9 relative.
+    assert rel_err(ow.double() - w.double(), rw.double() - w.double()) < 1e-2
