@@ -1,0 +1,217 @@
+"""Triton kernels of the DCT family: fused DCT scoring (GEMM + norm epilogue) and the
+gathered-basis projection ``R = G C[idx]^T`` / ``C[idx] G``.
+
+One GEMM kernel, ``_dct_gemm_kernel``, computes tiles of ``A @ B`` (fp32 accumulation,
+bf16/fp16 tensor cores on GPU) and has three epilogues:
+
+- ``EPILOGUE=1|2`` (scoring): ``|acc|`` or ``acc^2`` of the tile is summed over the
+  tile's rows (``REDUCE_ROWS``) or columns and stored into a small float32 partial
+  buffer ``part[tile, i]``; the ``m x n`` score matrix is never written. A second pass
+  sums the partial buffer in a fixed order (deterministic, no atomics).
+- ``EPILOGUE=0`` (projection): the tile is stored.
+
+Operands may have any strides. ``GATHER_A`` makes row ``i`` of ``A`` the row
+``idx[i]`` of the ``A`` pointer's matrix; ``GATHER_B`` makes column ``j`` of ``B`` the
+column ``idx[j]`` of the ``B`` pointer's matrix: the basis rows picked by the indices are
+read straight from the shared basis inside the tile loads.
+
+Scoring, ``G`` is ``m x n``, ``C`` the basis:
+- right: ``S = G C^T``: ``A = G``, ``B = C^T`` (a strided view), scores = column sums;
+- left:  ``S = C G``:   ``A = C``, ``B = G``, scores = row sums.
+
+Top-k: a stable descending sort of the score vector (``n <= ~10^5``; cheap next to the
+GEMM), ties to the lower index, exactly as the reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_kernels.reference import dct as ref
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs():
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    cfgs = []
+    # Hopper/Ampere bf16 GEMM shapes (large tiles for the big refresh GEMMs, smaller
+    # ones for small layers / the k-wide projection GEMM).
+    for bm, bn, bk, stages, warps in [
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 3, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 256, 32, 4, 4),
+        (128, 128, 32, 4, 4),
+    ]:
+        cfgs.append(
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+        )
+    return cfgs
+
+
+# reset_to_zero: the scoring partial buffer must be zero before the chosen config's run
+# (configs with larger tiles write fewer partial rows than the buffer holds).
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "N", "K", "EPILOGUE", "REDUCE_ROWS", "GATHER_A", "GATHER_B", "DOT_DTYPE"],
+    reset_to_zero=["out_ptr"],
+)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _dct_gemm_kernel(
+    a_ptr, b_ptr, idx_ptr, out_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_o0, stride_o1,
+    EPILOGUE: tl.constexpr,  # 0: store the tile, 1: sum |.|, 2: sum of squares
+    REDUCE_ROWS: tl.constexpr,  # scoring: reduce over the tile's rows (True) or columns
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles share their B column panels in L2.
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    gm = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % gm)
+    pid_n = (pid % group) // gm
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows/columns wrap (always valid addresses, no load masks); the
+    # epilogue masks them out so they are never stored or counted.
+    rows = offs_m % M
+    cols = offs_n % N
+    if GATHER_A:
+        rows = tl.load(idx_ptr + rows).to(tl.int64)
+    if GATHER_B:
+        cols = tl.load(idx_ptr + cols).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k0 * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if IEEE:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if EPILOGUE == 0:
+        o_ptrs = out_ptr + offs_m[:, None] * stride_o0 + offs_n[None, :] * stride_o1
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        if EPILOGUE == 1:
+            v = tl.abs(acc)
+        else:
+            v = acc * acc
+        if REDUCE_ROWS:
+            v = tl.where(m_ok[:, None], v, 0.0)
+            part = tl.sum(v, axis=0)
+            tl.store(out_ptr + pid_m * stride_o0 + offs_n * stride_o1, part, mask=n_ok)
+        else:
+            v = tl.where(n_ok[None, :], v, 0.0)
+            part = tl.sum(v, axis=1)
+            tl.store(out_ptr + pid_n * stride_o0 + offs_m * stride_o1, part, mask=m_ok)
+
+
+def _dot_dtype(grad):
+    """(tl dot dtype, ieee): a bf16/fp16 gradient runs on tensor cores in its own dtype
+    (the basis rounded to it, as in the reference's inputs); everything else in fp32
+    with ieee precision (torch's default, no tf32). The interpreter always uses fp32
+    (its bf16 dot is broken)."""
+    if _interpreting():
+        return tl.float32, True
+    if grad.dtype == torch.bfloat16:
+        return tl.bfloat16, False
+    if grad.dtype == torch.float16:
+        return tl.float16, False
+    return tl.float32, True
+
+
+def _gemm(a, b, out, M, N, K, sa, sb, so, *, epilogue, reduce_rows=False, idx=None, gather_a=False, gather_b=False,
+          dot_from=None):
+    dot_dtype, ieee = _dot_dtype(dot_from)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _dct_gemm_kernel[grid](
+        a, b, idx if idx is not None else a, out,
+        M, N, K,
+        sa[0], sa[1], sb[0], sb[1], so[0], so[1],
+        EPILOGUE=epilogue, REDUCE_ROWS=reduce_rows, GATHER_A=gather_a, GATHER_B=gather_b,
+        DOT_DTYPE=dot_dtype, IEEE=ieee,
+    )
+
+
+def _partial_rows(M, N, reduce_rows):
+    # Upper bound over the configs of the number of tiles along the reduced dimension:
+    # the partial buffer is sized for the smallest block of any config.
+    smallest = min(c.kwargs["BLOCK_M" if reduce_rows else "BLOCK_N"] for c in _configs())
+    return triton.cdiv(M if reduce_rows else N, smallest)
+
+
+def dct_scores_triton(grad, basis, side, norm):
+    m, n = grad.shape
+    if side == "right":  # S = G C^T (m x n), score per column
+        a, sa = grad, grad.stride()
+        b, sb = basis, (basis.stride(1), basis.stride(0))
+        M, N, K, reduce_rows, s = m, n, n, True, n
+    else:  # S = C G (m x n), score per row
+        a, sa = basis, basis.stride()
+        b, sb = grad, grad.stride()
+        M, N, K, reduce_rows, s = m, n, m, False, m
+    # Zero-filled: tiles that a config does not produce add nothing to the sum.
+    part = torch.zeros((_partial_rows(M, N, reduce_rows), s), dtype=torch.float32, device=grad.device)
+    _gemm(a, b, part, M, N, K, sa, sb, part.stride(), epilogue=norm, reduce_rows=reduce_rows,
+          dot_from=grad)
+    scores = part.sum(0)
+    if norm == 2:
+        scores = scores.sqrt()
+    if grad.dtype == torch.float64 or basis.dtype == torch.float64:
+        scores = scores.double()
+    return scores
+
+
+def dct_score_topk_triton(grad, basis, k, side, norm):
+    return ref.topk_indices(dct_scores_triton(grad, basis, side, norm), k)
+
+
+def dct_project_triton(grad, basis, indices, side):
+    m, n = grad.shape
+    r = indices.shape[0]
+    f64 = grad.dtype == torch.float64 or basis.dtype == torch.float64
+    if side == "right":  # R = G C[idx]^T (m x r): B[l, a] = C[idx[a], l]
+        out = torch.empty((m, r), dtype=torch.float32, device=grad.device)
+        _gemm(grad, basis, out, m, r, n, grad.stride(), (basis.stride(1), basis.stride(0)), out.stride(),
+              epilogue=0, idx=indices, gather_b=True, dot_from=grad)
+    else:  # R = C[idx] G (r x n): A[a, i] = C[idx[a], i]
+        out = torch.empty((r, n), dtype=torch.float32, device=grad.device)
+        _gemm(basis, grad, out, r, n, m, basis.stride(), grad.stride(), out.stride(),
+              epilogue=0, idx=indices, gather_a=True, dot_from=grad)
+    return out.double() if f64 else out

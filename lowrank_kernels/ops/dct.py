@@ -1,0 +1,392 @@
+"""The DCT family: a shared orthonormal DCT-II basis, fused scoring + top-k, and the
+projection family driven by basis indices instead of a dense projector.
+
+This is the SVD-free projector of DCT-AdamW (ALGORITHMS.md): one basis per size ``s``
+shared by every layer, ``r`` basis vectors chosen per layer by their alignment with
+the gradient (one matmul plus a sort instead of an SVD), and only the ``r`` indices
+stored per layer.
+
+Ops (``torch.ops.lowrank_kernels.*``):
+
+- ``dct_scores(grad, basis, side, norm) -> scores`` (float32; float64 for float64 input)
+- ``dct_score_topk(grad, basis, k, side, norm) -> indices`` (int32)
+- ``dct_project(grad, basis, indices, side) -> R`` (float32; float64 for float64 input)
+- ``dct_project_adam(grad, basis, indices, exp_avg!, exp_avg_sq!, side, beta1, beta2, eps) -> N``
+- ``dct_backproject_apply(param!, update, basis, indices, side, alpha, decay) -> ()``
+- ``dct_project_update_backproject(param!, grad, basis, indices, exp_avg!, exp_avg_sq!, side,
+  lr, beta1, beta2, eps, step, weight_decay, scale) -> ()``
+
+The last three are what :func:`project_adam_`, :func:`backproject_apply_` and
+:func:`project_update_backproject_` run when ``proj`` is a :class:`DCTProjector`.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+
+from lowrank_kernels.reference import dct as ref
+
+from . import _checks as C
+from ._registry import define_op
+from .projection import low_rank_shape, register_projector_type
+from .projection import _check_hyper, _check_moments  # shared validators of the projection family
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+NORMS = (1, 2)
+
+# --------------------------------------------------------------------------- the basis
+_BASIS_CACHE: Dict[tuple, torch.Tensor] = {}
+_BASIS_LOCK = threading.Lock()
+
+
+def _device_key(device) -> torch.device:
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def dct_basis(size: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The orthonormal DCT-II matrix of order ``size``; rows are the cosine waveforms.
+
+    ``C[k, j] = sqrt(2/size) * cos(pi * k * (2j + 1) / (2 * size))``, row 0 scaled by
+    ``1/sqrt(2)``, so ``C C^T = I`` and ``C`` equals
+    ``scipy.fft.dct(np.eye(size), norm="ortho", axis=0)``. Built in float64, then cast
+    to ``dtype`` on ``device``; cached per ``(size, dtype, device)``, so every layer of
+    one size shares one tensor. The returned tensor is the cached one: do not modify it.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"dct_basis: size must be a positive int, got {size!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in C.FLOAT_DTYPES:
+        raise TypeError(f"dct_basis: dtype must be one of float32, bfloat16, float16, float64, got {dtype!r}")
+    dev = _device_key(device)
+    key = (size, dtype, dev)
+    basis = _BASIS_CACHE.get(key)
+    if basis is None:
+        with _BASIS_LOCK:
+            basis = _BASIS_CACHE.get(key)
+            if basis is None:
+                basis = ref.dct_basis_float64(size).to(device=dev, dtype=dtype)
+                _BASIS_CACHE[key] = basis
+    return basis
+
+
+def clear_basis_cache() -> None:
+    """Drop every cached basis (frees their memory)."""
+    with _BASIS_LOCK:
+        _BASIS_CACHE.clear()
+
+
+def basis_size(m: int, n: int, side: str) -> int:
+    """Order of the basis for an ``m x n`` gradient: ``n`` on the right, ``m`` on the left."""
+    return n if side == "right" else m
+
+
+def _basis_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    # The basis is passed in the gradient's dtype: a bf16/fp16 gradient is scored with
+    # a tensor-core GEMM on GPU, and float32/float64 stay exact.
+    return grad_dtype if grad_dtype in C.FLOAT_DTYPES else torch.float32
+
+
+# --------------------------------------------------------------------------- validation
+def _check_grad_basis(op, grad, basis, side):
+    C.check_side(side, op)
+    C.check_float(grad, "grad", op)
+    C.check_ndim(grad, "grad", op, 2)
+    m, n = grad.shape
+    s = basis_size(m, n, side)
+    C.check_float(basis, "basis", op)
+    C.check_shape(basis, "basis", op, (s, s), f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
+    C.check_same_device(op, [("grad", grad), ("basis", basis)])
+    return m, n, s
+
+
+def _check_norm(op, norm):
+    C.fail_value(type(norm) is int and norm in NORMS, op, f"norm must be 1 or 2, got {norm!r}")
+
+
+def _check_indices(op, indices, m, n, s, side, max_rank=None):
+    C.check_tensor(indices, "indices", op)
+    torch._check_type(
+        indices.dtype in INDEX_DTYPES, lambda: f"{op}: indices must be int32 or int64, got {indices.dtype}"
+    )
+    C.check_ndim(indices, "indices", op, 1)
+    r = indices.shape[0]
+    hi = s if max_rank is None else max_rank
+    C.fail_value(1 <= r <= hi, op, f"the number of indices ({r}) must be between 1 and {hi}")
+    # Range check on CPU only: on CUDA it would cost a device sync per call (the
+    # optimizer only ever passes indices produced by dct_score_topk).
+    if indices.device.type == "cpu" and type(indices) is torch.Tensor and indices.numel() > 0:
+        lo_v, hi_v = int(indices.min()), int(indices.max())
+        C.fail_value(0 <= lo_v and hi_v < s, op, f"indices must lie in [0, {s}), got values in [{lo_v}, {hi_v}]")
+    return r
+
+
+def validate_scores(grad, basis, side, norm, *, op="dct_scores"):
+    _check_grad_basis(op, grad, basis, side)
+    _check_norm(op, norm)
+
+
+def validate_score_topk(grad, basis, k, side, norm, *, op="dct_score_topk"):
+    _, _, s = _check_grad_basis(op, grad, basis, side)
+    _check_norm(op, norm)
+    C.fail_value(1 <= k <= s, op, f"k ({k}) must be between 1 and the basis order {s}")
+
+
+def validate_project(grad, basis, indices, side, *, op="dct_project"):
+    m, n, s = _check_grad_basis(op, grad, basis, side)
+    _check_indices(op, indices, m, n, s, side)
+    C.check_same_device(op, [("grad", grad), ("indices", indices)])
+
+
+def validate_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_"):
+    m, n, s = _check_grad_basis(op, grad, basis, side)
+    r = _check_indices(op, indices, m, n, s, side, max_rank=min(m, n))
+    _check_moments(op, exp_avg, exp_avg_sq, low_rank_shape(m, n, r, side), grad.dtype)
+    _check_hyper(op, beta1, beta2, eps)
+    C.check_same_device(
+        op, [("grad", grad), ("indices", indices), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
+    )
+    C.check_no_overlap(
+        op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("grad", grad), ("basis", basis)]
+    )
+
+
+def validate_backproject_apply(param, update, basis, indices, side, alpha, decay, *, op="backproject_apply_"):
+    C.check_side(side, op)
+    C.check_float(param, "param", op)
+    C.check_ndim(param, "param", op, 2)
+    m, n = param.shape
+    s = basis_size(m, n, side)
+    C.check_float(basis, "basis", op)
+    C.check_shape(basis, "basis", op, (s, s), f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
+    r = _check_indices(op, indices, m, n, s, side, max_rank=min(m, n))
+    C.check_float(update, "update", op)
+    C.check_shape(update, "update", op, low_rank_shape(m, n, r, side), "the low-rank update's shape")
+    C.check_same_device(op, [("param", param), ("update", update), ("basis", basis), ("indices", indices)])
+    C.check_no_overlap(op, [("param", param)], [("update", update), ("basis", basis)])
+
+
+def validate_project_update_backproject(
+    param, grad, basis, indices, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    *, op="project_update_backproject_",
+):
+    C.check_float(param, "param", op)
+    C.check_ndim(param, "param", op, 2)
+    validate_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op)
+    C.check_shape(grad, "grad", op, param.shape, "the parameter's shape")
+    C.fail_value(step >= 1, op, f"step must be >= 1 (1-based, after increment), got {step}")
+    C.fail_value(lr >= 0.0, op, f"lr must be >= 0, got {lr}")
+    C.check_same_device(op, [("param", param), ("grad", grad)])
+    C.check_no_overlap(
+        op,
+        [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
+        [("grad", grad), ("basis", basis)],
+    )
+
+
+# --------------------------------------------------------------------------- fakes
+def _acc_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _fake_scores(grad, basis, side, norm):
+    s = basis_size(grad.shape[0], grad.shape[1], side)
+    return grad.new_empty((s,), dtype=_acc_dtype(grad, basis))
+
+
+def _fake_score_topk(grad, basis, k, side, norm):
+    return grad.new_empty((k,), dtype=ref.INDEX_DTYPE)
+
+
+def _fake_project(grad, basis, indices, side):
+    m, n = grad.shape
+    return grad.new_empty(low_rank_shape(m, n, indices.shape[0], side), dtype=_acc_dtype(grad, basis))
+
+
+def _fake_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
+    return exp_avg.new_empty(exp_avg.shape)
+
+
+def _fake_none(*args):
+    return None
+
+
+# --------------------------------------------------------------------------- ops
+scores_op = define_op(
+    "dct_scores",
+    "(Tensor grad, Tensor basis, str side, int norm) -> Tensor",
+    family="dct",
+    reference=ref.dct_scores_ref,
+    fake=_fake_scores,
+    validate=validate_scores,
+)
+
+score_topk_op = define_op(
+    "dct_score_topk",
+    "(Tensor grad, Tensor basis, int k, str side, int norm) -> Tensor",
+    family="dct",
+    reference=ref.dct_score_topk_ref,
+    fake=_fake_score_topk,
+    validate=validate_score_topk,
+)
+
+project_op = define_op(
+    "dct_project",
+    "(Tensor grad, Tensor basis, Tensor indices, str side) -> Tensor",
+    family="dct",
+    reference=ref.dct_project_ref,
+    fake=_fake_project,
+    validate=validate_project,
+)
+
+project_adam_op = define_op(
+    "dct_project_adam",
+    "(Tensor grad, Tensor basis, Tensor indices, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, "
+    "float beta1, float beta2, float eps) -> Tensor",
+    family="dct",
+    reference=ref.dct_project_adam_ref,
+    fake=_fake_project_adam,
+    validate=validate_project_adam,
+)
+
+backproject_apply_op = define_op(
+    "dct_backproject_apply",
+    "(Tensor(a!) param, Tensor update, Tensor basis, Tensor indices, str side, float alpha, float decay) -> ()",
+    family="dct",
+    reference=ref.dct_backproject_apply_ref,
+    fake=_fake_none,
+    validate=validate_backproject_apply,
+)
+
+project_update_backproject_op = define_op(
+    "dct_project_update_backproject",
+    "(Tensor(a!) param, Tensor grad, Tensor basis, Tensor indices, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+    "str side, float lr, float beta1, float beta2, float eps, int step, float weight_decay, float scale) -> ()",
+    family="dct",
+    reference=ref.dct_project_update_backproject_ref,
+    fake=_fake_none,
+    validate=validate_project_update_backproject,
+)
+
+
+# --------------------------------------------------------------------------- public API
+class DCTProjector(NamedTuple):
+    """A projector given by DCT basis indices: ``P = basis[indices]`` (right) or its transpose (left).
+
+    Pass it as ``proj`` to :func:`lowrank_kernels.ops.project_adam_`,
+    :func:`~lowrank_kernels.ops.backproject_apply_` and
+    :func:`~lowrank_kernels.ops.project_update_backproject_`: the kernels gather the
+    selected basis rows themselves, so no dense per-layer projector is materialized.
+    ``basis`` is the shared :func:`dct_basis` of the projected side's size; ``indices``
+    an int32/int64 vector of length ``rank`` (from :func:`dct_score_topk`).
+    """
+
+    basis: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.indices.shape[0]
+
+    def dense(self, side: str) -> torch.Tensor:
+        """The dense projector this stands for (for tests and debugging)."""
+        return ref.dense_projector(self.basis, self.indices, side)
+
+
+def _default_basis(grad: torch.Tensor, side, basis: Optional[torch.Tensor], op: str) -> torch.Tensor:
+    if basis is not None:
+        return basis
+    C.check_side(side, op)
+    C.check_float(grad, "grad", op)
+    C.check_ndim(grad, "grad", op, 2)
+    return dct_basis(basis_size(grad.shape[0], grad.shape[1], side), _basis_dtype(grad.dtype), grad.device)
+
+
+def dct_scores(grad: torch.Tensor, *, side: str, norm: int = 1, basis: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Alignment of every DCT basis vector with the gradient.
+
+    ``side="right"``: ``score_j = ||(G C^T)[:, j]||_p`` (``C`` of order ``n``);
+    ``side="left"``: ``score_i = ||(C G)[i, :]||_p`` (``C`` of order ``m``); ``p = norm``
+    (1 or 2). Returns a float32 vector (float64 for float64 input) of the basis order.
+    ``basis`` defaults to the cached :func:`dct_basis` in the gradient's dtype.
+    """
+    _check_norm("dct_scores", norm)
+    basis = _default_basis(grad, side, basis, "dct_scores")
+    return scores_op(grad, basis, side, norm)
+
+
+def dct_score_topk(
+    grad: torch.Tensor,
+    k: int,
+    *,
+    side: str,
+    norm: int = 1,
+    return_lowrank: bool = False,
+    basis: Optional[torch.Tensor] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """The ``k`` DCT basis vectors best aligned with the gradient, as int32 indices.
+
+    Scores as :func:`dct_scores`; the result is ordered by descending score, ties broken
+    by the lower index (so a zero gradient gives ``0, 1, ..., k-1``). On CUDA the score
+    matrix ``S`` (``m x n``) is never written to memory: the Triton kernel reduces each
+    GEMM tile's ``|S|`` (or ``S^2``) in its epilogue.
+
+    With ``return_lowrank=True`` returns ``(indices, R)`` where ``R = S[:, idx]``
+    (right, ``m x k``) or ``S[idx]`` (left, ``k x n``), float32. ``R`` is computed by a
+    second, ``k/s``-sized GEMM over the gathered basis rows (``dct_project``), not
+    kept from the scoring pass: keeping it would mean writing all of ``S``, which is
+    what the fused scoring avoids. (DCTAdamW does not need it: its projected Adam step
+    computes ``R`` anyway.)
+    """
+    _check_norm("dct_score_topk", norm)
+    torch._check_type(
+        isinstance(k, int) and not isinstance(k, bool), lambda: f"dct_score_topk: k must be an int, got {type(k).__name__}"
+    )
+    basis = _default_basis(grad, side, basis, "dct_score_topk")
+    idx = score_topk_op(grad, basis, k, side, norm)
+    if not return_lowrank:
+        return idx
+    return idx, project_op(grad, basis, idx, side)
+
+
+def dct_project(grad: torch.Tensor, proj: DCTProjector, *, side: str) -> torch.Tensor:
+    """``R = G P^T`` (right) or ``P^T G`` (left) for ``P`` given by ``proj``; float32 (float64 for float64)."""
+    _check_projector_type(proj, "dct_project")
+    return project_op(grad, proj.basis, proj.indices, side)
+
+
+def _check_projector_type(proj, op):
+    torch._check_type(
+        isinstance(proj, DCTProjector), lambda: f"{op}: proj must be a DCTProjector, got {type(proj).__name__}"
+    )
+
+
+def _project_adam(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.999, eps=1e-8):
+    return project_adam_op(
+        grad, proj.basis, proj.indices, exp_avg, exp_avg_sq, side, float(beta1), float(beta2), float(eps)
+    )
+
+
+def _backproject_apply(param, update, proj, *, side, alpha, decay=1.0):
+    backproject_apply_op(param, update, proj.basis, proj.indices, side, float(alpha), float(decay))
+
+
+def _project_update_backproject(
+    param, grad, proj, exp_avg, exp_avg_sq, *, side, lr, beta1=0.9, beta2=0.999, eps=1e-8, step,
+    weight_decay=0.0, scale=1.0,
+):
+    project_update_backproject_op(
+        param, grad, proj.basis, proj.indices, exp_avg, exp_avg_sq, side, float(lr), float(beta1), float(beta2),
+        float(eps), int(step), float(weight_decay), float(scale),
+    )
+
+
+register_projector_type(
+    DCTProjector,
+    project_adam_=_project_adam,
+    backproject_apply_=_backproject_apply,
+    project_update_backproject_=_project_update_backproject,
+)
