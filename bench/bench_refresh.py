@@ -1,0 +1,172 @@
+"""Suite ``refresh``: what a projector refresh costs, per method (issue 4).
+
+Per LLaMA shape (rank 512 on CUDA; scaled down on CPU) and for a whole stack of
+LLaMA-1B-shaped layers:
+
+``svd-exact``     ``torch.linalg.svd(G.float(), full_matrices=False)`` (GaLore, Q-GaLore)
+``svd-lowrank``   ``torch.svd_lowrank(G.float(), q=rank, niter=2)`` (GaLore's ``svd="lowrank"``)
+``dct-unfused``   DCT scoring in PyTorch: ``S = C G`` / ``G C^T`` in the run's dtype, the L1
+                  norm of each row / column in float32, ``topk``
+``ours-<backend>`` ``lowrank_kernels.ops.dct_score_topk`` (fused matmul + norm + top-k)
+
+``check`` of the DCT providers: the share of the float64 top-k they found (near-ties
+may differ). Exact SVD is skipped above the run's size limit (the table says so).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .harness import Ctx, fmt_shape, free_memory, plot_lines, progress, side_of
+
+SUITE = "refresh"
+KERNEL = "refresh"
+STACK_KERNEL = "refresh_stack"
+
+
+def dct_basis(size: int, dtype, device) -> torch.Tensor:
+    """The library's cached basis when it exists, else the orthonormal DCT-II from its formula."""
+    try:
+        from lowrank_kernels.ops import dct_basis as lib_basis
+
+        return lib_basis(size, dtype=dtype, device=device)
+    except ImportError:
+        k = torch.arange(size, device=device, dtype=torch.float64)[:, None]
+        j = torch.arange(size, device=device, dtype=torch.float64)[None, :]
+        c = math.sqrt(2.0 / size) * torch.cos(math.pi * k * (2 * j + 1) / (2 * size))
+        c[0] /= math.sqrt(2.0)
+        return c.to(dtype)
+
+
+def unfused_dct_topk(grad: torch.Tensor, basis: torch.Tensor, k: int, side: str) -> torch.Tensor:
+    if side == "right":
+        s, dim = grad @ basis.T, 0
+    else:
+        s, dim = basis @ grad, 1
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    score = torch.linalg.vector_norm(s, ord=1, dim=dim, dtype=acc)
+    return torch.topk(score, k).indices
+
+
+def overlap(idx: torch.Tensor, truth: torch.Tensor) -> float:
+    a = set(idx.flatten().tolist())
+    return len(a & set(truth.flatten().tolist())) / max(1, truth.numel())
+
+
+def _ours():
+    """(callable, provider name) of the library's fused scoring, or (None, reason)."""
+    try:
+        from lowrank_kernels.ops import dct_score_topk
+        from lowrank_kernels.ops import _registry as reg
+    except ImportError as e:
+        return None, f"lowrank_kernels.ops.dct_score_topk not available yet ({e})"
+    return dct_score_topk, reg
+
+
+def run(ctx: Ctx) -> None:
+    fn, reg = _ours()
+    ours = None
+    if fn is None:
+        ctx.skip(SUITE, KERNEL, "ours", reg)
+    else:
+        op = reg.OPS.get("dct_score_topk")
+        ours = "ours-" + (reg.resolve_backend(op, ctx.device) if op is not None else "auto")
+    rank = ctx.sizes.refresh_rank
+    dev, dt = ctx.device, ctx.dtype
+    big_note = (f"skipped above {ctx.sizes.svd_max_numel} elements per matrix on this device "
+                "(exact SVD of the full-size LLaMA matrices takes seconds to minutes on a CPU)")
+
+    for m, n in progress(ctx.sizes.proj_shapes, "refresh", ctx):
+        shape = fmt_shape(m, n)
+        if rank >= min(m, n):
+            continue
+        ctx.log(f"  refresh {shape} r{rank}")
+        side = side_of(m, n)
+        g = torch.randn(m, n, device=dev, dtype=dt)
+        basis = dct_basis(min(m, n), dt, dev)
+        b64 = dct_basis(min(m, n), torch.float64, dev)
+        truth = unfused_dct_topk(g.double(), b64, rank, side)
+        del b64
+        kw = dict(shape=shape, rank=rank)
+        if m * n <= ctx.sizes.svd_max_numel:
+            ctx.measure(SUITE, KERNEL, "svd-exact", lambda: torch.linalg.svd(g.float(), full_matrices=False),
+                        dtype="fp32", time_kw=dict(min_reps=2, max_reps=10), **kw)
+        else:
+            ctx.skip(SUITE, KERNEL, "svd-exact", big_note, dtype="fp32", **kw)
+        ctx.measure(SUITE, KERNEL, "svd-lowrank", lambda: torch.svd_lowrank(g.float(), q=rank, niter=2),
+                    dtype="fp32", time_kw=dict(min_reps=2, max_reps=20), **kw)
+        flops = 2.0 * m * n * min(m, n)
+        nbytes = (m * n + min(m, n) ** 2) * g.element_size()
+        ctx.measure(SUITE, KERNEL, "dct-unfused", lambda: unfused_dct_topk(g, basis, rank, side), flops=flops,
+                    nbytes=nbytes, check=_check(unfused_dct_topk(g, basis, rank, side), truth), **kw)
+        if ours:
+            try:
+                chk = _check(fn(g, rank, side=side, norm=1), truth)
+            except Exception as e:  # noqa: BLE001 - measure() records the failure below
+                chk = f"check failed to run: {type(e).__name__}"
+            ctx.measure(SUITE, KERNEL, ours, lambda: fn(g, rank, side=side, norm=1), flops=flops, nbytes=nbytes,
+                        check=chk, **kw)
+        del g, basis, truth
+        free_memory(dev)
+
+    _stack(ctx, fn, ours, rank)
+    ctx.set_baseline(SUITE, "svd-exact", kernels=[KERNEL, STACK_KERNEL])
+    _targets(ctx, ours)
+
+
+def _check(idx: torch.Tensor, truth: torch.Tensor) -> str:
+    ov = overlap(idx, truth)
+    return f"top-k overlap with float64 {100 * ov:.1f}%" + ("" if ov >= 0.9 else " FAILED(<90%)")
+
+
+def _stack(ctx: Ctx, fn, ours, rank: int) -> None:
+    stack = ctx.sizes.stack
+    rank = min(ctx.sizes.stack_rank, rank)
+    dev, dt = ctx.device, ctx.dtype
+    ctx.log(f"  refresh stack {stack.label()} ({stack.numel / 1e6:.0f}M params) r{rank}")
+    grads = [torch.randn(m, n, device=dev, dtype=dt) for m, n in stack.shapes()]
+    bases = {s: dct_basis(s, dt, dev) for s in {min(m, n) for m, n in stack.shapes()}}
+    kw = dict(shape=stack.label(), rank=rank, note=f"{len(grads)} matrices, {stack.numel / 1e6:.0f}M params")
+
+    def each(f):
+        return lambda: [f(g) for g in grads]
+
+    if max(m * n for m, n in stack.shapes()) <= ctx.sizes.svd_max_numel:
+        ctx.measure(SUITE, STACK_KERNEL, "svd-exact", each(lambda g: torch.linalg.svd(g.float(), full_matrices=False)),
+                    dtype="fp32", time_kw=dict(warmup=0, min_reps=1, max_reps=3), **kw)
+    ctx.measure(SUITE, STACK_KERNEL, "svd-lowrank", each(lambda g: torch.svd_lowrank(g.float(), q=rank, niter=2)),
+                dtype="fp32", time_kw=dict(min_reps=1, max_reps=5), **kw)
+    ctx.measure(SUITE, STACK_KERNEL, "dct-unfused",
+                each(lambda g: unfused_dct_topk(g, bases[min(g.shape)], rank, side_of(*g.shape))), **kw)
+    if ours:
+        ctx.measure(SUITE, STACK_KERNEL, ours, each(lambda g: fn(g, rank, side=side_of(*g.shape), norm=1)), **kw)
+    del grads, bases
+    free_memory(dev)
+
+
+def _targets(ctx: Ctx, ours) -> None:
+    if not ours:
+        ctx.target(SUITE, "ours vs svd-exact / dct-unfused", None, 1000)
+        return
+    gpu = ctx.device.type == "cuda" and not ctx.tiny
+    shape = "4096x11008"
+    rows = [r for r in ctx.rows if r.suite == SUITE and r.kernel == KERNEL and r.provider == ours and not r.skipped]
+    full = gpu and any(r.shape == shape for r in rows)
+    if not full and rows:  # the largest shape measured
+        shape = max(rows, key=lambda r: math.prod(int(d) for d in r.shape.split("x"))).shape
+    ctx.target(SUITE, f"{ours} vs svd-exact at {shape}", ctx.ratio(SUITE, KERNEL, ours, "svd-exact", shape), 1000,
+               applies=full)
+    ctx.target(SUITE, f"{ours} vs dct-unfused at {shape}", ctx.ratio(SUITE, KERNEL, ours, "dct-unfused", shape), 1.3,
+               applies=full)
+    row = ctx.find(SUITE, STACK_KERNEL, ours)
+    ctx.target(SUITE, f"{ours} whole-stack refresh ({ctx.sizes.stack.numel / 1e6:.0f}M params)",
+               None if row is None else row.median_ms, 2.0, higher_is_better=False,
+               applies=gpu and ctx.sizes.stack.layers == 4, unit=" ms")
+
+
+def plot(ctx: Ctx):
+    rows = [r for r in ctx.rows if r.suite == SUITE and r.kernel == KERNEL]
+    return [plot_lines(ctx, "refresh", rows, x=lambda r: math.prod(int(d) for d in r.shape.split("x")),
+                       xlabel="matrix size (elements)", ylabel="refresh time (ms)",
+                       title=f"Projector refresh per matrix, rank {ctx.sizes.refresh_rank} ({ctx.device_name})")]

@@ -1,0 +1,125 @@
+"""Smoke test of ``python -m bench``: every suite runs in-process on tiny shapes and writes a sane CSV.
+
+It checks the plumbing (suites, timing, CSV schema, ratios, skips, plots, table), not
+speed: speed goals live in the benchmark's printed targets, never in tests.
+"""
+import csv
+import math
+
+import pytest
+import torch
+
+from bench import __main__ as bench_main
+from bench.harness import ROW_FIELDS, Ctx, Row, Target, format_table, summarize
+
+
+def _run(tmp_path, capsys, *extra):
+    rc = bench_main.main(["--tiny", "--quick", "--out", str(tmp_path), *extra])
+    out = capsys.readouterr().out
+    csvs = sorted(tmp_path.glob("*.csv"))
+    assert len(csvs) == 1, f"expected one CSV in {tmp_path}, got {csvs}"
+    with open(csvs[0], newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        rows = list(reader)
+    return rc, out, header, rows, csvs[0]
+
+
+def _f(x):
+    return float(x) if x not in ("", None) else None
+
+
+def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
+    rc, out, header, rows, path = _run(tmp_path, capsys, "--device", "cpu")
+    assert rc == 0, out[-3000:]
+    assert header == ROW_FIELDS
+    assert path.name.endswith("-tiny.csv") and path.name.startswith("cpu-")
+    suites = {r["suite"] for r in rows}
+    assert {"roofline", "projection", "refresh", "step", "memory", "quant"} <= suites
+    assert not [r for r in rows if "crashed" in r["note"]], [r["note"] for r in rows if "crashed" in r["note"]]
+    assert not [r for r in rows if "FAILED" in r["check"]]
+
+    timed = [r for r in rows if r["median_ms"]]
+    assert len(timed) >= 20
+    for r in timed:
+        med, p20, p80 = _f(r["median_ms"]), _f(r["p20_ms"]), _f(r["p80_ms"])
+        assert med > 0 and math.isfinite(med), r
+        assert p20 <= med * (1 + 1e-6) and med <= p80 * (1 + 1e-6), r
+        assert r["device"] == "cpu" and r["dtype"] and r["torch"] == torch.__version__ and r["mode"] == "tiny"
+        if r["kernel"] != "step_gap200":  # derived rows are computed from two measured ones
+            assert int(r["reps"]) >= 1, r
+    for r in rows:  # a skip has a reason and no number
+        if r["note"].startswith("skipped:"):
+            assert not r["median_ms"] and not r["bytes"], r
+
+    # The roofline was measured, and the rows with a FLOP count got a fraction of it.
+    mm = [r for r in rows if r["suite"] == "roofline" and r["kernel"] == "matmul"]
+    assert mm and _f(mm[0]["tflops"]) > 0
+    proj = [r for r in timed if r["suite"] == "projection"]
+    assert {"torch-unfused", "torch-2gemm"} <= {r["provider"] for r in proj}
+    # Ours is timed, or listed with the reason it could not be (e.g. a backend not built).
+    assert any(r["provider"].startswith("ours-") for r in rows if r["suite"] == "projection")
+    for r in proj:
+        assert _f(r["tflops"]) > 0 and _f(r["frac_matmul"]) > 0 and _f(r["gbps"]) > 0, r
+        if r["provider"] == "torch-unfused":
+            assert _f(r["speedup"]) == pytest.approx(1.0)
+        if r["provider"].startswith("ours-") and r["kernel"] == "step":
+            assert r["check"].startswith("rel_err="), r  # verified against the reference before timing
+
+    # The baselines of every suite are there, and ratios were computed against them.
+    ref = {r["provider"] for r in timed if r["suite"] == "refresh"}
+    assert {"svd-exact", "svd-lowrank", "dct-unfused"} <= ref
+    assert all(_f(r["speedup"]) > 0 for r in timed if r["suite"] == "refresh" and r["kernel"] == "refresh")
+    step = {r["provider"]: r for r in timed if r["suite"] == "step" and r["kernel"] == "step"}
+    assert {"torch-adamw-fused", "torch-adamw-foreach"} <= set(step)
+    mem = [r for r in rows if r["suite"] == "memory" and r["kernel"] == "optimizer_state" and r["bytes"]]
+    assert {"torch-adamw-fused", "torch-adamw-foreach"} <= {r["provider"] for r in mem}
+    for r in mem:
+        assert int(r["bytes"]) > 0 and _f(r["mem_ratio"]) > 0, r
+    adamw = next(r for r in mem if r["provider"] == "torch-adamw-fused")
+    nparams = sum(m * n for m, n in Ctx(torch.device("cpu"), torch.float32, quick=True, tiny=True,
+                                        out=tmp_path).sizes.stack.shapes())
+    assert int(adamw["bytes"]) >= 2 * 4 * nparams  # two fp32 moments per element
+    assert [r for r in rows if r["suite"] == "quant" and r["kernel"] == "projector_bytes" and r["bytes"]]
+
+    # Plots and the table printed last.
+    assert sorted(p.name.split("_", 1)[1] for p in tmp_path.glob("*.png")) == \
+        ["memory.png", "refresh.png", "step.png"]
+    assert "== targets" in out and "== projection ==" in out
+    assert out.rstrip().splitlines()[-1].startswith("total ")
+
+
+def test_bench_rejects_unknown_suite(capsys):
+    with pytest.raises(SystemExit):
+        bench_main.parse_args(["--suite", "projection,nope"])
+    assert "nope" in capsys.readouterr().err
+
+
+def test_summarize_quantiles_and_targets(tmp_path):
+    t = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.reps) == (3.0, 1.8, 4.2, 5)
+    assert Target("s", "x", 1.6, 1.5).verdict() == "met"
+    assert Target("s", "x", 1.2, 1.5).verdict() == "MISSED"
+    assert Target("s", "x", 3.0, 2.0, higher_is_better=False).verdict() == "MISSED"
+    assert Target("s", "x", None, 2.0).verdict() == "not measured"
+    ctx = Ctx(torch.device("cpu"), torch.float32, quick=True, tiny=True, out=tmp_path)
+    ctx.add(Row("s", "k", "base", shape="4x4", rank=2, median_ms=2.0, p20_ms=1.0, p80_ms=3.0))
+    ctx.add(Row("s", "k", "fast", shape="4x4", rank=2, median_ms=0.5, p20_ms=0.4, p80_ms=0.6))
+    ctx.add(Row("s", "k", "fast", shape="8x8", rank=2, median_ms=0.5, p20_ms=0.4, p80_ms=0.6))  # no baseline here
+    ctx.skip("s", "k", "missing", "not available yet", shape="4x4", rank=2)
+    ctx.set_baseline("s", "base")
+    assert ctx.rows[1].speedup == pytest.approx(4.0) and ctx.rows[2].speedup is None
+    assert ctx.ratio("s", "k", "fast", "base", "4x4", 2) == pytest.approx(4.0)
+    assert ctx.ratio("s", "k", "missing", "base", "4x4", 2) is None
+    table = format_table(ctx, ["s"])
+    assert "skipped: not available yet" in table and "4.00x" in table
+
+
+@pytest.mark.gpu
+def test_bench_tiny_cuda_checks_pass(tmp_path, capsys):
+    """On a GPU: every timed kernel of ours agrees with the reference (the bench's own checks)."""
+    rc, out, header, rows, _ = _run(tmp_path, capsys, "--device", "cuda", "--no-plots")
+    assert header == ROW_FIELDS
+    assert not [r for r in rows if "FAILED" in r["check"]], [(r["kernel"], r["provider"], r["check"]) for r in rows]
+    assert rc == 0, out[-3000:]
+    assert {r["device"] for r in rows} == {"cuda"}
