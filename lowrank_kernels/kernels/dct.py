@@ -215,3 +215,40 @@ def dct_project_triton(grad, basis, indices, side):
         _gemm(basis, grad, out, r, n, m, basis.stride(), grad.stride(), out.stride(),
               epilogue=0, idx=indices, gather_a=True, dot_from=grad)
     return out.double() if f64 else out
+
+
+# --------------------------------------------------------------------------- projection with indices
+# The projection family's Triton GEMMs (kernels/projection.py) with PROJ_MODE=PROJ_DCT:
+# their projector tile loads read C[idx[a], d] straight from the shared basis, so no
+# per-layer projector is built. Same dtypes as the dense kernels (no float64).
+def _projection():
+    from lowrank_kernels.kernels import projection
+
+    return projection
+
+
+def dct_project_adam_triton(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
+    P = _projection()
+    P._check_dtypes(
+        "dct_project_adam", (("grad", grad), ("basis", basis), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
+    )
+    return P._launch_project_adam(grad, (basis, indices), exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+
+
+def dct_backproject_apply_triton(param, update, basis, indices, side, alpha, decay):
+    P = _projection()
+    P._check_dtypes("dct_backproject_apply", (("param", param), ("update", update), ("basis", basis)))
+    P._launch_backproject_apply(param, update, (basis, indices), side, alpha, decay)
+
+
+def dct_project_update_backproject_triton(
+    param, grad, basis, indices, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale
+):
+    P = _projection()
+    P._check_dtypes(
+        "dct_project_update_backproject",
+        (("param", param), ("grad", grad), ("basis", basis), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
+    )
+    n_upd = P._launch_project_adam(grad, (basis, indices), exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+    step_size = ref.pref.adam_step_size(lr, beta1, beta2, step)
+    P._launch_backproject_apply(param, n_upd, (basis, indices), side, -step_size * scale, 1.0 - lr * weight_decay)

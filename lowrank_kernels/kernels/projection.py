@@ -65,6 +65,9 @@ PROJ_DENSE = 0
 # Packed INT4 (lowrank_kernels/reference/quant.py): p_ptr = the uint8 nibbles,
 # aux0_ptr / aux1_ptr = the float32 per-group scale / minimum, aux_int = group size.
 PROJ_INT4 = 1
+# DCT basis rows picked by index (lowrank_kernels/ops/dct.py): p_ptr = the shared
+# s x s basis, aux0_ptr = the int32/int64 indices, aux_int = their number (the rank).
+PROJ_DCT = 2
 
 
 # --------------------------------------------------------------------------- tile configs
@@ -171,9 +174,18 @@ def _load_proj_tile(
     PROJ_MODE 1 (packed INT4, implemented as sketched above): the strides are the
     dense row-major projector's, ``aux0_ptr``/``aux1_ptr`` the per-group scale/minimum
     and ``aux_int`` the group size. ``aux*`` are unused by the dense mode.
+
+    PROJ_MODE 2 (DCT gather): ``p_ptr`` is the basis ``C``, ``stride_rank`` /
+    ``stride_dim`` its row / column strides, ``aux0_ptr`` the indices and ``aux_int``
+    their number: the value at (a, d) is ``C[idx[a], d]`` for both sides.
     """
-    tl.static_assert(PROJ_MODE == 0 or PROJ_MODE == 1, "PROJ_MODE must be 0 (dense) or 1 (packed INT4)")
-    if PROJ_MODE == 1:
+    tl.static_assert(PROJ_MODE == 0 or PROJ_MODE == 1 or PROJ_MODE == 2,
+                     "PROJ_MODE must be 0 (dense), 1 (packed INT4) or 2 (DCT gather)")
+    if PROJ_MODE == 2:
+        row = tl.load(aux0_ptr + rank_idx, mask=rank_idx < aux_int, other=0).to(tl.int64)
+        tile = tl.load(p_ptr + row * stride_rank + dim_idx * stride_dim, mask=mask, other=0.0)
+        return tile.to(OUT_DTYPE)
+    elif PROJ_MODE == 1:
         e = rank_idx * stride_rank + dim_idx * stride_dim
         byte = tl.load(p_ptr + e // 2, mask=mask, other=0).to(tl.int32)
         nib = (byte >> ((e % 2) * 4).to(tl.int32)) & 15
@@ -385,8 +397,14 @@ def _proj_launch_args(proj, side: str):
 
     ``proj`` is a dense tensor, or a packed INT4 projector given as the tuple
     ``(packed, scale, minimum, (rows, cols), group_size)`` (see
-    ``lowrank_kernels/kernels/quant.py``), whose tiles ``_load_proj_tile`` dequantizes.
+    ``lowrank_kernels/kernels/quant.py``), whose tiles ``_load_proj_tile`` dequantizes,
+    or DCT basis indices given as the pair ``(basis, indices)`` (see
+    ``lowrank_kernels/kernels/dct.py``), whose basis rows ``_load_proj_tile`` gathers.
     """
+    if isinstance(proj, tuple) and len(proj) == 2:
+        basis, indices = proj
+        return (basis, indices.shape[0], basis.stride(0), basis.stride(1), (basis.dtype,), indices, indices,
+                indices.shape[0], PROJ_DCT, _needs_int64(basis))
     if isinstance(proj, torch.Tensor):
         rank = proj.shape[0] if side == "right" else proj.shape[1]
         sp_rank, sp_dim = _proj_strides(proj, side)
