@@ -20,12 +20,29 @@ def available_backends(device="cpu"):
     return [b for b in _registry.BACKENDS if _registry.why_unavailable(op, b, torch.device(device)) is None]
 
 
+# GPU runs of the backend tests (bench/gpu_check.sh): LOWRANK_KERNELS_TEST_DEVICE=cuda, with
+# TRITON_INTERPRET=0, selects only the tests that take the `device` fixture and runs them on
+# CUDA tensors (the Triton kernels compiled for the GPU, the reference on CUDA).
+# Default "cpu": every test runs, `device` is the CPU.
+TEST_DEVICE = os.environ.get("LOWRANK_KERNELS_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def device():
+    """The device backend tests run on: ``cpu``, or ``cuda`` under LOWRANK_KERNELS_TEST_DEVICE=cuda."""
+    return torch.device(TEST_DEVICE)
+
+
 def pytest_collection_modifyitems(config, items):
+    if TEST_DEVICE != "cpu":
+        keep = [i for i in items if "device" in getattr(i, "fixturenames", ())]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords or TEST_DEVICE == "cuda":
             item.add_marker(skip)
 
 
