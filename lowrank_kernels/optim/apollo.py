@@ -14,6 +14,12 @@ SCALE_TYPES = ("channel", "tensor")
 _LIMIT = 1.01  # Fira's norm-growth limiter: at most 1% growth of the update norm per step
 
 
+def _norm(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """Euclidean norm accumulated in float32 (float64 stays float64), without a converted copy."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x, dim=dim, dtype=acc)
+
+
 class APOLLOAdamW(LowRankOptimizer):
     r"""APOLLO, a drop-in for ``apollo_torch.APOLLOAdamW`` (random projection).
 
@@ -47,8 +53,9 @@ class APOLLOAdamW(LowRankOptimizer):
 
     State per projected parameter: ``step`` (CPU float32), ``side`` (CPU int8),
     ``seed`` (CPU int64, the seed of the current projection), ``exp_avg``,
-    ``exp_avg_sq`` (low-rank shape, parameter dtype) and, from the second step with
-    the limiter on, ``scaled_grad_norm`` (0-d float32 on the parameter's device).
+    ``exp_avg_sq`` (low-rank shape, parameter dtype) and, with the limiter on,
+    ``scaled_grad_norm`` (the previous step's ``||Gt||``: 0-d float32 on the
+    parameter's device).
 
     Use :meth:`mini` for APOLLO-Mini (rank 1, tensor-wise scaling, scale 128).
     """
@@ -161,17 +168,12 @@ class APOLLOAdamW(LowRankOptimizer):
         )
         if group["scale_type"] == "channel":
             dim = 1 if side == "right" else 0  # the low-rank dimension
-            s = torch.linalg.vector_norm(n_lr, dim=dim, dtype=torch.float32) / (
-                torch.linalg.vector_norm(r_lr, dim=dim, dtype=torch.float32) + 1e-8
-            )
-            gnorm = torch.linalg.vector_norm(grad, dim=dim, dtype=torch.float32)
-            scaled_norm = torch.linalg.vector_norm(s * gnorm)
+            s = _norm(n_lr, dim) / (_norm(r_lr, dim) + 1e-8)
+            scaled_norm = _norm(s * _norm(grad, dim))
             coef = s.unsqueeze(1) if side == "right" else s.unsqueeze(0)
         else:
-            s = torch.linalg.vector_norm(n_lr, dtype=torch.float32) / (
-                torch.linalg.vector_norm(r_lr, dtype=torch.float32) + 1e-8
-            )
-            scaled_norm = s * torch.linalg.vector_norm(grad, dtype=torch.float32)
+            s = _norm(n_lr) / (_norm(r_lr) + 1e-8)
+            scaled_norm = s * _norm(grad)
             coef = s
         if group["norm_growth_limiter"]:
             prev = state.get("scaled_grad_norm")
