@@ -19,12 +19,14 @@ from .frugal import FrugalAdamW  # noqa: F401
 from .galore import GaLoreAdamW  # noqa: F401
 from .groups import lowrank_param_groups  # noqa: F401
 from .layerwise import LayerwiseOptimizer, layerwise  # noqa: F401
+from .qgalore import QGaLoreAdamW  # noqa: F401
 
 __all__ = [
     "LowRankOptimizer",
     "GaLoreAdamW",
     "APOLLOAdamW",
     "FrugalAdamW",
+    "QGaLoreAdamW",
     "lowrank_param_groups",
     "layerwise",
     "LayerwiseOptimizer",

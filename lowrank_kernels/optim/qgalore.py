@@ -1,0 +1,316 @@
+"""Q-GaLore (Zhang et al. 2024): GaLore with a packed INT4 projector, INT8 weights
+updated with stochastic rounding, and a layer-adaptive refresh gap."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from lowrank_kernels import ops
+from lowrank_kernels.nn.qlinear import qlinear_of
+
+from .base import LowRankOptimizer, adam_step_size, mix_seed
+from .galore import GaLoreAdamW
+
+SIMILARITIES = ("abs_cos", "overlap")
+
+
+def projector_similarity(old: torch.Tensor, new: torch.Tensor, side: str, kind: str = "abs_cos") -> torch.Tensor:
+    """Sign-safe similarity of two projectors (0-d float32 tensor on their device).
+
+    ``abs_cos``: ``|cos|`` between the top singular vectors (row 0 of a right
+    projector, column 0 of a left one); Q-GaLore's criterion without its sign
+    ambiguity (a singular vector and its negative span the same line).
+    ``overlap``: ``||P_old P_new^T||_F^2 / r`` (right; ``P_old^T P_new`` for left), the
+    mean squared cosine of the principal angles between the two subspaces, in [0, 1].
+    """
+    old = old.to(torch.float32)
+    new = new.to(torch.float32)
+    if kind == "abs_cos":
+        a = old[0] if side == "right" else old[:, 0]
+        b = new[0] if side == "right" else new[:, 0]
+        return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).abs()
+    if kind == "overlap":
+        r = new.shape[0] if side == "right" else new.shape[1]
+        cross = old @ new.T if side == "right" else old.T @ new
+        return cross.square().sum() / r
+    raise ValueError(f"unknown similarity {kind!r}; expected one of {', '.join(SIMILARITIES)}")
+
+
+class QGaLoreAdamW(GaLoreAdamW):
+    r"""Q-GaLore-AdamW, a drop-in for ``q_galore_torch.QGaLoreAdamW8bit`` (its group keys).
+
+    Per projected ``m x n`` weight (groups that set ``rank``), as :class:`GaLoreAdamW`
+    with three changes:
+
+    - **INT4 projector** (``quant=True``, default): after each SVD the projector is
+      packed to 4 bits per value with :func:`lowrank_kernels.ops.int4_pack`
+      (``quant_group_size`` values per float32 scale/minimum, default 256) and the
+      step's GEMMs dequantize its tiles as they load them
+      (:class:`lowrank_kernels.ops.Int4Projector`). The projector is quantized from the
+      float32 SVD output. Unlike q-galore-torch, values are packed two per byte and
+      the group minimum is kept exactly (no clamped integer zero point, so groups that
+      are all positive or all negative are not clipped). ``quant=False`` keeps a dense
+      projector in the parameter's dtype (then this is GaLore plus the adaptive gap).
+    - **INT8 weights**: when the parameter is the weight of a
+      :class:`lowrank_kernels.nn.QLinear` (its gradient placeholder), the update
+      ``W <- (1 - lr wd) W - step_size * scale * back(N)`` is applied to the INT8
+      storage by :func:`lowrank_kernels.ops.int8_update_sr_`: dequantize, update in
+      float32, requantize with fresh group stats and stochastic rounding
+      (``stochastic_round=True``, default; seed = hash of the optimizer ``seed``, the
+      parameter's position and the step, so runs are reproducible), or round to
+      nearest (``stochastic_round=False``). The back-projected update is one
+      transient ``m x n`` float32 tensor. QLinear weights in plain (``rank=None``)
+      groups get AdamW with full-size float32 moments, requantized the same way.
+    - **Layer-adaptive refresh**: refreshes happen at steps ``t`` with
+      ``(t - 1) % T_layer == 0`` (q-galore-torch's schedule), ``T_layer`` starting at
+      ``update_proj_gap``. At every refresh but the first, the similarity of the new
+      projector to the previous one (:func:`projector_similarity`, ``similarity=
+      "abs_cos"`` by default: the sign-safe version of the reference's cosine of the
+      top singular vectors; or ``"overlap"``) enters a queue of ``queue_size``
+      (default 5) values; when the queue is full and its mean is ``>= cos_threshold``
+      (0.4), ``T_layer <- int(T_layer * gamma_proj)`` (gamma 2) and the queue is
+      cleared (the reference never clears it, so it would keep doubling at every
+      later refresh).
+
+    Visible per layer: ``state["proj_gap"]`` (current ``T_layer``) and
+    ``state["svd_count"]`` (SVDs done), both CPU int64 tensors; :meth:`refresh_stats`
+    lists them and :attr:`svd_count` sums the SVDs.
+
+    Defaults (ALGORITHMS.md, Q-GaLore): ``update_proj_gap=200``, ``scale=0.25``,
+    ``quant_group_size=256``, ``cos_threshold=0.4``, ``gamma_proj=2``,
+    ``queue_size=5``; ``eps=1e-8`` as q-galore-torch. The paper's scripts use
+    ``betas=(0.9, 0.95)``. Weight decay uses torch's order (decay first).
+
+    State per projected parameter (tensors only): ``step``, ``side``, ``exp_avg``,
+    ``exp_avg_sq`` (as GaLore), ``proj_packed`` (uint8), ``proj_scale``,
+    ``proj_min`` (float32) when quantized, else ``projector``; ``proj_gap``,
+    ``svd_count``, ``sim_queue`` (float32, ``queue_size``), ``sim_count`` (CPU
+    int64) and ``past_vector`` (the previous top singular vector, float32) or
+    ``past_projector`` (``similarity="overlap"``, a dense float32 copy).
+    """
+
+    proj_types = ("std", "reverse_std", "left", "right")
+    host_state_keys = LowRankOptimizer.host_state_keys | {"proj_gap", "svd_count", "sim_queue", "sim_count"}
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: Optional[int] = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        quant: bool = True,
+        quant_group_size: int = 256,
+        quant_n_bit: int = 4,
+        cos_threshold: float = 0.4,
+        gamma_proj: float = 2,
+        queue_size: int = 5,
+        similarity: str = "abs_cos",
+        stochastic_round: bool = True,
+        seed: int = 0,
+        svd: str = "exact",
+        skip_nonfinite: bool = True,
+        foreach: Optional[bool] = None,
+    ):
+        self.seed = int(seed)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
+            scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
+            quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit, cos_threshold=cos_threshold,
+            gamma_proj=gamma_proj, queue_size=queue_size, similarity=similarity, stochastic_round=stochastic_round,
+        )
+        # GaLoreAdamW.__init__ fixes its own defaults; build the base with ours.
+        LowRankOptimizer.__init__(self, params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_lowrank_group(self, group, gi):
+        super()._validate_lowrank_group(group, gi)
+        g = group
+        if not isinstance(g.get("quant"), bool):
+            raise ValueError(self._err(gi, f"quant must be a bool, got {g.get('quant')!r}"))
+        qgs = g.get("quant_group_size")
+        if not (isinstance(qgs, int) and not isinstance(qgs, bool) and qgs >= 2 and qgs % 2 == 0):
+            raise ValueError(self._err(gi, f"quant_group_size must be a positive even int, got {qgs!r}"))
+        if g.get("quant_n_bit") != 4:
+            raise ValueError(self._err(gi, f"quant_n_bit must be 4 (packed INT4 projector), got {g.get('quant_n_bit')!r}"))
+        thr = g.get("cos_threshold")
+        if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not math.isfinite(thr):
+            raise ValueError(self._err(gi, f"cos_threshold must be a finite float, got {thr!r}"))
+        gamma = g.get("gamma_proj")
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 1:
+            raise ValueError(self._err(gi, f"gamma_proj must be a number >= 1, got {gamma!r}"))
+        qs = g.get("queue_size")
+        if not (isinstance(qs, int) and not isinstance(qs, bool) and qs >= 1):
+            raise ValueError(self._err(gi, f"queue_size must be an int >= 1, got {qs!r}"))
+        if g.get("similarity") not in SIMILARITIES:
+            raise ValueError(self._err(gi, f"similarity must be one of {SIMILARITIES}, got {g.get('similarity')!r}"))
+        if not isinstance(g.get("stochastic_round"), bool):
+            raise ValueError(self._err(gi, f"stochastic_round must be a bool, got {g.get('stochastic_round')!r}"))
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, p, state, group):
+        super()._init_state(p, state, group)
+        state["proj_gap"] = torch.tensor(int(group["update_proj_gap"]), dtype=torch.int64)
+        state["svd_count"] = torch.tensor(0, dtype=torch.int64)
+        state["sim_queue"] = torch.zeros(int(group["queue_size"]), dtype=torch.float32)
+        state["sim_count"] = torch.tensor(0, dtype=torch.int64)
+
+    def _state_dtype(self, p, group):
+        # A QLinear placeholder has the compute dtype; keep its moments in it too.
+        return p.dtype
+
+    def _has_projector(self, state):
+        return "proj_packed" in state or "projector" in state
+
+    def _should_refresh(self, p, state, group, step):
+        return not self._has_projector(state) or (step - 1) % int(state["proj_gap"]) == 0
+
+    def _proj_shape(self, p, state, group):
+        m, n = p.shape
+        r = self._group_rank(group, (m, n))
+        return (r, n) if self._side(state) == "right" else (m, r)
+
+    def _get_projector(self, p, state, group):
+        if "proj_packed" in state:
+            return ops.Int4Projector(
+                state["proj_packed"], state["proj_scale"], state["proj_min"], self._proj_shape(p, state, group),
+                int(group["quant_group_size"]),
+            )
+        return state["projector"]
+
+    def _refresh_projector(self, p, grad, state, group, step):
+        usv = self._svd(p, grad, group, step)
+        if usv is None:
+            return False
+        u, _, vh = usv
+        r = self._group_rank(group, tuple(p.shape))
+        side = self._side(state)
+        new = (vh[:r] if side == "right" else u[:, :r]).to(torch.float32).contiguous()
+        if not bool(torch.isfinite(new).all()):  # one host sync, on refresh steps only
+            return False
+        self._adapt_gap(state, group, new, side)
+        if group["quant"]:
+            packed, scale, minimum = ops.int4_pack(new, int(group["quant_group_size"]))
+            state["proj_packed"], state["proj_scale"], state["proj_min"] = packed, scale, minimum
+        else:
+            state["projector"] = new.to(p.dtype)
+        state["svd_count"] += 1
+        return True
+
+    def _adapt_gap(self, state, group, new, side):
+        """Queue the similarity to the previous projector; double the gap when stable."""
+        kind = group["similarity"]
+        past_key = "past_vector" if kind == "abs_cos" else "past_projector"
+        past = state.get(past_key)
+        if past is not None:
+            if kind == "abs_cos":
+                sim = projector_similarity(past[None, :] if side == "right" else past[:, None], new, side, kind)
+            else:
+                sim = projector_similarity(past, new, side, kind)
+            q, cnt = state["sim_queue"], int(state["sim_count"])
+            size = q.numel()
+            if cnt == size:  # drop the oldest
+                q[:-1] = q[1:].clone()
+                cnt -= 1
+            q[cnt] = sim.to("cpu", torch.float32)
+            cnt += 1
+            if cnt == size and float(q.mean()) >= group["cos_threshold"]:
+                state["proj_gap"] = torch.tensor(int(int(state["proj_gap"]) * group["gamma_proj"]), dtype=torch.int64)
+                q.zero_()
+                cnt = 0
+            state["sim_count"] = torch.tensor(cnt, dtype=torch.int64)
+        state[past_key] = (new[0] if side == "right" else new[:, 0]).clone() if kind == "abs_cos" else new.clone()
+
+    # ------------------------------------------------------------------ the step
+    def _sr_seed(self, p, step: int) -> int:
+        return mix_seed(self.seed, self._param_seed(p), step)
+
+    def _apply_int8(self, mod, p, update, group, step, decay):
+        """``W <- decay * W + update`` on QLinear ``mod``'s INT8 storage."""
+        if group.get("stochastic_round", True):
+            ops.int8_update_sr_(
+                mod.weight_q, mod.weight_scale, mod.weight_min, update, decay=decay, alpha=1.0,
+                seed=self._sr_seed(p, step), group_size=mod.group_size,
+            )
+        else:
+            w = mod.dequantized_weight(torch.float32).mul_(decay).add_(update)
+            mod.set_weight(w)
+
+    def _project_step(self, p, grad, state, group, step):
+        mod = qlinear_of(p)
+        if mod is None:
+            return super()._project_step(p, grad, state, group, step)
+        beta1, beta2 = group["betas"]
+        side = self._side(state)
+        proj = self._get_projector(p, state, group)
+        n = ops.project_adam_(grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, beta1=beta1,
+                              beta2=beta2, eps=group["eps"])
+        update = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        step_size = adam_step_size(group["lr"], beta1, beta2, step)
+        ops.backproject_apply_(update, n, proj, side=side, alpha=-step_size * group["scale"], decay=0.0)
+        self._apply_int8(mod, p, update, group, step, 1.0 - group["lr"] * group["weight_decay"])
+
+    def _plain_step(self, group, params):
+        dense = [p for p in params if qlinear_of(p) is None]
+        if dense:
+            super()._plain_step(group, dense)
+        for p in params:
+            mod = qlinear_of(p)
+            if mod is not None:
+                self._plain_int8_step(mod, p, group)
+
+    def _plain_int8_step(self, mod, p, group):
+        """torch.optim.AdamW's math on a QLinear weight, applied to its INT8 storage."""
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["step"] += 1
+        step = int(state["step"])
+        beta1, beta2 = group["betas"]
+        g = p.grad.to(torch.float32)
+        state["exp_avg"].lerp_(g, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bc1 = 1 - beta1**step
+        bc2 = 1 - beta2**step
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bc2)).add_(group["eps"])
+        update = state["exp_avg"] / denom
+        update.mul_(-group["lr"] / bc1)
+        self._apply_int8(mod, p, update, group, step, 1.0 - group["lr"] * group["weight_decay"])
+
+    # ------------------------------------------------------------------ reporting
+    def refresh_stats(self) -> List[Dict[str, Any]]:
+        """Per projected parameter: its position, shape, current gap and SVD count."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "proj_gap" in st:
+                    out.append({
+                        "param": self._param_seed(p), "shape": tuple(p.shape), "proj_gap": int(st["proj_gap"]),
+                        "svd_count": int(st["svd_count"]), "int8_weight": qlinear_of(p) is not None,
+                    })
+        return out
+
+    @property
+    def svd_count(self) -> int:
+        """SVDs done so far, summed over the parameters."""
+        return sum(s["svd_count"] for s in self.refresh_stats())
+
+    def projector_nbytes(self) -> int:
+        """Bytes held by the projectors (packed nibbles + group stats, or dense)."""
+        total = 0
+        for st in self.state.values():
+            for k in ("proj_packed", "proj_scale", "proj_min", "projector"):
+                if k in st:
+                    total += st[k].numel() * st[k].element_size()
+        return total
