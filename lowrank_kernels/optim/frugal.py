@@ -38,7 +38,8 @@ def svd_projection(opt, p, grad, state, group, step, rank, side):
 def random_projection(opt, p, grad, state, group, step, rank, side):
     """A random orthonormal basis (QR of a seeded Gaussian matrix)."""
     dim = p.shape[1] if side == "right" else p.shape[0]
-    gauss = torch.randn(dim, rank, generator=_generator(opt, p, step), device=p.device, dtype=torch.float32)
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    gauss = torch.randn(dim, rank, generator=_generator(opt, p, step), device=p.device, dtype=acc)
     q = torch.linalg.qr(gauss).Q
     return q.T if side == "right" else q
 
