@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels.projection import _cast_out
 from lowrank_kernels.reference.quant import SCALE_FLOOR, num_groups, seed_keys
 
 _MASK32 = 0xFFFFFFFF
@@ -140,18 +141,20 @@ def _int4_at(packed_ptr, scale_ptr, min_ptr, f, group_size, mask):
 
 
 @triton.jit
-def _quant_int4_unpack_kernel(packed_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, BLOCK: tl.constexpr):
+def _quant_int4_unpack_kernel(packed_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, BLOCK: tl.constexpr,
+                              INTERPRET: tl.constexpr):
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = f < numel
     x = _int4_at(packed_ptr, scale_ptr, min_ptr, f, group_size, mask)
-    tl.store(out_ptr + f, x.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + f, _cast_out(x, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def quant_int4_unpack_triton(packed, scale, minimum, shape, dtype, group_size):
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     numel = out.numel()
     block = 1024
-    _quant_int4_unpack_kernel[(triton.cdiv(numel, block),)](packed, scale, minimum, out, numel, group_size, BLOCK=block)
+    _quant_int4_unpack_kernel[(triton.cdiv(numel, block),)](packed, scale, minimum, out, numel, group_size, BLOCK=block,
+                                                           INTERPRET=_interpreting())
     return out
 
 
@@ -212,18 +215,20 @@ def _int8_at(q_ptr, scale_ptr, min_ptr, f, group_size, mask):
 
 
 @triton.jit
-def _quant_int8_dequantize_kernel(q_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, BLOCK: tl.constexpr):
+def _quant_int8_dequantize_kernel(q_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, BLOCK: tl.constexpr,
+                                  INTERPRET: tl.constexpr):
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = f < numel
     x = _int8_at(q_ptr, scale_ptr, min_ptr, f, group_size, mask)
-    tl.store(out_ptr + f, x.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + f, _cast_out(x, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def quant_int8_dequantize_triton(q, scale, minimum, group_size, dtype):
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     numel = q.numel()
     block = 1024
-    _quant_int8_dequantize_kernel[(triton.cdiv(numel, block),)](q, scale, minimum, out, numel, group_size, BLOCK=block)
+    _quant_int8_dequantize_kernel[(triton.cdiv(numel, block),)](q, scale, minimum, out, numel, group_size, BLOCK=block,
+                                                               INTERPRET=_interpreting())
     return out
 
 
