@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .harness import Ctx, check_str, fmt_shape, free_memory, lowrank_shape, progress, proj_shape, rel_err, side_of
+from .harness import Ctx, check_str, fmt_shape, free_memory, lowrank_shape, progress, rel_err, side_of
 
 SUITE = "projection"
 HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=10, weight_decay=0.0, scale=0.25)

@@ -280,6 +280,8 @@ class Ctx:
             "torch": torch.__version__, "triton": triton_version(), "git_sha": git_sha(),
             "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
+        self.esize = torch.empty((), dtype=dtype).element_size()
+        self.shared: Dict[str, object] = {}  # figures one suite measures for another (e.g. step -> memory)
         self.matmul_tflops: Optional[float] = None
         self.copy_gbps: Optional[float] = None
         # Per-call time budget of a measurement (seconds of timed runs).
