@@ -8,7 +8,8 @@ per optimizer step.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional
+import warnings
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -58,7 +59,10 @@ class LayerwiseOptimizer:
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
-                opt = optimizer_factory([{"params": [p], **options}])
+                with warnings.catch_warnings():
+                    # A per-parameter optimizer of a plain parameter has no low-rank group, by design.
+                    warnings.filterwarnings("ignore", message=".*no parameter group is low-rank.*")
+                    opt = optimizer_factory([{"params": [p], **options}])
                 if not isinstance(opt, Optimizer):
                     raise TypeError(
                         f"layerwise: optimizer_factory must return a torch.optim.Optimizer, got {type(opt).__name__}"
