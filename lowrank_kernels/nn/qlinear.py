@@ -171,7 +171,8 @@ class QLinear(nn.Linear):
     def _apply(self, fn, recurse=True):
         # Keep the placeholder one element (a plain .to() would materialize it) and keep
         # the group statistics float32 whatever dtype the module is cast to.
-        w = self._parameters.pop("weight")
+        w = self._parameters["weight"]
+        self._parameters["weight"] = None  # skipped by nn.Module, keeps the parameter order
         try:
             super()._apply(fn, recurse)
         finally:
@@ -185,7 +186,8 @@ class QLinear(nn.Linear):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        w = self._parameters.pop("weight")
+        w = self._parameters["weight"]
+        self._parameters["weight"] = None  # skipped by nn.Module, keeps the parameter order
         try:
             super()._save_to_state_dict(destination, prefix, keep_vars)
         finally:
@@ -202,7 +204,8 @@ class QLinear(nn.Linear):
             state_dict[prefix + "weight_q"], state_dict[prefix + "weight_scale"], state_dict[prefix + "weight_min"] = (
                 q, s, mn)
             del state_dict[key]
-        w = self._parameters.pop("weight")
+        w = self._parameters["weight"]
+        self._parameters["weight"] = None  # skipped by nn.Module, keeps the parameter order
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)

@@ -89,6 +89,9 @@ def test_state_dict_round_trip_and_plain_linear_load():
     third = nn.Sequential(QLinear(20, 40, group_size=64), nn.ReLU(), QLinear(40, 5, group_size=64))
     third.load_state_dict(plain_sd)
     assert torch.equal(third(x), model(x))
+    # saving, loading and casting keep the parameter order (optimizer state maps by position)
+    model.to(torch.float64).to(torch.float32)
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     # deepcopy keeps the placeholder linked to its own module
     dup = copy.deepcopy(model)
     assert qlinear_of(dup[0].weight) is dup[0]
