@@ -39,7 +39,7 @@ def _interpreting() -> bool:
 
 def _configs():
     if _interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     cfgs = []
     # Hopper/Ampere bf16 GEMM shapes (large tiles for the big refresh GEMMs, smaller
     # ones for small layers / the k-wide projection GEMM).

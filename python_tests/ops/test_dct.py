@@ -1,0 +1,407 @@
+"""The DCT family on every backend: basis vs scipy, scores and top-k vs independent float64
+math and vs the reference, deterministic ties, the low-rank gradient at a refresh,
+gathered-basis projection vs dense projection, opcheck, bad input that changes nothing."""
+import os
+
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+from lowrank_kernels import ops
+from lowrank_kernels.ops import _registry as reg
+from lowrank_kernels.ops import dct as dct_ops
+from lowrank_kernels.ops import use_backend
+from lowrank_kernels.reference import dct as ref
+
+from ..conftest import TOL, rel_err
+
+SHAPES = [(123, 77), (64, 300), (33, 33), (5, 17)]
+SIDES = ["right", "left"]
+
+
+@pytest.fixture(params=reg.BACKENDS)
+def backend(request):
+    name = request.param
+    reason = reg.why_unavailable(reg.OPS["dct_scores"], name, torch.device("cpu"))
+    if reason is not None:
+        if name == "cpp" and os.environ.get("LOWRANK_KERNELS_EXPECT_EXT") == "1":
+            pytest.fail(f"cpp backend expected but unavailable: {reason}")
+        pytest.skip(reason)
+    return name
+
+
+def order(side, m, n):
+    return n if side == "right" else m
+
+
+def make_grad(m, n, dtype, transposed=False):
+    return torch.randn(n, m, dtype=dtype).T if transposed else torch.randn(m, n, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- basis
+@pytest.mark.parametrize("size", [1, 2, 7, 64, 301])
+def test_basis_matches_scipy(size):
+    c = ops.dct_basis(size, torch.float64)
+    expect = scipy.fft.dct(np.eye(size), norm="ortho", axis=0)
+    np.testing.assert_allclose(c.numpy(), expect, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(c.numpy() @ c.numpy().T, np.eye(size), rtol=0, atol=1e-12)
+
+
+def test_basis_dtype_and_cache():
+    c32 = ops.dct_basis(40)
+    assert c32.dtype == torch.float32 and c32.shape == (40, 40) and c32.device.type == "cpu"
+    assert ops.dct_basis(40) is c32 and ops.dct_basis(40, torch.float32, "cpu") is c32
+    cb = ops.dct_basis(40, torch.bfloat16)
+    assert cb.dtype == torch.bfloat16 and cb is not c32
+    # Built in float64 then rounded once: equal to the rounded float64 basis.
+    assert torch.equal(cb, ops.dct_basis(40, torch.float64).to(torch.bfloat16))
+    assert torch.equal(c32, ops.dct_basis(40, torch.float64).float())
+
+
+def test_basis_bad_input():
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        ops.dct_basis(0)
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        ops.dct_basis(3.0)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        ops.dct_basis(4, torch.int32)
+
+
+# --------------------------------------------------------------------------- reference vs scipy float64
+def numpy_scores(G, side, norm):
+    # S = G C^T is the DCT of every row of G; C G the DCT of every column.
+    S = scipy.fft.dct(G, norm="ortho", axis=1 if side == "right" else 0)
+    A = np.abs(S) if norm == 1 else S * S
+    sc = A.sum(axis=0 if side == "right" else 1)
+    return S, (sc if norm == 1 else np.sqrt(sc))
+
+
+def numpy_topk(scores, k):
+    idx = np.arange(scores.shape[0])
+    return np.lexsort((idx, -scores))[:k]  # descending score, then ascending index
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("m,n", SHAPES[:2])
+def test_reference_matches_scipy_float64(side, norm, m, n):
+    G = np.random.default_rng(1).standard_normal((m, n))
+    S, sc = numpy_scores(G, side, norm)
+    g = torch.from_numpy(G)
+    with use_backend("reference"):
+        out = ops.dct_scores(g, side=side, norm=norm)
+        k = order(side, m, n) // 3 + 1
+        idx, R = ops.dct_score_topk(g, k, side=side, norm=norm, return_lowrank=True)
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), sc, rtol=1e-12)
+    np.testing.assert_array_equal(idx.numpy(), numpy_topk(sc, k))
+    assert idx.dtype == torch.int32
+    expect_R = S[:, idx.numpy()] if side == "right" else S[idx.numpy()]
+    np.testing.assert_allclose(R.numpy(), expect_R, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- backends vs reference
+def check_selection(idx, k, ref_scores, own_scores):
+    """``idx`` is the stable top-k of the backend's own scores and a valid top-k of the reference's."""
+    assert idx.dtype == torch.int32 and idx.shape == (k,)
+    assert torch.equal(idx, ref.topk_indices(own_scores, k))
+    # Against the reference: the chosen scores are the k largest up to rounding near-ties.
+    rs = ref_scores.double()
+    chosen = rs[idx.long()]
+    kth = torch.sort(rs, descending=True).values[k - 1]
+    assert (chosen >= kth * (1 - 1e-4) - 1e-6).all()
+    assert len(set(idx.tolist())) == k
+
+
+# float32 / bf16 on every shape; fp16 / float64 on the small ones (the interpreter is slow).
+SCORE_CASES = [(m, n, d) for (m, n) in SHAPES for d in (torch.float32, torch.bfloat16)] + [
+    (m, n, d) for (m, n) in SHAPES[2:] for d in (torch.float16, torch.float64)
+]
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("m,n,dtype", SCORE_CASES)
+def test_scores_and_topk_backend_vs_reference(backend, dtype, norm, side, m, n):
+    g = make_grad(m, n, dtype, transposed=(m == 123))
+    s = order(side, m, n)
+    with use_backend("reference"):
+        r = ops.dct_scores(g, side=side, norm=norm)
+    with use_backend(backend):
+        o = ops.dct_scores(g, side=side, norm=norm)
+        ks = sorted({1, s // 3 + 1})  # k = s: test_zero_gradient_gives_first_indices
+        idxs = [ops.dct_score_topk(g, k, side=side, norm=norm) for k in ks]
+    assert o.shape == (s,) and o.dtype == r.dtype
+    # Same (rounded) inputs, float32 accumulation: only the summation order differs.
+    assert rel_err(o, r) < 1e-5
+    for k, idx in zip(ks, idxs):
+        check_selection(idx, k, r, o)
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_scores_basis_argument(backend, side):
+    """An explicit float32 basis for a bf16 gradient is used as given (rounded to bf16 on GPU only)."""
+    g = torch.randn(40, 24, dtype=torch.bfloat16)
+    b = ops.dct_basis(order(side, 40, 24), torch.float32)
+    with use_backend("reference"):
+        r = ops.dct_scores(g, side=side, basis=b)
+    with use_backend(backend):
+        o = ops.dct_scores(g, side=side, basis=b)
+    assert rel_err(o, r) < (1e-5 if backend != "triton" or reg.triton_interpreting() else TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("side", SIDES)
+def test_zero_gradient_gives_first_indices(backend, side, norm):
+    for m, n in [(9, 14), (31, 6)]:
+        s = order(side, m, n)
+        for k in (1, s // 2 + 1, s):
+            with use_backend(backend):
+                idx = ops.dct_score_topk(torch.zeros(m, n), k, side=side, norm=norm)
+            assert torch.equal(idx, torch.arange(k, dtype=torch.int32)), (m, n, k)
+
+
+def test_exact_ties_go_to_lower_index(backend):
+    # Every row of G is the same multiple of basis vectors 5 and 2 with equal weight:
+    # S = G C^T has two equal nonzero columns (2 and 5) and zeros elsewhere.
+    n = 16
+    c = ops.dct_basis(n, torch.float64)
+    row = (c[5] + c[2]).float()
+    g = row.expand(7, n).contiguous()
+    with use_backend(backend):
+        sc = ops.dct_scores(g, side="right")
+        idx = ops.dct_score_topk(g, 4, side="right")
+    if sc[2] == sc[5]:
+        assert idx[:2].tolist() == [2, 5]
+    else:  # rounding broke the tie: the larger goes first
+        assert sorted(idx[:2].tolist()) == [2, 5]
+    # The remaining scores are rounding noise around zero; the top two are exact.
+    assert sc[2] > 100 * sc[[i for i in range(n) if i not in (2, 5)]].max()
+
+
+def test_nan_scores_sort_first(backend):
+    g = torch.randn(12, 10)
+    g[4, 3] = float("nan")  # left side: every row of C G sees the NaN column... all NaN
+    g2 = torch.randn(12, 10)
+    g2[:, 7] = float("nan")  # right side: rows of G with NaN -> every column NaN
+    with use_backend(backend):
+        a = ops.dct_score_topk(g, 3, side="left")
+    assert torch.equal(a, torch.arange(3, dtype=torch.int32))  # all NaN: ties, lower index first
+    with use_backend("reference"):
+        b_ref = ops.dct_score_topk(g2, 5, side="right")
+    with use_backend(backend):
+        b = ops.dct_score_topk(g2, 5, side="right")
+    assert torch.equal(b, b_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", SIDES)
+def test_return_lowrank(backend, side, dtype):
+    m, n = 45, 38
+    g = make_grad(m, n, dtype, transposed=True)
+    k = 7
+    with use_backend(backend):
+        idx, R = ops.dct_score_topk(g, k, side=side, norm=2, return_lowrank=True)
+        idx2 = ops.dct_score_topk(g, k, side=side, norm=2)
+    assert torch.equal(idx, idx2)
+    basis = ops.dct_basis(order(side, m, n), dtype)
+    S = ref.score_matrix(g, basis, side, torch.float64)
+    expect = S[:, idx.long()] if side == "right" else S[idx.long()]
+    assert R.dtype == torch.float32 and R.shape == expect.shape
+    assert rel_err(R, expect) < 1e-5
+
+
+# --------------------------------------------------------------------------- projection with indices
+def make_projector(m, n, rank, side, dtype, index_dtype=torch.int32):
+    s = order(side, m, n)
+    idx = torch.randperm(s)[:rank].to(index_dtype)  # unsorted on purpose
+    return ops.DCTProjector(ops.dct_basis(s, dtype), idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_gathered_projection_equals_dense(backend, dtype, side, m, n):
+    """DCTProjector through the public projection functions == the dense projector C[idx] on the reference."""
+    for rank in sorted({1, min(m, n) // 3 + 1, min(m, n)}):
+        D = make_projector(m, n, rank, side, dtype, torch.int64 if rank == 1 else torch.int32)
+        P = D.dense(side)
+        g = make_grad(m, n, dtype, transposed=(rank == 1))
+        lshape = ops.low_rank_shape(m, n, rank, side)
+        ea0, eas0 = 0.1 * torch.randn(lshape), 0.1 * torch.rand(lshape)
+        w0 = torch.randn(m, n).to(dtype)
+
+        def run(proj, be):
+            ea, eas, w = ea0.clone(), eas0.clone(), w0.clone()
+            with use_backend(be):
+                N = ops.project_adam_(g, proj, ea, eas, side=side, beta1=0.9, beta2=0.95, eps=1e-6)
+                ops.backproject_apply_(w, N, proj, side=side, alpha=-0.3, decay=0.99)
+                w1 = w.clone()
+                ops.project_update_backproject_(
+                    w, g, proj, ea, eas, side=side, lr=0.01, step=3, weight_decay=0.1, scale=0.25
+                )
+                R = ops.dct_project(g, proj, side=side) if not isinstance(proj, torch.Tensor) else None
+            return N, ea, eas, w1, w, R
+
+        dN, dea, deas, dw1, dw, _ = run(P, "reference")
+        N, ea, eas, w1, w, R = run(D, backend)
+        tol = TOL[dtype]
+        assert rel_err(N, dN) < 4 * tol and rel_err(ea, dea) < tol and rel_err(eas, deas) < tol, rank
+        assert rel_err(w1.double() - w0.double(), dw1.double() - w0.double()) < max(4 * tol, 1e-4), rank
+        assert rel_err(w.double() - w1.double(), dw.double() - dw1.double()) < max(4 * tol, 1e-4), rank
+        R_dense = g.double() @ P.double().T if side == "right" else P.double().T @ g.double()
+        assert R.dtype == torch.float32 and rel_err(R, R_dense) < 1e-5
+
+
+def test_dct_projection_float64_reference_and_cpp(backend):
+    if backend == "triton":
+        pytest.skip("the Triton projection kernels take float32/bf16/fp16 (float64 raises, tested below)")
+    m, n, rank, side = 30, 20, 6, "left"
+    D = make_projector(m, n, rank, side, torch.float64)
+    g = torch.randn(m, n, dtype=torch.float64)
+    ea, eas = torch.zeros(rank, n, dtype=torch.float64), torch.zeros(rank, n, dtype=torch.float64)
+    with use_backend(backend):
+        N = ops.project_adam_(g, D, ea, eas, side=side, beta1=0.0, beta2=0.0, eps=0.0)
+    R = D.dense(side).T @ g
+    torch.testing.assert_close(ea, R, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(N, R / R.abs(), rtol=1e-12, atol=1e-12)
+
+
+def test_triton_projection_rejects_float64():
+    if reg.why_unavailable(reg.OPS["dct_project_adam"], "triton", torch.device("cpu")) is not None:
+        pytest.skip("triton backend unavailable")
+    D = make_projector(12, 8, 3, "right", torch.float64)
+    ea, eas = torch.zeros(12, 3, dtype=torch.float64), torch.zeros(12, 3, dtype=torch.float64)
+    before = ea.clone()
+    with use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        ops.project_adam_(torch.randn(12, 8, dtype=torch.float64), D, ea, eas, side="right")
+    assert torch.equal(ea, before)
+
+
+# --------------------------------------------------------------------------- opcheck
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _opcheck_cases():
+    g = torch.randn(20, 13)
+    br, bl = ops.dct_basis(13), ops.dct_basis(20)
+    idx = torch.tensor([4, 0, 9, 2], dtype=torch.int32)
+    ea, eas = torch.randn(20, 4), torch.rand(20, 4)
+    w = torch.randn(20, 13)
+    yield "dct_scores", (g, br, "right", 1)
+    yield "dct_scores", (g.to(torch.bfloat16), ops.dct_basis(20, torch.bfloat16), "left", 2)
+    yield "dct_score_topk", (g, bl, 5, "left", 1)
+    yield "dct_project", (g, br, idx, "right")
+    yield "dct_project_adam", (g, br, idx, ea, eas, "right", 0.9, 0.999, 1e-8)
+    yield "dct_backproject_apply", (w, torch.randn(4, 13), bl, idx.long(), "left", -0.5, 0.9)
+    yield "dct_project_update_backproject", (w, g, br, idx, ea, eas, "right", 0.01, 0.9, 0.999, 1e-8, 3, 0.1, 0.25)
+
+
+N_OPCHECK = len(list(_opcheck_cases()))
+
+
+@pytest.mark.parametrize("case", range(N_OPCHECK))
+def test_opcheck(backend, case):
+    name, args = list(_opcheck_cases())[case]
+    with use_backend(backend):
+        torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name).default, args, test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("case", range(N_OPCHECK))
+def test_opcheck_cpp_op_directly(case):
+    if not reg.extension_loaded():
+        pytest.skip("extension not built (test_package asserts it is where make test ran)")
+    name, args = list(_opcheck_cases())[case]
+    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name + "_cpu").default, args, test_utils=OPCHECK_TESTS)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_score_bad_input(backend):
+    g = torch.randn(12, 8)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="side must be 'left' or 'right'"):
+            ops.dct_score_topk(g, 3, side="up")
+        with pytest.raises(ValueError, match="norm must be 1 or 2"):
+            ops.dct_score_topk(g, 3, side="right", norm=3)
+        with pytest.raises(ValueError, match="norm must be 1 or 2"):
+            ops.dct_scores(g, side="right", norm=2.0)
+        with pytest.raises(ValueError, match=r"k \(9\) must be between 1 and the basis order 8"):
+            ops.dct_score_topk(g, 9, side="right")
+        with pytest.raises(ValueError, match=r"k \(0\)"):
+            ops.dct_score_topk(g, 0, side="left")
+        with pytest.raises(TypeError, match="k must be an int"):
+            ops.dct_score_topk(g, 2.0, side="left")
+        with pytest.raises(ValueError, match=r"basis must have shape \(8, 8\)"):
+            ops.dct_score_topk(g, 3, side="right", basis=ops.dct_basis(12))
+        with pytest.raises(ValueError, match="grad must be 2-D"):
+            ops.dct_scores(torch.randn(3, 4, 5), side="right")
+        with pytest.raises(TypeError, match="grad must have a floating dtype"):
+            ops.dct_scores(torch.ones(3, 4, dtype=torch.int64), side="right")
+        with pytest.raises(TypeError, match="basis must have a floating dtype"):
+            ops.dct_scores(g, side="right", basis=torch.ones(8, 8, dtype=torch.int32))
+        with pytest.raises(ValueError, match="all tensors must be on one device"):
+            ops.dct_scores(g, side="right", basis=ops.dct_basis(8).to("meta"))
+
+
+def _bad_projection_cases():
+    m, n, r = 12, 8, 3
+    D = make_projector(m, n, r, "right", torch.float32)
+    g = torch.randn(m, n)
+    ea, eas = torch.randn(m, r), torch.rand(m, r)
+    good = dict(grad=g, proj=D, exp_avg=ea, exp_avg_sq=eas, side="right")
+    b = D.basis
+    yield "index out of range", dict(good, proj=ops.DCTProjector(b, torch.tensor([0, 8, 1]))), ValueError, r"indices must lie in \[0, 8\)"
+    yield "negative index", dict(good, proj=ops.DCTProjector(b, torch.tensor([0, -1, 1]))), ValueError, "indices must lie in"
+    yield "float indices", dict(good, proj=ops.DCTProjector(b, torch.tensor([0.0, 1.0, 2.0]))), TypeError, "indices must be int32 or int64"
+    yield "2-D indices", dict(good, proj=ops.DCTProjector(b, torch.tensor([[0, 1, 2]]))), ValueError, "indices must be 1-D"
+    yield "rank too big", dict(good, proj=ops.DCTProjector(b, torch.arange(9) % 8), exp_avg=torch.zeros(m, 9), exp_avg_sq=torch.zeros(m, 9)), ValueError, r"number of indices \(9\) must be between 1 and 8"
+    yield "basis wrong size", dict(good, proj=ops.DCTProjector(ops.dct_basis(12), D.indices)), ValueError, r"basis must have shape \(8, 8\)"
+    yield "moment shape", dict(good, exp_avg=torch.zeros(m, 4)), ValueError, "exp_avg must have shape"
+    yield "aliasing", dict(good, exp_avg_sq=ea), ValueError, "share memory"
+    yield "bad beta", dict(good, beta2=1.5), ValueError, "beta2 must be in"
+    yield "bad side", dict(good, side="top"), ValueError, "side must be"
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _bad_projection_cases()])
+def test_projection_bad_input_changes_nothing(backend, case):
+    _, kwargs, exc, msg = next(c for c in _bad_projection_cases() if c[0] == case)
+    before = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    with use_backend(backend), pytest.raises(exc, match=msg):
+        ops.project_adam_(**kwargs)
+    for k, v in before.items():
+        assert torch.equal(kwargs[k], v), f"{k} was modified"
+
+
+def test_backproject_and_fused_bad_input_change_nothing(backend):
+    D = make_projector(12, 8, 3, "left", torch.float32)  # left: basis of order 12
+    w = torch.randn(12, 8)
+    w0 = w.clone()
+    ea, eas = torch.zeros(3, 8), torch.zeros(3, 8)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="update must have shape"):
+            ops.backproject_apply_(w, torch.randn(12, 3), D, side="left", alpha=1.0)
+        with pytest.raises(ValueError, match=r"basis must have shape \(8, 8\)"):
+            ops.backproject_apply_(w, torch.randn(12, 3), D, side="right", alpha=1.0)
+        with pytest.raises(ValueError, match="step must be >= 1"):
+            ops.project_update_backproject_(w, torch.randn(12, 8), D, ea, eas, side="left", lr=0.1, step=0)
+        w_small = torch.randn(6, 8)
+        w_small0 = w_small.clone()
+        with pytest.raises(ValueError, match="grad must have shape"):
+            ops.project_update_backproject_(w_small, torch.randn(12, 8), D, ea, eas, side="left", lr=0.1, step=1)
+        assert torch.equal(w_small, w_small0)
+    assert torch.equal(w, w0) and not ea.any() and not eas.any()
+
+
+def test_dct_project_wants_a_dct_projector():
+    with pytest.raises(TypeError, match="proj must be a DCTProjector"):
+        ops.dct_project(torch.randn(4, 4), torch.eye(4), side="right")
+
+
+def test_state_of_projector_is_indices_only():
+    """A DCTProjector holds the shared basis (one per size) and the int indices: nothing per layer is float."""
+    D1 = make_projector(64, 40, 8, "right", torch.float32)
+    D2 = make_projector(128, 40, 8, "right", torch.float32)
+    assert D1.basis is D2.basis
+    assert not D1.indices.is_floating_point() and D1.indices.numel() == 8
+    assert dct_ops.basis_size(64, 40, "right") == 40 and dct_ops.basis_size(64, 40, "left") == 64
