@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .base import LowRankOptimizer
+
 
 class LayerwiseOptimizer:
     """Per-parameter optimizers driven by ``register_post_accumulate_grad_hook``.
@@ -32,9 +34,10 @@ class LayerwiseOptimizer:
 
     The non-finite check of this package's optimizers (``skip_nonfinite``) then runs
     once per parameter, i.e. one host synchronization per parameter; pass
-    ``skip_nonfinite=False`` to the optimizers to avoid it. APOLLO's default seed is
-    the parameter's position in its optimizer, which is 1 for every per-parameter
-    optimizer: pass a distinct seed offset per parameter if that matters.
+    ``skip_nonfinite=False`` to the optimizers to avoid it. Each per-parameter
+    optimizer of this package is told the parameter's position among all the
+    parameters, so seeded projections (APOLLO, FRUGAL ``random``/``columns``, the
+    randomized SVD) are the ones a single optimizer over the same groups draws.
     """
 
     def __init__(
@@ -68,6 +71,11 @@ class LayerwiseOptimizer:
                         f"layerwise: optimizer_factory must return a torch.optim.Optimizer, got {type(opt).__name__}"
                     )
                 index = len(self.params)
+                if isinstance(opt, LowRankOptimizer):
+                    # Seeds (APOLLO's projection, FRUGAL's random subspaces, the randomized SVD)
+                    # derive from the parameter's position: give it the position it has among
+                    # all parameters, as in one optimizer over the same groups.
+                    opt._param_index[p] = index + 1
                 self.params.append(p)
                 self.optimizers.append(opt)
                 self.schedulers.append(scheduler_factory(opt) if scheduler_factory is not None else None)
