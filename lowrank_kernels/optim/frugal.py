@@ -27,7 +27,7 @@ def svd_projection(opt, p, grad, state, group, step, rank, side):
     g = grad.to(torch.float32) if grad.dtype != torch.float64 else grad
     try:
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
-    except RuntimeError:  # no convergence
+    except torch.linalg.LinAlgError:  # no convergence; other errors (e.g. out of memory) propagate
         return None
     proj = vh[:rank] if side == "right" else u[:, :rank]
     if not bool(torch.isfinite(proj).all()):  # one host sync, refresh steps only

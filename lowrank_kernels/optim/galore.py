@@ -128,7 +128,7 @@ class GaLoreAdamW(LowRankOptimizer):
             gen = torch.Generator(device=g.device)
             gen.manual_seed(mix_seed(self._param_seed(p), step))
             return randomized_svd(g, r, niter=LOWRANK_NITER, generator=gen)
-        except RuntimeError:  # torch.linalg.LinAlgError (no convergence) is a RuntimeError
+        except torch.linalg.LinAlgError:  # no convergence; other errors (e.g. out of memory) propagate
             return None
 
     def _compute_projector(self, p, grad, state, group, step):
