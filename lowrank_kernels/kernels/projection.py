@@ -71,28 +71,67 @@ PROJ_DCT = 2
 
 
 # --------------------------------------------------------------------------- tile configs
-def _gemm_configs():
-    """Autotune space on GPU; a single small config when interpreting."""
+# Autotuning (CUDA) benchmarks every config of a kernel once per problem shape (and
+# compiles each once per specialisation: a few seconds per config). Set
+# LOWRANK_KERNELS_TRITON_AUTOTUNE=0, or ``AUTOTUNE = False`` on this module, to launch
+# one fixed config per shape instead (quick first calls, e.g. for tests).
+AUTOTUNE = os.environ.get("LOWRANK_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen from sm_90 compiles at
+# 4096x11008 rank 512 (bf16, fp32 moments): the project kernel's Adam epilogue keeps
+# the accumulator and the M/V tiles live at once, so its tiles above 128x128 (or
+# 128x128 on 4 warps) spill; 128x256 stays as a candidate for long K. The back-projection
+# epilogue only holds W, so its large tiles do not spill.
+_PROJECT_TILES = [
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 128, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 128, 4, 3),
+]
+_BACKPROJECT_TILES = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 128, 8, 3),
+    (64, 256, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+]
+
+
+def _config(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+def _gemm_configs(tiles=None):
+    """Autotune space on GPU (``tiles``, default the back-projection's); one 64^3 config when interpreting."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 128, 128, 8, 3),
-        (64, 256, 64, 4, 4),
-        (256, 64, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 64, 128, 4, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+        return [_config(64, 64, 64, 4, 1, group_m=4)]
+    return [_config(*t) for t in (tiles or _BACKPROJECT_TILES)]
+
+
+def _fixed_config(M, N, fp32_dot):
+    """The config launched when ``AUTOTUNE`` is off: 128x128 tiles, 64 along a small dimension."""
+    if _INTERPRET:
+        return _config(64, 64, 64, 4, 1, group_m=4)
+    bm = 128 if M > 64 else 64
+    bn = 128 if N > 64 else 64
+    big = bm * bn >= 128 * 128
+    return _config(bm, bn, 64, 8 if big else 4, 3 if fp32_dot else 4)
+
+
+def _launch(kernel, M, N, fp32_dot, args, meta):
+    """Launch ``kernel`` over an ``M x N`` output: autotuned, or with the fixed config."""
+    grid = _grid(M, N)
+    if AUTOTUNE:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid](*args, **meta, **_fixed_config(M, N, fp32_dot).all_kwargs())
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -200,8 +239,8 @@ def _load_proj_tile(
 
 # --------------------------------------------------------------------------- project + Adam
 @triton.autotune(
-    configs=_gemm_configs(),
-    key=["M", "N", "K", "SIDE_RIGHT"],
+    configs=_gemm_configs(_PROJECT_TILES),
+    key=["M", "N", "K", "SIDE_RIGHT", "PROJ_MODE"],
     prune_configs_by={"early_config_prune": _prune_configs},
     # Autotuning runs the kernel several times: put the moments back after each run.
     restore_value=["m_ptr", "v_ptr"],
@@ -285,7 +324,7 @@ def _projection_project_adam_kernel(
 # --------------------------------------------------------------------------- back-project + apply
 @triton.autotune(
     configs=_gemm_configs(),
-    key=["M", "N", "K", "SIDE_RIGHT"],
+    key=["M", "N", "K", "SIDE_RIGHT", "PROJ_MODE"],
     prune_configs_by={"early_config_prune": _prune_configs},
     restore_value=["w_ptr"],
 )
@@ -431,22 +470,27 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
     if out.numel() == 0:
         return out
     dot_dtype, precision = _dot_config(grad.dtype, *p_dtypes)
-    _projection_project_adam_kernel[_grid(M, N)](
-        grad, p, exp_avg, exp_avg_sq, out,
-        M, N, K,
-        grad.stride(0), grad.stride(1),
-        sp_rank, sp_dim,
-        exp_avg.stride(0), exp_avg.stride(1),
-        exp_avg_sq.stride(0), exp_avg_sq.stride(1),
-        out.stride(0), out.stride(1),
-        float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
-        aux0, aux1, aux_int,
-        SIDE_RIGHT=right,
-        PROJ_MODE=mode,
-        DOT_DTYPE=dot_dtype,
-        INPUT_PRECISION=precision,
-        IDX64=p_idx64 or _needs_int64(grad, exp_avg, exp_avg_sq, out),
-        INTERPRET=_INTERPRET,
+    _launch(
+        _projection_project_adam_kernel, M, N, dot_dtype == tl.float32,
+        (
+            grad, p, exp_avg, exp_avg_sq, out,
+            M, N, K,
+            grad.stride(0), grad.stride(1),
+            sp_rank, sp_dim,
+            exp_avg.stride(0), exp_avg.stride(1),
+            exp_avg_sq.stride(0), exp_avg_sq.stride(1),
+            out.stride(0), out.stride(1),
+            float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
+            aux0, aux1, aux_int,
+        ),
+        dict(
+            SIDE_RIGHT=right,
+            PROJ_MODE=mode,
+            DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION=precision,
+            IDX64=p_idx64 or _needs_int64(grad, exp_avg, exp_avg_sq, out),
+            INTERPRET=_INTERPRET,
+        ),
     )
     return out
 
@@ -458,20 +502,25 @@ def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
     if param.numel() == 0:
         return
     dot_dtype, precision = _dot_config(update.dtype, *p_dtypes)
-    _projection_backproject_apply_kernel[_grid(m, n)](
-        param, update, p,
-        m, n, rank,
-        param.stride(0), param.stride(1),
-        update.stride(0), update.stride(1),
-        sp_rank, sp_dim,
-        float(alpha), float(decay),
-        aux0, aux1, aux_int,
-        SIDE_RIGHT=right,
-        PROJ_MODE=mode,
-        DOT_DTYPE=dot_dtype,
-        INPUT_PRECISION=precision,
-        IDX64=p_idx64 or _needs_int64(param, update),
-        INTERPRET=_INTERPRET,
+    _launch(
+        _projection_backproject_apply_kernel, m, n, dot_dtype == tl.float32,
+        (
+            param, update, p,
+            m, n, rank,
+            param.stride(0), param.stride(1),
+            update.stride(0), update.stride(1),
+            sp_rank, sp_dim,
+            float(alpha), float(decay),
+            aux0, aux1, aux_int,
+        ),
+        dict(
+            SIDE_RIGHT=right,
+            PROJ_MODE=mode,
+            DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION=precision,
+            IDX64=p_idx64 or _needs_int64(param, update),
+            INTERPRET=_INTERPRET,
+        ),
     )
 
 
