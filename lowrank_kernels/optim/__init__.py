@@ -10,11 +10,13 @@ group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
 - :class:`APOLLOAdamW` (and :meth:`APOLLOAdamW.mini`): seeded random projection,
   channel- or tensor-wise scaling of the raw gradient.
 - :class:`FrugalAdamW`: AdamW in a subspace + signSGD/SGD on the residual.
+- :class:`DCTAdamW`: SVD-free projector, DCT basis vectors picked by gradient alignment.
 - :func:`lowrank_param_groups`: split a model into a low-rank and a plain group.
 - :func:`layerwise`: step each parameter inside backward.
 """
 from .apollo import APOLLOAdamW  # noqa: F401
 from .base import LowRankOptimizer, resolve_side  # noqa: F401
+from .dct import DCTAdamW  # noqa: F401  (also registers FrugalAdamW(projection="dct"))
 from .frugal import FrugalAdamW  # noqa: F401
 from .galore import GaLoreAdamW  # noqa: F401
 from .groups import lowrank_param_groups  # noqa: F401
@@ -27,6 +29,7 @@ __all__ = [
     "APOLLOAdamW",
     "FrugalAdamW",
     "QGaLoreAdamW",
+    "DCTAdamW",
     "lowrank_param_groups",
     "layerwise",
     "LayerwiseOptimizer",

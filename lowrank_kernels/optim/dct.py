@@ -1,0 +1,239 @@
+"""DCT-AdamW (Modoranu et al. 2025): SVD-free low-rank AdamW on a shared DCT basis.
+
+Per projected ``m x n`` weight the projector is ``r`` rows of the orthonormal DCT-II
+basis of the projected side's size, chosen at each refresh by their alignment with
+the gradient (``lowrank_kernels.ops.dct_score_topk``: one GEMM with a fused norm
+reduction plus a sort, instead of an SVD). The basis is shared by every layer of
+that size (``ops.dct_basis``, cached), so the optimizer state holds only the ``r``
+int32 indices per layer, never a float projector.
+
+Also registers ``projection="dct"`` with :class:`~lowrank_kernels.optim.FrugalAdamW`.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from lowrank_kernels import ops
+
+from .base import LowRankOptimizer
+from .frugal import FrugalAdamW
+
+MOMENT_REFRESH = ("keep", "reindex", "reset")
+NORMS = (1, 2)
+
+
+def reindex_moments_(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, old_idx: torch.Tensor, new_idx: torch.Tensor, side: str, size: int
+) -> None:
+    """Carry the moments over to a new index set, in place (no host synchronization).
+
+    The basis is shared and orthonormal, so rotating the moments from the subspace of
+    ``old_idx`` to that of ``new_idx`` is a re-indexing: the moment row (left) or
+    column (right) of a basis vector that stays selected moves to its new position,
+    and newly selected vectors start at zero.
+    """
+    r = new_idx.shape[0]
+    dev = new_idx.device
+    pos = torch.full((size,), -1, dtype=torch.long, device=dev)
+    pos[old_idx.long()] = torch.arange(old_idx.shape[0], device=dev)
+    src = pos[new_idx.long()]  # position in the old moments, or -1
+    keep = src >= 0
+    src = src.clamp(min=0)
+    dim = 1 if side == "right" else 0
+    shape = (1, r) if side == "right" else (r, 1)
+    keep = keep.view(shape)
+    for t in (exp_avg, exp_avg_sq):
+        moved = t.index_select(dim, src)
+        t.copy_(torch.where(keep, moved, torch.zeros((), dtype=t.dtype, device=t.device)))
+
+
+class DCTAdamW(LowRankOptimizer):
+    r"""AdamW in a subspace spanned by DCT basis vectors chosen from the gradient (no SVD).
+
+    Same param-group keys as :class:`~lowrank_kernels.optim.GaLoreAdamW` (``rank``,
+    ``update_proj_gap``, ``scale``, ``proj_type``), so a galore-torch script ports by
+    changing the class. Per projected ``m x n`` weight and step ``t`` (1-based), with
+    ``side`` fixed once from ``proj_type`` (``std``: right when ``m >= n``) and ``C``
+    the orthonormal DCT-II basis of order ``s`` (``n`` right, ``m`` left):
+
+    - at ``t = 1, T+1, 2T+1, ...`` (``T = update_proj_gap``; ``T = 1`` refreshes every
+      step, the paper's default) the ``r`` basis vectors best aligned with the gradient
+      are selected: ``idx = topk(||G C^T||_p column norms)`` (right) or row norms of
+      ``C G`` (left), ``p = norm`` (1 or 2), ties to the lower index; the projector is
+      ``P = C[idx]`` (right) or ``C[idx]^T`` (left). At a refresh the moments are
+      ``moment_refresh="keep"``: left as they are (GaLore's rule, the default),
+      ``"reindex"``: carried over to the new subspace (a re-indexing, see
+      :func:`reindex_moments_`), ``"reset"``: zeroed (FRUGAL's rule);
+    - then one fused step through ``lowrank_kernels.ops.project_update_backproject_``
+      with the :class:`~lowrank_kernels.ops.DCTProjector`: ``R = G P^T`` (``P^T G``),
+      Adam moments on ``R``, ``N = M / (sqrt(V) + eps)`` and
+      ``W <- (1 - lr wd) W - lr sqrt(1 - b2^t) / (1 - b1^t) * scale * back(N)``; the
+      kernels gather the selected basis rows themselves.
+
+    Parameters of a low-rank group that are not projected get plain AdamW (torch's
+    kernels, same state layout): 1-D parameters, parameters with a dimension
+    ``>= max_dim`` (embeddings, lm_head; ``max_dim=None`` projects them too), and 2-D
+    parameters with ``min(m, n) < rank``. Groups without ``rank`` are plain AdamW.
+
+    Args:
+        params: parameters or param groups.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (``eps`` 1e-6 like
+            GaLoreAdamW); weight decay in torch's order (decay the old weight first).
+        rank: default rank of every group that does not set ``rank``; None leaves
+            such groups plain AdamW.
+        update_proj_gap: steps between refreshes (200 as GaLore; 1 = every step).
+        scale: multiplier of the projected update (0.25 as GaLoreAdamW).
+        proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
+        norm: 1 or 2, the norm of the alignment scores.
+        moment_refresh: ``"keep"``, ``"reindex"`` or ``"reset"`` (see above).
+        max_dim: parameters with a dimension at least this large are plain AdamW.
+        skip_nonfinite, foreach: as GaLoreAdamW.
+
+    State per projected parameter (tensors only): ``step`` (CPU float32), ``side``
+    (CPU int8: 0 right, 1 left), ``indices`` (int32, length ``rank``, on the
+    parameter's device), ``exp_avg`` and ``exp_avg_sq`` (``m x r`` or ``r x n``,
+    parameter dtype). No float projector: the basis is shared through
+    ``ops.dct_basis`` and rebuilt (cached) after loading a state dict.
+    """
+
+    proj_types = ("std", "reverse_std", "left", "right")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        rank: Optional[int] = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        norm: int = 1,
+        moment_refresh: str = "keep",
+        max_dim: Optional[int] = 32000,
+        skip_nonfinite: bool = True,
+        foreach: Optional[bool] = None,
+    ):
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
+            scale=scale, proj_type=proj_type, norm=norm, moment_refresh=moment_refresh, max_dim=max_dim,
+            skip_nonfinite=skip_nonfinite, foreach=foreach,
+        )
+        self._pending_plain: Dict[int, Tuple[dict, List[torch.Tensor]]] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ which params are projected
+    def _projected(self, p: torch.Tensor, group) -> bool:
+        if p.dim() != 2:
+            return False
+        max_dim = group.get("max_dim")
+        if max_dim is not None and max(p.shape) >= max_dim:
+            return False
+        return min(p.shape) >= self._group_rank(group, tuple(p.shape))
+
+    def _validate_lowrank_group(self, group, gi):
+        norm = group.get("norm")
+        if type(norm) is not int or norm not in NORMS:
+            raise ValueError(self._err(gi, f"norm must be 1 or 2, got {norm!r}"))
+        if group.get("moment_refresh") not in MOMENT_REFRESH:
+            raise ValueError(
+                self._err(gi, f"moment_refresh must be one of {', '.join(map(repr, MOMENT_REFRESH))}, "
+                              f"got {group.get('moment_refresh')!r}")
+            )
+        max_dim = group.get("max_dim")
+        if max_dim is not None and (type(max_dim) is not int or max_dim < 1):
+            raise ValueError(self._err(gi, f"max_dim must be a positive int or None, got {max_dim!r}"))
+        rank = group.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < self.min_rank:
+            raise ValueError(self._err(gi, f"rank must be an int >= {self.min_rank}, got {rank!r}"))
+        # The base checks the projected parameters only (the others are plain AdamW).
+        super()._validate_lowrank_group(
+            {**group, "params": [p for p in group["params"] if not isinstance(p, torch.Tensor) or self._projected(p, group)]},
+            gi,
+        )
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step (see the class docstring). ``closure`` re-evaluates the loss."""
+        self._pending_plain = {}
+        loss = super().step(closure)
+        # Non-projected parameters of low-rank groups: one AdamW call per group.
+        pending, self._pending_plain = self._pending_plain, {}
+        for group, params in pending.values():
+            self._plain_step(group, params)
+        return loss
+
+    def _lowrank_step(self, p, grad, state, group):
+        if not self._projected(p, group):
+            self._pending_plain.setdefault(id(group), (group, []))[1].append(p)
+            return
+        super()._lowrank_step(p, grad, state, group)
+
+    def _init_state(self, p, state, group):
+        super()._init_state(p, state, group)
+        m, n = p.shape
+        r = self._group_rank(group, (m, n))
+        shape = ops.low_rank_shape(m, n, r, self._side(state))
+        dtype = self._state_dtype(p, group)
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def _has_projector(self, state):
+        return "indices" in state
+
+    def _basis(self, p, state) -> torch.Tensor:
+        m, n = p.shape
+        size = n if self._side(state) == "right" else m
+        return ops.dct_basis(size, p.dtype, p.device)
+
+    def _compute_projector(self, p, grad, state, group, step):
+        """The new int32 indices (``dct_score_topk``; it has no failure mode)."""
+        r = self._group_rank(group, tuple(p.shape))
+        return ops.dct_score_topk(grad, r, side=self._side(state), norm=group["norm"])
+
+    def _refresh_projector(self, p, grad, state, group, step):
+        idx = self._compute_projector(p, grad, state, group, step)
+        if idx is None:
+            return False
+        mode = group["moment_refresh"]
+        if "indices" in state and mode == "reindex":
+            side = self._side(state)
+            size = p.shape[1] if side == "right" else p.shape[0]
+            reindex_moments_(state["exp_avg"], state["exp_avg_sq"], state["indices"], idx, side, size)
+        elif mode == "reset":
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+        state["indices"] = idx
+        return True
+
+    def _get_projector(self, p, state, group):
+        return ops.DCTProjector(self._basis(p, state), state["indices"])
+
+    def _project_step(self, p, grad, state, group, step):
+        beta1, beta2 = group["betas"]
+        ops.project_update_backproject_(
+            p, grad, self._get_projector(p, state, group), state["exp_avg"], state["exp_avg_sq"],
+            side=self._side(state), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
+            weight_decay=group["weight_decay"], scale=group["scale"],
+        )
+
+
+# --------------------------------------------------------------------------- FRUGAL
+def dct_projection(opt, p, grad, state, group, step, rank, side):
+    """FRUGAL's ``projection="dct"``: the ``rank`` DCT basis vectors best aligned with the
+    gradient (L1 scores, or the group's ``norm`` key), as FRUGAL's dense projector
+    (``rank x n`` right, ``m x rank`` left: FrugalAdamW stores dense projectors)."""
+    norm = group.get("norm", 1)
+    idx = ops.dct_score_topk(grad, rank, side=side, norm=norm)
+    size = p.shape[1] if side == "right" else p.shape[0]
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    return ops.DCTProjector(ops.dct_basis(size, acc, p.device), idx).dense(side)
+
+
+FrugalAdamW.register_projection("dct", dct_projection)
