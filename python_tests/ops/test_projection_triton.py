@@ -232,15 +232,26 @@ needs_compiled = pytest.mark.skipif(
 )
 
 
+# Each case compiles its own kernel specialisations (seconds each on the GPU machine), so the
+# cases are few and chosen: every dtype and side, rank 1 and rank = min(m, n), transposed
+# gradients, moments in fp32 and in the parameter dtype, and one autotuned shape.
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+GPU_CASES = [
+    # dtype, moment dtype, side, m, n, rank, autotune
+    (BF16, FP32, "right", 123, 77, 1, False),
+    (BF16, FP32, "left", 123, 77, 1, False),
+    (BF16, BF16, "left", 130, 200, 130, False),
+    (FP16, FP16, "right", 130, 200, 130, False),
+    (FP32, FP32, "left", 123, 77, 33, False),
+    (BF16, FP32, "right", 123, 77, 33, True),
+]
+
+
 @pytest.mark.gpu
 @needs_compiled
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("m,n,rank,autotune", [(123, 77, 1, False), (130, 200, 130, False), (123, 77, 33, True)])
-def test_gpu_odd_shapes_vs_reference(dtype, side, m, n, rank, autotune, monkeypatch):
-    # Autotuning compiles every config: only one shape per dtype/side goes through it.
+@pytest.mark.parametrize("dtype,moment_dtype,side,m,n,rank,autotune", GPU_CASES)
+def test_gpu_odd_shapes_vs_reference(dtype, moment_dtype, side, m, n, rank, autotune, monkeypatch):
     monkeypatch.setattr(kp, "AUTOTUNE", autotune)
-    moment_dtype = dtype if rank == 130 else torch.float32
     grad, proj, ea, eas = _inputs(m, n, rank, side, dtype, moment_dtype, device="cuda")
     grad = _transposed(grad)
     ref, out = _project_both(grad, proj, ea, eas, side)
@@ -274,5 +285,15 @@ def test_gpu_showcase_fused_step_bf16(moment_dtype):
     tol = 1e-4 if moment_dtype == torch.float32 else TOL[torch.bfloat16]
     assert rel_err(oa, ra) < tol
     assert rel_err(oas, ras) < tol
-    # N is rounded to bf16 for the tensor-core back-projection: ~2^-9 relative.
-    assert rel_err(ow.double() - w.double(), rw.double() - w.double()) < 1e-2
+    # Plain PyTorch in bf16 (bf16 matmuls, fp32 moments) for scale: flash-attention's rule,
+    # the kernel's error is at most twice that of the usual mixed-precision code.
+    b1, b2, lr, wd, sc, t = 0.9, 0.999, 0.05, 0.1, 0.25, 3
+    r = (proj.T @ grad).float()
+    mm = b1 * ea.float() + (1 - b1) * r
+    vv = b2 * eas.float() + (1 - b2) * r * r
+    nn = (mm / (vv.sqrt() + 1e-8)).to(torch.bfloat16)
+    step_size = lr * (1 - b2**t) ** 0.5 / (1 - b1**t)
+    tw = ((1 - lr * wd) * w.float() - step_size * sc * (proj @ nn).float()).to(torch.bfloat16)
+    err = rel_err(ow.double() - w.double(), rw.double() - w.double())
+    err_torch = rel_err(tw.double() - w.double(), rw.double() - w.double())
+    assert err < 4 * TOL[torch.bfloat16] and err <= 2 * err_torch + 1e-3, (err, err_torch)
