@@ -60,6 +60,8 @@ run_timed() {  # run_timed SECONDS NAME CMD...: run under timeout; log the outco
   rc=$?
   if [ $rc -eq 124 ]; then
     echo ">>> $name: stopped by its time limit (${secs}s)"
+  elif [ $rc -eq 5 ] && [ "${name#pytest}" != "$name" ]; then
+    echo ">>> $name: no tests selected"
   elif [ $rc -ne 0 ]; then
     echo ">>> $name: FAILED rc=$rc"
   else

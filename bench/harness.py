@@ -321,7 +321,7 @@ class Ctx:
         probe_ms = (time.perf_counter() - t) * 1e3
         reps = int(min(max_reps, max(min_reps, budget * 1e3 / max(probe_ms, 1e-4))))
         if dev.type == "cuda":
-            return summarize(self._cuda_times(fn, reps, probe_ms, max_reps))
+            return summarize(self._cuda_times(fn, reps, probe_ms, max_reps, budget))
         times = [probe_ms]
         for _ in range(reps - 1):
             t = time.perf_counter()
@@ -329,12 +329,12 @@ class Ctx:
             times.append((time.perf_counter() - t) * 1e3)
         return summarize(times)
 
-    def _cuda_times(self, fn, reps: int, probe_ms: float, max_reps: int) -> List[float]:
+    def _cuda_times(self, fn, reps: int, probe_ms: float, max_reps: int, budget: float) -> List[float]:
         if probe_ms < 20 and max_reps >= 20:
             try:
                 import triton.testing
 
-                rep_ms = max(1, int(self.budget_s * 1e3))
+                rep_ms = max(1, int(budget * 1e3))
                 q = triton.testing.do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
                 # do_bench times about rep / estimate calls; report that count.
                 return _Quantiles(q, max(1, int(rep_ms / max(probe_ms, 1e-3))))  # type: ignore[return-value]
@@ -521,7 +521,8 @@ def measure_roofline(ctx: Ctx) -> None:
     dev = ctx.device
     a = torch.randn(s, s, device=dev, dtype=ctx.dtype)
     b = torch.randn(s, s, device=dev, dtype=ctx.dtype)
-    row = ctx.measure("roofline", "matmul", "torch", lambda: torch.mm(a, b), flops=2.0 * s ** 3,
+    tkw = dict(budget_s=4 * ctx.budget_s, min_reps=5)  # the ceilings every fraction divides by: more samples
+    row = ctx.measure("roofline", "matmul", "torch", lambda: torch.mm(a, b), flops=2.0 * s ** 3, time_kw=tkw,
                       shape=fmt_shape(s, s, s), note="square GEMM, random data: the matmul rate every "
                                                     "frac_matmul is relative to")
     if row is not None:
@@ -531,7 +532,7 @@ def measure_roofline(ctx: Ctx) -> None:
     n = ctx.sizes.roof_copy_mb * 2 ** 20 // 4
     src = torch.randn(n, device=dev, dtype=torch.float32)
     dst = torch.empty_like(src)
-    row = ctx.measure("roofline", "copy", "torch", lambda: dst.copy_(src), nbytes=2 * src.nbytes,
+    row = ctx.measure("roofline", "copy", "torch", lambda: dst.copy_(src), nbytes=2 * src.nbytes, time_kw=tkw,
                       shape=f"{ctx.sizes.roof_copy_mb}MiB", dtype="fp32",
                       note="device-to-device copy, bytes read + written: the bandwidth every frac_copy is relative to")
     if row is not None:
@@ -653,7 +654,7 @@ def plot_lines(ctx: Ctx, name: str, rows: Sequence[Row], *, x: Callable[[Row], f
 
 
 def plot_bars(ctx: Ctx, name: str, panels: Sequence[tuple], title: str) -> Optional[Path]:
-    """Horizontal bars, one panel per ``(xlabel, [(label, value), ...])``."""
+    """Horizontal bars, one panel per ``(xlabel, [(label, value), ...])``; log scale when values span > 30x."""
     panels = [(xl, [(k, v) for k, v in data if v is not None]) for xl, data in panels]
     panels = [p for p in panels if p[1]]
     if not ctx.plots or not panels:
@@ -668,6 +669,9 @@ def plot_bars(ctx: Ctx, name: str, panels: Sequence[tuple], title: str) -> Optio
         ax.set_yticks(range(len(vals)))
         ax.set_yticklabels(labels, fontsize=8)
         ax.invert_yaxis()
+        if min(vals) > 0 and max(vals) / min(vals) > 30:
+            ax.set_xscale("log")
+            xlabel += ", log scale"
         ax.set_xlabel(xlabel)
         ax.grid(True, axis="x", alpha=0.3)
         for i, v in enumerate(vals):
