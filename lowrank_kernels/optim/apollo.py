@@ -45,7 +45,10 @@ class APOLLOAdamW(LowRankOptimizer):
     - ``W <- (1 - lr wd) W - lr sqrt(1 - b2^t) / (1 - b1^t) * sqrt(scale) * Gt``.
 
     The limiter runs on device tensors (no host sync). Weight decay uses torch's
-    order (decay first); apollo-torch decays after the update.
+    order (decay first); apollo-torch decays after the update. apollo-torch's
+    constructor flags are accepted: ``scale_front=True`` multiplies by
+    ``sqrt(scale)`` before the limiter, ``disable_nl=True`` turns the limiter off
+    (group keys ``scale_front``, ``norm_growth_limiter``).
 
     To reproduce another implementation's projections (parity tests), override
     :meth:`_projection` (``(shape, seed, device) -> float32 tensor``) and
@@ -68,6 +71,8 @@ class APOLLOAdamW(LowRankOptimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
+        scale_front: bool = False,
+        disable_nl: bool = False,
         no_deprecation_warning: bool = True,
         *,
         rank: Optional[int] = None,
@@ -76,16 +81,18 @@ class APOLLOAdamW(LowRankOptimizer):
         proj_type: str = "std",
         scale_type: str = "channel",
         proj: str = "random",
-        norm_growth_limiter: bool = True,
+        norm_growth_limiter: Optional[bool] = None,
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
+        if norm_growth_limiter is None:
+            norm_growth_limiter = not disable_nl
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
-            scale=scale, proj_type=proj_type, scale_type=scale_type, proj=proj,
-            norm_growth_limiter=norm_growth_limiter, skip_nonfinite=skip_nonfinite, foreach=foreach,
+            scale=scale, proj_type=proj_type, scale_type=scale_type, proj=proj, scale_front=bool(scale_front),
+            norm_growth_limiter=bool(norm_growth_limiter), skip_nonfinite=skip_nonfinite, foreach=foreach,
         )
         super().__init__(params, defaults)
 
@@ -175,6 +182,11 @@ class APOLLOAdamW(LowRankOptimizer):
             s = _norm(n_lr) / (_norm(r_lr) + 1e-8)
             scaled_norm = s * _norm(grad)
             coef = s
+        root_scale = math.sqrt(group["scale"])
+        if group.get("scale_front", False):  # sqrt(scale) before the limiter (apollo-torch's scale_front)
+            coef = coef * root_scale
+            scaled_norm = scaled_norm * root_scale
+            root_scale = 1.0
         if group["norm_growth_limiter"]:
             prev = state.get("scaled_grad_norm")
             if prev is not None:
@@ -183,7 +195,7 @@ class APOLLOAdamW(LowRankOptimizer):
                 scaled_norm = scaled_norm / limiter
             state["scaled_grad_norm"] = scaled_norm.detach().clone()
         step_size = adam_step_size(group["lr"], beta1, beta2, step)
-        coef = coef * (-step_size * math.sqrt(group["scale"]))
+        coef = coef * (-step_size * root_scale)
         if group["weight_decay"] != 0.0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
         p.addcmul_(grad, coef)

@@ -108,3 +108,18 @@ def test_channel_scaling_independent_math():
     step = 0.1 * math.sqrt(1 - 0.99) / (1 - 0.9)
     expect = w0 - step * math.sqrt(4.0) * g * s[:, None]
     assert rel_change_err(ours, expect, w0) < 1e-10
+
+
+@pytest.mark.parametrize("flags", [dict(scale_front=True), dict(disable_nl=True)])
+def test_parity_reference_flags(flags):
+    shape = (64, 300)
+    w0 = torch.randn(shape)
+    grads = grad_sequence(shape, 7, growing=True)
+    ours, opt = run(lambda p: ReferenceSeeds(groups(p, scale=9.0), lr=1e-2, **flags), w0, grads)
+    ref, ref_opt = run(lambda p: apollo_torch.APOLLOAdamW(groups(p, scale=9.0), lr=1e-2, **flags), w0, grads)
+    assert rel_change_err(ours, ref, w0) < 1e-5
+    if "disable_nl" in flags:
+        assert "scaled_grad_norm" not in opt.state[ours]
+    else:  # the limiter's memory includes sqrt(scale) = 3 with scale_front
+        torch.testing.assert_close(opt.state[ours]["scaled_grad_norm"], ref_opt.state[ref]["scaled_grad"].float(),
+                                   rtol=1e-5, atol=0)
