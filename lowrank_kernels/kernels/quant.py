@@ -69,6 +69,13 @@ def _uniform(idx, k1, k2):
 
 
 @triton.jit
+def _div(a, b):
+    """IEEE round-to-nearest division (as the reference; ``/`` may be approximate on GPU)."""
+    a, b = tl.broadcast(a, b)
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
 def _load_strided(ptr, f, cols, s0, s1, mask):
     row = f // cols
     col = f - row * cols
@@ -98,7 +105,7 @@ def _quant_int4_pack_kernel(
         b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1)
         mn = tl.minimum(mn, tl.min(tl.minimum(tl.where(m0, a, float("inf")), tl.where(m1, b, float("inf"))), axis=1))
         mx = tl.maximum(mx, tl.max(tl.maximum(tl.where(m0, a, float("-inf")), tl.where(m1, b, float("-inf"))), axis=1))
-    scale = tl.maximum(mx - mn, 1e-5) / 15.0
+    scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), tl.full((GPP,), 15.0, tl.float32))
     for k0 in range(0, half, CH):
         k = k0 + tl.arange(0, CH)
         f0 = gstart[:, None] + 2 * k[None, :]
@@ -106,8 +113,8 @@ def _quant_int4_pack_kernel(
         m1 = m0 & (f0 + 1 < gend[:, None])
         a = _load_strided(x_ptr, f0, cols, s0, s1, m0)
         b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1)
-        qa = tl.minimum(tl.maximum(tl.floor((a - mn[:, None]) / scale[:, None] + 0.5), 0.0), 15.0).to(tl.int32)
-        qb = tl.minimum(tl.maximum(tl.floor((b - mn[:, None]) / scale[:, None] + 0.5), 0.0), 15.0).to(tl.int32)
+        qa = tl.minimum(tl.maximum(tl.floor(_div(a - mn[:, None], scale[:, None]) + 0.5), 0.0), 15.0).to(tl.int32)
+        qb = tl.minimum(tl.maximum(tl.floor(_div(b - mn[:, None], scale[:, None]) + 0.5), 0.0), 15.0).to(tl.int32)
         qb = tl.where(m1, qb, 0)
         byte = (qa | (qb << 4)).to(tl.uint8)
         tl.store(packed_ptr + f0 // 2, byte, mask=m0)
@@ -178,13 +185,13 @@ def _quant_int8_quantize_kernel(
         a = _load_strided(x_ptr, f, cols, s0, s1, m)
         mn = tl.minimum(mn, tl.min(tl.where(m, a, float("inf")), axis=1))
         mx = tl.maximum(mx, tl.max(tl.where(m, a, float("-inf")), axis=1))
-    scale = tl.maximum(mx - mn, 1e-5) / 255.0
+    scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), tl.full((GPP,), 255.0, tl.float32))
     for k0 in range(0, group_size, CH):
         k = k0 + tl.arange(0, CH)
         f = gstart[:, None] + k[None, :]
         m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
         a = _load_strided(x_ptr, f, cols, s0, s1, m)
-        q = tl.minimum(tl.maximum(tl.floor((a - mn[:, None]) / scale[:, None] + 0.5), 0.0), 255.0)
+        q = tl.minimum(tl.maximum(tl.floor(_div(a - mn[:, None], scale[:, None]) + 0.5), 0.0), 255.0)
         tl.store(q_ptr + f, q.to(tl.uint8), mask=m)
     tl.store(scale_ptr + g, scale, mask=gmask)
     tl.store(min_ptr + g, mn, mask=gmask)
@@ -255,7 +262,7 @@ def _quant_int8_update_sr_kernel(
         x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
         mn = tl.minimum(mn, tl.min(tl.where(m, x, float("inf")), axis=1))
         mx = tl.maximum(mx, tl.max(tl.where(m, x, float("-inf")), axis=1))
-    scale = tl.maximum(mx - mn, 1e-5) / 255.0
+    scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), tl.full((GPP,), 255.0, tl.float32))
     for k0 in range(0, group_size, CH):
         k = k0 + tl.arange(0, CH)
         f = gstart[:, None] + k[None, :]
@@ -264,7 +271,7 @@ def _quant_int8_update_sr_kernel(
         upd = _load_strided(u_ptr, f, cols, s0, s1, m)
         x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
         r = _uniform(f, k1, k2)
-        qn = tl.minimum(tl.maximum(tl.floor((x - mn[:, None]) / scale[:, None] + r), 0.0), 255.0)
+        qn = tl.minimum(tl.maximum(tl.floor(_div(x - mn[:, None], scale[:, None]) + r), 0.0), 255.0)
         tl.store(q_ptr + f, qn.to(tl.uint8), mask=m)
     tl.store(scale_ptr + g, scale, mask=gmask)
     tl.store(min_ptr + g, mn, mask=gmask)
