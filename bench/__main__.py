@@ -27,6 +27,9 @@ import traceback
 from pathlib import Path
 
 SUITES = ("projection", "refresh", "step", "memory", "quant")
+# OpenMP threads that spin while waiting make a busy (shared, oversubscribed) CPU many times
+# slower; sleeping waiters cost little otherwise. Read when torch loads, so set it first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .harness import Ctx, check_str, fmt_shape, free_memory, lowrank_shape, progress, rel_err, side_of
+from .harness import Ctx, check_str, fmt_shape, free_memory, lowrank_shape, plot_bars, progress, rel_err, side_of
 
 SUITE = "projection"
 HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=10, weight_decay=0.0, scale=0.25)
@@ -213,3 +213,15 @@ def _largest(ctx: Ctx, provider: str):
     r = max(rows, key=lambda r: (math.prod(int(d) for d in r.shape.split("x")), r.rank))
     return r.shape, r.rank
 
+
+
+def plot(ctx: Ctx):
+    """Fused-step time per shape and rank, and its speedup over unfused PyTorch, per provider."""
+    rows = [r for r in ctx.rows if r.suite == SUITE and r.kernel == "step" and not r.skipped]
+    if not rows:
+        return []
+    panels = [("step time (ms)", [(f"{r.shape} r{r.rank} {r.provider}", r.median_ms) for r in rows]),
+              ("speedup vs torch-unfused (x)", [(f"{r.shape} r{r.rank} {r.provider}", r.speedup) for r in rows
+                                                if r.provider != "torch-unfused"])]
+    return [plot_bars(ctx, "projection", panels, f"GaLore-Adam step: fused vs unfused, {ctx.dtype_name} "
+                                                 f"({ctx.device_name})")]

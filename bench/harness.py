@@ -98,8 +98,8 @@ def sizes(device: torch.device, quick: bool, tiny: bool) -> Sizes:
         return Sizes(quarter[::3], (128,), 128, Stack(256, 683, 1), 64, 1024 * 2752, 1024, 128,
                      "CPU quick: LLaMA shapes / 4, 2 of them; stack 1 layer of width 256")
     return Sizes(quarter, (32, 128), 128, Stack(512, 1365, 1), 128, 1024 * 2752, 1024, 256,
-                 "CPU: LLaMA shapes / 4 (2048x2048 -> 512x512 ... 4096x11008 -> 1024x2752), ranks / 4; "
-                 "stack 1 layer of width 512")
+                 "CPU: LLaMA shapes / 4 (2048x2048 -> 512x512 ... 4096x11008 -> 1024x2752), ranks / 4, "
+                 "stack 1 layer of width 512 (exact SVD of the full-size matrices would take minutes on a CPU)")
 
 
 def side_of(m: int, n: int) -> str:
@@ -670,7 +670,10 @@ def plot_bars(ctx: Ctx, name: str, panels: Sequence[tuple], title: str) -> Optio
         ax.set_yticklabels(labels, fontsize=8)
         ax.invert_yaxis()
         if min(vals) > 0 and max(vals) / min(vals) > 30:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
             xlabel += ", log scale"
         ax.set_xlabel(xlabel)
         ax.grid(True, axis="x", alpha=0.3)

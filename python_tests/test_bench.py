@@ -84,7 +84,7 @@ def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
 
     # Plots and the table printed last.
     assert sorted(p.name.split("_", 1)[1] for p in tmp_path.glob("*.png")) == \
-        ["memory.png", "refresh.png", "step.png"]
+        ["memory.png", "projection.png", "refresh.png", "step.png"]
     assert "== targets" in out and "== projection ==" in out
     assert out.rstrip().splitlines()[-1].startswith("total ")
 
