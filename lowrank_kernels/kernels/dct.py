@@ -64,7 +64,7 @@ def _configs():
 # (configs with larger tiles write fewer partial rows than the buffer holds).
 @triton.autotune(
     configs=_configs(),
-    key=["M", "N", "K", "EPILOGUE", "REDUCE_ROWS", "GATHER_A", "GATHER_B", "DOT_DTYPE"],
+    key=["M", "N", "K", "EPILOGUE", "REDUCE_ROWS", "GATHER_A", "GATHER_B", "IDX64", "DOT_DTYPE"],
     reset_to_zero=["out_ptr"],
 )
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -77,6 +77,7 @@ def _dct_gemm_kernel(
     REDUCE_ROWS: tl.constexpr,  # scoring: reduce over the tile's rows (True) or columns
     GATHER_A: tl.constexpr,
     GATHER_B: tl.constexpr,
+    IDX64: tl.constexpr,  # some operand spans more than 2^31 elements: int64 offsets
     DOT_DTYPE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -88,7 +89,7 @@ def _dct_gemm_kernel(
     # Grouped ordering: GROUP_M row-tiles share their B column panels in L2.
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
-    gm = min(num_m - first_m, GROUP_M)
+    gm = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + ((pid % group) % gm)
     pid_n = (pid % group) // gm
 
@@ -98,11 +99,15 @@ def _dct_gemm_kernel(
     # epilogue masks them out so they are never stored or counted.
     rows = offs_m % M
     cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
     if GATHER_A:
         rows = tl.load(idx_ptr + rows).to(tl.int64)
     if GATHER_B:
         cols = tl.load(idx_ptr + cols).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
 
@@ -125,6 +130,9 @@ def _dct_gemm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     if EPILOGUE == 0:
+        if IDX64:
+            offs_m = offs_m.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
         o_ptrs = out_ptr + offs_m[:, None] * stride_o0 + offs_n[None, :] * stride_o1
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     else:
@@ -156,6 +164,15 @@ def _dot_dtype(grad):
     return tl.float32, True
 
 
+def _needs_int64(*tensors) -> bool:
+    """Whether some element offset of some tensor does not fit in int32."""
+    for t in tensors:
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+        if span + 256 > 2**31 - 1:
+            return True
+    return False
+
+
 def _gemm(a, b, out, M, N, K, sa, sb, so, *, epilogue, reduce_rows=False, idx=None, gather_a=False, gather_b=False,
           dot_from=None):
     dot_dtype, ieee = _dot_dtype(dot_from)
@@ -165,7 +182,7 @@ def _gemm(a, b, out, M, N, K, sa, sb, so, *, epilogue, reduce_rows=False, idx=No
         M, N, K,
         sa[0], sa[1], sb[0], sb[1], so[0], so[1],
         EPILOGUE=epilogue, REDUCE_ROWS=reduce_rows, GATHER_A=gather_a, GATHER_B=gather_b,
-        DOT_DTYPE=dot_dtype, IEEE=ieee,
+        IDX64=_needs_int64(a, b, out), DOT_DTYPE=dot_dtype, IEEE=ieee,
     )
 
 
