@@ -36,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="all", help=f"comma-separated from {', '.join(SUITES)}, or all (default)")
-    ap.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing loops")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer shapes, shorter timing loops, one fixed Triton tile config per shape "
+                         "instead of autotuning (LOWRANK_KERNELS_TRITON_AUTOTUNE=0 unless set)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                     help="parameter/gradient dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("python -m bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
+    if args.quick and not args.tiny:  # read when the Triton kernels are first imported (lazily, after this)
+        os.environ.setdefault("LOWRANK_KERNELS_TRITON_AUTOTUNE", "0")
     threads = torch.get_num_threads()
     if args.threads or args.tiny:  # the tiny smoke run: one thread, no waiting on a busy second core
         torch.set_num_threads(args.threads or 1)
