@@ -88,8 +88,8 @@ class QGaLoreAdamW(GaLoreAdamW):
     ``exp_avg_sq`` (as GaLore), ``proj_packed`` (uint8), ``proj_scale``,
     ``proj_min`` (float32) when quantized, else ``projector``; ``proj_gap``,
     ``svd_count``, ``sim_queue`` (float32, ``queue_size``), ``sim_count`` (CPU
-    int64) and ``past_vector`` (the previous top singular vector, float32) or
-    ``past_projector`` (``similarity="overlap"``, a dense float32 copy).
+    int64) and, with ``similarity="abs_cos"``, ``past_vector`` (the previous top
+    singular vector, float32).
     """
 
     proj_types = ("std", "reverse_std", "left", "right")
@@ -196,7 +196,7 @@ class QGaLoreAdamW(GaLoreAdamW):
         new = (vh[:r] if side == "right" else u[:, :r]).to(torch.float32).contiguous()
         if not bool(torch.isfinite(new).all()):  # one host sync, on refresh steps only
             return False
-        self._adapt_gap(state, group, new, side)
+        self._adapt_gap(state, group, new, side, p)
         if group["quant"]:
             packed, scale, minimum = ops.int4_pack(new, int(group["quant_group_size"]))
             state["proj_packed"], state["proj_scale"], state["proj_min"] = packed, scale, minimum
@@ -205,16 +205,25 @@ class QGaLoreAdamW(GaLoreAdamW):
         state["svd_count"] += 1
         return True
 
-    def _adapt_gap(self, state, group, new, side):
-        """Queue the similarity to the previous projector; double the gap when stable."""
+    def _adapt_gap(self, state, group, new, side, p):
+        """Queue the similarity to the previous projector; double the gap when stable.
+
+        ``abs_cos`` keeps the previous top singular vector (float32, ``n`` or ``m``
+        values); ``overlap`` compares with the projector in use (dequantized for the
+        comparison only, so no dense copy is kept).
+        """
         kind = group["similarity"]
-        past_key = "past_vector" if kind == "abs_cos" else "past_projector"
-        past = state.get(past_key)
+        if kind == "abs_cos":
+            past = state.get("past_vector")
+            if past is not None:
+                past = past[None, :] if side == "right" else past[:, None]
+        else:
+            past = None
+            if self._has_projector(state):
+                past = self._get_projector(p, state, group)
+                past = past.dequantize(torch.float32) if isinstance(past, ops.Int4Projector) else past
         if past is not None:
-            if kind == "abs_cos":
-                sim = projector_similarity(past[None, :] if side == "right" else past[:, None], new, side, kind)
-            else:
-                sim = projector_similarity(past, new, side, kind)
+            sim = projector_similarity(past, new, side, kind)
             q, cnt = state["sim_queue"], int(state["sim_count"])
             size = q.numel()
             if cnt == size:  # drop the oldest
@@ -227,7 +236,8 @@ class QGaLoreAdamW(GaLoreAdamW):
                 q.zero_()
                 cnt = 0
             state["sim_count"] = torch.tensor(cnt, dtype=torch.int64)
-        state[past_key] = (new[0] if side == "right" else new[:, 0]).clone() if kind == "abs_cos" else new.clone()
+        if kind == "abs_cos":
+            state["past_vector"] = (new[0] if side == "right" else new[:, 0]).clone()
 
     # ------------------------------------------------------------------ the step
     def _sr_seed(self, p, step: int) -> int:
