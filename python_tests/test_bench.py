@@ -63,7 +63,7 @@ def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
         assert _f(r["tflops"]) > 0 and _f(r["frac_matmul"]) > 0 and _f(r["gbps"]) > 0, r
         if r["provider"] == "torch-unfused":
             assert _f(r["speedup"]) == pytest.approx(1.0)
-        if r["provider"].startswith("ours-") and r["kernel"] == "step":
+        if r["provider"].startswith("ours-") and r["provider"] != "ours-reference" and r["kernel"] == "step":
             assert r["check"].startswith("rel_err="), r  # verified against the reference before timing
 
     # The baselines of every suite are there, and ratios were computed against them.
@@ -87,6 +87,26 @@ def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
         ["memory.png", "projection.png", "refresh.png", "step.png"]
     assert "== targets" in out and "== projection ==" in out
     assert out.rstrip().splitlines()[-1].startswith("total ")
+
+
+def test_bench_memory_suite_alone(tmp_path, capsys):
+    """Without the step suite before it, the memory suite steps the optimizers itself."""
+    rc, out, header, rows, _ = _run(tmp_path, capsys, "--device", "cpu", "--suite", "memory", "--no-plots")
+    assert rc == 0, out[-3000:]
+    mem = {r["provider"]: int(r["bytes"]) for r in rows if r["suite"] == "memory" and r["bytes"]}
+    assert mem["torch-adamw-fused"] == mem["torch-adamw-foreach"] > 0
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_time_budget_turns_measurements_into_skips(tmp_path):
+    ctx = Ctx(torch.device("cpu"), torch.float32, quick=True, tiny=True, out=tmp_path, time_budget_s=0.0)
+    assert ctx.measure("s", "k", "p", lambda: None, shape="1x1") is None
+    (row,) = ctx.rows
+    assert row.skipped and "time budget" in row.note and row.median_ms is None
+    ctx.write_csv()
+    with open(ctx.csv_path(), newline="") as f:
+        (d,) = list(csv.DictReader(f))
+    assert d["note"].startswith("skipped:") and d["median_ms"] == ""
 
 
 def test_bench_rejects_unknown_suite(capsys):
