@@ -116,8 +116,11 @@ def run(ctx: Ctx) -> None:
 
 
 def _check(idx: torch.Tensor, truth: torch.Tensor) -> str:
+    """Share of the float64 top-k found. Near-ties may swap in bf16; a wrong kernel finds about k/s."""
     ov = overlap(idx, truth)
-    return f"top-k overlap with float64 {100 * ov:.1f}%" + ("" if ov >= 0.9 else " FAILED(<90%)")
+    misses = round((1 - ov) * truth.numel())
+    ok = misses <= max(1, int(0.1 * truth.numel()))
+    return f"top-k overlap with float64 {100 * ov:.1f}%" + ("" if ok else " FAILED(more than 10% missed)")
 
 
 def _stack(ctx: Ctx, fn, ours, rank: int) -> None:
@@ -130,7 +133,10 @@ def _stack(ctx: Ctx, fn, ours, rank: int) -> None:
     kw = dict(shape=stack.label(), rank=rank, note=f"{len(grads)} matrices, {stack.numel / 1e6:.0f}M params")
 
     def each(f):
-        return lambda: [f(g) for g in grads]
+        def run_all():
+            for g in grads:  # results dropped at once: 28 SVDs' U/S/Vh need not coexist
+                f(g)
+        return run_all
 
     if max(m * n for m, n in stack.shapes()) <= ctx.sizes.svd_max_numel:
         ctx.measure(SUITE, STACK_KERNEL, "svd-exact", each(lambda g: torch.linalg.svd(g.float(), full_matrices=False)),
