@@ -77,41 +77,50 @@ PROJ_DCT = 2
 # one fixed config per shape instead (quick first calls, e.g. for tests).
 AUTOTUNE = os.environ.get("LOWRANK_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen from sm_90 compiles at
-# 4096x11008 rank 512 (bf16, fp32 moments): the project kernel's Adam epilogue keeps
-# the accumulator and the M/V tiles live at once, so its tiles above 128x128 (or
-# 128x128 on 4 warps) spill; 128x256 stays as a candidate for long K. The back-projection
-# epilogue only holds W, so its large tiles do not spill.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PREFETCH]). Chosen from sm_90
+# compiles (triton 3.9, no GPU needed) at 4096x11008 rank 512, bf16, fp32 moments:
+# - project: the Adam epilogue holds the accumulator and the M/V tiles at once, so
+#   tiles above 128x128 (and 128x128 on 4 warps) spill 2+ KB; 128x256 stays as a
+#   candidate for long K. PREFETCH issues the M/V loads before the GEMM loop so the
+#   epilogue's memory traffic overlaps it (64x128 on 4 warps: 252 registers, no spill,
+#   two CTAs per SM).
+# - back-projection: its epilogue only holds W; PREFETCH (W loaded before the loop,
+#   198 registers at 128x128) overlaps the W read, half of this kernel's traffic, with
+#   the short K = rank loop.
 _PROJECT_TILES = [
     (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 4, True),
     (128, 128, 128, 8, 3),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4, True),
+    (64, 64, 64, 4, 4, True),
     (64, 64, 128, 4, 3),
 ]
 _BACKPROJECT_TILES = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 3, True),
     (128, 128, 128, 8, 3),
     (64, 256, 64, 4, 4),
     (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
+    (64, 128, 64, 4, 3, True),
     (64, 64, 64, 4, 4),
 ]
 
 
-def _config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+def _config(bm, bn, bk, warps, stages, prefetch=False, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "PREFETCH": prefetch},
                          num_warps=warps, num_stages=stages)
 
 
 def _gemm_configs(tiles=None):
     """Autotune space on GPU (``tiles``, default the back-projection's); one 64^3 config when interpreting."""
     if _INTERPRET:
-        return [_config(64, 64, 64, 4, 1, group_m=4)]
+        # The interpreter tries the prefetching variant; _fixed_config the other one.
+        return [_config(64, 64, 64, 4, 1, prefetch=True, group_m=4)]
     return [_config(*t) for t in (tiles or _BACKPROJECT_TILES)]
 
 
@@ -212,7 +221,8 @@ def _load_proj_tile(
 
     PROJ_MODE 1 (packed INT4, implemented as sketched above): the strides are the
     dense row-major projector's, ``aux0_ptr``/``aux1_ptr`` the per-group scale/minimum
-    and ``aux_int`` the group size. ``aux*`` are unused by the dense mode.
+    and ``aux_int`` the group size (``-log2`` of it when a power of two: the
+    group index is then a shift). ``aux*`` are unused by the dense mode.
 
     PROJ_MODE 2 (DCT gather): ``p_ptr`` is the basis ``C``, ``stride_rank`` /
     ``stride_dim`` its row / column strides, ``aux0_ptr`` the indices and ``aux_int``
@@ -228,7 +238,10 @@ def _load_proj_tile(
         e = rank_idx * stride_rank + dim_idx * stride_dim
         byte = tl.load(p_ptr + e // 2, mask=mask, other=0).to(tl.int32)
         nib = (byte >> ((e % 2) * 4).to(tl.int32)) & 15
-        grp = e // aux_int
+        if aux_int < 0:  # power-of-two group size 2^-aux_int: a shift, not an integer division
+            grp = e >> (-aux_int)
+        else:
+            grp = e // aux_int
         s = tl.load(aux0_ptr + grp, mask=mask, other=0.0)
         mn = tl.load(aux1_ptr + grp, mask=mask, other=0.0)
         return (mn + s * nib.to(tl.float32)).to(OUT_DTYPE)
@@ -267,6 +280,7 @@ def _projection_project_adam_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``R`` (``M x N``, reduction ``K``) + the Adam epilogue.
@@ -284,6 +298,15 @@ def _projection_project_adam_kernel(
         offs_k = offs_k.to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    m_ptrs = m_ptr + offs_m[:, None] * stride_m0 + offs_n[None, :] * stride_m1
+    v_ptrs = v_ptr + offs_m[:, None] * stride_v0 + offs_n[None, :] * stride_v1
+    if PREFETCH:
+        # Issue the moments' loads before the GEMM so their latency hides behind it (costs
+        # registers across the loop: only the smaller tiles try it).
+        mo = tl.load(m_ptrs, mask=mask, other=0.0)
+        vo = tl.load(v_ptrs, mask=mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -307,11 +330,11 @@ def _projection_project_adam_kernel(
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     # Epilogue: the Adam moments of this tile, and N.
-    mask = mask_m[:, None] & mask_n[None, :]
-    m_ptrs = m_ptr + offs_m[:, None] * stride_m0 + offs_n[None, :] * stride_m1
-    v_ptrs = v_ptr + offs_m[:, None] * stride_v0 + offs_n[None, :] * stride_v1
-    mo = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-    vo = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if not PREFETCH:
+        mo = tl.load(m_ptrs, mask=mask, other=0.0)
+        vo = tl.load(v_ptrs, mask=mask, other=0.0)
+    mo = mo.to(tl.float32)
+    vo = vo.to(tl.float32)
     mo = beta1 * mo + one_minus_beta1 * acc
     vo = beta2 * vo + one_minus_beta2 * (acc * acc)
     tl.store(m_ptrs, _cast_out(mo, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
@@ -348,6 +371,7 @@ def _projection_backproject_apply_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``W`` (``m x n``): ``W = decay * W + alpha * back(U)``.
@@ -365,6 +389,12 @@ def _projection_backproject_apply_kernel(
         offs_k = offs_k.to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    w_ptrs = w_ptr + offs_m[:, None] * stride_w0 + offs_n[None, :] * stride_w1
+    if PREFETCH:
+        # W's load overlaps the (short, K = rank) GEMM instead of following it.
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -387,10 +417,9 @@ def _projection_backproject_apply_kernel(
             b = b.to(DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    w_ptrs = w_ptr + offs_m[:, None] * stride_w0 + offs_n[None, :] * stride_w1
-    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-    w = decay * w + alpha * acc
+    if not PREFETCH:
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+    w = decay * w.to(tl.float32) + alpha * acc
     tl.store(w_ptrs, _cast_out(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -453,7 +482,10 @@ def _proj_launch_args(proj, side: str):
     # Element (row, col) of the dense row-major projector is nibble row * cols + col.
     sp_rank, sp_dim = (cols, 1) if side == "right" else (1, cols)
     # The dequantized values are float32 (cast to the GEMM's dot dtype).
-    return (packed, rank, sp_rank, sp_dim, (torch.float32,), scale, minimum, int(group_size), PROJ_INT4,
+    gs = int(group_size)
+    # aux_int: the group size, or -log2 of it when it is a power of two (shift in the kernel).
+    aux_int = -(gs.bit_length() - 1) if gs & (gs - 1) == 0 else gs
+    return (packed, rank, sp_rank, sp_dim, (torch.float32,), scale, minimum, aux_int, PROJ_INT4,
             rows * cols + 256 > _INT32_MAX)
 
 
