@@ -27,10 +27,18 @@ constants and loads along them are vectorised and coalesced whichever dimension
 they are.
 
 Projector modes. ``_load_proj_tile`` is the one place that turns (rank index, dim
-index) into projector values, selected by the constexpr ``PROJ_MODE``. Only the dense
-mode (0) exists now. A mode that gathers rows of a shared DCT basis
-(``P[i, :] = C[idx[i], :]``) or dequantizes a packed INT4 projector plugs in there
-(see its docstring); the GEMM loops and epilogues do not change.
+index) into projector values, selected by the constexpr ``PROJ_MODE``: 0 dense, 1 a
+packed INT4 projector dequantized in the tile load (lowrank_kernels/kernels/quant.py),
+2 rows of a shared DCT basis gathered by index (lowrank_kernels/kernels/dct.py). The
+launchers take such projectors through ``_proj_launch_args``; the GEMM loops and
+epilogues do not change.
+
+Speed (H100/H200): autotuned tiles per kernel (``_PROJECT_TILES``,
+``_BACKPROJECT_TILES``, keyed on the problem shape; ``AUTOTUNE = False`` or
+``LOWRANK_KERNELS_TRITON_AUTOTUNE=0`` launches one fixed config), GROUP_M tile
+swizzle for L2 reuse of the big operand, pipelined loads (``num_stages``), and a
+``PREFETCH`` variant that issues the epilogue's loads (moments, or ``W``) before the
+GEMM loop so their memory traffic overlaps it.
 
 Dtypes: float32 / bfloat16 / float16 tensors, float32 accumulation. The GEMM operands
 are cast to one "dot dtype": the 16-bit dtype when the operands are that 16-bit
@@ -137,6 +145,11 @@ def _fixed_config(M, N, fp32_dot):
 def _launch(kernel, M, N, fp32_dot, args, meta):
     """Launch ``kernel`` over an ``M x N`` output: autotuned, or with the fixed config."""
     grid = _grid(M, N)
+    device = args[0].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it the tensors' one.
+        with torch.cuda.device(device):
+            return _launch(kernel, M, N, fp32_dot, args, meta)
     if AUTOTUNE:
         kernel[grid](*args, **meta)
     else:
