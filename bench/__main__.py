@@ -10,8 +10,9 @@ Suites (``--suite``, comma-separated or ``all``):
   quant       INT4 projector bytes and step time, INT8 (QLinear) weight bytes
 
 Every figure is a ratio against baselines measured in the same run. Results:
-``<out>/<device>.csv`` (one row per measurement), ``<out>/<device>_<plot>.png``,
-and a short table printed last. Sizes: the LLaMA shapes of the issues on CUDA,
+``<out>/<device>.csv`` (one row per measurement), ``<out>/<device>.md`` (the same as
+Markdown tables, for the README), ``<out>/<device>_<plot>.png``, and a short table
+printed last. Sizes: the LLaMA shapes of the issues on CUDA,
 scaled down on CPU (the table says how). A measurement that cannot be made (an API
 not there yet, a package not installed) is listed as skipped with the reason.
 """
@@ -104,7 +105,7 @@ def _run(args, torch) -> int:
 def _run_suites(args, ctx, log) -> int:
     import torch
 
-    from .harness import format_table, measure_roofline
+    from .harness import format_markdown, format_table, measure_roofline
 
     import lowrank_kernels  # noqa: F401  (loads the ops and the C++ extension if built)
     from lowrank_kernels import _ext
@@ -147,10 +148,12 @@ def _run_suites(args, ctx, log) -> int:
                         print(f"plot for {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         except KeyboardInterrupt:
             interrupted = True
+    md_path = ctx.csv_path().with_suffix(".md")
+    md_path.write_text(format_markdown(ctx, args.suites))
     print()
     print(format_table(ctx, args.suites))
     print()
-    print(f"wrote {csv_path}" + "".join(f"\nwrote {p}" for p in plots))
+    print(f"wrote {csv_path}\nwrote {md_path}" + "".join(f"\nwrote {p}" for p in plots))
     print(f"total {time.perf_counter() - t0:.1f} s")
     if crashed:
         print(f"suite(s) crashed: {', '.join(crashed)} (see the traceback above)", file=sys.stderr)

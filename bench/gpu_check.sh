@@ -12,8 +12,9 @@
 #      `device` fixture, run with LOWRANK_KERNELS_TEST_DEVICE=cuda;
 #   4. the full benchmark, `python3 -m bench --device cuda`, with an internal time budget
 #      so that it stops measuring, and still writes its CSV, plots and table, in time.
-# OUTDIR receives at most 6 files: gpu_check.log (everything printed), the bench CSV and
-# its PNG plots (<device>.csv, <device>_{projection,refresh,step,memory}.png).
+# OUTDIR receives at most 7 files: gpu_check.log (everything printed), the bench's CSV,
+# its Markdown tables and its PNG plots (<device>.csv, <device>.md,
+# <device>_{projection,refresh,step,memory}.png).
 #
 # Budget: GPU_CHECK_BUDGET seconds in all (default 540, under the device's 600 s per
 # command); every step runs under `timeout`, so a hang cannot eat the rest.

@@ -610,6 +610,45 @@ def format_table(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
+    """The run as Markdown (for the README): one table per suite, then the targets."""
+    suites = suites or list(dict.fromkeys(r.suite for r in ctx.rows))
+    out = [f"Device: **{ctx.device_name}**, dtype {ctx.dtype_name}, mode {ctx.mode}, torch {ctx.meta['torch']}, "
+           f"triton {ctx.meta['triton']}, git {ctx.meta['git_sha']}, {ctx.meta['timestamp']}.  "]
+    if ctx.matmul_tflops or ctx.copy_gbps:
+        out.append(f"Measured ceilings: matmul {_fmt(ctx.matmul_tflops, '.3g')} TFLOP/s ({ctx.dtype_name}), "
+                   f"copy {_fmt(ctx.copy_gbps, '.4g')} GB/s.  ")
+    if ctx.sizes.note:
+        out.append(f"Sizes: {ctx.sizes.note}.")
+    for suite in suites:
+        rows = [r for r in ctx.rows if r.suite == suite]
+        if not rows:
+            continue
+        out += ["", f"**{suite}**", "",
+                "| kernel | provider | shape | rank | median | p20-p80 | vs baseline | TFLOP/s (% matmul) | bytes | check / note |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.skipped:
+                note = r.note.replace("|", "\\|")
+                out.append(f"| {r.kernel} | {r.provider} | {r.shape} | {_fmt(r.rank, 'd')} | - | | | | | {note} |")
+                continue
+            vs = (f"{r.speedup:.2f}x {r.baseline}" if r.speedup is not None else
+                  f"{r.mem_ratio:.3f}x {r.baseline}" if r.mem_ratio is not None else "")
+            rate = f"{r.tflops:.3g} ({_pct(r.frac_matmul)})" if r.tflops is not None else ""
+            spread = f"{_fmt_ms(r.p20_ms)}-{_fmt_ms(r.p80_ms)}" if r.median_ms is not None else ""
+            extra = "; ".join(x for x in (r.check, r.note) if x).replace("|", "\\|")
+            out.append(f"| {r.kernel} | {r.provider} | {r.shape} | {_fmt(r.rank, 'd')} | {_fmt_ms(r.median_ms)} | "
+                       f"{spread} | {vs} | {rate} | {fmt_bytes(r.bytes) if r.median_ms is None else ''} | {extra} |")
+    ts = [t for t in ctx.targets if t.suite in suites]
+    if ts:
+        out += ["", "**Targets** (from the issues; printed, not asserted)", ""]
+        for t in ts:
+            op = ">=" if t.higher_is_better else "<="
+            meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
+            out.append(f"- [{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}")
+    return "\n".join(out) + "\n"
+
+
 def _fmt_ms(ms: Optional[float]) -> str:
     if ms is None:
         return "-"

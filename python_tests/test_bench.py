@@ -86,6 +86,8 @@ def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
     assert sorted(p.name.split("_", 1)[1] for p in tmp_path.glob("*.png")) == \
         ["memory.png", "projection.png", "refresh.png", "step.png"]
     assert "== targets" in out and "== projection ==" in out
+    md = path.with_suffix(".md").read_text()  # the same run as Markdown tables, for the README
+    assert "**projection**" in md and "| kernel | provider |" in md and "**Targets**" in md
     assert out.rstrip().splitlines()[-1].startswith("total ")
 
 
