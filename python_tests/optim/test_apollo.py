@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from lowrank_kernels.ops import use_backend
 from lowrank_kernels.optim import APOLLOAdamW
 
 from ._helpers import grad_sequence, rel_change_err, run
@@ -123,3 +124,14 @@ def test_parity_reference_flags(flags):
     else:  # the limiter's memory includes sqrt(scale) = 3 with scale_front
         torch.testing.assert_close(opt.state[ours]["scaled_grad_norm"], ref_opt.state[ref]["scaled_grad"].float(),
                                    rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_parity_fp32_every_backend(backend, scale_type):
+    shape = (123, 77)
+    w0 = torch.randn(shape)
+    grads = grad_sequence(shape, 5, growing=True)
+    ref, _ = run(lambda p: apollo_torch.APOLLOAdamW(groups(p, scale_type=scale_type), lr=1e-2), w0, grads)
+    with use_backend(backend):
+        ours, _ = run(lambda p: ReferenceSeeds(groups(p, scale_type=scale_type), lr=1e-2), w0, grads)
+    assert rel_change_err(ours, ref, w0) < 1e-5

@@ -1,10 +1,7 @@
 """GaLoreAdamW: parity with galore-torch, independent float64 math, AdamW controls, SVD failures."""
-import os
-
 import pytest
 import torch
 
-from lowrank_kernels.ops import _registry as reg
 from lowrank_kernels.ops import use_backend
 from lowrank_kernels.optim import GaLoreAdamW, resolve_side
 
@@ -20,17 +17,6 @@ def groups(p, **kw):
     g = dict(rank=8, update_proj_gap=3, scale=0.5, proj_type="std")
     g.update(kw)
     return [{"params": [p], **g}]
-
-
-@pytest.fixture(params=reg.BACKENDS)
-def backend(request):
-    name = request.param
-    reason = reg.why_unavailable(reg.OPS["projection_project_update_backproject"], name, torch.device("cpu"))
-    if reason is not None:
-        if name == "cpp" and os.environ.get("LOWRANK_KERNELS_EXPECT_EXT") == "1":
-            pytest.fail(f"cpp backend expected but unavailable: {reason}")
-        pytest.skip(reason)
-    return name
 
 
 # --------------------------------------------------------------------------- parity with galore-torch
