@@ -233,15 +233,16 @@ def make_int4_problem(m, n, rank, side, dtype, group_size=64, transposed_grad=Fa
     return grad, proj, (0.1 * torch.randn(lshape)), (0.1 * torch.rand(lshape))
 
 
-INT4_SHAPES = [(123, 77, "right"), (64, 300, "left"), (33, 33, "right")]
+# group sizes: powers of two (a shift in the Triton tile loader) and not (a division)
+INT4_SHAPES = [(123, 77, "right", 64), (64, 300, "left", 256), (33, 33, "right", 48)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,n,side", INT4_SHAPES)
-def test_int4_projection_vs_dequantize_then_dense(backend, dtype, m, n, side):
+@pytest.mark.parametrize("m,n,side,gs", INT4_SHAPES)
+def test_int4_projection_vs_dequantize_then_dense(backend, dtype, m, n, side, gs):
     """The fused INT4 ops equal the dense reference on the dequantized projector."""
     for rank in sorted({1, 17, min(m, n)}):
-        grad, proj, ea, eas = make_int4_problem(m, n, rank, side, dtype, transposed_grad=(rank == 17))
+        grad, proj, ea, eas = make_int4_problem(m, n, rank, side, dtype, group_size=gs, transposed_grad=(rank == 17))
         dense = proj.dequantize(torch.float32)
         tol = max(TOL[dtype], 1e-5)
         e1, e2 = ea.clone(), eas.clone()
