@@ -27,10 +27,18 @@ constants and loads along them are vectorised and coalesced whichever dimension
 they are.
 
 Projector modes. ``_load_proj_tile`` is the one place that turns (rank index, dim
-index) into projector values, selected by the constexpr ``PROJ_MODE``. Only the dense
-mode (0) exists now. A mode that gathers rows of a shared DCT basis
-(``P[i, :] = C[idx[i], :]``) or dequantizes a packed INT4 projector plugs in there
-(see its docstring); the GEMM loops and epilogues do not change.
+index) into projector values, selected by the constexpr ``PROJ_MODE``: 0 dense, 1 a
+packed INT4 projector dequantized in the tile load (lowrank_kernels/kernels/quant.py),
+2 rows of a shared DCT basis gathered by index (lowrank_kernels/kernels/dct.py). The
+launchers take such projectors through ``_proj_launch_args``; the GEMM loops and
+epilogues do not change.
+
+Speed (H100/H200): autotuned tiles per kernel (``_PROJECT_TILES``,
+``_BACKPROJECT_TILES``, keyed on the problem shape; ``AUTOTUNE = False`` or
+``LOWRANK_KERNELS_TRITON_AUTOTUNE=0`` launches one fixed config), GROUP_M tile
+swizzle for L2 reuse of the big operand, pipelined loads (``num_stages``), and a
+``PREFETCH`` variant that issues the epilogue's loads (moments, or ``W``) before the
+GEMM loop so their memory traffic overlaps it.
 
 Dtypes: float32 / bfloat16 / float16 tensors, float32 accumulation. The GEMM operands
 are cast to one "dot dtype": the 16-bit dtype when the operands are that 16-bit
@@ -77,41 +85,50 @@ PROJ_DCT = 2
 # one fixed config per shape instead (quick first calls, e.g. for tests).
 AUTOTUNE = os.environ.get("LOWRANK_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen from sm_90 compiles at
-# 4096x11008 rank 512 (bf16, fp32 moments): the project kernel's Adam epilogue keeps
-# the accumulator and the M/V tiles live at once, so its tiles above 128x128 (or
-# 128x128 on 4 warps) spill; 128x256 stays as a candidate for long K. The back-projection
-# epilogue only holds W, so its large tiles do not spill.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PREFETCH]). Chosen from sm_90
+# compiles (triton 3.9, no GPU needed) at 4096x11008 rank 512, bf16, fp32 moments:
+# - project: the Adam epilogue holds the accumulator and the M/V tiles at once, so
+#   tiles above 128x128 (and 128x128 on 4 warps) spill 2+ KB; 128x256 stays as a
+#   candidate for long K. PREFETCH issues the M/V loads before the GEMM loop so the
+#   epilogue's memory traffic overlaps it (64x128 on 4 warps: 252 registers, no spill,
+#   two CTAs per SM).
+# - back-projection: its epilogue only holds W; PREFETCH (W loaded before the loop,
+#   198 registers at 128x128) overlaps the W read, half of this kernel's traffic, with
+#   the short K = rank loop.
 _PROJECT_TILES = [
     (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 4, True),
     (128, 128, 128, 8, 3),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4, True),
+    (64, 64, 64, 4, 4, True),
     (64, 64, 128, 4, 3),
 ]
 _BACKPROJECT_TILES = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 3, True),
     (128, 128, 128, 8, 3),
     (64, 256, 64, 4, 4),
     (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
+    (64, 128, 64, 4, 3, True),
     (64, 64, 64, 4, 4),
 ]
 
 
-def _config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+def _config(bm, bn, bk, warps, stages, prefetch=False, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "PREFETCH": prefetch},
                          num_warps=warps, num_stages=stages)
 
 
 def _gemm_configs(tiles=None):
     """Autotune space on GPU (``tiles``, default the back-projection's); one 64^3 config when interpreting."""
     if _INTERPRET:
-        return [_config(64, 64, 64, 4, 1, group_m=4)]
+        # The interpreter tries the prefetching variant; _fixed_config the other one.
+        return [_config(64, 64, 64, 4, 1, prefetch=True, group_m=4)]
     return [_config(*t) for t in (tiles or _BACKPROJECT_TILES)]
 
 
@@ -128,6 +145,11 @@ def _fixed_config(M, N, fp32_dot):
 def _launch(kernel, M, N, fp32_dot, args, meta):
     """Launch ``kernel`` over an ``M x N`` output: autotuned, or with the fixed config."""
     grid = _grid(M, N)
+    device = args[0].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it the tensors' one.
+        with torch.cuda.device(device):
+            return _launch(kernel, M, N, fp32_dot, args, meta)
     if AUTOTUNE:
         kernel[grid](*args, **meta)
     else:
@@ -271,6 +293,7 @@ def _projection_project_adam_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``R`` (``M x N``, reduction ``K``) + the Adam epilogue.
@@ -288,6 +311,15 @@ def _projection_project_adam_kernel(
         offs_k = offs_k.to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    m_ptrs = m_ptr + offs_m[:, None] * stride_m0 + offs_n[None, :] * stride_m1
+    v_ptrs = v_ptr + offs_m[:, None] * stride_v0 + offs_n[None, :] * stride_v1
+    if PREFETCH:
+        # Issue the moments' loads before the GEMM so their latency hides behind it (costs
+        # registers across the loop: only the smaller tiles try it).
+        mo = tl.load(m_ptrs, mask=mask, other=0.0)
+        vo = tl.load(v_ptrs, mask=mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -311,11 +343,11 @@ def _projection_project_adam_kernel(
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     # Epilogue: the Adam moments of this tile, and N.
-    mask = mask_m[:, None] & mask_n[None, :]
-    m_ptrs = m_ptr + offs_m[:, None] * stride_m0 + offs_n[None, :] * stride_m1
-    v_ptrs = v_ptr + offs_m[:, None] * stride_v0 + offs_n[None, :] * stride_v1
-    mo = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-    vo = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if not PREFETCH:
+        mo = tl.load(m_ptrs, mask=mask, other=0.0)
+        vo = tl.load(v_ptrs, mask=mask, other=0.0)
+    mo = mo.to(tl.float32)
+    vo = vo.to(tl.float32)
     mo = beta1 * mo + one_minus_beta1 * acc
     vo = beta2 * vo + one_minus_beta2 * (acc * acc)
     tl.store(m_ptrs, _cast_out(mo, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
@@ -352,6 +384,7 @@ def _projection_backproject_apply_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``W`` (``m x n``): ``W = decay * W + alpha * back(U)``.
@@ -369,6 +402,12 @@ def _projection_backproject_apply_kernel(
         offs_k = offs_k.to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    w_ptrs = w_ptr + offs_m[:, None] * stride_w0 + offs_n[None, :] * stride_w1
+    if PREFETCH:
+        # W's load overlaps the (short, K = rank) GEMM instead of following it.
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -391,10 +430,9 @@ def _projection_backproject_apply_kernel(
             b = b.to(DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    w_ptrs = w_ptr + offs_m[:, None] * stride_w0 + offs_n[None, :] * stride_w1
-    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-    w = decay * w + alpha * acc
+    if not PREFETCH:
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+    w = decay * w.to(tl.float32) + alpha * acc
     tl.store(w_ptrs, _cast_out(w, w_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
