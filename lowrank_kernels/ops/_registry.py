@@ -163,6 +163,8 @@ def why_unavailable(op: OpDef, backend: str, device: torch.device) -> Optional[s
                 f"({_ext.load_error()}); run `make test` or "
                 "`pip install --no-build-isolation -e .`"
             )
+        if not hasattr(getattr(torch.ops, NAMESPACE), op.cpp_name):
+            return f"the built extension has no {NAMESPACE}::{op.cpp_name} (rebuild it: `make build`)"
         return None
     if backend == "triton":
         if not op.has_triton:
