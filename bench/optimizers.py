@@ -1,6 +1,9 @@
 """The optimizers the step and memory suites compare, on one stack of parameters.
 
-``OPTIMIZERS`` maps a provider name to its builder and whether it projects. Each
+``OPTIMIZERS`` maps a provider name to its builder and whether it projects. (q-galore-torch's
+optimizer is not among them: its ``AdamW8bit`` needs a bitsandbytes of its own era
+(``KeyError: 'percentile_clipping'`` with bitsandbytes 0.50); its INT4 projector
+quantizer is measured in the quant suite.) Each
 optimizer is built once per run on the stack (``make_params``) and first stepped by
 :func:`first_steps`, which also records the memory figures the memory suite reports
 (so the slow SVD refreshes of the SVD-based methods run once for both suites).
