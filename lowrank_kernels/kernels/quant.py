@@ -29,11 +29,21 @@ def _interpreting() -> bool:
 
 
 def _as_2d(x: torch.Tensor):
-    """``(view, rows, cols, stride0, stride1)`` reading ``x`` in row-major order."""
+    """``(view, flat, cols, stride0, stride1)`` reading ``x`` in row-major order.
+
+    ``flat``: ``x`` is contiguous, element ``f`` is at offset ``f`` (no index math).
+    """
+    if x.is_contiguous():
+        return x, True, max(x.numel(), 1), 0, 1
     if x.dim() == 2:
-        return x, x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+        return x, False, x.shape[1], x.stride(0), x.stride(1)
     flat = x.reshape(-1)
-    return flat, 1, flat.numel(), 0, flat.stride(0)
+    return flat, flat.is_contiguous(), flat.numel(), 0, flat.stride(0)
+
+
+def _gs_shift(group_size: int) -> int:
+    """log2(group_size) for a power of two, else -1."""
+    return group_size.bit_length() - 1 if group_size & (group_size - 1) == 0 else -1
 
 
 def _tiles(group_size: int, pairs: bool):
@@ -76,17 +86,30 @@ def _div(a, b):
 
 
 @triton.jit
-def _load_strided(ptr, f, cols, s0, s1, mask):
+def _load_strided(ptr, f, cols, s0, s1, mask, FLAT: tl.constexpr):
+    """Float32 values at flat (row-major) indices ``f``; ``FLAT``: contiguous, no index math."""
+    if FLAT:
+        return tl.load(ptr + f, mask=mask, other=0.0).to(tl.float32)
     row = f // cols
     col = f - row * cols
     return tl.load(ptr + row * s0 + col * s1, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _group_of(f, group_size, gs_shift):
+    """``f // group_size``; a shift when the group size is a power of two (``gs_shift >= 0``)."""
+    if gs_shift >= 0:
+        g = f >> gs_shift
+    else:
+        g = f // group_size
+    return g
 
 
 # --------------------------------------------------------------------------- INT4 pack / unpack
 @triton.jit
 def _quant_int4_pack_kernel(
     x_ptr, packed_ptr, scale_ptr, min_ptr, numel, cols, s0, s1, n_groups, group_size,
-    GPP: tl.constexpr, CH: tl.constexpr,
+    GPP: tl.constexpr, CH: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * GPP + tl.arange(0, GPP)
@@ -101,8 +124,8 @@ def _quant_int4_pack_kernel(
         f0 = gstart[:, None] + 2 * k[None, :]
         m0 = gmask[:, None] & (k[None, :] < half) & (f0 < gend[:, None])
         m1 = m0 & (f0 + 1 < gend[:, None])
-        a = _load_strided(x_ptr, f0, cols, s0, s1, m0)
-        b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1)
+        a = _load_strided(x_ptr, f0, cols, s0, s1, m0, FLAT)
+        b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1, FLAT)
         mn = tl.minimum(mn, tl.min(tl.minimum(tl.where(m0, a, float("inf")), tl.where(m1, b, float("inf"))), axis=1))
         mx = tl.maximum(mx, tl.max(tl.maximum(tl.where(m0, a, float("-inf")), tl.where(m1, b, float("-inf"))), axis=1))
     scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), tl.full((GPP,), 15.0, tl.float32))
@@ -111,8 +134,8 @@ def _quant_int4_pack_kernel(
         f0 = gstart[:, None] + 2 * k[None, :]
         m0 = gmask[:, None] & (k[None, :] < half) & (f0 < gend[:, None])
         m1 = m0 & (f0 + 1 < gend[:, None])
-        a = _load_strided(x_ptr, f0, cols, s0, s1, m0)
-        b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1)
+        a = _load_strided(x_ptr, f0, cols, s0, s1, m0, FLAT)
+        b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1, FLAT)
         qa = tl.minimum(tl.maximum(tl.floor(_div(a - mn[:, None], scale[:, None]) + 0.5), 0.0), 15.0).to(tl.int32)
         qb = tl.minimum(tl.maximum(tl.floor(_div(b - mn[:, None], scale[:, None]) + 0.5), 0.0), 15.0).to(tl.int32)
         qb = tl.where(m1, qb, 0)
@@ -123,7 +146,7 @@ def _quant_int4_pack_kernel(
 
 
 def quant_int4_pack_triton(x, group_size):
-    x2, _, cols, s0, s1 = _as_2d(x)
+    x2, flat, cols, s0, s1 = _as_2d(x)
     numel = x.numel()
     g = num_groups(numel, group_size)
     packed = torch.empty(((numel + 1) // 2,), dtype=torch.uint8, device=x.device)
@@ -131,28 +154,28 @@ def quant_int4_pack_triton(x, group_size):
     minimum = torch.empty((g,), dtype=torch.float32, device=x.device)
     gpp, ch = _tiles(group_size, pairs=True)
     _quant_int4_pack_kernel[(triton.cdiv(g, gpp),)](
-        x2, packed, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, num_warps=4,
+        x2, packed, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, FLAT=flat, num_warps=4,
     )
     return packed, scale, minimum
 
 
 @triton.jit
-def _int4_at(packed_ptr, scale_ptr, min_ptr, f, group_size, mask):
-    """Dequantized INT4 values at flat indices ``f`` (float32); usable inside GEMM tile loads."""
+def _int4_at(packed_ptr, scale_ptr, min_ptr, f, group_size, gs_shift, mask):
+    """Dequantized INT4 values at flat indices ``f`` (float32)."""
     byte = tl.load(packed_ptr + f // 2, mask=mask, other=0).to(tl.int32)
     q = (byte >> ((f & 1) * 4).to(tl.int32)) & 15
-    g = f // group_size
+    g = _group_of(f, group_size, gs_shift)
     s = tl.load(scale_ptr + g, mask=mask, other=0.0)
     mn = tl.load(min_ptr + g, mask=mask, other=0.0)
     return mn + s * q.to(tl.float32)
 
 
 @triton.jit
-def _quant_int4_unpack_kernel(packed_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, BLOCK: tl.constexpr,
+def _quant_int4_unpack_kernel(packed_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, gs_shift, BLOCK: tl.constexpr,
                               INTERPRET: tl.constexpr):
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = f < numel
-    x = _int4_at(packed_ptr, scale_ptr, min_ptr, f, group_size, mask)
+    x = _int4_at(packed_ptr, scale_ptr, min_ptr, f, group_size, gs_shift, mask)
     tl.store(out_ptr + f, _cast_out(x, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -160,7 +183,7 @@ def quant_int4_unpack_triton(packed, scale, minimum, shape, dtype, group_size):
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     numel = out.numel()
     block = 1024
-    _quant_int4_unpack_kernel[(triton.cdiv(numel, block),)](packed, scale, minimum, out, numel, group_size, BLOCK=block,
+    _quant_int4_unpack_kernel[(triton.cdiv(numel, block),)](packed, scale, minimum, out, numel, group_size, _gs_shift(group_size), BLOCK=block,
                                                            INTERPRET=_interpreting())
     return out
 
@@ -169,7 +192,7 @@ def quant_int4_unpack_triton(packed, scale, minimum, shape, dtype, group_size):
 @triton.jit
 def _quant_int8_quantize_kernel(
     x_ptr, q_ptr, scale_ptr, min_ptr, numel, cols, s0, s1, n_groups, group_size,
-    GPP: tl.constexpr, CH: tl.constexpr,
+    GPP: tl.constexpr, CH: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * GPP + tl.arange(0, GPP)
@@ -182,7 +205,7 @@ def _quant_int8_quantize_kernel(
         k = k0 + tl.arange(0, CH)
         f = gstart[:, None] + k[None, :]
         m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
-        a = _load_strided(x_ptr, f, cols, s0, s1, m)
+        a = _load_strided(x_ptr, f, cols, s0, s1, m, FLAT)
         mn = tl.minimum(mn, tl.min(tl.where(m, a, float("inf")), axis=1))
         mx = tl.maximum(mx, tl.max(tl.where(m, a, float("-inf")), axis=1))
     scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), tl.full((GPP,), 255.0, tl.float32))
@@ -190,7 +213,7 @@ def _quant_int8_quantize_kernel(
         k = k0 + tl.arange(0, CH)
         f = gstart[:, None] + k[None, :]
         m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
-        a = _load_strided(x_ptr, f, cols, s0, s1, m)
+        a = _load_strided(x_ptr, f, cols, s0, s1, m, FLAT)
         q = tl.minimum(tl.maximum(tl.floor(_div(a - mn[:, None], scale[:, None]) + 0.5), 0.0), 255.0)
         tl.store(q_ptr + f, q.to(tl.uint8), mask=m)
     tl.store(scale_ptr + g, scale, mask=gmask)
@@ -198,7 +221,7 @@ def _quant_int8_quantize_kernel(
 
 
 def quant_int8_quantize_triton(w, group_size):
-    w2, _, cols, s0, s1 = _as_2d(w)
+    w2, flat, cols, s0, s1 = _as_2d(w)
     numel = w.numel()
     g = num_groups(numel, group_size)
     q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
@@ -206,27 +229,27 @@ def quant_int8_quantize_triton(w, group_size):
     minimum = torch.empty((g,), dtype=torch.float32, device=w.device)
     gpp, ch = _tiles(group_size, pairs=False)
     _quant_int8_quantize_kernel[(triton.cdiv(g, gpp),)](
-        w2, q, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, num_warps=4,
+        w2, q, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, FLAT=flat, num_warps=4,
     )
     return q, scale, minimum
 
 
 @triton.jit
-def _int8_at(q_ptr, scale_ptr, min_ptr, f, group_size, mask):
+def _int8_at(q_ptr, scale_ptr, min_ptr, f, group_size, gs_shift, mask):
     """Dequantized INT8 values at flat indices ``f`` (float32)."""
     q = tl.load(q_ptr + f, mask=mask, other=0).to(tl.float32)
-    g = f // group_size
+    g = _group_of(f, group_size, gs_shift)
     s = tl.load(scale_ptr + g, mask=mask, other=0.0)
     mn = tl.load(min_ptr + g, mask=mask, other=0.0)
     return mn + s * q
 
 
 @triton.jit
-def _quant_int8_dequantize_kernel(q_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, BLOCK: tl.constexpr,
+def _quant_int8_dequantize_kernel(q_ptr, scale_ptr, min_ptr, out_ptr, numel, group_size, gs_shift, BLOCK: tl.constexpr,
                                   INTERPRET: tl.constexpr):
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = f < numel
-    x = _int8_at(q_ptr, scale_ptr, min_ptr, f, group_size, mask)
+    x = _int8_at(q_ptr, scale_ptr, min_ptr, f, group_size, gs_shift, mask)
     tl.store(out_ptr + f, _cast_out(x, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -234,7 +257,7 @@ def quant_int8_dequantize_triton(q, scale, minimum, group_size, dtype):
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     numel = q.numel()
     block = 1024
-    _quant_int8_dequantize_kernel[(triton.cdiv(numel, block),)](q, scale, minimum, out, numel, group_size, BLOCK=block,
+    _quant_int8_dequantize_kernel[(triton.cdiv(numel, block),)](q, scale, minimum, out, numel, group_size, _gs_shift(group_size), BLOCK=block,
                                                                INTERPRET=_interpreting())
     return out
 
@@ -242,7 +265,7 @@ def quant_int8_dequantize_triton(q, scale, minimum, group_size, dtype):
 @triton.jit
 def _quant_int8_update_sr_kernel(
     q_ptr, scale_ptr, min_ptr, u_ptr, numel, cols, s0, s1, n_groups, group_size, decay, alpha, k1, k2,
-    GPP: tl.constexpr, CH: tl.constexpr,
+    GPP: tl.constexpr, CH: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * GPP + tl.arange(0, GPP)
@@ -258,7 +281,7 @@ def _quant_int8_update_sr_kernel(
         f = gstart[:, None] + k[None, :]
         m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
         q = tl.load(q_ptr + f, mask=m, other=0).to(tl.float32)
-        upd = _load_strided(u_ptr, f, cols, s0, s1, m)
+        upd = _load_strided(u_ptr, f, cols, s0, s1, m, FLAT)
         x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
         mn = tl.minimum(mn, tl.min(tl.where(m, x, float("inf")), axis=1))
         mx = tl.maximum(mx, tl.max(tl.where(m, x, float("-inf")), axis=1))
@@ -268,7 +291,7 @@ def _quant_int8_update_sr_kernel(
         f = gstart[:, None] + k[None, :]
         m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
         q = tl.load(q_ptr + f, mask=m, other=0).to(tl.float32)
-        upd = _load_strided(u_ptr, f, cols, s0, s1, m)
+        upd = _load_strided(u_ptr, f, cols, s0, s1, m, FLAT)
         x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
         r = _uniform(f, k1, k2)
         qn = tl.minimum(tl.maximum(tl.floor(_div(x - mn[:, None], scale[:, None]) + r), 0.0), 255.0)
@@ -278,14 +301,14 @@ def _quant_int8_update_sr_kernel(
 
 
 def quant_int8_update_sr_triton(q, scale, minimum, update, decay, alpha, seed, group_size):
-    u2, _, cols, s0, s1 = _as_2d(update)
+    u2, flat, cols, s0, s1 = _as_2d(update)
     numel = q.numel()
     g = num_groups(numel, group_size)
     k1, k2 = seed_keys(seed)
     gpp, ch = _tiles(group_size, pairs=False)
     _quant_int8_update_sr_kernel[(triton.cdiv(g, gpp),)](
         q, scale, minimum, u2, numel, cols, s0, s1, g, group_size, float(decay), float(alpha), k1, k2,
-        GPP=gpp, CH=ch, num_warps=4,
+        GPP=gpp, CH=ch, FLAT=flat, num_warps=4,
     )
 
 
