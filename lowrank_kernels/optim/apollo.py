@@ -8,6 +8,7 @@ import torch
 
 from lowrank_kernels import ops
 
+from . import distributed as _dist
 from .base import LowRankOptimizer, adam_step_size, identity, mix_seed, project_fp32
 
 SCALE_TYPES = ("channel", "tensor")
@@ -198,4 +199,4 @@ class APOLLOAdamW(LowRankOptimizer):
         coef = coef * (-step_size * root_scale)
         if group["weight_decay"] != 0.0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        p.addcmul_(grad, coef)
+        _dist.addcmul_(p, grad, coef)  # p.addcmul_(grad, coef), on the local rows under FSDP2

@@ -86,6 +86,8 @@ from torch.optim.adamw import adamw as _adamw_functional
 
 from lowrank_kernels import ops
 
+from . import distributed as _dist
+
 SIDE_NAMES = ("right", "left", "full")
 SIDE_CODES = {name: code for code, name in enumerate(SIDE_NAMES)}
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -117,6 +119,8 @@ def project_fp32(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Ten
     acc = torch.float64 if torch.float64 in (grad.dtype, proj.dtype) else torch.float32
     g = grad.to(acc)
     p = proj.to(acc)
+    if _dist.is_row_sharded(g):  # FSDP2: row-local on the right, one r x n all-reduce on the left
+        return _dist.sharded_project(g, p, side)
     return g @ p.T if side == "right" else p.T @ g
 
 
@@ -271,6 +275,9 @@ class LowRankOptimizer(Optimizer):
                 self._err(gi, f"proj_type must be one of {', '.join(map(repr, self.proj_types))}, got {proj_type!r}")
             )
         for pi, p in enumerate(group["params"]):
+            reason = _dist.unsupported_placement(p)
+            if reason is not None:
+                raise ValueError(self._err(gi, f"parameter {pi}: {reason}"))
             if p.dim() != 2:
                 raise ValueError(
                     self._err(
@@ -316,7 +323,9 @@ class LowRankOptimizer(Optimizer):
                 self.nonfinite_skips += 1
                 continue
             if self._is_lowrank(group):
-                self._lowrank_step(p, p.grad, self.state[p], group)
+                # FSDP2: a DTensor parameter steps on its shards (see optim/distributed.py).
+                with _dist.param_context(p):
+                    self._lowrank_step(p, p.grad, self.state[p], group)
             else:
                 plain[id(group)].append(p)
         for group in self.param_groups:
@@ -327,13 +336,13 @@ class LowRankOptimizer(Optimizer):
     def _finite_flags(self, work) -> List[bool]:
         """Per entry of ``work``: whether its gradient is finite (one host sync per device)."""
         flags = [True] * len(work)
-        by_device: Dict[torch.device, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
+        by_device: Dict[tuple, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
         for i, (group, p) in enumerate(work):
             if group.get("skip_nonfinite", True):
-                by_device[p.grad.device].append((i, p.grad))
+                # DTensor gradients (FSDP2) in their own list: their norms are reduced over the shards.
+                by_device[(p.grad.device, _dist.is_dtensor(p.grad))].append((i, p.grad))
         for entries in by_device.values():
-            norms = torch._foreach_norm([g for _, g in entries], float("inf"))
-            ok = torch.stack([n.to(torch.float32) for n in norms]).isfinite().tolist()
+            ok = _dist.inf_norms([g for _, g in entries]).isfinite().tolist()
             for (i, _), good in zip(entries, ok):
                 flags[i] = good
         return flags
@@ -378,8 +387,11 @@ class LowRankOptimizer(Optimizer):
                     return
         if fresh:
             state.update(work_state)
+        # FSDP2: row-aligned state sharded like the weight (no-op for plain tensors).
+        _dist.place_state(p, state, self._side(state), self.host_state_keys)
         state["step"] += 1
         self._project_step(p, grad, state, group, step)
+        _dist.place_state(p, state, self._side(state), self.host_state_keys)
 
     # ------------------------------------------------------------------ extension points
     def _state_dtype(self, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:

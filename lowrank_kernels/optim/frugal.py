@@ -7,6 +7,7 @@ import torch
 
 from lowrank_kernels import ops
 
+from . import distributed as _dist
 from .base import LowRankOptimizer, adam_step_size, identity, mix_seed, project_fp32
 
 UPDATES = ("signsgd", "sgd")
@@ -24,6 +25,7 @@ def _generator(opt: "FrugalAdamW", p: torch.Tensor, step: int) -> torch.Generato
 
 def svd_projection(opt, p, grad, state, group, step, rank, side):
     """Top-``rank`` singular vectors of the gradient (exact SVD in float32)."""
+    grad = _dist.full_gradient(grad)  # FSDP2: all-gather of the gradient, at a refresh only
     g = grad.to(torch.float32) if grad.dtype != torch.float64 else grad
     try:
         u, _, vh = torch.linalg.svd(g, full_matrices=False)

@@ -7,6 +7,7 @@ import torch
 
 from lowrank_kernels import ops
 
+from . import distributed as _dist
 from .base import PROJ_TYPES, LowRankOptimizer, adam_step_size, mix_seed, project_fp32
 
 SVD_MODES = ("exact", "lowrank")
@@ -120,6 +121,7 @@ class GaLoreAdamW(LowRankOptimizer):
 
     # ------------------------------------------------------------------ projector
     def _svd(self, p, grad, group, step: int):
+        grad = _dist.full_gradient(grad)  # FSDP2: all-gather of the gradient, at a refresh only
         g = grad.to(torch.float32) if grad.dtype != torch.float64 else grad
         r = self._group_rank(group, tuple(p.shape))
         try:

@@ -1,0 +1,546 @@
+"""DDP and FSDP2 (DTensor) support for the low-rank optimizers.
+
+**DDP** needs nothing: gradients are already all-reduced and parameters are plain
+tensors, so every rank runs the same step on the same numbers.
+
+**FSDP2** (``torch.distributed.fsdp.fully_shard``) turns each parameter into a
+``DTensor`` sharded on dim 0 (HSDP: ``(Replicate(), Shard(0))``). An ``m x n``
+weight is split into row blocks ``W_i`` (``m_i x n``), and so is its gradient. The
+optimizers run on these shards with no full-parameter gather in the steady state:
+
+- **right side** (projector ``P``, ``r x n``, replicated): ``R_i = G_i P^T`` and
+  ``back(N)_i = N_i P`` are row-local, the moments (``m x r``) are sharded on dim 0
+  like the weight. **No communication** per step.
+- **left side** (``P``, ``m x r``, its rows sharded like the weight):
+  ``R = P^T G = sum_i P_i^T G_i`` needs a sum over the shards: **one all-reduce of
+  ``r x n`` per step** (DTensor's ``Partial -> Replicate``). The moments (``r x n``)
+  are replicated; ``back(N)_i = P_i N`` is row-local again. Pass
+  ``proj_type="right"`` to make every weight shard-local (``"std"`` picks the left
+  side for wide weights, ``m < n``).
+- **refresh**: APOLLO and FRUGAL ``random`` / ``columns`` draw their projection from
+  a seed that every rank shares (no communication); an exact or randomized SVD needs
+  the full gradient: :func:`full_gradient` all-gathers it (``m x n``), **at a refresh
+  only**, and every rank computes the same SVD of the same numbers.
+- **DCT selection** all-reduces the score vector (length ``n``, right side) instead
+  of gathering the gradient (:func:`_dct_scores_handler`).
+
+How it is wired: the optimizer step runs each sharded parameter under
+:func:`param_context` (DTensor's implicit replication, so the plain projectors that
+every rank computed identically act as replicated DTensors); plain PyTorch math on
+DTensors (``G @ P.T``, norms, ``sign``) is sharded by DTensor itself; the
+``lowrank_kernels`` ops get DTensor handlers (:func:`install_op_handlers`) that check
+the placements, run the op on the local shards and wrap the results. A placement
+the handlers cannot serve without moving the full gradient raises a ``ValueError``
+that says what to change, instead of gathering silently. :func:`place_state` keeps
+the row-aligned state (right-side moments, left-side projector) sharded like the
+weight, so ``torch.distributed.checkpoint`` saves it sharded.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+try:  # torch.distributed may be absent in some builds; every helper then degrades to a no-op.
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    HAVE_DTENSOR = True
+except Exception:  # pragma: no cover - depends on the torch build
+    HAVE_DTENSOR = False
+    DTensor = ()  # isinstance(x, ()) is always False
+
+#: state keys that are row-aligned with the weight (first dim ``m``), per projection side.
+ROW_STATE_KEYS = {
+    "right": ("exp_avg", "exp_avg_sq"),
+    "left": ("projector",),
+    "full": ("projector",),
+}
+
+
+# --------------------------------------------------------------------------- detection
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    return HAVE_DTENSOR and isinstance(t, DTensor)
+
+
+def is_row_sharded(t: Any) -> bool:
+    """Whether ``t`` is a DTensor sharded on dim 0 over some mesh dimension (FSDP2's layout)."""
+    return is_dtensor(t) and any(isinstance(pl, Shard) and pl.dim == 0 for pl in t.placements)
+
+
+def unsupported_placement(p: torch.Tensor) -> Optional[str]:
+    """None when the optimizers can step ``p``, else why not (placements other than
+    ``Shard(0)`` / ``Replicate()``, e.g. tensor parallelism's ``Shard(1)``)."""
+    if not is_dtensor(p):
+        return None
+    bad = [pl for pl in p.placements if not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0))]
+    if bad:
+        return (
+            f"DTensor placements {tuple(p.placements)} are not supported: the low-rank optimizers take "
+            "parameters sharded on dim 0 (FSDP2 fully_shard) or replicated"
+        )
+    return None
+
+
+def local(t: Any) -> Any:
+    """The local shard of a DTensor (a view that shares its storage); anything else as is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def local_rows(p: torch.Tensor) -> Tuple[int, int]:
+    """``(offset, count)`` of the rows of the global ``p`` that this rank holds."""
+    if not is_row_sharded(p):
+        return 0, p.shape[0]
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[0]), int(shape[0])
+
+
+def _partial_placements(p) -> list:
+    """``p``'s placements with every ``Shard(0)`` turned into a pending sum."""
+    return [Partial() if isinstance(pl, Shard) else Replicate() for pl in p.placements]
+
+
+def _replicate(t):
+    """A DTensor made ``Replicate`` on every mesh dim (all-reduces a ``Partial``); plain tensors as is."""
+    if not is_dtensor(t):
+        return t
+    if all(isinstance(pl, Replicate) for pl in t.placements):
+        return t
+    if any(isinstance(pl, Shard) for pl in t.placements):
+        raise ValueError(
+            f"expected a replicated (or pending-sum) DTensor of shape {tuple(t.shape)}, got placements "
+            f"{tuple(t.placements)}: replicating it would gather a sharded tensor"
+        )
+    return t.redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim)
+
+
+# --------------------------------------------------------------------------- optimizer hooks
+@contextlib.contextmanager
+def param_context(p: torch.Tensor) -> Iterator[None]:
+    """The context a parameter's low-rank step runs in: for a DTensor, DTensor's implicit
+    replication (plain tensors that every rank computed identically, such as seeded or
+    SVD projectors and identities, act as replicated DTensors); otherwise nothing."""
+    if is_dtensor(p):
+        install_op_handlers()
+        with implicit_replication():
+            yield
+    else:
+        yield
+
+
+def full_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """The full gradient as a plain tensor: for a sharded DTensor an all-gather of
+    ``m x n`` elements. Called at an SVD refresh only (never in the steady state)."""
+    return grad.full_tensor() if is_dtensor(grad) else grad
+
+
+def inf_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The max-norms of ``grads`` (one device) as a plain float32 vector, the same on every rank.
+
+    Plain tensors: one fused ``_foreach_norm``. DTensors (all of one mesh and
+    placements, as FSDP2 makes them): the local shards' max-norms, then **one**
+    all-reduce (max) of the vector, so every rank takes the same skip decision.
+    """
+    if not grads or not is_dtensor(grads[0]):
+        return torch.stack([n.to(torch.float32) for n in torch._foreach_norm(list(grads), float("inf"))])
+    locs = [g.to_local() for g in grads]
+    vec = torch.zeros(len(locs), dtype=torch.float32, device=locs[0].device)
+    full = [i for i, t in enumerate(locs) if t.numel() > 0]  # a shard may hold no row at all
+    if full:
+        norms = torch._foreach_norm([locs[i] for i in full], float("inf"))
+        vec[torch.tensor(full, device=vec.device)] = torch.stack([n.to(torch.float32) for n in norms])
+    vec = torch.nan_to_num(vec, nan=float("inf"))  # a max-reduction may drop NaN, never inf
+    g0 = grads[0]
+    mesh = g0.device_mesh
+    pending = [Partial("max") if isinstance(pl, Shard) else Replicate() for pl in g0.placements]
+    if all(isinstance(pl, Replicate) for pl in pending):
+        return vec
+    return DTensor.from_local(vec, mesh, pending, run_check=False).full_tensor()
+
+
+def place_state(p: torch.Tensor, state: Dict[str, Any], side: str, host_keys=frozenset()) -> None:
+    """Give the state of a DTensor parameter its placements, in place (no-op otherwise).
+
+    Row-aligned entries (:data:`ROW_STATE_KEYS` of ``side``: right-side moments,
+    left-side projector) that are still plain full tensors become DTensors with the
+    parameter's placements: a local slice, no communication. Pending sums
+    (``Partial``, e.g. a norm kept by APOLLO's limiter) are reduced to ``Replicate``.
+    Other plain tensors (replicated projectors and moments) stay plain.
+    """
+    if not is_dtensor(p):
+        return
+    rows = ROW_STATE_KEYS.get(side, ())
+    for key, value in list(state.items()):
+        if key in host_keys or not isinstance(value, torch.Tensor):
+            continue
+        if is_dtensor(value):
+            if any(isinstance(pl, Partial) for pl in value.placements):
+                value = state[key] = _replicate(value)
+            if (key in rows and value.dim() >= 1 and value.shape[0] == p.shape[0] and is_row_sharded(p)
+                    and all(isinstance(pl, Replicate) for pl in value.placements)):
+                state[key] = value.redistribute(p.device_mesh, p.placements)  # a local slice
+        elif key in rows and value.dim() >= 1 and value.shape[0] == p.shape[0] and is_row_sharded(p):
+            state[key] = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+
+
+def addcmul_(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
+    """``p.addcmul_(grad, coef)`` with ``coef`` either row-aligned (``m x 1``, sharded like
+    ``p``) or broadcast over the rows (``1 x n`` or 0-d, replicated), on the local rows.
+
+    (DTensor refuses the in-place op when a one-row weight is sharded, because it reads
+    the ``1 x n`` factor as a broadcast; here the roles are explicit.)
+    """
+    if not is_row_sharded(p):
+        p.addcmul_(grad, coef)
+        return
+    if is_row_sharded(coef):
+        c = coef.to_local()
+    else:
+        c = _to_local_rep(coef, "coef", "addcmul_", False)
+    p_l = p.to_local()
+    if p_l.shape[0] > 0:
+        p_l.addcmul_(grad.to_local(), c)
+
+
+# --------------------------------------------------------------------------- DTensor op handlers
+_ROW_IF_RIGHT = ("exp_avg", "exp_avg_sq", "update")
+_ROW_IF_LEFT = ("proj",)
+_ROW_ALWAYS = ("param", "grad")
+_DCT_OPS = (
+    "dct_project", "dct_project_adam", "dct_backproject_apply", "dct_project_update_backproject",
+)
+_PROJECTION_OPS = (
+    "projection_project_adam", "projection_backproject_apply", "projection_project_update_backproject",
+)
+_installed = False
+
+
+class ShardingError(ValueError):
+    """A lowrank_kernels op was called on DTensors in a layout it cannot serve shard-locally."""
+
+
+def _role(name: str, side: str) -> str:
+    if name in _ROW_ALWAYS:
+        return "row"
+    if name in _ROW_IF_RIGHT:
+        return "row" if side == "right" else "rep"
+    if name in _ROW_IF_LEFT:
+        return "row" if side == "left" else "rep"
+    return "rep"  # basis, indices
+
+
+def _to_local_row(t, name: str, row: torch.Tensor, opname: str, written: bool):
+    """The local rows of a row-aligned argument ``t`` of the op (``row`` is the sharded param/grad)."""
+    if is_dtensor(t) and not written and t.shape[0] == row.shape[0] and all(
+        isinstance(pl, Replicate) for pl in t.placements
+    ):
+        off, cnt = local_rows(row)  # replicated: every rank holds all rows, take ours (no communication)
+        return t.to_local()[off:off + cnt]
+    if is_dtensor(t):
+        if tuple(t.placements) != tuple(row.placements) or t.shape[0] != row.shape[0]:
+            raise ShardingError(
+                f"{opname}: {name} (shape {tuple(t.shape)}, placements {tuple(t.placements)}) must be sharded "
+                f"on dim 0 like the parameter (shape {tuple(row.shape)}, placements {tuple(row.placements)})"
+            )
+        return t.to_local()
+    if written:
+        raise ShardingError(
+            f"{opname}: {name} is written in place and must be a DTensor sharded like the parameter, got a plain "
+            f"tensor of shape {tuple(t.shape)} (lowrank_kernels.optim.distributed.place_state does this)"
+        )
+    if t.shape[0] != row.shape[0]:
+        raise ShardingError(f"{opname}: {name} has {t.shape[0]} rows, the parameter {row.shape[0]}")
+    off, cnt = local_rows(row)
+    return t[off:off + cnt]
+
+
+def _to_local_rep(t, name: str, opname: str, written: bool):
+    if not is_dtensor(t):
+        return t
+    if written and not all(isinstance(pl, Replicate) for pl in t.placements):
+        raise ShardingError(f"{opname}: {name} is written in place and must be replicated, got {tuple(t.placements)}")
+    try:
+        return _replicate(t).to_local()
+    except ValueError as e:
+        raise ShardingError(f"{opname}: {name}: {e}") from None
+
+
+def _wrap(out: torch.Tensor, like: Optional[torch.Tensor], mesh, row: bool, global_shape):
+    if like is None:
+        return out
+    if row:
+        return DTensor.from_local(out, mesh, like.placements, run_check=False, shape=torch.Size(global_shape),
+                                  stride=_contiguous_stride(global_shape))
+    return DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def _contiguous_stride(shape) -> Tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(tuple(shape)):
+        stride.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(stride))
+
+
+def _generic_handler(op_call, args, kwargs):
+    """Run a projection / DCT op on local shards (see the module docstring)."""
+    schema = op_call._schema
+    opname = schema.name.split("::")[-1]
+    bound = list(args) + [kwargs[a.name] for a in schema.arguments[len(args):] if a.name in kwargs]
+    names = [a.name for a in schema.arguments]
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    side = bound[names.index("side")]
+    dts = [a for a in bound if is_dtensor(a)]
+    mesh = dts[0].device_mesh
+    row = next((bound[names.index(n)] for n in _ROW_ALWAYS if n in names and is_row_sharded(bound[names.index(n)])),
+               None)
+    if row is not None and side == "left":
+        return _left_sharded(opname, names, bound, row, written)
+    local_args = []
+    for name, a in zip(names, bound):
+        if not isinstance(a, torch.Tensor):
+            local_args.append(a)
+        elif row is not None and _role(name, side) == "row":
+            local_args.append(_to_local_row(a, name, row, opname, name in written))
+        else:
+            local_args.append(_to_local_rep(a, name, opname, name in written))
+    returns = schema.returns
+    if row is not None and local_rows(row)[1] == 0:
+        # An empty shard (more ranks than rows): nothing to update, empty outputs.
+        if not returns:
+            return None
+        out = torch.empty((0,) + tuple(local_args[names.index("exp_avg")].shape[1:]) if "exp_avg" in names
+                          else (0, local_args[names.index("indices")].numel()),
+                          dtype=torch.float32, device=row.device)
+    elif row is not None and _local_rank_too_big(names, local_args, side):
+        # A shard with fewer rows than the rank (many ranks, small weight): the ops check
+        # 1 <= rank <= min(m, n) for their own (global) inputs, so run the reference math.
+        out = _reference(opname)(*local_args)
+    else:
+        out = op_call(*local_args)
+    if not returns:
+        return None
+    like = None
+    row_out = row is not None and side == "right"
+    if "exp_avg" in names:  # project_adam: N has the moments' layout
+        ref = bound[names.index("exp_avg")]
+        like = ref if is_dtensor(ref) else (row if row_out else dts[0])
+        gshape = ref.shape
+    else:  # dct_project: R is (m, r) on the right
+        like = row if row is not None else dts[0]
+        k = bound[names.index("indices")].numel()
+        gshape = (row.shape[0], k) if row_out else None
+    if row_out:
+        return _wrap(out, like, mesh, True, gshape)
+    return _wrap(out, like, mesh, False, None)
+
+
+def _all_reduce_rows(row, partial: torch.Tensor) -> torch.Tensor:
+    """Sum ``partial`` (a per-shard contribution) over the shards of ``row``: one all-reduce."""
+    mesh = row.device_mesh
+    return DTensor.from_local(partial, mesh, _partial_placements(row), run_check=False).redistribute(
+        mesh, [Replicate()] * mesh.ndim
+    ).to_local()
+
+
+def _left_projector_rows(opname, names, bound, row, off, cnt) -> torch.Tensor:
+    """This shard's rows of the left projector ``P`` (``m x r``), dense."""
+    if opname.startswith("dct_"):
+        basis = _to_local_rep(bound[names.index("basis")], "basis", opname, False)
+        idx = _to_local_rep(bound[names.index("indices")], "indices", opname, False)
+        # P = C[idx]^T: its rows are the basis columns off..off+cnt of the selected basis rows.
+        return basis.index_select(0, idx.long())[:, off:off + cnt].T
+    return _to_local_row(bound[names.index("proj")], "proj", row, opname, False)
+
+
+def _backproject_local(param_l, update, proj_l, alpha, decay) -> None:
+    """``param_l <- decay * param_l + alpha * proj_l @ update`` on this shard's rows."""
+    if param_l.shape[0] == 0:
+        return
+    r = proj_l.shape[1]
+    if r > min(param_l.shape[0], param_l.shape[1]):
+        _reference("projection_backproject_apply")(param_l, update, proj_l, "left", alpha, decay)
+    else:
+        torch.ops.lowrank_kernels.projection_backproject_apply.default(param_l, update, proj_l, "left", alpha, decay)
+
+
+def _left_sharded(opname, names, bound, row, written):
+    """A left-side op on a weight sharded on dim 0. ``R = P^T G = sum_i P_i^T G_i`` is a sum
+    over the shards: one all-reduce of ``r x n``; the Adam step then runs on the
+    replicated ``R`` (moments ``r x n``, replicated) and the back-projection
+    ``P_i N`` is row-local again."""
+    from lowrank_kernels.reference import projection as pref
+
+    def arg(n):
+        return bound[names.index(n)]
+
+    mesh = row.device_mesh
+    off, cnt = local_rows(row)
+    proj_l = _left_projector_rows(opname, names, bound, row, off, cnt)
+    if opname.endswith("backproject_apply"):
+        param_l = _to_local_row(arg("param"), "param", row, opname, True)
+        update = _to_local_rep(arg("update"), "update", opname, False)
+        _backproject_local(param_l, update, proj_l, arg("alpha"), arg("decay"))
+        return None
+    grad_l = _to_local_row(arg("grad"), "grad", row, opname, False)
+    acc = torch.float64 if torch.float64 in (grad_l.dtype, proj_l.dtype) else torch.float32
+    r_full = _all_reduce_rows(row, proj_l.to(acc).T @ grad_l.to(acc))  # r x n, the same on every rank
+    if opname == "dct_project":
+        return DTensor.from_local(r_full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    exp_avg = _to_local_rep(arg("exp_avg"), "exp_avg", opname, True)
+    exp_avg_sq = _to_local_rep(arg("exp_avg_sq"), "exp_avg_sq", opname, True)
+    if exp_avg.dtype == torch.float64:
+        r_full = r_full.to(torch.float64)
+    # The reference's Adam on R (float32 math, N rounded to the moments' dtype), as the fused ops.
+    n_lr = pref.adam_moments_(r_full, exp_avg, exp_avg_sq, arg("beta1"), arg("beta2"), arg("eps")).to(exp_avg.dtype)
+    if opname.endswith("project_adam"):
+        return DTensor.from_local(n_lr, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    # project_update_backproject: param <- (1 - lr wd) param - step_size * scale * P N
+    param_l = _to_local_row(arg("param"), "param", row, opname, True)
+    step_size = pref.adam_step_size(arg("lr"), arg("beta1"), arg("beta2"), arg("step"))
+    _backproject_local(param_l, n_lr, proj_l, -step_size * arg("scale"), 1.0 - arg("lr") * arg("weight_decay"))
+    return None
+
+
+def _local_rank_too_big(names, local_args, side) -> bool:
+    row_t = local_args[names.index("param" if "param" in names else "grad")]
+    if "indices" in names:
+        rank = local_args[names.index("indices")].numel()
+    else:
+        proj = local_args[names.index("proj")]
+        rank = proj.shape[0] if side == "right" else proj.shape[1]
+    return rank > min(row_t.shape[0], row_t.shape[1])
+
+
+def _reference(opname: str):
+    from lowrank_kernels.ops import _registry
+
+    return _registry.OPS[opname].reference
+
+
+def sharded_project(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
+    """``R = G P^T`` (right) or ``P^T G`` (left) for a gradient sharded on dim 0.
+
+    Right: each shard computes its rows (``P`` replicated), no communication; the
+    result is sharded like ``G``. Left: each shard computes ``P_i^T G_i`` with its rows
+    of ``P`` and one all-reduce sums them; the result is replicated. (Written out rather
+    than left to DTensor's matmul strategies, which may pick an all-gather of ``G``
+    for unevenly sharded inputs.)
+    """
+    opname = "project"
+    g = grad.to_local()
+    mesh = grad.device_mesh
+    if side == "right":
+        p = _to_local_rep(proj, "proj", opname, False)
+        out = g @ p.T
+        shape = (grad.shape[0], p.shape[0])
+        return DTensor.from_local(out, mesh, grad.placements, run_check=False, shape=torch.Size(shape),
+                                  stride=_contiguous_stride(shape))
+    p_rows = _to_local_row(proj, "proj", grad, opname, False)
+    out = _all_reduce_rows(grad, p_rows.T @ g)
+    return DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def _dct_scores_local(grad_local, basis_local, side, norm):
+    return torch.ops.lowrank_kernels.dct_scores.default(grad_local, basis_local, side, norm)
+
+
+def _combine_scores(p, local_scores: torch.Tensor, norm: int) -> torch.Tensor:
+    """Per-shard column norms -> global column norms: one all-reduce of the score vector."""
+    mesh = p.device_mesh
+    part = local_scores if norm == 1 else local_scores.square()
+    total = DTensor.from_local(part, mesh, _partial_placements(p), run_check=False).redistribute(
+        mesh, [Replicate()] * mesh.ndim
+    ).to_local()
+    return total if norm == 1 else total.sqrt()
+
+
+def _dct_scores_handler(op_call, args, kwargs):
+    """``dct_scores`` on a row-sharded gradient (right side): the local column norms,
+    then one all-reduce of the length-``n`` score vector."""
+    grad, basis, side, norm = (list(args) + [kwargs.get(k) for k in ("grad", "basis", "side", "norm")[len(args):]])[:4]
+    opname = op_call._schema.name.split("::")[-1]
+    if not is_row_sharded(grad):
+        out = op_call(_to_local_rep(grad, "grad", opname, False), _to_local_rep(basis, "basis", opname, False),
+                      side, norm)
+        return _wrap(out, grad if is_dtensor(grad) else basis, (grad if is_dtensor(grad) else basis).device_mesh,
+                     False, None)
+    basis_l = _to_local_rep(basis, "basis", opname, False)
+    g = grad.to_local()
+    if side != "right":
+        # score_i = ||(C G)[i, :]||_p needs C G = sum_i C[:, rows_i] G_i before the norm: an
+        # all-reduce of the s x n score matrix (gradient-sized). proj_type="right" avoids it.
+        off, cnt = local_rows(grad)
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        s_full = _all_reduce_rows(grad, basis_l[:, off:off + cnt].to(acc) @ g.to(acc))
+        out = torch.linalg.vector_norm(s_full, ord=norm, dim=1)
+        return DTensor.from_local(out, grad.device_mesh, [Replicate()] * grad.device_mesh.ndim, run_check=False)
+    if g.shape[0] == 0:
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        scores = torch.zeros(basis_l.shape[0], dtype=acc, device=g.device)
+    else:
+        scores = _dct_scores_local(g, basis_l, side, norm)
+    out = _combine_scores(grad, scores, norm)
+    return DTensor.from_local(out, grad.device_mesh, [Replicate()] * grad.device_mesh.ndim, run_check=False)
+
+
+def _dct_score_topk_handler(op_call, args, kwargs):
+    """``dct_score_topk`` on a row-sharded gradient: all-reduced scores, then the same
+    deterministic top-k as the op (descending, ties to the lower index)."""
+    grad, basis, k, side, norm = (list(args) + [kwargs.get(x) for x in ("grad", "basis", "k", "side", "norm")[len(args):]])[:5]
+    opname = op_call._schema.name.split("::")[-1]
+    if not is_row_sharded(grad):
+        out = op_call(_to_local_rep(grad, "grad", opname, False), _to_local_rep(basis, "basis", opname, False),
+                      k, side, norm)
+        mesh_src = grad if is_dtensor(grad) else basis
+        return _wrap(out, mesh_src, mesh_src.device_mesh, False, None)
+    scores = _dct_scores_handler(torch.ops.lowrank_kernels.dct_scores.default, (grad, basis, side, norm), {})
+    from lowrank_kernels.reference.dct import topk_indices
+
+    idx = topk_indices(scores.to_local(), k)
+    return DTensor.from_local(idx, grad.device_mesh, [Replicate()] * grad.device_mesh.ndim, run_check=False)
+
+
+def install_op_handlers() -> None:
+    """Register the DTensor handlers of the ``lowrank_kernels`` projection and DCT ops (idempotent).
+
+    Uses ``DTensor._op_dispatcher._custom_op_handlers`` (the hook torch's own loss
+    parallelism uses): a handler sees the DTensor arguments, checks their placements,
+    runs the op on the local shards and wraps the outputs.
+    """
+    global _installed
+    if _installed or not HAVE_DTENSOR:
+        return
+    import lowrank_kernels.ops  # noqa: F401  (defines the ops)
+
+    lib = torch.ops.lowrank_kernels
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    for name in _PROJECTION_OPS + _DCT_OPS:
+        if hasattr(lib, name):
+            handlers[getattr(lib, name).default] = _generic_handler
+    if hasattr(lib, "dct_scores"):
+        handlers[lib.dct_scores.default] = _dct_scores_handler
+    if hasattr(lib, "dct_score_topk"):
+        handlers[lib.dct_score_topk.default] = _dct_score_topk_handler
+    _installed = True
+
+
+__all__ = [
+    "is_dtensor",
+    "is_row_sharded",
+    "unsupported_placement",
+    "local",
+    "local_rows",
+    "param_context",
+    "full_gradient",
+    "sharded_project",
+    "addcmul_",
+    "inf_norms",
+    "place_state",
+    "install_op_handlers",
+    "ShardingError",
+    "ROW_STATE_KEYS",
+]
