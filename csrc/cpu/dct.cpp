@@ -26,7 +26,11 @@
 namespace lowrank_kernels {
 namespace {
 
-constexpr int64_t kPanelElems = 1 << 18;  // ~1 MiB of float per panel
+// Panels of about 4M elements (16 MiB of float) and at least 256 rows / columns: big
+// enough that each panel GEMM runs at full BLAS speed (the basis is re-read once per
+// panel), bounded so that S never exists in full for large layers.
+constexpr int64_t kPanelElems = 1 << 22;
+constexpr int64_t kMinPanel = 256;
 
 at::ScalarType acc_type(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
@@ -43,7 +47,7 @@ bool is_right(c10::string_view side) {
   return side == "right";
 }
 
-int64_t panel_len(int64_t other) { return std::max<int64_t>(1, kPanelElems / std::max<int64_t>(1, other)); }
+int64_t panel_len(int64_t other) { return std::max<int64_t>(kMinPanel, kPanelElems / std::max<int64_t>(1, other)); }
 
 // ----------------------------------------------------------------------------- scores
 template <typename acc_t>
