@@ -37,6 +37,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Autotuning on GPU (one tuning per problem shape). LOWRANK_KERNELS_TRITON_AUTOTUNE=0, or
+# ``AUTOTUNE = False`` on this module, launches one fixed config instead (GPU tests).
+AUTOTUNE = os.environ.get("LOWRANK_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _fixed_config(M, N):
+    """128x128x64 tiles (64 along a dimension below 128), 8 warps, 3 stages."""
+    bm = 128 if M >= 128 else 64
+    bn = 128 if N >= 128 else 64
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8 if bm * bn >= 16384 else 4,
+                         num_stages=3)
+
+
 def _configs():
     if _interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
@@ -177,19 +190,21 @@ def _gemm(a, b, out, M, N, K, sa, sb, so, *, epilogue, reduce_rows=False, idx=No
           dot_from=None):
     dot_dtype, ieee = _dot_dtype(dot_from)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _dct_gemm_kernel[grid](
-        a, b, idx if idx is not None else a, out,
-        M, N, K,
-        sa[0], sa[1], sb[0], sb[1], so[0], so[1],
+    args = (a, b, idx if idx is not None else a, out, M, N, K, sa[0], sa[1], sb[0], sb[1], so[0], so[1])
+    meta = dict(
         EPILOGUE=epilogue, REDUCE_ROWS=reduce_rows, GATHER_A=gather_a, GATHER_B=gather_b,
         IDX64=_needs_int64(a, b, out), DOT_DTYPE=dot_dtype, IEEE=ieee,
     )
+    if AUTOTUNE:
+        _dct_gemm_kernel[grid](*args, **meta)
+    else:  # the heuristics-wrapped kernel under the autotuner, with one config
+        _dct_gemm_kernel.fn[grid](*args, **meta, **_fixed_config(M, N).all_kwargs())
 
 
 def _partial_rows(M, N, reduce_rows):
     # Upper bound over the configs of the number of tiles along the reduced dimension:
     # the partial buffer is sized for the smallest block of any config.
-    smallest = min(c.kwargs["BLOCK_M" if reduce_rows else "BLOCK_N"] for c in _configs())
+    smallest = min(c.kwargs["BLOCK_M" if reduce_rows else "BLOCK_N"] for c in _configs() + [_fixed_config(1, 1)])
     return triton.cdiv(M if reduce_rows else N, smallest)
 
 

@@ -405,3 +405,96 @@ def test_state_of_projector_is_indices_only():
     assert D1.basis is D2.basis
     assert not D1.indices.is_floating_point() and D1.indices.numel() == 8
     assert dct_ops.basis_size(64, 40, "right") == 40 and dct_ops.basis_size(64, 40, "left") == 64
+
+
+# --------------------------------------------------------------------------- Triton launch paths
+def _triton_or_skip():
+    reason = reg.why_unavailable(reg.OPS["dct_scores"], "triton", torch.device("cpu"))
+    if reason is not None and not torch.cuda.is_available():
+        pytest.skip(reason)
+
+
+def test_triton_fixed_config_path(monkeypatch):
+    """AUTOTUNE off (LOWRANK_KERNELS_TRITON_AUTOTUNE=0) launches the one fixed config: same results."""
+    _triton_or_skip()
+    from lowrank_kernels.kernels import dct as kd
+
+    monkeypatch.setattr(kd, "AUTOTUNE", False)
+    g = make_grad(70, 150, torch.float32, transposed=True)
+    with use_backend("reference"):
+        r = ops.dct_scores(g, side="left", norm=2)
+        rr = ops.dct_project(g, ops.DCTProjector(ops.dct_basis(150), torch.tensor([3, 149, 0])), side="right")
+    with use_backend("triton"):
+        o = ops.dct_scores(g, side="left", norm=2)
+        oo = ops.dct_project(g, ops.DCTProjector(ops.dct_basis(150), torch.tensor([3, 149, 0])), side="right")
+    assert rel_err(o, r) < 1e-5 and rel_err(oo, rr) < 1e-5
+
+
+# --------------------------------------------------------------------------- CUDA (compiled kernels)
+needs_compiled = pytest.mark.skipif(
+    reg.triton_interpreting(), reason="compiled-kernel tests: run them with `TRITON_INTERPRET=0 pytest -m gpu`"
+)
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.gpu
+@needs_compiled
+@pytest.mark.parametrize(
+    "dtype,side,norm,m,n", [(BF16, "right", 1, 300, 257), (BF16, "left", 2, 123, 77), (FP16, "left", 1, 257, 300),
+                            (FP32, "right", 2, 123, 77)]
+)
+def test_gpu_scores_vs_reference(dtype, side, norm, m, n, monkeypatch):
+    from lowrank_kernels.kernels import dct as kd
+
+    monkeypatch.setattr(kd, "AUTOTUNE", False)  # one compile per case
+    g = torch.randn(n, m, device="cuda").to(dtype).T  # transposed view
+    s = order(side, m, n)
+    k = s // 3 + 1
+    with use_backend("reference"):
+        r = ops.dct_scores(g, side=side, norm=norm)
+    with use_backend("triton"):
+        o = ops.dct_scores(g, side=side, norm=norm)
+        idx = ops.dct_score_topk(g, k, side=side, norm=norm)
+    # Same rounded inputs (16-bit products are exact in fp32): only the summation order differs.
+    assert rel_err(o, r) < 1e-5
+    check_selection(idx.cpu(), k, r.cpu(), o.cpu())
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_gpu_bf16_selection_vs_float64_autotuned():
+    """At a realistic size, bf16 tensor-core scoring picks (almost) the float64 top-k."""
+    g = torch.randn(1024, 2816, device="cuda", dtype=BF16)
+    k = 256
+    with use_backend("triton"):
+        idx = ops.dct_score_topk(g, k, side="left")
+    with use_backend("reference"):
+        exact = ops.dct_score_topk(g.double(), k, side="left")  # float64 basis and math
+    overlap = len(set(idx.tolist()) & set(exact.tolist())) / k
+    assert overlap >= 0.97, overlap
+
+
+@pytest.mark.gpu
+@needs_compiled
+@pytest.mark.parametrize("side", SIDES)
+def test_gpu_gathered_fused_step_vs_dense(side, monkeypatch):
+    from lowrank_kernels.kernels import projection as kp
+
+    if hasattr(kp, "AUTOTUNE"):
+        monkeypatch.setattr(kp, "AUTOTUNE", False)
+    m, n, rank = 190, 130, 33
+    s = order(side, m, n)
+    D = ops.DCTProjector(ops.dct_basis(s, BF16, "cuda"), torch.randperm(s, device="cuda")[:rank].int())
+    g = torch.randn(m, n, device="cuda", dtype=BF16)
+    w0 = torch.randn(m, n, device="cuda", dtype=BF16)
+    lshape = ops.low_rank_shape(m, n, rank, side)
+    ea0, eas0 = 0.1 * torch.randn(lshape, device="cuda"), 0.1 * torch.rand(lshape, device="cuda")
+    outs = []
+    for proj, be in ((D.dense(side), "reference"), (D, "triton")):
+        w, ea, eas = w0.clone(), ea0.clone(), eas0.clone()
+        with use_backend(be):
+            ops.project_update_backproject_(w, g, proj, ea, eas, side=side, lr=0.01, step=2, weight_decay=0.1)
+        outs.append((w, ea))
+    (rw, rea), (ow, oea) = outs
+    assert rel_err(oea, rea) < 1e-5
+    assert rel_err(ow.double() - w0.double(), rw.double() - w0.double()) < 4 * TOL[BF16]
