@@ -18,6 +18,7 @@ import torch
 
 from lowrank_kernels import ops
 
+from . import distributed as _dist
 from .base import LowRankOptimizer
 from .frugal import FrugalAdamW
 
@@ -46,6 +47,7 @@ def reindex_moments_(
     shape = (1, r) if side == "right" else (r, 1)
     keep = keep.view(shape)
     for t in (exp_avg, exp_avg_sq):
+        t = _dist.local(t)  # FSDP2: the re-indexed dim is never the sharded one (rows of m)
         moved = t.index_select(dim, src)
         t.copy_(torch.where(keep, moved, torch.zeros((), dtype=t.dtype, device=t.device)))
 

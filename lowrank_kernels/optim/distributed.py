@@ -215,6 +215,11 @@ _DCT_OPS = (
 _PROJECTION_OPS = (
     "projection_project_adam", "projection_backproject_apply", "projection_project_update_backproject",
 )
+#: Q-GaLore's packed INT4 projector (``packed``, ``scale``, ``minimum``: replicated on the right;
+#: on the left this shard's rows are dequantized, the packing groups do not follow rows).
+_INT4_OPS = (
+    "quant_int4_project_adam", "quant_int4_backproject_apply", "quant_int4_project_update_backproject",
+)
 _installed = False
 
 
@@ -348,6 +353,13 @@ def _all_reduce_rows(row, partial: torch.Tensor) -> torch.Tensor:
 
 def _left_projector_rows(opname, names, bound, row, off, cnt) -> torch.Tensor:
     """This shard's rows of the left projector ``P`` (``m x r``), dense."""
+    if opname.startswith("quant_int4_"):
+        packed, scale, minimum = (_to_local_rep(bound[names.index(k)], k, opname, False)
+                                  for k in ("packed", "scale", "minimum"))
+        shape = [row.shape[0], bound[names.index("rank")]]
+        dense = torch.ops.lowrank_kernels.quant_int4_unpack.default(
+            packed, scale, minimum, shape, torch.float32, bound[names.index("group_size")])
+        return dense[off:off + cnt]
     if opname.startswith("dct_"):
         basis = _to_local_rep(bound[names.index("basis")], "basis", opname, False)
         idx = _to_local_rep(bound[names.index("indices")], "indices", opname, False)
@@ -401,7 +413,8 @@ def _left_sharded(opname, names, bound, row, written):
     # project_update_backproject: param <- (1 - lr wd) param - step_size * scale * P N
     param_l = _to_local_row(arg("param"), "param", row, opname, True)
     step_size = pref.adam_step_size(arg("lr"), arg("beta1"), arg("beta2"), arg("step"))
-    _backproject_local(param_l, n_lr, proj_l, -step_size * arg("scale"), 1.0 - arg("lr") * arg("weight_decay"))
+    scale = arg("scale_factor") if "scale_factor" in names else arg("scale")
+    _backproject_local(param_l, n_lr, proj_l, -step_size * scale, 1.0 - arg("lr") * arg("weight_decay"))
     return None
 
 
@@ -409,6 +422,8 @@ def _local_rank_too_big(names, local_args, side) -> bool:
     row_t = local_args[names.index("param" if "param" in names else "grad")]
     if "indices" in names:
         rank = local_args[names.index("indices")].numel()
+    elif "rank" in names:
+        rank = local_args[names.index("rank")]
     else:
         proj = local_args[names.index("proj")]
         rank = proj.shape[0] if side == "right" else proj.shape[1]
@@ -459,8 +474,10 @@ def _combine_scores(p, local_scores: torch.Tensor, norm: int) -> torch.Tensor:
 
 
 def _dct_scores_handler(op_call, args, kwargs):
-    """``dct_scores`` on a row-sharded gradient (right side): the local column norms,
-    then one all-reduce of the length-``n`` score vector."""
+    """``dct_scores`` on a row-sharded gradient. Right side: the local column norms, then
+    one all-reduce of the length-``n`` score vector. Left side: an all-reduce of the
+    ``s x n`` score matrix (gradient-sized; ``proj_type="right"`` avoids it). The result
+    is a plain tensor, the same on every rank (small, and index math on it stays plain)."""
     grad, basis, side, norm = (list(args) + [kwargs.get(k) for k in ("grad", "basis", "side", "norm")[len(args):]])[:4]
     opname = op_call._schema.name.split("::")[-1]
     if not is_row_sharded(grad):
@@ -476,20 +493,19 @@ def _dct_scores_handler(op_call, args, kwargs):
         off, cnt = local_rows(grad)
         acc = torch.float64 if g.dtype == torch.float64 else torch.float32
         s_full = _all_reduce_rows(grad, basis_l[:, off:off + cnt].to(acc) @ g.to(acc))
-        out = torch.linalg.vector_norm(s_full, ord=norm, dim=1)
-        return DTensor.from_local(out, grad.device_mesh, [Replicate()] * grad.device_mesh.ndim, run_check=False)
+        return torch.linalg.vector_norm(s_full, ord=norm, dim=1)
     if g.shape[0] == 0:
         acc = torch.float64 if g.dtype == torch.float64 else torch.float32
         scores = torch.zeros(basis_l.shape[0], dtype=acc, device=g.device)
     else:
         scores = _dct_scores_local(g, basis_l, side, norm)
-    out = _combine_scores(grad, scores, norm)
-    return DTensor.from_local(out, grad.device_mesh, [Replicate()] * grad.device_mesh.ndim, run_check=False)
+    return _combine_scores(grad, scores, norm)
 
 
 def _dct_score_topk_handler(op_call, args, kwargs):
     """``dct_score_topk`` on a row-sharded gradient: all-reduced scores, then the same
-    deterministic top-k as the op (descending, ties to the lower index)."""
+    deterministic top-k as the op (descending, ties to the lower index); plain int32
+    indices, the same on every rank."""
     grad, basis, k, side, norm = (list(args) + [kwargs.get(x) for x in ("grad", "basis", "k", "side", "norm")[len(args):]])[:5]
     opname = op_call._schema.name.split("::")[-1]
     if not is_row_sharded(grad):
@@ -500,8 +516,7 @@ def _dct_score_topk_handler(op_call, args, kwargs):
     scores = _dct_scores_handler(torch.ops.lowrank_kernels.dct_scores.default, (grad, basis, side, norm), {})
     from lowrank_kernels.reference.dct import topk_indices
 
-    idx = topk_indices(scores.to_local(), k)
-    return DTensor.from_local(idx, grad.device_mesh, [Replicate()] * grad.device_mesh.ndim, run_check=False)
+    return topk_indices(scores, k)
 
 
 def install_op_handlers() -> None:
@@ -518,7 +533,7 @@ def install_op_handlers() -> None:
 
     lib = torch.ops.lowrank_kernels
     handlers = DTensor._op_dispatcher._custom_op_handlers
-    for name in _PROJECTION_OPS + _DCT_OPS:
+    for name in _PROJECTION_OPS + _DCT_OPS + _INT4_OPS:
         if hasattr(lib, name):
             handlers[getattr(lib, name).default] = _generic_handler
     if hasattr(lib, "dct_scores"):

@@ -46,7 +46,7 @@ def _groups(model, **low):
 
 
 def configs():
-    from lowrank_kernels.optim import APOLLOAdamW, FrugalAdamW, GaLoreAdamW
+    from lowrank_kernels.optim import APOLLOAdamW, FrugalAdamW, GaLoreAdamW, QGaLoreAdamW
 
     cfgs = {
         "galore": lambda m: GaLoreAdamW(_groups(m, rank=2, update_proj_gap=GAP, scale=0.5), lr=LR, weight_decay=0.1),
@@ -60,13 +60,17 @@ def configs():
             _groups(m, density=0.4, update_proj_gap=GAP, projection="random", update="sgd"), lr=LR),
         "frugal_columns": lambda m: FrugalAdamW(
             _groups(m, density=0.4, update_proj_gap=GAP, projection="columns"), lr=LR),
+        # INT4 projector (float weights): groups of 8 values so the small projectors hold several.
+        "qgalore_int4": lambda m: QGaLoreAdamW(
+            _groups(m, rank=2, update_proj_gap=GAP, quant_group_size=8), lr=LR, weight_decay=0.1),
     }
     try:
         from lowrank_kernels.optim import DCTAdamW  # noqa: F401
     except ImportError:
         DCTAdamW = None
     if DCTAdamW is not None:
-        cfgs["dct_right"] = lambda m: DCTAdamW(_groups(m, rank=2, update_proj_gap=GAP, proj_type="right"), lr=LR)
+        cfgs["dct_right"] = lambda m: DCTAdamW(
+            _groups(m, rank=2, update_proj_gap=GAP, proj_type="right", moment_refresh="reindex"), lr=LR)
         cfgs["dct_std_l2"] = lambda m: DCTAdamW(_groups(m, rank=2, update_proj_gap=GAP, norm=2), lr=LR)
         cfgs["frugal_dct"] = lambda m: FrugalAdamW(
             _groups(m, density=0.4, update_proj_gap=GAP, projection="dct"), lr=LR)
@@ -161,6 +165,45 @@ def check_parity(name, make_opt, rank, ws, results):
     err = rel_change_err(full_params(model), ref, init)
     results[f"fsdp_parity[{name}]"] = [err < TOL, f"rel err {err:.2e} (tol {TOL:.0e})"]
     results[f"fsdp_comm[{name}]"] = [True, comm.per_step]
+
+
+def check_qlinear_ddp(rank, ws, results):
+    """Q-GaLore on INT8 QLinear weights under DDP == single process (same SR seeds on every rank).
+
+    (FSDP2 does not apply: it would shard the QLinear's gradient placeholder, not its INT8 storage.)
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lowrank_kernels.nn import QLinear, quantize_linear_layers
+    from lowrank_kernels.optim import QGaLoreAdamW
+
+    def model_fn():
+        m = make_model()
+        quantize_linear_layers(m, group_size=16)
+        return m
+
+    def make_opt(m):
+        return QGaLoreAdamW(_groups(m, rank=2, update_proj_gap=GAP, quant_group_size=8), lr=LR)
+
+    def weights(m):
+        out = []
+        for mod in m.modules():
+            if isinstance(mod, QLinear):
+                out += [mod.dequantized_weight(torch.float32), mod.bias.detach().clone()]
+        return out
+
+    x, y = batch()
+    lo, hi = rank * x.shape[0] // ws, (rank + 1) * x.shape[0] // ws
+    single = model_fn()
+    init = weights(single)
+    train(single, make_opt(single), x, y, STEPS)
+    ref = weights(single)
+    ddp = DDP(model_fn(), init_sync=False)  # the initial broadcast cannot write the stride-0 placeholder
+    train(ddp, make_opt(ddp.module), x[lo:hi], y[lo:hi], STEPS)
+    err = rel_change_err(weights(ddp.module), ref, init)
+    # INT8 storage: a last-bit difference in the update can move a stochastic rounding by one
+    # step of the group's scale, so the bound is the rounding step relative to the change.
+    results["qlinear_ddp"] = [err < 0.05, f"rel err {err:.2e} (tol 5e-2)"]
 
 
 def check_checkpoint(name, make_opt, rank, ws, ckpt_dir, results):
@@ -260,6 +303,7 @@ def worker(rank, ws, port, outdir, names):
             except Exception:
                 results[f"ddp_parity[{name}]"] = results[f"fsdp_parity[{name}]"] = [False, traceback.format_exc()]
         for name, fn in (("nonfinite_skip", lambda: check_nonfinite(rank, ws, results)),
+                         ("qlinear_ddp", lambda: check_qlinear_ddp(rank, ws, results)),
                          ("placement_error", lambda: check_placement_error(results))):
             if name in names.get("extra", []):
                 try:

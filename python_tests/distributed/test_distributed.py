@@ -2,7 +2,8 @@
 
 One ``torch.multiprocessing`` spawn per module (``_worker.worker``) runs every check;
 the tests below read its per-rank results. Checks, for GaLore (exact, randomized SVD,
-``full``), DCT (right, std), APOLLO (+Mini) and FRUGAL (svd, random+sgd, columns, dct):
+``full``), DCT (right with moment re-indexing, std with L2 scores), APOLLO (+Mini),
+FRUGAL (svd, random+sgd, columns, dct) and Q-GaLore (INT4 projector, float weights):
 
 - parity: ``STEPS`` steps across a refresh (gap 2) under DDP and under FSDP2 (every Linear
   ``fully_shard``-ed, rows split 9/8, 5/5, 2/1 and 1/0) equal single-process training on
@@ -14,7 +15,8 @@ the tests below read its per-rank results. Checks, for GaLore (exact, randomized
 - torch.distributed.checkpoint: 2 steps, save, 2 steps (across a refresh) == load into a
   fresh model/optimizer + 2 steps, exactly; the projected moments are saved sharded;
 - a NaN in one rank's shard makes every rank skip that parameter; tensor-parallel
-  placements are refused with a clear error.
+  placements are refused with a clear error; Q-GaLore on INT8 QLinear weights under DDP
+  equals single-process training.
 """
 import json
 import os
@@ -28,11 +30,11 @@ from . import _worker
 WORLD = 2
 PARITY = [
     "galore", "galore_right_lowrank", "galore_full", "apollo", "apollo_mini",
-    "frugal_svd", "frugal_random_sgd", "frugal_columns", "dct_right", "dct_std_l2", "frugal_dct",
+    "frugal_svd", "frugal_random_sgd", "frugal_columns", "dct_right", "dct_std_l2", "frugal_dct", "qgalore_int4",
 ]
-CHECKPOINT = ["galore", "apollo", "frugal_svd", "dct_std_l2"]
-EXTRA = ["nonfinite_skip", "placement_error"]
-SVD_BASED = {"galore", "galore_right_lowrank", "galore_full", "frugal_svd"}
+CHECKPOINT = ["galore", "apollo", "frugal_svd", "dct_std_l2", "qgalore_int4"]
+EXTRA = ["nonfinite_skip", "placement_error", "qlinear_ddp"]
+SVD_BASED = {"galore", "galore_right_lowrank", "galore_full", "frugal_svd", "qgalore_int4"}
 N_PROJECTED = 4  # weights in the low-rank groups of _worker._groups
 
 
