@@ -25,7 +25,7 @@ deps: $(DEPS_STAMP)
 # Builds lowrank_kernels._C with ninja; serialized by a lock so that parallel
 # invocations in one tree do not race on build/.
 $(EXT_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
-	flock .venv/.build-lock $(PY) -m pip install --no-build-isolation --no-deps -e .
+	flock .venv/.build-lock $(PY) -m pip install --no-build-isolation --no-deps --use-pep517 -e .
 	touch $@
 
 build: $(EXT_STAMP)
