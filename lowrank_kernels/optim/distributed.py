@@ -1,39 +1,47 @@
 """DDP and FSDP2 (DTensor) support for the low-rank optimizers.
 
 **DDP** needs nothing: gradients are already all-reduced and parameters are plain
-tensors, so every rank runs the same step on the same numbers.
+tensors, so every rank runs the same step on the same numbers. (Q-GaLore's INT8
+``QLinear`` weights: build DDP with ``init_sync=False`` and the same seed on every
+rank; DDP's initial broadcast cannot write the stride-0 gradient placeholder.)
 
 **FSDP2** (``torch.distributed.fsdp.fully_shard``) turns each parameter into a
 ``DTensor`` sharded on dim 0 (HSDP: ``(Replicate(), Shard(0))``). An ``m x n``
-weight is split into row blocks ``W_i`` (``m_i x n``), and so is its gradient. The
-optimizers run on these shards with no full-parameter gather in the steady state:
+weight is split into row blocks ``W_i`` (``m_i x n``, possibly uneven or empty), and
+so is its gradient. The optimizers step on these shards, with no full-parameter
+gather:
 
 - **right side** (projector ``P``, ``r x n``, replicated): ``R_i = G_i P^T`` and
-  ``back(N)_i = N_i P`` are row-local, the moments (``m x r``) are sharded on dim 0
+  ``back(N)_i = N_i P`` are row-local; the moments (``m x r``) are sharded on dim 0
   like the weight. **No communication** per step.
-- **left side** (``P``, ``m x r``, its rows sharded like the weight):
-  ``R = P^T G = sum_i P_i^T G_i`` needs a sum over the shards: **one all-reduce of
-  ``r x n`` per step** (DTensor's ``Partial -> Replicate``). The moments (``r x n``)
-  are replicated; ``back(N)_i = P_i N`` is row-local again. Pass
-  ``proj_type="right"`` to make every weight shard-local (``"std"`` picks the left
-  side for wide weights, ``m < n``).
-- **refresh**: APOLLO and FRUGAL ``random`` / ``columns`` draw their projection from
-  a seed that every rank shares (no communication); an exact or randomized SVD needs
-  the full gradient: :func:`full_gradient` all-gathers it (``m x n``), **at a refresh
-  only**, and every rank computes the same SVD of the same numbers.
-- **DCT selection** all-reduces the score vector (length ``n``, right side) instead
-  of gathering the gradient (:func:`_dct_scores_handler`).
+- **left side** (``P``, ``m x r``, stored sharded like the weight):
+  ``R = P^T G = sum_i P_i^T G_i`` is summed over the shards, **one all-reduce of
+  ``r x n`` per step**; the moments (``r x n``) are replicated; ``back(N)_i = P_i N``
+  is row-local again. ``proj_type="right"`` makes every weight shard-local
+  (``"std"`` picks the left side for wide weights, ``m < n``).
+- **refresh**: APOLLO and FRUGAL ``random`` / ``columns`` regenerate their projection
+  from a seed every rank shares (no communication). An SVD (GaLore / Q-GaLore
+  ``svd="exact"`` or ``"lowrank"``, FRUGAL ``"svd"``) needs the whole gradient:
+  :func:`full_gradient` all-gathers it (``m x n``), **at a refresh only**, and every
+  rank computes the same SVD of the same numbers. DCT selection all-reduces the
+  score vector (length ``n``, right side); on the left side the ``s x n`` score
+  matrix (gradient-sized), so use ``proj_type="right"`` with DCT.
+- the non-finite check: one all-reduce (max) of one value per parameter per step,
+  so every rank skips the same parameters.
 
-How it is wired: the optimizer step runs each sharded parameter under
-:func:`param_context` (DTensor's implicit replication, so the plain projectors that
-every rank computed identically act as replicated DTensors); plain PyTorch math on
-DTensors (``G @ P.T``, norms, ``sign``) is sharded by DTensor itself; the
-``lowrank_kernels`` ops get DTensor handlers (:func:`install_op_handlers`) that check
-the placements, run the op on the local shards and wrap the results. A placement
-the handlers cannot serve without moving the full gradient raises a ``ValueError``
-that says what to change, instead of gathering silently. :func:`place_state` keeps
-the row-aligned state (right-side moments, left-side projector) sharded like the
-weight, so ``torch.distributed.checkpoint`` saves it sharded.
+How it is wired: ``LowRankOptimizer.step`` runs each low-rank parameter under
+:func:`param_context` (DTensor's implicit replication: the plain projectors that
+every rank computed identically act as replicated DTensors); elementwise math and
+norms on DTensors are sharded by DTensor itself; the projection ``G P^T`` / ``P^T G``
+is written out (:func:`sharded_project`); the ``lowrank_kernels`` projection, DCT and
+INT4-projector ops get DTensor handlers (:func:`install_op_handlers`) that check the
+placements, run the op on the local shards (left side: the ``r x n`` all-reduce, then
+the Adam step on the replicated ``R``) and wrap the results. A layout the handlers
+cannot serve raises :class:`ShardingError` instead of gathering silently.
+:func:`place_state` keeps the row-aligned state (right-side moments, left-side
+projector) sharded like the weight, so ``torch.distributed.checkpoint`` saves it
+sharded and resumes on the same world size. Placements other than ``Shard(0)`` /
+``Replicate()`` (tensor parallelism) are refused when the param group is added.
 """
 from __future__ import annotations
 
@@ -140,9 +148,9 @@ def full_gradient(grad: torch.Tensor) -> torch.Tensor:
 def inf_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """The max-norms of ``grads`` (one device) as a plain float32 vector, the same on every rank.
 
-    Plain tensors: one fused ``_foreach_norm``. DTensors (all of one mesh and
-    placements, as FSDP2 makes them): the local shards' max-norms, then **one**
-    all-reduce (max) of the vector, so every rank takes the same skip decision.
+    Plain tensors: one fused ``_foreach_norm``. DTensors: the local shards' max-norms,
+    then **one** all-reduce (max) per distinct mesh and placements (FSDP2: one in
+    all), so every rank takes the same skip decision.
     """
     if not grads or not is_dtensor(grads[0]):
         return torch.stack([n.to(torch.float32) for n in torch._foreach_norm(list(grads), float("inf"))])
@@ -153,12 +161,17 @@ def inf_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         norms = torch._foreach_norm([locs[i] for i in full], float("inf"))
         vec[torch.tensor(full, device=vec.device)] = torch.stack([n.to(torch.float32) for n in norms])
     vec = torch.nan_to_num(vec, nan=float("inf"))  # a max-reduction may drop NaN, never inf
-    g0 = grads[0]
-    mesh = g0.device_mesh
-    pending = [Partial("max") if isinstance(pl, Shard) else Replicate() for pl in g0.placements]
-    if all(isinstance(pl, Replicate) for pl in pending):
-        return vec
-    return DTensor.from_local(vec, mesh, pending, run_check=False).full_tensor()
+    layouts: Dict[tuple, list] = {}
+    for i, g in enumerate(grads):
+        layouts.setdefault((id(g.device_mesh), tuple(g.placements)), []).append(i)
+    for members in layouts.values():
+        g0 = grads[members[0]]
+        pending = [Partial("max") if isinstance(pl, Shard) else Replicate() for pl in g0.placements]
+        if all(isinstance(pl, Replicate) for pl in pending):
+            continue
+        idx = torch.tensor(members, device=vec.device)
+        vec[idx] = DTensor.from_local(vec[idx], g0.device_mesh, pending, run_check=False).full_tensor()
+    return vec
 
 
 def place_state(p: torch.Tensor, state: Dict[str, Any], side: str, host_keys=frozenset()) -> None:
