@@ -170,13 +170,12 @@ def run(ctx: Ctx) -> None:
         for kernel in ("step", "project_adam", "backproject_apply"):
             flops, nbytes = counts(m, n, rank, esize, kernel)
             provs = providers + (["torch-2gemm"] if kernel == "step" else [])
-            for provider in provs:
-                if ctx.quick and kernel != "step" and provider == "reference":
-                    continue
-                s = _clone_state(c)
-                ctx.measure(SUITE, kernel, provider, lambda: run_op(kernel, provider, s, HP), flops=flops,
-                            nbytes=nbytes, check=check(kernel, provider), shape=shape, rank=rank)
-                del s
+            provs = [p for p in provs if not (ctx.quick and kernel != "step" and p == "reference")]
+            states = {p: _clone_state(c) for p in provs}  # each provider mutates its own copy
+            ctx.measure_many(SUITE, kernel, {
+                p: dict(fn=(lambda p=p: run_op(kernel, p, states[p], HP)), flops=flops, nbytes=nbytes,
+                        check=check(kernel, p)) for p in provs}, shape=shape, rank=rank)
+            del states
         del c
         free_memory(ctx.device)
 

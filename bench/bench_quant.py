@@ -108,14 +108,15 @@ def _step(ctx: Ctx, Int4Projector) -> None:
                                         b["param"].double() - c["param"].double())), ctx.dtype)
         except Exception as e:  # noqa: BLE001
             chk = f"check failed to run: {type(e).__name__}: {short(e, 80)}"
-        for name, proj, check in ((dense_name, c["proj"], ""), (int4_name, q, chk)):
-            s = BP._clone_state(c)
-            flops, nbytes = BP.counts(m, n, rank, c["grad"].element_size(), "step")
-            ctx.measure(SUITE, "step", name,
-                        lambda: ops.project_update_backproject_(s["param"], s["grad"], proj, s["exp_avg"],
-                                                                s["exp_avg_sq"], side=side, **hp),
-                        flops=flops, nbytes=nbytes, check=check, **kw)
-            del s
+        flops, nbytes = BP.counts(m, n, rank, c["grad"].element_size(), "step")
+
+        def step_fn(proj, s):
+            return lambda: ops.project_update_backproject_(s["param"], s["grad"], proj, s["exp_avg"], s["exp_avg_sq"],
+                                                           side=side, **hp)
+
+        ctx.measure_many(SUITE, "step", {
+            name: dict(fn=step_fn(proj, BP._clone_state(c)), flops=flops, nbytes=nbytes, check=check)
+            for name, proj, check in ((dense_name, c["proj"], ""), (int4_name, q, chk))}, **kw)
         del c, q
         free_memory(ctx.device)
     ctx.set_baseline(SUITE, dense_name, kernels=["step"])

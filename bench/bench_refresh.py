@@ -98,15 +98,15 @@ def run(ctx: Ctx) -> None:
                     dtype="fp32", time_kw=dict(min_reps=2, max_reps=20), **kw)
         flops = 2.0 * m * n * min(m, n)
         nbytes = (m * n + min(m, n) ** 2) * g.element_size()
-        ctx.measure(SUITE, KERNEL, "dct-unfused", lambda: unfused_dct_topk(g, basis, rank, side), flops=flops,
-                    nbytes=nbytes, check=_check(unfused_dct_topk(g, basis, rank, side), truth), **kw)
+        cases = {"dct-unfused": dict(fn=lambda: unfused_dct_topk(g, basis, rank, side), flops=flops, nbytes=nbytes,
+                                     check=_check(unfused_dct_topk(g, basis, rank, side), truth))}
         if ours:
             try:
                 chk = _check(fn(g, rank, side=side, norm=1), truth)
-            except Exception as e:  # noqa: BLE001 - measure() records the failure below
+            except Exception as e:  # noqa: BLE001 - measure_many() records the failure
                 chk = f"check failed to run: {type(e).__name__}"
-            ctx.measure(SUITE, KERNEL, ours, lambda: fn(g, rank, side=side, norm=1), flops=flops, nbytes=nbytes,
-                        check=chk, **kw)
+            cases[ours] = dict(fn=lambda: fn(g, rank, side=side, norm=1), flops=flops, nbytes=nbytes, check=chk)
+        ctx.measure_many(SUITE, KERNEL, cases, **kw)
         del g, basis, truth
         free_memory(dev)
 
@@ -127,10 +127,10 @@ def _stack(ctx: Ctx, fn, ours, rank: int) -> None:
     stack = ctx.sizes.stack
     rank = min(ctx.sizes.stack_rank, rank)
     dev, dt = ctx.device, ctx.dtype
-    ctx.log(f"  refresh stack {stack.label()} ({stack.numel / 1e6:.0f}M params) r{rank}")
+    ctx.log(f"  refresh stack {stack.label()} ({stack.numel / 1e6:.3g}M params) r{rank}")
     grads = [torch.randn(m, n, device=dev, dtype=dt) for m, n in stack.shapes()]
     bases = {s: dct_basis(s, dt, dev) for s in {min(m, n) for m, n in stack.shapes()}}
-    kw = dict(shape=stack.label(), rank=rank, note=f"{len(grads)} matrices, {stack.numel / 1e6:.0f}M params")
+    kw = dict(shape=stack.label(), rank=rank, note=f"{len(grads)} matrices, {stack.numel / 1e6:.3g}M params")
 
     def each(f):
         def run_all():
@@ -143,10 +143,10 @@ def _stack(ctx: Ctx, fn, ours, rank: int) -> None:
                     dtype="fp32", time_kw=dict(warmup=0, min_reps=1, max_reps=3), **kw)
     ctx.measure(SUITE, STACK_KERNEL, "svd-lowrank", each(lambda g: torch.svd_lowrank(g.float(), q=rank, niter=2)),
                 dtype="fp32", time_kw=dict(min_reps=1, max_reps=5), **kw)
-    ctx.measure(SUITE, STACK_KERNEL, "dct-unfused",
-                each(lambda g: unfused_dct_topk(g, bases[min(g.shape)], rank, side_of(*g.shape))), **kw)
+    cases = {"dct-unfused": dict(fn=each(lambda g: unfused_dct_topk(g, bases[min(g.shape)], rank, side_of(*g.shape))))}
     if ours:
-        ctx.measure(SUITE, STACK_KERNEL, ours, each(lambda g: fn(g, rank, side=side_of(*g.shape), norm=1)), **kw)
+        cases[ours] = dict(fn=each(lambda g: fn(g, rank, side=side_of(*g.shape), norm=1)))
+    ctx.measure_many(SUITE, STACK_KERNEL, cases, **kw)
     del grads, bases
     free_memory(dev)
 
@@ -166,7 +166,7 @@ def _targets(ctx: Ctx, ours) -> None:
     ctx.target(SUITE, f"{ours} vs dct-unfused at {shape}", ctx.ratio(SUITE, KERNEL, ours, "dct-unfused", shape), 1.3,
                applies=full)
     row = ctx.find(SUITE, STACK_KERNEL, ours)
-    ctx.target(SUITE, f"{ours} whole-stack refresh ({ctx.sizes.stack.numel / 1e6:.0f}M params)",
+    ctx.target(SUITE, f"{ours} whole-stack refresh ({ctx.sizes.stack.numel / 1e6:.3g}M params)",
                None if row is None else row.median_ms, 2.0, higher_is_better=False,
                applies=gpu and ctx.sizes.stack.layers == 4, unit=" ms")
 

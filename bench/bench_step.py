@@ -28,7 +28,7 @@ SUITE = "step"
 def run(ctx: Ctx) -> None:
     stack = ctx.sizes.stack
     kw = dict(shape=stack.label(), rank=ctx.sizes.stack_rank)
-    ctx.log(f"  step: stack {stack.label()} ({stack.numel / 1e6:.0f}M params), rank {ctx.sizes.stack_rank}")
+    ctx.log(f"  step: stack {stack.label()} ({stack.numel / 1e6:.3g}M params), rank {ctx.sizes.stack_rank}")
     params = O.make_params(ctx)
     memory = ctx.shared.setdefault("optimizer_memory", {})
     for name in progress(O.OPTIMIZERS, "step", ctx):

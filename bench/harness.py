@@ -400,6 +400,57 @@ class Ctx:
         return self.add(Row(suite=suite, kernel=kernel, provider=provider, median_ms=t.median_ms, p20_ms=t.p20_ms,
                             p80_ms=t.p80_ms, reps=t.reps, check=check, note=note, **kw), flops=flops, nbytes=nbytes)
 
+    def measure_many(self, suite: str, kernel: str, cases: Dict[str, dict], **kw) -> Dict[str, Optional[Row]]:
+        """Time several providers of one kernel and record a row each (a skip row on failure).
+
+        ``cases`` maps a provider to ``dict(fn=..., flops=, nbytes=, check=, note=)``. On CPU the
+        providers are timed interleaved, one call of each per round (rotating the order), so
+        that a shared machine's changing load falls on all of them alike; on CUDA each is timed
+        on its own (the GPU is not shared).
+        """
+        kw = dict(kw)
+        shared_note = kw.pop("note", "")
+        cases = {n: dict(c, note="; ".join(x for x in (c.get("note", ""), shared_note) if x)) for n, c in cases.items()}
+        if self.device.type == "cuda" or len(cases) < 2:
+            return {name: self.measure(suite, kernel, name, c["fn"], **{k: v for k, v in c.items() if k != "fn"},
+                                       **kw) for name, c in cases.items()}
+        rows: Dict[str, Optional[Row]] = {}
+        try:
+            self.check_budget()
+        except BudgetExceeded as e:
+            for name in cases:
+                self.skip(suite, kernel, name, str(e), **kw)
+                rows[name] = None
+            return rows
+        probe: Dict[str, float] = {}
+        for name, c in cases.items():  # warm-up, then a timed probe call each
+            try:
+                c["fn"]()
+                t = time.perf_counter()
+                c["fn"]()
+                probe[name] = (time.perf_counter() - t) * 1e3
+            except Exception as e:  # noqa: BLE001 - a broken provider must not stop the others
+                self.skip(suite, kernel, name, f"failed: {type(e).__name__}: {short(e)}", **kw)
+                rows[name] = None
+        names = list(probe)
+        times: Dict[str, List[float]] = {n: [probe[n]] for n in names}
+        if names:
+            rounds = int(min(200, max(3, self.budget_s * 1e3 * len(names) / max(sum(probe.values()), 1e-4))))
+            if self.tiny:
+                rounds = min(rounds, 3)
+            for i in range(rounds - 1):
+                for n in names[i % len(names):] + names[:i % len(names)]:
+                    t = time.perf_counter()
+                    cases[n]["fn"]()
+                    times[n].append((time.perf_counter() - t) * 1e3)
+        for n in names:
+            t = summarize(times[n])
+            c = cases[n]
+            rows[n] = self.add(Row(suite=suite, kernel=kernel, provider=n, median_ms=t.median_ms, p20_ms=t.p20_ms,
+                                   p80_ms=t.p80_ms, reps=t.reps, check=c.get("check", ""), note=c.get("note", ""),
+                                   **kw), flops=c.get("flops"), nbytes=c.get("nbytes"))
+        return rows
+
     def find(self, suite: str, kernel: str, provider: str, shape: Optional[str] = None,
              rank: Optional[int] = None) -> Optional[Row]:
         for r in self.rows:
