@@ -269,6 +269,23 @@ def check_nonfinite(rank, ws, results):
                                      f"skips={opt.nonfinite_skips}, state={sorted(opt.state[w])}"]
 
 
+def check_layerwise_fsdp(rank, ws, results):
+    """layerwise (steps inside backward, FSDP2's post-accumulate-grad hooks) == single process."""
+    from lowrank_kernels.optim import GaLoreAdamW, layerwise
+
+    x, y = batch()
+    lo, hi = rank * x.shape[0] // ws, (rank + 1) * x.shape[0] // ws
+    single = make_model()
+    init = [p.detach().clone() for p in single.parameters()]
+    train(single, GaLoreAdamW(_groups(single, rank=2, update_proj_gap=GAP), lr=LR), x, y, STEPS)
+    ref = [p.detach().clone() for p in single.parameters()]
+    model = fsdp_model()
+    lw = layerwise(_groups(model, rank=2, update_proj_gap=GAP), lambda g: GaLoreAdamW(g, lr=LR))
+    train(model, lw, x[lo:hi], y[lo:hi], STEPS)
+    err = rel_change_err(full_params(model), ref, init)
+    results["layerwise_fsdp"] = [err < TOL, f"rel err {err:.2e} (tol {TOL:.0e})"]
+
+
 def check_placement_error(results):
     """Tensor-parallel placements (Shard(1)) are refused with a clear error, before any step."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -304,6 +321,7 @@ def worker(rank, ws, port, outdir, names):
                 results[f"ddp_parity[{name}]"] = results[f"fsdp_parity[{name}]"] = [False, traceback.format_exc()]
         for name, fn in (("nonfinite_skip", lambda: check_nonfinite(rank, ws, results)),
                          ("qlinear_ddp", lambda: check_qlinear_ddp(rank, ws, results)),
+                         ("layerwise_fsdp", lambda: check_layerwise_fsdp(rank, ws, results)),
                          ("placement_error", lambda: check_placement_error(results))):
             if name in names.get("extra", []):
                 try:

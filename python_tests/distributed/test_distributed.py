@@ -16,7 +16,7 @@ FRUGAL (svd, random+sgd, columns, dct) and Q-GaLore (INT4 projector, float weigh
   fresh model/optimizer + 2 steps, exactly; the projected moments are saved sharded;
 - a NaN in one rank's shard makes every rank skip that parameter; tensor-parallel
   placements are refused with a clear error; Q-GaLore on INT8 QLinear weights under DDP
-  equals single-process training.
+  and ``layerwise`` GaLore under FSDP2 equal single-process training.
 """
 import json
 import os
@@ -33,7 +33,7 @@ PARITY = [
     "frugal_svd", "frugal_random_sgd", "frugal_columns", "dct_right", "dct_std_l2", "frugal_dct", "qgalore_int4",
 ]
 CHECKPOINT = ["galore", "apollo", "frugal_svd", "dct_std_l2", "qgalore_int4"]
-EXTRA = ["nonfinite_skip", "placement_error", "qlinear_ddp"]
+EXTRA = ["nonfinite_skip", "placement_error", "qlinear_ddp", "layerwise_fsdp"]
 SVD_BASED = {"galore", "galore_right_lowrank", "galore_full", "frugal_svd", "qgalore_int4"}
 N_PROJECTED = 4  # weights in the low-rank groups of _worker._groups
 
