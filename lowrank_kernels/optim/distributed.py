@@ -163,7 +163,7 @@ def inf_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     vec = torch.nan_to_num(vec, nan=float("inf"))  # a max-reduction may drop NaN, never inf
     layouts: Dict[tuple, list] = {}
     for i, g in enumerate(grads):
-        layouts.setdefault((id(g.device_mesh), tuple(g.placements)), []).append(i)
+        layouts.setdefault((g.device_mesh, tuple(g.placements)), []).append(i)  # meshes compare by value
     for members in layouts.values():
         g0 = grads[members[0]]
         pending = [Partial("max") if isinstance(pl, Shard) else Replicate() for pl in g0.placements]
