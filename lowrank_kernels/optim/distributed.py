@@ -46,7 +46,7 @@ sharded and resumes on the same world size. Placements other than ``Shard(0)`` /
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -145,21 +145,38 @@ def full_gradient(grad: torch.Tensor) -> torch.Tensor:
     return grad.full_tensor() if is_dtensor(grad) else grad
 
 
-def inf_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The max-norms of ``grads`` (one device) as a plain float32 vector, the same on every rank.
+def _probe_norms(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """One float32 value per tensor that is finite exactly when the tensor is finite.
 
-    Plain tensors: one fused ``_foreach_norm``. DTensors: the local shards' max-norms,
-    then **one** all-reduce (max) per distinct mesh and placements (FSDP2: one in
-    all), so every rank takes the same skip decision.
+    The fused L2 norm is the fast path (the max-norm is an order of magnitude slower
+    on CPU). Its sum of squares can overflow for a finite tensor with huge elements
+    (about 1e19 in float32), so a non-finite L2 norm is re-checked with the exact
+    max-norm, for those tensors only: the answer is exact either way.
+    """
+    norms = [n.to(torch.float32) for n in torch._foreach_norm(tensors, 2)]
+    flags = torch.stack(norms).isfinite()
+    if bool(flags.all()):
+        return norms
+    for i in (~flags).nonzero().flatten().tolist():
+        norms[i] = torch.linalg.vector_norm(tensors[i], float("inf")).to(torch.float32)
+    return norms
+
+
+def inf_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One float32 per gradient, finite exactly when the gradient is, the same on every rank.
+
+    Plain tensors: one fused ``_foreach_norm`` (see :func:`_probe_norms`). DTensors:
+    the local shards' values, then **one** all-reduce (max) per distinct mesh and
+    placements (FSDP2: one in all), so every rank takes the same skip decision.
     """
     if not grads or not is_dtensor(grads[0]):
-        return torch.stack([n.to(torch.float32) for n in torch._foreach_norm(list(grads), float("inf"))])
+        return torch.stack(_probe_norms(list(grads)))
     locs = [g.to_local() for g in grads]
     vec = torch.zeros(len(locs), dtype=torch.float32, device=locs[0].device)
     full = [i for i, t in enumerate(locs) if t.numel() > 0]  # a shard may hold no row at all
     if full:
-        norms = torch._foreach_norm([locs[i] for i in full], float("inf"))
-        vec[torch.tensor(full, device=vec.device)] = torch.stack([n.to(torch.float32) for n in norms])
+        norms = _probe_norms([locs[i] for i in full])
+        vec[torch.tensor(full, device=vec.device)] = torch.stack(norms)
     vec = torch.nan_to_num(vec, nan=float("inf"))  # a max-reduction may drop NaN, never inf
     layouts: Dict[tuple, list] = {}
     for i, g in enumerate(grads):
