@@ -35,6 +35,7 @@ test: build
 
 bench: build
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.readme
 
 clean:
 	rm -rf build *.egg-info lowrank_kernels/*.so $(EXT_STAMP)

@@ -81,9 +81,9 @@ def _derived(ctx: Ctx, name: str, steady: Row, refresh: Row, note: str, kw: dict
 
 def _targets(ctx: Ctx) -> None:
     full = ctx.device.type == "cuda" and ctx.sizes.stack.layers == 4 and ctx.dtype == torch.bfloat16
-    ctx.target(SUITE, "ours-GaLoreAdamW step (no refresh) vs torch-adamw-fused",
-               ctx.ratio(SUITE, "step", "ours-GaLoreAdamW", O.BASELINE), 1.0, applies=full)
-    ctx.target(SUITE, "ours-GaLoreAdamW step (no refresh) vs galore-torch",
+    # Not an issue's target: the project's own bar, not slower than the official package.
+    # (No goal against fused AdamW: a projected step does two GEMMs that AdamW does not.)
+    ctx.target(SUITE, "ours-GaLoreAdamW step (no refresh) vs galore-torch (project goal, not from an issue)",
                ctx.ratio(SUITE, "step", "ours-GaLoreAdamW", "galore-torch"), 1.0, applies=full)
 
 

@@ -648,7 +648,7 @@ def format_table(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
     ts = [t for t in ctx.targets if t.suite in suites]
     if ts:
         lines.append("")
-        lines.append("== targets (from the issues; printed, not asserted) ==")
+        lines.append("== targets (from the issues unless marked; printed, not asserted) ==")
         for t in ts:
             op = ">=" if t.higher_is_better else "<="
             meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
@@ -692,7 +692,7 @@ def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
                        f"{spread} | {vs} | {rate} | {fmt_bytes(r.bytes) if r.median_ms is None else ''} | {extra} |")
     ts = [t for t in ctx.targets if t.suite in suites]
     if ts:
-        out += ["", "**Targets** (from the issues; printed, not asserted)", ""]
+        out += ["", "**Targets** (from the issues unless marked; printed, not asserted)", ""]
         for t in ts:
             op = ">=" if t.higher_is_better else "<="
             meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
