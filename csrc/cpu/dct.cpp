@@ -84,7 +84,7 @@ void accumulate_rows(const at::Tensor& sp, std::vector<double>& score, int norm)
   });
 }
 
-at::Tensor dct_scores_cpu(const at::Tensor& grad, const at::Tensor& basis, c10::string_view side, int64_t norm) {
+at::Tensor dct_scores_2d(const at::Tensor& grad, const at::Tensor& basis, c10::string_view side, int64_t norm) {
   TORCH_CHECK(norm == 1 || norm == 2, "dct_scores: norm must be 1 or 2, got ", norm);
   TORCH_CHECK(grad.dim() == 2 && basis.dim() == 2, "dct_scores: grad and basis must be 2-D");
   const bool right = is_right(side);
@@ -124,6 +124,19 @@ at::Tensor dct_scores_cpu(const at::Tensor& grad, const at::Tensor& basis, c10::
   return out;
 }
 
+// A 3-D grad (batch x m x n) is scored matrix by matrix: batch x s scores.
+at::Tensor dct_scores_cpu(const at::Tensor& grad, const at::Tensor& basis, c10::string_view side, int64_t norm) {
+  if (grad.dim() != 3) return dct_scores_2d(grad, basis, side, norm);
+  std::vector<at::Tensor> rows;
+  rows.reserve(grad.size(0));
+  for (int64_t b = 0; b < grad.size(0); ++b) rows.push_back(dct_scores_2d(grad.select(0, b), basis, side, norm));
+  if (rows.empty()) {
+    const int64_t s = is_right(side) ? grad.size(2) : grad.size(1);
+    return at::empty({0, s}, grad.options().dtype(acc_type(grad, basis)));
+  }
+  return at::stack(rows);
+}
+
 template <typename scalar_t>
 at::Tensor topk_indices(const at::Tensor& scores, int64_t k) {
   const int64_t s = scores.size(0);
@@ -150,9 +163,17 @@ at::Tensor topk_indices(const at::Tensor& scores, int64_t k) {
 at::Tensor dct_score_topk_cpu(const at::Tensor& grad, const at::Tensor& basis, int64_t k, c10::string_view side,
                               int64_t norm) {
   const at::Tensor scores = dct_scores_cpu(grad, basis, side, norm);
-  TORCH_CHECK(k >= 1 && k <= scores.size(0), "dct_score_topk: k must be between 1 and ", scores.size(0), ", got ", k);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "dct_score_topk_cpu", [&] { out = topk_indices<scalar_t>(scores, k); });
+  const int64_t s = scores.size(-1);
+  TORCH_CHECK(k >= 1 && k <= s, "dct_score_topk: k must be between 1 and ", s, ", got ", k);
+  if (scores.dim() == 1) {
+    at::Tensor out;
+    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "dct_score_topk_cpu", [&] { out = topk_indices<scalar_t>(scores, k); });
+    return out;
+  }
+  at::Tensor out = at::empty({scores.size(0), k}, scores.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "dct_score_topk_cpu", [&] {
+    for (int64_t b = 0; b < scores.size(0); ++b) out.select(0, b).copy_(topk_indices<scalar_t>(scores.select(0, b), k));
+  });
   return out;
 }
 

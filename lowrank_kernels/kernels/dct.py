@@ -86,6 +86,7 @@ def _dct_gemm_kernel(
     a_ptr, b_ptr, idx_ptr, out_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_o0, stride_o1,
+    stride_ab, stride_bb, stride_ob,  # batch strides (0 for an operand shared by the batch)
     EPILOGUE: tl.constexpr,  # 0: store the tile, 1: sum |.|, 2: sum of squares
     REDUCE_ROWS: tl.constexpr,  # scoring: reduce over the tile's rows (True) or columns
     GATHER_A: tl.constexpr,
@@ -97,6 +98,11 @@ def _dct_gemm_kernel(
     EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    # Batch (a 3-D gradient): one grid row per matrix, int64 batch offsets.
+    pid_b = tl.program_id(1).to(tl.int64)
+    a_ptr += pid_b * stride_ab
+    b_ptr += pid_b * stride_bb
+    out_ptr += pid_b * stride_ob
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     # Grouped ordering: GROUP_M row-tiles share their B column panels in L2.
@@ -187,13 +193,13 @@ def _needs_int64(*tensors) -> bool:
 
 
 def _gemm(a, b, out, M, N, K, sa, sb, so, *, epilogue, reduce_rows=False, idx=None, gather_a=False, gather_b=False,
-          dot_from=None):
+          dot_from=None, batch=1, batch_strides=(0, 0, 0), spans=None):
     dot_dtype, ieee = _dot_dtype(dot_from)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    args = (a, b, idx if idx is not None else a, out, M, N, K, sa[0], sa[1], sb[0], sb[1], so[0], so[1])
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), batch)  # noqa: E731
+    args = (a, b, idx if idx is not None else a, out, M, N, K, sa[0], sa[1], sb[0], sb[1], so[0], so[1], *batch_strides)
     meta = dict(
         EPILOGUE=epilogue, REDUCE_ROWS=reduce_rows, GATHER_A=gather_a, GATHER_B=gather_b,
-        IDX64=_needs_int64(a, b, out), DOT_DTYPE=dot_dtype, IEEE=ieee,
+        IDX64=_needs_int64(*(spans if spans is not None else (a, b, out))), DOT_DTYPE=dot_dtype, IEEE=ieee,
     )
     if AUTOTUNE:
         _dct_gemm_kernel[grid](*args, **meta)
@@ -209,20 +215,29 @@ def _partial_rows(M, N, reduce_rows):
 
 
 def dct_scores_triton(grad, basis, side, norm):
-    m, n = grad.shape
+    batched = grad.dim() == 3
+    g3 = grad if batched else grad.unsqueeze(0)
+    nb, m, n = g3.shape
+    gs = g3.stride()
     if side == "right":  # S = G C^T (m x n), score per column
-        a, sa = grad, grad.stride()
+        a, sa = g3, gs[1:]
         b, sb = basis, (basis.stride(1), basis.stride(0))
         M, N, K, reduce_rows, s = m, n, n, True, n
+        ab, bb = gs[0], 0
     else:  # S = C G (m x n), score per row
         a, sa = basis, basis.stride()
-        b, sb = grad, grad.stride()
+        b, sb = g3, gs[1:]
         M, N, K, reduce_rows, s = m, n, m, False, m
+        ab, bb = 0, gs[0]
     # Zero-filled: tiles that a config does not produce add nothing to the sum.
-    part = torch.zeros((_partial_rows(M, N, reduce_rows), s), dtype=torch.float32, device=grad.device)
-    _gemm(a, b, part, M, N, K, sa, sb, part.stride(), epilogue=norm, reduce_rows=reduce_rows,
-          dot_from=grad)
-    scores = part.sum(0)
+    part = torch.zeros((nb, _partial_rows(M, N, reduce_rows), s), dtype=torch.float32, device=grad.device)
+    if nb > 0 and M > 0 and N > 0:
+        _gemm(a, b, part, M, N, K, sa, sb, part.stride()[1:], epilogue=norm, reduce_rows=reduce_rows,
+              dot_from=grad, batch=nb, batch_strides=(ab, bb, part.stride(0)),
+              spans=(g3[0], basis, part[0]))
+    scores = part.sum(1)
+    if not batched:
+        scores = scores[0]
     if norm == 2:
         scores = scores.sqrt()
     if grad.dtype == torch.float64 or basis.dtype == torch.float64:

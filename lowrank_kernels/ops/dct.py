@@ -91,11 +91,17 @@ def _basis_dtype(grad_dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- validation
-def _check_grad_basis(op, grad, basis, side):
+def _check_grad_basis(op, grad, basis, side, batched=False):
     C.check_side(side, op)
     C.check_float(grad, "grad", op)
-    C.check_ndim(grad, "grad", op, 2)
-    m, n = grad.shape
+    if batched:
+        C.fail_value(
+            grad.dim() in (2, 3), op,
+            f"grad must be 2-D (m, n) or 3-D (batch, m, n), got shape {tuple(grad.shape)}",
+        )
+    else:
+        C.check_ndim(grad, "grad", op, 2)
+    m, n = grad.shape[-2:]
     s = basis_size(m, n, side)
     C.check_float(basis, "basis", op)
     C.check_shape(basis, "basis", op, (s, s), f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
@@ -125,12 +131,12 @@ def _check_indices(op, indices, m, n, s, side, max_rank=None):
 
 
 def validate_scores(grad, basis, side, norm, *, op="dct_scores"):
-    _check_grad_basis(op, grad, basis, side)
+    _check_grad_basis(op, grad, basis, side, batched=True)
     _check_norm(op, norm)
 
 
 def validate_score_topk(grad, basis, k, side, norm, *, op="dct_score_topk"):
-    _, _, s = _check_grad_basis(op, grad, basis, side)
+    _, _, s = _check_grad_basis(op, grad, basis, side, batched=True)
     _check_norm(op, norm)
     C.fail_value(1 <= k <= s, op, f"k ({k}) must be between 1 and the basis order {s}")
 
@@ -193,12 +199,12 @@ def _acc_dtype(*tensors):
 
 
 def _fake_scores(grad, basis, side, norm):
-    s = basis_size(grad.shape[0], grad.shape[1], side)
-    return grad.new_empty((s,), dtype=_acc_dtype(grad, basis))
+    s = basis_size(grad.shape[-2], grad.shape[-1], side)
+    return grad.new_empty((*grad.shape[:-2], s), dtype=_acc_dtype(grad, basis))
 
 
 def _fake_score_topk(grad, basis, k, side, norm):
-    return grad.new_empty((k,), dtype=ref.INDEX_DTYPE)
+    return grad.new_empty((*grad.shape[:-2], k), dtype=ref.INDEX_DTYPE)
 
 
 def _fake_project(grad, basis, indices, side):
@@ -299,10 +305,13 @@ class DCTProjector(NamedTuple):
 def _default_basis(grad: torch.Tensor, side, basis: Optional[torch.Tensor], op: str) -> torch.Tensor:
     if basis is not None:
         return basis
+    if isinstance(grad, torch.Tensor) and grad.dim() in (2, 3) and side in C.SIDES and grad.dtype in C.FLOAT_DTYPES:
+        # Fast path (the op validates everything again): no torch._check calls here.
+        return dct_basis(basis_size(grad.shape[-2], grad.shape[-1], side), grad.dtype, grad.device)
     C.check_side(side, op)
     C.check_float(grad, "grad", op)
-    C.check_ndim(grad, "grad", op, 2)
-    return dct_basis(basis_size(grad.shape[0], grad.shape[1], side), _basis_dtype(grad.dtype), grad.device)
+    C.fail_value(grad.dim() in (2, 3), op, f"grad must be 2-D (m, n) or 3-D (batch, m, n), got shape {tuple(grad.shape)}")
+    return dct_basis(basis_size(grad.shape[-2], grad.shape[-1], side), _basis_dtype(grad.dtype), grad.device)
 
 
 def dct_scores(grad: torch.Tensor, *, side: str, norm: int = 1, basis: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -312,6 +321,9 @@ def dct_scores(grad: torch.Tensor, *, side: str, norm: int = 1, basis: Optional[
     ``side="left"``: ``score_i = ||(C G)[i, :]||_p`` (``C`` of order ``m``); ``p = norm``
     (1 or 2). Returns a float32 vector (float64 for float64 input) of the basis order.
     ``basis`` defaults to the cached :func:`dct_basis` in the gradient's dtype.
+
+    Batched: a 3-D ``grad`` (``batch x m x n``, e.g. the stacked gradients of every
+    layer of one shape) gives ``batch x s`` scores in one kernel launch.
     """
     _check_norm("dct_scores", norm)
     basis = _default_basis(grad, side, basis, "dct_scores")
@@ -330,7 +342,9 @@ def dct_score_topk(
     """The ``k`` DCT basis vectors best aligned with the gradient, as int32 indices.
 
     Scores as :func:`dct_scores`; the result is ordered by descending score, ties broken
-    by the lower index (so a zero gradient gives ``0, 1, ..., k-1``). On CUDA the score
+    by the lower index (so a zero gradient gives ``0, 1, ..., k-1``). A 3-D ``grad``
+    (``batch x m x n``) gives ``batch x k`` indices from one launch (``return_lowrank``
+    needs a 2-D ``grad``). On CUDA the score
     matrix ``S`` (``m x n``) is never written to memory: the Triton kernel reduces each
     GEMM tile's ``|S|`` (or ``S^2``) in its epilogue.
 
@@ -349,6 +363,7 @@ def dct_score_topk(
     idx = score_topk_op(grad, basis, k, side, norm)
     if not return_lowrank:
         return idx
+    C.fail_value(grad.dim() == 2, "dct_score_topk", "return_lowrank=True needs a 2-D grad")
     return idx, project_op(grad, basis, idx, side)
 
 

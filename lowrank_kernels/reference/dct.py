@@ -6,6 +6,7 @@ DCT-II basis of size ``s`` (rows are the cosine waveforms), ``s = n`` for
 
 - scores: ``side="right"``: ``S = G C^T`` (``m x n``), ``score_j = ||S[:, j]||_p``;
   ``side="left"``: ``S = C G`` (``m x n``), ``score_i = ||S[i, :]||_p``; ``p`` is 1 or 2.
+  A 3-D ``G`` (``batch x m x n``) is scored matrix by matrix (``batch x s`` scores).
 - top-k: the ``k`` indices of the largest scores, ordered by descending score, ties
   broken by the lower index (a stable descending sort); NaN scores sort first, as in
   ``torch.sort``. Returned as int32.
@@ -45,8 +46,8 @@ def score_matrix(grad: torch.Tensor, basis: torch.Tensor, side: str, acc: torch.
 
 def dct_scores_ref(grad, basis, side, norm):
     acc = pref.compute_dtype(grad, basis)
-    s = score_matrix(grad, basis, side, acc)
-    dim = 0 if side == "right" else 1
+    s = score_matrix(grad, basis, side, acc)  # batched matmul for a 3-D grad
+    dim = -2 if side == "right" else -1
     if norm == 1:
         out = s.abs().sum(dim)
     else:
@@ -55,9 +56,9 @@ def dct_scores_ref(grad, basis, side, norm):
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` largest by descending score, ties to the lower index, as int32."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return order[:k].to(INDEX_DTYPE)
+    """The ``k`` largest by descending score, ties to the lower index, as int32 (along the last dim)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :k].to(INDEX_DTYPE)
 
 
 def dct_score_topk_ref(grad, basis, k, side, norm):

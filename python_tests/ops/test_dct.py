@@ -139,6 +139,29 @@ def test_scores_and_topk_backend_vs_reference(backend, dtype, norm, side, m, n):
         check_selection(idx, k, r, o)
 
 
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("side", SIDES)
+def test_batched_scores_equal_per_matrix(backend, side, norm):
+    """A 3-D gradient (batch x m x n) is scored matrix by matrix, in one call."""
+    for g in (torch.randn(3, 50, 31), torch.randn(3, 31, 50).transpose(1, 2), torch.randn(2, 9, 14).to(torch.bfloat16)):
+        k = 5
+        with use_backend("reference"):
+            per = torch.stack([ops.dct_scores(g[b], side=side, norm=norm) for b in range(g.shape[0])])
+            per_idx = torch.stack([ops.dct_score_topk(g[b], k, side=side, norm=norm) for b in range(g.shape[0])])
+        with use_backend(backend):
+            o = ops.dct_scores(g, side=side, norm=norm)
+            idx = ops.dct_score_topk(g, k, side=side, norm=norm)
+        assert o.shape == per.shape and idx.shape == (g.shape[0], k) and idx.dtype == torch.int32
+        assert rel_err(o, per) < 1e-5
+        for b in range(g.shape[0]):
+            check_selection(idx[b], k, per[b], o[b])
+            if backend == "reference":
+                assert torch.equal(idx[b], per_idx[b])
+    with use_backend(backend):
+        z = ops.dct_score_topk(torch.zeros(2, 6, 4), 3, side="left")
+    assert torch.equal(z, torch.arange(3, dtype=torch.int32).expand(2, 3))
+
+
 @pytest.mark.parametrize("side", SIDES)
 def test_scores_basis_argument(backend, side):
     """An explicit float32 basis for a bf16 gradient is used as given (rounded to bf16 on GPU only)."""
@@ -292,6 +315,7 @@ def _opcheck_cases():
     yield "dct_scores", (g, br, "right", 1)
     yield "dct_scores", (g.to(torch.bfloat16), ops.dct_basis(20, torch.bfloat16), "left", 2)
     yield "dct_score_topk", (g, bl, 5, "left", 1)
+    yield "dct_score_topk", (torch.randn(2, 20, 13), br, 3, "right", 2)
     yield "dct_project", (g, br, idx, "right")
     yield "dct_project_adam", (g, br, idx, ea, eas, "right", 0.9, 0.999, 1e-8)
     yield "dct_backproject_apply", (w, torch.randn(4, 13), bl, idx.long(), "left", -0.5, 0.9)
@@ -334,8 +358,12 @@ def test_score_bad_input(backend):
             ops.dct_score_topk(g, 2.0, side="left")
         with pytest.raises(ValueError, match=r"basis must have shape \(8, 8\)"):
             ops.dct_score_topk(g, 3, side="right", basis=ops.dct_basis(12))
+        with pytest.raises(ValueError, match=r"grad must be 2-D \(m, n\) or 3-D"):
+            ops.dct_scores(torch.randn(2, 3, 4, 5), side="right")
+        with pytest.raises(ValueError, match="return_lowrank=True needs a 2-D grad"):
+            ops.dct_score_topk(torch.randn(2, 12, 8), 3, side="right", return_lowrank=True)
         with pytest.raises(ValueError, match="grad must be 2-D"):
-            ops.dct_scores(torch.randn(3, 4, 5), side="right")
+            ops.dct_project(torch.randn(2, 12, 8), ops.DCTProjector(ops.dct_basis(8), torch.tensor([1])), side="right")
         with pytest.raises(TypeError, match="grad must have a floating dtype"):
             ops.dct_scores(torch.ones(3, 4, dtype=torch.int64), side="right")
         with pytest.raises(TypeError, match="basis must have a floating dtype"):
