@@ -11,7 +11,6 @@ Also registers ``projection="dct"`` with :class:`~lowrank_kernels.optim.FrugalAd
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
 import torch
