@@ -206,6 +206,11 @@ def _first_device(args) -> torch.device:
 
 
 # --------------------------------------------------------------------------- definition
+def fake_no_output(*args) -> None:
+    """The fake impl of an op that returns nothing (its outputs are in-place)."""
+    return None
+
+
 def define_op(
     name: str,
     schema: str,

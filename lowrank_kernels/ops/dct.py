@@ -29,7 +29,7 @@ import torch
 from lowrank_kernels.reference import dct as ref
 
 from . import _checks as C
-from ._registry import define_op
+from ._registry import define_op, fake_no_output
 from .projection import low_rank_shape, register_projector_type
 from .projection import _check_hyper, _check_moments  # shared validators of the projection family
 
@@ -216,9 +216,6 @@ def _fake_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, b
     return exp_avg.new_empty(exp_avg.shape)
 
 
-def _fake_none(*args):
-    return None
-
 
 # --------------------------------------------------------------------------- ops
 scores_op = define_op(
@@ -263,7 +260,7 @@ backproject_apply_op = define_op(
     "(Tensor(a!) param, Tensor update, Tensor basis, Tensor indices, str side, float alpha, float decay) -> ()",
     family="dct",
     reference=ref.dct_backproject_apply_ref,
-    fake=_fake_none,
+    fake=fake_no_output,
     validate=validate_backproject_apply,
 )
 
@@ -273,7 +270,7 @@ project_update_backproject_op = define_op(
     "str side, float lr, float beta1, float beta2, float eps, int step, float weight_decay, float scale) -> ()",
     family="dct",
     reference=ref.dct_project_update_backproject_ref,
-    fake=_fake_none,
+    fake=fake_no_output,
     validate=validate_project_update_backproject,
 )
 

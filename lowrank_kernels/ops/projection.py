@@ -14,7 +14,7 @@ import torch
 from lowrank_kernels.reference import projection as ref
 
 from . import _checks as C
-from ._registry import define_op
+from ._registry import define_op, fake_no_output
 
 
 def _proj_rank(proj: torch.Tensor, side: str) -> int:
@@ -105,9 +105,6 @@ def _fake_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
     return exp_avg.new_empty(exp_avg.shape)
 
 
-def _fake_none(*args):
-    return None
-
 
 project_adam_op = define_op(
     "projection_project_adam",
@@ -124,7 +121,7 @@ backproject_apply_op = define_op(
     "(Tensor(a!) param, Tensor update, Tensor proj, str side, float alpha, float decay) -> ()",
     family="projection",
     reference=ref.projection_backproject_apply_ref,
-    fake=_fake_none,
+    fake=fake_no_output,
     validate=validate_backproject_apply,
 )
 
@@ -134,7 +131,7 @@ project_update_backproject_op = define_op(
     "float lr, float beta1, float beta2, float eps, int step, float weight_decay, float scale) -> ()",
     family="projection",
     reference=ref.projection_project_update_backproject_ref,
-    fake=_fake_none,
+    fake=fake_no_output,
     validate=validate_project_update_backproject,
 )
 

@@ -35,7 +35,7 @@ from lowrank_kernels.reference import quant as ref
 
 from . import _checks as C
 from . import projection as _proj
-from ._registry import define_op
+from ._registry import define_op, fake_no_output
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
@@ -204,9 +204,6 @@ def _fake_int4_project_adam(grad, packed, scale, minimum, rank, group_size, exp_
     return exp_avg.new_empty(exp_avg.shape)
 
 
-def _fake_none(*args):
-    return None
-
 
 # --------------------------------------------------------------------------- ops
 int4_pack_op = define_op(
@@ -234,7 +231,7 @@ int8_update_sr_op = define_op(
     "quant_int8_update_sr",
     "(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) minimum, Tensor update, float decay, float alpha, int seed, "
     "int group_size) -> ()",
-    family="quant", reference=ref.quant_int8_update_sr_ref, fake=_fake_none, validate=validate_int8_update_sr,
+    family="quant", reference=ref.quant_int8_update_sr_ref, fake=fake_no_output, validate=validate_int8_update_sr,
 )
 int4_project_adam_op = define_op(
     "quant_int4_project_adam",
@@ -247,7 +244,7 @@ int4_backproject_apply_op = define_op(
     "quant_int4_backproject_apply",
     "(Tensor(a!) param, Tensor update, Tensor packed, Tensor scale, Tensor minimum, int rank, int group_size, "
     "str side, float alpha, float decay) -> ()",
-    family="quant", reference=ref.quant_int4_backproject_apply_ref, fake=_fake_none,
+    family="quant", reference=ref.quant_int4_backproject_apply_ref, fake=fake_no_output,
     validate=validate_int4_backproject_apply,
 )
 int4_project_update_backproject_op = define_op(
@@ -255,7 +252,7 @@ int4_project_update_backproject_op = define_op(
     "(Tensor(a!) param, Tensor grad, Tensor packed, Tensor scale, Tensor minimum, int rank, int group_size, "
     "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, str side, float lr, float beta1, float beta2, float eps, int step, "
     "float weight_decay, float scale_factor) -> ()",
-    family="quant", reference=ref.quant_int4_project_update_backproject_ref, fake=_fake_none,
+    family="quant", reference=ref.quant_int4_project_update_backproject_ref, fake=fake_no_output,
     validate=validate_int4_project_update_backproject,
 )
 
