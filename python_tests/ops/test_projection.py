@@ -261,3 +261,11 @@ def test_fused_step_bad_input_changes_nothing(backend):
             ops.project_update_backproject_(w, g, p, ea, eas, side="right", lr=0.1, step=0)
     for a, b in zip((w, ea, eas), snap):
         assert torch.equal(a, b)
+
+
+def test_allocations_are_poisoned_in_kernel_tests():
+    # python_tests/ops/conftest.py: an output element a kernel leaves unwritten must not
+    # look valid, so new tensors start as NaN / out-of-range integers here.
+    assert torch.empty(5).isnan().all()
+    assert (torch.empty(3, dtype=torch.uint8) == 0xAB).all()
+    assert (torch.empty(3, dtype=torch.int32) == -7).all()
