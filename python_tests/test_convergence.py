@@ -111,3 +111,14 @@ def test_bad_arguments():
         conv.parse_args(["--steps", "0"])
     with pytest.raises(FileNotFoundError, match="--data"):
         conv.load_corpus("/nonexistent/corpus")
+
+
+def test_adamw_other_lr_splits_groups():
+    model = conv.build_model(conv.PRESETS["tiny"], 0, torch.device("cpu"))
+    opt = conv._adamw(model, conv.PRESETS["tiny"], {"lr": 1e-3, "other_lr": 1e-2})
+    target, other = opt.param_groups
+    assert target["lr"] == 1e-3 and other["lr"] == 1e-2
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(("attn" in names[id(p)] or "mlp" in names[id(p)]) for p in target["params"])
+    assert {names[id(p)] for p in other["params"]} >= {"model.embed_tokens.weight", "lm_head.weight"}
+    assert len(target["params"]) + len(other["params"]) == len(list(model.parameters()))
