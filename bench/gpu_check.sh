@@ -11,12 +11,14 @@
 #      every timed kernel against the reference), plus any test written against the
 #      `device` fixture, run with LOWRANK_KERNELS_TEST_DEVICE=cuda;
 #   4. the full benchmark, `python3 -m bench --device cuda`, with an internal time budget
-#      so that it stops measuring, and still writes its CSV, plots and table, in time.
-# OUTDIR receives at most 7 files: gpu_check.log (everything printed), the bench's CSV,
-# its Markdown tables and its PNG plots (<device>.csv, <device>.md,
-# <device>_{projection,refresh,step,memory}.png).
+#      so that it stops measuring, and still writes its CSV, plots and table, in time;
+#   5. the pre-training demo's GPU preset, `python3 -m bench.convergence --gpu`.
+# OUTDIR receives at most 5 files (the device tool returns 8 at most): gpu_check.log
+# (everything printed), the bench's Markdown tables (<device>.md), convergence.csv, and
+# results.tar.gz with every CSV, Markdown table, PNG plot and JSON file of steps 4-5, to
+# unpack into bench/results/ (then `python -m bench.readme` updates the README).
 #
-# Budget: GPU_CHECK_BUDGET seconds in all (default 540, under the device's 600 s per
+# Budget: GPU_CHECK_BUDGET seconds in all (default 570, under the device's 600 s per
 # command); every step runs under `timeout`, so a hang cannot eat the rest.
 # Exit status: 0 when the build, the tests and the bench all succeeded, else the number
 # of steps that failed.
@@ -31,7 +33,9 @@ OUT="$(cd "$1" && pwd)"
 cd "$(dirname "$0")/.." || exit 2
 ROOT="$(pwd)"
 PY="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET:-540}"
+BUDGET="${GPU_CHECK_BUDGET:-570}"
+# Seconds kept for the convergence demo at the end (its GPU preset, shortened to fit).
+CONV_SECS="${GPU_CHECK_CONV_SECS:-100}"
 START=$(date +%s)
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
@@ -127,16 +131,16 @@ timeout 120 "$PY" -m lowrank_kernels || FAILED=$((FAILED + 1))
 # ----------------------------------------------------------------------------- 3. tests
 # The benchmark keeps at least 250 s: the tests get what is left above that.
 step "GPU tests: pytest -m gpu"
-run_timed "$(cap 120 260)" "pytest -m gpu" "$PY" -m pytest python_tests -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors \
+run_timed "$(cap 120 $((250 + CONV_SECS)))" "pytest -m gpu" "$PY" -m pytest python_tests -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors \
   || FAILED=$((FAILED + 1))
 
 step "backend tests on CUDA tensors: LOWRANK_KERNELS_TEST_DEVICE=cuda (tests using the 'device' fixture)"
 if ! grep -qs "LOWRANK_KERNELS_TEST_DEVICE" python_tests/conftest.py; then
   echo "conftest has no LOWRANK_KERNELS_TEST_DEVICE switch: skipped"
-elif [ "$(( $(left) - 250 ))" -lt 30 ]; then
+elif [ "$(( $(left) - 250 - CONV_SECS ))" -lt 30 ]; then
   echo "skipped: less than 30 s left above the benchmark's share"
 else
-  LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 120 250)" "pytest device=cuda" \
+  LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 120 $((250 + CONV_SECS)))" "pytest device=cuda" \
     "$PY" -m pytest python_tests -q -rs -p no:cacheprovider --continue-on-collection-errors
   rc=$?
   if [ $rc -eq 5 ]; then echo ">>> (no test takes the device fixture yet: nothing to run)"
@@ -145,13 +149,26 @@ fi
 
 # ----------------------------------------------------------------------------- 4. benchmark
 step "benchmark: python -m bench --device cuda (left: $(left)s)"
-BENCH_SECS=$(cap 420 10)
+RES="$OUT/results"
+mkdir -p "$RES"
+# The convergence demo keeps CONV_SECS at the end; the bench gets the rest (at most 420 s).
+BENCH_SECS=$(cap 420 $((CONV_SECS + 10)))
 # The bench stops measuring 45 s before its hard limit, then writes CSV, plots and table.
-run_timed "$BENCH_SECS" "python -m bench" "$PY" -m bench --device cuda --out "$OUT" \
+run_timed "$BENCH_SECS" "python -m bench" "$PY" -m bench --device cuda --out "$RES" \
   --time-budget $((BENCH_SECS > 90 ? BENCH_SECS - 45 : BENCH_SECS / 2)) ${BENCH_ARGS:-} \
   || FAILED=$((FAILED + 1))
 
+# ----------------------------------------------------------------------------- 5. convergence demo
+step "pre-training demo: python -m bench.convergence --gpu (left: $(left)s)"
+run_timed "$(cap "$CONV_SECS" 5)" "bench.convergence" "$PY" -m bench.convergence --gpu --no-progress \
+  --out "$RES" ${CONV_ARGS:---steps 150} || FAILED=$((FAILED + 1))
+
+# ----------------------------------------------------------------------------- 6. pack
+# The device tool returns at most 8 files: the log, the tables as plain files, and
+# everything (CSV, Markdown, PNG, JSON) in one archive to unpack into bench/results/.
 step "done: $FAILED step(s) failed, $(( $(date +%s) - START ))s"
+cp "$RES"/*.md "$RES"/convergence.csv "$OUT"/ 2>/dev/null
+tar -C "$RES" -czf "$OUT/results.tar.gz" . && rm -rf "$RES"
 ls -la "$OUT"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null  # the log is complete before the command returns
