@@ -4,7 +4,7 @@ The section between ``<!-- results:start -->`` and ``<!-- results:end -->`` in R
 is regenerated from what the benchmarks wrote into ``bench/results/`` (never typed by
 hand): for every ``<device>.md`` of ``python -m bench`` its header (device, date,
 versions, measured ceilings), the targets with what was measured, and links to the full
-tables and plots; then ``convergence.md`` of ``python -m bench.convergence`` if present.
+tables and plots; then the table of ``python -m bench.convergence`` (``convergence.csv``) if present.
 GPU devices come first. ``make bench`` runs it after the benchmark.
 """
 from __future__ import annotations
@@ -46,10 +46,42 @@ def render(results: Path, root: Path) -> str:
     if not device_mds:
         parts.append("No benchmark results yet: run `make bench`.\n")
     parts += [_device_section(p, root) for p in device_mds]
-    conv = results / "convergence.md"
+    conv = results / "convergence.csv"
     if conv.exists():
-        parts.append("### Pre-training convergence (`python -m bench.convergence`)\n\n" + conv.read_text().strip() + "\n")
+        parts.append(_convergence_section(conv, root))
     return "\n".join(parts)
+
+
+def _convergence_section(csv_path: Path, root: Path) -> str:
+    """The demo's table (from its CSV, with ratios to AdamW) and its plot."""
+    import csv
+    import json
+
+    rows = list(csv.DictReader(csv_path.open()))
+    meta = csv_path.with_suffix(".json")
+    where = ""
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        parts = [info.get("device", ""), f"torch {info['torch']}" if info.get("torch") else "",
+                 f"git {info['git_sha']}" if info.get("git_sha") else "", info.get("data", "")]
+        where = "; ".join(str(x) for x in parts if x)
+    base = next((r for r in rows if r["method"] == "adamw"), None)
+    out = ["### Pre-training demo (`python -m bench.convergence`)", ""]
+    if where:
+        out += [f"Measured on: {where}.", ""]
+    out += ["| method | final val loss | val ppl | vs AdamW loss | state | vs AdamW state | peak | tokens/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loss, state = float(r["final_val_loss"]), int(float(r["state_bytes"]))
+        rel_loss = f"{100 * (loss / float(base['final_val_loss']) - 1):+.1f}%" if base else "-"
+        rel_state = f"{state / float(base['state_bytes']):.2f}x" if base else "-"
+        out.append(f"| {r['method']} | {loss:.4f} | {float(r['val_ppl']):.3f} | {rel_loss} | "
+                   f"{state / 2**20:.2f} MiB | {rel_state} | {float(r['peak_bytes']) / 2**20:.1f} MiB | "
+                   f"{float(r['tokens_per_s']):.0f} |")
+    png = csv_path.with_suffix(".png")
+    if png.exists():
+        out += ["", f"![validation loss]({png.relative_to(root).as_posix()})"]
+    return "\n".join(out) + "\n"
 
 
 def update(readme: Path, results: Path, root: Path) -> bool:
