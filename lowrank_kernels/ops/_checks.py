@@ -1,11 +1,19 @@
 """Input checks shared by the ops' validators: each names the argument and the problem.
 
-They raise ``ValueError`` / ``TypeError`` through ``torch._check_value`` /
-``torch._check_type``, so they also run inside fake impls under ``torch.compile``.
+Every check runs twice per call path that matters: in the router before any backend
+runs (eager, real tensors, plain Python ``bool`` conditions) and inside the fake impls
+under ``torch.compile`` (FakeTensors, where a shape condition may be a ``SymBool``).
+The eager path is the per-call overhead of every op, so a check costs one comparison
+when it passes: a plain ``bool`` condition that holds returns at once, one that fails
+raises ``ValueError`` / ``TypeError`` directly, and only a non-``bool`` condition (a
+``SymBool``) goes through ``torch._check_value`` / ``torch._check_type``, which turn
+it into a guard or runtime assert. Messages may be given as a zero-argument callable
+so the error text is only formatted when the check fails; the exception type and text
+are the same either way.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -13,88 +21,163 @@ from torch._subclasses.fake_tensor import FakeTensor
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SIDES = ("left", "right")
 
+Msg = Union[str, Callable[[], str]]
 
-def fail_value(cond: bool, op: str, msg: str) -> None:
-    torch._check_value(cond, lambda: f"{op}: {msg}")
+
+def _text(msg: Msg) -> str:
+    return msg() if callable(msg) else msg
+
+
+def fail_value(cond, op: str, msg: Msg) -> None:
+    """Raise ``ValueError(f"{op}: {msg}")`` unless ``cond`` holds.
+
+    ``msg`` is a string or a callable returning one (formatted only on failure).
+    """
+    if cond is True:
+        return
+    if cond is False:
+        raise ValueError(f"{op}: {_text(msg)}")
+    torch._check_value(cond, lambda: f"{op}: {_text(msg)}")  # SymBool (or a wrong type: its TypeError)
+
+
+def fail_type(cond, op: str, msg: Msg) -> None:
+    """Raise ``TypeError(f"{op}: {msg}")`` unless ``cond`` holds (see :func:`fail_value`)."""
+    if cond is True:
+        return
+    if cond is False:
+        raise TypeError(f"{op}: {_text(msg)}")
+    torch._check_type(cond, lambda: f"{op}: {_text(msg)}")
 
 
 def check_tensor(x, name: str, op: str) -> None:
-    torch._check_type(isinstance(x, torch.Tensor), lambda: f"{op}: {name} must be a Tensor, got {type(x).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
+
+
+def _dtype_names(allowed: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in allowed)
 
 
 def check_float(x: torch.Tensor, name: str, op: str, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
-    check_tensor(x, name, op)
-    torch._check_type(
-        x.dtype in allowed,
-        lambda: f"{op}: {name} must have a floating dtype ({', '.join(str(d).replace('torch.', '') for d in allowed)}), got {x.dtype}",
-    )
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in allowed:
+        raise TypeError(f"{op}: {name} must have a floating dtype ({_dtype_names(allowed)}), got {x.dtype}")
 
 
 def check_ndim(x: torch.Tensor, name: str, op: str, ndim: int) -> None:
-    fail_value(x.dim() == ndim, op, f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if x.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
 
 
-def check_shape(x: torch.Tensor, name: str, op: str, shape: Sequence[int], what: str = "") -> None:
-    fail_value(
-        tuple(x.shape) == tuple(shape),
-        op,
-        f"{name} must have shape {tuple(shape)}{' (' + what + ')' if what else ''}, got {tuple(x.shape)}",
-    )
+def check_shape(x: torch.Tensor, name: str, op: str, shape: Sequence[int], what: Msg = "") -> None:
+    """``x.shape == shape``; ``what`` (a string or a callable returning one) says why."""
+    got = tuple(x.shape)
+    want = tuple(shape)
+    if got != want:  # tuple comparison: a plain bool even for SymInt sizes (it guards)
+        what = _text(what)
+        raise ValueError(f"{op}: {name} must have shape {want}{' (' + what + ')' if what else ''}, got {got}")
 
 
 def check_same_device(op: str, named: Iterable[tuple]) -> None:
     named = list(named)
     dev0 = named[0][1].device
     for name, t in named[1:]:
-        fail_value(
-            t.device == dev0,
-            op,
-            f"all tensors must be on one device: {named[0][0]} is on {dev0} but {name} is on {t.device}",
-        )
+        dev = t.device
+        if dev != dev0:
+            raise ValueError(
+                f"{op}: all tensors must be on one device: {named[0][0]} is on {dev0} but {name} is on {dev}"
+            )
 
 
 def check_side(side, op: str) -> None:
-    fail_value(side in SIDES, op, f"side must be 'left' or 'right', got {side!r}")
+    if side not in SIDES:
+        raise ValueError(f"{op}: side must be 'left' or 'right', got {side!r}")
 
 
 def check_rank(rank: int, m: int, n: int, op: str, name: str) -> None:
-    fail_value(1 <= rank <= min(m, n), op, f"rank of {name} ({rank}) must be between 1 and min(m, n) = {min(m, n)}")
-
-
-def check_moment_dtype(moment: torch.Tensor, name: str, param_dtype: torch.dtype, op: str) -> None:
-    torch._check_type(
-        moment.dtype in (torch.float32, param_dtype, torch.float64),
-        lambda: f"{op}: {name} must be float32 or the parameter dtype {param_dtype}, got {moment.dtype}",
+    fail_value(
+        1 <= rank <= min(m, n), op, lambda: f"rank of {name} ({rank}) must be between 1 and min(m, n) = {min(m, n)}"
     )
 
 
-def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple]) -> None:
-    """An in-place output must not share memory with another argument."""
-    for wname, w in written:
-        for rname, r in list(written) + list(read):
-            if rname == wname:
+def check_moment_dtype(moment: torch.Tensor, name: str, param_dtype: torch.dtype, op: str) -> None:
+    if moment.dtype not in (torch.float32, param_dtype, torch.float64):
+        raise TypeError(f"{op}: {name} must be float32 or the parameter dtype {param_dtype}, got {moment.dtype}")
+
+
+def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple], spans: Optional[dict] = None) -> None:
+    """An in-place output must not share memory with another argument.
+
+    Each tensor's memory span is computed once (None for FakeTensors, meta, empty or
+    storage-less tensors, which never overlap); then the pairs are compared as integers,
+    in the order ``written`` x (``written`` + ``read``), so the first overlapping pair is
+    the one reported. ``spans``, a dict that one validator passes to several of these
+    checks over the same arguments, keeps the spans between them (keyed by name).
+    """
+    ws = _spans_of(written, spans)
+    for _, sw in ws:
+        if sw is not None:
+            break
+    else:
+        return  # e.g. FakeTensors under torch.compile: nothing to compare
+    everyone = ws + _spans_of(read, spans)
+    for wname, sw in ws:
+        if sw is None:
+            continue
+        dw, lw, hw = sw
+        for rname, sr in everyone:
+            if sr is None or rname == wname:
                 continue
-            fail_value(
-                not _overlaps(w, r),
-                op,
-                f"{wname} and {rname} share memory; the in-place output must not alias another argument",
-            )
+            if lw < sr[2] and sr[1] < hw and dw == sr[0]:
+                raise ValueError(
+                    f"{op}: {wname} and {rname} share memory; the in-place output must not alias another argument"
+                )
+
+
+_Tensor = torch.Tensor
+
+
+_MISSING = object()
+
+
+def _spans_of(named, spans: Optional[dict]) -> list:
+    if spans is None:
+        return [(name, _span(t)) for name, t in named]
+    out = []
+    for name, t in named:
+        s = spans.get(name, _MISSING)
+        if s is _MISSING:
+            s = spans[name] = _span(t)
+        out.append((name, s))
+    return out
+
+
+def _span(t: torch.Tensor):
+    """``(device, first byte, one past the last byte)`` of ``t``'s memory, or None."""
+    if type(t) is not _Tensor and isinstance(t, FakeTensor):
+        return None
+    n = t.numel()
+    if n == 0:
+        return None
+    try:
+        p = t.data_ptr()
+    except Exception:  # fake / functional tensors and subclasses without storage
+        return None
+    if p == 0:  # meta tensors (and anything else without memory)
+        return None
+    if t.is_contiguous():
+        extent = n
+    else:
+        extent = 1
+        for s, st in zip(t.shape, t.stride()):
+            extent += (s - 1) * st
+    return t.device, p, p + extent * t.itemsize
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the memory spans of ``a`` and ``b`` intersect (real tensors only)."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":
+    sa, sb = _span(a), _span(b)
+    if sa is None or sb is None:
         return False
-    if isinstance(a, FakeTensor) or isinstance(b, FakeTensor):
-        return False
-    try:
-        pa, pb = a.data_ptr(), b.data_ptr()
-    except Exception:  # fake / meta tensors and subclasses without storage
-        return False
-    if pa == 0 or pb == 0:
-        return False
-
-    def end(t, p):
-        return p + (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-
-    return pa < end(b, pb) and pb < end(a, pa)
+    return sa[0] == sb[0] and sa[1] < sb[2] and sb[1] < sa[2]

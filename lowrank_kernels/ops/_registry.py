@@ -45,7 +45,37 @@ BACKENDS = ("reference", "cpp", "triton")
 ENV_VAR = "LOWRANK_KERNELS_BACKEND"
 
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
-_state = threading.local()
+
+
+class _State(threading.local):
+    # A class-level default: reading ``_state.stack`` in a thread that never entered
+    # use_backend finds None here instead of raising (and swallowing) AttributeError.
+    stack: Optional[list] = None
+
+
+_state = _State()
+
+# os.environ reads, per op call. os.environ.get encodes the key and decodes the
+# value on every call (~0.7 us); where CPython's mapping is available the key is
+# encoded once and the raw mapping read directly. Both are the same live mapping
+# (os.environ[...] = ... and monkeypatch.setenv update it), so changes still apply
+# at the next call.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_ENCODE = getattr(os.environ, "encodekey", None)
+_ENV_DECODE = getattr(os.environ, "decodevalue", None)
+_FAST_ENV = isinstance(_ENV_DATA, dict) and callable(_ENV_ENCODE) and callable(_ENV_DECODE)
+_ENV_KEYS: Dict[str, object] = {}
+
+
+def _getenv(name: str) -> Optional[str]:
+    """``os.environ.get(name)``, read at call time."""
+    if not _FAST_ENV:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = _ENV_ENCODE(name)
+    raw = _ENV_DATA.get(key)
+    return None if raw is None else _ENV_DECODE(raw)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -63,6 +93,7 @@ class OpDef:
     has_cpp: bool = True
     has_triton: bool = True
     _triton_fn: Optional[Callable] = field(default=None, repr=False)
+    _cpp_op: Optional[Callable] = field(default=None, repr=False)
 
     @property
     def qualname(self) -> str:
@@ -85,7 +116,19 @@ class OpDef:
         return self._triton_fn
 
     def cpp_op(self):
-        return getattr(getattr(torch.ops, NAMESPACE), self.cpp_name)
+        # Cached once found: a registered dispatcher op does not go away.
+        if self._cpp_op is None:
+            self._cpp_op = getattr(getattr(torch.ops, NAMESPACE), self.cpp_name).default
+        return self._cpp_op
+
+    def cpp_registered(self) -> bool:
+        """Whether the C++ op ``<name>_cpu`` is registered (cached once true)."""
+        if self._cpp_op is not None:
+            return True
+        if hasattr(getattr(torch.ops, NAMESPACE), self.cpp_name):
+            self.cpp_op()
+            return True
+        return False
 
 
 OPS: Dict[str, OpDef] = {}
@@ -99,13 +142,20 @@ def _validate_backend_name(name: str, where: str) -> str:
 
 
 def forced_backend() -> Optional[str]:
-    """The backend forced by :func:`use_backend` (innermost) or the environment, else None."""
-    stack = getattr(_state, "stack", None)
+    """The backend forced by :func:`use_backend` (innermost) or the environment, else None.
+
+    Read at every call (tests and users change both at run time).
+    """
+    stack = _state.stack
     if stack:
         return stack[-1]
-    env = os.environ.get(ENV_VAR, "").strip()
+    env = _getenv(ENV_VAR)
     if env:
-        return _validate_backend_name(env, ENV_VAR)
+        if env in BACKENDS:  # the common case, without the strip
+            return env
+        env = env.strip()
+        if env:
+            return _validate_backend_name(env, ENV_VAR)
     return None
 
 
@@ -118,7 +168,7 @@ def use_backend(name: str) -> Iterator[None]:
     :class:`BackendUnavailableError` instead of silently falling back.
     """
     _validate_backend_name(name, "use_backend")
-    stack = getattr(_state, "stack", None)
+    stack = _state.stack
     if stack is None:
         stack = _state.stack = []
     stack.append(name)
@@ -128,22 +178,34 @@ def use_backend(name: str) -> Iterator[None]:
         stack.pop()
 
 
-def extension_loaded() -> bool:
-    from lowrank_kernels import _ext
+_ext_loaded: Optional[bool] = None
+_triton_ok: Optional[bool] = None
 
-    return _ext.loaded()
+
+def extension_loaded() -> bool:
+    # _ext tries the import once and remembers the outcome, so this cannot change.
+    global _ext_loaded
+    if _ext_loaded is None:
+        from lowrank_kernels import _ext
+
+        _ext_loaded = _ext.loaded()
+    return _ext_loaded
 
 
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the machine
-        return False
-    return True
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+        except Exception:  # pragma: no cover - depends on the machine
+            _triton_ok = False
+        else:
+            _triton_ok = True
+    return _triton_ok
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _getenv("TRITON_INTERPRET") == "1"
 
 
 def why_unavailable(op: OpDef, backend: str, device: torch.device) -> Optional[str]:
@@ -163,7 +225,7 @@ def why_unavailable(op: OpDef, backend: str, device: torch.device) -> Optional[s
                 f"({_ext.load_error()}); run `make test` or "
                 "`pip install --no-build-isolation -e .`"
             )
-        if not hasattr(getattr(torch.ops, NAMESPACE), op.cpp_name):
+        if not op.cpp_registered():
             return f"the built extension has no {NAMESPACE}::{op.cpp_name} (rebuild it: `make build`)"
         return None
     if backend == "triton":
@@ -182,6 +244,9 @@ def why_unavailable(op: OpDef, backend: str, device: torch.device) -> Optional[s
     raise ValueError(f"unknown backend {backend!r}")
 
 
+_PREFERRED = {"cuda": "triton", "cpu": "cpp"}
+
+
 def resolve_backend(op: OpDef, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device`` now (forced, or the automatic choice)."""
     forced = forced_backend()
@@ -192,7 +257,7 @@ def resolve_backend(op: OpDef, device: torch.device) -> str:
                 f"backend {forced!r} was forced but cannot run {op.qualname} on {device}: {reason}"
             )
         return forced
-    preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+    preferred = _PREFERRED.get(device.type)
     if preferred is not None and why_unavailable(op, preferred, device) is None:
         return preferred
     return "reference"

@@ -97,36 +97,35 @@ def _check_grad_basis(op, grad, basis, side, batched=False):
     if batched:
         C.fail_value(
             grad.dim() in (2, 3), op,
-            f"grad must be 2-D (m, n) or 3-D (batch, m, n), got shape {tuple(grad.shape)}",
+            lambda: f"grad must be 2-D (m, n) or 3-D (batch, m, n), got shape {tuple(grad.shape)}",
         )
     else:
         C.check_ndim(grad, "grad", op, 2)
     m, n = grad.shape[-2:]
     s = basis_size(m, n, side)
     C.check_float(basis, "basis", op)
-    C.check_shape(basis, "basis", op, (s, s), f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
+    C.check_shape(basis, "basis", op, (s, s), lambda: f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
     C.check_same_device(op, [("grad", grad), ("basis", basis)])
     return m, n, s
 
 
 def _check_norm(op, norm):
-    C.fail_value(type(norm) is int and norm in NORMS, op, f"norm must be 1 or 2, got {norm!r}")
+    C.fail_value(type(norm) is int and norm in NORMS, op, lambda: f"norm must be 1 or 2, got {norm!r}")
 
 
 def _check_indices(op, indices, m, n, s, side, max_rank=None):
     C.check_tensor(indices, "indices", op)
-    torch._check_type(
-        indices.dtype in INDEX_DTYPES, lambda: f"{op}: indices must be int32 or int64, got {indices.dtype}"
-    )
+    C.fail_type(indices.dtype in INDEX_DTYPES, op, lambda: f"indices must be int32 or int64, got {indices.dtype}")
     C.check_ndim(indices, "indices", op, 1)
     r = indices.shape[0]
     hi = s if max_rank is None else max_rank
-    C.fail_value(1 <= r <= hi, op, f"the number of indices ({r}) must be between 1 and {hi}")
+    C.fail_value(1 <= r <= hi, op, lambda: f"the number of indices ({r}) must be between 1 and {hi}")
     # Range check on CPU only: on CUDA it would cost a device sync per call (the
     # optimizer only ever passes indices produced by dct_score_topk).
     if indices.device.type == "cpu" and type(indices) is torch.Tensor and indices.numel() > 0:
-        lo_v, hi_v = int(indices.min()), int(indices.max())
-        C.fail_value(0 <= lo_v and hi_v < s, op, f"indices must lie in [0, {s}), got values in [{lo_v}, {hi_v}]")
+        lo_t, hi_t = torch.aminmax(indices)  # one pass for both
+        lo_v, hi_v = int(lo_t), int(hi_t)
+        C.fail_value(0 <= lo_v and hi_v < s, op, lambda: f"indices must lie in [0, {s}), got values in [{lo_v}, {hi_v}]")
     return r
 
 
@@ -138,7 +137,7 @@ def validate_scores(grad, basis, side, norm, *, op="dct_scores"):
 def validate_score_topk(grad, basis, k, side, norm, *, op="dct_score_topk"):
     _, _, s = _check_grad_basis(op, grad, basis, side, batched=True)
     _check_norm(op, norm)
-    C.fail_value(1 <= k <= s, op, f"k ({k}) must be between 1 and the basis order {s}")
+    C.fail_value(1 <= k <= s, op, lambda: f"k ({k}) must be between 1 and the basis order {s}")
 
 
 def validate_project(grad, basis, indices, side, *, op="dct_project"):
@@ -147,7 +146,7 @@ def validate_project(grad, basis, indices, side, *, op="dct_project"):
     C.check_same_device(op, [("grad", grad), ("indices", indices)])
 
 
-def validate_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_"):
+def validate_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_", _spans=None):
     m, n, s = _check_grad_basis(op, grad, basis, side)
     r = _check_indices(op, indices, m, n, s, side, max_rank=min(m, n))
     _check_moments(op, exp_avg, exp_avg_sq, low_rank_shape(m, n, r, side), grad.dtype)
@@ -156,7 +155,8 @@ def validate_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1
         op, [("grad", grad), ("indices", indices), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
     )
     C.check_no_overlap(
-        op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("grad", grad), ("basis", basis)]
+        op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("grad", grad), ("basis", basis)],
+        spans=_spans,
     )
 
 
@@ -167,7 +167,7 @@ def validate_backproject_apply(param, update, basis, indices, side, alpha, decay
     m, n = param.shape
     s = basis_size(m, n, side)
     C.check_float(basis, "basis", op)
-    C.check_shape(basis, "basis", op, (s, s), f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
+    C.check_shape(basis, "basis", op, (s, s), lambda: f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
     r = _check_indices(op, indices, m, n, s, side, max_rank=min(m, n))
     C.check_float(update, "update", op)
     C.check_shape(update, "update", op, low_rank_shape(m, n, r, side), "the low-rank update's shape")
@@ -181,15 +181,17 @@ def validate_project_update_backproject(
 ):
     C.check_float(param, "param", op)
     C.check_ndim(param, "param", op, 2)
-    validate_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op)
+    spans = {}
+    validate_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op, _spans=spans)
     C.check_shape(grad, "grad", op, param.shape, "the parameter's shape")
-    C.fail_value(step >= 1, op, f"step must be >= 1 (1-based, after increment), got {step}")
-    C.fail_value(lr >= 0.0, op, f"lr must be >= 0, got {lr}")
+    C.fail_value(step >= 1, op, lambda: f"step must be >= 1 (1-based, after increment), got {step}")
+    C.fail_value(lr >= 0.0, op, lambda: f"lr must be >= 0, got {lr}")
     C.check_same_device(op, [("param", param), ("grad", grad)])
     C.check_no_overlap(
         op,
         [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
         [("grad", grad), ("basis", basis)],
+        spans=spans,
     )
 
 

@@ -31,11 +31,11 @@ def _check_projector(op: str, m: int, n: int, proj: torch.Tensor, side: str) -> 
     C.check_ndim(proj, "proj", op, 2)
     if side == "right":
         C.fail_value(
-            proj.shape[1] == n, op, f"side='right' needs proj of shape (rank, n) = (rank, {n}), got {tuple(proj.shape)}"
+            proj.shape[1] == n, op, lambda: f"side='right' needs proj of shape (rank, n) = (rank, {n}), got {tuple(proj.shape)}"
         )
     else:
         C.fail_value(
-            proj.shape[0] == m, op, f"side='left' needs proj of shape (m, rank) = ({m}, rank), got {tuple(proj.shape)}"
+            proj.shape[0] == m, op, lambda: f"side='left' needs proj of shape (m, rank) = ({m}, rank), got {tuple(proj.shape)}"
         )
     rank = _proj_rank(proj, side)
     C.check_rank(rank, m, n, op, "proj")
@@ -47,19 +47,17 @@ def _check_moments(op, exp_avg, exp_avg_sq, shape, param_dtype):
         C.check_float(t, name, op)
         C.check_shape(t, name, op, shape, "the low-rank gradient's shape")
         C.check_moment_dtype(t, name, param_dtype, op)
-    torch._check_type(
-        exp_avg.dtype == exp_avg_sq.dtype,
-        lambda: f"{op}: exp_avg ({exp_avg.dtype}) and exp_avg_sq ({exp_avg_sq.dtype}) must have one dtype",
-    )
+    if exp_avg.dtype != exp_avg_sq.dtype:
+        raise TypeError(f"{op}: exp_avg ({exp_avg.dtype}) and exp_avg_sq ({exp_avg_sq.dtype}) must have one dtype")
 
 
 def _check_hyper(op, beta1, beta2, eps):
-    C.fail_value(0.0 <= beta1 < 1.0, op, f"beta1 must be in [0, 1), got {beta1}")
-    C.fail_value(0.0 <= beta2 < 1.0, op, f"beta2 must be in [0, 1), got {beta2}")
-    C.fail_value(eps >= 0.0, op, f"eps must be >= 0, got {eps}")
+    C.fail_value(0.0 <= beta1 < 1.0, op, lambda: f"beta1 must be in [0, 1), got {beta1}")
+    C.fail_value(0.0 <= beta2 < 1.0, op, lambda: f"beta2 must be in [0, 1), got {beta2}")
+    C.fail_value(eps >= 0.0, op, lambda: f"eps must be >= 0, got {eps}")
 
 
-def validate_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_"):
+def validate_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_", _spans=None):
     C.check_side(side, op)
     C.check_float(grad, "grad", op)
     C.check_ndim(grad, "grad", op, 2)
@@ -68,7 +66,7 @@ def validate_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, e
     _check_moments(op, exp_avg, exp_avg_sq, low_rank_shape(m, n, rank, side), grad.dtype)
     _check_hyper(op, beta1, beta2, eps)
     C.check_same_device(op, [("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
-    C.check_no_overlap(op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("grad", grad), ("proj", proj)])
+    C.check_no_overlap(op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("grad", grad), ("proj", proj)], spans=_spans)
 
 
 def validate_backproject_apply(param, update, proj, side, alpha, decay, *, op="backproject_apply_"):
@@ -89,15 +87,17 @@ def validate_project_update_backproject(
 ):
     C.check_float(param, "param", op)
     C.check_ndim(param, "param", op, 2)
-    validate_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op)
+    spans = {}
+    validate_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op, _spans=spans)
     C.check_shape(grad, "grad", op, param.shape, "the parameter's shape")
-    C.fail_value(step >= 1, op, f"step must be >= 1 (1-based, after increment), got {step}")
-    C.fail_value(lr >= 0.0, op, f"lr must be >= 0, got {lr}")
+    C.fail_value(step >= 1, op, lambda: f"step must be >= 1 (1-based, after increment), got {step}")
+    C.fail_value(lr >= 0.0, op, lambda: f"lr must be >= 0, got {lr}")
     C.check_same_device(op, [("param", param), ("grad", grad)])
     C.check_no_overlap(
         op,
         [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
         [("grad", grad), ("proj", proj)],
+        spans=spans,
     )
 
 

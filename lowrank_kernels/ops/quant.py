@@ -45,22 +45,22 @@ def _check_group_size(group_size, op: str, even: bool) -> None:
     C.fail_value(
         isinstance(group_size, int) and group_size >= (2 if even else 1) and (not even or group_size % 2 == 0),
         op,
-        f"group_size must be a positive{' even' if even else ''} int, got {group_size!r}",
+        lambda: f"group_size must be a positive{' even' if even else ''} int, got {group_size!r}",
     )
 
 
 def _check_uint8(t, name: str, op: str) -> None:
     C.check_tensor(t, name, op)
-    torch._check_type(t.dtype == torch.uint8, lambda: f"{op}: {name} must be uint8, got {t.dtype}")
-    C.fail_value(t.is_contiguous(), op, f"{name} must be contiguous")
+    C.fail_type(t.dtype == torch.uint8, op, lambda: f"{name} must be uint8, got {t.dtype}")
+    C.fail_value(t.is_contiguous(), op, lambda: f"{name} must be contiguous")
 
 
 def _check_stats(scale, minimum, groups: int, op: str) -> None:
     for name, t in (("scale", scale), ("minimum", minimum)):
         C.check_tensor(t, name, op)
-        torch._check_type(t.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {t.dtype}")
+        C.fail_type(t.dtype == torch.float32, op, lambda: f"{name} must be float32, got {t.dtype}")
         C.check_shape(t, name, op, (groups,), "one value per group")
-        C.fail_value(t.is_contiguous(), op, f"{name} must be contiguous")
+        C.fail_value(t.is_contiguous(), op, lambda: f"{name} must be contiguous")
 
 
 def _check_packed(packed, scale, minimum, numel: int, group_size: int, op: str) -> None:
@@ -78,10 +78,10 @@ def validate_int4_pack(x, group_size, *, op="int4_pack"):
 
 def validate_int4_unpack(packed, scale, minimum, shape, dtype, group_size, *, op="int4_unpack"):
     _check_group_size(group_size, op, even=True)
-    C.fail_value(all(int(s) >= 0 for s in shape), op, f"shape must have non-negative sizes, got {list(shape)}")
+    C.fail_value(all(int(s) >= 0 for s in shape), op, lambda: f"shape must have non-negative sizes, got {list(shape)}")
     numel = math.prod(shape)
-    C.fail_value(numel >= 1, op, f"shape must have at least one element, got {list(shape)}")
-    torch._check_type(dtype in C.FLOAT_DTYPES, lambda: f"{op}: dtype must be a floating dtype, got {dtype}")
+    C.fail_value(numel >= 1, op, lambda: f"shape must have at least one element, got {list(shape)}")
+    C.fail_type(dtype in C.FLOAT_DTYPES, op, lambda: f"dtype must be a floating dtype, got {dtype}")
     _check_packed(packed, scale, minimum, numel, group_size, op)
 
 
@@ -95,7 +95,7 @@ def validate_int8_dequantize(q, scale, minimum, group_size, dtype, *, op="int8_d
     _check_group_size(group_size, op, even=False)
     _check_uint8(q, "q", op)
     C.fail_value(q.numel() >= 1, op, "q must have at least one element")
-    torch._check_type(dtype in C.FLOAT_DTYPES, lambda: f"{op}: dtype must be a floating dtype, got {dtype}")
+    C.fail_type(dtype in C.FLOAT_DTYPES, op, lambda: f"dtype must be a floating dtype, got {dtype}")
     _check_stats(scale, minimum, ref.num_groups(q.numel(), group_size), op)
     C.check_same_device(op, [("q", q), ("scale", scale), ("minimum", minimum)])
 
@@ -104,9 +104,9 @@ def validate_int8_update_sr(q, scale, minimum, update, decay, alpha, seed, group
     validate_int8_dequantize(q, scale, minimum, group_size, torch.float32, op=op)
     C.check_float(update, "update", op)
     C.check_shape(update, "update", op, q.shape, "the weight's shape")
-    C.fail_value(math.isfinite(decay), op, f"decay must be finite, got {decay}")
-    C.fail_value(math.isfinite(alpha), op, f"alpha must be finite, got {alpha}")
-    C.fail_value(isinstance(seed, int) and SEED_MIN <= seed <= SEED_MAX, op, f"seed must be a 64-bit int, got {seed!r}")
+    C.fail_value(math.isfinite(decay), op, lambda: f"decay must be finite, got {decay}")
+    C.fail_value(math.isfinite(alpha), op, lambda: f"alpha must be finite, got {alpha}")
+    C.fail_value(isinstance(seed, int) and SEED_MIN <= seed <= SEED_MAX, op, lambda: f"seed must be a 64-bit int, got {seed!r}")
     C.check_same_device(op, [("q", q), ("update", update)])
     C.check_no_overlap(op, [("q", q), ("scale", scale), ("minimum", minimum)], [("update", update)])
 
@@ -118,13 +118,14 @@ def _int4_proj_shape(m, n, rank, side):
 def _check_int4_projector(op, m, n, packed, scale, minimum, rank, group_size, side):
     C.check_side(side, op)
     _check_group_size(group_size, op, even=True)
-    C.fail_value(isinstance(rank, int), op, f"rank must be an int, got {rank!r}")
+    C.fail_value(isinstance(rank, int), op, lambda: f"rank must be an int, got {rank!r}")
     C.check_rank(rank, m, n, op, "proj")
     _check_packed(packed, scale, minimum, rank * (n if side == "right" else m), group_size, op)
 
 
 def validate_int4_project_adam(
-    grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_"
+    grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_",
+    _spans=None,
 ):
     C.check_side(side, op)
     C.check_float(grad, "grad", op)
@@ -137,6 +138,7 @@ def validate_int4_project_adam(
     C.check_no_overlap(
         op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
         [("grad", grad), ("packed", packed), ("scale", scale), ("minimum", minimum)],
+        spans=_spans,
     )
 
 
@@ -160,15 +162,19 @@ def validate_int4_project_update_backproject(
 ):
     C.check_float(param, "param", op)
     C.check_ndim(param, "param", op, 2)
-    validate_int4_project_adam(grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op)
+    spans = {}
+    validate_int4_project_adam(
+        grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op, _spans=spans
+    )
     C.check_shape(grad, "grad", op, param.shape, "the parameter's shape")
-    C.fail_value(step >= 1, op, f"step must be >= 1 (1-based, after increment), got {step}")
-    C.fail_value(lr >= 0.0, op, f"lr must be >= 0, got {lr}")
+    C.fail_value(step >= 1, op, lambda: f"step must be >= 1 (1-based, after increment), got {step}")
+    C.fail_value(lr >= 0.0, op, lambda: f"lr must be >= 0, got {lr}")
     C.check_same_device(op, [("param", param), ("grad", grad)])
     C.check_no_overlap(
         op,
         [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
         [("grad", grad), ("packed", packed), ("scale", scale), ("minimum", minimum)],
+        spans=spans,
     )
 
 
