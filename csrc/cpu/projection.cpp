@@ -17,28 +17,31 @@
 //
 // Panels
 // ------
-// Nothing of full (m x n) size is ever allocated: the work runs over bounded panels with
-// thread-local scratch, under at::parallel_for (at::mm is single-threaded inside it):
-//   project  row panels of G (rows i0..i1, all of K): G_panel in acc (a view when it
-//            already is), R_panel = G_panel P^T with at::mm, then the Adam epilogue on
-//            those rows of the moments. R depends on those rows of G only, so nothing is
-//            split along K and the nonlinear epilogue sees finished sums.
-//   apply    panels of W along its outer memory dimension, so that the element-wise pass
-//            streams contiguous memory: row panels (C = N_panel P) or, for a weight whose
-//            oriented view is column-major (side="left" on a row-major W), panels of K
-//            (C = N P[:, k0:k1], which are row panels of the original W). C goes to acc
-//            scratch by at::mm, then one pass W <- decay W + alpha C in W's dtype.
-// When the moments' rows and W's rows are both contiguous (side="right", row-major
-// tensors), the fused step does both per row panel in one pass over G and W. Otherwise
-// (side="left") it runs the two phases one after the other, with N kept in acc (low-rank
-// sized, like the moments) in between; G and W are still each read (W written) once.
-// The Adam epilogue on column-major moments runs once over the whole low-rank tensors in
-// memory order (vectorized ATen ops), after the panel GEMMs.
+// Nothing of full (m x n) size is ever allocated: the big matrices are processed in
+// bounded panels (about kPanelElems elements, at most a quarter of the matrix), one after
+// the other, each with one multi-threaded BLAS GEMM and multi-threaded element-wise ATen
+// ops. (Measured on a 2-core CPU, this beats at::parallel_for over panels with a
+// single-threaded at::mm each: the skinny per-panel GEMMs and per-panel epilogue ops
+// lost to the reference's one multi-threaded GEMM, worst at low rank.)
+//   project  R (rows x r, low-rank sized like the moments, laid out like them) in acc:
+//            one GEMM G P^T when G already is in acc; else row panels of G converted
+//            to acc, R_panel = G_panel P^T. R's rows depend on those rows of G only, so
+//            nothing is split along K and the Adam epilogue sees finished sums. Then the
+//            Adam epilogue once over the whole low-rank tensors (vectorized ATen ops).
+//   apply    panels of W along its inner memory dimension (so each GEMM keeps all of W's
+//            outer dimension, which BLAS splits well across threads): panels of K,
+//            C = N P[:, k0:k1], for a row-major oriented W; row panels, C = N_panel P,
+//            for a column-major one (side="left" on a row-major W: column panels of the
+//            original). C goes to acc scratch laid out like W, then
+//            W <- decay W + alpha C with ATen ops (through acc scratch for a W not in
+//            acc, stored once in W's dtype).
+// The fused step runs the two phases one after the other, with N kept in acc (low-rank
+// sized) in between; G is read once, W read and written once.
 //
 // Accumulation is float32, or float64 when any input is float64, as in the reference;
-// the Adam epilogue uses the reference's very operations (so N matches it bit for bit
-// given the same R), and the weight update rounds as the reference does:
-// fl(fl(W * decay) + alpha * C), stored once in W's dtype.
+// the Adam epilogue and the weight update use the reference's very ATen operations (so
+// N matches it bit for bit given the same R, and W given the same C), and W is rounded
+// once to its dtype.
 //
 // The projector
 // -------------
@@ -78,10 +81,12 @@ using at::Tensor;
 
 // Panel size: about kPanelElems elements of the big matrix, and at least
 // kPanelRankMult * r along the panel dimension, so that re-reading the (r-sized) other
-// GEMM operand per panel is amortized and the GEMMs are not skinny.
-constexpr int64_t kPanelElems = 1 << 16;
+// GEMM operand per panel is amortized and the GEMMs are not skinny; at most 1/kMinPanels
+// of the matrix, so no scratch approaches full size.
+constexpr int64_t kPanelElems = 1 << 18;
 constexpr int64_t kPanelRankMult = 4;
 constexpr int64_t kMinPanel = 8;
+constexpr int64_t kMinPanels = 4;
 
 // --------------------------------------------------------------------------- the projector
 struct ProjectorSource {
@@ -105,7 +110,7 @@ struct ProjectorSource {
   Tensor materialize(at::ScalarType acc) const {
     if (dense.scalar_type() == acc) return dense;
     Tensor out = at::empty({rank(), k()}, dense.options().dtype(acc));
-    const int64_t chunk = std::max<int64_t>(64, kPanelElems / std::max<int64_t>(rank(), 1));
+    const int64_t chunk = std::min(k(), std::max<int64_t>(64, kPanelElems / std::max<int64_t>(rank(), 1)));
     const int64_t nchunks = (k() + chunk - 1) / chunk;
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       Tensor scratch = at::empty({rank() * chunk}, out.options());
@@ -154,19 +159,17 @@ Tensor empty_flat(bool needed, int64_t numel, const at::TensorOptions& opts) {
 }
 
 // Panel length along a dimension of length `len` whose panels span `other` elements
-// each: bounded, at least kPanelRankMult * r, and at least one panel per thread.
+// each: bounded, at least kPanelRankMult * r, and at most ceil(len / kMinPanels).
 int64_t panel_len(int64_t len, int64_t other, int64_t r) {
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   int64_t b = std::max<int64_t>({kMinPanel, kPanelElems / std::max<int64_t>(other, 1), kPanelRankMult * r});
-  b = std::min(b, (len + nthreads - 1) / nthreads);
+  b = std::min(b, (len + kMinPanels - 1) / kMinPanels);
   return std::max<int64_t>(1, std::min(b, len));
 }
 
 // --------------------------------------------------------------------------- epilogues
 // Adam on matching (rows x r) views: R in acc, the moments and N in the moments' dtype
-// (N may be undefined). The reference's operations, in acc, as vectorized ATen ops (on a
-// panel inside a parallel region they run single-threaded; on whole tensors ATen
-// parallelizes them). `m_buf`, `v_buf`: scratch for moments not in acc. On return R
+// (N may be undefined). The reference's operations, in acc, as vectorized ATen ops, on
+// the whole low-rank tensors (ATen parallelizes them). `m_buf`, `v_buf`: scratch for moments not in acc. On return R
 // holds N in acc; with `round_r`, N rounded to the moments' dtype (the step
 // back-projects the rounded N, as the reference does).
 void adam_epilogue(const Tensor& R, const Tensor& ea, const Tensor& eas, const Tensor& N, double beta1, double beta2,
@@ -193,45 +196,16 @@ void adam_epilogue(const Tensor& R, const Tensor& ea, const Tensor& eas, const T
   }
 }
 
-// W <- decay * W + alpha * C on one contiguous-or-strided row, rounded once to W's dtype.
-template <bool kContig, typename acc_t, typename w_t>
-inline void apply_row(int64_t len, w_t* w, int64_t ws, const acc_t* c, int64_t cs, acc_t decay, acc_t alpha) {
-  for (int64_t j = 0; j < len; ++j) {
-    const int64_t jw = kContig ? j : j * ws, jc = kContig ? j : j * cs;
-    const acc_t wd = static_cast<acc_t>(w[jw]) * decay;
-    w[jw] = static_cast<w_t>(wd + alpha * c[jc]);
-  }
-}
-
-// The reference: param.to(acc).mul_(decay).add_(back, alpha=alpha), then stored. One pass
-// in W's memory order; W (any float dtype), C (acc) of the same shape.
-template <typename acc_t, typename w_t>
-void apply_epilogue(const Tensor& W, const Tensor& C, double decay, double alpha) {
-  const bool tr = col_major(W);
-  const int64_t outer = tr ? W.size(1) : W.size(0);
-  const int64_t inner = tr ? W.size(0) : W.size(1);
-  const int64_t ws0 = tr ? W.stride(1) : W.stride(0), ws1 = tr ? W.stride(0) : W.stride(1);
-  const int64_t cs0 = tr ? C.stride(1) : C.stride(0), cs1 = tr ? C.stride(0) : C.stride(1);
-  w_t* w = W.data_ptr<w_t>();
-  const acc_t* c = C.const_data_ptr<acc_t>();
-  const acc_t d = static_cast<acc_t>(decay), a = static_cast<acc_t>(alpha);
-  for (int64_t i = 0; i < outer; ++i) {
-    if (ws1 == 1 && cs1 == 1) {
-      apply_row<true>(inner, w + i * ws0, 1, c + i * cs0, 1, d, a);
-    } else {
-      apply_row<false>(inner, w + i * ws0, ws1, c + i * cs0, cs1, d, a);
-    }
-  }
-}
-
-void run_apply_epilogue(const Tensor& W, const Tensor& C, double decay, double alpha) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W.scalar_type(), "projection_apply_epilogue", [&] {
-    if (C.scalar_type() == at::kDouble) {
-      apply_epilogue<double, scalar_t>(W, C, decay, alpha);
-    } else {
-      apply_epilogue<float, scalar_t>(W, C, decay, alpha);
-    }
-  });
+// The reference's weight update, param.to(acc).mul_(decay).add_(back, alpha=alpha), then
+// stored: on a panel W (any float dtype) with C (acc, laid out like W), as vectorized,
+// multi-threaded ATen ops. A W not in acc goes through `w_buf` (scratch laid out like it)
+// and is rounded once. mul_ by a decay of exactly 1 is skipped (it changes nothing).
+void run_apply_epilogue(const Tensor& W, const Tensor& C, double decay, double alpha, const Tensor& w_buf) {
+  const bool in_place = W.scalar_type() == C.scalar_type();
+  Tensor w = in_place ? W : as_acc(W, C.scalar_type(), w_buf);
+  if (decay != 1.0) w.mul_(decay);
+  w.add_(C, alpha);
+  if (!in_place) W.copy_(w);
 }
 
 // --------------------------------------------------------------------------- the driver
@@ -253,87 +227,74 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
   const int64_t rows = big.size(0), K = big.size(1), r = src.rank();
   TORCH_INTERNAL_ASSERT(r >= 1 && rows >= 1 && K >= 1);
   const auto opts = big.options().dtype(acc);
+  // P (r x K) in acc, when a loop needs all of it (a view for a dense projector in acc).
+  Tensor P;
+  const auto whole_p = [&]() -> const Tensor& {
+    if (!P.defined()) P = src.materialize(acc);
+    return P;
+  };
 
-  // Which loops run: the Adam epilogue per row panel when the moments' rows are
-  // contiguous, the weight update per row panel when W's rows are, else over K panels.
-  const bool adam_by_panel = project && !col_major(pb.ea);
-  const bool w_by_rows = apply && !col_major(pb.w);
-  const bool apply_in_row_loop = w_by_rows && (!project || adam_by_panel);
-  const bool row_loop = project || apply_in_row_loop;
-  // R (then N) in acc for all rows, when the row loop does not finish the job per panel.
-  // With N in acc (project_adam on float32 moments), R is computed into N's storage.
-  Tensor r_full;
-  if (project && !apply && pb.n.defined() && pb.n.scalar_type() == acc) {
-    r_full = pb.n;
-  } else if (project && !(adam_by_panel && (!apply || apply_in_row_loop))) {
-    r_full = col_major(pb.ea) ? at::empty({r, rows}, opts).t() : at::empty({rows, r}, opts);
-  }
-
-  if (row_loop) {
-    const Tensor P = src.materialize(acc);  // r x K
-    const Tensor PT = P.t();
-    const int64_t bm = panel_len(rows, K, r);
-    const int64_t npanels = (rows + bm - 1) / bm;
-    const bool lr_cm = project ? col_major(pb.ea) : col_major(pb.upd);
-    const bool mom_conv = adam_by_panel && pb.ea.scalar_type() != acc;
-    const bool need_big = (project && pb.g.scalar_type() != acc) || apply_in_row_loop;
-    const bool need_low = (project && !r_full.defined()) || (!project && pb.upd.scalar_type() != acc);
-    at::parallel_for(0, npanels, 1, [&](int64_t p0, int64_t p1) {
-      // Thread-local scratch, reused across this thread's panels. `big_buf` holds the
-      // gradient panel in acc, then the back-projected panel (never both at once).
-      const Tensor big_buf = empty_flat(need_big, bm * K, opts);
-      const Tensor low_buf = empty_flat(need_low, bm * r, opts);
-      const Tensor m_buf = empty_flat(mom_conv, bm * r, opts);
-      const Tensor v_buf = empty_flat(mom_conv, bm * r, opts);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t i0 = p * bm, len = std::min(bm, rows - i0);
-        Tensor Np;  // this panel's R, then N (or the update), in acc
-        if (project) {
-          Np = r_full.defined() ? r_full.narrow(0, i0, len) : scratch_view(low_buf, len, r, lr_cm);
-          const Tensor Gp = as_acc(pb.g.narrow(0, i0, len), acc, big_buf);
-          at::mm_out(Np, Gp, PT);
-          if (adam_by_panel) {
-            adam_epilogue(Np, pb.ea.narrow(0, i0, len), pb.eas.narrow(0, i0, len),
-                          pb.n.defined() ? pb.n.narrow(0, i0, len) : Tensor(), pb.beta1, pb.beta2, pb.eps,
-                          /*round_r=*/apply, m_buf, v_buf);
-          }
-        } else {
-          Np = as_acc(pb.upd.narrow(0, i0, len), acc, low_buf);
-        }
-        if (apply_in_row_loop) {
-          const Tensor Wp = pb.w.narrow(0, i0, len);
-          Tensor C = scratch_view(big_buf, len, K, col_major(Wp));
-          at::mm_out(C, Np, P);
-          run_apply_epilogue(Wp, C, pb.decay, pb.alpha);
-        }
+  // Nf: R, then N, in acc for all rows (low-rank sized, laid out like the moments); or
+  // the update in acc.
+  Tensor Nf;
+  if (project) {
+    if (!apply && pb.n.defined() && pb.n.scalar_type() == acc) {
+      Nf = pb.n;  // project_adam on acc moments: R is computed into N's storage
+    } else {
+      Nf = col_major(pb.ea) ? at::empty({r, rows}, opts).t() : at::empty({rows, r}, opts);
+    }
+    const Tensor PT = whole_p().t();
+    if (pb.g.scalar_type() == acc) {
+      at::mm_out(Nf, pb.g, PT);  // one multi-threaded GEMM
+    } else {
+      // Row panels of G converted to acc, one after the other (the conversion and the
+      // GEMM are each multi-threaded); R's rows depend on G's rows only (no split of K).
+      const int64_t bm = panel_len(rows, K, r);
+      const Tensor g_buf = at::empty({bm * K}, opts);
+      for (int64_t i0 = 0; i0 < rows; i0 += bm) {
+        const int64_t len = std::min(bm, rows - i0);
+        Tensor Rp = Nf.narrow(0, i0, len);
+        at::mm_out(Rp, as_acc(pb.g.narrow(0, i0, len), acc, g_buf), PT);
       }
-    });
+    }
+    const bool conv = pb.ea.scalar_type() != acc;
+    const Tensor mb = empty_flat(conv, rows * r, opts), vb = empty_flat(conv, rows * r, opts);
+    adam_epilogue(Nf, pb.ea, pb.eas, pb.n, pb.beta1, pb.beta2, pb.eps, /*round_r=*/apply, mb, vb);
+  } else if (apply) {
+    Nf = pb.upd.scalar_type() == acc ? pb.upd : pb.upd.to(acc);
   }
-  if (project && !adam_by_panel) {
-    // Column-major moments: one pass over the whole low-rank tensors, in memory order.
-    const Tensor none;
-    const Tensor mb = pb.ea.scalar_type() != acc ? at::empty({rows * r}, opts) : none;
-    const Tensor vb = pb.ea.scalar_type() != acc ? at::empty({rows * r}, opts) : none;
-    adam_epilogue(r_full, pb.ea, pb.eas, pb.n, pb.beta1, pb.beta2, pb.eps, /*round_r=*/apply, mb, vb);
-  }
-  if (apply && !apply_in_row_loop) {
-    // W's rows are strided (side="left" on a row-major W): panels of K, i.e. of W's outer
-    // memory dimension; C = N P[:, k0:k1] with P's panels from the source.
-    const Tensor Nf = project ? r_full : pb.upd.to(acc);
+  if (!apply) return;
+
+  // W <- decay W + alpha back(N), over panels of W along its inner memory dimension (so
+  // each GEMM keeps all of W's outer dimension, which BLAS splits well across threads),
+  // one after the other: C = back(N) of the panel by a multi-threaded GEMM into acc
+  // scratch laid out like W, then the element-wise pass, parallel over W's outer rows.
+  if (!col_major(pb.w)) {
+    // Row-major W: panels of K; C = N P[:, k0:k1] with P's panels from the source.
     const int64_t bk = panel_len(K, rows, r);
-    const int64_t npanels = (K + bk - 1) / bk;
-    const bool w_cm = col_major(pb.w);
-    at::parallel_for(0, npanels, 1, [&](int64_t p0, int64_t p1) {
-      const Tensor c_buf = at::empty({rows * bk}, opts);
-      const Tensor p_buf = at::empty({r * bk}, opts);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t k0 = p * bk, len = std::min(bk, K - k0);
-        const Tensor Pp = src.panel(k0, len, acc, p_buf);
-        Tensor C = scratch_view(c_buf, rows, len, w_cm);
-        at::mm_out(C, Nf, Pp);
-        run_apply_epilogue(pb.w.narrow(1, k0, len), C, pb.decay, pb.alpha);
-      }
-    });
+    const Tensor c_buf = at::empty({rows * bk}, opts);
+    const Tensor w_buf = empty_flat(pb.w.scalar_type() != acc, rows * bk, opts);
+    const Tensor p_buf = at::empty({r * bk}, opts);
+    for (int64_t k0 = 0; k0 < K; k0 += bk) {
+      const int64_t len = std::min(bk, K - k0);
+      const Tensor Pp = P.defined() ? P.narrow(1, k0, len) : src.panel(k0, len, acc, p_buf);
+      Tensor C = scratch_view(c_buf, rows, len, false);
+      at::mm_out(C, Nf, Pp);
+      run_apply_epilogue(pb.w.narrow(1, k0, len), C, pb.decay, pb.alpha, w_buf);
+    }
+  } else {
+    // Column-major W (side="left" on a row-major W): row panels, i.e. column panels of the
+    // original W; C = N[i0:i1] P, column-major.
+    const Tensor& Pw = whole_p();
+    const int64_t bm = panel_len(rows, K, r);
+    const Tensor c_buf = at::empty({bm * K}, opts);
+    const Tensor w_buf = empty_flat(pb.w.scalar_type() != acc, bm * K, opts);
+    for (int64_t i0 = 0; i0 < rows; i0 += bm) {
+      const int64_t len = std::min(bm, rows - i0);
+      Tensor C = scratch_view(c_buf, len, K, true);
+      at::mm_out(C, Nf.narrow(0, i0, len), Pw);
+      run_apply_epilogue(pb.w.narrow(0, i0, len), C, pb.decay, pb.alpha, w_buf);
+    }
   }
 }
 
