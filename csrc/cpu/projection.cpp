@@ -24,10 +24,12 @@
 // single-threaded at::mm each: the skinny per-panel GEMMs and per-panel epilogue ops
 // lost to the reference's one multi-threaded GEMM, worst at low rank.)
 //   project  R (rows x r, low-rank sized like the moments, laid out like them) in acc:
-//            one GEMM G P^T when G already is in acc; else row panels of G converted
-//            to acc, R_panel = G_panel P^T. R's rows depend on those rows of G only, so
-//            nothing is split along K and the Adam epilogue sees finished sums. Then the
-//            Adam epilogue once over the whole low-rank tensors (vectorized ATen ops).
+//            one GEMM G P^T when G already is in acc; else panels of G along its inner
+//            memory dimension converted to acc: row panels, R_panel = G_panel P^T, or,
+//            for a column-major oriented G (side="left" on a row-major grad), panels of
+//            K accumulated into R in acc by the GEMM (R += G[:, k0:k1] P[:, k0:k1]^T, as
+//            BLAS itself blocks K). Then the Adam epilogue, on finished sums, once over
+//            the whole low-rank tensors (vectorized ATen ops).
 //   apply    panels of W along its inner memory dimension (so each GEMM keeps all of W's
 //            outer dimension, which BLAS splits well across threads): panels of K,
 //            C = N P[:, k0:k1], for a row-major oriented W; row panels, C = N_panel P,
@@ -246,6 +248,21 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
     const Tensor PT = whole_p().t();
     if (pb.g.scalar_type() == acc) {
       at::mm_out(Nf, pb.g, PT);  // one multi-threaded GEMM
+    } else if (col_major(pb.g)) {
+      // Panels of K (G's inner memory dimension: contiguous conversion) converted to acc,
+      // one after the other, accumulated into R in acc by the GEMM (as BLAS itself
+      // blocks K); the Adam epilogue runs after the last panel, on finished sums.
+      const int64_t bk = panel_len(K, rows, r);
+      const Tensor g_buf = at::empty({rows * bk}, opts);
+      for (int64_t k0 = 0; k0 < K; k0 += bk) {
+        const int64_t len = std::min(bk, K - k0);
+        const Tensor Gk = as_acc(pb.g.narrow(1, k0, len), acc, g_buf);
+        if (k0 == 0) {
+          at::mm_out(Nf, Gk, PT.narrow(0, k0, len));
+        } else {
+          Nf.addmm_(Gk, PT.narrow(0, k0, len));
+        }
+      }
     } else {
       // Row panels of G converted to acc, one after the other (the conversion and the
       // GEMM are each multi-threaded); R's rows depend on G's rows only (no split of K).
