@@ -33,6 +33,21 @@ def device():
     return torch.device(TEST_DEVICE)
 
 
+def require_backend(op_name: str, backend: str, device="cpu") -> None:
+    """Skip when ``backend`` cannot run ``op_name`` here, but fail where the set-up says it
+    must: the C++ backend after `make test` built the extension
+    (LOWRANK_KERNELS_EXPECT_EXT=1), the Triton backend under TRITON_INTERPRET=1 or on CUDA."""
+    reason = _registry.why_unavailable(_registry.OPS[op_name], backend, torch.device(device))
+    if reason is None:
+        return
+    expected = (backend == "cpp" and os.environ.get("LOWRANK_KERNELS_EXPECT_EXT") == "1") or (
+        backend == "triton" and (os.environ.get("TRITON_INTERPRET") == "1" or torch.device(device).type == "cuda")
+    )
+    if expected:
+        pytest.fail(f"{backend} backend expected but unavailable: {reason}")
+    pytest.skip(reason)
+
+
 def pytest_collection_modifyitems(config, items):
     if TEST_DEVICE != "cpu":
         keep = [i for i in items if "device" in getattr(i, "fixturenames", ())]

@@ -1,7 +1,6 @@
 """The DCT family on every backend: basis vs scipy, scores and top-k vs independent float64
 math and vs the reference, deterministic ties, the low-rank gradient at a refresh,
 gathered-basis projection vs dense projection, opcheck, bad input that changes nothing."""
-import os
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from lowrank_kernels.ops import dct as dct_ops
 from lowrank_kernels.ops import use_backend
 from lowrank_kernels.reference import dct as ref
 
-from ..conftest import TOL, rel_err
+from ..conftest import TOL, rel_err, require_backend
 
 SHAPES = [(123, 77), (64, 300), (33, 33), (5, 17)]
 SIDES = ["right", "left"]
@@ -23,11 +22,7 @@ SIDES = ["right", "left"]
 @pytest.fixture(params=reg.BACKENDS)
 def backend(request):
     name = request.param
-    reason = reg.why_unavailable(reg.OPS["dct_scores"], name, torch.device("cpu"))
-    if reason is not None:
-        if name == "cpp" and os.environ.get("LOWRANK_KERNELS_EXPECT_EXT") == "1":
-            pytest.fail(f"cpp backend expected but unavailable: {reason}")
-        pytest.skip(reason)
+    require_backend("dct_scores", name)
     return name
 
 

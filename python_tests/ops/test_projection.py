@@ -1,7 +1,6 @@
 """The projection family on every backend: reference vs float64 math, backends vs reference,
 opcheck, odd shapes and ranks, non-contiguous gradients, bad input that changes nothing."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from lowrank_kernels import ops
 from lowrank_kernels.ops import _registry as reg
 from lowrank_kernels.ops import use_backend
 
-from ..conftest import TOL, rel_err
+from ..conftest import TOL, rel_err, require_backend
 
 SHAPES = [(123, 77), (64, 300), (33, 33), (5, 17)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -20,11 +19,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture(params=reg.BACKENDS)
 def backend(request):
     name = request.param
-    reason = reg.why_unavailable(reg.OPS["projection_project_adam"], name, torch.device("cpu"))
-    if reason is not None:
-        if name == "cpp" and os.environ.get("LOWRANK_KERNELS_EXPECT_EXT") == "1":
-            pytest.fail(f"cpp backend expected but unavailable: {reason}")
-        pytest.skip(reason)
+    require_backend("projection_project_adam", name)
     return name
 
 

@@ -2,7 +2,6 @@
 backend tests of test_projection.py: float64 and mixed dtypes, shapes that span several
 panels (on one and two threads), strided layouts that take the kernels' other loops, no
 full-size temporary, and the _cpu ops' own checks when called directly."""
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from lowrank_kernels.ops import _registry as reg
 from lowrank_kernels.reference import projection as ref
 
-from ..conftest import TOL, rel_err
+from ..conftest import TOL, rel_err, require_backend
 
 OPS = torch.ops.lowrank_kernels
 HYPER = dict(beta1=0.9, beta2=0.95, eps=1e-6)
@@ -19,11 +18,7 @@ STEP_ARGS = (0.01, 0.9, 0.999, 1e-8, 5, 0.1, 0.25)  # lr, beta1, beta2, eps, ste
 
 @pytest.fixture(autouse=True)
 def _need_cpp():
-    reason = reg.why_unavailable(reg.OPS["projection_project_adam"], "cpp", torch.device("cpu"))
-    if reason is not None:
-        if os.environ.get("LOWRANK_KERNELS_EXPECT_EXT") == "1":
-            pytest.fail(f"cpp backend expected but unavailable: {reason}")
-        pytest.skip(reason)
+    require_backend("projection_project_adam", "cpp")
 
 
 def _projector(m, n, rank, side, dtype):

@@ -1,7 +1,6 @@
 """The quant family on every backend: INT4 pack/unpack, INT8 quantize/dequantize, the
 stochastic-rounding update, and the projection ops with a packed INT4 projector."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,17 +11,13 @@ from lowrank_kernels.ops import Int4Projector, use_backend
 from lowrank_kernels.ops import _registry as reg
 from lowrank_kernels.reference import quant as qref
 
-from ..conftest import TOL, rel_err
+from ..conftest import TOL, rel_err, require_backend
 
 
 @pytest.fixture(params=reg.BACKENDS)
 def backend(request):
     name = request.param
-    reason = reg.why_unavailable(reg.OPS["quant_int4_pack"], name, torch.device("cpu"))
-    if reason is not None:
-        if name == "cpp" and os.environ.get("LOWRANK_KERNELS_EXPECT_EXT") == "1":
-            pytest.fail(f"cpp backend expected but unavailable: {reason}")
-        pytest.skip(reason)
+    require_backend("quant_int4_pack", name)
     return name
 
 
