@@ -88,6 +88,9 @@ using at::Tensor;
 constexpr int64_t kPanelElems = 1 << 18;
 constexpr int64_t kPanelRankMult = 4;
 constexpr int64_t kMinPanel = 8;
+// Ranks up to this fit in one K block of the BLAS GEMMs (OpenBLAS and MKL block K by
+// 256 or more for float32), so a BLAS update C += A B reads and rounds C once.
+constexpr int64_t kBlasSingleKBlock = 128;
 constexpr int64_t kMinPanels = 4;
 
 // --------------------------------------------------------------------------- the projector
@@ -281,6 +284,19 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
     Nf = pb.upd.scalar_type() == acc ? pb.upd : pb.upd.to(acc);
   }
   if (!apply) return;
+
+  // W already in acc, stored so that BLAS can write it in place (rows or columns
+  // contiguous), and a rank that fits one K block of the GEMM (so W is read and rounded
+  // once, as in the reference): W <- decay W + alpha N P as ONE multi-threaded GEMM whose
+  // epilogue is BLAS's own C = beta C + alpha A B, with beta = 1 after the decay. No
+  // scratch at all, and one parallel region instead of two per panel.
+  if (pb.w.scalar_type() == acc && r <= kBlasSingleKBlock &&
+      (pb.w.is_contiguous() || pb.w.t().is_contiguous())) {
+    if (pb.decay != 1.0) pb.w.mul_(pb.decay);
+    Tensor w = pb.w;  // a handle, so addmm_ can take it
+    w.addmm_(Nf, whole_p(), /*beta=*/1.0, /*alpha=*/pb.alpha);
+    return;
+  }
 
   // W <- decay W + alpha back(N), over panels of W along its inner memory dimension (so
   // each GEMM keeps all of W's outer dimension, which BLAS splits well across threads),
