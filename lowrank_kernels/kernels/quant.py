@@ -86,6 +86,19 @@ def _div(a, b):
 
 
 @triton.jit
+def _group_scale(mn, mx, LEVELS: tl.constexpr):
+    """``max(max - min, 1e-5) / LEVELS`` per group, IEEE-rounded (the reference's scale)."""
+    return tl.math.div_rn(tl.maximum(mx - mn, 1e-5), tl.full(mn.shape, LEVELS, tl.float32))
+
+
+@triton.jit
+def _level(x, mn, scale, offset, LEVELS: tl.constexpr):
+    """``clamp(floor((x - min) / scale + offset), 0, LEVELS)`` for ``x`` of shape groups x chunk:
+    round to nearest with ``offset = 0.5``, stochastic rounding with ``offset = u ~ U[0, 1)``."""
+    return tl.minimum(tl.maximum(tl.floor(_div(x - mn[:, None], scale[:, None]) + offset), 0.0), LEVELS)
+
+
+@triton.jit
 def _load_strided(ptr, f, cols, s0, s1, mask, FLAT: tl.constexpr):
     """Float32 values at flat (row-major) indices ``f``; ``FLAT``: contiguous, no index math."""
     if FLAT:
@@ -128,7 +141,7 @@ def _quant_int4_pack_kernel(
         b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1, FLAT)
         mn = tl.minimum(mn, tl.min(tl.minimum(tl.where(m0, a, float("inf")), tl.where(m1, b, float("inf"))), axis=1))
         mx = tl.maximum(mx, tl.max(tl.maximum(tl.where(m0, a, float("-inf")), tl.where(m1, b, float("-inf"))), axis=1))
-    scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), tl.full((GPP,), 15.0, tl.float32))
+    scale = _group_scale(mn, mx, 15.0)
     for k0 in range(0, half, CH):
         k = k0 + tl.arange(0, CH)
         f0 = gstart[:, None] + 2 * k[None, :]
@@ -136,8 +149,8 @@ def _quant_int4_pack_kernel(
         m1 = m0 & (f0 + 1 < gend[:, None])
         a = _load_strided(x_ptr, f0, cols, s0, s1, m0, FLAT)
         b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1, FLAT)
-        qa = tl.minimum(tl.maximum(tl.floor(_div(a - mn[:, None], scale[:, None]) + 0.5), 0.0), 15.0).to(tl.int32)
-        qb = tl.minimum(tl.maximum(tl.floor(_div(b - mn[:, None], scale[:, None]) + 0.5), 0.0), 15.0).to(tl.int32)
+        qa = _level(a, mn, scale, 0.5, 15.0).to(tl.int32)
+        qb = _level(b, mn, scale, 0.5, 15.0).to(tl.int32)
         qb = tl.where(m1, qb, 0)
         byte = (qa | (qb << 4)).to(tl.uint8)
         tl.store(packed_ptr + f0 // 2, byte, mask=m0)
@@ -208,13 +221,13 @@ def _quant_int8_quantize_kernel(
         a = _load_strided(x_ptr, f, cols, s0, s1, m, FLAT)
         mn = tl.minimum(mn, tl.min(tl.where(m, a, float("inf")), axis=1))
         mx = tl.maximum(mx, tl.max(tl.where(m, a, float("-inf")), axis=1))
-    scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), tl.full((GPP,), 255.0, tl.float32))
+    scale = _group_scale(mn, mx, 255.0)
     for k0 in range(0, group_size, CH):
         k = k0 + tl.arange(0, CH)
         f = gstart[:, None] + k[None, :]
         m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
         a = _load_strided(x_ptr, f, cols, s0, s1, m, FLAT)
-        q = tl.minimum(tl.maximum(tl.floor(_div(a - mn[:, None], scale[:, None]) + 0.5), 0.0), 255.0)
+        q = _level(a, mn, scale, 0.5, 255.0)
         tl.store(q_ptr + f, q.to(tl.uint8), mask=m)
     tl.store(scale_ptr + g, scale, mask=gmask)
     tl.store(min_ptr + g, mn, mask=gmask)
@@ -285,7 +298,7 @@ def _quant_int8_update_sr_kernel(
         x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
         mn = tl.minimum(mn, tl.min(tl.where(m, x, float("inf")), axis=1))
         mx = tl.maximum(mx, tl.max(tl.where(m, x, float("-inf")), axis=1))
-    scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), tl.full((GPP,), 255.0, tl.float32))
+    scale = _group_scale(mn, mx, 255.0)
     for k0 in range(0, group_size, CH):
         k = k0 + tl.arange(0, CH)
         f = gstart[:, None] + k[None, :]
@@ -294,7 +307,7 @@ def _quant_int8_update_sr_kernel(
         upd = _load_strided(u_ptr, f, cols, s0, s1, m, FLAT)
         x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
         r = _uniform(f, k1, k2)
-        qn = tl.minimum(tl.maximum(tl.floor(_div(x - mn[:, None], scale[:, None]) + r), 0.0), 255.0)
+        qn = _level(x, mn, scale, r, 255.0)
         tl.store(q_ptr + f, qn.to(tl.uint8), mask=m)
     tl.store(scale_ptr + g, scale, mask=gmask)
     tl.store(min_ptr + g, mn, mask=gmask)
