@@ -280,6 +280,8 @@ def test_sequence_equals_randomstate_choice(mode):
     p = None if probs is None else probs.numpy()
     assert s.active is None
     for step in range(30):
+        for q in layers.parameters():  # a gradient left over from before the draw
+            q.grad = torch.ones_like(q)
         drew = s.on_step(step)
         assert drew == (step % 4 == 0)
         if drew:
@@ -288,6 +290,8 @@ def test_sequence_equals_randomstate_choice(mode):
         assert s.on_step(step) is False  # repeated call: no second draw
         for i, layer in enumerate(layers):
             assert all(q.requires_grad == (i in s.active) for q in layer.parameters())
+            if drew:  # frozen at the draw: gradient dropped; drawn: left alone
+                assert all((q.grad is not None) == (i in s.active) for q in layer.parameters())
 
 
 def test_first_call_draws_at_any_step():
