@@ -464,11 +464,17 @@ class LayerSampler:
         if active is not None and (len(active) != self.gamma or sorted(set(active)) != sorted(active)
                                    or not all(_is_int(i) and 0 <= i < self.num_layers for i in active)):
             raise ValueError(f"LayerSampler.load_state_dict: bad active layers {active!r}")
-        rng = state_dict["rng"]
+        rng = state_dict.get("rng")
+        if not isinstance(rng, dict) or not {"name", "keys", "pos", "has_gauss", "cached_gaussian"} <= set(rng):
+            raise ValueError("LayerSampler.load_state_dict: missing or malformed 'rng' entry")
         keys = np.asarray(rng["keys"].numpy() if isinstance(rng["keys"], torch.Tensor) else rng["keys"],
                           dtype=np.uint32)
         new_rng = np.random.RandomState()
-        new_rng.set_state((rng["name"], keys, int(rng["pos"]), int(rng["has_gauss"]), float(rng["cached_gaussian"])))
+        try:
+            new_rng.set_state((rng["name"], keys, int(rng["pos"]), int(rng["has_gauss"]),
+                               float(rng["cached_gaussian"])))
+        except (TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"LayerSampler.load_state_dict: bad 'rng' entry ({e})") from None
         owners = self._owners() if (self.state != "keep" and active is not None) else None
         self._rng = new_rng
         self._drawn_at = state_dict.get("drawn_at")

@@ -351,6 +351,11 @@ def test_load_state_dict_mismatch_changes_nothing():
     with pytest.raises(ValueError, match="active"):
         v.load_state_dict({**sd, "active": [0, 9]})
     assert v.active is None and all(q.requires_grad for q in v.layers[0].parameters())
+    with pytest.raises(ValueError, match="'rng'"):
+        v.load_state_dict({k: x for k, x in sd.items() if k != "rng"})
+    with pytest.raises(ValueError, match="'rng'"):
+        v.load_state_dict({**sd, "rng": {**sd["rng"], "keys": torch.zeros(3, dtype=torch.int64)}})
+    assert v.active is None
 
 
 def test_sampler_bad_input():
@@ -685,3 +690,45 @@ def test_trainer_callback(tmp_path):
 def test_callback_bad_input():
     with pytest.raises(TypeError, match="LayerSampler"):
         owlore_callback(object())
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("state", ["keep", "drop"])
+def test_training_resume_is_exact(state):
+    """model + optimizer + sampler checkpoint mid-period, then resume == one uninterrupted run."""
+    batches = _batches(9)
+
+    def build():
+        model = tiny_llama()
+        opt = GaLoreAdamW(lowrank_param_groups(model, rank=4, update_proj_gap=3), lr=1e-2, weight_decay=0.1)
+        s = LayerSampler(model.model.layers, sampling_probs([1.0, 2.0, 3.0, 4.0]), gamma=2, period=2, seed=111,
+                         state=state, optimizer=opt)
+        return model, opt, s
+
+    def train(model, opt, s, steps):
+        for step in steps:
+            s.on_step(step)
+            _lm_loss(model, batches[step]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    ref = build()
+    train(*ref, range(9))
+    first = build()
+    train(*first, range(5))
+    ckpt = _roundtrip({"model": first[0].state_dict(), "opt": first[1].state_dict(), "sampler": first[2].state_dict()})
+    second = build()
+    second[0].load_state_dict(ckpt["model"])
+    second[1].load_state_dict(ckpt["opt"])  # the optimizer first, then the sampler
+    second[2].load_state_dict(ckpt["sampler"])
+    assert second[2].active == first[2].active
+    train(*second, range(5, 9))
+    assert second[2].active == ref[2].active
+    for (n, a), (_, b) in zip(ref[0].named_parameters(), second[0].named_parameters()):
+        assert torch.equal(a, b), n
