@@ -277,7 +277,7 @@ class LayerSampler:
     ``on_step_begin``). At steps with ``step % period == 0`` (and at the first call,
     whatever the step) it draws ``idx = rng.choice(L, gamma, replace=False, p=probs)``
     from one ``numpy.random.RandomState(seed)`` (successive draws from the same
-    generator, as the official code), then:
+    generator; the official code draws from numpy's global generator), then:
 
     - every parameter of a layer not in ``idx`` gets ``requires_grad_(False)`` and its
       ``.grad`` is dropped (so no optimizer steps it, weight decay included: its
@@ -315,8 +315,8 @@ class LayerSampler:
         probs: ``L`` sampling probabilities (>= 0, summing to 1 within 1e-6; used
             as given when they sum to 1 within 1e-12, else renormalized), e.g. from
             :func:`sampling_probs`; ``None`` draws uniformly with
-            ``rng.choice(L, gamma, replace=False)``, the exact stream of LMFlow's
-            LISA (a ``p`` array of ``1/L`` values draws a different stream).
+            ``rng.choice(L, gamma, replace=False)``, without ``p`` as LMFlow's LISA
+            does (a ``p`` array of ``1/L`` values draws a different sequence).
         gamma: layers trained at a time (OwLore: 5; LISA: 2).
         period: steps between draws (OwLore: 50; LISA: 3).
         seed: of the ``RandomState`` (OwLore: 111). Under DDP every rank must use
