@@ -501,3 +501,39 @@ def test_bad_group_leaves_the_optimizer_unchanged():
     with pytest.raises(ValueError, match=r"param group 1: parameter 0 has shape \(7,\).*2-D"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(7))], "rank": 2})
     assert len(opt.param_groups) == 1
+
+
+def test_layerwise_and_model_groups_equal_the_standard_step():
+    """lowrank_param_groups on a model (biases and norms plain AdamW, zero-initialised biases
+    included) and layerwise(): the same trajectory as the standard optimizer, bit for bit."""
+    import copy
+
+    from lowrank_kernels.optim import layerwise, lowrank_param_groups
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 36), torch.nn.GELU(), torch.nn.Linear(36, 24),
+                                torch.nn.LayerNorm(24))
+    with torch.no_grad():
+        model[0].bias.zero_()
+    twin = copy.deepcopy(model)
+
+    def groups(m):
+        return lowrank_param_groups(m, rank=4, update_proj_gap=2, target_modules=None)  # every Linear
+
+    def factory(g):
+        return GradNormLoRPAdamW(g, lr=1e-2, weight_decay=0.01)
+
+    opt = factory(groups(model))
+    assert sum(len(g["params"]) for g in opt.param_groups if g.get("rank")) == 2
+    lw = layerwise(groups(twin), factory)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x, y = torch.randn(8, 24, generator=gen), torch.randn(8, 24, generator=gen)
+        ((model(x) - y) ** 2).mean().backward()
+        ((twin(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        lw.step()
+        lw.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.isfinite(p).all() and torch.equal(p, q), name
