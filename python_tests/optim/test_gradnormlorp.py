@@ -537,3 +537,32 @@ def test_layerwise_and_model_groups_equal_the_standard_step():
         lw.zero_grad()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.isfinite(p).all() and torch.equal(p, q), name
+
+
+def test_projector_is_made_from_the_direction_gradient_and_a_failed_first_refresh_changes_nothing():
+    """The refresh sees dL/dV (not dL/dW); when the first refresh fails, the weight and the state stay untouched."""
+    seen = []
+
+    class Spy(GradNormLoRPAdamW):
+        fail = False
+
+        def _compute_projector(self, p, grad, state, group, step):
+            seen.append(grad.clone())
+            return None if self.fail else super()._compute_projector(p, grad, state, group, step)
+
+    gen = torch.Generator().manual_seed(20)
+    w0 = torch.randn(14, 9, generator=gen, dtype=torch.float64)
+    grad = torch.randn(14, 9, generator=gen, dtype=torch.float64)
+    p = torch.nn.Parameter(w0.clone())
+    opt = Spy([{"params": [p], "rank": 3}])
+    opt.fail = True
+    p.grad = grad.clone()
+    opt.step()
+    assert torch.equal(p, w0) and len(opt.state[p]) == 0 and opt.failed_refreshes == 1
+    opt.fail = False
+    opt.step()
+    _, gv, _, _ = gnl.weight_norm_grads(w0, grad, w0.norm(dim=1), w0.norm(dim=1))
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], gv, rtol=0, atol=1e-14)
+    assert not torch.allclose(seen[1], grad)
+    assert not torch.equal(p, w0) and int(opt.state[p]["step"]) == 1
