@@ -101,6 +101,7 @@ OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
     "ours-APOLLOAdamW": (_ours("APOLLOAdamW", scale=1.0, scale_type="channel"), True),
     "ours-APOLLO-Mini": (_ours_apollo_mini, True),
     "ours-FrugalAdamW": (_ours_frugal, True),
+    "ours-GradNormLoRPAdamW": (_ours("GradNormLoRPAdamW", scale=1.0), True),
 }
 
 

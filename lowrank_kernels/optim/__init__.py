@@ -11,6 +11,8 @@ group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
   channel- or tensor-wise scaling of the raw gradient.
 - :class:`FrugalAdamW`: AdamW in a subspace + signSGD/SGD on the residual.
 - :class:`DCTAdamW`: SVD-free projector, DCT basis vectors picked by gradient alignment.
+- :class:`GradNormLoRPAdamW`: GaLore on the direction of a per-row weight-normalized
+  weight, Adam on its magnitude (our interpretation of GradNormLoRP).
 - :func:`lowrank_param_groups`: split a model into a low-rank and a plain group.
 - :func:`layerwise`: step each parameter inside backward.
 """
@@ -19,6 +21,7 @@ from .base import LowRankOptimizer, resolve_side  # noqa: F401
 from .dct import DCTAdamW  # noqa: F401  (also registers FrugalAdamW(projection="dct"))
 from .frugal import FrugalAdamW  # noqa: F401
 from .galore import GaLoreAdamW  # noqa: F401
+from .gradnormlorp import GradNormLoRPAdamW  # noqa: F401
 from .groups import lowrank_param_groups  # noqa: F401
 from .layerwise import LayerwiseOptimizer, layerwise  # noqa: F401
 from .qgalore import QGaLoreAdamW  # noqa: F401
@@ -30,6 +33,7 @@ __all__ = [
     "FrugalAdamW",
     "QGaLoreAdamW",
     "DCTAdamW",
+    "GradNormLoRPAdamW",
     "lowrank_param_groups",
     "layerwise",
     "LayerwiseOptimizer",

@@ -1,0 +1,322 @@
+r"""GradNormLoRP-AdamW: GaLore on the direction of a per-row weight-normalized weight.
+
+**Our interpretation** of GradNormLoRP (Huang, Shen, Zhu, Rudinac, Kanoulas, AAAI 2025,
+arXiv 2412.19616). The official code cannot reproduce the paper (it keeps a full copy
+of ``V``, resets the magnitude every step, omits the projection term of the direction
+gradient, gives NaN on zero rows); what is built here is the method as the paper states
+it, written out in ``METHODS_NEXT.md`` section 2.
+
+Each projected ``m x n`` weight is re-parametrized per **output row** (``dim=0``, the
+rows of ``W`` whatever the projection side) as ``W_i = g_i V_i / ||V_i||``
+(Salimans & Kingma 2016). ``W`` already holds the direction ``V_i / ||V_i||`` (up to the
+sign of ``g_i``), so ``V`` matters only through its row norms: the state keeps
+``wn_g = g`` and ``wn_vnorm = ||V||_row`` (length ``m``), never an ``m x n`` copy of
+``V``. Per step ``t`` (1-based; float32 math, float64 for float64 weights):
+
+.. code-block:: text
+
+    s  = max(||W||_row, 1e-12);  Vh = sign(g) W / s          (a zero row stays zero)
+    a  = rowsum(G * Vh)                                        dL/dg
+    Gv = (g / vnorm) (G - a Vh)                                dL/dV
+    refresh P from Gv when (t - 1) % T == 0                    (GaLore's exact or lowrank SVD)
+    N  = project_adam_(Gv, P, exp_avg, exp_avg_sq)             low-rank Adam on V
+    c  = lr sqrt(1 - b2^t) / (1 - b1^t)
+    Adam on a (length m):  dg = -c m_g / (sqrt(v_g) + eps)
+    g <- (1 - lr wd) g;  vnorm <- (1 - lr wd) vnorm            torch.optim.AdamW's order
+    V' = vnorm Vh - c scale back(N);  vnorm' = ||V'||_row;  g' = g + dg
+    W <- (g' / vnorm') V'  (in place);  store g', vnorm'
+
+The last line is ``W <- diag(d) W + diag(b) back(N)`` with per-row
+``d = (g'/vnorm') vnorm sign(g) / s`` and ``b = -(g'/vnorm') c scale``
+(:func:`apply_rows`), and ``||V'||_row`` comes without an ``m x n`` temporary
+(:func:`new_row_norms_sq`). With an identity projector (``rank = n``) and ``eps = 0``
+this is exactly ``torch.optim.Adam`` on the ``(g, V)`` parameters of
+``torch.nn.utils.parametrizations.weight_norm(dim=0)`` (tested).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from lowrank_kernels import ops
+
+from . import distributed as _dist
+from .base import adam_step_size
+from .galore import GaLoreAdamW
+
+#: floor of a row norm used as a divisor (a zero row of W stays zero).
+NORM_FLOOR = 1e-12
+#: elements per row panel of the panel loops (bounded float32 scratch: 4 MiB).
+PANEL_ELEMS = 1 << 20
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _panels(m: int, n: int) -> Iterator[slice]:
+    rows = max(1, PANEL_ELEMS // max(n, 1))
+    for i in range(0, m, rows):
+        yield slice(i, min(m, i + rows))
+
+
+def _safe_div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x / y`` where ``y > 0``, else 0 (a degenerate row gets no update instead of a NaN)."""
+    return torch.where(y > 0, x / torch.where(y > 0, y, torch.ones_like(y)), torch.zeros_like(x))
+
+
+def row_dots(x: torch.Tensor, y: torch.Tensor, acc: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``rowsum(x * y)`` of two ``m x n`` matrices in ``acc`` (float32 by default), in row
+    panels: the scratch is bounded by :data:`PANEL_ELEMS` elements, never ``m x n``."""
+    acc = acc or _acc(x)
+    out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    for sl in _panels(*x.shape):
+        out[sl] = (x[sl].to(acc) * y[sl].to(acc)).sum(1)
+    return out
+
+
+def _row_panel_matmul(w: torch.Tensor, right: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``w @ right`` (``m x n`` times ``n x r``) in ``acc``, converting ``w`` one row panel at a time."""
+    rt = right.to(acc)
+    out = torch.empty(w.shape[0], right.shape[1], dtype=acc, device=w.device)
+    for sl in _panels(*w.shape):
+        torch.matmul(w[sl].to(acc), rt, out=out[sl])
+    return out
+
+
+def weight_norm_grads(
+    weight: torch.Tensor, grad: torch.Tensor, g: torch.Tensor, vnorm: torch.Tensor, *, out_dtype=None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The gradients of a per-row weight-normalized weight, from ``W`` and ``dL/dW`` alone.
+
+    With ``W_i = g_i V_i / ||V_i||`` (rows, ``dim=0``), ``vnorm = ||V||_row``:
+    ``s = max(||W||_row, 1e-12)``, ``Vh = sign(g) W / s`` (the unit direction ``V / ||V||``),
+    ``a = rowsum(G * Vh) = dL/dg`` and ``Gv = (g / vnorm) (G - a Vh) = dL/dV``.
+
+    Returns ``(a, Gv, s, wsq)``: ``a`` and ``s`` and ``wsq = ||W||^2_row`` as length-``m``
+    vectors in float32 (float64 for float64 ``weight``), ``Gv`` as an ``m x n`` tensor in
+    ``out_dtype`` (default: ``grad``'s dtype), built in row panels from float32 math.
+    A row with ``vnorm = 0`` gets ``Gv = 0``; a zero row of ``W`` gets ``a = 0``.
+    """
+    acc = _acc(weight)
+    g = g.to(acc)
+    vnorm = vnorm.to(acc)
+    wsq = row_dots(weight, weight, acc)
+    s = wsq.sqrt().clamp_min(NORM_FLOOR)
+    sg = torch.sign(g)
+    a = sg * row_dots(grad, weight, acc) / s
+    k1 = _safe_div(g, vnorm)  # g / vnorm
+    k2 = k1 * a * sg / s  # (g / vnorm) a sign(g) / s: the coefficient of W in Gv
+    gv = torch.empty(weight.shape, dtype=out_dtype or grad.dtype, device=weight.device)
+    for sl in _panels(*weight.shape):
+        gv[sl] = grad[sl].to(acc) * k1[sl, None] - weight[sl].to(acc) * k2[sl, None]
+    return a, gv, s, wsq
+
+
+def new_row_norms_sq(
+    weight: torch.Tensor, update: torch.Tensor, proj: torch.Tensor, side: str, *,
+    vd: torch.Tensor, sg: torch.Tensor, s: torch.Tensor, wsq: torch.Tensor, cs: float,
+) -> torch.Tensor:
+    r"""``||V'||^2_row`` of ``V' = vd Vh - cs back(N)`` with ``Vh = sg W / s``, without an
+    ``m x n`` temporary (``N = update``, ``P = proj``, per-row vectors ``vd``, ``sg``, ``s``,
+    ``wsq = ||W||^2_row``):
+
+    ``||V'_i||^2 = vd_i^2 wsq_i / s_i^2 - 2 cs vd_i (sg_i / s_i) <W_i, back(N)_i> + cs^2 ||back(N)_i||^2``
+
+    - right (``back(N) = N P``, ``P`` is ``r x n``): ``<W_i, N_i P> = <(W P^T)_i, N_i>``;
+      ``||N_i P||^2 = ||N_i||^2`` for a float32/float64 ``P`` with orthonormal rows (GaLore's
+      SVD projectors); for a 16-bit ``P`` (not orthonormal to working precision)
+      ``||N_i P||^2 = N_i (P P^T) N_i^T`` through the ``r x r`` Gram of ``P``, exact for any ``P``;
+    - left (``back(N) = P N``, ``P`` is ``m x r``): ``<W_i, P_i N> = <P_i, (W N^T)_i>`` and
+      ``||P_i N||^2 = P_i (N N^T) P_i^T`` through the ``r x r`` Gram ``N N^T``, exact for any ``P``.
+
+    Scratch: ``m x r`` and ``r x r`` in float32 (float64 for float64 weights), plus bounded
+    row panels of ``W``. Returns float32 (float64) of length ``m``, clamped at 0.
+    """
+    acc = _acc(weight)
+    n_ = update.to(acc)
+    p_ = proj.to(acc)
+    if side == "right":
+        wp = _row_panel_matmul(weight, p_.T, acc)  # W P^T, m x r
+        cross = (wp * n_).sum(1)
+        if proj.dtype in (torch.float32, torch.float64):
+            bsq = (n_ * n_).sum(1)  # orthonormal rows: ||N P|| = ||N||
+        else:
+            bsq = ((n_ @ (p_ @ p_.T)) * n_).sum(1)
+    else:
+        wn = _row_panel_matmul(weight, n_.T, acc)  # W N^T, m x r
+        cross = (wn * p_).sum(1)
+        bsq = ((p_ @ (n_ @ n_.T)) * p_).sum(1)
+    vsq = vd * vd * (wsq / (s * s)) - (2.0 * cs) * vd * (sg / s) * cross + (cs * cs) * bsq
+    return vsq.clamp_min(0.0)
+
+
+def _balanced_panels(m: int, n: int, min_rows: int) -> Iterator[slice]:
+    """Row panels of about :data:`PANEL_ELEMS` elements, each at least ``min_rows`` rows
+    (``m >= min_rows``): the panel count is rounded down, so no short last panel."""
+    count = max(1, m // max(min_rows, PANEL_ELEMS // max(n, 1), 1))
+    bounds = [(i * m) // count for i in range(count + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        yield slice(lo, hi)
+
+
+def apply_rows(
+    param: torch.Tensor, update: torch.Tensor, proj: torch.Tensor, side: str, *,
+    decay: torch.Tensor, alpha: torch.Tensor,
+) -> None:
+    r"""``W <- diag(decay) W + diag(alpha) back(N)`` in place, with no ``m x n`` temporary.
+
+    The one place to swap in ``backproject_apply_`` with per-row ``decay`` / ``alpha``
+    vectors once that op has them. Until then, the exact fold through
+    ``ops.backproject_apply_``: the per-row ``alpha`` goes into the small factor (right:
+    ``diag(alpha) N P`` scales ``N``'s rows; left: ``diag(alpha) P N`` scales ``P``'s rows,
+    an ``m x r`` copy); the per-row decay is an in-place ``W *= decay[:, None]`` before the
+    apply. A float32/float64 ``W`` takes both on the whole matrix; a 16-bit ``W`` goes
+    through bounded float32 row panels (both sides' ``back(N)`` is row-local: ``N_i P`` or
+    ``P_i N``), so it is rounded once per step, as by the fused op, not twice.
+    """
+    acc = alpha.dtype
+    if side == "right":
+        small, small_name = update.to(acc) * alpha[:, None], "update"
+    else:
+        small, small_name = proj.to(acc) * alpha[:, None], "proj"
+
+    def apply(w, rows):
+        if small_name == "update":
+            ops.backproject_apply_(w, small[rows], proj, side="right", alpha=1.0, decay=1.0)
+        else:
+            ops.backproject_apply_(w, update, small[rows], side="left", alpha=1.0, decay=1.0)
+
+    if param.dtype in (torch.float32, torch.float64):
+        param.mul_(decay[:, None])
+        apply(param, slice(None))
+        return
+    r = proj.shape[0] if side == "right" else proj.shape[1]
+    for rows in _balanced_panels(param.shape[0], param.shape[1], r):
+        w = param[rows].to(acc).mul_(decay[rows, None])
+        apply(w, rows)
+        param[rows].copy_(w)
+
+
+class GradNormLoRPAdamW(GaLoreAdamW):
+    r"""GradNormLoRP-AdamW (**our interpretation**, see the module docstring): GaLore-Adam on
+    the direction ``V`` of a per-row weight-normalized weight ``W = g V / ||V||`` and plain
+    Adam on the magnitude ``g``, with no ``m x n`` copy of ``V``.
+
+    Param groups that set ``rank`` (galore-torch keys ``rank``, ``update_proj_gap``,
+    ``scale``, ``proj_type`` in ``std``, ``reverse_std``, ``left``, ``right``) are
+    weight-normalized per output row (``dim=0``) and projected; every other group is plain
+    ``torch.optim.AdamW`` (bit-identical), as in :class:`GaLoreAdamW`. The projector is
+    made from the direction gradient ``dL/dV`` at steps ``1, T+1, 2T+1, ...`` by
+    ``torch.linalg.svd`` (``svd="exact"``) or a seeded randomized SVD
+    (``svd="lowrank"``), stored in the parameter's dtype.
+
+    At a parameter's first step ``g = ||V|| = ||W||_row``. Weight decay follows
+    torch.optim.AdamW's order on the ``(g, V)`` parameters (both shrink by
+    ``1 - lr wd`` first). Rows that are zero stay zero and never give NaN.
+
+    Args:
+        params: parameters or param groups (e.g. from :func:`lowrank_param_groups`).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (``eps`` defaults to 1e-6).
+        rank: default rank of the groups that do not set it; None leaves them plain AdamW.
+        update_proj_gap: ``T`` (default 200). scale: multiplies the direction update
+            (default 1.0). proj_type: default ``"std"`` (``"full"`` is not supported).
+        svd: ``"exact"`` or ``"lowrank"``.
+        skip_nonfinite: skip a parameter whose gradient is not finite (weight and state untouched).
+        foreach: passed to torch's AdamW for the plain groups.
+
+    State per projected parameter (tensors only): GaLore's (``step``, ``side``,
+    ``projector``, ``exp_avg``, ``exp_avg_sq`` in the parameter's dtype) plus four
+    length-``m`` vectors in float32 (float64 for float64 weights): ``wn_g``,
+    ``wn_vnorm``, ``exp_avg_g``, ``exp_avg_sq_g``, i.e. ``16 m`` more bytes than GaLore.
+    FSDP2 (DTensor) parameters are not supported yet.
+    """
+
+    proj_types = ("std", "reverse_std", "left", "right")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        rank: Optional[int] = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        svd: str = "exact",
+        skip_nonfinite: bool = True,
+        foreach: Optional[bool] = None,
+    ):
+        self._wn_scratch = None
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
+            skip_nonfinite=skip_nonfinite, foreach=foreach,
+        )
+
+    def _validate_lowrank_group(self, group, gi):
+        super()._validate_lowrank_group(group, gi)
+        for pi, p in enumerate(group["params"]):
+            if _dist.is_dtensor(p):
+                raise ValueError(
+                    self._err(gi, f"parameter {pi} is a DTensor: {type(self).__name__} does not support "
+                                  "FSDP2-sharded parameters yet")
+                )
+
+    def _init_state(self, p, state, group):
+        super()._init_state(p, state, group)
+        acc = _acc(p)
+        norms = row_dots(p, p, acc).sqrt()
+        state["wn_g"] = norms.clone()
+        state["wn_vnorm"] = norms
+        state["exp_avg_g"] = torch.zeros_like(norms)
+        state["exp_avg_sq_g"] = torch.zeros_like(norms)
+
+    def _lowrank_step(self, p, grad, state, group):
+        """Compute ``a`` and ``Gv`` from ``W`` and ``G``, then run the base's step on ``Gv``
+        (so the projector refresh and the projected Adam both see the direction gradient)."""
+        if len(state) == 0:
+            g = vnorm = row_dots(p, p, _acc(p)).sqrt()
+        else:
+            g, vnorm = state["wn_g"], state["wn_vnorm"]
+        a, gv, s, wsq = weight_norm_grads(p, grad, g, vnorm)
+        self._wn_scratch = (a, s, wsq)
+        try:
+            super()._lowrank_step(p, gv, state, group)
+        finally:
+            self._wn_scratch = None
+
+    def _project_step(self, p, grad, state, group, step):
+        a, s, wsq = self._wn_scratch
+        side = self._side(state)
+        proj = self._get_projector(p, state, group)
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        n = ops.project_adam_(
+            grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, beta1=beta1, beta2=beta2, eps=eps
+        )
+        if eps == 0.0:  # 0/0 where a coordinate never had a gradient (zero rows): no update, not NaN
+            n = torch.nan_to_num_(n, nan=0.0)
+        c = adam_step_size(lr, beta1, beta2, step)
+        cs = c * group["scale"]
+        g, vnorm = state["wn_g"], state["wn_vnorm"]
+        m_g, v_g = state["exp_avg_g"], state["exp_avg_sq_g"]
+        m_g.mul_(beta1).add_(a, alpha=1.0 - beta1)
+        v_g.mul_(beta2).addcmul_(a, a, value=1.0 - beta2)
+        dg = -c * _safe_div(m_g, v_g.sqrt() + eps)
+        decay = 1.0 - lr * group["weight_decay"]
+        sg = torch.sign(g)
+        vd = vnorm * decay
+        g_new = g * decay + dg
+        vnorm_new = new_row_norms_sq(p, n, proj, side, vd=vd, sg=sg, s=s, wsq=wsq, cs=cs).sqrt()
+        k = _safe_div(g_new, vnorm_new)
+        apply_rows(p, n, proj, side, decay=k * vd * sg / s, alpha=-cs * k)
+        g.copy_(g_new)
+        vnorm.copy_(vnorm_new)
+
+
+__all__ = ["GradNormLoRPAdamW", "weight_norm_grads", "new_row_norms_sq", "apply_rows", "row_dots"]
