@@ -406,9 +406,11 @@ class LowRankOptimizer(Optimizer):
         Per parameter, with ``t`` the 1-based step: ``m <- b1 m + (1 - b1) g``,
         ``v <- b2 v + (1 - b2) g^2``, ``W <- W - lr sqrt(1 - b2^t) / (1 - b1^t) *
         m / (sqrt(v) + eps)``, then ``W <- W - lr wd W``. Same state layout as
-        :meth:`_plain_step` (``step`` CPU float32, ``exp_avg``, ``exp_avg_sq``), so a
-        checkpoint moves between the two modes. Parameters are bucketed by step count
-        (one bucket in a normal run), one ``torch._foreach_*`` call per operation.
+        :meth:`_plain_step` (``step`` CPU float32, ``exp_avg``, ``exp_avg_sq`` of
+        :meth:`_state_dtype`), so a checkpoint moves between the two modes. Parameters
+        are bucketed by step count (one bucket in a normal run), one
+        ``torch._foreach_*`` call per operation; moments wider than the parameter are
+        updated with the weight computed in their dtype and rounded once.
         """
         beta1, beta2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -416,26 +418,34 @@ class LowRankOptimizer(Optimizer):
         for p in params:
             state = self.state[p]
             if len(state) == 0:
+                dtype = self._state_dtype(p, group)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["step"] += 1
             buckets[int(state["step"])].append(p)
         for t, ps in buckets.items():
-            grads = [p.grad for p in ps]
             exp_avgs = [self.state[p]["exp_avg"] for p in ps]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in ps]
+            wide = [m.dtype != p.dtype for p, m in zip(ps, exp_avgs)]
+            grads = [p.grad.to(m.dtype) if w else p.grad for p, m, w in zip(ps, exp_avgs, wide)]
+            weights = [p.to(m.dtype, copy=True) if w else p for p, m, w in zip(ps, exp_avgs, wide)]
             torch._foreach_mul_(exp_avgs, beta1)
             torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            del grads
             denoms = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_add_(denoms, eps)
             updates = torch._foreach_div(exp_avgs, denoms)
+            del denoms
             step_size = adam_step_size(lr, beta1, beta2, t)
-            torch._foreach_add_(ps, updates, alpha=-step_size)
+            torch._foreach_add_(weights, updates, alpha=-step_size)
             if wd > 0.0:
-                torch._foreach_add_(ps, ps, alpha=-lr * wd)
+                torch._foreach_add_(weights, weights, alpha=-lr * wd)
+            for p, w, is_wide in zip(ps, weights, wide):
+                if is_wide:
+                    p.copy_(w)
 
     def _post_decay(self, group: Dict[str, Any]) -> float:
         """The factor a projected update is multiplied by so that a decay-first kernel

@@ -226,3 +226,31 @@ def test_bad_values_raise_and_add_nothing():
     with pytest.raises(ValueError, match="param group 1: compat"):
         opt.add_param_group({"params": [q], "compat": 1})
     assert len(opt.param_groups) == 1 and q not in opt._param_index
+
+
+def test_plain_group_wide_moments():
+    """Moments wider than a bfloat16 parameter: the step runs in the moments' dtype and the weight
+    is rounded once per step (independent loop below)."""
+
+    class Wide(GaLoreAdamW):
+        compat_modes = ("galore-torch",)
+
+        def _state_dtype(self, p, group):
+            return torch.float32
+
+    shape = (19, 13)
+    w0 = torch.randn(shape).bfloat16()
+    grads = grad_sequence(shape, 5, dtype=torch.bfloat16)
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.99, 1e-6, 0.1
+    ours, opt = run(lambda p: Wide([{"params": [p], "rank": None}], lr=lr, betas=(b1, b2), eps=eps,
+                                   weight_decay=wd, compat="galore-torch"), w0, grads)
+    assert opt.state[ours]["exp_avg"].dtype == torch.float32
+    w, m, v = w0.clone(), torch.zeros(shape), torch.zeros(shape)
+    for t, g in enumerate(grads, start=1):
+        g = g.float()
+        m = m * b1 + (1 - b1) * g
+        v = v * b2 + (1 - b2) * g * g
+        w32 = w.float() - lr * (1 - b2**t) ** 0.5 / (1 - b1**t) * (m / (v.sqrt() + eps))
+        w = (w32 - lr * wd * w32).bfloat16()
+    assert (ours.detach().float() - w.float()).abs().max() <= 2 ** -7 * w.float().abs().max()
+    torch.testing.assert_close(opt.state[ours]["exp_avg"], m, rtol=1e-6, atol=1e-7)
