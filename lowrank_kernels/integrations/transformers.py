@@ -400,7 +400,8 @@ class TrainerLayerwiseOptimizer(Optimizer):
       uses the rate after t-1 scheduler steps) and, unlike them, resumes it.
     - :meth:`state_dict` holds every per-parameter optimizer's state (tensors only), so
       ``optimizer.pt`` resumes exactly (transformers' own layer-wise mode saves none).
-    - Gradient accumulation > 1 is refused with a ValueError at the first backward;
+    - Gradient accumulation > 1 is refused with a ValueError at the first backward, and
+      distributed training (world size > 1) when the optimizer is built;
       gradient clipping cannot act (the gradients are gone when the Trainer clips: its
       reported ``grad_norm`` is 0), so set ``max_grad_norm=0`` to say so.
     """
@@ -500,6 +501,12 @@ def build_optimizer(
         make = lambda g: cls(g, **ctor)  # noqa: E731
     if not layerwise:
         return make(groups)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            "lowrank_optimizer(layerwise=True) does not support distributed training: each parameter is updated "
+            "in backward as soon as its local gradient exists, before DDP/FSDP reduce it across ranks; use "
+            "layerwise=False"
+        )
     old = _LAYERWISE_BY_MODEL.get(model)
     if old is not None:
         old.remove_hooks()

@@ -308,3 +308,35 @@ def test_layerwise_state_dict_refuses_standard_checkpoint():
     steps = [int(o.state[p]["step"]) for o, p in zip(opt2.layerwise.optimizers, opt2.layerwise.params)]
     assert steps == [1] * len(steps)
     assert all(len(o.state) == 0 for o in opt.layerwise.optimizers)
+
+
+def test_layerwise_refuses_distributed(monkeypatch):
+    model = tiny_llama()
+    f, kw = integ.lowrank_optimizer("galore_adamw", target_modules=["mlp"], optim_args="rank=8", lr=1e-2,
+                                    layerwise=True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    with pytest.raises(ValueError, match="does not support distributed training"):
+        f()(model, **kw)
+    assert all(p._post_accumulate_grad_hooks is None or not p._post_accumulate_grad_hooks for p in model.parameters())
+    f, kw = integ.lowrank_optimizer("galore_adamw", target_modules=["mlp"], optim_args="rank=8", lr=1e-2)
+    assert isinstance(f()(model, **kw), GaLoreAdamW)  # the standard mode is fine under DDP
+
+
+def test_quick_path_params_in_kwargs(tmp_path):
+    """The path that needs no integration: our optimizer class with ready param groups (one device /
+    DDP; not FSDP, which wraps the parameters after these groups were taken)."""
+    from lowrank_kernels.optim import lowrank_param_groups
+
+    model = tiny_llama()
+    groups = lowrank_param_groups(model, target_modules=["attn", "mlp"], rank=8, update_proj_gap=5)
+    trainer = make_trainer(model, tmp_path, (GaLoreAdamW, {"params": groups, "lr": 1e-2}), max_steps=4,
+                           save_strategy="no")
+    before = _weights(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, GaLoreAdamW) and opt.param_groups[0]["rank"] == 8
+    assert all(int(opt.state[p]["step"]) == 4 for p in opt.param_groups[0]["params"])
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
