@@ -501,7 +501,8 @@ def build_optimizer(
         make = lambda g: cls(g, **ctor)  # noqa: E731
     if not layerwise:
         return make(groups)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(
             "lowrank_optimizer(layerwise=True) does not support distributed training: each parameter is updated "
             "in backward as soon as its local gradient exists, before DDP/FSDP reduce it across ranks; use "
@@ -570,7 +571,8 @@ def lowrank_optimizer(
     """
     entry, cls = _resolve(name)
     _check_target_modules(target_modules)
-    for flag, value in (("layerwise", layerwise), ("project_lm_head", project_lm_head), ("project_small", project_small)):
+    flags = (("layerwise", layerwise), ("project_lm_head", project_lm_head), ("project_small", project_small))
+    for flag, value in flags:
         if not isinstance(value, bool):
             raise TypeError(f"lowrank_optimizer: {flag} must be a bool, got {value!r}")
     parsed = parse_optim_args(optim_args, cls)

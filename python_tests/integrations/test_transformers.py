@@ -117,13 +117,15 @@ def test_frozen_small_and_no_decay_rules():
     assert names["model.layers.0.self_attn.q_proj.weight"]["rank"] == 16
     # norms are not decayed (the Trainer's rule); embeddings and lm_head are, and stay plain
     assert names["model.layers.1.input_layernorm.weight"]["weight_decay"] == 0.0
-    assert names["model.embed_tokens.weight"]["rank"] is None and names["model.embed_tokens.weight"]["weight_decay"] == 0.1
+    emb = names["model.embed_tokens.weight"]
+    assert emb["rank"] is None and emb["weight_decay"] == 0.1
     assert names["lm_head.weight"]["rank"] is None
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
     # project_small: the 16 x 32 weights are projected at rank 16 = min(m, n)
     small = integ.trainer_param_groups(model, ["attn", "mlp"], lr=1e-3, rank=32, project_small=True)
     ranks = {n: g["rank"] for g in small for n, p in model.named_parameters() if any(p is q for q in g["params"])}
-    assert ranks["model.layers.0.self_attn.k_proj.weight"] == 16 and ranks["model.layers.0.self_attn.q_proj.weight"] == 32
+    assert ranks["model.layers.0.self_attn.k_proj.weight"] == 16
+    assert ranks["model.layers.0.self_attn.q_proj.weight"] == 32
     with pytest.raises(ValueError, match="no nn.Linear module matches"):
         integ.trainer_param_groups(model, ["nothing_here"], lr=1e-3)
 
@@ -139,7 +141,8 @@ def test_tied_embeddings_appear_once():
 def test_hyperparameters_reach_every_group():
     model = tiny_llama()
     factory, kwargs = integ.lowrank_optimizer(
-        "galore_adamw", target_modules=["attn", "mlp"], optim_args="rank=8, update_proj_gap=50,scale=0.5,proj_type=left",
+        "galore_adamw", target_modules=["attn", "mlp"],
+        optim_args="rank=8, update_proj_gap=50,scale=0.5,proj_type=left",
         lr=3e-3, weight_decay=0.05, betas=(0.8, 0.95), eps=1e-7, svd="lowrank",
     )
     opt = factory()(model, **kwargs)
@@ -166,7 +169,8 @@ def test_names_defaults_and_presets():
                                     compat="apollo-torch")
     opt = f()(model, **kw)
     (g,) = [g for g in opt.param_groups if g["rank"] is not None]
-    assert (g["rank"], g["scale_type"], g["scale"], g["update_proj_gap"], g["compat"]) == (4, "channel", 1.0, 200, "apollo-torch")
+    got = (g["rank"], g["scale_type"], g["scale"], g["update_proj_gap"], g["compat"])
+    assert got == (4, "channel", 1.0, 200, "apollo-torch")
     assert all(x["compat"] == "apollo-torch" for x in opt.param_groups)
     # transformers' GaLore defaults: rank 128 (so every weight of this tiny model stays plain, min(m, n) <= 128)
     f, kw = integ.lowrank_optimizer("galore_adamw", target_modules="all-linear", lr=1e-2)
