@@ -252,3 +252,13 @@ def test_plain_group_wide_moments():
         w = (w32 - lr * wd * w32).bfloat16()
     assert (ours.detach().float() - w.float()).abs().max() <= 2 ** -7 * w.float().abs().max()
     torch.testing.assert_close(opt.state[ours]["exp_avg"], m, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 17, 123456789, 2**62 + 5])
+def test_apollo_torch_seed_sequence(seed):
+    from apollo_torch.random_projector import next_seed
+
+    from lowrank_kernels.optim.apollo import apollo_torch_next_seed
+
+    assert apollo_torch_next_seed(seed) == next_seed(seed)
+    assert apollo_torch_next_seed(seed) != APOLLOAdamW._next_seed(seed)  # the default sequence is our own
