@@ -272,13 +272,14 @@ def test_trainer_resume_bit_identical(tmp_path, layerwise):
     assert all(not torch.equal(init[n], w) for n, w in _weights(full).items())
 
 
-def test_layerwise_matches_standard_run(tmp_path):
+@pytest.mark.parametrize("name", ["galore_adamw", "apollo_adamw"])
+def test_layerwise_matches_standard_run(tmp_path, name):
     """Layer-wise updates with the Trainer's scheduler give the standard run's weights (same LR per
-    update: parameter p's t-th update uses the rate after t-1 scheduler steps)."""
+    update: parameter p's t-th update uses the rate after t-1 scheduler steps; APOLLO: the same seeds)."""
     kw = dict(target_modules=["attn", "mlp"], optim_args="rank=8,update_proj_gap=5", lr=1e-2, weight_decay=0.01)
-    std, _ = train(tmp_path / "std", integ.lowrank_optimizer("galore_adamw", **kw), max_steps=8, save_strategy="no",
+    std, _ = train(tmp_path / "std", integ.lowrank_optimizer(name, **kw), max_steps=8, save_strategy="no",
                    max_grad_norm=0.0)
-    lw, _ = train(tmp_path / "lw", integ.lowrank_optimizer("galore_adamw", layerwise=True, **kw), max_steps=8,
+    lw, _ = train(tmp_path / "lw", integ.lowrank_optimizer(name, layerwise=True, **kw), max_steps=8,
                   save_strategy="no", max_grad_norm=0.0)
     a, b = _weights(std), _weights(lw)
     for n in a:
@@ -344,3 +345,20 @@ def test_quick_path_params_in_kwargs(tmp_path):
     assert isinstance(opt, GaLoreAdamW) and opt.param_groups[0]["rank"] == 8
     assert all(int(opt.state[p]["step"]) == 4 for p in opt.param_groups[0]["params"])
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_compat_reproduces_transformers_galore_path(tmp_path):
+    """Trainer(optim="galore_adamw") (transformers' own path: galore-torch, only lr passed, so
+    weight_decay 0 and eps 1e-6) == our factory with compat="galore-torch" and the same settings."""
+    pytest.importorskip("galore_torch")
+    common = dict(max_steps=12, save_strategy="no", learning_rate=1e-2)
+    hf, _ = train(tmp_path / "hf", None, optim="galore_adamw", optim_target_modules=["attn", "mlp"],
+                  optim_args="rank=8", **common)
+    pair = integ.lowrank_optimizer("galore_adamw", target_modules=["attn", "mlp"], optim_args="rank=8", lr=1e-2,
+                                   compat="galore-torch")
+    ours, _ = train(tmp_path / "ours", pair, **common)
+    init = _weights(tiny_llama())
+    a, b = _weights(ours), _weights(hf)
+    for n in a:
+        err = ((a[n] - b[n]).norm() / (b[n] - init[n]).norm()).item()
+        assert err < 1e-5, (n, err)
