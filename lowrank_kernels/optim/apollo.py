@@ -21,6 +21,13 @@ def _norm(x: torch.Tensor, dim=None) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=dim, dtype=acc)
 
 
+def apollo_torch_next_seed(seed: int) -> int:
+    """apollo-torch's seed sequence: the 15th of ``torch.randint(0, 2**63 - 1)``
+    draws from a CPU generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen)[-1])
+
+
 class APOLLOAdamW(LowRankOptimizer):
     r"""APOLLO, a drop-in for ``apollo_torch.APOLLOAdamW`` (random projection).
 
@@ -46,7 +53,11 @@ class APOLLOAdamW(LowRankOptimizer):
     - ``W <- (1 - lr wd) W - lr sqrt(1 - b2^t) / (1 - b1^t) * sqrt(scale) * Gt``.
 
     The limiter runs on device tensors (no host sync). Weight decay uses torch's
-    order (decay first); apollo-torch decays after the update. apollo-torch's
+    order (decay first); apollo-torch decays after the update, runs its plain groups
+    with a transformers-style AdamW and advances the seed with its own sequence:
+    ``compat="apollo-torch"`` (constructor or group key) reproduces all three, so
+    the weights equal ``apollo_torch.APOLLOAdamW``'s (see
+    :mod:`lowrank_kernels.optim.base`). apollo-torch's
     constructor flags are accepted: ``scale_front=True`` multiplies by
     ``sqrt(scale)`` before the limiter, ``disable_nl=True`` turns the limiter off
     (group keys ``scale_front``, ``norm_growth_limiter``).
@@ -63,6 +74,8 @@ class APOLLOAdamW(LowRankOptimizer):
 
     Use :meth:`mini` for APOLLO-Mini (rank 1, tensor-wise scaling, scale 128).
     """
+
+    compat_modes = ("apollo-torch",)
 
     def __init__(
         self,
@@ -85,6 +98,7 @@ class APOLLOAdamW(LowRankOptimizer):
         norm_growth_limiter: Optional[bool] = None,
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        compat: Optional[str] = None,
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
@@ -95,6 +109,8 @@ class APOLLOAdamW(LowRankOptimizer):
             scale=scale, proj_type=proj_type, scale_type=scale_type, proj=proj, scale_front=bool(scale_front),
             norm_growth_limiter=bool(norm_growth_limiter), skip_nonfinite=skip_nonfinite, foreach=foreach,
         )
+        if compat is not None:
+            defaults["compat"] = compat
         super().__init__(params, defaults)
 
     @classmethod
@@ -147,7 +163,8 @@ class APOLLOAdamW(LowRankOptimizer):
 
     def _refresh_projector(self, p, grad, state, group, step):
         if "seed" in state:
-            new = self._next_seed(int(state["seed"]))
+            seed = int(state["seed"])
+            new = apollo_torch_next_seed(seed) if group.get("compat") == "apollo-torch" else self._next_seed(seed)
         else:
             new = self._param_seed(p)
         state["seed"] = torch.tensor(new, dtype=torch.int64)
@@ -196,7 +213,7 @@ class APOLLOAdamW(LowRankOptimizer):
                 scaled_norm = scaled_norm / limiter
             state["scaled_grad_norm"] = scaled_norm.detach().clone()
         step_size = adam_step_size(group["lr"], beta1, beta2, step)
-        coef = coef * (-step_size * root_scale)
+        coef = coef * (-step_size * root_scale * self._post_decay(group))
         if group["weight_decay"] != 0.0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
         _dist.addcmul_(p, grad, coef)  # p.addcmul_(grad, coef), on the local rows under FSDP2

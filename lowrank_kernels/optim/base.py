@@ -36,7 +36,17 @@ how its projector is made and how one projected step is taken:
   raises or returns non-finite values), the previous projector is kept and the step
   is taken with it; when there is no previous projector (the parameter's first
   step) the parameter is skipped and no state is created for it. Either way no NaN
-  reaches the weights.
+  reaches the weights;
+- **compat mode** (``compat``, a group key or constructor argument of the
+  optimizers that declare it in :attr:`LowRankOptimizer.compat_modes`):
+  ``compat="galore-torch"`` / ``"apollo-torch"`` reproduces the official package's
+  arithmetic in *every* group: the transformers-style AdamW of those packages
+  (``denom = sqrt(v) + eps`` before bias correction, ``step_size = lr * sqrt(1 -
+  b2^t) / (1 - b1^t)``, weight decay *after* the update, ``W <- W - lr * wd * W`` on
+  the updated weight) for the plain groups (:meth:`_plain_step_compat`), and the
+  decay-after-update order in the projected groups (:meth:`_post_decay`). The
+  default ``compat=None`` keeps torch.optim.AdamW's conventions (decay first, eps
+  after bias correction) for the plain groups.
 
 Extension points (what a subclass overrides; the DCT and Q-GaLore optimizers are
 built this way):
@@ -91,6 +101,8 @@ from . import distributed as _dist
 SIDE_NAMES = ("right", "left", "full")
 SIDE_CODES = {name: code for code, name in enumerate(SIDE_NAMES)}
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+#: every ``compat`` value some optimizer of this package accepts (see the module docstring).
+COMPAT_MODES = ("galore-torch", "apollo-torch")
 
 
 def resolve_side(shape: Tuple[int, int], proj_type: str) -> str:
@@ -173,6 +185,10 @@ class LowRankOptimizer(Optimizer):
     min_rank: int = 1
     #: state keys kept as CPU tensors (bookkeeping read on the host every step).
     host_state_keys = frozenset({"step", "side", "seed", "subspace_step"})
+    #: ``compat`` values this optimizer reproduces (see the module docstring). Read
+    #: from the class itself, not inherited: a subclass that changes the step must
+    #: declare the modes it still reproduces exactly.
+    compat_modes: Tuple[str, ...] = ()
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._param_index: Dict[torch.Tensor, int] = {}
@@ -257,6 +273,18 @@ class LowRankOptimizer(Optimizer):
             raise ValueError(self._err(gi, f"weight_decay must be a float >= 0, got {wd!r}"))
         if self._is_lowrank(group):
             self._validate_lowrank_group(group, gi)
+        self._validate_compat(group, gi)
+
+    def _validate_compat(self, group: Dict[str, Any], gi: int) -> None:
+        """``compat`` must be None or one of the modes the optimizer's own class declares."""
+        compat = group.get("compat")
+        if compat is None:
+            return
+        accepted = type(self).__dict__.get("compat_modes", ())
+        if not isinstance(compat, str) or compat not in accepted:
+            what = (f"one of {', '.join(map(repr, accepted))} or None" if accepted
+                    else f"None: {type(self).__name__} has no compat mode (it reproduces no official package exactly)")
+            raise ValueError(self._err(gi, f"compat must be {what}, got {compat!r}"))
 
     def _validate_lowrank_group(self, group: Dict[str, Any], gi: int) -> None:
         """Checks of a low-rank group; subclasses extend it (call ``super()``)."""
@@ -348,7 +376,11 @@ class LowRankOptimizer(Optimizer):
         return flags
 
     def _plain_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
-        """torch.optim.AdamW on ``params`` (same state layout, same kernels)."""
+        """torch.optim.AdamW on ``params`` (same state layout, same kernels); with
+        ``compat`` set, the official packages' AdamW (:meth:`_plain_step_compat`)."""
+        if group.get("compat") is not None:
+            self._plain_step_compat(group, params)
+            return
         grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
         for p in params:
             state = self.state[p]
@@ -367,6 +399,61 @@ class LowRankOptimizer(Optimizer):
             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=False,
         )
+
+    def _plain_step_compat(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
+        """The transformers-style AdamW of galore-torch / apollo-torch, in their order of operations.
+
+        Per parameter, with ``t`` the 1-based step: ``m <- b1 m + (1 - b1) g``,
+        ``v <- b2 v + (1 - b2) g^2``, ``W <- W - lr sqrt(1 - b2^t) / (1 - b1^t) *
+        m / (sqrt(v) + eps)``, then ``W <- W - lr wd W``. Same state layout as
+        :meth:`_plain_step` (``step`` CPU float32, ``exp_avg``, ``exp_avg_sq`` of
+        :meth:`_state_dtype`), so a checkpoint moves between the two modes. Parameters
+        are bucketed by step count (one bucket in a normal run), one
+        ``torch._foreach_*`` call per operation; moments wider than the parameter are
+        updated with the weight computed in their dtype and rounded once.
+        """
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        buckets: Dict[int, List[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                dtype = self._state_dtype(p, group)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["step"] += 1
+            buckets[int(state["step"])].append(p)
+        for t, ps in buckets.items():
+            exp_avgs = [self.state[p]["exp_avg"] for p in ps]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in ps]
+            wide = [m.dtype != p.dtype for p, m in zip(ps, exp_avgs)]
+            grads = [p.grad.to(m.dtype) if w else p.grad for p, m, w in zip(ps, exp_avgs, wide)]
+            weights = [p.to(m.dtype, copy=True) if w else p for p, m, w in zip(ps, exp_avgs, wide)]
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            del grads
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denoms, eps)
+            updates = torch._foreach_div(exp_avgs, denoms)
+            del denoms
+            step_size = adam_step_size(lr, beta1, beta2, t)
+            torch._foreach_add_(weights, updates, alpha=-step_size)
+            if wd > 0.0:
+                torch._foreach_add_(weights, weights, alpha=-lr * wd)
+            for p, w, is_wide in zip(ps, weights, wide):
+                if is_wide:
+                    p.copy_(w)
+
+    def _post_decay(self, group: Dict[str, Any]) -> float:
+        """The factor a projected update is multiplied by so that a decay-first kernel
+        (``W <- d W - a U``, ``d = 1 - lr wd``) yields the official packages' order
+        ``W <- d (W - a U)``: ``d`` with ``compat`` set, else 1."""
+        if group.get("compat") is None:
+            return 1.0
+        return 1.0 - group["lr"] * group["weight_decay"]
 
     def _lowrank_step(self, p: torch.Tensor, grad: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]):
         """Init (on first use), refresh on schedule, then :meth:`_project_step`.
@@ -475,4 +562,5 @@ __all__ = [
     "SIDE_NAMES",
     "SIDE_CODES",
     "PROJ_TYPES",
+    "COMPAT_MODES",
 ]

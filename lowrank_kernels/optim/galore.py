@@ -53,7 +53,10 @@ class GaLoreAdamW(LowRankOptimizer):
       ``W <- (1 - lr wd) W - lr sqrt(1 - b2^t) / (1 - b1^t) * scale * back(N)``.
 
     Weight decay uses torch.optim.AdamW's order (decay the old weight first);
-    galore-torch decays after the update, so the two agree only at ``weight_decay=0``.
+    galore-torch decays after the update, so the two agree only at ``weight_decay=0``,
+    and its plain groups use a transformers-style AdamW (eps added before the bias
+    correction). ``compat="galore-torch"`` reproduces galore-torch in every group
+    (see :mod:`lowrank_kernels.optim.base`).
 
     Args:
         params: parameters or param groups (e.g. from :func:`lowrank_param_groups`).
@@ -68,6 +71,9 @@ class GaLoreAdamW(LowRankOptimizer):
         skip_nonfinite: skip a parameter whose gradient is not finite (see
             :mod:`lowrank_kernels.optim.base`).
         foreach: passed to torch's AdamW for the plain groups.
+        compat: None (default) or ``"galore-torch"``: reproduce
+            ``galore_torch.GaLoreAdamW`` exactly (decay after the update, its AdamW
+            for the plain groups). Also a group key.
 
     State per projected parameter (tensors only): ``step`` (CPU float32),
     ``side`` (CPU int8: 0 right, 1 left, 2 full), ``projector`` (``r x n`` or
@@ -77,6 +83,7 @@ class GaLoreAdamW(LowRankOptimizer):
     """
 
     proj_types = PROJ_TYPES
+    compat_modes = ("galore-torch",)
 
     def __init__(
         self,
@@ -95,6 +102,7 @@ class GaLoreAdamW(LowRankOptimizer):
         svd: str = "exact",
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        compat: Optional[str] = None,
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
@@ -102,6 +110,8 @@ class GaLoreAdamW(LowRankOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
         )
+        if compat is not None:  # only then, so subclasses without a compat mode keep their defaults
+            defaults["compat"] = compat
         super().__init__(params, defaults)
 
     def _validate_lowrank_group(self, group, gi):
@@ -176,7 +186,7 @@ class GaLoreAdamW(LowRankOptimizer):
         ops.project_update_backproject_(
             p, grad, self._get_projector(p, state, group), state["exp_avg"], state["exp_avg_sq"],
             side=side, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
-            weight_decay=group["weight_decay"], scale=group["scale"],
+            weight_decay=group["weight_decay"], scale=group["scale"] * self._post_decay(group),
         )
 
     def _full_step(self, p, grad, state, group, step):
@@ -189,5 +199,6 @@ class GaLoreAdamW(LowRankOptimizer):
         half = n.to(torch.float32) @ vh.to(torch.float32)  # N Vh, r x n
         step_size = adam_step_size(group["lr"], beta1, beta2, step)
         ops.backproject_apply_(
-            p, half, u, side="left", alpha=-step_size * group["scale"], decay=1.0 - group["lr"] * group["weight_decay"]
+            p, half, u, side="left", alpha=-step_size * group["scale"] * self._post_decay(group),
+            decay=1.0 - group["lr"] * group["weight_decay"],
         )
