@@ -91,12 +91,12 @@ class DCTAdamW(LowRankOptimizer):
         norm: 1 or 2, the norm of the alignment scores.
         moment_refresh: ``"keep"``, ``"reindex"`` or ``"reset"`` (see above).
         max_dim: parameters with a dimension at least this large are plain AdamW.
-        skip_nonfinite, foreach: as GaLoreAdamW.
+        skip_nonfinite, foreach, moment_dtype: as GaLoreAdamW (float32 moments by default).
 
     State per projected parameter (tensors only): ``step`` (CPU float32), ``side``
     (CPU int8: 0 right, 1 left), ``indices`` (int32, length ``rank``, on the
     parameter's device), ``exp_avg`` and ``exp_avg_sq`` (``m x r`` or ``r x n``,
-    parameter dtype). No float projector: the basis is shared through
+    float32 unless ``moment_dtype="param"``). No float projector: the basis is shared through
     ``ops.dct_basis`` and rebuilt (cached) after loading a state dict.
     """
 
@@ -119,11 +119,13 @@ class DCTAdamW(LowRankOptimizer):
         max_dim: Optional[int] = 32000,
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        moment_dtype: str = "float32",
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, norm=norm, moment_refresh=moment_refresh, max_dim=max_dim,
             skip_nonfinite=skip_nonfinite, foreach=foreach,
+            moment_dtype=moment_dtype,
         )
         self._pending_plain: Dict[int, Tuple[dict, List[torch.Tensor]]] = {}
         super().__init__(params, defaults)

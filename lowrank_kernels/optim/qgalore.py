@@ -119,11 +119,13 @@ class QGaLoreAdamW(GaLoreAdamW):
         svd: str = "exact",
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        moment_dtype: str = "float32",
     ):
         self.seed = int(seed)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
+            moment_dtype=moment_dtype,
             quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit, cos_threshold=cos_threshold,
             gamma_proj=gamma_proj, queue_size=queue_size, similarity=similarity, stochastic_round=stochastic_round,
         )
@@ -162,10 +164,6 @@ class QGaLoreAdamW(GaLoreAdamW):
         state["svd_count"] = torch.tensor(0, dtype=torch.int64)
         state["sim_queue"] = torch.zeros(int(group["queue_size"]), dtype=torch.float32)
         state["sim_count"] = torch.tensor(0, dtype=torch.int64)
-
-    def _state_dtype(self, p, group):
-        # A QLinear placeholder has the compute dtype; keep its moments in it too.
-        return p.dtype
 
     def _has_projector(self, state):
         return "proj_packed" in state or "projector" in state
