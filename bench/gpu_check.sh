@@ -27,8 +27,8 @@
 # of checks that failed (a check that runs out of time fails).
 #
 # GPU_CHECK_DRY=1: a CPU dry run of the same steps at tiny sizes (Triton interpreter; tests
-# only collected; compile_check only located), so the script cannot rot
-# (python_tests/test_gpu_check.py runs it).
+# only collected, or not at all with GPU_CHECK_DRY_COLLECT=0; compile_check only located), so
+# the script cannot rot (python_tests/test_gpu_check.py runs it).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -142,7 +142,9 @@ fi
 
 # ----------------------------------------------------------------------------- 1. tests on CUDA
 step "1. tests on $DEVICE: LOWRANK_KERNELS_TEST_DEVICE=$DEVICE (every test taking the 'device' fixture)"
-if [ "$DRY" = "1" ]; then
+if [ "$DRY" = "1" ] && [ "${GPU_CHECK_DRY_COLLECT:-1}" = "0" ]; then
+  echo ">>> dry run: collection skipped (GPU_CHECK_DRY_COLLECT=0)"
+elif [ "$DRY" = "1" ]; then
   # The selection a GPU run makes, collected only (running the suite here is `make test`'s job).
   LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 120 60)" "pytest --collect-only (device=cuda selection)" \
     "$PY" -m pytest python_tests --collect-only -q -p no:cacheprovider || fail tests
