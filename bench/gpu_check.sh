@@ -149,8 +149,12 @@ elif [ "$DRY" = "1" ]; then
   LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 120 60)" "pytest --collect-only (device=cuda selection)" \
     "$PY" -m pytest python_tests --collect-only -q -p no:cacheprovider || fail tests
 else
-  LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 200 200)" "pytest device=cuda" \
-    "$PY" -m pytest python_tests -q -rfEs -p no:cacheprovider -x --maxfail=20 || fail tests-device
+  # pytest-xdist (in the GPU image) spreads the Triton compiles over processes; they share
+  # Triton's on-disk kernel cache and the one GPU.
+  XDIST=()
+  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_TEST_PROCS:-8}")
+  LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 220 200)" "pytest device=cuda" \
+    "$PY" -m pytest python_tests -q -rfEs -p no:cacheprovider --maxfail=20 "${XDIST[@]}" || fail tests-device
   step "1b. pytest -m gpu"
   run_timed "$(cap 90 170)" "pytest -m gpu" \
     "$PY" -m pytest python_tests -m gpu -q -rfEs -p no:cacheprovider || fail tests-gpu
