@@ -47,3 +47,25 @@ def assert_flash_rule(out: torch.Tensor, truth: torch.Tensor, plain: torch.Tenso
     slack = 1e-6 * float(truth.abs().max())
     assert bool(torch.isfinite(out).all()), f"{what}: non-finite output"
     assert err <= factor * base + slack, f"{what}: max error {err:.3g} > {factor} x plain PyTorch's {base:.3g}"
+
+
+def assert_within_roundings(out: torch.Tensor, ref: torch.Tensor, what: str = "", k: int = 1) -> None:
+    """Two backends that round the same float32 value (equal to ~1e-6) into a 16-bit dtype:
+    elementwise at most ``k`` units of the 16-bit dtype's precision apart."""
+    ulp = torch.finfo(out.dtype).eps
+    r = ref.double()
+    diff = (out.double() - r).abs()
+    bound = k * ulp * r.abs() + 1e-6 * float(r.abs().max()) + 1e-30
+    assert bool(torch.isfinite(out).all()), f"{what}: non-finite output"
+    assert bool((diff <= bound).all()), f"{what}: {float((diff / bound).max()):.3g} x the allowed rounding apart"
+
+
+def assert_matches_backend(out: torch.Tensor, ref: torch.Tensor, what: str = "", rtol: float = F32_RTOL) -> None:
+    """A backend's output against the reference's, by the output dtype: float64 at 1e-10, float32
+    elementwise at ``rtol``, 16-bit within one rounding."""
+    if out.dtype == torch.float64:
+        assert_close_f32(out, ref, what, rtol=1e-10)
+    elif out.dtype == torch.float32:
+        assert_close_f32(out, ref, what, rtol=rtol)
+    else:
+        assert_within_roundings(out, ref, what)
