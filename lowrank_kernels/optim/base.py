@@ -40,7 +40,8 @@ how its projector is made and how one projected step is taken:
   because 16-bit moments break Adam: in bfloat16 (8 significant bits) ``0.999 * V``
   rounds back to ``V``, so the second moment stops decaying (``beta2 > 1 - 2^-9``
   has no effect), and in float16 ``(1 - beta2) R^2`` underflows to zero for
-  ``|R| < ~8e-3`` at ``beta2 = 0.999``, so ``V`` stays 0 and the step becomes
+  ``|R| < ~5e-3`` at ``beta2 = 0.999`` (below half the smallest float16 subnormal,
+  2^-25), so ``V`` stays 0 and the step becomes
   ``M / eps``. A checkpoint's moments keep their saved dtype;
 - **failed projector refreshes**: when making a new projector fails (the SVD
   raises or returns non-finite values), the previous projector is kept and the step
