@@ -9,9 +9,10 @@ projectors, both sides, float32 and bfloat16, a small odd shape and a LLaMA shap
 ``python -m lowrank_kernels.compile_check`` (``kernel,variant,config,arch,registers,
 spills,shared_bytes,status``; ``variant`` is ``runtime``, ``arch`` is ``runtime-sm<NN>``).
 With ``--compile-csv`` the rows are appended to that table (so one file holds the ahead-of-
-time table and the runtime's report) and each runtime kernel is matched by name and config
-to the ahead-of-time rows: a runtime kernel that spills, exceeds the arch's shared memory,
-or launched a config that the compile table lacks fails the check (exit status 1).
+time table and the runtime's report) and each runtime kernel is matched by name to the
+ahead-of-time rows: a runtime kernel that spills, exceeds the arch's shared memory, or is
+missing from the compile table fails the check (exit status 1). (Configs are printed for
+reading; the two tables label them differently, so they are not matched.)
 
 ``--tiny`` (CPU, Triton interpreter): runs the same launches at tiny sizes; the interpreter
 compiles nothing, so it only checks that the launches run and the script works.
