@@ -133,7 +133,7 @@ elif [ "$DRY" = "1" ]; then
   echo ">>> compile_check: present (dry run: not compiled; python_tests runs it for sm_80/sm_90)"
 else
   step "compile table for sm_$ARCH (background, --subset $COMPILE_SUBSET)"
-  JOBS=$(( $(nproc 2>/dev/null || echo 8) - 2 ))
+  JOBS=$(( $(nproc 2>/dev/null || echo 8) / 2 ))  # the other half: the tests (Triton compiles, pytest-xdist)
   [ "$JOBS" -lt 2 ] && JOBS=2
   timeout -s INT -k 10 "$(cap 300 60)" "$PY" -m lowrank_kernels.compile_check --arch "$ARCH" --subset "$COMPILE_SUBSET" \
     --jobs "$JOBS" --out "$CSV_COMPILE" >"$COMPILE_LOG" 2>&1 &
@@ -152,7 +152,7 @@ else
   # pytest-xdist (in the GPU image) spreads the Triton compiles over processes; they share
   # Triton's on-disk kernel cache and the one GPU.
   XDIST=()
-  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_TEST_PROCS:-8}")
+  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_TEST_PROCS:-6}")
   LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 220 200)" "pytest device=cuda" \
     "$PY" -m pytest python_tests -q -rfEs -p no:cacheprovider --maxfail=20 "${XDIST[@]}" || fail tests-device
   step "1b. pytest -m gpu"
