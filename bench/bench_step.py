@@ -97,3 +97,160 @@ def plot(ctx: Ctx):
     return [plot_bars(ctx, "step", panels, f"Optimizer step, {ctx.sizes.stack.label()}, rank {ctx.sizes.stack_rank}, "
                                             f"{ctx.dtype_name} ({ctx.device_name})")]
 
+
+
+# --------------------------------------------------------------------------- bench/gpu_check.sh step 5
+# ``python -m bench.bench_step --gpu-check [--tiny] [--out FILE.csv]``: the two step figures the
+# GPU check reports, in one process and without the harness (so it fits its budget):
+#   1. the 4-layer LLaMA-1B-shaped stack (bf16, rank 512): median step of torch's fused AdamW
+#      and of ours (GaLore, DCT, Q-GaLore INT4) in the same run, no projector refresh (the
+#      refreshes happen in the warm-up steps, with the randomized SVD to save time: the timed
+#      steps do the same work either way), plus each step's host time (step() returning, no
+#      synchronization) per parameter, on its own line;
+#   2. one 4096x11008 bf16 weight at rank 512: Q-GaLore's INT4-projector step over GaLore's
+#      bf16-projector step.
+# GPU timing with CUDA events (median of the repetitions after warm-up); CPU (--tiny, tiny
+# sizes) with perf_counter. Exit status 1 if a step fails or leaves a non-finite weight.
+
+def _gpu_check_time(opt, device, reps: int):
+    import statistics
+    import time
+
+    cuda = device.type == "cuda"
+    dev_ms, host_ms = [], []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        opt.step()
+        t1 = time.perf_counter()
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            dev_ms.append(start.elapsed_time(end))
+        else:
+            dev_ms.append((t1 - t0) * 1e3)
+        host_ms.append((t1 - t0) * 1e3)
+    q = statistics.quantiles(dev_ms, n=5) if len(dev_ms) >= 5 else [min(dev_ms)] * 4
+    return statistics.median(dev_ms), q[0], q[3], statistics.median(host_ms)
+
+
+def gpu_check(argv=None) -> int:
+    import argparse
+    import csv
+    import warnings
+
+    from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, QGaLoreAdamW
+
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_step --gpu-check")
+    ap.add_argument("--gpu-check", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run at tiny sizes")
+    ap.add_argument("--out", default=None, help="CSV of the rows")
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_step --gpu-check: no CUDA device (use --tiny for a CPU dry run)")
+        return 1
+    dtype = torch.bfloat16
+    if args.tiny:
+        h, i, layers, rank, big, big_rank, reps = 32, 48, 1, 4, (64, 176), 8, args.reps or 3
+    else:
+        h, i, layers, rank, big, big_rank, reps = 2048, 5461, 4, 512, (4096, 11008), 512, args.reps or 20
+    shapes = [(h, h)] * 4 * layers + [(i, h)] * 2 * layers + [(h, i)] * layers
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def params_for(shape_list):
+        ps = []
+        for m, n in shape_list:
+            p = torch.nn.Parameter((0.02 * torch.randn(m, n, device=device, generator=gen)).to(dtype))
+            p.grad = torch.randn(m, n, device=device, generator=gen).to(dtype)
+            ps.append(p)
+        return ps
+
+    def group(ps, r, **kw):
+        return [dict(params=ps, rank=r, update_proj_gap=10**9, scale=0.25, proj_type="std", **kw)]
+
+    builders = {
+        "torch-adamw-fused": lambda ps, r: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, fused=True),
+        "ours-GaLoreAdamW": lambda ps, r: GaLoreAdamW(group(ps, r), lr=1e-3, svd="lowrank"),
+        "ours-DCTAdamW": lambda ps, r: DCTAdamW(group(ps, r), lr=1e-3),
+        "ours-QGaLoreAdamW-int4": lambda ps, r: QGaLoreAdamW(group(ps, r), lr=1e-3, svd="lowrank", quant=True),
+    }
+    rows, failed = [], 0
+    label = f"{layers}L-h{h}-i{i}"
+    print(f"step: stack {label} ({sum(m * n for m, n in shapes) / 1e6:.4g}M params, {len(shapes)} matrices), "
+          f"rank {rank}, {dtype}, {device}")
+
+    def measure(what, name, ps, r, shape_label):
+        nonlocal failed
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt = builders[name](ps, r)
+            opt.step()  # warm-up: state, first refresh, compilation
+            opt.step()
+            med, p20, p80, host = _gpu_check_time(opt, device, reps)
+            finite = all(bool(torch.isfinite(p).all()) for p in ps)
+        except Exception as e:  # noqa: BLE001 - reported as a failed row
+            print(f"FAIL  {what} {name}: {type(e).__name__}: {str(e)[:300]}")
+            failed += 1
+            return None
+        if not finite:
+            print(f"FAIL  {what} {name}: non-finite weights after the steps")
+            failed += 1
+        row = dict(kernel=what, provider=name, shape=shape_label, rank=r, dtype="bf16", device=str(device),
+                   median_ms=round(med, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4), host_ms=round(host, 4),
+                   host_us_per_param=round(host * 1e3 / len(ps), 3), n_params=len(ps))
+        rows.append(row)
+        del opt
+        return row
+
+    stack_rows = {}
+    for name in builders:
+        ps = params_for(shapes)
+        stack_rows[name] = measure("step", name, ps, rank, label)
+        del ps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = stack_rows.get("torch-adamw-fused")
+    for name, row in stack_rows.items():
+        if row is None:
+            continue
+        ratio = f"{row['median_ms'] / base['median_ms']:.3g}x torch-adamw-fused" if base else "no baseline"
+        row["ratio"] = ratio
+        print(f"step {name:24s} {row['median_ms']:9.3f} ms (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})  "
+              f"{ratio}")
+    for name, row in stack_rows.items():
+        if row is not None:
+            print(f"host time per parameter: {name} {row['host_us_per_param']:.2f} us "
+                  f"(step() returns after {row['host_ms']:.3f} ms, {row['n_params']} parameters)")
+
+    big_label = f"{big[0]}x{big[1]}"
+    pair = {}
+    for name in ("ours-GaLoreAdamW", "ours-QGaLoreAdamW-int4"):
+        ps = params_for([big])
+        pair[name] = measure("step_single", name, ps, big_rank, big_label)
+        del ps
+    if all(pair.values()):
+        ratio = pair["ours-QGaLoreAdamW-int4"]["median_ms"] / pair["ours-GaLoreAdamW"]["median_ms"]
+        pair["ours-QGaLoreAdamW-int4"]["ratio"] = f"{ratio:.3g}x ours-GaLoreAdamW (bf16 projector)"
+        pair["ours-GaLoreAdamW"]["ratio"] = "baseline"
+        print(f"INT4-projector step / bf16-projector step at {big_label} rank {big_rank}: {ratio:.3f} "
+              f"({pair['ours-QGaLoreAdamW-int4']['median_ms']:.3f} ms / {pair['ours-GaLoreAdamW']['median_ms']:.3f} ms)")
+    if args.out and rows:
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        with open(args.out, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=cols)
+            wr.writeheader()
+            wr.writerows(rows)
+    print(f"bench_step --gpu-check: {len(rows)} rows, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(gpu_check(sys.argv[1:]))

@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh OUTDIR: the one-shot GPU check of lowrank_kernels.
+# bench/gpu_check.sh OUTDIR: the one-shot GPU check of lowrank_kernels (issue 11, section 5).
 #
-# For a GPU machine with torch and triton preinstalled (plain python3, no venv) and
-# no network: nothing is installed or downloaded. In one go, under one time budget:
-#   1. environment: GPU, driver, python/torch/triton, which build tools exist;
-#   2. build the C++ extension against that torch (setup.py build_ext --inplace; ninja
-#      if present, else torch's distutils fallback; if setuptools itself cannot build,
-#      torch.utils.cpp_extension.load as a last resort), then `python3 -m lowrank_kernels`;
-#   3. the GPU tests: `pytest -m gpu` (includes the bench's tiny run on CUDA, which checks
-#      every timed kernel against the reference), plus any test written against the
-#      `device` fixture, run with LOWRANK_KERNELS_TEST_DEVICE=cuda;
-#   4. the full benchmark, `python3 -m bench --device cuda`, with an internal time budget
-#      so that it stops measuring, and still writes its CSV, plots and table, in time;
-#   5. the pre-training demo's GPU preset, `python3 -m bench.convergence --gpu`.
-# OUTDIR receives at most 5 files (the device tool returns 8 at most): gpu_check.log
-# (everything printed), the bench's Markdown tables (<device>.md), convergence.csv, and
-# results.tar.gz with every CSV, Markdown table, PNG plot and JSON file of steps 4-5, to
-# unpack into bench/results/ (then `python -m bench.readme` updates the README).
+# For an H100/H200 machine with torch and triton preinstalled (plain python3, no venv) and
+# no network: nothing is installed, downloaded or built (the CUDA path is Triton + the
+# reference; the C++ extension is CPU-only). Five checks, under one budget (default 470 s,
+# GPU_CHECK_BUDGET), each under `timeout`:
+#   1. the test suite on CUDA: every test that takes the `device` fixture, on CUDA tensors
+#      (LOWRANK_KERNELS_TEST_DEVICE=cuda: projection, DCT, quant kernels, INT4 tile loader,
+#      batched DCT, the optimizers), then `pytest -m gpu`;
+#   2. determinism: `python -m lowrank_kernels._determinism --device cuda`: two fresh
+#      processes, GaLoreAdamW and DCTAdamW steps each, bitwise-equal weights and DCT
+#      indices, the tile configs each process chose printed;
+#   3. int64 offsets: `python -m bench.gpu_int64_check`: back-projection into a bf16 weight
+#      of more than 2^31 elements at rank 8 (sampled rows vs float64), DCT scores of a
+#      48x4096x11008 bf16 stack (each matrix vs float64);
+#   4. the compile table for the running arch, `python -m lowrank_kernels.compile_check
+#      --arch <arch>` (started first, in the background: it needs the CPUs, not the GPU),
+#      then `python -m bench.gpu_kernel_report`: what the runtime reports (registers,
+#      spills, shared memory) for the kernels it compiled, appended to that table and
+#      matched against it;
+#   5. `python -m bench.bench_step --gpu-check`: the 4-layer LLaMA-1B-shaped stack (bf16,
+#      rank 512) against torch's fused AdamW in the same run, host time per parameter on
+#      its own line; the INT4-projector step over the bf16 step at 4096x11008 rank 512.
+# OUTDIR receives 5 files: gpu_check.log (everything printed), determinism.txt, int64.csv,
+# compile_sm<arch>.csv, step.csv. Exit status: 0 when every check passed, else the number
+# of checks that failed (a check that runs out of time fails).
 #
-# Budget: GPU_CHECK_BUDGET seconds in all (default 570, under the device's 600 s per
-# command); every step runs under `timeout`, so a hang cannot eat the rest.
-# Exit status: 0 when the build, the tests and the bench all succeeded, else the number
-# of steps that failed.
+# GPU_CHECK_DRY=1: a CPU dry run of the same steps at tiny sizes (Triton interpreter; tests
+# only collected, or not at all with GPU_CHECK_DRY_COLLECT=0; compile_check only located), so
+# the script cannot rot (python_tests/test_gpu_check.py runs it).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -31,11 +38,10 @@ fi
 mkdir -p "$1" || exit 2
 OUT="$(cd "$1" && pwd)"
 cd "$(dirname "$0")/.." || exit 2
-ROOT="$(pwd)"
 PY="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET:-570}"
-# Seconds kept for the convergence demo at the end (its GPU preset, shortened to fit).
-CONV_SECS="${GPU_CHECK_CONV_SECS:-100}"
+DRY="${GPU_CHECK_DRY:-0}"
+BUDGET="${GPU_CHECK_BUDGET:-470}"
+COMPILE_SUBSET="${GPU_CHECK_COMPILE_SUBSET:-ci}"
 START=$(date +%s)
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
@@ -44,29 +50,36 @@ TEE_PID=$!
 
 export PYTHONUNBUFFERED=1
 export PYTHONDONTWRITEBYTECODE=1
-export TRITON_INTERPRET=0          # real Triton kernels on the GPU (conftest only sets it when unset)
-export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"
-export PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=1 PIP_DISABLE_PIP_VERSION_CHECK=1   # never reach for the network
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1   # never reach for the network
 export MPLBACKEND=Agg
-if [ -z "${LOWRANK_KERNELS_GIT_SHA:-}" ]; then
-  LOWRANK_KERNELS_GIT_SHA="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  export LOWRANK_KERNELS_GIT_SHA
+if [ "$DRY" = "1" ]; then
+  export TRITON_INTERPRET=1        # Triton kernels in the interpreter, on CPU tensors
+  DEVICE=cpu
+else
+  export TRITON_INTERPRET=0        # real Triton kernels on the GPU (conftest only sets it when unset)
+  DEVICE=cuda
 fi
 
 FAILED=0
+FAILED_NAMES=""
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-# cap N: the smaller of N and what is left minus a reserve of R seconds (at least 10)
-cap() { local n=$1 r=$2 l; l=$(( $(left) - r )); [ "$l" -lt "$n" ] && n=$l; [ "$n" -lt 10 ] && n=10; echo "$n"; }
+# cap N R: the smaller of N and what is left minus a reserve of R seconds (at least 10)
+cap() {
+  local n=$1 r=$2 l
+  l=$(( $(left) - r ))
+  [ "$l" -lt "$n" ] && n=$l
+  [ "$n" -lt 10 ] && n=10
+  echo "$n"
+}
 step() { echo; echo "=== [$(( $(date +%s) - START ))s] $* ==="; }
-run_timed() {  # run_timed SECONDS NAME CMD...: run under timeout; log the outcome
+fail() { FAILED=$((FAILED + 1)); FAILED_NAMES="$FAILED_NAMES $1"; }
+run_timed() {  # run_timed SECONDS NAME CMD...: run under timeout; log the outcome; return its status
   local secs=$1 name=$2 rc
   shift 2
-  timeout -s INT -k 15 "$secs" "$@"
+  timeout -s INT -k 10 "$secs" "$@"
   rc=$?
   if [ $rc -eq 124 ]; then
-    echo ">>> $name: stopped by its time limit (${secs}s)"
-  elif [ $rc -eq 5 ] && [ "${name#pytest}" != "$name" ]; then
-    echo ">>> $name: no tests selected"
+    echo ">>> $name: FAILED: stopped by its time limit (${secs}s)"
   elif [ $rc -ne 0 ]; then
     echo ">>> $name: FAILED rc=$rc"
   else
@@ -74,102 +87,136 @@ run_timed() {  # run_timed SECONDS NAME CMD...: run under timeout; log the outco
   fi
   return $rc
 }
+have_module() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
 
-# ----------------------------------------------------------------------------- 1. environment
-step "environment (budget ${BUDGET}s, MAX_JOBS=$MAX_JOBS, out $OUT)"
+# ----------------------------------------------------------------------------- 0. environment
+step "environment (dry run: $DRY, budget ${BUDGET}s, out $OUT)"
 date -u
-uname -a
-timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu \
-  --format=csv 2>&1 || echo "nvidia-smi unavailable"
-timeout 60 "$PY" - <<'EOF' 2>&1
-import importlib, importlib.metadata as md, shutil, sys
-print("python", sys.version.split()[0], sys.executable)
-for name in ("torch", "triton", "setuptools", "wheel", "ninja", "pybind11", "numpy", "scipy", "pytest", "matplotlib",
-             "tqdm", "galore-torch", "apollo-torch", "q-galore-torch", "transformers", "bitsandbytes"):
-    try:
-        print(f"  {name:15s} {md.version(name)}")
-    except md.PackageNotFoundError:
-        print(f"  {name:15s} (not installed)")
-print("  ninja binary   ", shutil.which("ninja") or "(none)")
+git log -1 --format='commit %h %s' 2>/dev/null || true
+git status --porcelain 2>/dev/null | head -5
+if [ "$DRY" != "1" ]; then
+  timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+    --format=csv 2>&1 || echo "nvidia-smi unavailable"
+fi
+ARCH=$(timeout 120 "$PY" - "$DEVICE" <<'EOF'
+import sys
 import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
+import triton
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (cuda {torch.version.cuda}), triton {triton.__version__}",
+      file=sys.stderr)
+if sys.argv[1] == "cuda":
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        print("none")
+        sys.exit(1)
     p = torch.cuda.get_device_properties(0)
-    print(f"device {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, cc {p.major}.{p.minor}")
-from torch.utils.cpp_extension import is_ninja_available
-print("torch sees ninja:", is_ninja_available())
+    print(f"device {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, cc {p.major}.{p.minor}",
+          file=sys.stderr)
+    print(f"{p.major}{p.minor}")
+else:
+    print("90")  # dry run: the table of the usual target
 EOF
-
-# ----------------------------------------------------------------------------- 2. build
-step "build the C++ extension against this torch"
-# A .so built elsewhere (another torch) must not be picked up.
-rm -f lowrank_kernels/_C*.so
-BUILD_OK=0
-run_timed "$(cap 200 340)" "setup.py build_ext --inplace" "$PY" setup.py build_ext --inplace -j "$MAX_JOBS"
-rc=$?
-if [ $rc -eq 0 ]; then
-  BUILD_OK=1
-elif [ $rc -ne 124 ] && [ "$(left)" -gt 330 ]; then  # setuptools could not build (not a timeout): try torch's JIT
-  step "fallback build: torch.utils.cpp_extension.load (JIT, ninja)"
-  if run_timed "$(cap 200 330)" "cpp_extension.load" "$PY" - <<'EOF'
-import glob, os, shutil, tempfile
-from torch.utils.cpp_extension import load
-src = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-build = tempfile.mkdtemp(prefix="lk_ext_")
-mod = load(name="_C", sources=src, extra_include_paths=[os.path.abspath("csrc")],
-           extra_cflags=["-O3", "-std=c++17"], build_directory=build, verbose=True)
-# TORCH_EXTENSION_NAME is _C, so the module initialises as lowrank_kernels._C too.
-shutil.copy(mod.__file__, os.path.join("lowrank_kernels", "_C" + os.path.splitext(mod.__file__)[1]))
-print("copied", mod.__file__, "->", "lowrank_kernels/")
-EOF
-  then BUILD_OK=1; fi
+)
+if [ "$ARCH" = "none" ] || [ -z "$ARCH" ]; then
+  echo ">>> no usable CUDA device: nothing to check"
+  exit 1
 fi
-[ $BUILD_OK -eq 1 ] || { FAILED=$((FAILED + 1)); echo ">>> no C++ extension: the cpp backend is skipped, CUDA paths still run"; }
-ls -la lowrank_kernels/*.so 2>/dev/null
-timeout 120 "$PY" -m lowrank_kernels || FAILED=$((FAILED + 1))
+echo "arch: sm_$ARCH"
+CSV_COMPILE="$OUT/compile_sm$ARCH.csv"
+COMPILE_LOG="$(mktemp)"
 
-# ----------------------------------------------------------------------------- 3. tests
-# The benchmark keeps at least 250 s: the tests get what is left above that.
-step "GPU tests: pytest -m gpu"
-run_timed "$(cap 120 $((250 + CONV_SECS)))" "pytest -m gpu" "$PY" -m pytest python_tests -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors \
-  || FAILED=$((FAILED + 1))
-
-step "backend tests on CUDA tensors: LOWRANK_KERNELS_TEST_DEVICE=cuda (tests using the 'device' fixture)"
-if ! grep -qs "LOWRANK_KERNELS_TEST_DEVICE" python_tests/conftest.py; then
-  echo "conftest has no LOWRANK_KERNELS_TEST_DEVICE switch: skipped"
-elif [ "$(( $(left) - 250 - CONV_SECS ))" -lt 30 ]; then
-  echo "skipped: less than 30 s left above the benchmark's share"
+# ----------------------------------------------------------------------------- 4a. compile table (background)
+COMPILE_PID=""
+if ! have_module lowrank_kernels.compile_check; then
+  echo ">>> lowrank_kernels.compile_check: MISSING (module not found)"
+elif [ "$DRY" = "1" ]; then
+  echo ">>> compile_check: present (dry run: not compiled; python_tests runs it for sm_80/sm_90)"
 else
-  LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 120 $((250 + CONV_SECS)))" "pytest device=cuda" \
-    "$PY" -m pytest python_tests -q -rs -p no:cacheprovider --continue-on-collection-errors
-  rc=$?
-  if [ $rc -eq 5 ]; then echo ">>> (no test takes the device fixture yet: nothing to run)"
-  elif [ $rc -ne 0 ]; then FAILED=$((FAILED + 1)); fi
+  step "compile table for sm_$ARCH (background, --subset $COMPILE_SUBSET)"
+  JOBS=$(( $(nproc 2>/dev/null || echo 8) / 2 ))  # the other half: the tests (Triton compiles, pytest-xdist)
+  [ "$JOBS" -lt 2 ] && JOBS=2
+  timeout -s INT -k 10 "$(cap 300 60)" "$PY" -m lowrank_kernels.compile_check --arch "$ARCH" --subset "$COMPILE_SUBSET" \
+    --jobs "$JOBS" --out "$CSV_COMPILE" >"$COMPILE_LOG" 2>&1 &
+  COMPILE_PID=$!
 fi
 
-# ----------------------------------------------------------------------------- 4. benchmark
-step "benchmark: python -m bench --device cuda (left: $(left)s)"
-RES="$OUT/results"
-mkdir -p "$RES"
-# The convergence demo keeps CONV_SECS at the end; the bench gets the rest (at most 420 s).
-BENCH_SECS=$(cap 420 $((CONV_SECS + 10)))
-# The bench stops measuring 45 s before its hard limit, then writes CSV, plots and table.
-run_timed "$BENCH_SECS" "python -m bench" "$PY" -m bench --device cuda --out "$RES" \
-  --time-budget $((BENCH_SECS > 90 ? BENCH_SECS - 45 : BENCH_SECS / 2)) ${BENCH_ARGS:-} \
-  || FAILED=$((FAILED + 1))
+# ----------------------------------------------------------------------------- 1. tests on CUDA
+step "1. tests on $DEVICE: LOWRANK_KERNELS_TEST_DEVICE=$DEVICE (every test taking the 'device' fixture)"
+if [ "$DRY" = "1" ] && [ "${GPU_CHECK_DRY_COLLECT:-1}" = "0" ]; then
+  echo ">>> dry run: collection skipped (GPU_CHECK_DRY_COLLECT=0)"
+elif [ "$DRY" = "1" ]; then
+  # The selection a GPU run makes, collected only (running the suite here is `make test`'s job).
+  LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 120 60)" "pytest --collect-only (device=cuda selection)" \
+    "$PY" -m pytest python_tests --collect-only -q -p no:cacheprovider || fail tests
+else
+  # pytest-xdist (in the GPU image) spreads the Triton compiles over processes; they share
+  # Triton's on-disk kernel cache and the one GPU.
+  XDIST=()
+  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_TEST_PROCS:-6}")
+  LOWRANK_KERNELS_TEST_DEVICE=cuda run_timed "$(cap 220 200)" "pytest device=cuda" \
+    "$PY" -m pytest python_tests -q -rfEs -p no:cacheprovider --maxfail=20 "${XDIST[@]}" || fail tests-device
+  step "1b. pytest -m gpu"
+  run_timed "$(cap 90 170)" "pytest -m gpu" \
+    "$PY" -m pytest python_tests -m gpu -q -rfEs -p no:cacheprovider || fail tests-gpu
+fi
 
-# ----------------------------------------------------------------------------- 5. convergence demo
-step "pre-training demo: python -m bench.convergence --gpu (left: $(left)s)"
-run_timed "$(cap "$CONV_SECS" 5)" "bench.convergence" "$PY" -m bench.convergence --gpu --no-progress \
-  --out "$RES" ${CONV_ARGS:---steps 150} || FAILED=$((FAILED + 1))
+# ----------------------------------------------------------------------------- 2. determinism
+step "2. determinism: two fresh processes, GaLoreAdamW + DCTAdamW, bitwise-equal weights and indices"
+if have_module lowrank_kernels._determinism; then
+  run_timed "$(cap 90 130)" "determinism" "$PY" -m lowrank_kernels._determinism --device "$DEVICE" --steps 3 \
+    >"$OUT/determinism.txt" 2>&1
+  rc=$?
+  cat "$OUT/determinism.txt"
+  [ $rc -eq 0 ] || fail determinism
+else
+  echo ">>> lowrank_kernels._determinism: MISSING (module not found)" | tee "$OUT/determinism.txt"
+  fail determinism
+fi
 
-# ----------------------------------------------------------------------------- 6. pack
-# The device tool returns at most 8 files: the log, the tables as plain files, and
-# everything (CSV, Markdown, PNG, JSON) in one archive to unpack into bench/results/.
-step "done: $FAILED step(s) failed, $(( $(date +%s) - START ))s"
-cp "$RES"/*.md "$RES"/convergence.csv "$OUT"/ 2>/dev/null
-tar -C "$RES" -czf "$OUT/results.tar.gz" . && rm -rf "$RES"
+# ----------------------------------------------------------------------------- 3. int64 offsets
+step "3. int64 offsets: >2^31-element bf16 back-projection (rank 8), 48x4096x11008 bf16 DCT scores"
+INT64_ARGS=()
+[ "$DRY" = "1" ] && INT64_ARGS+=(--tiny)
+run_timed "$(cap 120 100)" "gpu_int64_check" "$PY" -m bench.gpu_int64_check "${INT64_ARGS[@]}" \
+  --device "$DEVICE" --out "$OUT/int64.csv" || fail int64
+
+# ----------------------------------------------------------------------------- 5. step figures
+step "5. optimizer step: 4-layer LLaMA-1B stack vs fused AdamW; INT4 vs bf16 projector at 4096x11008"
+STEP_ARGS=()
+[ "$DRY" = "1" ] && STEP_ARGS+=(--tiny)
+run_timed "$(cap 120 40)" "bench_step --gpu-check" "$PY" -m bench.bench_step --gpu-check "${STEP_ARGS[@]}" \
+  --out "$OUT/step.csv" || fail step
+
+# ----------------------------------------------------------------------------- 4b. compile table + runtime report
+step "4. compile table for sm_$ARCH and what the runtime reports"
+if [ -n "$COMPILE_PID" ]; then
+  wait "$COMPILE_PID"
+  rc=$?
+  tail -n 40 "$COMPILE_LOG"
+  if [ $rc -ne 0 ]; then
+    echo ">>> compile_check: FAILED rc=$rc"
+    fail compile
+  else
+    echo ">>> compile_check: ok ($(($(wc -l <"$CSV_COMPILE") - 1)) rows)"
+  fi
+  if [ -s "$CSV_COMPILE" ]; then
+    run_timed "$(cap 90 0)" "gpu_kernel_report" "$PY" -m bench.gpu_kernel_report --compile-csv "$CSV_COMPILE" \
+      || fail runtime-report
+  else
+    fail runtime-report
+  fi
+elif [ "$DRY" = "1" ]; then
+  have_module lowrank_kernels.compile_check || fail compile
+  run_timed "$(cap 90 0)" "gpu_kernel_report --tiny" "$PY" -m bench.gpu_kernel_report --tiny \
+    || fail runtime-report
+else
+  fail compile
+fi
+rm -f "$COMPILE_LOG"
+
+# ----------------------------------------------------------------------------- summary
+step "done in $(( $(date +%s) - START ))s: $FAILED check(s) failed${FAILED_NAMES:+:$FAILED_NAMES}"
 ls -la "$OUT"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null  # the log is complete before the command returns
-exit $FAILED
+exit "$FAILED"

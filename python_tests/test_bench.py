@@ -137,11 +137,63 @@ def test_summarize_quantiles_and_targets(tmp_path):
     assert "skipped: not available yet" in table and "4.00x" in table
 
 
+# Rows of ours that verify their result against the reference before they are timed.
+CHECKED_KERNELS = {("projection", "project_adam"), ("projection", "backproject_apply"), ("projection", "step"),
+                   ("quant", "step"), ("refresh", "refresh")}
+
+
+def ours_row_problems(rows) -> list:
+    """What is wrong with the ``ours`` rows of a bench CSV: skipped, crashed or failed rows, and
+    rows of a checked kernel (CHECKED_KERNELS; not the reference backend, not the dense baseline
+    of the quant suite) whose correctness check is missing or failed."""
+    problems = []
+    for r in rows:
+        if not r["provider"].startswith("ours"):
+            continue
+        what = (r["suite"], r["kernel"], r["provider"], r["shape"])
+        note, check = r["note"], r["check"]
+        if note.startswith("skipped:") or "crashed" in note or "failed" in note.lower():
+            problems.append((*what, "skipped/errored: " + note))
+            continue
+        if "FAILED" in check or "failed" in check:
+            problems.append((*what, "check failed: " + check))
+            continue
+        dense_baseline = r["suite"] == "quant" and r["kernel"] == "step" and "int4" not in r["provider"]
+        if (r["suite"], r["kernel"]) in CHECKED_KERNELS and r["provider"] != "ours-reference" and not dense_baseline:
+            if not check:
+                problems.append((*what, "no correctness check"))
+    return problems
+
+
+def test_ours_row_problems_finds_each_kind():
+    base = dict(suite="projection", kernel="step", provider="ours-triton", shape="4x4", note="", check="rel_err=1e-7")
+    assert ours_row_problems([base, dict(base, provider="torch-unfused", check="")]) == []
+    assert ours_row_problems([dict(base, note="skipped: no kernel")])[0][-1].startswith("skipped/errored")
+    assert ours_row_problems([dict(base, note="crashed: ValueError")])[0][-1].startswith("skipped/errored")
+    assert ours_row_problems([dict(base, check="rel_err=0.3 FAILED")])[0][-1].startswith("check failed")
+    assert ours_row_problems([dict(base, check="")])[0][-1] == "no correctness check"
+    assert ours_row_problems([dict(base, suite="quant", provider="ours-bf16", check="")]) == []
+    assert ours_row_problems([dict(base, suite="quant", provider="ours-int4 (triton)", check="")])
+
+
+def test_bench_tiny_cpu_ours_rows_complete(tmp_path, capsys):
+    """The same rule as the GPU test, on the CPU run: every ours row ran and carries its check."""
+    rc, out, header, rows, _ = _run(tmp_path, capsys, "--device", "cpu", "--no-plots", "--suite",
+                                    "projection,quant,refresh")
+    assert rc == 0, out[-3000:]
+    assert ours_row_problems(rows) == []
+
+
 @pytest.mark.gpu
 def test_bench_tiny_cuda_checks_pass(tmp_path, capsys):
-    """On a GPU: every timed kernel of ours agrees with the reference (the bench's own checks)."""
+    """On a GPU: every row of ours ran (none skipped or errored), and every timed kernel of ours
+    that has a correctness check carries it and passed it (the bench's own checks against the
+    reference)."""
     rc, out, header, rows, _ = _run(tmp_path, capsys, "--device", "cuda", "--no-plots")
     assert header == ROW_FIELDS
     assert not [r for r in rows if "FAILED" in r["check"]], [(r["kernel"], r["provider"], r["check"]) for r in rows]
+    assert ours_row_problems(rows) == []
     assert rc == 0, out[-3000:]
     assert {r["device"] for r in rows} == {"cuda"}
+    checked = [r for r in rows if r["provider"].startswith("ours-triton") and (r["suite"], r["kernel"]) in CHECKED_KERNELS]
+    assert checked, "no Triton row of ours was checked on the GPU"

@@ -107,13 +107,17 @@ def check_moment_dtype(moment: torch.Tensor, name: str, param_dtype: torch.dtype
 
 
 def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple], spans: Optional[dict] = None) -> None:
-    """An in-place output must not share memory with another argument.
+    """An in-place output must not share memory with another argument nor overlap itself.
 
     Each tensor's memory span is computed once (None for FakeTensors, meta, empty or
     storage-less tensors, which never overlap); then the pairs are compared as integers,
     in the order ``written`` x (``written`` + ``read``), so the first overlapping pair is
-    the one reported. ``spans``, a dict that one validator passes to several of these
-    checks over the same arguments, keeps the spans between them (keyed by name).
+    the one reported. Then each non-contiguous written tensor is checked on its own
+    (:func:`check_no_self_overlap`: no two of its elements may share memory, e.g. a
+    stride-0 ``expand()``; the kernels write every element, so such an output would get
+    racing writes on a GPU and order-dependent results anywhere). ``spans``, a dict that
+    one validator passes to several of these checks over the same arguments, keeps the
+    spans between them (keyed by name).
     """
     ws = _spans_of(written, spans)
     for _, sw in ws:
@@ -133,6 +137,44 @@ def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple], s
                 raise ValueError(
                     f"{op}: {wname} and {rname} share memory; the in-place output must not alias another argument"
                 )
+    for (wname, t), (_, sw) in zip(written, ws):
+        if sw is not None and not t.is_contiguous():
+            check_no_self_overlap(t, wname, op)
+
+
+def check_no_self_overlap(t: torch.Tensor, name: str, op: str) -> None:
+    """Raise ``ValueError`` when two elements of ``t`` share memory (internal overlap).
+
+    Exact for every layout: a contiguous tensor never overlaps; otherwise the dims of
+    size > 1 sorted by stride must each step past everything the smaller ones reach
+    (a stride 0 never does), which decides every layout made by views, slices,
+    ``expand`` and ``as_strided`` with nested strides; the rare interleaved layout that
+    passes neither test is decided by enumerating its offsets.
+    """
+    if t.numel() <= 1 or t.is_contiguous():
+        return
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    reach = 0  # largest offset (in elements) the dims seen so far can reach
+    for st, sz in dims:
+        if st == 0:
+            raise ValueError(
+                f"{op}: {name} overlaps itself (shape {tuple(t.shape)}, stride {tuple(t.stride())}: a stride-0 "
+                f"dim, e.g. from expand()); an in-place output needs one memory location per element: pass "
+                f"{name}.contiguous() or .clone()"
+            )
+        if st <= reach:
+            break  # interleaved strides: decide exactly below
+        reach += (sz - 1) * st
+    else:
+        return
+    offsets = torch.zeros((), dtype=torch.int64)
+    for sz, st in zip(t.shape, t.stride()):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(sz, dtype=torch.int64) * st).reshape(-1)
+    if offsets.unique().numel() != t.numel():
+        raise ValueError(
+            f"{op}: {name} overlaps itself (shape {tuple(t.shape)}, stride {tuple(t.stride())}: two elements share "
+            f"memory); an in-place output needs one memory location per element: pass {name}.contiguous() or .clone()"
+        )
 
 
 _Tensor = torch.Tensor

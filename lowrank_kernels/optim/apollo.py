@@ -68,7 +68,7 @@ class APOLLOAdamW(LowRankOptimizer):
 
     State per projected parameter: ``step`` (CPU float32), ``side`` (CPU int8),
     ``seed`` (CPU int64, the seed of the current projection), ``exp_avg``,
-    ``exp_avg_sq`` (low-rank shape, parameter dtype) and, with the limiter on,
+    ``exp_avg_sq`` (low-rank shape, float32 unless ``moment_dtype="param"``) and, with the limiter on,
     ``scaled_grad_norm`` (the previous step's ``||Gt||``: 0-d float32 on the
     parameter's device).
 
@@ -99,6 +99,7 @@ class APOLLOAdamW(LowRankOptimizer):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
         compat: Optional[str] = None,
+        moment_dtype: str = "float32",
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
@@ -108,6 +109,7 @@ class APOLLOAdamW(LowRankOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, scale_type=scale_type, proj=proj, scale_front=bool(scale_front),
             norm_growth_limiter=bool(norm_growth_limiter), skip_nonfinite=skip_nonfinite, foreach=foreach,
+            moment_dtype=moment_dtype,
         )
         if compat is not None:
             defaults["compat"] = compat

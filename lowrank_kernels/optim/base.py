@@ -32,6 +32,17 @@ how its projector is made and how one projected step is taken:
   :meth:`step` call (one fused inf-norm per device, read back once), never one per
   parameter. With ``skip_nonfinite=False`` nothing is checked and a non-finite
   gradient propagates as in ``torch.optim.AdamW``;
+- **moment dtype** (``moment_dtype``, a group key, default ``"float32"``): the
+  Adam moments of every parameter, projected or plain, are stored in float32
+  (float64 for float64 parameters) even when the parameter is bfloat16 or float16.
+  ``moment_dtype="param"`` stores them in the parameter's dtype instead (as
+  torch.optim.AdamW and the reference packages do), on explicit request only,
+  because 16-bit moments break Adam: in bfloat16 (8 significant bits) ``0.999 * V``
+  rounds back to ``V``, so the second moment stops decaying (``beta2 > 1 - 2^-9``
+  has no effect), and in float16 ``(1 - beta2) R^2`` underflows to zero for
+  ``|R| < ~5e-3`` at ``beta2 = 0.999`` (below half the smallest float16 subnormal,
+  2^-25), so ``V`` stays 0 and the step becomes
+  ``M / eps``. A checkpoint's moments keep their saved dtype;
 - **failed projector refreshes**: when making a new projector fails (the SVD
   raises or returns non-finite values), the previous projector is kept and the step
   is taken with it; when there is no previous projector (the parameter's first
@@ -103,6 +114,8 @@ SIDE_CODES = {name: code for code, name in enumerate(SIDE_NAMES)}
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 #: every ``compat`` value some optimizer of this package accepts (see the module docstring).
 COMPAT_MODES = ("galore-torch", "apollo-torch")
+#: values of the ``moment_dtype`` group key (see the module docstring).
+MOMENT_DTYPES = ("float32", "param")
 
 
 def resolve_side(shape: Tuple[int, int], proj_type: str) -> str:
@@ -196,6 +209,7 @@ class LowRankOptimizer(Optimizer):
         self.nonfinite_skips = 0
         #: number of projector refreshes that failed and kept the previous projector.
         self.failed_refreshes = 0
+        defaults = {"moment_dtype": "float32", **defaults}
         super().__init__(params, defaults)
         if not any(self._is_lowrank(g) for g in self.param_groups if g["params"]):
             warnings.warn(
@@ -271,6 +285,12 @@ class LowRankOptimizer(Optimizer):
         wd = group.get("weight_decay")
         if not _is_real(wd) or not wd >= 0.0:
             raise ValueError(self._err(gi, f"weight_decay must be a float >= 0, got {wd!r}"))
+        md = group.get("moment_dtype", "float32")
+        if not isinstance(md, str) or md not in MOMENT_DTYPES:
+            raise ValueError(
+                self._err(gi, f"moment_dtype must be 'float32' (default) or 'param' (16-bit moments for 16-bit "
+                              f"parameters; unsafe, see lowrank_kernels.optim.base), got {md!r}")
+            )
         if self._is_lowrank(group):
             self._validate_lowrank_group(group, gi)
         self._validate_compat(group, gi)
@@ -376,25 +396,40 @@ class LowRankOptimizer(Optimizer):
         return flags
 
     def _plain_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
-        """torch.optim.AdamW on ``params`` (same state layout, same kernels); with
-        ``compat`` set, the official packages' AdamW (:meth:`_plain_step_compat`)."""
+        """torch.optim.AdamW on ``params`` (same state layout, same kernels).
+
+        Moments in the parameter's dtype (float32/float64 parameters, or
+        ``moment_dtype="param"``) go through torch's AdamW kernels (bit-identical);
+        float32 moments of a 16-bit parameter through :meth:`_plain_step_wide`.
+        With ``compat`` set, the official packages' AdamW (:meth:`_plain_step_compat`).
+        """
         if group.get("compat") is not None:
             self._plain_step_compat(group, params)
             return
-        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        same, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        wide = []
         for p in params:
             state = self.state[p]
             if len(state) == 0:
+                dtype = self._state_dtype(p, group)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if state["exp_avg"].dtype != p.dtype:
+                wide.append(p)
+                continue
+            same.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
+        if wide:
+            self._plain_step_wide(group, wide)
+        if not same:
+            return
         beta1, beta2 = group["betas"]
         _adamw_functional(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            same, grads, exp_avgs, exp_avg_sqs, [], steps,
             foreach=group.get("foreach"), capturable=False, differentiable=False, fused=None,
             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=False,
@@ -454,6 +489,25 @@ class LowRankOptimizer(Optimizer):
         if group.get("compat") is None:
             return 1.0
         return 1.0 - group["lr"] * group["weight_decay"]
+    def _plain_step_wide(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
+        """torch.optim.AdamW's math (its order of operations) with moments wider than the
+        parameter: moments and the new weight are computed in the moments' dtype and the
+        weight is rounded once into the parameter (one transient copy of one parameter)."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        for p in params:
+            state = self.state[p]
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            state["step"] += 1
+            t = float(state["step"])
+            g = p.grad.to(m.dtype)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            del g
+            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+            w = p.to(m.dtype, copy=True)
+            w.mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+            p.copy_(w)
 
     def _lowrank_step(self, p: torch.Tensor, grad: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]):
         """Init (on first use), refresh on schedule, then :meth:`_project_step`.
@@ -482,8 +536,11 @@ class LowRankOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ extension points
     def _state_dtype(self, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
-        """dtype of the moments: the parameter's (as the reference packages and torch's AdamW)."""
-        return p.dtype
+        """dtype of new moments: float32 (float64 for float64 parameters), or the
+        parameter's with ``moment_dtype="param"`` (see the module docstring)."""
+        if group.get("moment_dtype", "float32") == "param":
+            return p.dtype
+        return torch.promote_types(p.dtype, torch.float32)
 
     def _side(self, state: Dict[str, Any]) -> str:
         return SIDE_NAMES[int(state["side"])]
@@ -563,4 +620,5 @@ __all__ = [
     "SIDE_CODES",
     "PROJ_TYPES",
     "COMPAT_MODES",
+    "MOMENT_DTYPES",
 ]

@@ -91,12 +91,12 @@ class DCTAdamW(LowRankOptimizer):
         norm: 1 or 2, the norm of the alignment scores.
         moment_refresh: ``"keep"``, ``"reindex"`` or ``"reset"`` (see above).
         max_dim: parameters with a dimension at least this large are plain AdamW.
-        skip_nonfinite, foreach: as GaLoreAdamW.
+        skip_nonfinite, foreach, moment_dtype: as GaLoreAdamW (float32 moments by default).
 
     State per projected parameter (tensors only): ``step`` (CPU float32), ``side``
     (CPU int8: 0 right, 1 left), ``indices`` (int32, length ``rank``, on the
     parameter's device), ``exp_avg`` and ``exp_avg_sq`` (``m x r`` or ``r x n``,
-    parameter dtype). No float projector: the basis is shared through
+    float32 unless ``moment_dtype="param"``). No float projector: the basis is shared through
     ``ops.dct_basis`` and rebuilt (cached) after loading a state dict.
     """
 
@@ -119,11 +119,13 @@ class DCTAdamW(LowRankOptimizer):
         max_dim: Optional[int] = 32000,
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        moment_dtype: str = "float32",
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, norm=norm, moment_refresh=moment_refresh, max_dim=max_dim,
             skip_nonfinite=skip_nonfinite, foreach=foreach,
+            moment_dtype=moment_dtype,
         )
         self._pending_plain: Dict[int, Tuple[dict, List[torch.Tensor]]] = {}
         super().__init__(params, defaults)
@@ -212,6 +214,68 @@ class DCTAdamW(LowRankOptimizer):
             state["exp_avg_sq"].zero_()
         state["indices"] = idx
         return True
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict):
+        """Load a state saved by :meth:`state_dict`, after checking every stored index set.
+
+        The kernels gather ``basis[indices]`` and, on a GPU, do not range-check what they
+        load, so a corrupted or mismatched checkpoint must fail here. Per projected
+        parameter the saved ``indices`` must be an int32 vector of length ``rank`` (the
+        parameter's group rank), every value in ``[0, s)`` with ``s`` the basis order of
+        the saved side (``n`` right, ``m`` left), with no value repeated (the projector's
+        rows must be distinct orthonormal basis vectors). The saved ``side`` must be 0
+        (right) or 1 (left). On a failure a ``ValueError`` / ``TypeError`` names the
+        parameter (group, position and shape) and the problem, and nothing is loaded.
+        """
+        self._check_saved_indices(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_saved_indices(self, state_dict) -> None:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            return  # torch's load_state_dict reports a malformed state dict
+        saved_state = state_dict["state"]
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's load_state_dict reports the mismatch
+        if any(len(sg["params"]) != len(g["params"]) for sg, g in zip(saved_groups, self.param_groups)):
+            return
+        for gi, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for pi, (saved_id, p) in enumerate(zip(sg["params"], group["params"])):
+                st = saved_state.get(saved_id)
+                if not st or "indices" not in st:
+                    continue
+                where = f"{name}.load_state_dict: param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
+                if not self._is_lowrank(group) or not self._projected(p, group):
+                    raise ValueError(f"{where}: the saved state has DCT indices but this parameter is not projected")
+                side_t = st.get("side")
+                if not isinstance(side_t, torch.Tensor) or side_t.numel() != 1 or int(side_t) not in (0, 1):
+                    raise ValueError(
+                        f"{where}: the saved side must be a one-element tensor holding 0 (right) or 1 (left), "
+                        f"got {side_t!r}"
+                    )
+                side = "right" if int(side_t) == 0 else "left"
+                size = p.shape[1] if side == "right" else p.shape[0]
+                rank = self._group_rank(group, tuple(p.shape))
+                idx = st["indices"]
+                if not isinstance(idx, torch.Tensor):
+                    raise TypeError(f"{where}: saved indices must be a Tensor, got {type(idx).__name__}")
+                if idx.dtype != torch.int32:
+                    raise TypeError(f"{where}: saved indices must be int32, got {idx.dtype}")
+                if tuple(idx.shape) != (rank,):
+                    raise ValueError(
+                        f"{where}: saved indices must have shape ({rank},) (the group's rank), got {tuple(idx.shape)}"
+                    )
+                host = idx.detach().to("cpu", torch.int64)  # at load time only
+                lo, hi = int(host.min()), int(host.max())
+                if lo < 0 or hi >= size:
+                    raise ValueError(
+                        f"{where}: saved indices must lie in [0, {size}) (the DCT basis order of the {side} side), "
+                        f"got values in [{lo}, {hi}]"
+                    )
+                if host.unique().numel() != rank:
+                    raise ValueError(f"{where}: saved indices must be distinct basis vectors, got repeated values")
 
     def _get_projector(self, p, state, group):
         return ops.DCTProjector(self._basis(p, state), state["indices"])

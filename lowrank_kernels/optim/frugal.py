@@ -90,7 +90,7 @@ class FrugalAdamW(LowRankOptimizer):
 
     State per split parameter: ``step`` and ``subspace_step`` (CPU float32),
     ``side`` (CPU int8) and, when ``r > 0``, ``projector`` (``r x n`` / ``m x r``),
-    ``exp_avg``, ``exp_avg_sq`` (low-rank shape, parameter dtype).
+    ``exp_avg``, ``exp_avg_sq`` (low-rank shape, float32 unless ``moment_dtype="param"``).
     """
 
     min_rank = 0
@@ -118,12 +118,14 @@ class FrugalAdamW(LowRankOptimizer):
         proj_type: str = "std",
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        moment_dtype: str = "float32",
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, rank=rank,
             update_proj_gap=update_proj_gap, projection=projection, update=update,
             inactive_lr_scale=inactive_lr_scale, scale=scale, proj_type=proj_type,
             skip_nonfinite=skip_nonfinite, foreach=foreach,
+            moment_dtype=moment_dtype,
         )
         super().__init__(params, defaults)
 

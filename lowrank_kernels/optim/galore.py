@@ -74,12 +74,15 @@ class GaLoreAdamW(LowRankOptimizer):
         compat: None (default) or ``"galore-torch"``: reproduce
             ``galore_torch.GaLoreAdamW`` exactly (decay after the update, its AdamW
             for the plain groups). Also a group key.
+        moment_dtype: ``"float32"`` (default: float32 moments, float64 for float64
+            parameters) or ``"param"`` (moments in the parameter's dtype, as galore-torch;
+            unsafe for bfloat16/float16, see :mod:`lowrank_kernels.optim.base`).
 
     State per projected parameter (tensors only): ``step`` (CPU float32),
     ``side`` (CPU int8: 0 right, 1 left, 2 full), ``projector`` (``r x n`` or
     ``m x r``; the left factor ``m x r`` for ``full``), ``projector_right``
     (``full`` only, ``r x n``), ``exp_avg`` and ``exp_avg_sq`` (``m x r``, ``r x n``
-    or ``r x r``, parameter dtype).
+    or ``r x r``, float32 unless ``moment_dtype="param"``).
     """
 
     proj_types = PROJ_TYPES
@@ -103,12 +106,14 @@ class GaLoreAdamW(LowRankOptimizer):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
         compat: Optional[str] = None,
+        moment_dtype: str = "float32",
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
+            moment_dtype=moment_dtype,
         )
         if compat is not None:  # only then, so subclasses without a compat mode keep their defaults
             defaults["compat"] = compat

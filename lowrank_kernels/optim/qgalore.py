@@ -15,6 +15,37 @@ from .base import LowRankOptimizer, adam_step_size, mix_seed
 from .galore import GaLoreAdamW
 
 SIMILARITIES = ("abs_cos", "overlap")
+#: float32 elements (16 MiB) of the scratch an INT8 weight's back-projected update is staged
+#: in, one panel of rows at a time (see :func:`int8_panels`).
+INT8_PANEL_ELEMS = 1 << 22
+
+
+def int8_panels(m: int, n: int, group_size: int, rank: int, max_elems: int = INT8_PANEL_ELEMS) -> List[Tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` covering an ``m x n`` INT8 weight, one update panel each.
+
+    Every panel starts and (but for the last) ends on a quantization-group boundary
+    (``r0 * n % group_size == 0``; groups are ``group_size`` consecutive row-major
+    elements), so each panel's groups are whole and :func:`lowrank_kernels.ops.int8_update_sr_`
+    can requantize it on its own; it has at least ``rank`` rows (the back-projection of a
+    panel is a rank-``rank`` product) and at most ``max(max_elems // n, rank)`` rows
+    rounded up to the group alignment, except that a last remainder of fewer than
+    ``rank`` rows joins the panel before it. One panel (``[(0, m)]``) when the whole
+    weight fits.
+    """
+    step = group_size // math.gcd(n, group_size)  # rows per group-aligned unit
+    rows = max(max_elems // max(n, 1), rank, 1)
+    rows = -(-rows // step) * step
+    if rows >= m:
+        return [(0, m)]
+    out = []
+    r0 = 0
+    while r0 < m:
+        r1 = min(r0 + rows, m)
+        if 0 < m - r1 < rank:
+            r1 = m
+        out.append((r0, r1))
+        r0 = r1
+    return out
 
 
 def projector_similarity(old: torch.Tensor, new: torch.Tensor, side: str, kind: str = "abs_cos") -> torch.Tensor:
@@ -61,8 +92,14 @@ class QGaLoreAdamW(GaLoreAdamW):
       float32, requantize with fresh group stats and stochastic rounding
       (``stochastic_round=True``, default; seed = hash of the optimizer ``seed``, the
       parameter's position and the step, so runs are reproducible), or round to
-      nearest (``stochastic_round=False``). The back-projected update is one
-      transient ``m x n`` float32 tensor. QLinear weights in plain (``rank=None``)
+      nearest (``stochastic_round=False``). No full-size float32 update is made:
+      the update is back-projected and applied one panel of rows at a time
+      (:func:`int8_panels`: whole quantization groups, at most ``int8_panel_elems``
+      float32 elements, default 2^22 = 16 MiB, in one reused scratch). When the weight
+      fits in one panel the result is bit-identical to a whole-weight update; with
+      several panels, panel ``k > 0`` draws its rounding from the seed
+      ``mix_seed(seed_of_step, k)`` (the draws depend on the panel layout, not only on
+      the seed). QLinear weights in plain (``rank=None``)
       groups get AdamW with full-size float32 moments, requantized the same way.
     - **Layer-adaptive refresh**: refreshes happen at steps ``t`` with
       ``(t - 1) % T_layer == 0`` (q-galore-torch's schedule), ``T_layer`` starting at
@@ -94,6 +131,8 @@ class QGaLoreAdamW(GaLoreAdamW):
 
     proj_types = ("std", "reverse_std", "left", "right")
     host_state_keys = LowRankOptimizer.host_state_keys | {"proj_gap", "svd_count", "sim_queue", "sim_count"}
+    #: float32 elements of one INT8 update panel (an instance attribute may override it).
+    int8_panel_elems: int = INT8_PANEL_ELEMS
 
     def __init__(
         self,
@@ -119,11 +158,13 @@ class QGaLoreAdamW(GaLoreAdamW):
         svd: str = "exact",
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        moment_dtype: str = "float32",
     ):
         self.seed = int(seed)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
+            moment_dtype=moment_dtype,
             quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit, cos_threshold=cos_threshold,
             gamma_proj=gamma_proj, queue_size=queue_size, similarity=similarity, stochastic_round=stochastic_round,
         )
@@ -162,10 +203,6 @@ class QGaLoreAdamW(GaLoreAdamW):
         state["svd_count"] = torch.tensor(0, dtype=torch.int64)
         state["sim_queue"] = torch.zeros(int(group["queue_size"]), dtype=torch.float32)
         state["sim_count"] = torch.tensor(0, dtype=torch.int64)
-
-    def _state_dtype(self, p, group):
-        # A QLinear placeholder has the compute dtype; keep its moments in it too.
-        return p.dtype
 
     def _has_projector(self, state):
         return "proj_packed" in state or "projector" in state
@@ -244,15 +281,23 @@ class QGaLoreAdamW(GaLoreAdamW):
         return mix_seed(self.seed, self._param_seed(p), step)
 
     def _apply_int8(self, mod, p, update, group, step, decay):
-        """``W <- decay * W + update`` on QLinear ``mod``'s INT8 storage."""
+        """``W <- decay * W + update`` on QLinear ``mod``'s INT8 storage (whole weight)."""
+        self._apply_int8_rows(mod, 0, mod.out_features, update, group, self._sr_seed(p, step), decay)
+
+    def _apply_int8_rows(self, mod, r0, r1, update, group, seed, decay):
+        """``W[r0:r1] <- decay * W[r0:r1] + update`` on ``mod``'s INT8 storage; rows ``r0`` and
+        ``r1`` lie on quantization-group boundaries (or ``r1`` is the last row)."""
+        n, gs = mod.in_features, mod.group_size
+        g0, g1 = (r0 * n) // gs, -(-(r1 * n) // gs)
+        q, scale, minimum = mod.weight_q[r0:r1], mod.weight_scale[g0:g1], mod.weight_min[g0:g1]
         if group.get("stochastic_round", True):
-            ops.int8_update_sr_(
-                mod.weight_q, mod.weight_scale, mod.weight_min, update, decay=decay, alpha=1.0,
-                seed=self._sr_seed(p, step), group_size=mod.group_size,
-            )
+            ops.int8_update_sr_(q, scale, minimum, update, decay=decay, alpha=1.0, seed=seed, group_size=gs)
         else:
-            w = mod.dequantized_weight(torch.float32).mul_(decay).add_(update)
-            mod.set_weight(w)
+            w = ops.int8_dequantize(q, scale, minimum, group_size=gs, dtype=torch.float32).mul_(decay).add_(update)
+            q_new, s_new, m_new = ops.int8_quantize(w, gs)
+            q.copy_(q_new)
+            scale.copy_(s_new)
+            minimum.copy_(m_new)
 
     def _project_step(self, p, grad, state, group, step):
         mod = qlinear_of(p)
@@ -263,10 +308,29 @@ class QGaLoreAdamW(GaLoreAdamW):
         proj = self._get_projector(p, state, group)
         n = ops.project_adam_(grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, beta1=beta1,
                               beta2=beta2, eps=group["eps"])
-        update = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         step_size = adam_step_size(group["lr"], beta1, beta2, step)
-        ops.backproject_apply_(update, n, proj, side=side, alpha=-step_size * group["scale"], decay=0.0)
-        self._apply_int8(mod, p, update, group, step, 1.0 - group["lr"] * group["weight_decay"])
+        alpha = -step_size * group["scale"]
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        rows, cols = p.shape
+        rank = self._group_rank(group, (rows, cols))
+        panels = int8_panels(rows, cols, mod.group_size, rank, int(self.int8_panel_elems))
+        seed = self._sr_seed(p, step)
+        # One float32 scratch of the largest panel, reused: never a full-size float32 update
+        # (unless the whole weight fits in one panel).
+        scratch = torch.zeros(max(r1 - r0 for r0, r1 in panels), cols, dtype=torch.float32, device=p.device)
+        if side == "left" and len(panels) > 1 and isinstance(proj, ops.Int4Projector):
+            proj = proj.dequantize(torch.float32)  # m x rank: low-rank size; its rows are sliced below
+        for k, (r0, r1) in enumerate(panels):
+            buf = scratch[: r1 - r0]
+            if k:
+                buf.zero_()
+            if len(panels) == 1:
+                ops.backproject_apply_(buf, n, proj, side=side, alpha=alpha, decay=0.0)
+            elif side == "right":
+                ops.backproject_apply_(buf, n[r0:r1], proj, side=side, alpha=alpha, decay=0.0)
+            else:
+                ops.backproject_apply_(buf, n, proj[r0:r1], side=side, alpha=alpha, decay=0.0)
+            self._apply_int8_rows(mod, r0, r1, buf, group, seed if k == 0 else mix_seed(seed, k), decay)
 
     def _plain_step(self, group, params):
         dense = [p for p in params if qlinear_of(p) is None]

@@ -115,3 +115,29 @@ def test_quantize_linear_layers_targets_and_exclude():
         quantize_linear_layers([nn.Linear(2, 2)])
     with pytest.raises(ValueError, match="group_size must be a positive int"):
         QLinear(4, 4, group_size=0)
+
+
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_forward_backward_on_device(backend, device):
+    """The same check on the test device (CUDA under LOWRANK_KERNELS_TEST_DEVICE=cuda), every backend
+    that runs there (the INT8 dequantize kernel of Triton included): outputs and gradients elementwise
+    at float32 accuracy against nn.Linear on the dequantized weight."""
+    from ..conftest import require_backend
+
+    require_backend("quant_int8_dequantize", backend, device)
+    lin = nn.Linear(45, 37, device=device)
+    q = QLinear.from_linear(lin, group_size=64)
+    assert q.weight_q.device.type == torch.device(device).type
+    with use_backend(backend):
+        w = q.dequantized_weight().detach()
+    ref = nn.Linear(45, 37, device=device)
+    with torch.no_grad():
+        ref.weight.copy_(w)
+        ref.bias.copy_(lin.bias)
+    x = torch.randn(3, 5, 45, device=device)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with use_backend(backend):
+        q(x1).square().sum().backward()
+    ref(x2).square().sum().backward()
+    for a, b in ((x1.grad, x2.grad), (q.weight.grad, ref.weight.grad), (q.bias.grad, ref.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))

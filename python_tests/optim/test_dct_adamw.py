@@ -145,6 +145,66 @@ def test_state_dict_round_trip():
     assert torch.equal(p2.detach(), p_full.detach())
 
 
+def _corrupt(sd, key, value):
+    sd = roundtrip(sd)
+    sd["state"][0][key] = value
+    return sd
+
+
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (lambda idx: idx.to(torch.int64), TypeError, "must be int32"),
+        (lambda idx: idx.float(), TypeError, "must be int32"),
+        (lambda idx: idx[:-1].clone(), ValueError, r"shape \(5,\)"),
+        (lambda idx: torch.cat([idx, idx[:1]]), ValueError, r"shape \(5,\)"),
+        (lambda idx: idx.view(1, -1).clone(), ValueError, r"shape \(5,\)"),
+        (lambda idx: torch.where(idx == idx.max(), torch.tensor(20, dtype=torch.int32), idx), ValueError, r"\[0, 20\)"),
+        (lambda idx: torch.where(idx == idx.min(), torch.tensor(-1, dtype=torch.int32), idx), ValueError, r"\[0, 20\)"),
+        (lambda idx: torch.cat([idx[:-1], idx[:1]]), ValueError, "distinct"),
+        (lambda idx: "not a tensor", TypeError, "must be a Tensor"),
+    ],
+)
+def test_load_state_dict_rejects_bad_indices(bad, exc, match):
+    """Wrong dtype, shape, range (CUDA gathers are unchecked) or repeated indices: a clear error
+    naming the parameter, raised before anything is loaded (the live state is unchanged)."""
+    shape, rank = (32, 20), 5
+    w0 = torch.randn(shape)
+    p, opt = run(make(rank, 3, 1, "keep"), w0, grad_sequence(shape, 2))
+    sd = opt.state_dict()
+    good = roundtrip(sd)
+    p2, opt2 = run(make(rank, 3, 1, "keep"), w0, grad_sequence(shape, 1, seed=9))
+    before = {k: v.clone() for k, v in opt2.state[p2].items()}
+    hp_before = [dict((k, v) for k, v in g.items() if k != "params") for g in opt2.param_groups]
+    with pytest.raises(exc, match=match) as info:
+        opt2.load_state_dict(_corrupt(sd, "indices", bad(good["state"][0]["indices"])))
+    assert "param group 0, parameter 0" in str(info.value) and "(32, 20)" in str(info.value)
+    after = opt2.state[p2]
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert [dict((k, v) for k, v in g.items() if k != "params") for g in opt2.param_groups] == hp_before
+    # The untouched state dict still loads.
+    opt2.load_state_dict(good)
+    assert torch.equal(opt2.state[p2]["indices"], good["state"][0]["indices"])
+
+
+def test_load_state_dict_checks_range_against_the_saved_side():
+    """Left side (m < n): the indices index the order-m basis; a value in [m, n) is rejected."""
+    shape, rank = (12, 30), 4
+    w0 = torch.randn(shape)
+    p, opt = run(make(rank, 3, 1, "keep"), w0, grad_sequence(shape, 1))
+    assert int(opt.state[p]["side"]) == 1
+    sd = roundtrip(opt.state_dict())
+    idx = sd["state"][0]["indices"].clone()
+    idx[0] = 20  # < n but >= m
+    sd["state"][0]["indices"] = idx
+    with pytest.raises(ValueError, match=r"\[0, 12\) \(the DCT basis order of the left side\)"):
+        opt.load_state_dict(sd)
+    sd["state"][0]["indices"] = idx.clone().fill_(0).add_(torch.arange(rank, dtype=torch.int32))
+    sd["state"][0]["side"] = torch.tensor(3, dtype=torch.int8)
+    with pytest.raises(ValueError, match="saved side"):
+        opt.load_state_dict(sd)
+
+
 def test_zero_gradient_selects_first_indices():
     p = torch.nn.Parameter(torch.randn(20, 12))
     opt = DCTAdamW([p], rank=4, update_proj_gap=1)
