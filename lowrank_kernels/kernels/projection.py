@@ -569,31 +569,86 @@ def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
     )
 
 
-def projection_project_adam_triton(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
+def _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size):
+    """The op's projector arguments as ``(descriptor for _proj_launch_args, dtype-checked tensors)``."""
+    if indices is not None:  # DCT: basis rows gathered by index (PROJ_DCT)
+        return (proj, indices), (("basis", proj),)
+    if q_scale is not None:  # packed INT4, dequantized in the tile loads (PROJ_INT4)
+        shape = (rank, n) if side == "right" else (m, rank)
+        return (proj, q_scale, q_min, shape, group_size), ()
+    return proj, (("proj", proj),)
+
+
+def projection_project_triton(grad, proj, side, indices=None, q_scale=None, q_min=None, rank=0, group_size=0):
+    """Triton backend of ``lowrank_kernels::projection_project`` (arguments as the op).
+
+    ``R`` (float32) by the DCT family's plain GEMM kernel with no epilogue
+    (``kernels/dct.py``: basis rows gathered by index for a DCT projector, the dense
+    projector read in place). A packed INT4 projector is first dequantized to a dense
+    float32 ``r x K`` tensor (the size of one moment) by the INT4 unpack kernel: this op
+    is not on the optimizers' per-step path.
+    """
+    from lowrank_kernels.kernels import dct as kd
+
+    m, n = grad.shape
+    _, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
+    _check_dtypes("projection_project", (("grad", grad),) + named)
+    if indices is not None:
+        return kd.dct_project_triton(grad, proj, indices, side)
+    if q_scale is not None:
+        from lowrank_kernels.kernels import quant as kq
+
+        shape = (rank, n) if side == "right" else (m, rank)
+        proj = kq.quant_int4_unpack_triton(proj, q_scale, q_min, shape, torch.float32, group_size)
+    if side == "right":  # R = G P^T (m x r)
+        r = proj.shape[0]
+        out = torch.empty((m, r), dtype=torch.float32, device=grad.device)
+        kd._gemm(grad, proj, out, m, r, n, grad.stride(), (proj.stride(1), proj.stride(0)), out.stride(),
+                 epilogue=0, dot_from=grad)
+    else:  # R = P^T G (r x n)
+        r = proj.shape[1]
+        out = torch.empty((r, n), dtype=torch.float32, device=grad.device)
+        kd._gemm(proj, grad, out, r, n, m, (proj.stride(1), proj.stride(0)), grad.stride(), out.stride(),
+                 epilogue=0, dot_from=grad)
+    return out
+
+
+def projection_project_adam_triton(
+    grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices=None, q_scale=None, q_min=None, rank=0,
+    group_size=0,
+):
     """Triton backend of ``lowrank_kernels::projection_project_adam`` (arguments as the op).
 
     One kernel: ``R`` tile by tile with float32 accumulation, the Adam moments updated
     in place in its epilogue, ``N = M / (sqrt(V) + eps)`` returned in the moments' dtype.
+    The projector's kind picks the tile loader's ``PROJ_MODE`` (dense, DCT gather, INT4).
     """
+    m, n = grad.shape
+    desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
     _check_dtypes(
         "projection_project_adam",
-        (("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
+        (("grad", grad),) + named + (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
     )
-    return _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+    return _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
 
 
-def projection_backproject_apply_triton(param, update, proj, side, alpha, decay):
+def projection_backproject_apply_triton(
+    param, update, proj, side, alpha, decay, indices=None, q_scale=None, q_min=None, rank=0, group_size=0,
+):
     """Triton backend of ``lowrank_kernels::projection_backproject_apply`` (arguments as the op).
 
     One kernel over tiles of ``param``: ``param = decay * param + alpha * back(update)``
     in place, in ``param``'s dtype, with float32 accumulation and no full-size temporary.
     """
-    _check_dtypes("projection_backproject_apply", (("param", param), ("update", update), ("proj", proj)))
-    _launch_backproject_apply(param, update, proj, side, alpha, decay)
+    m, n = param.shape
+    desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
+    _check_dtypes("projection_backproject_apply", (("param", param), ("update", update)) + named)
+    _launch_backproject_apply(param, update, desc, side, alpha, decay)
 
 
 def projection_project_update_backproject_triton(
-    param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale
+    param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale, indices=None,
+    q_scale=None, q_min=None, rank=0, group_size=0,
 ):
     """Triton backend of ``lowrank_kernels::projection_project_update_backproject``.
 
@@ -601,10 +656,12 @@ def projection_project_update_backproject_triton(
     ``param = (1 - lr * wd) * param - step_size * scale * back(N)`` with
     ``step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step)``.
     """
+    m, n = param.shape
+    desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
     _check_dtypes(
         "projection_project_update_backproject",
-        (("param", param), ("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
+        (("param", param), ("grad", grad)) + named + (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
     )
-    n_upd = _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+    n_upd = _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
     step_size = adam_step_size(lr, beta1, beta2, step)
-    _launch_backproject_apply(param, n_upd, proj, side, -step_size * scale, 1.0 - lr * weight_decay)
+    _launch_backproject_apply(param, n_upd, desc, side, -step_size * scale, 1.0 - lr * weight_decay)

@@ -15,6 +15,7 @@ from ._registry import (  # noqa: F401
 from .projection import (  # noqa: F401
     backproject_apply_,
     low_rank_shape,
+    project,
     project_adam_,
     project_update_backproject_,
     register_projector_type,
@@ -34,6 +35,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "use_backend",
+    "project",
     "project_adam_",
     "backproject_apply_",
     "project_update_backproject_",
