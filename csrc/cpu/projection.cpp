@@ -4,7 +4,8 @@
 //
 //   projection_project_cpu                      R = G P^T | P^T G (no epilogue)
 //   projection_project_adam_cpu                 R, Adam moments in place, returns N
-//   projection_backproject_apply_cpu            W <- decay W + alpha back(N) in place
+//   projection_backproject_apply_cpu            W <- decay W + alpha back(N) in place (optionally with
+//                                               per-row factors: diag(row_decay), diag(row_alpha))
 //   projection_project_update_backproject_cpu   both, one GaLore-Adam step
 //
 // Each takes the projector as (proj, indices?, q_scale?, q_min?, rank, group_size): a
@@ -218,6 +219,13 @@ int64_t panel_len(int64_t len, int64_t other, int64_t r) {
   return std::max<int64_t>(1, std::min(b, len));
 }
 
+// The part [start, start + len) of `t` along `dim`, unless `t` is undefined or broadcasts
+// along `dim` (size 1).
+Tensor bnarrow(const Tensor& t, int64_t dim, int64_t start, int64_t len) {
+  if (!t.defined() || t.size(dim) == 1) return t;
+  return t.narrow(dim, start, len);
+}
+
 // --------------------------------------------------------------------------- epilogues
 // Adam on matching (rows x r) views: R in acc, the moments and N in the moments' dtype
 // (N may be undefined). The reference's operations, in acc, as vectorized ATen ops, on
@@ -252,9 +260,17 @@ void adam_epilogue(const Tensor& R, const Tensor& ea, const Tensor& eas, const T
 // stored: on a panel W (any float dtype) with C (acc, laid out like W), as vectorized,
 // multi-threaded ATen ops. A W not in acc goes through `w_buf` (scratch laid out like it)
 // and is rounded once. mul_ by a decay of exactly 1 is skipped (it changes nothing).
-void run_apply_epilogue(const Tensor& W, const Tensor& C, double decay, double alpha, const Tensor& w_buf) {
+// Per-row factors (rd, ra: undefined, or acc tensors broadcasting against the panel)
+// come first, in the reference's order: w = w * rd; C = C * ra; w = decay w + alpha C.
+void run_apply_epilogue(const Tensor& W, const Tensor& C, double decay, double alpha, const Tensor& w_buf,
+                        const Tensor& rd = Tensor(), const Tensor& ra = Tensor()) {
   const bool in_place = W.scalar_type() == C.scalar_type();
   Tensor w = in_place ? W : as_acc(W, C.scalar_type(), w_buf);
+  if (rd.defined()) w.mul_(rd);
+  if (ra.defined()) {
+    Tensor c = C;  // a handle (C is scratch of this panel)
+    c.mul_(ra);
+  }
   if (decay != 1.0) w.mul_(decay);
   w.add_(C, alpha);
   if (!in_place) W.copy_(w);
@@ -270,6 +286,10 @@ struct Problem {
   Tensor upd;         // rows x r   update (backproject_apply)
   Tensor ea, eas, n;  // rows x r   moments, N
   Tensor w;           // rows x K   param
+  // Per-row factors of the original weight (backproject_apply's row_decay / row_alpha),
+  // in acc, shaped to broadcast in right orientation: (rows x 1) for side="right",
+  // (1 x K) for side="left" (the original rows are the oriented columns). Undefined: none.
+  Tensor rd, ra;
   double beta1 = 0, beta2 = 0, eps = 0, decay = 1, alpha = 0;
 };
 
@@ -340,7 +360,8 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
   // once, as in the reference): W <- decay W + alpha N P as ONE multi-threaded GEMM whose
   // epilogue is BLAS's own C = beta C + alpha A B, with beta = 1 after the decay. No
   // scratch at all, and one parallel region instead of two per panel.
-  if (pb.w.scalar_type() == acc && r <= kBlasSingleKBlock &&
+  const bool row_factors = pb.rd.defined() || pb.ra.defined();
+  if (!row_factors && pb.w.scalar_type() == acc && r <= kBlasSingleKBlock &&
       (pb.w.is_contiguous() || pb.w.t().is_contiguous())) {
     if (pb.decay != 1.0) pb.w.mul_(pb.decay);
     Tensor w = pb.w;  // a handle, so addmm_ can take it
@@ -363,7 +384,8 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
       const Tensor Pp = P.defined() ? P.narrow(1, k0, len) : src.panel(k0, len, acc, p_buf);
       Tensor C = scratch_view(c_buf, rows, len, false);
       at::mm_out(C, Nf, Pp);
-      run_apply_epilogue(pb.w.narrow(1, k0, len), C, pb.decay, pb.alpha, w_buf);
+      run_apply_epilogue(pb.w.narrow(1, k0, len), C, pb.decay, pb.alpha, w_buf, bnarrow(pb.rd, 1, k0, len),
+                         bnarrow(pb.ra, 1, k0, len));
     }
   } else {
     // Column-major W (side="left" on a row-major W): row panels, i.e. column panels of the
@@ -376,7 +398,8 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
       const int64_t len = std::min(bm, rows - i0);
       Tensor C = scratch_view(c_buf, len, K, true);
       at::mm_out(C, Nf.narrow(0, i0, len), Pw);
-      run_apply_epilogue(pb.w.narrow(0, i0, len), C, pb.decay, pb.alpha, w_buf);
+      run_apply_epilogue(pb.w.narrow(0, i0, len), C, pb.decay, pb.alpha, w_buf, bnarrow(pb.rd, 0, i0, len),
+                         bnarrow(pb.ra, 0, i0, len));
     }
   }
 }
@@ -560,9 +583,20 @@ Tensor projection_project_adam_cpu(const Tensor& grad, const Tensor& proj, Tenso
   return out;
 }
 
+// A per-row factor vector (float32, length m) in acc, shaped to broadcast against the
+// right-oriented weight; undefined when not given.
+Tensor row_factor(const OptTensor& v, const char* name, const char* op, int64_t m, bool left, at::ScalarType acc) {
+  if (!v.has_value() || !v->defined()) return Tensor();
+  TORCH_CHECK(v->device().is_cpu() && v->scalar_type() == at::kFloat && v->dim() == 1 && v->size(0) == m, op, ": ",
+              name, " must be a float32 CPU vector of length m = ", m, ", got ", v->scalar_type(), " ", v->sizes());
+  Tensor t = v->to(acc);
+  return left ? t.view({1, m}) : t.view({m, 1});
+}
+
 void projection_backproject_apply_cpu(Tensor& param, const Tensor& update, const Tensor& proj, c10::string_view side,
                                       double alpha, double decay, const OptTensor& indices, const OptTensor& q_scale,
-                                      const OptTensor& q_min, int64_t rank, int64_t group_size) {
+                                      const OptTensor& q_min, int64_t rank, int64_t group_size,
+                                      const OptTensor& row_decay, const OptTensor& row_alpha) {
   const char* op = "projection_backproject_apply_cpu";
   const bool left = is_left(side, op);
   check_float_cpu(param, "param", op);
@@ -574,12 +608,15 @@ void projection_backproject_apply_cpu(Tensor& param, const Tensor& update, const
   TORCH_CHECK(update.sizes() == at::IntArrayRef(shape), op, ": update must have shape ", at::IntArrayRef(shape),
               ", got ", update.sizes());
 
+  const at::ScalarType acc = acc_dtype({param.scalar_type(), update.scalar_type(), proj_dtype(src)});
   Problem pb;
+  pb.rd = row_factor(row_decay, "row_decay", op, param.size(0), left, acc);
+  pb.ra = row_factor(row_alpha, "row_alpha", op, param.size(0), left, acc);
   pb.w = orient(param, left);
   pb.upd = orient(update, left);
   pb.decay = decay;
   pb.alpha = alpha;
-  run(pb, src, acc_dtype({param.scalar_type(), update.scalar_type(), proj_dtype(src)}));
+  run(pb, src, acc);
 }
 
 // torch.optim.AdamW's bias correction folded into the step size (the reference's
@@ -641,7 +678,7 @@ TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
       "float beta1, float beta2, float eps, " LOWRANK_PROJECTOR_ARGS ") -> Tensor");
   m.def(
       "projection_backproject_apply_cpu(Tensor(a!) param, Tensor update, Tensor proj, str side, float alpha, "
-      "float decay, " LOWRANK_PROJECTOR_ARGS ") -> ()");
+      "float decay, " LOWRANK_PROJECTOR_ARGS ", Tensor? row_decay=None, Tensor? row_alpha=None) -> ()");
   m.def(
       "projection_project_update_backproject_cpu(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, str side, float lr, float beta1, float beta2, float eps, int step, "

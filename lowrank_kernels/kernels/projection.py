@@ -634,16 +634,42 @@ def projection_project_adam_triton(
 
 def projection_backproject_apply_triton(
     param, update, proj, side, alpha, decay, indices=None, q_scale=None, q_min=None, rank=0, group_size=0,
+    row_decay=None, row_alpha=None,
 ):
     """Triton backend of ``lowrank_kernels::projection_backproject_apply`` (arguments as the op).
 
     One kernel over tiles of ``param``: ``param = decay * param + alpha * back(update)``
     in place, in ``param``'s dtype, with float32 accumulation and no full-size temporary.
+
+    Per-row factors are folded around that kernel for now (its epilogue takes scalars):
+    ``row_decay`` scales ``param``'s rows first (one extra elementwise pass over ``param``,
+    rounded to its dtype in between); ``row_alpha`` scales the rows of ``update``
+    (side="right": ``back(N)[i] = N[i] P``, low-rank sized) or of the projector
+    (side="left": ``back(N)[i] = P[i] N``; the projector is then materialized dense,
+    ``m x r`` float32, for a DCT or INT4 projector).
     """
     m, n = param.shape
     desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
     _check_dtypes("projection_backproject_apply", (("param", param), ("update", update)) + named)
+    if row_decay is not None:
+        param.mul_(row_decay.unsqueeze(1))  # computed in float32, rounded to param's dtype
+    if row_alpha is not None:
+        if side == "right":
+            update = update.to(torch.float32) * row_alpha.unsqueeze(1)
+        else:
+            desc = _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size) * row_alpha.unsqueeze(1)
     _launch_backproject_apply(param, update, desc, side, alpha, decay)
+
+
+def _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size):
+    """The dense ``m x r`` left projector, float32 (or the dense one as given)."""
+    if indices is not None:
+        return proj.index_select(0, indices.long()).T.to(torch.float32)
+    if q_scale is not None:
+        from lowrank_kernels.kernels import quant as kq
+
+        return kq.quant_int4_unpack_triton(proj, q_scale, q_min, (m, rank), torch.float32, group_size)
+    return proj
 
 
 def projection_project_update_backproject_triton(

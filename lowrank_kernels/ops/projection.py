@@ -7,7 +7,8 @@ One op per stage, whatever the projector's kind:
 - ``projection_project_adam(grad, proj, exp_avg!, exp_avg_sq!, side, beta1, beta2, eps,
   indices?, q_scale?, q_min?, rank, group_size) -> N``
 - ``projection_backproject_apply(param!, update, proj, side, alpha, decay,
-  indices?, q_scale?, q_min?, rank, group_size) -> ()``
+  indices?, q_scale?, q_min?, rank, group_size, row_decay?, row_alpha?) -> ()``
+  (``row_decay`` / ``row_alpha``: optional float32 per-row factors of length ``m``)
 - ``projection_project_update_backproject(param!, grad, proj, exp_avg!, exp_avg_sq!, side,
   lr, beta1, beta2, eps, step, weight_decay, scale, indices?, q_scale?, q_min?, rank, group_size) -> ()``
 
@@ -214,7 +215,7 @@ def validate_project_adam(
 
 def validate_backproject_apply(
     param, update, proj, side, alpha, decay, indices=None, q_scale=None, q_min=None, rank=0, group_size=0,
-    *, op="backproject_apply_",
+    row_decay=None, row_alpha=None, *, op="backproject_apply_",
 ):
     C.check_side(side, op)
     C.check_float(param, "param", op)
@@ -223,6 +224,12 @@ def validate_backproject_apply(
     r, read = check_projector(op, m, n, side, proj, indices, q_scale, q_min, rank, group_size)
     C.check_float(update, "update", op)
     C.check_shape(update, "update", op, low_rank_shape(m, n, r, side), "the low-rank update's shape")
+    for name, v in (("row_decay", row_decay), ("row_alpha", row_alpha)):
+        if v is not None:
+            C.check_tensor(v, name, op)
+            C.fail_type(v.dtype == torch.float32, op, lambda: f"{name} must be float32, got {v.dtype}")
+            C.check_shape(v, name, op, (m,), "one factor per row of param")
+            read = read + [(name, v)]
     C.check_same_device(op, [("param", param), ("update", update)] + read)
     C.check_no_overlap(op, [("param", param)], [("update", update)] + read)
 
@@ -286,7 +293,8 @@ project_adam_op = define_op(
 
 backproject_apply_op = define_op(
     "projection_backproject_apply",
-    f"(Tensor(a!) param, Tensor update, Tensor proj, str side, float alpha, float decay, {_PROJECTOR_ARGS}) -> ()",
+    f"(Tensor(a!) param, Tensor update, Tensor proj, str side, float alpha, float decay, {_PROJECTOR_ARGS}, "
+    "Tensor? row_decay=None, Tensor? row_alpha=None) -> ()",
     family="projection",
     reference=ref.projection_backproject_apply_ref,
     fake=fake_no_output,
@@ -399,20 +407,31 @@ def project_adam_(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.9
     return project_adam_op(grad, p, exp_avg, exp_avg_sq, *hyper, *tail)
 
 
-def backproject_apply_(param, update, proj, *, side, alpha, decay=1.0):
+def backproject_apply_(param, update, proj, *, side, alpha, decay=1.0, row_decay=None, row_alpha=None):
     """``param <- decay * param + alpha * back(update)`` in place, with no full-size temporary.
 
     ``back(N) = N P`` for ``side="right"`` and ``P N`` for ``side="left"``; ``proj`` as in
     :func:`project_adam_`.
+
+    ``row_decay`` / ``row_alpha``: optional float32 vectors of length ``m`` (one factor per
+    row of ``param``, either side), combined with the scalars:
+    ``param <- diag(decay * row_decay) param + diag(alpha * row_alpha) back(update)``
+    (e.g. per-row weight decay and per-row learning rates).
     """
     entry = _structured(proj, "backproject_apply_")
+    rows = () if row_decay is None and row_alpha is None else (row_decay, row_alpha)
     if entry is None:
-        backproject_apply_op(param, update, proj, side, float(alpha), float(decay))
+        if rows:
+            backproject_apply_op(param, update, proj, side, float(alpha), float(decay), *_DENSE_TAIL, *rows)
+        else:
+            backproject_apply_op(param, update, proj, side, float(alpha), float(decay))
         return
     if entry["op_args"] is None:
+        if rows:
+            raise TypeError(f"backproject_apply_: row_decay / row_alpha are not supported for {type(proj).__name__}")
         return entry["backproject_apply_"](param, update, proj, side=side, alpha=alpha, decay=decay)
     p, *tail = _op_args(entry, proj, side, param, "param", "backproject_apply_")
-    backproject_apply_op(param, update, p, side, float(alpha), float(decay), *tail)
+    backproject_apply_op(param, update, p, side, float(alpha), float(decay), *tail, *rows)
 
 
 def project_update_backproject_(

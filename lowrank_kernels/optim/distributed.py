@@ -238,7 +238,7 @@ def addcmul_(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- DTensor op handlers
 _ROW_IF_RIGHT = ("exp_avg", "exp_avg_sq", "update")
 _ROW_IF_LEFT = ("proj",)
-_ROW_ALWAYS = ("param", "grad")
+_ROW_ALWAYS = ("param", "grad", "row_decay", "row_alpha")
 #: The projection ops take the projector as ``proj`` plus optional ``indices`` (DCT: ``proj`` is the
 #: shared basis, replicated) or ``q_scale``/``q_min`` (Q-GaLore's packed INT4 projector: replicated on
 #: the right; on the left this shard's rows are dequantized, the packing groups do not follow rows).
@@ -391,6 +391,34 @@ def _generic_handler(op_call, args, kwargs):
     return _wrap(out, like, mesh, False, None)
 
 
+def _elementwise_handler(op_call, args, kwargs):
+    """``adam_update`` on DTensors: elementwise, so every tensor follows the moments' layout
+    (row-sharded like the weight, or replicated; a plain tensor counts as replicated); it
+    runs on the local shards and ``N`` gets the moments' layout."""
+    schema = op_call._schema
+    opname = schema.name.split("::")[-1]
+    bound = list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value
+                          for a in schema.arguments[len(args):]]
+    names = [a.name for a in schema.arguments]
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    like = bound[names.index("exp_avg")]
+    if not is_dtensor(like):
+        like = next(a for a in bound if is_dtensor(a))
+    sharded = is_row_sharded(like)
+    local = []
+    for name, a in zip(names, bound):
+        if not isinstance(a, torch.Tensor):
+            local.append(a)
+        elif sharded:
+            local.append(_to_local_row(a, name, like, opname, name in written))
+        else:
+            local.append(_to_local_rep(a, name, opname, name in written))
+    out = op_call(*local)
+    if sharded:
+        return _wrap(out, like, like.device_mesh, True, like.shape)
+    return _wrap(out, like, like.device_mesh, False, None)
+
+
 def _all_reduce_rows(row, partial: torch.Tensor) -> torch.Tensor:
     """Sum ``partial`` (a per-shard contribution) over the shards of ``row``: one all-reduce."""
     mesh = row.device_mesh
@@ -416,15 +444,18 @@ def _left_projector_rows(opname, names, bound, row, off, cnt, kind) -> torch.Ten
     return _to_local_row(bound[names.index("proj")], "proj", row, opname, False)
 
 
-def _backproject_local(param_l, update, proj_l, alpha, decay) -> None:
-    """``param_l <- decay * param_l + alpha * proj_l @ update`` on this shard's rows."""
+def _backproject_local(param_l, update, proj_l, alpha, decay, row_decay=None, row_alpha=None) -> None:
+    """``param_l <- decay * param_l + alpha * proj_l @ update`` on this shard's rows (with the
+    shard's rows of the per-row factors, when given)."""
     if param_l.shape[0] == 0:
         return
     r = proj_l.shape[1]
+    rows = () if row_decay is None and row_alpha is None else (None, None, None, 0, 0, row_decay, row_alpha)
     if r > min(param_l.shape[0], param_l.shape[1]):
-        _reference("projection_backproject_apply")(param_l, update, proj_l, "left", alpha, decay)
+        _reference("projection_backproject_apply")(param_l, update, proj_l, "left", alpha, decay, *rows)
     else:
-        torch.ops.lowrank_kernels.projection_backproject_apply.default(param_l, update, proj_l, "left", alpha, decay)
+        torch.ops.lowrank_kernels.projection_backproject_apply.default(
+            param_l, update, proj_l, "left", alpha, decay, *rows)
 
 
 def _left_sharded(opname, names, bound, row, written, kind):
@@ -443,7 +474,9 @@ def _left_sharded(opname, names, bound, row, written, kind):
     if opname.endswith("backproject_apply"):
         param_l = _to_local_row(arg("param"), "param", row, opname, True)
         update = _to_local_rep(arg("update"), "update", opname, False)
-        _backproject_local(param_l, update, proj_l, arg("alpha"), arg("decay"))
+        factors = [None if arg(k) is None else _to_local_row(arg(k), k, row, opname, False)
+                   for k in ("row_decay", "row_alpha")]
+        _backproject_local(param_l, update, proj_l, arg("alpha"), arg("decay"), *factors)
         return None
     grad_l = _to_local_row(arg("grad"), "grad", row, opname, False)
     acc = torch.float64 if torch.float64 in (grad_l.dtype, proj_l.dtype) else torch.float32
@@ -578,6 +611,8 @@ def install_op_handlers() -> None:
     for name in _PROJECTION_OPS:
         if hasattr(lib, name):
             handlers[getattr(lib, name).default] = _generic_handler
+    if hasattr(lib, "adam_update"):
+        handlers[lib.adam_update.default] = _elementwise_handler
     if hasattr(lib, "dct_scores"):
         handlers[lib.dct_scores.default] = _dct_scores_handler
     if hasattr(lib, "dct_score_topk"):
