@@ -665,6 +665,49 @@ void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad
   run(pb, src, acc);
 }
 
+// The multi-tensor step: one dispatcher call for a list of parameters (one side, one
+// projector kind), the single-tensor step on each in turn. Empty projector lists mean
+// "not given" (the dense kind; rank from the projectors). Every entry's shapes are
+// checked before the first one is written.
+void projection_foreach_project_update_backproject_cpu(
+    at::TensorList params, at::TensorList grads, at::TensorList projs, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, c10::string_view side, at::ArrayRef<double> lr, double beta1, double beta2,
+    double eps, at::IntArrayRef step, at::ArrayRef<double> weight_decay, at::ArrayRef<double> scale,
+    at::TensorList indices, at::TensorList q_scale, at::TensorList q_min, at::IntArrayRef rank, int64_t group_size) {
+  const char* op = "projection_foreach_project_update_backproject_cpu";
+  const bool left = is_left(side, op);
+  const size_t n = params.size();
+  for (const auto& len : {grads.size(), projs.size(), exp_avgs.size(), exp_avg_sqs.size(), lr.size(), step.size(),
+                          weight_decay.size(), scale.size()}) {
+    TORCH_CHECK(len == n, op, ": every list must have one entry per parameter (", n, "), got one of ", len);
+  }
+  for (const auto& len : {indices.size(), q_scale.size(), q_min.size(), rank.size()}) {
+    TORCH_CHECK(len == 0 || len == n, op, ": projector lists must be empty or have one entry per parameter (", n,
+                "), got one of ", len);
+  }
+  auto opt = [](at::TensorList xs, size_t i) -> OptTensor {
+    return xs.empty() ? OptTensor() : OptTensor(xs[i]);
+  };
+  for (size_t i = 0; i < n; ++i) {  // checks only: nothing is written until all pass
+    check_float_cpu(params[i], "param", op);
+    check_float_cpu(grads[i], "grad", op);
+    check_2d(params[i], "param", op);
+    TORCH_CHECK(grads[i].sizes() == params[i].sizes(), op, ": grads[", i, "] must have shape ", params[i].sizes(),
+                ", got ", grads[i].sizes());
+    TORCH_CHECK(step[i] >= 1, op, ": step[", i, "] must be >= 1, got ", step[i]);
+    std::vector<int64_t> shape;
+    make_source(op, params[i].size(0), params[i].size(1), left, projs[i], opt(indices, i), opt(q_scale, i),
+                opt(q_min, i), rank.empty() ? 0 : rank[i], group_size, shape);
+    check_moments(op, exp_avgs[i], exp_avg_sqs[i], shape);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    Tensor p = params[i], ea = exp_avgs[i], eas = exp_avg_sqs[i];
+    projection_project_update_backproject_cpu(p, grads[i], projs[i], ea, eas, side, lr[i], beta1, beta2, eps, step[i],
+                                              weight_decay[i], scale[i], opt(indices, i), opt(q_scale, i),
+                                              opt(q_min, i), rank.empty() ? 0 : rank[i], group_size);
+  }
+}
+
 }  // namespace
 }  // namespace lowrank_kernels
 
@@ -673,6 +716,11 @@ void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad
 
 TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
   m.def("projection_project_cpu(Tensor grad, Tensor proj, str side, " LOWRANK_PROJECTOR_ARGS ") -> Tensor");
+  m.def(
+      "projection_foreach_project_update_backproject_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, str side, float[] lr, float beta1, float beta2, float eps, "
+      "int[] step, float[] weight_decay, float[] scale, Tensor[] indices, Tensor[] q_scale, "
+      "Tensor[] q_min, int[] rank, int group_size) -> ()");
   m.def(
       "projection_project_adam_cpu(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, "
       "float beta1, float beta2, float eps, " LOWRANK_PROJECTOR_ARGS ") -> Tensor");
@@ -687,6 +735,8 @@ TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
 
 TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
   m.impl("projection_project_cpu", &lowrank_kernels::projection_project_cpu);
+  m.impl("projection_foreach_project_update_backproject_cpu",
+         &lowrank_kernels::projection_foreach_project_update_backproject_cpu);
   m.impl("projection_project_adam_cpu", &lowrank_kernels::projection_project_adam_cpu);
   m.impl("projection_backproject_apply_cpu", &lowrank_kernels::projection_backproject_apply_cpu);
   m.impl("projection_project_update_backproject_cpu", &lowrank_kernels::projection_project_update_backproject_cpu);

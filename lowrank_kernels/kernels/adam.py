@@ -52,9 +52,15 @@ def adam_update_triton(r, exp_avg, exp_avg_sq, beta1, beta2, eps):
     """Triton backend of ``lowrank_kernels::adam_update`` (arguments as the op)."""
     _check_dtypes("adam_update", (("r", r), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)))
     out = torch.empty(exp_avg.shape, dtype=exp_avg.dtype, device=exp_avg.device)
+    _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps)
+    return out
+
+
+def _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps):
+    """The update with ``N`` written into ``out`` (contiguous, moments' dtype and shape)."""
     numel = out.numel()
     if numel == 0:
-        return out
+        return
     rc = r.contiguous()
     m = exp_avg if exp_avg.is_contiguous() else exp_avg.contiguous()
     v = exp_avg_sq if exp_avg_sq.is_contiguous() else exp_avg_sq.contiguous()
@@ -67,4 +73,14 @@ def adam_update_triton(r, exp_avg, exp_avg_sq, beta1, beta2, eps):
         exp_avg.copy_(m)
     if v is not exp_avg_sq:
         exp_avg_sq.copy_(v)
-    return out
+
+
+def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps):
+    """Triton backend of ``lowrank_kernels::adam_foreach_update``: for now one launch per
+    entry (after a dtype check of every entry, so nothing is written on a bad one), ``N``
+    into ``n[i]``; a grouped launch over the whole list is later work."""
+    for i in range(len(r)):
+        _check_dtypes(f"adam_foreach_update (entry {i})",
+                      (("r", r[i]), ("exp_avg", exp_avg[i]), ("exp_avg_sq", exp_avg_sq[i])))
+    for i in range(len(r)):
+        _update(r[i], exp_avg[i], exp_avg_sq[i], n[i], beta1, beta2, eps)

@@ -691,3 +691,32 @@ def projection_project_update_backproject_triton(
     n_upd = _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
     step_size = adam_step_size(lr, beta1, beta2, step)
     _launch_backproject_apply(param, n_upd, desc, side, -step_size * scale, 1.0 - lr * weight_decay)
+
+
+def projection_foreach_project_update_backproject_triton(
+    params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0,
+):
+    """Triton backend of ``lowrank_kernels::projection_foreach_project_update_backproject``.
+
+    For now a loop over the single-tensor launchers (two launches per parameter), after a
+    dtype check of every entry (so an unsupported dtype fails before any write). A grouped
+    launch over the whole list (pointer/shape tables, one tile scheduler) is later work.
+    """
+    from lowrank_kernels.reference.projection import projector_tail
+
+    n = len(params)
+    tails = [projector_tail(indices, q_scale, q_min, rank, group_size, i) for i in range(n)]
+    for i in range(n):
+        m_, n_ = params[i].shape
+        _, named = _projector(projs[i], side, m_, n_, *tails[i])
+        _check_dtypes(
+            f"projection_foreach_project_update_backproject (parameter {i})",
+            (("param", params[i]), ("grad", grads[i])) + named
+            + (("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i])),
+        )
+    for i in range(n):
+        projection_project_update_backproject_triton(
+            params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
+            weight_decay[i], scale[i], *tails[i],
+        )

@@ -312,6 +312,60 @@ project_update_backproject_op = define_op(
 )
 
 
+# --------------------------------------------------------------------------- multi-tensor form
+projector_tail = ref.projector_tail
+
+
+# One call for a bucket of parameters with one side, one projector kind and one set of
+# Adam betas/eps: per-parameter tensors in lists, per-parameter lr / step / weight decay /
+# scale in lists. The projector lists (indices, q_scale, q_min, rank) are empty when not
+# given (a dense bucket; rank from the projectors), as the op schema has no optional lists. Reference: a loop over the single-tensor reference. C++: the same loop
+# behind one dispatcher call. Triton: a loop over the single-tensor launchers (two
+# launches per parameter; a grouped launch over the whole list is later work).
+def _list_len(op, name, xs, n):
+    C.fail_type(isinstance(xs, (list, tuple)), op, lambda: f"{name} must be a list, got {type(xs).__name__}")
+    C.fail_value(len(xs) == n, op, lambda: f"{name} must have one entry per parameter ({n}), got {len(xs)}")
+
+
+def validate_foreach_project_update_backproject(
+    params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0, *, op="foreach_project_update_backproject_",
+):
+    n = len(params)
+    for name, xs in (("grads", grads), ("projs", projs), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                     ("lr", lr), ("step", step), ("weight_decay", weight_decay), ("scale", scale)):
+        _list_len(op, name, xs, n)
+    for name, xs in (("indices", indices), ("q_scale", q_scale), ("q_min", q_min), ("rank", rank)):
+        if len(xs):  # an empty list: not given (the dense kind, or rank taken from the projectors)
+            _list_len(op, name, xs, n)
+    written = []
+    for i in range(n):
+        tail = projector_tail(indices, q_scale, q_min, rank, group_size, i)
+        validate_project_update_backproject(
+            params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
+            weight_decay[i], scale[i], *tail, op=f"{op} (parameter {i})",
+        )
+        written += [(f"params[{i}]", params[i]), (f"exp_avgs[{i}]", exp_avgs[i]), (f"exp_avg_sqs[{i}]", exp_avg_sqs[i])]
+    # Across parameters: no written tensor may share memory with another entry's tensors.
+    if n > 1:
+        read = []
+        for i in range(n):
+            read += [(f"grads[{i}]", grads[i]), (f"projs[{i}]", projs[i])]
+        C.check_no_overlap(op, written, read)
+
+
+foreach_project_update_backproject_op = define_op(
+    "projection_foreach_project_update_backproject",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "str side, float[] lr, float beta1, float beta2, float eps, int[] step, float[] weight_decay, float[] scale, "
+    "Tensor[] indices, Tensor[] q_scale, Tensor[] q_min, int[] rank, int group_size) -> ()",
+    family="projection",
+    reference=ref.projection_foreach_project_update_backproject_ref,
+    fake=fake_no_output,
+    validate=validate_foreach_project_update_backproject,
+)
+
+
 # --------------------------------------------------------------------------- structured projectors
 # A projector need not be a dense tensor. A projector type either maps itself onto the
 # ops' projector arguments (``op_args``: DCTProjector, Int4Projector), or, for a kind the
@@ -457,3 +511,50 @@ def project_update_backproject_(
         )
     p, *tail = _op_args(entry, proj, side, param, "param", "project_update_backproject_")
     project_update_backproject_op(param, grad, p, exp_avg, exp_avg_sq, *hyper, *tail)
+
+
+def foreach_project_update_backproject_(
+    params, grads, projs, exp_avgs, exp_avg_sqs, *, side, lr, beta1=0.9, beta2=0.999, eps=1e-8, step,
+    weight_decay=0.0, scale=1.0,
+):
+    """:func:`project_update_backproject_` over lists of parameters in one op call.
+
+    ``params``, ``grads``, ``projs``, ``exp_avgs``, ``exp_avg_sqs``: one entry per
+    parameter; ``lr``, ``step``, ``weight_decay``, ``scale``: a number for all or a list
+    with one per parameter. One ``side``; ``projs`` all dense tensors, all
+    :class:`~lowrank_kernels.ops.DCTProjector`, or all :class:`~lowrank_kernels.ops.Int4Projector`
+    (one bucket: one projector kind). Everything is validated before anything is written.
+    """
+    op = "foreach_project_update_backproject_"
+    n = len(params)
+
+    def per_param(name, v, cast):
+        if isinstance(v, (list, tuple)):
+            return [cast(x) for x in v]
+        return [cast(v)] * n
+
+    lr_l, step_l = per_param("lr", lr, float), per_param("step", step, int)
+    wd_l, sc_l = per_param("weight_decay", weight_decay, float), per_param("scale", scale, float)
+    projs = list(projs)
+    C.fail_value(len(projs) == n, op, lambda: f"projs must have one entry per parameter ({n}), got {len(projs)}")
+    kinds = {type(p) for p in projs}
+    if not projs or all(isinstance(p, torch.Tensor) for p in projs):
+        tail = ([], [], [], [], 0)
+        dense = projs
+    else:
+        C.fail_type(len(kinds) == 1, op, lambda: f"projs must all be of one kind, got {sorted(k.__name__ for k in kinds)}")
+        entry = _structured(projs[0], op)
+        C.fail_type(entry is not None and entry["op_args"] is not None, op,
+                    lambda: f"{type(projs[0]).__name__} does not map onto the projection ops' projector arguments")
+        args = [_op_args(entry, p, side, w, "params", op) for p, w in zip(projs, params)]
+        dense = [a[0] for a in args]
+        idx, qs, qm, rk, gs = zip(*[a[1:] for a in args])
+        C.fail_value(len(set(gs)) == 1, op, lambda: f"projs must share one group_size, got {sorted(set(gs))}")
+        tail = (
+            [] if idx[0] is None else list(idx), [] if qs[0] is None else list(qs),
+            [] if qm[0] is None else list(qm), list(rk), gs[0],
+        )
+    foreach_project_update_backproject_op(
+        list(params), list(grads), dense, list(exp_avgs), list(exp_avg_sqs), side, lr_l, float(beta1), float(beta2),
+        float(eps), step_l, wd_l, sc_l, *tail,
+    )

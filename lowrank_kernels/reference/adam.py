@@ -16,3 +16,9 @@ from .projection import adam_moments_, compute_dtype
 def adam_update_ref(r, exp_avg, exp_avg_sq, beta1, beta2, eps):
     acc = compute_dtype(r, exp_avg)
     return adam_moments_(r.to(acc), exp_avg, exp_avg_sq, beta1, beta2, eps).to(exp_avg.dtype)
+
+
+def adam_foreach_update_ref(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps):
+    """The multi-tensor form: the single-tensor update on each entry in turn, ``N`` into ``n``."""
+    for i in range(len(r)):
+        n[i].copy_(adam_update_ref(r[i], exp_avg[i], exp_avg_sq[i], beta1, beta2, eps))

@@ -146,3 +146,25 @@ def projection_project_update_backproject_ref(
     n_upd = n_upd.to(exp_avg.dtype)
     step_size = adam_step_size(lr, beta1, beta2, step)
     _apply(param, n_upd, proj, side, -step_size * scale, 1.0 - lr * weight_decay)
+
+
+def projector_tail(indices, q_scale, q_min, rank, group_size, i):
+    """Parameter ``i``'s projector arguments from the multi-tensor op's lists (empty: not given)."""
+    return (
+        indices[i] if len(indices) else None, q_scale[i] if len(q_scale) else None,
+        q_min[i] if len(q_min) else None, rank[i] if len(rank) else 0, group_size,
+    )
+
+
+def projection_foreach_project_update_backproject_ref(
+    params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0,
+):
+    """The multi-tensor step: the single-tensor step on each parameter in turn (empty
+    projector lists: not given)."""
+    for i in range(len(params)):
+        projection_project_update_backproject_ref(
+            params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
+            weight_decay[i], scale[i], indices[i] if len(indices) else None, q_scale[i] if len(q_scale) else None,
+            q_min[i] if len(q_min) else None, rank[i] if len(rank) else 0, group_size,
+        )
