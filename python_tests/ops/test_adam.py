@@ -8,7 +8,7 @@ from lowrank_kernels import ops
 from lowrank_kernels.ops import _registry as reg
 from lowrank_kernels.ops import use_backend
 
-from ..conftest import TOL, rel_err, require_backend
+from ..conftest import TOL, require_backend
 
 
 @pytest.fixture(params=reg.BACKENDS)
