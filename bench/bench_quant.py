@@ -84,7 +84,7 @@ def _step(ctx: Ctx, Int4Projector) -> None:
     from lowrank_kernels.ops import _registry as reg
 
     backend = "auto"
-    op = reg.OPS.get("quant_int4_project_update_backproject")
+    op = reg.OPS.get("projection_project_update_backproject")
     if op is not None:
         backend = reg.resolve_backend(op, ctx.device)
     dense_name, int4_name = f"ours-{ctx.dtype_name}", f"ours-int4 ({backend})"

@@ -2,9 +2,15 @@
 // lowrank_kernels/reference/projection.py; the ops are defined in
 // lowrank_kernels/ops/projection.py and reach these through the router):
 //
-//   projection_project_adam_cpu                 R = G P^T | P^T G, Adam moments in place, returns N
-//   projection_backproject_apply_cpu            W <- decay W + alpha back(N) in place
+//   projection_project_cpu                      R = G P^T | P^T G (no epilogue)
+//   projection_project_adam_cpu                 R, Adam moments in place, returns N
+//   projection_backproject_apply_cpu            W <- decay W + alpha back(N) in place (optionally with
+//                                               per-row factors: diag(row_decay), diag(row_alpha))
 //   projection_project_update_backproject_cpu   both, one GaLore-Adam step
+//
+// Each takes the projector as (proj, indices?, q_scale?, q_min?, rank, group_size): a
+// dense P, DCT basis rows picked by index, or a packed INT4 P (see "The projector"
+// below). One engine (run()) serves all three kinds and all four ops.
 //
 // Orientation
 // -----------
@@ -47,23 +53,20 @@
 //
 // The projector
 // -------------
-// The kernels read the projector only through ProjectorSource::panel(k0, len, acc,
+// The engine reads the projector only through ProjectorSource::panel(k0, len, acc,
 // scratch): columns [k0, k0 + len) of P (r x K, right orientation) in the accumulation
-// dtype. The apply phase over K panels asks for exactly its panel; the row-panel loops
-// need all of P and assemble it once per call (materialize(): panels filled in parallel;
-// r x K, the size of one moment; a plain view for a dense projector already in acc).
-// To serve a structured projector, add its fields and a branch to panel(); the GEMM and
-// epilogue code stays as it is:
-//   - DCT indices (P = C[idx]: C the shared s x s DCT basis, idx an int vector of r rows):
-//     right: the panel is rows idx of C, columns k0..k0+len
-//     (C.narrow(1, k0, len).index_select(0, idx), or a gather loop into `scratch`);
-//     left: P = C[idx]^T, whose right orientation is again C[idx]: the same gather.
-//   - INT4 (two nibbles per byte, even index in the low nibble, (scale, min) per group of
-//     consecutive elements of the stored projector): dequantize x = min + scale * q for
-//     the groups covering the panel into `scratch` (with side="left" the stored layout is
-//     m x r, so a K panel is a run of whole stored rows).
-// A new op for such a projector takes its own arguments (basis + idx, or packed + scales
-// + mins), builds the ProjectorSource, and calls run() below.
+// dtype, and materialize(acc), the whole r x K P (the size of one moment). The apply
+// phase over K panels asks for exactly its panel; the row-panel loops need all of P and
+// assemble it once per call. The three kinds:
+//   - dense: a view (right orientation of proj) when already in acc, else converted;
+//   - DCT (P = C[idx]: C the shared s x s DCT basis, idx an int vector of r rows; with
+//     side="left" P = C[idx]^T, whose right orientation is again C[idx]): the panel is
+//     rows idx of C, columns k0..k0+len, gathered and converted to acc;
+//   - packed INT4 (two nibbles per byte, even index in the low nibble, float32 (scale,
+//     min) per group of consecutive elements of the stored row-major P: r x n for
+//     side="right", m x r for side="left"): x = min + scale * q, in float32 as the
+//     reference, then converted to acc.
+// The GEMM and epilogue code is the same for all three.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -73,6 +76,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -94,39 +98,83 @@ constexpr int64_t kBlasSingleKBlock = 128;
 constexpr int64_t kMinPanels = 4;
 
 // --------------------------------------------------------------------------- the projector
+enum class ProjKind { Dense, DCT, Int4 };
+
+// Value f of a packed INT4 tensor in float32 (the reference's dequantization).
+inline float int4_value(const uint8_t* pk, const float* s, const float* mn, int64_t f, int64_t gs) {
+  const int q = (pk[f >> 1] >> ((f & 1) * 4)) & 15;
+  const int64_t g = f / gs;
+  return mn[g] + s[g] * static_cast<float>(q);
+}
+
 struct ProjectorSource {
-  // A dense projector in right orientation (r x K), any floating dtype and strides.
-  Tensor dense;
+  ProjKind kind = ProjKind::Dense;
+  int64_t r = 0, K = 0;
+  Tensor dense;  // Dense: P in right orientation (r x K), any floating dtype and strides
+  Tensor basis;  // DCT: the s x s basis (s = K)
+  Tensor idx;    // DCT: the r row indices, int64, contiguous
+  // Int4: the packed codes, per-group stats, group size, and whether the stored P is
+  // m x r (side="left": element (a, k) of the right orientation is stored at k * r + a)
+  // or r x n (side="right": at a * K + k).
+  Tensor packed, qscale, qmin;
+  int64_t gs = 0;
+  bool stored_left = false;
 
-  int64_t rank() const { return dense.size(0); }
-  int64_t k() const { return dense.size(1); }
+  int64_t rank() const { return r; }
+  int64_t k() const { return K; }
 
-  // Columns [k0, k0 + len) of P in dtype `acc`: a view when the dense projector already
-  // has that dtype, else converted into `scratch` (at least r * len elements of acc).
+  // Columns [k0, k0 + len) of P in dtype `acc`: a view when a dense projector already
+  // has that dtype, else filled into `scratch` (at least r * len elements of acc).
   Tensor panel(int64_t k0, int64_t len, at::ScalarType acc, const Tensor& scratch) const {
-    Tensor src = dense.narrow(1, k0, len);
-    if (src.scalar_type() == acc) return src;
-    Tensor out = scratch.narrow(0, 0, rank() * len).view({rank(), len});
-    out.copy_(src);
+    if (kind == ProjKind::Dense) {
+      Tensor src = dense.narrow(1, k0, len);
+      if (src.scalar_type() == acc) return src;
+      Tensor out = scratch.narrow(0, 0, r * len).view({r, len});
+      out.copy_(src);
+      return out;
+    }
+    Tensor out = scratch.narrow(0, 0, r * len).view({r, len});
+    if (kind == ProjKind::DCT) {
+      out.copy_(basis.narrow(1, k0, len).index_select(0, idx));  // r x len gathered rows
+      return out;
+    }
+    const uint8_t* pk = packed.data_ptr<uint8_t>();
+    const float* s = qscale.data_ptr<float>();
+    const float* mn = qmin.data_ptr<float>();
+    AT_DISPATCH_FLOATING_TYPES(acc, "projection_int4_panel", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      at::parallel_for(0, r, 1, [&](int64_t a0, int64_t a1) {
+        for (int64_t a = a0; a < a1; ++a) {
+          for (int64_t j = 0; j < len; ++j) {
+            const int64_t kk = k0 + j;
+            const int64_t f = stored_left ? kk * r + a : a * K + kk;
+            o[a * len + j] = static_cast<scalar_t>(int4_value(pk, s, mn, f, gs));
+          }
+        }
+      });
+    });
     return out;
   }
 
-  // The whole P (r x K) in dtype `acc`, assembled from panels in parallel.
+  // The whole P (r x K) in dtype `acc` (a view for a dense projector already in acc).
   Tensor materialize(at::ScalarType acc) const {
-    if (dense.scalar_type() == acc) return dense;
-    Tensor out = at::empty({rank(), k()}, dense.options().dtype(acc));
-    const int64_t chunk = std::min(k(), std::max<int64_t>(64, kPanelElems / std::max<int64_t>(rank(), 1)));
-    const int64_t nchunks = (k() + chunk - 1) / chunk;
+    if (kind == ProjKind::Dense && dense.scalar_type() == acc) return dense;
+    if (kind == ProjKind::DCT) return basis.index_select(0, idx).to(acc);
+    const auto opts = (kind == ProjKind::Dense ? dense : packed).options().dtype(acc);
+    Tensor out = at::empty({r * K}, opts);
+    if (kind == ProjKind::Int4) return panel(0, K, acc, out);  // one parallel pass over the rows
+    // Dense in another dtype: converted in parallel chunks of columns.
+    Tensor full = out.view({r, K});
+    const int64_t chunk = std::min(K, std::max<int64_t>(64, kPanelElems / std::max<int64_t>(r, 1)));
+    const int64_t nchunks = (K + chunk - 1) / chunk;
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      Tensor scratch = at::empty({rank() * chunk}, out.options());
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t k0 = c * chunk;
-        const int64_t len = std::min(chunk, k() - k0);
-        Tensor p = panel(k0, len, acc, scratch);
-        out.narrow(1, k0, len).copy_(p);
+        const int64_t len = std::min(chunk, K - k0);
+        full.narrow(1, k0, len).copy_(dense.narrow(1, k0, len));
       }
     });
-    return out;
+    return full;
   }
 };
 
@@ -171,6 +219,13 @@ int64_t panel_len(int64_t len, int64_t other, int64_t r) {
   return std::max<int64_t>(1, std::min(b, len));
 }
 
+// The part [start, start + len) of `t` along `dim`, unless `t` is undefined or broadcasts
+// along `dim` (size 1).
+Tensor bnarrow(const Tensor& t, int64_t dim, int64_t start, int64_t len) {
+  if (!t.defined() || t.size(dim) == 1) return t;
+  return t.narrow(dim, start, len);
+}
+
 // --------------------------------------------------------------------------- epilogues
 // Adam on matching (rows x r) views: R in acc, the moments and N in the moments' dtype
 // (N may be undefined). The reference's operations, in acc, as vectorized ATen ops, on
@@ -205,9 +260,17 @@ void adam_epilogue(const Tensor& R, const Tensor& ea, const Tensor& eas, const T
 // stored: on a panel W (any float dtype) with C (acc, laid out like W), as vectorized,
 // multi-threaded ATen ops. A W not in acc goes through `w_buf` (scratch laid out like it)
 // and is rounded once. mul_ by a decay of exactly 1 is skipped (it changes nothing).
-void run_apply_epilogue(const Tensor& W, const Tensor& C, double decay, double alpha, const Tensor& w_buf) {
+// Per-row factors (rd, ra: undefined, or acc tensors broadcasting against the panel)
+// come first, in the reference's order: w = w * rd; C = C * ra; w = decay w + alpha C.
+void run_apply_epilogue(const Tensor& W, const Tensor& C, double decay, double alpha, const Tensor& w_buf,
+                        const Tensor& rd = Tensor(), const Tensor& ra = Tensor()) {
   const bool in_place = W.scalar_type() == C.scalar_type();
   Tensor w = in_place ? W : as_acc(W, C.scalar_type(), w_buf);
+  if (rd.defined()) w.mul_(rd);
+  if (ra.defined()) {
+    Tensor c = C;  // a handle (C is scratch of this panel)
+    c.mul_(ra);
+  }
   if (decay != 1.0) w.mul_(decay);
   w.add_(C, alpha);
   if (!in_place) W.copy_(w);
@@ -215,13 +278,18 @@ void run_apply_epilogue(const Tensor& W, const Tensor& C, double decay, double a
 
 // --------------------------------------------------------------------------- the driver
 // Everything in right orientation. Undefined tensors switch stages off:
-//   project: g, ea, eas defined, n where N is written (undefined: not wanted);
+//   project: g defined; with ea, eas the Adam epilogue, n where N is written (undefined:
+//   not wanted); without them (projection_project) n, in acc, receives R;
 //   apply: w defined, and either project or upd.
 struct Problem {
   Tensor g;           // rows x K   grad
   Tensor upd;         // rows x r   update (backproject_apply)
   Tensor ea, eas, n;  // rows x r   moments, N
   Tensor w;           // rows x K   param
+  // Per-row factors of the original weight (backproject_apply's row_decay / row_alpha),
+  // in acc, shaped to broadcast in right orientation: (rows x 1) for side="right",
+  // (1 x K) for side="left" (the original rows are the oriented columns). Undefined: none.
+  Tensor rd, ra;
   double beta1 = 0, beta2 = 0, eps = 0, decay = 1, alpha = 0;
 };
 
@@ -277,9 +345,11 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
         at::mm_out(Rp, as_acc(pb.g.narrow(0, i0, len), acc, g_buf), PT);
       }
     }
-    const bool conv = pb.ea.scalar_type() != acc;
-    const Tensor mb = empty_flat(conv, rows * r, opts), vb = empty_flat(conv, rows * r, opts);
-    adam_epilogue(Nf, pb.ea, pb.eas, pb.n, pb.beta1, pb.beta2, pb.eps, /*round_r=*/apply, mb, vb);
+    if (pb.ea.defined()) {  // else projection_project: R is the result
+      const bool conv = pb.ea.scalar_type() != acc;
+      const Tensor mb = empty_flat(conv, rows * r, opts), vb = empty_flat(conv, rows * r, opts);
+      adam_epilogue(Nf, pb.ea, pb.eas, pb.n, pb.beta1, pb.beta2, pb.eps, /*round_r=*/apply, mb, vb);
+    }
   } else if (apply) {
     Nf = pb.upd.scalar_type() == acc ? pb.upd : pb.upd.to(acc);
   }
@@ -290,7 +360,8 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
   // once, as in the reference): W <- decay W + alpha N P as ONE multi-threaded GEMM whose
   // epilogue is BLAS's own C = beta C + alpha A B, with beta = 1 after the decay. No
   // scratch at all, and one parallel region instead of two per panel.
-  if (pb.w.scalar_type() == acc && r <= kBlasSingleKBlock &&
+  const bool row_factors = pb.rd.defined() || pb.ra.defined();
+  if (!row_factors && pb.w.scalar_type() == acc && r <= kBlasSingleKBlock &&
       (pb.w.is_contiguous() || pb.w.t().is_contiguous())) {
     if (pb.decay != 1.0) pb.w.mul_(pb.decay);
     Tensor w = pb.w;  // a handle, so addmm_ can take it
@@ -313,7 +384,8 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
       const Tensor Pp = P.defined() ? P.narrow(1, k0, len) : src.panel(k0, len, acc, p_buf);
       Tensor C = scratch_view(c_buf, rows, len, false);
       at::mm_out(C, Nf, Pp);
-      run_apply_epilogue(pb.w.narrow(1, k0, len), C, pb.decay, pb.alpha, w_buf);
+      run_apply_epilogue(pb.w.narrow(1, k0, len), C, pb.decay, pb.alpha, w_buf, bnarrow(pb.rd, 1, k0, len),
+                         bnarrow(pb.ra, 1, k0, len));
     }
   } else {
     // Column-major W (side="left" on a row-major W): row panels, i.e. column panels of the
@@ -326,7 +398,8 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
       const int64_t len = std::min(bm, rows - i0);
       Tensor C = scratch_view(c_buf, len, K, true);
       at::mm_out(C, Nf.narrow(0, i0, len), Pw);
-      run_apply_epilogue(pb.w.narrow(0, i0, len), C, pb.decay, pb.alpha, w_buf);
+      run_apply_epilogue(pb.w.narrow(0, i0, len), C, pb.decay, pb.alpha, w_buf, bnarrow(pb.rd, 0, i0, len),
+                         bnarrow(pb.ra, 0, i0, len));
     }
   }
 }
@@ -351,21 +424,98 @@ void check_2d(const Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
 }
 
-// Checks proj against an (m x n) matrix; returns the low-rank shape.
-std::vector<int64_t> check_projector(const char* op, int64_t m, int64_t n, const Tensor& proj, bool left) {
-  check_float_cpu(proj, "proj", op);
-  check_2d(proj, "proj", op);
-  if (left) {
-    TORCH_CHECK(proj.size(0) == m, op, ": side='left' needs proj of shape (m, rank) = (", m, ", rank), got ",
-                proj.sizes());
+using OptTensor = std::optional<Tensor>;
+
+// Checks the projector (of any kind) against an (m x n) matrix and builds its source in
+// right orientation; `shape` receives the low-rank shape. The rank must lie in
+// [1, min(m, n)], or with `any_rank` (the plain projection, no Adam) in [1, K].
+ProjectorSource make_source(const char* op, int64_t m, int64_t n, bool left, const Tensor& proj,
+                            const OptTensor& indices, const OptTensor& q_scale, const OptTensor& q_min, int64_t rank,
+                            int64_t group_size, std::vector<int64_t>& shape, bool any_rank = false) {
+  const int64_t max_rank = any_rank ? (left ? m : n) : std::min(m, n);
+  const bool has_idx = indices.has_value() && indices->defined();
+  const bool has_s = q_scale.has_value() && q_scale->defined();
+  const bool has_mn = q_min.has_value() && q_min->defined();
+  ProjectorSource src;
+  src.K = left ? m : n;
+  if (!has_idx && !has_s && !has_mn) {
+    check_float_cpu(proj, "proj", op);
+    check_2d(proj, "proj", op);
+    if (left) {
+      TORCH_CHECK(proj.size(0) == m, op, ": side='left' needs proj of shape (m, rank) = (", m, ", rank), got ",
+                  proj.sizes());
+    } else {
+      TORCH_CHECK(proj.size(1) == n, op, ": side='right' needs proj of shape (rank, n) = (rank, ", n, "), got ",
+                  proj.sizes());
+    }
+    src.kind = ProjKind::Dense;
+    src.dense = left ? proj.t() : proj;
+    src.r = src.dense.size(0);
+    TORCH_CHECK(rank == 0 || rank == src.r, op, ": rank must be 0 or the projector's rank ", src.r, ", got ", rank);
+  } else if (has_idx && !has_s && !has_mn) {
+    const Tensor& idx = *indices;
+    check_float_cpu(proj, "basis", op);
+    TORCH_CHECK(proj.dim() == 2 && proj.size(0) == src.K && proj.size(1) == src.K, op, ": basis must have shape (",
+                src.K, ", ", src.K, "), got ", proj.sizes());
+    TORCH_CHECK(idx.device().is_cpu(), op, ": indices must be a CPU tensor, got ", idx.device());
+    TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op,
+                ": indices must be int32 or int64, got ", idx.scalar_type());
+    TORCH_CHECK(idx.dim() == 1, op, ": indices must be 1-D, got shape ", idx.sizes());
+    src.kind = ProjKind::DCT;
+    src.basis = proj;
+    src.idx = idx.to(at::kLong).contiguous();
+    src.r = idx.size(0);
+    const int64_t* iv = src.idx.data_ptr<int64_t>();
+    for (int64_t a = 0; a < src.r; ++a) {
+      TORCH_CHECK(iv[a] >= 0 && iv[a] < src.K, op, ": indices must lie in [0, ", src.K, "), got ", iv[a]);
+    }
+    TORCH_CHECK(rank == 0 || rank == src.r, op, ": rank must be 0 or the projector's rank ", src.r, ", got ", rank);
   } else {
-    TORCH_CHECK(proj.size(1) == n, op, ": side='right' needs proj of shape (rank, n) = (rank, ", n, "), got ",
-                proj.sizes());
+    TORCH_CHECK(!has_idx && has_s && has_mn, op,
+                ": a projector is dense (no indices, q_scale, q_min), DCT (indices) or packed INT4 (q_scale and "
+                "q_min)");
+    TORCH_CHECK(group_size >= 2 && group_size % 2 == 0, op, ": group_size must be a positive even int, got ",
+                group_size);
+    TORCH_CHECK(rank >= 1 && rank <= max_rank, op, ": rank of proj (", rank, ") must be between 1 and ",
+                max_rank);
+    const int64_t numel = rank * src.K;
+    const int64_t groups = (numel + group_size - 1) / group_size;
+    TORCH_CHECK(proj.device().is_cpu() && proj.scalar_type() == at::kByte && proj.is_contiguous() &&
+                    proj.numel() == (numel + 1) / 2,
+                op, ": packed must be a contiguous uint8 CPU tensor of ", (numel + 1) / 2, " bytes");
+    for (const Tensor* t : {&*q_scale, &*q_min}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                      t->numel() == groups,
+                  op, ": scale and minimum must be contiguous float32 CPU tensors of ", groups, " values");
+    }
+    src.kind = ProjKind::Int4;
+    src.packed = proj;
+    src.qscale = *q_scale;
+    src.qmin = *q_min;
+    src.gs = group_size;
+    src.stored_left = left;
+    src.r = rank;
   }
-  const int64_t rank = left ? proj.size(1) : proj.size(0);
-  TORCH_CHECK(rank >= 1 && rank <= std::min(m, n), op, ": rank of proj (", rank,
-              ") must be between 1 and min(m, n) = ", std::min(m, n));
-  return left ? std::vector<int64_t>{rank, n} : std::vector<int64_t>{m, rank};
+  if (src.kind != ProjKind::Int4) {
+    TORCH_CHECK(group_size == 0, op, ": group_size is for packed INT4 projectors only and must be 0, got ",
+                group_size);
+  }
+  TORCH_CHECK(src.r >= 1 && src.r <= max_rank, op, ": rank of proj (", src.r, ") must be between 1 and ",
+              max_rank);
+  shape = left ? std::vector<int64_t>{src.r, n} : std::vector<int64_t>{m, src.r};
+  return src;
+}
+
+// The projector's dtype for the accumulation rule (a dequantized INT4 P is float32).
+at::ScalarType proj_dtype(const ProjectorSource& src) {
+  switch (src.kind) {
+    case ProjKind::Dense:
+      return src.dense.scalar_type();
+    case ProjKind::DCT:
+      return src.basis.scalar_type();
+    default:
+      return at::kFloat;
+  }
 }
 
 void check_moments(const char* op, const Tensor& ea, const Tensor& eas, at::IntArrayRef shape) {
@@ -388,13 +538,36 @@ at::ScalarType acc_dtype(std::initializer_list<at::ScalarType> dtypes) {
 Tensor orient(const Tensor& t, bool left) { return left ? t.t() : t; }
 
 // --------------------------------------------------------------------------- ops
+Tensor projection_project_cpu(const Tensor& grad, const Tensor& proj, c10::string_view side, const OptTensor& indices,
+                              const OptTensor& q_scale, const OptTensor& q_min, int64_t rank, int64_t group_size) {
+  const char* op = "projection_project_cpu";
+  const bool left = is_left(side, op);
+  check_float_cpu(grad, "grad", op);
+  check_2d(grad, "grad", op);
+  std::vector<int64_t> shape;
+  const ProjectorSource src =
+      make_source(op, grad.size(0), grad.size(1), left, proj, indices, q_scale, q_min, rank, group_size, shape,
+                  /*any_rank=*/true);
+  const at::ScalarType acc = acc_dtype({grad.scalar_type(), proj_dtype(src)});
+  Tensor out = at::empty(shape, grad.options().dtype(acc));
+  Problem pb;
+  pb.g = orient(grad, left);
+  pb.n = orient(out, left);
+  run(pb, src, acc);
+  return out;
+}
+
 Tensor projection_project_adam_cpu(const Tensor& grad, const Tensor& proj, Tensor& exp_avg, Tensor& exp_avg_sq,
-                                   c10::string_view side, double beta1, double beta2, double eps) {
+                                   c10::string_view side, double beta1, double beta2, double eps,
+                                   const OptTensor& indices, const OptTensor& q_scale, const OptTensor& q_min,
+                                   int64_t rank, int64_t group_size) {
   const char* op = "projection_project_adam_cpu";
   const bool left = is_left(side, op);
   check_float_cpu(grad, "grad", op);
   check_2d(grad, "grad", op);
-  const auto shape = check_projector(op, grad.size(0), grad.size(1), proj, left);
+  std::vector<int64_t> shape;
+  const ProjectorSource src =
+      make_source(op, grad.size(0), grad.size(1), left, proj, indices, q_scale, q_min, rank, group_size, shape);
   check_moments(op, exp_avg, exp_avg_sq, shape);
 
   Tensor out = at::empty(shape, exp_avg.options());
@@ -406,35 +579,59 @@ Tensor projection_project_adam_cpu(const Tensor& grad, const Tensor& proj, Tenso
   pb.beta1 = beta1;
   pb.beta2 = beta2;
   pb.eps = eps;
-  run(pb, ProjectorSource{orient(proj, left)},
-      acc_dtype({grad.scalar_type(), proj.scalar_type(), exp_avg.scalar_type()}));
+  run(pb, src, acc_dtype({grad.scalar_type(), proj_dtype(src), exp_avg.scalar_type()}));
   return out;
 }
 
+// A per-row factor vector (float32, length m) in acc, shaped to broadcast against the
+// right-oriented weight; undefined when not given.
+Tensor row_factor(const OptTensor& v, const char* name, const char* op, int64_t m, bool left, at::ScalarType acc) {
+  if (!v.has_value() || !v->defined()) return Tensor();
+  TORCH_CHECK(v->device().is_cpu() && v->scalar_type() == at::kFloat && v->dim() == 1 && v->size(0) == m, op, ": ",
+              name, " must be a float32 CPU vector of length m = ", m, ", got ", v->scalar_type(), " ", v->sizes());
+  Tensor t = v->to(acc);
+  return left ? t.view({1, m}) : t.view({m, 1});
+}
+
 void projection_backproject_apply_cpu(Tensor& param, const Tensor& update, const Tensor& proj, c10::string_view side,
-                                      double alpha, double decay) {
+                                      double alpha, double decay, const OptTensor& indices, const OptTensor& q_scale,
+                                      const OptTensor& q_min, int64_t rank, int64_t group_size,
+                                      const OptTensor& row_decay, const OptTensor& row_alpha) {
   const char* op = "projection_backproject_apply_cpu";
   const bool left = is_left(side, op);
   check_float_cpu(param, "param", op);
   check_2d(param, "param", op);
-  const auto shape = check_projector(op, param.size(0), param.size(1), proj, left);
+  std::vector<int64_t> shape;
+  const ProjectorSource src =
+      make_source(op, param.size(0), param.size(1), left, proj, indices, q_scale, q_min, rank, group_size, shape);
   check_float_cpu(update, "update", op);
   TORCH_CHECK(update.sizes() == at::IntArrayRef(shape), op, ": update must have shape ", at::IntArrayRef(shape),
               ", got ", update.sizes());
 
+  const at::ScalarType acc = acc_dtype({param.scalar_type(), update.scalar_type(), proj_dtype(src)});
   Problem pb;
+  pb.rd = row_factor(row_decay, "row_decay", op, param.size(0), left, acc);
+  pb.ra = row_factor(row_alpha, "row_alpha", op, param.size(0), left, acc);
   pb.w = orient(param, left);
   pb.upd = orient(update, left);
   pb.decay = decay;
   pb.alpha = alpha;
-  run(pb, ProjectorSource{orient(proj, left)},
-      acc_dtype({param.scalar_type(), update.scalar_type(), proj.scalar_type()}));
+  run(pb, src, acc);
+}
+
+// torch.optim.AdamW's bias correction folded into the step size (the reference's
+// adam_step_size): lr * sqrt(1 - beta2^t) / (1 - beta1^t).
+double adam_step_size(double lr, double beta1, double beta2, int64_t step) {
+  const double t = static_cast<double>(step);
+  return lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
 }
 
 void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad, const Tensor& proj,
                                                Tensor& exp_avg, Tensor& exp_avg_sq, c10::string_view side,
                                                double lr, double beta1, double beta2, double eps, int64_t step,
-                                               double weight_decay, double scale) {
+                                               double weight_decay, double scale, const OptTensor& indices,
+                                               const OptTensor& q_scale, const OptTensor& q_min, int64_t rank,
+                                               int64_t group_size) {
   const char* op = "projection_project_update_backproject_cpu";
   const bool left = is_left(side, op);
   check_float_cpu(param, "param", op);
@@ -443,14 +640,13 @@ void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad
   TORCH_CHECK(grad.sizes() == param.sizes(), op, ": grad must have shape ", param.sizes(),
               " (the parameter's shape), got ", grad.sizes());
   TORCH_CHECK(step >= 1, op, ": step must be >= 1 (1-based, after increment), got ", step);
-  const auto shape = check_projector(op, param.size(0), param.size(1), proj, left);
+  std::vector<int64_t> shape;
+  const ProjectorSource src =
+      make_source(op, param.size(0), param.size(1), left, proj, indices, q_scale, q_min, rank, group_size, shape);
   check_moments(op, exp_avg, exp_avg_sq, shape);
 
   const at::ScalarType acc =
-      acc_dtype({param.scalar_type(), grad.scalar_type(), proj.scalar_type(), exp_avg.scalar_type()});
-  // torch.optim.AdamW's bias correction folded into the step size, as the reference.
-  const double t = static_cast<double>(step);
-  const double step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
+      acc_dtype({param.scalar_type(), grad.scalar_type(), proj_dtype(src), exp_avg.scalar_type()});
   Problem pb;
   pb.g = orient(grad, left);
   pb.ea = orient(exp_avg, left);
@@ -465,27 +661,82 @@ void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad
   pb.beta2 = beta2;
   pb.eps = eps;
   pb.decay = 1.0 - lr * weight_decay;
-  pb.alpha = -step_size * scale;
-  run(pb, ProjectorSource{orient(proj, left)}, acc);
+  pb.alpha = -adam_step_size(lr, beta1, beta2, step) * scale;
+  run(pb, src, acc);
+}
+
+// The multi-tensor step: one dispatcher call for a list of parameters (one side, one
+// projector kind), the single-tensor step on each in turn. Empty projector lists mean
+// "not given" (the dense kind; rank from the projectors). Every entry's shapes are
+// checked before the first one is written.
+void projection_foreach_project_update_backproject_cpu(
+    at::TensorList params, at::TensorList grads, at::TensorList projs, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, c10::string_view side, at::ArrayRef<double> lr, double beta1, double beta2,
+    double eps, at::IntArrayRef step, at::ArrayRef<double> weight_decay, at::ArrayRef<double> scale,
+    at::TensorList indices, at::TensorList q_scale, at::TensorList q_min, at::IntArrayRef rank, int64_t group_size) {
+  const char* op = "projection_foreach_project_update_backproject_cpu";
+  const bool left = is_left(side, op);
+  const size_t n = params.size();
+  for (const auto& len : {grads.size(), projs.size(), exp_avgs.size(), exp_avg_sqs.size(), lr.size(), step.size(),
+                          weight_decay.size(), scale.size()}) {
+    TORCH_CHECK(len == n, op, ": every list must have one entry per parameter (", n, "), got one of ", len);
+  }
+  for (const auto& len : {indices.size(), q_scale.size(), q_min.size(), rank.size()}) {
+    TORCH_CHECK(len == 0 || len == n, op, ": projector lists must be empty or have one entry per parameter (", n,
+                "), got one of ", len);
+  }
+  auto opt = [](at::TensorList xs, size_t i) -> OptTensor {
+    return xs.empty() ? OptTensor() : OptTensor(xs[i]);
+  };
+  for (size_t i = 0; i < n; ++i) {  // checks only: nothing is written until all pass
+    check_float_cpu(params[i], "param", op);
+    check_float_cpu(grads[i], "grad", op);
+    check_2d(params[i], "param", op);
+    TORCH_CHECK(grads[i].sizes() == params[i].sizes(), op, ": grads[", i, "] must have shape ", params[i].sizes(),
+                ", got ", grads[i].sizes());
+    TORCH_CHECK(step[i] >= 1, op, ": step[", i, "] must be >= 1, got ", step[i]);
+    std::vector<int64_t> shape;
+    make_source(op, params[i].size(0), params[i].size(1), left, projs[i], opt(indices, i), opt(q_scale, i),
+                opt(q_min, i), rank.empty() ? 0 : rank[i], group_size, shape);
+    check_moments(op, exp_avgs[i], exp_avg_sqs[i], shape);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    Tensor p = params[i], ea = exp_avgs[i], eas = exp_avg_sqs[i];
+    projection_project_update_backproject_cpu(p, grads[i], projs[i], ea, eas, side, lr[i], beta1, beta2, eps, step[i],
+                                              weight_decay[i], scale[i], opt(indices, i), opt(q_scale, i),
+                                              opt(q_min, i), rank.empty() ? 0 : rank[i], group_size);
+  }
 }
 
 }  // namespace
 }  // namespace lowrank_kernels
 
+#define LOWRANK_PROJECTOR_ARGS \
+  "Tensor? indices=None, Tensor? q_scale=None, Tensor? q_min=None, int rank=0, int group_size=0"
+
 TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
+  m.def("projection_project_cpu(Tensor grad, Tensor proj, str side, " LOWRANK_PROJECTOR_ARGS ") -> Tensor");
+  m.def(
+      "projection_foreach_project_update_backproject_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, str side, float[] lr, float beta1, float beta2, float eps, "
+      "int[] step, float[] weight_decay, float[] scale, Tensor[] indices, Tensor[] q_scale, "
+      "Tensor[] q_min, int[] rank, int group_size) -> ()");
   m.def(
       "projection_project_adam_cpu(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, "
-      "float beta1, float beta2, float eps) -> Tensor");
+      "float beta1, float beta2, float eps, " LOWRANK_PROJECTOR_ARGS ") -> Tensor");
   m.def(
       "projection_backproject_apply_cpu(Tensor(a!) param, Tensor update, Tensor proj, str side, float alpha, "
-      "float decay) -> ()");
+      "float decay, " LOWRANK_PROJECTOR_ARGS ", Tensor? row_decay=None, Tensor? row_alpha=None) -> ()");
   m.def(
       "projection_project_update_backproject_cpu(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, str side, float lr, float beta1, float beta2, float eps, int step, "
-      "float weight_decay, float scale) -> ()");
+      "float weight_decay, float scale, " LOWRANK_PROJECTOR_ARGS ") -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
+  m.impl("projection_project_cpu", &lowrank_kernels::projection_project_cpu);
+  m.impl("projection_foreach_project_update_backproject_cpu",
+         &lowrank_kernels::projection_foreach_project_update_backproject_cpu);
   m.impl("projection_project_adam_cpu", &lowrank_kernels::projection_project_adam_cpu);
   m.impl("projection_backproject_apply_cpu", &lowrank_kernels::projection_backproject_apply_cpu);
   m.impl("projection_project_update_backproject_cpu", &lowrank_kernels::projection_project_update_backproject_cpu);

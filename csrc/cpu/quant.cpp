@@ -1,13 +1,12 @@
 // The quant family on CPU: packed INT4 projectors, INT8 weights with stochastic
-// rounding, and the projection family's three ops with a packed INT4 projector.
+// rounding. (The projection ops with a packed INT4 projector are the projection
+// family's INT4 projector kind: csrc/cpu/projection.cpp dequantizes it in its panel
+// loader.)
 // Specification: lowrank_kernels/reference/quant.py (same group layout, same
 // rounding, same counter hash for the random numbers, float32 arithmetic).
 //
 // Quantizing kernels run one group per iteration of at::parallel_for: a sweep for the
-// group's min/max, a sweep to quantize (the group is in cache). The INT4 projection
-// ops dequantize the projector one panel at a time into a bounded float buffer
-// (at most kPanel columns or rows of it) and run the GEMMs on those panels
-// (at::addmm, BLAS), so no float copy of the whole projector is ever built.
+// group's min/max, a sweep to quantize (the group is in cache).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,8 +21,6 @@ namespace lowrank_kernels {
 namespace {
 
 constexpr float kScaleFloor = 1e-5f;
-constexpr int64_t kPanel = 256;  // rows/columns of the projector dequantized at once
-constexpr int64_t kRowBlock = 1024;
 
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
@@ -186,143 +183,6 @@ void int8_update_sr_cpu(at::Tensor& q, at::Tensor& scale, at::Tensor& minimum, c
   });
 }
 
-// --------------------------------------------------------------------------- INT4 projector panels
-struct Int4View {
-  const uint8_t* pk;
-  const float* s;
-  const float* mn;
-  int64_t cols;  // columns of the dense projector
-  int64_t gs;
-};
-
-// Dense block P[i0:i1, j0:j1] in `dtype` (float or double).
-at::Tensor dequant_block(const Int4View& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::ScalarType dtype,
-                         const at::TensorOptions& opts) {
-  at::Tensor blk = at::empty({i1 - i0, j1 - j0}, opts.dtype(at::kFloat));
-  float* b = blk.data_ptr<float>();
-  const int64_t w = j1 - j0;
-  at::parallel_for(i0, i1, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i)
-      for (int64_t j = j0; j < j1; ++j) b[(i - i0) * w + (j - j0)] = int4_at(p.pk, p.s, p.mn, i * p.cols + j, p.gs);
-  });
-  return dtype == at::kFloat ? blk : blk.to(dtype);
-}
-
-at::ScalarType acc_type(std::initializer_list<at::ScalarType> ts) {
-  for (auto t : ts)
-    if (t == at::kDouble) return at::kDouble;
-  return at::kFloat;
-}
-
-Int4View make_view(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& minimum, int64_t cols,
-                   int64_t gs) {
-  return {packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), minimum.data_ptr<float>(), cols, gs};
-}
-
-// R = G P^T (right) or P^T G (left), in `acc`.
-at::Tensor project_int4(const at::Tensor& grad, const Int4View& p, int64_t rank, const std::string& side,
-                        at::ScalarType acc) {
-  const int64_t m = grad.size(0), n = grad.size(1);
-  const auto opts = grad.options();
-  if (side == "right") {
-    at::Tensor r = at::zeros({m, rank}, opts.dtype(acc));
-    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
-      const int64_t j1 = std::min(n, j0 + kPanel);
-      at::Tensor pp = dequant_block(p, 0, rank, j0, j1, acc, opts);  // rank x bn
-      r.addmm_(grad.narrow(1, j0, j1 - j0).to(acc), pp.t());
-    }
-    return r;
-  }
-  at::Tensor r = at::zeros({rank, n}, opts.dtype(acc));
-  for (int64_t i0 = 0; i0 < m; i0 += kPanel) {
-    const int64_t i1 = std::min(m, i0 + kPanel);
-    at::Tensor pp = dequant_block(p, i0, i1, 0, rank, acc, opts);  // bm x rank
-    r.addmm_(pp.t(), grad.narrow(0, i0, i1 - i0).to(acc));
-  }
-  return r;
-}
-
-// The reference's adam_moments_: update the moments, return N in `r`'s dtype.
-at::Tensor adam_moments(const at::Tensor& r, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double beta1, double beta2,
-                        double eps) {
-  at::Tensor m = exp_avg.to(r.scalar_type()).mul(beta1).add_(r, 1.0 - beta1);
-  at::Tensor v = exp_avg_sq.to(r.scalar_type()).mul(beta2).addcmul_(r, r, 1.0 - beta2);
-  exp_avg.copy_(m);
-  exp_avg_sq.copy_(v);
-  return m / (v.sqrt() + eps);
-}
-
-// param <- decay * param + alpha * back(update), one (row block x panel) at a time.
-void backproject_int4(at::Tensor& param, const at::Tensor& update, const Int4View& p, int64_t rank,
-                      const std::string& side, double alpha, double decay, at::ScalarType acc) {
-  const int64_t m = param.size(0), n = param.size(1);
-  const auto opts = param.options();
-  const at::Tensor u = update.to(acc);
-  auto apply = [&](const at::Tensor& back, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    at::Tensor blk = param.narrow(0, i0, i1 - i0).narrow(1, j0, j1 - j0);
-    blk.copy_(blk.to(acc).mul_(decay).add_(back, alpha));
-  };
-  if (side == "right") {  // back = N P, P is rank x n
-    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
-      const int64_t j1 = std::min(n, j0 + kPanel);
-      at::Tensor pp = dequant_block(p, 0, rank, j0, j1, acc, opts);
-      for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
-        const int64_t i1 = std::min(m, i0 + kRowBlock);
-        apply(at::mm(u.narrow(0, i0, i1 - i0), pp), i0, i1, j0, j1);
-      }
-    }
-  } else {  // back = P N, P is m x rank
-    for (int64_t i0 = 0; i0 < m; i0 += kPanel) {
-      const int64_t i1 = std::min(m, i0 + kPanel);
-      at::Tensor pp = dequant_block(p, i0, i1, 0, rank, acc, opts);
-      for (int64_t j0 = 0; j0 < n; j0 += kRowBlock) {
-        const int64_t j1 = std::min(n, j0 + kRowBlock);
-        apply(at::mm(pp, u.narrow(1, j0, j1 - j0)), i0, i1, j0, j1);
-      }
-    }
-  }
-}
-
-int64_t proj_cols(const at::Tensor& t, int64_t rank, const std::string& side) {
-  return side == "right" ? t.size(1) : rank;
-}
-
-at::Tensor int4_project_adam_cpu(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& scale,
-                                 const at::Tensor& minimum, int64_t rank, int64_t group_size, at::Tensor& exp_avg,
-                                 at::Tensor& exp_avg_sq, c10::string_view side_sv, double beta1, double beta2,
-                                 double eps) {
-  const std::string side(side_sv);
-  const auto acc = acc_type({grad.scalar_type(), exp_avg.scalar_type()});
-  const Int4View p = make_view(packed, scale, minimum, proj_cols(grad, rank, side), group_size);
-  at::Tensor r = project_int4(grad, p, rank, side, acc);
-  return adam_moments(r, exp_avg, exp_avg_sq, beta1, beta2, eps).to(exp_avg.scalar_type());
-}
-
-void int4_backproject_apply_cpu(at::Tensor& param, const at::Tensor& update, const at::Tensor& packed,
-                                const at::Tensor& scale, const at::Tensor& minimum, int64_t rank, int64_t group_size,
-                                c10::string_view side_sv, double alpha, double decay) {
-  const std::string side(side_sv);
-  const auto acc = acc_type({param.scalar_type(), update.scalar_type()});
-  const Int4View p = make_view(packed, scale, minimum, proj_cols(param, rank, side), group_size);
-  backproject_int4(param, update, p, rank, side, alpha, decay, acc);
-}
-
-void int4_project_update_backproject_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& packed,
-                                         const at::Tensor& scale, const at::Tensor& minimum, int64_t rank,
-                                         int64_t group_size, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                                         c10::string_view side_sv, double lr, double beta1, double beta2, double eps,
-                                         int64_t step, double weight_decay, double scale_factor) {
-  const std::string side(side_sv);
-  const auto acc = acc_type({param.scalar_type(), grad.scalar_type(), exp_avg.scalar_type()});
-  const Int4View p = make_view(packed, scale, minimum, proj_cols(param, rank, side), group_size);
-  at::Tensor r = project_int4(grad, p, rank, side, acc);
-  // N is rounded to the moments' dtype, as the two-op path does.
-  at::Tensor nn = adam_moments(r, exp_avg, exp_avg_sq, beta1, beta2, eps).to(exp_avg.scalar_type());
-  const double step_size =
-      lr * std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))) / (1.0 - std::pow(beta1, static_cast<double>(step)));
-  backproject_int4(param, nn, p, rank, side, -step_size * scale_factor, 1.0 - lr * weight_decay, acc);
-}
-
 }  // namespace
 }  // namespace lowrank_kernels
 
@@ -338,17 +198,6 @@ TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
   m.def(
       "quant_int8_update_sr_cpu(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) minimum, Tensor update, float decay, "
       "float alpha, int seed, int group_size) -> ()");
-  m.def(
-      "quant_int4_project_adam_cpu(Tensor grad, Tensor packed, Tensor scale, Tensor minimum, int rank, "
-      "int group_size, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, float beta1, float beta2, float eps) "
-      "-> Tensor");
-  m.def(
-      "quant_int4_backproject_apply_cpu(Tensor(a!) param, Tensor update, Tensor packed, Tensor scale, "
-      "Tensor minimum, int rank, int group_size, str side, float alpha, float decay) -> ()");
-  m.def(
-      "quant_int4_project_update_backproject_cpu(Tensor(a!) param, Tensor grad, Tensor packed, Tensor scale, "
-      "Tensor minimum, int rank, int group_size, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, str side, float lr, "
-      "float beta1, float beta2, float eps, int step, float weight_decay, float scale_factor) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
@@ -358,7 +207,4 @@ TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
   m.impl("quant_int8_quantize_cpu", &int8_quantize_cpu);
   m.impl("quant_int8_dequantize_cpu", &int8_dequantize_cpu);
   m.impl("quant_int8_update_sr_cpu", &int8_update_sr_cpu);
-  m.impl("quant_int4_project_adam_cpu", &int4_project_adam_cpu);
-  m.impl("quant_int4_backproject_apply_cpu", &int4_backproject_apply_cpu);
-  m.impl("quant_int4_project_update_backproject_cpu", &int4_project_update_backproject_cpu);
 }

@@ -569,31 +569,112 @@ def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
     )
 
 
-def projection_project_adam_triton(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
+def _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size):
+    """The op's projector arguments as ``(descriptor for _proj_launch_args, dtype-checked tensors)``."""
+    if indices is not None:  # DCT: basis rows gathered by index (PROJ_DCT)
+        return (proj, indices), (("basis", proj),)
+    if q_scale is not None:  # packed INT4, dequantized in the tile loads (PROJ_INT4)
+        shape = (rank, n) if side == "right" else (m, rank)
+        return (proj, q_scale, q_min, shape, group_size), ()
+    return proj, (("proj", proj),)
+
+
+def projection_project_triton(grad, proj, side, indices=None, q_scale=None, q_min=None, rank=0, group_size=0):
+    """Triton backend of ``lowrank_kernels::projection_project`` (arguments as the op).
+
+    ``R`` (float32) by the DCT family's plain GEMM kernel with no epilogue
+    (``kernels/dct.py``: basis rows gathered by index for a DCT projector, the dense
+    projector read in place). A packed INT4 projector is first dequantized to a dense
+    float32 ``r x K`` tensor (the size of one moment) by the INT4 unpack kernel: this op
+    is not on the optimizers' per-step path.
+    """
+    from lowrank_kernels.kernels import dct as kd
+
+    m, n = grad.shape
+    _, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
+    _check_dtypes("projection_project", (("grad", grad),) + named)
+    if indices is not None:
+        return kd.dct_project_triton(grad, proj, indices, side)
+    if q_scale is not None:
+        from lowrank_kernels.kernels import quant as kq
+
+        shape = (rank, n) if side == "right" else (m, rank)
+        proj = kq.quant_int4_unpack_triton(proj, q_scale, q_min, shape, torch.float32, group_size)
+    if side == "right":  # R = G P^T (m x r)
+        r = proj.shape[0]
+        out = torch.empty((m, r), dtype=torch.float32, device=grad.device)
+        kd._gemm(grad, proj, out, m, r, n, grad.stride(), (proj.stride(1), proj.stride(0)), out.stride(),
+                 epilogue=0, dot_from=grad)
+    else:  # R = P^T G (r x n)
+        r = proj.shape[1]
+        out = torch.empty((r, n), dtype=torch.float32, device=grad.device)
+        kd._gemm(proj, grad, out, r, n, m, (proj.stride(1), proj.stride(0)), grad.stride(), out.stride(),
+                 epilogue=0, dot_from=grad)
+    return out
+
+
+def projection_project_adam_triton(
+    grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices=None, q_scale=None, q_min=None, rank=0,
+    group_size=0,
+):
     """Triton backend of ``lowrank_kernels::projection_project_adam`` (arguments as the op).
 
     One kernel: ``R`` tile by tile with float32 accumulation, the Adam moments updated
     in place in its epilogue, ``N = M / (sqrt(V) + eps)`` returned in the moments' dtype.
+    The projector's kind picks the tile loader's ``PROJ_MODE`` (dense, DCT gather, INT4).
     """
+    m, n = grad.shape
+    desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
     _check_dtypes(
         "projection_project_adam",
-        (("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
+        (("grad", grad),) + named + (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
     )
-    return _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+    return _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
 
 
-def projection_backproject_apply_triton(param, update, proj, side, alpha, decay):
+def projection_backproject_apply_triton(
+    param, update, proj, side, alpha, decay, indices=None, q_scale=None, q_min=None, rank=0, group_size=0,
+    row_decay=None, row_alpha=None,
+):
     """Triton backend of ``lowrank_kernels::projection_backproject_apply`` (arguments as the op).
 
     One kernel over tiles of ``param``: ``param = decay * param + alpha * back(update)``
     in place, in ``param``'s dtype, with float32 accumulation and no full-size temporary.
+
+    Per-row factors are folded around that kernel for now (its epilogue takes scalars):
+    ``row_decay`` scales ``param``'s rows first (one extra elementwise pass over ``param``,
+    rounded to its dtype in between); ``row_alpha`` scales the rows of ``update``
+    (side="right": ``back(N)[i] = N[i] P``, low-rank sized) or of the projector
+    (side="left": ``back(N)[i] = P[i] N``; the projector is then materialized dense,
+    ``m x r`` float32, for a DCT or INT4 projector).
     """
-    _check_dtypes("projection_backproject_apply", (("param", param), ("update", update), ("proj", proj)))
-    _launch_backproject_apply(param, update, proj, side, alpha, decay)
+    m, n = param.shape
+    desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
+    _check_dtypes("projection_backproject_apply", (("param", param), ("update", update)) + named)
+    if row_decay is not None:
+        param.mul_(row_decay.unsqueeze(1))  # computed in float32, rounded to param's dtype
+    if row_alpha is not None:
+        if side == "right":
+            update = update.to(torch.float32) * row_alpha.unsqueeze(1)
+        else:
+            desc = _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size) * row_alpha.unsqueeze(1)
+    _launch_backproject_apply(param, update, desc, side, alpha, decay)
+
+
+def _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size):
+    """The dense ``m x r`` left projector, float32 (or the dense one as given)."""
+    if indices is not None:
+        return proj.index_select(0, indices.long()).T.to(torch.float32)
+    if q_scale is not None:
+        from lowrank_kernels.kernels import quant as kq
+
+        return kq.quant_int4_unpack_triton(proj, q_scale, q_min, (m, rank), torch.float32, group_size)
+    return proj
 
 
 def projection_project_update_backproject_triton(
-    param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale
+    param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale, indices=None,
+    q_scale=None, q_min=None, rank=0, group_size=0,
 ):
     """Triton backend of ``lowrank_kernels::projection_project_update_backproject``.
 
@@ -601,10 +682,41 @@ def projection_project_update_backproject_triton(
     ``param = (1 - lr * wd) * param - step_size * scale * back(N)`` with
     ``step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step)``.
     """
+    m, n = param.shape
+    desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
     _check_dtypes(
         "projection_project_update_backproject",
-        (("param", param), ("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
+        (("param", param), ("grad", grad)) + named + (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
     )
-    n_upd = _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+    n_upd = _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
     step_size = adam_step_size(lr, beta1, beta2, step)
-    _launch_backproject_apply(param, n_upd, proj, side, -step_size * scale, 1.0 - lr * weight_decay)
+    _launch_backproject_apply(param, n_upd, desc, side, -step_size * scale, 1.0 - lr * weight_decay)
+
+
+def projection_foreach_project_update_backproject_triton(
+    params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0,
+):
+    """Triton backend of ``lowrank_kernels::projection_foreach_project_update_backproject``.
+
+    For now a loop over the single-tensor launchers (two launches per parameter), after a
+    dtype check of every entry (so an unsupported dtype fails before any write). A grouped
+    launch over the whole list (pointer/shape tables, one tile scheduler) is later work.
+    """
+    from lowrank_kernels.reference.projection import projector_tail
+
+    n = len(params)
+    tails = [projector_tail(indices, q_scale, q_min, rank, group_size, i) for i in range(n)]
+    for i in range(n):
+        m_, n_ = params[i].shape
+        _, named = _projector(projs[i], side, m_, n_, *tails[i])
+        _check_dtypes(
+            f"projection_foreach_project_update_backproject (parameter {i})",
+            (("param", params[i]), ("grad", grads[i])) + named
+            + (("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i])),
+        )
+    for i in range(n):
+        projection_project_update_backproject_triton(
+            params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
+            weight_decay[i], scale[i], *tails[i],
+        )

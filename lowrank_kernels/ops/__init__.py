@@ -15,10 +15,13 @@ from ._registry import (  # noqa: F401
 from .projection import (  # noqa: F401
     backproject_apply_,
     low_rank_shape,
+    project,
     project_adam_,
+    foreach_project_update_backproject_,
     project_update_backproject_,
     register_projector_type,
 )
+from .adam import adam_foreach_update_, adam_update_  # noqa: F401
 from .dct import DCTProjector, dct_basis, dct_project, dct_score_topk, dct_scores  # noqa: F401
 from .quant import Int4Projector, int4_pack, int4_unpack, int8_dequantize, int8_quantize, int8_update_sr_  # noqa: F401
 
@@ -34,9 +37,13 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "use_backend",
+    "project",
     "project_adam_",
     "backproject_apply_",
     "project_update_backproject_",
+    "adam_update_",
+    "foreach_project_update_backproject_",
+    "adam_foreach_update_",
     "low_rank_shape",
     "DCTProjector",
     "dct_basis",

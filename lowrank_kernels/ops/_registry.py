@@ -263,10 +263,20 @@ def resolve_backend(op: OpDef, device: torch.device) -> str:
     return "reference"
 
 
-def _first_device(args) -> torch.device:
+def _first_device(args) -> Optional[torch.device]:
+    """The device of the first tensor argument (looking into tensor lists too); None for a
+    multi-tensor op called on empty lists."""
+    has_list = False
     for a in args:
         if isinstance(a, torch.Tensor):
             return a.device
+        if isinstance(a, (list, tuple)):
+            has_list = True
+            for t in a:
+                if isinstance(t, torch.Tensor):
+                    return t.device
+    if has_list:  # a multi-tensor op on empty lists: nothing to do on any device
+        return None
     raise TypeError("an op was called without any tensor argument")
 
 
@@ -304,7 +314,9 @@ def define_op(
     def router(*args):
         if validate is not None:
             validate(*args)
-        backend = resolve_backend(op, _first_device(args))
+        device = _first_device(args)
+        # Empty tensor lists: the reference's loop does nothing (no backend is needed).
+        backend = "reference" if device is None else resolve_backend(op, device)
         if backend == "reference":
             return reference(*args)
         if backend == "cpp":

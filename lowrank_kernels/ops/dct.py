@@ -1,5 +1,5 @@
 """The DCT family: a shared orthonormal DCT-II basis, fused scoring + top-k, and the
-projection family driven by basis indices instead of a dense projector.
+DCT projector (basis indices instead of a dense projector) of the projection family.
 
 This is the SVD-free projector of DCT-AdamW (ALGORITHMS.md): one basis per size ``s``
 shared by every layer, ``r`` basis vectors chosen per layer by their alignment with
@@ -10,14 +10,12 @@ Ops (``torch.ops.lowrank_kernels.*``):
 
 - ``dct_scores(grad, basis, side, norm) -> scores`` (float32; float64 for float64 input)
 - ``dct_score_topk(grad, basis, k, side, norm) -> indices`` (int32)
-- ``dct_project(grad, basis, indices, side) -> R`` (float32; float64 for float64 input)
-- ``dct_project_adam(grad, basis, indices, exp_avg!, exp_avg_sq!, side, beta1, beta2, eps) -> N``
-- ``dct_backproject_apply(param!, update, basis, indices, side, alpha, decay) -> ()``
-- ``dct_project_update_backproject(param!, grad, basis, indices, exp_avg!, exp_avg_sq!, side,
-  lr, beta1, beta2, eps, step, weight_decay, scale) -> ()``
 
-The last three are what :func:`project_adam_`, :func:`backproject_apply_` and
-:func:`project_update_backproject_` run when ``proj`` is a :class:`DCTProjector`.
+A :class:`DCTProjector` (basis + indices) is the projection family's DCT projector
+kind: :func:`dct_project`, :func:`project_adam_`, :func:`backproject_apply_` and
+:func:`project_update_backproject_` run the ``projection_*`` ops
+(lowrank_kernels/ops/projection.py) with ``proj=basis, indices=indices``, whose kernels
+gather the selected basis rows as they load projector tiles.
 """
 from __future__ import annotations
 
@@ -29,11 +27,9 @@ import torch
 from lowrank_kernels.reference import dct as ref
 
 from . import _checks as C
-from ._registry import define_op, fake_no_output
-from .projection import low_rank_shape, register_projector_type
-from .projection import _check_hyper, _check_moments  # shared validators of the projection family
-
-INDEX_DTYPES = (torch.int32, torch.int64)
+from ._registry import define_op
+from . import projection as _proj
+from .projection import INDEX_DTYPES, register_projector_type  # noqa: F401
 NORMS = (1, 2)
 
 # --------------------------------------------------------------------------- the basis
@@ -113,22 +109,6 @@ def _check_norm(op, norm):
     C.fail_value(type(norm) is int and norm in NORMS, op, lambda: f"norm must be 1 or 2, got {norm!r}")
 
 
-def _check_indices(op, indices, m, n, s, side, max_rank=None):
-    C.check_tensor(indices, "indices", op)
-    C.fail_type(indices.dtype in INDEX_DTYPES, op, lambda: f"indices must be int32 or int64, got {indices.dtype}")
-    C.check_ndim(indices, "indices", op, 1)
-    r = indices.shape[0]
-    hi = s if max_rank is None else max_rank
-    C.fail_value(1 <= r <= hi, op, lambda: f"the number of indices ({r}) must be between 1 and {hi}")
-    # Range check on CPU only: on CUDA it would cost a device sync per call (the
-    # optimizer only ever passes indices produced by dct_score_topk).
-    if indices.device.type == "cpu" and type(indices) is torch.Tensor and indices.numel() > 0:
-        lo_t, hi_t = torch.aminmax(indices)  # one pass for both
-        lo_v, hi_v = int(lo_t), int(hi_t)
-        C.fail_value(0 <= lo_v and hi_v < s, op, lambda: f"indices must lie in [0, {s}), got values in [{lo_v}, {hi_v}]")
-    return r
-
-
 def validate_scores(grad, basis, side, norm, *, op="dct_scores"):
     _check_grad_basis(op, grad, basis, side, batched=True)
     _check_norm(op, norm)
@@ -138,61 +118,6 @@ def validate_score_topk(grad, basis, k, side, norm, *, op="dct_score_topk"):
     _, _, s = _check_grad_basis(op, grad, basis, side, batched=True)
     _check_norm(op, norm)
     C.fail_value(1 <= k <= s, op, lambda: f"k ({k}) must be between 1 and the basis order {s}")
-
-
-def validate_project(grad, basis, indices, side, *, op="dct_project"):
-    m, n, s = _check_grad_basis(op, grad, basis, side)
-    _check_indices(op, indices, m, n, s, side)
-    C.check_same_device(op, [("grad", grad), ("indices", indices)])
-
-
-def validate_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_", _spans=None):
-    m, n, s = _check_grad_basis(op, grad, basis, side)
-    r = _check_indices(op, indices, m, n, s, side, max_rank=min(m, n))
-    _check_moments(op, exp_avg, exp_avg_sq, low_rank_shape(m, n, r, side), grad.dtype)
-    _check_hyper(op, beta1, beta2, eps)
-    C.check_same_device(
-        op, [("grad", grad), ("indices", indices), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
-    )
-    C.check_no_overlap(
-        op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("grad", grad), ("basis", basis)],
-        spans=_spans,
-    )
-
-
-def validate_backproject_apply(param, update, basis, indices, side, alpha, decay, *, op="backproject_apply_"):
-    C.check_side(side, op)
-    C.check_float(param, "param", op)
-    C.check_ndim(param, "param", op, 2)
-    m, n = param.shape
-    s = basis_size(m, n, side)
-    C.check_float(basis, "basis", op)
-    C.check_shape(basis, "basis", op, (s, s), lambda: f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
-    r = _check_indices(op, indices, m, n, s, side, max_rank=min(m, n))
-    C.check_float(update, "update", op)
-    C.check_shape(update, "update", op, low_rank_shape(m, n, r, side), "the low-rank update's shape")
-    C.check_same_device(op, [("param", param), ("update", update), ("basis", basis), ("indices", indices)])
-    C.check_no_overlap(op, [("param", param)], [("update", update), ("basis", basis)])
-
-
-def validate_project_update_backproject(
-    param, grad, basis, indices, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale,
-    *, op="project_update_backproject_",
-):
-    C.check_float(param, "param", op)
-    C.check_ndim(param, "param", op, 2)
-    spans = {}
-    validate_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op, _spans=spans)
-    C.check_shape(grad, "grad", op, param.shape, "the parameter's shape")
-    C.fail_value(step >= 1, op, lambda: f"step must be >= 1 (1-based, after increment), got {step}")
-    C.fail_value(lr >= 0.0, op, lambda: f"lr must be >= 0, got {lr}")
-    C.check_same_device(op, [("param", param), ("grad", grad)])
-    C.check_no_overlap(
-        op,
-        [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
-        [("grad", grad), ("basis", basis)],
-        spans=spans,
-    )
 
 
 # --------------------------------------------------------------------------- fakes
@@ -207,16 +132,6 @@ def _fake_scores(grad, basis, side, norm):
 
 def _fake_score_topk(grad, basis, k, side, norm):
     return grad.new_empty((*grad.shape[:-2], k), dtype=ref.INDEX_DTYPE)
-
-
-def _fake_project(grad, basis, indices, side):
-    m, n = grad.shape
-    return grad.new_empty(low_rank_shape(m, n, indices.shape[0], side), dtype=_acc_dtype(grad, basis))
-
-
-def _fake_project_adam(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
-    return exp_avg.new_empty(exp_avg.shape)
-
 
 
 # --------------------------------------------------------------------------- ops
@@ -236,44 +151,6 @@ score_topk_op = define_op(
     reference=ref.dct_score_topk_ref,
     fake=_fake_score_topk,
     validate=validate_score_topk,
-)
-
-project_op = define_op(
-    "dct_project",
-    "(Tensor grad, Tensor basis, Tensor indices, str side) -> Tensor",
-    family="dct",
-    reference=ref.dct_project_ref,
-    fake=_fake_project,
-    validate=validate_project,
-)
-
-project_adam_op = define_op(
-    "dct_project_adam",
-    "(Tensor grad, Tensor basis, Tensor indices, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, "
-    "float beta1, float beta2, float eps) -> Tensor",
-    family="dct",
-    reference=ref.dct_project_adam_ref,
-    fake=_fake_project_adam,
-    validate=validate_project_adam,
-)
-
-backproject_apply_op = define_op(
-    "dct_backproject_apply",
-    "(Tensor(a!) param, Tensor update, Tensor basis, Tensor indices, str side, float alpha, float decay) -> ()",
-    family="dct",
-    reference=ref.dct_backproject_apply_ref,
-    fake=fake_no_output,
-    validate=validate_backproject_apply,
-)
-
-project_update_backproject_op = define_op(
-    "dct_project_update_backproject",
-    "(Tensor(a!) param, Tensor grad, Tensor basis, Tensor indices, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-    "str side, float lr, float beta1, float beta2, float eps, int step, float weight_decay, float scale) -> ()",
-    family="dct",
-    reference=ref.dct_project_update_backproject_ref,
-    fake=fake_no_output,
-    validate=validate_project_update_backproject,
 )
 
 
@@ -363,13 +240,17 @@ def dct_score_topk(
     if not return_lowrank:
         return idx
     C.fail_value(grad.dim() == 2, "dct_score_topk", "return_lowrank=True needs a 2-D grad")
-    return idx, project_op(grad, basis, idx, side)
+    return idx, _proj.project_op(grad, basis, side, idx)
 
 
 def dct_project(grad: torch.Tensor, proj: DCTProjector, *, side: str) -> torch.Tensor:
-    """``R = G P^T`` (right) or ``P^T G`` (left) for ``P`` given by ``proj``; float32 (float64 for float64)."""
+    """``R = G P^T`` (right) or ``P^T G`` (left) for ``P`` given by ``proj``; float32 (float64 for float64).
+
+    The projection GEMM without an epilogue: the op ``projection_project`` with the DCT
+    projector (the same as :func:`lowrank_kernels.ops.projection.project`).
+    """
     _check_projector_type(proj, "dct_project")
-    return project_op(grad, proj.basis, proj.indices, side)
+    return _proj.project_op(grad, proj.basis, side, proj.indices)
 
 
 def _check_projector_type(proj, op):
@@ -378,29 +259,9 @@ def _check_projector_type(proj, op):
     )
 
 
-def _project_adam(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.999, eps=1e-8):
-    return project_adam_op(
-        grad, proj.basis, proj.indices, exp_avg, exp_avg_sq, side, float(beta1), float(beta2), float(eps)
-    )
+def _op_args(proj: DCTProjector, side, m, n, op):
+    # The ops' DCT projector kind: proj = the basis, indices = the rows (rank from them).
+    return proj.basis, proj.indices, None, None, 0, 0
 
 
-def _backproject_apply(param, update, proj, *, side, alpha, decay=1.0):
-    backproject_apply_op(param, update, proj.basis, proj.indices, side, float(alpha), float(decay))
-
-
-def _project_update_backproject(
-    param, grad, proj, exp_avg, exp_avg_sq, *, side, lr, beta1=0.9, beta2=0.999, eps=1e-8, step,
-    weight_decay=0.0, scale=1.0,
-):
-    project_update_backproject_op(
-        param, grad, proj.basis, proj.indices, exp_avg, exp_avg_sq, side, float(lr), float(beta1), float(beta2),
-        float(eps), int(step), float(weight_decay), float(scale),
-    )
-
-
-register_projector_type(
-    DCTProjector,
-    project_adam_=_project_adam,
-    backproject_apply_=_backproject_apply,
-    project_update_backproject_=_project_update_backproject,
-)
+register_projector_type(DCTProjector, op_args=_op_args)

@@ -1,11 +1,35 @@
-"""The projection family: project + Adam epilogue, back-project + apply, and the fused step.
+"""The projection family: project (+ Adam epilogue), back-project + apply, and the fused step.
 
-Ops (``torch.ops.lowrank_kernels.*``):
+One op per stage, whatever the projector's kind:
 
-- ``projection_project_adam(grad, proj, exp_avg!, exp_avg_sq!, side, beta1, beta2, eps) -> N``
-- ``projection_backproject_apply(param!, update, proj, side, alpha, decay) -> ()``
+- ``projection_project(grad, proj, side, indices?, q_scale?, q_min?, rank, group_size) -> R``
+  (the projection GEMM without an epilogue; float32, float64 for float64 input)
+- ``projection_project_adam(grad, proj, exp_avg!, exp_avg_sq!, side, beta1, beta2, eps,
+  indices?, q_scale?, q_min?, rank, group_size) -> N``
+- ``projection_backproject_apply(param!, update, proj, side, alpha, decay,
+  indices?, q_scale?, q_min?, rank, group_size, row_decay?, row_alpha?) -> ()``
+  (``row_decay`` / ``row_alpha``: optional float32 per-row factors of length ``m``)
 - ``projection_project_update_backproject(param!, grad, proj, exp_avg!, exp_avg_sq!, side,
-  lr, beta1, beta2, eps, step, weight_decay, scale) -> ()``
+  lr, beta1, beta2, eps, step, weight_decay, scale, indices?, q_scale?, q_min?, rank, group_size) -> ()``
+
+The projector is carried by ``proj`` and the trailing optional arguments (all
+defaulted, so a dense projector is passed exactly as before):
+
+- **dense**: ``proj`` is ``P`` (``r x n`` for side="right", ``m x r`` for side="left");
+  ``indices``, ``q_scale``, ``q_min`` are None, ``rank`` and ``group_size`` 0 (``rank`` may
+  also repeat ``P``'s rank).
+- **DCT** (:class:`~lowrank_kernels.ops.DCTProjector`): ``proj`` is the shared ``s x s``
+  DCT basis and ``indices`` (int32/int64, length ``r``) the selected rows:
+  ``P = basis[indices]`` (right) or its transpose (left).
+- **packed INT4** (:class:`~lowrank_kernels.ops.Int4Projector`): ``proj`` is the uint8
+  codes of the row-major dense ``P``, ``q_scale`` / ``q_min`` the float32 per-group scale
+  and minimum, ``rank`` the rank and ``group_size`` the group size (even).
+
+Each op has one validator covering the three kinds (errors name the argument by the
+projector's field: ``proj``, ``basis`` / ``indices``, ``packed`` / ``scale`` /
+``minimum``), one fake impl, one reference (reference/projection.py), one C++ op
+``<op>_cpu`` whose panel loader reads the projector (csrc/cpu/projection.cpp), and one
+Triton launcher whose tile loader reads it (kernels/projection.py, ``PROJ_MODE``).
 """
 from __future__ import annotations
 
@@ -15,6 +39,8 @@ from lowrank_kernels.reference import projection as ref
 
 from . import _checks as C
 from ._registry import define_op, fake_no_output
+
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _proj_rank(proj: torch.Tensor, side: str) -> int:
@@ -26,7 +52,8 @@ def low_rank_shape(m: int, n: int, rank: int, side: str) -> tuple:
     return (m, rank) if side == "right" else (rank, n)
 
 
-def _check_projector(op: str, m: int, n: int, proj: torch.Tensor, side: str) -> int:
+# --------------------------------------------------------------------------- projector checks
+def _check_dense_projector(op: str, m: int, n: int, proj: torch.Tensor, side: str, any_rank: bool = False) -> int:
     C.check_float(proj, "proj", op)
     C.check_ndim(proj, "proj", op, 2)
     if side == "right":
@@ -38,8 +65,111 @@ def _check_projector(op: str, m: int, n: int, proj: torch.Tensor, side: str) -> 
             proj.shape[0] == m, op, lambda: f"side='left' needs proj of shape (m, rank) = ({m}, rank), got {tuple(proj.shape)}"
         )
     rank = _proj_rank(proj, side)
-    C.check_rank(rank, m, n, op, "proj")
+    _check_rank(rank, m, n, side, op, any_rank)
     return rank
+
+
+def _check_rank(rank, m, n, side, op, any_rank):
+    if any_rank:  # the plain projection: any number of projector rows, up to its dimension
+        k = n if side == "right" else m
+        C.fail_value(1 <= rank <= k, op, lambda: f"rank of proj ({rank}) must be between 1 and {k}")
+    else:
+        C.check_rank(rank, m, n, op, "proj")
+
+
+def check_basis(op: str, basis, s: int, side: str) -> None:
+    """``basis`` is a floating ``s x s`` tensor (the DCT basis of the projected side's order)."""
+    C.check_float(basis, "basis", op)
+    C.check_shape(basis, "basis", op, (s, s), lambda: f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
+
+
+def check_indices(op: str, indices, s: int, max_rank=None) -> int:
+    """``indices``: a 1-D int32/int64 vector of 1..max_rank entries in ``[0, s)``; returns its length."""
+    C.check_tensor(indices, "indices", op)
+    C.fail_type(indices.dtype in INDEX_DTYPES, op, lambda: f"indices must be int32 or int64, got {indices.dtype}")
+    C.check_ndim(indices, "indices", op, 1)
+    r = indices.shape[0]
+    hi = s if max_rank is None else max_rank
+    C.fail_value(1 <= r <= hi, op, lambda: f"the number of indices ({r}) must be between 1 and {hi}")
+    # Range check on CPU only: on CUDA it would cost a device sync per call (the
+    # optimizer only ever passes indices produced by dct_score_topk).
+    if indices.device.type == "cpu" and type(indices) is torch.Tensor and indices.numel() > 0:
+        lo_t, hi_t = torch.aminmax(indices)  # one pass for both
+        lo_v, hi_v = int(lo_t), int(hi_t)
+        C.fail_value(0 <= lo_v and hi_v < s, op, lambda: f"indices must lie in [0, {s}), got values in [{lo_v}, {hi_v}]")
+    return r
+
+
+def check_group_size(group_size, op: str, even: bool) -> None:
+    C.fail_value(
+        isinstance(group_size, int) and group_size >= (2 if even else 1) and (not even or group_size % 2 == 0),
+        op,
+        lambda: f"group_size must be a positive{' even' if even else ''} int, got {group_size!r}",
+    )
+
+
+def check_uint8(t, name: str, op: str) -> None:
+    C.check_tensor(t, name, op)
+    C.fail_type(t.dtype == torch.uint8, op, lambda: f"{name} must be uint8, got {t.dtype}")
+    C.fail_value(t.is_contiguous(), op, lambda: f"{name} must be contiguous")
+
+
+def check_stats(scale, minimum, groups: int, op: str) -> None:
+    for name, t in (("scale", scale), ("minimum", minimum)):
+        C.check_tensor(t, name, op)
+        C.fail_type(t.dtype == torch.float32, op, lambda: f"{name} must be float32, got {t.dtype}")
+        C.check_shape(t, name, op, (groups,), "one value per group")
+        C.fail_value(t.is_contiguous(), op, lambda: f"{name} must be contiguous")
+
+
+def check_packed(packed, scale, minimum, numel: int, group_size: int, op: str) -> None:
+    """A packed INT4 tensor of ``numel`` values: ``ceil(numel / 2)`` bytes, float32 stats per group."""
+    check_uint8(packed, "packed", op)
+    C.check_shape(packed, "packed", op, ((numel + 1) // 2,), "ceil(numel / 2) bytes")
+    check_stats(scale, minimum, (numel + group_size - 1) // group_size, op)
+    C.check_same_device(op, [("packed", packed), ("scale", scale), ("minimum", minimum)])
+
+
+def check_projector(op, m, n, side, proj, indices, q_scale, q_min, rank, group_size, any_rank=False):
+    """Validate a projector of any kind for an ``m x n`` matrix (``side`` already checked).
+
+    The rank must lie in ``[1, min(m, n)]`` (the Adam ops), or with ``any_rank`` (the
+    plain projection) in ``[1, K]``, ``K`` the projected dimension. Returns
+    ``(rank, read)``: the projector's rank and its tensors as ``(name, tensor)`` pairs
+    (for the device and aliasing checks).
+    """
+    if indices is None and q_scale is None and q_min is None:  # dense: the common case first
+        r = _check_dense_projector(op, m, n, proj, side, any_rank)
+        read = [("proj", proj)]
+    elif indices is not None and q_scale is None and q_min is None:  # DCT
+        s = n if side == "right" else m
+        check_basis(op, proj, s, side)
+        r = check_indices(op, indices, s, max_rank=None if any_rank else min(m, n))
+        read = [("basis", proj), ("indices", indices)]
+    elif indices is None and q_scale is not None and q_min is not None:  # packed INT4
+        check_group_size(group_size, op, even=True)
+        C.fail_value(isinstance(rank, int), op, lambda: f"rank must be an int, got {rank!r}")
+        _check_rank(rank, m, n, side, op, any_rank)
+        check_packed(proj, q_scale, q_min, rank * (n if side == "right" else m), group_size, op)
+        return rank, [("packed", proj), ("scale", q_scale), ("minimum", q_min)]
+    else:
+        raise ValueError(
+            f"{op}: a projector is dense (no indices, q_scale, q_min), DCT (indices) or packed INT4 "
+            f"(q_scale and q_min), got indices={'set' if indices is not None else 'None'}, "
+            f"q_scale={'set' if q_scale is not None else 'None'}, q_min={'set' if q_min is not None else 'None'}"
+        )
+    C.fail_value(rank == 0 or rank == r, op, lambda: f"rank must be 0 or the projector's rank {r}, got {rank!r}")
+    C.fail_value(group_size == 0, op, lambda: f"group_size is for packed INT4 projectors only and must be 0, got {group_size!r}")
+    return r, read
+
+
+def _projector_rank(proj, side, indices, q_scale, rank) -> int:
+    """The rank of an already validated projector (for the fake impls)."""
+    if indices is not None:
+        return indices.shape[0]
+    if q_scale is not None:
+        return rank
+    return _proj_rank(proj, side)
 
 
 def _check_moments(op, exp_avg, exp_avg_sq, shape, param_dtype):
@@ -57,38 +187,64 @@ def _check_hyper(op, beta1, beta2, eps):
     C.fail_value(eps >= 0.0, op, lambda: f"eps must be >= 0, got {eps}")
 
 
-def validate_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_", _spans=None):
+# --------------------------------------------------------------------------- validators
+def validate_project(grad, proj, side, indices=None, q_scale=None, q_min=None, rank=0, group_size=0, *, op="project"):
     C.check_side(side, op)
     C.check_float(grad, "grad", op)
     C.check_ndim(grad, "grad", op, 2)
     m, n = grad.shape
-    rank = _check_projector(op, m, n, proj, side)
-    _check_moments(op, exp_avg, exp_avg_sq, low_rank_shape(m, n, rank, side), grad.dtype)
+    _, read = check_projector(op, m, n, side, proj, indices, q_scale, q_min, rank, group_size, any_rank=True)
+    C.check_same_device(op, [("grad", grad)] + read)
+
+
+def validate_project_adam(
+    grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices=None, q_scale=None, q_min=None, rank=0,
+    group_size=0, *, op="project_adam_", _spans=None,
+):
+    C.check_side(side, op)
+    C.check_float(grad, "grad", op)
+    C.check_ndim(grad, "grad", op, 2)
+    m, n = grad.shape
+    r, read = check_projector(op, m, n, side, proj, indices, q_scale, q_min, rank, group_size)
+    _check_moments(op, exp_avg, exp_avg_sq, low_rank_shape(m, n, r, side), grad.dtype)
     _check_hyper(op, beta1, beta2, eps)
-    C.check_same_device(op, [("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
-    C.check_no_overlap(op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("grad", grad), ("proj", proj)], spans=_spans)
+    C.check_same_device(op, [("grad", grad)] + read + [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
+    C.check_no_overlap(op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("grad", grad)] + read, spans=_spans)
+    return read
 
 
-def validate_backproject_apply(param, update, proj, side, alpha, decay, *, op="backproject_apply_"):
+def validate_backproject_apply(
+    param, update, proj, side, alpha, decay, indices=None, q_scale=None, q_min=None, rank=0, group_size=0,
+    row_decay=None, row_alpha=None, *, op="backproject_apply_",
+):
     C.check_side(side, op)
     C.check_float(param, "param", op)
     C.check_ndim(param, "param", op, 2)
     m, n = param.shape
-    rank = _check_projector(op, m, n, proj, side)
+    r, read = check_projector(op, m, n, side, proj, indices, q_scale, q_min, rank, group_size)
     C.check_float(update, "update", op)
-    C.check_shape(update, "update", op, low_rank_shape(m, n, rank, side), "the low-rank update's shape")
-    C.check_same_device(op, [("param", param), ("update", update), ("proj", proj)])
-    C.check_no_overlap(op, [("param", param)], [("update", update), ("proj", proj)])
+    C.check_shape(update, "update", op, low_rank_shape(m, n, r, side), "the low-rank update's shape")
+    for name, v in (("row_decay", row_decay), ("row_alpha", row_alpha)):
+        if v is not None:
+            C.check_tensor(v, name, op)
+            C.fail_type(v.dtype == torch.float32, op, lambda: f"{name} must be float32, got {v.dtype}")
+            C.check_shape(v, name, op, (m,), "one factor per row of param")
+            read = read + [(name, v)]
+    C.check_same_device(op, [("param", param), ("update", update)] + read)
+    C.check_no_overlap(op, [("param", param)], [("update", update)] + read)
 
 
 def validate_project_update_backproject(
-    param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale,
-    *, op="project_update_backproject_",
+    param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale, indices=None,
+    q_scale=None, q_min=None, rank=0, group_size=0, *, op="project_update_backproject_",
 ):
     C.check_float(param, "param", op)
     C.check_ndim(param, "param", op, 2)
     spans = {}
-    validate_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op, _spans=spans)
+    read = validate_project_adam(
+        grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices, q_scale, q_min, rank, group_size,
+        op=op, _spans=spans,
+    )
     C.check_shape(grad, "grad", op, param.shape, "the parameter's shape")
     C.fail_value(step >= 1, op, lambda: f"step must be >= 1 (1-based, after increment), got {step}")
     C.fail_value(lr >= 0.0, op, lambda: f"lr must be >= 0, got {lr}")
@@ -96,20 +252,39 @@ def validate_project_update_backproject(
     C.check_no_overlap(
         op,
         [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
-        [("grad", grad), ("proj", proj)],
+        [("grad", grad)] + read,
         spans=spans,
     )
 
 
-def _fake_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
+# --------------------------------------------------------------------------- fakes
+def _fake_project(grad, proj, side, indices=None, q_scale=None, q_min=None, rank=0, group_size=0):
+    m, n = grad.shape
+    r = _projector_rank(proj, side, indices, q_scale, rank)
+    f64 = grad.dtype == torch.float64 or (q_scale is None and proj.dtype == torch.float64)
+    return grad.new_empty(low_rank_shape(m, n, r, side), dtype=torch.float64 if f64 else torch.float32)
+
+
+def _fake_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *projector):
     return exp_avg.new_empty(exp_avg.shape)
 
 
+# --------------------------------------------------------------------------- ops
+_PROJECTOR_ARGS = "Tensor? indices=None, Tensor? q_scale=None, Tensor? q_min=None, int rank=0, int group_size=0"
+
+project_op = define_op(
+    "projection_project",
+    f"(Tensor grad, Tensor proj, str side, {_PROJECTOR_ARGS}) -> Tensor",
+    family="projection",
+    reference=ref.projection_project_ref,
+    fake=_fake_project,
+    validate=validate_project,
+)
 
 project_adam_op = define_op(
     "projection_project_adam",
     "(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, "
-    "float beta1, float beta2, float eps) -> Tensor",
+    f"float beta1, float beta2, float eps, {_PROJECTOR_ARGS}) -> Tensor",
     family="projection",
     reference=ref.projection_project_adam_ref,
     fake=_fake_project_adam,
@@ -118,7 +293,8 @@ project_adam_op = define_op(
 
 backproject_apply_op = define_op(
     "projection_backproject_apply",
-    "(Tensor(a!) param, Tensor update, Tensor proj, str side, float alpha, float decay) -> ()",
+    f"(Tensor(a!) param, Tensor update, Tensor proj, str side, float alpha, float decay, {_PROJECTOR_ARGS}, "
+    "Tensor? row_decay=None, Tensor? row_alpha=None) -> ()",
     family="projection",
     reference=ref.projection_backproject_apply_ref,
     fake=fake_no_output,
@@ -128,7 +304,7 @@ backproject_apply_op = define_op(
 project_update_backproject_op = define_op(
     "projection_project_update_backproject",
     "(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, str side, "
-    "float lr, float beta1, float beta2, float eps, int step, float weight_decay, float scale) -> ()",
+    f"float lr, float beta1, float beta2, float eps, int step, float weight_decay, float scale, {_PROJECTOR_ARGS}) -> ()",
     family="projection",
     reference=ref.projection_project_update_backproject_ref,
     fake=fake_no_output,
@@ -136,64 +312,180 @@ project_update_backproject_op = define_op(
 )
 
 
+# --------------------------------------------------------------------------- multi-tensor form
+projector_tail = ref.projector_tail
+
+
+# One call for a bucket of parameters with one side, one projector kind and one set of
+# Adam betas/eps: per-parameter tensors in lists, per-parameter lr / step / weight decay /
+# scale in lists. The projector lists (indices, q_scale, q_min, rank) are empty when not
+# given (a dense bucket; rank from the projectors), as the op schema has no optional lists. Reference: a loop over the single-tensor reference. C++: the same loop
+# behind one dispatcher call. Triton: a loop over the single-tensor launchers (two
+# launches per parameter; a grouped launch over the whole list is later work).
+def _list_len(op, name, xs, n):
+    C.fail_type(isinstance(xs, (list, tuple)), op, lambda: f"{name} must be a list, got {type(xs).__name__}")
+    C.fail_value(len(xs) == n, op, lambda: f"{name} must have one entry per parameter ({n}), got {len(xs)}")
+
+
+def validate_foreach_project_update_backproject(
+    params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0, *, op="foreach_project_update_backproject_",
+):
+    n = len(params)
+    for name, xs in (("grads", grads), ("projs", projs), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                     ("lr", lr), ("step", step), ("weight_decay", weight_decay), ("scale", scale)):
+        _list_len(op, name, xs, n)
+    for name, xs in (("indices", indices), ("q_scale", q_scale), ("q_min", q_min), ("rank", rank)):
+        if len(xs):  # an empty list: not given (the dense kind, or rank taken from the projectors)
+            _list_len(op, name, xs, n)
+    written = []
+    for i in range(n):
+        tail = projector_tail(indices, q_scale, q_min, rank, group_size, i)
+        validate_project_update_backproject(
+            params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
+            weight_decay[i], scale[i], *tail, op=f"{op} (parameter {i})",
+        )
+        written += [(f"params[{i}]", params[i]), (f"exp_avgs[{i}]", exp_avgs[i]), (f"exp_avg_sqs[{i}]", exp_avg_sqs[i])]
+    # Across parameters: no written tensor may share memory with another entry's tensors.
+    if n > 1:
+        read = []
+        for i in range(n):
+            read += [(f"grads[{i}]", grads[i]), (f"projs[{i}]", projs[i])]
+        C.check_no_overlap(op, written, read)
+
+
+foreach_project_update_backproject_op = define_op(
+    "projection_foreach_project_update_backproject",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "str side, float[] lr, float beta1, float beta2, float eps, int[] step, float[] weight_decay, float[] scale, "
+    "Tensor[] indices, Tensor[] q_scale, Tensor[] q_min, int[] rank, int group_size) -> ()",
+    family="projection",
+    reference=ref.projection_foreach_project_update_backproject_ref,
+    fake=fake_no_output,
+    validate=validate_foreach_project_update_backproject,
+)
+
+
 # --------------------------------------------------------------------------- structured projectors
-# A projector need not be a dense tensor: the DCT family passes basis indices, the
-# quant family a packed INT4 projector. Such a type registers the ops that serve it,
-# and the public functions below route to them, with the same keyword arguments.
+# A projector need not be a dense tensor. A projector type either maps itself onto the
+# ops' projector arguments (``op_args``: DCTProjector, Int4Projector), or, for a kind the
+# ops do not know, supplies its own implementation of each public function.
 _STRUCTURED = {}
 
 
-def register_projector_type(cls, *, project_adam_, backproject_apply_, project_update_backproject_):
+def register_projector_type(cls, *, op_args=None, project_adam_=None, backproject_apply_=None,
+                            project_update_backproject_=None):
     """Let ``cls`` instances stand in for ``proj`` in the public projection functions.
 
-    Each callable takes the public function's arguments (``proj`` being the ``cls``
-    instance) and must validate them and run the step on its own ops.
+    Either ``op_args(proj, side, m, n, op) -> (proj_tensor, indices, q_scale, q_min, rank,
+    group_size)``, the projector as the ops' projector arguments (see the module doc;
+    it may raise a clear error for a projector that does not fit ``side`` / ``m x n``),
+    or all three callables, each taking the public function's arguments (``proj`` being
+    the ``cls`` instance), validating them and running the step on its own ops.
     """
+    impls = (project_adam_, backproject_apply_, project_update_backproject_)
+    if op_args is None and any(f is None for f in impls):
+        raise TypeError("register_projector_type: give op_args, or project_adam_, backproject_apply_ and "
+                        "project_update_backproject_")
     _STRUCTURED[cls] = {
+        "op_args": op_args,
         "project_adam_": project_adam_,
         "backproject_apply_": backproject_apply_,
         "project_update_backproject_": project_update_backproject_,
     }
 
 
+_DENSE_TAIL = (None, None, None, 0, 0)
+
+
 def _structured(proj, fn_name):
+    """None for a dense tensor, else the registered entry of ``proj``'s type."""
     if isinstance(proj, torch.Tensor):
         return None
     for cls, impls in _STRUCTURED.items():
         if isinstance(proj, cls):
-            return impls[fn_name]
+            return impls
     raise TypeError(
         f"{fn_name}: proj must be a Tensor or one of {[c.__name__ for c in _STRUCTURED]}, got {type(proj).__name__}"
     )
 
 
+def _matrix_shape(t, name, op):
+    C.check_float(t, name, op)
+    C.check_ndim(t, name, op, 2)
+    return t.shape
+
+
+def _op_args(entry, proj, side, mat, name, op):
+    m, n = _matrix_shape(mat, name, op)
+    C.check_side(side, op)
+    return entry["op_args"](proj, side, m, n, op)
+
+
 # --------------------------------------------------------------------------- public API
+def project(grad, proj, *, side):
+    """``R = G P^T`` (``side="right"``) or ``P^T G`` (``side="left"``): the projection alone.
+
+    ``proj`` is a dense tensor, a :class:`~lowrank_kernels.ops.DCTProjector` or an
+    :class:`~lowrank_kernels.ops.Int4Projector`. Returns a new float32 tensor (float64 when
+    the gradient or a dense/DCT projector is float64) of the low-rank shape.
+    """
+    entry = _structured(proj, "project")
+    if entry is None:
+        return project_op(grad, proj, side)
+    if entry["op_args"] is None:
+        raise TypeError(f"project: {type(proj).__name__} does not map onto the projection ops' projector arguments")
+    p, *tail = _op_args(entry, proj, side, grad, "grad", "project")
+    return project_op(grad, p, side, *tail)
+
+
 def project_adam_(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.999, eps=1e-8):
     """Project the gradient and run the Adam moment update in the subspace.
 
     ``R = G P^T`` (``side="right"``, ``proj`` is ``r x n``) or ``R = P^T G``
     (``side="left"``, ``proj`` is ``m x r``), computed with float32 accumulation;
     then ``exp_avg <- beta1 exp_avg + (1 - beta1) R`` and
-    ``exp_avg_sq <- beta2 exp_avg_sq + (1 - beta2) R^2`` in place.
+    ``exp_avg_sq <- beta2 exp_avg_sq + (1 - beta2) R^2`` in place. ``proj`` may also be a
+    :class:`~lowrank_kernels.ops.DCTProjector` or an :class:`~lowrank_kernels.ops.Int4Projector`.
 
     Returns ``N = exp_avg / (sqrt(exp_avg_sq) + eps)`` (no bias correction), a new
     tensor of the low-rank shape in the moments' dtype.
     """
-    impl = _structured(proj, "project_adam_")
-    if impl is not None:
-        return impl(grad, proj, exp_avg, exp_avg_sq, side=side, beta1=beta1, beta2=beta2, eps=eps)
-    return project_adam_op(grad, proj, exp_avg, exp_avg_sq, side, float(beta1), float(beta2), float(eps))
+    entry = _structured(proj, "project_adam_")
+    hyper = (side, float(beta1), float(beta2), float(eps))
+    if entry is None:
+        return project_adam_op(grad, proj, exp_avg, exp_avg_sq, *hyper)
+    if entry["op_args"] is None:
+        return entry["project_adam_"](grad, proj, exp_avg, exp_avg_sq, side=side, beta1=beta1, beta2=beta2, eps=eps)
+    p, *tail = _op_args(entry, proj, side, grad, "grad", "project_adam_")
+    return project_adam_op(grad, p, exp_avg, exp_avg_sq, *hyper, *tail)
 
 
-def backproject_apply_(param, update, proj, *, side, alpha, decay=1.0):
+def backproject_apply_(param, update, proj, *, side, alpha, decay=1.0, row_decay=None, row_alpha=None):
     """``param <- decay * param + alpha * back(update)`` in place, with no full-size temporary.
 
-    ``back(N) = N P`` for ``side="right"`` and ``P N`` for ``side="left"``.
+    ``back(N) = N P`` for ``side="right"`` and ``P N`` for ``side="left"``; ``proj`` as in
+    :func:`project_adam_`.
+
+    ``row_decay`` / ``row_alpha``: optional float32 vectors of length ``m`` (one factor per
+    row of ``param``, either side), combined with the scalars:
+    ``param <- diag(decay * row_decay) param + diag(alpha * row_alpha) back(update)``
+    (e.g. per-row weight decay and per-row learning rates).
     """
-    impl = _structured(proj, "backproject_apply_")
-    if impl is not None:
-        return impl(param, update, proj, side=side, alpha=alpha, decay=decay)
-    backproject_apply_op(param, update, proj, side, float(alpha), float(decay))
+    entry = _structured(proj, "backproject_apply_")
+    rows = () if row_decay is None and row_alpha is None else (row_decay, row_alpha)
+    if entry is None:
+        if rows:
+            backproject_apply_op(param, update, proj, side, float(alpha), float(decay), *_DENSE_TAIL, *rows)
+        else:
+            backproject_apply_op(param, update, proj, side, float(alpha), float(decay))
+        return
+    if entry["op_args"] is None:
+        if rows:
+            raise TypeError(f"backproject_apply_: row_decay / row_alpha are not supported for {type(proj).__name__}")
+        return entry["backproject_apply_"](param, update, proj, side=side, alpha=alpha, decay=decay)
+    p, *tail = _op_args(entry, proj, side, param, "param", "backproject_apply_")
+    backproject_apply_op(param, update, p, side, float(alpha), float(decay), *tail, *rows)
 
 
 def project_update_backproject_(
@@ -205,14 +497,64 @@ def project_update_backproject_(
     ``N = project_adam_(...)``; with ``step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step)``:
     ``param <- (1 - lr * weight_decay) * param - step_size * scale * back(N)``
     (torch.optim.AdamW's order: decay first, on the old weight). ``step`` is 1-based.
+    ``proj`` as in :func:`project_adam_`.
     """
-    impl = _structured(proj, "project_update_backproject_")
-    if impl is not None:
-        return impl(
+    entry = _structured(proj, "project_update_backproject_")
+    hyper = (side, float(lr), float(beta1), float(beta2), float(eps), int(step), float(weight_decay), float(scale))
+    if entry is None:
+        project_update_backproject_op(param, grad, proj, exp_avg, exp_avg_sq, *hyper)
+        return
+    if entry["op_args"] is None:
+        return entry["project_update_backproject_"](
             param, grad, proj, exp_avg, exp_avg_sq, side=side, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             step=step, weight_decay=weight_decay, scale=scale,
         )
-    project_update_backproject_op(
-        param, grad, proj, exp_avg, exp_avg_sq, side, float(lr), float(beta1), float(beta2), float(eps),
-        int(step), float(weight_decay), float(scale),
+    p, *tail = _op_args(entry, proj, side, param, "param", "project_update_backproject_")
+    project_update_backproject_op(param, grad, p, exp_avg, exp_avg_sq, *hyper, *tail)
+
+
+def foreach_project_update_backproject_(
+    params, grads, projs, exp_avgs, exp_avg_sqs, *, side, lr, beta1=0.9, beta2=0.999, eps=1e-8, step,
+    weight_decay=0.0, scale=1.0,
+):
+    """:func:`project_update_backproject_` over lists of parameters in one op call.
+
+    ``params``, ``grads``, ``projs``, ``exp_avgs``, ``exp_avg_sqs``: one entry per
+    parameter; ``lr``, ``step``, ``weight_decay``, ``scale``: a number for all or a list
+    with one per parameter. One ``side``; ``projs`` all dense tensors, all
+    :class:`~lowrank_kernels.ops.DCTProjector`, or all :class:`~lowrank_kernels.ops.Int4Projector`
+    (one bucket: one projector kind). Everything is validated before anything is written.
+    """
+    op = "foreach_project_update_backproject_"
+    n = len(params)
+
+    def per_param(name, v, cast):
+        if isinstance(v, (list, tuple)):
+            return [cast(x) for x in v]
+        return [cast(v)] * n
+
+    lr_l, step_l = per_param("lr", lr, float), per_param("step", step, int)
+    wd_l, sc_l = per_param("weight_decay", weight_decay, float), per_param("scale", scale, float)
+    projs = list(projs)
+    C.fail_value(len(projs) == n, op, lambda: f"projs must have one entry per parameter ({n}), got {len(projs)}")
+    kinds = {type(p) for p in projs}
+    if not projs or all(isinstance(p, torch.Tensor) for p in projs):
+        tail = ([], [], [], [], 0)
+        dense = projs
+    else:
+        C.fail_type(len(kinds) == 1, op, lambda: f"projs must all be of one kind, got {sorted(k.__name__ for k in kinds)}")
+        entry = _structured(projs[0], op)
+        C.fail_type(entry is not None and entry["op_args"] is not None, op,
+                    lambda: f"{type(projs[0]).__name__} does not map onto the projection ops' projector arguments")
+        args = [_op_args(entry, p, side, w, "params", op) for p, w in zip(projs, params)]
+        dense = [a[0] for a in args]
+        idx, qs, qm, rk, gs = zip(*[a[1:] for a in args])
+        C.fail_value(len(set(gs)) == 1, op, lambda: f"projs must share one group_size, got {sorted(set(gs))}")
+        tail = (
+            [] if idx[0] is None else list(idx), [] if qs[0] is None else list(qs),
+            [] if qm[0] is None else list(qm), list(rk), gs[0],
+        )
+    foreach_project_update_backproject_op(
+        list(params), list(grads), dense, list(exp_avgs), list(exp_avg_sqs), side, lr_l, float(beta1), float(beta2),
+        float(eps), step_l, wd_l, sc_l, *tail,
     )

@@ -14,15 +14,14 @@ Ops (``torch.ops.lowrank_kernels.*``):
 - ``quant_int8_quantize(w, group_size) -> (q, scale, minimum)``
 - ``quant_int8_dequantize(q, scale, minimum, group_size, dtype) -> Tensor``
 - ``quant_int8_update_sr(q!, scale!, minimum!, update, decay, alpha, seed, group_size) -> ()``
-- ``quant_int4_project_adam``, ``quant_int4_backproject_apply``,
-  ``quant_int4_project_update_backproject``: the projection family's three ops with
-  the projector given packed (``packed, scale, minimum, rank, group_size``); the
-  kernels dequantize projector tiles as they load them.
 
-:class:`Int4Projector` bundles a packed projector; it is registered with
-:func:`lowrank_kernels.ops.projection.register_projector_type`, so
-``project_adam_`` / ``backproject_apply_`` / ``project_update_backproject_`` accept it
-in place of a dense ``proj``.
+:class:`Int4Projector` bundles a packed projector. It is the projection family's packed
+INT4 projector kind (registered with
+:func:`lowrank_kernels.ops.projection.register_projector_type`): ``project_adam_`` /
+``backproject_apply_`` / ``project_update_backproject_`` accept it in place of a dense
+``proj`` and run the ``projection_*`` ops with ``proj=packed, q_scale=scale,
+q_min=minimum, rank, group_size``, whose kernels dequantize projector tiles as they load
+them.
 """
 from __future__ import annotations
 
@@ -41,33 +40,11 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 # --------------------------------------------------------------------------- checks
-def _check_group_size(group_size, op: str, even: bool) -> None:
-    C.fail_value(
-        isinstance(group_size, int) and group_size >= (2 if even else 1) and (not even or group_size % 2 == 0),
-        op,
-        lambda: f"group_size must be a positive{' even' if even else ''} int, got {group_size!r}",
-    )
-
-
-def _check_uint8(t, name: str, op: str) -> None:
-    C.check_tensor(t, name, op)
-    C.fail_type(t.dtype == torch.uint8, op, lambda: f"{name} must be uint8, got {t.dtype}")
-    C.fail_value(t.is_contiguous(), op, lambda: f"{name} must be contiguous")
-
-
-def _check_stats(scale, minimum, groups: int, op: str) -> None:
-    for name, t in (("scale", scale), ("minimum", minimum)):
-        C.check_tensor(t, name, op)
-        C.fail_type(t.dtype == torch.float32, op, lambda: f"{name} must be float32, got {t.dtype}")
-        C.check_shape(t, name, op, (groups,), "one value per group")
-        C.fail_value(t.is_contiguous(), op, lambda: f"{name} must be contiguous")
-
-
-def _check_packed(packed, scale, minimum, numel: int, group_size: int, op: str) -> None:
-    _check_uint8(packed, "packed", op)
-    C.check_shape(packed, "packed", op, ((numel + 1) // 2,), "ceil(numel / 2) bytes")
-    _check_stats(scale, minimum, ref.num_groups(numel, group_size), op)
-    C.check_same_device(op, [("packed", packed), ("scale", scale), ("minimum", minimum)])
+# The packed-INT4 checks are shared with the projection family's INT4 projector kind.
+_check_group_size = _proj.check_group_size
+_check_uint8 = _proj.check_uint8
+_check_stats = _proj.check_stats
+_check_packed = _proj.check_packed
 
 
 def validate_int4_pack(x, group_size, *, op="int4_pack"):
@@ -111,73 +88,6 @@ def validate_int8_update_sr(q, scale, minimum, update, decay, alpha, seed, group
     C.check_no_overlap(op, [("q", q), ("scale", scale), ("minimum", minimum)], [("update", update)])
 
 
-def _int4_proj_shape(m, n, rank, side):
-    return (rank, n) if side == "right" else (m, rank)
-
-
-def _check_int4_projector(op, m, n, packed, scale, minimum, rank, group_size, side):
-    C.check_side(side, op)
-    _check_group_size(group_size, op, even=True)
-    C.fail_value(isinstance(rank, int), op, lambda: f"rank must be an int, got {rank!r}")
-    C.check_rank(rank, m, n, op, "proj")
-    _check_packed(packed, scale, minimum, rank * (n if side == "right" else m), group_size, op)
-
-
-def validate_int4_project_adam(
-    grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *, op="project_adam_",
-    _spans=None,
-):
-    C.check_side(side, op)
-    C.check_float(grad, "grad", op)
-    C.check_ndim(grad, "grad", op, 2)
-    m, n = grad.shape
-    _check_int4_projector(op, m, n, packed, scale, minimum, rank, group_size, side)
-    _proj._check_moments(op, exp_avg, exp_avg_sq, _proj.low_rank_shape(m, n, rank, side), grad.dtype)
-    _proj._check_hyper(op, beta1, beta2, eps)
-    C.check_same_device(op, [("grad", grad), ("packed", packed), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
-    C.check_no_overlap(
-        op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
-        [("grad", grad), ("packed", packed), ("scale", scale), ("minimum", minimum)],
-        spans=_spans,
-    )
-
-
-def validate_int4_backproject_apply(
-    param, update, packed, scale, minimum, rank, group_size, side, alpha, decay, *, op="backproject_apply_"
-):
-    C.check_side(side, op)
-    C.check_float(param, "param", op)
-    C.check_ndim(param, "param", op, 2)
-    m, n = param.shape
-    _check_int4_projector(op, m, n, packed, scale, minimum, rank, group_size, side)
-    C.check_float(update, "update", op)
-    C.check_shape(update, "update", op, _proj.low_rank_shape(m, n, rank, side), "the low-rank update's shape")
-    C.check_same_device(op, [("param", param), ("update", update), ("packed", packed)])
-    C.check_no_overlap(op, [("param", param)], [("update", update), ("packed", packed), ("scale", scale), ("minimum", minimum)])
-
-
-def validate_int4_project_update_backproject(
-    param, grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step,
-    weight_decay, scale_factor, *, op="project_update_backproject_",
-):
-    C.check_float(param, "param", op)
-    C.check_ndim(param, "param", op, 2)
-    spans = {}
-    validate_int4_project_adam(
-        grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, beta1, beta2, eps, op=op, _spans=spans
-    )
-    C.check_shape(grad, "grad", op, param.shape, "the parameter's shape")
-    C.fail_value(step >= 1, op, lambda: f"step must be >= 1 (1-based, after increment), got {step}")
-    C.fail_value(lr >= 0.0, op, lambda: f"lr must be >= 0, got {lr}")
-    C.check_same_device(op, [("param", param), ("grad", grad)])
-    C.check_no_overlap(
-        op,
-        [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
-        [("grad", grad), ("packed", packed), ("scale", scale), ("minimum", minimum)],
-        spans=spans,
-    )
-
-
 # --------------------------------------------------------------------------- fakes
 def _fake_pack(x, group_size):
     numel = x.numel()
@@ -204,11 +114,6 @@ def _fake_int8_quantize(w, group_size):
 
 def _fake_int8_dequantize(q, scale, minimum, group_size, dtype):
     return q.new_empty(q.shape, dtype=dtype)
-
-
-def _fake_int4_project_adam(grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
-    return exp_avg.new_empty(exp_avg.shape)
-
 
 
 # --------------------------------------------------------------------------- ops
@@ -238,28 +143,6 @@ int8_update_sr_op = define_op(
     "(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) minimum, Tensor update, float decay, float alpha, int seed, "
     "int group_size) -> ()",
     family="quant", reference=ref.quant_int8_update_sr_ref, fake=fake_no_output, validate=validate_int8_update_sr,
-)
-int4_project_adam_op = define_op(
-    "quant_int4_project_adam",
-    "(Tensor grad, Tensor packed, Tensor scale, Tensor minimum, int rank, int group_size, Tensor(a!) exp_avg, "
-    "Tensor(b!) exp_avg_sq, str side, float beta1, float beta2, float eps) -> Tensor",
-    family="quant", reference=ref.quant_int4_project_adam_ref, fake=_fake_int4_project_adam,
-    validate=validate_int4_project_adam,
-)
-int4_backproject_apply_op = define_op(
-    "quant_int4_backproject_apply",
-    "(Tensor(a!) param, Tensor update, Tensor packed, Tensor scale, Tensor minimum, int rank, int group_size, "
-    "str side, float alpha, float decay) -> ()",
-    family="quant", reference=ref.quant_int4_backproject_apply_ref, fake=fake_no_output,
-    validate=validate_int4_backproject_apply,
-)
-int4_project_update_backproject_op = define_op(
-    "quant_int4_project_update_backproject",
-    "(Tensor(a!) param, Tensor grad, Tensor packed, Tensor scale, Tensor minimum, int rank, int group_size, "
-    "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, str side, float lr, float beta1, float beta2, float eps, int step, "
-    "float weight_decay, float scale_factor) -> ()",
-    family="quant", reference=ref.quant_int4_project_update_backproject_ref, fake=fake_no_output,
-    validate=validate_int4_project_update_backproject,
 )
 
 
@@ -350,48 +233,13 @@ def _rank_of(proj: Int4Projector, side: str, m: int, n: int, op: str) -> int:
     return int(proj.shape[0] if side == "right" else proj.shape[1])
 
 
-def _grad_shape(t, name, op):
-    C.check_float(t, name, op)
-    C.check_ndim(t, name, op, 2)
-    return t.shape
+def _op_args(proj: Int4Projector, side, m, n, op):
+    # The ops' packed INT4 projector kind; the rank comes from the dense shape.
+    rank = _rank_of(proj, side, m, n, op)
+    return proj.packed, None, proj.scale, proj.minimum, rank, int(proj.group_size)
 
 
-def _int4_project_adam_(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.999, eps=1e-8):
-    m, n = _grad_shape(grad, "grad", "project_adam_")
-    rank = _rank_of(proj, side, m, n, "project_adam_")
-    return int4_project_adam_op(
-        grad, proj.packed, proj.scale, proj.minimum, rank, int(proj.group_size), exp_avg, exp_avg_sq, side,
-        float(beta1), float(beta2), float(eps),
-    )
-
-
-def _int4_backproject_apply_(param, update, proj, *, side, alpha, decay=1.0):
-    m, n = _grad_shape(param, "param", "backproject_apply_")
-    rank = _rank_of(proj, side, m, n, "backproject_apply_")
-    int4_backproject_apply_op(
-        param, update, proj.packed, proj.scale, proj.minimum, rank, int(proj.group_size), side, float(alpha),
-        float(decay),
-    )
-
-
-def _int4_project_update_backproject_(
-    param, grad, proj, exp_avg, exp_avg_sq, *, side, lr, beta1=0.9, beta2=0.999, eps=1e-8, step, weight_decay=0.0,
-    scale=1.0,
-):
-    m, n = _grad_shape(param, "param", "project_update_backproject_")
-    rank = _rank_of(proj, side, m, n, "project_update_backproject_")
-    int4_project_update_backproject_op(
-        param, grad, proj.packed, proj.scale, proj.minimum, rank, int(proj.group_size), exp_avg, exp_avg_sq, side,
-        float(lr), float(beta1), float(beta2), float(eps), int(step), float(weight_decay), float(scale),
-    )
-
-
-_proj.register_projector_type(
-    Int4Projector,
-    project_adam_=_int4_project_adam_,
-    backproject_apply_=_int4_backproject_apply_,
-    project_update_backproject_=_int4_project_update_backproject_,
-)
+_proj.register_projector_type(Int4Projector, op_args=_op_args)
 
 __all__ = [
     "int4_pack",

@@ -9,7 +9,7 @@ import torch
 from lowrank_kernels import ops
 
 from . import distributed as _dist
-from .base import LowRankOptimizer, adam_step_size, identity, mix_seed, project_fp32
+from .base import LowRankOptimizer, adam_step_size, mix_seed, project_fp32
 
 SCALE_TYPES = ("channel", "tensor")
 _LIMIT = 1.01  # Fira's norm-growth limiter: at most 1% growth of the update norm per step
@@ -42,7 +42,7 @@ class APOLLOAdamW(LowRankOptimizer):
       stored** and ``P`` is regenerated at every step; at ``t = T+1, 2T+1, ...`` the
       seed advances (:meth:`_next_seed`), giving a new subspace. The first seed is
       the parameter's 1-based position in the optimizer (as apollo-torch);
-    - ``R`` is the projected gradient; ``N = project_adam_(R)``
+    - ``R`` is the projected gradient; ``N = adam_update_(R)``
       (``lowrank_kernels.ops``: Adam moments on ``R``, not reset at a refresh);
     - scaling factor ``s``: ``scale_type="channel"``: ``||N_j|| / (||R_j|| + 1e-8)``
       per channel of the full dimension (norms along the low-rank dimension);
@@ -187,12 +187,8 @@ class APOLLOAdamW(LowRankOptimizer):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         proj = self._get_projector(p, state, group)
         r_lr = project_fp32(grad, proj, side).to(exp_avg.dtype)  # R, low-rank shape
-        rank = proj.shape[0] if side == "right" else proj.shape[1]
-        # R is already projected: the identity projector feeds it to the Adam op unchanged.
-        n_lr = ops.project_adam_(
-            r_lr, identity(rank, p.device, r_lr.dtype), exp_avg, exp_avg_sq, side=side,
-            beta1=beta1, beta2=beta2, eps=group["eps"],
-        )
+        # R is already projected: Adam's elementwise step on it (no identity-projector GEMM).
+        n_lr = ops.adam_update_(r_lr, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"])
         if group["scale_type"] == "channel":
             dim = 1 if side == "right" else 0  # the low-rank dimension
             s = _norm(n_lr, dim) / (_norm(r_lr, dim) + 1e-8)

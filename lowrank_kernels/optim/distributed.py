@@ -238,17 +238,14 @@ def addcmul_(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- DTensor op handlers
 _ROW_IF_RIGHT = ("exp_avg", "exp_avg_sq", "update")
 _ROW_IF_LEFT = ("proj",)
-_ROW_ALWAYS = ("param", "grad")
-_DCT_OPS = (
-    "dct_project", "dct_project_adam", "dct_backproject_apply", "dct_project_update_backproject",
-)
+_ROW_ALWAYS = ("param", "grad", "row_decay", "row_alpha")
+#: The projection ops take the projector as ``proj`` plus optional ``indices`` (DCT: ``proj`` is the
+#: shared basis, replicated) or ``q_scale``/``q_min`` (Q-GaLore's packed INT4 projector: replicated on
+#: the right; on the left this shard's rows are dequantized, the packing groups do not follow rows).
+#: Only a dense left projector is row-sharded like the weight.
 _PROJECTION_OPS = (
-    "projection_project_adam", "projection_backproject_apply", "projection_project_update_backproject",
-)
-#: Q-GaLore's packed INT4 projector (``packed``, ``scale``, ``minimum``: replicated on the right;
-#: on the left this shard's rows are dequantized, the packing groups do not follow rows).
-_INT4_OPS = (
-    "quant_int4_project_adam", "quant_int4_backproject_apply", "quant_int4_project_update_backproject",
+    "projection_project", "projection_project_adam", "projection_backproject_apply",
+    "projection_project_update_backproject",
 )
 _installed = False
 
@@ -257,14 +254,32 @@ class ShardingError(ValueError):
     """A lowrank_kernels op was called on DTensors in a layout it cannot serve shard-locally."""
 
 
-def _role(name: str, side: str) -> str:
+def _role(name: str, side: str, kind: str) -> str:
     if name in _ROW_ALWAYS:
         return "row"
     if name in _ROW_IF_RIGHT:
         return "row" if side == "right" else "rep"
     if name in _ROW_IF_LEFT:
-        return "row" if side == "left" else "rep"
-    return "rep"  # basis, indices
+        return "row" if side == "left" and kind == "dense" else "rep"
+    return "rep"  # a DCT basis or a packed INT4 projector, indices, q_scale, q_min
+
+
+def _kind(names, bound) -> str:
+    """The projector kind of a projection op call: ``"dense"``, ``"dct"`` or ``"int4"``."""
+    if bound[names.index("indices")] is not None:
+        return "dct"
+    if bound[names.index("q_scale")] is not None:
+        return "int4"
+    return "dense"
+
+
+def _rank_of(names, args, side, kind) -> int:
+    if kind == "dct":
+        return args[names.index("indices")].numel()
+    if kind == "int4":
+        return args[names.index("rank")]
+    proj = args[names.index("proj")]
+    return proj.shape[0] if side == "right" else proj.shape[1]
 
 
 def _to_local_row(t, name: str, row: torch.Tensor, opname: str, written: bool):
@@ -324,8 +339,11 @@ def _generic_handler(op_call, args, kwargs):
     """Run a projection / DCT op on local shards (see the module docstring)."""
     schema = op_call._schema
     opname = schema.name.split("::")[-1]
-    bound = list(args) + [kwargs[a.name] for a in schema.arguments[len(args):] if a.name in kwargs]
+    # Arguments left out take the schema's defaults (the projector's optional arguments).
+    bound = list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value
+                          for a in schema.arguments[len(args):]]
     names = [a.name for a in schema.arguments]
+    kind = _kind(names, bound)
     written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     side = bound[names.index("side")]
     dts = [a for a in bound if is_dtensor(a)]
@@ -333,12 +351,12 @@ def _generic_handler(op_call, args, kwargs):
     row = next((bound[names.index(n)] for n in _ROW_ALWAYS if n in names and is_row_sharded(bound[names.index(n)])),
                None)
     if row is not None and side == "left":
-        return _left_sharded(opname, names, bound, row, written)
+        return _left_sharded(opname, names, bound, row, written, kind)
     local_args = []
     for name, a in zip(names, bound):
         if not isinstance(a, torch.Tensor):
             local_args.append(a)
-        elif row is not None and _role(name, side) == "row":
+        elif row is not None and _role(name, side, kind) == "row":
             local_args.append(_to_local_row(a, name, row, opname, name in written))
         else:
             local_args.append(_to_local_rep(a, name, opname, name in written))
@@ -348,9 +366,9 @@ def _generic_handler(op_call, args, kwargs):
         if not returns:
             return None
         out = torch.empty((0,) + tuple(local_args[names.index("exp_avg")].shape[1:]) if "exp_avg" in names
-                          else (0, local_args[names.index("indices")].numel()),
+                          else (0, _rank_of(names, local_args, side, kind)),
                           dtype=torch.float32, device=row.device)
-    elif row is not None and _local_rank_too_big(names, local_args, side):
+    elif row is not None and _local_rank_too_big(names, local_args, side, kind):
         # A shard with fewer rows than the rank (many ranks, small weight): the ops check
         # 1 <= rank <= min(m, n) for their own (global) inputs, so run the reference math.
         out = _reference(opname)(*local_args)
@@ -364,13 +382,41 @@ def _generic_handler(op_call, args, kwargs):
         ref = bound[names.index("exp_avg")]
         like = ref if is_dtensor(ref) else (row if row_out else dts[0])
         gshape = ref.shape
-    else:  # dct_project: R is (m, r) on the right
+    else:  # projection_project: R is (m, r) on the right
         like = row if row is not None else dts[0]
-        k = bound[names.index("indices")].numel()
+        k = _rank_of(names, bound, side, kind)
         gshape = (row.shape[0], k) if row_out else None
     if row_out:
         return _wrap(out, like, mesh, True, gshape)
     return _wrap(out, like, mesh, False, None)
+
+
+def _elementwise_handler(op_call, args, kwargs):
+    """``adam_update`` on DTensors: elementwise, so every tensor follows the moments' layout
+    (row-sharded like the weight, or replicated; a plain tensor counts as replicated); it
+    runs on the local shards and ``N`` gets the moments' layout."""
+    schema = op_call._schema
+    opname = schema.name.split("::")[-1]
+    bound = list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value
+                          for a in schema.arguments[len(args):]]
+    names = [a.name for a in schema.arguments]
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    like = bound[names.index("exp_avg")]
+    if not is_dtensor(like):
+        like = next(a for a in bound if is_dtensor(a))
+    sharded = is_row_sharded(like)
+    local = []
+    for name, a in zip(names, bound):
+        if not isinstance(a, torch.Tensor):
+            local.append(a)
+        elif sharded:
+            local.append(_to_local_row(a, name, like, opname, name in written))
+        else:
+            local.append(_to_local_rep(a, name, opname, name in written))
+    out = op_call(*local)
+    if sharded:
+        return _wrap(out, like, like.device_mesh, True, like.shape)
+    return _wrap(out, like, like.device_mesh, False, None)
 
 
 def _all_reduce_rows(row, partial: torch.Tensor) -> torch.Tensor:
@@ -381,35 +427,38 @@ def _all_reduce_rows(row, partial: torch.Tensor) -> torch.Tensor:
     ).to_local()
 
 
-def _left_projector_rows(opname, names, bound, row, off, cnt) -> torch.Tensor:
+def _left_projector_rows(opname, names, bound, row, off, cnt, kind) -> torch.Tensor:
     """This shard's rows of the left projector ``P`` (``m x r``), dense."""
-    if opname.startswith("quant_int4_"):
+    if kind == "int4":
         packed, scale, minimum = (_to_local_rep(bound[names.index(k)], k, opname, False)
-                                  for k in ("packed", "scale", "minimum"))
+                                  for k in ("proj", "q_scale", "q_min"))
         shape = [row.shape[0], bound[names.index("rank")]]
         dense = torch.ops.lowrank_kernels.quant_int4_unpack.default(
             packed, scale, minimum, shape, torch.float32, bound[names.index("group_size")])
         return dense[off:off + cnt]
-    if opname.startswith("dct_"):
-        basis = _to_local_rep(bound[names.index("basis")], "basis", opname, False)
+    if kind == "dct":
+        basis = _to_local_rep(bound[names.index("proj")], "basis", opname, False)
         idx = _to_local_rep(bound[names.index("indices")], "indices", opname, False)
         # P = C[idx]^T: its rows are the basis columns off..off+cnt of the selected basis rows.
         return basis.index_select(0, idx.long())[:, off:off + cnt].T
     return _to_local_row(bound[names.index("proj")], "proj", row, opname, False)
 
 
-def _backproject_local(param_l, update, proj_l, alpha, decay) -> None:
-    """``param_l <- decay * param_l + alpha * proj_l @ update`` on this shard's rows."""
+def _backproject_local(param_l, update, proj_l, alpha, decay, row_decay=None, row_alpha=None) -> None:
+    """``param_l <- decay * param_l + alpha * proj_l @ update`` on this shard's rows (with the
+    shard's rows of the per-row factors, when given)."""
     if param_l.shape[0] == 0:
         return
     r = proj_l.shape[1]
+    rows = () if row_decay is None and row_alpha is None else (None, None, None, 0, 0, row_decay, row_alpha)
     if r > min(param_l.shape[0], param_l.shape[1]):
-        _reference("projection_backproject_apply")(param_l, update, proj_l, "left", alpha, decay)
+        _reference("projection_backproject_apply")(param_l, update, proj_l, "left", alpha, decay, *rows)
     else:
-        torch.ops.lowrank_kernels.projection_backproject_apply.default(param_l, update, proj_l, "left", alpha, decay)
+        torch.ops.lowrank_kernels.projection_backproject_apply.default(
+            param_l, update, proj_l, "left", alpha, decay, *rows)
 
 
-def _left_sharded(opname, names, bound, row, written):
+def _left_sharded(opname, names, bound, row, written, kind):
     """A left-side op on a weight sharded on dim 0. ``R = P^T G = sum_i P_i^T G_i`` is a sum
     over the shards: one all-reduce of ``r x n``; the Adam step then runs on the
     replicated ``R`` (moments ``r x n``, replicated) and the back-projection
@@ -421,16 +470,18 @@ def _left_sharded(opname, names, bound, row, written):
 
     mesh = row.device_mesh
     off, cnt = local_rows(row)
-    proj_l = _left_projector_rows(opname, names, bound, row, off, cnt)
+    proj_l = _left_projector_rows(opname, names, bound, row, off, cnt, kind)
     if opname.endswith("backproject_apply"):
         param_l = _to_local_row(arg("param"), "param", row, opname, True)
         update = _to_local_rep(arg("update"), "update", opname, False)
-        _backproject_local(param_l, update, proj_l, arg("alpha"), arg("decay"))
+        factors = [None if arg(k) is None else _to_local_row(arg(k), k, row, opname, False)
+                   for k in ("row_decay", "row_alpha")]
+        _backproject_local(param_l, update, proj_l, arg("alpha"), arg("decay"), *factors)
         return None
     grad_l = _to_local_row(arg("grad"), "grad", row, opname, False)
     acc = torch.float64 if torch.float64 in (grad_l.dtype, proj_l.dtype) else torch.float32
     r_full = _all_reduce_rows(row, proj_l.to(acc).T @ grad_l.to(acc))  # r x n, the same on every rank
-    if opname == "dct_project":
+    if opname == "projection_project":
         return DTensor.from_local(r_full, mesh, [Replicate()] * mesh.ndim, run_check=False)
     exp_avg = _to_local_rep(arg("exp_avg"), "exp_avg", opname, True)
     exp_avg_sq = _to_local_rep(arg("exp_avg_sq"), "exp_avg_sq", opname, True)
@@ -443,20 +494,14 @@ def _left_sharded(opname, names, bound, row, written):
     # project_update_backproject: param <- (1 - lr wd) param - step_size * scale * P N
     param_l = _to_local_row(arg("param"), "param", row, opname, True)
     step_size = pref.adam_step_size(arg("lr"), arg("beta1"), arg("beta2"), arg("step"))
-    scale = arg("scale_factor") if "scale_factor" in names else arg("scale")
+    scale = arg("scale")
     _backproject_local(param_l, n_lr, proj_l, -step_size * scale, 1.0 - arg("lr") * arg("weight_decay"))
     return None
 
 
-def _local_rank_too_big(names, local_args, side) -> bool:
+def _local_rank_too_big(names, local_args, side, kind) -> bool:
     row_t = local_args[names.index("param" if "param" in names else "grad")]
-    if "indices" in names:
-        rank = local_args[names.index("indices")].numel()
-    elif "rank" in names:
-        rank = local_args[names.index("rank")]
-    else:
-        proj = local_args[names.index("proj")]
-        rank = proj.shape[0] if side == "right" else proj.shape[1]
+    rank = _rank_of(names, local_args, side, kind)
     return rank > min(row_t.shape[0], row_t.shape[1])
 
 
@@ -563,9 +608,11 @@ def install_op_handlers() -> None:
 
     lib = torch.ops.lowrank_kernels
     handlers = DTensor._op_dispatcher._custom_op_handlers
-    for name in _PROJECTION_OPS + _DCT_OPS + _INT4_OPS:
+    for name in _PROJECTION_OPS:
         if hasattr(lib, name):
             handlers[getattr(lib, name).default] = _generic_handler
+    if hasattr(lib, "adam_update"):
+        handlers[lib.adam_update.default] = _elementwise_handler
     if hasattr(lib, "dct_scores"):
         handlers[lib.dct_scores.default] = _dct_scores_handler
     if hasattr(lib, "dct_score_topk"):

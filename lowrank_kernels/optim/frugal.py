@@ -8,7 +8,7 @@ import torch
 from lowrank_kernels import ops
 
 from . import distributed as _dist
-from .base import LowRankOptimizer, adam_step_size, identity, mix_seed, project_fp32
+from .base import LowRankOptimizer, adam_step_size, mix_seed, project_fp32
 
 UPDATES = ("signsgd", "sgd")
 
@@ -75,7 +75,7 @@ class FrugalAdamW(LowRankOptimizer):
       with :meth:`register_projection` (the hook for ``"dct"``). **At each subspace
       change the moments are zeroed and the bias-correction step restarts**
       (``state["subspace_step"]``);
-    - state-full part: ``R = G P^T`` (``P^T G``), ``N = project_adam_(R)`` and
+    - state-full part: ``R = G P^T`` (``P^T G``), ``N = adam_update_(R)`` and
       ``W <- (1 - lr wd) W - lr sqrt(1 - b2^k) / (1 - b1^k) * scale * back(N)``
       (``k`` counts steps since the subspace change);
     - state-free part, on the residual ``G - back(R)``: ``update="signsgd"``:
@@ -210,11 +210,9 @@ class FrugalAdamW(LowRankOptimizer):
             proj = self._get_projector(p, state, group)
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             low = project_fp32(grad, proj, side)  # R, needed for the residual as well
-            # R is already projected: the identity projector feeds it to the Adam op unchanged.
-            n_lr = ops.project_adam_(
-                low.to(exp_avg.dtype), identity(r, p.device, exp_avg.dtype), exp_avg, exp_avg_sq, side=side,
-                beta1=beta1, beta2=beta2, eps=group["eps"],
-            )
+            # R is already projected: Adam's elementwise step on it (no identity-projector GEMM).
+            n_lr = ops.adam_update_(low.to(exp_avg.dtype), exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
+                                    eps=group["eps"])
             full_dim = n if side == "right" else m
             if r < full_dim:
                 residual = grad.to(low.dtype, copy=True)

@@ -12,7 +12,8 @@ DCT-II basis of size ``s`` (rows are the cosine waveforms), ``s = n`` for
   ``torch.sort``. Returned as int32.
 - projection with indices ``idx`` (length ``r``): the dense projector is
   ``P = C[idx]`` (``r x n``, right) or ``P = C[idx]^T`` (``m x r``, left), and the
-  projection family's math applies unchanged (reference/projection.py).
+  projection family's math applies unchanged: the projection ops take the basis and
+  the indices as their DCT projector kind (reference/projection.py).
 
 Computed in float32 (float64 when any input is float64). Arguments are positional
 in the op schema order; validation happens in the op router before these run.
@@ -69,28 +70,3 @@ def dense_projector(basis: torch.Tensor, indices: torch.Tensor, side: str) -> to
     """``P = C[idx]`` (right, ``r x s``) or ``C[idx]^T`` (left, ``s x r``), a view-free gather."""
     rows = basis.index_select(0, indices.long())
     return rows if side == "right" else rows.T
-
-
-def dct_project_ref(grad, basis, indices, side):
-    acc = pref.compute_dtype(grad, basis)
-    r = pref.project(grad, dense_projector(basis, indices, side), side, acc)
-    return r.to(torch.float64 if acc == torch.float64 else torch.float32)
-
-
-def dct_project_adam_ref(grad, basis, indices, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
-    return pref.projection_project_adam_ref(
-        grad, dense_projector(basis, indices, side), exp_avg, exp_avg_sq, side, beta1, beta2, eps
-    )
-
-
-def dct_backproject_apply_ref(param, update, basis, indices, side, alpha, decay):
-    pref.projection_backproject_apply_ref(param, update, dense_projector(basis, indices, side), side, alpha, decay)
-
-
-def dct_project_update_backproject_ref(
-    param, grad, basis, indices, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale
-):
-    pref.projection_project_update_backproject_ref(
-        param, grad, dense_projector(basis, indices, side), exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps,
-        step, weight_decay, scale,
-    )

@@ -4,6 +4,17 @@ Notation (../../README.md, ALGORITHMS.md): ``G`` is ``m x n``.
 side="right": ``P`` is ``r x n``, ``R = G P^T`` (``m x r``), ``back(N) = N P``.
 side="left":  ``P`` is ``m x r``, ``R = P^T G`` (``r x n``), ``back(N) = P N``.
 
+The projector ``P`` comes in one of three kinds, carried by the ops' trailing
+optional arguments ``(indices, q_scale, q_min, rank, group_size)``:
+
+- dense: ``proj`` is ``P`` itself (``r x n`` right, ``m x r`` left);
+- DCT: ``proj`` is the shared ``s x s`` DCT basis ``C`` and ``indices`` (int32/int64,
+  length ``r``) picks its rows: ``P = C[idx]`` (right) or ``C[idx]^T`` (left);
+- packed INT4: ``proj`` holds the uint8 codes of the row-major dense ``P`` (two per
+  byte), ``q_scale`` / ``q_min`` the float32 per-group scale and minimum, ``rank`` and
+  ``group_size`` the rest of the layout (reference/quant.py); ``P`` is dequantized to
+  float32.
+
 Everything is computed in float32, or float64 when any input is float64, then
 written back in the storage dtype. Arguments are positional in the op schema
 order; validation happens in the op router before these run.
@@ -46,16 +57,76 @@ def adam_moments_(
     return m / (v.sqrt() + eps)
 
 
-def projection_project_adam_ref(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
+def projector_kind(indices, q_scale, q_min) -> str:
+    """``"dense"``, ``"dct"`` or ``"int4"`` from which optional projector arguments are given."""
+    if indices is None and q_scale is None and q_min is None:
+        return "dense"
+    if indices is not None and q_scale is None and q_min is None:
+        return "dct"
+    if indices is None and q_scale is not None and q_min is not None:
+        return "int4"
+    raise ValueError(
+        "projector: give indices (DCT), or q_scale and q_min (packed INT4), or none of them (dense), "
+        f"got indices={indices is not None}, q_scale={q_scale is not None}, q_min={q_min is not None}"
+    )
+
+
+def dense_projector_of(proj, indices, q_scale, q_min, rank, group_size, m, n, side) -> torch.Tensor:
+    """The dense ``P`` (``r x n`` right, ``m x r`` left) that a projector of any kind stands for.
+
+    A dense ``proj`` is returned as is; DCT rows are gathered in the basis' dtype; an
+    INT4 projector is dequantized to float32 (``min + scale * q`` per group).
+    """
+    kind = projector_kind(indices, q_scale, q_min)
+    if kind == "dense":
+        return proj
+    if kind == "dct":
+        rows = proj.index_select(0, indices.long())
+        return rows if side == "right" else rows.T
+    from .quant import quant_int4_unpack_ref  # reference/quant.py imports this module
+
+    shape = (rank, n) if side == "right" else (m, rank)
+    return quant_int4_unpack_ref(proj, q_scale, q_min, shape, torch.float32, group_size)
+
+
+def projection_project_ref(grad, proj, side, indices=None, q_scale=None, q_min=None, rank=0, group_size=0):
+    """``R`` (float32, float64 for float64 input): the projection GEMM without an epilogue."""
+    m, n = grad.shape
+    p = dense_projector_of(proj, indices, q_scale, q_min, rank, group_size, m, n, side)
+    acc = compute_dtype(grad, p)
+    return project(grad, p, side, acc)
+
+
+def projection_project_adam_ref(
+    grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices=None, q_scale=None, q_min=None, rank=0,
+    group_size=0,
+):
+    m, n = grad.shape
+    proj = dense_projector_of(proj, indices, q_scale, q_min, rank, group_size, m, n, side)
     acc = compute_dtype(grad, proj, exp_avg)
     r = project(grad, proj, side, acc)
     return adam_moments_(r, exp_avg, exp_avg_sq, beta1, beta2, eps).to(exp_avg.dtype)
 
 
-def projection_backproject_apply_ref(param, update, proj, side, alpha, decay):
+def _apply(param, update, proj, side, alpha, decay, row_decay=None, row_alpha=None):
     acc = compute_dtype(param, update, proj)
-    w = param.to(acc).mul_(decay).add_(back(update, proj, side, acc), alpha=alpha)
+    w = param.to(acc)
+    b = back(update, proj, side, acc)
+    if row_decay is not None:
+        w.mul_(row_decay.to(acc).unsqueeze(1))
+    if row_alpha is not None:
+        b.mul_(row_alpha.to(acc).unsqueeze(1))
+    w.mul_(decay).add_(b, alpha=alpha)
     param.copy_(w)
+
+
+def projection_backproject_apply_ref(
+    param, update, proj, side, alpha, decay, indices=None, q_scale=None, q_min=None, rank=0, group_size=0,
+    row_decay=None, row_alpha=None,
+):
+    m, n = param.shape
+    proj = dense_projector_of(proj, indices, q_scale, q_min, rank, group_size, m, n, side)
+    _apply(param, update, proj, side, alpha, decay, row_decay, row_alpha)
 
 
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
@@ -64,11 +135,36 @@ def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
 
 
 def projection_project_update_backproject_ref(
-    param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale
+    param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale, indices=None,
+    q_scale=None, q_min=None, rank=0, group_size=0,
 ):
+    m, n = param.shape
+    proj = dense_projector_of(proj, indices, q_scale, q_min, rank, group_size, m, n, side)
     acc = compute_dtype(param, grad, proj, exp_avg)
-    n = adam_moments_(project(grad, proj, side, acc), exp_avg, exp_avg_sq, beta1, beta2, eps)
+    n_upd = adam_moments_(project(grad, proj, side, acc), exp_avg, exp_avg_sq, beta1, beta2, eps)
     # The moments' dtype rounds N exactly as the fused kernels' two-op path does.
-    n = n.to(exp_avg.dtype)
+    n_upd = n_upd.to(exp_avg.dtype)
     step_size = adam_step_size(lr, beta1, beta2, step)
-    projection_backproject_apply_ref(param, n, proj, side, -step_size * scale, 1.0 - lr * weight_decay)
+    _apply(param, n_upd, proj, side, -step_size * scale, 1.0 - lr * weight_decay)
+
+
+def projector_tail(indices, q_scale, q_min, rank, group_size, i):
+    """Parameter ``i``'s projector arguments from the multi-tensor op's lists (empty: not given)."""
+    return (
+        indices[i] if len(indices) else None, q_scale[i] if len(q_scale) else None,
+        q_min[i] if len(q_min) else None, rank[i] if len(rank) else 0, group_size,
+    )
+
+
+def projection_foreach_project_update_backproject_ref(
+    params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0,
+):
+    """The multi-tensor step: the single-tensor step on each parameter in turn (empty
+    projector lists: not given)."""
+    for i in range(len(params)):
+        projection_project_update_backproject_ref(
+            params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
+            weight_decay[i], scale[i], indices[i] if len(indices) else None, q_scale[i] if len(q_scale) else None,
+            q_min[i] if len(q_min) else None, rank[i] if len(rank) else 0, group_size,
+        )

@@ -43,7 +43,6 @@ import math
 
 import torch
 
-from lowrank_kernels.reference import projection as pref
 
 SCALE_FLOOR = 1e-5
 MASK32 = 0xFFFFFFFF
@@ -188,32 +187,3 @@ def quant_int8_update_sr_ref(q, scale, minimum, update, decay, alpha, seed, grou
     q.copy_(qn.view(q.shape))
     scale.copy_(new_scale)
     minimum.copy_(new_mn)
-
-
-# --------------------------------------------------------------------------- INT4 projector in the projection family
-def dequantized_projector(packed, scale, minimum, rank, group_size, m, n, side, dtype=torch.float32):
-    shape = (rank, n) if side == "right" else (m, rank)
-    return quant_int4_unpack_ref(packed, scale, minimum, shape, dtype, group_size)
-
-
-def quant_int4_project_adam_ref(grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, beta1, beta2, eps):
-    m, n = grad.shape
-    p = dequantized_projector(packed, scale, minimum, rank, group_size, m, n, side)
-    return pref.projection_project_adam_ref(grad, p, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
-
-
-def quant_int4_backproject_apply_ref(param, update, packed, scale, minimum, rank, group_size, side, alpha, decay):
-    m, n = param.shape
-    p = dequantized_projector(packed, scale, minimum, rank, group_size, m, n, side)
-    pref.projection_backproject_apply_ref(param, update, p, side, alpha, decay)
-
-
-def quant_int4_project_update_backproject_ref(
-    param, grad, packed, scale, minimum, rank, group_size, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step,
-    weight_decay, scale_factor,
-):
-    m, n = param.shape
-    p = dequantized_projector(packed, scale, minimum, rank, group_size, m, n, side)
-    pref.projection_project_update_backproject_ref(
-        param, grad, p, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale_factor
-    )

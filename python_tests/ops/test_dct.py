@@ -314,7 +314,7 @@ def test_dct_projection_float64_reference_and_cpp(backend):
 
 
 def test_triton_projection_rejects_float64():
-    if reg.why_unavailable(reg.OPS["dct_project_adam"], "triton", torch.device("cpu")) is not None:
+    if reg.why_unavailable(reg.OPS["projection_project_adam"], "triton", torch.device("cpu")) is not None:
         pytest.skip("triton backend unavailable")
     D = make_projector(12, 8, 3, "right", torch.float64)
     ea, eas = torch.zeros(12, 3, dtype=torch.float64), torch.zeros(12, 3, dtype=torch.float64)
@@ -338,10 +338,13 @@ def _opcheck_cases():
     yield "dct_scores", (g.to(torch.bfloat16), ops.dct_basis(20, torch.bfloat16), "left", 2)
     yield "dct_score_topk", (g, bl, 5, "left", 1)
     yield "dct_score_topk", (torch.randn(2, 20, 13), br, 3, "right", 2)
-    yield "dct_project", (g, br, idx, "right")
-    yield "dct_project_adam", (g, br, idx, ea, eas, "right", 0.9, 0.999, 1e-8)
-    yield "dct_backproject_apply", (w, torch.randn(4, 13), bl, idx.long(), "left", -0.5, 0.9)
-    yield "dct_project_update_backproject", (w, g, br, idx, ea, eas, "right", 0.01, 0.9, 0.999, 1e-8, 3, 0.1, 0.25)
+    # The projection family's ops with the DCT projector kind (proj = basis, indices).
+    yield "projection_project", (g, br, "right", idx)
+    yield "projection_project", (g, bl, "left", idx.long(), None, None, 4)
+    yield "projection_project_adam", (g, br, ea, eas, "right", 0.9, 0.999, 1e-8, idx)
+    yield "projection_backproject_apply", (w, torch.randn(4, 13), bl, "left", -0.5, 0.9, idx.long())
+    yield "projection_project_update_backproject", (
+        w, g, br, ea, eas, "right", 0.01, 0.9, 0.999, 1e-8, 3, 0.1, 0.25, idx)
 
 
 N_OPCHECK = len(list(_opcheck_cases()))

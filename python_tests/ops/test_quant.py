@@ -338,13 +338,16 @@ def _opcheck_cases():
     yield "quant_int8_dequantize", (q, s8, m8, 50, torch.float32)
     yield "quant_int8_update_sr", (q.clone(), s8.clone(), m8.clone(), torch.randn(13, 21), 0.99, -0.1, 5, 50)
     g, proj, ea, eas = make_int4_problem(20, 13, 4, "right", torch.float32, group_size=16)
-    pa = (proj.packed, proj.scale, proj.minimum, 4, 16)
-    yield "quant_int4_project_adam", (g, *pa, ea, eas, "right", 0.9, 0.999, 1e-8)
-    yield "quant_int4_backproject_apply", (torch.randn(20, 13), ea, *pa, "right", -0.5, 0.9)
+    # The projection family's ops with the packed INT4 projector kind
+    # (proj = packed, indices = None, q_scale, q_min, rank, group_size).
+    pa = (None, proj.scale, proj.minimum, 4, 16)
+    yield "projection_project", (g, proj.packed, "right", *pa)
+    yield "projection_project_adam", (g, proj.packed, ea, eas, "right", 0.9, 0.999, 1e-8, *pa)
+    yield "projection_backproject_apply", (torch.randn(20, 13), ea, proj.packed, "right", -0.5, 0.9, *pa)
     gl, projl, eal, easl = make_int4_problem(13, 20, 4, "left", torch.float32, group_size=16)
-    pl = (projl.packed, projl.scale, projl.minimum, 4, 16)
-    yield "quant_int4_project_update_backproject", (
-        torch.randn(13, 20), gl, *pl, eal, easl, "left", 0.01, 0.9, 0.999, 1e-8, 3, 0.1, 0.25)
+    pl = (None, projl.scale, projl.minimum, 4, 16)
+    yield "projection_project_update_backproject", (
+        torch.randn(13, 20), gl, projl.packed, eal, easl, "left", 0.01, 0.9, 0.999, 1e-8, 3, 0.1, 0.25, *pl)
 
 
 _CASE_NAMES = [c[0] for c in _opcheck_cases()]

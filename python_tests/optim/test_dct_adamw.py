@@ -112,7 +112,7 @@ def test_reindex_changes_the_result_when_indices_move():
 
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
 def test_backends_agree_with_reference(backend):
-    require_backend("dct_project_update_backproject", backend)
+    require_backend("projection_project_update_backproject", backend)
     for shape, dtype in [((37, 22), torch.float32), ((18, 29), torch.bfloat16)]:
         w0 = torch.randn(shape).to(dtype)
         grads = grad_sequence(shape, 4, dtype)
