@@ -50,8 +50,9 @@ class GaLoreAdafactor(LowRankOptimizer):
       else ``lr``;
     - with ``beta1``: ``m <- beta1 m + (1 - beta1) upd``, ``upd = m``;
     - ``W <- (1 - lr_t wd) W - scale * back(upd)`` (one
-      :func:`lowrank_kernels.ops.backproject_apply_`; the decay is a separate multiply
-      when ``lr_t`` depends on ``RMS(W)``, kept on the device).
+      :func:`lowrank_kernels.ops.backproject_apply_`, the decay fused into it; when ``lr_t``
+      depends on ``RMS(W)`` the decay is a separate in-place ``W += (-wd lr_t) W`` with
+      ``lr_t`` kept on the device, no host synchronization).
 
     Args:
         params: parameters or param groups (e.g. from :func:`lowrank_param_groups`).
@@ -250,8 +251,8 @@ class GaLoreAdafactor(LowRankOptimizer):
         wd = group["weight_decay"]
         decay = 1.0
         if wd != 0.0:
-            if isinstance(lr_t, torch.Tensor):
-                p.mul_((1.0 - wd * lr_t).to(p.dtype))
+            if isinstance(lr_t, torch.Tensor):  # W + (-wd lr_t) W, in place, lr_t on the device
+                p.addcmul_(p, (-wd * lr_t).to(p.dtype))
             else:
                 decay = 1.0 - wd * lr_t
         if side == "full":
@@ -276,7 +277,10 @@ class GaLoreAdafactor(LowRankOptimizer):
             upd = self._update(grad.to(acc), state, group, step, lr_t)
             wd = group["weight_decay"]
             if wd != 0.0:
-                w.add_(w * (-wd * lr_t))
+                if isinstance(lr_t, torch.Tensor):
+                    w.addcmul_(w, (-wd * lr_t).to(w.dtype))
+                else:
+                    w.add_(w, alpha=-wd * lr_t)
             w.sub_(upd)
             if w is not p:
                 p.copy_(w)

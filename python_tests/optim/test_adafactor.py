@@ -64,7 +64,7 @@ def train(model, opt, data):
 OPTIONS = [
     dict(),  # galore-torch defaults: relative step, parameter scaling, no beta1
     dict(lr=1e-2, relative_step=False, scale_parameter=False),  # HF Trainer's settings
-    dict(lr=5e-3, relative_step=False, scale_parameter=True, beta1=0.9),
+    dict(lr=5e-3, relative_step=False, scale_parameter=True, beta1=0.9, weight_decay=0.05),
     dict(relative_step=True, scale_parameter=False, beta1=0.9, weight_decay=0.1),
     dict(lr=1e-2, relative_step=False, scale_parameter=False, weight_decay=0.05, clip_threshold=0.5),
     dict(relative_step=True, warmup_init=True, decay_rate=-0.5, eps=(1e-20, 1e-2)),
