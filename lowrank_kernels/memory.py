@@ -46,11 +46,10 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -103,8 +102,14 @@ def build_model(config, dtype: torch.dtype = torch.float32, device: str | torch.
     """``AutoModelForCausalLM.from_config(config)`` built on ``device`` (meta: no storage), in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
+    device = torch.device(device)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config)
+    # torch's device context redirects only the factory functions it cached on first use: if
+    # that happened while e.g. torch.empty was monkeypatched (a test fixture), the Linear and
+    # Embedding weights land on the default device. Move any such tensor; shapes and dtypes stay.
+    if any(t.device != device for t in list(model.parameters()) + list(model.buffers())):
+        model = model.to(device)
     return model.to(dtype)
 
 
@@ -332,7 +337,6 @@ class Row:
     projected: int  # weights in a low-rank group
     params: int  # trainable parameters (tensors)
     notes: str = ""
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def _projected_count(opt) -> int:

@@ -17,8 +17,6 @@ from . import distributed as _dist
 from .base import PROJ_TYPES, LowRankOptimizer, _is_real, project_fp32
 from .galore import SVD_MODES, GaLoreAdamW
 
-Number = Union[int, float]
-
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
     """Root mean square (0-d tensor, accumulated in float32; float64 stays float64)."""
