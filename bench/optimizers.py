@@ -89,6 +89,11 @@ def _ours_frugal(params, rank, gap):
     return cls(_group(params, rank, gap, 1.0), lr=LR, weight_decay=0.0)
 
 
+def _ours_adafactor(params, rank, gap):
+    cls = _need("lowrank_kernels.optim", "GaLoreAdafactor")  # HF Trainer's settings: external lr, no scaling
+    return cls(_group(params, rank, gap, 0.25), lr=LR, relative_step=False, scale_parameter=False)
+
+
 # name -> (builder(params, rank, gap), low-rank?). Order = order in tables and plots.
 OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
     "torch-adamw-fused": (_torch_adamw("fused"), False),
@@ -102,6 +107,7 @@ OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
     "ours-APOLLO-Mini": (_ours_apollo_mini, True),
     "ours-FrugalAdamW": (_ours_frugal, True),
     "ours-GradNormLoRPAdamW": (_ours("GradNormLoRPAdamW", scale=1.0), True),
+    "ours-GaLoreAdafactor": (_ours_adafactor, True),
 }
 
 

@@ -7,6 +7,7 @@ galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``); a
 group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
 
 - :class:`GaLoreAdamW`: SVD projector, fused project-Adam-back-project step.
+- :class:`GaLoreAdafactor`: GaLore's projector with Adafactor (factored second moment) on ``R``.
 - :class:`APOLLOAdamW` (and :meth:`APOLLOAdamW.mini`): seeded random projection,
   channel- or tensor-wise scaling of the raw gradient.
 - :class:`FrugalAdamW`: AdamW in a subspace + signSGD/SGD on the residual.
@@ -16,6 +17,7 @@ group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
 - :func:`lowrank_param_groups`: split a model into a low-rank and a plain group.
 - :func:`layerwise`: step each parameter inside backward.
 """
+from .adafactor import GaLoreAdafactor  # noqa: F401
 from .apollo import APOLLOAdamW  # noqa: F401
 from .base import LowRankOptimizer, resolve_side  # noqa: F401
 from .dct import DCTAdamW  # noqa: F401  (also registers FrugalAdamW(projection="dct"))
@@ -29,6 +31,7 @@ from .qgalore import QGaLoreAdamW  # noqa: F401
 __all__ = [
     "LowRankOptimizer",
     "GaLoreAdamW",
+    "GaLoreAdafactor",
     "APOLLOAdamW",
     "FrugalAdamW",
     "QGaLoreAdamW",

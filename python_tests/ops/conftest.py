@@ -24,6 +24,13 @@ def _poisoned_empty(*args, **kwargs):
     return t
 
 
+# torch caches its list of factory functions (for `with torch.device(...)`) the first
+# time a device context is entered; built while torch.empty is patched, the cache would
+# hold the patched function and later meta-device contexts would silently allocate on
+# the CPU. Build it now, before any patching.
+torch.utils._device._device_constructors()
+
+
 @pytest.fixture(autouse=True)
 def poison_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty", _poisoned_empty)

@@ -1,0 +1,287 @@
+"""GaLore-Adafactor: Adafactor (Shazeer & Stern 2018) on GaLore's projected gradient.
+
+A drop-in for galore-torch's ``GaLoreAdafactor`` (``galore_torch/adafactor.py``: its
+API, defaults and math, with this package's tensor-only state and stored projection side).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from lowrank_kernels import ops
+
+from . import distributed as _dist
+from .base import PROJ_TYPES, LowRankOptimizer, _is_real, project_fp32
+from .galore import SVD_MODES, GaLoreAdamW
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square (0-d tensor, accumulated in float32; float64 stays float64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x, dtype=acc) / math.sqrt(x.numel())
+
+
+class GaLoreAdafactor(LowRankOptimizer):
+    r"""Adafactor with GaLore projection, a drop-in for ``galore_torch.GaLoreAdafactor``.
+
+    Param groups that set ``rank`` (galore-torch keys ``rank``, ``update_proj_gap``,
+    ``scale``, ``proj_type``; ``std``, ``reverse_std``, ``left``, ``right``, ``full``)
+    are projected; every other group gets plain Adafactor, as galore-torch does
+    (factored second moment for parameters with >= 2 dims, full for 1-D ones). Per
+    projected ``m x n`` weight ``W`` and step ``t`` (1-based):
+
+    - at ``t = 1, T+1, 2T+1, ...`` the projector is remade from the gradient's SVD
+      exactly as :class:`~lowrank_kernels.optim.GaLoreAdamW` does (``svd="exact"`` or
+      ``"lowrank"``; stored in the parameter's dtype);
+    - ``R = G P^T`` (right) or ``P^T G`` (left; ``U^T G Vh^T`` for ``full``), in
+      float32 (a torch matmul: the projection ops fuse Adam, not Adafactor);
+    - factored second moment on ``R`` (always factored: ``R`` is 2-D), with
+      ``b2t = 1 - t^decay_rate`` and ``U = R^2 + eps[0]``:
+      ``row <- b2t row + (1 - b2t) mean_cols(U)``, ``col <- b2t col + (1 - b2t) mean_rows(U)``;
+    - ``upd = R * rsqrt(row / mean(row))[:, None] * rsqrt(col)[None, :]``,
+      ``upd /= max(1, RMS(upd) / clip_threshold)``, ``upd *= lr_t`` with
+      ``lr_t = rel * (max(eps[1], RMS(W)) if scale_parameter else 1)`` and
+      ``rel = min(1e-6 t if warmup_init else 1e-2, 1 / sqrt(t))`` if ``relative_step``
+      else ``lr``;
+    - with ``beta1``: ``m <- beta1 m + (1 - beta1) upd``, ``upd = m``;
+    - ``W <- (1 - lr_t wd) W - scale * back(upd)`` (one
+      :func:`lowrank_kernels.ops.backproject_apply_`, the decay fused into it; when ``lr_t``
+      depends on ``RMS(W)`` the decay is a separate in-place ``W += (-wd lr_t) W`` with
+      ``lr_t`` kept on the device, no host synchronization).
+
+    Args:
+        params: parameters or param groups (e.g. from :func:`lowrank_param_groups`).
+        lr: external learning rate; must be None with ``relative_step=True`` and given
+            otherwise (HF's Trainer uses ``relative_step=False, scale_parameter=False``).
+        eps: ``(eps1, eps2)``: added to the squared gradient; floor of the parameter
+            scale.
+        clip_threshold: RMS threshold of the update (> 0).
+        decay_rate: exponent of the second-moment decay (<= 0; -0.8).
+        beta1: first-moment coefficient in [0, 1), or None for no first moment.
+        weight_decay: decoupled, scaled by ``lr_t``.
+        scale_parameter, relative_step, warmup_init: Adafactor's learning-rate options
+            (``warmup_init`` needs ``relative_step``).
+        rank, update_proj_gap, scale, proj_type, svd: GaLore keys, defaults of the
+            groups (``rank=None`` leaves a group plain Adafactor).
+        skip_nonfinite: skip a parameter whose gradient is not finite (see
+            :mod:`lowrank_kernels.optim.base`).
+
+    State per projected parameter (tensors only, ``weights_only``-safe): ``step`` (CPU
+    float32), ``side`` (CPU int8), ``projector`` (and ``projector_right`` for
+    ``full``), ``exp_avg_sq_row`` (rows of ``R``) and ``exp_avg_sq_col`` (columns of
+    ``R``), float32, and ``exp_avg`` (``R``'s shape, float32) only with ``beta1``.
+    Plain parameters: ``step``, ``exp_avg_sq_row`` / ``exp_avg_sq_col`` (>= 2 dims) or
+    ``exp_avg_sq`` (1-D), ``exp_avg`` with ``beta1``; float32 (float64 for float64
+    parameters), like galore-torch's for float32 parameters. FSDP2 (DTensor)
+    parameters are not supported.
+    """
+
+    proj_types = PROJ_TYPES
+
+    def __init__(
+        self,
+        params,
+        lr: Optional[float] = None,
+        eps: Tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: Optional[float] = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        rank: Optional[int] = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        svd: str = "exact",
+        skip_nonfinite: bool = True,
+    ):
+        defaults = dict(
+            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
+            warmup_init=warmup_init, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+            svd=svd, skip_nonfinite=skip_nonfinite,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().__init__(params, defaults)
+        for w in caught:
+            if "no parameter group is low-rank" in str(w.message):
+                # Plain Adafactor is a legitimate use (galore-torch's class does it without rank).
+                warnings.warn(
+                    "GaLoreAdafactor: no parameter group is low-rank (no group sets 'rank'), so every "
+                    "parameter gets plain Adafactor", stacklevel=2,
+                )
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_group(self, group: Dict[str, Any], gi: int) -> None:
+        for pi, p in enumerate(group["params"]):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(self._err(gi, f"parameter {pi} must be a Tensor, got {type(p).__name__}"))
+            if not p.is_floating_point():
+                raise TypeError(self._err(gi, f"parameter {pi} must be floating point, got {p.dtype}"))
+            if _dist.is_dtensor(p):
+                raise ValueError(self._err(gi, f"parameter {pi} is a DTensor: GaLoreAdafactor does not support FSDP2"))
+        devices = sorted({str(p.device) for p in group["params"]})
+        if len(devices) > 1:
+            raise ValueError(
+                self._err(gi, f"parameters on several devices ({', '.join(devices)}); put the parameters "
+                              "of each device in their own param group")
+            )
+        for key in ("scale_parameter", "relative_step", "warmup_init"):
+            if not isinstance(group.get(key), bool):
+                raise TypeError(self._err(gi, f"{key} must be a bool, got {group.get(key)!r}"))
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            raise TypeError(self._err(gi, "a Tensor lr is not supported; pass a float"))
+        if group["relative_step"]:
+            if lr is not None:
+                raise ValueError(self._err(gi, "lr must be None with relative_step=True (the step size is "
+                                               "computed); pass relative_step=False to use lr"))
+        elif not _is_real(lr) or not lr >= 0.0:
+            raise ValueError(self._err(gi, f"lr must be a float >= 0 with relative_step=False, got {lr!r}"))
+        if group["warmup_init"] and not group["relative_step"]:
+            raise ValueError(self._err(gi, "warmup_init=True requires relative_step=True"))
+        eps = group.get("eps")
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2 and all(_is_real(e) and e >= 0.0 for e in eps)):
+            raise ValueError(self._err(gi, f"eps must be a pair of floats >= 0, got {eps!r}"))
+        clip = group.get("clip_threshold")
+        if not _is_real(clip) or not clip > 0.0:
+            raise ValueError(self._err(gi, f"clip_threshold must be a float > 0, got {clip!r}"))
+        dr = group.get("decay_rate")
+        if not _is_real(dr) or not dr <= 0.0:
+            raise ValueError(self._err(gi, f"decay_rate must be a float <= 0, got {dr!r}"))
+        b1 = group.get("beta1")
+        if b1 is not None and (not _is_real(b1) or not 0.0 <= b1 < 1.0):
+            raise ValueError(self._err(gi, f"beta1 must be None or a float in [0, 1), got {b1!r}"))
+        wd = group.get("weight_decay")
+        if not _is_real(wd) or not wd >= 0.0:
+            raise ValueError(self._err(gi, f"weight_decay must be a float >= 0, got {wd!r}"))
+        if self._is_lowrank(group):
+            self._validate_lowrank_group(group, gi)
+
+    def _validate_lowrank_group(self, group, gi):
+        super()._validate_lowrank_group(group, gi)
+        if group.get("svd") not in SVD_MODES:
+            raise ValueError(self._err(gi, f"svd must be 'exact' or 'lowrank', got {group.get('svd')!r}"))
+
+    # GaLore's projector: the same SVD refresh (GaLoreAdamW's methods, which use no super()).
+    _svd = GaLoreAdamW._svd
+    _compute_projector = GaLoreAdamW._compute_projector
+    _refresh_projector = GaLoreAdamW._refresh_projector
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def _acc(p: torch.Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _init_moments(self, state, shape, group, dtype, device) -> None:
+        if len(shape) >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=dtype, device=device)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=dtype, device=device)
+        else:
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _init_state(self, p, state, group):
+        super()._init_state(p, state, group)
+        m, n = p.shape
+        r = self._group_rank(group, (m, n))
+        side = self._side(state)
+        shape = (r, r) if side == "full" else ops.low_rank_shape(m, n, r, side)
+        self._init_moments(state, tuple(shape), group, self._acc(p), p.device)
+
+    # ------------------------------------------------------------------ the math
+    @staticmethod
+    def _lr(group, step: int, p: torch.Tensor) -> Union[float, torch.Tensor]:
+        """``lr_t``: a float, or a 0-d device tensor when it depends on ``RMS(W)``."""
+        lr = group["lr"]
+        if group["relative_step"]:
+            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+            lr = min(min_step, 1.0 / math.sqrt(step))
+        if group["scale_parameter"]:
+            return torch.clamp(_rms(p), min=group["eps"][1]) * lr
+        return lr
+
+    @staticmethod
+    def _update(g: torch.Tensor, state, group, step: int, lr_t) -> torch.Tensor:
+        """The Adafactor update of ``g`` (float32), already scaled by ``lr_t``; updates the moments."""
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        sq = g.square().add_(group["eps"][0])
+        if "exp_avg_sq_row" in state:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c_factor = col.unsqueeze(-2).rsqrt()
+            upd = torch.mul(r_factor, c_factor).mul_(g)
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+            upd = v.rsqrt().mul_(g)
+        upd.div_((_rms(upd) / group["clip_threshold"]).clamp_(min=1.0))
+        upd.mul_(lr_t)
+        if group["beta1"] is not None:
+            m = state["exp_avg"]
+            m.mul_(group["beta1"]).add_(upd, alpha=1.0 - group["beta1"])
+            upd = m
+        return upd
+
+    def _project_step(self, p, grad, state, group, step):
+        side = self._side(state)
+        exp_dtype = state["exp_avg_sq_row"].dtype
+        if side == "full":
+            u, vh = state["projector"], state["projector_right"]
+            low = project_fp32(project_fp32(grad, u, "left"), vh, "right").to(exp_dtype)  # U^T G Vh^T
+        else:
+            u = vh = None
+            low = project_fp32(grad, state["projector"], side).to(exp_dtype)
+        lr_t = self._lr(group, step, p)
+        upd = self._update(low, state, group, step, lr_t)
+        wd = group["weight_decay"]
+        decay = 1.0
+        if wd != 0.0:
+            if isinstance(lr_t, torch.Tensor):  # W + (-wd lr_t) W, in place, lr_t on the device
+                p.addcmul_(p, (-wd * lr_t).to(p.dtype))
+            else:
+                decay = 1.0 - wd * lr_t
+        if side == "full":
+            half = upd @ vh.to(upd.dtype)  # upd Vh, r x n
+            ops.backproject_apply_(p, half, u, side="left", alpha=-group["scale"], decay=decay)
+        else:
+            ops.backproject_apply_(p, upd, state["projector"], side=side, alpha=-group["scale"], decay=decay)
+
+    def _plain_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
+        """Plain Adafactor (galore-torch's path for a group without ``rank``)."""
+        for p in params:
+            state = self.state[p]
+            grad = p.grad
+            acc = self._acc(p)
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                self._init_moments(state, tuple(grad.shape), group, acc, p.device)
+            state["step"] += 1
+            step = int(state["step"])
+            w = p if p.dtype == acc else p.to(acc)
+            lr_t = self._lr(group, step, w)
+            upd = self._update(grad.to(acc), state, group, step, lr_t)
+            wd = group["weight_decay"]
+            if wd != 0.0:
+                if isinstance(lr_t, torch.Tensor):
+                    w.addcmul_(w, (-wd * lr_t).to(w.dtype))
+                else:
+                    w.add_(w, alpha=-wd * lr_t)
+            w.sub_(upd)
+            if w is not p:
+                p.copy_(w)
+
+
+__all__ = ["GaLoreAdafactor"]
