@@ -122,7 +122,9 @@ def test_qgalore_weights_are_int8():
 
 
 def _galore_expected(cfg, rank, esize):
-    """GaLoreAdamW's first-step state from the shapes (independent of the optimizer code)."""
+    """GaLoreAdamW's first-step state from the shapes (independent of the optimizer code):
+    projector in the weights' dtype, moments in float32 (the default, also for 16-bit weights)."""
+    mesize = max(esize, 4)
     model = M.build_model(cfg, torch.float32, "meta")
     total = 0
     for name, p in model.named_parameters():
@@ -130,9 +132,9 @@ def _galore_expected(cfg, rank, esize):
             m, n = p.shape
             low = m * rank if m >= n else rank * n  # std: projector on the smaller side
             proj = rank * n if m >= n else m * rank
-            total += 2 * low * esize + proj * esize + 4 + 1  # moments, projector, step, side
+            total += 2 * low * mesize + proj * esize + 4 + 1  # moments, projector, step, side
         else:
-            total += 2 * p.numel() * esize + 4
+            total += 2 * p.numel() * mesize + 4
     return total
 
 
