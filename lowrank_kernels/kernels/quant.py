@@ -12,12 +12,11 @@ arithmetic masked to 32 bits), so the three backends draw the same numbers.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels import _launch as L
 from lowrank_kernels.kernels.projection import _cast_out
 from lowrank_kernels.reference.quant import SCALE_FLOOR, num_groups, seed_keys
 
@@ -25,7 +24,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return L.INTERPRET
 
 
 def _as_2d(x: torch.Tensor):
@@ -166,9 +165,9 @@ def quant_int4_pack_triton(x, group_size):
     scale = torch.empty((g,), dtype=torch.float32, device=x.device)
     minimum = torch.empty((g,), dtype=torch.float32, device=x.device)
     gpp, ch = _tiles(group_size, pairs=True)
-    _quant_int4_pack_kernel[(triton.cdiv(g, gpp),)](
-        x2, packed, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, FLAT=flat, num_warps=4,
-    )
+    L.launch("quant", _quant_int4_pack_kernel, (triton.cdiv(g, gpp),),
+             (x2, packed, scale, minimum, numel, cols, s0, s1, g, group_size),
+             dict(GPP=gpp, CH=ch, FLAT=flat, num_warps=4), device=x.device)
     return packed, scale, minimum
 
 
@@ -196,8 +195,9 @@ def quant_int4_unpack_triton(packed, scale, minimum, shape, dtype, group_size):
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     numel = out.numel()
     block = 1024
-    _quant_int4_unpack_kernel[(triton.cdiv(numel, block),)](packed, scale, minimum, out, numel, group_size, _gs_shift(group_size), BLOCK=block,
-                                                           INTERPRET=_interpreting())
+    L.launch("quant", _quant_int4_unpack_kernel, (triton.cdiv(numel, block),),
+             (packed, scale, minimum, out, numel, group_size, _gs_shift(group_size)),
+             dict(BLOCK=block, INTERPRET=_interpreting()), device=packed.device)
     return out
 
 
@@ -241,9 +241,9 @@ def quant_int8_quantize_triton(w, group_size):
     scale = torch.empty((g,), dtype=torch.float32, device=w.device)
     minimum = torch.empty((g,), dtype=torch.float32, device=w.device)
     gpp, ch = _tiles(group_size, pairs=False)
-    _quant_int8_quantize_kernel[(triton.cdiv(g, gpp),)](
-        w2, q, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, FLAT=flat, num_warps=4,
-    )
+    L.launch("quant", _quant_int8_quantize_kernel, (triton.cdiv(g, gpp),),
+             (w2, q, scale, minimum, numel, cols, s0, s1, g, group_size),
+             dict(GPP=gpp, CH=ch, FLAT=flat, num_warps=4), device=w.device)
     return q, scale, minimum
 
 
@@ -270,8 +270,9 @@ def quant_int8_dequantize_triton(q, scale, minimum, group_size, dtype):
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     numel = q.numel()
     block = 1024
-    _quant_int8_dequantize_kernel[(triton.cdiv(numel, block),)](q, scale, minimum, out, numel, group_size, _gs_shift(group_size), BLOCK=block,
-                                                               INTERPRET=_interpreting())
+    L.launch("quant", _quant_int8_dequantize_kernel, (triton.cdiv(numel, block),),
+             (q, scale, minimum, out, numel, group_size, _gs_shift(group_size)),
+             dict(BLOCK=block, INTERPRET=_interpreting()), device=q.device)
     return out
 
 
@@ -319,10 +320,9 @@ def quant_int8_update_sr_triton(q, scale, minimum, update, decay, alpha, seed, g
     g = num_groups(numel, group_size)
     k1, k2 = seed_keys(seed)
     gpp, ch = _tiles(group_size, pairs=False)
-    _quant_int8_update_sr_kernel[(triton.cdiv(g, gpp),)](
-        q, scale, minimum, u2, numel, cols, s0, s1, g, group_size, float(decay), float(alpha), k1, k2,
-        GPP=gpp, CH=ch, FLAT=flat, num_warps=4,
-    )
+    L.launch("quant", _quant_int8_update_sr_kernel, (triton.cdiv(g, gpp),),
+             (q, scale, minimum, u2, numel, cols, s0, s1, g, group_size, float(decay), float(alpha), k1, k2),
+             dict(GPP=gpp, CH=ch, FLAT=flat, num_warps=4), device=q.device)
 
 
 assert SCALE_FLOOR == 1e-5  # the kernels hard-code the floor of the spec
