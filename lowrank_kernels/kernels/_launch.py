@@ -67,8 +67,6 @@ INT32_MAX = 2**31 - 1
 # Specifications per Compute Capability": 8.0 / 8.7: 163 KB; 8.6 / 8.9 / 12.x: 99 KB;
 # 9.0: 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-# Archs with a table of their own; any other capability uses the most conservative one.
-TABLE_ARCHS = (80, 89, 90)
 
 
 # --------------------------------------------------------------------------- dtype policy
@@ -143,73 +141,64 @@ class Tile(NamedTuple):
 # projection kernels are exercised: the right side prefetches, the left side does not.
 INTERPRET_TILE = Tile(64, 64, 64, 4, 1, False, 4)
 
-# TABLES[family][arch][wide] = (big tile, small-M tile, small-N tile, autotune extras).
-# ``wide``: some pipelined GEMM operand is stored in 4 bytes (float32; shared memory per
-# stage doubles). "big": M > 64 and N > 64; "small-M": M <= 64 (e.g. rank 16 rows);
-# "small-N": N <= 64 (both small: the small-M tile). The defaults are the sm_90 choices
-# of the earlier autotune spaces (128x128 tiles, 8 warps) cut to what fits each arch's
-# shared memory without spilling; the extras are what autotuning may also try. Side and
-# projector mode are part of the key (:func:`choose_config`) so a measured entry can
-# specialize them; today's entries do not differ by them (not yet measured on a GPU).
+# TABLES[(kernel, arch)][(projector class, wide)] = (big tile, small-M tile, small-N tile);
+# EXTRAS[(kernel, arch)]: further tiles autotuning may try (with the defaults).
+# ``wide``: some pipelined GEMM operand is stored in 4 bytes (float32: shared memory per
+# stage doubles). Projector class: "dense", "int4" or "dct" (the INT4 and DCT tile loaders
+# compute per-element indices and dequantize/gather in registers, so they take smaller
+# tiles). Buckets: "big": M > 64 and N > 64; "small-M": M <= 64 (e.g. rank-16 rows);
+# "small-N": N <= 64 < M.
+#
+# Every entry was compiled for sm_80 and sm_90 (python -m lowrank_kernels.compile_check)
+# on the specializations that strain registers most (float32 moments, transposed
+# gradients, ragged K, INT4/DCT projectors) and kept only if ptxas reported no spill:
+# 8 warps throughout (4 warps spill the Adam epilogue), 64x64 tiles in the projection
+# (project + Adam holds the accumulator and both moment tiles), 128x64 in the
+# back-projection and the DCT GEMM, no PREFETCH by default (it spills with transposed or
+# gathered operands). The tables are the same for every arch for now: each fits the
+# smallest (99 KB) shared memory; per-arch tuning needs measurements on the GPUs.
 _P = "projection"
 _D = "dct"
-TABLES = {
-    ("project", 90): {
-        False: (Tile(128, 128, 64, 8, 4), Tile(64, 128, 64, 4, 4, True), Tile(128, 64, 64, 4, 4),
-                [Tile(64, 64, 64, 4, 4, True), Tile(128, 128, 64, 8, 3, True), Tile(64, 128, 128, 4, 3)]),
-        True: (Tile(128, 128, 32, 8, 4), Tile(64, 128, 32, 4, 4, True), Tile(128, 64, 32, 4, 4),
-               [Tile(64, 64, 64, 4, 3, True), Tile(128, 128, 64, 8, 3)]),
-    },
-    ("project", 80): {
-        False: (Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 3, True), Tile(128, 64, 64, 4, 3),
-                [Tile(64, 64, 64, 4, 4, True), Tile(128, 128, 64, 8, 4)]),
-        True: (Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 4, 3, True), Tile(128, 64, 32, 4, 3),
-               [Tile(64, 64, 64, 4, 3, True)]),
-    },
-    ("project", 89): {
-        False: (Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 4, 3, True), Tile(128, 64, 32, 4, 3),
-                [Tile(64, 64, 64, 4, 3, True), Tile(128, 64, 64, 4, 3)]),
-        True: (Tile(128, 64, 32, 4, 3), Tile(64, 128, 32, 4, 3, True), Tile(128, 64, 32, 4, 3),
-               [Tile(64, 64, 32, 4, 3, True)]),
-    },
-    ("backproject", 90): {
-        False: (Tile(128, 128, 64, 8, 3, True), Tile(64, 128, 64, 4, 3, True), Tile(128, 64, 64, 4, 4),
-                [Tile(128, 256, 64, 8, 3), Tile(128, 128, 64, 8, 4), Tile(64, 64, 64, 4, 4)]),
-        True: (Tile(128, 128, 32, 8, 3, True), Tile(64, 128, 32, 4, 3, True), Tile(128, 64, 32, 4, 4),
-               [Tile(128, 128, 64, 8, 3), Tile(64, 64, 64, 4, 4)]),
-    },
-    ("backproject", 80): {
-        False: (Tile(128, 128, 64, 8, 3, True), Tile(64, 128, 64, 4, 3, True), Tile(128, 64, 64, 4, 3),
-                [Tile(128, 128, 64, 8, 4), Tile(64, 64, 64, 4, 4)]),
-        True: (Tile(128, 128, 32, 8, 3, True), Tile(64, 128, 32, 4, 3, True), Tile(128, 64, 32, 4, 3),
-               [Tile(64, 64, 64, 4, 3)]),
-    },
-    ("backproject", 89): {
-        False: (Tile(128, 128, 32, 8, 3, True), Tile(64, 128, 32, 4, 3, True), Tile(128, 64, 32, 4, 3),
-                [Tile(128, 64, 64, 4, 3), Tile(64, 64, 64, 4, 3)]),
-        True: (Tile(128, 64, 32, 4, 3, True), Tile(64, 128, 32, 4, 3, True), Tile(128, 64, 32, 4, 3),
-               [Tile(64, 64, 32, 4, 3)]),
-    },
-    ("dct_gemm", 90): {
-        False: (Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 4), Tile(128, 64, 64, 4, 4),
-                [Tile(128, 256, 64, 8, 3), Tile(128, 128, 64, 8, 4), Tile(64, 64, 64, 4, 4)]),
-        True: (Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 4, 4), Tile(128, 64, 32, 4, 4),
-               [Tile(128, 128, 64, 8, 3), Tile(64, 64, 64, 4, 4)]),
-    },
-    ("dct_gemm", 80): {
-        False: (Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 3), Tile(128, 64, 64, 4, 3),
-                [Tile(128, 128, 32, 4, 4), Tile(64, 64, 64, 4, 4)]),
-        True: (Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 4, 3), Tile(128, 64, 32, 4, 3),
-               [Tile(64, 64, 64, 4, 3)]),
-    },
-    ("dct_gemm", 89): {
-        False: (Tile(128, 128, 32, 8, 3), Tile(64, 128, 32, 4, 3), Tile(128, 64, 32, 4, 3),
-                [Tile(128, 64, 64, 4, 3), Tile(64, 64, 64, 4, 3)]),
-        True: (Tile(128, 64, 32, 4, 3), Tile(64, 128, 32, 4, 3), Tile(128, 64, 32, 4, 3),
-               [Tile(64, 64, 32, 4, 3)]),
-    },
+
+
+def _same(t):
+    return (t, t, t)
+
+
+_PROJECT = {
+    ("dense", False): _same(Tile(64, 64, 64, 8, 3)),
+    ("dense", True): _same(Tile(64, 64, 32, 8, 3)),
+    ("int4", False): _same(Tile(64, 64, 32, 8, 2)),
+    ("int4", True): _same(Tile(64, 64, 32, 8, 2)),
+    ("dct", False): _same(Tile(64, 64, 32, 8, 2)),
+    ("dct", True): _same(Tile(64, 64, 32, 8, 2)),
 }
+_BACKPROJECT = {
+    ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
+    ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
+    ("int4", False): _same(Tile(64, 64, 32, 8, 1)),
+    ("int4", True): _same(Tile(64, 64, 32, 8, 1)),
+    ("dct", False): _same(Tile(64, 64, 32, 8, 2)),
+    ("dct", True): _same(Tile(64, 64, 32, 8, 2)),
+}
+_DCT_GEMM = {
+    ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
+    ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
+    ("dct", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
+    ("dct", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
+}
+TABLE_ARCHS = (80, 89, 90)
+TABLES = {}
+EXTRAS = {}
+for _arch in TABLE_ARCHS:
+    TABLES[("project", _arch)] = _PROJECT
+    TABLES[("backproject", _arch)] = _BACKPROJECT
+    TABLES[("dct_gemm", _arch)] = _DCT_GEMM
+    EXTRAS[("project", _arch)] = []
+    EXTRAS[("backproject", _arch)] = []
+    EXTRAS[("dct_gemm", _arch)] = [Tile(128, 128, 64, 8, 3), Tile(64, 64, 64, 4, 3)]
 FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D}
+MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
 
 
 def table_arch(arch: int) -> int:
@@ -242,7 +231,7 @@ def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, o
     A pure function of (arch, the pipelined operands' storage bytes, side, projector mode,
     shape bucket of ``M x N``): no timing, so every process and rank chooses the same.
     ``arch``: capability ``10 * major + minor``, or ``None`` under the interpreter.
-    ``K`` and ``mode`` are accepted for the key but do not change today's choice.
+    ``K`` is accepted for the key but does not change today's choice.
     """
     if kernel not in FAMILY_OF:
         raise ValueError(f"choose_config: unknown kernel {kernel!r}; expected one of {sorted(FAMILY_OF)}")
@@ -250,19 +239,34 @@ def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, o
         raise ValueError(f"choose_config: side must be 'right' or 'left', got {side!r}")
     if arch is None:
         return INTERPRET_TILE._replace(prefetch=FAMILY_OF[kernel] == _P and side == "right")
+    if mode not in MODE_CLASS:
+        raise ValueError(f"choose_config: mode must be 0 (dense), 1 (INT4) or 2 (DCT), got {mode!r}")
     wide = max(op_bytes) >= 4
-    entry = TABLES[(kernel, table_arch(int(arch)))][wide]
+    table = TABLES[(kernel, table_arch(int(arch)))]
+    entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     return entry[_bucket(int(M), int(N))]
 
 
-def candidates(kernel: str, arch: Optional[int], *, wide: bool) -> list:
-    """Every tile ``kernel`` may launch on ``arch`` with ``wide`` operands: the table's
-    defaults for each bucket, then the autotuning extras (deduplicated, in table order)."""
+def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0) -> list:
+    """The tiles ``kernel`` launches without autotuning on ``arch`` (one per bucket, deduplicated)."""
+    table = TABLES[(kernel, table_arch(int(arch)))]
+    entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
+    return list(dict.fromkeys(entry))
+
+
+def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0) -> list:
+    """Every tile ``kernel`` may launch on ``arch`` with ``wide`` operands and projector
+    ``mode``: the table's defaults for each bucket, then the autotuning extras (dense
+    only; deduplicated, in table order)."""
     if arch is None:
         return [INTERPRET_TILE, INTERPRET_TILE._replace(prefetch=True)] if FAMILY_OF[kernel] == _P else [INTERPRET_TILE]
-    big, small_m, small_n, extras = TABLES[(kernel, table_arch(int(arch)))][wide]
+    ta = table_arch(int(arch))
+    table = TABLES[(kernel, ta)]
+    entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     out = []
-    for t in (big, small_m, small_n, *extras):
+    extras = [t for t in (EXTRAS[(kernel, ta)] if mode == 0 else ())
+              if t.smem_estimate(4 if wide else 2) <= SMEM_LIMIT[ta]]  # never one that cannot fit
+    for t in (*entry, *extras):
         if t not in out:
             out.append(t)
     return out
@@ -303,11 +307,15 @@ class Launch(NamedTuple):
     meta: dict  # constexprs and options, tile included
     tile_kernel: Optional[str]  # "project"/"backproject"/"dct_gemm" (tile from the table), or None
     wide: bool
-    K: int = 0  # the GEMM's reduction length (EVEN_K depends on the tile's BLOCK_K)
+    key: Optional[dict] = None  # choose_config's keyword arguments (M, N, K, op_bytes, side, mode)
+
+    def tile_for(self, arch: int) -> "Tile":
+        """The tile this launch takes on ``arch`` (table choice, no autotuning)."""
+        return choose_config(self.tile_kernel, arch, **self.key)
 
     def with_tile(self, tile: "Tile") -> dict:
         """``meta`` with ``tile`` (and its EVEN_K) in place of the captured one."""
-        return dict(self.meta, **tile.meta(self.family), EVEN_K=self.K % tile.bk == 0)
+        return dict(self.meta, **_tile_meta(self.family, tile, self.key["K"]))
 
 
 @contextlib.contextmanager
@@ -355,7 +363,8 @@ def launch_gemm(kernel_name: str, kernel, grid: Callable, args: tuple, meta: dic
         arch = 90  # placeholder: the compile check replaces the tile per target arch
         tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode)
         full = dict(meta, **_tile_meta(family, tile, K), enable_fp_fusion=FP_FUSION[family])
-        _CAPTURE.append(Launch(family, kernel, args, full, kernel_name, wide, K))
+        key = dict(M=M, N=N, K=K, op_bytes=list(op_bytes), side=side, mode=mode)
+        _CAPTURE.append(Launch(family, kernel, args, full, kernel_name, wide, key))
         return tile
     with device_guard(device):
         arch = device_arch(device)
@@ -364,7 +373,7 @@ def launch_gemm(kernel_name: str, kernel, grid: Callable, args: tuple, meta: dic
                    tuple(sorted((k, str(v)) for k, v in meta.items())))
             tile = _TUNED.get(key)
             if tile is None:
-                tile = _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore)
+                tile = _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode)
                 _TUNED[key] = tile
         else:
             tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode)
@@ -377,10 +386,10 @@ def _tile_meta(family: str, tile: Tile, K: int) -> dict:
     return dict(tile.meta(family), EVEN_K=K % tile.bk == 0)
 
 
-def _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore) -> Tile:
+def _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode=0) -> Tile:
     """Time every candidate (restoring ``restore`` after each run); rank 0's choice wins."""
     family = FAMILY_OF[kernel_name]
-    cands = candidates(kernel_name, arch, wide=wide)
+    cands = candidates(kernel_name, arch, wide=wide, mode=mode)
     saved = [t.clone() for t in restore]
 
     def put_back():

@@ -37,7 +37,8 @@ def test_choice_is_a_pure_function_of_arch_shapes_dtypes(kernel):
     for key, t in reversed(list(first.items())):
         arch, shape, op_bytes, side, mode = key
         assert _choose(kernel, arch, *shape, list(op_bytes), side, mode) == t
-    # The choice only depends on the arch's table, the operand width and the shape bucket.
+    # The choice only depends on the arch's table, the operand width, the projector mode
+    # and the shape bucket.
     for arch in FAKE_ARCHS:
         big16 = _choose(kernel, arch, 4096, 4096, 512, [2, 2])
         big32 = _choose(kernel, arch, 4096, 4096, 512, [4, 2])
@@ -66,6 +67,8 @@ def test_bad_key_raises():
         _choose("gemm", 90, 10, 10, 10, [2, 2])
     with pytest.raises(ValueError, match="side must be 'right' or 'left'"):
         _choose("project", 90, 10, 10, 10, [2, 2], side="up")
+    with pytest.raises(ValueError, match="mode must be 0"):
+        _choose("project", 90, 10, 10, 10, [2, 2], mode=3)
 
 
 # --------------------------------------------------------------------------- the tables fit their arch
@@ -75,10 +78,13 @@ def test_every_table_tile_fits_shared_memory_estimate(kernel, arch):
     """Pipelined operand buffers within the arch's opt-in maximum (the compile check
     measures the real value: python_tests/kernels/test_compile_check.py)."""
     for wide, op_bytes in ((False, 2), (True, 4)):
-        for t in L.candidates(kernel, arch, wide=wide):
-            assert t.smem_estimate(op_bytes) <= L.SMEM_LIMIT[arch], (kernel, arch, t)
-            # dct scoring sizes its partial buffer for 64-wide tiles (kernels/dct.py:_partial_rows)
-            assert t.bm >= 64 and t.bn >= 64 and t.warps in (4, 8) and t.stages >= 2
+        for mode in (0, 1, 2):
+            for t in L.candidates(kernel, arch, wide=wide, mode=mode):
+                assert t.smem_estimate(op_bytes) <= L.SMEM_LIMIT[arch], (kernel, arch, t)
+                # dct scoring sizes its partial buffer for 64-wide tiles (kernels/dct.py:_partial_rows)
+                assert t.bm >= 64 and t.bn >= 64 and t.warps in (4, 8) and t.stages >= 1
+            assert set(L.default_tiles(kernel, arch, wide=wide, mode=mode)) <= set(
+                L.candidates(kernel, arch, wide=wide, mode=mode))
 
 
 def test_old_fixed_fp32_config_is_not_in_the_smaller_tables():
@@ -87,7 +93,9 @@ def test_old_fixed_fp32_config_is_not_in_the_smaller_tables():
     assert old.smem_estimate(4) == 196608 > L.SMEM_LIMIT[80]
     for kernel in KERNELS:
         for arch in (80, 89):
-            assert all((t.bm, t.bn, t.bk, t.stages) != (128, 128, 64, 3) for t in L.candidates(kernel, arch, wide=True))
+            for mode in (0, 1, 2):
+                assert all((t.bm, t.bn, t.bk, t.stages) != (128, 128, 64, 3)
+                           for t in L.candidates(kernel, arch, wide=True, mode=mode))
 
 
 # --------------------------------------------------------------------------- autotuning is opt-in
@@ -134,7 +142,8 @@ def test_autotune_restores_outputs_and_takes_the_fastest(monkeypatch):
                 seen.append((BLOCK_M, BLOCK_N, BLOCK_K, kw["num_stages"]))
             return run
 
-    cands = L.candidates("project", 90, wide=False)
+    cands = L.candidates("dct_gemm", 90, wide=False)
+    assert len(cands) >= 3
     fastest = 2
     times = iter(range(len(cands)))
 
@@ -144,7 +153,7 @@ def test_autotune_restores_outputs_and_takes_the_fastest(monkeypatch):
         return 1.0 if i == fastest else 5.0
 
     monkeypatch.setattr(L.triton.testing, "do_bench", fake_bench)
-    tile = L._autotune("project", FakeKernel(), lambda t: (1,), (), {}, torch.device("cpu"), 90, False, 64, (out,))
+    tile = L._autotune("dct_gemm", FakeKernel(), lambda t: (1,), (), {}, torch.device("cpu"), 90, False, 64, (out,))
     assert tile == cands[fastest]
     assert len(seen) == len(cands) and torch.equal(out, torch.zeros(4))
 
