@@ -36,6 +36,10 @@ projection (both sides); every quant kernel (INT4 pack / unpack, INT8 quantize /
 dequantize / stochastic-rounding update; contiguous and strided inputs, power-of-two
 and other group sizes, each storage dtype).
 
+``--runtime`` (on a GPU machine, ``--arch`` = that GPU's arch; for bench/gpu_check.sh)
+also loads every compiled kernel on the device and adds the driver's register and
+spill counts (``runtime_registers``, ``runtime_spills``); not yet run on a GPU.
+
 Exit status 1 if any row is not ``ok``. Run with ``TRITON_INTERPRET`` unset (or 0):
 the interpreter has no compiler.
 """
@@ -56,6 +60,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, NamedTuple, Optional
 
 COLUMNS = ["kernel", "variant", "config", "arch", "registers", "spills", "shared_bytes", "status"]
+# --runtime (on a GPU of the compiled arch): what the driver reports when it loads the cubin.
+RUNTIME_COLUMNS = ["runtime_registers", "runtime_spills"]
 DEFAULT_ARCHS = (80, 90)
 
 
@@ -197,6 +203,7 @@ class Job(NamedTuple):
     constexprs: dict
     attrs: dict
     options: dict
+    runtime: bool = False
 
 
 def _jobs(archs, subset: str) -> List[Job]:
@@ -347,10 +354,17 @@ def _compile(job: Job) -> dict:
     except Exception as e:  # noqa: BLE001  (reported as a failed row, never swallowed)
         row["status"] = "compile_error: " + " ".join(str(e).split())[:300]
         return row
+    if job.runtime:
+        try:
+            k._init_handles()  # loads the cubin on the current CUDA device
+            row.update(runtime_registers=k.n_regs, runtime_spills=k.n_spills)
+        except Exception as e:  # noqa: BLE001
+            row["status"] = "load_error: " + " ".join(str(e).split())[:300]
+            return row
     shared = int(k.metadata.shared)
     row.update(registers=stats["registers"], spills=stats["spill_stores"] + stats["spill_loads"], shared_bytes=shared)
     limit = L.SMEM_LIMIT[job.arch] if job.arch in L.SMEM_LIMIT else L.SMEM_LIMIT[L.table_arch(job.arch)]
-    if row["spills"]:
+    if row["spills"] or row.get("runtime_spills"):
         row["status"] = "spills"
     elif shared > limit:
         row["status"] = f"smem>{limit}"
@@ -359,8 +373,13 @@ def _compile(job: Job) -> dict:
     return row
 
 
-def run(archs=DEFAULT_ARCHS, subset: str = "full", jobs: Optional[int] = None, progress=None) -> List[dict]:
-    """Compile every variant for ``archs``; the CSV rows (see the module doc)."""
+def run(archs=DEFAULT_ARCHS, subset: str = "full", jobs: Optional[int] = None, progress=None,
+        runtime: bool = False) -> List[dict]:
+    """Compile every variant for ``archs``; the CSV rows (see the module doc).
+
+    ``runtime``: also load each kernel on the current CUDA device (whose arch must be the
+    only one in ``archs``) and report the driver's register and spill counts.
+    """
     from lowrank_kernels.kernels import _launch as L
 
     if L.INTERPRET:
@@ -371,7 +390,15 @@ def run(archs=DEFAULT_ARCHS, subset: str = "full", jobs: Optional[int] = None, p
     bad = [a for a in archs if a < 80]
     if bad:
         raise ValueError(f"compile_check: arch {bad[0]} unsupported (the kernels target sm_80 and newer)")
-    todo = _jobs(tuple(archs), subset)
+    if runtime:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("compile_check --runtime: no CUDA device")
+        major, minor = torch.cuda.get_device_capability()
+        if list(archs) != [10 * major + minor]:
+            raise ValueError(f"compile_check --runtime: --arch must be this GPU's arch, {10 * major + minor}")
+    todo = [j._replace(runtime=runtime) for j in _jobs(tuple(archs), subset)]
     n = max(1, int(jobs or min(2, os.cpu_count() or 1)))
     rows = []
     if n == 1:
@@ -397,6 +424,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
     ap.add_argument("--subset", default="full", choices=("ci", "full"))
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: min(2, CPUs))")
+    ap.add_argument("--runtime", action="store_true",
+                    help="also load each kernel on this machine's GPU (arch = --arch) and add the driver's "
+                         "register/spill counts (columns runtime_registers, runtime_spills)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -413,13 +443,13 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
 
     try:
-        rows = run(archs, args.subset, args.jobs, progress)
+        rows = run(archs, args.subset, args.jobs, progress, runtime=args.runtime)
     except (RuntimeError, ValueError) as e:
         print(e, file=sys.stderr)
         return 2
     f = open(args.out, "w", newline="") if args.out else sys.stdout
     try:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS + (RUNTIME_COLUMNS if args.runtime else []))
         w.writeheader()
         w.writerows(rows)
     finally:

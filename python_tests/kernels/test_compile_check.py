@@ -123,3 +123,13 @@ def test_bad_arch_argument():
     r = subprocess.run([sys.executable, "-m", "lowrank_kernels.compile_check", "--arch", "75"],
                        capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 2 and "arch 75 unsupported" in r.stderr
+
+
+def test_runtime_option_needs_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    r = subprocess.run([sys.executable, "-m", "lowrank_kernels.compile_check", "--arch", "90", "--runtime"],
+                       capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 2 and "no CUDA device" in r.stderr
