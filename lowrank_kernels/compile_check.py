@@ -252,9 +252,8 @@ def _jobs(archs, subset: str) -> List[Job]:
             bound, spec, opts = binder(*c.args, **meta)
             options, signature, constexprs, attrs = jf._pack_args(backend, meta, bound, spec, opts)
             fn_name = f"{jf.fn.__module__}:{jf.fn.__name__}"
-            cfg = tile.label() if tile is not None else "fixed:" + ",".join(
-                f"{k}={meta[k]}" for k in sorted(meta) if k.isupper() and k in ("GPP", "CH", "BLOCK")) + \
-                f",w{meta.get('num_warps', 4)}"
+            cfg = tile.label() if tile is not None else "fixed_" + "_".join(
+                f"{k}{meta[k]}" for k in sorted(meta) if k in ("GPP", "CH", "BLOCK")) + f"_w{meta.get('num_warps', 4)}"
             key = (fn_name, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
                    repr(sorted(attrs.items(), key=str)), repr(sorted(options.__dict__.items(), key=str)))
             if key in jobs:
@@ -399,7 +398,7 @@ def run(archs=DEFAULT_ARCHS, subset: str = "full", jobs: Optional[int] = None, p
         if list(archs) != [10 * major + minor]:
             raise ValueError(f"compile_check --runtime: --arch must be this GPU's arch, {10 * major + minor}")
     todo = [j._replace(runtime=runtime) for j in _jobs(tuple(archs), subset)]
-    n = max(1, int(jobs or min(2, os.cpu_count() or 1)))
+    n = max(1, int(jobs or min(16, os.cpu_count() or 1)))
     rows = []
     if n == 1:
         for j in todo:
@@ -423,7 +422,7 @@ def main(argv=None) -> int:
                     help="comma-separated compute capabilities, e.g. 80,89,90 (default: 80,90)")
     ap.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
     ap.add_argument("--subset", default="full", choices=("ci", "full"))
-    ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: min(2, CPUs))")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: the CPU count, at most 16)")
     ap.add_argument("--runtime", action="store_true",
                     help="also load each kernel on this machine's GPU (arch = --arch) and add the driver's "
                          "register/spill counts (columns runtime_registers, runtime_spills)")

@@ -142,7 +142,8 @@ class Tile(NamedTuple):
 INTERPRET_TILE = Tile(64, 64, 64, 4, 1, False, 4)
 
 # TABLES[(kernel, arch)][(projector class, wide)] = (big tile, small-M tile, small-N tile);
-# EXTRAS[(kernel, arch)]: further tiles autotuning may try (with the defaults).
+# EXTRAS[(kernel, arch)]: further tiles autotuning may try (with the defaults; dense
+# projector and 16-bit operands only).
 # ``wide``: some pipelined GEMM operand is stored in 4 bytes (float32: shared memory per
 # stage doubles). Projector class: "dense", "int4" or "dct" (the INT4 and DCT tile loaders
 # compute per-element indices and dequantize/gather in registers, so they take smaller
@@ -257,15 +258,17 @@ def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0) -> list:
 def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0) -> list:
     """Every tile ``kernel`` may launch on ``arch`` with ``wide`` operands and projector
     ``mode``: the table's defaults for each bucket, then the autotuning extras (dense
-    only; deduplicated, in table order)."""
+    16-bit operands only; deduplicated, in table order)."""
     if arch is None:
         return [INTERPRET_TILE, INTERPRET_TILE._replace(prefetch=True)] if FAMILY_OF[kernel] == _P else [INTERPRET_TILE]
     ta = table_arch(int(arch))
     table = TABLES[(kernel, ta)]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     out = []
-    extras = [t for t in (EXTRAS[(kernel, ta)] if mode == 0 else ())
-              if t.smem_estimate(4 if wide else 2) <= SMEM_LIMIT[ta]]  # never one that cannot fit
+    # Extras: 16-bit dense operands only (compiled for sm_80/sm_90: they spill with float32
+    # operands); never one whose shared memory cannot fit.
+    extras = [t for t in (EXTRAS[(kernel, ta)] if mode == 0 and not wide else ())
+              if t.smem_estimate(2) <= SMEM_LIMIT[ta]]
     for t in (*entry, *extras):
         if t not in out:
             out.append(t)
