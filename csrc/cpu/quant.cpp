@@ -48,6 +48,10 @@ inline float round_level(float v, float levels) {
   return std::min(std::max(std::floor(v + 0.5f), 0.0f), levels);
 }
 
+// A group holding a NaN or an infinity: scale = minimum = NaN and every level 0, so the
+// group dequantizes to NaN (lowrank_kernels/reference/quant.py, "Non-finite values").
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
 // Quantize a flat contiguous tensor group by group with round-to-nearest; `emit(i, q)`
 // stores level q of element i.
 template <typename scalar_t, typename Emit>
@@ -57,10 +61,18 @@ void quantize_groups(const scalar_t* x, int64_t numel, int64_t gs, float levels,
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = g * gs, e = std::min(b + gs, numel);
       float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+      bool finite = true;
       for (int64_t i = b; i < e; ++i) {
         const float v = static_cast<float>(x[i]);
+        finite = finite && std::isfinite(v);
         mn = std::min(mn, v);
         mx = std::max(mx, v);
+      }
+      if (!finite) {
+        for (int64_t i = b; i < e; ++i) emit(i, 0.0f);
+        scale[g] = kNaN;
+        mn_out[g] = kNaN;
+        continue;
       }
       const float s = std::max(mx - mn, kScaleFloor) / levels;
       for (int64_t i = b; i < e; ++i) emit(i, round_level((static_cast<float>(x[i]) - mn) / s, levels));
@@ -166,10 +178,18 @@ void int8_update_sr_cpu(at::Tensor& q, at::Tensor& scale, at::Tensor& minimum, c
           return (om + os * static_cast<float>(qp[i])) * dec + static_cast<float>(up[i]) * alp;
         };
         float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+        bool finite = true;
         for (int64_t i = b; i < e; ++i) {
           const float v = value(i);
+          finite = finite && std::isfinite(v);
           mn = std::min(mn, v);
           mx = std::max(mx, v);
+        }
+        if (!finite) {
+          for (int64_t i = b; i < e; ++i) qp[i] = 0;
+          sp[g] = kNaN;
+          mp[g] = kNaN;
+          continue;
         }
         const float s = std::max(mx - mn, kScaleFloor) / 255.0f;
         for (int64_t i = b; i < e; ++i) {

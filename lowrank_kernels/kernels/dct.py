@@ -24,67 +24,23 @@ GEMM), ties to the lower index, exactly as the reference.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels import _launch as L
 from lowrank_kernels.reference import dct as ref
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return L.INTERPRET
 
 
-# Autotuning on GPU (one tuning per problem shape). LOWRANK_KERNELS_TRITON_AUTOTUNE=0, or
-# ``AUTOTUNE = False`` on this module, launches one fixed config instead (GPU tests).
-AUTOTUNE = os.environ.get("LOWRANK_KERNELS_TRITON_AUTOTUNE", "1") != "0"
-
-
-def _fixed_config(M, N):
-    """128x128x64 tiles (64 along a dimension below 128), 8 warps, 3 stages."""
-    bm = 128 if M >= 128 else 64
-    bn = 128 if N >= 128 else 64
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8 if bm * bn >= 16384 else 4,
-                         num_stages=3)
-
-
-def _configs():
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    cfgs = []
-    # Hopper/Ampere bf16 GEMM shapes (large tiles for the big refresh GEMMs, smaller
-    # ones for small layers / the k-wide projection GEMM).
-    for bm, bn, bk, stages, warps in [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 64, 3, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 256, 32, 4, 4),
-        (128, 128, 32, 4, 4),
-    ]:
-        cfgs.append(
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
-        )
-    return cfgs
-
-
-# reset_to_zero: the scoring partial buffer must be zero before the chosen config's run
-# (configs with larger tiles write fewer partial rows than the buffer holds).
-@triton.autotune(
-    configs=_configs(),
-    key=["M", "N", "K", "EPILOGUE", "REDUCE_ROWS", "GATHER_A", "GATHER_B", "IDX64", "DOT_DTYPE"],
-    reset_to_zero=["out_ptr"],
-)
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _dct_gemm_kernel(
     a_ptr, b_ptr, idx_ptr, out_ptr,
     M, N, K,
+    idx_bound,  # GATHER_*: rows of the gathered matrix; indices outside [0, idx_bound) read zeros
     stride_am, stride_ak, stride_bk, stride_bn, stride_o0, stride_o1,
     stride_ab, stride_bb, stride_ob,  # batch strides (0 for an operand shared by the batch)
     EPILOGUE: tl.constexpr,  # 0: store the tile, 1: sum |.|, 2: sum of squares
@@ -123,22 +79,34 @@ def _dct_gemm_kernel(
         rows = rows.to(tl.int64)
         cols = cols.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
+    # Gathered rows/columns: an index outside [0, idx_bound) reads zeros (masked), never
+    # memory outside the basis (CUDA does not check indices; the CPU backends do).
+    a_ok = tl.full((BLOCK_M,), 1, tl.int1)
+    b_ok = tl.full((BLOCK_N,), 1, tl.int1)
     if GATHER_A:
         rows = tl.load(idx_ptr + rows).to(tl.int64)
+        a_ok = (rows >= 0) & (rows < idx_bound)
     if GATHER_B:
         cols = tl.load(idx_ptr + cols).to(tl.int64)
+        b_ok = (cols >= 0) & (cols < idx_bound)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
+            if GATHER_A:
+                a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs)
+            if GATHER_B:
+                b = tl.load(b_ptrs, mask=b_ok[None, :], other=0.0)
+            else:
+                b = tl.load(b_ptrs)
         else:
             k_left = K - k0 * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            a = tl.load(a_ptrs, mask=a_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & b_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")
         else:
@@ -183,35 +151,31 @@ def _dot_dtype(grad):
     return tl.float32, True
 
 
-def _needs_int64(*tensors) -> bool:
-    """Whether some element offset of some tensor does not fit in int32."""
-    for t in tensors:
-        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
-        if span + 256 > 2**31 - 1:
-            return True
-    return False
+_needs_int64 = L.needs_int64
 
 
 def _gemm(a, b, out, M, N, K, sa, sb, so, *, epilogue, reduce_rows=False, idx=None, gather_a=False, gather_b=False,
-          dot_from=None, batch=1, batch_strides=(0, 0, 0), spans=None):
+          idx_bound=0, dot_from=None, batch=1, batch_strides=(0, 0, 0), spans=None):
+    """Launch ``_dct_gemm_kernel`` with the tile of the shared policy (lowrank_kernels/kernels/_launch.py)."""
     dot_dtype, ieee = _dot_dtype(dot_from)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), batch)  # noqa: E731
-    args = (a, b, idx if idx is not None else a, out, M, N, K, sa[0], sa[1], sb[0], sb[1], so[0], so[1], *batch_strides)
+    grid = lambda tile: (triton.cdiv(M, tile.bm) * triton.cdiv(N, tile.bn), batch)  # noqa: E731
+    args = (a, b, idx if idx is not None else a, out, M, N, K, idx_bound,
+            sa[0], sa[1], sb[0], sb[1], so[0], so[1], *batch_strides)
     meta = dict(
         EPILOGUE=epilogue, REDUCE_ROWS=reduce_rows, GATHER_A=gather_a, GATHER_B=gather_b,
         IDX64=_needs_int64(*(spans if spans is not None else (a, b, out))), DOT_DTYPE=dot_dtype, IEEE=ieee,
     )
-    if AUTOTUNE:
-        _dct_gemm_kernel[grid](*args, **meta)
-    else:  # the heuristics-wrapped kernel under the autotuner, with one config
-        _dct_gemm_kernel.fn[grid](*args, **meta, **_fixed_config(M, N).all_kwargs())
+    # Scoring writes its partial sums with plain stores: autotuning trials restore `out`.
+    L.launch_gemm("dct_gemm", _dct_gemm_kernel, grid, args, meta, device=out.device, M=M, N=N, K=K,
+                  op_bytes=[a.element_size(), b.element_size()],
+                  side="right" if (gather_b or (epilogue and reduce_rows)) else "left",
+                  mode=2 if (gather_a or gather_b) else 0, restore=(out,) if epilogue else ())
 
 
 def _partial_rows(M, N, reduce_rows):
-    # Upper bound over the configs of the number of tiles along the reduced dimension:
-    # the partial buffer is sized for the smallest block of any config.
-    smallest = min(c.kwargs["BLOCK_M" if reduce_rows else "BLOCK_N"] for c in _configs() + [_fixed_config(1, 1)])
-    return triton.cdiv(M if reduce_rows else N, smallest)
+    """Rows of the scoring partial buffer: tiles along the reduced dimension for the
+    smallest block of any tile this process may launch (64; 64^3 in the interpreter)."""
+    return triton.cdiv(M if reduce_rows else N, 64)
 
 
 def dct_scores_triton(grad, basis, side, norm):
@@ -256,9 +220,9 @@ def dct_project_triton(grad, basis, indices, side):
     if side == "right":  # R = G C[idx]^T (m x r): B[l, a] = C[idx[a], l]
         out = torch.empty((m, r), dtype=torch.float32, device=grad.device)
         _gemm(grad, basis, out, m, r, n, grad.stride(), (basis.stride(1), basis.stride(0)), out.stride(),
-              epilogue=0, idx=indices, gather_b=True, dot_from=grad)
+              epilogue=0, idx=indices, gather_b=True, idx_bound=basis.shape[0], dot_from=grad)
     else:  # R = C[idx] G (r x n): A[a, i] = C[idx[a], i]
         out = torch.empty((r, n), dtype=torch.float32, device=grad.device)
         _gemm(basis, grad, out, r, n, m, basis.stride(), grad.stride(), out.stride(),
-              epilogue=0, idx=indices, gather_a=True, dot_from=grad)
+              epilogue=0, idx=indices, gather_a=True, idx_bound=basis.shape[0], dot_from=grad)
     return out.double() if f64 else out

@@ -33,12 +33,12 @@ packed INT4 projector dequantized in the tile load (lowrank_kernels/kernels/quan
 launchers take such projectors through ``_proj_launch_args``; the GEMM loops and
 epilogues do not change.
 
-Speed (H100/H200): autotuned tiles per kernel (``_PROJECT_TILES``,
-``_BACKPROJECT_TILES``, keyed on the problem shape; ``AUTOTUNE = False`` or
-``LOWRANK_KERNELS_TRITON_AUTOTUNE=0`` launches one fixed config), GROUP_M tile
-swizzle for L2 reuse of the big operand, pipelined loads (``num_stages``), and a
-``PREFETCH`` variant that issues the epilogue's loads (moments, or ``W``) before the
-GEMM loop so their memory traffic overlaps it.
+Speed (H100/H200): tile configs from the per-arch table of
+``lowrank_kernels/kernels/_launch.py`` (deterministic; runtime autotuning only with
+``LOWRANK_KERNELS_TRITON_AUTOTUNE=1``), GROUP_M tile swizzle for L2 reuse of the big
+operand, pipelined loads (``num_stages``), and a ``PREFETCH`` variant that issues the
+epilogue's loads (moments, or ``W``) before the GEMM loop so their memory traffic
+overlaps it. Both kernels share one main loop, :func:`_gemm_main_loop`.
 
 Dtypes: float32 / bfloat16 / float16 tensors, float32 accumulation. The GEMM operands
 are cast to one "dot dtype": the 16-bit dtype when the operands are that 16-bit
@@ -52,21 +52,22 @@ float64 is rejected with a TypeError (use the reference or C++ backend).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels import _launch as L
 from lowrank_kernels.reference.projection import adam_step_size
 
-# Triton decides at decoration time whether it interprets; read the flag once, here
-# (never query CUDA at import time).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_INT32_MAX = 2**31 - 1
+# The shared launch policy (lowrank_kernels/kernels/_launch.py), under the names the
+# other kernel families and the tests use.
+_INTERPRET = L.INTERPRET
+_SUPPORTED = L.SUPPORTED
+_TL_DTYPE = L.TL_DTYPE
+_INT32_MAX = L.INT32_MAX
+_check_dtypes = L.check_dtypes
+_dot_config = L.dot_config
+_needs_int64 = L.needs_int64
 
 # Projector storage modes understood by _load_proj_tile.
 PROJ_DENSE = 0
@@ -74,104 +75,10 @@ PROJ_DENSE = 0
 # aux0_ptr / aux1_ptr = the float32 per-group scale / minimum, aux_int = group size.
 PROJ_INT4 = 1
 # DCT basis rows picked by index (lowrank_kernels/ops/dct.py): p_ptr = the shared
-# s x s basis, aux0_ptr = the int32/int64 indices, aux_int = their number (the rank).
+# s x s basis, aux0_ptr = the int32/int64 indices, aux_int = their number (the rank),
+# aux_bound = the basis' row count s (indices outside [0, s) read zeros, never memory
+# outside the basis).
 PROJ_DCT = 2
-
-
-# --------------------------------------------------------------------------- tile configs
-# Autotuning (CUDA) benchmarks every config of a kernel once per problem shape (and
-# compiles each once per specialisation: a few seconds per config). Set
-# LOWRANK_KERNELS_TRITON_AUTOTUNE=0, or ``AUTOTUNE = False`` on this module, to launch
-# one fixed config per shape instead (quick first calls, e.g. for tests).
-AUTOTUNE = os.environ.get("LOWRANK_KERNELS_TRITON_AUTOTUNE", "1") != "0"
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PREFETCH]). Chosen from sm_90
-# compiles (triton 3.9, no GPU needed) at 4096x11008 rank 512, bf16, fp32 moments:
-# - project: the Adam epilogue holds the accumulator and the M/V tiles at once, so
-#   tiles above 128x128 (and 128x128 on 4 warps) spill 2+ KB; 128x256 stays as a
-#   candidate for long K. PREFETCH issues the M/V loads before the GEMM loop so the
-#   epilogue's memory traffic overlaps it (64x128 on 4 warps: 252 registers, no spill,
-#   two CTAs per SM).
-# - back-projection: its epilogue only holds W; PREFETCH (W loaded before the loop,
-#   198 registers at 128x128) overlaps the W read, half of this kernel's traffic, with
-#   the short K = rank loop.
-_PROJECT_TILES = [
-    (128, 256, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 64, 8, 4, True),
-    (128, 128, 128, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 128, 64, 4, 4, True),
-    (64, 64, 64, 4, 4, True),
-    (64, 64, 128, 4, 3),
-]
-_BACKPROJECT_TILES = [
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 64, 8, 3, True),
-    (128, 128, 128, 8, 3),
-    (64, 256, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 3, True),
-    (64, 64, 64, 4, 4),
-]
-
-
-def _config(bm, bn, bk, warps, stages, prefetch=False, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "PREFETCH": prefetch},
-                         num_warps=warps, num_stages=stages)
-
-
-def _gemm_configs(tiles=None):
-    """Autotune space on GPU (``tiles``, default the back-projection's); one 64^3 config when interpreting."""
-    if _INTERPRET:
-        # The interpreter tries the prefetching variant; _fixed_config the other one.
-        return [_config(64, 64, 64, 4, 1, prefetch=True, group_m=4)]
-    return [_config(*t) for t in (tiles or _BACKPROJECT_TILES)]
-
-
-def _fixed_config(M, N, fp32_dot):
-    """The config launched when ``AUTOTUNE`` is off: 128x128 tiles, 64 along a small dimension."""
-    if _INTERPRET:
-        return _config(64, 64, 64, 4, 1, group_m=4)
-    bm = 128 if M > 64 else 64
-    bn = 128 if N > 64 else 64
-    big = bm * bn >= 128 * 128
-    return _config(bm, bn, 64, 8 if big else 4, 3 if fp32_dot else 4)
-
-
-def _launch(kernel, M, N, fp32_dot, args, meta):
-    """Launch ``kernel`` over an ``M x N`` output: autotuned, or with the fixed config."""
-    grid = _grid(M, N)
-    device = args[0].device
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        # Triton launches on the current device: make it the tensors' one.
-        with torch.cuda.device(device):
-            return _launch(kernel, M, N, fp32_dot, args, meta)
-    if AUTOTUNE:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, **_fixed_config(M, N, fp32_dot).all_kwargs())
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem (e.g. BLOCK_M=256 for rank 16)."""
-
-    def cap(x):
-        return max(64, triton.next_power_of_2(int(x)))
-
-    M, N, K = named_args["M"], named_args["N"], named_args["K"]
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= cap(M) and c.kwargs["BLOCK_N"] <= cap(N) and c.kwargs["BLOCK_K"] <= cap(K)
-    ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
-
-
-_HEURISTICS = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
 
 
 # --------------------------------------------------------------------------- shared device helpers
@@ -209,7 +116,7 @@ def _cast_out(x, DST: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _load_proj_tile(
     p_ptr, rank_idx, dim_idx, mask, stride_rank, stride_dim, OUT_DTYPE: tl.constexpr, PROJ_MODE: tl.constexpr,
-    aux0_ptr, aux1_ptr, aux_int,
+    aux0_ptr, aux1_ptr, aux_int, aux_bound,
 ):
     """Projector values at (rank_idx, dim_idx), broadcast to one tile, as ``OUT_DTYPE``.
 
@@ -239,13 +146,16 @@ def _load_proj_tile(
 
     PROJ_MODE 2 (DCT gather): ``p_ptr`` is the basis ``C``, ``stride_rank`` /
     ``stride_dim`` its row / column strides, ``aux0_ptr`` the indices and ``aux_int``
-    their number: the value at (a, d) is ``C[idx[a], d]`` for both sides.
+    their number, ``aux_bound`` the basis' row count: the value at (a, d) is
+    ``C[idx[a], d]`` for both sides, and 0 when ``idx[a]`` is outside ``[0, aux_bound)``
+    (masked: a bad index never reads outside the basis on a GPU, where nothing checks it).
     """
     tl.static_assert(PROJ_MODE == 0 or PROJ_MODE == 1 or PROJ_MODE == 2,
                      "PROJ_MODE must be 0 (dense), 1 (packed INT4) or 2 (DCT gather)")
     if PROJ_MODE == 2:
         row = tl.load(aux0_ptr + rank_idx, mask=rank_idx < aux_int, other=0).to(tl.int64)
-        tile = tl.load(p_ptr + row * stride_rank + dim_idx * stride_dim, mask=mask, other=0.0)
+        in_basis = (row >= 0) & (row < aux_bound)
+        tile = tl.load(p_ptr + row * stride_rank + dim_idx * stride_dim, mask=mask & in_basis, other=0.0)
         return tile.to(OUT_DTYPE)
     elif PROJ_MODE == 1:
         e = rank_idx * stride_rank + dim_idx * stride_dim
@@ -263,15 +173,70 @@ def _load_proj_tile(
         return tile.to(OUT_DTYPE)
 
 
+# --------------------------------------------------------------------------- shared main loop
+@triton.jit
+def _gemm_main_loop(
+    x_ptr, stride_x0, stride_x1, p_ptr, stride_p_rank, stride_p_dim, aux0_ptr, aux1_ptr, aux_int, aux_bound,
+    offs_m, offs_n, offs_k, mask_m, mask_n, K,
+    SIDE_RIGHT: tl.constexpr, PROJ_RANK_ON_K: tl.constexpr, PROJ_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """``acc[i, j] = sum_k A[i, k] B[k, j]`` (float32) over one ``BLOCK_M x BLOCK_N`` tile.
+
+    One operand is ``X`` (gradient or update, explicit strides), the other the projector
+    (:func:`_load_proj_tile`). ``SIDE_RIGHT``: ``A = X`` (``X[i, k]``), ``B`` the
+    projector; else ``A`` the projector, ``B = X`` (``X[k, j]``). ``PROJ_RANK_ON_K``:
+    the reduction runs over the projector's rank index (back-projection), else over its
+    other index (projection).
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            mask_a = mask_m[:, None]
+            mask_b = mask_n[None, :]
+        else:
+            mask_a = mask_m[:, None] & (kk[None, :] < K)
+            mask_b = (kk[:, None] < K) & mask_n[None, :]
+        if SIDE_RIGHT:
+            a = tl.load(x_ptr + offs_m[:, None] * stride_x0 + kk[None, :] * stride_x1, mask=mask_a, other=0.0)
+            a = a.to(DOT_DTYPE)
+            if PROJ_RANK_ON_K:
+                b = _load_proj_tile(p_ptr, kk[:, None], offs_n[None, :], mask_b, stride_p_rank, stride_p_dim,
+                                    DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int, aux_bound)
+            else:
+                b = _load_proj_tile(p_ptr, offs_n[None, :], kk[:, None], mask_b, stride_p_rank, stride_p_dim,
+                                    DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int, aux_bound)
+        else:
+            if PROJ_RANK_ON_K:
+                a = _load_proj_tile(p_ptr, kk[None, :], offs_m[:, None], mask_a, stride_p_rank, stride_p_dim,
+                                    DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int, aux_bound)
+            else:
+                a = _load_proj_tile(p_ptr, offs_m[:, None], kk[None, :], mask_a, stride_p_rank, stride_p_dim,
+                                    DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int, aux_bound)
+            b = tl.load(x_ptr + kk[:, None] * stride_x0 + offs_n[None, :] * stride_x1, mask=mask_b, other=0.0)
+            b = b.to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                  IDX64: tl.constexpr):
+    """Row/column/reduction offsets of this program's tile (int64 when ``IDX64``) and the row/column masks."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    return offs_m, offs_n, offs_k, offs_m < M, offs_n < N
+
+
 # --------------------------------------------------------------------------- project + Adam
-@triton.autotune(
-    configs=_gemm_configs(_PROJECT_TILES),
-    key=["M", "N", "K", "SIDE_RIGHT", "PROJ_MODE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    # Autotuning runs the kernel several times: put the moments back after each run.
-    restore_value=["m_ptr", "v_ptr"],
-)
-@triton.heuristics(_HEURISTICS)
 @triton.jit
 def _projection_project_adam_kernel(
     g_ptr, p_ptr, m_ptr, v_ptr, n_ptr,
@@ -282,7 +247,7 @@ def _projection_project_adam_kernel(
     stride_v0, stride_v1,
     stride_n0, stride_n1,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-    aux0_ptr, aux1_ptr, aux_int,
+    aux0_ptr, aux1_ptr, aux_int, aux_bound,
     SIDE_RIGHT: tl.constexpr,
     PROJ_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -301,17 +266,7 @@ def _projection_project_adam_kernel(
     right: ``R[i, j] = sum_k G[i, k] P[j, k]`` (M=m, N=r, K=n);
     left:  ``R[i, j] = sum_k P[k, i] G[k, j]`` (M=r, N=n, K=m).
     """
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
+    offs_m, offs_n, offs_k, mask_m, mask_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IDX64)
     mask = mask_m[:, None] & mask_n[None, :]
     m_ptrs = m_ptr + offs_m[:, None] * stride_m0 + offs_n[None, :] * stride_m1
     v_ptrs = v_ptr + offs_m[:, None] * stride_v0 + offs_n[None, :] * stride_v1
@@ -321,26 +276,11 @@ def _projection_project_adam_kernel(
         mo = tl.load(m_ptrs, mask=mask, other=0.0)
         vo = tl.load(v_ptrs, mask=mask, other=0.0)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        if EVEN_K:
-            mask_a = mask_m[:, None]
-            mask_b = mask_n[None, :]
-        else:
-            mask_a = mask_m[:, None] & (kk[None, :] < K)
-            mask_b = (kk[:, None] < K) & mask_n[None, :]
-        if SIDE_RIGHT:
-            a = tl.load(g_ptr + offs_m[:, None] * stride_g0 + kk[None, :] * stride_g1, mask=mask_a, other=0.0)
-            a = a.to(DOT_DTYPE)
-            b = _load_proj_tile(p_ptr, offs_n[None, :], kk[:, None], mask_b, stride_p_rank, stride_p_dim,
-                                DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int)
-        else:
-            a = _load_proj_tile(p_ptr, offs_m[:, None], kk[None, :], mask_a, stride_p_rank, stride_p_dim,
-                                DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int)
-            b = tl.load(g_ptr + kk[:, None] * stride_g0 + offs_n[None, :] * stride_g1, mask=mask_b, other=0.0)
-            b = b.to(DOT_DTYPE)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    acc = _gemm_main_loop(
+        g_ptr, stride_g0, stride_g1, p_ptr, stride_p_rank, stride_p_dim, aux0_ptr, aux1_ptr, aux_int, aux_bound,
+        offs_m, offs_n, offs_k, mask_m, mask_n, K,
+        SIDE_RIGHT, False, PROJ_MODE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+    )
 
     # Epilogue: the Adam moments of this tile, and N.
     if not PREFETCH:
@@ -358,13 +298,6 @@ def _projection_project_adam_kernel(
 
 
 # --------------------------------------------------------------------------- back-project + apply
-@triton.autotune(
-    configs=_gemm_configs(),
-    key=["M", "N", "K", "SIDE_RIGHT", "PROJ_MODE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    restore_value=["w_ptr"],
-)
-@triton.heuristics(_HEURISTICS)
 @triton.jit
 def _projection_backproject_apply_kernel(
     w_ptr, u_ptr, p_ptr,
@@ -373,7 +306,7 @@ def _projection_backproject_apply_kernel(
     stride_u0, stride_u1,
     stride_p_rank, stride_p_dim,
     alpha, decay,
-    aux0_ptr, aux1_ptr, aux_int,
+    aux0_ptr, aux1_ptr, aux_int, aux_bound,
     SIDE_RIGHT: tl.constexpr,
     PROJ_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -392,43 +325,18 @@ def _projection_backproject_apply_kernel(
     right: ``back[i, j] = sum_k U[i, k] P[k, j]``; left: ``back[i, j] = sum_k P[i, k] U[k, j]``
     (K = r).
     """
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
+    offs_m, offs_n, offs_k, mask_m, mask_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IDX64)
     mask = mask_m[:, None] & mask_n[None, :]
     w_ptrs = w_ptr + offs_m[:, None] * stride_w0 + offs_n[None, :] * stride_w1
     if PREFETCH:
         # W's load overlaps the (short, K = rank) GEMM instead of following it.
         w = tl.load(w_ptrs, mask=mask, other=0.0)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        if EVEN_K:
-            mask_a = mask_m[:, None]
-            mask_b = mask_n[None, :]
-        else:
-            mask_a = mask_m[:, None] & (kk[None, :] < K)
-            mask_b = (kk[:, None] < K) & mask_n[None, :]
-        if SIDE_RIGHT:
-            a = tl.load(u_ptr + offs_m[:, None] * stride_u0 + kk[None, :] * stride_u1, mask=mask_a, other=0.0)
-            a = a.to(DOT_DTYPE)
-            b = _load_proj_tile(p_ptr, kk[:, None], offs_n[None, :], mask_b, stride_p_rank, stride_p_dim,
-                                DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int)
-        else:
-            a = _load_proj_tile(p_ptr, kk[None, :], offs_m[:, None], mask_a, stride_p_rank, stride_p_dim,
-                                DOT_DTYPE, PROJ_MODE, aux0_ptr, aux1_ptr, aux_int)
-            b = tl.load(u_ptr + kk[:, None] * stride_u0 + offs_n[None, :] * stride_u1, mask=mask_b, other=0.0)
-            b = b.to(DOT_DTYPE)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    acc = _gemm_main_loop(
+        u_ptr, stride_u0, stride_u1, p_ptr, stride_p_rank, stride_p_dim, aux0_ptr, aux1_ptr, aux_int, aux_bound,
+        offs_m, offs_n, offs_k, mask_m, mask_n, K,
+        SIDE_RIGHT, True, PROJ_MODE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+    )
 
     if not PREFETCH:
         w = tl.load(w_ptrs, mask=mask, other=0.0)
@@ -437,44 +345,13 @@ def _projection_backproject_apply_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-def _check_dtypes(op: str, named) -> None:
-    """TypeError naming the first argument the Triton kernels cannot take (before any write)."""
-    for name, t in named:
-        if t.dtype not in _SUPPORTED:
-            raise TypeError(
-                f"{op}: {name} has dtype {t.dtype}, but the triton backend supports float32/bfloat16/float16 "
-                "(use the reference or cpp backend for float64)"
-            )
-
-
-def _dot_config(*dtypes: torch.dtype):
-    """(dot dtype, input_precision) for GEMM operands stored in ``dtypes``; see the module doc."""
-    if _INTERPRET:
-        return tl.float32, "ieee"
-    low = {d for d in dtypes if d != torch.float32}
-    if not low:
-        return tl.float32, "ieee"
-    if len(low) == 1:
-        return _TL_DTYPE[low.pop()], "tf32"  # input_precision only matters for float32 operands
-    return tl.float32, "tf32"  # bf16 x fp16: exact in TF32
-
-
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    """Whether some element offset of some tensor does not fit in int32."""
-    for t in tensors:
-        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
-        if span + 256 > _INT32_MAX:  # + slack for masked-off lanes of the last tile
-            return True
-    return False
-
-
 def _proj_strides(proj: torch.Tensor, side: str):
     """(stride along the rank dimension, stride along the other one)."""
     return (proj.stride(0), proj.stride(1)) if side == "right" else (proj.stride(1), proj.stride(0))
 
 
 def _proj_launch_args(proj, side: str):
-    """``(p, rank, stride_rank, stride_dim, dot_dtypes, aux0, aux1, aux_int, mode, idx64)`` for a projector.
+    """``(p, rank, stride_rank, stride_dim, dot_dtypes, aux0, aux1, aux_int, aux_bound, mode, idx64)`` for a projector.
 
     ``proj`` is a dense tensor, or a packed INT4 projector given as the tuple
     ``(packed, scale, minimum, (rows, cols), group_size)`` (see
@@ -485,11 +362,11 @@ def _proj_launch_args(proj, side: str):
     if isinstance(proj, tuple) and len(proj) == 2:
         basis, indices = proj
         return (basis, indices.shape[0], basis.stride(0), basis.stride(1), (basis.dtype,), indices, indices,
-                indices.shape[0], PROJ_DCT, _needs_int64(basis))
+                indices.shape[0], basis.shape[0], PROJ_DCT, _needs_int64(basis))
     if isinstance(proj, torch.Tensor):
         rank = proj.shape[0] if side == "right" else proj.shape[1]
         sp_rank, sp_dim = _proj_strides(proj, side)
-        return proj, rank, sp_rank, sp_dim, (proj.dtype,), proj, proj, 0, PROJ_DENSE, _needs_int64(proj)
+        return proj, rank, sp_rank, sp_dim, (proj.dtype,), proj, proj, 0, 0, PROJ_DENSE, _needs_int64(proj)
     packed, scale, minimum, (rows, cols), group_size = proj
     rank = rows if side == "right" else cols
     # Element (row, col) of the dense row-major projector is nibble row * cols + col.
@@ -498,25 +375,30 @@ def _proj_launch_args(proj, side: str):
     gs = int(group_size)
     # aux_int: the group size, or -log2 of it when it is a power of two (shift in the kernel).
     aux_int = -(gs.bit_length() - 1) if gs & (gs - 1) == 0 else gs
-    return (packed, rank, sp_rank, sp_dim, (torch.float32,), scale, minimum, aux_int, PROJ_INT4,
+    return (packed, rank, sp_rank, sp_dim, (torch.float32,), scale, minimum, aux_int, 0, PROJ_INT4,
             rows * cols + 256 > _INT32_MAX)
 
 
 def _grid(M, N):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    return lambda tile: (triton.cdiv(M, tile.bm) * triton.cdiv(N, tile.bn),)
+
+
+def _op_bytes(*tensors_or_dtypes) -> list:
+    """Storage bytes of the pipelined GEMM operands (a packed INT4 projector loads 1-byte nibbles)."""
+    return [t.itemsize if isinstance(t, torch.dtype) else t.element_size() for t in tensors_or_dtypes]
 
 
 def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps) -> torch.Tensor:
     m, n = grad.shape
     right = side == "right"
-    p, rank, sp_rank, sp_dim, p_dtypes, aux0, aux1, aux_int, mode, p_idx64 = _proj_launch_args(proj, side)
+    p, rank, sp_rank, sp_dim, p_dtypes, aux0, aux1, aux_int, aux_bound, mode, p_idx64 = _proj_launch_args(proj, side)
     M, N, K = (m, rank, n) if right else (rank, n, m)
     out = torch.empty(exp_avg.shape, dtype=exp_avg.dtype, device=exp_avg.device)
     if out.numel() == 0:
         return out
     dot_dtype, precision = _dot_config(grad.dtype, *p_dtypes)
-    _launch(
-        _projection_project_adam_kernel, M, N, dot_dtype == tl.float32,
+    L.launch_gemm(
+        "project", _projection_project_adam_kernel, _grid(M, N),
         (
             grad, p, exp_avg, exp_avg_sq, out,
             M, N, K,
@@ -526,7 +408,7 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
             exp_avg_sq.stride(0), exp_avg_sq.stride(1),
             out.stride(0), out.stride(1),
             float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
-            aux0, aux1, aux_int,
+            aux0, aux1, aux_int, aux_bound,
         ),
         dict(
             SIDE_RIGHT=right,
@@ -536,6 +418,8 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
             IDX64=p_idx64 or _needs_int64(grad, exp_avg, exp_avg_sq, out),
             INTERPRET=_INTERPRET,
         ),
+        device=grad.device, M=M, N=N, K=K, op_bytes=_op_bytes(grad, p), side=side, mode=mode,
+        restore=(exp_avg, exp_avg_sq),
     )
     return out
 
@@ -543,12 +427,12 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
 def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
     m, n = param.shape
     right = side == "right"
-    p, rank, sp_rank, sp_dim, p_dtypes, aux0, aux1, aux_int, mode, p_idx64 = _proj_launch_args(proj, side)
+    p, rank, sp_rank, sp_dim, p_dtypes, aux0, aux1, aux_int, aux_bound, mode, p_idx64 = _proj_launch_args(proj, side)
     if param.numel() == 0:
         return
     dot_dtype, precision = _dot_config(update.dtype, *p_dtypes)
-    _launch(
-        _projection_backproject_apply_kernel, m, n, dot_dtype == tl.float32,
+    L.launch_gemm(
+        "backproject", _projection_backproject_apply_kernel, _grid(m, n),
         (
             param, update, p,
             m, n, rank,
@@ -556,7 +440,7 @@ def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
             update.stride(0), update.stride(1),
             sp_rank, sp_dim,
             float(alpha), float(decay),
-            aux0, aux1, aux_int,
+            aux0, aux1, aux_int, aux_bound,
         ),
         dict(
             SIDE_RIGHT=right,
@@ -566,6 +450,8 @@ def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
             IDX64=p_idx64 or _needs_int64(param, update),
             INTERPRET=_INTERPRET,
         ),
+        device=param.device, M=m, N=n, K=rank, op_bytes=_op_bytes(update, p), side=side, mode=mode,
+        restore=(param,),
     )
 
 

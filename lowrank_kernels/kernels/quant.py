@@ -9,15 +9,21 @@ is one read and one write). Any ``group_size`` works; inputs are read through th
 The INT8 stochastic-rounding update draws ``u`` from the same counter hash as the
 reference and C++ backends (``mix32(mix32(i ^ k1) ^ k2)`` on the flat index, int64
 arithmetic masked to 32 bits), so the three backends draw the same numbers.
+
+Non-finite values (spec: ``lowrank_kernels/reference/quant.py``): the min/max sweep also
+flags a group holding a NaN or an infinity (``tl.minimum``/``tl.maximum`` would drop a
+NaN on the GPU); such a group stores ``scale = minimum = NaN`` and levels 0, so it
+dequantizes to NaN, as the C++ and reference backends do. The kernels launch with
+``enable_fp_fusion=False`` (kernels/_launch.py), so every level equals the other
+backends' bitwise.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels import _launch as L
 from lowrank_kernels.kernels.projection import _cast_out
 from lowrank_kernels.reference.quant import SCALE_FLOOR, num_groups, seed_keys
 
@@ -25,7 +31,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return L.INTERPRET
 
 
 def _as_2d(x: torch.Tensor):
@@ -50,7 +56,8 @@ def _tiles(group_size: int, pairs: bool):
     """``(GPP, CH)``: groups per program and chunk length along a group."""
     units = group_size // 2 if pairs else group_size
     ch = min(triton.next_power_of_2(max(units, 1)), 512)
-    gpp = max(1, min(16, 2048 // ch))
+    # INT4 holds two values per unit: half the groups per program (no register spills on sm_80).
+    gpp = max(1, min(8 if pairs else 16, (1024 if pairs else 2048) // ch))
     if _interpreting():
         gpp = max(1, min(gpp, 4))
     return gpp, ch
@@ -99,6 +106,19 @@ def _level(x, mn, scale, offset, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _nonfinite(x, m):
+    """1 where ``x`` is NaN or +-inf inside the mask ``m``, else 0 (int32)."""
+    return tl.where(m & ((x != x) | (tl.abs(x) == float("inf"))), 1, 0)
+
+
+@triton.jit
+def _poison(bad, scale, mn):
+    """Scale and minimum of the groups flagged ``bad`` (a NaN or inf inside) set to NaN."""
+    nan = tl.full(scale.shape, float("nan"), tl.float32)
+    return tl.where(bad, nan, scale), tl.where(bad, nan, mn)
+
+
+@triton.jit
 def _load_strided(ptr, f, cols, s0, s1, mask, FLAT: tl.constexpr):
     """Float32 values at flat (row-major) indices ``f``; ``FLAT``: contiguous, no index math."""
     if FLAT:
@@ -132,6 +152,7 @@ def _quant_int4_pack_kernel(
     half = group_size // 2
     mn = tl.full((GPP,), float("inf"), tl.float32)
     mx = tl.full((GPP,), float("-inf"), tl.float32)
+    nf = tl.zeros((GPP,), tl.int32)
     for k0 in range(0, half, CH):
         k = k0 + tl.arange(0, CH)
         f0 = gstart[:, None] + 2 * k[None, :]
@@ -141,6 +162,8 @@ def _quant_int4_pack_kernel(
         b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1, FLAT)
         mn = tl.minimum(mn, tl.min(tl.minimum(tl.where(m0, a, float("inf")), tl.where(m1, b, float("inf"))), axis=1))
         mx = tl.maximum(mx, tl.max(tl.maximum(tl.where(m0, a, float("-inf")), tl.where(m1, b, float("-inf"))), axis=1))
+        nf = tl.maximum(nf, tl.max(tl.maximum(_nonfinite(a, m0), _nonfinite(b, m1)), axis=1))
+    bad = nf > 0
     scale = _group_scale(mn, mx, 15.0)
     for k0 in range(0, half, CH):
         k = k0 + tl.arange(0, CH)
@@ -149,11 +172,12 @@ def _quant_int4_pack_kernel(
         m1 = m0 & (f0 + 1 < gend[:, None])
         a = _load_strided(x_ptr, f0, cols, s0, s1, m0, FLAT)
         b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1, FLAT)
-        qa = _level(a, mn, scale, 0.5, 15.0).to(tl.int32)
-        qb = _level(b, mn, scale, 0.5, 15.0).to(tl.int32)
+        qa = tl.where(bad[:, None], 0, _level(a, mn, scale, 0.5, 15.0).to(tl.int32))
+        qb = tl.where(bad[:, None], 0, _level(b, mn, scale, 0.5, 15.0).to(tl.int32))
         qb = tl.where(m1, qb, 0)
         byte = (qa | (qb << 4)).to(tl.uint8)
         tl.store(packed_ptr + f0 // 2, byte, mask=m0)
+    scale, mn = _poison(bad, scale, mn)
     tl.store(scale_ptr + g, scale, mask=gmask)
     tl.store(min_ptr + g, mn, mask=gmask)
 
@@ -166,9 +190,9 @@ def quant_int4_pack_triton(x, group_size):
     scale = torch.empty((g,), dtype=torch.float32, device=x.device)
     minimum = torch.empty((g,), dtype=torch.float32, device=x.device)
     gpp, ch = _tiles(group_size, pairs=True)
-    _quant_int4_pack_kernel[(triton.cdiv(g, gpp),)](
-        x2, packed, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, FLAT=flat, num_warps=4,
-    )
+    L.launch("quant", _quant_int4_pack_kernel, (triton.cdiv(g, gpp),),
+             (x2, packed, scale, minimum, numel, cols, s0, s1, g, group_size),
+             dict(GPP=gpp, CH=ch, FLAT=flat, num_warps=4), device=x.device)
     return packed, scale, minimum
 
 
@@ -196,8 +220,9 @@ def quant_int4_unpack_triton(packed, scale, minimum, shape, dtype, group_size):
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     numel = out.numel()
     block = 1024
-    _quant_int4_unpack_kernel[(triton.cdiv(numel, block),)](packed, scale, minimum, out, numel, group_size, _gs_shift(group_size), BLOCK=block,
-                                                           INTERPRET=_interpreting())
+    L.launch("quant", _quant_int4_unpack_kernel, (triton.cdiv(numel, block),),
+             (packed, scale, minimum, out, numel, group_size, _gs_shift(group_size)),
+             dict(BLOCK=block, INTERPRET=_interpreting()), device=packed.device)
     return out
 
 
@@ -214,6 +239,7 @@ def _quant_int8_quantize_kernel(
     gend = tl.minimum(gstart + group_size, numel)
     mn = tl.full((GPP,), float("inf"), tl.float32)
     mx = tl.full((GPP,), float("-inf"), tl.float32)
+    nf = tl.zeros((GPP,), tl.int32)
     for k0 in range(0, group_size, CH):
         k = k0 + tl.arange(0, CH)
         f = gstart[:, None] + k[None, :]
@@ -221,14 +247,17 @@ def _quant_int8_quantize_kernel(
         a = _load_strided(x_ptr, f, cols, s0, s1, m, FLAT)
         mn = tl.minimum(mn, tl.min(tl.where(m, a, float("inf")), axis=1))
         mx = tl.maximum(mx, tl.max(tl.where(m, a, float("-inf")), axis=1))
+        nf = tl.maximum(nf, tl.max(_nonfinite(a, m), axis=1))
+    bad = nf > 0
     scale = _group_scale(mn, mx, 255.0)
     for k0 in range(0, group_size, CH):
         k = k0 + tl.arange(0, CH)
         f = gstart[:, None] + k[None, :]
         m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
         a = _load_strided(x_ptr, f, cols, s0, s1, m, FLAT)
-        q = _level(a, mn, scale, 0.5, 255.0)
+        q = tl.where(bad[:, None], 0.0, _level(a, mn, scale, 0.5, 255.0))
         tl.store(q_ptr + f, q.to(tl.uint8), mask=m)
+    scale, mn = _poison(bad, scale, mn)
     tl.store(scale_ptr + g, scale, mask=gmask)
     tl.store(min_ptr + g, mn, mask=gmask)
 
@@ -241,9 +270,9 @@ def quant_int8_quantize_triton(w, group_size):
     scale = torch.empty((g,), dtype=torch.float32, device=w.device)
     minimum = torch.empty((g,), dtype=torch.float32, device=w.device)
     gpp, ch = _tiles(group_size, pairs=False)
-    _quant_int8_quantize_kernel[(triton.cdiv(g, gpp),)](
-        w2, q, scale, minimum, numel, cols, s0, s1, g, group_size, GPP=gpp, CH=ch, FLAT=flat, num_warps=4,
-    )
+    L.launch("quant", _quant_int8_quantize_kernel, (triton.cdiv(g, gpp),),
+             (w2, q, scale, minimum, numel, cols, s0, s1, g, group_size),
+             dict(GPP=gpp, CH=ch, FLAT=flat, num_warps=4), device=w.device)
     return q, scale, minimum
 
 
@@ -270,8 +299,9 @@ def quant_int8_dequantize_triton(q, scale, minimum, group_size, dtype):
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     numel = q.numel()
     block = 1024
-    _quant_int8_dequantize_kernel[(triton.cdiv(numel, block),)](q, scale, minimum, out, numel, group_size, _gs_shift(group_size), BLOCK=block,
-                                                               INTERPRET=_interpreting())
+    L.launch("quant", _quant_int8_dequantize_kernel, (triton.cdiv(numel, block),),
+             (q, scale, minimum, out, numel, group_size, _gs_shift(group_size)),
+             dict(BLOCK=block, INTERPRET=_interpreting()), device=q.device)
     return out
 
 
@@ -289,6 +319,7 @@ def _quant_int8_update_sr_kernel(
     old_mn = tl.load(min_ptr + g, mask=gmask, other=0.0)
     mn = tl.full((GPP,), float("inf"), tl.float32)
     mx = tl.full((GPP,), float("-inf"), tl.float32)
+    nf = tl.zeros((GPP,), tl.int32)
     for k0 in range(0, group_size, CH):
         k = k0 + tl.arange(0, CH)
         f = gstart[:, None] + k[None, :]
@@ -298,6 +329,8 @@ def _quant_int8_update_sr_kernel(
         x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
         mn = tl.minimum(mn, tl.min(tl.where(m, x, float("inf")), axis=1))
         mx = tl.maximum(mx, tl.max(tl.where(m, x, float("-inf")), axis=1))
+        nf = tl.maximum(nf, tl.max(_nonfinite(x, m), axis=1))
+    bad = nf > 0
     scale = _group_scale(mn, mx, 255.0)
     for k0 in range(0, group_size, CH):
         k = k0 + tl.arange(0, CH)
@@ -307,8 +340,9 @@ def _quant_int8_update_sr_kernel(
         upd = _load_strided(u_ptr, f, cols, s0, s1, m, FLAT)
         x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
         r = _uniform(f, k1, k2)
-        qn = _level(x, mn, scale, r, 255.0)
+        qn = tl.where(bad[:, None], 0.0, _level(x, mn, scale, r, 255.0))
         tl.store(q_ptr + f, qn.to(tl.uint8), mask=m)
+    scale, mn = _poison(bad, scale, mn)
     tl.store(scale_ptr + g, scale, mask=gmask)
     tl.store(min_ptr + g, mn, mask=gmask)
 
@@ -319,10 +353,9 @@ def quant_int8_update_sr_triton(q, scale, minimum, update, decay, alpha, seed, g
     g = num_groups(numel, group_size)
     k1, k2 = seed_keys(seed)
     gpp, ch = _tiles(group_size, pairs=False)
-    _quant_int8_update_sr_kernel[(triton.cdiv(g, gpp),)](
-        q, scale, minimum, u2, numel, cols, s0, s1, g, group_size, float(decay), float(alpha), k1, k2,
-        GPP=gpp, CH=ch, FLAT=flat, num_warps=4,
-    )
+    L.launch("quant", _quant_int8_update_sr_kernel, (triton.cdiv(g, gpp),),
+             (q, scale, minimum, u2, numel, cols, s0, s1, g, group_size, float(decay), float(alpha), k1, k2),
+             dict(GPP=gpp, CH=ch, FLAT=flat, num_warps=4), device=q.device)
 
 
 assert SCALE_FLOOR == 1e-5  # the kernels hard-code the floor of the spec

@@ -30,6 +30,14 @@ which fresh stats guarantee (up to one float32 rounding of the top element). Wit
 old stats an update that moves an element past the old max/min would be clipped (a
 biased, saturating error) and the range could never grow; so the stats are recomputed.
 
+Non-finite values: a group that contains a NaN or an infinity (in ``x``, or for the
+stochastic-rounding update in ``min + s * q`` / ``decay * . + alpha * U``) gets
+``scale = minimum = NaN`` and every level of the group 0, so its dequantization is NaN:
+the bad value propagates to the whole group and is never silently quantized to a valid
+level (a NaN would otherwise vanish in the min/max, e.g. in CUDA's ``fminf``/``fmaxf``).
+All three backends (reference, C++, Triton) implement exactly this. A NaN scale or
+minimum coming in (a poisoned group) stays NaN through further updates.
+
 Random numbers: ``u`` for the element with flat index ``i`` is a counter-based hash of
 ``(seed, i)`` (:func:`uniform_from_seed`), so the draws depend only on the seed and
 the element, never on the launch layout. The C++ backend uses the same hash and so
@@ -113,12 +121,21 @@ def _grouped(flat: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def group_stats(flat: torch.Tensor, group_size: int, levels: int):
-    """Per-group ``(scale, minimum)`` in float32 for the flat float32 tensor ``flat``."""
+    """Per-group ``(scale, minimum)`` in float32 for the flat float32 tensor ``flat``;
+    both NaN for a group holding a NaN or an infinity (see the module doc)."""
     x = _grouped(flat, group_size)
     mn = x.amin(dim=1)
     mx = x.amax(dim=1)
     scale = torch.clamp(mx - mn, min=SCALE_FLOOR) / levels
-    return scale, mn
+    bad = ~torch.isfinite(x).all(dim=1)
+    nan = torch.full_like(mn, float("nan"))
+    return torch.where(bad, nan, scale), torch.where(bad, nan, mn)
+
+
+def _levels(v: torch.Tensor, levels: int) -> torch.Tensor:
+    """``clamp(floor(v), 0, levels)`` as int64; NaN (a non-finite group) -> level 0."""
+    q = torch.clamp(torch.floor(v), 0, levels)
+    return torch.nan_to_num(q, nan=0.0).to(torch.int64)
 
 
 def _expand(per_group: torch.Tensor, numel: int, group_size: int) -> torch.Tensor:
@@ -131,7 +148,7 @@ def quantize_nearest(flat: torch.Tensor, group_size: int, levels: int):
     scale, mn = group_stats(flat, group_size, levels)
     n = flat.numel()
     v = (flat - _expand(mn, n, group_size)) / _expand(scale, n, group_size)
-    q = torch.clamp(torch.floor(v + 0.5), 0, levels).to(torch.int64)
+    q = _levels(v + 0.5, levels)
     return q, scale, mn
 
 
@@ -183,7 +200,7 @@ def quant_int8_update_sr_ref(q, scale, minimum, update, decay, alpha, seed, grou
     new_scale, new_mn = group_stats(x, group_size, 255)
     v = (x - _expand(new_mn, n, group_size)) / _expand(new_scale, n, group_size)
     u = uniform_from_seed(seed, torch.arange(n, dtype=torch.int64, device=q.device))
-    qn = torch.clamp(torch.floor(v + u), 0, 255).to(torch.uint8)
+    qn = _levels(v + u, 255).to(torch.uint8)
     q.copy_(qn.view(q.shape))
     scale.copy_(new_scale)
     minimum.copy_(new_mn)

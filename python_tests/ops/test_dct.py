@@ -468,11 +468,11 @@ def _triton_or_skip():
 
 
 def test_triton_fixed_config_path(monkeypatch):
-    """AUTOTUNE off (LOWRANK_KERNELS_TRITON_AUTOTUNE=0) launches the one fixed config: same results."""
+    """AUTOTUNE off (LOWRANK_KERNELS_TRITON_AUTOTUNE unset or 0) launches the table's config: same results."""
     _triton_or_skip()
-    from lowrank_kernels.kernels import dct as kd
+    from lowrank_kernels.kernels import _launch
 
-    monkeypatch.setattr(kd, "AUTOTUNE", False)
+    monkeypatch.setattr(_launch, "AUTOTUNE", False)
     g = make_grad(70, 150, torch.float32, transposed=True)
     with use_backend("reference"):
         r = ops.dct_scores(g, side="left", norm=2)
@@ -497,9 +497,9 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
                             (FP32, "right", 2, 123, 77)]
 )
 def test_gpu_scores_vs_reference(dtype, side, norm, m, n, monkeypatch):
-    from lowrank_kernels.kernels import dct as kd
+    from lowrank_kernels.kernels import _launch
 
-    monkeypatch.setattr(kd, "AUTOTUNE", False)  # one compile per case
+    monkeypatch.setattr(_launch, "AUTOTUNE", False)  # one compile per case
     g = torch.randn(n, m, device="cuda").to(dtype).T  # transposed view
     s = order(side, m, n)
     k = s // 3 + 1
@@ -531,10 +531,9 @@ def test_gpu_bf16_selection_vs_float64_autotuned():
 @needs_compiled
 @pytest.mark.parametrize("side", SIDES)
 def test_gpu_gathered_fused_step_vs_dense(side, monkeypatch):
-    from lowrank_kernels.kernels import projection as kp
+    from lowrank_kernels.kernels import _launch
 
-    if hasattr(kp, "AUTOTUNE"):
-        monkeypatch.setattr(kp, "AUTOTUNE", False)
+    monkeypatch.setattr(_launch, "AUTOTUNE", False)
     m, n, rank = 190, 130, 33
     s = order(side, m, n)
     D = ops.DCTProjector(ops.dct_basis(s, BF16, "cuda"), torch.randperm(s, device="cuda")[:rank].int())

@@ -17,6 +17,7 @@ from lowrank_kernels.ops import use_backend
 from ..conftest import TOL, rel_err
 
 kp = pytest.importorskip("lowrank_kernels.kernels.projection")
+_launch = pytest.importorskip("lowrank_kernels.kernels._launch")
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -148,8 +149,8 @@ def test_needs_int64():
 
 
 def test_fixed_config_path(monkeypatch):
-    """With autotuning off the launchers run the kernels with one fixed config."""
-    monkeypatch.setattr(kp, "AUTOTUNE", False)
+    """With autotuning off the launchers run the kernels with the table's config."""
+    monkeypatch.setattr(_launch, "AUTOTUNE", False)
     for side in ("right", "left"):
         grad, proj, ea, eas = _inputs(70, 90, 13, side, torch.bfloat16, torch.float32)
         w = torch.randn(70, 90).bfloat16()
@@ -200,30 +201,17 @@ def test_float64_rejected_before_any_write(case):
 # --------------------------------------------------------------------------- launch policy (pure Python)
 def test_dot_dtype_policy(monkeypatch):
     tl = kp.tl
-    monkeypatch.setattr(kp, "_INTERPRET", False)
+    monkeypatch.setattr(_launch, "INTERPRET", False)
     assert kp._dot_config(torch.float32, torch.float32) == (tl.float32, "ieee")  # torch's default: no TF32
     assert kp._dot_config(torch.bfloat16, torch.bfloat16)[0] == tl.bfloat16
     assert kp._dot_config(torch.float32, torch.bfloat16)[0] == tl.bfloat16  # fp32 N meets a bf16 projector
     assert kp._dot_config(torch.float16, torch.float32)[0] == tl.float16
     assert kp._dot_config(torch.bfloat16, torch.float16) == (tl.float32, "tf32")  # exact for both
-    monkeypatch.setattr(kp, "_INTERPRET", True)
+    monkeypatch.setattr(_launch, "INTERPRET", True)
     assert kp._dot_config(torch.bfloat16, torch.bfloat16) == (tl.float32, "ieee")  # interpreter bf16 bug
 
 
-def test_gpu_tile_space(monkeypatch):
-    monkeypatch.setattr(kp, "_INTERPRET", False)
-    configs = kp._gemm_configs()
-    assert len(configs) >= 6 and len(kp._gemm_configs(kp._PROJECT_TILES)) >= 6
-    for c in configs + kp._gemm_configs(kp._PROJECT_TILES) + [kp._fixed_config(5, 4000, True), kp._fixed_config(4000, 4000, False)]:
-        for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-            assert 64 <= c.kwargs[b] <= 256
-        assert c.num_warps in (4, 8) and c.num_stages in (3, 4) and c.kwargs["GROUP_M"] >= 1
-    # Tiny problems keep only tiles of at most 64 along the small dimension; none is pruned to nothing.
-    small = kp._prune_configs(configs, {"M": 16, "N": 5000, "K": 4096})
-    assert small and all(c.kwargs["BLOCK_M"] == 64 for c in small)
-    big = kp._prune_configs(configs, {"M": 4096, "N": 11008, "K": 512})
-    assert len(big) == len(configs)
-    assert kp._prune_configs(configs, {"M": 1, "N": 1, "K": 1})
+# The tile table (configs per arch, shared memory, determinism): python_tests/kernels/test_launch_policy.py.
 
 
 # --------------------------------------------------------------------------- CUDA (compiled kernels)
@@ -251,7 +239,7 @@ GPU_CASES = [
 @needs_compiled
 @pytest.mark.parametrize("dtype,moment_dtype,side,m,n,rank,autotune", GPU_CASES)
 def test_gpu_odd_shapes_vs_reference(dtype, moment_dtype, side, m, n, rank, autotune, monkeypatch):
-    monkeypatch.setattr(kp, "AUTOTUNE", autotune)
+    monkeypatch.setattr(_launch, "AUTOTUNE", autotune)
     grad, proj, ea, eas = _inputs(m, n, rank, side, dtype, moment_dtype, device="cuda")
     grad = _transposed(grad)
     ref, out = _project_both(grad, proj, ea, eas, side)

@@ -1,0 +1,464 @@
+"""Compile every Triton kernel ahead of time for real GPU archs, on any machine (no GPU needed).
+
+``python -m lowrank_kernels.compile_check [--arch 80,90] [--out FILE.csv] [--subset ci|full] [--jobs N]``
+
+The variants are not written out by hand: the real launchers
+(``kernels/projection.py``, ``kernels/dct.py``, ``kernels/quant.py``) run on ``meta``
+tensors of the chosen dtypes, shapes and strides under
+:func:`lowrank_kernels.kernels._launch.capture`, which records each launch (kernel,
+arguments, constexprs, options, ``enable_fp_fusion`` included) instead of running it.
+Each recorded launch is then specialized exactly as Triton's JIT would at run time
+(its own argument binder: dtypes, 16-byte divisibility, integer arguments equal to 1,
+int64 integers), for the tiles it can take on each target arch, and compiled with
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda",
+arch, 32))``. Identical specializations are compiled once (the CSV names the first
+variant that produced it and how many others share it).
+
+Per compiled kernel: ``registers`` and spill bytes come from ``ptxas -v`` run on the
+PTX for ``sm_<arch>`` (``sm_90a`` on Hopper, as Triton compiles it; the ptxas of the
+triton wheel), ``shared_bytes`` from the compiled metadata. ``status`` is ``ok``, or
+``compile_error``, ``spills`` (any spill store or load), ``smem`` (shared memory above
+the arch's opt-in maximum, :data:`lowrank_kernels.kernels._launch.SMEM_LIMIT`).
+
+Subsets. ``full`` (the default): every variant below, each with every tile of the
+arch's table (the autotuning candidates included). ``ci`` (the test suite): a
+deterministic representative set that fits in a few minutes on 2 cores: every kernel,
+each variant with the tile it launches without autotuning, plus every default tile
+(every shape bucket, 16-bit and float32 operands) of each GEMM kernel on one base
+specialization; autotuning-only candidates are left to ``full``.
+
+Variants (``full``): projection kernels (project + Adam, back-project + apply) for
+fp32/bf16/fp16 gradients with float32 or 16-bit moments, float32-meets-16-bit and
+bf16-meets-fp16 projector mixes, both sides, dense / INT4 / DCT projector modes, even
+and ragged reduction lengths, transposed gradients and int64 offsets; DCT scoring (L1
+and L2 norms, both sides, batched and single, int64 offsets) and the gathered DCT
+projection (both sides); every quant kernel (INT4 pack / unpack, INT8 quantize /
+dequantize / stochastic-rounding update; contiguous and strided inputs, power-of-two
+and other group sizes, each storage dtype).
+
+``--runtime`` (on a GPU machine, ``--arch`` = that GPU's arch; for bench/gpu_check.sh)
+also loads every compiled kernel on the device and adds the driver's register and
+spill counts (``runtime_registers``, ``runtime_spills``); not yet run on a GPU.
+
+Exit status 1 if any row is not ``ok``. Run with ``TRITON_INTERPRET`` unset (or 0):
+the interpreter has no compiler.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, NamedTuple, Optional
+
+COLUMNS = ["kernel", "variant", "config", "arch", "registers", "spills", "shared_bytes", "status"]
+# --runtime (on a GPU of the compiled arch): what the driver reports when it loads the cubin.
+RUNTIME_COLUMNS = ["runtime_registers", "runtime_spills"]
+DEFAULT_ARCHS = (80, 90)
+
+
+# --------------------------------------------------------------------------- variants
+def _variants(subset: str):
+    """``[(variant name, thunk)]``: each thunk calls launchers on meta tensors (under capture)."""
+    import torch
+
+    from lowrank_kernels.kernels import dct as kd
+    from lowrank_kernels.kernels import projection as kp
+    from lowrank_kernels.kernels import quant as kq
+
+    meta = torch.device("meta")
+    f32, b16, f16 = torch.float32, torch.bfloat16, torch.float16
+    short = {f32: "fp32", b16: "bf16", f16: "fp16"}
+
+    def E(*shape, dtype=f32):
+        return torch.empty(shape, dtype=dtype, device=meta)
+
+    def proj_pair(name, g_dt, m_dt, p_dt, side, mode, m, n, r, transposed=False):
+        """Project + back-project launches of one projection-family variant."""
+        def thunk():
+            grad = E(n, m, dtype=g_dt).T if transposed else E(m, n, dtype=g_dt)
+            lshape = (m, r) if side == "right" else (r, n)
+            ea, eas = E(*lshape, dtype=m_dt), E(*lshape, dtype=m_dt)
+            if mode == "dense":
+                proj = E(r, n, dtype=p_dt) if side == "right" else E(m, r, dtype=p_dt)
+            elif mode == "dct":
+                s = n if side == "right" else m
+                proj = (E(s, s, dtype=p_dt), E(r, dtype=torch.int32))
+            else:  # int4
+                rows, cols = (r, n) if side == "right" else (m, r)
+                gs = 256
+                ng = (rows * cols + gs - 1) // gs
+                proj = (E((rows * cols + 1) // 2, dtype=torch.uint8), E(ng), E(ng), (rows, cols), gs)
+            upd = kp._launch_project_adam(grad, proj, ea, eas, side, 0.9, 0.999, 1e-8)
+            w = E(n, m, dtype=g_dt).T if transposed else E(m, n, dtype=g_dt)
+            kp._launch_backproject_apply(w, upd, proj, side, -0.01, 0.99)
+        return name, thunk
+
+    out = []
+    DT = [  # (grad/param, moments, projector)
+        (b16, f32, b16), (b16, b16, b16), (f16, f32, f16), (f16, f16, f16), (f32, f32, f32),
+        (b16, f32, f32), (f16, f32, b16),
+    ]
+
+    def dname(g, m_, p):
+        return f"g{short[g]}_m{short[m_]}_p{short[p]}"
+
+    even, ragged = (512, 768, 64), (300, 200, 24)
+    if subset == "full":
+        for g, m_, p in DT:
+            for side in ("right", "left"):
+                for mode in ("dense", "int4", "dct"):
+                    for shp_name, shp in (("even", even), ("ragged", ragged)):
+                        pd = f32 if mode == "int4" else p
+                        out.append(proj_pair(f"proj_{dname(g, m_, pd)}_{side}_{mode}_{shp_name}", g, m_, pd, side,
+                                             mode, *shp))
+        for side in ("right", "left"):
+            for mode in ("dense", "int4", "dct"):
+                out.append(proj_pair(f"proj_gbf16_{side}_{mode}_transposed", b16, f32, b16 if mode != "int4" else f32,
+                                     side, mode, 300, 200, 24, transposed=True))
+                out.append(proj_pair(f"proj_gbf16_{side}_{mode}_int64", b16, f32, b16 if mode != "int4" else f32,
+                                     side, mode, 50000, 50000, 24))
+    else:  # ci: both sides, every projector mode, each dtype mix once, ragged K, int64 offsets
+        out += [
+            proj_pair("proj_gbf16_mfp32_pbf16_right_dense_even", b16, f32, b16, "right", "dense", *even),
+            proj_pair("proj_gfp32_mfp32_pfp32_left_dense_even", f32, f32, f32, "left", "dense", *even),
+            proj_pair("proj_gbf16_mbf16_pbf16_left_dense_even", b16, b16, b16, "left", "dense", *even),
+            proj_pair("proj_gbf16_mbf16_pfp32_left_int4_ragged", b16, b16, f32, "left", "int4", *ragged),
+            proj_pair("proj_gfp16_mfp16_pfp16_right_dct_ragged", f16, f16, f16, "right", "dct", *ragged),
+            proj_pair("proj_gbf16_mfp32_pfp32_right_dense_ragged", b16, f32, f32, "right", "dense", *ragged),
+            proj_pair("proj_gfp16_mfp32_pbf16_left_dct_even", f16, f32, b16, "left", "dct", *even),
+            proj_pair("proj_gbf16_mfp32_pbf16_right_dense_int64", b16, f32, b16, "right", "dense", 50000, 50000, 24),
+        ]
+
+    # DCT scoring and gathered projection.
+    def scores(name, dt, side, norm, shape):
+        def thunk():
+            g = E(*shape, dtype=dt)
+            s = shape[-1] if side == "right" else shape[-2]
+            kd.dct_scores_triton(g, E(s, s, dtype=dt), side, norm)
+        return name, thunk
+
+    def dproj(name, dt, side, m, n, r):
+        def thunk():
+            s = n if side == "right" else m
+            kd.dct_project_triton(E(m, n, dtype=dt), E(s, s, dtype=dt), E(r, dtype=torch.int32), side)
+        return name, thunk
+
+    if subset == "full":
+        for dt in (b16, f16, f32):
+            for side in ("right", "left"):
+                for norm in (1, 2):
+                    out.append(scores(f"dct_scores_{short[dt]}_{side}_l{norm}", dt, side, norm, (300, 200)))
+                out.append(dproj(f"dct_project_{short[dt]}_{side}", dt, side, 300, 200, 24))
+        out.append(scores("dct_scores_bf16_right_l2_batched", b16, "right", 2, (4, 256, 320)))
+        out.append(scores("dct_scores_bf16_left_l1_int64_batched", b16, "left", 1, (2, 48000, 48000)))
+        out.append(scores("dct_scores_bf16_right_l1_int64", b16, "right", 1, (48000, 48000)))
+    else:
+        out += [scores("dct_scores_fp32_right_l2", f32, "right", 2, (300, 200)),
+                dproj("dct_project_bf16_right", b16, "right", 300, 200, 24),
+                dproj("dct_project_fp16_left", f16, "left", 300, 200, 24)]
+    out.append(scores("dct_scores_bf16_left_l1_int64_batched", b16, "left", 1, (2, 48000, 48000)))
+
+    # Quant kernels.
+    def quant(name, fn):
+        return name, fn
+
+    for dt in ((f32, b16, f16) if subset == "full" else (b16,)):
+        for gs in ((256, 96) if subset == "full" else (96,)):
+            out.append(quant(f"int4_pack_{short[dt]}_gs{gs}", lambda dt=dt, gs=gs: kq.quant_int4_pack_triton(
+                E(300, 200, dtype=dt), gs)))
+            out.append(quant(f"int8_quantize_{short[dt]}_gs{gs}", lambda dt=dt, gs=gs: kq.quant_int8_quantize_triton(
+                E(300, 200, dtype=dt), gs)))
+            out.append(quant(f"int8_update_sr_{short[dt]}_gs{gs}", lambda dt=dt, gs=gs: kq.quant_int8_update_sr_triton(
+                E(300, 200, dtype=torch.uint8), E(240), E(240), E(300, 200, dtype=dt), 1.0, -0.1, 7, gs)))
+            out.append(quant(f"int4_unpack_{short[dt]}_gs{gs}", lambda dt=dt, gs=gs: kq.quant_int4_unpack_triton(
+                E(30000, dtype=torch.uint8), E(240), E(240), (300, 200), dt, gs)))
+            out.append(quant(f"int8_dequantize_{short[dt]}_gs{gs}", lambda dt=dt, gs=gs:
+                             kq.quant_int8_dequantize_triton(E(300, 200, dtype=torch.uint8), E(240), E(240), gs, dt)))
+    out.append(quant("int8_update_sr_fp32_gs128_strided", lambda: kq.quant_int8_update_sr_triton(
+        E(300, 200, dtype=torch.uint8), E(469), E(469), E(200, 300).T, 1.0, -0.1, 7, 128)))
+    if subset == "full":
+        out.append(quant("int8_quantize_fp32_gs256_strided", lambda: kq.quant_int8_quantize_triton(
+            E(200, 300).T, 256)))
+        out.append(quant("int4_pack_bf16_gs256_strided", lambda: kq.quant_int4_pack_triton(
+            E(200, 300, dtype=b16).T, 256)))
+    return out
+
+
+# --------------------------------------------------------------------------- compile jobs
+class Job(NamedTuple):
+    kernel: str  # "module:attribute" of the JITFunction
+    variant: str
+    config: str
+    arch: int
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    runtime: bool = False
+
+
+def _jobs(archs, subset: str) -> List[Job]:
+    """Every (launch, tile, arch) specialization, deduplicated (first variant names it)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from lowrank_kernels.kernels import _launch as L
+
+    launches = []
+    for name, thunk in _variants(subset):
+        with L.capture() as caps:
+            thunk()
+        if not caps:
+            raise RuntimeError(f"compile_check: variant {name} launched nothing")
+        launches += [(name, c) for c in caps]
+
+    # Base specializations on which every default tile is compiled (ci): the first
+    # launch of each GEMM kernel per operand width and projector mode.
+    base = {}
+    for name, c in launches:
+        if c.tile_kernel is not None:
+            base.setdefault((c.tile_kernel, c.wide, c.key["mode"]), (name, c))
+
+    jobs: Dict[tuple, Job] = {}
+    shared_by: Dict[tuple, int] = {}
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        todo = []
+        for name, c in launches:
+            if c.tile_kernel is None:
+                todo.append((name, c, None))
+            elif subset == "full":
+                todo += [(name, c, t) for t in L.candidates(c.tile_kernel, arch, wide=c.wide, mode=c.key["mode"])]
+            else:
+                todo.append((name, c, c.tile_for(arch)))
+        if subset != "full":
+            for (tk, wide, mode), (name, c) in base.items():
+                todo += [(f"{name}[tile]", c, t) for t in L.default_tiles(tk, arch, wide=wide, mode=mode)]
+        for name, c, tile in todo:
+            jf = c.kernel
+            meta = c.meta if tile is None else c.with_tile(tile)
+            binder = create_function_from_signature(jf.signature, jf.params, backend)
+            bound, spec, opts = binder(*c.args, **meta)
+            options, signature, constexprs, attrs = jf._pack_args(backend, meta, bound, spec, opts)
+            fn_name = f"{jf.fn.__module__}:{jf.fn.__name__}"
+            cfg = tile.label() if tile is not None else "fixed_" + "_".join(
+                f"{k}{meta[k]}" for k in sorted(meta) if k in ("GPP", "CH", "BLOCK")) + f"_w{meta.get('num_warps', 4)}"
+            key = (fn_name, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
+                   repr(sorted(attrs.items(), key=str)), repr(sorted(options.__dict__.items(), key=str)))
+            if key in jobs:
+                shared_by[key] += 1
+                continue
+            shared_by[key] = 0
+            jobs[key] = Job(fn_name, name, cfg, arch, signature, constexprs, attrs, dict(options.__dict__))
+    return [j._replace(variant=j.variant + (f" (+{shared_by[k]})" if shared_by[k] else "")) for k, j in jobs.items()]
+
+
+_PTXAS_CACHE = None
+
+
+def _parse_ptxas(log: str) -> Optional[dict]:
+    """Registers (the maximum over the functions ptxas reports) and spill bytes (their sum)."""
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs or not spills:
+        return None
+    return {"registers": max(regs), "spill_stores": sum(int(a) for a, _ in spills),
+            "spill_loads": sum(int(b) for _, b in spills)}
+
+
+def _ptxas_stats(ptx: str, arch: int, fusion: bool, log: str = "") -> dict:
+    """``{"registers", "spill_stores", "spill_loads"}`` from ``ptxas -v`` on ``ptx``.
+
+    ``log``: the ``ptxas -v`` output of Triton's own compile of this PTX when it ran
+    (same command line as below); otherwise ptxas runs here. Cached by PTX hash.
+    """
+    from triton import knobs
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    gpu = sm_arch_from_capability(arch)
+    h = hashlib.sha256(f"{gpu}|{fusion}|".encode() + ptx.encode()).hexdigest()
+    cache_dir = os.path.join(knobs.cache.dir, "lowrank_kernels_ptxas")
+    path = os.path.join(cache_dir, h + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    stats = _parse_ptxas(log)
+    if stats is None:
+        stats = _run_ptxas(ptx, arch, fusion)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(stats, f)
+    os.replace(tmp, path)
+    return stats
+
+
+def _run_ptxas(ptx: str, arch: int, fusion: bool) -> dict:
+    """``ptxas -v`` with the flags Triton uses (``--fmad=false`` without fp fusion)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    gpu = sm_arch_from_capability(arch)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", *([] if fusion else ["--fmad=false"]), "-v",
+               "--regAllocOptLevel=2", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.o")]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {r.stderr[-2000:]}")
+    stats = _parse_ptxas(r.stderr + r.stdout)
+    if stats is None:
+        raise RuntimeError(f"could not parse ptxas -v output: {(r.stderr + r.stdout)[-2000:]}")
+    return stats
+
+
+def _compile(job: Job) -> dict:
+    """Compile one job; the CSV row."""
+    import importlib
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowrank_kernels.kernels import _launch as L
+
+    mod, attr = job.kernel.split(":")
+    jf = getattr(importlib.import_module(mod), attr)
+    row = {"kernel": attr, "variant": job.variant, "config": job.config, "arch": f"sm_{job.arch}",
+           "registers": "", "spills": "", "shared_bytes": "", "status": ""}
+    try:
+        # Triton runs `ptxas -v` itself when it compiles (not on a cache hit): keep its log.
+        buf = io.StringIO()
+        knobs.nvidia.dump_ptxas_log = True
+        try:
+            with contextlib.redirect_stdout(buf):
+                k = triton.compile(ASTSource(jf, job.signature, job.constexprs, job.attrs),
+                                   target=GPUTarget("cuda", job.arch, 32), options=job.options)
+        finally:
+            knobs.nvidia.dump_ptxas_log = False
+        stats = _ptxas_stats(k.asm["ptx"], job.arch, bool(job.options.get("enable_fp_fusion")), buf.getvalue())
+    except Exception as e:  # noqa: BLE001  (reported as a failed row, never swallowed)
+        row["status"] = "compile_error: " + " ".join(str(e).split())[:300]
+        return row
+    if job.runtime:
+        try:
+            k._init_handles()  # loads the cubin on the current CUDA device
+            row.update(runtime_registers=k.n_regs, runtime_spills=k.n_spills)
+        except Exception as e:  # noqa: BLE001
+            row["status"] = "load_error: " + " ".join(str(e).split())[:300]
+            return row
+    shared = int(k.metadata.shared)
+    row.update(registers=stats["registers"], spills=stats["spill_stores"] + stats["spill_loads"], shared_bytes=shared)
+    limit = L.SMEM_LIMIT[job.arch] if job.arch in L.SMEM_LIMIT else L.SMEM_LIMIT[L.table_arch(job.arch)]
+    if row["spills"] or row.get("runtime_spills"):
+        row["status"] = "spills"
+    elif shared > limit:
+        row["status"] = f"smem>{limit}"
+    else:
+        row["status"] = "ok"
+    return row
+
+
+def run(archs=DEFAULT_ARCHS, subset: str = "full", jobs: Optional[int] = None, progress=None,
+        runtime: bool = False) -> List[dict]:
+    """Compile every variant for ``archs``; the CSV rows (see the module doc).
+
+    ``runtime``: also load each kernel on the current CUDA device (whose arch must be the
+    only one in ``archs``) and report the driver's register and spill counts.
+    """
+    from lowrank_kernels.kernels import _launch as L
+
+    if L.INTERPRET:
+        raise RuntimeError("compile_check: TRITON_INTERPRET=1 is set; the interpreter has no compiler "
+                           "(run with TRITON_INTERPRET unset or 0)")
+    if subset not in ("ci", "full"):
+        raise ValueError(f"compile_check: subset must be 'ci' or 'full', got {subset!r}")
+    bad = [a for a in archs if a < 80]
+    if bad:
+        raise ValueError(f"compile_check: arch {bad[0]} unsupported (the kernels target sm_80 and newer)")
+    if runtime:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("compile_check --runtime: no CUDA device")
+        major, minor = torch.cuda.get_device_capability()
+        if list(archs) != [10 * major + minor]:
+            raise ValueError(f"compile_check --runtime: --arch must be this GPU's arch, {10 * major + minor}")
+    todo = [j._replace(runtime=runtime) for j in _jobs(tuple(archs), subset)]
+    n = max(1, int(jobs or min(16, os.cpu_count() or 1)))
+    rows = []
+    if n == 1:
+        for j in todo:
+            rows.append(_compile(j))
+            if progress:
+                progress(rows[-1], len(rows), len(todo))
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as ex:
+            for row in ex.map(_compile, todo):
+                rows.append(row)
+                if progress:
+                    progress(row, len(rows), len(todo))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lowrank_kernels.compile_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)),
+                    help="comma-separated compute capabilities, e.g. 80,89,90 (default: 80,90)")
+    ap.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
+    ap.add_argument("--subset", default="full", choices=("ci", "full"))
+    ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: the CPU count, at most 16)")
+    ap.add_argument("--runtime", action="store_true",
+                    help="also load each kernel on this machine's GPU (arch = --arch) and add the driver's "
+                         "register/spill counts (columns runtime_registers, runtime_spills)")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        archs = [int(a) for a in args.arch.split(",") if a.strip()]
+    except ValueError:
+        ap.error(f"--arch: expected comma-separated integers like 80,90, got {args.arch!r}")
+    if not archs:
+        ap.error("--arch: no arch given")
+
+    def progress(row, i, n):
+        if not args.quiet:
+            print(f"[{i}/{n}] {row['arch']} {row['kernel']} {row['config']} regs={row['registers']} "
+                  f"spills={row['spills']} smem={row['shared_bytes']} {row['status']}  ({row['variant']})",
+                  file=sys.stderr, flush=True)
+
+    try:
+        rows = run(archs, args.subset, args.jobs, progress, runtime=args.runtime)
+    except (RuntimeError, ValueError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    f = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        w = csv.DictWriter(f, fieldnames=COLUMNS + (RUNTIME_COLUMNS if args.runtime else []))
+        w.writeheader()
+        w.writerows(rows)
+    finally:
+        if args.out:
+            f.close()
+    bad = [r for r in rows if r["status"] != "ok"]
+    print(f"compile_check: {len(rows)} kernels compiled for {','.join(f'sm_{a}' for a in archs)}, "
+          f"{len(bad)} not ok", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

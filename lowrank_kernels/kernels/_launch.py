@@ -1,0 +1,427 @@
+"""Launch plumbing shared by the Triton kernel families (projection, dct, quant).
+
+Everything a launcher decides besides its kernel's arguments lives here, once:
+
+* **Interpreter flag** (:data:`INTERPRET`): ``TRITON_INTERPRET=1`` read once at import
+  (Triton decides at decoration time whether it interprets; never query CUDA at import).
+* **Dtype policy**: :data:`SUPPORTED` storage dtypes, :func:`check_dtypes` (TypeError
+  before any write), :func:`dot_config` (the GEMM operands' dot dtype and precision).
+* **int64 offsets**: :func:`needs_int64` (some element offset does not fit in int32).
+* **Device guard**: :func:`launch` runs every kernel under ``torch.cuda.device`` of the
+  tensors' device (Triton launches on the current device).
+* **Floating-point contraction**: :data:`FP_FUSION` gives the ``enable_fp_fusion``
+  passed explicitly on EVERY launch, per kernel family. Triton 3.9 fuses multiply-adds
+  by default and later versions change that default, so it is pinned here and GPU
+  numerics cannot change with a Triton upgrade. All three families use ``False``:
+
+  - ``quant``: the INT4/INT8 levels, scales and minima must equal the C++ and reference
+    backends' bitwise (they round ``min + s * q``, ``(x - min) / s``, ``x * decay +
+    alpha * u`` one operation at a time; a fused ``fma`` rounds once and can move a level);
+  - ``projection`` (also used by the DCT/INT4 projector modes): the INT4 tile loader's
+    ``min + s * q`` dequantizes exactly as ``quant_int4_unpack``, and the Adam epilogue
+    rounds each operation as the reference's torch ops do; the epilogues are
+    memory-bound, so the unfused form is expected to cost nothing measurable (not
+    measured on a GPU);
+  - ``dct``: the score epilogue (``|acc|``, ``acc^2``) and the projection store have no
+    multiply-add worth fusing; pinned ``False`` for the same reproducibility.
+
+  The tensor-core ``tl.dot`` accumulation is unaffected by the flag.
+
+* **Tile configs** (:func:`choose_config`): by default a pure function of (arch, operand
+  storage dtypes, side, projector mode, shape bucket) read from :data:`TABLES`; no timing.
+  Each arch's table only holds configs whose shared memory fits that arch's opt-in
+  per-block maximum (:data:`SMEM_LIMIT`) and that compile without register spills
+  (``python -m lowrank_kernels.compile_check`` checks both; the test suite runs it).
+  ``LOWRANK_KERNELS_TRITON_AUTOTUNE=1`` turns on runtime autotuning over the arch's table
+  candidates (CUDA only; ``0`` or unset: the table's choice). When autotuning and
+  ``torch.distributed`` is initialized, every rank launches rank 0's choice (the chosen
+  candidate index is broadcast), so ranks never sum in different orders.
+
+* **Compile capture**: :func:`capture` records launches instead of running them; the
+  compile check uses it to compile exactly the specializations the launchers produce.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------- flags
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Runtime autotuning is opt-in: "1" turns it on; "0" or unset launches the table's config.
+AUTOTUNE = os.environ.get("LOWRANK_KERNELS_TRITON_AUTOTUNE", "0") == "1"
+
+# enable_fp_fusion per kernel family (see the module doc).
+FP_FUSION = {"projection": False, "dct": False, "quant": False}
+
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+INT32_MAX = 2**31 - 1
+
+# Opt-in shared memory per block (bytes), CUDA C Programming Guide, "Technical
+# Specifications per Compute Capability": 8.0 / 8.7: 163 KB; 8.6 / 8.9 / 12.x: 99 KB;
+# 9.0: 227 KB.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+# --------------------------------------------------------------------------- dtype policy
+def check_dtypes(op: str, named) -> None:
+    """TypeError naming the first argument the Triton kernels cannot take (before any write)."""
+    for name, t in named:
+        if t.dtype not in SUPPORTED:
+            raise TypeError(
+                f"{op}: {name} has dtype {t.dtype}, but the triton backend supports float32/bfloat16/float16 "
+                "(use the reference or cpp backend for float64)"
+            )
+
+
+def dot_config(*dtypes: torch.dtype, interpret: Optional[bool] = None):
+    """``(dot dtype, input_precision)`` for GEMM operands stored in ``dtypes``.
+
+    The 16-bit dtype when the operands are that 16-bit dtype and possibly float32
+    (tensor cores at the 16-bit rate); float32 with ``"ieee"`` when every operand is
+    float32 (torch's default, no TF32); float32 with TF32 when bf16 meets fp16 (TF32
+    holds every bf16 and fp16 value exactly). Under the interpreter always float32
+    ``"ieee"``: triton 3.9's interpreter miscomputes bf16 arithmetic and bf16 dots.
+    """
+    if INTERPRET if interpret is None else interpret:
+        return tl.float32, "ieee"
+    low = {d for d in dtypes if d != torch.float32}
+    if not low:
+        return tl.float32, "ieee"
+    if len(low) == 1:
+        return TL_DTYPE[low.pop()], "tf32"  # input_precision only matters for float32 operands
+    return tl.float32, "tf32"  # bf16 x fp16: exact in TF32
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether some element offset of some tensor does not fit in int32."""
+    for t in tensors:
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+        if span + 256 > INT32_MAX:  # + slack for masked-off lanes of the last tile
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- tile configs
+class Tile(NamedTuple):
+    """One GEMM tile config. ``prefetch`` only exists in the projection kernels."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+    prefetch: bool = False
+    group_m: int = 8
+
+    def meta(self, family: str) -> dict:
+        """The constexprs and launch options of this config for ``family``'s kernels."""
+        d = {"BLOCK_M": self.bm, "BLOCK_N": self.bn, "BLOCK_K": self.bk, "GROUP_M": self.group_m,
+             "num_warps": self.warps, "num_stages": self.stages}
+        if family == "projection":
+            d["PREFETCH"] = self.prefetch
+        return d
+
+    def smem_estimate(self, op_bytes: int) -> int:
+        """Pipelined operand buffers: ``stages * (BM*BK + BK*BN) * bytes`` (the compile check measures the real value)."""
+        return self.stages * (self.bm * self.bk + self.bk * self.bn) * op_bytes
+
+    def label(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk}_w{self.warps}_s{self.stages}" + ("_pf" if self.prefetch else "") + \
+            f"_g{self.group_m}"
+
+
+# The interpreter runs one small tile (64^3, 1 stage); both PREFETCH variants of the
+# projection kernels are exercised: the right side prefetches, the left side does not.
+INTERPRET_TILE = Tile(64, 64, 64, 4, 1, False, 4)
+
+# TABLES[(kernel, arch)][(projector class, wide)] = (big tile, small-M tile, small-N tile);
+# EXTRAS[(kernel, arch)]: further tiles autotuning may try (with the defaults; dense
+# projector and 16-bit operands only).
+# ``wide``: some pipelined GEMM operand is stored in 4 bytes (float32: shared memory per
+# stage doubles). Projector class: "dense", "int4" or "dct" (the INT4 and DCT tile loaders
+# compute per-element indices and dequantize/gather in registers, so they take smaller
+# tiles). Buckets: "big": M > 64 and N > 64; "small-M": M <= 64 (e.g. rank-16 rows);
+# "small-N": N <= 64 < M.
+#
+# Every entry was compiled for sm_80 and sm_90 (python -m lowrank_kernels.compile_check)
+# on the specializations that strain registers most (float32 moments, transposed
+# gradients, ragged K, INT4/DCT projectors) and kept only if ptxas reported no spill:
+# 8 warps throughout (4 warps spill the Adam epilogue), 64x64 tiles in the projection
+# (project + Adam holds the accumulator and both moment tiles), 128x64 in the
+# back-projection and the DCT GEMM, no PREFETCH by default (it spills with transposed or
+# gathered operands). The tables are the same for every arch for now: each fits the
+# smallest (99 KB) shared memory; per-arch tuning needs measurements on the GPUs.
+_P = "projection"
+_D = "dct"
+
+
+def _same(t):
+    return (t, t, t)
+
+
+_PROJECT = {
+    ("dense", False): _same(Tile(64, 64, 64, 8, 3)),
+    ("dense", True): _same(Tile(64, 64, 32, 8, 3)),
+    ("int4", False): _same(Tile(64, 64, 32, 8, 2)),
+    ("int4", True): _same(Tile(64, 64, 32, 8, 2)),
+    ("dct", False): _same(Tile(64, 64, 32, 8, 2)),
+    ("dct", True): _same(Tile(64, 64, 32, 8, 2)),
+}
+_BACKPROJECT = {
+    ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
+    ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
+    ("int4", False): _same(Tile(64, 64, 32, 8, 1)),
+    ("int4", True): _same(Tile(64, 64, 32, 8, 1)),
+    ("dct", False): _same(Tile(64, 64, 32, 8, 2)),
+    ("dct", True): _same(Tile(64, 64, 32, 8, 2)),
+}
+_DCT_GEMM = {
+    ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
+    ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
+    ("dct", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
+    ("dct", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
+}
+TABLE_ARCHS = (80, 89, 90)
+TABLES = {}
+EXTRAS = {}
+for _arch in TABLE_ARCHS:
+    TABLES[("project", _arch)] = _PROJECT
+    TABLES[("backproject", _arch)] = _BACKPROJECT
+    TABLES[("dct_gemm", _arch)] = _DCT_GEMM
+    EXTRAS[("project", _arch)] = []
+    EXTRAS[("backproject", _arch)] = []
+    EXTRAS[("dct_gemm", _arch)] = [Tile(128, 128, 64, 8, 3), Tile(64, 64, 64, 4, 3)]
+FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D}
+MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
+
+
+def table_arch(arch: int) -> int:
+    """The table an arch (capability as ``10 * major + minor``) launches from.
+
+    8.0 / 8.7 (A100, Orin: 163 KB) -> 80; 9.x (H100/H200: 227 KB) -> 90; every other
+    capability (8.6 / 8.9 consumer Ampere/Ada, 12.x, unknown) -> 89, the 99 KB table,
+    which fits every CUDA GPU with compute capability >= 8.0.
+    """
+    if arch in (80, 87):
+        return 80
+    if 90 <= arch < 100:
+        return 90
+    return 89
+
+
+def _bucket(M: int, N: int) -> int:
+    """0: big (M, N > 64), 1: small M (M <= 64), 2: small N (N <= 64 < M)."""
+    if M <= 64:
+        return 1
+    if N <= 64:
+        return 2
+    return 0
+
+
+def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, op_bytes: Sequence[int],
+                  side: str = "right", mode: int = 0) -> Tile:
+    """The tile ``kernel`` (``"project"``, ``"backproject"`` or ``"dct_gemm"``) launches with.
+
+    A pure function of (arch, the pipelined operands' storage bytes, side, projector mode,
+    shape bucket of ``M x N``): no timing, so every process and rank chooses the same.
+    ``arch``: capability ``10 * major + minor``, or ``None`` under the interpreter.
+    ``K`` is accepted for the key but does not change today's choice.
+    """
+    if kernel not in FAMILY_OF:
+        raise ValueError(f"choose_config: unknown kernel {kernel!r}; expected one of {sorted(FAMILY_OF)}")
+    if side not in ("right", "left"):
+        raise ValueError(f"choose_config: side must be 'right' or 'left', got {side!r}")
+    if arch is None:
+        return INTERPRET_TILE._replace(prefetch=FAMILY_OF[kernel] == _P and side == "right")
+    if mode not in MODE_CLASS:
+        raise ValueError(f"choose_config: mode must be 0 (dense), 1 (INT4) or 2 (DCT), got {mode!r}")
+    wide = max(op_bytes) >= 4
+    table = TABLES[(kernel, table_arch(int(arch)))]
+    entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
+    return entry[_bucket(int(M), int(N))]
+
+
+def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0) -> list:
+    """The tiles ``kernel`` launches without autotuning on ``arch`` (one per bucket, deduplicated)."""
+    table = TABLES[(kernel, table_arch(int(arch)))]
+    entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
+    return list(dict.fromkeys(entry))
+
+
+def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0) -> list:
+    """Every tile ``kernel`` may launch on ``arch`` with ``wide`` operands and projector
+    ``mode``: the table's defaults for each bucket, then the autotuning extras (dense
+    16-bit operands only; deduplicated, in table order)."""
+    if arch is None:
+        return [INTERPRET_TILE, INTERPRET_TILE._replace(prefetch=True)] if FAMILY_OF[kernel] == _P else [INTERPRET_TILE]
+    ta = table_arch(int(arch))
+    table = TABLES[(kernel, ta)]
+    entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
+    out = []
+    # Extras: 16-bit dense operands only (compiled for sm_80/sm_90: they spill with float32
+    # operands); never one whose shared memory cannot fit.
+    extras = [t for t in (EXTRAS[(kernel, ta)] if mode == 0 and not wide else ())
+              if t.smem_estimate(2) <= SMEM_LIMIT[ta]]
+    for t in (*entry, *extras):
+        if t not in out:
+            out.append(t)
+    return out
+
+
+# --------------------------------------------------------------------------- device
+_ARCH_CACHE: dict = {}
+
+
+def device_arch(device: torch.device) -> Optional[int]:
+    """Compute capability ``10 * major + minor`` of a CUDA device; ``None`` when interpreting."""
+    if INTERPRET or device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _ARCH_CACHE:
+        major, minor = torch.cuda.get_device_capability(idx)
+        _ARCH_CACHE[idx] = 10 * major + minor
+    return _ARCH_CACHE[idx]
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device (Triton launches on the current device), else a no-op."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- capture (compile check)
+_CAPTURE: Optional[list] = None
+
+
+class Launch(NamedTuple):
+    """One launch recorded by :func:`capture`: everything needed to compile it ahead of time."""
+
+    family: str
+    kernel: object  # the JITFunction
+    args: tuple
+    meta: dict  # constexprs and options, tile included
+    tile_kernel: Optional[str]  # "project"/"backproject"/"dct_gemm" (tile from the table), or None
+    wide: bool
+    key: Optional[dict] = None  # choose_config's keyword arguments (M, N, K, op_bytes, side, mode)
+
+    def tile_for(self, arch: int) -> "Tile":
+        """The tile this launch takes on ``arch`` (table choice, no autotuning)."""
+        return choose_config(self.tile_kernel, arch, **self.key)
+
+    def with_tile(self, tile: "Tile") -> dict:
+        """``meta`` with ``tile`` (and its EVEN_K) in place of the captured one."""
+        return dict(self.meta, **_tile_meta(self.family, tile, self.key["K"]))
+
+
+@contextlib.contextmanager
+def capture():
+    """Record launches instead of running them (yields the list of :class:`Launch`)."""
+    global _CAPTURE
+    prev, _CAPTURE = _CAPTURE, []
+    try:
+        yield _CAPTURE
+    finally:
+        _CAPTURE = prev
+
+
+# --------------------------------------------------------------------------- launching
+def launch(family: str, kernel, grid, args: tuple, meta: dict, *, device: torch.device) -> None:
+    """Run ``kernel[grid](*args, **meta)`` on ``device`` with the family's explicit ``enable_fp_fusion``.
+
+    ``meta`` holds the constexprs and launch options (``num_warps``, ...), the tile's included.
+    """
+    meta = dict(meta, enable_fp_fusion=FP_FUSION[family])
+    if _CAPTURE is not None:
+        _CAPTURE.append(Launch(family, kernel, args, meta, None, False))
+        return
+    with device_guard(device):
+        kernel[grid](*args, **meta)
+
+
+_TUNED: dict = {}
+# Every tile launched in this process: (kernel, M, N, K, operand bytes, side, mode, arch) -> tile label
+# (printed by ``python -m lowrank_kernels._determinism``).
+CHOSEN: dict = {}
+
+
+def launch_gemm(kernel_name: str, kernel, grid: Callable, args: tuple, meta: dict, *, device: torch.device,
+                M: int, N: int, K: int, op_bytes: Sequence[int], side: str = "right", mode: int = 0,
+                restore: Sequence[torch.Tensor] = ()) -> Tile:
+    """Launch a tiled GEMM kernel with the config of :func:`choose_config` (or autotuned).
+
+    ``grid(tile)`` gives the launch grid for a tile; ``restore``: tensors the kernel
+    writes, restored after each autotuning trial. Returns the tile launched.
+    """
+    family = FAMILY_OF[kernel_name]
+    wide = max(op_bytes) >= 4
+    if _CAPTURE is not None:
+        arch = 90  # placeholder: the compile check replaces the tile per target arch
+        tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode)
+        full = dict(meta, **_tile_meta(family, tile, K), enable_fp_fusion=FP_FUSION[family])
+        key = dict(M=M, N=N, K=K, op_bytes=list(op_bytes), side=side, mode=mode)
+        _CAPTURE.append(Launch(family, kernel, args, full, kernel_name, wide, key))
+        return tile
+    with device_guard(device):
+        arch = device_arch(device)
+        if AUTOTUNE and arch is not None:
+            key = (kernel_name, device.index, M, N, K, tuple(op_bytes), side, mode,
+                   tuple(sorted((k, str(v)) for k, v in meta.items())))
+            tile = _TUNED.get(key)
+            if tile is None:
+                tile = _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode)
+                _TUNED[key] = tile
+        else:
+            tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode)
+        CHOSEN[(kernel_name, M, N, K, tuple(op_bytes), side, mode, arch)] = tile.label()
+        kernel[grid(tile)](*args, **meta, **_tile_meta(family, tile, K), enable_fp_fusion=FP_FUSION[family])
+    return tile
+
+
+def _tile_meta(family: str, tile: Tile, K: int) -> dict:
+    return dict(tile.meta(family), EVEN_K=K % tile.bk == 0)
+
+
+def _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode=0) -> Tile:
+    """Time every candidate (restoring ``restore`` after each run); rank 0's choice wins."""
+    family = FAMILY_OF[kernel_name]
+    cands = candidates(kernel_name, arch, wide=wide, mode=mode)
+    saved = [t.clone() for t in restore]
+
+    def put_back():
+        for t, s in zip(restore, saved):
+            t.copy_(s)
+
+    times = []
+    for tile in cands:
+        def run(tile=tile):
+            kernel[grid(tile)](*args, **meta, **_tile_meta(family, tile, K), enable_fp_fusion=FP_FUSION[family])
+            put_back()
+
+        try:
+            times.append(triton.testing.do_bench(run, warmup=5, rep=20))
+        except Exception:  # a candidate that fails to compile/launch here is never chosen
+            times.append(float("inf"))
+            put_back()
+    best = min(range(len(cands)), key=lambda i: times[i])
+    best = broadcast_choice(best, device)
+    return cands[best]
+
+
+def broadcast_choice(index: int, device: torch.device) -> int:
+    """Rank 0's ``index`` when ``torch.distributed`` is initialized (every rank calls this), else ``index``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return int(index)
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(index)], dtype=torch.int64, device=on)
+    dist.broadcast(t, src=0)
+    return int(t.item())
