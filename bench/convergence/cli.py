@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run the tuning grid of METHOD (scored on the tuning split) instead of the table")
     ap.add_argument("--grid", action="append", default=None, metavar="KEY=V1,V2,...",
                     help="with --tune: the values of one hyper-parameter (repeat for each key)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge result files of separate processes (same code and setup) into --out; no training")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's; 1 helps on a CPU shared with other jobs)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -140,6 +142,15 @@ def run(argv=None) -> tuple[list[Result], pathlib.Path]:
     """Parse ``argv``, train every requested method (or the tuning grid), write the outputs."""
     args = parse_args(argv)
     args.argv = argv
+    if args.merge:
+        from .merge import merge
+
+        try:
+            kind, results = merge(args.merge, pathlib.Path(args.out))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        print(f"merged {len(args.merge)} {kind} file(s) into {args.out}")
+        return results, pathlib.Path(args.out)
     device, preset = _setup(args)
     over = _overrides(args)
     corpus = load_corpus(args.data)

@@ -206,7 +206,7 @@ def acceptance(summaries: list[Summary]) -> list[str]:
                          f"state {s.state_bytes / base.state_bytes:.2f}x ({'ok' if state_ok else 'MISS'}, bar 0.50x)")
         if s.method in verdicts:
             v = verdicts[s.method]
-            parts.append(f"vs frozen control: worst seed {v['worst_seed_margin_nats']:+.3f} nats below its best "
+            parts.append(f"vs frozen control: margin {v['worst_seed_margin_nats']:+.3f} nats (its best seed minus our worst) "
                          f"({'clear' if v['clear'] else 'NOT CLEAR'}, bar {CLEAR_MARGIN_NATS} nats)")
         lines.append(" ".join(parts))
     return lines
