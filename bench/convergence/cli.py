@@ -113,8 +113,8 @@ def _overrides(args) -> dict[str, dict]:
     return per
 
 
-def _meta(device, preset, corpus, args, split: str) -> dict:
-    st = stamps.stamp(device)
+def _meta(st: dict, preset, corpus, args, split: str) -> dict:
+    device = torch.device(st["device"])
     return {"git": st["git"], "device": st["device_name"], "torch": st["torch"], "timestamp": st["timestamp"],
             "data": corpus.desc, "split_sizes": {s: len(corpus.split(s)) for s in ("train", "tune", "val")},
             "evaluated_split": split, "preset": dataclasses.asdict(preset),
@@ -152,10 +152,13 @@ def run(argv=None) -> tuple[list[Result], pathlib.Path]:
         print(f"merged {len(args.merge)} {kind} file(s) into {args.out}")
         return results, pathlib.Path(args.out)
     device, preset = _setup(args)
+    # The stamp is taken first: the code this process runs is what the tree holds now (a
+    # stamp taken minutes later would see edits made to the tree after the code loaded).
+    st = stamps.stamp(device)
     over = _overrides(args)
     corpus = load_corpus(args.data)
     dev = stamps.device_name(device)
-    print(f"device: {dev}; torch {torch.__version__}; git {stamps.git_describe()}")
+    print(f"device: {dev}; torch {torch.__version__}; git {st['git']}")
     print(f"data: {corpus.desc}: {len(corpus.train):,} training / {len(corpus.tune):,} tuning / "
           f"{len(corpus.val):,} validation bytes")
     print(f"preset {preset.name}: hidden {preset.hidden}, MLP {preset.intermediate}, {preset.layers} layers, "
@@ -165,9 +168,9 @@ def run(argv=None) -> tuple[list[Result], pathlib.Path]:
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     if args.tune is not None:
-        return _run_tuning(args, device, preset, corpus, over, out, progress), out
+        return _run_tuning(args, device, preset, corpus, over, out, progress, st), out
 
-    meta = _meta(device, preset, corpus, args, "val")
+    meta = _meta(st, preset, corpus, args, "val")
     results: list[Result] = []
     seeds = list(range(args.seed, args.seed + args.seeds))
     for seed in seeds:
@@ -207,13 +210,13 @@ def _write_table(results, out, meta, preset, dev, seeds_done) -> None:
     print(f"wrote {out / 'convergence.csv'}, {out / 'convergence.png'}, {out / 'convergence.json'}", flush=True)
 
 
-def _run_tuning(args, device, preset, corpus, over, out, progress) -> list[Result]:
+def _run_tuning(args, device, preset, corpus, over, out, progress, st) -> list[Result]:
     m = args.tune
     reason = RECIPES[m].why_unavailable()
     if reason is not None:
         raise SystemExit(f"--tune {m}: unavailable: {reason}")
     points = tuning.grid_points(args.grid_values)
-    meta = _meta(device, preset, corpus, args, "tune")
+    meta = _meta(st, preset, corpus, args, "tune")
     batches = Batches(corpus.train, corpus.tune, preset, args.seed)
     warm_up(preset, batches, device, args.seed)
     results = []
