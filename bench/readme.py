@@ -145,7 +145,8 @@ def _tuning_section(path: Path, root: Path) -> str:
     bhp = best.get("hparams")
     p = info["preset"]
     rel = path.relative_to(root).as_posix()
-    out = [f"#### Tuning grid: {info['method']} ({p['name']} preset, {p['steps']} steps, seed "
+    name = path.stem[len("convergence_tuning-"):]
+    out = [f"#### Tuning grid: {name} ({p['name']} preset, {p['steps']} steps, seed "
            f"{', '.join(map(str, info.get('seeds', [])))}, loss on the tuning split)", "",
            f"From [`{rel}`]({rel}): git {info.get('git', '?')}, {info.get('device', '?')}, {info.get('timestamp', '?')}."
            + (f" Best: {_hp(bhp)} ({best['tune_loss']:.4f})." if bhp else " No point trained."), ""]
