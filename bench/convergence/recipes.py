@@ -16,7 +16,13 @@ Adding a method is one :func:`register` call, e.g. for an optimizer ``FooAdamW``
 
     register(Recipe("foo", lowrank_builder("FooAdamW", proj_type="std"),
                     dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+                    requires=(_GROUPS, (_OPTIM, "FooAdamW")),
                     source="Foo paper, Table 3: lr 0.01, scale 0.25"))
+
+(placed above ``METHODS`` at the end of this file). Without an import of ``FooAdamW`` the
+row is listed as unavailable instead of failing. The row then appears in
+``python -m bench.convergence`` (``--optimizers foo``), in the table against AdamW and
+the control, and in the tests: a ``role="lowrank"`` method must beat the frozen control.
 
 ``lowrank_builder`` covers optimizers that take ``lowrank_param_groups`` (with extra
 group keys, optimizer keyword arguments, a model preparation such as INT8
@@ -66,7 +72,8 @@ class Recipe:
     def __post_init__(self):
         if self.role not in ("baseline", "control", "lowrank"):
             raise ValueError(f"Recipe {self.name!r}: role must be baseline, control or lowrank, got {self.role!r}")
-        missing = {"lr", "other_lr"} - set(self.hparams) if self.role != "control" else {"other_lr"} - set(self.hparams)
+        needed = {"other_lr"} if self.role == "control" else {"lr", "other_lr"}
+        missing = needed - set(self.hparams)
         if missing:
             raise ValueError(f"Recipe {self.name!r}: hparams lacks {sorted(missing)}")
 
@@ -247,10 +254,6 @@ register(Recipe(
     requires=(_GROUPS, (_OPTIM, "FrugalAdamW")),
     source="FRUGAL paper (Zmushko et al. 2025): the AdamW baseline's lr, density 0.25, signSGD residual"))
 
-# New methods: a register(...) call above this line.
+# New methods: a register(...) call above this line. (The command line reads RECIPES
+# itself, so a recipe registered elsewhere before it runs is also available.)
 METHODS = tuple(RECIPES)
-
-
-def methods() -> tuple:
-    """Every registered method, in registration order."""
-    return tuple(RECIPES)
