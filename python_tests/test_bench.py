@@ -31,10 +31,11 @@ def _f(x):
 
 
 def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
+    git = stamps.git_describe()  # the tree's state when the run starts (what its stamp must say)
     rc, out, header, rows, path = _run(tmp_path, capsys, "--device", "cpu")
     assert rc == 0, out[-3000:]
     assert header == ROW_FIELDS
-    assert {r["git_sha"] for r in rows} == {stamps.git_describe()}  # one stamp helper, "-dirty" included
+    assert {r["git_sha"] for r in rows} == {git}  # one stamp helper, "-dirty" included
     assert all(r["device_name"].startswith(stamps.cpu_model()) for r in rows)
     assert path.name.endswith("-tiny.csv") and path.name.startswith("cpu-")
     suites = {r["suite"] for r in rows}

@@ -36,17 +36,18 @@ TINY_CONTROL_MARGIN = 0.03
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("convergence")
     threads = torch.get_num_threads()
+    git = stamps.git_describe()  # the tree's state when the run starts (what its stamp must say)
     try:
         results, out_dir = conv.run(["--preset", "tiny", "--device", "cpu", "--threads", "1",
                                      "--out", str(out), "--no-progress"])
     finally:
         torch.set_num_threads(threads)
-    return {r.method: r for r in results}, out_dir
+    return {r.method: r for r in results}, out_dir, git
 
 
 @pytest.mark.parametrize("method", conv.METHODS)
 def test_validation_loss_falls(tiny_run, method):
-    results, _ = tiny_run
+    results, _, _ = tiny_run
     r = results[method]
     if r.status.startswith("unavailable"):
         pytest.skip(f"{method}: {r.status}")
@@ -61,7 +62,7 @@ def test_validation_loss_falls(tiny_run, method):
 
 @pytest.mark.parametrize("method", [m for m in conv.METHODS if RECIPES[m].role == "lowrank"])
 def test_lowrank_method_beats_frozen_control(tiny_run, method):
-    results, _ = tiny_run
+    results, _, _ = tiny_run
     r, ctrl = results[method], results["frozen"]
     if r.status.startswith("unavailable"):
         pytest.skip(f"{method}: {r.status}")
@@ -89,7 +90,7 @@ def test_frozen_control_does_not_move_projected_weights():
 
 
 def test_lowrank_state_smaller_than_adamw(tiny_run):
-    results, _ = tiny_run
+    results, _, _ = tiny_run
     base = results["adamw"]
     for m, r in results.items():
         if m != "adamw" and r.status == "ok":
@@ -97,7 +98,7 @@ def test_lowrank_state_smaller_than_adamw(tiny_run):
 
 
 def test_csv_json_outputs(tiny_run):
-    results, out = tiny_run
+    results, out, git = tiny_run
     with open(out / "convergence.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["method", "final_val_loss", "val_ppl", "state_bytes", "peak_bytes", "tokens_per_s"]
@@ -110,7 +111,8 @@ def test_csv_json_outputs(tiny_run):
         assert int(row[3]) == r.state_bytes and int(row[4]) == r.peak_bytes
     assert (out / "convergence.png").stat().st_size > 0
     info = json.loads((out / "convergence.json").read_text())
-    assert info["git"] == stamps.git_describe() and info["device"] == stamps.device_name("cpu")
+    assert info["git"] == git and re.fullmatch(r"[0-9a-f]{7,}(-dirty)?", git)
+    assert info["device"].startswith(stamps.cpu_model()) and "1 threads" in info["device"]
     assert info["evaluated_split"] == "val" and info["seeds"] == [0]
     assert {r["method"] for r in info["runs"]} == set(trained)
     for m in trained:
@@ -250,11 +252,12 @@ def test_tuning_grid_scores_on_the_tuning_split(tmp_path):
     for bad in ([], ["lr"], ["lr=1e-3", "lr=2e-3"], ["lr="]):
         with pytest.raises(ValueError, match="--grid|--tune"):
             conv_tuning.parse_grid(bad)
+    git = stamps.git_describe()
     results, out = conv.run(["--preset", "tiny", "--steps", "2", "--tune", "adamw", "--grid", "lr=1e-3,4e-3",
                              "--grid", "other_lr=1e-2", "--device", "cpu", "--threads", "1", "--no-progress",
                              "--out", str(tmp_path)])
     info = json.loads((out / "convergence_tuning-adamw.json").read_text())
-    assert info["evaluated_split"] == "tune" and info["git"] == stamps.git_describe()
+    assert info["evaluated_split"] == "tune" and info["git"] == git
     losses = [p["tune_loss"] for p in info["points"]]
     assert losses == [pytest.approx(r.final_val_loss) for r in results]
     assert info["best"]["tune_loss"] == pytest.approx(min(losses))
