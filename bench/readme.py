@@ -67,7 +67,7 @@ def render(results: Path, root: Path) -> str:
         parts.append(_convergence_section(conv_json, root))
     elif conv_csv.exists():
         parts.append(_convergence_csv_section(conv_csv, root))
-    for tf in sorted(results.glob("convergence_tuning-*.json")):
+    for tf in sorted(results.glob("convergence_tuning-*.json"), key=lambda p: p.stem):
         parts.append(_tuning_section(tf, root))
     return "\n".join(parts)
 
