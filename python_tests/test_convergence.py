@@ -123,10 +123,11 @@ def test_csv_json_outputs(tiny_run):
 
 def test_three_disjoint_splits_and_same_batches(tmp_path):
     # A folder: the CRC rule decides per file; the same seed gives the same windows.
-    for i in range(60):
-        (tmp_path / f"f{i:02d}.txt").write_bytes(bytes([65 + i % 26]) * 600)
+    names = [f"f{i:03d}.txt" for i in range(200)]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(bytes([65 + i % 26]) * 600)
     corpus = conv.load_corpus(str(tmp_path))
-    counts = {s: sum(conv.split_of(f"f{i:02d}.txt") == s for i in range(60)) for s in conv.SPLITS}
+    counts = {s: sum(conv.split_of(n) == s for n in names) for s in conv.SPLITS}
     assert counts["val"] and counts["tune"], counts  # this file set exercises all three splits
     assert {s: len(corpus.split(s)) for s in conv.SPLITS} == {s: 600 * n for s, n in counts.items()}
     with pytest.raises(ValueError, match="split"):
