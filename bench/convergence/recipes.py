@@ -197,12 +197,14 @@ _GROUPS = (_OPTIM, "lowrank_param_groups")
 ADAMW_QUICK = dict(lr=2e-3, other_lr=1e-1)
 
 # AdamW: torch's, no paper value carries over to this model size, so both lrs come from
-# the tuning grid (3 x 3 on the tuning split, ``--tune adamw``) for the quick preset;
+# the tuning grid (3 x 3 on the tuning split, extended until the best pair was inside it,
+# ``--tune adamw``) for the quick preset;
 # the gpu preset (not tuned: no GPU run yet) uses the GaLore paper's AdamW lr 1e-3.
 register(Recipe(
     "adamw", _adamw, dict(lr=1e-3, other_lr=1e-3), role="baseline",
     per_preset={"quick": ADAMW_QUICK, "tiny": ADAMW_QUICK},
-    source="quick: best pair of the 3x3 grid in bench/results/convergence_tuning-adamw.json; "
+    source="quick: best pair of the lr x other_lr grid (3x3, extended until the best was inside) in "
+           "bench/results/convergence_tuning-adamw.json; "
            "gpu: GaLore paper's AdamW lr 1e-3 (LLaMA-60M), not tuned here; tiny (tests only): quick's pair"))
 # The control: what every low-rank recipe does with the non-projected parameters (AdamW
 # at lr 0.01), with the projected weights frozen at their initial values.
