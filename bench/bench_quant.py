@@ -166,7 +166,7 @@ def _targets(ctx: Ctx) -> None:
             and r.mem_ratio is not None]
     ctx.target(SUITE, "ours-int4 projector bytes / dense bf16 (largest over shapes)",
                max((r.mem_ratio for r in rows), default=None), 0.27, higher_is_better=False,
-               applies=not ctx.tiny)  # tiny projectors are one short group: the scale/min overhead dominates
+               applies=not ctx.tiny, stated_for="benchmark-size projectors")  # tiny projectors are one short group: the scale/min overhead dominates
     rows = [r for r in ctx.rows if r.suite == SUITE and r.kernel == "step" and r.speedup and r.provider.startswith(
         "ours-int4")]
     full = ctx.device.type == "cuda" and ctx.dtype == torch.bfloat16 and ctx.sizes.stack.hidden == 2048

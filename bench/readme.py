@@ -3,22 +3,38 @@
 The section between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md
 is regenerated from what the benchmarks wrote into ``bench/results/`` (never typed by
 hand): for every ``<device>.md`` of ``python -m bench`` its header (device, date,
-versions, measured ceilings), the targets with what was measured, and links to the full
-tables and plots; then the table of ``python -m bench.convergence`` (``convergence.csv``) if present.
-GPU devices come first. ``make bench`` runs it after the benchmark.
+versions, git stamp, measured ceilings), the targets with what was measured, and links
+to the full tables and plots; then the pre-training demo of ``python -m bench.convergence``
+from ``convergence.json`` (mean and spread over seeds, against the tuned AdamW and the
+frozen-weights control, each method's recipe) and its tuning grids
+(``convergence_tuning-<method>.json``); a ``convergence.csv`` without its JSON gives the
+bare table. GPU devices come first. ``make bench`` runs it after the benchmark.
+
+Goals measured off their target (a CPU, a quarter size) carry no verdict: result files
+written before the harness said so ("would meet" / "would miss") are rewritten to
+"not measured on the target", in the README and in the ``<device>.md`` file itself.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import math
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+_EXTRAPOLATED = re.compile(r"\bwould (?:meet|miss)\b")
+
+
+def strip_extrapolated_verdicts(text: str) -> str:
+    """Replace the old extrapolated verdicts ("would meet", "would miss") with "not measured on the target"."""
+    return _EXTRAPOLATED.sub("not measured on the target", text)
 
 
 def _device_section(md: Path, root: Path) -> str:
-    text = md.read_text()
+    text = strip_extrapolated_verdicts(md.read_text())
     blocks = text.split("\n\n")
     header = blocks[0].strip()
     targets = ""
@@ -39,38 +55,133 @@ def _device_section(md: Path, root: Path) -> str:
 
 
 def render(results: Path, root: Path) -> str:
-    device_mds = [p for p in sorted(results.glob("*.md")) if p.name != "convergence.md"]
+    device_mds = [p for p in sorted(results.glob("*.md")) if not p.name.startswith("convergence")]
     # GPU results first (file names start with the device: cpu-... for CPUs).
     device_mds.sort(key=lambda p: (p.name.startswith("cpu"), p.name))
     parts = []
     if not device_mds:
         parts.append("No benchmark results yet: run `make bench`.\n")
     parts += [_device_section(p, root) for p in device_mds]
-    conv = results / "convergence.csv"
-    if conv.exists():
-        parts.append(_convergence_section(conv, root))
+    conv_json, conv_csv = results / "convergence.json", results / "convergence.csv"
+    if conv_json.exists() and "summary" in json.loads(conv_json.read_text()):
+        parts.append(_convergence_section(conv_json, root))
+    elif conv_csv.exists():
+        parts.append(_convergence_csv_section(conv_csv, root))
+    for tf in sorted(results.glob("convergence_tuning-*.json"), key=lambda p: p.stem):
+        parts.append(_tuning_section(tf, root))
     return "\n".join(parts)
 
 
-def _convergence_section(csv_path: Path, root: Path) -> str:
-    """The demo's table (from its CSV, with ratios to AdamW) and its plot."""
-    import csv
-    import json
+def _pct(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+.1f}%"
 
-    rows = list(csv.DictReader(csv_path.open()))
-    meta = csv_path.with_suffix(".json")
-    where = ""
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        parts = [info.get("device", ""), f"torch {info['torch']}" if info.get("torch") else "",
-                 f"git {info['git_sha']}" if info.get("git_sha") else "", info.get("data", "")]
-        where = "; ".join(str(x) for x in parts if x)
-    base = next((r for r in rows if r["method"] == "adamw"), None)
+
+def _hp(recipe: dict) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in recipe.items())
+
+
+def _convergence_section(path: Path, root: Path) -> str:
+    """The demo's table from its JSON: mean (and spread) over seeds, against AdamW and the control."""
+    info = json.loads(path.read_text())
+    summ = info["summary"]
+    p = info["preset"]
+    seeds = info.get("seeds", [])
+    requested = info.get("seeds_requested", seeds)
+    base = next((s for s in summ.values() if s["role"] == "baseline" and s["status"] == "ok"), None)
+    ctrl = next((s for s in summ.values() if s["role"] == "control" and s["status"] == "ok"), None)
+    recipes = {}
+    for r in info.get("runs", []):
+        recipes.setdefault(r["method"], r["recipe"])
     out = ["### Pre-training demo (`python -m bench.convergence`)", ""]
-    if where:
-        out += [f"Measured on: {where}.", ""]
-    out += ["| method | final val loss | val ppl | vs AdamW loss | state | vs AdamW state | peak | tokens/s |",
-            "|---|---|---|---|---|---|---|---|"]
+    rel = path.relative_to(root).as_posix()
+    val_bytes = info.get("split_sizes", {}).get("val")
+    out.append(f"From [`{rel}`]({rel}): git {info.get('git', '?')}, {info.get('device', '?')}, "
+               f"torch {info.get('torch', '?')}, {info.get('timestamp', '?')}. Data: {info.get('data', '?')}; "
+               "losses on the validation split" + (f" ({val_bytes:,} bytes)" if isinstance(val_bytes, int) else "")
+               + ", which no recipe was tuned on.")
+    out.append("")
+    out.append(f"Preset {p['name']}: LLaMA hidden {p['hidden']}, MLP {p['intermediate']}, {p['layers']} layers, "
+               f"seq {p['seq_len']}, batch {p['batch_size']}, {p['steps']} steps, rank {p['rank']}, gap {p['gap']}; "
+               f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))})"
+               + (f" of the {len(requested)} requested" if len(requested) != len(seeds) else "")
+               + ("; loss = mean over seeds, +- = sample standard deviation" if len(seeds) > 1 else "") + ".")
+    out += ["", "| method | recipe | val loss | +- | vs AdamW | vs frozen control | state | vs AdamW state | "
+                "peak | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, s in summ.items():
+        if not s["finals"]:
+            out.append(f"| {m} | | {s['status']} | | | | | | | |")
+            continue
+        vs_b = _pct(s["mean"], base["mean"]) if base and s is not base else "-"
+        vs_c = _pct(s["mean"], ctrl["mean"]) if ctrl and s is not ctrl else "-"
+        rel_state = f"{s['state_bytes'] / base['state_bytes']:.2f}x" if base and base["state_bytes"] else "-"
+        spread = f"{s['std']:.4f}" if len(s["finals"]) > 1 else "-"
+        out.append(f"| {m} | {_hp(recipes.get(m, {}))} | {s['mean']:.4f} | {spread} | {vs_b} | {vs_c} | "
+                   f"{s['state_bytes'] / 2**20:.2f} MiB | {rel_state} | {s['peak_bytes'] / 2**20:.1f} MiB | "
+                   f"{s['tokens_per_s']:.0f} |" + ("" if s["status"] == "ok" else f" ({s['status']})"))
+    vc = info.get("vs_control", {})
+    if vc:
+        margin = info.get("clear_margin_nats")
+        clear = [m for m, v in vc.items() if v["clear"]]
+        unclear = [m for m, v in vc.items() if not v["clear"]]
+        out += ["", f"Against the frozen-weights control (a margin is clear when the method's worst seed ends at "
+                    f"least {margin} nats below the control's best seed): "
+                    + (f"clear for {', '.join(clear)}" if clear else "clear for none")
+                    + (f"; NOT clear for {', '.join(unclear)}" if unclear else "") + ". Margins (nats): "
+                    + ", ".join(f"{m} {v['worst_seed_margin_nats']:+.3f}" for m, v in vc.items()) + "."]
+    srcs = [(m, s.get("source", "")) for m, s in summ.items() if s.get("source")]
+    if srcs:
+        out += ["", "Recipe sources: " + "; ".join(f"{m}: {src}" for m, src in srcs) + "."]
+    png = path.with_suffix(".png")
+    if png.exists():
+        out += ["", f"![validation loss]({png.relative_to(root).as_posix()})"]
+    return "\n".join(out) + "\n"
+
+
+def _tuning_section(path: Path, root: Path) -> str:
+    """A tuning grid as a table (rows: the first key, columns: the second), best point in bold."""
+    info = json.loads(path.read_text())
+    keys = list(info["grid"])
+    best = info.get("best") or {}
+    bhp = best.get("hparams")
+    p = info["preset"]
+    rel = path.relative_to(root).as_posix()
+    name = path.stem[len("convergence_tuning-"):]
+    out = [f"#### Tuning grid: {name} ({p['name']} preset, {p['steps']} steps, seed "
+           f"{', '.join(map(str, info.get('seeds', [])))}, loss on the tuning split)", "",
+           f"From [`{rel}`]({rel}): git {info.get('git', '?')}, {info.get('device', '?')}, {info.get('timestamp', '?')}."
+           + (f" Best: {_hp(bhp)} ({best['tune_loss']:.4f})." if bhp else " No point trained."), ""]
+    loss = {tuple(pt["hparams"][k] for k in keys): pt for pt in info["points"]}
+
+    def cell(pt):
+        if pt is None:
+            return "-"
+        v = pt["tune_loss"]
+        txt = f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else str(v)
+        if pt["status"] != "ok":
+            txt += f" ({pt['status']})"
+        return f"**{txt}**" if bhp and pt["hparams"] == bhp else txt
+
+    if len(keys) == 2:
+        a, b = keys
+        out += [f"| {a} \\ {b} | " + " | ".join(f"{v:g}" for v in info["grid"][b]) + " |",
+                "|---|" + "---|" * len(info["grid"][b])]
+        for va in info["grid"][a]:
+            out.append(f"| {va:g} | " + " | ".join(cell(loss.get((va, vb))) for vb in info["grid"][b]) + " |")
+    else:
+        out += ["| " + " | ".join(keys) + " | tuning loss |", "|" + "---|" * (len(keys) + 1)]
+        for k, pt in loss.items():
+            out.append("| " + " | ".join(f"{v:g}" for v in k) + f" | {cell(pt)} |")
+    return "\n".join(out) + "\n"
+
+
+def _convergence_csv_section(csv_path: Path, root: Path) -> str:
+    """The bare demo table from a CSV without its JSON (ratios to AdamW)."""
+    rows = list(csv.DictReader(csv_path.open()))
+    base = next((r for r in rows if r["method"] == "adamw"), None)
+    out = ["### Pre-training demo (`python -m bench.convergence`)", "",
+           f"From `{csv_path.relative_to(root).as_posix()}` (no JSON with it: no stamp).", "",
+           "| method | final val loss | val ppl | vs AdamW loss | state | vs AdamW state | peak | tokens/s |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss, state = float(r["final_val_loss"]), int(float(r["state_bytes"]))
         rel_loss = f"{100 * (loss / float(base['final_val_loss']) - 1):+.1f}%" if base else "-"
@@ -85,10 +196,16 @@ def _convergence_section(csv_path: Path, root: Path) -> str:
 
 
 def update(readme: Path, results: Path, root: Path) -> bool:
-    """Rewrite the results section of ``readme``; return whether it changed."""
+    """Rewrite the results section of ``readme`` (and old verdicts in the device .md files); return
+    whether the README changed."""
     text = readme.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{readme}: markers {START} / {END} not found")
+    for md in results.glob("*.md"):
+        old = md.read_text()
+        new_md = strip_extrapolated_verdicts(old)
+        if new_md != old:
+            md.write_text(new_md)
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     new = head + START + "\n" + render(results, root) + END + tail

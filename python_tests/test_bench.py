@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import __main__ as bench_main
+from bench import stamps
 from bench.harness import ROW_FIELDS, Ctx, Row, Target, format_table, summarize
 
 
@@ -30,9 +31,12 @@ def _f(x):
 
 
 def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
+    git = stamps.git_describe()  # the tree's state when the run starts (what its stamp must say)
     rc, out, header, rows, path = _run(tmp_path, capsys, "--device", "cpu")
     assert rc == 0, out[-3000:]
     assert header == ROW_FIELDS
+    assert {r["git_sha"] for r in rows} == {git}  # one stamp helper, "-dirty" included
+    assert all(r["device_name"].startswith(stamps.cpu_model()) for r in rows)
     assert path.name.endswith("-tiny.csv") and path.name.startswith("cpu-")
     suites = {r["suite"] for r in rows}
     assert {"roofline", "projection", "refresh", "step", "memory", "quant"} <= suites
@@ -86,6 +90,7 @@ def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
     assert sorted(p.name.split("_", 1)[1] for p in tmp_path.glob("*.png")) == \
         ["memory.png", "projection.png", "refresh.png", "step.png"]
     assert "== targets" in out and "== projection ==" in out
+    assert "would meet" not in out and "would miss" not in out
     md = path.with_suffix(".md").read_text()  # the same run as Markdown tables, for the README
     assert "**projection**" in md and "| kernel | provider |" in md and "**Targets**" in md
     assert out.rstrip().splitlines()[-1].startswith("total ")
@@ -124,6 +129,12 @@ def test_summarize_quantiles_and_targets(tmp_path):
     assert Target("s", "x", 1.2, 1.5).verdict() == "MISSED"
     assert Target("s", "x", 3.0, 2.0, higher_is_better=False).verdict() == "MISSED"
     assert Target("s", "x", None, 2.0).verdict() == "not measured"
+    # Off the target (a CPU, a smaller size): the number is printed, no verdict is extrapolated.
+    for m in (3.0, 1.0):
+        assert Target("s", "x", m, 2.0, applies=False).verdict() == \
+            "not measured on the target (goal stated for H100/H200 at full size)"
+    assert Target("s", "x", 1.0, 2.0, applies=False, stated_for="the C++ backend").verdict() == \
+        "not measured on the target (goal stated for the C++ backend)"
     ctx = Ctx(torch.device("cpu"), torch.float32, quick=True, tiny=True, out=tmp_path)
     ctx.add(Row("s", "k", "base", shape="4x4", rank=2, median_ms=2.0, p20_ms=1.0, p80_ms=3.0))
     ctx.add(Row("s", "k", "fast", shape="4x4", rank=2, median_ms=0.5, p20_ms=0.4, p80_ms=0.6))

@@ -1,4 +1,5 @@
 """python -m bench.readme rewrites only the README's results section, from the result files."""
+import json
 from pathlib import Path
 
 import pytest
@@ -9,13 +10,54 @@ from bench import readme
 def _results(tmp: Path) -> Path:
     res = tmp / "bench" / "results"
     res.mkdir(parents=True)
-    (res / "cpu-X.md").write_text("Device: **X**, torch 1.\n\n**projection**\n\n| a |\n|---|\n\n**Targets** (t)\n\n- [p] goal >= 1x, measured 2x: met\n")
+    (res / "cpu-X.md").write_text(
+        "Device: **X**, torch 1.\n\n**projection**\n\n| a |\n|---|\n\n**Targets** (t)\n\n"
+        "- [p] goal >= 1x, measured 2x: met\n"
+        "- [r] goal >= 1000x, measured 20x: would miss (goal stated for H100/H200 at full size)\n"
+        "- [s] goal >= 1x, measured 1.1x: would meet (goal stated for H100/H200 at full size)\n")
     (res / "H100-80GB.md").write_text("Device: **H100**\n\n**Targets** (t)\n\n- [p] measured 3x\n")
     (res / "cpu-X_projection.png").write_bytes(b"png")
     (res / "convergence.csv").write_text(
         "method,final_val_loss,val_ppl,state_bytes,peak_bytes,tokens_per_s\n"
         "adamw,2.0,7.389,1000,2097152,100\ngalore,2.1,8.166,400,2097152,90\n")
     return res
+
+
+def _demo_json(res: Path) -> None:
+    def run(m, seed, loss, recipe, state):
+        return {"method": m, "seed": seed, "status": "ok", "recipe": recipe, "final_val_loss": loss,
+                "state_bytes": state, "peak_bytes": 2 ** 21, "tokens_per_s": 100.0, "seconds": 1.0, "curve": []}
+
+    def summ(role, finals, state, source=""):
+        mean = sum(finals) / len(finals)
+        std = (sum((x - mean) ** 2 for x in finals) / (len(finals) - 1)) ** 0.5
+        return {"role": role, "status": "ok", "seeds": [0, 1], "finals": finals, "mean": mean, "std": std,
+                "min": min(finals), "max": max(finals), "state_bytes": state, "peak_bytes": 2 ** 21,
+                "tokens_per_s": 100.0, "source": source}
+
+    info = {
+        "git": "abc1234-dirty", "device": "CPU X", "torch": "2.x", "timestamp": "T", "data": "D",
+        "split_sizes": {"train": 10, "tune": 5, "val": 1234}, "evaluated_split": "val",
+        "preset": {"name": "quick", "hidden": 128, "intermediate": 344, "layers": 4, "seq_len": 64,
+                   "batch_size": 16, "steps": 240, "rank": 32, "gap": 40},
+        "seeds": [0, 1], "seeds_requested": [0, 1, 2],
+        "runs": [run("adamw", 0, 2.0, {"lr": 0.002, "other_lr": 0.01}, 1000),
+                 run("frozen", 0, 2.5, {"other_lr": 0.01}, 250),
+                 run("galore", 0, 1.9, {"lr": 0.01, "other_lr": 0.01, "scale": 0.25}, 400)],
+        "summary": {"adamw": summ("baseline", [2.0, 2.2], 1000, "grid"),
+                    "frozen": summ("control", [2.5, 2.5], 250),
+                    "galore": summ("lowrank", [1.9, 2.1], 400, "GaLore paper")},
+        "vs_control": {"galore": {"mean_gap_nats": 0.5, "worst_seed_margin_nats": 0.4, "clear": True}},
+        "clear_margin_nats": 0.05,
+    }
+    (res / "convergence.json").write_text(json.dumps(info))
+    grid = {"git": "abc1234", "device": "CPU X", "timestamp": "T0", "method": "adamw", "seeds": [0],
+            "preset": {"name": "quick", "steps": 120}, "grid": {"lr": [0.001, 0.002], "other_lr": [0.01, 0.03]},
+            "points": [{"hparams": {"lr": a, "other_lr": b}, "tune_loss": loss, "status": "ok"}
+                       for (a, b), loss in zip([(0.001, 0.01), (0.001, 0.03), (0.002, 0.01), (0.002, 0.03)],
+                                               [2.5, 2.4, 2.3, 2.6])],
+            "best": {"hparams": {"lr": 0.002, "other_lr": 0.01}, "tune_loss": 2.3}}
+    (res / "convergence_tuning-adamw.json").write_text(json.dumps(grid))
 
 
 def test_results_section_is_regenerated(tmp_path):
@@ -29,8 +71,37 @@ def test_results_section_is_regenerated(tmp_path):
     assert sec.index("### H100-80GB") < sec.index("### cpu-X")  # GPU first
     assert "- [p] goal >= 1x, measured 2x: met" in sec
     assert "![cpu-X_projection](bench/results/cpu-X_projection.png)" in sec
-    assert "| galore | 2.1000 | 8.166 | +5.0% | 0.00 MiB | 0.40x |" in sec
+    assert "| galore | 2.1000 | 8.166 | +5.0% | 0.00 MiB | 0.40x |" in sec  # CSV without JSON: the bare table
     assert not readme.update(md, res, tmp_path)  # idempotent
+
+
+def test_extrapolated_verdicts_are_removed(tmp_path):
+    res = _results(tmp_path)
+    md = tmp_path / "README.md"
+    md.write_text(f"{readme.START}\n{readme.END}\n")
+    readme.update(md, res, tmp_path)
+    for text in (md.read_text(), (res / "cpu-X.md").read_text()):
+        assert "would meet" not in text and "would miss" not in text
+        assert "measured 20x: not measured on the target (goal stated for H100/H200 at full size)" in text
+        assert "measured 1.1x: not measured on the target" in text
+
+
+def test_demo_section_from_json(tmp_path):
+    res = _results(tmp_path)
+    _demo_json(res)
+    md = tmp_path / "README.md"
+    md.write_text(f"{readme.START}\n{readme.END}\n")
+    readme.update(md, res, tmp_path)
+    sec = md.read_text()
+    assert "git abc1234-dirty" in sec and "(1,234 bytes), which no recipe was tuned on" in sec
+    assert "2 seed(s) (0, 1) of the 3 requested" in sec
+    # mean, sample std, vs AdamW (mean 2.1), vs the control (mean 2.5)
+    assert "| galore | lr 0.01, other_lr 0.01, scale 0.25 | 2.0000 | 0.1414 | -4.8% | -20.0% | 0.00 MiB | 0.40x |" in sec
+    assert "| frozen | other_lr 0.01 | 2.5000 | 0.0000 | +19.0% | - |" in sec
+    assert "clear for galore" in sec and "galore +0.400" in sec
+    assert "#### Tuning grid: adamw (quick preset, 120 steps, seed 0, loss on the tuning split)" in sec
+    assert "| 0.002 | **2.3000** | 2.6000 |" in sec and "Best: lr 0.002, other_lr 0.01 (2.3000)" in sec
+    assert "| adamw,2.0" not in sec  # the JSON wins over the CSV
 
 
 def test_missing_markers_is_an_error(tmp_path):

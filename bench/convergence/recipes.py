@@ -1,0 +1,261 @@
+"""Every method of the demo as one :class:`Recipe` entry: its optimizer and its hyper-parameters.
+
+Every recipe has two learning rates: ``lr`` for the projected weights (the attention
+and MLP linears that :func:`lowrank_kernels.optim.lowrank_param_groups` selects) and
+``other_lr`` for every other parameter (embeddings, LM head, norms), which every
+optimizer here trains with plain AdamW. The low-rank recipes take the papers' values
+(the papers use one lr for both); the AdamW baseline's pair is chosen per preset by
+the tuning grid (``--tune adamw``) on the tuning split, and its result file is in
+``bench/results/``. The control row ``frozen`` is the low-rank recipes' treatment of
+the other parameters (AdamW at their ``other_lr``) with the projected weights frozen
+at their initial values: a low-rank method that does not beat it clearly has not
+learned anything through its projected updates.
+
+Adding a method is one :func:`register` call, e.g. for an optimizer ``FooAdamW`` of
+``lowrank_kernels.optim`` that takes the usual low-rank groups::
+
+    register(Recipe("foo", lowrank_builder("FooAdamW", proj_type="std"),
+                    dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+                    requires=(_GROUPS, (_OPTIM, "FooAdamW")),
+                    source="Foo paper, Table 3: lr 0.01, scale 0.25"))
+
+(placed above ``METHODS`` at the end of this file). Without an import of ``FooAdamW`` the
+row is listed as unavailable instead of failing. The row then appears in
+``python -m bench.convergence`` (``--optimizers foo``), in the table against AdamW and
+the control, and in the tests: a ``role="lowrank"`` method must beat the frozen control.
+
+``lowrank_builder`` covers optimizers that take ``lowrank_param_groups`` (with extra
+group keys, optimizer keyword arguments, a model preparation such as INT8
+quantization, or an alternative constructor such as ``APOLLOAdamW.mini``); a method
+that needs something else passes its own ``build(model, preset, hp)``, and one that
+acts between steps (e.g. a layer sampler) a ``callback(model, optimizer, preset, hp)``
+factory returning ``f(step)``, called after every optimizer step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from .presets import Preset
+
+# Attention and MLP linears of LlamaForCausalLM live under "...self_attn.*" / "...mlp.*".
+TARGET_MODULES = ("attn", "mlp")
+
+HP = Mapping[str, Any]
+Builder = Callable[[torch.nn.Module, Preset, dict], torch.optim.Optimizer]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One method of the demo.
+
+    ``hparams`` are the defaults (numbers, or callables of the :class:`Preset` for
+    values that scale with the model); ``per_preset`` overrides them for one preset
+    (e.g. the tuned AdamW pair). ``role`` is ``"baseline"`` (AdamW), ``"control"``
+    (the frozen-weights control) or ``"lowrank"`` (a method that must beat the control).
+    ``requires`` lists ``(module, attribute)`` pairs that must import for the method to
+    run; ``source`` says where the values come from.
+    """
+
+    name: str
+    build: Builder
+    hparams: HP
+    role: str = "lowrank"
+    requires: tuple = ()
+    per_preset: Mapping[str, HP] = dataclasses.field(default_factory=dict)
+    source: str = ""
+    callback: Optional[Callable] = None
+
+    def __post_init__(self):
+        if self.role not in ("baseline", "control", "lowrank"):
+            raise ValueError(f"Recipe {self.name!r}: role must be baseline, control or lowrank, got {self.role!r}")
+        needed = {"other_lr"} if self.role == "control" else {"lr", "other_lr"}
+        missing = needed - set(self.hparams)
+        if missing:
+            raise ValueError(f"Recipe {self.name!r}: hparams lacks {sorted(missing)}")
+
+    def resolve(self, preset: Preset, overrides: Optional[HP] = None) -> dict:
+        """The hyper-parameters for ``preset``: defaults, then ``per_preset``, then ``overrides``."""
+        hp = dict(self.hparams)
+        hp.update(self.per_preset.get(preset.name, {}))
+        for k, v in (overrides or {}).items():
+            if k not in hp:
+                raise ValueError(f"{self.name}: no hyper-parameter {k!r} (has {', '.join(sorted(hp))})")
+            hp[k] = v
+        return {k: (v(preset) if callable(v) else v) for k, v in hp.items()}
+
+    def why_unavailable(self) -> Optional[str]:
+        """``None`` when everything in ``requires`` imports, else the reason."""
+        for module, name in self.requires:
+            try:
+                mod = importlib.import_module(module)
+            except Exception as e:  # noqa: BLE001 - any import failure makes the method unavailable
+                return f"cannot import {module} ({type(e).__name__}: {e})"
+            obj = mod
+            for part in name.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    return f"{module}.{name} does not exist yet"
+        return None
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    """Add ``recipe`` to :data:`RECIPES` (a name can be registered once)."""
+    if recipe.name in RECIPES:
+        raise ValueError(f"a recipe named {recipe.name!r} is already registered")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+# ----------------------------------------------------------------------------- groups
+
+def is_plain_group(group: dict) -> bool:
+    """The group ``lowrank_param_groups`` leaves to plain AdamW (marked rank=None, density=None)."""
+    return "rank" in group and group["rank"] is None and "density" in group and group["density"] is None
+
+
+def split_groups(model: torch.nn.Module, preset: Preset, hp: dict, *, rank: Optional[int], **extra) -> list[dict]:
+    """``lowrank_param_groups`` for the demo's target modules, each group with its own lr.
+
+    The projected group gets ``hp["lr"]`` (and ``hp["scale"]`` when the recipe has one),
+    the plain group ``hp["other_lr"]``.
+    """
+    from lowrank_kernels.optim import lowrank_param_groups
+
+    groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank, update_proj_gap=preset.gap,
+                                  scale=hp.get("scale"), **extra)
+    for g in groups:
+        g["lr"] = hp["other_lr"] if is_plain_group(g) else hp["lr"]
+    return groups
+
+
+def lowrank_builder(cls_name: str, *, rank: Optional[Callable[[Preset], Optional[int]]] = None,
+                    group_keys: Optional[Callable[[dict], dict]] = None,
+                    opt_kwargs: Optional[Callable[[dict], dict]] = None,
+                    prepare: Optional[Callable[[torch.nn.Module], None]] = None,
+                    constructor: Optional[str] = None, **fixed_group_keys) -> Builder:
+    """A builder for ``lowrank_kernels.optim.<cls_name>`` on :func:`split_groups`.
+
+    ``rank(preset)`` (default: the preset's rank), ``group_keys(hp)`` / ``fixed_group_keys``
+    (extra keys of the projected group), ``opt_kwargs(hp)`` (optimizer keyword arguments),
+    ``prepare(model)`` (run first, e.g. INT8 quantization) and ``constructor`` (a class
+    method to call instead of the class, e.g. ``"mini"``).
+    """
+
+    def build(model, preset, hp):
+        mod = importlib.import_module("lowrank_kernels.optim")
+        cls = getattr(mod, cls_name)
+        if prepare is not None:
+            prepare(model)
+        r = preset.rank if rank is None else rank(preset)
+        keys = dict(fixed_group_keys)
+        keys.update(group_keys(hp) if group_keys else {})
+        groups = split_groups(model, preset, hp, rank=r, **keys)
+        ctor = getattr(cls, constructor) if constructor else cls
+        return ctor(groups, lr=hp["lr"], weight_decay=0.0, **(opt_kwargs(hp) if opt_kwargs else {}))
+
+    build.__name__ = f"build_{cls_name}"
+    return build
+
+
+def _adamw(model, preset, hp):
+    """torch AdamW with the projected weights at ``lr`` and the other parameters at ``other_lr``."""
+    groups = split_groups(model, preset, hp, rank=preset.rank)
+    return torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in groups], lr=hp["lr"],
+                             weight_decay=0.0)
+
+
+def _frozen(model, preset, hp):
+    """The control: the projected weights frozen (no gradient), AdamW at ``other_lr`` on the rest."""
+    groups = split_groups(model, preset, dict(hp, lr=0.0), rank=preset.rank)
+    plain = [g for g in groups if is_plain_group(g)]
+    for g in groups:
+        if not is_plain_group(g):
+            for p in g["params"]:
+                p.requires_grad_(False)
+    return torch.optim.AdamW([{"params": g["params"], "lr": hp["other_lr"]} for g in plain], lr=hp["other_lr"],
+                             weight_decay=0.0)
+
+
+def _quantize(model):
+    from lowrank_kernels.nn import quantize_linear_layers
+
+    quantize_linear_layers(model, target_modules=TARGET_MODULES)
+
+
+_OPTIM = "lowrank_kernels.optim"
+_GROUPS = (_OPTIM, "lowrank_param_groups")
+
+# The best (lr, other_lr) of the AdamW grid on the quick preset's tuning split:
+# bench/results/convergence_tuning-adamw.json (a test checks the two agree).
+ADAMW_QUICK = dict(lr=2e-3, other_lr=1e-1)
+
+# AdamW: torch's, no paper value carries over to this model size, so both lrs come from
+# the tuning grid (3 x 3 on the tuning split, extended until the best pair was inside it,
+# ``--tune adamw``) for the quick preset;
+# the gpu preset (not tuned: no GPU run yet) uses the GaLore paper's AdamW lr 1e-3.
+register(Recipe(
+    "adamw", _adamw, dict(lr=1e-3, other_lr=1e-3), role="baseline",
+    per_preset={"quick": ADAMW_QUICK, "tiny": ADAMW_QUICK},
+    source="quick: best pair of the lr x other_lr grid (3x3, extended until the best was inside) in "
+           "bench/results/convergence_tuning-adamw.json; "
+           "gpu: GaLore paper's AdamW lr 1e-3 (LLaMA-60M), not tuned here; tiny (tests only): quick's pair"))
+# The control: what every low-rank recipe does with the non-projected parameters (AdamW
+# at lr 0.01), with the projected weights frozen at their initial values.
+register(Recipe(
+    "frozen", _frozen, dict(other_lr=1e-2), role="control",
+    source="the low-rank recipes' other_lr (0.01); projected weights frozen"))
+# GaLore paper: lr 0.01 (every parameter), scale 0.25, rank 1/4 of hidden, gap 200.
+register(Recipe(
+    "galore", lowrank_builder("GaLoreAdamW", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=(_GROUPS, (_OPTIM, "GaLoreAdamW")),
+    source="GaLore paper (Zhao et al. 2024), LLaMA pre-training: lr 0.01, scale 0.25"))
+# DCT-AdamW: GaLore's recipe with the DCT projector (the paper reuses GaLore's setup).
+register(Recipe(
+    "dct", lowrank_builder("DCTAdamW", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=(_GROUPS, (_OPTIM, "DCTAdamW")),
+    source="DCT-AdamW paper (Modoranu et al. 2025) reuses GaLore's recipe: lr 0.01, scale 0.25"))
+# Q-GaLore: GaLore's lr and scale with the INT4 projector and INT8 weights.
+register(Recipe(
+    "qgalore", lowrank_builder("QGaLoreAdamW", prepare=_quantize, proj_type="std"),
+    dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=(_GROUPS, (_OPTIM, "QGaLoreAdamW"), ("lowrank_kernels.nn", "quantize_linear_layers")),
+    source="Q-GaLore paper (Zhang et al. 2024): GaLore's lr 0.01 and scale 0.25"))
+# APOLLO paper: lr 0.01, scale 1, channel-wise, rank 1/4 of the dimension.
+register(Recipe(
+    "apollo", lowrank_builder("APOLLOAdamW", proj_type="std", scale_type="channel"),
+    dict(lr=1e-2, other_lr=1e-2, scale=1.0),
+    requires=(_GROUPS, (_OPTIM, "APOLLOAdamW")),
+    source="APOLLO paper (Zhu et al. 2025): lr 0.01, scale 1, channel-wise"))
+# APOLLO-Mini: lr 0.01, rank 1, tensor-wise, scale 128 at LLaMA-60M (hidden 512). With
+# rank 1 the tensor-wise factor makes the update norm ~ sqrt(scale / n) of Adam's (n =
+# hidden for LLaMA linears), which is why APOLLO raises the scale for larger models;
+# keeping that ratio gives scale = 128 * hidden / 512 (32 for quick, 128 for gpu).
+register(Recipe(
+    "apollo-mini", lowrank_builder("APOLLOAdamW", rank=lambda p: 1, constructor="mini", proj_type="std",
+                                   scale_type="tensor"),
+    dict(lr=1e-2, other_lr=1e-2, scale=lambda p: 128.0 * p.hidden / 512),
+    requires=(_GROUPS, (_OPTIM, "APOLLOAdamW.mini")),
+    source="APOLLO paper: APOLLO-Mini lr 0.01, rank 1, scale 128 at hidden 512 (scaled with hidden)"))
+# FRUGAL paper: AdamW's lr for the state-full part, density 0.25, signSGD on the
+# residual with inactive_lr_scale 1.0 (pre-training). The paper's AdamW lr is its tuned
+# baseline's, so FRUGAL follows the tuned AdamW pair of the preset.
+register(Recipe(
+    "frugal", lowrank_builder("FrugalAdamW", rank=lambda p: None, group_keys=lambda hp: {"density": hp["density"]},
+                              opt_kwargs=lambda hp: dict(projection="svd", update="signsgd",
+                                                         inactive_lr_scale=hp["inactive_lr_scale"]),
+                              proj_type="std"),
+    dict(lr=lambda p: RECIPES["adamw"].resolve(p)["lr"], other_lr=lambda p: RECIPES["adamw"].resolve(p)["other_lr"],
+         density=0.25, inactive_lr_scale=1.0),
+    requires=(_GROUPS, (_OPTIM, "FrugalAdamW")),
+    source="FRUGAL paper (Zmushko et al. 2025): the AdamW baseline's lr, density 0.25, signSGD residual"))
+
+# New methods: a register(...) call above this line. (The command line reads RECIPES
+# itself, so a recipe registered elsewhere before it runs is also available.)
+METHODS = tuple(RECIPES)

@@ -1,0 +1,125 @@
+"""The run as a printed table and as Markdown (for the README)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from .context import Ctx
+
+
+def _fmt(v, spec: str, empty: str = "-") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return empty
+    return format(v, spec)
+
+
+def fmt_bytes(b: Optional[int]) -> str:
+    if b is None:
+        return "-"
+    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if b >= div:
+            return f"{b / div:.2f} {unit}"
+    return f"{b} B"
+
+
+def format_table(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
+    """The short table printed last: one block per suite, then the targets and the skips."""
+    lines = []
+    suites = suites or list(dict.fromkeys(r.suite for r in ctx.rows))
+    lines.append(f"device: {ctx.device_name} | dtype {ctx.dtype_name} | mode {ctx.mode} | torch {ctx.meta['torch']} "
+                 f"| triton {ctx.meta['triton']} | git {ctx.meta['git_sha']}")
+    if ctx.matmul_tflops or ctx.copy_gbps:
+        lines.append(f"roofline: matmul {_fmt(ctx.matmul_tflops, '.3g')} TFLOP/s ({ctx.dtype_name}), "
+                     f"copy {_fmt(ctx.copy_gbps, '.4g')} GB/s")
+    if ctx.sizes.note:
+        lines.append(f"sizes: {ctx.sizes.note}")
+    header = f"{'kernel':<22} {'provider':<24} {'shape':<17} {'rank':>4} {'median':>10} {'p20-p80':>19} " \
+             f"{'vs base':>8} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>7} {'%bw':>5} {'bytes':>10}  check/note"
+    for suite in suites:
+        rows = [r for r in ctx.rows if r.suite == suite and r.suite != "roofline"]
+        if not rows:
+            continue
+        lines.append("")
+        lines.append(f"== {suite} ==")
+        lines.append(header)
+        for r in rows:
+            if r.skipped:
+                lines.append(f"{r.kernel:<22} {r.provider:<24} {r.shape:<17} {_fmt(r.rank, 'd'):>4} "
+                             f"{'-':>10} {'':>19} {'':>8} {'':>8} {'':>5} {'':>7} {'':>5} {'':>10}  {r.note}")
+                continue
+            med = _fmt_ms(r.median_ms)
+            spread = f"{_fmt_ms(r.p20_ms)}-{_fmt_ms(r.p80_ms)}" if r.median_ms is not None else ""
+            vs = _fmt(r.speedup, ".2f") + "x" if r.speedup is not None else (
+                _fmt(r.mem_ratio, ".3f") + "x" if r.mem_ratio is not None else "-")
+            extra = "; ".join(x for x in (r.check, r.note) if x)
+            lines.append(
+                f"{r.kernel:<22} {r.provider:<24} {r.shape:<17} {_fmt(r.rank, 'd'):>4} {med:>10} {spread:>19} "
+                f"{vs:>8} {_fmt(r.tflops, '.3g'):>8} {_pct(r.frac_matmul):>5} {_fmt(r.gbps, '.4g'):>7} "
+                f"{_pct(r.frac_copy):>5} {fmt_bytes(r.bytes) if r.median_ms is None else '':>10}  {extra}")
+    ts = [t for t in ctx.targets if t.suite in suites]
+    if ts:
+        lines.append("")
+        lines.append("== targets (from the issues unless marked; printed, not asserted) ==")
+        for t in ts:
+            op = ">=" if t.higher_is_better else "<="
+            meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
+            lines.append(f"[{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}")
+    failed = [r for r in ctx.rows if "FAILED" in r.check]
+    if failed:
+        lines.append("")
+        lines.append(f"!! {len(failed)} correctness check(s) FAILED: "
+                     + ", ".join(f"{r.suite}/{r.kernel}/{r.provider}/{r.shape}" for r in failed))
+    return "\n".join(lines)
+
+
+def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
+    """The run as Markdown (for the README): one table per suite, then the targets."""
+    suites = suites or list(dict.fromkeys(r.suite for r in ctx.rows))
+    out = [f"Device: **{ctx.device_name}**, dtype {ctx.dtype_name}, mode {ctx.mode}, torch {ctx.meta['torch']}, "
+           f"triton {ctx.meta['triton']}, git {ctx.meta['git_sha']}, {ctx.meta['timestamp']}.  "]
+    if ctx.matmul_tflops or ctx.copy_gbps:
+        out.append(f"Measured ceilings: matmul {_fmt(ctx.matmul_tflops, '.3g')} TFLOP/s ({ctx.dtype_name}), "
+                   f"copy {_fmt(ctx.copy_gbps, '.4g')} GB/s.  ")
+    if ctx.sizes.note:
+        out.append(f"Sizes: {ctx.sizes.note}.")
+    for suite in suites:
+        rows = [r for r in ctx.rows if r.suite == suite]
+        if not rows:
+            continue
+        out += ["", f"**{suite}**", "",
+                "| kernel | provider | shape | rank | median | p20-p80 | vs baseline | TFLOP/s (% matmul) | bytes | check / note |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.skipped:
+                note = r.note.replace("|", "\\|")
+                out.append(f"| {r.kernel} | {r.provider} | {r.shape} | {_fmt(r.rank, 'd')} | - | | | | | {note} |")
+                continue
+            vs = (f"{r.speedup:.2f}x {r.baseline}" if r.speedup is not None else
+                  f"{r.mem_ratio:.3f}x {r.baseline}" if r.mem_ratio is not None else "")
+            rate = f"{r.tflops:.3g} ({_pct(r.frac_matmul)})" if r.tflops is not None else ""
+            spread = f"{_fmt_ms(r.p20_ms)}-{_fmt_ms(r.p80_ms)}" if r.median_ms is not None else ""
+            extra = "; ".join(x for x in (r.check, r.note) if x).replace("|", "\\|")
+            out.append(f"| {r.kernel} | {r.provider} | {r.shape} | {_fmt(r.rank, 'd')} | {_fmt_ms(r.median_ms)} | "
+                       f"{spread} | {vs} | {rate} | {fmt_bytes(r.bytes) if r.median_ms is None else ''} | {extra} |")
+    ts = [t for t in ctx.targets if t.suite in suites]
+    if ts:
+        out += ["", "**Targets** (from the issues unless marked; printed, not asserted)", ""]
+        for t in ts:
+            op = ">=" if t.higher_is_better else "<="
+            meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
+            out.append(f"- [{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}")
+    return "\n".join(out) + "\n"
+
+
+def _fmt_ms(ms: Optional[float]) -> str:
+    if ms is None:
+        return "-"
+    if ms >= 1000:
+        return f"{ms / 1e3:.3g} s"
+    if ms >= 1:
+        return f"{ms:.4g} ms"
+    return f"{ms * 1e3:.4g} us"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
