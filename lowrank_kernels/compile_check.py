@@ -70,6 +70,7 @@ def _variants(subset: str):
     """``[(variant name, thunk)]``: each thunk calls launchers on meta tensors (under capture)."""
     import torch
 
+    from lowrank_kernels.kernels import adam as ka
     from lowrank_kernels.kernels import dct as kd
     from lowrank_kernels.kernels import projection as kp
     from lowrank_kernels.kernels import quant as kq
@@ -190,6 +191,12 @@ def _variants(subset: str):
             E(200, 300).T, 256)))
         out.append(quant("int4_pack_bf16_gs256_strided", lambda: kq.quant_int4_pack_triton(
             E(200, 300, dtype=b16).T, 256)))
+    # Elementwise Adam on R (APOLLO, FRUGAL).
+    for dt in ((f32, b16, f16) if subset == "full" else (f32, b16)):
+        out.append((f"adam_update_r{short[dt]}_m{short[dt]}", lambda dt=dt: ka.adam_update_triton(
+            E(300, 24, dtype=dt), E(300, 24, dtype=dt), E(300, 24, dtype=dt), 0.9, 0.999, 1e-8)))
+    out.append(("adam_update_rbf16_mfp32", lambda: ka.adam_update_triton(
+        E(300, 24, dtype=b16), E(300, 24), E(300, 24), 0.9, 0.999, 1e-8)))
     return out
 
 

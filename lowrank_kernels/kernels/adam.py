@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.kernels.projection import _INTERPRET, _cast_out, _check_dtypes
+from lowrank_kernels.kernels import _launch as L
+from lowrank_kernels.kernels.projection import _cast_out, _check_dtypes
 
 _BLOCK = 1024
 
@@ -41,10 +42,11 @@ def _adam_update_kernel(
 
 
 def _launch(r, m, v, out, numel, beta1, beta2, eps):
-    _adam_update_kernel[(triton.cdiv(numel, _BLOCK),)](
-        r, m, v, out, numel,
-        float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
-        BLOCK=_BLOCK, INTERPRET=_INTERPRET, num_warps=4,
+    # Through the shared plumbing: device guard, explicit enable_fp_fusion, compile-check capture.
+    L.launch(
+        "adam", _adam_update_kernel, (triton.cdiv(numel, _BLOCK),),
+        (r, m, v, out, numel, float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps)),
+        dict(BLOCK=_BLOCK, INTERPRET=L.INTERPRET, num_warps=4), device=out.device,
     )
 
 
@@ -64,11 +66,7 @@ def _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps):
     rc = r.contiguous()
     m = exp_avg if exp_avg.is_contiguous() else exp_avg.contiguous()
     v = exp_avg_sq if exp_avg_sq.is_contiguous() else exp_avg_sq.contiguous()
-    if out.device.type == "cuda" and out.device.index != torch.cuda.current_device():
-        with torch.cuda.device(out.device):  # Triton launches on the current device
-            _launch(rc, m, v, out, numel, beta1, beta2, eps)
-    else:
-        _launch(rc, m, v, out, numel, beta1, beta2, eps)
+    _launch(rc, m, v, out, numel, beta1, beta2, eps)
     if m is not exp_avg:
         exp_avg.copy_(m)
     if v is not exp_avg_sq:

@@ -20,7 +20,7 @@ ARCHS = (80, 90)
 KERNELS = {
     "_projection_project_adam_kernel", "_projection_backproject_apply_kernel", "_dct_gemm_kernel",
     "_quant_int4_pack_kernel", "_quant_int4_unpack_kernel", "_quant_int8_quantize_kernel",
-    "_quant_int8_dequantize_kernel", "_quant_int8_update_sr_kernel",
+    "_quant_int8_dequantize_kernel", "_quant_int8_update_sr_kernel", "_adam_update_kernel",
 }
 TILE_KERNEL = {"_projection_project_adam_kernel": "project", "_projection_backproject_apply_kernel": "backproject",
                "_dct_gemm_kernel": "dct_gemm"}
@@ -56,6 +56,25 @@ def test_every_row_compiles_without_spills_within_shared_memory(rows):
         assert int(r["spills"]) == 0, r
         assert 0 < int(r["registers"]) <= 255, r
         assert int(r["shared_bytes"]) <= L.SMEM_LIMIT[arch], r
+
+
+def test_kernels_list_is_every_triton_kernel_of_the_package():
+    """A new ``*_kernel`` in ``lowrank_kernels/kernels/`` must be added to the compile check."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import lowrank_kernels.kernels as pkg
+
+    found = set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, obj in vars(mod).items():
+            # JITFunction, InterpretedFunction and the autotune/heuristics wrappers are all KernelInterfaces
+            if name.endswith("_kernel") and isinstance(obj, triton.runtime.jit.KernelInterface):
+                found.add(name)
+    assert found == KERNELS
 
 
 def test_every_kernel_and_arch_is_covered(rows):

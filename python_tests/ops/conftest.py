@@ -8,6 +8,7 @@ passing by luck on zeroed memory.
 """
 import pytest
 import torch
+import torch.utils._device
 
 _real_empty = torch.empty
 
