@@ -40,6 +40,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from lowrank_kernels import ops
+from lowrank_kernels.ops import _checks, _registry as _reg
+from lowrank_kernels.ops import projection as _projection
 
 from . import distributed as _dist
 from .base import adam_step_size
@@ -167,36 +169,67 @@ def apply_rows(
 ) -> None:
     r"""``W <- diag(decay) W + diag(alpha) back(N)`` in place, with no ``m x n`` temporary.
 
-    The one place to swap in ``backproject_apply_`` with per-row ``decay`` / ``alpha``
-    vectors once that op has them. Until then, the exact fold through
-    ``ops.backproject_apply_``: the per-row ``alpha`` goes into the small factor (right:
-    ``diag(alpha) N P`` scales ``N``'s rows; left: ``diag(alpha) P N`` scales ``P``'s rows,
-    an ``m x r`` copy); the per-row decay is an in-place ``W *= decay[:, None]`` before the
-    apply. A float32/float64 ``W`` takes both on the whole matrix; a 16-bit ``W`` goes
-    through bounded float32 row panels (both sides' ``back(N)`` is row-local: ``N_i P`` or
-    ``P_i N``), so it is rounded once per step, as by the fused op, not twice.
+    ``decay`` / ``alpha``: length-``m`` vectors in float32 (float64 for a float64 ``W``).
+    float32 and 16-bit ``W`` go through the fused per-row form of
+    ``ops.backproject_apply_`` (``row_decay`` / ``row_alpha``), so ``W`` is rounded to its
+    dtype once per step, except where that would round a 16-bit ``W`` twice (see below).
+
+    - float64 ``W``: the op's per-row factors are float32 (rounding float64 factors to
+      float32 would cost ``~6e-8`` relative per step), so the exact fold stays: ``alpha``
+      goes into the small factor in float64 (right: ``diag(alpha) N P`` scales ``N``'s rows;
+      left: ``diag(alpha) P N`` scales ``P``'s rows, an ``m x r`` copy), then
+      ``W *= decay[:, None]`` in place and a scalar ``backproject_apply_``.
+    - 16-bit ``W`` on the Triton backend: its kernel's epilogue takes scalars only and
+      folds ``row_decay`` as an extra in-place pass ``W *= row_decay`` *in W's dtype*,
+      rounding ``W`` twice per step (after the decay and after the apply). Bounded float32
+      row panels keep one rounding: each panel is converted to float32, the fused op runs
+      on it (its extra pass is then a float32 multiply), and the panel is copied back once
+      (both sides' ``back(N)`` is row-local: ``N_i P`` or ``P_i N``). The C++ and reference
+      backends apply both factors to ``W`` in float32 with one rounding, so they take the
+      16-bit ``W`` directly.
+
+    Everything is validated before ``W`` is written: bad input raises ``ValueError`` /
+    ``TypeError`` naming the argument, with ``W`` unchanged.
     """
-    acc = alpha.dtype
-    if side == "right":
-        small, small_name = update.to(acc) * alpha[:, None], "update"
-    else:
-        small, small_name = proj.to(acc) * alpha[:, None], "proj"
-
-    def apply(w, rows):
-        if small_name == "update":
-            ops.backproject_apply_(w, small[rows], proj, side="right", alpha=1.0, decay=1.0)
+    _validate_apply_rows(param, update, proj, side, decay, alpha)
+    if param.dtype == torch.float64:
+        if side == "right":
+            ops.backproject_apply_(param.mul_(decay[:, None]), update.to(torch.float64) * alpha[:, None], proj,
+                                   side="right", alpha=1.0, decay=1.0)
         else:
-            ops.backproject_apply_(w, update, small[rows], side="left", alpha=1.0, decay=1.0)
-
-    if param.dtype in (torch.float32, torch.float64):
-        param.mul_(decay[:, None])
-        apply(param, slice(None))
+            ops.backproject_apply_(param.mul_(decay[:, None]), update, proj.to(torch.float64) * alpha[:, None],
+                                   side="left", alpha=1.0, decay=1.0)
+        return
+    decay = decay.to(torch.float32)
+    alpha = alpha.to(torch.float32)
+    if param.dtype == torch.float32 or _backproject_backend(param.device) != "triton":
+        ops.backproject_apply_(param, update, proj, side=side, alpha=1.0, decay=1.0, row_decay=decay, row_alpha=alpha)
         return
     r = proj.shape[0] if side == "right" else proj.shape[1]
     for rows in _balanced_panels(param.shape[0], param.shape[1], r):
-        w = param[rows].to(acc).mul_(decay[rows, None])
-        apply(w, rows)
+        w = param[rows].to(torch.float32)
+        upd, pr = (update[rows], proj) if side == "right" else (update, proj[rows])
+        ops.backproject_apply_(
+            w, upd, pr, side=side, alpha=1.0, decay=1.0, row_decay=decay[rows], row_alpha=alpha[rows]
+        )
         param[rows].copy_(w)
+
+
+def _validate_apply_rows(param, update, proj, side, decay, alpha) -> None:
+    op = "apply_rows"
+    _checks.check_tensor(param, "param", op)
+    _checks.check_ndim(param, "param", op, 2)
+    for name, v in (("decay", decay), ("alpha", alpha)):
+        _checks.check_tensor(v, name, op)
+        _checks.check_float(v, name, op, (torch.float32, torch.float64))
+        _checks.check_shape(v, name, op, (param.shape[0],), "one factor per row of param")
+        _checks.check_same_device(op, [("param", param), (name, v)])
+    _projection.validate_backproject_apply(param, update, proj, side, 1.0, 1.0, op=op)
+
+
+def _backproject_backend(device: torch.device) -> str:
+    """The backend ``ops.backproject_apply_`` runs on for tensors on ``device`` now."""
+    return ops.resolve_backend(_reg.OPS["projection_backproject_apply"], device)
 
 
 class GradNormLoRPAdamW(GaLoreAdamW):
