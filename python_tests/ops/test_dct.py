@@ -32,7 +32,7 @@ def dev_backend(request, device):
     """Each backend that can run on the test device (CPU, or CUDA under LOWRANK_KERNELS_TEST_DEVICE=cuda)."""
     name = request.param
     require_backend("dct_scores", name, device)
-    require_backend("dct_project_update_backproject", name, device)
+    require_backend("projection_project_update_backproject", name, device)
     return name
 
 

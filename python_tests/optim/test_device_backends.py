@@ -23,7 +23,7 @@ from .._numerics import assert_change_close, assert_close_f32
 from ..conftest import require_backend
 
 OPS_USED = ("projection_project_update_backproject", "projection_project_adam", "projection_backproject_apply",
-            "dct_score_topk", "quant_int4_project_update_backproject", "quant_int8_update_sr")
+            "dct_score_topk", "adam_update", "quant_int8_update_sr")
 
 
 @pytest.fixture(params=[b for b in reg.BACKENDS if b != "reference"])
