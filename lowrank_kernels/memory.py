@@ -174,6 +174,7 @@ METHODS: Dict[str, Method] = {
                           note="rank 1, tensor-wise scaling"),
     "frugal": Method(_lowrank_groups(scale=1.0), _opt("FrugalAdamW"), note="rank as given (not density)"),
     "adafactor": Method(_lowrank_groups(scale=0.25), _adafactor_factory, note="GaLoreAdafactor, beta1=None"),
+    "gradnormlorp": Method(_lowrank_groups(scale=1.0), _opt("GradNormLoRPAdamW")),
 }
 
 

@@ -200,7 +200,7 @@ def _span(t: torch.Tensor):
     if type(t) is not _Tensor and isinstance(t, FakeTensor):
         return None
     n = t.numel()
-    if n == 0:
+    if n == 0 or t.is_meta:  # a meta view's data_ptr() is its byte offset, not memory
         return None
     try:
         p = t.data_ptr()
