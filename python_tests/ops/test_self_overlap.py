@@ -170,3 +170,15 @@ def test_check_no_self_overlap_is_exact(make, overlaps):
             check_no_self_overlap(t, "x", "op")
     else:
         check_no_self_overlap(t, "x", "op")
+
+
+def test_meta_views_never_overlap():
+    """Meta tensors have no memory: two slices of one meta buffer (whose data_ptr() is their
+    byte offset) must pass, as the memory planner steps Q-GaLore's row panels on meta."""
+    from lowrank_kernels.ops import _checks as C
+
+    buf = torch.empty(100, device="meta")
+    C.check_no_overlap("op", [("scale", buf[10:20])], [("minimum", buf[15:30])])
+    real = torch.empty(100)
+    with pytest.raises(ValueError, match="share memory"):
+        C.check_no_overlap("op", [("scale", real[10:20])], [("minimum", real[15:30])])
