@@ -38,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="all", help=f"comma-separated from {', '.join(SUITES)}, or all (default)")
     ap.add_argument("--quick", action="store_true",
-                    help="fewer shapes, shorter timing loops, one fixed Triton tile config per shape "
-                         "instead of autotuning (LOWRANK_KERNELS_TRITON_AUTOTUNE=0 unless set)")
+                    help="fewer shapes, shorter timing loops (Triton tiles from the table, the default "
+                         "unless LOWRANK_KERNELS_TRITON_AUTOTUNE=1 opts into runtime autotuning)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                     help="parameter/gradient dtype (default: bf16 on CUDA, fp32 on CPU)")
