@@ -389,8 +389,8 @@ class LowRankOptimizer(Optimizer):
                 plain[id(group)].append(p)
         for key, entries in buckets.items():
             self._bucket_step(key, entries)
-            for _, state, _, _ in entries:
-                state["step"] += 1
+            # One op for the bucket's (CPU float32) step counts; exact, as ``+= 1`` per parameter.
+            torch._foreach_add_([state["step"] for _, state, _, _ in entries], 1.0)
         for group in self.param_groups:
             if plain.get(id(group)):
                 self._plain_step(group, plain[id(group)])
