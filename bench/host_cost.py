@@ -12,7 +12,7 @@ optimizer it reports, for one non-refresh step:
 - for the bucketed optimizers, the time of the bucket grouping alone (``_bucket_entry`` over
   every parameter), to show it is cheap.
 
-``python -m bench.host_cost [--rounds N] [--reps N] [--backend cpp|reference|triton]``.
+``python -m bench.host_cost [--rounds N] [--reps N] [--backend cpp|reference|triton] [--threads N]``.
 Not yet a suite of ``python -m bench``: ``rows(...)`` returns plain dicts a suite can add.
 """
 from __future__ import annotations
@@ -134,7 +134,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--backend", default="cpp", choices=("cpp", "reference", "triton"))
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = rows(args.rounds, args.reps, args.backend)
     print(f"non-refresh step, {out[0]['n_weights']} weights (4 layers x 7, d={D}, f={F}, rank {RANK}), "

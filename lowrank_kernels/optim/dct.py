@@ -91,7 +91,8 @@ class DCTAdamW(LowRankOptimizer):
         norm: 1 or 2, the norm of the alignment scores.
         moment_refresh: ``"keep"``, ``"reindex"`` or ``"reset"`` (see above).
         max_dim: parameters with a dimension at least this large are plain AdamW.
-        skip_nonfinite, foreach, moment_dtype: as GaLoreAdamW (float32 moments by default).
+        skip_nonfinite, foreach, moment_dtype: as GaLoreAdamW (float32 moments by default;
+            non-refresh steps by bucket unless ``foreach=False``).
 
     State per projected parameter (tensors only): ``step`` (CPU float32), ``side``
     (CPU int8: 0 right, 1 left), ``indices`` (int32, length ``rank``, on the

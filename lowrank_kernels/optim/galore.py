@@ -70,7 +70,11 @@ class GaLoreAdamW(LowRankOptimizer):
         svd: ``"exact"`` or ``"lowrank"``.
         skip_nonfinite: skip a parameter whose gradient is not finite (see
             :mod:`lowrank_kernels.optim.base`).
-        foreach: passed to torch's AdamW for the plain groups.
+        foreach: passed to torch's AdamW for the plain groups; also a group key of the
+            projected groups: None/True (default) steps the parameters that take the plain
+            fused step (no refresh due) by bucket, one
+            ``ops.foreach_project_update_backproject_`` call per (side, dtype) bucket;
+            False forces one op call per parameter (bit-identical results either way).
         compat: None (default) or ``"galore-torch"``: reproduce
             ``galore_torch.GaLoreAdamW`` exactly (decay after the update, its AdamW
             for the plain groups). Also a group key.

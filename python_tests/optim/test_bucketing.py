@@ -158,3 +158,22 @@ def test_subclass_with_its_own_step_is_not_bucketed():
     _count_step(opt, ws, grads[0][:len(ws)])
     counts = _count_step(opt, ws, grads[1][:len(ws)])
     assert counts.get(FOREACH_OP, 0) == 0
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "DCTAdamW"])
+def test_host_cost_stack_op_counts(name):
+    """The 28-weight stack of bench/host_cost.py: a non-refresh step is 2 lowrank_kernels op
+    calls (right and left buckets) instead of 28, with fewer aten ops than per parameter."""
+    from bench import host_cost
+
+    opts = host_cost.make_optimizers()
+    counted = {}
+    for key in (name, f"{name} per-param"):
+        opt, _ = opts[key]
+        opt.step()  # the refresh step
+        with host_cost.CountOps() as mode:
+            opt.step()
+        counted[key] = mode
+    assert counted[name].custom == 2
+    assert counted[f"{name} per-param"].custom == len(host_cost.stack_shapes()) == 28
+    assert counted[name].aten < counted[f"{name} per-param"].aten
