@@ -202,6 +202,11 @@ class LowRankOptimizer(Optimizer):
     #: from the class itself, not inherited: a subclass that changes the step must
     #: declare the modes it still reproduces exactly.
     compat_modes: Tuple[str, ...] = ()
+    #: step the projected parameters that take the plain fused step (no refresh due) by
+    #: bucket, one multi-tensor op call per bucket (same side, dtypes, projector kind, betas
+    #: and eps); bit-identical to the per-parameter path. False (or the group key
+    #: ``foreach=False``) forces one op call per parameter.
+    bucketed: bool = True
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._param_index: Dict[torch.Tensor, int] = {}
@@ -366,20 +371,77 @@ class LowRankOptimizer(Optimizer):
                 work.append((group, p))
         finite = self._finite_flags(work)
         plain: Dict[int, List[torch.Tensor]] = defaultdict(list)
+        buckets: Dict[tuple, list] = {}
         for (group, p), ok in zip(work, finite):
             if not ok:
                 self.nonfinite_skips += 1
                 continue
             if self._is_lowrank(group):
+                entry = self._bucket_entry(p, group)
+                if entry is not None:  # the plain fused step, taken below with its bucket
+                    key, step = entry
+                    buckets.setdefault(key, []).append((p, self.state[p], group, step))
+                    continue
                 # FSDP2: a DTensor parameter steps on its shards (see optim/distributed.py).
                 with _dist.param_context(p):
                     self._lowrank_step(p, p.grad, self.state[p], group)
             else:
                 plain[id(group)].append(p)
+        for key, entries in buckets.items():
+            self._bucket_step(key, entries)
+            # One op for the bucket's (CPU float32) step counts; exact, as ``+= 1`` per parameter.
+            torch._foreach_add_([state["step"] for _, state, _, _ in entries], 1.0)
         for group in self.param_groups:
             if plain.get(id(group)):
                 self._plain_step(group, plain[id(group)])
         return loss
+
+    # ------------------------------------------------------------------ bucketed (multi-tensor) steps
+    def _bucketing(self, group: Dict[str, Any]) -> bool:
+        """Whether the projected parameters of ``group`` may step by bucket: :attr:`bucketed`
+        is true and the group does not set ``foreach=False`` (which forces the per-parameter
+        path, the reference the bucketed step is bit-identical to)."""
+        return self.bucketed and group.get("foreach") is not False
+
+    def _bucket_entry(self, p: torch.Tensor, group: Dict[str, Any]):
+        """``(key, step)`` when ``p`` takes the plain fused step this step (state and projector
+        exist, no refresh due, not a DTensor, and :meth:`_bucket_key` gives a key), else None.
+
+        ``step`` is the 1-based step about to be taken. Called for finite gradients only.
+        """
+        if not self._bucketing(group) or _dist.is_dtensor(p) or _dist.is_dtensor(p.grad):
+            return None
+        state = self.state.get(p)
+        if not state or not self._has_projector(state):
+            return None
+        step = int(state["step"]) + 1
+        if self._should_refresh(p, state, group, step):
+            return None
+        key = self._bucket_key(p, state, group)
+        return None if key is None else (key, step)
+
+    def _bucket_key(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> Optional[tuple]:
+        """The bucket of a parameter that takes the plain fused step: parameters with equal
+        keys step together in one :meth:`_bucket_step`. None (the default): per parameter."""
+        return None
+
+    def _own_fused_step(self, cls) -> bool:
+        """Whether this optimizer's per-parameter path is exactly ``cls``'s (no subclass
+        overrides a method the bucketed step bypasses), so bucketing stays bit-identical."""
+        t = type(self)
+        cached = self.__dict__.get("_own_fused_cache")
+        if cached is None:
+            cached = self.__dict__["_own_fused_cache"] = {}
+        ok = cached.get(cls)
+        if ok is None:
+            names = ("_project_step", "_lowrank_step", "_get_projector", "_should_refresh", "_has_projector", "step")
+            ok = cached[cls] = all(getattr(t, n) is getattr(cls, n) for n in names)
+        return ok
+
+    def _bucket_step(self, key: tuple, entries: List[tuple]) -> None:
+        """Step the parameters of one bucket; ``entries`` holds ``(p, state, group, step)``.
+        ``state["step"]`` is incremented by the caller after this returns."""
+        raise NotImplementedError
 
     def _finite_flags(self, work) -> List[bool]:
         """Per entry of ``work``: whether its gradient is finite (one host sync per device)."""

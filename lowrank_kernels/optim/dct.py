@@ -91,7 +91,8 @@ class DCTAdamW(LowRankOptimizer):
         norm: 1 or 2, the norm of the alignment scores.
         moment_refresh: ``"keep"``, ``"reindex"`` or ``"reset"`` (see above).
         max_dim: parameters with a dimension at least this large are plain AdamW.
-        skip_nonfinite, foreach, moment_dtype: as GaLoreAdamW (float32 moments by default).
+        skip_nonfinite, foreach, moment_dtype: as GaLoreAdamW (float32 moments by default;
+            non-refresh steps by bucket unless ``foreach=False``).
 
     State per projected parameter (tensors only): ``step`` (CPU float32), ``side``
     (CPU int8: 0 right, 1 left), ``indices`` (int32, length ``rank``, on the
@@ -279,6 +280,27 @@ class DCTAdamW(LowRankOptimizer):
 
     def _get_projector(self, p, state, group):
         return ops.DCTProjector(self._basis(p, state), state["indices"])
+
+    def _bucket_key(self, p, state, group):
+        """Projected parameters of this class's own step share a bucket per (device, side,
+        dtypes, betas, eps); one ``DCTProjector`` kind, so one op call per bucket."""
+        if not self._projected(p, group) or not self._own_fused_step(DCTAdamW):
+            return None
+        beta1, beta2 = group["betas"]
+        return ("dct", self._side(state), p.device, p.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"])
+
+    def _bucket_step(self, key, entries):
+        """One ``ops.foreach_project_update_backproject_`` call with the arguments
+        :meth:`_project_step` passes per parameter."""
+        _, side, _, _, _, beta1, beta2, eps = key
+        ops.foreach_project_update_backproject_(
+            [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
+            [self._get_projector(p, st, g) for p, st, g, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
+            [st["exp_avg_sq"] for _, st, _, _ in entries], side=side,
+            lr=[g["lr"] for _, _, g, _ in entries], beta1=beta1, beta2=beta2, eps=eps,
+            step=[t for _, _, _, t in entries], weight_decay=[g["weight_decay"] for _, _, g, _ in entries],
+            scale=[g["scale"] for _, _, g, _ in entries],
+        )
 
     def _project_step(self, p, grad, state, group, step):
         beta1, beta2 = group["betas"]

@@ -70,7 +70,11 @@ class GaLoreAdamW(LowRankOptimizer):
         svd: ``"exact"`` or ``"lowrank"``.
         skip_nonfinite: skip a parameter whose gradient is not finite (see
             :mod:`lowrank_kernels.optim.base`).
-        foreach: passed to torch's AdamW for the plain groups.
+        foreach: passed to torch's AdamW for the plain groups; also a group key of the
+            projected groups: None/True (default) steps the parameters that take the plain
+            fused step (no refresh due) by bucket, one
+            ``ops.foreach_project_update_backproject_`` call per (side, dtype) bucket;
+            False forces one op call per parameter (bit-identical results either way).
         compat: None (default) or ``"galore-torch"``: reproduce
             ``galore_torch.GaLoreAdamW`` exactly (decay after the update, its AdamW
             for the plain groups). Also a group key.
@@ -192,6 +196,34 @@ class GaLoreAdamW(LowRankOptimizer):
             p, grad, self._get_projector(p, state, group), state["exp_avg"], state["exp_avg_sq"],
             side=side, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
             weight_decay=group["weight_decay"], scale=group["scale"] * self._post_decay(group),
+        )
+
+    def _bucket_key(self, p, state, group):
+        """Dense right/left projectors of this class's own step share a bucket per
+        (device, side, dtypes, betas, eps); ``full`` and subclasses that change the step
+        (Q-GaLore, GradNormLoRP) stay per parameter."""
+        if not self._own_fused_step(GaLoreAdamW):
+            return None
+        side = self._side(state)
+        if side == "full":
+            return None
+        proj = state["projector"]
+        if not isinstance(proj, torch.Tensor):
+            return None
+        beta1, beta2 = group["betas"]
+        return ("dense", side, p.device, p.dtype, proj.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"])
+
+    def _bucket_step(self, key, entries):
+        """One ``ops.foreach_project_update_backproject_`` call with the arguments
+        :meth:`_project_step` passes per parameter."""
+        _, side, _, _, _, _, beta1, beta2, eps = key
+        ops.foreach_project_update_backproject_(
+            [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
+            [st["projector"] for _, st, _, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
+            [st["exp_avg_sq"] for _, st, _, _ in entries], side=side,
+            lr=[g["lr"] for _, _, g, _ in entries], beta1=beta1, beta2=beta2, eps=eps,
+            step=[t for _, _, _, t in entries], weight_decay=[g["weight_decay"] for _, _, g, _ in entries],
+            scale=[g["scale"] * self._post_decay(g) for _, _, g, _ in entries],
         )
 
     def _full_step(self, p, grad, state, group, step):
