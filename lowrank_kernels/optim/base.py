@@ -457,6 +457,14 @@ class LowRankOptimizer(Optimizer):
                 flags[i] = good
         return flags
 
+    def _init_plain_state(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
+        """torch.optim.AdamW's state layout (``step`` CPU float32, moments of :meth:`_state_dtype`),
+        shared by :meth:`_plain_step` and :meth:`_plain_step_compat` so checkpoints move between them."""
+        dtype = self._state_dtype(p, group)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
     def _plain_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         """torch.optim.AdamW on ``params`` (same state layout, same kernels).
 
@@ -473,10 +481,7 @@ class LowRankOptimizer(Optimizer):
         for p in params:
             state = self.state[p]
             if len(state) == 0:
-                dtype = self._state_dtype(p, group)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                self._init_plain_state(p, state, group)
             if state["exp_avg"].dtype != p.dtype:
                 wide.append(p)
                 continue
@@ -515,10 +520,7 @@ class LowRankOptimizer(Optimizer):
         for p in params:
             state = self.state[p]
             if len(state) == 0:
-                dtype = self._state_dtype(p, group)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                self._init_plain_state(p, state, group)
             state["step"] += 1
             buckets[int(state["step"])].append(p)
         for t, ps in buckets.items():
