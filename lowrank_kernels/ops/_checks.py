@@ -126,7 +126,12 @@ def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple], s
     else:
         return  # e.g. FakeTensors under torch.compile: nothing to compare
     everyone = ws + _spans_of(read, spans)
-    for wname, sw in ws:
+    # Long lists (the multi-tensor ops): a sort-and-sweep first; the pairwise scan, which
+    # names the first overlapping pair, runs only when some pair overlaps.
+    pairs = ws
+    if len(ws) * len(everyone) > _PAIRWISE_MAX and not _any_overlap(ws, everyone[len(ws):]):
+        pairs = ()
+    for wname, sw in pairs:
         if sw is None:
             continue
         dw, lw, hw = sw
@@ -140,6 +145,31 @@ def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple], s
     for (wname, t), (_, sw) in zip(written, ws):
         if sw is not None and not t.is_contiguous():
             check_no_self_overlap(t, wname, op)
+
+
+# Above this many (written x all) pairs, check_no_overlap decides with _any_overlap
+# (O(k log k)) whether it needs its pairwise scan at all.
+_PAIRWISE_MAX = 64
+
+
+def _any_overlap(ws, rs) -> bool:
+    """Whether a written span overlaps any other span (written or read) on its device."""
+    items = sorted(
+        [(s[0], s[1], s[2], True) for _, s in ws if s is not None]
+        + [(s[0], s[1], s[2], False) for _, s in rs if s is not None],
+        key=lambda x: (str(x[0]), x[1]),
+    )
+    dev, hi_any, hi_written = None, 0, 0
+    for d, lo, hi, written in items:
+        if d != dev:
+            dev, hi_any, hi_written = d, 0, 0
+        # any earlier span reaching past lo overlaps this one (its lo <= this lo < its hi)
+        if lo < (hi_any if written else hi_written):
+            return True
+        hi_any = max(hi_any, hi)
+        if written:
+            hi_written = max(hi_written, hi)
+    return False
 
 
 def check_no_self_overlap(t: torch.Tensor, name: str, op: str) -> None:

@@ -182,3 +182,32 @@ def test_meta_views_never_overlap():
     real = torch.empty(100)
     with pytest.raises(ValueError, match="share memory"):
         C.check_no_overlap("op", [("scale", real[10:20])], [("minimum", real[15:30])])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sweep_agrees_with_pairwise_scan(seed):
+    """check_no_overlap's sort-and-sweep (long lists) decides exactly as the pairwise scan."""
+    from lowrank_kernels.ops import _checks as C
+
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.empty(400)
+
+    def pick(k, prefix):
+        out = []
+        for i in range(k):
+            lo = int(torch.randint(0, 390, (1,), generator=gen))
+            ln = int(torch.randint(1, 8, (1,), generator=gen))
+            out.append((f"{prefix}{i}", buf[lo:lo + ln]))
+        return out
+    written, read = pick(6, "w"), pick(14, "r")
+    ws, rs = C._spans_of(written, None), C._spans_of(read, None)
+    everyone = ws + rs
+    pairwise = any(
+        sw[1] < sr[2] and sr[1] < sw[2] for wn, sw in ws for rn, sr in everyone if rn != wn
+    )
+    assert C._any_overlap(ws, rs) == pairwise
+    if pairwise:
+        with pytest.raises(ValueError, match="share memory"):
+            C.check_no_overlap("op", written, read)
+    else:
+        C.check_no_overlap("op", written, read)
