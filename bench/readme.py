@@ -99,6 +99,15 @@ def _convergence_section(path: Path, root: Path) -> str:
                f"torch {info.get('torch', '?')}, {info.get('timestamp', '?')}. Data: {info.get('data', '?')}; "
                "losses on the validation split" + (f" ({val_bytes:,} bytes)" if isinstance(val_bytes, int) else "")
                + ", which no recipe was tuned on.")
+    by_git: dict[str, list[str]] = {}
+    for m, g in info.get("git_by_method", {}).items():
+        by_git.setdefault(g, []).append(m)
+    if len(by_git) > 1:
+        out.append("Rows by code version (each method's seeds come from one commit; rows added later were run "
+                   "alone, the earlier rows were not rerun): "
+                   + "; ".join(f"{g}: {', '.join(ms)}" for g, ms in by_git.items())
+                   + ". Losses and state bytes compare across them; tokens/s do not (the runs shared the CPU "
+                   "with different loads).")
     out.append("")
     out.append(f"Preset {p['name']}: LLaMA hidden {p['hidden']}, MLP {p['intermediate']}, {p['layers']} layers, "
                f"seq {p['seq_len']}, batch {p['batch_size']}, {p['steps']} steps, rank {p['rank']}, gap {p['gap']}; "

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bench import convergence as conv
+from bench import readme as bench_readme
 from bench import stamps
 from bench.convergence import merge as conv_merge
 from bench.convergence import report as conv_report
@@ -294,6 +295,39 @@ def test_merge_seeds_from_separate_processes(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="preset"):
         conv_merge.merge([str(outs[0]), str(tmp_path / "other.json")], tmp_path / "bad")
+
+
+def test_merge_adds_rows_of_new_methods_from_a_later_commit(tmp_path):
+    """New methods' rows may carry a later stamp than the table they join; one method's seeds may not mix stamps."""
+    outs = {}
+    for name, methods in (("old", "adamw,frozen"), ("new", "galore")):
+        out = tmp_path / name
+        conv.run(["--preset", "tiny", "--steps", "2", "--optimizers", methods, "--device", "cpu", "--threads", "1",
+                  "--no-progress", "--out", str(out)])
+        outs[name] = out / "convergence.json"
+    old = json.loads(outs["old"].read_text())
+    old["git"] = "aaaaaaa"
+    outs["old"].write_text(json.dumps(old))
+    new = json.loads(outs["new"].read_text())
+    new["git"] = "bbbbbbb"
+    outs["new"].write_text(json.dumps(new))
+    first = tmp_path / "first"
+    conv_merge.merge([str(outs["old"])], first)
+    merged = tmp_path / "merged"
+    conv_merge.merge([str(first / "convergence.json"), str(outs["new"])], merged)
+    info = json.loads((merged / "convergence.json").read_text())
+    assert info["git_by_method"] == {"adamw": "aaaaaaa", "frozen": "aaaaaaa", "galore": "bbbbbbb"}
+    assert info["git"] == "aaaaaaa + bbbbbbb"
+    assert [s["file"] for s in info["merged_from"]] == [str(outs["old"]), str(outs["new"])]
+    assert set(info["summary"]) == {"adamw", "frozen", "galore"}
+    assert info["summary"]["galore"]["finals"] == pytest.approx(new["summary"]["galore"]["finals"])
+    text = bench_readme._convergence_section(merged / "convergence.json", tmp_path)
+    assert "aaaaaaa: adamw, frozen; bbbbbbb: galore" in text
+    # Seed 1 of galore from yet another commit would mix two code versions in galore's row.
+    other = dict(new, git="ccccccc", seeds=[1], runs=[dict(r, seed=1) for r in new["runs"]])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="two code versions"):
+        conv_merge.merge([str(merged / "convergence.json"), str(tmp_path / "other.json")], tmp_path / "bad")
 
 
 def test_summary_and_control_verdicts():
