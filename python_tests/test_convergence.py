@@ -382,3 +382,34 @@ def test_committed_demo_results_match_the_recipes():
         for r in info["runs"]:
             if r["method"] in RECIPES and info["preset"] == dict(preset.__dict__):
                 assert r["recipe"] == pytest.approx(RECIPES[r["method"]].resolve(preset)), r["method"]
+
+
+def test_finetune_owlore_full_galore(tmp_path):
+    """The fine-tuning demo: one AdamW pre-training, then full / GaLore / OwLore from the same weights on
+    the unseen tuning split; OwLore trains gamma = L/2 layers and drops frozen layers' state."""
+    from bench.convergence import finetune as ft
+
+    # Default steps (half the preset's): in the first ~12 steps full AdamW's fresh moments can overshoot.
+    info, out = ft.run(["--preset", "tiny", "--device", "cpu", "--threads", "1",
+                        "--out", str(tmp_path)])
+    runs = {r["method"]: r for r in info["runs"]}
+    assert set(runs) == set(ft.FT_METHODS) and all(r["status"] == "ok" for r in runs.values())
+    starts = {r["ft_loss_start"] for r in runs.values()}
+    assert len(starts) == 1  # every method starts from the same pre-trained weights
+    for r in runs.values():
+        assert r["ft_loss"] < r["ft_loss_start"], r["method"]
+        assert r["state_bytes"] > 0 and r["max_state_bytes"] >= r["state_bytes"]
+    # GaLore keeps less state than full AdamW, and OwLore (half the layers' state) less than GaLore.
+    assert runs["owlore"]["max_state_bytes"] < runs["galore"]["max_state_bytes"] < runs["full"]["max_state_bytes"]
+    assert runs["owlore"]["recipe"]["gamma"] == conv.PRESETS["tiny"].layers // 2
+    assert sum(runs["owlore"]["probs"]) == pytest.approx(1.0)
+    assert runs["full"]["recipe"]["lr"] == pytest.approx(RECIPES["adamw"].resolve(conv.PRESETS["tiny"])["lr"] * 0.1)
+    saved = json.loads((out / ft.OUT_NAME).read_text())
+    assert saved["git"] not in ("", "unknown") and saved["finetune_steps"] == conv.PRESETS["tiny"].steps // 2
+    corpus = conv.load_corpus()
+    a, b = ft.finetune_splits(corpus.tune)
+    assert len(a) + len(b) == len(corpus.tune) and len(b) > 0
+    text = bench_readme._finetune_section(out / ft.OUT_NAME, tmp_path)
+    assert "| owlore |" in text and "| full |" in text
+    with pytest.raises(SystemExit):
+        ft.run(["--methods", "lisa", "--out", str(tmp_path)])
