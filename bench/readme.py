@@ -67,9 +67,41 @@ def render(results: Path, root: Path) -> str:
         parts.append(_convergence_section(conv_json, root))
     elif conv_csv.exists():
         parts.append(_convergence_csv_section(conv_csv, root))
+    ft = results / "convergence_finetune.json"
+    if ft.exists():
+        parts.append(_finetune_section(ft, root))
     for tf in sorted(results.glob("convergence_tuning-*.json"), key=lambda p: p.stem):
         parts.append(_tuning_section(tf, root))
     return "\n".join(parts)
+
+
+def _finetune_section(path: Path, root: Path) -> str:
+    """The fine-tuning comparison (``python -m bench.convergence.finetune``): OwLore vs full and GaLore."""
+    info = json.loads(path.read_text())
+    p = info["preset"]
+    rel = path.relative_to(root).as_posix()
+    pre = info["pretrain"]
+    out = ["### Fine-tuning demo: OwLore (`python -m bench.convergence.finetune`)", "",
+           f"From [`{rel}`]({rel}): git {info.get('git', '?')}, {info.get('device', '?')}, "
+           f"torch {info.get('torch', '?')}, {info.get('timestamp', '?')}, seed {info.get('seed')}. "
+           f"The preset {p['name']} model pre-trained with the AdamW recipe for {pre['steps']} steps "
+           f"(validation loss {pre['val_curve'][-1][1]:.4f}), then fine-tuned for {info['finetune_steps']} steps "
+           f"on data it never saw ({info['finetune_data']}); every recipe's learning rates x {info['lr_factor']:g} "
+           "(not tuned). Fine-tuning loss: the held-out part of the fine-tuning data; validation loss: the "
+           "pre-training validation split after fine-tuning.", "",
+           "| method | recipe | fine-tuning loss (start -> end) | validation loss | state at end | max state | "
+           "peak |", "|---|---|---|---|---|---|---|"]
+    for r in info["runs"]:
+        out.append(f"| {r['method']} | {_hp(r['recipe'])} | {r['ft_loss_start']:.4f} -> {r['ft_loss']:.4f} | "
+                   f"{r['val_loss']:.4f} | {r['state_bytes'] / 2**20:.2f} MiB | {r['max_state_bytes'] / 2**20:.2f} MiB | "
+                   f"{r['peak_bytes'] / 2**20:.1f} MiB |" + ("" if r["status"] == "ok" else f" ({r['status']})"))
+    ow = next((r for r in info["runs"] if r["method"] == "owlore" and "probs" in r), None)
+    if ow:
+        out += ["", "OwLore's layer outlier ratios (OWL, M = 13) of the pre-trained model: "
+                + ", ".join(f"{x:.3f}%" for x in ow["outlier_ratios"]) + "; sampling probabilities "
+                + ", ".join(f"{x:.3f}" for x in ow["probs"]) + ". One seed, a small model: the peak column is "
+                "measured on a shared CPU and is coarse."]
+    return "\n".join(out) + "\n"
 
 
 def _pct(a: float, b: float) -> str:
@@ -99,6 +131,15 @@ def _convergence_section(path: Path, root: Path) -> str:
                f"torch {info.get('torch', '?')}, {info.get('timestamp', '?')}. Data: {info.get('data', '?')}; "
                "losses on the validation split" + (f" ({val_bytes:,} bytes)" if isinstance(val_bytes, int) else "")
                + ", which no recipe was tuned on.")
+    by_git: dict[str, list[str]] = {}
+    for m, g in info.get("git_by_method", {}).items():
+        by_git.setdefault(g, []).append(m)
+    if len(by_git) > 1:
+        out.append("Rows by code version (each method's seeds come from one commit; rows added later were run "
+                   "alone, the earlier rows were not rerun): "
+                   + "; ".join(f"{g}: {', '.join(ms)}" for g, ms in by_git.items())
+                   + ". Losses and state bytes compare across them; tokens/s do not (the runs shared the CPU "
+                   "with different loads).")
     out.append("")
     out.append(f"Preset {p['name']}: LLaMA hidden {p['hidden']}, MLP {p['intermediate']}, {p['layers']} layers, "
                f"seq {p['seq_len']}, batch {p['batch_size']}, {p['steps']} steps, rank {p['rank']}, gap {p['gap']}; "

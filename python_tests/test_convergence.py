@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bench import convergence as conv
+from bench import readme as bench_readme
 from bench import stamps
 from bench.convergence import merge as conv_merge
 from bench.convergence import report as conv_report
@@ -296,6 +297,39 @@ def test_merge_seeds_from_separate_processes(tmp_path):
         conv_merge.merge([str(outs[0]), str(tmp_path / "other.json")], tmp_path / "bad")
 
 
+def test_merge_adds_rows_of_new_methods_from_a_later_commit(tmp_path):
+    """New methods' rows may carry a later stamp than the table they join; one method's seeds may not mix stamps."""
+    outs = {}
+    for name, methods in (("old", "adamw,frozen"), ("new", "galore")):
+        out = tmp_path / name
+        conv.run(["--preset", "tiny", "--steps", "2", "--optimizers", methods, "--device", "cpu", "--threads", "1",
+                  "--no-progress", "--out", str(out)])
+        outs[name] = out / "convergence.json"
+    old = json.loads(outs["old"].read_text())
+    old["git"] = "aaaaaaa"
+    outs["old"].write_text(json.dumps(old))
+    new = json.loads(outs["new"].read_text())
+    new["git"] = "bbbbbbb"
+    outs["new"].write_text(json.dumps(new))
+    first = tmp_path / "first"
+    conv_merge.merge([str(outs["old"])], first)
+    merged = tmp_path / "merged"
+    conv_merge.merge([str(first / "convergence.json"), str(outs["new"])], merged)
+    info = json.loads((merged / "convergence.json").read_text())
+    assert info["git_by_method"] == {"adamw": "aaaaaaa", "frozen": "aaaaaaa", "galore": "bbbbbbb"}
+    assert info["git"] == "aaaaaaa + bbbbbbb"
+    assert [s["file"] for s in info["merged_from"]] == [str(outs["old"]), str(outs["new"])]
+    assert set(info["summary"]) == {"adamw", "frozen", "galore"}
+    assert info["summary"]["galore"]["finals"] == pytest.approx(new["summary"]["galore"]["finals"])
+    text = bench_readme._convergence_section(merged / "convergence.json", tmp_path)
+    assert "aaaaaaa: adamw, frozen; bbbbbbb: galore" in text
+    # Seed 1 of galore from yet another commit would mix two code versions in galore's row.
+    other = dict(new, git="ccccccc", seeds=[1], runs=[dict(r, seed=1) for r in new["runs"]])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="two code versions"):
+        conv_merge.merge([str(merged / "convergence.json"), str(tmp_path / "other.json")], tmp_path / "bad")
+
+
 def test_summary_and_control_verdicts():
     R = conv.Result
     results = [R("adamw", "ok", 2.0, curve=[(0, 5.0), (1, 2.0)], state_bytes=100, seed=0),
@@ -348,3 +382,34 @@ def test_committed_demo_results_match_the_recipes():
         for r in info["runs"]:
             if r["method"] in RECIPES and info["preset"] == dict(preset.__dict__):
                 assert r["recipe"] == pytest.approx(RECIPES[r["method"]].resolve(preset)), r["method"]
+
+
+def test_finetune_owlore_full_galore(tmp_path):
+    """The fine-tuning demo: one AdamW pre-training, then full / GaLore / OwLore from the same weights on
+    the unseen tuning split; OwLore trains gamma = L/2 layers and drops frozen layers' state."""
+    from bench.convergence import finetune as ft
+
+    # Default steps (half the preset's): in the first ~12 steps full AdamW's fresh moments can overshoot.
+    info, out = ft.run(["--preset", "tiny", "--device", "cpu", "--threads", "1",
+                        "--out", str(tmp_path)])
+    runs = {r["method"]: r for r in info["runs"]}
+    assert set(runs) == set(ft.FT_METHODS) and all(r["status"] == "ok" for r in runs.values())
+    starts = {r["ft_loss_start"] for r in runs.values()}
+    assert len(starts) == 1  # every method starts from the same pre-trained weights
+    for r in runs.values():
+        assert r["ft_loss"] < r["ft_loss_start"], r["method"]
+        assert r["state_bytes"] > 0 and r["max_state_bytes"] >= r["state_bytes"]
+    # GaLore keeps less state than full AdamW, and OwLore (half the layers' state) less than GaLore.
+    assert runs["owlore"]["max_state_bytes"] < runs["galore"]["max_state_bytes"] < runs["full"]["max_state_bytes"]
+    assert runs["owlore"]["recipe"]["gamma"] == conv.PRESETS["tiny"].layers // 2
+    assert sum(runs["owlore"]["probs"]) == pytest.approx(1.0)
+    assert runs["full"]["recipe"]["lr"] == pytest.approx(RECIPES["adamw"].resolve(conv.PRESETS["tiny"])["lr"] * 0.1)
+    saved = json.loads((out / ft.OUT_NAME).read_text())
+    assert saved["git"] not in ("", "unknown") and saved["finetune_steps"] == conv.PRESETS["tiny"].steps // 2
+    corpus = conv.load_corpus()
+    a, b = ft.finetune_splits(corpus.tune)
+    assert len(a) + len(b) == len(corpus.tune) and len(b) > 0
+    text = bench_readme._finetune_section(out / ft.OUT_NAME, tmp_path)
+    assert "| owlore |" in text and "| full |" in text
+    with pytest.raises(SystemExit):
+        ft.run(["--methods", "lisa", "--out", str(tmp_path)])

@@ -2,10 +2,12 @@
 grid, run side by side on a shared machine) into one table or one tuning file:
 ``python -m bench.convergence --merge A.json B.json ... [--out DIR]``.
 
-The files must come from the same preset, data, device and evaluated split. Table files
-must also come from the same code (git stamp), which the merged file keeps; tuning files
-may come from different commits (a grid extended later): the merged stamp lists every
-source's stamp, and each source file is listed with its own.
+The files must come from the same preset, data, device and evaluated split. In a table,
+every method's rows must come from one code version (git stamp): rows of methods added
+later (e.g. a new recipe run against the committed table) may carry a later stamp, but a
+method's seeds never mix stamps. The merged stamp lists every source's stamp, and
+``git_by_method`` says which one each method's rows carry. Tuning files may come from
+different commits (a grid extended later). Each source file is listed with its own stamp.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ def _load(paths: list[str]) -> list[dict]:
     tuning_files = "points" in first
     for f in files[1:]:
         for key in SAME:
-            if key == "git" and tuning_files:
-                continue
+            if key == "git":
+                continue  # tuning: any commits; tables: checked per method in _git_by_method
             if f.get(key) != first.get(key):
                 raise ValueError(f"--merge: {f['_path']} differs from {first['_path']} in {key!r} "
                                  f"({f.get(key)!r} vs {first.get(key)!r}); only runs of the same code and setup merge")
@@ -40,9 +42,29 @@ def _load(paths: list[str]) -> list[dict]:
     return files
 
 
+def _git_by_method(files: list[dict]) -> dict[str, str]:
+    """The git stamp of every method's rows; ValueError if one method's rows carry two stamps."""
+    by: dict[str, str] = {}
+    for f in files:
+        # A file merged before carries git_by_method; a single run's file has one stamp.
+        own = f.get("git_by_method") or {}
+        for r in f["runs"]:
+            g = own.get(r["method"], f.get("git", "unknown"))
+            if by.setdefault(r["method"], g) != g:
+                raise ValueError(f"--merge: rows of {r['method']!r} come from two code versions ({by[r['method']]!r} "
+                                 f"and {g!r} in {f['_path']}); only runs of the same code merge into one method's row")
+    return by
+
+
 def _sources(files: list[dict]) -> list[dict]:
-    return [{"file": f["_path"], "git": f.get("git"), "timestamp": f.get("timestamp"), "seeds": f.get("seeds"),
-             "command": f.get("command")} for f in files]
+    out = []
+    for f in files:
+        if f.get("merged_from"):  # a merged file: list the per-process files it came from
+            out += f["merged_from"]
+        else:
+            out.append({"file": f["_path"], "git": f.get("git"), "timestamp": f.get("timestamp"),
+                        "seeds": f.get("seeds"), "command": f.get("command")})
+    return out
 
 
 def _meta(files: list[dict]) -> dict:
@@ -80,6 +102,8 @@ def merge(paths: list[str], out: pathlib.Path) -> tuple[str, list[Result]]:
             raise ValueError("--merge: the same grid point appears twice")
         tuning.write(out, method, meta, grid, points, results)
         return "tuning", results
+    meta["git_by_method"] = _git_by_method(files)
+    meta["git"] = " + ".join(dict.fromkeys(meta["git_by_method"].values()))
     results = []
     for f in files:
         for r in f["runs"]:

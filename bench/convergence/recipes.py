@@ -3,7 +3,8 @@
 Every recipe has two learning rates: ``lr`` for the projected weights (the attention
 and MLP linears that :func:`lowrank_kernels.optim.lowrank_param_groups` selects) and
 ``other_lr`` for every other parameter (embeddings, LM head, norms), which every
-optimizer here trains with plain AdamW. The low-rank recipes take the papers' values
+optimizer here trains with plain AdamW (except ``adafactor``: plain Adafactor, as
+galore-torch's GaLoreAdafactor does). The low-rank recipes take the papers' values
 (the papers use one lr for both); the AdamW baseline's pair is chosen per preset by
 the tuning grid (``--tune adamw``) on the tuning split, and its result file is in
 ``bench/results/``. The control row ``frozen`` is the low-rank recipes' treatment of
@@ -255,6 +256,28 @@ register(Recipe(
          density=0.25, inactive_lr_scale=1.0),
     requires=(_GROUPS, (_OPTIM, "FrugalAdamW")),
     source="FRUGAL paper (Zmushko et al. 2025): the AdamW baseline's lr, density 0.25, signSGD residual"))
+
+# GradNormLoRP (our interpretation: GaLore-Adam on the weight-normalized direction, Adam
+# on the row norms): the official repo's torch_main.sh values for its
+# weight_norm_galore_adamw runs, lr 0.01 and scale 0.25 (GaLore's recipe).
+register(Recipe(
+    "gradnormlorp", lowrank_builder("GradNormLoRPAdamW", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=(_GROUPS, (_OPTIM, "GradNormLoRPAdamW")),
+    source="GradNormLoRP official scripts (torch_main.sh, --optimizer weight_norm_galore_adamw): lr 0.01, "
+           "scale 0.25"))
+# GaLore-Adafactor: galore-torch's torchrun_main.py builds GaLoreAdafactor with the
+# command line's lr and HF-style options relative_step=False, scale_parameter=False,
+# warmup_init=False (beta1 None = no first moment, its default --beta1 0.0), eps
+# (1e-30, 1e-3), clip 1.0, decay_rate -0.8; lr and scale as the GaLore recipe. Its
+# non-projected parameters get plain Adafactor (galore-torch's behaviour), not AdamW.
+register(Recipe(
+    "adafactor", lowrank_builder("GaLoreAdafactor", proj_type="std",
+                                 opt_kwargs=lambda hp: dict(scale_parameter=False, relative_step=False,
+                                                            warmup_init=False, beta1=None)),
+    dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=(_GROUPS, (_OPTIM, "GaLoreAdafactor")),
+    source="galore-torch torchrun_main.py (--optimizer galore_adafactor): relative_step=False, "
+           "scale_parameter=False, warmup_init=False, beta1 None; lr 0.01 and scale 0.25 as GaLore's recipe"))
 
 # New methods: a register(...) call above this line. (The command line reads RECIPES
 # itself, so a recipe registered elsewhere before it runs is also available.)
