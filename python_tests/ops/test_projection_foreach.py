@@ -45,7 +45,7 @@ def _clone(xs):
 @pytest.mark.parametrize("kind", ["dense", "dct", "int4"])
 def test_foreach_step_equals_single_steps(backend, kind, side, dtype):
     params, grads, projs, eas, easqs = _bucket(kind, side, dtype)
-    lrs, steps, wds, scales = [0.01, 0.02, 0.005, 0.03], [1, 5, 2, 9], [0.0, 0.1, 0.2, 0.0], [1.0, 0.25, 0.5, 2.0]
+    lrs, steps, wds, scales = [0.01, 0.02, 0.005, 0.03], [1, 5, 2, 9], [0.0, 2.0, 4.0, 0.0], [1.0, 0.25, 0.5, 2.0]
     p1, e1, v1 = _clone(params), _clone(eas), _clone(easqs)
     with use_backend("reference"):
         for i in range(len(params)):
