@@ -22,7 +22,8 @@ Compared with transformers' own ``optim="galore_adamw"`` path (5.24), which pass
 frozen parameters in the optimizer, projects ``lm_head`` under ``"all-linear"`` and
 decays biases and norms:
 
-- ``lr``, ``weight_decay``, ``betas`` and ``eps`` are set in every param group;
+- ``lr``, ``weight_decay`` and the given ``betas`` and ``eps`` are set in every param group
+  (``galore_adafactor``: no ``betas``; its ``eps`` is Adafactor's pair, see :func:`lowrank_optimizer`);
 - the Trainer's no-decay rule is kept (``Trainer.get_decay_parameter_names``: biases
   and norm weights get ``weight_decay=0``);
 - parameters with ``requires_grad=False`` are left out;
