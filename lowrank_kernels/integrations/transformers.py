@@ -22,7 +22,8 @@ Compared with transformers' own ``optim="galore_adamw"`` path (5.24), which pass
 frozen parameters in the optimizer, projects ``lm_head`` under ``"all-linear"`` and
 decays biases and norms:
 
-- ``lr``, ``weight_decay``, ``betas`` and ``eps`` are set in every param group;
+- ``lr``, ``weight_decay`` and the given ``betas`` and ``eps`` are set in every param group
+  (``galore_adafactor``: no ``betas``; its ``eps`` is Adafactor's pair, see :func:`lowrank_optimizer`);
 - the Trainer's no-decay rule is kept (``Trainer.get_decay_parameter_names``: biases
   and norm weights get ``weight_decay=0``);
 - parameters with ``requires_grad=False`` are left out;
@@ -78,7 +79,9 @@ _RANK128 = {"rank": 128}  # transformers' default rank for its GaLore / APOLLO n
 OPTIMIZERS: Dict[str, _Entry] = {
     "galore_adamw": _Entry("GaLoreAdamW", _RANK128),
     "galore_adamw_8bit": _Entry("GaLoreAdamW", _RANK128, fixed={"moment_bits": 8}),
-    "galore_adafactor": _Entry("GaLoreAdafactor", _RANK128),
+    # transformers' galore_adafactor: lr with relative_step=False, scale_parameter=False.
+    "galore_adafactor": _Entry("GaLoreAdafactor", {**_RANK128, "scale_parameter": False},
+                               fixed={"relative_step": False}),
     "apollo_adamw": _Entry("APOLLOAdamW", _RANK128),
     "apollo_mini": _Entry("APOLLOAdamW", {"rank": 1, "scale_type": "tensor", "scale": 128.0}, preset="mini"),
     "dct_adamw": _Entry("DCTAdamW", _RANK128),
@@ -89,6 +92,25 @@ OPTIMIZERS: Dict[str, _Entry] = {
 
 # Set by lowrank_optimizer's explicit arguments, never through optim_args / **kw.
 _EXPLICIT = ("lr", "weight_decay", "betas", "eps")
+
+
+def _check_adam_args(name: str, cls: type, betas, eps) -> None:
+    """``betas`` / ``eps`` against the optimizer's own arguments. An AdamW-like class takes
+    both as given. A class without ``betas`` (GaLoreAdafactor: its first moment is
+    ``beta1``, its second-moment decay ``decay_rate``) refuses ``betas``, and its ``eps``
+    is Adafactor's pair ``(eps1, eps2)``: a single AdamW-style float is refused rather than
+    guessed into one of the two."""
+    params = _ctor_params(cls)
+    if betas is not None and "betas" not in params:
+        raise ValueError(
+            f"lowrank_optimizer: {name!r} ({cls.__name__}) has no betas; set its first-moment decay with "
+            f"beta1=... and its second-moment decay with decay_rate=... (keywords or optim_args)"
+        )
+    if eps is not None and "betas" not in params and not isinstance(eps, (tuple, list)):
+        raise ValueError(
+            f"lowrank_optimizer: {name!r} ({cls.__name__}) takes eps as Adafactor's pair (eps1, eps2), "
+            f"default (1e-30, 1e-3); got {eps!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------- names
@@ -290,8 +312,8 @@ def trainer_param_groups(
     *,
     lr: float,
     weight_decay: float = 0.0,
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: Optional[float] = None,
+    betas: Optional[Tuple[float, float]] = None,
+    eps: Optional[Union[float, Tuple[float, float]]] = None,
     rank: Optional[int] = None,
     project_lm_head: bool = False,
     project_small: bool = False,
@@ -304,7 +326,7 @@ def trainer_param_groups(
     ``min(m, n)`` when it is smaller). Everything else that requires grad is plain
     (``rank=None``, ``density=None``). Parameters the Trainer does not decay
     (:func:`decay_parameter_names`) get ``weight_decay=0``. Every group sets ``lr``,
-    ``betas``, ``weight_decay`` and (when given) ``eps``; groups are ordered projected
+    ``weight_decay`` and (when given) ``betas`` and ``eps``; groups are ordered projected
     then plain, decayed first, and empty groups are left out. Shared parameters appear
     once.
     """
@@ -334,10 +356,11 @@ def trainer_param_groups(
 
     groups = []
     for (r, decays), params in sorted(buckets.items(), key=order):
-        g: Dict[str, Any] = {"params": params, "lr": lr, "betas": tuple(betas),
-                             "weight_decay": weight_decay if decays else 0.0}
+        g: Dict[str, Any] = {"params": params, "lr": lr, "weight_decay": weight_decay if decays else 0.0}
+        if betas is not None:
+            g["betas"] = tuple(betas)
         if eps is not None:
-            g["eps"] = eps
+            g["eps"] = tuple(eps) if isinstance(eps, (tuple, list)) else eps
         if r is None:
             g.update(rank=None, density=None)
         elif r == "default":
@@ -467,8 +490,8 @@ def build_optimizer(
     target_modules: TargetModules,
     lr: float,
     weight_decay: float = 0.0,
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: Optional[float] = None,
+    betas: Optional[Tuple[float, float]] = None,
+    eps: Optional[Union[float, Tuple[float, float]]] = None,
     layerwise: bool = False,
     project_lm_head: bool = False,
     project_small: bool = False,
@@ -482,6 +505,7 @@ def build_optimizer(
     if not isinstance(model, nn.Module):
         raise TypeError(f"lowrank_optimizer: the Trainer must pass an nn.Module, got {type(model).__name__}")
     entry, cls = _resolve(name)
+    _check_adam_args(name, cls, betas, eps)
     kwargs = dict(entry.defaults)
     kwargs.update(optimizer_kwargs or {})
     kwargs.update(entry.fixed)
@@ -490,9 +514,11 @@ def build_optimizer(
         model, target_modules, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, rank=rank,
         project_lm_head=project_lm_head, project_small=project_small,
     )
-    ctor = dict(kwargs, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    ctor = dict(kwargs, lr=lr, weight_decay=weight_decay)
+    if betas is not None:
+        ctor["betas"] = tuple(betas)
     if eps is not None:
-        ctor["eps"] = eps
+        ctor["eps"] = tuple(eps) if isinstance(eps, (tuple, list)) else eps
     make: Callable[[List[Dict[str, Any]]], Optimizer]
     if entry.preset is not None:
         preset = getattr(cls, entry.preset)
@@ -531,8 +557,8 @@ def lowrank_optimizer(
     optim_args: Optional[str] = None,
     lr: float,
     weight_decay: float = 0.0,
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: Optional[float] = None,
+    betas: Optional[Tuple[float, float]] = None,
+    eps: Optional[Union[float, Tuple[float, float]]] = None,
     layerwise: bool = False,
     project_lm_head: bool = False,
     project_small: bool = False,
@@ -543,9 +569,11 @@ def lowrank_optimizer(
     Args:
         name: one of :data:`OPTIMIZERS`: ``galore_adamw``, ``apollo_adamw``,
             ``apollo_mini`` (:meth:`APOLLOAdamW.mini`), ``dct_adamw``, ``qgalore_adamw``,
-            ``frugal_adamw``, and ``galore_adamw_8bit``, ``galore_adafactor``,
-            ``gradnormlorp_adamw`` where this version has them (a clear ValueError
-            otherwise).
+            ``frugal_adamw``, ``gradnormlorp_adamw`` (:class:`GradNormLoRPAdamW`),
+            ``galore_adafactor`` (:class:`GaLoreAdafactor` with transformers' settings:
+            the given ``lr``, ``relative_step=False`` (fixed, since ``lr`` is given) and
+            ``scale_parameter=False`` (may be overridden)), and ``galore_adamw_8bit``
+            once 8-bit moments exist (until then a clear ValueError).
         target_modules: transformers' ``optim_target_modules``: a list (exact module
             names, substrings, or regexes matching a whole name), a regex string, or
             ``"all-linear"``; only ``nn.Linear`` weights are projected.
@@ -555,9 +583,13 @@ def lowrank_optimizer(
             (``update_proj_gap=200``, ``scale=0.25`` for GaLore, ``1.0`` for APOLLO,
             ``proj_type="std"``, APOLLO ``scale_type="channel"``).
         lr, weight_decay, betas, eps: set in every param group (the Trainer passes none
-            of its own to a factory). ``eps=None`` keeps the optimizer's default
-            (1e-6 for GaLore / APOLLO / DCT, as galore-torch; 1e-8 for Q-GaLore, FRUGAL).
-            Biases and norm weights get ``weight_decay=0`` (the Trainer's rule).
+            of its own to a factory). ``betas=None`` / ``eps=None`` keep the optimizer's
+            defaults (betas ``(0.9, 0.999)``; eps 1e-6 for GaLore / APOLLO / DCT /
+            GradNormLoRP, as galore-torch; 1e-8 for Q-GaLore, FRUGAL). Biases and norm
+            weights get ``weight_decay=0`` (the Trainer's rule). ``galore_adafactor``
+            has no ``betas`` (a ValueError: use ``beta1=`` / ``decay_rate=``, as
+            keywords or in ``optim_args``) and its ``eps`` is Adafactor's pair
+            ``(eps1, eps2)``, default ``(1e-30, 1e-3)`` (a single float is a ValueError).
         layerwise: update each parameter inside backward (see
             :class:`TrainerLayerwiseOptimizer`); needs ``gradient_accumulation_steps=1``.
         project_lm_head: also project the output embedding when it matches.
@@ -571,6 +603,7 @@ def lowrank_optimizer(
     """
     entry, cls = _resolve(name)
     _check_target_modules(target_modules)
+    _check_adam_args(name, cls, betas, eps)
     flags = (("layerwise", layerwise), ("project_lm_head", project_lm_head), ("project_small", project_small))
     for flag, value in flags:
         if not isinstance(value, bool):
@@ -588,8 +621,11 @@ def lowrank_optimizer(
     # Check the hyper-parameters now (the optimizer's own validation, on a placeholder group).
     probe = torch.zeros(1, requires_grad=True)
     probe_group = {"params": [probe], "rank": None, "density": None}
-    ctor = dict(parsed, **kw)
-    ctor.update(lr=lr, weight_decay=weight_decay, betas=betas)
+    ctor = dict(entry.defaults)
+    ctor.update(parsed, **kw)
+    ctor.update(entry.fixed, lr=lr, weight_decay=weight_decay)
+    if betas is not None:
+        ctor["betas"] = betas
     if eps is not None:
         ctor["eps"] = eps
     with warnings.catch_warnings():
@@ -597,7 +633,8 @@ def lowrank_optimizer(
         cls([probe_group], **ctor)
     spec = dict(
         name=name, target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
-        lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, layerwise=layerwise,
+        lr=lr, weight_decay=weight_decay, betas=None if betas is None else tuple(betas),
+        eps=tuple(eps) if isinstance(eps, (tuple, list)) else eps, layerwise=layerwise,
         project_lm_head=project_lm_head, project_small=project_small, optimizer_kwargs=dict(parsed, **kw),
     )
     return TrainerOptimizerFactory, spec

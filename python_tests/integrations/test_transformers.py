@@ -362,3 +362,55 @@ def test_compat_reproduces_transformers_galore_path(tmp_path):
     for n in a:
         err = ((a[n] - b[n]).norm() / (b[n] - init[n]).norm()).item()
         assert err < 1e-5, (n, err)
+
+
+# --------------------------------------------------------------------------- the other names in a Trainer run
+@pytest.mark.parametrize("name,extra,expect", [
+    # transformers' galore_adafactor settings (lr given, relative_step=False, scale_parameter=False);
+    # Adafactor's eps is its pair, its first moment beta1
+    ("galore_adafactor", dict(eps=(1e-29, 2e-3), beta1=0.5),
+     dict(eps=(1e-29, 2e-3), beta1=0.5, relative_step=False, scale_parameter=False)),
+    ("gradnormlorp_adamw", dict(betas=(0.8, 0.95), eps=1e-7), dict(betas=(0.8, 0.95), eps=1e-7)),
+])
+def test_trainer_runs_adafactor_and_gradnormlorp(tmp_path, name, extra, expect):
+    """A short Trainer run for each name: the right class, every hyper-parameter in every group
+    (the Trainer's linear schedule reached them all: lr 0 after the last step), every parameter
+    stepped, projected and plain weights moved."""
+    pair = integ.lowrank_optimizer(name, target_modules=["attn", "mlp"], optim_args="rank=8,update_proj_gap=3",
+                                   lr=1e-2, weight_decay=0.05, **extra)
+    init = _weights(tiny_llama())
+    model, trainer = train(tmp_path, pair, max_steps=5, save_strategy="no", warmup_steps=1)
+    opt = trainer.optimizer.optimizer
+    assert type(opt).__name__ == integ.OPTIMIZERS[name].cls_name
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    for g in opt.param_groups:
+        assert g["lr"] == 0.0 and g["initial_lr"] == 1e-2
+        assert g["weight_decay"] in (0.05, 0.0)
+        assert all(g[k] == v for k, v in expect.items()), g
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.05, 0.0}  # norms are not decayed
+    (proj,) = [g for g in opt.param_groups if g["rank"] is not None]
+    assert (proj["rank"], proj["update_proj_gap"], len(proj["params"])) == (8, 3, 14)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert int(opt.state[p]["step"]) == 5
+    w = _weights(model)
+    assert all(torch.isfinite(w[n]).all() and not torch.equal(init[n], w[n]) for n in w)
+
+
+def test_adafactor_and_8bit_name_errors():
+    with pytest.raises(ValueError, match=r"'galore_adafactor' \(GaLoreAdafactor\) has no betas; .*beta1="):
+        integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], lr=1e-3, betas=(0.9, 0.999))
+    with pytest.raises(ValueError, match=r"takes eps as Adafactor's pair \(eps1, eps2\)"):
+        integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], lr=1e-3, eps=1e-8)
+    with pytest.raises(ValueError, match="fixes relative_step=False"):
+        integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], lr=1e-3, relative_step=True)
+    with pytest.raises(ValueError, match="decay_rate must be a float <= 0"):
+        integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], lr=1e-3, optim_args="decay_rate=0.5")
+    # 8-bit moments are not built yet: the name says so
+    with pytest.raises(ValueError, match=r"'galore_adamw_8bit' needs GaLoreAdamW\(moment_bits=...\)"):
+        integ.lowrank_optimizer("galore_adamw_8bit", target_modules=["attn"], lr=1e-3)
+    # scale_parameter is only a default: it may be overridden
+    model = tiny_llama()
+    f, kw = integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], optim_args="rank=8", lr=1e-3,
+                                    scale_parameter=True)
+    assert all(g["scale_parameter"] is True and "betas" not in g for g in f()(model, **kw).param_groups)
