@@ -414,3 +414,31 @@ def test_adafactor_and_8bit_name_errors():
     f, kw = integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], optim_args="rank=8", lr=1e-3,
                                     scale_parameter=True)
     assert all(g["scale_parameter"] is True and "betas" not in g for g in f()(model, **kw).param_groups)
+
+
+def test_owlore_callback_with_lowrank_optimizer(tmp_path):
+    """OwLore through the Trainer door: lowrank_optimizer's factory + owlore_callback; the
+    sampler attaches the Trainer-built optimizer, frozen layers never move, and under
+    state="drop" only the active layer keeps state."""
+    tf = pytest.importorskip("transformers")
+    from lowrank_kernels.integrations.transformers import lowrank_optimizer
+    from lowrank_kernels.owlore import LayerSampler, owlore_callback
+
+    model = tiny_llama()
+    sampler = LayerSampler(model.model.layers, None, gamma=1, period=100, seed=3, state="drop")
+    pair = lowrank_optimizer("galore_adamw", target_modules=["attn", "mlp"], optim_args="rank=4,update_proj_gap=2",
+                             lr=1e-2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = make_trainer(model, tmp_path, pair, max_steps=4, save_strategy="no")
+    trainer.add_callback(owlore_callback(sampler))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert sampler.optimizer is trainer.optimizer or sampler.optimizer is getattr(trainer.optimizer, "optimizer", None)
+    (active,) = sampler.active
+    for l, layer in enumerate(model.model.layers):
+        moved = any(not torch.equal(q, start[f"model.layers.{l}.{n}"]) for n, q in layer.named_parameters())
+        assert moved == (l == active), l
+        has_state = bool(sampler.optimizer.state.get(layer.mlp.up_proj.weight))
+        assert has_state == (l == active), l
+    assert not torch.equal(model.model.embed_tokens.weight, start["model.embed_tokens.weight"])  # always trains
