@@ -149,21 +149,6 @@ def project_fp32(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Ten
     return g @ p.T if side == "right" else p.T @ g
 
 
-_EYE_CACHE: Dict[tuple, torch.Tensor] = {}
-
-
-def identity(r: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A cached ``r x r`` identity: the projector that feeds an already projected ``R``
-    to ``ops.project_adam_`` (the multiply by it is exact)."""
-    key = (r, str(device), dtype)
-    eye = _EYE_CACHE.get(key)
-    if eye is None:
-        if len(_EYE_CACHE) > 64:
-            _EYE_CACHE.clear()
-        eye = _EYE_CACHE[key] = torch.eye(r, device=device, dtype=dtype)
-    return eye
-
-
 def mix_seed(*parts: int) -> int:
     """A deterministic 63-bit seed from integers (splitmix64 finalizer)."""
     x = 0x9E3779B97F4A7C15
@@ -677,7 +662,6 @@ __all__ = [
     "LowRankOptimizer",
     "resolve_side",
     "project_fp32",
-    "identity",
     "mix_seed",
     "adam_step_size",
     "SIDE_NAMES",
