@@ -94,6 +94,52 @@ def _ours_adafactor(params, rank, gap):
     return cls(_group(params, rank, gap, 0.25), lr=LR, relative_step=False, scale_parameter=False)
 
 
+class _OwLoreStep:
+    """GaLoreAdamW behind OwLore's :class:`~lowrank_kernels.owlore.LayerSampler` (``state="drop"``),
+    on its own copy of the stack (the suites share one parameter list with fixed gradients,
+    which freezing layers and dropping their gradients would change for the other providers).
+
+    The stack's weights are grouped into its LLaMA layers (7 per layer); ``gamma`` is half of
+    them (at least 1), re-drawn every step (``period=1``, uniform probabilities) so the
+    timing covers state being dropped and rebuilt. Before each step the active layers get
+    their fixed gradients back (the sampler drops frozen layers' gradients). ``step()`` and
+    ``state`` are what the step and memory suites use. With a one-layer stack (the CPU sizes)
+    every step trains that layer: the row then equals GaLore by construction.
+    """
+
+    def __init__(self, params, rank, gap):
+        opt_cls = _need("lowrank_kernels.optim", "GaLoreAdamW")
+        sampler_cls = _need("lowrank_kernels.owlore", "LayerSampler")
+        own = []
+        for p in params:
+            q = torch.nn.Parameter(p.detach().clone())
+            q.grad = p.grad.detach().clone()
+            own.append(q)
+        self._grads = {q: q.grad for q in own}
+        L = max(1, len(own) // 7)
+        per_layer = [[] for _ in range(L)]
+        for i, q in enumerate(own):  # Stack.shapes(): 4L x (h, h), then 2L x (i, h), then L x (h, i)
+            layer = i // 4 if i < 4 * L else (i - 4 * L) // 2 if i < 6 * L else i - 6 * L
+            per_layer[min(layer, L - 1)].append(q)
+        self.layers = torch.nn.ModuleList(torch.nn.ParameterList(ps) for ps in per_layer)
+        self.optimizer = opt_cls(_group(own, rank, gap, 0.25), lr=LR, weight_decay=0.0)
+        self.sampler = sampler_cls(self.layers, None, gamma=max(1, L // 2), period=1, seed=111,
+                                   state="drop", optimizer=self.optimizer)
+        self._t = 0
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def step(self):
+        self.sampler.on_step(self._t)
+        self._t += 1
+        for q, g in self._grads.items():
+            if q.requires_grad and q.grad is None:
+                q.grad = g
+        self.optimizer.step()
+
+
 # name -> (builder(params, rank, gap), low-rank?). Order = order in tables and plots.
 OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
     "torch-adamw-fused": (_torch_adamw("fused"), False),
@@ -108,6 +154,7 @@ OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
     "ours-FrugalAdamW": (_ours_frugal, True),
     "ours-GradNormLoRPAdamW": (_ours("GradNormLoRPAdamW", scale=1.0), True),
     "ours-GaLoreAdafactor": (_ours_adafactor, True),
+    "ours-GaLore+OwLore": (_OwLoreStep, True),
 }
 
 

@@ -208,3 +208,35 @@ def test_bench_tiny_cuda_checks_pass(tmp_path, capsys):
     assert {r["device"] for r in rows} == {"cuda"}
     checked = [r for r in rows if r["provider"].startswith("ours-triton") and (r["suite"], r["kernel"]) in CHECKED_KERNELS]
     assert checked, "no Triton row of ours was checked on the GPU"
+
+
+def test_owlore_provider_trains_gamma_layers_and_drops_the_rest():
+    """The bench's GaLore+OwLore provider on a 4-layer stack: its own parameter copies (the
+    shared list is untouched), half of the layers train per step, frozen layers keep no state."""
+    from bench import optimizers as O
+    from bench.harness.sizes import Stack
+
+    gen = torch.Generator().manual_seed(0)
+    shared = []
+    for m, n in Stack(hidden=32, inter=48, layers=4).shapes():
+        p = torch.nn.Parameter(torch.randn(m, n, generator=gen))
+        p.grad = torch.randn(m, n, generator=gen)
+        shared.append(p)
+    before = [(p.detach().clone(), p.grad.clone()) for p in shared]
+    opt = O.OPTIMIZERS["ours-GaLore+OwLore"][0](shared, 4, 200)
+    galore = O.OPTIMIZERS["ours-GaLoreAdamW"][0]([torch.nn.Parameter(p.detach().clone()) for p in shared], 4, 200)
+    for q, p in zip(galore.param_groups[0]["params"], shared):
+        q.grad = p.grad.clone()
+    for _ in range(3):
+        start = [[q.detach().clone() for q in layer.parameters()] for layer in opt.layers]
+        opt.step()
+        galore.step()
+        active = set(opt.sampler.active)
+        assert len(active) == 2
+        for l, layer in enumerate(opt.layers):
+            moved = [not torch.equal(q, s) for q, s in zip(layer.parameters(), start[l])]
+            assert all(moved) if l in active else not any(moved), (l, active)
+            assert all(bool(opt.state.get(q)) == (l in active) for q in layer.parameters())
+    assert 0 < O.state_bytes(opt) < O.state_bytes(galore)
+    for p, (w, g) in zip(shared, before):  # the suites' shared parameters and gradients are untouched
+        assert p.requires_grad and torch.equal(p, w) and torch.equal(p.grad, g)
