@@ -122,19 +122,10 @@ class GaLoreAdafactor(LowRankOptimizer):
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: Dict[str, Any], gi: int) -> None:
+        self._validate_params(group, gi)
         for pi, p in enumerate(group["params"]):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(self._err(gi, f"parameter {pi} must be a Tensor, got {type(p).__name__}"))
-            if not p.is_floating_point():
-                raise TypeError(self._err(gi, f"parameter {pi} must be floating point, got {p.dtype}"))
             if _dist.is_dtensor(p):
                 raise ValueError(self._err(gi, f"parameter {pi} is a DTensor: GaLoreAdafactor does not support FSDP2"))
-        devices = sorted({str(p.device) for p in group["params"]})
-        if len(devices) > 1:
-            raise ValueError(
-                self._err(gi, f"parameters on several devices ({', '.join(devices)}); put the parameters "
-                              "of each device in their own param group")
-            )
         for key in ("scale_parameter", "relative_step", "warmup_init"):
             if not isinstance(group.get(key), bool):
                 raise TypeError(self._err(gi, f"{key} must be a bool, got {group.get(key)!r}"))

@@ -246,7 +246,8 @@ class LowRankOptimizer(Optimizer):
         for p in self.param_groups[-1]["params"]:
             self._param_index.setdefault(p, len(self._param_index) + 1)
 
-    def _validate_group(self, group: Dict[str, Any], gi: int) -> None:
+    def _validate_params(self, group: Dict[str, Any], gi: int) -> None:
+        """Every parameter a floating-point Tensor, all on one device."""
         for pi, p in enumerate(group["params"]):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(self._err(gi, f"parameter {pi} must be a Tensor, got {type(p).__name__}"))
@@ -258,6 +259,9 @@ class LowRankOptimizer(Optimizer):
                 self._err(gi, f"parameters on several devices ({', '.join(devices)}); put the parameters "
                               "of each device in their own param group")
             )
+
+    def _validate_group(self, group: Dict[str, Any], gi: int) -> None:
+        self._validate_params(group, gi)
         lr = group.get("lr")
         if isinstance(lr, torch.Tensor):
             raise TypeError(self._err(gi, "a Tensor lr is not supported; pass a float"))
