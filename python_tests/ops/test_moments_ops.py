@@ -667,3 +667,30 @@ def test_moment_forms_compile_fullgraph():
     flat = lambda xs: [t for x in xs for t in (x if isinstance(x, list) else [x])]  # noqa: E731
     for a, b in zip(flat(compiled), flat(eager)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_8bit_moments_with_other_param_dtypes(mbackend, dtype, side):
+    """8-bit moments with float64 (R and the weight update in float64, the moment step in
+    float32) and bf16 weights: N is float32 whatever the weight dtype."""
+    from .._numerics import assert_change_close, assert_close_f32
+
+    m, n, rank = 29, 44, 7
+    proj = _projector("dense", m, n, rank, side, dtype=dtype)
+    ls = ops.low_rank_shape(m, n, rank, side)
+    st0 = _state8(ls, 16, seed=4)
+    g, w0 = torch.randn(m, n).to(dtype), torch.randn(m, n).to(dtype)
+    outs = {}
+    for be in ("reference", mbackend):
+        st, w = _clone(st0), w0.clone()
+        with use_backend(be):
+            N = ops.project_adam_(g, proj, st[0], st[1], side=side, m_absmax=st[2], v_absmax=st[3], block_size=16)
+            ops.project_update_backproject_(w, g, proj, st[0], st[1], side=side, lr=0.05, step=1, m_absmax=st[2],
+                                            v_absmax=st[3], block_size=16)
+        outs[be] = (N, st, w)
+    (rN, rst, rw), (N, st, w) = outs["reference"], outs[mbackend]
+    assert N.dtype == torch.float32 and rN.dtype == torch.float32 and w.dtype == dtype
+    assert_close_f32(N, rN, "N")
+    _assert_state8_close(st, rst, "state")
+    assert_change_close(w, w0, rw, "weight", rtol=1e-4)
