@@ -186,15 +186,23 @@ _BACKPROJECT = {
 # along the moment's last dim (its tile's N dim), so ``bn`` is not a table value but
 # ``max(16, next_pow2(min(block_size, N)))`` (:func:`q8_tile`); the table holds the tile
 # for ``bn = 256`` and narrower blocks get ``bm`` scaled up to keep the same tile area
-# (at most 64). 32 x 256 tiles hold the same accumulator as 64 x 128.
+# (at most 32): 16 x 256 and 32 x 128 hold 4096 elements as the float moments' 64 x 64
+# tiles; narrower blocks take 32 rows (32 x 256 spills on sm_90 and 64 x 64 on sm_80: the
+# requantization's binary search holds normalized values, codes and gathered midpoints).
 _PROJECT_Q8 = {
-    ("dense", False): _same(Tile(32, 256, 32, 8, 3)),
-    ("dense", True): _same(Tile(32, 256, 32, 8, 2)),
-    ("int4", False): _same(Tile(32, 256, 32, 8, 2)),
-    ("int4", True): _same(Tile(32, 256, 32, 8, 2)),
-    ("dct", False): _same(Tile(32, 256, 32, 8, 2)),
-    ("dct", True): _same(Tile(32, 256, 32, 8, 2)),
+    ("dense", False): _same(Tile(16, 256, 32, 8, 3)),
+    ("dense", True): _same(Tile(16, 256, 32, 8, 2)),
+    ("int4", False): _same(Tile(16, 256, 32, 8, 2)),
+    ("int4", True): _same(Tile(16, 256, 32, 8, 2)),
+    ("dct", False): _same(Tile(16, 256, 32, 8, 2)),
+    ("dct", True): _same(Tile(16, 256, 32, 8, 2)),
 }
+# project + Adam with bf16 stochastic-rounding moments ("project_sr"): the project table,
+# except float32 operands with an INT4/DCT projector take 32-row tiles (64 x 64 spills 80
+# bytes on sm_90 with the rounding's hash in the epilogue).
+_PROJECT_SR = dict(_PROJECT)
+_PROJECT_SR[("int4", True)] = _same(Tile(32, 64, 32, 8, 2))
+_PROJECT_SR[("dct", True)] = _same(Tile(32, 64, 32, 8, 2))
 _DCT_GEMM = {
     ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
     ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
@@ -209,11 +217,13 @@ for _arch in TABLE_ARCHS:
     TABLES[("backproject", _arch)] = _BACKPROJECT
     TABLES[("dct_gemm", _arch)] = _DCT_GEMM
     TABLES[("project_q8", _arch)] = _PROJECT_Q8
+    TABLES[("project_sr", _arch)] = _PROJECT_SR
     EXTRAS[("project", _arch)] = []
     EXTRAS[("backproject", _arch)] = []
     EXTRAS[("dct_gemm", _arch)] = [Tile(128, 128, 64, 8, 3), Tile(64, 64, 64, 4, 3)]
     EXTRAS[("project_q8", _arch)] = []
-FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P}
+    EXTRAS[("project_sr", _arch)] = []
+FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P}
 MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
 
 
@@ -248,7 +258,7 @@ def q8_tile(tile: Tile, qblock: int) -> Tile:
     if not 1 <= qblock <= 256:
         raise ValueError(f"q8_tile: qblock must be in [1, 256] (min(block_size, N)), got {qblock!r}")
     bn = max(16, triton.next_power_of_2(qblock))
-    return tile._replace(bn=bn, bm=min(64, max(tile.bm, tile.bm * 256 // bn)))
+    return tile._replace(bn=bn, bm=min(32, max(tile.bm, tile.bm * 256 // bn)))
 
 
 def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, op_bytes: Sequence[int],

@@ -41,7 +41,7 @@ from lowrank_kernels.kernels.projection import (
 
 _BLOCK = 1024
 # 8-bit: elements per program (BLOCK_R rows x one block of BLOCK_C >= block_size lanes)
-_Q8_ELEMS = 2048
+_Q8_ELEMS = 1024
 
 
 @triton.jit
@@ -61,8 +61,8 @@ def _adam_update_kernel(
     v = beta2 * v + one_minus_beta2 * (r * r)
     n = tl.math.div_rn(m, tl.sqrt_rn(v) + eps)  # IEEE division and sqrt, as the projection epilogue
     if SR:
-        tl.store(m_ptr + offs, _round_sr_bf16(m, offs, k1, k2, INTERPRET), mask=mask)
-        tl.store(v_ptr + offs, _round_sr_bf16(v, offs + numel, k1, k2, INTERPRET), mask=mask)
+        tl.store(m_ptr + offs, _round_sr_bf16(m, offs.to(tl.uint32), k1, k2, INTERPRET), mask=mask)
+        tl.store(v_ptr + offs, _round_sr_bf16(v, (offs + numel).to(tl.uint32), k1, k2, INTERPRET), mask=mask)
     else:
         tl.store(m_ptr + offs, _cast_out(m, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
         tl.store(v_ptr + offs, _cast_out(v, v_ptr.dtype.element_ty, INTERPRET), mask=mask)
@@ -95,13 +95,13 @@ def _adam_update_q8_kernel(
     m = beta1 * m + one_minus_beta1 * r
     v = beta2 * v + one_minus_beta2 * (r * r)
     n = tl.math.div_rn(m, tl.sqrt_rn(v) + eps)
+    tl.store(n_ptr + offs, n, mask=mask)
     cm, am = _q8_encode(m, mask, qmap_ptr + 512)
     tl.store(m_ptr + offs, cm, mask=mask)
     tl.store(ma_ptr + offs_r * nblk + blk, am, mask=mask_r)
     cv, av = _q8_encode(v, mask, qmap_ptr + 768)
     tl.store(v_ptr + offs, cv, mask=mask)
     tl.store(va_ptr + offs_r * nblk + blk, av, mask=mask_r)
-    tl.store(n_ptr + offs, n, mask=mask)
 
 
 def _launch(r, m, v, out, numel, beta1, beta2, eps, fmt):

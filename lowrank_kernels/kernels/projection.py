@@ -270,30 +270,30 @@ MOMENTS_Q8 = 2  # uint8 codes + float32 absmax per block (reference/moments.py)
 
 @triton.jit
 def _hash32(x):
-    """The 32-bit "lowbias32" hash of reference/quant.py (``mix32``) on int64 values in
-    ``[0, 2**32)`` (the same function as kernels/quant.py's ``_mix32``; kept here because
-    that module imports this one)."""
+    """The 32-bit "lowbias32" hash of reference/quant.py (``mix32``) on uint32 ``x``
+    (uint32 arithmetic: products wrap mod 2**32, shifts are logical). kernels/quant.py's
+    ``_mix32`` computes the same in int64; this one needs half the registers."""
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x * tl.full((), 0x7FEB352D, tl.uint32)
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x = x * tl.full((), 0x846CA68B, tl.uint32)
     return x ^ (x >> 16)
 
 
 @triton.jit
-def _round_sr_bf16(x, idx, k1, k2, INTERPRET: tl.constexpr):
+def _round_sr_bf16(x, ctr, k1, k2, INTERPRET: tl.constexpr):
     """``x`` (float32) rounded stochastically to bfloat16 (reference/moments.py ``bf16_round_sr_ref``).
 
-    ``idx``: the int64 counter of each element (flat index, + numel for the second
-    moment). ``bf16 bits = (bits(x) + (h >> 16)) >> 16`` with ``h = mix32(mix32(idx ^ k1) ^ k2)``;
-    NaN and infinities round to nearest (pass through). The sum is formed in int64 (no
-    wrap: a finite float's bits plus 0xFFFF stay below 2**32), truncated, then converted
-    to bfloat16 exactly (the value is already a bfloat16).
+    ``ctr``: the uint32 counter of each element (the low 32 bits of the flat index,
+    + numel for the second moment: the reference hashes ``i & 0xFFFFFFFF``). ``bf16 bits = (bits(x) + (h >> 16)) >> 16`` with
+    ``h = mix32(mix32(idx ^ k1) ^ k2)``; NaN and infinities round to nearest (pass
+    through). The sum is formed in uint32 (no wrap: a finite float's bits plus 0xFFFF
+    stay below 2**32), truncated, then converted to bfloat16 exactly (the value is
+    already a bfloat16).
     """
-    h = _hash32(_hash32((idx & 0xFFFFFFFF) ^ k1) ^ k2)
-    b = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    t = ((b + (h >> 16)) & 0xFFFF0000).to(tl.int32)  # int64 -> int32 keeps the low 32 bits
-    sr = t.to(tl.float32, bitcast=True)
+    h = _hash32(_hash32(ctr ^ tl.cast(k1, tl.uint32)) ^ tl.cast(k2, tl.uint32))  # tl.cast: k may be a constexpr 1
+    b = x.to(tl.uint32, bitcast=True)
+    sr = ((b + (h >> 16)) & tl.full((), 0xFFFF0000, tl.uint32)).to(tl.float32, bitcast=True)
     finite = (x == x) & (tl.abs(x) != float("inf"))
     return _cast_out(tl.where(finite, sr, x), tl.bfloat16, INTERPRET)
 
@@ -411,6 +411,8 @@ def _projection_project_adam_kernel(
     mo = beta1 * mo + one_minus_beta1 * acc
     vo = beta2 * vo + one_minus_beta2 * (acc * acc)
     nn = tl.math.div_rn(mo, tl.sqrt_rn(vo) + eps)
+    tl.store(n_ptr + offs_m[:, None] * stride_n0 + offs_n[None, :] * stride_n1, _cast_out(nn, n_ptr.dtype.element_ty, INTERPRET),
+             mask=mask)
     if MOMENTS == 2:
         cm, am = _q8_encode(mo, mask, qmap_ptr + 512)
         tl.store(m_ptrs, cm, mask=mask)
@@ -419,14 +421,13 @@ def _projection_project_adam_kernel(
         tl.store(v_ptrs, cv, mask=mask)
         tl.store(va_ptrs, av, mask=mask_m)
     elif MOMENTS == 1:
-        idx = offs_m.to(tl.int64)[:, None] * N + offs_n.to(tl.int64)[None, :]
-        tl.store(m_ptrs, _round_sr_bf16(mo, idx, k1, k2, INTERPRET), mask=mask)
-        tl.store(v_ptrs, _round_sr_bf16(vo, idx + sr_off, k1, k2, INTERPRET), mask=mask)
+        # flat index mod 2**32 in uint32 arithmetic (half the registers of an int64 tile)
+        ctr = offs_m.to(tl.uint32)[:, None] * tl.cast(N, tl.uint32) + offs_n.to(tl.uint32)[None, :]
+        tl.store(m_ptrs, _round_sr_bf16(mo, ctr, k1, k2, INTERPRET), mask=mask)
+        tl.store(v_ptrs, _round_sr_bf16(vo, ctr + tl.cast(sr_off, tl.uint32), k1, k2, INTERPRET), mask=mask)
     else:
         tl.store(m_ptrs, _cast_out(mo, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
         tl.store(v_ptrs, _cast_out(vo, v_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    tl.store(n_ptr + offs_m[:, None] * stride_n0 + offs_n[None, :] * stride_n1, _cast_out(nn, n_ptr.dtype.element_ty, INTERPRET),
-             mask=mask)
 
 
 # --------------------------------------------------------------------------- back-project + apply
@@ -635,7 +636,8 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
             (exp_avg, exp_avg_sq, ma, va)
     else:
         qstep, nblk, ma, va, qmap = 0, 0, exp_avg, exp_avg_sq, exp_avg  # unused by the kernel
-        kname, grid, restore = "project", _grid(M, N), (exp_avg, exp_avg_sq)
+        kname = "project_sr" if fmt.mode == MOMENTS_SR16 else "project"
+        grid, restore = _grid(M, N), (exp_avg, exp_avg_sq)
     L.launch_gemm(
         kname, _projection_project_adam_kernel, grid,
         (
@@ -648,7 +650,7 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
             out.stride(0), out.stride(1),
             float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
             aux0, aux1, aux_int, aux_bound,
-            ma, va, qmap, qstep, nblk, fmt.k1, fmt.k2, M * N,
+            ma, va, qmap, qstep, nblk, fmt.k1, fmt.k2, (M * N) & 0xFFFFFFFF,
         ),
         dict(
             SIDE_RIGHT=right,
