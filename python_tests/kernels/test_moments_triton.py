@@ -153,12 +153,11 @@ def test_maps_are_the_references():
     assert kp.q8_maps("cpu") is maps
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("m,n,rank,bs", SHAPES)
+@pytest.mark.parametrize("kind,side,m,n,rank,bs", [
+    (kind, side, *shape) for kind in KINDS for side in SIDES for shape in SHAPES
+    if not (kind == "dct" and shape[2] > (shape[1] if side == "right" else shape[0]))  # DCT: rank <= basis size
+])
 def test_project_adam_8bit(kind, side, m, n, rank, bs, device):
-    if kind == "dct" and rank > min(m, n):
-        pytest.skip("DCT picks at most s basis rows")
     gen = torch.Generator().manual_seed(m * 7 + n + rank + bs)
     grad = inputs(m, n, gen, device)
     pargs, P = projector(kind, side, m, n, rank, device, gen)
