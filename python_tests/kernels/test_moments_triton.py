@@ -643,3 +643,21 @@ def test_ops_adam_update_8bit_and_sr_triton_equals_reference(shape, bs):
     assert torch.equal(_bits16(res[0][0]), _bits16(res[1][0])) and torch.equal(_bits16(res[0][1]), _bits16(res[1][1]))
     assert (res[1][1] != ((r * 1e-3).to(torch.bfloat16).float() ** 2).to(torch.bfloat16)).any()  # not to nearest
 
+
+
+# --------------------------------------------------------------------------- tile policy of the 8-bit kernel
+def test_q8_tiles_own_whole_blocks():
+    """``project_q8`` tiles: ``bn = max(16, next_pow2(min(block_size, N)))`` lanes for one block per
+    program, at most 4096 elements (the float moments' 64 x 64), every arch and projector mode."""
+    L = pytest.importorskip("lowrank_kernels.kernels._launch")
+    for arch in (None, 80, 86, 89, 90, 120):
+        for mode in (0, 1, 2):
+            for qblock, bn in ((256, 256), (200, 256), (129, 256), (128, 128), (64, 64), (33, 64), (5, 16), (1, 16)):
+                t = L.choose_config("project_q8", arch, M=300, N=1000, K=77, op_bytes=[2, 2], side="left", mode=mode,
+                                    qblock=qblock)
+                assert t.bn == bn and t.bn >= qblock, (arch, mode, qblock, t)
+                if arch is not None:
+                    assert t.bm * t.bn <= 4096 and t.bm >= 16
+                    assert t in L.candidates("project_q8", arch, wide=False, mode=mode, qblock=qblock)
+    with pytest.raises(ValueError, match="qblock must be in"):
+        L.choose_config("project_q8", 90, M=10, N=10, K=10, op_bytes=[2, 2], qblock=0)
