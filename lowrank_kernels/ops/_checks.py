@@ -253,3 +253,27 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     if sa is None or sb is None:
         return False
     return sa[0] == sb[0] and sa[1] < sb[2] and sb[1] < sa[2]
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def tensor_signature(*lists) -> Optional[tuple]:
+    """A hashable description of every tensor in ``lists`` (lists of tensors): per tensor its
+    data pointer, shape, strides, dtype and device, i.e. everything a validator's shape, dtype,
+    device, layout and aliasing checks read, but not its values. None when some entry is not a
+    plain ``torch.Tensor`` / ``Parameter`` (FakeTensor, DTensor, other subclasses: never cached).
+
+    Two calls with equal signatures pass or fail those checks alike, which lets a validator's
+    outcome be cached (see ``define_op(cache_key=...)`` in ``_registry``).
+    """
+    out = []
+    try:
+        for xs in lists:
+            for t in xs:
+                if type(t) not in _PLAIN_TENSOR_TYPES:
+                    return None
+                out.append((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device))
+    except RuntimeError:  # no storage (sparse and other layouts): not cached
+        return None
+    return tuple(out)
