@@ -194,3 +194,20 @@ def test_cache_key_needs_validate():
         reg.define_op("never_defined_op", "(Tensor x) -> ()", family="x", reference=lambda x: None,
                       fake=reg.fake_no_output, cache_key=lambda x: None)
     assert "never_defined_op" not in reg.OPS  # the refused definition left nothing behind
+
+
+def test_tensor_signature_keeps_lists_apart():
+    a, b, c = torch.zeros(2), torch.zeros(2), torch.zeros(2)
+    assert C.tensor_signature([a, b], [c]) != C.tensor_signature([a], [b, c])
+
+
+def test_moment_seed_sign_is_part_of_the_key(backend):
+    """A seed >= 0 (stochastic rounding) needs bfloat16 moments: after a cached call with
+    float32 moments and no seeds, seeds >= 0 are refused, not skipped."""
+    bucket = _bucket("dense")
+    with use_backend(backend):
+        _call(bucket)
+        snap = _snapshot(bucket)
+        with pytest.raises(ValueError, match="moment_seed >= 0 .* needs bfloat16 moments"):
+            _call(bucket, moment_seed=[1, 2, 3])
+        assert _unchanged(bucket, snap)
