@@ -264,3 +264,36 @@ def test_step_suite_host_cost_rows(tmp_path):
     assert any("ours-DCTAdamW host-cost step time / torch-adamw-foreach" in t for t in texts)
     counts = [t for t in ctx.targets if "op calls per non-refresh step" in t.text]
     assert len(counts) == 2 and all(t.measured == 2 and t.verdict() == "met" for t in counts)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_fresh_gradients_keep_the_validation_cached(cls, monkeypatch):
+    """A real loop (backward, then zero_grad(set_to_none=True): new gradient tensors every
+    step): after the first bucketed step the op's structural validation is not run again,
+    and the weights match the per-parameter path bit for bit."""
+    from lowrank_kernels.ops import _checks as C
+
+    calls = []
+    orig = C.check_no_overlap
+    monkeypatch.setattr(C, "check_no_overlap", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    gen = torch.Generator().manual_seed(4)
+    xs = {s[1]: torch.randn(5, s[1], generator=gen) for s in SHAPES}
+    runs = []
+    for foreach in (None, False):
+        ps = _params()
+        opt = _make(cls, ps, foreach=foreach)
+        full = []
+        for t in range(6):
+            loss = sum((xs[p.shape[1]] @ p.T).square().mean() * (1 + 0.1 * t) for p in ps)
+            loss.backward()
+            before = len(calls)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            full.append(len(calls) - before)
+        runs.append((ps, full))
+    (pa, full_bucketed), (pb, _) = runs
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    # Steps 1 and 4 refresh (per parameter); steps 2 and 5 validate the buckets in full (new
+    # projectors after each refresh: a new key); steps 3 and 6 are cached.
+    assert full_bucketed[2] == 0 and full_bucketed[5] == 0, full_bucketed
+    assert full_bucketed[1] > 0 and full_bucketed[4] > 0, full_bucketed
