@@ -97,7 +97,8 @@ def _host_cost(ctx: Ctx) -> None:
         by[r["optimizer"]] = r
         ctx.add(Row(suite=SUITE, kernel="host_cost", provider=r["optimizer"], median_ms=r["median_ms"],
                     p20_ms=r["p20_ms"], p80_ms=r["p80_ms"], reps=rounds * reps,
-                    note=f"{r['lk_ops']} lk op calls, {r['aten_ops']} aten ops ({r['host_reads']} host reads) per step",
+                    note=f"{r['lk_ops']} lk op calls, {r['aten_ops']} aten ops ({r['host_reads']} host reads) per step; "
+                         f"CPU time {r['cpu_ms']:.3g} ms",
                     **kw))
     cpu = ctx.device.type == "cpu"
     for name in H.TARGETS:

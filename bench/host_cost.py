@@ -5,9 +5,10 @@ down: ``d x f``) at tiny sizes (``d=64, f=172``), rank 8, so host time dominates
 optimizer of the step suite's registry (``bench/optimizers.py``: ours, the official
 packages where importable, torch's AdamW ``foreach`` and ``fused``) plus ours with
 ``foreach=False`` (one op call per parameter, the path the bucketed step is
-bit-identical to) steps its own copy of the same weights and gradients. The gradients are
-kept between steps (as with ``zero_grad(set_to_none=False)`` or DDP/FSDP gradient
-buckets). Projector refreshes are off (``update_proj_gap=10^9`` after the first step).
+bit-identical to) steps its own copy of the same weights and gradients. Before each timed
+step every parameter gets a new gradient tensor (outside the timing), as backward makes
+after ``zero_grad()``; ``--keep-grads`` keeps the same tensors instead (as with
+``zero_grad(set_to_none=False)`` or DDP/FSDP gradient buckets). Projector refreshes are off (``update_proj_gap=10^9`` after the first step).
 Per optimizer, for one non-refresh step after three warm-up steps:
 
 - ``lk ops``: ``lowrank_kernels`` op calls made by ``step()`` itself, counted by a
@@ -22,7 +23,9 @@ Per optimizer, for one non-refresh step after three warm-up steps:
   kernel's own ``at::`` calls) and composite ones (``aten::to``, views);
 - the median wall time of ``step()`` over many repetitions, the optimizers interleaved
   round by round (a loaded machine slows all of them alike), with the 20th/80th
-  percentiles.
+  percentiles, and the median CPU time of the process during ``step()`` (``cpu ms``:
+  ``time.process_time``, all threads; less disturbed than the wall time when other jobs
+  share the cores, and equal to it on an idle machine with one thread).
 
 ``python -m bench.host_cost [--rounds N] [--reps N] [--backend cpp|reference|triton]
 [--threads N] [--out FILE]``; ``rows(...)`` returns plain dicts (the step suite,
@@ -126,8 +129,12 @@ def make_optimizers(device="cpu", dtype=torch.float32, names: Optional[List[str]
 
 
 def rows(rounds: int = 30, reps: int = 5, backend: Optional[str] = "cpp", names: Optional[List[str]] = None,
-         profile_ops: bool = True, device="cpu") -> List[dict]:
+         profile_ops: bool = True, device="cpu", fresh_grads: bool = True) -> List[dict]:
     """One row per optimizer: op counts of a non-refresh step and step-time percentiles (ms).
+
+    ``fresh_grads``: before each timed step every parameter gets a new gradient tensor (a
+    copy of its fixed gradient, made outside the timing), as after ``zero_grad()`` (which
+    sets gradients to None) and ``backward()``; False keeps the same gradient tensors.
 
     ``backend`` None: the automatic choice of each op (C++ on CPU, Triton on CUDA). On CUDA
     each timed batch of ``reps`` steps ends with a synchronization (the time is the step's
@@ -157,21 +164,30 @@ def rows(rounds: int = 30, reps: int = 5, backend: Optional[str] = "cpp", names:
                 skipped[name] = f"step failed: {type(e).__name__}: {e}"[:200]
                 del opts[name]
         times = {name: [] for name in opts}
+        cpu_times = {name: [] for name in opts}
+        grads = {name: [(p, p.grad) for p in ps] for name, (_, ps) in opts.items()}
         for _ in range(rounds):  # interleaved: every optimizer once per round
             for name, (opt, _) in opts.items():
-                sync()
-                t0 = time.perf_counter()
+                total = cpu = 0.0
                 for _ in range(reps):
+                    if fresh_grads:  # new gradient tensors, as backward makes after zero_grad() (untimed)
+                        for p, g in grads[name]:
+                            p.grad = g.clone()
+                    sync()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     opt.step()
-                sync()
-                times[name].append((time.perf_counter() - t0) * 1e3 / reps)
+                    sync()
+                    total += time.perf_counter() - t0
+                    cpu += time.process_time() - c0
+                times[name].append(total * 1e3 / reps)
+                cpu_times[name].append(cpu * 1e3 / reps)
     for name, (opt, _) in opts.items():
         ts = times[name]
         q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
         c = counts[name]
         row = dict(optimizer=name, backend=backend or "auto", n_weights=len(stack_shapes()), lk_ops=c.custom, aten_ops=c.aten,
                    host_reads=c.reads, median_ms=round(statistics.median(ts), 4), p20_ms=round(q[0], 4),
-                   p80_ms=round(q[3], 4), skipped="")
+                   p80_ms=round(q[3], 4), cpu_ms=round(statistics.median(cpu_times[name]), 4), skipped="")
         if name in profiled:
             row["aten_all"], row["lk_all"] = profiled[name]
         result.append(row)
@@ -193,22 +209,24 @@ def verdicts(result: List[dict]) -> List[str]:
         lines.append(f"{name}: {r['lk_ops']} lk ops (goal <= {MAX_LK_OPS}), {r['aten_ops']} aten ops "
                      f"(goal <= {MAX_ATEN_OPS}): {'met' if counts_ok else 'missed'}")
         if base is not None:
-            ratio = r["median_ms"] / base["median_ms"]
-            lines.append(f"{name}: step {r['median_ms']:.3f} ms vs {BASELINE} {base['median_ms']:.3f} ms = {ratio:.2f}x "
-                         f"(goal <= 1.0x): {'met' if ratio <= 1.0 else 'missed'}")
+            for what, col in (("wall", "median_ms"), ("CPU", "cpu_ms")):
+                ratio = r[col] / base[col]
+                lines.append(f"{name}: step {what} time {r[col]:.3f} ms vs {BASELINE} {base[col]:.3f} ms = {ratio:.2f}x "
+                             f"(goal <= 1.0x): {'met' if ratio <= 1.0 else 'missed'}")
     return lines
 
 
 def format_table(result: List[dict], header: str = "") -> str:
     lines = [header] if header else []
     lines.append(f"{'optimizer':28s} {'lk ops':>6s} {'aten':>5s} {'reads':>5s} {'all aten':>8s} {'median ms':>10s} "
-                 f"{'p20':>8s} {'p80':>8s}")
+                 f"{'p20':>8s} {'p80':>8s} {'cpu ms':>8s}")
     for r in result:
         if r.get("skipped"):
             lines.append(f"{r['optimizer']:28s} skipped: {r['skipped']}")
             continue
         lines.append(f"{r['optimizer']:28s} {r['lk_ops']:6d} {r['aten_ops']:5d} {r['host_reads']:5d} "
-                     f"{r.get('aten_all', -1):8d} {r['median_ms']:10.3f} {r['p20_ms']:8.3f} {r['p80_ms']:8.3f}")
+                     f"{r.get('aten_all', -1):8d} {r['median_ms']:10.3f} {r['p20_ms']:8.3f} {r['p80_ms']:8.3f} "
+                     f"{r['cpu_ms']:8.3f}")
     lines.append("")
     lines += verdicts(result)
     return "\n".join(lines)
@@ -221,14 +239,15 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="cpp", choices=("cpp", "reference", "triton"))
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="also write the table, with its stamps, to this file")
+    ap.add_argument("--keep-grads", action="store_true", help="the same gradient tensors at every step")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    out = rows(args.rounds, args.reps, args.backend)
+    out = rows(args.rounds, args.reps, args.backend, fresh_grads=not args.keep_grads)
     n = next((r["n_weights"] for r in out if not r.get("skipped")), len(stack_shapes()))
-    header = (f"non-refresh step, {n} weights (4 layers x 7, d={D}, f={F}, rank {RANK}), fp32, gradients kept "
-              f"between steps, backend {args.backend}, {torch.get_num_threads()} threads, median of {args.rounds} "
+    header = (f"non-refresh step, {n} weights (4 layers x 7, d={D}, f={F}, rank {RANK}), fp32, "
+              f"{'the same gradient tensors' if args.keep_grads else 'new gradient tensors'} at every step, backend {args.backend}, {torch.get_num_threads()} threads, median of {args.rounds} "
               f"interleaved rounds of {args.reps} steps")
     text = format_table(out, header)
     print(text)
