@@ -92,6 +92,16 @@ built this way):
 Hot-path rules: no ``.item()`` on accelerator tensors per parameter (``step``,
 ``side`` and ``seed`` live on the CPU), no ``torch.cuda`` calls, no ``p.data``
 swapping; all projected math goes through ``lowrank_kernels.ops``.
+
+Host cost of a step: ``step`` and ``side`` are read through host mirrors
+(:meth:`LowRankOptimizer._host_int`: a Python int per tensor, used while the tensor is the
+same object with an unchanged version counter, so a count changed in place or replaced,
+``load_state_dict`` included, is read again); a bucket's step counts are incremented with
+one ``torch._foreach_add_`` and their mirrors updated, so a bucketed non-refresh step reads
+no bookkeeping tensor; the non-finite probe is one ``_foreach_norm``, a ``stack``, a ``max``
+and one host read per device when every gradient is finite (the exact per-gradient check
+runs only otherwise). The multi-tensor op validates a bucket's structure once and then
+only rechecks scalars, gradient memory and DCT index values (``ops/_registry.py``).
 """
 from __future__ import annotations
 
