@@ -298,3 +298,17 @@ def test_fresh_gradients_keep_the_validation_cached(cls, monkeypatch):
     # projectors after each refresh: a new key); steps 3 and 6 are cached.
     assert full_bucketed[2] == 0 and full_bucketed[5] == 0, full_bucketed
     assert full_bucketed[1] > 0 and full_bucketed[4] > 0, full_bucketed
+
+
+def test_readme_renders_the_host_cost_table(tmp_path):
+    """bench/readme.py puts bench/results/host_cost-<device>.txt (stamps + table) in the README."""
+    from bench import readme
+
+    res = tmp_path / "bench" / "results"
+    res.mkdir(parents=True)
+    (res / "host_cost-cpu.txt").write_text("# python -m bench.host_cost --out x\n# git abc, date, device: X\n"
+                                           "header line\nours-GaLoreAdamW 2 6\n\nverdict: met\n")
+    text = readme.render(res, tmp_path)
+    assert "### Host cost of a step (cpu)" in text
+    assert "`python -m bench.host_cost --out x`; git abc, date, device: X" in text
+    assert "```\nheader line\nours-GaLoreAdamW 2 6\n\nverdict: met\n```" in text
