@@ -642,8 +642,11 @@ class LowRankOptimizer(Optimizer):
         return SIDE_NAMES[self._host_int(state["side"])]
 
     # ------------------------------------------------------------------ host mirrors of bookkeeping scalars
-    #: exact integers a float32 step count holds (``+ 1`` stays exact below this).
-    _MIRROR_EXACT = 1 << 24
+    #: dtypes a mirror is kept for, with the bound below which every integer and its successor
+    #: are exact in that dtype (float32: 2^24); other dtypes (bfloat16, float16 counts from
+    #: an odd checkpoint) are read every time.
+    _MIRROR_EXACT = {torch.float32: 1 << 24, torch.float64: 1 << 53, torch.int64: 1 << 62, torch.int32: (1 << 31) - 1,
+                     torch.int16: (1 << 15) - 1, torch.int8: 127, torch.uint8: 255}
 
     def _host_int(self, t) -> int:
         """``int(t)`` for a host bookkeeping scalar (``step``, ``side``), read from a host mirror
@@ -665,14 +668,15 @@ class LowRankOptimizer(Optimizer):
 
     def _remember_host_int(self, t, value: int) -> None:
         """Record that ``t`` (a host scalar, just read or written) holds the integer ``value``.
-        Values outside ``[0, 2^24)`` (where a float32 count stops being exact) and tensors without
-        a version counter (inference tensors) get no mirror."""
+        Values outside ``[0, bound)`` of :attr:`_MIRROR_EXACT` (where ``+ 1`` stops being exact
+        in ``t``'s dtype: 2^24 for float32), other dtypes, non-CPU tensors and tensors without a
+        version counter (inference tensors) get no mirror."""
         if type(t) is not torch.Tensor or t.is_inference():
             return
         mirrors = self.__dict__.get("_host_mirrors")
         if mirrors is None:
             mirrors = self.__dict__["_host_mirrors"] = {}
-        if not 0 <= value < self._MIRROR_EXACT or t.device.type != "cpu":
+        if not 0 <= value < self._MIRROR_EXACT.get(t.dtype, 0) or t.device.type != "cpu":
             mirrors.pop(id(t), None)
             return
         if len(mirrors) > 4 * len(self._param_index) + 64:  # replaced tensors' stale mirrors
@@ -687,7 +691,7 @@ class LowRankOptimizer(Optimizer):
         for t, value in zip(steps, values):
             m = mirrors.get(id(t))
             if m is not None and m[0] is t:
-                if value < exact:
+                if value < exact.get(t.dtype, 0):
                     mirrors[id(t)] = (t, t._version, value)
                 else:
                     del mirrors[id(t)]

@@ -312,3 +312,19 @@ def test_readme_renders_the_host_cost_table(tmp_path):
     assert "### Host cost of a step (cpu)" in text
     assert "`python -m bench.host_cost --out x`; git abc, date, device: X" in text
     assert "```\nheader line\nours-GaLoreAdamW 2 6\n\nverdict: met\n```" in text
+
+
+def test_bfloat16_step_counts_are_not_mirrored():
+    """A bfloat16 count (from an odd checkpoint) stops growing at 256: no mirror, the tensor
+    is read, as without mirrors."""
+    ps = _params()
+    opt = _make(GaLoreAdamW, ps, update_proj_gap=10**9)
+    grads = _grads(3)
+    _step(opt, ps, grads[0])
+    for p in ps:
+        opt.state[p]["step"] = torch.tensor(255.0, dtype=torch.bfloat16)
+    _step(opt, ps, grads[1])  # 256: exact
+    _step(opt, ps, grads[2])  # 256 + 1 rounds to 256 in bfloat16
+    for p in ps:
+        assert float(opt.state[p]["step"]) == 256.0
+        assert opt._host_int(opt.state[p]["step"]) == 256
