@@ -121,6 +121,16 @@ built this way):
 Hot-path rules: no ``.item()`` on accelerator tensors per parameter (``step``,
 ``side`` and ``seed`` live on the CPU), no ``torch.cuda`` calls, no ``p.data``
 swapping; all projected math goes through ``lowrank_kernels.ops``.
+
+Host cost of a step: ``step`` and ``side`` are read through host mirrors
+(:meth:`LowRankOptimizer._host_int`: a Python int per tensor, used while the tensor is the
+same object with an unchanged version counter, so a count changed in place or replaced,
+``load_state_dict`` included, is read again); a bucket's step counts are incremented with
+one ``torch._foreach_add_`` and their mirrors updated, so a bucketed non-refresh step reads
+no bookkeeping tensor; the non-finite probe is one ``_foreach_norm``, a ``stack``, a ``max``
+and one host read per device when every gradient is finite (the exact per-gradient check
+runs only otherwise). The multi-tensor op validates a bucket's structure once and then
+only rechecks scalars, gradient memory and DCT index values (``ops/_registry.py``).
 """
 from __future__ import annotations
 
@@ -196,6 +206,12 @@ def mix_seed(*parts: int) -> int:
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
         x ^= x >> 31
     return x & ((1 << 63) - 1)
+
+
+#: parameter / gradient types that are never DTensors (the bucketing's fast type test).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+#: the empty mirror table of an optimizer that has none yet (read-only use).
+_NO_MIRRORS: Dict[int, tuple] = {}
 
 
 def _is_int(x) -> bool:
@@ -410,23 +426,32 @@ class LowRankOptimizer(Optimizer):
         work: List[Tuple[Dict[str, Any], torch.Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 work.append((group, p))
         finite = self._finite_flags(work)
         plain: Dict[int, List[torch.Tensor]] = defaultdict(list)
         buckets: Dict[tuple, list] = {}
+        kinds: Dict[int, Tuple[bool, bool]] = {}  # per group: (low-rank, bucketed), decided once per step
         for (group, p), ok in zip(work, finite):
             if not ok:
                 self.nonfinite_skips += 1
                 continue
-            if self._is_lowrank(group):
-                entry = self._bucket_entry(p, group)
+            kind = kinds.get(id(group))
+            if kind is None:
+                low = self._is_lowrank(group)
+                kind = kinds[id(group)] = (low, low and self._bucketing(group))
+            if kind[0]:
+                entry = self._bucket_entry(p, group) if kind[1] else None
                 if entry is not None:  # the plain fused step, taken below with its bucket
-                    key, step = entry
-                    buckets.setdefault(key, []).append((p, self.state[p], group, step))
+                    key, step, state = entry
+                    bucket = buckets.get(key)
+                    if bucket is None:
+                        bucket = buckets[key] = []
+                    bucket.append((p, state, group, step))
                     continue
                 # FSDP2: a DTensor parameter steps on its shards (see optim/distributed.py).
                 with _dist.param_context(p):
@@ -435,8 +460,11 @@ class LowRankOptimizer(Optimizer):
                 plain[id(group)].append(p)
         for key, entries in buckets.items():
             self._bucket_step(key, entries)
-            # One op for the bucket's (CPU float32) step counts; exact, as ``+= 1`` per parameter.
-            torch._foreach_add_([state["step"] for _, state, _, _ in entries], 1.0)
+            # One op for the bucket's (CPU float32) step counts; exact, as ``+= 1`` per parameter;
+            # then their host mirrors, so the next step reads no step tensor.
+            steps = [state["step"] for _, state, _, _ in entries]
+            torch._foreach_add_(steps, 1.0)
+            self._remember_steps(steps, [step for _, _, _, step in entries])
         for group in self.param_groups:
             if plain.get(id(group)):
                 self._plain_step(group, plain[id(group)])
@@ -450,21 +478,26 @@ class LowRankOptimizer(Optimizer):
         return self.bucketed and group.get("foreach") is not False
 
     def _bucket_entry(self, p: torch.Tensor, group: Dict[str, Any]):
-        """``(key, step)`` when ``p`` takes the plain fused step this step (state and projector
-        exist, no refresh due, not a DTensor, and :meth:`_bucket_key` gives a key), else None.
+        """``(key, step, state)`` when ``p`` takes the plain fused step this step (state and
+        projector exist, no refresh due, not a DTensor, and :meth:`_bucket_key` gives a key),
+        else None.
 
-        ``step`` is the 1-based step about to be taken. Called for finite gradients only.
+        ``step`` is the 1-based step about to be taken, ``state`` is ``self.state[p]``. Called
+        for finite gradients only.
         """
-        if not self._bucketing(group) or _dist.is_dtensor(p) or _dist.is_dtensor(p.grad):
+        if not self._bucketing(group):
+            return None
+        if (type(p) not in _PLAIN_TENSORS or type(p.grad) not in _PLAIN_TENSORS) and (
+                _dist.is_dtensor(p) or _dist.is_dtensor(p.grad)):
             return None
         state = self.state.get(p)
         if not state or not self._has_projector(state):
             return None
-        step = int(state["step"]) + 1
+        step = self._host_int(state["step"]) + 1
         if self._should_refresh(p, state, group, step):
             return None
         key = self._bucket_key(p, state, group)
-        return None if key is None else (key, step)
+        return None if key is None else (key, step, state)
 
     def _bucket_key(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> Optional[tuple]:
         """The bucket of a parameter that takes the plain fused step: parameters with equal
@@ -497,8 +530,17 @@ class LowRankOptimizer(Optimizer):
             if group.get("skip_nonfinite", True):
                 # DTensor gradients (FSDP2) in their own list: their norms are reduced over the shards.
                 by_device[(p.grad.device, _dist.is_dtensor(p.grad))].append((i, p.grad))
-        for entries in by_device.values():
-            ok = _dist.inf_norms([g for _, g in entries]).isfinite().tolist()
+        for (_, is_dtensor), entries in by_device.items():
+            grads = [g for _, g in entries]
+            if not is_dtensor:
+                # The common case in four ops and one host read: the largest L2 norm is finite
+                # exactly when every norm is (max propagates NaN), and a finite L2 norm means a
+                # finite gradient. Otherwise the exact per-gradient probe below decides.
+                f32 = torch.float32
+                norms = [n if n.dtype is f32 else n.to(f32) for n in torch._foreach_norm(grads, 2)]
+                if math.isfinite(torch.stack(norms).max().item()):
+                    continue
+            ok = _dist.inf_norms(grads).isfinite().tolist()
             for (i, _), good in zip(entries, ok):
                 flags[i] = good
         return flags
@@ -713,7 +755,7 @@ class LowRankOptimizer(Optimizer):
         work_state = {} if fresh else state
         if fresh:
             self._init_state(p, work_state, group)
-        step = int(work_state["step"]) + 1
+        step = self._host_int(work_state["step"]) + 1
         if self._should_refresh(p, work_state, group, step):
             ok = self._refresh_projector(p, grad, work_state, group, step)
             if not ok:
@@ -725,6 +767,7 @@ class LowRankOptimizer(Optimizer):
         # FSDP2: row-aligned state sharded like the weight (no-op for plain tensors).
         _dist.place_state(p, state, self._side(state), self.host_state_keys)
         state["step"] += 1
+        self._remember_host_int(state["step"], step)
         self._project_step(p, grad, state, group, step)
         _dist.place_state(p, state, self._side(state), self.host_state_keys)
 
@@ -827,7 +870,62 @@ class LowRankOptimizer(Optimizer):
                 state[ABSMAX_KEYS[key]].zero_()
 
     def _side(self, state: Dict[str, Any]) -> str:
-        return SIDE_NAMES[int(state["side"])]
+        return SIDE_NAMES[self._host_int(state["side"])]
+
+    # ------------------------------------------------------------------ host mirrors of bookkeeping scalars
+    #: dtypes a mirror is kept for, with the bound below which every integer and its successor
+    #: are exact in that dtype (float32: 2^24); other dtypes (bfloat16, float16 counts from
+    #: an odd checkpoint) are read every time.
+    _MIRROR_EXACT = {torch.float32: 1 << 24, torch.float64: 1 << 53, torch.int64: 1 << 62, torch.int32: (1 << 31) - 1,
+                     torch.int16: (1 << 15) - 1, torch.int8: 127, torch.uint8: 255}
+
+    def _host_int(self, t) -> int:
+        """``int(t)`` for a host bookkeeping scalar (``step``, ``side``), read from a host mirror
+        when ``t`` is unchanged since it was read or written here, else from the tensor.
+
+        The mirror of ``t`` is ``(t, t._version, value)``: it is used only while ``t`` is the same
+        object (the mirror holds it, so its ``id`` cannot be reused) and its version counter has
+        not moved, i.e. no in-place write reached it (``copy_``, ``+=``, ``fill_``, an optimizer
+        step, ...); a replaced tensor (``load_state_dict``, a subclass's reset) is another object.
+        Writes that bypass the version counter (through ``.data``, numpy views or raw pointers)
+        are not seen: change ``state["step"]`` with tensor ops or by assignment.
+        """
+        m = self.__dict__.get("_host_mirrors", _NO_MIRRORS).get(id(t))
+        if m is not None and m[0] is t and m[1] == t._version:
+            return m[2]
+        value = int(t)
+        self._remember_host_int(t, value)
+        return value
+
+    def _remember_host_int(self, t, value: int) -> None:
+        """Record that ``t`` (a host scalar, just read or written) holds the integer ``value``.
+        Values outside ``[0, bound)`` of :attr:`_MIRROR_EXACT` (where ``+ 1`` stops being exact
+        in ``t``'s dtype: 2^24 for float32), other dtypes, non-CPU tensors and tensors without a
+        version counter (inference tensors) get no mirror."""
+        if type(t) is not torch.Tensor or t.is_inference():
+            return
+        mirrors = self.__dict__.get("_host_mirrors")
+        if mirrors is None:
+            mirrors = self.__dict__["_host_mirrors"] = {}
+        if not 0 <= value < self._MIRROR_EXACT.get(t.dtype, 0) or t.device.type != "cpu":
+            mirrors.pop(id(t), None)
+            return
+        if len(mirrors) > 4 * len(self._param_index) + 64:  # replaced tensors' stale mirrors
+            mirrors.clear()
+        mirrors[id(t)] = (t, t._version, value)
+
+    def _remember_steps(self, steps: List[torch.Tensor], values: List[int]) -> None:
+        """:meth:`_remember_host_int` for the step tensors of a bucket just incremented in place:
+        the tensors mirrored when they were read (so plain CPU tensors) get their new values."""
+        mirrors = self.__dict__.get("_host_mirrors", _NO_MIRRORS)
+        exact = self._MIRROR_EXACT
+        for t, value in zip(steps, values):
+            m = mirrors.get(id(t))
+            if m is not None and m[0] is t:
+                if value < exact.get(t.dtype, 0):
+                    mirrors[id(t)] = (t, t._version, value)
+                else:
+                    del mirrors[id(t)]
 
     def _init_state(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -879,6 +977,7 @@ class LowRankOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         for g, fmt in zip(self.param_groups, formats):
             g.update(fmt)
+        self.__dict__.pop("_host_mirrors", None)  # every state tensor is new: read them again
         id_map = zip(
             chain.from_iterable(g["params"] for g in saved_groups),
             chain.from_iterable(g["params"] for g in self.param_groups),
