@@ -91,6 +91,10 @@ foreach_update_op = define_op(
 )
 
 
+def _is_subclass(t) -> bool:
+    return type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter
+
+
 def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=1e-8):
     """:func:`adam_update_` over lists (``r[i]``, ``exp_avg[i]``, ``exp_avg_sq[i]``) in one op call.
 
@@ -98,6 +102,9 @@ def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=
     validated before anything is written.
     """
     exp_avg = list(exp_avg)
-    out = [torch.empty(m.shape, dtype=m.dtype, device=m.device) if isinstance(m, torch.Tensor) else m for m in exp_avg]
+    # A DTensor moment (FSDP2) gets an N laid out like it (empty_like keeps its placements).
+    out = [(torch.empty_like(m, memory_format=torch.contiguous_format) if _is_subclass(m)
+            else torch.empty(m.shape, dtype=m.dtype, device=m.device)) if isinstance(m, torch.Tensor) else m
+           for m in exp_avg]
     foreach_update_op(list(r), exp_avg, list(exp_avg_sq), out, float(beta1), float(beta2), float(eps))
     return out

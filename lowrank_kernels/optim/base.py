@@ -394,11 +394,13 @@ class LowRankOptimizer(Optimizer):
 
     def _bucket_entry(self, p: torch.Tensor, group: Dict[str, Any]):
         """``(key, step)`` when ``p`` takes the plain fused step this step (state and projector
-        exist, no refresh due, not a DTensor, and :meth:`_bucket_key` gives a key), else None.
+        exist, no refresh due, a plain tensor or a DTensor the list ops serve
+        (:func:`~lowrank_kernels.optim.distributed.bucketable`), and :meth:`_bucket_key` gives
+        a key), else None.
 
         ``step`` is the 1-based step about to be taken. Called for finite gradients only.
         """
-        if not self._bucketing(group) or _dist.is_dtensor(p) or _dist.is_dtensor(p.grad):
+        if not self._bucketing(group) or not _dist.bucketable(p):
             return None
         state = self.state.get(p)
         if not state or not self._has_projector(state):
