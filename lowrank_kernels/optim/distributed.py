@@ -36,8 +36,12 @@ norms on DTensors are sharded by DTensor itself; the projection ``G P^T`` / ``P^
 is written out (:func:`sharded_project`); the ``lowrank_kernels`` projection, DCT and
 INT4-projector ops get DTensor handlers (:func:`install_op_handlers`) that check the
 placements, run the op on the local shards (left side: the ``r x n`` all-reduce, then
-the Adam step on the replicated ``R``) and wrap the results. A layout the handlers
-cannot serve raises :class:`ShardingError` instead of gathering silently.
+the Adam step on the replicated ``R``) and wrap the results. The multi-tensor (list) ops
+get handlers too, so the bucketed step takes DTensors (:func:`bucketable`): per list,
+the shard-local entries run in one list-op call on the local shards and the others
+through the single op's handler, in list order, with its collectives: bitwise the
+per-parameter path. A layout the handlers cannot serve raises :class:`ShardingError`
+instead of gathering silently.
 :func:`place_state` keeps the row-aligned state (right-side moments, left-side
 projector) sharded like the weight, so ``torch.distributed.checkpoint`` saves it
 sharded and resumes on the same world size. Placements other than ``Shard(0)`` /
