@@ -298,7 +298,9 @@ def dct_foreach_score_topk(
     launch that reads each gradient where it lies (a table of their addresses), the C++ and
     reference backends loop. ``basis`` defaults to the cached :func:`dct_basis` in the
     gradients' dtype (as for one gradient). This is how :class:`~lowrank_kernels.optim.DCTAdamW`
-    refreshes all same-shape weights at once.
+    refreshes all same-shape weights at once. (With Triton autotuning switched on,
+    ``LOWRANK_KERNELS_TRITON_AUTOTUNE=1``, the list launch and the single launch are tuned
+    separately and may take different tiles: their scores then agree to rounding only.)
     """
     op = "dct_foreach_score_topk"
     _check_norm(op, norm)

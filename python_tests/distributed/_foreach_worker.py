@@ -124,6 +124,32 @@ def check_projection_list(results):
                 f"list == per-entry: {same}; vs plain: update rel err {err:.1e}, exp_avg {err_m:.1e}"]
 
 
+def check_bad_list(results):
+    """A bad entry in a DTensor list (a moment of the wrong shape in entry 2) raises a clear
+    ValueError before anything is written: entries 0 and 1 stay as they were."""
+    from lowrank_kernels import ops
+
+    mesh = _mesh()
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(17, 12), (9, 9), (10, 12)]
+    ws = [_shard(torch.randn(s, generator=gen), mesh) for s in shapes]
+    gs = [_shard(torch.randn(s, generator=gen), mesh) for s in shapes]
+    projs = [torch.randn(2, s[1], generator=gen) for s in shapes]
+    ms = [_shard(torch.zeros(s[0], 2), mesh) for s in shapes]
+    vs = [_shard(torch.zeros(s[0], 2), mesh) for s in shapes]
+    ms[2] = _shard(torch.zeros(shapes[2][0], 3), mesh)
+    before = [_full(w).clone() for w in ws]
+    try:
+        ops.foreach_project_update_backproject_(ws, gs, projs, ms, vs, side="right", lr=1e-2, step=1)
+        results["bad_list"] = [False, "no error"]
+        return
+    except ValueError as e:
+        msg = str(e)
+    untouched = all(torch.equal(_full(w), b) for w, b in zip(ws, before)) and not any(_full(m).any() for m in ms)
+    results["bad_list"] = ["(parameter 2)" in msg and "exp_avg must have shape" in msg and untouched,
+                           f"untouched {untouched}: {msg}"]
+
+
 def check_adam_list(results):
     """``adam_foreach_update_`` on DTensor lists (row-sharded and replicated entries) == the
     single op per entry (bitwise) == plain tensors."""
@@ -234,6 +260,7 @@ def worker(rank, ws, port, outdir):
     lk_dist.install_op_handlers()  # the optimizers install them; direct op calls need them too
     checks = [("projection_list", lambda: check_projection_list(results)),
               ("adam_list", lambda: check_adam_list(results)),
+              ("bad_list", lambda: check_bad_list(results)),
               ("dct_list", lambda: check_dct_list(results))]
     checks += [(f"bucketed_fsdp[{n}]", lambda n=n: check_bucketed_fsdp(n, rank, ws, results)) for n in BUCKET_CONFIGS]
     try:

@@ -4,7 +4,7 @@
   ``adam_foreach_update`` and ``dct_foreach_score_topk`` on lists of DTensors (row-sharded,
   uneven and empty shards, shards with fewer rows than the rank, replicated entries) give
   bitwise what the single-tensor op gives entry by entry on the same DTensors, and plain
-  single-process results up to rounding;
+  single-process results up to rounding; a bad entry raises before any entry is written;
 - FSDP2 training with GaLoreAdamW and DCTAdamW: the bucketed step (the list ops, on local
   shards or through the per-entry handler with the per-parameter path's collectives) is
   bitwise the per-parameter step (``foreach=False``), with the same collectives per step,
@@ -55,6 +55,10 @@ def test_projection_list_on_dtensors(results, side, kind):
 
 def test_adam_list_on_dtensors(results):
     _check(results, "adam_list")
+
+
+def test_bad_dtensor_list_raises_before_any_write(results):
+    _check(results, "bad_list")
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
