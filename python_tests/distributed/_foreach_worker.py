@@ -180,6 +180,43 @@ def check_adam_list(results):
                             f"list == per-entry: {same}; vs plain rel err {err:.1e}; N layouts {layouts}"]
 
 
+def check_adam_list_8bit(results):
+    """The same with 8-bit moments (uint8 codes + per-row-block absmax, sharded with the rows):
+    two updates, list == per-entry bitwise, == plain tensors."""
+    from lowrank_kernels import ops
+
+    mesh = _mesh()
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(17, 40), (6, 9)]
+    rs = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    kw = dict(beta1=0.9, beta2=0.99, eps=1e-8, block_size=16)
+
+    def state(layout):
+        st = [ops.moments8_zeros(s, block_size=16) for s in shapes]
+        return [{k: layout(v) for k, v in d.items()} for d in st]
+
+    def run_list(st, layout):
+        for r in rs:
+            n = ops.adam_foreach_update_([layout(x) for x in r], [d["exp_avg"] for d in st],
+                                         [d["exp_avg_sq"] for d in st], m_absmax=[d["m_absmax"] for d in st],
+                                         v_absmax=[d["v_absmax"] for d in st], **kw)
+        return n
+
+    plain = state(lambda t: t.clone())
+    n_plain = run_list(plain, lambda t: t)
+    lst = state(lambda t: _shard(t, mesh))
+    n_list = run_list(lst, lambda t: _shard(t, mesh))
+    one = state(lambda t: _shard(t, mesh))
+    for r in rs:
+        n_one = [ops.adam_update_(_shard(x, mesh), d["exp_avg"], d["exp_avg_sq"], m_absmax=d["m_absmax"],
+                                  v_absmax=d["v_absmax"], **kw) for x, d in zip(r, one)]
+    same = all(torch.equal(_full(a), _full(b)) for a, b in zip(n_list, n_one)) and all(
+        torch.equal(_full(a[k]), _full(b[k])) for a, b in zip(lst, one) for k in a)
+    to_plain = all(torch.equal(_full(a[k]), b[k]) for a, b in zip(lst, plain) for k in ("exp_avg", "exp_avg_sq")) \
+        and max(_rel(_full(a), b) for a, b in zip(n_list, n_plain)) < OP_TOL
+    results["adam_list_8bit"] = [same and to_plain, f"list == per-entry: {same}; == plain: {to_plain}"]
+
+
 def check_dct_list(results):
     """``dct_foreach_score_topk`` on row-sharded gradients == ``dct_score_topk`` per gradient
     (bitwise), the same on every rank; the top-k of the plain scores up to near-ties."""
@@ -260,6 +297,7 @@ def worker(rank, ws, port, outdir):
     lk_dist.install_op_handlers()  # the optimizers install them; direct op calls need them too
     checks = [("projection_list", lambda: check_projection_list(results)),
               ("adam_list", lambda: check_adam_list(results)),
+              ("adam_list_8bit", lambda: check_adam_list_8bit(results)),
               ("bad_list", lambda: check_bad_list(results)),
               ("dct_list", lambda: check_dct_list(results))]
     checks += [(f"bucketed_fsdp[{n}]", lambda n=n: check_bucketed_fsdp(n, rank, ws, results)) for n in BUCKET_CONFIGS]

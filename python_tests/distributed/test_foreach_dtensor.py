@@ -57,6 +57,10 @@ def test_adam_list_on_dtensors(results):
     _check(results, "adam_list")
 
 
+def test_adam_list_with_8bit_moments_on_dtensors(results):
+    _check(results, "adam_list_8bit")
+
+
 def test_bad_dtensor_list_raises_before_any_write(results):
     _check(results, "bad_list")
 
