@@ -21,9 +21,12 @@
 #      matched against it;
 #   5. `python -m bench.bench_step --gpu-check`: the 4-layer LLaMA-1B-shaped stack (bf16,
 #      rank 512) against torch's fused AdamW in the same run, host time per parameter on
-#      its own line; the INT4-projector step over the bf16 step at 4096x11008 rank 512.
-# OUTDIR receives 5 files: gpu_check.log (everything printed), determinism.txt, int64.csv,
-# compile_sm<arch>.csv, step.csv. Exit status: 0 when every check passed, else the number
+#      its own line; the INT4-projector step over the bf16 step at 4096x11008 rank 512;
+#      then `python -m bench.bench_refresh --gpu-check`: the whole-stack DCT refresh of the
+#      same stack (DCTAdamW's one list call per shape, target <= 1.5 ms, vs one call per
+#      matrix and PyTorch's unfused scoring; the list's indices checked against per-matrix).
+# OUTDIR receives 6 files: gpu_check.log (everything printed), determinism.txt, int64.csv,
+# compile_sm<arch>.csv, step.csv, refresh.csv. Exit status: 0 when every check passed, else the number
 # of checks that failed (a check that runs out of time fails).
 #
 # GPU_CHECK_DRY=1: a CPU dry run of the same steps at tiny sizes (Triton interpreter; tests
@@ -181,11 +184,13 @@ run_timed "$(cap 120 100)" "gpu_int64_check" "$PY" -m bench.gpu_int64_check "${I
   --device "$DEVICE" --out "$OUT/int64.csv" || fail int64
 
 # ----------------------------------------------------------------------------- 5. step figures
-step "5. optimizer step: 4-layer LLaMA-1B stack vs fused AdamW; INT4 vs bf16 projector at 4096x11008"
+step "5. optimizer step: 4-layer LLaMA-1B stack vs fused AdamW; INT4 vs bf16 projector at 4096x11008; whole-stack DCT refresh"
 STEP_ARGS=()
 [ "$DRY" = "1" ] && STEP_ARGS+=(--tiny)
 run_timed "$(cap 120 40)" "bench_step --gpu-check" "$PY" -m bench.bench_step --gpu-check "${STEP_ARGS[@]}" \
   --out "$OUT/step.csv" || fail step
+run_timed "$(cap 60 30)" "bench_refresh --gpu-check" "$PY" -m bench.bench_refresh --gpu-check "${STEP_ARGS[@]}" \
+  --out "$OUT/refresh.csv" || fail refresh
 
 # ----------------------------------------------------------------------------- 4b. compile table + runtime report
 step "4. compile table for sm_$ARCH and what the runtime reports"

@@ -34,7 +34,7 @@ and ragged reduction lengths, transposed gradients and int64 offsets; the projec
 kernel with 8-bit moments (block sizes 256 and 64, a rank below one block and one of
 several blocks per row; bf16 and float32 operands; every projector mode and side) and
 with bf16 stochastic-rounding moments; DCT scoring (L1
-and L2 norms, both sides, batched and single, int64 offsets) and the gathered DCT
+and L2 norms, both sides, batched and single, int64 offsets, the list form) and the gathered DCT
 projection (both sides); every quant kernel (INT4 pack / unpack, INT8 quantize /
 dequantize / stochastic-rounding update; contiguous and strided inputs, power-of-two
 and other group sizes, each storage dtype); the elementwise Adam kernel (each dtype,
@@ -212,6 +212,16 @@ def _variants(subset: str):
                 dproj("dct_project_bf16_right", b16, "right", 300, 200, 24),
                 dproj("dct_project_fp16_left", f16, "left", 300, 200, 24)]
     out.append(scores("dct_scores_bf16_left_l1_int64_batched", b16, "left", 1, (2, 48000, 48000)))
+
+    # The list form (DCTAdamW's batched refresh): gradients read through an address table.
+    def foreach_scores(name, dt, side, norm, count, m, n):
+        def thunk():
+            s = n if side == "right" else m
+            kd.dct_foreach_scores_triton([E(m, n, dtype=dt) for _ in range(count)], E(s, s, dtype=dt), side, norm)
+        return name, thunk
+
+    out.append(foreach_scores("dct_foreach_scores_bf16_right_l1", b16, "right", 1, 3, 300, 200))
+    out.append(foreach_scores("dct_foreach_scores_fp16_left_l2", f16, "left", 2, 3, 300, 200))
 
     # Quant kernels.
     def quant(name, fn):

@@ -96,6 +96,36 @@ def test_bench_step_gpu_check_tiny(tmp_path, capsys):
     assert "INT4-projector step / bf16-projector step at 64x176 rank 8:" in text
 
 
+def test_bench_refresh_gpu_check_tiny(tmp_path, capsys):
+    """The whole-stack DCT refresh of gpu_check step 5: the list call (DCTAdamW's path), one call
+    per matrix and the unfused baseline; the target line; a list that returns another matrix's
+    indices fails."""
+    from bench import bench_refresh
+
+    out = tmp_path / "refresh.csv"
+    rc = bench_refresh.gpu_check(["--gpu-check", "--tiny", "--reps", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 3 and {r["kernel"] for r in rows} == {"refresh_stack"}
+    assert any(r["provider"].endswith("-foreach") for r in rows) and any(r["provider"] == "dct-unfused" for r in rows)
+    assert all(float(r["median_ms"]) > 0 and r["n_matrices"] == "7" for r in rows)
+    assert "whole-stack DCT refresh 1L-h32-i48:" in text and "target <= 1.5 ms" in text
+
+
+def test_bench_refresh_gpu_check_fails_on_mixed_up_rows(monkeypatch, capsys):
+    from bench import bench_refresh
+
+    real = ops.dct_foreach_score_topk
+
+    def broken(grads, k, **kw):
+        return real(grads, k, **kw).flip(0)  # each matrix gets another's indices
+
+    monkeypatch.setattr(ops, "dct_foreach_score_topk", broken)
+    assert bench_refresh.gpu_check(["--gpu-check", "--tiny", "--reps", "1"]) == 1
+    assert "indices differ" in capsys.readouterr().out
+
+
 def test_gpu_kernel_report_tiny_runs(capsys):
     from bench import gpu_kernel_report
 
@@ -148,5 +178,6 @@ def test_gpu_check_dry_run(tmp_path):
     for header in ("1. tests", "2. determinism", "3. int64", "5. optimizer step", "4. compile table"):
         assert header in log
     assert ">>> gpu_int64_check: ok" in log and ">>> bench_step --gpu-check: ok" in log
+    assert ">>> bench_refresh --gpu-check: ok" in log
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) <= 5 and {"gpu_check.log", "int64.csv", "step.csv", "determinism.txt"} <= set(files)
+    assert len(files) <= 6 and {"gpu_check.log", "int64.csv", "step.csv", "refresh.csv", "determinism.txt"} <= set(files)

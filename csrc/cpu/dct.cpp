@@ -75,15 +75,12 @@ void accumulate_rows(const at::Tensor& sp, std::vector<double>& score, int norm)
   });
 }
 
-at::Tensor dct_scores_2d(const at::Tensor& grad, const at::Tensor& basis, c10::string_view side, int64_t norm) {
-  TORCH_CHECK(norm == 1 || norm == 2, "dct_scores: norm must be 1 or 2, got ", norm);
-  TORCH_CHECK(grad.dim() == 2 && basis.dim() == 2, "dct_scores: grad and basis must be 2-D");
-  const bool right = is_right(side);
+// Scores of one m x n gradient; `c` is the basis already in the accumulation type `acc`
+// (contiguous), so a list of gradients converts it once.
+at::Tensor dct_scores_2d_prepared(const at::Tensor& grad, const at::Tensor& c, at::ScalarType acc, bool right,
+                                  int64_t norm) {
   const int64_t m = grad.size(0), n = grad.size(1);
   const int64_t s = right ? n : m;
-  TORCH_CHECK(basis.size(0) == s && basis.size(1) == s, "dct_scores: basis must be ", s, " x ", s);
-  const auto acc = acc_type(grad, basis);
-  const at::Tensor c = basis.to(acc).contiguous();  // s x s, the basis' size only
   std::vector<double> score(s, 0.0);
   AT_DISPATCH_FLOATING_TYPES(acc, "dct_scores_cpu", [&] {
     if (right) {
@@ -113,6 +110,16 @@ at::Tensor dct_scores_2d(const at::Tensor& grad, const at::Tensor& basis, c10::s
     }
   });
   return out;
+}
+
+at::Tensor dct_scores_2d(const at::Tensor& grad, const at::Tensor& basis, c10::string_view side, int64_t norm) {
+  TORCH_CHECK(norm == 1 || norm == 2, "dct_scores: norm must be 1 or 2, got ", norm);
+  TORCH_CHECK(grad.dim() == 2 && basis.dim() == 2, "dct_scores: grad and basis must be 2-D");
+  const bool right = is_right(side);
+  const int64_t s = right ? grad.size(1) : grad.size(0);
+  TORCH_CHECK(basis.size(0) == s && basis.size(1) == s, "dct_scores: basis must be ", s, " x ", s);
+  const auto acc = acc_type(grad, basis);
+  return dct_scores_2d_prepared(grad, basis.to(acc).contiguous(), acc, right, norm);  // s x s, the basis' size only
 }
 
 // A 3-D grad (batch x m x n) is scored matrix by matrix: batch x s scores.
@@ -168,15 +175,48 @@ at::Tensor dct_score_topk_cpu(const at::Tensor& grad, const at::Tensor& basis, i
   return out;
 }
 
+// The list form: len(grads) x k indices, row i those of grads[i] scored alone (the same
+// panels, the same order), one dispatcher call for a whole bucket of same-shape gradients.
+at::Tensor dct_foreach_score_topk_cpu(at::TensorList grads, const at::Tensor& basis, int64_t k, c10::string_view side,
+                                      int64_t norm) {
+  const char* op = "dct_foreach_score_topk_cpu";
+  TORCH_CHECK(norm == 1 || norm == 2, op, ": norm must be 1 or 2, got ", norm);
+  const bool right = is_right(side);
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == basis.size(1), op, ": basis must be square");
+  const int64_t s = basis.size(0);
+  TORCH_CHECK(k >= 1 && k <= s, op, ": k must be between 1 and ", s, ", got ", k);
+  const int64_t nb = static_cast<int64_t>(grads.size());
+  // Every entry is checked before anything is computed.
+  for (int64_t i = 0; i < nb; ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.dim() == 2, op, ": grads[", i, "] must be 2-D");
+    TORCH_CHECK((right ? g.size(1) : g.size(0)) == s, op, ": grads[", i, "] does not match the basis order ", s);
+    TORCH_CHECK(g.scalar_type() == grads[0].scalar_type(), op, ": grads must have one dtype");
+    TORCH_CHECK(g.device() == basis.device(), op, ": grads[", i, "] is not on the basis' device");
+  }
+  at::Tensor out = at::empty({nb, k}, basis.options().dtype(at::kInt));
+  if (nb == 0) return out;
+  const auto acc = acc_type(grads[0], basis);
+  const at::Tensor c = basis.to(acc).contiguous();
+  for (int64_t i = 0; i < nb; ++i) {
+    const at::Tensor scores = dct_scores_2d_prepared(grads[i], c, acc, right, norm);
+    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "dct_foreach_score_topk_cpu",
+                               [&] { out.select(0, i).copy_(topk_indices<scalar_t>(scores, k)); });
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace lowrank_kernels
 
 TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
   m.def("dct_scores_cpu(Tensor grad, Tensor basis, str side, int norm) -> Tensor");
   m.def("dct_score_topk_cpu(Tensor grad, Tensor basis, int k, str side, int norm) -> Tensor");
+  m.def("dct_foreach_score_topk_cpu(Tensor[] grads, Tensor basis, int k, str side, int norm) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
   m.impl("dct_scores_cpu", &lowrank_kernels::dct_scores_cpu);
   m.impl("dct_score_topk_cpu", &lowrank_kernels::dct_score_topk_cpu);
+  m.impl("dct_foreach_score_topk_cpu", &lowrank_kernels::dct_foreach_score_topk_cpu);
 }

@@ -39,6 +39,7 @@ def _interpreting() -> bool:
 @triton.jit
 def _dct_gemm_kernel(
     a_ptr, b_ptr, idx_ptr, out_ptr,
+    table_ptr,  # TABLE: int64 addresses of the batch's gradients (a list), one per grid row
     M, N, K,
     idx_bound,  # GATHER_*: rows of the gathered matrix; indices outside [0, idx_bound) read zeros
     stride_am, stride_ak, stride_bk, stride_bn, stride_o0, stride_o1,
@@ -48,6 +49,7 @@ def _dct_gemm_kernel(
     GATHER_A: tl.constexpr,
     GATHER_B: tl.constexpr,
     IDX64: tl.constexpr,  # some operand spans more than 2^31 elements: int64 offsets
+    TABLE: tl.constexpr,  # 0: batch by strides; 1 / 2: A / B of grid row b at the address table[b] (16-byte aligned)
     DOT_DTYPE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -56,8 +58,16 @@ def _dct_gemm_kernel(
     pid = tl.program_id(0)
     # Batch (a 3-D gradient): one grid row per matrix, int64 batch offsets.
     pid_b = tl.program_id(1).to(tl.int64)
-    a_ptr += pid_b * stride_ab
-    b_ptr += pid_b * stride_bb
+    # A list of gradients (TABLE): the operand of grid row b starts at the address table[b];
+    # every other tile computation is the same as for one matrix, so the results are too.
+    if TABLE == 1:
+        a_ptr = tl.multiple_of(tl.load(table_ptr + pid_b).to(tl.pointer_type(a_ptr.dtype.element_ty)), 16)
+    else:
+        a_ptr += pid_b * stride_ab
+    if TABLE == 2:
+        b_ptr = tl.multiple_of(tl.load(table_ptr + pid_b).to(tl.pointer_type(b_ptr.dtype.element_ty)), 16)
+    else:
+        b_ptr += pid_b * stride_bb
     out_ptr += pid_b * stride_ob
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -155,15 +165,16 @@ _needs_int64 = L.needs_int64
 
 
 def _gemm(a, b, out, M, N, K, sa, sb, so, *, epilogue, reduce_rows=False, idx=None, gather_a=False, gather_b=False,
-          idx_bound=0, dot_from=None, batch=1, batch_strides=(0, 0, 0), spans=None):
+          idx_bound=0, dot_from=None, batch=1, batch_strides=(0, 0, 0), spans=None, table=None, table_mode=0):
     """Launch ``_dct_gemm_kernel`` with the tile of the shared policy (lowrank_kernels/kernels/_launch.py)."""
     dot_dtype, ieee = _dot_dtype(dot_from)
     grid = lambda tile: (triton.cdiv(M, tile.bm) * triton.cdiv(N, tile.bn), batch)  # noqa: E731
-    args = (a, b, idx if idx is not None else a, out, M, N, K, idx_bound,
+    args = (a, b, idx if idx is not None else a, out, table if table is not None else out, M, N, K, idx_bound,
             sa[0], sa[1], sb[0], sb[1], so[0], so[1], *batch_strides)
     meta = dict(
         EPILOGUE=epilogue, REDUCE_ROWS=reduce_rows, GATHER_A=gather_a, GATHER_B=gather_b,
-        IDX64=_needs_int64(*(spans if spans is not None else (a, b, out))), DOT_DTYPE=dot_dtype, IEEE=ieee,
+        IDX64=_needs_int64(*(spans if spans is not None else (a, b, out))), TABLE=table_mode, DOT_DTYPE=dot_dtype,
+        IEEE=ieee,
     )
     # Scoring writes its partial sums with plain stores: autotuning trials restore `out`.
     L.launch_gemm("dct_gemm", _dct_gemm_kernel, grid, args, meta, device=out.device, M=M, N=N, K=K,
@@ -172,45 +183,141 @@ def _gemm(a, b, out, M, N, K, sa, sb, so, *, epilogue, reduce_rows=False, idx=No
                   mode=2 if (gather_a or gather_b) else 0, restore=(out,) if epilogue else ())
 
 
+@triton.jit
+def _dct_partial_sum_kernel(part_ptr, out_ptr, T, S, stride_pb, stride_pt, stride_ob,
+                            SQRT: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[b, j] = sum_t part[b, t, j]`` (then ``sqrt`` for the L2 norm), summed in the order
+    ``t = 0, 1, ...`` in float32: the same order for any batch size, so a matrix scored alone
+    or in a list of gradients gets bitwise the same scores."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < S
+    base = part_ptr + b * stride_pb
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in range(0, T):
+        acc += tl.load(base + t * stride_pt + offs, mask=ok, other=0.0)
+    if SQRT:
+        acc = tl.sqrt_rn(acc)
+    tl.store(out_ptr + b * stride_ob + offs, acc, mask=ok)
+
+
+_SUM_BLOCK = 256
+
+
+def _reduce_partials(part, norm):
+    """Scores ``(batch, s)`` float32 from the partial sums ``part`` (``batch x T x s``, contiguous)."""
+    nb, T, s = part.shape
+    out = torch.empty((nb, s), dtype=torch.float32, device=part.device)
+    if nb > 0 and s > 0:
+        L.launch("dct", _dct_partial_sum_kernel, (nb, triton.cdiv(s, _SUM_BLOCK)),
+                 (part, out, T, s, part.stride(0), part.stride(1), out.stride(0)),
+                 dict(SQRT=norm == 2, BLOCK=_SUM_BLOCK, num_warps=4), device=part.device)
+    return out
+
+
 def _partial_rows(M, N, reduce_rows):
     """Rows of the scoring partial buffer: tiles along the reduced dimension for the
     smallest block of any tile this process may launch (64; 64^3 in the interpreter)."""
     return triton.cdiv(M if reduce_rows else N, 64)
 
 
-def dct_scores_triton(grad, basis, side, norm):
-    batched = grad.dim() == 3
-    g3 = grad if batched else grad.unsqueeze(0)
-    nb, m, n = g3.shape
-    gs = g3.stride()
+def _score_launch(g, g_strides, nb, basis, side, norm, part, *, batch_stride=0, table=None):
+    """Scoring partial sums of ``nb`` gradients of ``g``'s shape (``m x n``, strides
+    ``g_strides``) into ``part`` (``nb x T x s``): matrix ``b`` at ``g + b * batch_stride``,
+    or at the address ``table[b]`` (a list of gradients)."""
+    m, n = g.shape[-2:]
     if side == "right":  # S = G C^T (m x n), score per column
-        a, sa = g3, gs[1:]
+        a, sa = g, g_strides
         b, sb = basis, (basis.stride(1), basis.stride(0))
-        M, N, K, reduce_rows, s = m, n, n, True, n
-        ab, bb = gs[0], 0
+        M, N, K, reduce_rows = m, n, n, True
+        ab, bb, mode = batch_stride, 0, 1
     else:  # S = C G (m x n), score per row
         a, sa = basis, basis.stride()
-        b, sb = g3, gs[1:]
-        M, N, K, reduce_rows, s = m, n, m, False, m
-        ab, bb = 0, gs[0]
+        b, sb = g, g_strides
+        M, N, K, reduce_rows = m, n, m, False
+        ab, bb, mode = 0, batch_stride, 2
+    if nb == 0 or M == 0 or N == 0:
+        return
+    one = g if g.dim() == 2 else g[0]
+    _gemm(a, b, part, M, N, K, sa, sb, part.stride()[1:], epilogue=norm, reduce_rows=reduce_rows,
+          dot_from=g, batch=nb, batch_strides=(ab, bb, part.stride(0)), spans=(one, basis, part[0]),
+          table=table, table_mode=mode if table is not None else 0)
+
+
+def _new_partials(nb, m, n, side, device):
+    s = n if side == "right" else m
     # Zero-filled: tiles that a config does not produce add nothing to the sum.
-    part = torch.zeros((nb, _partial_rows(M, N, reduce_rows), s), dtype=torch.float32, device=grad.device)
-    if nb > 0 and M > 0 and N > 0:
-        _gemm(a, b, part, M, N, K, sa, sb, part.stride()[1:], epilogue=norm, reduce_rows=reduce_rows,
-              dot_from=grad, batch=nb, batch_strides=(ab, bb, part.stride(0)),
-              spans=(g3[0], basis, part[0]))
-    scores = part.sum(1)
-    if not batched:
-        scores = scores[0]
-    if norm == 2:
-        scores = scores.sqrt()
-    if grad.dtype == torch.float64 or basis.dtype == torch.float64:
+    return torch.zeros((nb, _partial_rows(m, n, side == "right"), s), dtype=torch.float32, device=device)
+
+
+def _finish(scores, grad_dtype, basis):
+    if grad_dtype == torch.float64 or basis.dtype == torch.float64:
         scores = scores.double()
     return scores
 
 
+def dct_scores_triton(grad, basis, side, norm):
+    batched = grad.dim() == 3
+    g3 = grad if batched else grad.unsqueeze(0)
+    nb, m, n = g3.shape
+    part = _new_partials(nb, m, n, side, grad.device)
+    _score_launch(g3, g3.stride()[1:], nb, basis, side, norm, part, batch_stride=g3.stride(0))
+    scores = _reduce_partials(part, norm)
+    return _finish(scores if batched else scores[0], grad.dtype, basis)
+
+
 def dct_score_topk_triton(grad, basis, k, side, norm):
     return ref.topk_indices(dct_scores_triton(grad, basis, side, norm), k)
+
+
+_ALIGN = 16  # bytes: the address hint the kernel gives the compiler for a table entry
+
+
+def _address_table(ptrs, device):
+    """The int64 address table of a list launch, on ``device``."""
+    if device.type == "meta":  # the compile check: only the argument's type matters
+        return torch.zeros(len(ptrs), dtype=torch.int64, device=device)
+    host = torch.tensor(ptrs, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def dct_foreach_scores_triton(grads, basis, side, norm):
+    """Scores ``(len(grads), s)`` of a list of same-shape gradients: ONE scoring launch for all
+    of them (a table of their addresses; one more per extra stride pattern or unaligned
+    gradient), one reduction launch. Each matrix's tiles, partial sums and their reduction
+    are those of :func:`dct_scores_triton` on that matrix alone: bitwise the same scores."""
+    nb = len(grads)
+    dev = basis.device
+    if nb == 0:
+        s = basis.shape[0]
+        return torch.empty((0, s), dtype=torch.float64 if basis.dtype == torch.float64 else torch.float32, device=dev)
+    m, n = grads[0].shape
+    part = _new_partials(nb, m, n, side, dev)
+    meta = dev.type == "meta"
+    groups = {}
+    for i, g in enumerate(grads):
+        aligned = meta or g.data_ptr() % _ALIGN == 0
+        groups.setdefault(tuple(g.stride()) if aligned else ("unaligned", i), []).append(i)
+    for key, members in groups.items():
+        g0 = grads[members[0]]
+        if key[0] == "unaligned":  # an odd view: scored alone, by its own pointer
+            _score_launch(g0, g0.stride(), 1, basis, side, norm, part[members[0]:members[0] + 1])
+            continue
+        table = _address_table([0 if meta else grads[i].data_ptr() for i in members], dev)
+        if len(members) == nb:
+            _score_launch(g0, g0.stride(), nb, basis, side, norm, part, table=table)
+        else:
+            sub = _new_partials(len(members), m, n, side, dev)
+            _score_launch(g0, g0.stride(), len(members), basis, side, norm, sub, table=table)
+            part.index_copy_(0, torch.tensor(members, device=dev), sub)
+    return _finish(_reduce_partials(part, norm), grads[0].dtype, basis)
+
+
+def dct_foreach_score_topk_triton(grads, basis, k, side, norm):
+    """Triton backend of ``lowrank_kernels::dct_foreach_score_topk``: ``(len(grads), k)`` int32."""
+    return ref.topk_indices(dct_foreach_scores_triton(grads, basis, side, norm), k)
 
 
 def dct_project_triton(grad, basis, indices, side):

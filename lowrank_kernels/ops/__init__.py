@@ -22,7 +22,7 @@ from .projection import (  # noqa: F401
     register_projector_type,
 )
 from .adam import adam_foreach_update_, adam_update_, moments8_zeros  # noqa: F401
-from .dct import DCTProjector, dct_basis, dct_project, dct_score_topk, dct_scores  # noqa: F401
+from .dct import DCTProjector, dct_basis, dct_foreach_score_topk, dct_project, dct_score_topk, dct_scores  # noqa: F401
 from .quant import Int4Projector, int4_pack, int4_unpack, int8_dequantize, int8_quantize, int8_update_sr_  # noqa: F401
 
 from lowrank_kernels import _ext as _ext_mod
@@ -50,6 +50,7 @@ __all__ = [
     "dct_basis",
     "dct_scores",
     "dct_score_topk",
+    "dct_foreach_score_topk",
     "dct_project",
 ]
 __all__ += ["Int4Projector", "int4_pack", "int4_unpack", "int8_quantize", "int8_dequantize", "int8_update_sr_"]

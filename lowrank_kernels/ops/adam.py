@@ -150,6 +150,10 @@ foreach_update_op = define_op(
 )
 
 
+def _is_subclass(t) -> bool:
+    return type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter
+
+
 def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=1e-8, m_absmax=None,
                          v_absmax=None, block_size=256, moment_seed=None):
     """:func:`adam_update_` over lists (``r[i]``, ``exp_avg[i]``, ``exp_avg_sq[i]``) in one op call.
@@ -160,7 +164,9 @@ def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=
     ``moment_seed``: None or a list with one int per entry (one call = one format).
     """
     exp_avg = list(exp_avg)
-    out = [torch.empty(m.shape, dtype=n_dtype(m), device=m.device) if isinstance(m, torch.Tensor) else m
+    # A DTensor moment (FSDP2) gets an N laid out like it (empty_like keeps its placements).
+    out = [(torch.empty_like(m, dtype=n_dtype(m), memory_format=torch.contiguous_format) if _is_subclass(m)
+            else torch.empty(m.shape, dtype=n_dtype(m), device=m.device)) if isinstance(m, torch.Tensor) else m
            for m in exp_avg]
     foreach_update_op(list(r), exp_avg, list(exp_avg_sq), out, float(beta1), float(beta2), float(eps),
                       *foreach_moment_args("adam_foreach_update_", m_absmax, v_absmax, block_size, moment_seed))

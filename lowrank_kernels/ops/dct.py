@@ -10,6 +10,11 @@ Ops (``torch.ops.lowrank_kernels.*``):
 
 - ``dct_scores(grad, basis, side, norm) -> scores`` (float32; float64 for float64 input)
 - ``dct_score_topk(grad, basis, k, side, norm) -> indices`` (int32)
+- ``dct_foreach_score_topk(grads[], basis, k, side, norm) -> indices`` (``len(grads) x k``
+  int32): the same for a list of same-shape gradients in one call (a DCTAdamW refresh of
+  every weight of one shape); each row bitwise equal to ``dct_score_topk`` of that gradient
+  alone, on every backend (reference and C++: a loop; Triton: one scoring launch over a
+  table of the gradients' addresses, no stacked copy)
 
 A :class:`DCTProjector` (basis + indices) is the projection family's DCT projector
 kind: :func:`dct_project`, :func:`project_adam_`, :func:`backproject_apply_` and
@@ -120,6 +125,31 @@ def validate_score_topk(grad, basis, k, side, norm, *, op="dct_score_topk"):
     C.fail_value(1 <= k <= s, op, lambda: f"k ({k}) must be between 1 and the basis order {s}")
 
 
+def validate_foreach_score_topk(grads, basis, k, side, norm, *, op="dct_foreach_score_topk"):
+    C.check_side(side, op)
+    _check_norm(op, norm)
+    C.fail_type(isinstance(grads, (list, tuple)), op, lambda: f"grads must be a list of tensors, got {type(grads).__name__}")
+    C.check_float(basis, "basis", op)
+    C.check_ndim(basis, "basis", op, 2)
+    if len(grads) == 0:  # nothing to score; k is still checked against the basis
+        C.check_shape(basis, "basis", op, (basis.shape[0], basis.shape[0]), "a square DCT basis")
+        s = basis.shape[0]
+    else:
+        g0 = grads[0]
+        for i, g in enumerate(grads):
+            C.check_float(g, f"grads[{i}]", op)
+            C.check_ndim(g, f"grads[{i}]", op, 2)
+            if i:
+                C.check_shape(g, f"grads[{i}]", op, tuple(g0.shape), "grads[0]'s shape: one call scores one shape")
+                C.fail_type(g.dtype == g0.dtype, op,
+                            lambda: f"grads[{i}] has dtype {g.dtype} but grads[0] {g0.dtype}: one call scores one dtype")
+        m, n = g0.shape
+        s = basis_size(m, n, side)
+        C.check_shape(basis, "basis", op, (s, s), lambda: f"the DCT basis of order {'n' if side == 'right' else 'm'} = {s}")
+        C.check_same_device(op, [("basis", basis)] + [(f"grads[{i}]", g) for i, g in enumerate(grads)])
+    C.fail_value(1 <= k <= s, op, lambda: f"k ({k}) must be between 1 and the basis order {s}")
+
+
 # --------------------------------------------------------------------------- fakes
 def _acc_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -132,6 +162,10 @@ def _fake_scores(grad, basis, side, norm):
 
 def _fake_score_topk(grad, basis, k, side, norm):
     return grad.new_empty((*grad.shape[:-2], k), dtype=ref.INDEX_DTYPE)
+
+
+def _fake_foreach_score_topk(grads, basis, k, side, norm):
+    return basis.new_empty((len(grads), k), dtype=ref.INDEX_DTYPE)
 
 
 # --------------------------------------------------------------------------- ops
@@ -151,6 +185,16 @@ score_topk_op = define_op(
     reference=ref.dct_score_topk_ref,
     fake=_fake_score_topk,
     validate=validate_score_topk,
+)
+
+
+foreach_score_topk_op = define_op(
+    "dct_foreach_score_topk",
+    "(Tensor[] grads, Tensor basis, int k, str side, int norm) -> Tensor",
+    family="dct",
+    reference=ref.dct_foreach_score_topk_ref,
+    fake=_fake_foreach_score_topk,
+    validate=validate_foreach_score_topk,
 )
 
 
@@ -241,6 +285,38 @@ def dct_score_topk(
         return idx
     C.fail_value(grad.dim() == 2, "dct_score_topk", "return_lowrank=True needs a 2-D grad")
     return idx, _proj.project_op(grad, basis, side, idx)
+
+
+def dct_foreach_score_topk(
+    grads, k: int, *, side: str, norm: int = 1, basis: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """:func:`dct_score_topk` for a list of gradients of one shape and dtype, in one op call.
+
+    Returns ``len(grads) x k`` int32 indices; row ``i`` is bitwise what
+    ``dct_score_topk(grads[i], k, side=side, norm=norm)`` returns, on every backend. No
+    stacked copy of the gradients is made: the Triton backend scores the whole list in one
+    launch that reads each gradient where it lies (a table of their addresses), the C++ and
+    reference backends loop. ``basis`` defaults to the cached :func:`dct_basis` in the
+    gradients' dtype (as for one gradient). This is how :class:`~lowrank_kernels.optim.DCTAdamW`
+    refreshes all same-shape weights at once. (With Triton autotuning switched on,
+    ``LOWRANK_KERNELS_TRITON_AUTOTUNE=1``, the list launch and the single launch are tuned
+    separately and may take different tiles: their scores then agree to rounding only.)
+    """
+    op = "dct_foreach_score_topk"
+    _check_norm(op, norm)
+    torch._check_type(
+        isinstance(k, int) and not isinstance(k, bool), lambda: f"{op}: k must be an int, got {type(k).__name__}"
+    )
+    C.fail_type(isinstance(grads, (list, tuple)), op, lambda: f"grads must be a list of tensors, got {type(grads).__name__}")
+    grads = list(grads)
+    if basis is None:
+        C.fail_value(len(grads) > 0, op, "an empty grads list needs an explicit basis")
+        g0 = grads[0]
+        C.check_float(g0, "grads[0]", op)
+        C.check_ndim(g0, "grads[0]", op, 2)
+        C.check_side(side, op)
+        basis = dct_basis(basis_size(g0.shape[0], g0.shape[1], side), _basis_dtype(g0.dtype), g0.device)
+    return foreach_score_topk_op(grads, basis, k, side, norm)
 
 
 def dct_project(grad: torch.Tensor, proj: DCTProjector, *, side: str) -> torch.Tensor:

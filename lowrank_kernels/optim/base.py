@@ -479,16 +479,16 @@ class LowRankOptimizer(Optimizer):
 
     def _bucket_entry(self, p: torch.Tensor, group: Dict[str, Any]):
         """``(key, step, state)`` when ``p`` takes the plain fused step this step (state and
-        projector exist, no refresh due, not a DTensor, and :meth:`_bucket_key` gives a key),
-        else None.
+        projector exist, no refresh due, a plain tensor or a DTensor the list ops serve
+        (:func:`~lowrank_kernels.optim.distributed.bucketable`), and :meth:`_bucket_key` gives
+        a key), else None.
 
         ``step`` is the 1-based step about to be taken, ``state`` is ``self.state[p]``. Called
         for finite gradients only.
         """
         if not self._bucketing(group):
             return None
-        if (type(p) not in _PLAIN_TENSORS or type(p.grad) not in _PLAIN_TENSORS) and (
-                _dist.is_dtensor(p) or _dist.is_dtensor(p.grad)):
+        if not ((type(p) in _PLAIN_TENSORS and type(p.grad) in _PLAIN_TENSORS) or _dist.bucketable(p)):
             return None
         state = self.state.get(p)
         if not state or not self._has_projector(state):

@@ -20,7 +20,7 @@ from lowrank_kernels import ops
 from . import distributed as _dist
 from lowrank_kernels.reference import moments as _moments
 
-from .base import ABSMAX_KEYS, LowRankOptimizer
+from .base import ABSMAX_KEYS, LowRankOptimizer, resolve_side
 from .frugal import FrugalAdamW
 
 MOMENT_REFRESH = ("keep", "reindex", "reset")
@@ -165,6 +165,7 @@ class DCTAdamW(LowRankOptimizer):
             moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
         )
         self._pending_plain: Dict[int, Tuple[dict, List[torch.Tensor]]] = {}
+        self._reset_refresh_batch()
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ which params are projected
@@ -202,7 +203,11 @@ class DCTAdamW(LowRankOptimizer):
     def step(self, closure=None):
         """One optimizer step (see the class docstring). ``closure`` re-evaluates the loss."""
         self._pending_plain = {}
-        loss = super().step(closure)
+        self._reset_refresh_batch()
+        try:
+            loss = super().step(closure)
+        finally:
+            self._reset_refresh_batch()
         # Non-projected parameters of low-rank groups: one AdamW call per group.
         pending, self._pending_plain = self._pending_plain, {}
         for group, params in pending.values():
@@ -213,6 +218,7 @@ class DCTAdamW(LowRankOptimizer):
         if not self._projected(p, group):
             self._pending_plain.setdefault(id(group), (group, []))[1].append(p)
             return
+        self._stepped.add(p)  # taken (or being taken) this step: no longer part of a batched refresh
         super()._lowrank_step(p, grad, state, group)
 
     def _init_state(self, p, state, group):
@@ -231,9 +237,84 @@ class DCTAdamW(LowRankOptimizer):
         return ops.dct_basis(size, p.dtype, p.device)
 
     def _compute_projector(self, p, grad, state, group, step):
-        """The new int32 indices (``dct_score_topk``; it has no failure mode)."""
+        """The new int32 indices (``dct_score_topk``; it has no failure mode).
+
+        Batched refresh: the first refresh of a step scores every parameter due for a
+        refresh in this step at once, one ``ops.dct_foreach_score_topk`` call per bucket of
+        same-shape gradients (:meth:`_refresh_batch`); each parameter then takes its own
+        row, bitwise what the per-parameter call below would return. ``foreach=False`` in
+        a group keeps its refreshes per parameter.
+        """
+        if self._batched is None and self._refresh_batching(p, group):
+            self._batched = self._refresh_batch(p)
+        hit = self._batched.pop(p, None) if self._batched else None
+        if hit is not None and hit[0] is grad:
+            return hit[1]
         r = self._group_rank(group, tuple(p.shape))
         return ops.dct_score_topk(grad, r, side=self._side(state), norm=group["norm"])
+
+    # ------------------------------------------------------------------ batched refresh
+    def _reset_refresh_batch(self) -> None:
+        #: param -> (the gradient it was scored from, its new indices), filled at the first
+        #: refresh of a step; None until then. Cleared when the step ends.
+        self._batched: Optional[Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None
+        #: parameters whose low-rank step was taken (or begun) in this step.
+        self._stepped = set()
+
+    def _refresh_batching(self, p, group) -> bool:
+        """Whether ``p``'s refresh may be scored with its bucket: the group steps by bucket
+        (``foreach`` not False) and this class's refresh path is DCTAdamW's own."""
+        t = type(self)
+        return (self._bucketing(group) and t._compute_projector is DCTAdamW._compute_projector
+                and t._should_refresh is DCTAdamW._should_refresh and t._lowrank_step is DCTAdamW._lowrank_step)
+
+    def _refresh_key(self, q, group):
+        """``(bucket key, rank)`` of a parameter due for a refresh in this step, else None.
+
+        The key groups what one ``dct_foreach_score_topk`` call can score: one side, shape,
+        gradient dtype and device, rank and norm (hence one basis). DTensor gradients
+        (FSDP2) bucket only when row-sharded (their scores are all-reduced per parameter,
+        as in the per-parameter path); other DTensor layouts stay per parameter."""
+        grad = q.grad
+        if grad is None or grad.is_sparse or not self._projected(q, group) or not self._refresh_batching(q, group):
+            return None
+        sharded = _dist.is_row_sharded(grad)
+        if _dist.is_dtensor(grad) and not sharded:
+            return None
+        state = self.state.get(q)
+        if state:
+            side, step = self._side(state), int(state["step"]) + 1
+        else:  # a fresh parameter: its first step makes its first projector
+            side, step, state = resolve_side(tuple(q.shape), group["proj_type"]), 1, {}
+        if not self._should_refresh(q, state, group, step):
+            return None
+        rank = self._group_rank(group, tuple(q.shape))
+        return (side, tuple(q.shape), grad.dtype, grad.device, rank, group["norm"], sharded), rank
+
+    def _refresh_batch(self, first) -> Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Score every parameter due for a refresh in this step whose low-rank step is still
+        to come (``first``, the one asking, included): one ``ops.dct_foreach_score_topk``
+        per bucket (:meth:`_refresh_key`). Parameters whose gradient later proves
+        non-finite are scored too and their rows dropped (their step is skipped)."""
+        buckets: Dict[tuple, List[torch.Tensor]] = {}
+        for group in self.param_groups:
+            if not self._is_lowrank(group):
+                continue
+            for q in group["params"]:
+                if q in self._stepped and q is not first:
+                    continue
+                found = self._refresh_key(q, group)
+                if found is not None:
+                    buckets.setdefault(found[0], []).append(q)
+        out: Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = {}
+        for (side, _, _, _, rank, norm, sharded), qs in buckets.items():
+            grads = [q.grad for q in qs]
+            if sharded:
+                _dist.install_op_handlers()
+            idx = ops.dct_foreach_score_topk(grads, rank, side=side, norm=norm)
+            for q, g, row in zip(qs, grads, idx.unbind(0)):
+                out[q] = (g, row.clone())  # its own storage, as a per-parameter refresh's indices
+        return out
 
     def _refresh_projector(self, p, grad, state, group, step):
         idx = self._compute_projector(p, grad, state, group, step)

@@ -41,8 +41,12 @@ norms on DTensors are sharded by DTensor itself; the projection ``G P^T`` / ``P^
 is written out (:func:`sharded_project`); the ``lowrank_kernels`` projection, DCT and
 INT4-projector ops get DTensor handlers (:func:`install_op_handlers`) that check the
 placements, run the op on the local shards (left side: the ``r x n`` all-reduce, then
-the Adam step on the replicated ``R``) and wrap the results. A layout the handlers
-cannot serve raises :class:`ShardingError` instead of gathering silently.
+the Adam step on the replicated ``R``) and wrap the results. The multi-tensor (list) ops
+get handlers too, so the bucketed step takes DTensors (:func:`bucketable`): per list,
+the shard-local entries run in one list-op call on the local shards and the others
+through the single op's handler, in list order, with its collectives: bitwise the
+per-parameter path. A layout the handlers cannot serve raises :class:`ShardingError`
+instead of gathering silently.
 :func:`place_state` keeps the row-aligned state (right-side moments, left-side
 projector) sharded like the weight, so ``torch.distributed.checkpoint`` saves it
 sharded and resumes on the same world size. Placements other than ``Shard(0)`` /
@@ -341,23 +345,22 @@ def _contiguous_stride(shape) -> Tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _generic_handler(op_call, args, kwargs):
-    """Run a projection / DCT op on local shards (see the module docstring)."""
+def _bind(op_call, args, kwargs) -> list:
+    """The op's arguments in schema order; those left out take the schema's defaults."""
     schema = op_call._schema
-    opname = schema.name.split("::")[-1]
-    # Arguments left out take the schema's defaults (the projector's optional arguments).
-    bound = list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value
-                          for a in schema.arguments[len(args):]]
-    names = [a.name for a in schema.arguments]
-    kind = _kind(names, bound)
-    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    side = bound[names.index("side")]
-    dts = [a for a in bound if is_dtensor(a)]
-    mesh = dts[0].device_mesh
-    row = next((bound[names.index(n)] for n in _ROW_ALWAYS if n in names and is_row_sharded(bound[names.index(n)])),
-               None)
-    if row is not None and side == "left":
-        return _left_sharded(opname, names, bound, row, written, kind)
+    return list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value
+                         for a in schema.arguments[len(args):]]
+
+
+def _row_of(names, bound):
+    """The row-sharded tensor that fixes a projection op's row layout (param, grad or a
+    per-row factor), or None."""
+    return next((bound[names.index(n)] for n in _ROW_ALWAYS if n in names and is_row_sharded(bound[names.index(n)])),
+                None)
+
+
+def _local_args(opname, names, bound, row, side, kind, written) -> list:
+    """A projection op's arguments on this rank's shards (right side, or no row-sharded tensor)."""
     local_args = []
     for name, a in zip(names, bound):
         if not isinstance(a, torch.Tensor):
@@ -366,6 +369,25 @@ def _generic_handler(op_call, args, kwargs):
             local_args.append(_to_local_row(a, name, row, opname, name in written))
         else:
             local_args.append(_to_local_rep(a, name, opname, name in written))
+    return local_args
+
+
+def _generic_handler(op_call, args, kwargs):
+    """Run a projection / DCT op on local shards (see the module docstring)."""
+    schema = op_call._schema
+    opname = schema.name.split("::")[-1]
+    # Arguments left out take the schema's defaults (the projector's optional arguments).
+    bound = _bind(op_call, args, kwargs)
+    names = [a.name for a in schema.arguments]
+    kind = _kind(names, bound)
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    side = bound[names.index("side")]
+    dts = [a for a in bound if is_dtensor(a)]
+    mesh = dts[0].device_mesh
+    row = _row_of(names, bound)
+    if row is not None and side == "left":
+        return _left_sharded(opname, names, bound, row, written, kind)
+    local_args = _local_args(opname, names, bound, row, side, kind, written)
     returns = schema.returns
     if row is not None and local_rows(row)[1] == 0:
         # An empty shard (more ranks than rows): nothing to update, empty outputs.
@@ -622,6 +644,168 @@ def _dct_score_topk_handler(op_call, args, kwargs):
     return topk_indices(scores, k)
 
 
+# --------------------------------------------------------------------------- multi-tensor (list) ops
+# A list op on DTensors equals its single-tensor op on each entry: the entries that run on
+# this rank's shards with no communication (a right-side projection step on a row-sharded
+# or replicated weight, every elementwise Adam entry, plain tensors) go through ONE call of
+# the list op on the local shards; the others (a left-side step: its r x n all-reduce; an
+# empty shard; a shard with fewer rows than the rank; a row-sharded DCT scoring) go through
+# the single-tensor op's handler one by one, in list order, with the collectives of the
+# per-parameter path. The whole list is validated (global shapes) before anything runs.
+_PLURAL = {"param": "params", "grad": "grads", "proj": "projs", "exp_avg": "exp_avgs", "exp_avg_sq": "exp_avg_sqs"}
+
+
+def _is_list_arg(arg) -> bool:
+    return isinstance(arg.type, torch.ListType)
+
+
+def _entries(foreach_call, single_call, bound):
+    """Per list entry, the single-tensor op's arguments: list arguments give their entry (an
+    empty list: the single op's default), the others pass through."""
+    f_args = foreach_call._schema.arguments
+    f_names = [a.name for a in f_args]
+    n = len(bound[0])
+    out = []
+    for i in range(n):
+        entry = []
+        for a in single_call._schema.arguments:
+            fname = _PLURAL.get(a.name, a.name) if _PLURAL.get(a.name, a.name) in f_names else a.name
+            if fname not in f_names:
+                entry.append(a.default_value)
+                continue
+            v = bound[f_names.index(fname)]
+            if _is_list_arg(f_args[f_names.index(fname)]):
+                entry.append(v[i] if len(v) else a.default_value)
+            else:
+                entry.append(v)
+        out.append(entry)
+    return out
+
+
+def _regroup(foreach_call, single_call, bound, local_entries):
+    """The list op's arguments for ``local_entries`` (single-op argument lists): every list
+    argument rebuilt from the entries (kept empty where the caller gave it empty)."""
+    f_args = foreach_call._schema.arguments
+    s_names = [a.name for a in single_call._schema.arguments]
+    out = []
+    for a, v in zip(f_args, bound):
+        if not _is_list_arg(a) or not len(v):
+            out.append(v)
+            continue
+        sname = next((k for k, pl in _PLURAL.items() if pl == a.name), a.name)
+        j = s_names.index(sname)
+        out.append([e[j] for e in local_entries])
+    return out
+
+
+def _validate_list(opname: str, bound) -> None:
+    from lowrank_kernels.ops import _registry as reg  # noqa: F401  (the ops are defined)
+    from lowrank_kernels.ops import adam as ops_adam
+    from lowrank_kernels.ops import dct as ops_dct
+    from lowrank_kernels.ops import projection as ops_proj
+
+    validate = {
+        "projection_foreach_project_update_backproject": ops_proj.validate_foreach_project_update_backproject,
+        "adam_foreach_update": ops_adam.validate_foreach_update,
+        "dct_foreach_score_topk": ops_dct.validate_foreach_score_topk,
+    }[opname]
+    validate(*bound)
+
+
+def _foreach_projection_handler(op_call, args, kwargs):
+    """``projection_foreach_project_update_backproject`` on DTensors (see above)."""
+    opname = op_call._schema.name.split("::")[-1]
+    bound = _bind(op_call, args, kwargs)
+    _validate_list(opname, bound)
+    single = torch.ops.lowrank_kernels.projection_project_update_backproject.default
+    s_schema = single._schema
+    s_names = [a.name for a in s_schema.arguments]
+    written = {a.name for a in s_schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    local_entries, per_entry = [], []
+    for entry in _entries(op_call, single, bound):
+        if not any(is_dtensor(a) for a in entry):
+            local_entries.append(entry)
+            continue
+        side, kind = entry[s_names.index("side")], _kind(s_names, entry)
+        row = _row_of(s_names, entry)
+        if row is not None and (side == "left" or local_rows(row)[1] == 0):
+            per_entry.append(entry)  # left: the r x n all-reduce; an empty shard: nothing to run
+            continue
+        local = _local_args(opname, s_names, entry, row, side, kind, written)
+        if row is not None and _local_rank_too_big(s_names, local, side, kind):
+            per_entry.append(entry)  # fewer rows than the rank: the single op's reference path
+            continue
+        local_entries.append(local)
+    if local_entries:
+        op_call(*_regroup(op_call, single, bound, local_entries))
+    for entry in per_entry:
+        single(*entry)
+    return None
+
+
+def _foreach_adam_handler(op_call, args, kwargs):
+    """``adam_foreach_update`` on DTensors: elementwise, so every entry runs on its local
+    shards (each tensor of an entry laid out like its ``exp_avg``; a plain tensor counts as
+    replicated): one list-op call on the local shards, no communication."""
+    opname = op_call._schema.name.split("::")[-1]
+    bound = _bind(op_call, args, kwargs)
+    _validate_list(opname, bound)
+    f_args = op_call._schema.arguments
+    names = [a.name for a in f_args]
+    written = {a.name for a in f_args if a.alias_info is not None and a.alias_info.is_write}
+    lists = [i for i, a in enumerate(f_args) if _is_list_arg(a) and len(bound[i])]
+    local = [list(v) if i in lists else v for i, v in enumerate(bound)]
+    for e in range(len(bound[names.index("exp_avg")])):
+        like = bound[names.index("exp_avg")][e]
+        sharded = is_row_sharded(like)
+        for i in lists:
+            t = bound[i][e]
+            if not isinstance(t, torch.Tensor):
+                continue
+            name = f"{names[i]}[{e}]"
+            local[i][e] = (_to_local_row(t, name, like, opname, names[i] in written) if sharded
+                           else _to_local_rep(t, name, opname, names[i] in written))
+    op_call(*local)
+    return None
+
+
+def _dct_foreach_score_topk_handler(op_call, args, kwargs):
+    """``dct_foreach_score_topk`` on DTensors: a row-sharded gradient is scored as by
+    ``dct_score_topk``'s handler (local scores, one all-reduce per gradient, in list order);
+    the other entries in one list-op call on their local tensors. Plain int32 indices, the
+    same on every rank."""
+    opname = op_call._schema.name.split("::")[-1]
+    grads, basis, k, side, norm = _bind(op_call, args, kwargs)
+    _validate_list(opname, [grads, basis, k, side, norm])
+    rows: List[Optional[torch.Tensor]] = [None] * len(grads)
+    rest = [i for i, g in enumerate(grads) if not is_row_sharded(g)]
+    basis_l = _to_local_rep(basis, "basis", opname, False)
+    if rest:
+        out = op_call([_to_local_rep(grads[i], f"grads[{i}]", opname, False) for i in rest], basis_l, k, side, norm)
+        for i, r in zip(rest, out.unbind(0)):
+            rows[i] = r
+    single = torch.ops.lowrank_kernels.dct_score_topk.default
+    for i, g in enumerate(grads):
+        if rows[i] is None:
+            rows[i] = _dct_score_topk_handler(single, (g, basis_l, k, side, norm), {})
+    if not rows:
+        return torch.zeros((0, k), dtype=torch.int32, device=basis_l.device)
+    return torch.stack(rows)
+
+
+def bucketable(p: torch.Tensor) -> bool:
+    """Whether ``p`` may take the bucketed (multi-tensor) step: a plain tensor with a plain
+    gradient, or a DTensor the list-op handlers serve (``Shard(0)`` / ``Replicate()``
+    placements, the gradient laid out like the parameter; the handlers are installed here)."""
+    g = p.grad
+    if not is_dtensor(p):
+        return not is_dtensor(g)
+    if not is_dtensor(g) or unsupported_placement(p) is not None or tuple(g.placements) != tuple(p.placements):
+        return False
+    install_op_handlers()
+    return True
+
+
 def install_op_handlers() -> None:
     """Register the DTensor handlers of the ``lowrank_kernels`` projection and DCT ops (idempotent).
 
@@ -645,6 +829,11 @@ def install_op_handlers() -> None:
         handlers[lib.dct_scores.default] = _dct_scores_handler
     if hasattr(lib, "dct_score_topk"):
         handlers[lib.dct_score_topk.default] = _dct_score_topk_handler
+    for name, handler in (("projection_foreach_project_update_backproject", _foreach_projection_handler),
+                          ("adam_foreach_update", _foreach_adam_handler),
+                          ("dct_foreach_score_topk", _dct_foreach_score_topk_handler)):
+        if hasattr(lib, name):
+            handlers[getattr(lib, name).default] = handler
     _installed = True
 
 
@@ -661,6 +850,7 @@ __all__ = [
     "inf_norms",
     "place_state",
     "install_op_handlers",
+    "bucketable",
     "ShardingError",
     "ROW_STATE_KEYS",
 ]

@@ -7,6 +7,8 @@ DCT-II basis of size ``s`` (rows are the cosine waveforms), ``s = n`` for
 - scores: ``side="right"``: ``S = G C^T`` (``m x n``), ``score_j = ||S[:, j]||_p``;
   ``side="left"``: ``S = C G`` (``m x n``), ``score_i = ||S[i, :]||_p``; ``p`` is 1 or 2.
   A 3-D ``G`` (``batch x m x n``) is scored matrix by matrix (``batch x s`` scores).
+- a list of same-shape gradients (the multi-tensor form) is scored gradient by gradient
+  (``len(grads) x k`` indices).
 - top-k: the ``k`` indices of the largest scores, ordered by descending score, ties
   broken by the lower index (a stable descending sort); NaN scores sort first, as in
   ``torch.sort``. Returned as int32.
@@ -64,6 +66,13 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def dct_score_topk_ref(grad, basis, k, side, norm):
     return topk_indices(dct_scores_ref(grad, basis, side, norm), k)
+
+
+def dct_foreach_score_topk_ref(grads, basis, k, side, norm):
+    """The list form: :func:`dct_score_topk_ref` of each gradient, stacked (``len(grads) x k``)."""
+    if len(grads) == 0:
+        return torch.zeros((0, k), dtype=INDEX_DTYPE, device=basis.device)
+    return torch.stack([dct_score_topk_ref(g, basis, k, side, norm) for g in grads])
 
 
 def dense_projector(basis: torch.Tensor, indices: torch.Tensor, side: str) -> torch.Tensor:

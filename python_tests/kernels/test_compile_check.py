@@ -18,7 +18,7 @@ cc = pytest.importorskip("lowrank_kernels.compile_check")
 
 ARCHS = (80, 90)
 KERNELS = {
-    "_projection_project_adam_kernel", "_projection_backproject_apply_kernel", "_dct_gemm_kernel",
+    "_projection_project_adam_kernel", "_projection_backproject_apply_kernel", "_dct_gemm_kernel", "_dct_partial_sum_kernel",
     "_quant_int4_pack_kernel", "_quant_int4_unpack_kernel", "_quant_int8_quantize_kernel",
     "_quant_int8_dequantize_kernel", "_quant_int8_update_sr_kernel", "_adam_update_kernel", "_adam_update_q8_kernel",
 }
