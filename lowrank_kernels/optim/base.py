@@ -48,8 +48,9 @@ how its projector is made and how one projected step is taken:
   for the plain-AdamW groups; :data:`MOMENT_BITS_DEFAULTS`). ``32``: the moments above.
   ``16`` (bfloat16 parameters; the ops take moments in float32, float64 or the parameter's
   dtype, so other parameters keep the 32-bit format): ``exp_avg`` / ``exp_avg_sq`` are
-  bfloat16 and every store of an updated moment rounds *stochastically* (seed :meth:`LowRankOptimizer._moment_seed`, a hash of the
-  parameter's position and the step: deterministic and resumable), so the second moment
+  bfloat16 and every store of an updated moment rounds *stochastically* (seed
+  :meth:`LowRankOptimizer._moment_seed`, a hash of the parameter's position and the
+  step: deterministic and resumable), so the second moment
   keeps decaying in expectation (round-to-nearest bfloat16 would freeze it, see above).
   ``8``: ``exp_avg`` / ``exp_avg_sq`` are uint8 codes of the moment's shape and
   ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` float32 block maxima of shape
@@ -690,21 +691,17 @@ class LowRankOptimizer(Optimizer):
             step_size = lr * math.sqrt(bc2) / (1.0 - beta1**t)
             eps_t = eps if compat else eps * math.sqrt(bc2)
             states = [self.state[p] for p in ps]
-            kws = [self._moment_kwargs(p, st, group, t) for p, st in zip(ps, states)]
             grads = [p.grad.to(self._low_dtype(st, group, p.grad.dtype)) for p, st in zip(ps, states)]
             if group.get("foreach") is False or len(ps) == 1 or any(_dist.is_dtensor(p) for p in ps):
-                ns = [ops.adam_update_(g, st["exp_avg"], st["exp_avg_sq"], beta1=beta1, beta2=beta2, eps=eps_t, **kw)
-                      for g, st, kw in zip(grads, states, kws)]
+                ns = [ops.adam_update_(g, st["exp_avg"], st["exp_avg_sq"], beta1=beta1, beta2=beta2, eps=eps_t,
+                                       **self._moment_kwargs(p, st, group, t))
+                      for p, g, st in zip(ps, grads, states)]
             else:
-                kw = {}
-                if "m_absmax" in kws[0]:
-                    kw = dict(m_absmax=[k["m_absmax"] for k in kws], v_absmax=[k["v_absmax"] for k in kws],
-                              block_size=kws[0]["block_size"])
-                elif "moment_seed" in kws[0]:
-                    kw = dict(moment_seed=[k["moment_seed"] for k in kws])
-                ns = ops.adam_foreach_update_(grads, [st["exp_avg"] for st in states],
-                                              [st["exp_avg_sq"] for st in states], beta1=beta1, beta2=beta2,
-                                              eps=eps_t, **kw)
+                fmt = self._foreach_moment_kwargs([(p, st, group, t) for p, st in zip(ps, states)])
+                ns = ops.adam_foreach_update_(
+                    grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], beta1=beta1,
+                    beta2=beta2, eps=eps_t, **fmt,
+                )
             del grads
             wide = [p.dtype not in (torch.float32, torch.float64) for p in ps]
             ws = [p.to(torch.float32) if w else p for p, w in zip(ps, wide)]
@@ -823,7 +820,8 @@ class LowRankOptimizer(Optimizer):
         the parameter's position and the step (the same in a resumed run)."""
         return mix_seed(self._param_seed(p), step, 0x16B)
 
-    def _moment_kwargs(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any], step: int) -> Dict[str, Any]:
+    def _moment_kwargs(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any],
+                       step: int) -> Dict[str, Any]:
         """The moment-format arguments of the projection / adam ops for ``state``'s moments:
         ``m_absmax``, ``v_absmax``, ``block_size`` (8-bit), ``moment_seed`` (16-bit), or none."""
         m = state["exp_avg"]

@@ -363,7 +363,8 @@ class QGaLoreAdamW(GaLoreAdamW):
         beta1, beta2 = group["betas"]
         if self._lowbit(state, group):
             bc2 = 1 - beta2**step
-            n = ops.adam_update_(p.grad.to(self._low_dtype(state, group, p.grad.dtype)), state["exp_avg"], state["exp_avg_sq"], beta1=beta1,
+            g = p.grad.to(self._low_dtype(state, group, p.grad.dtype))
+            n = ops.adam_update_(g, state["exp_avg"], state["exp_avg_sq"], beta1=beta1,
                                  beta2=beta2, eps=group["eps"] * math.sqrt(bc2),
                                  **self._moment_kwargs(p, state, group, step))
             update = n.to(torch.float32).mul_(-group["lr"] * math.sqrt(bc2) / (1 - beta1**step))
