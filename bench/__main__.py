@@ -49,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="stop measuring after S seconds (remaining rows are listed as skipped)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the rows, tables and targets of the suites not run from the existing "
+                         "<device>.csv/.md in --out (each kept row keeps its own stamp; the Markdown header "
+                         "says which suites were kept and from which run)")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.suite.split(",") if s.strip()]
@@ -91,6 +95,9 @@ def _run(args, torch) -> int:
     log = (lambda *a, **k: print(*a, **k, flush=True))
     ctx = Ctx(device, dtype, quick=args.quick, tiny=args.tiny, out=Path(args.out), time_budget_s=args.time_budget,
               plots=not args.no_plots, log=log)
+    if args.keep:
+        kept = ctx.keep_previous(args.suites, SUITES)
+        log(f"--keep: {', '.join(kept) or 'no'} suite(s) kept from {ctx.csv_path()}")
     try:
         old_handler = signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread (embedded use)

@@ -82,7 +82,17 @@ def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
                    f"copy {_fmt(ctx.copy_gbps, '.4g')} GB/s.  ")
     if ctx.sizes.note:
         out.append(f"Sizes: {ctx.sizes.note}.")
-    for suite in suites:
+    if ctx.kept_header:
+        out[-1] += "  "
+        out.append(ctx.kept_header)
+    order = list(suites) + [s for s in ctx.kept_md if s not in suites]
+    if ctx.kept_md:  # --keep: every suite in the harness's order, kept ones verbatim
+        so = ctx.suite_order
+        order = sorted(order, key=lambda s: so.index(s) if s in so else len(so))
+    for suite in order:
+        if suite in ctx.kept_md and suite not in suites:
+            out += ["", ctx.kept_md[suite]]
+            continue
         rows = [r for r in ctx.rows if r.suite == suite]
         if not rows:
             continue
@@ -102,12 +112,16 @@ def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
             out.append(f"| {r.kernel} | {r.provider} | {r.shape} | {_fmt(r.rank, 'd')} | {_fmt_ms(r.median_ms)} | "
                        f"{spread} | {vs} | {rate} | {fmt_bytes(r.bytes) if r.median_ms is None else ''} | {extra} |")
     ts = [t for t in ctx.targets if t.suite in suites]
-    if ts:
+    if ts or ctx.kept_targets:
         out += ["", "**Targets** (from the issues unless marked; printed, not asserted)", ""]
+        new = []
         for t in ts:
             op = ">=" if t.higher_is_better else "<="
             meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
-            out.append(f"- [{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}")
+            new.append((t.suite, f"- [{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}"))
+        kept = [(ln[3:].split("]", 1)[0], ln) for ln in ctx.kept_targets]
+        rank = {s: i for i, s in enumerate(order)}
+        out += [ln for _, ln in sorted(new + kept, key=lambda x: rank.get(x[0], len(rank)))]
     return "\n".join(out) + "\n"
 
 
