@@ -14,6 +14,8 @@ import torch
 from lowrank_kernels import ops
 
 from . import distributed as _dist
+from lowrank_kernels.reference import moments as _moments
+
 from .base import PROJ_TYPES, LowRankOptimizer, _is_real, project_fp32
 from .galore import SVD_MODES, GaLoreAdamW
 
@@ -68,6 +70,18 @@ class GaLoreAdafactor(LowRankOptimizer):
             groups (``rank=None`` leaves a group plain Adafactor).
         skip_nonfinite: skip a parameter whose gradient is not finite (see
             :mod:`lowrank_kernels.optim.base`).
+        moment_bits, block_size, min_8bit_size: the format of the **first moment**
+            ``exp_avg`` (only kept with ``beta1``), projected and plain: 32 (float32), 16
+            (bfloat16, stochastic rounding) or 8 (uint8 codes of the signed dynamic map plus
+            float32 ``exp_avg_absmax`` per block of ``block_size`` inside a row; moments below
+            ``min_8bit_size`` elements stay float32), as for the Adam optimizers (see
+            :mod:`lowrank_kernels.optim.base`). The factored second moment (a row and a column
+            vector, ``O(m + n)``) and a 1-D parameter's full second moment always stay float32:
+            Adafactor has no second-moment tensor of ``R``'s shape to compress. The first
+            moment is updated in torch here (dequantize, ``m <- b1 m + (1 - b1) upd`` in
+            float32, the update taken from the float32 value, requantize with
+            :mod:`lowrank_kernels.reference.moments`): the projection ops fuse Adam, not
+            Adafactor. Without ``beta1`` the key has no effect.
 
     State per projected parameter (tensors only, ``weights_only``-safe): ``step`` (CPU
     float32), ``side`` (CPU int8), ``projector`` (and ``projector_right`` for
@@ -100,12 +114,16 @@ class GaLoreAdafactor(LowRankOptimizer):
         proj_type: str = "std",
         svd: str = "exact",
         skip_nonfinite: bool = True,
+        moment_bits: int = 32,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
     ):
         defaults = dict(
             lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
             warmup_init=warmup_init, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-            svd=svd, skip_nonfinite=skip_nonfinite,
+            svd=svd, skip_nonfinite=skip_nonfinite, moment_bits=moment_bits, block_size=block_size,
+            min_8bit_size=min_8bit_size,
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -155,6 +173,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         wd = group.get("weight_decay")
         if not _is_real(wd) or not wd >= 0.0:
             raise ValueError(self._err(gi, f"weight_decay must be a float >= 0, got {wd!r}"))
+        self._validate_moment_bits(group, gi)
         if self._is_lowrank(group):
             self._validate_lowrank_group(group, gi)
 
@@ -173,14 +192,20 @@ class GaLoreAdafactor(LowRankOptimizer):
     def _acc(p: torch.Tensor) -> torch.dtype:
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
-    def _init_moments(self, state, shape, group, dtype, device) -> None:
+    #: the one moment ``moment_bits`` applies to (the first; see the class docstring).
+    moment_keys = (("exp_avg", True),)
+
+    def _init_factored(self, p, state, shape, group, dtype, device) -> None:
         if len(shape) >= 2:
             state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=dtype, device=device)
             state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=dtype, device=device)
         else:
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
         if group["beta1"] is not None:
-            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
+            if self._moment_bits_for(shape, group) != 32:
+                self._init_moments(p, state, group, shape, keys=("exp_avg",))
+            else:
+                state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
 
     def _init_state(self, p, state, group):
         super()._init_state(p, state, group)
@@ -188,9 +213,16 @@ class GaLoreAdafactor(LowRankOptimizer):
         r = self._group_rank(group, (m, n))
         side = self._side(state)
         shape = (r, r) if side == "full" else ops.low_rank_shape(m, n, r, side)
-        self._init_moments(state, tuple(shape), group, self._acc(p), p.device)
+        self._init_factored(p, state, tuple(shape), group, self._acc(p), p.device)
 
     # ------------------------------------------------------------------ the math
+    def _first_moment_seed(self, p, state, group, step: int) -> int:
+        """The stochastic-rounding seed of a 16-bit ``exp_avg`` at ``step``, else -1."""
+        m = state.get("exp_avg")
+        if m is not None and m.dtype == torch.bfloat16 and group.get("moment_bits", 32) == 16:
+            return self._moment_seed(p, step)
+        return -1
+
     @staticmethod
     def _lr(group, step: int, p: torch.Tensor) -> Union[float, torch.Tensor]:
         """``lr_t``: a float, or a 0-d device tensor when it depends on ``RMS(W)``."""
@@ -203,8 +235,9 @@ class GaLoreAdafactor(LowRankOptimizer):
         return lr
 
     @staticmethod
-    def _update(g: torch.Tensor, state, group, step: int, lr_t) -> torch.Tensor:
-        """The Adafactor update of ``g`` (float32), already scaled by ``lr_t``; updates the moments."""
+    def _update(g: torch.Tensor, state, group, step: int, lr_t, moment_seed: int = -1) -> torch.Tensor:
+        """The Adafactor update of ``g`` (float32), already scaled by ``lr_t``; updates the moments
+        (``moment_seed``: the stochastic rounding of a 16-bit first moment)."""
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
         sq = g.square().add_(group["eps"][0])
         if "exp_avg_sq_row" in state:
@@ -222,8 +255,23 @@ class GaLoreAdafactor(LowRankOptimizer):
         upd.mul_(lr_t)
         if group["beta1"] is not None:
             m = state["exp_avg"]
-            m.mul_(group["beta1"]).add_(upd, alpha=1.0 - group["beta1"])
-            upd = m
+            b1 = group["beta1"]
+            if m.dtype == torch.uint8:  # 8-bit: dequantize, update in float32, requantize
+                bs = int(group["block_size"])
+                absmax = state["exp_avg_absmax"]
+                mf = _moments.moments_dequantize_ref(m, absmax, signed=True, block_size=bs)
+                mf.mul_(b1).add_(upd, alpha=1.0 - b1)
+                codes, new_absmax = _moments.moments_quantize_ref(mf, signed=True, block_size=bs)
+                m.copy_(codes)
+                absmax.copy_(new_absmax)
+                upd = mf
+            elif m.dtype == torch.bfloat16 and moment_seed >= 0:  # 16-bit: stochastic rounding on store
+                mf = m.to(torch.float32).mul_(b1).add_(upd, alpha=1.0 - b1)
+                m.copy_(_moments.bf16_round_sr_ref(mf, moment_seed))
+                upd = mf
+            else:
+                m.mul_(b1).add_(upd, alpha=1.0 - b1)
+                upd = m
         return upd
 
     def _project_step(self, p, grad, state, group, step):
@@ -236,7 +284,7 @@ class GaLoreAdafactor(LowRankOptimizer):
             u = vh = None
             low = project_fp32(grad, state["projector"], side).to(exp_dtype)
         lr_t = self._lr(group, step, p)
-        upd = self._update(low, state, group, step, lr_t)
+        upd = self._update(low, state, group, step, lr_t, self._first_moment_seed(p, state, group, step))
         wd = group["weight_decay"]
         decay = 1.0
         if wd != 0.0:
@@ -258,12 +306,12 @@ class GaLoreAdafactor(LowRankOptimizer):
             acc = self._acc(p)
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                self._init_moments(state, tuple(grad.shape), group, acc, p.device)
+                self._init_factored(p, state, tuple(grad.shape), group, acc, p.device)
             state["step"] += 1
             step = int(state["step"])
             w = p if p.dtype == acc else p.to(acc)
             lr_t = self._lr(group, step, w)
-            upd = self._update(grad.to(acc), state, group, step, lr_t)
+            upd = self._update(grad.to(acc), state, group, step, lr_t, self._first_moment_seed(p, state, group, step))
             wd = group["weight_decay"]
             if wd != 0.0:
                 if isinstance(lr_t, torch.Tensor):

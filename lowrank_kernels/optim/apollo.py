@@ -68,7 +68,9 @@ class APOLLOAdamW(LowRankOptimizer):
 
     State per projected parameter: ``step`` (CPU float32), ``side`` (CPU int8),
     ``seed`` (CPU int64, the seed of the current projection), ``exp_avg``,
-    ``exp_avg_sq`` (low-rank shape, float32 unless ``moment_dtype="param"``) and, with the limiter on,
+    ``exp_avg_sq`` (low-rank shape, float32 unless ``moment_dtype="param"``; 8-bit codes plus
+    ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` or bfloat16 with ``moment_bits=8`` / ``16``, see
+    :mod:`lowrank_kernels.optim.base`) and, with the limiter on,
     ``scaled_grad_norm`` (the previous step's ``||Gt||``: 0-d float32 on the
     parameter's device).
 
@@ -100,6 +102,9 @@ class APOLLOAdamW(LowRankOptimizer):
         foreach: Optional[bool] = None,
         compat: Optional[str] = None,
         moment_dtype: str = "float32",
+        moment_bits: int = 32,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
@@ -109,7 +114,7 @@ class APOLLOAdamW(LowRankOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, scale_type=scale_type, proj=proj, scale_front=bool(scale_front),
             norm_growth_limiter=bool(norm_growth_limiter), skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype,
+            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
         )
         if compat is not None:
             defaults["compat"] = compat
@@ -143,9 +148,7 @@ class APOLLOAdamW(LowRankOptimizer):
         super()._init_state(p, state, group)
         m, n = p.shape
         shape = ops.low_rank_shape(m, n, self._group_rank(group, (m, n)), self._side(state))
-        dtype = self._state_dtype(p, group)
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        self._init_moments(p, state, group, shape)
 
     # ------------------------------------------------------------------ seeded projection
     @staticmethod
@@ -186,9 +189,10 @@ class APOLLOAdamW(LowRankOptimizer):
         side = self._side(state)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         proj = self._get_projector(p, state, group)
-        r_lr = project_fp32(grad, proj, side).to(exp_avg.dtype)  # R, low-rank shape
+        r_lr = project_fp32(grad, proj, side).to(self._low_dtype(state, group, exp_avg.dtype))  # R, low-rank shape
         # R is already projected: Adam's elementwise step on it (no identity-projector GEMM).
-        n_lr = ops.adam_update_(r_lr, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"])
+        n_lr = ops.adam_update_(r_lr, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                **self._moment_kwargs(p, state, group, step))
         if group["scale_type"] == "channel":
             dim = 1 if side == "right" else 0  # the low-rank dimension
             s = _norm(n_lr, dim) / (_norm(r_lr, dim) + 1e-8)

@@ -43,6 +43,30 @@ how its projector is made and how one projected step is taken:
   ``|R| < ~5e-3`` at ``beta2 = 0.999`` (below half the smallest float16 subnormal,
   2^-25), so ``V`` stays 0 and the step becomes
   ``M / eps``. A checkpoint's moments keep their saved dtype;
+- **moment formats** (group keys ``moment_bits`` = 32 (default) | 16 | 8,
+  ``block_size`` (256, in [1, 256]) and ``min_8bit_size`` (4096), for every optimizer and
+  for the plain-AdamW groups; :data:`MOMENT_BITS_DEFAULTS`). ``32``: the moments above.
+  ``16``: ``exp_avg`` / ``exp_avg_sq`` are bfloat16 and every store of an updated moment
+  rounds *stochastically* (seed :meth:`LowRankOptimizer._moment_seed`, a hash of the
+  parameter's position and the step: deterministic and resumable), so the second moment
+  keeps decaying in expectation (round-to-nearest bfloat16 would freeze it, see above).
+  ``8``: ``exp_avg`` / ``exp_avg_sq`` are uint8 codes of the moment's shape and
+  ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` float32 block maxima of shape
+  ``shape[:-1] + (ceil(cols / block_size),)`` (blocks of <= ``block_size`` elements inside
+  one row; bitsandbytes' dynamic map, signed for ``exp_avg``, unsigned for ``exp_avg_sq``:
+  :mod:`lowrank_kernels.reference.moments`), i.e. ``2 numel + 8 rows ceil(cols / 256)``
+  bytes for the pair instead of ``8 numel``. The kernels dequantize, update in float32,
+  compute ``N`` from the float32 values and requantize in the same pass. A moment with
+  fewer than ``min_8bit_size`` elements (or a 0-d one) stays in the 32-bit format. The
+  format of a parameter is fixed when its state is created and read back from the state
+  tensors' dtypes (uint8: 8-bit; bfloat16 in a ``moment_bits=16`` group: 16-bit with
+  stochastic rounding). :meth:`LowRankOptimizer.load_state_dict` converts saved moments
+  to the group's format: float moments loaded into a ``moment_bits=8`` group are
+  quantized (moments below ``min_8bit_size`` stay float), float32/float64 moments loaded
+  into a ``moment_bits=16`` group are rounded to bfloat16 (to nearest), 8-bit moments
+  loaded into a ``moment_bits=32`` or ``16`` group are dequantized; bfloat16 moments in a
+  ``moment_bits=32`` group keep their dtype (as ``moment_dtype="param"`` ones). 8-bit
+  and 16-bit formats need ``moment_dtype="float32"`` (the default);
 - **failed projector refreshes**: when making a new projector fails (the SVD
   raises or returns non-finite values), the previous projector is kept and the step
   is taken with it; when there is no previous projector (the parameter's first
@@ -106,6 +130,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
 from lowrank_kernels import ops
+from lowrank_kernels.reference import moments as _moments
 
 from . import distributed as _dist
 
@@ -116,6 +141,12 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 COMPAT_MODES = ("galore-torch", "apollo-torch")
 #: values of the ``moment_dtype`` group key (see the module docstring).
 MOMENT_DTYPES = ("float32", "param")
+#: values of the ``moment_bits`` group key (see the module docstring).
+MOMENT_BITS = (32, 16, 8)
+#: the moment-format group keys and their defaults (see the module docstring).
+MOMENT_BITS_DEFAULTS = {"moment_bits": 32, "block_size": 256, "min_8bit_size": 4096}
+#: ``state`` key of the float32 block maxima of each 8-bit moment.
+ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax"}
 
 
 def resolve_side(shape: Tuple[int, int], proj_type: str) -> str:
@@ -183,6 +214,8 @@ class LowRankOptimizer(Optimizer):
     min_rank: int = 1
     #: state keys kept as CPU tensors (bookkeeping read on the host every step).
     host_state_keys = frozenset({"step", "side", "seed", "subspace_step"})
+    #: the Adam-style moments a ``moment_bits`` format applies to: ``(state key, signed map)``.
+    moment_keys: Tuple[Tuple[str, bool], ...] = (("exp_avg", True), ("exp_avg_sq", False))
     #: ``compat`` values this optimizer reproduces (see the module docstring). Read
     #: from the class itself, not inherited: a subclass that changes the step must
     #: declare the modes it still reproduces exactly.
@@ -199,7 +232,7 @@ class LowRankOptimizer(Optimizer):
         self.nonfinite_skips = 0
         #: number of projector refreshes that failed and kept the previous projector.
         self.failed_refreshes = 0
-        defaults = {"moment_dtype": "float32", **defaults}
+        defaults = {"moment_dtype": "float32", **MOMENT_BITS_DEFAULTS, **defaults}
         super().__init__(params, defaults)
         if not any(self._is_lowrank(g) for g in self.param_groups if g["params"]):
             warnings.warn(
@@ -285,9 +318,28 @@ class LowRankOptimizer(Optimizer):
                 self._err(gi, f"moment_dtype must be 'float32' (default) or 'param' (16-bit moments for 16-bit "
                               f"parameters; unsafe, see lowrank_kernels.optim.base), got {md!r}")
             )
+        self._validate_moment_bits(group, gi)
         if self._is_lowrank(group):
             self._validate_lowrank_group(group, gi)
         self._validate_compat(group, gi)
+
+    def _validate_moment_bits(self, group: Dict[str, Any], gi: int) -> None:
+        """``moment_bits`` in 32 | 16 | 8, ``block_size`` an int in [1, 256], ``min_8bit_size``
+        an int >= 0; 16/8-bit moments need ``moment_dtype="float32"``."""
+        bits = group.get("moment_bits", 32)
+        if not _is_int(bits) or bits not in MOMENT_BITS:
+            raise ValueError(self._err(gi, f"moment_bits must be 32, 16 or 8 (the bits per stored Adam moment "
+                                           f"value), got {bits!r}"))
+        bs = group.get("block_size", 256)
+        if not _is_int(bs) or not 1 <= bs <= 256:
+            raise ValueError(self._err(gi, f"block_size must be an int in [1, 256] (elements per 8-bit moment "
+                                           f"block), got {bs!r}"))
+        small = group.get("min_8bit_size", 4096)
+        if not _is_int(small) or small < 0:
+            raise ValueError(self._err(gi, f"min_8bit_size must be an int >= 0, got {small!r}"))
+        if bits != 32 and group.get("moment_dtype", "float32") != "float32":
+            raise ValueError(self._err(gi, f"moment_bits={bits} needs moment_dtype='float32' (the default), got "
+                                           f"moment_dtype={group.get('moment_dtype')!r}"))
 
     def _validate_compat(self, group: Dict[str, Any], gi: int) -> None:
         """``compat`` must be None or one of the modes the optimizer's own class declares."""
@@ -449,8 +501,11 @@ class LowRankOptimizer(Optimizer):
     def _init_plain_state(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         """torch.optim.AdamW's state layout (``step`` CPU float32, moments of :meth:`_state_dtype`),
         shared by :meth:`_plain_step` and :meth:`_plain_step_compat` so checkpoints move between them."""
-        dtype = self._state_dtype(p, group)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if self._moment_bits_for(tuple(p.shape), group) != 32:
+            self._init_moments(p, state, group, tuple(p.shape))
+            return
+        dtype = self._state_dtype(p, group)
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
@@ -461,7 +516,20 @@ class LowRankOptimizer(Optimizer):
         ``moment_dtype="param"``) go through torch's AdamW kernels (bit-identical);
         float32 moments of a 16-bit parameter through :meth:`_plain_step_wide`.
         With ``compat`` set, the official packages' AdamW (:meth:`_plain_step_compat`).
+        8-bit and 16-bit moments (``moment_bits``) through :meth:`_plain_step_lowbit`.
         """
+        lowbit = []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_plain_state(p, state, group)
+            if self._lowbit(state, group):
+                lowbit.append(p)
+        if lowbit:
+            self._plain_step_lowbit(group, lowbit)
+            params = [p for p in params if not self._lowbit(self.state[p], group)]
+            if not params:
+                return
         if group.get("compat") is not None:
             self._plain_step_compat(group, params)
             return
@@ -535,6 +603,61 @@ class LowRankOptimizer(Optimizer):
                 if is_wide:
                     p.copy_(w)
 
+    def _plain_step_lowbit(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
+        """AdamW with 8-bit or 16-bit moments: ``ops.adam_update_`` (or ``ops.adam_foreach_update_``
+        per bucket of step count and format) then the weight update.
+
+        The op returns ``N = m / (sqrt(v) + eps')`` with no bias correction; the update is
+        ``W <- W - lr sqrt(1 - b2^t) / (1 - b1^t) N``. **eps convention**: by default
+        ``eps' = eps sqrt(1 - b2^t)``, which makes this torch.optim.AdamW's
+        ``lr / (1 - b1^t) m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` exactly (in real arithmetic),
+        with the decay first (``W <- (1 - lr wd) W`` on the old weight); with ``compat`` set,
+        ``eps' = eps`` (the transformers-style AdamW of the official packages) and the decay
+        after the update. A 16-bit weight is updated in float32 and rounded once.
+        ``foreach=False`` in the group: one ``adam_update_`` call per parameter (the same numbers).
+        """
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        compat = group.get("compat") is not None
+        buckets: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            state = self.state[p]
+            state["step"] += 1
+            m = state["exp_avg"]
+            buckets[(int(state["step"]), m.dtype, m.device)].append(p)
+        for (t, _, _), ps in buckets.items():
+            bc2 = 1.0 - beta2**t
+            step_size = lr * math.sqrt(bc2) / (1.0 - beta1**t)
+            eps_t = eps if compat else eps * math.sqrt(bc2)
+            states = [self.state[p] for p in ps]
+            kws = [self._moment_kwargs(p, st, group, t) for p, st in zip(ps, states)]
+            grads = [p.grad.to(self._low_dtype(st, group, p.grad.dtype)) for p, st in zip(ps, states)]
+            if group.get("foreach") is False or len(ps) == 1:
+                ns = [ops.adam_update_(g, st["exp_avg"], st["exp_avg_sq"], beta1=beta1, beta2=beta2, eps=eps_t, **kw)
+                      for g, st, kw in zip(grads, states, kws)]
+            else:
+                kw = {}
+                if "m_absmax" in kws[0]:
+                    kw = dict(m_absmax=[k["m_absmax"] for k in kws], v_absmax=[k["v_absmax"] for k in kws],
+                              block_size=kws[0]["block_size"])
+                elif "moment_seed" in kws[0]:
+                    kw = dict(moment_seed=[k["moment_seed"] for k in kws])
+                ns = ops.adam_foreach_update_(grads, [st["exp_avg"] for st in states],
+                                              [st["exp_avg_sq"] for st in states], beta1=beta1, beta2=beta2,
+                                              eps=eps_t, **kw)
+            del grads
+            wide = [p.dtype not in (torch.float32, torch.float64) for p in ps]
+            ws = [p.to(torch.float32) if w else p for p, w in zip(ps, wide)]
+            ns = [n.to(w.dtype) for n, w in zip(ns, ws)]
+            if not compat and wd != 0.0:
+                torch._foreach_mul_(ws, 1.0 - lr * wd)
+            torch._foreach_add_(ws, ns, alpha=-step_size)
+            if compat and wd != 0.0:
+                torch._foreach_add_(ws, ws, alpha=-lr * wd)
+            for p, w, is_wide in zip(ps, ws, wide):
+                if is_wide:
+                    p.copy_(w)
+
     def _post_decay(self, group: Dict[str, Any]) -> float:
         """The factor a projected update is multiplied by so that a decay-first kernel
         (``W <- d W - a U``, ``d = 1 - lr wd``) yields the official packages' order
@@ -595,6 +718,91 @@ class LowRankOptimizer(Optimizer):
             return p.dtype
         return torch.promote_types(p.dtype, torch.float32)
 
+    # ------------------------------------------------------------------ moment formats
+    def _moment_bits_for(self, shape: Tuple[int, ...], group: Dict[str, Any]) -> int:
+        """The format (32, 16 or 8) new moments of ``shape`` get in ``group``: ``moment_bits``,
+        except that 8 falls back to 32 below ``min_8bit_size`` elements and 0-d moments are 32."""
+        bits = group.get("moment_bits", 32)
+        if len(shape) == 0:
+            return 32
+        if bits == 8 and math.prod(shape) < group.get("min_8bit_size", 4096):
+            return 32
+        return bits
+
+    def _init_moments(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any], shape,
+                      keys: Tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> None:
+        """Zero moments ``keys`` of ``shape`` on ``p``'s device in the group's format
+        (:meth:`_moment_bits_for`): 8-bit codes (uint8) + float32 absmax (:data:`ABSMAX_KEYS`;
+        absmax 0 decodes to 0), bfloat16, or :meth:`_state_dtype`."""
+        shape = tuple(int(s) for s in shape)
+        bits = self._moment_bits_for(shape, group)
+        for key in keys:
+            if bits == 8:
+                nblocks = -(-shape[-1] // int(group["block_size"]))
+                state[key] = torch.zeros(shape, dtype=torch.uint8, device=p.device)
+                state[ABSMAX_KEYS[key]] = torch.zeros(shape[:-1] + (nblocks,), dtype=torch.float32, device=p.device)
+            else:
+                dtype = torch.bfloat16 if bits == 16 else self._state_dtype(p, group)
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+
+    @staticmethod
+    def _lowbit(state: Dict[str, Any], group: Dict[str, Any]) -> bool:
+        """Whether ``state``'s Adam moments are 8-bit, or bfloat16 with ``moment_bits=16``."""
+        m = state.get("exp_avg")
+        if m is None:
+            return False
+        return m.dtype == torch.uint8 or (m.dtype == torch.bfloat16 and group.get("moment_bits", 32) == 16)
+
+    def _moment_seed(self, p: torch.Tensor, step: int) -> int:
+        """The stochastic-rounding seed of ``p``'s 16-bit moments at ``step`` (1-based): a hash of
+        the parameter's position and the step (the same in a resumed run)."""
+        return mix_seed(self._param_seed(p), step, 0x16B)
+
+    def _moment_kwargs(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any], step: int) -> Dict[str, Any]:
+        """The moment-format arguments of the projection / adam ops for ``state``'s moments:
+        ``m_absmax``, ``v_absmax``, ``block_size`` (8-bit), ``moment_seed`` (16-bit), or none."""
+        m = state["exp_avg"]
+        if m.dtype == torch.uint8:
+            return dict(m_absmax=state["exp_avg_absmax"], v_absmax=state["exp_avg_sq_absmax"],
+                        block_size=int(group["block_size"]))
+        if m.dtype == torch.bfloat16 and group.get("moment_bits", 32) == 16:
+            return dict(moment_seed=self._moment_seed(p, step))
+        return {}
+
+    def _format_key(self, state: Dict[str, Any], group: Dict[str, Any]) -> tuple:
+        """The moment format of ``state`` as a bucket-key part: one multi-tensor op call takes
+        one format (8-bit with one ``block_size``, 16-bit with stochastic rounding, or plain)."""
+        m = state["exp_avg"]
+        if m.dtype == torch.uint8:
+            return (8, int(group["block_size"]))
+        return (16, 0) if self._lowbit(state, group) else (32, 0)
+
+    def _foreach_moment_kwargs(self, entries: List[tuple]) -> Dict[str, Any]:
+        """:meth:`_moment_kwargs` of a bucket's ``(p, state, group, step)`` entries (one format)
+        as the list arguments of the multi-tensor ops."""
+        kws = [self._moment_kwargs(p, st, g, t) for p, st, g, t in entries]
+        if not kws or not kws[0]:
+            return {}
+        if "m_absmax" in kws[0]:
+            return dict(m_absmax=[k["m_absmax"] for k in kws], v_absmax=[k["v_absmax"] for k in kws],
+                        block_size=kws[0]["block_size"])
+        return dict(moment_seed=[k["moment_seed"] for k in kws])
+
+    def _low_dtype(self, state: Dict[str, Any], group: Dict[str, Any], default: torch.dtype) -> torch.dtype:
+        """dtype of an ``R`` (projected gradient, or a plain gradient) handed to the adam ops
+        with ``state``'s moments: float32 for 8-bit and 16-bit moments (:meth:`_lowbit`; the
+        update is computed in float32), else ``default``."""
+        return torch.float32 if self._lowbit(state, group) else default
+
+    @staticmethod
+    def _zero_moments(state: Dict[str, Any], keys: Tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> None:
+        """Zero the moments ``keys`` in place, whatever their format (8-bit: codes and absmax)."""
+        for key in keys:
+            if key in state:
+                state[key].zero_()
+            if ABSMAX_KEYS[key] in state:
+                state[ABSMAX_KEYS[key]].zero_()
+
     def _side(self, state: Dict[str, Any]) -> str:
         return SIDE_NAMES[int(state["side"])]
 
@@ -640,14 +848,68 @@ class LowRankOptimizer(Optimizer):
         """
         saved_state = state_dict["state"]
         saved_groups = state_dict["param_groups"]
+        self._check_saved_moments(state_dict)
         super().load_state_dict(state_dict)
         id_map = zip(
             chain.from_iterable(g["params"] for g in saved_groups),
             chain.from_iterable(g["params"] for g in self.param_groups),
         )
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
         for saved_id, p in id_map:
             if saved_id in saved_state:
                 self.state[p] = {k: self._load_value(p, k, v) for k, v in saved_state[saved_id].items()}
+                self._convert_moments(p, self.state[p], group_of[p])
+
+    def _check_saved_moments(self, state_dict) -> None:
+        """Before anything is loaded: every saved 8-bit moment (uint8 codes) has its float32
+        absmax of the shape the group's ``block_size`` gives, else a ``ValueError`` naming
+        the parameter (a checkpoint saved with another ``block_size`` would decode wrongly)."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            return  # torch's load_state_dict reports a malformed state dict
+        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return
+        for gi, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(group["params"]):
+                return
+            bs = int(group.get("block_size", 256))
+            for pi, saved_id in enumerate(sg["params"]):
+                st = saved_state.get(saved_id) or {}
+                for key, _ in self.moment_keys:
+                    t = st.get(key)
+                    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+                        continue
+                    where = f"{type(self).__name__}.load_state_dict: param group {gi}, parameter {pi}"
+                    am = st.get(ABSMAX_KEYS[key])
+                    want = tuple(t.shape[:-1]) + (-(-t.shape[-1] // bs),) if t.dim() >= 1 else None
+                    if not isinstance(am, torch.Tensor) or am.dtype != torch.float32 or tuple(am.shape) != want:
+                        got = (f"{am.dtype} {tuple(am.shape)}" if isinstance(am, torch.Tensor) else repr(am))
+                        raise ValueError(
+                            f"{where}: the saved 8-bit {key} (shape {tuple(t.shape)}) needs a float32 "
+                            f"{ABSMAX_KEYS[key]} of shape {want} for the group's block_size {bs}, got {got} "
+                            "(was it saved with another block_size?)"
+                        )
+
+    def _convert_moments(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
+        """Bring loaded moments (:attr:`moment_keys`) to the group's ``moment_bits`` (see the
+        module docstring). DTensor (FSDP2) state is left as loaded."""
+        keys = [(k, s) for k, s in self.moment_keys if isinstance(state.get(k), torch.Tensor)]
+        if not keys or any(_dist.is_dtensor(state[k]) for k, _ in keys):
+            return
+        bits = group.get("moment_bits", 32)
+        bs = int(group.get("block_size", 256))
+        for key, signed in keys:
+            t = state[key]
+            if t.dtype == torch.uint8:
+                if bits == 8:
+                    continue
+                val = _moments.moments_dequantize_ref(t, state.pop(ABSMAX_KEYS[key]), signed=signed, block_size=bs)
+                state[key] = val.to(torch.bfloat16 if bits == 16 else self._state_dtype(p, group))
+            elif bits == 8 and self._moment_bits_for(tuple(t.shape), group) == 8:
+                codes, absmax = _moments.moments_quantize_ref(t, signed=signed, block_size=bs)
+                state[key], state[ABSMAX_KEYS[key]] = codes, absmax
+            elif bits == 16 and t.dtype in (torch.float32, torch.float64) and t.dim() >= 1:
+                state[key] = t.to(torch.bfloat16)
 
     def _load_value(self, p: torch.Tensor, key: str, value):
         if not isinstance(value, torch.Tensor):
@@ -673,4 +935,7 @@ __all__ = [
     "PROJ_TYPES",
     "COMPAT_MODES",
     "MOMENT_DTYPES",
+    "MOMENT_BITS",
+    "MOMENT_BITS_DEFAULTS",
+    "ABSMAX_KEYS",
 ]

@@ -18,7 +18,9 @@ import torch
 from lowrank_kernels import ops
 
 from . import distributed as _dist
-from .base import LowRankOptimizer
+from lowrank_kernels.reference import moments as _moments
+
+from .base import ABSMAX_KEYS, LowRankOptimizer
 from .frugal import FrugalAdamW
 
 MOMENT_REFRESH = ("keep", "reindex", "reset")
@@ -49,6 +51,33 @@ def reindex_moments_(
         t = _dist.local(t)  # FSDP2: the re-indexed dim is never the sharded one (rows of m)
         moved = t.index_select(dim, src)
         t.copy_(torch.where(keep, moved, torch.zeros((), dtype=t.dtype, device=t.device)))
+
+
+def reindex_moments8_(
+    state, old_idx: torch.Tensor, new_idx: torch.Tensor, side: str, size: int, block_size: int
+) -> None:
+    """:func:`reindex_moments_` for 8-bit moments (``state``'s uint8 ``exp_avg`` /
+    ``exp_avg_sq`` and their float32 ``exp_avg_absmax`` / ``exp_avg_sq_absmax``), in place.
+
+    Left side (moments ``r x n``, one row per basis vector): whole rows move with their
+    absmax (blocks lie inside rows), exactly, and new rows get code 0 with absmax 0 (zero).
+    Right side (``m x r``, a column per basis vector, blocks along the columns): the
+    moments are dequantized, re-indexed and requantized (new block maxima), one
+    ``m x r`` float32 temporary at a refresh only.
+    """
+    if side == "left":
+        reindex_moments_(state["exp_avg"], state["exp_avg_sq"], old_idx, new_idx, side, size)
+        reindex_moments_(state["exp_avg_absmax"], state["exp_avg_sq_absmax"], old_idx, new_idx, side, size)
+        return
+    vals = {}
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, absmax = _dist.local(state[key]), _dist.local(state[ABSMAX_KEYS[key]])
+        vals[key] = _moments.moments_dequantize_ref(codes, absmax, signed=signed, block_size=block_size)
+    reindex_moments_(vals["exp_avg"], vals["exp_avg_sq"], old_idx, new_idx, side, size)
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, absmax = _moments.moments_quantize_ref(vals[key], signed=signed, block_size=block_size)
+        _dist.local(state[key]).copy_(codes)
+        _dist.local(state[ABSMAX_KEYS[key]]).copy_(absmax)
 
 
 class DCTAdamW(LowRankOptimizer):
@@ -93,6 +122,9 @@ class DCTAdamW(LowRankOptimizer):
         max_dim: parameters with a dimension at least this large are plain AdamW.
         skip_nonfinite, foreach, moment_dtype: as GaLoreAdamW (float32 moments by default;
             non-refresh steps by bucket unless ``foreach=False``).
+        moment_bits, block_size, min_8bit_size: the moment format, 32 | 16 | 8 (see
+            :mod:`lowrank_kernels.optim.base`); ``moment_refresh="reindex"`` carries 8-bit
+            moments over through :func:`reindex_moments8_`, ``"reset"`` zeroes codes and absmax.
 
     State per projected parameter (tensors only): ``step`` (CPU float32), ``side``
     (CPU int8: 0 right, 1 left), ``indices`` (int32, length ``rank``, on the
@@ -121,12 +153,15 @@ class DCTAdamW(LowRankOptimizer):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
         moment_dtype: str = "float32",
+        moment_bits: int = 32,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, norm=norm, moment_refresh=moment_refresh, max_dim=max_dim,
             skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype,
+            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
         )
         self._pending_plain: Dict[int, Tuple[dict, List[torch.Tensor]]] = {}
         super().__init__(params, defaults)
@@ -184,9 +219,7 @@ class DCTAdamW(LowRankOptimizer):
         m, n = p.shape
         r = self._group_rank(group, (m, n))
         shape = ops.low_rank_shape(m, n, r, self._side(state))
-        dtype = self._state_dtype(p, group)
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        self._init_moments(p, state, group, shape)
 
     def _has_projector(self, state):
         return "indices" in state
@@ -209,10 +242,12 @@ class DCTAdamW(LowRankOptimizer):
         if "indices" in state and mode == "reindex":
             side = self._side(state)
             size = p.shape[1] if side == "right" else p.shape[0]
-            reindex_moments_(state["exp_avg"], state["exp_avg_sq"], state["indices"], idx, side, size)
+            if state["exp_avg"].dtype == torch.uint8:
+                reindex_moments8_(state, state["indices"], idx, side, size, int(group["block_size"]))
+            else:
+                reindex_moments_(state["exp_avg"], state["exp_avg_sq"], state["indices"], idx, side, size)
         elif mode == "reset":
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
+            self._zero_moments(state)
         state["indices"] = idx
         return True
 
@@ -287,12 +322,13 @@ class DCTAdamW(LowRankOptimizer):
         if not self._projected(p, group) or not self._own_fused_step(DCTAdamW):
             return None
         beta1, beta2 = group["betas"]
-        return ("dct", self._side(state), p.device, p.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"])
+        return ("dct", self._side(state), p.device, p.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"],
+                self._format_key(state, group))
 
     def _bucket_step(self, key, entries):
         """One ``ops.foreach_project_update_backproject_`` call with the arguments
         :meth:`_project_step` passes per parameter."""
-        _, side, _, _, _, beta1, beta2, eps = key
+        _, side, _, _, _, beta1, beta2, eps, _ = key
         ops.foreach_project_update_backproject_(
             [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
             [self._get_projector(p, st, g) for p, st, g, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
@@ -300,6 +336,7 @@ class DCTAdamW(LowRankOptimizer):
             lr=[g["lr"] for _, _, g, _ in entries], beta1=beta1, beta2=beta2, eps=eps,
             step=[t for _, _, _, t in entries], weight_decay=[g["weight_decay"] for _, _, g, _ in entries],
             scale=[g["scale"] for _, _, g, _ in entries],
+            **self._foreach_moment_kwargs(entries),
         )
 
     def _project_step(self, p, grad, state, group, step):
@@ -308,6 +345,7 @@ class DCTAdamW(LowRankOptimizer):
             p, grad, self._get_projector(p, state, group), state["exp_avg"], state["exp_avg_sq"],
             side=self._side(state), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
             weight_decay=group["weight_decay"], scale=group["scale"],
+            **self._moment_kwargs(p, state, group, step),
         )
 
 

@@ -90,7 +90,9 @@ class FrugalAdamW(LowRankOptimizer):
 
     State per split parameter: ``step`` and ``subspace_step`` (CPU float32),
     ``side`` (CPU int8) and, when ``r > 0``, ``projector`` (``r x n`` / ``m x r``),
-    ``exp_avg``, ``exp_avg_sq`` (low-rank shape, float32 unless ``moment_dtype="param"``).
+    ``exp_avg``, ``exp_avg_sq`` (low-rank shape, float32 unless ``moment_dtype="param"``; with
+    ``moment_bits=8`` uint8 codes plus ``exp_avg_absmax`` / ``exp_avg_sq_absmax``, with ``16``
+    bfloat16, see :mod:`lowrank_kernels.optim.base`; a subspace change zeroes codes and absmax).
     """
 
     min_rank = 0
@@ -119,13 +121,16 @@ class FrugalAdamW(LowRankOptimizer):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
         moment_dtype: str = "float32",
+        moment_bits: int = 32,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, rank=rank,
             update_proj_gap=update_proj_gap, projection=projection, update=update,
             inactive_lr_scale=inactive_lr_scale, scale=scale, proj_type=proj_type,
             skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype,
+            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
         )
         super().__init__(params, defaults)
 
@@ -172,9 +177,7 @@ class FrugalAdamW(LowRankOptimizer):
         r = self._group_rank(group, (m, n))
         if r > 0:
             shape = ops.low_rank_shape(m, n, r, self._side(state))
-            dtype = self._state_dtype(p, group)
-            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+            self._init_moments(p, state, group, shape)
 
     def _has_projector(self, state):
         return "subspace_step" in state
@@ -191,8 +194,7 @@ class FrugalAdamW(LowRankOptimizer):
             if proj is None:
                 return False
             state["projector"] = proj
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
+            self._zero_moments(state)  # 8-bit: codes and absmax
         state["subspace_step"] = torch.tensor(0.0, dtype=torch.float32)
         return True
 
@@ -211,8 +213,9 @@ class FrugalAdamW(LowRankOptimizer):
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             low = project_fp32(grad, proj, side)  # R, needed for the residual as well
             # R is already projected: Adam's elementwise step on it (no identity-projector GEMM).
-            n_lr = ops.adam_update_(low.to(exp_avg.dtype), exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
-                                    eps=group["eps"])
+            n_lr = ops.adam_update_(low.to(self._low_dtype(state, group, exp_avg.dtype)), exp_avg, exp_avg_sq,
+                                    beta1=beta1, beta2=beta2, eps=group["eps"],
+                                    **self._moment_kwargs(p, state, group, step))
             full_dim = n if side == "right" else m
             if r < full_dim:
                 residual = grad.to(low.dtype, copy=True)

@@ -111,13 +111,16 @@ class GaLoreAdamW(LowRankOptimizer):
         foreach: Optional[bool] = None,
         compat: Optional[str] = None,
         moment_dtype: str = "float32",
+        moment_bits: int = 32,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype,
+            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
         )
         if compat is not None:  # only then, so subclasses without a compat mode keep their defaults
             defaults["compat"] = compat
@@ -134,9 +137,7 @@ class GaLoreAdamW(LowRankOptimizer):
         r = self._group_rank(group, (m, n))
         side = self._side(state)
         shape = (r, r) if side == "full" else ops.low_rank_shape(m, n, r, side)
-        dtype = self._state_dtype(p, group)
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        self._init_moments(p, state, group, shape)
 
     # ------------------------------------------------------------------ projector
     def _svd(self, p, grad, group, step: int):
@@ -196,11 +197,12 @@ class GaLoreAdamW(LowRankOptimizer):
             p, grad, self._get_projector(p, state, group), state["exp_avg"], state["exp_avg_sq"],
             side=side, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
             weight_decay=group["weight_decay"], scale=group["scale"] * self._post_decay(group),
+            **self._moment_kwargs(p, state, group, step),
         )
 
     def _bucket_key(self, p, state, group):
         """Dense right/left projectors of this class's own step share a bucket per
-        (device, side, dtypes, betas, eps); ``full`` and subclasses that change the step
+        (device, side, dtypes, betas, eps, moment format); ``full`` and subclasses that change the step
         (Q-GaLore, GradNormLoRP) stay per parameter."""
         if not self._own_fused_step(GaLoreAdamW):
             return None
@@ -211,12 +213,13 @@ class GaLoreAdamW(LowRankOptimizer):
         if not isinstance(proj, torch.Tensor):
             return None
         beta1, beta2 = group["betas"]
-        return ("dense", side, p.device, p.dtype, proj.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"])
+        return ("dense", side, p.device, p.dtype, proj.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"],
+                self._format_key(state, group))
 
     def _bucket_step(self, key, entries):
         """One ``ops.foreach_project_update_backproject_`` call with the arguments
         :meth:`_project_step` passes per parameter."""
-        _, side, _, _, _, _, beta1, beta2, eps = key
+        _, side, _, _, _, _, beta1, beta2, eps, _ = key
         ops.foreach_project_update_backproject_(
             [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
             [st["projector"] for _, st, _, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
@@ -224,6 +227,7 @@ class GaLoreAdamW(LowRankOptimizer):
             lr=[g["lr"] for _, _, g, _ in entries], beta1=beta1, beta2=beta2, eps=eps,
             step=[t for _, _, _, t in entries], weight_decay=[g["weight_decay"] for _, _, g, _ in entries],
             scale=[g["scale"] * self._post_decay(g) for _, _, g, _ in entries],
+            **self._foreach_moment_kwargs(entries),
         )
 
     def _full_step(self, p, grad, state, group, step):
@@ -231,8 +235,9 @@ class GaLoreAdamW(LowRankOptimizer):
         beta1, beta2 = group["betas"]
         u, vh = state["projector"], state["projector_right"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        left = project_fp32(grad, u, "left").to(exp_avg.dtype)  # U^T G, r x n
-        n = ops.project_adam_(left, vh, exp_avg, exp_avg_sq, side="right", beta1=beta1, beta2=beta2, eps=group["eps"])
+        left = project_fp32(grad, u, "left").to(self._low_dtype(state, group, exp_avg.dtype))  # U^T G, r x n
+        n = ops.project_adam_(left, vh, exp_avg, exp_avg_sq, side="right", beta1=beta1, beta2=beta2, eps=group["eps"],
+                              **self._moment_kwargs(p, state, group, step))
         half = n.to(torch.float32) @ vh.to(torch.float32)  # N Vh, r x n
         step_size = adam_step_size(group["lr"], beta1, beta2, step)
         ops.backproject_apply_(

@@ -258,6 +258,9 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         svd: ``"exact"`` or ``"lowrank"``.
         skip_nonfinite: skip a parameter whose gradient is not finite (weight and state untouched).
         foreach: passed to torch's AdamW for the plain groups.
+        moment_bits, block_size, min_8bit_size: the format of the projected moments and of
+            the plain groups' moments (32 | 16 | 8, see :mod:`lowrank_kernels.optim.base`); the
+            four length-``m`` magnitude vectors stay float32.
 
     State per projected parameter (tensors only): GaLore's (``step``, ``side``,
     ``projector``, ``exp_avg``, ``exp_avg_sq`` in the parameter's dtype) plus four
@@ -283,12 +286,16 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         svd: str = "exact",
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        moment_bits: int = 32,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
     ):
         self._wn_scratch = None
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-            skip_nonfinite=skip_nonfinite, foreach=foreach,
+            skip_nonfinite=skip_nonfinite, foreach=foreach, moment_bits=moment_bits, block_size=block_size,
+            min_8bit_size=min_8bit_size,
         )
 
     def _validate_lowrank_group(self, group, gi):
@@ -330,7 +337,8 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         beta1, beta2 = group["betas"]
         lr, eps = group["lr"], group["eps"]
         n = ops.project_adam_(
-            grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, beta1=beta1, beta2=beta2, eps=eps
+            grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, beta1=beta1, beta2=beta2, eps=eps,
+            **self._moment_kwargs(p, state, group, step),
         )
         if eps == 0.0:  # 0/0 where a coordinate never had a gradient (zero rows): no update, not NaN
             n = torch.nan_to_num_(n, nan=0.0)

@@ -159,12 +159,15 @@ class QGaLoreAdamW(GaLoreAdamW):
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
         moment_dtype: str = "float32",
+        moment_bits: int = 32,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
     ):
         self.seed = int(seed)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype,
+            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
             quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit, cos_threshold=cos_threshold,
             gamma_proj=gamma_proj, queue_size=queue_size, similarity=similarity, stochastic_round=stochastic_round,
         )
@@ -307,7 +310,7 @@ class QGaLoreAdamW(GaLoreAdamW):
         side = self._side(state)
         proj = self._get_projector(p, state, group)
         n = ops.project_adam_(grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, beta1=beta1,
-                              beta2=beta2, eps=group["eps"])
+                              beta2=beta2, eps=group["eps"], **self._moment_kwargs(p, state, group, step))
         step_size = adam_step_size(group["lr"], beta1, beta2, step)
         alpha = -step_size * group["scale"]
         decay = 1.0 - group["lr"] * group["weight_decay"]
@@ -342,15 +345,27 @@ class QGaLoreAdamW(GaLoreAdamW):
                 self._plain_int8_step(mod, p, group)
 
     def _plain_int8_step(self, mod, p, group):
-        """torch.optim.AdamW's math on a QLinear weight, applied to its INT8 storage."""
+        """torch.optim.AdamW's math on a QLinear weight, applied to its INT8 storage (8-bit and
+        16-bit moments: ``ops.adam_update_`` with ``eps sqrt(1 - b2^t)``, as the base's plain step)."""
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            if self._moment_bits_for(tuple(p.shape), group) != 32:
+                self._init_moments(p, state, group, tuple(p.shape))
+            else:
+                state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         state["step"] += 1
         step = int(state["step"])
         beta1, beta2 = group["betas"]
+        if self._lowbit(state, group):
+            bc2 = 1 - beta2**step
+            n = ops.adam_update_(p.grad.to(torch.float32), state["exp_avg"], state["exp_avg_sq"], beta1=beta1,
+                                 beta2=beta2, eps=group["eps"] * math.sqrt(bc2),
+                                 **self._moment_kwargs(p, state, group, step))
+            update = n.to(torch.float32).mul_(-group["lr"] * math.sqrt(bc2) / (1 - beta1**step))
+            self._apply_int8(mod, p, update, group, step, 1.0 - group["lr"] * group["weight_decay"])
+            return
         g = p.grad.to(torch.float32)
         state["exp_avg"].lerp_(g, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
