@@ -15,6 +15,8 @@ Markdown tables, for the README), ``<out>/<device>_<plot>.png``, and a short tab
 printed last. Sizes: the LLaMA shapes of the issues on CUDA,
 scaled down on CPU (the table says how). A measurement that cannot be made (an API
 not there yet, a package not installed) is listed as skipped with the reason.
+``--keep`` reruns only the chosen suites and keeps the other suites' rows (with their own
+stamps), tables and targets from the existing ``<device>.csv``/``.md``; the header says so.
 """
 from __future__ import annotations
 
