@@ -25,6 +25,12 @@ with shapes and dtypes and no data. Then it reports, per optimizer:
 ``total``
     the sum of the three. Activations and transient workspace are not included.
 
+``--moment-bits 16|8`` (:func:`plan`'s ``moment_bits``) sets the ``moment_bits`` group key
+of this package's optimizers (bfloat16 or 8-bit blockwise moments, see
+:mod:`lowrank_kernels.optim.base`; 8-bit moments below ``min_8bit_size`` = 4096 elements
+stay float32); the figure is again what their first step creates (uint8 codes plus float32
+block maxima). The ``adamw`` row is ``torch.optim.AdamW`` and keeps its own moments.
+
 How the step runs on meta tensors (the seams, all inside :func:`meta_step_seams`):
 
 - the low-rank groups get ``skip_nonfinite=False`` (the non-finite check reads gradient
@@ -179,15 +185,18 @@ METHODS: Dict[str, Method] = {
 
 
 def build_optimizer(name: str, model: nn.Module, rank: int, layerwise: bool = False, *,
-                    skip_nonfinite: Optional[bool] = None):
+                    skip_nonfinite: Optional[bool] = None, moment_bits: Optional[int] = None):
     """Optimizer ``name`` (:data:`METHODS`) on ``model`` (already prepared), as the planner builds it.
 
     Returns the optimizer, or the :class:`~lowrank_kernels.optim.LayerwiseOptimizer` when
     ``layerwise``. ``skip_nonfinite`` (when not None) is set in every group of this
-    package's optimizers.
+    package's optimizers; ``moment_bits`` (when not None) is given to every group of this
+    package's optimizers (not to ``adamw``, torch's).
     """
     method = _method(name)
     groups = method.groups(model, rank)
+    if moment_bits is not None and name != "adamw":
+        groups = [{**g, "moment_bits": moment_bits} for g in groups]
     factory = method.factory
     if skip_nonfinite is not None:
         from lowrank_kernels.optim import LowRankOptimizer
@@ -350,16 +359,20 @@ def _projected_count(opt) -> int:
     return n
 
 
-def plan_one(name: str, config, rank: int, dtype: torch.dtype = torch.float32, layerwise: bool = False) -> Row:
+def plan_one(name: str, config, rank: int, dtype: torch.dtype = torch.float32, layerwise: bool = False,
+             moment_bits: int = 32) -> Row:
     """Build ``config``'s model on meta, take optimizer ``name``'s first step there, count the bytes."""
     method = _method(name)
     model = build_model(config, dtype, "meta")
     notes = [method.note] if method.note else []
+    if moment_bits != 32:
+        notes.append("torch's own moments" if name == "adamw" else f"moment_bits={moment_bits}")
     with meta_step_seams():
         if method.prepare is not None:
             method.prepare(model)
         give_gradients(model)
-        opt = build_optimizer(name, model, rank, layerwise, skip_nonfinite=False)
+        opt = build_optimizer(name, model, rank, layerwise, skip_nonfinite=False,
+                              moment_bits=None if moment_bits == 32 else moment_bits)
         step_once(opt)
     w = weights_nbytes(model)
     g = gradient_nbytes(model, layerwise)
@@ -371,10 +384,13 @@ def plan_one(name: str, config, rank: int, dtype: torch.dtype = torch.float32, l
 
 
 def plan(config, optimizers: Sequence[str], rank: int, dtype: torch.dtype = torch.float32,
-         layerwise: bool = False) -> List[Row]:
-    """:func:`plan_one` for each name in ``optimizers`` (validated first)."""
+         layerwise: bool = False, moment_bits: int = 32) -> List[Row]:
+    """:func:`plan_one` for each name in ``optimizers`` (validated first); ``moment_bits`` (32, 16
+    or 8) is the moment format of this package's optimizers."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if isinstance(moment_bits, bool) or moment_bits not in (32, 16, 8):
+        raise ValueError(f"moment_bits must be 32, 16 or 8, got {moment_bits!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     names = list(optimizers)
@@ -382,7 +398,7 @@ def plan(config, optimizers: Sequence[str], rank: int, dtype: torch.dtype = torc
         raise ValueError("optimizers: name at least one optimizer")
     for n in names:
         _method(n)
-    return [plan_one(n, config, rank, dtype, layerwise) for n in names]
+    return [plan_one(n, config, rank, dtype, layerwise, moment_bits) for n in names]
 
 
 # --------------------------------------------------------------------------- output
@@ -426,6 +442,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights, gradients and moments dtype")
     ap.add_argument("--layerwise", action="store_true", help="layer-wise updates: one parameter's gradient at a time")
+    ap.add_argument("--moment-bits", type=int, default=32, choices=(32, 16, 8),
+                    help="moment format of this package's optimizers (16: bfloat16, 8: blockwise 8-bit)")
     ap.add_argument("--csv", help="also write the figures (bytes) to this CSV file")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
@@ -436,15 +454,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--rank must be >= 1, got {args.rank}")
     config = preset_config(args.model_preset) if args.model_preset else load_config(args.config)
     dtype = DTYPES[args.dtype]
-    rows = plan(config, names, args.rank, dtype, args.layerwise)
+    rows = plan(config, names, args.rank, dtype, args.layerwise, args.moment_bits)
     model_name = args.model_preset or args.config
     print(f"model {model_name}, dtype {args.dtype}, rank {args.rank}"
-          f"{', layer-wise' if args.layerwise else ''}; projected: attn/mlp Linear weights with min(m, n) > rank")
+          f"{', layer-wise' if args.layerwise else ''}, moment_bits {args.moment_bits}; "
+          "projected: attn/mlp Linear weights with min(m, n) > rank")
     print(table(rows))
     print("state: every tensor an optimizer holds after its first step (moments, projectors, indices, seeds, "
           "step counters); activations and transient workspace not included.")
     if args.csv:
-        write_csv(rows, args.csv, dict(model=model_name, dtype=args.dtype, rank=args.rank, layerwise=args.layerwise))
+        write_csv(rows, args.csv, dict(model=model_name, dtype=args.dtype, rank=args.rank, layerwise=args.layerwise,
+                                       moment_bits=args.moment_bits))
         print(f"wrote {args.csv}")
     return 0
 

@@ -573,7 +573,11 @@ def lowrank_optimizer(
             ``galore_adafactor`` (:class:`GaLoreAdafactor` with transformers' settings:
             the given ``lr``, ``relative_step=False`` (fixed, since ``lr`` is given) and
             ``scale_parameter=False`` (may be overridden)), and ``galore_adamw_8bit``
-            once 8-bit moments exist (until then a clear ValueError).
+            (:class:`GaLoreAdamW` with ``moment_bits=8``, fixed: 8-bit Adam moments in the
+            projected and plain groups; moments with fewer than ``min_8bit_size`` elements,
+            default 4096, stay float32; pass ``min_8bit_size=...`` / ``block_size=...`` as
+            keywords or in ``optim_args``). Every other Adam-style name takes
+            ``moment_bits=16`` or ``8`` the same way (see :mod:`lowrank_kernels.optim.base`).
         target_modules: transformers' ``optim_target_modules``: a list (exact module
             names, substrings, or regexes matching a whole name), a regex string, or
             ``"all-linear"``; only ``nn.Linear`` weights are projected.

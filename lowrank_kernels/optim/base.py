@@ -502,8 +502,21 @@ class LowRankOptimizer(Optimizer):
         """torch.optim.AdamW's state layout (``step`` CPU float32, moments of :meth:`_state_dtype`),
         shared by :meth:`_plain_step` and :meth:`_plain_step_compat` so checkpoints move between them."""
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if self._moment_bits_for(tuple(p.shape), group) != 32:
-            self._init_moments(p, state, group, tuple(p.shape))
+        bits = self._moment_bits_for(tuple(p.shape), group)
+        if bits == 8 and _dist.is_dtensor(p) and p.dim() < 2:
+            bits = 32  # FSDP2 shards a 1-D parameter along its blocks: its moments stay 32-bit
+        if bits == 16:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)
+            return
+        if bits == 8:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+                nblocks = -(-p.shape[-1] // int(group["block_size"]))
+                absmax = torch.zeros(tuple(p.shape[:-1]) + (nblocks,), dtype=torch.float32, device=p.device)
+                if _dist.is_dtensor(p):  # row-aligned with the codes: this rank's rows (no communication)
+                    absmax = _dist.distribute_tensor(absmax, p.device_mesh, p.placements, src_data_rank=None)
+                state[ABSMAX_KEYS[key]] = absmax
             return
         dtype = self._state_dtype(p, group)
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -632,7 +645,7 @@ class LowRankOptimizer(Optimizer):
             states = [self.state[p] for p in ps]
             kws = [self._moment_kwargs(p, st, group, t) for p, st in zip(ps, states)]
             grads = [p.grad.to(self._low_dtype(st, group, p.grad.dtype)) for p, st in zip(ps, states)]
-            if group.get("foreach") is False or len(ps) == 1:
+            if group.get("foreach") is False or len(ps) == 1 or any(_dist.is_dtensor(p) for p in ps):
                 ns = [ops.adam_update_(g, st["exp_avg"], st["exp_avg_sq"], beta1=beta1, beta2=beta2, eps=eps_t, **kw)
                       for g, st, kw in zip(grads, states, kws)]
             else:

@@ -28,6 +28,11 @@ gather:
   matrix (gradient-sized), so use ``proj_type="right"`` with DCT.
 - the non-finite check: one all-reduce (max) of one value per parameter per step,
   so every rank skips the same parameters.
+- 8-bit moments (``moment_bits=8``): the float32 block maxima follow their codes (sharded
+  like the weight on the right side, replicated on the left); blocks lie inside one row, so
+  every dim-0 shard is block-aligned and a shard's step is the single-process step on its
+  rows. 16-bit moments round stochastically from the *local* element index of a shard, so
+  their draws (not their distribution) differ from a single process.
 
 How it is wired: ``LowRankOptimizer.step`` runs each low-rank parameter under
 :func:`param_context` (DTensor's implicit replication: the plain projectors that
@@ -62,7 +67,8 @@ except Exception:  # pragma: no cover - depends on the torch build
 
 #: state keys that are row-aligned with the weight (first dim ``m``), per projection side.
 ROW_STATE_KEYS = {
-    "right": ("exp_avg", "exp_avg_sq"),
+    # 8-bit moments: the absmax (m x ceil(r / block_size)) is row-aligned with the codes
+    "right": ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"),
     "left": ("projector",),
     "full": ("projector",),
 }
@@ -236,7 +242,7 @@ def addcmul_(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- DTensor op handlers
-_ROW_IF_RIGHT = ("exp_avg", "exp_avg_sq", "update")
+_ROW_IF_RIGHT = ("exp_avg", "exp_avg_sq", "update", "m_absmax", "v_absmax")
 _ROW_IF_LEFT = ("proj",)
 _ROW_ALWAYS = ("param", "grad", "row_decay", "row_alpha")
 #: The projection ops take the projector as ``proj`` plus optional ``indices`` (DCT: ``proj`` is the
@@ -487,8 +493,16 @@ def _left_sharded(opname, names, bound, row, written, kind):
     exp_avg_sq = _to_local_rep(arg("exp_avg_sq"), "exp_avg_sq", opname, True)
     if exp_avg.dtype == torch.float64:
         r_full = r_full.to(torch.float64)
-    # The reference's Adam on R (float32 math, N rounded to the moments' dtype), as the fused ops.
-    n_lr = pref.adam_moments_(r_full, exp_avg, exp_avg_sq, arg("beta1"), arg("beta2"), arg("eps")).to(exp_avg.dtype)
+    fmt = _moment_format_args(names, bound, opname)
+    if fmt is not None:
+        # 8-bit / stochastically rounded 16-bit moments (replicated): the adam op on R, N in float32
+        # (8-bit) or the moments' dtype, as the fused ops.
+        n_lr = torch.ops.lowrank_kernels.adam_update.default(
+            r_full, exp_avg, exp_avg_sq, arg("beta1"), arg("beta2"), arg("eps"), *fmt)
+    else:
+        # The reference's Adam on R (float32 math, N rounded to the moments' dtype), as the fused ops.
+        n_lr = pref.adam_moments_(r_full, exp_avg, exp_avg_sq, arg("beta1"), arg("beta2"), arg("eps")).to(
+            exp_avg.dtype)
     if opname.endswith("project_adam"):
         return DTensor.from_local(n_lr, mesh, [Replicate()] * mesh.ndim, run_check=False)
     # project_update_backproject: param <- (1 - lr wd) param - step_size * scale * P N
@@ -497,6 +511,20 @@ def _left_sharded(opname, names, bound, row, written, kind):
     scale = arg("scale")
     _backproject_local(param_l, n_lr, proj_l, -step_size * scale, 1.0 - arg("lr") * arg("weight_decay"))
     return None
+
+
+def _moment_format_args(names, bound, opname):
+    """``(m_absmax, v_absmax, block_size, moment_seed)`` (local, replicated) when a projection
+    op call carries 8-bit moments or a stochastic-rounding seed, else None."""
+    if "m_absmax" not in names:
+        return None
+    m_abs, v_abs = bound[names.index("m_absmax")], bound[names.index("v_absmax")]
+    seed = bound[names.index("moment_seed")]
+    if m_abs is None and v_abs is None and (seed is None or seed < 0):
+        return None
+    m_abs = None if m_abs is None else _to_local_rep(m_abs, "m_absmax", opname, True)
+    v_abs = None if v_abs is None else _to_local_rep(v_abs, "v_absmax", opname, True)
+    return (m_abs, v_abs, bound[names.index("block_size")], -1 if seed is None else seed)
 
 
 def _local_rank_too_big(names, local_args, side, kind) -> bool:

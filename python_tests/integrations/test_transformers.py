@@ -397,7 +397,7 @@ def test_trainer_runs_adafactor_and_gradnormlorp(tmp_path, name, extra, expect):
     assert all(torch.isfinite(w[n]).all() and not torch.equal(init[n], w[n]) for n in w)
 
 
-def test_adafactor_and_8bit_name_errors():
+def test_adafactor_name_errors():
     with pytest.raises(ValueError, match=r"'galore_adafactor' \(GaLoreAdafactor\) has no betas; .*beta1="):
         integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], lr=1e-3, betas=(0.9, 0.999))
     with pytest.raises(ValueError, match=r"takes eps as Adafactor's pair \(eps1, eps2\)"):
@@ -406,14 +406,38 @@ def test_adafactor_and_8bit_name_errors():
         integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], lr=1e-3, relative_step=True)
     with pytest.raises(ValueError, match="decay_rate must be a float <= 0"):
         integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], lr=1e-3, optim_args="decay_rate=0.5")
-    # 8-bit moments are not built yet: the name says so
-    with pytest.raises(ValueError, match=r"'galore_adamw_8bit' needs GaLoreAdamW\(moment_bits=...\)"):
-        integ.lowrank_optimizer("galore_adamw_8bit", target_modules=["attn"], lr=1e-3)
     # scale_parameter is only a default: it may be overridden
     model = tiny_llama()
     f, kw = integ.lowrank_optimizer("galore_adafactor", target_modules=["attn"], optim_args="rank=8", lr=1e-3,
                                     scale_parameter=True)
     assert all(g["scale_parameter"] is True and "betas" not in g for g in f()(model, **kw).param_groups)
+
+
+def test_galore_adamw_8bit_trains_and_resumes(tmp_path):
+    """``galore_adamw_8bit``: GaLoreAdamW with moment_bits=8 (min_8bit_size=0 here: the tiny model's
+    moments are all below the 4096-element default). Every moment is 8-bit, the Trainer's
+    weights_only checkpoint holds the uint8 codes and float32 absmax, and resuming from it is
+    bit-identical to the uninterrupted run."""
+    pair = integ.lowrank_optimizer("galore_adamw_8bit", target_modules=["attn", "mlp"],
+                                   optim_args="rank=8,update_proj_gap=5", lr=1e-2, weight_decay=0.01, min_8bit_size=0)
+    full, trainer = train(tmp_path / "full", pair)
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, GaLoreAdamW)
+    assert all(g["moment_bits"] == 8 and g["min_8bit_size"] == 0 for g in opt.param_groups)
+    states = [opt.state[p] for g in opt.param_groups for p in g["params"]]
+    assert states and all(st["exp_avg"].dtype == torch.uint8 and st["exp_avg_sq"].dtype == torch.uint8
+                          and st["exp_avg_absmax"].dtype == torch.float32 for st in states)
+    saved = torch.load(tmp_path / "full" / "checkpoint-10" / "optimizer.pt", weights_only=True)
+    assert any(v.dtype == torch.uint8 for st in saved["state"].values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+    resumed, _ = train(tmp_path / "full", pair, resume=str(tmp_path / "full" / "checkpoint-10"))
+    _assert_same(_weights(resumed), _weights(full))
+    init = _weights(tiny_llama())
+    w = _weights(full)
+    assert all(torch.isfinite(w[n]).all() and not torch.equal(init[n], w[n]) for n in w)
+    # the default min_8bit_size keeps these small moments float32
+    f, kw = integ.lowrank_optimizer("galore_adamw_8bit", target_modules=["attn"], optim_args="rank=8", lr=1e-3)
+    assert all(g["moment_bits"] == 8 and g["min_8bit_size"] == 4096 for g in f()(tiny_llama(), **kw).param_groups)
 
 
 def test_owlore_callback_with_lowrank_optimizer(tmp_path):
