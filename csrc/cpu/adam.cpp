@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace lowrank_kernels {
@@ -33,8 +34,13 @@ void check_float(const Tensor& t, const char* name, const char* op) {
 void adam_update_into(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, const Tensor& out, double beta1,
                       double beta2, double eps);
 
-Tensor adam_update_cpu(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, double beta1, double beta2, double eps) {
+Tensor adam_update_cpu(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, double beta1, double beta2, double eps,
+                       const std::optional<Tensor>& m_absmax, const std::optional<Tensor>& v_absmax,
+                       int64_t block_size, int64_t moment_seed) {
   const char* op = "adam_update_cpu";
+  TORCH_CHECK(!(m_absmax.has_value() && m_absmax->defined()) && !(v_absmax.has_value() && v_absmax->defined()), op,
+              ": 8-bit moments are not implemented in C++ yet");
+  TORCH_CHECK(moment_seed < 0, op, ": stochastic rounding is not implemented in C++ yet");
   check_float(r, "r", op);
   check_float(exp_avg, "exp_avg", op);
   check_float(exp_avg_sq, "exp_avg_sq", op);
@@ -85,8 +91,11 @@ void adam_update_into(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, cons
 // N goes into the caller's `n` list (a schema returning Tensor[] next to mutated lists
 // cannot be functionalized by torch.compile).
 void adam_foreach_update_cpu(at::TensorList r, at::TensorList exp_avg, at::TensorList exp_avg_sq, at::TensorList n,
-                             double beta1, double beta2, double eps) {
+                             double beta1, double beta2, double eps, at::TensorList m_absmax, at::TensorList v_absmax,
+                             int64_t block_size, at::IntArrayRef moment_seed) {
   const char* op = "adam_foreach_update_cpu";
+  TORCH_CHECK(m_absmax.empty() && v_absmax.empty(), op, ": 8-bit moments are not implemented in C++ yet");
+  for (auto sd : moment_seed) TORCH_CHECK(sd < 0, op, ": stochastic rounding is not implemented in C++ yet");
   TORCH_CHECK(exp_avg.size() == r.size() && exp_avg_sq.size() == r.size() && n.size() == r.size(), op,
               ": exp_avg, exp_avg_sq and n must have one entry per tensor of r (", r.size(), ")");
   for (size_t i = 0; i < r.size(); ++i) {
@@ -112,11 +121,12 @@ void adam_foreach_update_cpu(at::TensorList r, at::TensorList exp_avg, at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
   m.def(
-      "adam_update_cpu(Tensor r, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, float beta1, float beta2, float eps) "
-      "-> Tensor");
+      "adam_update_cpu(Tensor r, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, float beta1, float beta2, float eps, "
+      "Tensor(d!)? m_absmax=None, Tensor(e!)? v_absmax=None, int block_size=0, int moment_seed=-1) -> Tensor");
   m.def(
       "adam_foreach_update_cpu(Tensor[] r, Tensor(a!)[] exp_avg, Tensor(b!)[] exp_avg_sq, Tensor(c!)[] n, "
-      "float beta1, float beta2, float eps) -> ()");
+      "float beta1, float beta2, float eps, Tensor(d!)[] m_absmax, Tensor(e!)[] v_absmax, int block_size, "
+      "int[] moment_seed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {

@@ -534,6 +534,12 @@ at::ScalarType acc_dtype(std::initializer_list<at::ScalarType> dtypes) {
   return at::kFloat;
 }
 
+void moments_not_yet(const char* op, const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t seed) {
+  TORCH_CHECK(!(m_absmax.has_value() && m_absmax->defined()) && !(v_absmax.has_value() && v_absmax->defined()), op,
+              ": 8-bit moments are not implemented in C++ yet");
+  TORCH_CHECK(seed < 0, op, ": stochastic rounding is not implemented in C++ yet");
+}
+
 // Right orientation of a side's tensors.
 Tensor orient(const Tensor& t, bool left) { return left ? t.t() : t; }
 
@@ -560,8 +566,10 @@ Tensor projection_project_cpu(const Tensor& grad, const Tensor& proj, c10::strin
 Tensor projection_project_adam_cpu(const Tensor& grad, const Tensor& proj, Tensor& exp_avg, Tensor& exp_avg_sq,
                                    c10::string_view side, double beta1, double beta2, double eps,
                                    const OptTensor& indices, const OptTensor& q_scale, const OptTensor& q_min,
-                                   int64_t rank, int64_t group_size) {
+                                   int64_t rank, int64_t group_size, const OptTensor& m_absmax,
+                                   const OptTensor& v_absmax, int64_t block_size, int64_t moment_seed) {
   const char* op = "projection_project_adam_cpu";
+  moments_not_yet(op, m_absmax, v_absmax, moment_seed);
   const bool left = is_left(side, op);
   check_float_cpu(grad, "grad", op);
   check_2d(grad, "grad", op);
@@ -631,8 +639,11 @@ void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad
                                                double lr, double beta1, double beta2, double eps, int64_t step,
                                                double weight_decay, double scale, const OptTensor& indices,
                                                const OptTensor& q_scale, const OptTensor& q_min, int64_t rank,
-                                               int64_t group_size) {
+                                               int64_t group_size, const OptTensor& m_absmax,
+                                               const OptTensor& v_absmax, int64_t block_size,
+                                               int64_t moment_seed) {
   const char* op = "projection_project_update_backproject_cpu";
+  moments_not_yet(op, m_absmax, v_absmax, moment_seed);
   const bool left = is_left(side, op);
   check_float_cpu(param, "param", op);
   check_float_cpu(grad, "grad", op);
@@ -673,8 +684,11 @@ void projection_foreach_project_update_backproject_cpu(
     at::TensorList params, at::TensorList grads, at::TensorList projs, at::TensorList exp_avgs,
     at::TensorList exp_avg_sqs, c10::string_view side, at::ArrayRef<double> lr, double beta1, double beta2,
     double eps, at::IntArrayRef step, at::ArrayRef<double> weight_decay, at::ArrayRef<double> scale,
-    at::TensorList indices, at::TensorList q_scale, at::TensorList q_min, at::IntArrayRef rank, int64_t group_size) {
+    at::TensorList indices, at::TensorList q_scale, at::TensorList q_min, at::IntArrayRef rank, int64_t group_size,
+    at::TensorList m_absmax, at::TensorList v_absmax, int64_t block_size, at::IntArrayRef moment_seed) {
   const char* op = "projection_foreach_project_update_backproject_cpu";
+  TORCH_CHECK(m_absmax.empty() && v_absmax.empty(), op, ": 8-bit moments are not implemented in C++ yet");
+  for (auto sd : moment_seed) TORCH_CHECK(sd < 0, op, ": stochastic rounding is not implemented in C++ yet");
   const bool left = is_left(side, op);
   const size_t n = params.size();
   for (const auto& len : {grads.size(), projs.size(), exp_avgs.size(), exp_avg_sqs.size(), lr.size(), step.size(),
@@ -704,7 +718,8 @@ void projection_foreach_project_update_backproject_cpu(
     Tensor p = params[i], ea = exp_avgs[i], eas = exp_avg_sqs[i];
     projection_project_update_backproject_cpu(p, grads[i], projs[i], ea, eas, side, lr[i], beta1, beta2, eps, step[i],
                                               weight_decay[i], scale[i], opt(indices, i), opt(q_scale, i),
-                                              opt(q_min, i), rank.empty() ? 0 : rank[i], group_size);
+                                              opt(q_min, i), rank.empty() ? 0 : rank[i], group_size, OptTensor(),
+                                              OptTensor(), 0, -1);
   }
 }
 
@@ -713,6 +728,8 @@ void projection_foreach_project_update_backproject_cpu(
 
 #define LOWRANK_PROJECTOR_ARGS \
   "Tensor? indices=None, Tensor? q_scale=None, Tensor? q_min=None, int rank=0, int group_size=0"
+#define LOWRANK_MOMENT_ARGS \
+  "Tensor(d!)? m_absmax=None, Tensor(e!)? v_absmax=None, int block_size=0, int moment_seed=-1"
 
 TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
   m.def("projection_project_cpu(Tensor grad, Tensor proj, str side, " LOWRANK_PROJECTOR_ARGS ") -> Tensor");
@@ -720,17 +737,18 @@ TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
       "projection_foreach_project_update_backproject_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, str side, float[] lr, float beta1, float beta2, float eps, "
       "int[] step, float[] weight_decay, float[] scale, Tensor[] indices, Tensor[] q_scale, "
-      "Tensor[] q_min, int[] rank, int group_size) -> ()");
+      "Tensor[] q_min, int[] rank, int group_size, Tensor(d!)[] m_absmax, Tensor(e!)[] v_absmax, int block_size, "
+      "int[] moment_seed) -> ()");
   m.def(
       "projection_project_adam_cpu(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, "
-      "float beta1, float beta2, float eps, " LOWRANK_PROJECTOR_ARGS ") -> Tensor");
+      "float beta1, float beta2, float eps, " LOWRANK_PROJECTOR_ARGS ", " LOWRANK_MOMENT_ARGS ") -> Tensor");
   m.def(
       "projection_backproject_apply_cpu(Tensor(a!) param, Tensor update, Tensor proj, str side, float alpha, "
       "float decay, " LOWRANK_PROJECTOR_ARGS ", Tensor? row_decay=None, Tensor? row_alpha=None) -> ()");
   m.def(
       "projection_project_update_backproject_cpu(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, str side, float lr, float beta1, float beta2, float eps, int step, "
-      "float weight_decay, float scale, " LOWRANK_PROJECTOR_ARGS ") -> ()");
+      "float weight_decay, float scale, " LOWRANK_PROJECTOR_ARGS ", " LOWRANK_MOMENT_ARGS ") -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {

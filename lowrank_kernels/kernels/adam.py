@@ -50,8 +50,17 @@ def _launch(r, m, v, out, numel, beta1, beta2, eps):
     )
 
 
-def adam_update_triton(r, exp_avg, exp_avg_sq, beta1, beta2, eps):
+def _moments_not_yet(op, m_absmax, v_absmax, moment_seed):
+    if m_absmax is not None or v_absmax is not None or moment_seed >= 0:
+        raise NotImplementedError(
+            f"{op}: 8-bit / stochastically rounded moments are not implemented in the Triton backend yet"
+        )
+
+
+def adam_update_triton(r, exp_avg, exp_avg_sq, beta1, beta2, eps, m_absmax=None, v_absmax=None, block_size=0,
+                       moment_seed=-1):
     """Triton backend of ``lowrank_kernels::adam_update`` (arguments as the op)."""
+    _moments_not_yet("adam_update", m_absmax, v_absmax, moment_seed)
     _check_dtypes("adam_update", (("r", r), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)))
     out = torch.empty(exp_avg.shape, dtype=exp_avg.dtype, device=exp_avg.device)
     _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps)
@@ -73,10 +82,13 @@ def _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps):
         exp_avg_sq.copy_(v)
 
 
-def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps):
+def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_absmax, v_absmax, block_size,
+                               moment_seed):
     """Triton backend of ``lowrank_kernels::adam_foreach_update``: for now one launch per
     entry (after a dtype check of every entry, so nothing is written on a bad one), ``N``
     into ``n[i]``; a grouped launch over the whole list is later work."""
+    if len(m_absmax) or len(v_absmax) or any(s >= 0 for s in moment_seed):
+        _moments_not_yet("adam_foreach_update", m_absmax, v_absmax, 0)
     for i in range(len(r)):
         _check_dtypes(f"adam_foreach_update (entry {i})",
                       (("r", r[i]), ("exp_avg", exp_avg[i]), ("exp_avg_sq", exp_avg_sq[i])))

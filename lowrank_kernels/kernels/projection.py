@@ -501,7 +501,7 @@ def projection_project_triton(grad, proj, side, indices=None, q_scale=None, q_mi
 
 def projection_project_adam_triton(
     grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices=None, q_scale=None, q_min=None, rank=0,
-    group_size=0,
+    group_size=0, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1,
 ):
     """Triton backend of ``lowrank_kernels::projection_project_adam`` (arguments as the op).
 
@@ -509,6 +509,7 @@ def projection_project_adam_triton(
     in place in its epilogue, ``N = M / (sqrt(V) + eps)`` returned in the moments' dtype.
     The projector's kind picks the tile loader's ``PROJ_MODE`` (dense, DCT gather, INT4).
     """
+    _moments_not_yet("projection_project_adam", m_absmax, v_absmax, moment_seed)
     m, n = grad.shape
     desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
     _check_dtypes(
@@ -558,9 +559,16 @@ def _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size):
     return proj
 
 
+def _moments_not_yet(op, m_absmax, v_absmax, moment_seed):
+    if m_absmax is not None or v_absmax is not None or moment_seed >= 0:
+        raise NotImplementedError(
+            f"{op}: 8-bit / stochastically rounded moments are not implemented in the Triton backend yet"
+        )
+
+
 def projection_project_update_backproject_triton(
     param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale, indices=None,
-    q_scale=None, q_min=None, rank=0, group_size=0,
+    q_scale=None, q_min=None, rank=0, group_size=0, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1,
 ):
     """Triton backend of ``lowrank_kernels::projection_project_update_backproject``.
 
@@ -568,6 +576,7 @@ def projection_project_update_backproject_triton(
     ``param = (1 - lr * wd) * param - step_size * scale * back(N)`` with
     ``step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step)``.
     """
+    _moments_not_yet("projection_project_update_backproject", m_absmax, v_absmax, moment_seed)
     m, n = param.shape
     desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
     _check_dtypes(
@@ -581,7 +590,7 @@ def projection_project_update_backproject_triton(
 
 def projection_foreach_project_update_backproject_triton(
     params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
-    indices=(), q_scale=(), q_min=(), rank=(), group_size=0,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
 ):
     """Triton backend of ``lowrank_kernels::projection_foreach_project_update_backproject``.
 
@@ -591,6 +600,8 @@ def projection_foreach_project_update_backproject_triton(
     """
     from lowrank_kernels.reference.projection import projector_tail
 
+    if len(m_absmax) or len(v_absmax) or any(s >= 0 for s in moment_seed):
+        _moments_not_yet("projection_foreach_project_update_backproject", m_absmax, v_absmax, 0)
     n = len(params)
     tails = [projector_tail(indices, q_scale, q_min, rank, group_size, i) for i in range(n)]
     for i in range(n):

@@ -21,7 +21,7 @@ from .projection import (  # noqa: F401
     project_update_backproject_,
     register_projector_type,
 )
-from .adam import adam_foreach_update_, adam_update_  # noqa: F401
+from .adam import adam_foreach_update_, adam_update_, moments8_zeros  # noqa: F401
 from .dct import DCTProjector, dct_basis, dct_project, dct_score_topk, dct_scores  # noqa: F401
 from .quant import Int4Projector, int4_pack, int4_unpack, int8_dequantize, int8_quantize, int8_update_sr_  # noqa: F401
 
@@ -44,6 +44,7 @@ __all__ = [
     "adam_update_",
     "foreach_project_update_backproject_",
     "adam_foreach_update_",
+    "moments8_zeros",
     "low_rank_shape",
     "DCTProjector",
     "dct_basis",

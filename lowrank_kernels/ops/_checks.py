@@ -253,3 +253,89 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     if sa is None or sb is None:
         return False
     return sa[0] == sb[0] and sa[1] < sb[2] and sb[1] < sa[2]
+
+
+# --------------------------------------------------------------------------- moment state
+MAX_BLOCK_SIZE = 256
+
+
+def _absmax_shape(shape: Sequence[int], block_size: int) -> tuple:
+    cols = shape[-1]
+    return tuple(shape[:-1]) + ((cols + block_size - 1) // block_size,)
+
+
+def check_moment_state(
+    op: str, exp_avg, exp_avg_sq, shape, param_dtype: torch.dtype, m_absmax=None, v_absmax=None,
+    block_size: int = 0, moment_seed: int = -1,
+) -> list:
+    """Validate the Adam moment state of one tensor in any of the three formats.
+
+    - 32-bit / plain: ``exp_avg`` / ``exp_avg_sq`` floating, of ``shape``, one dtype
+      (float32, float64 or the parameter's dtype); ``block_size`` 0.
+    - 16-bit with stochastic rounding: as plain, with ``moment_seed >= 0``, which only
+      bfloat16 moments may take.
+    - 8-bit: ``m_absmax`` and ``v_absmax`` both given; the moments are contiguous uint8
+      codes of ``shape``, each absmax a contiguous float32 tensor of shape
+      ``shape[:-1] + (ceil(shape[-1] / block_size),)``, ``1 <= block_size <= 256``,
+      ``moment_seed < 0`` (8-bit moments round to nearest).
+
+    Returns the written tensors as ``(name, tensor)`` pairs (for the device and aliasing
+    checks). Raises ``TypeError`` / ``ValueError`` naming the argument.
+    """
+    fail_type(
+        isinstance(block_size, int) and not isinstance(block_size, bool), op,
+        lambda: f"block_size must be an int, got {block_size!r}",
+    )
+    fail_type(
+        isinstance(moment_seed, int) and not isinstance(moment_seed, bool), op,
+        lambda: f"moment_seed must be an int, got {moment_seed!r}",
+    )
+    if m_absmax is None and v_absmax is None:
+        for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            check_float(t, name, op)
+            check_shape(t, name, op, shape, "the low-rank gradient's shape")
+            check_moment_dtype(t, name, param_dtype, op)
+        if exp_avg.dtype != exp_avg_sq.dtype:
+            raise TypeError(f"{op}: exp_avg ({exp_avg.dtype}) and exp_avg_sq ({exp_avg_sq.dtype}) must have one dtype")
+        fail_value(
+            block_size == 0, op,
+            lambda: f"block_size is for 8-bit moments (m_absmax and v_absmax given) only and must be 0, got {block_size}",
+        )
+        fail_value(
+            moment_seed < 0 or exp_avg.dtype == torch.bfloat16, op,
+            lambda: f"moment_seed >= 0 (stochastic rounding) needs bfloat16 moments, got {exp_avg.dtype} "
+            f"moments and moment_seed={moment_seed}",
+        )
+        return [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
+    for name, t, other in (("m_absmax", m_absmax, "v_absmax"), ("v_absmax", v_absmax, "m_absmax")):
+        fail_value(
+            t is not None, op,
+            lambda: f"8-bit moments need both m_absmax and v_absmax; {other} was given but {name} is None",
+        )
+    fail_value(
+        1 <= block_size <= MAX_BLOCK_SIZE, op,
+        lambda: f"block_size must be in [1, {MAX_BLOCK_SIZE}] for 8-bit moments, got {block_size}",
+    )
+    fail_value(
+        moment_seed < 0, op,
+        lambda: f"moment_seed >= 0 (stochastic rounding) is for bfloat16 moments; 8-bit moments round to nearest, "
+        f"got moment_seed={moment_seed}",
+    )
+    fail_value(len(shape) >= 1, op, "8-bit moments need at least one dimension (blocks run along the last)")
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_tensor(t, name, op)
+        fail_type(t.dtype == torch.uint8, op, lambda: f"{name} must be uint8 codes for 8-bit moments, got {t.dtype}")
+        check_shape(t, name, op, shape, "the low-rank gradient's shape")
+        fail_value(t.is_contiguous(), op, lambda: f"{name} (8-bit codes) must be contiguous")
+    want = _absmax_shape(shape, block_size)
+    for name, t in (("m_absmax", m_absmax), ("v_absmax", v_absmax)):
+        check_tensor(t, name, op)
+        fail_type(t.dtype == torch.float32, op, lambda: f"{name} must be float32, got {t.dtype}")
+        check_shape(t, name, op, want, lambda: f"shape[:-1] + (ceil(cols / block_size),) with block_size {block_size}")
+        fail_value(t.is_contiguous(), op, lambda: f"{name} must be contiguous")
+    return [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("m_absmax", m_absmax), ("v_absmax", v_absmax)]
+
+
+def is_8bit(m_absmax, v_absmax) -> bool:
+    """Whether the moment arguments select 8-bit moments (both absmax tensors given)."""
+    return m_absmax is not None and v_absmax is not None

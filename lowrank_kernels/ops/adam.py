@@ -6,11 +6,25 @@ pushing ``R`` through an identity-projector GEMM.
 
 Op (``torch.ops.lowrank_kernels.*``):
 
-- ``adam_update(r, exp_avg!, exp_avg_sq!, beta1, beta2, eps) -> N``
-- ``adam_foreach_update(r[], exp_avg![], exp_avg_sq![], n![], beta1, beta2, eps) -> ()``: the
-  same over lists in one call, ``N`` written into the caller's ``n`` list (an op returning
-  a tensor list next to mutated lists cannot be functionalized by torch.compile) (reference: a loop; C++: the loop behind one dispatcher
-  call; Triton: one launch per entry for now, a grouped launch is later work).
+- ``adam_update(r, exp_avg!, exp_avg_sq!, beta1, beta2, eps, m_absmax!?, v_absmax!?, block_size,
+  moment_seed) -> N``
+- ``adam_foreach_update(r[], exp_avg![], exp_avg_sq![], n![], beta1, beta2, eps, m_absmax![],
+  v_absmax![], block_size, moment_seed[]) -> ()``: the same over lists in one call, ``N``
+  written into the caller's ``n`` list (an op returning a tensor list next to mutated lists
+  cannot be functionalized by torch.compile) (reference: a loop; C++: the loop behind one
+  dispatcher call; Triton: one launch per entry for now, a grouped launch is later work).
+  Empty moment lists: not given; one call = one moment format.
+
+Moment formats, as in the projection family (ops/projection.py's module doc):
+
+- **32-bit**: floating moments of ``r``'s shape, ``N`` in their dtype;
+- **16-bit**: bfloat16 moments with ``moment_seed >= 0``: stochastic rounding on store
+  (counters: the flat index for ``exp_avg``, ``i + numel`` for ``exp_avg_sq``);
+- **8-bit**: ``m_absmax`` / ``v_absmax`` given; the moments are contiguous uint8 codes of
+  ``r``'s shape (``r`` at least 1-D), blocks of ``block_size`` (1..256) along the last
+  dim, absmax float32 of shape ``r.shape[:-1] + (ceil(cols / block_size),)``; dequantize,
+  update in float32, ``N`` (float32) from the float32 values, requantize.
+  :func:`moments8_zeros` makes a fresh state.
 """
 from __future__ import annotations
 
@@ -20,29 +34,34 @@ from lowrank_kernels.reference import adam as ref
 
 from . import _checks as C
 from ._registry import define_op, fake_no_output
-from .projection import _check_hyper
+from lowrank_kernels.reference.projection import moment_tail, n_dtype
+
+from .projection import _MOMENT_ARGS, _check_hyper, foreach_moment_args, moment_op_args
 
 
-def validate_adam_update(r, exp_avg, exp_avg_sq, beta1, beta2, eps, *, op="adam_update_"):
+def validate_adam_update(r, exp_avg, exp_avg_sq, beta1, beta2, eps, m_absmax=None, v_absmax=None, block_size=0,
+                         moment_seed=-1, *, op="adam_update_", _written=None):
     C.check_float(r, "r", op)
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        C.check_float(t, name, op)
-        C.check_shape(t, name, op, r.shape, "r's shape")
-        C.check_moment_dtype(t, name, r.dtype, op)
-    if exp_avg.dtype != exp_avg_sq.dtype:
-        raise TypeError(f"{op}: exp_avg ({exp_avg.dtype}) and exp_avg_sq ({exp_avg_sq.dtype}) must have one dtype")
+    if C.is_8bit(m_absmax, v_absmax):
+        C.fail_value(r.dim() >= 1, op, "r must have at least one dimension for 8-bit moments (blocks run along "
+                     "the last), got a 0-d tensor")
+    written = C.check_moment_state(op, exp_avg, exp_avg_sq, r.shape, r.dtype, m_absmax, v_absmax, block_size,
+                                   moment_seed)
     _check_hyper(op, beta1, beta2, eps)
-    C.check_same_device(op, [("r", r), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
-    C.check_no_overlap(op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("r", r)])
+    C.check_same_device(op, [("r", r)] + written)
+    C.check_no_overlap(op, written, [("r", r)])
+    if _written is not None:
+        _written.extend(written)
 
 
-def _fake_adam_update(r, exp_avg, exp_avg_sq, beta1, beta2, eps):
-    return exp_avg.new_empty(exp_avg.shape)
+def _fake_adam_update(r, exp_avg, exp_avg_sq, beta1, beta2, eps, *moments):
+    return exp_avg.new_empty(exp_avg.shape, dtype=n_dtype(exp_avg))
 
 
 adam_update_op = define_op(
     "adam_update",
-    "(Tensor r, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, float beta1, float beta2, float eps) -> Tensor",
+    "(Tensor r, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, float beta1, float beta2, float eps, "
+    f"{_MOMENT_ARGS}) -> Tensor",
     family="adam",
     reference=ref.adam_update_ref,
     fake=_fake_adam_update,
@@ -50,32 +69,72 @@ adam_update_op = define_op(
 )
 
 
-def adam_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=1e-8) -> torch.Tensor:
+def adam_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=1e-8, m_absmax=None, v_absmax=None,
+                 block_size=256, moment_seed=None) -> torch.Tensor:
     """The Adam moment update on ``r`` (e.g. an already projected gradient), in place.
 
     ``exp_avg <- beta1 exp_avg + (1 - beta1) r``, ``exp_avg_sq <- beta2 exp_avg_sq +
     (1 - beta2) r^2``, computed in float32 (float64 for float64 inputs). Returns
     ``N = exp_avg / (sqrt(exp_avg_sq) + eps)`` (no bias correction), a new tensor of
-    ``r``'s shape in the moments' dtype: what :func:`project_adam_` returns with an
-    identity projector, without the GEMM.
+    ``r``'s shape in the moments' dtype (float32 for 8-bit moments): what
+    :func:`project_adam_` returns with an identity projector, without the GEMM.
+
+    Moment format (module doc): ``m_absmax`` and ``v_absmax`` given: 8-bit moments
+    (uint8 codes, blocks of ``block_size`` along the last dim); ``moment_seed`` an int
+    >= 0: bfloat16 moments stored with stochastic rounding.
     """
-    return adam_update_op(r, exp_avg, exp_avg_sq, float(beta1), float(beta2), float(eps))
+    hyper = (float(beta1), float(beta2), float(eps))
+    if m_absmax is None and v_absmax is None and (moment_seed is None or moment_seed < 0):
+        return adam_update_op(r, exp_avg, exp_avg_sq, *hyper)
+    return adam_update_op(r, exp_avg, exp_avg_sq, *hyper, *moment_op_args(m_absmax, v_absmax, block_size, moment_seed))
 
 
-def validate_foreach_update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, *, op="adam_foreach_update_"):
+def moments8_zeros(shape, device="cpu", block_size=256) -> dict:
+    """A fresh 8-bit Adam moment state of ``shape`` (blocks of ``block_size`` along the last dim).
+
+    Returns ``dict(exp_avg=uint8 zeros, exp_avg_sq=uint8 zeros, m_absmax=float32 zeros,
+    v_absmax=float32 zeros)``, absmax of shape ``shape[:-1] + (ceil(shape[-1] / block_size),)``;
+    an absmax of 0 decodes to 0 whatever the codes. Pass the four tensors to the ops'
+    ``exp_avg``, ``exp_avg_sq``, ``m_absmax``, ``v_absmax`` with the same ``block_size``.
+    """
+    shape = tuple(int(d) for d in (shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)))
+    if len(shape) < 1:
+        raise ValueError("moments8_zeros: shape must have at least one dimension (blocks run along the last)")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"moments8_zeros: shape must have non-negative sizes, got {shape}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= C.MAX_BLOCK_SIZE:
+        raise ValueError(f"moments8_zeros: block_size must be an int in [1, {C.MAX_BLOCK_SIZE}], got {block_size!r}")
+    ashape = C._absmax_shape(shape, block_size)
+    return dict(
+        exp_avg=torch.zeros(shape, dtype=torch.uint8, device=device),
+        exp_avg_sq=torch.zeros(shape, dtype=torch.uint8, device=device),
+        m_absmax=torch.zeros(ashape, dtype=torch.float32, device=device),
+        v_absmax=torch.zeros(ashape, dtype=torch.float32, device=device),
+    )
+
+
+def validate_foreach_update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, m_absmax=(), v_absmax=(), block_size=0,
+                            moment_seed=(), *, op="adam_foreach_update_"):
     n = len(r)
     for name, xs in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("n", out)):
         C.fail_value(len(xs) == n, op, lambda: f"{name} must have one entry per tensor of r ({n}), got {len(xs)}")
+    for name, xs in (("m_absmax", m_absmax), ("v_absmax", v_absmax), ("moment_seed", moment_seed)):
+        C.fail_value(len(xs) in (0, n), op,
+                     lambda: f"{name} must be empty (not given) or have one entry per tensor of r ({n}), got {len(xs)}")
     written = []
     for i in range(n):
-        validate_adam_update(r[i], exp_avg[i], exp_avg_sq[i], beta1, beta2, eps, op=f"{op} (entry {i})")
+        mine = []
+        validate_adam_update(r[i], exp_avg[i], exp_avg_sq[i], beta1, beta2, eps,
+                             *moment_tail(m_absmax, v_absmax, block_size, moment_seed, i), op=f"{op} (entry {i})",
+                             _written=mine)
+        want = n_dtype(exp_avg[i])
         C.check_tensor(out[i], "n", f"{op} (entry {i})")
-        C.fail_type(out[i].dtype == exp_avg[i].dtype, f"{op} (entry {i})",
-                    lambda: f"n must have the moments' dtype {exp_avg[i].dtype}, got {out[i].dtype}")
+        C.fail_type(out[i].dtype == want, f"{op} (entry {i})",
+                    lambda: f"n must have N's dtype {want} (the moments' dtype, float32 for 8-bit), got {out[i].dtype}")
         C.check_shape(out[i], "n", f"{op} (entry {i})", r[i].shape, "r's shape")
         C.fail_value(out[i].is_contiguous(), f"{op} (entry {i})", "n must be contiguous")
         C.check_same_device(f"{op} (entry {i})", [("r", r[i]), ("n", out[i])])
-        written += [(f"exp_avg[{i}]", exp_avg[i]), (f"exp_avg_sq[{i}]", exp_avg_sq[i]), (f"n[{i}]", out[i])]
+        written += [(f"{name}[{i}]", t) for name, t in mine] + [(f"n[{i}]", out[i])]
     # a written tensor must not share memory with another argument (across entries too)
     C.check_no_overlap(op, written, [(f"r[{i}]", r[i]) for i in range(n)])
 
@@ -83,7 +142,7 @@ def validate_foreach_update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, *, o
 foreach_update_op = define_op(
     "adam_foreach_update",
     "(Tensor[] r, Tensor(a!)[] exp_avg, Tensor(b!)[] exp_avg_sq, Tensor(c!)[] n, float beta1, float beta2, "
-    "float eps) -> ()",
+    "float eps, Tensor(d!)[] m_absmax, Tensor(e!)[] v_absmax, int block_size, int[] moment_seed) -> ()",
     family="adam",
     reference=ref.adam_foreach_update_ref,
     fake=fake_no_output,
@@ -91,13 +150,18 @@ foreach_update_op = define_op(
 )
 
 
-def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=1e-8):
+def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=1e-8, m_absmax=None,
+                         v_absmax=None, block_size=256, moment_seed=None):
     """:func:`adam_update_` over lists (``r[i]``, ``exp_avg[i]``, ``exp_avg_sq[i]``) in one op call.
 
-    Returns the list of ``N`` (new tensors in the moments' dtypes). Every entry is
-    validated before anything is written.
+    Returns the list of ``N`` (new tensors in the moments' dtypes, float32 for 8-bit
+    moments). Every entry is validated before anything is written. ``m_absmax`` /
+    ``v_absmax``: None or lists with one absmax tensor per entry (8-bit moments);
+    ``moment_seed``: None or a list with one int per entry (one call = one format).
     """
     exp_avg = list(exp_avg)
-    out = [torch.empty(m.shape, dtype=m.dtype, device=m.device) if isinstance(m, torch.Tensor) else m for m in exp_avg]
-    foreach_update_op(list(r), exp_avg, list(exp_avg_sq), out, float(beta1), float(beta2), float(eps))
+    out = [torch.empty(m.shape, dtype=n_dtype(m), device=m.device) if isinstance(m, torch.Tensor) else m
+           for m in exp_avg]
+    foreach_update_op(list(r), exp_avg, list(exp_avg_sq), out, float(beta1), float(beta2), float(eps),
+                      *foreach_moment_args("adam_foreach_update_", m_absmax, v_absmax, block_size, moment_seed))
     return out

@@ -5,12 +5,36 @@ One op per stage, whatever the projector's kind:
 - ``projection_project(grad, proj, side, indices?, q_scale?, q_min?, rank, group_size) -> R``
   (the projection GEMM without an epilogue; float32, float64 for float64 input)
 - ``projection_project_adam(grad, proj, exp_avg!, exp_avg_sq!, side, beta1, beta2, eps,
-  indices?, q_scale?, q_min?, rank, group_size) -> N``
+  indices?, q_scale?, q_min?, rank, group_size, m_absmax!?, v_absmax!?, block_size, moment_seed) -> N``
 - ``projection_backproject_apply(param!, update, proj, side, alpha, decay,
   indices?, q_scale?, q_min?, rank, group_size, row_decay?, row_alpha?) -> ()``
   (``row_decay`` / ``row_alpha``: optional float32 per-row factors of length ``m``)
 - ``projection_project_update_backproject(param!, grad, proj, exp_avg!, exp_avg_sq!, side,
-  lr, beta1, beta2, eps, step, weight_decay, scale, indices?, q_scale?, q_min?, rank, group_size) -> ()``
+  lr, beta1, beta2, eps, step, weight_decay, scale, indices?, q_scale?, q_min?, rank, group_size,
+  m_absmax!?, v_absmax!?, block_size, moment_seed) -> ()``
+- ``projection_foreach_project_update_backproject(...)``: the step over lists (see below).
+
+Moment formats (the ops' trailing moment arguments, all defaulted):
+
+- **32-bit** (``m_absmax = v_absmax = None``, ``block_size = 0``, ``moment_seed = -1``): the
+  moments are floating tensors (float32, float64 or the parameter's dtype), updated in
+  float32 (float64 with float64 inputs) and rounded to nearest on store; ``N`` in the
+  moments' dtype.
+- **16-bit** (bfloat16 moments, ``moment_seed >= 0``): as above, but each store of an
+  updated moment rounds stochastically to bfloat16 (reference/moments.py
+  ``bf16_round_sr_ref``: 16 hashed random bits of ``(moment_seed, i)`` added below the
+  kept bits, then truncated; ``i`` the flat index for ``exp_avg``, ``i + numel`` for
+  ``exp_avg_sq``), so small updates of the second moment are not lost on average. Only
+  bfloat16 moments may take a seed >= 0; the caller gives a fresh seed per step.
+- **8-bit** (``m_absmax`` and ``v_absmax`` given): ``exp_avg`` / ``exp_avg_sq`` are
+  contiguous uint8 codes of the low-rank shape, ``m_absmax`` / ``v_absmax`` float32 of shape
+  ``shape[:-1] + (ceil(cols / block_size),)``, ``1 <= block_size <= 256``: blocks inside one
+  row, bitsandbytes' dynamic map (signed for ``exp_avg``, unsigned for ``exp_avg_sq``),
+  nearest rounding (reference/moments.py). The kernels dequantize, update in float32,
+  compute ``N`` (float32) from the float32 values and requantize with a fresh absmax per
+  block; the C++ and Triton backends never write a float32 moment of the low-rank shape
+  to memory. A block holding NaN/inf gets absmax NaN (it decodes to NaN). Use
+  :func:`moments8_zeros` for a fresh state.
 
 The projector is carried by ``proj`` and the trailing optional arguments (all
 defaulted, so a dense projector is passed exactly as before):
@@ -172,14 +196,6 @@ def _projector_rank(proj, side, indices, q_scale, rank) -> int:
     return _proj_rank(proj, side)
 
 
-def _check_moments(op, exp_avg, exp_avg_sq, shape, param_dtype):
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        C.check_float(t, name, op)
-        C.check_shape(t, name, op, shape, "the low-rank gradient's shape")
-        C.check_moment_dtype(t, name, param_dtype, op)
-    if exp_avg.dtype != exp_avg_sq.dtype:
-        raise TypeError(f"{op}: exp_avg ({exp_avg.dtype}) and exp_avg_sq ({exp_avg_sq.dtype}) must have one dtype")
-
 
 def _check_hyper(op, beta1, beta2, eps):
     C.fail_value(0.0 <= beta1 < 1.0, op, lambda: f"beta1 must be in [0, 1), got {beta1}")
@@ -199,17 +215,23 @@ def validate_project(grad, proj, side, indices=None, q_scale=None, q_min=None, r
 
 def validate_project_adam(
     grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices=None, q_scale=None, q_min=None, rank=0,
-    group_size=0, *, op="project_adam_", _spans=None,
+    group_size=0, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1, *, op="project_adam_", _spans=None,
+    _written=None,
 ):
     C.check_side(side, op)
     C.check_float(grad, "grad", op)
     C.check_ndim(grad, "grad", op, 2)
     m, n = grad.shape
     r, read = check_projector(op, m, n, side, proj, indices, q_scale, q_min, rank, group_size)
-    _check_moments(op, exp_avg, exp_avg_sq, low_rank_shape(m, n, r, side), grad.dtype)
+    written = C.check_moment_state(
+        op, exp_avg, exp_avg_sq, low_rank_shape(m, n, r, side), grad.dtype, m_absmax, v_absmax, block_size,
+        moment_seed,
+    )
     _check_hyper(op, beta1, beta2, eps)
-    C.check_same_device(op, [("grad", grad)] + read + [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
-    C.check_no_overlap(op, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)], [("grad", grad)] + read, spans=_spans)
+    C.check_same_device(op, [("grad", grad)] + read + written)
+    C.check_no_overlap(op, written, [("grad", grad)] + read, spans=_spans)
+    if _written is not None:
+        _written.extend(written)
     return read
 
 
@@ -236,25 +258,24 @@ def validate_backproject_apply(
 
 def validate_project_update_backproject(
     param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale, indices=None,
-    q_scale=None, q_min=None, rank=0, group_size=0, *, op="project_update_backproject_",
+    q_scale=None, q_min=None, rank=0, group_size=0, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1, *,
+    op="project_update_backproject_", _written=None,
 ):
     C.check_float(param, "param", op)
     C.check_ndim(param, "param", op, 2)
     spans = {}
+    written = []
     read = validate_project_adam(
         grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices, q_scale, q_min, rank, group_size,
-        op=op, _spans=spans,
+        m_absmax, v_absmax, block_size, moment_seed, op=op, _spans=spans, _written=written,
     )
     C.check_shape(grad, "grad", op, param.shape, "the parameter's shape")
     C.fail_value(step >= 1, op, lambda: f"step must be >= 1 (1-based, after increment), got {step}")
     C.fail_value(lr >= 0.0, op, lambda: f"lr must be >= 0, got {lr}")
     C.check_same_device(op, [("param", param), ("grad", grad)])
-    C.check_no_overlap(
-        op,
-        [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
-        [("grad", grad)] + read,
-        spans=spans,
-    )
+    C.check_no_overlap(op, [("param", param)] + written, [("grad", grad)] + read, spans=spans)
+    if _written is not None:
+        _written.extend(written)
 
 
 # --------------------------------------------------------------------------- fakes
@@ -266,11 +287,13 @@ def _fake_project(grad, proj, side, indices=None, q_scale=None, q_min=None, rank
 
 
 def _fake_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *projector):
-    return exp_avg.new_empty(exp_avg.shape)
+    return exp_avg.new_empty(exp_avg.shape, dtype=ref.n_dtype(exp_avg))
 
 
 # --------------------------------------------------------------------------- ops
 _PROJECTOR_ARGS = "Tensor? indices=None, Tensor? q_scale=None, Tensor? q_min=None, int rank=0, int group_size=0"
+# The moment format (8-bit: both absmax tensors; 16-bit stochastic rounding: moment_seed >= 0).
+_MOMENT_ARGS = "Tensor(d!)? m_absmax=None, Tensor(e!)? v_absmax=None, int block_size=0, int moment_seed=-1"
 
 project_op = define_op(
     "projection_project",
@@ -284,7 +307,7 @@ project_op = define_op(
 project_adam_op = define_op(
     "projection_project_adam",
     "(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, "
-    f"float beta1, float beta2, float eps, {_PROJECTOR_ARGS}) -> Tensor",
+    f"float beta1, float beta2, float eps, {_PROJECTOR_ARGS}, {_MOMENT_ARGS}) -> Tensor",
     family="projection",
     reference=ref.projection_project_adam_ref,
     fake=_fake_project_adam,
@@ -304,7 +327,8 @@ backproject_apply_op = define_op(
 project_update_backproject_op = define_op(
     "projection_project_update_backproject",
     "(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, str side, "
-    f"float lr, float beta1, float beta2, float eps, int step, float weight_decay, float scale, {_PROJECTOR_ARGS}) -> ()",
+    f"float lr, float beta1, float beta2, float eps, int step, float weight_decay, float scale, {_PROJECTOR_ARGS}, "
+    f"{_MOMENT_ARGS}) -> ()",
     family="projection",
     reference=ref.projection_project_update_backproject_ref,
     fake=fake_no_output,
@@ -327,25 +351,32 @@ def _list_len(op, name, xs, n):
     C.fail_value(len(xs) == n, op, lambda: f"{name} must have one entry per parameter ({n}), got {len(xs)}")
 
 
+_LIST_NAMES = {"exp_avg": "exp_avgs", "exp_avg_sq": "exp_avg_sqs"}
+
+
 def validate_foreach_project_update_backproject(
     params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
-    indices=(), q_scale=(), q_min=(), rank=(), group_size=0, *, op="foreach_project_update_backproject_",
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
+    *, op="foreach_project_update_backproject_",
 ):
     n = len(params)
     for name, xs in (("grads", grads), ("projs", projs), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                      ("lr", lr), ("step", step), ("weight_decay", weight_decay), ("scale", scale)):
         _list_len(op, name, xs, n)
-    for name, xs in (("indices", indices), ("q_scale", q_scale), ("q_min", q_min), ("rank", rank)):
-        if len(xs):  # an empty list: not given (the dense kind, or rank taken from the projectors)
+    for name, xs in (("indices", indices), ("q_scale", q_scale), ("q_min", q_min), ("rank", rank),
+                     ("m_absmax", m_absmax), ("v_absmax", v_absmax), ("moment_seed", moment_seed)):
+        if len(xs):  # an empty list: not given (the dense kind, rank taken from the projectors, plain moments)
             _list_len(op, name, xs, n)
     written = []
     for i in range(n):
         tail = projector_tail(indices, q_scale, q_min, rank, group_size, i)
+        mine = []
         validate_project_update_backproject(
             params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
-            weight_decay[i], scale[i], *tail, op=f"{op} (parameter {i})",
+            weight_decay[i], scale[i], *tail, *ref.moment_tail(m_absmax, v_absmax, block_size, moment_seed, i),
+            op=f"{op} (parameter {i})", _written=mine,
         )
-        written += [(f"params[{i}]", params[i]), (f"exp_avgs[{i}]", exp_avgs[i]), (f"exp_avg_sqs[{i}]", exp_avg_sqs[i])]
+        written += [(f"params[{i}]", params[i])] + [(f"{_LIST_NAMES.get(name, name)}[{i}]", t) for name, t in mine]
     # Across parameters: no written tensor may share memory with another entry's tensors.
     if n > 1:
         read = []
@@ -358,7 +389,8 @@ foreach_project_update_backproject_op = define_op(
     "projection_foreach_project_update_backproject",
     "(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "str side, float[] lr, float beta1, float beta2, float eps, int[] step, float[] weight_decay, float[] scale, "
-    "Tensor[] indices, Tensor[] q_scale, Tensor[] q_min, int[] rank, int group_size) -> ()",
+    "Tensor[] indices, Tensor[] q_scale, Tensor[] q_min, int[] rank, int group_size, Tensor(d!)[] m_absmax, "
+    "Tensor(e!)[] v_absmax, int block_size, int[] moment_seed) -> ()",
     family="projection",
     reference=ref.projection_foreach_project_update_backproject_ref,
     fake=fake_no_output,
@@ -439,7 +471,19 @@ def project(grad, proj, *, side):
     return project_op(grad, p, side, *tail)
 
 
-def project_adam_(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.999, eps=1e-8):
+def moment_op_args(m_absmax, v_absmax, block_size, moment_seed) -> tuple:
+    """The ops' trailing moment arguments from the public keywords: ``block_size`` is
+    passed only for 8-bit moments (0 otherwise), ``moment_seed`` None -> -1."""
+    eight = m_absmax is not None or v_absmax is not None
+    return m_absmax, v_absmax, (block_size if eight else 0), (-1 if moment_seed is None else moment_seed)
+
+
+def _plain_moments(m_absmax, v_absmax, moment_seed) -> bool:
+    return m_absmax is None and v_absmax is None and (moment_seed is None or moment_seed < 0)
+
+
+def project_adam_(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.999, eps=1e-8, m_absmax=None,
+                  v_absmax=None, block_size=256, moment_seed=None):
     """Project the gradient and run the Adam moment update in the subspace.
 
     ``R = G P^T`` (``side="right"``, ``proj`` is ``r x n``) or ``R = P^T G``
@@ -448,17 +492,31 @@ def project_adam_(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.9
     ``exp_avg_sq <- beta2 exp_avg_sq + (1 - beta2) R^2`` in place. ``proj`` may also be a
     :class:`~lowrank_kernels.ops.DCTProjector` or an :class:`~lowrank_kernels.ops.Int4Projector`.
 
+    Moment formats (module doc): plain floating moments; bfloat16 moments stored with
+    stochastic rounding when ``moment_seed`` is an int >= 0; 8-bit moments when
+    ``m_absmax`` and ``v_absmax`` are given (``exp_avg`` / ``exp_avg_sq`` then hold uint8
+    codes, blocks of ``block_size`` along the last dim; see :func:`moments8_zeros`).
+
     Returns ``N = exp_avg / (sqrt(exp_avg_sq) + eps)`` (no bias correction), a new
-    tensor of the low-rank shape in the moments' dtype.
+    tensor of the low-rank shape in the moments' dtype (float32 for 8-bit moments).
     """
     entry = _structured(proj, "project_adam_")
     hyper = (side, float(beta1), float(beta2), float(eps))
+    mom = moment_op_args(m_absmax, v_absmax, block_size, moment_seed)
     if entry is None:
-        return project_adam_op(grad, proj, exp_avg, exp_avg_sq, *hyper)
+        if _plain_moments(m_absmax, v_absmax, moment_seed):
+            return project_adam_op(grad, proj, exp_avg, exp_avg_sq, *hyper)
+        return project_adam_op(grad, proj, exp_avg, exp_avg_sq, *hyper, *_DENSE_TAIL, *mom)
     if entry["op_args"] is None:
+        _no_custom_moments(proj, m_absmax, v_absmax, moment_seed, "project_adam_")
         return entry["project_adam_"](grad, proj, exp_avg, exp_avg_sq, side=side, beta1=beta1, beta2=beta2, eps=eps)
     p, *tail = _op_args(entry, proj, side, grad, "grad", "project_adam_")
-    return project_adam_op(grad, p, exp_avg, exp_avg_sq, *hyper, *tail)
+    return project_adam_op(grad, p, exp_avg, exp_avg_sq, *hyper, *tail, *mom)
+
+
+def _no_custom_moments(proj, m_absmax, v_absmax, moment_seed, fn):
+    if not _plain_moments(m_absmax, v_absmax, moment_seed):
+        raise TypeError(f"{fn}: 8-bit / stochastically rounded moments are not supported for {type(proj).__name__}")
 
 
 def backproject_apply_(param, update, proj, *, side, alpha, decay=1.0, row_decay=None, row_alpha=None):
@@ -490,32 +548,38 @@ def backproject_apply_(param, update, proj, *, side, alpha, decay=1.0, row_decay
 
 def project_update_backproject_(
     param, grad, proj, exp_avg, exp_avg_sq, *, side, lr, beta1=0.9, beta2=0.999, eps=1e-8, step,
-    weight_decay=0.0, scale=1.0,
+    weight_decay=0.0, scale=1.0, m_absmax=None, v_absmax=None, block_size=256, moment_seed=None,
 ):
     """One GaLore-Adam step on a 2-D parameter, in place.
 
     ``N = project_adam_(...)``; with ``step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step)``:
     ``param <- (1 - lr * weight_decay) * param - step_size * scale * back(N)``
     (torch.optim.AdamW's order: decay first, on the old weight). ``step`` is 1-based.
-    ``proj`` as in :func:`project_adam_`.
+    ``proj`` and the moment format (``m_absmax``, ``v_absmax``, ``block_size``,
+    ``moment_seed``) as in :func:`project_adam_`.
     """
     entry = _structured(proj, "project_update_backproject_")
     hyper = (side, float(lr), float(beta1), float(beta2), float(eps), int(step), float(weight_decay), float(scale))
+    mom = moment_op_args(m_absmax, v_absmax, block_size, moment_seed)
     if entry is None:
-        project_update_backproject_op(param, grad, proj, exp_avg, exp_avg_sq, *hyper)
+        if _plain_moments(m_absmax, v_absmax, moment_seed):
+            project_update_backproject_op(param, grad, proj, exp_avg, exp_avg_sq, *hyper)
+        else:
+            project_update_backproject_op(param, grad, proj, exp_avg, exp_avg_sq, *hyper, *_DENSE_TAIL, *mom)
         return
     if entry["op_args"] is None:
+        _no_custom_moments(proj, m_absmax, v_absmax, moment_seed, "project_update_backproject_")
         return entry["project_update_backproject_"](
             param, grad, proj, exp_avg, exp_avg_sq, side=side, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             step=step, weight_decay=weight_decay, scale=scale,
         )
     p, *tail = _op_args(entry, proj, side, param, "param", "project_update_backproject_")
-    project_update_backproject_op(param, grad, p, exp_avg, exp_avg_sq, *hyper, *tail)
+    project_update_backproject_op(param, grad, p, exp_avg, exp_avg_sq, *hyper, *tail, *mom)
 
 
 def foreach_project_update_backproject_(
     params, grads, projs, exp_avgs, exp_avg_sqs, *, side, lr, beta1=0.9, beta2=0.999, eps=1e-8, step,
-    weight_decay=0.0, scale=1.0,
+    weight_decay=0.0, scale=1.0, m_absmax=None, v_absmax=None, block_size=256, moment_seed=None,
 ):
     """:func:`project_update_backproject_` over lists of parameters in one op call.
 
@@ -524,6 +588,11 @@ def foreach_project_update_backproject_(
     with one per parameter. One ``side``; ``projs`` all dense tensors, all
     :class:`~lowrank_kernels.ops.DCTProjector`, or all :class:`~lowrank_kernels.ops.Int4Projector`
     (one bucket: one projector kind). Everything is validated before anything is written.
+
+    Moment format (one bucket: one format): ``m_absmax`` / ``v_absmax`` None or lists with
+    one float32 absmax tensor per parameter (8-bit moments, blocks of ``block_size``);
+    ``moment_seed`` None or a list with one int per parameter (bfloat16 stochastic
+    rounding where >= 0, None entries -> -1).
     """
     op = "foreach_project_update_backproject_"
     n = len(params)
@@ -556,5 +625,19 @@ def foreach_project_update_backproject_(
         )
     foreach_project_update_backproject_op(
         list(params), list(grads), dense, list(exp_avgs), list(exp_avg_sqs), side, lr_l, float(beta1), float(beta2),
-        float(eps), step_l, wd_l, sc_l, *tail,
+        float(eps), step_l, wd_l, sc_l, *tail, *foreach_moment_args(op, m_absmax, v_absmax, block_size, moment_seed),
     )
+
+
+def foreach_moment_args(op, m_absmax, v_absmax, block_size, moment_seed) -> tuple:
+    """The multi-tensor ops' moment lists from the public keywords (None -> empty list)."""
+    def as_list(name, v):
+        if v is None:
+            return []
+        C.fail_type(isinstance(v, (list, tuple)), op, lambda: f"{name} must be a list or None, got {type(v).__name__}")
+        return list(v)
+
+    ma, va = as_list("m_absmax", m_absmax), as_list("v_absmax", v_absmax)
+    seeds = [-1 if x is None else x for x in as_list("moment_seed", moment_seed)]
+    eight = m_absmax is not None or v_absmax is not None
+    return ma, va, (block_size if eight else 0), seeds

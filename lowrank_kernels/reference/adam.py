@@ -10,15 +10,22 @@ family's Adam epilogue (``project_adam_`` with an identity projector), without t
 """
 from __future__ import annotations
 
-from .projection import adam_moments_, compute_dtype
+from .projection import adam_moments_, compute_dtype, moment_tail, n_dtype
 
 
-def adam_update_ref(r, exp_avg, exp_avg_sq, beta1, beta2, eps):
+def adam_update_ref(r, exp_avg, exp_avg_sq, beta1, beta2, eps, m_absmax=None, v_absmax=None, block_size=0,
+                    moment_seed=-1):
+    """The update (any moment format, see ``adam_moments_``); ``N`` in the moments' dtype
+    (float32 for 8-bit moments)."""
     acc = compute_dtype(r, exp_avg)
-    return adam_moments_(r.to(acc), exp_avg, exp_avg_sq, beta1, beta2, eps).to(exp_avg.dtype)
+    return adam_moments_(
+        r.to(acc), exp_avg, exp_avg_sq, beta1, beta2, eps, m_absmax, v_absmax, block_size, moment_seed
+    ).to(n_dtype(exp_avg))
 
 
-def adam_foreach_update_ref(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps):
+def adam_foreach_update_ref(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_absmax=(), v_absmax=(), block_size=0,
+                            moment_seed=()):
     """The multi-tensor form: the single-tensor update on each entry in turn, ``N`` into ``n``."""
     for i in range(len(r)):
-        n[i].copy_(adam_update_ref(r[i], exp_avg[i], exp_avg_sq[i], beta1, beta2, eps))
+        n[i].copy_(adam_update_ref(r[i], exp_avg[i], exp_avg_sq[i], beta1, beta2, eps,
+                                   *moment_tail(m_absmax, v_absmax, block_size, moment_seed, i)))

@@ -12,6 +12,9 @@ Format of one moment tensor ``x`` of shape ``(..., cols)`` (METHODS_NEXT.md sect
   for the second; each value, normalized as ``x * (1 / absmax)`` in float32, is rounded to
   the **nearest** map entry (float32 midpoints between entries; an exact tie goes to the
   lower entry). A block of zeros has ``absmax = 0`` and decodes to zeros.
+- non-finite values: a block holding a NaN or an infinity gets ``absmax = NaN`` (so the
+  whole block decodes to NaN, never silently to finite values) and every code of the
+  block is the map's zero entry (the code ``x = 0`` would get).
 
 Bytes per moment: ``numel`` (codes) + ``4 * rows * ceil(cols / 256)`` (absmax), so the two
 Adam moments of an ``m x r`` state take ``2 * m * r + 8 * m * ceil(r / 256)`` bytes
@@ -127,9 +130,13 @@ def moments_quantize_ref(x: torch.Tensor, *, signed: bool, block_size: int = BLO
     pad = nblocks * block_size - cols
     xp = torch.nn.functional.pad(x32, (0, pad)).reshape(x32.shape[0], nblocks, block_size)
     absmax = xp.abs().amax(dim=-1)  # (rows, nblocks)
+    bad = ~torch.isfinite(xp).all(dim=-1)  # a block holding NaN/inf: absmax NaN, codes of the map's zero
+    absmax = torch.where(bad, torch.full_like(absmax, float("nan")), absmax)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     # multiply by the reciprocal (one division per block, as the kernels will; bitsandbytes' torch path too)
-    normed = (xp * (1.0 / safe).unsqueeze(-1)).reshape(x32.shape[0], nblocks * block_size)[:, :cols]
+    normed = xp * (1.0 / safe).unsqueeze(-1)
+    normed = torch.where(bad.unsqueeze(-1), torch.zeros_like(normed), normed)
+    normed = normed.reshape(x32.shape[0], nblocks * block_size)[:, :cols]
     # nearest entry: the number of decision boundaries strictly below the value (ties go down)
     codes = torch.bucketize(normed.contiguous(), mids, right=False).to(torch.uint8)
     return codes.reshape(x.shape), absmax.reshape(*lead, nblocks)
@@ -174,6 +181,63 @@ def moments8_nbytes(shape, block_size: int = BLOCK_SIZE) -> int:
     return 2 * moment_nbytes(shape, block_size)
 
 
+# --------------------------------------------------------------------------- the Adam step on 8-bit moments
+def moments8_adam_ref(r, exp_avg, exp_avg_sq, m_absmax, v_absmax, beta1, beta2, eps, block_size):
+    """The Adam moment update on 8-bit moments, in place; returns ``N`` (float32).
+
+    ``exp_avg`` / ``exp_avg_sq``: uint8 codes of ``r``'s shape (signed / unsigned map),
+    ``m_absmax`` / ``v_absmax``: their float32 block absmax. Both moments are
+    dequantized to float32, updated from ``r`` (converted to float32) as
+    ``m = beta1 m + (1 - beta1) r``, ``v = beta2 v + (1 - beta2) r^2``;
+    ``N = m / (sqrt(v) + eps)`` is computed from these float32 values; then both are
+    requantized (fresh absmax per block of the updated values, nearest map entry) into
+    the codes and absmax tensors.
+    """
+    m = moments_dequantize_ref(exp_avg, m_absmax, signed=True, block_size=block_size)
+    v = moments_dequantize_ref(exp_avg_sq, v_absmax, signed=False, block_size=block_size)
+    r32 = r.to(torch.float32)
+    m.mul_(beta1).add_(r32, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(r32, r32, value=1.0 - beta2)
+    n = m / (v.sqrt() + eps)
+    codes, am = moments_quantize_ref(m, signed=True, block_size=block_size)
+    exp_avg.copy_(codes)
+    m_absmax.copy_(am)
+    codes, am = moments_quantize_ref(v, signed=False, block_size=block_size)
+    exp_avg_sq.copy_(codes)
+    v_absmax.copy_(am)
+    return n
+
+
+# --------------------------------------------------------------------------- 16-bit: bf16 stochastic rounding
+def bf16_round_sr_ref(x: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+    """Round float32 ``x`` to bfloat16 stochastically (the 16-bit moments' store).
+
+    With ``b`` the float32 bits of ``x[i]`` (logical row-major flat index ``i``) and
+    ``h = mix32(mix32(((i + offset) & 0xFFFFFFFF) ^ k1) ^ k2)`` (``k1, k2 =
+    seed_keys(seed)``, reference/quant.py), the bfloat16 bits are
+    ``(b + (h >> 16)) >> 16``: 16 random bits added below the kept ones, then truncated,
+    so a value rounds up with probability equal to its distance from the lower bfloat16
+    neighbour (in units of that spacing), and ``E[round(x)] = x``. A value that is
+    already a bfloat16 is returned exactly. NaN and infinities round to nearest (pass
+    through unchanged). The Adam moments use ``offset = 0`` for ``exp_avg`` and
+    ``offset = numel`` for ``exp_avg_sq``.
+    """
+    from .quant import MASK32, mix32, seed_keys
+
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"bf16_round_sr_ref: x must be a float32 Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    k1, k2 = seed_keys(seed)
+    flat = x.reshape(-1)
+    idx = torch.arange(flat.numel(), dtype=torch.int64, device=x.device) + int(offset)
+    h = mix32(mix32((idx & MASK32) ^ k1) ^ k2)
+    b = flat.view(torch.int32).to(torch.int64) & MASK32
+    hi = ((b + (h >> 16)) >> 16) & 0xFFFF
+    hi = torch.where(hi >= 0x8000, hi - 0x10000, hi).to(torch.int16)
+    out = hi.view(torch.bfloat16)
+    out = torch.where(torch.isfinite(flat), out, flat.to(torch.bfloat16))
+    return out.reshape(x.shape)
+
+
 __all__ = [
     "BLOCK_SIZE",
     "moments_dynamic_map",
@@ -181,4 +245,6 @@ __all__ = [
     "moments_dequantize_ref",
     "moment_nbytes",
     "moments8_nbytes",
+    "moments8_adam_ref",
+    "bf16_round_sr_ref",
 ]

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from .moments import bf16_round_sr_ref, moments8_adam_ref
+
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32."""
@@ -46,15 +48,35 @@ def back(update: torch.Tensor, proj: torch.Tensor, side: str, acc: torch.dtype) 
 
 
 def adam_moments_(
-    r: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float, beta2: float, eps: float
+    r: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float, beta2: float, eps: float,
+    m_absmax=None, v_absmax=None, block_size: int = 0, moment_seed: int = -1,
 ) -> torch.Tensor:
-    """Update the moments in place from ``r``; return ``N = M / (sqrt(V) + eps)`` in ``r``'s dtype."""
+    """Update the moments in place from ``r``; return ``N = M / (sqrt(V) + eps)``.
+
+    Plain moments: computed in ``r``'s dtype (the accumulation dtype), ``N`` in it too;
+    stored in the moments' dtype, rounding to nearest, or for bfloat16 moments with
+    ``moment_seed >= 0`` stochastically (:func:`~lowrank_kernels.reference.moments.bf16_round_sr_ref`
+    of the float32 value, counters ``i`` for ``exp_avg`` and ``i + numel`` for
+    ``exp_avg_sq``). 8-bit moments (``m_absmax`` / ``v_absmax`` given): see
+    :func:`~lowrank_kernels.reference.moments.moments8_adam_ref`; ``N`` is float32.
+    """
+    if m_absmax is not None:
+        return moments8_adam_ref(r, exp_avg, exp_avg_sq, m_absmax, v_absmax, beta1, beta2, eps, block_size)
     acc = r.dtype
     m = exp_avg.to(acc).mul(beta1).add_(r, alpha=1.0 - beta1)
     v = exp_avg_sq.to(acc).mul(beta2).addcmul_(r, r, value=1.0 - beta2)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+    if moment_seed >= 0 and exp_avg.dtype == torch.bfloat16:
+        exp_avg.copy_(bf16_round_sr_ref(m.to(torch.float32), moment_seed, 0))
+        exp_avg_sq.copy_(bf16_round_sr_ref(v.to(torch.float32), moment_seed, m.numel()))
+    else:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
     return m / (v.sqrt() + eps)
+
+
+def n_dtype(exp_avg: torch.Tensor) -> torch.dtype:
+    """The dtype of ``N``: the moments' dtype, float32 for 8-bit (uint8) moments."""
+    return torch.float32 if exp_avg.dtype == torch.uint8 else exp_avg.dtype
 
 
 def projector_kind(indices, q_scale, q_min) -> str:
@@ -99,13 +121,15 @@ def projection_project_ref(grad, proj, side, indices=None, q_scale=None, q_min=N
 
 def projection_project_adam_ref(
     grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices=None, q_scale=None, q_min=None, rank=0,
-    group_size=0,
+    group_size=0, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1,
 ):
     m, n = grad.shape
     proj = dense_projector_of(proj, indices, q_scale, q_min, rank, group_size, m, n, side)
     acc = compute_dtype(grad, proj, exp_avg)
     r = project(grad, proj, side, acc)
-    return adam_moments_(r, exp_avg, exp_avg_sq, beta1, beta2, eps).to(exp_avg.dtype)
+    return adam_moments_(
+        r, exp_avg, exp_avg_sq, beta1, beta2, eps, m_absmax, v_absmax, block_size, moment_seed
+    ).to(n_dtype(exp_avg))
 
 
 def _apply(param, update, proj, side, alpha, decay, row_decay=None, row_alpha=None):
@@ -136,14 +160,18 @@ def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
 
 def projection_project_update_backproject_ref(
     param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale, indices=None,
-    q_scale=None, q_min=None, rank=0, group_size=0,
+    q_scale=None, q_min=None, rank=0, group_size=0, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1,
 ):
     m, n = param.shape
     proj = dense_projector_of(proj, indices, q_scale, q_min, rank, group_size, m, n, side)
     acc = compute_dtype(param, grad, proj, exp_avg)
-    n_upd = adam_moments_(project(grad, proj, side, acc), exp_avg, exp_avg_sq, beta1, beta2, eps)
-    # The moments' dtype rounds N exactly as the fused kernels' two-op path does.
-    n_upd = n_upd.to(exp_avg.dtype)
+    n_upd = adam_moments_(
+        project(grad, proj, side, acc), exp_avg, exp_avg_sq, beta1, beta2, eps, m_absmax, v_absmax, block_size,
+        moment_seed,
+    )
+    # The moments' dtype (float32 for 8-bit moments) rounds N exactly as the fused
+    # kernels' two-op path does.
+    n_upd = n_upd.to(n_dtype(exp_avg))
     step_size = adam_step_size(lr, beta1, beta2, step)
     _apply(param, n_upd, proj, side, -step_size * scale, 1.0 - lr * weight_decay)
 
@@ -156,15 +184,25 @@ def projector_tail(indices, q_scale, q_min, rank, group_size, i):
     )
 
 
+def moment_tail(m_absmax, v_absmax, block_size, moment_seed, i):
+    """Parameter ``i``'s moment arguments from the multi-tensor ops' lists (empty: not given)."""
+    return (
+        m_absmax[i] if len(m_absmax) else None, v_absmax[i] if len(v_absmax) else None, block_size,
+        moment_seed[i] if len(moment_seed) else -1,
+    )
+
+
 def projection_foreach_project_update_backproject_ref(
     params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
-    indices=(), q_scale=(), q_min=(), rank=(), group_size=0,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0,
+    moment_seed=(),
 ):
     """The multi-tensor step: the single-tensor step on each parameter in turn (empty
-    projector lists: not given)."""
+    projector / moment lists: not given)."""
     for i in range(len(params)):
         projection_project_update_backproject_ref(
             params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
             weight_decay[i], scale[i], indices[i] if len(indices) else None, q_scale[i] if len(q_scale) else None,
             q_min[i] if len(q_min) else None, rank[i] if len(rank) else 0, group_size,
+            *moment_tail(m_absmax, v_absmax, block_size, moment_seed, i),
         )

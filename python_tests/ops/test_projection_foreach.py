@@ -147,10 +147,12 @@ def test_cpp_foreach_checks_every_entry_first():
     n = len(params)
     with pytest.raises(RuntimeError, match=r"grads\[2\] must have shape"):
         OPS.projection_foreach_project_update_backproject_cpu(params, bad, projs, eas, easqs, "right", [0.1] * n, 0.9,
-                                                              0.99, 1e-8, [1] * n, [0.0] * n, [1.0] * n, [], [], [], [], 0)
+                                                              0.99, 1e-8, [1] * n, [0.0] * n, [1.0] * n, [], [], [], [], 0,
+                                                              [], [], 0, [])
     with pytest.raises(RuntimeError, match="one entry per parameter"):
         OPS.projection_foreach_project_update_backproject_cpu(params, grads, projs, eas, easqs, "right", [0.1], 0.9,
-                                                              0.99, 1e-8, [1] * n, [0.0] * n, [1.0] * n, [], [], [], [], 0)
+                                                              0.99, 1e-8, [1] * n, [0.0] * n, [1.0] * n, [], [], [], [], 0,
+                                                              [], [], 0, [])
     assert all(torch.equal(a, b) for a, b in zip(params + eas + easqs, snap))
 
 
@@ -163,17 +165,18 @@ def _opcheck_cases():
     n = len(params)
     hyper = ([0.01] * n, 0.9, 0.999, 1e-8, [2] * n, [0.1] * n, [1.0] * n)
     yield "projection_foreach_project_update_backproject", (
-        params, grads, projs, eas, easqs, "left", *hyper, [], [], [], [], 0)
+        params, grads, projs, eas, easqs, "left", *hyper, [], [], [], [], 0, [], [], 0, [])
     params, grads, projs, eas, easqs = _bucket("dct", "right", torch.float32)
     yield "projection_foreach_project_update_backproject", (
-        params, grads, [p.basis for p in projs], eas, easqs, "right", *hyper, [p.indices for p in projs], [], [], [], 0)
+        params, grads, [p.basis for p in projs], eas, easqs, "right", *hyper, [p.indices for p in projs], [], [], [], 0,
+        [], [], 0, [])
     params, grads, projs, eas, easqs = _bucket("int4", "right", torch.float32)
     yield "projection_foreach_project_update_backproject", (
         params, grads, [p.packed for p in projs], eas, easqs, "right", *hyper, [], [p.scale for p in projs],
-        [p.minimum for p in projs], [s[2] for s in SHAPES], 16)
+        [p.minimum for p in projs], [s[2] for s in SHAPES], 16, [], [], 0, [])
     yield "adam_foreach_update", ([torch.randn(6, 2), torch.randn(3, 5)], [torch.randn(6, 2), torch.randn(3, 5)],
                                   [torch.rand(6, 2), torch.rand(3, 5)], [torch.zeros(6, 2), torch.zeros(3, 5)],
-                                  0.9, 0.99, 1e-8)
+                                  0.9, 0.99, 1e-8, [], [], 0, [])
 
 
 _NAMES = [c[0] for c in _opcheck_cases()]
