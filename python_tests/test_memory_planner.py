@@ -194,3 +194,34 @@ def test_seams_restore_torch():
     assert torch.Generator is gen
     with pytest.raises(Exception):
         bool(torch.ones((), device="meta"))  # outside the seams a meta value read still raises
+
+
+BITS_CASES = [("galore", 8, torch.float32), ("dct", 8, torch.float32), ("apollo", 8, torch.float32),
+              ("frugal", 8, torch.float32), ("gradnormlorp", 8, torch.float32), ("qgalore", 8, torch.float32),
+              ("galore", 16, torch.bfloat16), ("apollo", 16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name,bits,dtype", BITS_CASES, ids=[f"{n}-{b}" for n, b, _ in BITS_CASES])
+def test_moment_bits_state_equals_real_first_step(name, bits, dtype):
+    """plan(moment_bits=8|16): the meta step's state equals a real first step's with the same
+    group key (8-bit: the embedding / lm_head moments (8192 elements) become uint8 codes plus
+    float32 absmax, the small low-rank ones stay float32 below min_8bit_size; 16-bit: bf16)."""
+    torch.manual_seed(0)
+    real = M.build_model(tiny_config(), dtype, "cpu")
+    method = M.METHODS[name]
+    if method.prepare is not None:
+        method.prepare(real)
+    opt = M.build_optimizer(name, real, RANK, moment_bits=bits)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16))
+    real(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    row = M.plan_one(name, tiny_config(), RANK, dtype, False, moment_bits=bits)
+    assert row.optimizer_state == M.state_nbytes(opt)
+    want = torch.uint8 if bits == 8 else torch.bfloat16
+    dtypes = {v.dtype for s in opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}
+    assert want in dtypes
+    base = M.plan_one(name, tiny_config(), RANK, dtype, False)
+    assert row.optimizer_state < base.optimizer_state
+    assert f"moment_bits={bits}" in row.notes
+    with pytest.raises(ValueError, match="moment_bits must be 32, 16 or 8"):
+        M.plan(tiny_config(), [name], RANK, moment_bits=4)

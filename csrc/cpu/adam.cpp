@@ -7,10 +7,19 @@
 // read in the accumulation dtype (float32, float64 when R or the moments are float64);
 // the moments are read and written in their own dtype, N is stored in the moments'
 // dtype, computed from the unrounded moments, exactly as the reference.
+//
+// Moment formats (ops/adam.py): bf16 moments with moment_seed >= 0 are updated with the
+// reference's ATen operations (so the float32 moments are bit-identical to it) and stored
+// with the hashed stochastic rounding (moments8::store_bf16_sr; counters: the flat index,
+// + numel for exp_avg_sq); 8-bit moments (uint8 codes + float32 absmax per block along
+// the last dim) go through moments8::adam8_step, one row-block at a time on the stack
+// (no float32 moment tensor), N float32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "cpu/moments8.h"
 
 #include <cmath>
 #include <optional>
@@ -30,35 +39,107 @@ void check_float(const Tensor& t, const char* name, const char* op) {
               " must have a floating dtype (float32, bfloat16, float16, float64), got ", s);
 }
 
-// The update with N written into `out` (contiguous, the moments' dtype and shape).
-void adam_update_into(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, const Tensor& out, double beta1,
-                      double beta2, double eps);
+using OptTensor = std::optional<Tensor>;
 
-Tensor adam_update_cpu(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, double beta1, double beta2, double eps,
-                       const std::optional<Tensor>& m_absmax, const std::optional<Tensor>& v_absmax,
-                       int64_t block_size, int64_t moment_seed) {
-  const char* op = "adam_update_cpu";
-  TORCH_CHECK(!(m_absmax.has_value() && m_absmax->defined()) && !(v_absmax.has_value() && v_absmax->defined()), op,
-              ": 8-bit moments are not implemented in C++ yet");
-  TORCH_CHECK(moment_seed < 0, op, ": stochastic rounding is not implemented in C++ yet");
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// The update with N written into `out` (contiguous, N's dtype, r's shape); m_absmax /
+// v_absmax defined: 8-bit moments.
+void adam_update_into(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, const Tensor& out, double beta1,
+                      double beta2, double eps, const Tensor& m_absmax = Tensor(), const Tensor& v_absmax = Tensor(),
+                      int64_t block_size = 0, int64_t seed = -1);
+
+// Checks of one entry (the router's validator gives the detailed messages); returns
+// whether the moments are 8-bit.
+bool check_entry(const char* op, const Tensor& r, const Tensor& exp_avg, const Tensor& exp_avg_sq,
+                 const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t block_size, int64_t seed) {
   check_float(r, "r", op);
-  check_float(exp_avg, "exp_avg", op);
-  check_float(exp_avg_sq, "exp_avg_sq", op);
+  const bool eight = given(m_absmax) || given(v_absmax);
+  if (!eight) {
+    check_float(exp_avg, "exp_avg", op);
+    check_float(exp_avg_sq, "exp_avg_sq", op);
+    TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), op, ": exp_avg (", exp_avg.scalar_type(),
+                ") and exp_avg_sq (", exp_avg_sq.scalar_type(), ") must have one dtype");
+    TORCH_CHECK(block_size == 0, op, ": block_size is for 8-bit moments only and must be 0, got ", block_size);
+    TORCH_CHECK(seed < 0 || exp_avg.scalar_type() == at::kBFloat16, op,
+                ": moment_seed >= 0 (stochastic rounding) needs bfloat16 moments, got ", exp_avg.scalar_type());
+  }
   TORCH_CHECK(exp_avg.sizes() == r.sizes(), op, ": exp_avg must have shape ", r.sizes(), ", got ", exp_avg.sizes());
   TORCH_CHECK(exp_avg_sq.sizes() == r.sizes(), op, ": exp_avg_sq must have shape ", r.sizes(), ", got ",
               exp_avg_sq.sizes());
-  TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), op, ": exp_avg (", exp_avg.scalar_type(),
-              ") and exp_avg_sq (", exp_avg_sq.scalar_type(), ") must have one dtype");
-  Tensor out = at::empty(exp_avg.sizes(), exp_avg.options().memory_format(at::MemoryFormat::Contiguous));
-  adam_update_into(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps);
+  if (!eight) return false;
+  TORCH_CHECK(given(m_absmax) && given(v_absmax), op, ": 8-bit moments need both m_absmax and v_absmax");
+  TORCH_CHECK(r.dim() >= 1, op, ": r must have at least one dimension for 8-bit moments");
+  TORCH_CHECK(block_size >= 1 && block_size <= moments8::kMaxBlock, op, ": block_size must be in [1, ",
+              moments8::kMaxBlock, "] for 8-bit moments, got ", block_size);
+  TORCH_CHECK(seed < 0, op, ": moment_seed >= 0 is for bfloat16 moments; 8-bit moments round to nearest");
+  for (const Tensor* t : {&exp_avg, &exp_avg_sq}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kByte && t->is_contiguous(), op,
+                ": 8-bit moments must be contiguous uint8 CPU tensors, got ", t->scalar_type());
+  }
+  std::vector<int64_t> ashape(r.sizes().begin(), r.sizes().end());
+  ashape.back() = (ashape.back() + block_size - 1) / block_size;
+  for (const Tensor* t : {&*m_absmax, &*v_absmax}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->sizes() == at::IntArrayRef(ashape),
+                op, ": m_absmax / v_absmax must be contiguous float32 CPU tensors of shape ", at::IntArrayRef(ashape),
+                ", got ", t->scalar_type(), " ", t->sizes());
+  }
+  return true;
+}
+
+Tensor adam_update_cpu(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, double beta1, double beta2, double eps,
+                       const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t block_size,
+                       int64_t moment_seed) {
+  const char* op = "adam_update_cpu";
+  const bool eight = check_entry(op, r, exp_avg, exp_avg_sq, m_absmax, v_absmax, block_size, moment_seed);
+  Tensor out = at::empty(exp_avg.sizes(), exp_avg.options()
+                                              .dtype(eight ? at::kFloat : exp_avg.scalar_type())
+                                              .memory_format(at::MemoryFormat::Contiguous));
+  adam_update_into(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, eight ? *m_absmax : Tensor(),
+                   eight ? *v_absmax : Tensor(), block_size, moment_seed);
   return out;
 }
 
+// A 2-D (rows x cols) view of a contiguous tensor, blocks along its last dim (1 x numel
+// for a 0-d one).
+Tensor as_rows(const Tensor& t) {
+  if (t.dim() == 0) return t.reshape({1, 1});
+  const int64_t cols = t.size(-1);
+  return t.reshape({cols == 0 ? 0 : t.numel() / cols, cols});
+}
+
 void adam_update_into(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, const Tensor& out, double beta1,
-                      double beta2, double eps) {
+                      double beta2, double eps, const Tensor& m_absmax, const Tensor& v_absmax, int64_t block_size,
+                      int64_t seed) {
   const bool f64 = r.scalar_type() == at::kDouble || exp_avg.scalar_type() == at::kDouble;
   const at::ScalarType acc = f64 ? at::kDouble : at::kFloat;
   const Tensor rc = r.to(acc).contiguous();
+  if (m_absmax.defined()) {  // 8-bit
+    const Tensor r2 = as_rows(rc);
+    const int64_t rows = r2.size(0), cols = r2.size(1);
+    if (rows * cols == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(acc, "adam_update_cpu_8bit", [&] {
+      moments8::adam8_step<scalar_t, float>(r2.data_ptr<scalar_t>(), cols, 1, exp_avg.data_ptr<uint8_t>(),
+                                            exp_avg_sq.data_ptr<uint8_t>(), m_absmax.data_ptr<float>(),
+                                            v_absmax.data_ptr<float>(), out.data_ptr<float>(), cols, 1, rows, cols,
+                                            block_size, beta1, beta2, eps);
+    });
+    return;
+  }
+  if (seed >= 0) {
+    // bf16 stochastic rounding: the reference's very ATen operations in acc, then the SR store.
+    const Tensor m = exp_avg.to(acc).mul_(beta1).add_(rc, 1.0 - beta1);
+    const Tensor v = exp_avg_sq.to(acc).mul_(beta2).addcmul_(rc, rc, 1.0 - beta2);
+    out.copy_(m / (v.sqrt() + eps));
+    Tensor mo = exp_avg.is_contiguous() ? exp_avg : at::empty_like(exp_avg, at::MemoryFormat::Contiguous);
+    Tensor vo = exp_avg_sq.is_contiguous() ? exp_avg_sq : at::empty_like(exp_avg_sq, at::MemoryFormat::Contiguous);
+    moments8::store_bf16_sr(as_rows(m.contiguous()), as_rows(mo), seed, 0);
+    moments8::store_bf16_sr(as_rows(v.contiguous()), as_rows(vo), seed, m.numel());
+    if (!mo.is_same(exp_avg)) exp_avg.copy_(mo);
+    if (!vo.is_same(exp_avg_sq)) exp_avg_sq.copy_(vo);
+    return;
+  }
   Tensor m = exp_avg.contiguous();
   Tensor v = exp_avg_sq.contiguous();
   const int64_t total = rc.numel();
@@ -94,25 +175,26 @@ void adam_foreach_update_cpu(at::TensorList r, at::TensorList exp_avg, at::Tenso
                              double beta1, double beta2, double eps, at::TensorList m_absmax, at::TensorList v_absmax,
                              int64_t block_size, at::IntArrayRef moment_seed) {
   const char* op = "adam_foreach_update_cpu";
-  TORCH_CHECK(m_absmax.empty() && v_absmax.empty(), op, ": 8-bit moments are not implemented in C++ yet");
-  for (auto sd : moment_seed) TORCH_CHECK(sd < 0, op, ": stochastic rounding is not implemented in C++ yet");
   TORCH_CHECK(exp_avg.size() == r.size() && exp_avg_sq.size() == r.size() && n.size() == r.size(), op,
               ": exp_avg, exp_avg_sq and n must have one entry per tensor of r (", r.size(), ")");
+  for (const auto& len : {m_absmax.size(), v_absmax.size(), moment_seed.size()}) {
+    TORCH_CHECK(len == 0 || len == r.size(), op, ": moment lists must be empty or have one entry per tensor of r (",
+                r.size(), "), got one of ", len);
+  }
+  auto opt = [](at::TensorList xs, size_t i) -> OptTensor { return xs.empty() ? OptTensor() : OptTensor(xs[i]); };
+  auto seed_of = [&](size_t i) -> int64_t { return moment_seed.empty() ? -1 : moment_seed[i]; };
   for (size_t i = 0; i < r.size(); ++i) {
-    check_float(r[i], "r", op);
-    check_float(exp_avg[i], "exp_avg", op);
-    check_float(exp_avg_sq[i], "exp_avg_sq", op);
-    TORCH_CHECK(exp_avg[i].sizes() == r[i].sizes() && exp_avg_sq[i].sizes() == r[i].sizes(), op, ": entry ", i,
-                ": the moments must have r's shape ", r[i].sizes());
-    TORCH_CHECK(exp_avg[i].scalar_type() == exp_avg_sq[i].scalar_type(), op, ": entry ", i,
-                ": exp_avg and exp_avg_sq must have one dtype");
-    TORCH_CHECK(n[i].device().is_cpu() && n[i].scalar_type() == exp_avg[i].scalar_type() &&
-                    n[i].sizes() == r[i].sizes() && n[i].is_contiguous(),
-                op, ": entry ", i, ": n must be a contiguous CPU tensor of the moments' dtype and r's shape");
+    const bool eight = check_entry(op, r[i], exp_avg[i], exp_avg_sq[i], opt(m_absmax, i), opt(v_absmax, i),
+                                   block_size, seed_of(i));
+    const auto want = eight ? at::kFloat : exp_avg[i].scalar_type();
+    TORCH_CHECK(n[i].device().is_cpu() && n[i].scalar_type() == want && n[i].sizes() == r[i].sizes() &&
+                    n[i].is_contiguous(),
+                op, ": entry ", i, ": n must be a contiguous CPU tensor of N's dtype (", want, ") and r's shape");
   }
   for (size_t i = 0; i < r.size(); ++i) {
     Tensor m = exp_avg[i], v = exp_avg_sq[i];
-    adam_update_into(r[i], m, v, n[i], beta1, beta2, eps);
+    adam_update_into(r[i], m, v, n[i], beta1, beta2, eps, m_absmax.empty() ? Tensor() : m_absmax[i],
+                     v_absmax.empty() ? Tensor() : v_absmax[i], block_size, seed_of(i));
   }
 }
 

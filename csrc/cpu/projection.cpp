@@ -67,6 +67,20 @@
 //     side="right", m x r for side="left"): x = min + scale * q, in float32 as the
 //     reference, then converted to acc.
 // The GEMM and epilogue code is the same for all three.
+//
+// Moment formats
+// --------------
+// The Adam epilogue serves the three moment formats of the ops (ops/projection.py):
+//   - plain floating moments: the reference's ATen operations on the whole low-rank
+//     tensors, as described above;
+//   - bf16 moments with moment_seed >= 0: the same operations, then each updated moment
+//     is stored with the hashed stochastic rounding of reference/moments.py
+//     (moments8::store_bf16_sr; counters are the flat index in the moments' own
+//     orientation, + numel for exp_avg_sq), bit-identical to the reference given R;
+//   - 8-bit moments (uint8 codes + float32 absmax per block of <= block_size elements in
+//     a row of the moment, in its own orientation): moments8::adam8_step, one row-block at
+//     a time on the stack (dequantize, update in float32, N, requantize); no float32
+//     moment of the low-rank shape is allocated. N is float32-valued, written over R.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -77,6 +91,8 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+
+#include "cpu/moments8.h"
 #include <string>
 #include <vector>
 
@@ -232,15 +248,22 @@ Tensor bnarrow(const Tensor& t, int64_t dim, int64_t start, int64_t len) {
 // the whole low-rank tensors (ATen parallelizes them). `m_buf`, `v_buf`: scratch for moments not in acc. On return R
 // holds N in acc; with `round_r`, N rounded to the moments' dtype (the step
 // back-projects the rounded N, as the reference does).
+// `left`: the moments' own orientation is the transpose of these views (for the
+// stochastic-rounding counters); `seed` >= 0: bf16 moments stored with stochastic rounding.
 void adam_epilogue(const Tensor& R, const Tensor& ea, const Tensor& eas, const Tensor& N, double beta1, double beta2,
-                   double eps, bool round_r, const Tensor& m_buf, const Tensor& v_buf) {
+                   double eps, bool round_r, const Tensor& m_buf, const Tensor& v_buf, bool left = false,
+                   int64_t seed = -1) {
   const at::ScalarType acc = R.scalar_type();
   const bool in_place = ea.scalar_type() == acc;
   Tensor m = in_place ? ea : as_acc(ea, acc, m_buf);
   Tensor v = in_place ? eas : as_acc(eas, acc, v_buf);
   m.mul_(beta1).add_(R, 1.0 - beta1);
   v.mul_(beta2).addcmul_(R, R, 1.0 - beta2);
-  if (!in_place) {
+  if (!in_place && seed >= 0) {
+    TORCH_INTERNAL_ASSERT(ea.scalar_type() == at::kBFloat16);
+    moments8::store_bf16_sr(left ? m.t() : m, left ? ea.t() : ea, seed, 0);
+    moments8::store_bf16_sr(left ? v.t() : v, left ? eas.t() : eas, seed, ea.numel());
+  } else if (!in_place) {
     ea.copy_(m);
     eas.copy_(v);
   }
@@ -286,12 +309,36 @@ struct Problem {
   Tensor upd;         // rows x r   update (backproject_apply)
   Tensor ea, eas, n;  // rows x r   moments, N
   Tensor w;           // rows x K   param
+  // 8-bit moments: ea / eas are uint8 codes, ma / va the float32 absmax (in the moments'
+  // own orientation: the transpose of ea's view when `left`), blocks of block_size.
+  Tensor ma, va;
+  int64_t block_size = 0;
+  int64_t seed = -1;  // >= 0: bf16 moments stored with stochastic rounding
+  bool left = false;  // the views are transposes of the tensors (side="left")
   // Per-row factors of the original weight (backproject_apply's row_decay / row_alpha),
   // in acc, shaped to broadcast in right orientation: (rows x 1) for side="right",
   // (1 x K) for side="left" (the original rows are the oriented columns). Undefined: none.
   Tensor rd, ra;
   double beta1 = 0, beta2 = 0, eps = 0, decay = 1, alpha = 0;
 };
+
+// The 8-bit Adam epilogue: R (Nf, acc, right orientation) -> N written over R (float32
+// values), the codes and absmax updated in place; N also into pb.n when that is another
+// tensor (project_adam with acc float64).
+void adam8_epilogue(const Problem& pb, const Tensor& Nf, at::ScalarType acc) {
+  const Tensor Ro = pb.left ? Nf.t() : Nf;  // the moments' own orientation
+  const Tensor cm = pb.left ? pb.ea.t() : pb.ea, cv = pb.left ? pb.eas.t() : pb.eas;
+  TORCH_INTERNAL_ASSERT(cm.is_contiguous() && cv.is_contiguous() && pb.ma.is_contiguous() && pb.va.is_contiguous());
+  const int64_t rows = Ro.size(0), cols = Ro.size(1);
+  AT_DISPATCH_FLOATING_TYPES(acc, "projection_adam8_epilogue", [&] {
+    scalar_t* rp = Ro.data_ptr<scalar_t>();
+    moments8::adam8_step<scalar_t, scalar_t>(rp, Ro.stride(0), Ro.stride(1), cm.data_ptr<uint8_t>(),
+                                             cv.data_ptr<uint8_t>(), pb.ma.data_ptr<float>(),
+                                             pb.va.data_ptr<float>(), rp, Ro.stride(0), Ro.stride(1), rows, cols,
+                                             pb.block_size, pb.beta1, pb.beta2, pb.eps);
+  });
+  if (pb.n.defined() && !same_view(pb.n, Nf)) pb.n.copy_(Nf);
+}
 
 void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
   const bool project = pb.g.defined();
@@ -345,10 +392,13 @@ void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
         at::mm_out(Rp, as_acc(pb.g.narrow(0, i0, len), acc, g_buf), PT);
       }
     }
-    if (pb.ea.defined()) {  // else projection_project: R is the result
+    if (pb.ma.defined()) {  // 8-bit moments: the fused block loop, N over R
+      adam8_epilogue(pb, Nf, acc);
+    } else if (pb.ea.defined()) {  // else projection_project: R is the result
       const bool conv = pb.ea.scalar_type() != acc;
       const Tensor mb = empty_flat(conv, rows * r, opts), vb = empty_flat(conv, rows * r, opts);
-      adam_epilogue(Nf, pb.ea, pb.eas, pb.n, pb.beta1, pb.beta2, pb.eps, /*round_r=*/apply, mb, vb);
+      adam_epilogue(Nf, pb.ea, pb.eas, pb.n, pb.beta1, pb.beta2, pb.eps, /*round_r=*/apply, mb, vb, pb.left,
+                    pb.seed);
     }
   } else if (apply) {
     Nf = pb.upd.scalar_type() == acc ? pb.upd : pb.upd.to(acc);
@@ -534,10 +584,39 @@ at::ScalarType acc_dtype(std::initializer_list<at::ScalarType> dtypes) {
   return at::kFloat;
 }
 
-void moments_not_yet(const char* op, const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t seed) {
-  TORCH_CHECK(!(m_absmax.has_value() && m_absmax->defined()) && !(v_absmax.has_value() && v_absmax->defined()), op,
-              ": 8-bit moments are not implemented in C++ yet");
-  TORCH_CHECK(seed < 0, op, ": stochastic rounding is not implemented in C++ yet");
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// The moment state in any format (checks for direct calls of the _cpu ops; the router's
+// validator gives the detailed messages). Returns whether the moments are 8-bit.
+bool check_moment_state(const char* op, const Tensor& ea, const Tensor& eas, at::IntArrayRef shape,
+                        const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t block_size, int64_t seed) {
+  const bool eight = given(m_absmax) || given(v_absmax);
+  if (!eight) {
+    check_moments(op, ea, eas, shape);
+    TORCH_CHECK(block_size == 0, op, ": block_size is for 8-bit moments only and must be 0, got ", block_size);
+    TORCH_CHECK(seed < 0 || ea.scalar_type() == at::kBFloat16, op,
+                ": moment_seed >= 0 (stochastic rounding) needs bfloat16 moments, got ", ea.scalar_type());
+    return false;
+  }
+  TORCH_CHECK(given(m_absmax) && given(v_absmax), op, ": 8-bit moments need both m_absmax and v_absmax");
+  TORCH_CHECK(block_size >= 1 && block_size <= moments8::kMaxBlock, op, ": block_size must be in [1, ",
+              moments8::kMaxBlock, "] for 8-bit moments, got ", block_size);
+  TORCH_CHECK(seed < 0, op, ": moment_seed >= 0 is for bfloat16 moments; 8-bit moments round to nearest");
+  TORCH_CHECK(!shape.empty(), op, ": 8-bit moments need at least one dimension");
+  std::vector<int64_t> ashape(shape.begin(), shape.end());
+  ashape.back() = (ashape.back() + block_size - 1) / block_size;
+  for (const Tensor* t : {&ea, &eas}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kByte && t->is_contiguous() && t->sizes() == shape,
+                op, ": 8-bit moments must be contiguous uint8 CPU tensors of shape ", shape, ", got ",
+                t->scalar_type(), " ", t->sizes());
+  }
+  for (const Tensor* t : {&*m_absmax, &*v_absmax}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->sizes() == at::IntArrayRef(ashape),
+                op, ": m_absmax / v_absmax must be contiguous float32 CPU tensors of shape ", at::IntArrayRef(ashape),
+                ", got ", t->scalar_type(), " ", t->sizes());
+  }
+  return true;
 }
 
 // Right orientation of a side's tensors.
@@ -569,21 +648,28 @@ Tensor projection_project_adam_cpu(const Tensor& grad, const Tensor& proj, Tenso
                                    int64_t rank, int64_t group_size, const OptTensor& m_absmax,
                                    const OptTensor& v_absmax, int64_t block_size, int64_t moment_seed) {
   const char* op = "projection_project_adam_cpu";
-  moments_not_yet(op, m_absmax, v_absmax, moment_seed);
   const bool left = is_left(side, op);
   check_float_cpu(grad, "grad", op);
   check_2d(grad, "grad", op);
   std::vector<int64_t> shape;
   const ProjectorSource src =
       make_source(op, grad.size(0), grad.size(1), left, proj, indices, q_scale, q_min, rank, group_size, shape);
-  check_moments(op, exp_avg, exp_avg_sq, shape);
+  const bool eight =
+      check_moment_state(op, exp_avg, exp_avg_sq, shape, m_absmax, v_absmax, block_size, moment_seed);
 
-  Tensor out = at::empty(shape, exp_avg.options());
+  Tensor out = at::empty(shape, exp_avg.options().dtype(eight ? at::kFloat : exp_avg.scalar_type()));
   Problem pb;
   pb.g = orient(grad, left);
   pb.ea = orient(exp_avg, left);
   pb.eas = orient(exp_avg_sq, left);
   pb.n = orient(out, left);
+  pb.left = left;
+  pb.seed = moment_seed;
+  if (eight) {
+    pb.ma = *m_absmax;
+    pb.va = *v_absmax;
+    pb.block_size = block_size;
+  }
   pb.beta1 = beta1;
   pb.beta2 = beta2;
   pb.eps = eps;
@@ -643,7 +729,6 @@ void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad
                                                const OptTensor& v_absmax, int64_t block_size,
                                                int64_t moment_seed) {
   const char* op = "projection_project_update_backproject_cpu";
-  moments_not_yet(op, m_absmax, v_absmax, moment_seed);
   const bool left = is_left(side, op);
   check_float_cpu(param, "param", op);
   check_float_cpu(grad, "grad", op);
@@ -654,7 +739,8 @@ void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad
   std::vector<int64_t> shape;
   const ProjectorSource src =
       make_source(op, param.size(0), param.size(1), left, proj, indices, q_scale, q_min, rank, group_size, shape);
-  check_moments(op, exp_avg, exp_avg_sq, shape);
+  const bool eight =
+      check_moment_state(op, exp_avg, exp_avg_sq, shape, m_absmax, v_absmax, block_size, moment_seed);
 
   const at::ScalarType acc =
       acc_dtype({param.scalar_type(), grad.scalar_type(), proj_dtype(src), exp_avg.scalar_type()});
@@ -663,7 +749,14 @@ void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad
   pb.ea = orient(exp_avg, left);
   pb.eas = orient(exp_avg_sq, left);
   pb.w = orient(param, left);
-  if (exp_avg.scalar_type() != acc) {
+  pb.left = left;
+  pb.seed = moment_seed;
+  if (eight) {
+    // N (float32 values, as the reference rounds it) is written over R in acc.
+    pb.ma = *m_absmax;
+    pb.va = *v_absmax;
+    pb.block_size = block_size;
+  } else if (exp_avg.scalar_type() != acc) {
     // N is rounded to the moments' dtype before the back-projection (as the reference);
     // this low-rank tensor holds the rounded values.
     pb.n = orient(at::empty(shape, exp_avg.options()), left);
@@ -687,8 +780,6 @@ void projection_foreach_project_update_backproject_cpu(
     at::TensorList indices, at::TensorList q_scale, at::TensorList q_min, at::IntArrayRef rank, int64_t group_size,
     at::TensorList m_absmax, at::TensorList v_absmax, int64_t block_size, at::IntArrayRef moment_seed) {
   const char* op = "projection_foreach_project_update_backproject_cpu";
-  TORCH_CHECK(m_absmax.empty() && v_absmax.empty(), op, ": 8-bit moments are not implemented in C++ yet");
-  for (auto sd : moment_seed) TORCH_CHECK(sd < 0, op, ": stochastic rounding is not implemented in C++ yet");
   const bool left = is_left(side, op);
   const size_t n = params.size();
   for (const auto& len : {grads.size(), projs.size(), exp_avgs.size(), exp_avg_sqs.size(), lr.size(), step.size(),
@@ -699,6 +790,11 @@ void projection_foreach_project_update_backproject_cpu(
     TORCH_CHECK(len == 0 || len == n, op, ": projector lists must be empty or have one entry per parameter (", n,
                 "), got one of ", len);
   }
+  for (const auto& len : {m_absmax.size(), v_absmax.size(), moment_seed.size()}) {
+    TORCH_CHECK(len == 0 || len == n, op, ": moment lists must be empty or have one entry per parameter (", n,
+                "), got one of ", len);
+  }
+  auto seed_of = [&](size_t i) -> int64_t { return moment_seed.empty() ? -1 : moment_seed[i]; };
   auto opt = [](at::TensorList xs, size_t i) -> OptTensor {
     return xs.empty() ? OptTensor() : OptTensor(xs[i]);
   };
@@ -712,14 +808,15 @@ void projection_foreach_project_update_backproject_cpu(
     std::vector<int64_t> shape;
     make_source(op, params[i].size(0), params[i].size(1), left, projs[i], opt(indices, i), opt(q_scale, i),
                 opt(q_min, i), rank.empty() ? 0 : rank[i], group_size, shape);
-    check_moments(op, exp_avgs[i], exp_avg_sqs[i], shape);
+    check_moment_state(op, exp_avgs[i], exp_avg_sqs[i], shape, opt(m_absmax, i), opt(v_absmax, i), block_size,
+                       seed_of(i));
   }
   for (size_t i = 0; i < n; ++i) {
     Tensor p = params[i], ea = exp_avgs[i], eas = exp_avg_sqs[i];
     projection_project_update_backproject_cpu(p, grads[i], projs[i], ea, eas, side, lr[i], beta1, beta2, eps, step[i],
                                               weight_decay[i], scale[i], opt(indices, i), opt(q_scale, i),
-                                              opt(q_min, i), rank.empty() ? 0 : rank[i], group_size, OptTensor(),
-                                              OptTensor(), 0, -1);
+                                              opt(q_min, i), rank.empty() ? 0 : rank[i], group_size,
+                                              opt(m_absmax, i), opt(v_absmax, i), block_size, seed_of(i));
   }
 }
 

@@ -202,7 +202,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         else:
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
         if group["beta1"] is not None:
-            if self._moment_bits_for(shape, group) != 32:
+            if self._moment_bits_for(shape, group, p.dtype) != 32:
                 self._init_moments(p, state, group, shape, keys=("exp_avg",))
             else:
                 state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)

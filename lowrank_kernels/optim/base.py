@@ -46,8 +46,9 @@ how its projector is made and how one projected step is taken:
 - **moment formats** (group keys ``moment_bits`` = 32 (default) | 16 | 8,
   ``block_size`` (256, in [1, 256]) and ``min_8bit_size`` (4096), for every optimizer and
   for the plain-AdamW groups; :data:`MOMENT_BITS_DEFAULTS`). ``32``: the moments above.
-  ``16``: ``exp_avg`` / ``exp_avg_sq`` are bfloat16 and every store of an updated moment
-  rounds *stochastically* (seed :meth:`LowRankOptimizer._moment_seed`, a hash of the
+  ``16`` (bfloat16 parameters; the ops take moments in float32, float64 or the parameter's
+  dtype, so other parameters keep the 32-bit format): ``exp_avg`` / ``exp_avg_sq`` are
+  bfloat16 and every store of an updated moment rounds *stochastically* (seed :meth:`LowRankOptimizer._moment_seed`, a hash of the
   parameter's position and the step: deterministic and resumable), so the second moment
   keeps decaying in expectation (round-to-nearest bfloat16 would freeze it, see above).
   ``8``: ``exp_avg`` / ``exp_avg_sq`` are uint8 codes of the moment's shape and
@@ -60,13 +61,17 @@ how its projector is made and how one projected step is taken:
   fewer than ``min_8bit_size`` elements (or a 0-d one) stays in the 32-bit format. The
   format of a parameter is fixed when its state is created and read back from the state
   tensors' dtypes (uint8: 8-bit; bfloat16 in a ``moment_bits=16`` group: 16-bit with
-  stochastic rounding). :meth:`LowRankOptimizer.load_state_dict` converts saved moments
-  to the group's format: float moments loaded into a ``moment_bits=8`` group are
-  quantized (moments below ``min_8bit_size`` stay float), float32/float64 moments loaded
-  into a ``moment_bits=16`` group are rounded to bfloat16 (to nearest), 8-bit moments
-  loaded into a ``moment_bits=32`` or ``16`` group are dequantized; bfloat16 moments in a
-  ``moment_bits=32`` group keep their dtype (as ``moment_dtype="param"`` ones). 8-bit
-  and 16-bit formats need ``moment_dtype="float32"`` (the default);
+  stochastic rounding). :meth:`LowRankOptimizer.load_state_dict` keeps *this* optimizer's
+  ``moment_bits`` / ``block_size`` / ``min_8bit_size`` (the saved groups' other keys are
+  restored, as torch does) and converts the saved moments to that format: float moments
+  loaded into a ``moment_bits=8`` group are quantized (moments below ``min_8bit_size``
+  stay float), float32/float64 moments loaded into a ``moment_bits=16`` group are rounded
+  to bfloat16 (to nearest; bfloat16 parameters), 8-bit moments are dequantized (with the
+  saved group's ``block_size``) into a ``moment_bits=32`` / ``16`` group or requantized for
+  another ``block_size``; bfloat16 moments in a ``moment_bits=32`` group keep their dtype
+  (as ``moment_dtype="param"`` ones). So a float32 checkpoint resumes as 8-bit by loading
+  it into an optimizer built with ``moment_bits=8``. 8-bit and 16-bit formats need
+  ``moment_dtype="float32"`` (the default);
 - **failed projector refreshes**: when making a new projector fails (the SVD
   raises or returns non-finite values), the previous projector is kept and the step
   is taken with it; when there is no previous projector (the parameter's first
@@ -502,7 +507,7 @@ class LowRankOptimizer(Optimizer):
         """torch.optim.AdamW's state layout (``step`` CPU float32, moments of :meth:`_state_dtype`),
         shared by :meth:`_plain_step` and :meth:`_plain_step_compat` so checkpoints move between them."""
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        bits = self._moment_bits_for(tuple(p.shape), group)
+        bits = self._moment_bits_for(tuple(p.shape), group, p.dtype)
         if bits == 8 and _dist.is_dtensor(p) and p.dim() < 2:
             bits = 32  # FSDP2 shards a 1-D parameter along its blocks: its moments stay 32-bit
         if bits == 16:
@@ -732,13 +737,17 @@ class LowRankOptimizer(Optimizer):
         return torch.promote_types(p.dtype, torch.float32)
 
     # ------------------------------------------------------------------ moment formats
-    def _moment_bits_for(self, shape: Tuple[int, ...], group: Dict[str, Any]) -> int:
-        """The format (32, 16 or 8) new moments of ``shape`` get in ``group``: ``moment_bits``,
-        except that 8 falls back to 32 below ``min_8bit_size`` elements and 0-d moments are 32."""
+    def _moment_bits_for(self, shape: Tuple[int, ...], group: Dict[str, Any], dtype: torch.dtype) -> int:
+        """The format (32, 16 or 8) new moments of ``shape`` get in ``group`` for a parameter of
+        ``dtype``: ``moment_bits``, except that 0-d moments are 32, 8 falls back to 32 below
+        ``min_8bit_size`` elements, and 16 applies to bfloat16 parameters only (the ops take
+        moments in float32, float64 or the parameter's dtype; other parameters keep 32)."""
         bits = group.get("moment_bits", 32)
         if len(shape) == 0:
             return 32
         if bits == 8 and math.prod(shape) < group.get("min_8bit_size", 4096):
+            return 32
+        if bits == 16 and dtype != torch.bfloat16:
             return 32
         return bits
 
@@ -748,7 +757,7 @@ class LowRankOptimizer(Optimizer):
         (:meth:`_moment_bits_for`): 8-bit codes (uint8) + float32 absmax (:data:`ABSMAX_KEYS`;
         absmax 0 decodes to 0), bfloat16, or :meth:`_state_dtype`."""
         shape = tuple(int(s) for s in shape)
-        bits = self._moment_bits_for(shape, group)
+        bits = self._moment_bits_for(shape, group, p.dtype)
         for key in keys:
             if bits == 8:
                 nblocks = -(-shape[-1] // int(group["block_size"]))
@@ -801,11 +810,12 @@ class LowRankOptimizer(Optimizer):
                         block_size=kws[0]["block_size"])
         return dict(moment_seed=[k["moment_seed"] for k in kws])
 
-    def _low_dtype(self, state: Dict[str, Any], group: Dict[str, Any], default: torch.dtype) -> torch.dtype:
+    @staticmethod
+    def _low_dtype(state: Dict[str, Any], group: Dict[str, Any], default: torch.dtype) -> torch.dtype:
         """dtype of an ``R`` (projected gradient, or a plain gradient) handed to the adam ops
-        with ``state``'s moments: float32 for 8-bit and 16-bit moments (:meth:`_lowbit`; the
-        update is computed in float32), else ``default``."""
-        return torch.float32 if self._lowbit(state, group) else default
+        with ``state``'s moments: float32 for 8-bit moments (the update is computed in
+        float32), else ``default`` (the moments' dtype for the projected methods)."""
+        return torch.float32 if state["exp_avg"].dtype == torch.uint8 else default
 
     @staticmethod
     def _zero_moments(state: Dict[str, Any], keys: Tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> None:
@@ -862,21 +872,27 @@ class LowRankOptimizer(Optimizer):
         saved_state = state_dict["state"]
         saved_groups = state_dict["param_groups"]
         self._check_saved_moments(state_dict)
+        # The moment format is this optimizer's (its groups' keys survive the load, unlike the
+        # other hyper-parameters); saved moments are converted to it below.
+        formats = [{k: g[k] for k in MOMENT_BITS_DEFAULTS if k in g} for g in self.param_groups]
+        saved_bs = [int(sg.get("block_size", 256)) for sg in saved_groups]
         super().load_state_dict(state_dict)
+        for g, fmt in zip(self.param_groups, formats):
+            g.update(fmt)
         id_map = zip(
             chain.from_iterable(g["params"] for g in saved_groups),
             chain.from_iterable(g["params"] for g in self.param_groups),
         )
-        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        where = {p: (g, bs) for g, bs in zip(self.param_groups, saved_bs) for p in g["params"]}
         for saved_id, p in id_map:
             if saved_id in saved_state:
                 self.state[p] = {k: self._load_value(p, k, v) for k, v in saved_state[saved_id].items()}
-                self._convert_moments(p, self.state[p], group_of[p])
+                self._convert_moments(p, self.state[p], *where[p])
 
     def _check_saved_moments(self, state_dict) -> None:
         """Before anything is loaded: every saved 8-bit moment (uint8 codes) has its float32
-        absmax of the shape the group's ``block_size`` gives, else a ``ValueError`` naming
-        the parameter (a checkpoint saved with another ``block_size`` would decode wrongly)."""
+        absmax of the shape the *saved* group's ``block_size`` gives, else a ``ValueError``
+        naming the parameter (the moments could not be decoded)."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             return  # torch's load_state_dict reports a malformed state dict
         saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
@@ -885,7 +901,7 @@ class LowRankOptimizer(Optimizer):
         for gi, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(sg["params"]) != len(group["params"]):
                 return
-            bs = int(group.get("block_size", 256))
+            bs = int(sg.get("block_size", 256))
             for pi, saved_id in enumerate(sg["params"]):
                 st = saved_state.get(saved_id) or {}
                 for key, _ in self.moment_keys:
@@ -899,13 +915,14 @@ class LowRankOptimizer(Optimizer):
                         got = (f"{am.dtype} {tuple(am.shape)}" if isinstance(am, torch.Tensor) else repr(am))
                         raise ValueError(
                             f"{where}: the saved 8-bit {key} (shape {tuple(t.shape)}) needs a float32 "
-                            f"{ABSMAX_KEYS[key]} of shape {want} for the group's block_size {bs}, got {got} "
-                            "(was it saved with another block_size?)"
+                            f"{ABSMAX_KEYS[key]} of shape {want} for the saved group's block_size {bs}, got {got}"
                         )
 
-    def _convert_moments(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
-        """Bring loaded moments (:attr:`moment_keys`) to the group's ``moment_bits`` (see the
-        module docstring). DTensor (FSDP2) state is left as loaded."""
+    def _convert_moments(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any],
+                         saved_block_size: int) -> None:
+        """Bring loaded moments (:attr:`moment_keys`) to the group's ``moment_bits`` and
+        ``block_size`` (see the module docstring); ``saved_block_size`` decodes saved 8-bit
+        moments. DTensor (FSDP2) state is left as loaded."""
         keys = [(k, s) for k, s in self.moment_keys if isinstance(state.get(k), torch.Tensor)]
         if not keys or any(_dist.is_dtensor(state[k]) for k, _ in keys):
             return
@@ -914,14 +931,21 @@ class LowRankOptimizer(Optimizer):
         for key, signed in keys:
             t = state[key]
             if t.dtype == torch.uint8:
-                if bits == 8:
+                if bits == 8 and bs == saved_block_size:
                     continue
-                val = _moments.moments_dequantize_ref(t, state.pop(ABSMAX_KEYS[key]), signed=signed, block_size=bs)
-                state[key] = val.to(torch.bfloat16 if bits == 16 else self._state_dtype(p, group))
-            elif bits == 8 and self._moment_bits_for(tuple(t.shape), group) == 8:
+                val = _moments.moments_dequantize_ref(t, state.pop(ABSMAX_KEYS[key]), signed=signed,
+                                                      block_size=saved_block_size)
+                if bits == 8:  # another block size: requantize
+                    state[key], state[ABSMAX_KEYS[key]] = _moments.moments_quantize_ref(val, signed=signed,
+                                                                                        block_size=bs)
+                else:
+                    state[key] = val.to(torch.bfloat16 if self._moment_bits_for(tuple(t.shape), group, p.dtype) == 16
+                                        else self._state_dtype(p, group))
+            elif bits == 8 and self._moment_bits_for(tuple(t.shape), group, p.dtype) == 8:
                 codes, absmax = _moments.moments_quantize_ref(t, signed=signed, block_size=bs)
                 state[key], state[ABSMAX_KEYS[key]] = codes, absmax
-            elif bits == 16 and t.dtype in (torch.float32, torch.float64) and t.dim() >= 1:
+            elif (bits == 16 and t.dtype in (torch.float32, torch.float64)
+                  and self._moment_bits_for(tuple(t.shape), group, p.dtype) == 16):
                 state[key] = t.to(torch.bfloat16)
 
     def _load_value(self, p: torch.Tensor, key: str, value):

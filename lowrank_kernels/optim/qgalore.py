@@ -350,7 +350,7 @@ class QGaLoreAdamW(GaLoreAdamW):
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            if self._moment_bits_for(tuple(p.shape), group) != 32:
+            if self._moment_bits_for(tuple(p.shape), group, p.dtype) != 32:
                 self._init_moments(p, state, group, tuple(p.shape))
             else:
                 state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -360,7 +360,7 @@ class QGaLoreAdamW(GaLoreAdamW):
         beta1, beta2 = group["betas"]
         if self._lowbit(state, group):
             bc2 = 1 - beta2**step
-            n = ops.adam_update_(p.grad.to(torch.float32), state["exp_avg"], state["exp_avg_sq"], beta1=beta1,
+            n = ops.adam_update_(p.grad.to(self._low_dtype(state, group, p.grad.dtype)), state["exp_avg"], state["exp_avg_sq"], beta1=beta1,
                                  beta2=beta2, eps=group["eps"] * math.sqrt(bc2),
                                  **self._moment_kwargs(p, state, group, step))
             update = n.to(torch.float32).mul_(-group["lr"] * math.sqrt(bc2) / (1 - beta1**step))

@@ -7,6 +7,7 @@ against the reference, argument errors, and opcheck / torch.compile of the new s
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,3 +270,427 @@ def test_bad_moment_arguments_projection_ops():
             ops.foreach_project_update_backproject_([w], [g], [p], [torch.zeros(12, 3)], [torch.zeros(12, 3)],
                                                     side="right", lr=0.1, step=1, moment_seed=3)
     assert not st["exp_avg"].any() and not st["m_absmax"].any()
+
+
+# --------------------------------------------------------------------------- backends vs the reference
+# The backends that implement the new moment formats (the Triton ones come with m8triton).
+MOMENT_BACKENDS = ("cpp",)
+KINDS = ("dense", "dct", "int4")
+
+
+@pytest.fixture(params=MOMENT_BACKENDS)
+def mbackend(request):
+    from ..conftest import require_backend
+
+    require_backend("projection_project_adam", request.param)
+    return request.param
+
+
+def _projector(kind, m, n, rank, side, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = n if side == "right" else m
+    if kind == "dct":
+        idx = torch.randperm(k, generator=g)[:rank].to(torch.int64)
+        return ops.DCTProjector(ops.dct_basis(k, dtype), idx)
+    q = torch.linalg.qr(torch.randn(k, rank, dtype=torch.float64, generator=g))[0]
+    dense = (q.T if side == "right" else q).to(dtype).contiguous()
+    return dense if kind == "dense" else ops.Int4Projector.quantize(dense, 16)
+
+
+def _assert_codes_close(codes, ref_codes, what):
+    """Codes equal except rare one-level differences (last-bit differences of the float32
+    update put a value on the other side of a decision boundary)."""
+    diff = (codes.long() - ref_codes.long()).abs()
+    n_diff = int((diff > 0).sum())
+    assert int(diff.max()) <= 1, f"{what}: a code differs by {int(diff.max())} levels"
+    assert n_diff <= 1 + codes.numel() // 1000, f"{what}: {n_diff} of {codes.numel()} codes differ"
+
+
+def _assert_absmax_close(a, ref, what):
+    assert torch.equal(torch.isnan(a), torch.isnan(ref)), f"{what}: NaN pattern differs"
+    ok = ~torch.isnan(ref)
+    torch.testing.assert_close(a[ok], ref[ok], rtol=1e-6, atol=0, msg=lambda msg: f"{what}: {msg}")
+
+
+def _assert_state8_close(st, ref, what):
+    _assert_codes_close(st[0], ref[0], f"{what} exp_avg codes")
+    _assert_codes_close(st[1], ref[1], f"{what} exp_avg_sq codes")
+    _assert_absmax_close(st[2], ref[2], f"{what} m_absmax")
+    _assert_absmax_close(st[3], ref[3], f"{what} v_absmax")
+
+
+def _clone(xs):
+    return [x.clone() for x in xs]
+
+
+P8_SHAPES = [(37, 53, 5), (90, 300, 70)]
+
+
+@pytest.mark.parametrize("block_size", [64, 256])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("m,n,rank", P8_SHAPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_projection_ops_8bit_vs_reference(mbackend, kind, m, n, rank, side, block_size):
+    from .._numerics import assert_change_close, assert_close_f32
+
+    proj = _projector(kind, m, n, rank, side)
+    ls = ops.low_rank_shape(m, n, rank, side)
+    st0 = _state8(ls, block_size, seed=m + rank)
+    g = torch.randn(n, m).T  # a transposed grad
+    w0 = torch.randn(m, n)
+    outs = {}
+    for be in ("reference", mbackend):
+        st, w = _clone(st0), w0.clone()
+        kw = dict(m_absmax=st[2], v_absmax=st[3], block_size=block_size)
+        with use_backend(be):
+            N = ops.project_adam_(g, proj, st[0], st[1], side=side, beta1=0.8, beta2=0.9, eps=1e-6, **kw)
+            st_a = _clone(st)
+            ops.project_update_backproject_(w, g, proj, st[0], st[1], side=side, lr=0.02, step=3, weight_decay=0.1,
+                                            scale=0.5, **kw)
+        outs[be] = (N, st_a, st, w)
+    (rN, rst_a, rst, rw), (N, st_a, st, w) = outs["reference"], outs[mbackend]
+    assert N.dtype == torch.float32 and N.shape == ls
+    assert_close_f32(N, rN, "project_adam_ N")
+    _assert_state8_close(st_a, rst_a, "project_adam_")
+    _assert_state8_close(st, rst, "project_update_backproject_")
+    assert_change_close(w, w0, rw, "project_update_backproject_", rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_foreach_8bit_vs_reference_and_single(mbackend, kind, side):
+    from .._numerics import assert_change_close
+
+    shapes = [(37, 53, 5), (19, 41, 3), (64, 300, 9)]
+    projs = [_projector(kind, m, n, r, side, seed=i) for i, (m, n, r) in enumerate(shapes)]
+    states = [_state8(ops.low_rank_shape(m, n, r, side), 32, seed=i) for i, (m, n, r) in enumerate(shapes)]
+    grads = [torch.randn(m, n) for m, n, _ in shapes]
+    w0 = [torch.randn(m, n) for m, n, _ in shapes]
+    outs = {}
+    for be, foreach in (("reference", True), (mbackend, True), (mbackend, False)):
+        sts, ws = [_clone(s) for s in states], _clone(w0)
+        with use_backend(be):
+            if foreach:
+                ops.foreach_project_update_backproject_(
+                    ws, grads, projs, [s[0] for s in sts], [s[1] for s in sts], side=side, lr=[0.01, 0.02, 0.03],
+                    step=2, weight_decay=0.1, m_absmax=[s[2] for s in sts], v_absmax=[s[3] for s in sts],
+                    block_size=32)
+            else:
+                for i, (w, gr, p, s) in enumerate(zip(ws, grads, projs, sts)):
+                    ops.project_update_backproject_(w, gr, p, s[0], s[1], side=side, lr=[0.01, 0.02, 0.03][i],
+                                                    step=2, weight_decay=0.1, m_absmax=s[2], v_absmax=s[3],
+                                                    block_size=32)
+        outs[(be, foreach)] = (sts, ws)
+    ref_sts, ref_ws = outs[("reference", True)]
+    f_sts, f_ws = outs[(mbackend, True)]
+    s_sts, s_ws = outs[(mbackend, False)]
+    for i in range(len(shapes)):
+        _assert_state8_close(f_sts[i], ref_sts[i], f"foreach param {i}")
+        assert_change_close(f_ws[i], w0[i], ref_ws[i], f"foreach param {i}", rtol=1e-4)
+        for a, b in zip(f_sts[i], s_sts[i]):  # the multi-tensor op is the single-tensor step, exactly
+            assert torch.equal(a, b)
+        assert torch.equal(f_ws[i], s_ws[i])
+
+
+@pytest.mark.parametrize("block_size", [7, 64, 256])
+@pytest.mark.parametrize("shape", [(37, 53), (3, 4, 300), (700,), (1, 1)])
+def test_adam_update_8bit_vs_reference(mbackend, shape, block_size):
+    from .._numerics import assert_close_f32
+
+    st0 = _state8(shape, block_size, seed=3)
+    r = torch.randn(shape)
+    outs = {}
+    for be in ("reference", mbackend):
+        st = _clone(st0)
+        with use_backend(be):
+            n = ops.adam_update_(r, st[0], st[1], beta1=0.9, beta2=0.95, eps=1e-8, m_absmax=st[2], v_absmax=st[3],
+                                 block_size=block_size)
+            ns = ops.adam_foreach_update_([r, 2 * r], [st[0], st[0].clone()], [st[1], st[1].clone()],
+                                          m_absmax=[st[2], st[2].clone()], v_absmax=[st[3], st[3].clone()],
+                                          block_size=block_size)
+        outs[be] = (n, st, ns)
+    (rn, rst, rns), (n, st, ns) = outs["reference"], outs[mbackend]
+    assert n.dtype == torch.float32
+    assert_close_f32(n, rn, "adam_update_ N")
+    assert_close_f32(ns[1], rns[1], "adam_foreach_update_ N[1]", rtol=1e-4)
+    _assert_state8_close(st, rst, "adam_update_ (two steps)")
+
+
+def test_8bit_multistep_drift_bounded(mbackend):
+    """10 GaLore steps, the backend against the reference each on its own state: rare
+    one-level code differences must not grow into drift."""
+    m, n, rank, side = 64, 90, 12, "left"
+    proj = _projector("dense", m, n, rank, side)
+    st0 = list(ops.moments8_zeros(ops.low_rank_shape(m, n, rank, side), block_size=32).values())
+    w0 = torch.randn(m, n)
+    grads = [torch.randn(m, n) for _ in range(10)]
+    outs = {}
+    for be in ("reference", mbackend):
+        st, w = _clone(st0), w0.clone()
+        with use_backend(be):
+            for t, g in enumerate(grads):
+                ops.project_update_backproject_(w, g, proj, st[0], st[1], side=side, lr=0.01, step=t + 1,
+                                                m_absmax=st[2], v_absmax=st[3], block_size=32)
+        outs[be] = (st, w)
+    (rst, rw), (st, w) = outs["reference"], outs[mbackend]
+    change, ref_change = w - w0, rw - w0
+    rel = float((change - ref_change).norm() / ref_change.norm())
+    assert rel < 1e-3, f"weight change drifted {rel:.2e} from the reference in 10 steps"
+    for i, signed in ((0, True), (1, False)):
+        a = Q.moments_dequantize_ref(st[i], st[2 + i], signed=signed, block_size=32)
+        b = Q.moments_dequantize_ref(rst[i], rst[2 + i], signed=signed, block_size=32)
+        assert float((a - b).norm() / b.norm()) < 1e-2
+
+
+def test_cpp_maps_equal_python_maps(mbackend):
+    """The backend's dynamic maps are the Python maps, value for value: with beta1 = 0 and
+    r = the signed map (absmax 1), exp_avg's codes must come back as 0..255; with codes
+    0..255, absmax 1, beta = 0.5 and r = 0, N = (map_s / 2) / (sqrt(map_u / 2) + eps)
+    exactly (in IEEE float32 per operation)."""
+    ms, mu = Q.moments_dynamic_map(True), Q.moments_dynamic_map(False)
+    codes = torch.arange(256, dtype=torch.uint8).view(1, 256)
+    # decode + requantize of exact map values
+    cm, cv = torch.zeros(1, 256, dtype=torch.uint8), torch.zeros(1, 256, dtype=torch.uint8)
+    am, av = torch.zeros(1, 1), torch.zeros(1, 1)
+    with use_backend(mbackend):
+        ops.adam_update_(ms.view(1, 256).clone(), cm, cv, beta1=0.0, beta2=0.0, m_absmax=am, v_absmax=av)
+    assert torch.equal(cm, codes) and float(am) == 1.0
+    # decode: N from both maps exactly
+    cm, cv, am, av = codes.clone(), codes.clone(), torch.ones(1, 1), torch.ones(1, 1)
+    with use_backend(mbackend):
+        n = ops.adam_update_(torch.zeros(1, 256), cm, cv, beta1=0.5, beta2=0.5, eps=1e-3, m_absmax=am, v_absmax=av)
+    # IEEE float32 per operation (numpy), the kernels' arithmetic
+    f32 = np.float32
+    want = (ms.numpy() * f32(0.5)) / (np.sqrt(mu.numpy() * f32(0.5)) + f32(1e-3))
+    assert torch.equal(n.view(256), torch.from_numpy(want))
+    assert torch.equal(cm, codes) and torch.equal(cv, codes)  # halved values requantize to the same codes
+
+
+@pytest.mark.parametrize("op", ["adam_update", "project_adam", "update_backproject"])
+def test_8bit_nan_gradient_gives_nan_absmax(mbackend, op):
+    m, n, rank = 20, 70, 6
+    proj = _projector("dense", m, n, rank, "left")
+    ls = ops.low_rank_shape(m, n, rank, "left")  # (6, 70)
+    r, g, w0 = torch.randn(ls), torch.randn(m, n), torch.randn(m, n)
+    r[2, 40] = float("nan")
+    g[4, 40] = float("nan")  # poisons column 40 of R = P^T G: block 1 of every row
+    outs = {}
+    for be in ("reference", mbackend):
+        st = _state8(ls, 32, seed=1)
+        w = w0.clone()
+        with use_backend(be):
+            if op == "adam_update":
+                ops.adam_update_(r, st[0], st[1], m_absmax=st[2], v_absmax=st[3], block_size=32)
+            else:
+                if op == "project_adam":
+                    ops.project_adam_(g, proj, st[0], st[1], side="left", m_absmax=st[2], v_absmax=st[3],
+                                      block_size=32)
+                else:
+                    ops.project_update_backproject_(w, g, proj, st[0], st[1], side="left", lr=0.1, step=1,
+                                                    m_absmax=st[2], v_absmax=st[3], block_size=32)
+        outs[be] = st
+    st, rst = outs[mbackend], outs["reference"]
+    assert torch.isnan(st[2]).any() and torch.isnan(st[3]).any()
+    for i in (2, 3):
+        assert torch.equal(torch.isnan(st[i]), torch.isnan(rst[i]))
+    bad = torch.isnan(st[2]).repeat_interleave(32, dim=-1)[:, :70]
+    zero_m = int(torch.nonzero(Q.moments_dynamic_map(True) == 0)[0])
+    assert (st[0][bad] == zero_m).all() and (st[1][torch.isnan(st[3]).repeat_interleave(32, -1)[:, :70]] == 0).all()
+    _assert_state8_close(st, rst, op)
+
+
+# --------------------------------------------------------------------------- 16-bit SR: bits equal the reference
+@pytest.mark.parametrize("shape", [(37, 53), (2, 3, 129), (1000,)])
+def test_adam_update_bf16_sr_bits_equal_reference(mbackend, shape):
+    r = torch.randn(shape).to(torch.bfloat16)
+    m0, v0 = (0.1 * torch.randn(shape)).to(torch.bfloat16), (0.01 * torch.rand(shape)).to(torch.bfloat16)
+    outs = {}
+    for be in ("reference", mbackend):
+        m, v = m0.clone(), v0.clone()
+        with use_backend(be):
+            n = ops.adam_update_(r, m, v, beta1=0.9, beta2=0.999, moment_seed=2**33 + 5)
+            ns = ops.adam_foreach_update_([r], [m.clone()], [v.clone()], moment_seed=[77])
+        outs[be] = (n, m, v, ns[0])
+    for a, b in zip(outs[mbackend], outs["reference"]):
+        assert a.dtype == torch.bfloat16
+        assert torch.equal(_bits(a), _bits(b))
+
+
+def _exact_problem(kind, m, n, rank, side):
+    """Inputs whose projection is exact in float32 whatever the summation order (small
+    integers times powers of two), so R, and then every moment bit, must match."""
+    g = torch.randint(-4, 5, (m, n)).to(torch.bfloat16)
+    k = n if side == "right" else m
+    if kind == "dct":  # DCT rows are irrational (as INT4's dequantized values): compared up to one bf16 unit
+        return g, _projector("dct", m, n, rank, side, torch.bfloat16)
+    p = (torch.randint(-2, 3, (rank, k)).float() * 0.25).to(torch.bfloat16)
+    p = p if side == "right" else p.T.contiguous()
+    return g, (p if kind == "dense" else ops.Int4Projector.quantize(p.float(), 16))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_projection_ops_bf16_sr_vs_reference(mbackend, kind, side):
+    m, n, rank = 37, 53, 5
+    g, proj = _exact_problem(kind, m, n, rank, side)
+    ls = ops.low_rank_shape(m, n, rank, side)
+    m0, v0 = (0.1 * torch.randn(ls)).to(torch.bfloat16), (0.01 * torch.rand(ls)).to(torch.bfloat16)
+    w0 = torch.randn(m, n).to(torch.bfloat16)
+    outs = {}
+    for be in ("reference", mbackend):
+        ea, eas, w = m0.clone(), v0.clone(), w0.clone()
+        with use_backend(be):
+            N = ops.project_adam_(g, proj, ea, eas, side=side, moment_seed=11)
+            ea2, eas2 = ea.clone(), eas.clone()
+            ops.project_update_backproject_(w, g, proj, ea2, eas2, side=side, lr=0.01, step=2, moment_seed=12)
+            ws, eas3, easq3 = [w0.clone()], [ea.clone()], [eas.clone()]
+            ops.foreach_project_update_backproject_(ws, [g], [proj], eas3, easq3, side=side, lr=0.01, step=2,
+                                                    moment_seed=[12])
+        outs[be] = (N, ea, eas, ea2, eas2, eas3[0], easq3[0])
+    for i, (a, b) in enumerate(zip(outs[mbackend], outs["reference"])):
+        assert a.dtype == torch.bfloat16
+        d = (_bits(a) - _bits(b)).abs()
+        if kind != "dense":  # DCT rows, dequantized INT4 values: R itself may differ in its last float32 bit
+            assert int(d.max()) <= 1 and int((d > 0).sum()) <= 1 + a.numel() // 100, i
+        else:
+            assert torch.equal(_bits(a), _bits(b)), (i, int((d > 0).sum()))
+    assert torch.equal(_bits(outs[mbackend][3]), _bits(outs[mbackend][5]))  # foreach = single
+
+
+# --------------------------------------------------------------------------- direct C++ calls, opcheck, compile
+def test_cpp_ops_check_moment_arguments():
+    if not reg.extension_loaded():
+        pytest.skip("extension not built (test_package asserts it is where make test ran)")
+    L = torch.ops.lowrank_kernels
+    st = ops.moments8_zeros((6, 40), block_size=16)
+    r = torch.randn(6, 40)
+    with pytest.raises(RuntimeError, match="both m_absmax and v_absmax"):
+        L.adam_update_cpu(r, st["exp_avg"], st["exp_avg_sq"], 0.9, 0.99, 1e-8, st["m_absmax"], None, 16, -1)
+    with pytest.raises(RuntimeError, match="block_size must be in"):
+        L.adam_update_cpu(r, st["exp_avg"], st["exp_avg_sq"], 0.9, 0.99, 1e-8, st["m_absmax"], st["v_absmax"], 300,
+                          -1)
+    with pytest.raises(RuntimeError, match="m_absmax / v_absmax must be"):
+        L.adam_update_cpu(r, st["exp_avg"], st["exp_avg_sq"], 0.9, 0.99, 1e-8, st["m_absmax"], st["v_absmax"], 8, -1)
+    with pytest.raises(RuntimeError, match="needs bfloat16"):
+        L.adam_update_cpu(r, torch.zeros(6, 40), torch.zeros(6, 40), 0.9, 0.99, 1e-8, None, None, 0, 3)
+    g, p = torch.randn(12, 9), torch.randn(3, 9)
+    with pytest.raises(RuntimeError, match="8-bit moments must be contiguous uint8"):
+        L.projection_project_adam_cpu(g, p, torch.zeros(12, 3), torch.zeros(12, 3, dtype=torch.uint8), "right", 0.9,
+                                      0.99, 1e-8, None, None, None, 0, 0, torch.zeros(12, 1), torch.zeros(12, 1), 4,
+                                      -1)
+    assert not any(t.any() for t in st.values())
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(0)
+    m, n, rank = 12, 9, 3
+    p = torch.randn(rank, n, generator=g)
+    grad, w = torch.randn(m, n, generator=g), torch.randn(m, n, generator=g)
+
+    def s8(shape, bs):
+        return list(_state8(shape, bs, seed=1))
+
+    c = s8((m, rank), 2)
+    yield "projection_project_adam", (grad, p, c[0], c[1], "right", 0.9, 0.99, 1e-8, None, None, None, 0, 0, c[2],
+                                      c[3], 2, -1)
+    c = s8((m, rank), 2)
+    yield "projection_project_update_backproject", (w, grad, p, c[0], c[1], "right", 0.01, 0.9, 0.99, 1e-8, 2, 0.1,
+                                                    1.0, None, None, None, 0, 0, c[2], c[3], 2, -1)
+    c = s8((m, rank), 2)
+    yield "projection_foreach_project_update_backproject", (
+        [w], [grad], [p], [c[0]], [c[1]], "right", [0.01], 0.9, 0.99, 1e-8, [2], [0.1], [1.0], [], [], [], [], 0,
+        [c[2]], [c[3]], 2, [])
+    bf = grad.to(torch.bfloat16)
+    yield "projection_project_adam", (bf, p, torch.zeros(m, rank, dtype=torch.bfloat16),
+                                      torch.zeros(m, rank, dtype=torch.bfloat16), "right", 0.9, 0.99, 1e-8, None,
+                                      None, None, 0, 0, None, None, 0, 5)
+    c = s8((4, 7), 3)
+    yield "adam_update", (torch.randn(4, 7, generator=g), c[0], c[1], 0.9, 0.99, 1e-8, c[2], c[3], 3, -1)
+    c = s8((4, 7), 3)
+    yield "adam_foreach_update", ([torch.randn(4, 7, generator=g)], [c[0]], [c[1]], [torch.zeros(4, 7)], 0.9, 0.99,
+                                  1e-8, [c[2]], [c[3]], 3, [])
+    r = torch.randn(5, 6, generator=g).to(torch.bfloat16)
+    yield "adam_foreach_update", ([r], [torch.zeros(5, 6, dtype=torch.bfloat16)],
+                                  [torch.zeros(5, 6, dtype=torch.bfloat16)], [torch.zeros(5, 6, dtype=torch.bfloat16)],
+                                  0.9, 0.99, 1e-8, [], [], 0, [9])
+
+
+_NAMES = [c[0] for c in _opcheck_cases()]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("case", range(len(_NAMES)))
+def test_opcheck_moment_forms(backend, case):
+    from ..conftest import require_backend
+
+    name, args = list(_opcheck_cases())[case]
+    require_backend(name, backend)
+    with use_backend(backend):
+        torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name).default, args, test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("case", range(len(_NAMES)))
+def test_opcheck_moment_forms_cpp_op_directly(case):
+    if not reg.extension_loaded():
+        pytest.skip("extension not built (test_package asserts it is where make test ran)")
+    name, args = list(_opcheck_cases())[case]
+    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name + "_cpu").default, args, test_utils=OPCHECK_TESTS)
+
+
+def test_moment_forms_compile_fullgraph():
+    """The optional mutable absmax arguments and the seeds trace under torch.compile, and
+    the in-place updates of codes and absmax survive functionalization."""
+    torch._dynamo.reset()
+
+    def step(w, g, p, st, r, st2, wb, gb, pb, mb, vb):
+        ops.project_update_backproject_(w, g, p, st[0], st[1], side="left", lr=0.01, step=1, m_absmax=st[2],
+                                        v_absmax=st[3], block_size=4)
+        n = ops.adam_update_(r, st2[0], st2[1], m_absmax=st2[2], v_absmax=st2[3], block_size=4)
+        ops.project_update_backproject_(wb, gb, pb, mb, vb, side="right", lr=0.01, step=1, moment_seed=3)
+        return n.sum()
+
+    def inputs():
+        g = torch.Generator().manual_seed(0)
+        w, grad = torch.randn(10, 9, generator=g), torch.randn(10, 9, generator=g)
+        p = torch.randn(10, 3, generator=g)
+        st = list(_state8((3, 9), 4, seed=2))
+        st2 = list(_state8((5, 6), 4, seed=3))
+        wb, gb = torch.randn(8, 7, generator=g).bfloat16(), torch.randn(8, 7, generator=g).bfloat16()
+        pb = torch.randn(2, 7, generator=g)
+        return (w, grad, p, st, torch.randn(5, 6, generator=g), st2, wb, gb, pb,
+                torch.zeros(8, 2, dtype=torch.bfloat16), torch.zeros(8, 2, dtype=torch.bfloat16))
+
+    eager, compiled = inputs(), inputs()
+    out_e = step(*eager)
+    out_c = torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled)
+    torch.testing.assert_close(out_c, out_e)
+    flat = lambda xs: [t for x in xs for t in (x if isinstance(x, list) else [x])]  # noqa: E731
+    for a, b in zip(flat(compiled), flat(eager)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_8bit_moments_with_other_param_dtypes(mbackend, dtype, side):
+    """8-bit moments with float64 (R and the weight update in float64, the moment step in
+    float32) and bf16 weights: N is float32 whatever the weight dtype."""
+    from .._numerics import assert_change_close, assert_close_f32
+
+    m, n, rank = 29, 44, 7
+    proj = _projector("dense", m, n, rank, side, dtype=dtype)
+    ls = ops.low_rank_shape(m, n, rank, side)
+    st0 = _state8(ls, 16, seed=4)
+    g, w0 = torch.randn(m, n).to(dtype), torch.randn(m, n).to(dtype)
+    outs = {}
+    for be in ("reference", mbackend):
+        st, w = _clone(st0), w0.clone()
+        with use_backend(be):
+            N = ops.project_adam_(g, proj, st[0], st[1], side=side, m_absmax=st[2], v_absmax=st[3], block_size=16)
+            ops.project_update_backproject_(w, g, proj, st[0], st[1], side=side, lr=0.05, step=1, m_absmax=st[2],
+                                            v_absmax=st[3], block_size=16)
+        outs[be] = (N, st, w)
+    (rN, rst, rw), (N, st, w) = outs["reference"], outs[mbackend]
+    assert N.dtype == torch.float32 and rN.dtype == torch.float32 and w.dtype == dtype
+    assert_close_f32(N, rN, "N")
+    _assert_state8_close(st, rst, "state")
+    assert_change_close(w, w0, rw, "weight", rtol=1e-4)

@@ -12,6 +12,7 @@
 - 16-bit stochastic rounding keeps the second moment decaying (round-to-nearest does not);
 - load_state_dict converts between formats; bad keys give clear errors.
 """
+import functools
 import math
 import warnings
 
@@ -66,24 +67,29 @@ MAKERS = {
 }
 
 
+#: parameter dtype per moment format: 16-bit (bfloat16) moments are for bfloat16 parameters
+#: (other parameters keep 32-bit moments, see lowrank_kernels.optim.base).
+DTYPE = {32: torch.float32, 16: torch.bfloat16, 8: torch.float32}
+
+
 class _Problem(nn.Module):
     """Least squares ``min ||x W1^T W2^T + b - y||^2`` on fixed data (small, odd shapes)."""
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, dtype=torch.float32):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.w1 = nn.Parameter(torch.randn(40, 36, generator=gen) * 0.1)
-        self.w2 = nn.Parameter(torch.randn(30, 40, generator=gen) * 0.1)
-        self.b = nn.Parameter(torch.zeros(30))
-        self.x = torch.randn(64, 36, generator=gen)
-        self.y = self.x @ torch.randn(36, 30, generator=gen) * 0.3
+        self.w1 = nn.Parameter((torch.randn(40, 36, generator=gen) * 0.1).to(dtype))
+        self.w2 = nn.Parameter((torch.randn(30, 40, generator=gen) * 0.1).to(dtype))
+        self.b = nn.Parameter(torch.zeros(30, dtype=dtype))
+        self.x = torch.randn(64, 36, generator=gen).to(dtype)
+        self.y = (self.x.float() @ torch.randn(36, 30, generator=gen) * 0.3).to(dtype)
 
     def loss(self):
-        return ((self.x @ self.w1.T @ self.w2.T + self.b - self.y) ** 2).mean()
+        return ((self.x @ self.w1.T @ self.w2.T + self.b - self.y).float() ** 2).mean()
 
 
-def _train(name, steps, seed=0, **kw):
-    model = _Problem(seed)
+def _train(name, steps, seed=0, dtype=torch.float32, **kw):
+    model = _Problem(seed, dtype)
     opt = _quiet(MAKERS[name], _groups(model, 8), **kw)
     losses = []
     for _ in range(steps):
@@ -93,6 +99,13 @@ def _train(name, steps, seed=0, **kw):
         losses.append(loss.item())
         opt.step()
     return model, opt, losses
+
+
+@functools.lru_cache(maxsize=None)
+def _ref_losses(name, dtype, backend):
+    """The 32-bit run's losses (cached: shared by the 8-bit and 16-bit cases)."""
+    with use_backend(backend):
+        return tuple(_train(name, 30, dtype=dtype)[2])
 
 
 def _moment_states(opt):
@@ -141,12 +154,12 @@ def test_every_optimizer_trains(name, bits, backend):
     """Loss decreases, no NaN, and every moment (projected and plain) is in the format asked
     for (min_8bit_size=0: these moments are small)."""
     with use_backend(backend):
-        model, opt, losses = _train(name, 30, moment_bits=bits, min_8bit_size=0)
-        _, _, ref = _train(name, 30)
+        model, opt, losses = _train(name, 30, dtype=DTYPE[bits], moment_bits=bits, min_8bit_size=0)
+    ref = _ref_losses(name, DTYPE[bits], backend)
     assert all(math.isfinite(v) for v in losses), losses
-    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
-    # close to the 32-bit run's progress
-    assert losses[-1] < 1.5 * ref[-1] + 0.05 * ref[0], (losses[-1], ref[-1])
+    assert losses[-1] < 0.9 * losses[0], (losses[0], losses[-1])
+    # at least 90% of the 32-bit run's progress (measured: 0.998 .. 1.03)
+    assert losses[0] - losses[-1] >= 0.9 * (ref[0] - ref[-1]), (losses, ref)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     states = _moment_states(opt)
     assert states
@@ -177,7 +190,8 @@ def _least_squares(bits, steps=200, seed=0):
     x = torch.randn(512, 192, generator=gen)
     y = a @ x
     w = nn.Parameter(torch.zeros(256, 512))
-    opt = _quiet(GaLoreAdamW, [{"params": [w], "rank": 32}], lr=5e-3, update_proj_gap=50, scale=1.0,
+    # one projector (the least-squares gradient's span barely moves): one SVD per run
+    opt = _quiet(GaLoreAdamW, [{"params": [w], "rank": 32}], lr=5e-3, update_proj_gap=200, scale=1.0,
                  moment_bits=bits)
     for _ in range(steps):
         opt.zero_grad()
@@ -190,11 +204,18 @@ def _least_squares(bits, steps=200, seed=0):
     return w.detach(), final, first, opt
 
 
+@functools.lru_cache(maxsize=None)
+def _least_squares_fp32(backend):
+    with use_backend(backend):
+        w, loss, first, _ = _least_squares(32)
+    return w, loss, first
+
+
 def test_galore_least_squares_8bit_within_5_percent(backend):
     """200 GaLore steps on 256 x 512 least squares (rank 32): the 8-bit final loss is within
     5% of the float32 one."""
+    w32, loss32, first = _least_squares_fp32(backend)
     with use_backend(backend):
-        w32, loss32, first, _ = _least_squares(32)
         w8, loss8, _, opt8 = _least_squares(8)
     st = opt8.state[opt8.param_groups[0]["params"][0]]
     assert st["exp_avg"].dtype == torch.uint8  # 32 x 512 = 16384 >= 4096 elements
@@ -248,6 +269,19 @@ def test_min_8bit_size_respected():
     assert opt2.state[small]["exp_avg"].dtype == torch.uint8
 
 
+def test_16bit_moments_are_for_bfloat16_parameters():
+    """moment_bits=16 stores bfloat16 moments for bfloat16 parameters; float32 and float16
+    parameters keep the 32-bit format (the ops take moments in float32 or the parameter's dtype)."""
+    ps = {dt: nn.Parameter(torch.randn(40, 36).to(dt)) for dt in (torch.bfloat16, torch.float32, torch.float16)}
+    opt = _quiet(GaLoreAdamW, [{"params": list(ps.values()), "rank": 4}], lr=1e-3, moment_bits=16)
+    for p in ps.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[ps[torch.bfloat16]]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[ps[torch.float32]]["exp_avg"].dtype == torch.float32
+    assert opt.state[ps[torch.float16]]["exp_avg"].dtype == torch.float32
+
+
 # --------------------------------------------------------------------------- plain groups
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("foreach", [None, False])
@@ -255,13 +289,19 @@ def test_plain_group_close_to_torch_adamw(bits, foreach, backend):
     """A plain group with 8/16-bit moments follows torch.optim.AdamW (eps sqrt(1 - b2^t) in the op
     gives torch's eps convention): 20 steps stay within the quantization error."""
     gen = torch.Generator().manual_seed(3)
-    w0 = [torch.randn(64, 96, generator=gen), torch.randn(5000, generator=gen)]
-    grads = [[torch.randn(w.shape, generator=gen) for w in w0] for _ in range(20)]
+    dtype = DTYPE[bits]
+    w0 = [torch.randn(64, 96, generator=gen).to(dtype), torch.randn(5000, generator=gen).to(dtype)]
+    grads = [[torch.randn(w.shape, generator=gen).to(dtype) for w in w0] for _ in range(20)]
     ours = [nn.Parameter(w.clone()) for w in w0]
     ref = [nn.Parameter(w.clone()) for w in w0]
-    opt = _quiet(GaLoreAdamW, ours, lr=1e-2, weight_decay=0.1, eps=1e-6, moment_bits=bits, min_8bit_size=0,
+    # eps 1e-2: large enough that eps inside or outside the bias correction differ by far more
+    # than the tolerance (checks the eps sqrt(1 - b2^t) passed to the op)
+    opt = _quiet(GaLoreAdamW, ours, lr=1e-2, weight_decay=0.1, eps=1e-2, moment_bits=bits, min_8bit_size=0,
                  foreach=foreach)
-    topt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, eps=1e-6)
+    # 8-bit: torch.optim.AdamW itself; 16-bit (bfloat16 weights): our float32-moment AdamW, torch's
+    # math with one rounding of the weight (torch's own bf16 AdamW keeps bf16 moments rounded to nearest)
+    topt = (torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, eps=1e-2) if bits == 8 else
+            _quiet(GaLoreAdamW, ref, lr=1e-2, weight_decay=0.1, eps=1e-2))
     with use_backend(backend):
         for gs in grads:
             for p, q, g in zip(ours, ref, gs):
@@ -271,8 +311,9 @@ def test_plain_group_close_to_torch_adamw(bits, foreach, backend):
     for p, q, w in zip(ours, ref, w0):
         want = torch.uint8 if bits == 8 else torch.bfloat16
         assert opt.state[p]["exp_avg"].dtype == want
-        err = ((p - q).norm() / (q - w).norm()).item()
-        assert err < (0.05 if bits == 8 else 0.02), err
+        assert topt.state[q]["exp_avg"].dtype == torch.float32
+        err = ((p.double() - q.double()).norm() / (q.double() - w.double()).norm()).item()
+        assert err < 0.05, err
 
 
 # --------------------------------------------------------------------------- 16-bit stochastic rounding
@@ -280,14 +321,14 @@ def test_16bit_sr_second_moment_keeps_decaying(backend):
     """bf16 round-to-nearest freezes ``0.999 v`` (it rounds back to v); the stochastic rounding
     of moment_bits=16 decays it as float32 does, in expectation."""
     n = 4096
-    p = nn.Parameter(torch.zeros(n))
+    p = nn.Parameter(torch.zeros(n, dtype=torch.bfloat16))
     opt = _quiet(GaLoreAdamW, [p], lr=0.0, betas=(0.9, 0.999), moment_bits=16)
     gen = torch.Generator().manual_seed(5)
-    g0 = 1.0 + torch.rand(n, generator=gen)
+    g0 = (1.0 + torch.rand(n, generator=gen)).to(torch.bfloat16).float()
     steps = 300
     with use_backend(backend):
         for t in range(steps):
-            p.grad = g0.clone() if t == 0 else torch.zeros(n)
+            p.grad = (g0 if t == 0 else torch.zeros(n)).to(torch.bfloat16)
             opt.step()
     v = opt.state[p]["exp_avg_sq"]
     assert v.dtype == torch.bfloat16
@@ -303,9 +344,10 @@ def test_16bit_sr_second_moment_keeps_decaying(backend):
 
 def test_16bit_seeds_are_deterministic_and_vary():
     """Two identical runs give bit-identical bf16 moments; the seed differs per parameter and step."""
-    a = _train("galore", 5, moment_bits=16)[1]
-    b = _train("galore", 5, moment_bits=16)[1]
+    a = _train("galore", 5, dtype=torch.bfloat16, moment_bits=16)[1]
+    b = _train("galore", 5, dtype=torch.bfloat16, moment_bits=16)[1]
     for (_, sa), (_, sb) in zip(_moment_states(a), _moment_states(b)):
+        assert sa["exp_avg_sq"].dtype == torch.bfloat16
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     p1, p2 = a.param_groups[0]["params"][:2]
     seeds = {a._moment_seed(p, t) for p in (p1, p2) for t in (1, 2, 3)}
@@ -327,8 +369,8 @@ def _state_equal(sa, sb):
 def test_weights_only_roundtrip_and_bit_identical_resume(name, bits):
     """12 steps uninterrupted == 6 steps, torch.save + torch.load(weights_only=True) into a fresh
     optimizer, 6 more steps (refreshes at 1 and 11): weights and state bit-identical."""
-    full_model, full_opt, _ = _train(name, 12, moment_bits=bits, min_8bit_size=0)
-    model = _Problem()
+    full_model, full_opt, _ = _train(name, 12, dtype=DTYPE[bits], moment_bits=bits, min_8bit_size=0)
+    model = _Problem(dtype=DTYPE[bits])
     opt = _quiet(MAKERS[name], _groups(model, 8), moment_bits=bits, min_8bit_size=0)
 
     def steps(m, o, k):
@@ -341,7 +383,7 @@ def test_weights_only_roundtrip_and_bit_identical_resume(name, bits):
     saved = roundtrip(opt.state_dict())
     assert any(isinstance(v, torch.Tensor) and v.dtype == (torch.uint8 if bits == 8 else torch.bfloat16)
                for st in saved["state"].values() for v in st.values())
-    model2 = _Problem()
+    model2 = _Problem(dtype=DTYPE[bits])
     model2.load_state_dict(model.state_dict())
     opt2 = _quiet(MAKERS[name], _groups(model2, 8), moment_bits=bits, min_8bit_size=0)
     opt2.load_state_dict(saved)
@@ -373,17 +415,30 @@ def test_load_converts_between_formats():
         assert st["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in st
         deq = mref.moments_dequantize_ref(st8["exp_avg"], st8["exp_avg_absmax"], signed=True)
         assert torch.equal(st["exp_avg"], deq)
-    m4 = _Problem()
+    m4 = _Problem(dtype=torch.bfloat16)  # 16-bit moments: bfloat16 parameters
     o16 = _quiet(MAKERS["galore"], _groups(m4, 8), moment_bits=16)
     o16.load_state_dict(sd32)
     for (p, st32), (q, st) in zip(_moment_states(opt32), _moment_states(o16)):
         assert torch.equal(st["exp_avg_sq"], st32["exp_avg_sq"].to(torch.bfloat16))
+    assert all(g["moment_bits"] == 32 for g in back.param_groups)  # this optimizer's format is kept
+    # another block_size: requantized with this optimizer's
     m5 = _Problem()
-    o64 = _quiet(MAKERS["galore"], _groups(m5, 8), moment_bits=8, min_8bit_size=0, block_size=4)
-    before = {k: v for k, v in o64.state.items()}
-    with pytest.raises(ValueError, match=r"param group 0, parameter 0: the saved 8-bit exp_avg .* block_size 4"):
-        o64.load_state_dict(sd8)
-    assert dict(o64.state) == before
+    o4 = _quiet(MAKERS["galore"], _groups(m5, 8), moment_bits=8, min_8bit_size=0, block_size=4)
+    o4.load_state_dict(sd8)
+    for (p, st8), (q, st) in zip(_moment_states(opt8), _moment_states(o4)):
+        deq = mref.moments_dequantize_ref(st8["exp_avg"], st8["exp_avg_absmax"], signed=True)
+        codes, absmax = mref.moments_quantize_ref(deq, signed=True, block_size=4)
+        assert torch.equal(st["exp_avg"], codes) and torch.equal(st["exp_avg_absmax"], absmax)
+    assert all(g["block_size"] == 4 for g in o4.param_groups)
+    # a corrupted checkpoint (absmax of the wrong shape) is refused before anything is loaded
+    bad = roundtrip(opt8.state_dict())
+    first = bad["param_groups"][0]["params"][0]
+    bad["state"][first]["exp_avg_absmax"] = bad["state"][first]["exp_avg_absmax"][:, :0]
+    m6 = _Problem()
+    o6 = _quiet(MAKERS["galore"], _groups(m6, 8), moment_bits=8, min_8bit_size=0)
+    with pytest.raises(ValueError, match=r"param group 0, parameter 0: the saved 8-bit exp_avg .* block_size 256"):
+        o6.load_state_dict(bad)
+    assert len(o6.state) == 0
 
 
 # --------------------------------------------------------------------------- bucketed vs per parameter
@@ -395,7 +450,8 @@ def test_bucketed_equals_per_parameter(cls, bits, backend):
     gen = torch.Generator().manual_seed(7)
     shapes = [(40, 36), (30, 40), (36, 40), (33, 70), (70, 33)]
     w0 = [torch.randn(s, generator=gen) for s in shapes] + [torch.randn(5000, generator=gen)]
-    grads = [[torch.randn(w.shape, generator=gen) for w in w0] for _ in range(8)]
+    w0 = [w.to(DTYPE[bits]) for w in w0]
+    grads = [[torch.randn(w.shape, generator=gen).to(w.dtype) for w in w0] for _ in range(8)]
     out = []
     for foreach in (None, False):
         ps = [nn.Parameter(w.clone()) for w in w0]
@@ -409,6 +465,7 @@ def test_bucketed_equals_per_parameter(cls, bits, backend):
                 opt.step()
         out.append((ps, opt))
     (a, oa), (b, ob) = out
+    assert all(oa.state[p]["exp_avg"].dtype == (torch.uint8 if bits == 8 else torch.bfloat16) for p in a)
     for p, q in zip(a, b):
         assert torch.equal(p, q)
         _state_equal(oa.state[p], ob.state[q])
