@@ -62,7 +62,7 @@ def _device_section(md: Path, root: Path) -> str:
 # Provider-name suffix of each non-default moment format (bench/optimizers.py MOMENT_FORMATS).
 _FORMAT_SUFFIX = {16: "-16bit", 8: "-8bit"}
 # Reference rows of the state table (other packages, and torch), in this order, when measured.
-_STATE_REFERENCES = {"torch-adamw-fused": "torch AdamW (fused), float32 moments",
+_STATE_REFERENCES = {"torch-adamw-fused": "torch AdamW (fused)",
                      "bitsandbytes-adamw8bit": "bitsandbytes AdamW8bit (8-bit moments of tensors >= 4096 elements)",
                      "galore-torch": "galore-torch GaLoreAdamW",
                      "galore-torch-8bit": "galore-torch GaLoreAdamW8bit",
@@ -88,11 +88,14 @@ def _state_table(csv_path: Path) -> str:
     base_row = measured.get("torch-adamw-fused")
     ref = int(base_row["bytes"]) if base_row else None
     any_row = rows[0]
+    # A float32 run has no 16-bit rows (they apply to bfloat16 parameters): no such column then.
+    with16 = any(b + _FORMAT_SUFFIX[16] in measured for b in bases)
     out = [f"**Optimizer state by moment format** (memory suite: bytes of every tensor in `optimizer.state` after "
            f"two steps on the stack {any_row['shape']}, rank {any_row['rank']}, {any_row['dtype']} parameters; "
-           "`moment_bits` 32 = float32 moments, 16 = bfloat16 with stochastic rounding, 8 = uint8 codes + "
-           "float32 absmax per block of 256; MiB, and x torch AdamW's)", "",
-           "| optimizer | 32-bit moments | 16-bit | 8-bit | 8-bit / 32-bit |", "|---|---:|---:|---:|---:|"]
+           "`moment_bits` 32 = float32 moments, " + ("16 = bfloat16 with stochastic rounding, " if with16 else "")
+           + "8 = uint8 codes + float32 absmax per block of 256; MiB, and x torch AdamW's)", "",
+           "| optimizer | 32-bit moments | " + ("16-bit | " if with16 else "") + "8-bit | 8-bit / 32-bit |",
+           "|---|---:|---:|" + ("---:|" if with16 else "") + "---:|"]
 
     def cell(p: str) -> str:
         r = measured.get(p)
@@ -106,13 +109,18 @@ def _state_table(csv_path: Path) -> str:
         b8 = measured.get(b + _FORMAT_SUFFIX[8])
         b32 = measured.get(b)
         ratio = f"{int(b8['bytes']) / int(b32['bytes']):.3f}" if b8 and b32 else "-"
-        out.append(f"| {b} | {cell(b)} | {cell(b + _FORMAT_SUFFIX[16])} | {cell(b + _FORMAT_SUFFIX[8])} | {ratio} |")
+        c16 = f"{cell(b + _FORMAT_SUFFIX[16])} | " if with16 else ""
+        out.append(f"| {b} | {cell(b)} | {c16}{cell(b + _FORMAT_SUFFIX[8])} | {ratio} |")
         for suf in _FORMAT_SUFFIX.values():
             if b + suf in skipped:
                 notes.setdefault(skipped[b + suf], []).append(b + suf)
             elif b8 is not None and suf == "-8bit" and "min_8bit_size" in b8["note"]:
                 notes.setdefault(b8["note"].split("; ", 1)[-1], []).append(b + suf)
-    refs = [f"{label} {cell(p)}" for p, label in _STATE_REFERENCES.items() if p in measured]
+    def moments(p: str) -> str:  # "moments: 14 float32" of the row's note, when there
+        m = re.search(r"moments: [^;(]*", measured[p]["note"])
+        return f" ({m.group(0).strip()})" if m else ""
+
+    refs = [f"{label}{moments(p)} {cell(p)}" for p, label in _STATE_REFERENCES.items() if p in measured]
     if refs:
         out += ["", "References (same stack, MiB): " + "; ".join(refs) + "."]
     for why, names in notes.items():

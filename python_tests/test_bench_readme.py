@@ -127,7 +127,7 @@ def test_state_table_per_moment_format(tmp_path):
         return d
 
     mib = 2 ** 20
-    rows = [row("torch-adamw-fused", 8 * mib), row("bitsandbytes-adamw8bit", 2 * mib),
+    rows = [row("torch-adamw-fused", 8 * mib, "params 1 MiB; moments: 14 float32"), row("bitsandbytes-adamw8bit", 2 * mib),
             row("ours-GaLoreAdamW", 4 * mib), row("ours-GaLoreAdamW-16bit", 3 * mib),
             row("ours-GaLoreAdamW-8bit", mib, "params 1 MiB; moments: 14 uint8"),
             row("ours-APOLLO-Mini", mib // 4), row("ours-APOLLO-Mini-16bit", 0, "skipped: Unavailable: why"),
@@ -145,7 +145,7 @@ def test_state_table_per_moment_format(tmp_path):
     assert "ours-GaLoreAdafactor |" not in table  # no moment formats measured: not a row
     assert "ours-APOLLO-Mini-16bit: skipped: Unavailable: why." in table
     assert "ours-APOLLO-Mini-8bit: moments: 14 float32 (every moment has fewer than min_8bit_size" in table
-    assert "torch AdamW (fused), float32 moments 8.000 (1.000x)" in table and "AdamW8bit" in table
+    assert "torch AdamW (fused) (moments: 14 float32) 8.000 (1.000x)" in table and "AdamW8bit" in table
     md = tmp_path / "README.md"
     md.write_text(f"{readme.START}\n{readme.END}\n")
     readme.update(md, res, tmp_path)

@@ -37,7 +37,10 @@ class Ctx:
         self.deadline = None if time_budget_s is None else self.start + float(time_budget_s)
         st = stamps.stamp(device)  # git describe (+ "-dirty"), device name, versions, UTC time
         self.device_name = st["device_name"]
-        self.tag = stamps.device_tag(device) + ("" if self.mode == "full" else f"-{self.mode}")
+        # <device>[-<dtype> when not the device's default: bf16 on CUDA, fp32 on CPU][-<mode>]
+        default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.tag = (stamps.device_tag(device) + ("" if dtype == default_dtype else f"-{self.dtype_name}")
+                    + ("" if self.mode == "full" else f"-{self.mode}"))
         self.meta = {
             "mode": self.mode, "device": device.type, "device_name": self.device_name,
             "torch": st["torch"], "triton": st["triton"], "git_sha": st["git"], "timestamp": st["timestamp"],
