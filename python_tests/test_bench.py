@@ -93,6 +93,7 @@ def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
     assert "would meet" not in out and "would miss" not in out
     md = path.with_suffix(".md").read_text()  # the same run as Markdown tables, for the README
     assert "**projection**" in md and "| kernel | provider |" in md and "**Targets**" in md
+    assert "CPU load average (1 min): " in md.split("\n\n")[0]  # in the header the README shows
     assert out.rstrip().splitlines()[-1].startswith("total ")
 
 

@@ -34,6 +34,9 @@ class Ctx:
         self.rows: List[Row] = []
         self.targets: List[Target] = []
         self.start = time.perf_counter()
+        # The 1-minute load average at the start (CPU runs: a load above the core count slows and
+        # spreads the timings; the Markdown header prints it with the one at the end).
+        self.load_start = _loadavg()
         self.deadline = None if time_budget_s is None else self.start + float(time_budget_s)
         st = stamps.stamp(device)  # git describe (+ "-dirty"), device name, versions, UTC time
         self.device_name = st["device_name"]
@@ -313,6 +316,13 @@ class Ctx:
             w.writerows(rows)
         os.replace(tmp, path)
         return path
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _split_markdown(text: str, suites: Sequence[str]):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 from .context import Ctx
@@ -82,6 +83,14 @@ def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
                    f"copy {_fmt(ctx.copy_gbps, '.4g')} GB/s.  ")
     if ctx.sizes.note:
         out.append(f"Sizes: {ctx.sizes.note}.")
+    if ctx.device.type == "cpu" and ctx.load_start is not None:
+        from .context import _loadavg
+
+        end = _loadavg()
+        out[-1] += "  "
+        out.append(f"CPU load average (1 min): {ctx.load_start:.1f} at the start, "
+                   f"{end if end is None else format(end, '.1f')} at the end, on {os.cpu_count()} cores "
+                   "(a load above the core count slows the timings and widens their spread).")
     if ctx.kept_header:
         out[-1] += "  "
         out.append(ctx.kept_header)
