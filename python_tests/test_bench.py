@@ -355,6 +355,8 @@ def test_bench_memory_suite_every_moment_format(tmp_path, capsys):
                 assert int(r["bytes"]) < int(b32["bytes"]), (base + suffix, r["bytes"], b32["bytes"])
         # (8- vs 16-bit: equal at these sizes, where a row of 4 moments carries a 4-byte absmax.)
     assert O.names_for("memory") == list(mem)
+    md = path.with_suffix(".md").read_text()
+    assert "- [memory] ours-GaLoreAdamW-16bit optimizer-state bytes / galore-torch's (bfloat16 moments" in md
 
 
 def test_bench_fp32_run_skips_16bit_rows_and_measures_8bit(tmp_path):
