@@ -410,3 +410,11 @@ def test_keep_reruns_some_suites_and_keeps_the_others(tmp_path, capsys):
     # Without --keep the file holds this run only.
     rc, out, header, rows, path = _run(tmp_path, capsys, "--device", "cpu", "--suite", "memory", "--no-plots")
     assert rc == 0 and {r["suite"] for r in rows} == {"roofline", "memory"}
+
+
+def test_target_value_printed_with_enough_digits_to_match_its_verdict():
+    from bench.harness.report import _fmt_measured
+
+    assert _fmt_measured(Target("s", "x", 1.0000086, 1.0, higher_is_better=False)) == "1.000009x"  # MISSED
+    assert _fmt_measured(Target("s", "x", 0.5961, 1.0, higher_is_better=False)) == "0.596x"
+    assert _fmt_measured(Target("s", "x", 1.0, 1.0)) == "1x" and _fmt_measured(Target("s", "x", None, 1.0)) == "-"

@@ -63,7 +63,7 @@ def format_table(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
         lines.append("== targets (from the issues unless marked; printed, not asserted) ==")
         for t in ts:
             op = ">=" if t.higher_is_better else "<="
-            meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
+            meas = _fmt_measured(t)
             lines.append(f"[{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}")
     failed = [r for r in ctx.rows if "FAILED" in r.check]
     if failed:
@@ -126,12 +126,23 @@ def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
         new = []
         for t in ts:
             op = ">=" if t.higher_is_better else "<="
-            meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
+            meas = _fmt_measured(t)
             new.append((t.suite, f"- [{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}"))
         kept = [(ln[3:].split("]", 1)[0], ln) for ln in ctx.kept_targets]
         rank = {s: i for i, s in enumerate(order)}
         out += [ln for _, ln in sorted(new + kept, key=lambda x: rank.get(x[0], len(rank)))]
     return "\n".join(out) + "\n"
+
+
+def _fmt_measured(t) -> str:
+    """A target's measured value to 3 significant digits, or to 7 when 3 would print the goal
+    itself for a value on the other side of it (e.g. 1.0000086x against a goal of <= 1x)."""
+    if t.measured is None:
+        return "-"
+    txt = _fmt(t.measured, ".3g")
+    if not (isinstance(t.measured, float) and math.isnan(t.measured)) and float(txt) == t.goal != t.measured:
+        txt = _fmt(t.measured, ".7g")
+    return txt + t.unit
 
 
 def _fmt_ms(ms: Optional[float]) -> str:
