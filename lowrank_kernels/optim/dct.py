@@ -129,7 +129,8 @@ class DCTAdamW(LowRankOptimizer):
     State per projected parameter (tensors only): ``step`` (CPU float32), ``side``
     (CPU int8: 0 right, 1 left), ``indices`` (int32, length ``rank``, on the
     parameter's device), ``exp_avg`` and ``exp_avg_sq`` (``m x r`` or ``r x n``,
-    float32 unless ``moment_dtype="param"``). No float projector: the basis is shared through
+    float32 unless ``moment_dtype="param"``; uint8 plus ``exp_avg_absmax`` / ``exp_avg_sq_absmax``
+    with ``moment_bits=8``, bfloat16 with ``16``). No float projector: the basis is shared through
     ``ops.dct_basis`` and rebuilt (cached) after loading a state dict.
     """
 

@@ -81,12 +81,18 @@ class GaLoreAdamW(LowRankOptimizer):
         moment_dtype: ``"float32"`` (default: float32 moments, float64 for float64
             parameters) or ``"param"`` (moments in the parameter's dtype, as galore-torch;
             unsafe for bfloat16/float16, see :mod:`lowrank_kernels.optim.base`).
+        moment_bits, block_size, min_8bit_size: the moment format (also group keys): 32
+            (default), 16 (bfloat16 with stochastic rounding, for bfloat16 parameters) or 8
+            (uint8 codes + float32 absmax per ``block_size`` elements of a row, fused into the
+            kernels; moments under ``min_8bit_size`` elements stay float32). See
+            :mod:`lowrank_kernels.optim.base`.
 
     State per projected parameter (tensors only): ``step`` (CPU float32),
     ``side`` (CPU int8: 0 right, 1 left, 2 full), ``projector`` (``r x n`` or
     ``m x r``; the left factor ``m x r`` for ``full``), ``projector_right``
     (``full`` only, ``r x n``), ``exp_avg`` and ``exp_avg_sq`` (``m x r``, ``r x n``
-    or ``r x r``, float32 unless ``moment_dtype="param"``).
+    or ``r x r``, float32 unless ``moment_dtype="param"``; uint8 codes plus float32
+    ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` with ``moment_bits=8``, bfloat16 with ``16``).
     """
 
     proj_types = PROJ_TYPES

@@ -121,8 +121,11 @@ class QGaLoreAdamW(GaLoreAdamW):
     ``queue_size=5``; ``eps=1e-8`` as q-galore-torch. The paper's scripts use
     ``betas=(0.9, 0.95)``. Weight decay uses torch's order (decay first).
 
+    ``moment_bits`` / ``block_size`` / ``min_8bit_size`` as :class:`GaLoreAdamW` (8-bit
+    moments also on INT8 QLinear weights, projected or plain).
+
     State per projected parameter (tensors only): ``step``, ``side``, ``exp_avg``,
-    ``exp_avg_sq`` (as GaLore), ``proj_packed`` (uint8), ``proj_scale``,
+    ``exp_avg_sq`` (as GaLore, in the ``moment_bits`` format), ``proj_packed`` (uint8), ``proj_scale``,
     ``proj_min`` (float32) when quantized, else ``projector``; ``proj_gap``,
     ``svd_count``, ``sim_queue`` (float32, ``queue_size``), ``sim_count`` (CPU
     int64) and, with ``similarity="abs_cos"``, ``past_vector`` (the previous top

@@ -19,11 +19,11 @@ import torch.distributed as dist
 from . import _worker as W
 
 #: 8-bit FSDP2 vs 8-bit single process: the two runs differ only in the gradient's summation
-#: order (~1e-7 relative), which can move a value across a code boundary of the 8-bit map
-#: (one code step of the block) and so change the next steps' moments slightly; measured
-#: below 1e-5. The bound is still far below the 8-bit vs float32 distance, which the test
-#: also requires to be larger (the runs did use 8-bit moments).
-TOL = 1e-3
+#: order (~1e-7 relative), as the 32-bit parity tests (same bound, _worker.TOL); a value could
+#: cross a code boundary of the 8-bit map and move by one code step, but measured errors stay
+#: at 1e-7..7e-7. The 8-bit vs float32 distance (1e-3..5e-3) must be 10x larger than the error:
+#: the runs did use 8-bit moments.
+TOL = 1e-4
 FMT = dict(moment_bits=8, min_8bit_size=0, block_size=4)
 
 
