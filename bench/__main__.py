@@ -15,6 +15,8 @@ Markdown tables, for the README), ``<out>/<device>_<plot>.png``, and a short tab
 printed last. Sizes: the LLaMA shapes of the issues on CUDA,
 scaled down on CPU (the table says how). A measurement that cannot be made (an API
 not there yet, a package not installed) is listed as skipped with the reason.
+``--keep`` reruns only the chosen suites and keeps the other suites' rows (with their own
+stamps), tables and targets from the existing ``<device>.csv``/``.md``; the header says so.
 """
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="stop measuring after S seconds (remaining rows are listed as skipped)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the rows, tables and targets of the suites not run from the existing "
+                         "<device>.csv/.md in --out (each kept row keeps its own stamp; the Markdown header "
+                         "says which suites were kept and from which run)")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.suite.split(",") if s.strip()]
@@ -91,6 +97,9 @@ def _run(args, torch) -> int:
     log = (lambda *a, **k: print(*a, **k, flush=True))
     ctx = Ctx(device, dtype, quick=args.quick, tiny=args.tiny, out=Path(args.out), time_budget_s=args.time_budget,
               plots=not args.no_plots, log=log)
+    if args.keep:
+        kept = ctx.keep_previous(args.suites, SUITES)
+        log(f"--keep: {', '.join(kept) or 'no'} suite(s) kept from {ctx.csv_path()}")
     try:
         old_handler = signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread (embedded use)

@@ -12,8 +12,16 @@
 
 ``mem_ratio`` is against ``torch-adamw-fused``. When the step suite ran first, its
 warm-up steps supplied these figures (the same optimizer, the same two steps).
+
+Every optimizer of ours is measured with each moment format (``moment_bits`` 32, 16, 8: rows
+``<name>``, ``<name>-16bit``, ``<name>-8bit``; see ``bench/optimizers.py``); the note of each
+row of ours counts its ``exp_avg`` / ``exp_avg_sq`` tensors by dtype, so a table shows which
+format the bytes were measured with. ``python -m bench.readme`` turns these rows into the
+README's state-size table (optimizer x moment format).
 """
 from __future__ import annotations
+
+import torch
 
 from . import optimizers as O
 from .harness import Ctx, Row, fmt_bytes, free_memory, plot_bars, progress, short
@@ -26,7 +34,7 @@ def run(ctx: Ctx) -> None:
     kw = dict(shape=stack.label(), rank=ctx.sizes.stack_rank)
     measured = ctx.shared.get("optimizer_memory", {})
     params = None
-    for name in progress(O.OPTIMIZERS, "memory", ctx):
+    for name in progress(O.names_for(SUITE), "memory", ctx):
         mem = measured.get(name)
         if mem is None:
             if params is None:
@@ -36,7 +44,7 @@ def run(ctx: Ctx) -> None:
                 continue
             try:
                 ctx.check_budget()
-                mem = O.first_steps(ctx, opt)
+                mem = O.first_steps(ctx, opt, name)
             except Exception as e:  # noqa: BLE001
                 ctx.skip(SUITE, "optimizer_state", name, f"{type(e).__name__}: {short(e)}", **kw)
                 continue
@@ -44,16 +52,20 @@ def run(ctx: Ctx) -> None:
                 del opt
                 free_memory(ctx.device, collect=True)
         pbytes = sum(m * n for m, n in stack.shapes()) * ctx.esize
-        ctx.add(Row(suite=SUITE, kernel="optimizer_state", provider=name, bytes=mem["state_bytes"],
-                    note=f"params {fmt_bytes(pbytes)}", **kw))
+        note = "; ".join(x for x in (f"params {fmt_bytes(pbytes)}", mem.get("format_note", "")) if x)
+        ctx.add(Row(suite=SUITE, kernel="optimizer_state", provider=name, bytes=mem["state_bytes"], note=note, **kw))
         if mem["peak_first"] is not None:
             ctx.add(Row(suite=SUITE, kernel="peak_extra_first_step", provider=name, bytes=mem["peak_first"], **kw))
             ctx.add(Row(suite=SUITE, kernel="peak_extra_step", provider=name, bytes=mem["peak_step"], **kw))
     del params
     free_memory(ctx.device, collect=True)
     ctx.set_baseline(SUITE, O.BASELINE)
-    ctx.target(SUITE, "ours-GaLoreAdamW optimizer-state bytes / galore-torch's",
-               ctx.ratio(SUITE, "optimizer_state", "ours-GaLoreAdamW", "galore-torch", memory=True), 1.0,
+    # galore-torch keeps its moments in the parameters' dtype; ours keep float32 by default, so with
+    # bfloat16 parameters the like-for-like row is ours with 16-bit (bfloat16) moments.
+    ours = "ours-GaLoreAdamW-16bit" if ctx.dtype == torch.bfloat16 else "ours-GaLoreAdamW"
+    what = " (bfloat16 moments, as galore-torch's here)" if ours.endswith("-16bit") else ""
+    ctx.target(SUITE, f"{ours} optimizer-state bytes / galore-torch's{what}",
+               ctx.ratio(SUITE, "optimizer_state", ours, "galore-torch", memory=True), 1.0,
                higher_is_better=False)
 
 

@@ -9,9 +9,11 @@ gradients; every optimizer steps the same parameters. Kernels:
                   its first step, the state allocation included, counts: at most 4 timed)
 ``step_gap200``   ``(199 x step + refresh_step) / 200``: derived from the two rows above
 
-Providers: ``torch-adamw-fused`` (the baseline), ``torch-adamw-foreach``, the official
-packages ``galore-torch`` and ``apollo-torch`` where importable, and ours
-(``lowrank_kernels.optim``) as they exist. The first two steps of each optimizer
+Providers: ``torch-adamw-fused`` (the baseline), ``torch-adamw-foreach``, bitsandbytes'
+``AdamW8bit``, the official packages ``galore-torch`` (and its ``GaLoreAdamW8bit``, CUDA
+only) and ``apollo-torch`` where importable, and ours (``lowrank_kernels.optim``) as they
+exist, each with float32 moments and, as ``<name>-8bit``, with ``moment_bits=8``
+(``bench/optimizers.py``; the 16-bit rows are in the memory suite only). The first two steps of each optimizer
 (state allocation, first refresh, compilation) are the warm-up; they also give the
 memory suite its figures (``bench/optimizers.py``).
 """
@@ -31,7 +33,7 @@ def run(ctx: Ctx) -> None:
     ctx.log(f"  step: stack {stack.label()} ({stack.numel / 1e6:.3g}M params), rank {ctx.sizes.stack_rank}")
     params = O.make_params(ctx)
     memory = ctx.shared.setdefault("optimizer_memory", {})
-    for name in progress(O.OPTIMIZERS, "step", ctx):
+    for name in progress(O.names_for(SUITE), "step", ctx):
         lowrank = O.OPTIMIZERS[name][1]
         ctx.log(f"  step {name}")
         opt = O.build(ctx, SUITE, "step", name, params, O.BIG_GAP, kw)
@@ -40,7 +42,7 @@ def run(ctx: Ctx) -> None:
         note = "plain float params (no QLinear)" if name == "ours-QGaLoreAdamW" else ""
         try:
             ctx.check_budget()
-            memory[name] = O.first_steps(ctx, opt)  # warm-up: state allocation, first refresh, compilation
+            memory[name] = O.first_steps(ctx, opt, name)  # warm-up: state allocation, first refresh, compilation
         except Exception as e:  # noqa: BLE001 - measure() below records budget and failures alike
             ctx.skip(SUITE, "step", name, f"first steps failed: {type(e).__name__}: {e}"[:200], **kw)
             del opt

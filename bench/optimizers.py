@@ -1,6 +1,17 @@
 """The optimizers the step and memory suites compare, on one stack of parameters.
 
-``OPTIMIZERS`` maps a provider name to its builder and whether it projects. (q-galore-torch's
+``OPTIMIZERS`` maps a provider name to its builder and whether it projects. Every optimizer of
+ours that takes the ``moment_bits`` group key (issue 14) also appears as ``<name>-16bit``
+(bfloat16 moments, stochastic rounding) and ``<name>-8bit`` (uint8 block-wise codes with
+float32 absmax per block); :data:`MOMENT_VARIANTS` maps each such name to its base and its
+``moment_bits``. ``ours-AdamW`` is a plain group (``rank=None``) of ours, the full-rank Adam
+our optimizers give every non-projected parameter, so its ``-8bit`` row compares with
+``bitsandbytes-adamw8bit``. The step suite times 32- and 8-bit rows; the memory suite measures
+all three formats (16-bit moments apply to bfloat16 parameters only, so in a float32 run the
+``-16bit`` rows are skip rows saying so: ``--dtype bf16`` measures them). A ``-8bit`` / ``-16bit`` row whose state does not hold the format it asked
+for (an optimizer without the key yet) is a skip row saying so, never a number; moments
+smaller than ``min_8bit_size`` (default 4096 elements, e.g. APOLLO-Mini's rank-1 moments on
+the CPU stack) stay float32 by design, and the row's note counts them. (q-galore-torch's
 optimizer is not among them: its ``AdamW8bit`` needs a bitsandbytes of its own era
 (``KeyError: 'percentile_clipping'`` with bitsandbytes 0.50); its INT4 projector
 quantizer is measured in the quant suite.) Each
@@ -34,6 +45,10 @@ def make_params(ctx: Ctx) -> List[torch.nn.Parameter]:
 
 def _group(params, rank: int, gap: int, scale: float, **extra) -> List[dict]:
     return [dict(params=params, rank=rank, update_proj_gap=gap, scale=scale, proj_type="std", **extra)]
+
+
+# Every builder below is ``builder(params, rank, gap, **keys)``: ``keys`` are extra group keys
+# (the moment format of the ``-8bit`` / ``-16bit`` variants); builders of other packages take none.
 
 
 def _need(module: str, name: Optional[str] = None):
@@ -70,28 +85,56 @@ def _apollo_torch(params, rank, gap):
     return cls(_group(params, rank, gap, 1.0, proj="random", scale_type="channel"), lr=LR, weight_decay=0.0)
 
 
+def _bnb_adamw8bit(params, rank, gap):
+    """bitsandbytes' full-rank 8-bit AdamW (its CPU path is used on a CPU): the reference for ``ours-AdamW-8bit``."""
+    cls = _need("bitsandbytes.optim", "AdamW8bit")
+    return cls(params, lr=LR, weight_decay=0.0)
+
+
+def _galore_torch_8bit(params, rank, gap):
+    """galore-torch's GaLoreAdamW8bit (bitsandbytes underneath; it synchronizes CUDA, so CUDA only)."""
+    cls = _need("galore_torch", "GaLoreAdamW8bit")
+    if not torch.cuda.is_available():
+        raise Unavailable("galore_torch.GaLoreAdamW8bit calls torch.cuda.synchronize (CUDA only)")
+    return cls(_group(params, rank, gap, 0.25), lr=LR, weight_decay=0.0)
+
+
 def _ours(name: str, scale: float = 0.25, **extra):
-    def build(params, rank, gap):
+    def build(params, rank, gap, **keys):
         cls = _need("lowrank_kernels.optim", name)
-        return cls(_group(params, rank, gap, scale, **extra), lr=LR, weight_decay=0.0)
+        return cls(_group(params, rank, gap, scale, **extra, **keys), lr=LR, weight_decay=0.0)
     return build
 
 
-def _ours_apollo_mini(params, rank, gap):
+def _ours_plain(params, rank, gap, **keys):
+    """A plain group of ours (``rank=None``): full-rank AdamW on every parameter, as our optimizers
+    step the parameters they do not project (the 'no low-rank group' warning is expected here)."""
+    import warnings
+
+    cls = _need("lowrank_kernels.optim", "GaLoreAdamW")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls([dict(params=params, rank=None, density=None, **keys)], lr=LR, weight_decay=0.0)
+
+
+def _ours_apollo_mini(params, rank, gap, **keys):
     cls = _need("lowrank_kernels.optim", "APOLLOAdamW")
     if not callable(getattr(cls, "mini", None)):
         raise Unavailable("APOLLOAdamW.mini does not exist yet")
-    return cls.mini(_group(params, 1, gap, 128.0, scale_type="tensor"), lr=LR, weight_decay=0.0)
+    return cls.mini(_group(params, 1, gap, 128.0, scale_type="tensor", **keys), lr=LR, weight_decay=0.0)
 
 
-def _ours_frugal(params, rank, gap):
+def _ours_frugal(params, rank, gap, **keys):
     cls = _need("lowrank_kernels.optim", "FrugalAdamW")  # SVD subspace + signSGD on the residual
-    return cls(_group(params, rank, gap, 1.0), lr=LR, weight_decay=0.0)
+    return cls(_group(params, rank, gap, 1.0, **keys), lr=LR, weight_decay=0.0)
 
 
-def _ours_adafactor(params, rank, gap):
-    cls = _need("lowrank_kernels.optim", "GaLoreAdafactor")  # HF Trainer's settings: external lr, no scaling
-    return cls(_group(params, rank, gap, 0.25), lr=LR, relative_step=False, scale_parameter=False)
+def _ours_adafactor(beta1=None):
+    def build(params, rank, gap, **keys):
+        cls = _need("lowrank_kernels.optim", "GaLoreAdafactor")  # HF Trainer's settings: external lr, no scaling
+        return cls(_group(params, rank, gap, 0.25, **keys), lr=LR, relative_step=False, scale_parameter=False,
+                   beta1=beta1)
+    return build
 
 
 class _OwLoreStep:
@@ -140,34 +183,136 @@ class _OwLoreStep:
         self.optimizer.step()
 
 
+# Ours, in table order: (builder, low-rank?, also with 16- and 8-bit moments?).
+_OURS: Dict[str, Tuple[Callable, bool, bool]] = {
+    "ours-AdamW": (_ours_plain, False, True),
+    "ours-GaLoreAdamW": (_ours("GaLoreAdamW"), True, True),
+    "ours-DCTAdamW": (_ours("DCTAdamW"), True, True),
+    "ours-QGaLoreAdamW": (_ours("QGaLoreAdamW"), True, True),
+    "ours-APOLLOAdamW": (_ours("APOLLOAdamW", scale=1.0, scale_type="channel"), True, True),
+    "ours-APOLLO-Mini": (_ours_apollo_mini, True, True),
+    "ours-FrugalAdamW": (_ours_frugal, True, True),
+    "ours-GradNormLoRPAdamW": (_ours("GradNormLoRPAdamW", scale=1.0), True, True),
+    # GaLoreAdafactor's moment_bits applies to its first moment, kept only with beta1 (its factored
+    # second moment is O(m + n)); the default (beta1=None, galore-torch's and HF's) has none.
+    "ours-GaLoreAdafactor": (_ours_adafactor(), True, False),
+    "ours-GaLoreAdafactor-beta1": (_ours_adafactor(beta1=0.9), True, True),
+    "ours-GaLore+OwLore": (_OwLoreStep, True, False),
+}
+#: ``moment_bits`` of the non-default moment formats, and the provider-name suffix of each.
+MOMENT_FORMATS = {16: "-16bit", 8: "-8bit"}
+
+
+def _with_bits(builder: Callable, bits: int) -> Callable:
+    def build(params, rank, gap, **keys):
+        return builder(params, rank, gap, moment_bits=bits, **keys)
+    build.moment_bits = bits
+    return build
+
+
 # name -> (builder(params, rank, gap), low-rank?). Order = order in tables and plots.
 OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
     "torch-adamw-fused": (_torch_adamw("fused"), False),
     "torch-adamw-foreach": (_torch_adamw("foreach"), False),
+    "bitsandbytes-adamw8bit": (_bnb_adamw8bit, False),
     "galore-torch": (_galore_torch, True),
+    "galore-torch-8bit": (_galore_torch_8bit, True),
     "apollo-torch": (_apollo_torch, True),
-    "ours-GaLoreAdamW": (_ours("GaLoreAdamW"), True),
-    "ours-DCTAdamW": (_ours("DCTAdamW"), True),
-    "ours-QGaLoreAdamW": (_ours("QGaLoreAdamW"), True),
-    "ours-APOLLOAdamW": (_ours("APOLLOAdamW", scale=1.0, scale_type="channel"), True),
-    "ours-APOLLO-Mini": (_ours_apollo_mini, True),
-    "ours-FrugalAdamW": (_ours_frugal, True),
-    "ours-GradNormLoRPAdamW": (_ours("GradNormLoRPAdamW", scale=1.0), True),
-    "ours-GaLoreAdafactor": (_ours_adafactor, True),
-    "ours-GaLore+OwLore": (_OwLoreStep, True),
 }
+#: provider name -> (its 32-bit base provider, moment_bits) for every row of ours with a moment format.
+MOMENT_VARIANTS: Dict[str, Tuple[str, int]] = {}
+for _name, (_builder, _lowrank, _variants) in _OURS.items():
+    OPTIMIZERS[_name] = (_builder, _lowrank)
+    if _variants:
+        MOMENT_VARIANTS[_name] = (_name, 32)
+        for _bits, _suffix in MOMENT_FORMATS.items():
+            OPTIMIZERS[_name + _suffix] = (_with_bits(_builder, _bits), _lowrank)
+            MOMENT_VARIANTS[_name + _suffix] = (_name, _bits)
+del _name, _builder, _lowrank, _variants, _bits, _suffix
+
+# Moment formats each suite runs: the step suite times the default and the 8-bit rows only (a
+# CPU run is long enough); the memory suite measures every format.
+SUITE_BITS = {"step": (32, 8), "memory": (32, 16, 8)}
+#: group key of the tiny smoke run: its moments (a few hundred elements) are below the default
+#: ``min_8bit_size`` (4096), so the run lowers it to exercise the 8-bit path.
+TINY_KEYS = {"min_8bit_size": 1}
+
+
+def moment_bits_of(name: str) -> int:
+    """The provider's ``moment_bits`` (32 for every provider without a moment format)."""
+    return MOMENT_VARIANTS.get(name, (name, 32))[1]
+
+
+def names_for(suite: str) -> List[str]:
+    """The providers ``suite`` runs, in table order."""
+    bits = SUITE_BITS[suite]
+    return [n for n in OPTIMIZERS if moment_bits_of(n) in bits]
 
 
 def build(ctx: Ctx, suite: str, kernel: str, name: str, params, gap: int, kw: dict):
     """The optimizer ``name`` on ``params``, or None after recording a skip row saying why."""
     builder, _ = OPTIMIZERS[name]
+    if moment_bits_of(name) == 16 and ctx.dtype != torch.bfloat16:
+        ctx.skip(suite, kernel, name, f"moment_bits=16 applies to bfloat16 parameters (other parameters keep float32 "
+                                      f"moments); this run's are {ctx.dtype_name}: see a --dtype bf16 run", **kw)
+        return None
+    keys = dict(TINY_KEYS) if ctx.tiny and moment_bits_of(name) == 8 else {}
     try:
-        return builder(params, ctx.sizes.stack_rank, gap)
+        return builder(params, ctx.sizes.stack_rank, gap, **keys)
     except Unavailable as e:
         ctx.skip(suite, kernel, name, str(e), **kw)
     except Exception as e:  # noqa: BLE001
         ctx.skip(suite, kernel, name, f"constructor failed: {type(e).__name__}: {short(e)}", **kw)
     return None
+
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+_FORMAT_DTYPE = {8: torch.uint8, 16: torch.bfloat16}
+
+
+def _moments(opt: torch.optim.Optimizer) -> List[torch.Tensor]:
+    return [t for st in opt.state.values() if isinstance(st, dict)
+            for k in MOMENT_KEYS if isinstance(t := st.get(k), torch.Tensor)]
+
+
+def moment_summary(opt: torch.optim.Optimizer) -> Dict[torch.dtype, int]:
+    """How many ``exp_avg`` / ``exp_avg_sq`` state tensors of each dtype the optimizer holds."""
+    out: Dict[torch.dtype, int] = {}
+    for t in _moments(opt):
+        out[t.dtype] = out.get(t.dtype, 0) + 1
+    return out
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_format(name: str, opt: torch.optim.Optimizer, min_8bit_size: int = 4096) -> str:
+    """The note on ``name``'s moment format after its first steps (e.g. ``moments: 14 uint8``).
+
+    Raises :class:`Unavailable` when a ``-16bit`` provider holds a moment that is not bfloat16, or
+    a ``-8bit`` provider a moment of ``min_8bit_size`` elements or more that is not uint8 (an
+    optimizer without the ``moment_bits`` key, or one that ignores it), so that no number is
+    reported under a format that was not used. Smaller moments stay float32 by design (the note
+    counts them)."""
+    bits = moment_bits_of(name)
+    moments = _moments(opt)
+    if not moments:
+        if bits != 32:
+            raise Unavailable(f"the optimizer holds no exp_avg / exp_avg_sq state here, so moment_bits={bits} "
+                              "changes nothing (the row would repeat the float32 one)")
+        return ""
+    note = "moments: " + ", ".join(f"{n} {_dt(dt)}" for dt, n in moment_summary(opt).items())
+    if bits == 32:
+        return note
+    want = _FORMAT_DTYPE[bits]
+    wrong = [t for t in moments if t.dtype != want and (bits == 16 or t.numel() >= min_8bit_size)]
+    if wrong:
+        raise Unavailable(f"moment_bits={bits} left {len(wrong)} moment(s) in {_dt(wrong[0].dtype)} ({note}): "
+                          "the optimizer does not apply moment_bits here")
+    if bits == 8 and want not in moment_summary(opt):
+        note += f" (every moment has fewer than min_8bit_size={min_8bit_size} elements: kept float32)"
+    return note
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -198,8 +343,10 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(walk(s, 0) for s in opt.state.values())
 
 
-def first_steps(ctx: Ctx, opt: torch.optim.Optimizer) -> dict:
-    """Take the optimizer's first two steps; return its state bytes and (CUDA) peak extra memory of each."""
+def first_steps(ctx: Ctx, opt: torch.optim.Optimizer, name: Optional[str] = None) -> dict:
+    """Take the optimizer's first two steps; return its state bytes, (CUDA) peak extra memory of each,
+    and the note on its moment format (:func:`check_format`, which raises :class:`Unavailable` for a
+    ``-8bit`` / ``-16bit`` provider whose state is not in that format)."""
     cuda = ctx.device.type == "cuda"
     peaks = []
     for _ in range(2):
@@ -211,5 +358,7 @@ def first_steps(ctx: Ctx, opt: torch.optim.Optimizer) -> dict:
         sync(ctx.device)
         if cuda:
             peaks.append(torch.cuda.max_memory_allocated(ctx.device) - before)
+    small = TINY_KEYS["min_8bit_size"] if ctx.tiny else 4096
+    note = check_format(name, opt, small) if name is not None else ""
     return dict(state_bytes=state_bytes(opt), peak_first=peaks[0] if cuda else None,
-                peak_step=peaks[1] if cuda else None)
+                peak_step=peaks[1] if cuda else None, format_note=note)

@@ -3,8 +3,10 @@
 The section between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md
 is regenerated from what the benchmarks wrote into ``bench/results/`` (never typed by
 hand): for every ``<device>.md`` of ``python -m bench`` its header (device, date,
-versions, git stamp, measured ceilings), the targets with what was measured, and links
-to the full tables and plots; the host-cost tables of ``python -m bench.host_cost --out
+versions, git stamp, measured ceilings), the targets with what was measured, the
+optimizer-state table per moment format (from the memory suite's rows in ``<device>.csv``:
+every optimizer of ours with ``moment_bits`` 32, 16 and 8, and the reference optimizers),
+and links to the full tables and plots; the host-cost tables of ``python -m bench.host_cost --out
 bench/results/host_cost-<device>.txt`` (op counts and step times on 28 tiny weights); then the pre-training demo of ``python -m bench.convergence``
 from ``convergence.json`` (mean and spread over seeds, against the tuned AdamW and the
 frozen-weights control, each method's recipe) and its tuning grids
@@ -47,12 +49,84 @@ def _device_section(md: Path, root: Path) -> str:
     out = [f"### {md.stem}", "", header, ""]
     if targets:
         out += [targets, ""]
+    state = _state_table(md.with_suffix(".csv"))
+    if state:
+        out += [state, ""]
     out.append(f"Full tables: [`{rel}`]({rel}); raw rows: [`{rel[:-3]}.csv`]({rel[:-3]}.csv).")
     out.append("")
     for p in plots:
         r = p.relative_to(root).as_posix()
         out.append(f"![{p.stem}]({r})")
     return "\n".join(out).rstrip() + "\n"
+
+
+# Provider-name suffix of each non-default moment format (bench/optimizers.py MOMENT_FORMATS).
+_FORMAT_SUFFIX = {16: "-16bit", 8: "-8bit"}
+# Reference rows of the state table (other packages, and torch), in this order, when measured.
+_STATE_REFERENCES = {"torch-adamw-fused": "torch AdamW (fused)",
+                     "bitsandbytes-adamw8bit": "bitsandbytes AdamW8bit (8-bit moments of tensors >= 4096 elements)",
+                     "galore-torch": "galore-torch GaLoreAdamW",
+                     "galore-torch-8bit": "galore-torch GaLoreAdamW8bit",
+                     "apollo-torch": "apollo-torch APOLLOAdamW"}
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2 ** 20:.3f}"
+
+
+def _state_table(csv_path: Path) -> str:
+    """The memory suite's optimizer-state bytes as one table: a row per optimizer of ours, a column
+    per moment format (``moment_bits`` 32, 16, 8), from ``csv_path``; "" when it has no such rows."""
+    if not csv_path.exists():
+        return ""
+    rows = [r for r in csv.DictReader(csv_path.open()) if r["suite"] == "memory" and r["kernel"] == "optimizer_state"]
+    measured = {r["provider"]: r for r in rows if r["bytes"]}
+    skipped = {r["provider"]: r["note"] for r in rows if not r["bytes"]}
+    bases = [p for p in dict.fromkeys(r["provider"] for r in rows)
+             if p.startswith("ours-") and any(p + suf in measured or p + suf in skipped for suf in _FORMAT_SUFFIX.values())]
+    if not bases:
+        return ""
+    base_row = measured.get("torch-adamw-fused")
+    ref = int(base_row["bytes"]) if base_row else None
+    any_row = rows[0]
+    # A float32 run has no 16-bit rows (they apply to bfloat16 parameters): no such column then.
+    with16 = any(b + _FORMAT_SUFFIX[16] in measured for b in bases)
+    out = [f"**Optimizer state by moment format** (memory suite: bytes of every tensor in `optimizer.state` after "
+           f"two steps on the stack {any_row['shape']}, rank {any_row['rank']}, {any_row['dtype']} parameters; "
+           "`moment_bits` 32 = float32 moments, " + ("16 = bfloat16 with stochastic rounding, " if with16 else "")
+           + "8 = uint8 codes + float32 absmax per block of 256; MiB, and x torch AdamW's)", "",
+           "| optimizer | 32-bit moments | " + ("16-bit | " if with16 else "") + "8-bit | 8-bit / 32-bit |",
+           "|---|---:|---:|" + ("---:|" if with16 else "") + "---:|"]
+
+    def cell(p: str) -> str:
+        r = measured.get(p)
+        if r is None:
+            return "skipped" if p in skipped else "-"
+        b = int(r["bytes"])
+        return _mib(b) + (f" ({b / ref:.3f}x)" if ref else "")
+
+    notes: dict = {}  # reason -> providers
+    for b in bases:
+        b8 = measured.get(b + _FORMAT_SUFFIX[8])
+        b32 = measured.get(b)
+        ratio = f"{int(b8['bytes']) / int(b32['bytes']):.3f}" if b8 and b32 else "-"
+        c16 = f"{cell(b + _FORMAT_SUFFIX[16])} | " if with16 else ""
+        out.append(f"| {b} | {cell(b)} | {c16}{cell(b + _FORMAT_SUFFIX[8])} | {ratio} |")
+        for suf in _FORMAT_SUFFIX.values():
+            if b + suf in skipped:
+                notes.setdefault(skipped[b + suf], []).append(b + suf)
+            elif b8 is not None and suf == "-8bit" and "min_8bit_size" in b8["note"]:
+                notes.setdefault(b8["note"].split("; ", 1)[-1], []).append(b + suf)
+    def moments(p: str) -> str:  # "moments: 14 float32" of the row's note, when there
+        m = re.search(r"moments: [^;(]*", measured[p]["note"])
+        return f" ({m.group(0).strip()})" if m else ""
+
+    refs = [f"{label}{moments(p)} {cell(p)}" for p, label in _STATE_REFERENCES.items() if p in measured]
+    if refs:
+        out += ["", "References (same stack, MiB): " + "; ".join(refs) + "."]
+    for why, names in notes.items():
+        out += ["", f"{', '.join(names)}: {why}".replace("|", "\\|") + "."]
+    return "\n".join(out)
 
 
 def render(results: Path, root: Path) -> str:

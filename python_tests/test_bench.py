@@ -11,7 +11,7 @@ import torch
 
 from bench import __main__ as bench_main
 from bench import stamps
-from bench.harness import ROW_FIELDS, Ctx, Row, Target, format_table, summarize
+from bench.harness import ROW_FIELDS, Ctx, Row, Target, format_table, lowrank_shape, summarize
 
 
 def _run(tmp_path, capsys, *extra):
@@ -93,6 +93,7 @@ def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
     assert "would meet" not in out and "would miss" not in out
     md = path.with_suffix(".md").read_text()  # the same run as Markdown tables, for the README
     assert "**projection**" in md and "| kernel | provider |" in md and "**Targets**" in md
+    assert "CPU load average (1 min): " in md.split("\n\n")[0]  # in the header the README shows
     assert out.rstrip().splitlines()[-1].startswith("total ")
 
 
@@ -240,3 +241,180 @@ def test_owlore_provider_trains_gamma_layers_and_drops_the_rest():
     assert 0 < O.state_bytes(opt) < O.state_bytes(galore)
     for p, (w, g) in zip(shared, before):  # the suites' shared parameters and gradients are untouched
         assert p.requires_grad and torch.equal(p, w) and torch.equal(p.grad, g)
+
+
+# --------------------------------------------------------------------------- moment formats (issue 14)
+
+MOMENT_BASES = ("ours-AdamW", "ours-GaLoreAdamW", "ours-DCTAdamW", "ours-QGaLoreAdamW", "ours-APOLLOAdamW",
+                "ours-APOLLO-Mini", "ours-FrugalAdamW", "ours-GradNormLoRPAdamW", "ours-GaLoreAdafactor-beta1")
+
+
+def test_registry_has_every_moment_format():
+    from bench import optimizers as O
+
+    for base in MOMENT_BASES:
+        for bits, suffix in ((32, ""), (16, "-16bit"), (8, "-8bit")):
+            assert base + suffix in O.OPTIMIZERS, base + suffix
+            assert O.MOMENT_VARIANTS[base + suffix] == (base, bits)
+            assert O.OPTIMIZERS[base + suffix][1] == O.OPTIMIZERS[base][1]
+    step, memory = O.names_for("step"), O.names_for("memory")
+    assert not [n for n in step if n.endswith("-16bit")]
+    assert {b + "-8bit" for b in MOMENT_BASES} <= set(step)
+    assert set(memory) == set(O.OPTIMIZERS)
+    assert O.moment_bits_of("torch-adamw-fused") == 32 and O.moment_bits_of("ours-DCTAdamW-8bit") == 8
+
+
+class _FakeOpt:
+    def __init__(self, *moments):
+        self.state = {i: {"exp_avg": t, "exp_avg_sq": t.clone(), "step": torch.tensor(1.0)}
+                      for i, t in enumerate(moments)}
+
+
+def test_check_format_refuses_a_row_whose_state_is_not_in_its_format():
+    from bench import optimizers as O
+
+    f32 = torch.zeros(64, 64)
+    u8 = torch.zeros(64, 64, dtype=torch.uint8)
+    bf = torch.zeros(64, 64, dtype=torch.bfloat16)
+    small = torch.zeros(8, 8)
+    assert O.check_format("ours-GaLoreAdamW", _FakeOpt(f32)) == "moments: 2 float32"
+    assert O.check_format("ours-GaLoreAdamW-8bit", _FakeOpt(u8, small)) == "moments: 2 uint8, 2 float32"
+    assert O.check_format("ours-GaLoreAdamW-16bit", _FakeOpt(bf)) == "moments: 2 bfloat16"
+    with pytest.raises(O.Unavailable, match="moment_bits=8 left 2 moment"):
+        O.check_format("ours-GaLoreAdamW-8bit", _FakeOpt(f32, u8))
+    with pytest.raises(O.Unavailable, match="moment_bits=16"):
+        O.check_format("ours-GaLoreAdamW-16bit", _FakeOpt(small))
+    with pytest.raises(O.Unavailable, match="no exp_avg"):
+        O.check_format("ours-GaLoreAdamW-8bit", _FakeOpt())
+    # Moments all below min_8bit_size stay float32 by design: measured, and the note says why.
+    assert "kept float32" in O.check_format("ours-APOLLO-Mini-8bit", _FakeOpt(small))
+    with pytest.raises(O.Unavailable):
+        O.check_format("ours-APOLLO-Mini-8bit", _FakeOpt(small), min_8bit_size=1)
+
+
+def _tiny_stack(seed=0):
+    from bench.harness.sizes import Stack
+
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for m, n in Stack(hidden=32, inter=48, layers=1).shapes():
+        p = torch.nn.Parameter(torch.randn(m, n, generator=gen))
+        p.grad = torch.randn(m, n, generator=gen)
+        params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("base", ["ours-AdamW", "ours-GaLoreAdamW", "ours-DCTAdamW"])
+def test_8bit_state_bytes_match_the_format(base):
+    """What the memory suite counts for a -8bit row: float32 moments (8 bytes per element for the
+    pair) become uint8 codes (2) plus a float32 absmax per block of <= 256 inside a row for each."""
+    from bench import optimizers as O
+
+    rank = 4
+    opts = {}
+    for name in (base, base + "-8bit"):
+        keys = dict(O.TINY_KEYS) if name.endswith("-8bit") else {}
+        opt = O.OPTIMIZERS[name][0](_tiny_stack(), rank, 10 ** 9, **keys)
+        for _ in range(2):
+            opt.step()
+        opts[name] = opt
+    q = opts[base + "-8bit"]
+    expect = 0
+    for p, st in q.state.items():
+        m, n = p.shape
+        shape = (m, n) if base == "ours-AdamW" else lowrank_shape(m, n, rank)
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.uint8
+        assert tuple(st["exp_avg"].shape) == shape and tuple(st["exp_avg_sq"].shape) == shape
+        rows, cols = shape
+        expect += 6 * rows * cols - 2 * 4 * rows * math.ceil(cols / 256)
+    assert O.state_bytes(opts[base]) - O.state_bytes(q) == expect
+    assert O.check_format(base + "-8bit", q, O.TINY_KEYS["min_8bit_size"]).startswith("moments: 14 uint8")
+
+
+def test_bench_memory_suite_every_moment_format(tmp_path, capsys):
+    """The tiny memory suite on bfloat16 parameters measures every optimizer of ours with 32-, 16- and
+    8-bit moments: the 16- and 8-bit rows hold bfloat16 / uint8 moments (their notes say so) and fewer
+    bytes; the files carry the dtype in their name (not the CPU's default fp32)."""
+    from bench import optimizers as O
+
+    rc, out, header, rows, path = _run(tmp_path, capsys, "--device", "cpu", "--dtype", "bf16", "--suite", "memory",
+                                       "--no-plots")
+    assert rc == 0, out[-3000:]
+    assert path.name.endswith("-bf16-tiny.csv")
+    mem = {r["provider"]: r for r in rows if r["suite"] == "memory" and r["kernel"] == "optimizer_state"}
+    for base in MOMENT_BASES:
+        b32 = mem[base]
+        assert b32["bytes"] and "skipped" not in b32["note"], b32
+        for suffix, dtype in (("-16bit", "bfloat16"), ("-8bit", "uint8")):
+            r = mem[base + suffix]
+            assert r["bytes"], (base + suffix, r["note"])
+            assert f" {dtype}" in r["note"], r["note"]
+            # APOLLO-Mini's rank-1 moments (tiny run: min_8bit_size 1) have one block per element
+            # row, whose 4-byte absmax outweighs the 3 bytes the codes save.
+            if base != "ours-APOLLO-Mini" or suffix == "-16bit":
+                assert int(r["bytes"]) < int(b32["bytes"]), (base + suffix, r["bytes"], b32["bytes"])
+        # (8- vs 16-bit: equal at these sizes, where a row of 4 moments carries a 4-byte absmax.)
+    assert O.names_for("memory") == list(mem)
+    md = path.with_suffix(".md").read_text()
+    assert "- [memory] ours-GaLoreAdamW-16bit optimizer-state bytes / galore-torch's (bfloat16 moments" in md
+
+
+def test_bench_fp32_run_skips_16bit_rows_and_measures_8bit(tmp_path):
+    """In a float32 run the -16bit rows are skip rows saying why (16-bit moments apply to bfloat16
+    parameters), the -8bit rows are measured in uint8."""
+    from bench import optimizers as O
+
+    ctx = Ctx(torch.device("cpu"), torch.float32, quick=True, tiny=True, out=tmp_path)
+    params = _tiny_stack()
+    assert O.build(ctx, "memory", "optimizer_state", "ours-DCTAdamW-16bit", params, 10 ** 9, {}) is None
+    (row,) = ctx.rows
+    assert row.skipped and "moment_bits=16 applies to bfloat16 parameters" in row.note and "fp32" in row.note
+    opt = O.build(ctx, "memory", "optimizer_state", "ours-DCTAdamW-8bit", params, 10 ** 9, {})
+    assert O.first_steps(ctx, opt, "ours-DCTAdamW-8bit")["format_note"] == "moments: 14 uint8"
+
+
+def test_keep_reruns_some_suites_and_keeps_the_others(tmp_path, capsys):
+    """--keep: the rows of the suites not run stay in the CSV with their own stamps, their tables and
+    targets stay in the Markdown, and its header says which suites were kept from which run."""
+    from bench import stamps as st
+
+    tag = st.device_tag("cpu") + "-tiny"
+    old = {k: "" for k in ROW_FIELDS}
+    old.update(suite="quant", kernel="projector_bytes", provider="ours-int4", shape="4x8", rank="4", bytes="64",
+               mode="tiny", device="cpu", git_sha="0ld5ha1", timestamp="2026-01-01T00:00:00Z")
+    roof = dict(old, suite="roofline", kernel="matmul", provider="torch", bytes="")
+    mem = dict(old, suite="memory", kernel="optimizer_state", provider="stale", bytes="1")
+    with open(tmp_path / f"{tag}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        w.writeheader()
+        w.writerows([roof, mem, old])
+    (tmp_path / f"{tag}.md").write_text(
+        "Device: **X**.  \nMeasured ceilings: matmul 1 TFLOP/s (fp32), copy 2 GB/s.  \nSizes: s.\n\n"
+        "**memory**\n\n| stale |\n\n**quant**\n\n| kernel | provider |\n|---|---|\n| projector_bytes | ours-int4 |\n\n"
+        "**Targets** (t)\n\n- [memory] stale target\n- [quant] kept target: met\n")
+    rc, out, header, rows, path = _run(tmp_path, capsys, "--device", "cpu", "--suite", "memory", "--no-plots",
+                                       "--keep")
+    assert rc == 0, out[-3000:]
+    assert [r["suite"] for r in rows][-1] == "quant"
+    quant = [r for r in rows if r["suite"] == "quant"]
+    assert len(quant) == 1 and quant[0]["git_sha"] == "0ld5ha1" and quant[0]["bytes"] == "64"
+    assert not [r for r in rows if r["provider"] == "stale"]  # the rerun suite is this run's only
+    assert {r["git_sha"] for r in rows if r["suite"] != "quant"} == {st.git_describe()}
+    assert [r for r in rows if r["suite"] == "roofline" and r["git_sha"] != "0ld5ha1"]
+    md = path.with_suffix(".md").read_text()
+    assert "Suites quant: kept from an earlier run (git 0ld5ha1, 2026-01-01T00:00:00Z; its ceilings: matmul 1 " \
+           "TFLOP/s (fp32), copy 2 GB/s)" in md
+    assert md.index("**memory**") < md.index("**quant**") < md.index("**Targets**")
+    assert "| projector_bytes | ours-int4 |" in md and "- [quant] kept target: met" in md
+    assert "stale" not in md and "- [memory] ours-GaLoreAdamW optimizer-state bytes" in md
+    # Without --keep the file holds this run only.
+    rc, out, header, rows, path = _run(tmp_path, capsys, "--device", "cpu", "--suite", "memory", "--no-plots")
+    assert rc == 0 and {r["suite"] for r in rows} == {"roofline", "memory"}
+
+
+def test_target_value_printed_with_enough_digits_to_match_its_verdict():
+    from bench.harness.report import _fmt_measured
+
+    assert _fmt_measured(Target("s", "x", 1.0000086, 1.0, higher_is_better=False)) == "1.000009x"  # MISSED
+    assert _fmt_measured(Target("s", "x", 0.5961, 1.0, higher_is_better=False)) == "0.596x"
+    assert _fmt_measured(Target("s", "x", 1.0, 1.0)) == "1x" and _fmt_measured(Target("s", "x", None, 1.0)) == "-"

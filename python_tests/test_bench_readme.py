@@ -109,3 +109,46 @@ def test_missing_markers_is_an_error(tmp_path):
     md.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         readme.update(md, _results(tmp_path), tmp_path)
+
+
+def test_state_table_per_moment_format(tmp_path):
+    """The README's optimizer-state table: one row per optimizer of ours, one column per moment format,
+    read from the memory suite's rows of ``<device>.csv`` (bytes, ratio to torch AdamW, skip reasons)."""
+    import csv
+
+    from bench.harness import ROW_FIELDS
+
+    res = _results(tmp_path)
+
+    def row(provider, nbytes, note=""):
+        d = {k: "" for k in ROW_FIELDS}
+        d.update(suite="memory", kernel="optimizer_state", provider=provider, shape="1L-h8-i16", rank="2",
+                 dtype="fp32", bytes=str(nbytes) if nbytes else "", note=note)
+        return d
+
+    mib = 2 ** 20
+    rows = [row("torch-adamw-fused", 8 * mib, "params 1 MiB; moments: 14 float32"), row("bitsandbytes-adamw8bit", 2 * mib),
+            row("ours-GaLoreAdamW", 4 * mib), row("ours-GaLoreAdamW-16bit", 3 * mib),
+            row("ours-GaLoreAdamW-8bit", mib, "params 1 MiB; moments: 14 uint8"),
+            row("ours-APOLLO-Mini", mib // 4), row("ours-APOLLO-Mini-16bit", 0, "skipped: Unavailable: why"),
+            row("ours-APOLLO-Mini-8bit", mib // 4, "params 1 MiB; moments: 14 float32 (every moment has fewer than "
+                                                   "min_8bit_size=4096 elements: kept float32)"),
+            row("ours-GaLoreAdafactor", mib // 8)]
+    with open(res / "cpu-X.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    table = readme._state_table(res / "cpu-X.csv")
+    assert "stack 1L-h8-i16, rank 2, fp32 parameters" in table
+    assert "| ours-GaLoreAdamW | 4.000 (0.500x) | 3.000 (0.375x) | 1.000 (0.125x) | 0.250 |" in table
+    assert "| ours-APOLLO-Mini | 0.250 (0.031x) | skipped | 0.250 (0.031x) | 1.000 |" in table
+    assert "ours-GaLoreAdafactor |" not in table  # no moment formats measured: not a row
+    assert "ours-APOLLO-Mini-16bit: skipped: Unavailable: why." in table
+    assert "ours-APOLLO-Mini-8bit: moments: 14 float32 (every moment has fewer than min_8bit_size" in table
+    assert "torch AdamW (fused) (moments: 14 float32) 8.000 (1.000x)" in table and "AdamW8bit" in table
+    md = tmp_path / "README.md"
+    md.write_text(f"{readme.START}\n{readme.END}\n")
+    readme.update(md, res, tmp_path)
+    sec = md.read_text()
+    assert table in sec and sec.index("### cpu-X") < sec.index("Optimizer state by moment format")
+    assert readme._state_table(tmp_path / "none.csv") == ""

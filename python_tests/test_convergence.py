@@ -98,6 +98,48 @@ def test_lowrank_state_smaller_than_adamw(tiny_run):
             assert r.state_bytes < base.state_bytes, (m, r.state_bytes, base.state_bytes)
 
 
+def test_8bit_rows_hold_less_state(tiny_run):
+    results, _, _ = tiny_run
+    for m8, m32 in (("galore-8bit", "galore"), ("dct-8bit", "dct")):
+        r8, r32 = results[m8], results[m32]
+        if r8.status.startswith("unavailable"):
+            pytest.skip(f"{m8}: {r8.status}")
+        assert r8.status == "ok" and r32.status == "ok", (r8.status, r32.status)
+        assert r8.state_bytes < r32.state_bytes, (m8, r8.state_bytes, r32.state_bytes)
+
+
+@pytest.mark.parametrize("method", ["galore-8bit", "dct-8bit"])
+def test_8bit_recipes_keep_8bit_moments_on_every_group(method):
+    """galore-8bit / dct-8bit: moment_bits=8 on the projected and the plain group (as GaLoreAdamW8bit),
+    uint8 moments from min_8bit_size elements up, float32 below (the norms); the recipe's check after
+    the first step refuses an optimizer that left its moments in float32."""
+    from bench.convergence.recipes import _check_moment_format
+
+    preset = conv.PRESETS["tiny"]
+    hp = RECIPES[method].resolve(preset)
+    assert hp["moment_bits"] == 8 and hp["min_8bit_size"] == 512
+    assert RECIPES[method].resolve(conv.PRESETS["quick"])["min_8bit_size"] == 4096
+    model = conv.build_model(preset, 0, torch.device("cpu"))
+    opt = RECIPES[method].build(model, preset, hp)
+    assert all(g["moment_bits"] == 8 and g["min_8bit_size"] == 512 for g in opt.param_groups)
+    assert any(is_plain_group(g) for g in opt.param_groups)
+    conv.lm_loss(model, torch.randint(0, 256, (2, 9))).backward()
+    opt.step()
+    RECIPES[method].callback(model, opt, preset, hp)(0)  # passes
+    names = {p: n for n, p in model.named_parameters()}
+    for p, st in opt.state.items():
+        want = torch.uint8 if st["exp_avg"].numel() >= 512 else torch.float32
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == want, (names[p], st["exp_avg"].dtype)
+    assert opt.state[model.model.embed_tokens.weight]["exp_avg"].dtype == torch.uint8
+    # The same check on a float32-moment optimizer fails loudly.
+    model = conv.build_model(preset, 0, torch.device("cpu"))
+    opt = RECIPES[method.replace("-8bit", "")].build(model, preset, RECIPES[method.replace("-8bit", "")].resolve(preset))
+    conv.lm_loss(model, torch.randint(0, 256, (2, 9))).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="not uint8"):
+        _check_moment_format(model, opt, preset, hp)(0)
+
+
 def test_csv_json_outputs(tiny_run):
     results, out, git = tiny_run
     with open(out / "convergence.csv", newline="") as f:

@@ -121,11 +121,12 @@ def is_plain_group(group: dict) -> bool:
     return "rank" in group and group["rank"] is None and "density" in group and group["density"] is None
 
 
-def split_groups(model: torch.nn.Module, preset: Preset, hp: dict, *, rank: Optional[int], **extra) -> list[dict]:
+def split_groups(model: torch.nn.Module, preset: Preset, hp: dict, *, rank: Optional[int],
+                 plain_keys: Optional[dict] = None, **extra) -> list[dict]:
     """``lowrank_param_groups`` for the demo's target modules, each group with its own lr.
 
-    The projected group gets ``hp["lr"]`` (and ``hp["scale"]`` when the recipe has one),
-    the plain group ``hp["other_lr"]``.
+    The projected group gets ``hp["lr"]`` (and ``hp["scale"]`` when the recipe has one) and
+    ``extra``, the plain group ``hp["other_lr"]`` and ``plain_keys``.
     """
     from lowrank_kernels.optim import lowrank_param_groups
 
@@ -133,18 +134,22 @@ def split_groups(model: torch.nn.Module, preset: Preset, hp: dict, *, rank: Opti
                                   scale=hp.get("scale"), **extra)
     for g in groups:
         g["lr"] = hp["other_lr"] if is_plain_group(g) else hp["lr"]
+        if is_plain_group(g):
+            g.update(plain_keys or {})
     return groups
 
 
 def lowrank_builder(cls_name: str, *, rank: Optional[Callable[[Preset], Optional[int]]] = None,
                     group_keys: Optional[Callable[[dict], dict]] = None,
+                    plain_group_keys: Optional[Callable[[dict], dict]] = None,
                     opt_kwargs: Optional[Callable[[dict], dict]] = None,
                     prepare: Optional[Callable[[torch.nn.Module], None]] = None,
                     constructor: Optional[str] = None, **fixed_group_keys) -> Builder:
     """A builder for ``lowrank_kernels.optim.<cls_name>`` on :func:`split_groups`.
 
     ``rank(preset)`` (default: the preset's rank), ``group_keys(hp)`` / ``fixed_group_keys``
-    (extra keys of the projected group), ``opt_kwargs(hp)`` (optimizer keyword arguments),
+    (extra keys of the projected group), ``plain_group_keys(hp)`` (extra keys of the plain
+    group, e.g. its moment format), ``opt_kwargs(hp)`` (optimizer keyword arguments),
     ``prepare(model)`` (run first, e.g. INT8 quantization) and ``constructor`` (a class
     method to call instead of the class, e.g. ``"mini"``).
     """
@@ -157,7 +162,8 @@ def lowrank_builder(cls_name: str, *, rank: Optional[Callable[[Preset], Optional
         r = preset.rank if rank is None else rank(preset)
         keys = dict(fixed_group_keys)
         keys.update(group_keys(hp) if group_keys else {})
-        groups = split_groups(model, preset, hp, rank=r, **keys)
+        groups = split_groups(model, preset, hp, rank=r,
+                              plain_keys=plain_group_keys(hp) if plain_group_keys else None, **keys)
         ctor = getattr(cls, constructor) if constructor else cls
         return ctor(groups, lr=hp["lr"], weight_decay=0.0, **(opt_kwargs(hp) if opt_kwargs else {}))
 
@@ -278,6 +284,51 @@ register(Recipe(
     requires=(_GROUPS, (_OPTIM, "GaLoreAdafactor")),
     source="galore-torch torchrun_main.py (--optimizer galore_adafactor): relative_step=False, "
            "scale_parameter=False, warmup_init=False, beta1 None; lr 0.01 and scale 0.25 as GaLore's recipe"))
+
+
+# 8-bit moments (issue 14): GaLore's and DCT-AdamW's recipes with moment_bits=8 on every group,
+# as galore-torch's GaLoreAdamW8bit does (bitsandbytes' 8-bit Adam on the projected and the
+# other parameters): uint8 block-wise codes, float32 absmax per block of 256, moments with
+# fewer than min_8bit_size elements (bitsandbytes' default 4096: here the norms) in float32.
+# The quick preset's smallest projected moment (128 x 32) has exactly 4096 elements; the
+# tiny preset's are smaller, so the tests' preset lowers the threshold to keep them 8-bit.
+def _moments_keys(hp: dict) -> dict:
+    return {"moment_bits": int(hp["moment_bits"]), "min_8bit_size": int(hp["min_8bit_size"])}
+
+
+def _check_moment_format(model, optimizer, preset, hp):
+    """After the first step: every moment of ``min_8bit_size`` elements or more must be uint8
+    (an optimizer that ignored ``moment_bits`` would otherwise train in float32 under this name)."""
+    def check(step: int) -> None:
+        if step != 0:
+            return
+        moments = [t for st in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")
+                   if isinstance(t := st.get(k), torch.Tensor)]
+        big = [t for t in moments if t.numel() >= hp["min_8bit_size"]]
+        wrong = [t for t in big if t.dtype != torch.uint8]
+        if not big or wrong:
+            raise RuntimeError(f"moment_bits={hp['moment_bits']}: {len(wrong)} of {len(big)} moments with >= "
+                               f"{hp['min_8bit_size']} elements are not uint8 (dtypes "
+                               f"{sorted({str(t.dtype) for t in moments})}); the optimizer did not apply moment_bits")
+    return check
+
+
+_M8 = dict(moment_bits=8, min_8bit_size=4096)
+_M8_TINY = {"tiny": dict(min_8bit_size=512)}
+register(Recipe(
+    "galore-8bit", lowrank_builder("GaLoreAdamW", proj_type="std", group_keys=_moments_keys,
+                                   plain_group_keys=_moments_keys),
+    dict(lr=1e-2, other_lr=1e-2, scale=0.25, **_M8), per_preset=_M8_TINY,
+    requires=(_GROUPS, (_OPTIM, "GaLoreAdamW")), callback=_check_moment_format,
+    source="GaLore's recipe (lr 0.01, scale 0.25) with 8-bit moments on every group as galore-torch's "
+           "GaLoreAdamW8bit (bitsandbytes' min_8bit_size 4096); tiny (tests only): min_8bit_size 512"))
+register(Recipe(
+    "dct-8bit", lowrank_builder("DCTAdamW", proj_type="std", group_keys=_moments_keys,
+                                plain_group_keys=_moments_keys),
+    dict(lr=1e-2, other_lr=1e-2, scale=0.25, **_M8), per_preset=_M8_TINY,
+    requires=(_GROUPS, (_OPTIM, "DCTAdamW")), callback=_check_moment_format,
+    source="the dct recipe (lr 0.01, scale 0.25) with 8-bit moments on every group, as galore-8bit; "
+           "tiny (tests only): min_8bit_size 512"))
 
 # New methods: a register(...) call above this line. (The command line reads RECIPES
 # itself, so a recipe registered elsewhere before it runs is also available.)

@@ -133,7 +133,9 @@ def write_plot(results: list[Result], path: pathlib.Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     finals = []
-    for method in dict.fromkeys(r.method for r in results):
+    # tab10, then the light shades of tab20 dash-dotted: no two of up to 20 methods look alike.
+    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("tab20").colors[1::2])
+    for i, method in enumerate(dict.fromkeys(r.method for r in results)):
         runs = [r for r in results if r.method == method and r.trained and r.curve]
         if not runs:
             continue
@@ -141,8 +143,9 @@ def write_plot(results: list[Result], path: pathlib.Path, title: str) -> None:
         runs = [r for r in runs if [s for s, _ in r.curve] == steps]  # a diverged seed has a shorter curve
         ys = [[v for _, v in r.curve] for r in runs]
         mean = [statistics.fmean(col) for col in zip(*ys)]
-        line, = ax.plot(steps, mean, marker=".", label=f"{method} ({mean[-1]:.3f})",
-                        linestyle="--" if RECIPES.get(method) and RECIPES[method].role == "control" else "-")
+        control = RECIPES.get(method) and RECIPES[method].role == "control"
+        line, = ax.plot(steps, mean, marker=".", label=f"{method} ({mean[-1]:.3f})", color=palette[i % len(palette)],
+                        linestyle="--" if control else "-" if i < 10 else "-.")
         if len(ys) > 1:
             ax.fill_between(steps, [min(c) for c in zip(*ys)], [max(c) for c in zip(*ys)], alpha=0.15,
                             color=line.get_color())
@@ -150,6 +153,9 @@ def write_plot(results: list[Result], path: pathlib.Path, title: str) -> None:
             finals.append(mean[-1])
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/byte)")
+    if len(title) > 90 and " | " in title:  # too wide for one line: the stamp part on its own line
+        head, _, tail = title.rpartition(" | ")
+        title = f"{head}\n{tail}"
     ax.set_title(title, fontsize=9)
     if finals:  # zoom on the part of the curves where the methods differ
         ax.set_ylim(min(finals) - 0.1, max(min(finals) + 1.5, max(finals) + 0.1))

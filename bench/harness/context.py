@@ -34,10 +34,16 @@ class Ctx:
         self.rows: List[Row] = []
         self.targets: List[Target] = []
         self.start = time.perf_counter()
+        # The 1-minute load average at the start (CPU runs: a load above the core count slows and
+        # spreads the timings; the Markdown header prints it with the one at the end).
+        self.load_start = _loadavg()
         self.deadline = None if time_budget_s is None else self.start + float(time_budget_s)
         st = stamps.stamp(device)  # git describe (+ "-dirty"), device name, versions, UTC time
         self.device_name = st["device_name"]
-        self.tag = stamps.device_tag(device) + ("" if self.mode == "full" else f"-{self.mode}")
+        # <device>[-<dtype> when not the device's default: bf16 on CUDA, fp32 on CPU][-<mode>]
+        default_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.tag = (stamps.device_tag(device) + ("" if dtype == default_dtype else f"-{self.dtype_name}")
+                    + ("" if self.mode == "full" else f"-{self.mode}"))
         self.meta = {
             "mode": self.mode, "device": device.type, "device_name": self.device_name,
             "torch": st["torch"], "triton": st["triton"], "git_sha": st["git"], "timestamp": st["timestamp"],
@@ -46,6 +52,12 @@ class Ctx:
         self.shared: Dict[str, object] = {}  # figures one suite measures for another (e.g. step -> memory)
         self.matmul_tflops: Optional[float] = None
         self.copy_gbps: Optional[float] = None
+        # --keep: rows (CSV dicts, their own stamps) and Markdown of suites an earlier run measured.
+        self.kept_rows: List[Dict[str, str]] = []
+        self.kept_md: Dict[str, str] = {}
+        self.kept_targets: List[str] = []
+        self.kept_header: str = ""
+        self.suite_order: List[str] = []
         # Per-call time budget of a measurement (seconds of timed runs).
         if device.type == "cuda":
             self.budget_s = 0.06 if quick else 0.12
@@ -259,19 +271,76 @@ class Ctx:
     def csv_path(self) -> Path:
         return self.out / f"{self.tag}.csv"
 
+    def keep_previous(self, suites: Sequence[str], order: Sequence[str]) -> List[str]:
+        """Keep what the existing ``<tag>.csv`` / ``<tag>.md`` hold for the suites not in ``suites``
+        (``--keep``): their CSV rows verbatim (with their own stamps), their Markdown tables and
+        target lines; the roofline is this run's. ``order``: every suite, in the order of the
+        files. Returns the kept suites (none without a CSV)."""
+        self.suite_order = list(order)
+        path = self.csv_path()
+        if not path.exists():
+            return []
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != ROW_FIELDS:
+                raise ValueError(f"--keep: {path} has other columns than this harness writes; rerun every suite")
+            old = list(reader)
+        drop = set(suites) | {"roofline", "bench"}  # "bench": an interrupted run's marker row
+        self.kept_rows = [r for r in old if r["suite"] not in drop]
+        kept = list(dict.fromkeys(r["suite"] for r in self.kept_rows))
+        md = path.with_suffix(".md")
+        if md.exists() and kept:
+            self.kept_md, self.kept_targets, ceilings = _split_markdown(md.read_text(), kept)
+            stamps_ = sorted({(r["git_sha"], r["timestamp"]) for r in self.kept_rows})
+            self.kept_header = (f"Suites {', '.join(kept)}: kept from an earlier run ("
+                                + "; ".join(f"git {g}, {t}" for g, t in stamps_)
+                                + (f"; its ceilings: {ceilings}" if ceilings else "")
+                                + "); the other suites and the ceilings above are this run's.")
+        return kept
+
     def write_csv(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.csv_path()
         tmp = path.with_suffix(".csv.tmp")
+        rows = []
+        for r in self.rows:
+            d = {k: getattr(r, k) for k in ROW_FIELDS if hasattr(r, k)}
+            d.update(self.meta)
+            rows.append({k: _csv_value(d.get(k)) for k in ROW_FIELDS})
+        if self.kept_rows:  # --keep: the earlier run's suites, in the suites' order
+            order = {s: i for i, s in enumerate(["roofline"] + self.suite_order)}
+            rows = sorted(rows + self.kept_rows, key=lambda d: order.get(d["suite"], len(order)))
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=ROW_FIELDS)
             w.writeheader()
-            for r in self.rows:
-                d = {k: getattr(r, k) for k in ROW_FIELDS if hasattr(r, k)}
-                d.update(self.meta)
-                w.writerow({k: _csv_value(d.get(k)) for k in ROW_FIELDS})
+            w.writerows(rows)
         os.replace(tmp, path)
         return path
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _split_markdown(text: str, suites: Sequence[str]):
+    """From a ``<tag>.md`` of :func:`format_markdown`: each of ``suites``' table block (from its
+    ``**suite**`` line to the next block title), their target lines, and the ceilings line's text."""
+    lines = text.split("\n")
+    blocks: Dict[str, str] = {}
+    cur, buf = None, []
+    for line in lines + ["**end**"]:
+        if line.startswith("**") and (line.endswith("**") or line.startswith("**Targets**")):
+            if cur in suites:
+                blocks[cur] = "\n".join(buf).strip("\n")
+            cur, buf = line.strip("*") if line.endswith("**") else None, [line]
+        elif cur is not None:
+            buf.append(line)
+    targets = [ln for ln in lines if any(ln.startswith(f"- [{s}] ") for s in suites)]
+    ceil = next((ln for ln in lines if ln.startswith("Measured ceilings: ")), "")
+    return blocks, targets, ceil[len("Measured ceilings: "):].strip().rstrip(".")
 
 
 def measure_roofline(ctx: Ctx) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 from .context import Ctx
@@ -62,7 +63,7 @@ def format_table(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
         lines.append("== targets (from the issues unless marked; printed, not asserted) ==")
         for t in ts:
             op = ">=" if t.higher_is_better else "<="
-            meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
+            meas = _fmt_measured(t)
             lines.append(f"[{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}")
     failed = [r for r in ctx.rows if "FAILED" in r.check]
     if failed:
@@ -82,7 +83,25 @@ def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
                    f"copy {_fmt(ctx.copy_gbps, '.4g')} GB/s.  ")
     if ctx.sizes.note:
         out.append(f"Sizes: {ctx.sizes.note}.")
-    for suite in suites:
+    if ctx.device.type == "cpu" and ctx.load_start is not None:
+        from .context import _loadavg
+
+        end = _loadavg()
+        out[-1] += "  "
+        out.append(f"CPU load average (1 min): {ctx.load_start:.1f} at the start, "
+                   f"{end if end is None else format(end, '.1f')} at the end, on {os.cpu_count()} cores "
+                   "(a load above the core count slows the timings and widens their spread).")
+    if ctx.kept_header:
+        out[-1] += "  "
+        out.append(ctx.kept_header)
+    order = list(suites) + [s for s in ctx.kept_md if s not in suites]
+    if ctx.kept_md:  # --keep: every suite in the harness's order, kept ones verbatim
+        so = ctx.suite_order
+        order = sorted(order, key=lambda s: so.index(s) if s in so else len(so))
+    for suite in order:
+        if suite in ctx.kept_md and suite not in suites:
+            out += ["", ctx.kept_md[suite]]
+            continue
         rows = [r for r in ctx.rows if r.suite == suite]
         if not rows:
             continue
@@ -102,13 +121,28 @@ def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
             out.append(f"| {r.kernel} | {r.provider} | {r.shape} | {_fmt(r.rank, 'd')} | {_fmt_ms(r.median_ms)} | "
                        f"{spread} | {vs} | {rate} | {fmt_bytes(r.bytes) if r.median_ms is None else ''} | {extra} |")
     ts = [t for t in ctx.targets if t.suite in suites]
-    if ts:
+    if ts or ctx.kept_targets:
         out += ["", "**Targets** (from the issues unless marked; printed, not asserted)", ""]
+        new = []
         for t in ts:
             op = ">=" if t.higher_is_better else "<="
-            meas = _fmt(t.measured, ".3g") + t.unit if t.measured is not None else "-"
-            out.append(f"- [{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}")
+            meas = _fmt_measured(t)
+            new.append((t.suite, f"- [{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}"))
+        kept = [(ln[3:].split("]", 1)[0], ln) for ln in ctx.kept_targets]
+        rank = {s: i for i, s in enumerate(order)}
+        out += [ln for _, ln in sorted(new + kept, key=lambda x: rank.get(x[0], len(rank)))]
     return "\n".join(out) + "\n"
+
+
+def _fmt_measured(t) -> str:
+    """A target's measured value to 3 significant digits, or to 7 when 3 would print the goal
+    itself for a value on the other side of it (e.g. 1.0000086x against a goal of <= 1x)."""
+    if t.measured is None:
+        return "-"
+    txt = _fmt(t.measured, ".3g")
+    if not (isinstance(t.measured, float) and math.isnan(t.measured)) and float(txt) == t.goal != t.measured:
+        txt = _fmt(t.measured, ".7g")
+    return txt + t.unit
 
 
 def _fmt_ms(ms: Optional[float]) -> str:
