@@ -30,11 +30,16 @@ specialization; autotuning-only candidates are left to ``full``.
 Variants (``full``): projection kernels (project + Adam, back-project + apply) for
 fp32/bf16/fp16 gradients with float32 or 16-bit moments, float32-meets-16-bit and
 bf16-meets-fp16 projector mixes, both sides, dense / INT4 / DCT projector modes, even
-and ragged reduction lengths, transposed gradients and int64 offsets; DCT scoring (L1
+and ragged reduction lengths, transposed gradients and int64 offsets; the project + Adam
+kernel with 8-bit moments (block sizes 256 and 64, a rank below one block and one of
+several blocks per row; bf16 and float32 operands; every projector mode and side) and
+with bf16 stochastic-rounding moments; DCT scoring (L1
 and L2 norms, both sides, batched and single, int64 offsets) and the gathered DCT
 projection (both sides); every quant kernel (INT4 pack / unpack, INT8 quantize /
 dequantize / stochastic-rounding update; contiguous and strided inputs, power-of-two
-and other group sizes, each storage dtype).
+and other group sizes, each storage dtype); the elementwise Adam kernel (each dtype,
+float32 / bf16 / bf16 stochastic-rounding moments) and its 8-bit form (block sizes
+256 / 128 / 64 / 16, a row shorter than a block).
 
 ``--runtime`` (on a GPU machine, ``--arch`` = that GPU's arch; for bench/gpu_check.sh)
 also loads every compiled kernel on the device and adds the driver's register and
@@ -82,12 +87,24 @@ def _variants(subset: str):
     def E(*shape, dtype=f32):
         return torch.empty(shape, dtype=dtype, device=meta)
 
-    def proj_pair(name, g_dt, m_dt, p_dt, side, mode, m, n, r, transposed=False):
-        """Project + back-project launches of one projection-family variant."""
+    def proj_pair(name, g_dt, m_dt, p_dt, side, mode, m, n, r, transposed=False, moments="plain", block_size=256):
+        """Project + back-project launches of one projection-family variant.
+
+        ``moments``: "plain" (``m_dt`` moments), "sr16" (bf16 moments, stochastic rounding)
+        or "q8" (uint8 codes + float32 absmax, ``block_size``; ``m_dt`` unused)."""
         def thunk():
             grad = E(n, m, dtype=g_dt).T if transposed else E(m, n, dtype=g_dt)
             lshape = (m, r) if side == "right" else (r, n)
-            ea, eas = E(*lshape, dtype=m_dt), E(*lshape, dtype=m_dt)
+            if moments == "q8":
+                ea, eas = E(*lshape, dtype=torch.uint8), E(*lshape, dtype=torch.uint8)
+                ab = (lshape[0], -(-lshape[1] // block_size))
+                fmt = kp.moment_format("compile_check", ea, eas, E(*ab), E(*ab), block_size, -1)
+            elif moments == "sr16":
+                ea, eas = E(*lshape, dtype=b16), E(*lshape, dtype=b16)
+                fmt = kp.moment_format("compile_check", ea, eas, None, None, 0, 7)
+            else:
+                ea, eas = E(*lshape, dtype=m_dt), E(*lshape, dtype=m_dt)
+                fmt = kp.PLAIN
             if mode == "dense":
                 proj = E(r, n, dtype=p_dt) if side == "right" else E(m, r, dtype=p_dt)
             elif mode == "dct":
@@ -98,7 +115,7 @@ def _variants(subset: str):
                 gs = 256
                 ng = (rows * cols + gs - 1) // gs
                 proj = (E((rows * cols + 1) // 2, dtype=torch.uint8), E(ng), E(ng), (rows, cols), gs)
-            upd = kp._launch_project_adam(grad, proj, ea, eas, side, 0.9, 0.999, 1e-8)
+            upd = kp._launch_project_adam(grad, proj, ea, eas, side, 0.9, 0.999, 1e-8, fmt)
             w = E(n, m, dtype=g_dt).T if transposed else E(m, n, dtype=g_dt)
             kp._launch_backproject_apply(w, upd, proj, side, -0.01, 0.99)
         return name, thunk
@@ -123,6 +140,14 @@ def _variants(subset: str):
                                              mode, *shp))
         for side in ("right", "left"):
             for mode in ("dense", "int4", "dct"):
+                for g, p in ((b16, b16), (f32, f32)):
+                    pd = f32 if mode == "int4" else p
+                    for shp_name, shp in (("even", even), ("ragged", ragged), ("rank300", (300, 200, 300))):
+                        for bsz in (256, 64):
+                            out.append(proj_pair(f"proj_g{short[g]}_q8b{bsz}_p{short[pd]}_{side}_{mode}_{shp_name}", g,
+                                                 f32, pd, side, mode, *shp, moments="q8", block_size=bsz))
+                    out.append(proj_pair(f"proj_g{short[g]}_mbf16sr_p{short[pd]}_{side}_{mode}_ragged", g, b16, pd,
+                                         side, mode, *ragged, moments="sr16"))
                 out.append(proj_pair(f"proj_gbf16_{side}_{mode}_transposed", b16, f32, b16 if mode != "int4" else f32,
                                      side, mode, 300, 200, 24, transposed=True))
                 out.append(proj_pair(f"proj_gbf16_{side}_{mode}_int64", b16, f32, b16 if mode != "int4" else f32,
@@ -137,6 +162,26 @@ def _variants(subset: str):
             proj_pair("proj_gbf16_mfp32_pfp32_right_dense_ragged", b16, f32, f32, "right", "dense", *ragged),
             proj_pair("proj_gfp16_mfp32_pbf16_left_dct_even", f16, f32, b16, "left", "dct", *even),
             proj_pair("proj_gbf16_mfp32_pbf16_right_dense_int64", b16, f32, b16, "right", "dense", 50000, 50000, 24),
+            # 8-bit moments: 256-wide blocks (left: along n), 64-wide, a rank below one block
+            # (right: bn = 32), several blocks per row, fp32 operands, INT4/DCT projectors, int64
+            proj_pair("proj_gbf16_q8b256_pbf16_left_dense_even", b16, f32, b16, "left", "dense", *even, moments="q8"),
+            proj_pair("proj_gbf16_q8b64_pbf16_right_dense_even", b16, f32, b16, "right", "dense", *even, moments="q8",
+                      block_size=64),
+            proj_pair("proj_gfp32_q8b256_pfp32_right_dense_ragged", f32, f32, f32, "right", "dense", *ragged,
+                      moments="q8"),
+            proj_pair("proj_gbf16_q8b256_pbf16_right_dense_rank300", b16, f32, b16, "right", "dense", 300, 200, 300,
+                      moments="q8"),
+            proj_pair("proj_gfp32_q8b256_pfp32_left_int4_ragged", f32, f32, f32, "left", "int4", *ragged,
+                      moments="q8"),
+            proj_pair("proj_gbf16_q8b128_pbf16_left_dct_ragged", b16, f32, b16, "left", "dct", *ragged, moments="q8",
+                      block_size=128),
+            proj_pair("proj_gbf16_q8b256_pbf16_left_dense_int64", b16, f32, b16, "left", "dense", 50000, 50000, 24,
+                      moments="q8"),
+            # bf16 moments with stochastic rounding
+            proj_pair("proj_gbf16_mbf16sr_pbf16_right_dense_ragged", b16, b16, b16, "right", "dense", *ragged,
+                      moments="sr16"),
+            proj_pair("proj_gfp32_mbf16sr_pfp32_left_int4_ragged", f32, b16, f32, "left", "int4", *ragged,
+                      moments="sr16"),
         ]
 
     # DCT scoring and gathered projection.
@@ -197,6 +242,21 @@ def _variants(subset: str):
             E(300, 24, dtype=dt), E(300, 24, dtype=dt), E(300, 24, dtype=dt), 0.9, 0.999, 1e-8)))
     out.append(("adam_update_rbf16_mfp32", lambda: ka.adam_update_triton(
         E(300, 24, dtype=b16), E(300, 24), E(300, 24), 0.9, 0.999, 1e-8)))
+    out.append(("adam_update_rbf16_mbf16sr", lambda: ka.adam_update_triton(
+        E(300, 24, dtype=b16), E(300, 24, dtype=b16), E(300, 24, dtype=b16), 0.9, 0.999, 1e-8, moment_seed=7)))
+
+    def adam_q8(name, dt, shape, bsz):
+        def thunk():
+            u8 = torch.uint8
+            ab = tuple(shape[:-1]) + (-(-shape[-1] // bsz),)
+            ka.adam_update_triton(E(*shape, dtype=dt), E(*shape, dtype=u8), E(*shape, dtype=u8), 0.9, 0.999, 1e-8,
+                                  m_absmax=E(*ab), v_absmax=E(*ab), block_size=bsz)
+        return name, thunk
+
+    for bsz in ((256, 128, 64, 16) if subset == "full" else (256, 64)):
+        for dt in ((f32, b16, f16) if subset == "full" else (b16,)):
+            out.append(adam_q8(f"adam_update_r{short[dt]}_q8b{bsz}", dt, (300, 1000), bsz))
+    out.append(adam_q8("adam_update_rfp32_q8b256_rank24", f32, (300, 24), 256))
     return out
 
 
@@ -234,7 +294,7 @@ def _jobs(archs, subset: str) -> List[Job]:
     base = {}
     for name, c in launches:
         if c.tile_kernel is not None:
-            base.setdefault((c.tile_kernel, c.wide, c.key["mode"]), (name, c))
+            base.setdefault((c.tile_kernel, c.wide, c.key["mode"], c.key.get("qblock", 0)), (name, c))
 
     jobs: Dict[tuple, Job] = {}
     shared_by: Dict[tuple, int] = {}
@@ -246,12 +306,14 @@ def _jobs(archs, subset: str) -> List[Job]:
             if c.tile_kernel is None:
                 todo.append((name, c, None))
             elif subset == "full":
-                todo += [(name, c, t) for t in L.candidates(c.tile_kernel, arch, wide=c.wide, mode=c.key["mode"])]
+                todo += [(name, c, t) for t in L.candidates(c.tile_kernel, arch, wide=c.wide, mode=c.key["mode"],
+                                                            qblock=c.key.get("qblock") or 256)]
             else:
                 todo.append((name, c, c.tile_for(arch)))
         if subset != "full":
-            for (tk, wide, mode), (name, c) in base.items():
-                todo += [(f"{name}[tile]", c, t) for t in L.default_tiles(tk, arch, wide=wide, mode=mode)]
+            for (tk, wide, mode, qblock), (name, c) in base.items():
+                todo += [(f"{name}[tile]", c, t) for t in L.default_tiles(tk, arch, wide=wide, mode=mode,
+                                                                           qblock=qblock or 256)]
         for name, c, tile in todo:
             jf = c.kernel
             meta = c.meta if tile is None else c.with_tile(tile)
@@ -260,7 +322,8 @@ def _jobs(archs, subset: str) -> List[Job]:
             options, signature, constexprs, attrs = jf._pack_args(backend, meta, bound, spec, opts)
             fn_name = f"{jf.fn.__module__}:{jf.fn.__name__}"
             cfg = tile.label() if tile is not None else "fixed_" + "_".join(
-                f"{k}{meta[k]}" for k in sorted(meta) if k in ("GPP", "CH", "BLOCK")) + f"_w{meta.get('num_warps', 4)}"
+                f"{k}{meta[k]}" for k in sorted(meta) if k in ("GPP", "CH", "BLOCK", "BLOCK_R", "BLOCK_C")) + \
+                f"_w{meta.get('num_warps', 4)}"
             key = (fn_name, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
                    repr(sorted(attrs.items(), key=str)), repr(sorted(options.__dict__.items(), key=str)))
             if key in jobs:

@@ -182,6 +182,27 @@ _BACKPROJECT = {
     ("dct", False): _same(Tile(64, 64, 32, 8, 2)),
     ("dct", True): _same(Tile(64, 64, 32, 8, 2)),
 }
+# project + Adam with 8-bit moments ("project_q8"): a program owns whole quantization blocks
+# along the moment's last dim (its tile's N dim), so ``bn`` is not a table value but
+# ``max(16, next_pow2(min(block_size, N)))`` (:func:`q8_tile`); the table holds the tile
+# for ``bn = 256`` and narrower blocks get ``bm`` scaled up to keep the same tile area
+# (at most 32): 16 x 256 and 32 x 128 hold 4096 elements as the float moments' 64 x 64
+# tiles; narrower blocks take 32 rows (32 x 256 spills on sm_90 and 64 x 64 on sm_80: the
+# requantization's binary search holds normalized values, codes and gathered midpoints).
+_PROJECT_Q8 = {
+    ("dense", False): _same(Tile(16, 256, 32, 8, 3)),
+    ("dense", True): _same(Tile(16, 256, 32, 8, 2)),
+    ("int4", False): _same(Tile(16, 256, 32, 8, 2)),
+    ("int4", True): _same(Tile(16, 256, 32, 8, 2)),
+    ("dct", False): _same(Tile(16, 256, 32, 8, 2)),
+    ("dct", True): _same(Tile(16, 256, 32, 8, 2)),
+}
+# project + Adam with bf16 stochastic-rounding moments ("project_sr"): the project table,
+# except float32 operands with an INT4/DCT projector take 32-row tiles (64 x 64 spills 80
+# bytes on sm_90 with the rounding's hash in the epilogue).
+_PROJECT_SR = dict(_PROJECT)
+_PROJECT_SR[("int4", True)] = _same(Tile(32, 64, 32, 8, 2))
+_PROJECT_SR[("dct", True)] = _same(Tile(32, 64, 32, 8, 2))
 _DCT_GEMM = {
     ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
     ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
@@ -195,10 +216,14 @@ for _arch in TABLE_ARCHS:
     TABLES[("project", _arch)] = _PROJECT
     TABLES[("backproject", _arch)] = _BACKPROJECT
     TABLES[("dct_gemm", _arch)] = _DCT_GEMM
+    TABLES[("project_q8", _arch)] = _PROJECT_Q8
+    TABLES[("project_sr", _arch)] = _PROJECT_SR
     EXTRAS[("project", _arch)] = []
     EXTRAS[("backproject", _arch)] = []
     EXTRAS[("dct_gemm", _arch)] = [Tile(128, 128, 64, 8, 3), Tile(64, 64, 64, 4, 3)]
-FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D}
+    EXTRAS[("project_q8", _arch)] = []
+    EXTRAS[("project_sr", _arch)] = []
+FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P}
 MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
 
 
@@ -225,45 +250,68 @@ def _bucket(M: int, N: int) -> int:
     return 0
 
 
+def q8_tile(tile: Tile, qblock: int) -> Tile:
+    """``tile`` (a ``project_q8`` table tile, ``bn = 256``) for quantization blocks of
+    ``qblock = min(block_size, N)`` columns: ``bn = max(16, next_pow2(qblock))`` (one block
+    per program along N), ``bm`` scaled up by ``256 / bn`` to at most 64."""
+    qblock = int(qblock)
+    if not 1 <= qblock <= 256:
+        raise ValueError(f"q8_tile: qblock must be in [1, 256] (min(block_size, N)), got {qblock!r}")
+    bn = max(16, triton.next_power_of_2(qblock))
+    return tile._replace(bn=bn, bm=min(32, max(tile.bm, tile.bm * 256 // bn)))
+
+
 def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, op_bytes: Sequence[int],
-                  side: str = "right", mode: int = 0) -> Tile:
+                  side: str = "right", mode: int = 0, qblock: int = 0) -> Tile:
     """The tile ``kernel`` (``"project"``, ``"backproject"`` or ``"dct_gemm"``) launches with.
 
     A pure function of (arch, the pipelined operands' storage bytes, side, projector mode,
     shape bucket of ``M x N``): no timing, so every process and rank chooses the same.
     ``arch``: capability ``10 * major + minor``, or ``None`` under the interpreter.
-    ``K`` is accepted for the key but does not change today's choice.
+    ``K`` is accepted for the key but does not change today's choice. ``qblock``: for
+    ``"project_q8"`` only, the quantization block width ``min(block_size, N)`` that sets
+    the tile's ``bn`` (:func:`q8_tile`).
     """
     if kernel not in FAMILY_OF:
         raise ValueError(f"choose_config: unknown kernel {kernel!r}; expected one of {sorted(FAMILY_OF)}")
     if side not in ("right", "left"):
         raise ValueError(f"choose_config: side must be 'right' or 'left', got {side!r}")
     if arch is None:
-        return INTERPRET_TILE._replace(prefetch=FAMILY_OF[kernel] == _P and side == "right")
+        tile = INTERPRET_TILE._replace(prefetch=FAMILY_OF[kernel] == _P and side == "right")
+        return tile._replace(bn=q8_tile(tile, qblock).bn) if kernel == "project_q8" else tile
     if mode not in MODE_CLASS:
         raise ValueError(f"choose_config: mode must be 0 (dense), 1 (INT4) or 2 (DCT), got {mode!r}")
     wide = max(op_bytes) >= 4
     table = TABLES[(kernel, table_arch(int(arch)))]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
-    return entry[_bucket(int(M), int(N))]
+    tile = entry[_bucket(int(M), int(N))]
+    return q8_tile(tile, qblock) if kernel == "project_q8" else tile
 
 
-def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0) -> list:
-    """The tiles ``kernel`` launches without autotuning on ``arch`` (one per bucket, deduplicated)."""
+def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0, qblock: int = 256) -> list:
+    """The tiles ``kernel`` launches without autotuning on ``arch`` (one per bucket, deduplicated);
+    ``qblock``: the quantization block width of a ``"project_q8"`` launch (:func:`q8_tile`)."""
     table = TABLES[(kernel, table_arch(int(arch)))]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
+    if kernel == "project_q8":
+        entry = [q8_tile(t, qblock) for t in entry]
     return list(dict.fromkeys(entry))
 
 
-def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0) -> list:
+def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0, qblock: int = 256) -> list:
     """Every tile ``kernel`` may launch on ``arch`` with ``wide`` operands and projector
     ``mode``: the table's defaults for each bucket, then the autotuning extras (dense
-    16-bit operands only; deduplicated, in table order)."""
+    16-bit operands only; deduplicated, in table order). ``qblock``: as :func:`default_tiles`."""
     if arch is None:
-        return [INTERPRET_TILE, INTERPRET_TILE._replace(prefetch=True)] if FAMILY_OF[kernel] == _P else [INTERPRET_TILE]
+        base = INTERPRET_TILE
+        if kernel == "project_q8":
+            base = base._replace(bn=q8_tile(base, qblock).bn)
+        return [base, base._replace(prefetch=True)] if FAMILY_OF[kernel] == _P else [base]
     ta = table_arch(int(arch))
     table = TABLES[(kernel, ta)]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
+    if kernel == "project_q8":
+        entry = [q8_tile(t, qblock) for t in entry]
     out = []
     # Extras: 16-bit dense operands only (compiled for sm_80/sm_90: they spill with float32
     # operands); never one whose shared memory cannot fit.
@@ -354,33 +402,36 @@ CHOSEN: dict = {}
 
 def launch_gemm(kernel_name: str, kernel, grid: Callable, args: tuple, meta: dict, *, device: torch.device,
                 M: int, N: int, K: int, op_bytes: Sequence[int], side: str = "right", mode: int = 0,
-                restore: Sequence[torch.Tensor] = ()) -> Tile:
+                restore: Sequence[torch.Tensor] = (), qblock: int = 0) -> Tile:
     """Launch a tiled GEMM kernel with the config of :func:`choose_config` (or autotuned).
 
     ``grid(tile)`` gives the launch grid for a tile; ``restore``: tensors the kernel
-    writes, restored after each autotuning trial. Returns the tile launched.
+    writes, restored after each autotuning trial; ``qblock``: the quantization block width
+    of a ``"project_q8"`` launch (:func:`q8_tile`). Returns the tile launched.
     """
     family = FAMILY_OF[kernel_name]
     wide = max(op_bytes) >= 4
     if _CAPTURE is not None:
         arch = 90  # placeholder: the compile check replaces the tile per target arch
-        tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode)
+        tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode, qblock=qblock)
         full = dict(meta, **_tile_meta(family, tile, K), enable_fp_fusion=FP_FUSION[family])
-        key = dict(M=M, N=N, K=K, op_bytes=list(op_bytes), side=side, mode=mode)
+        key = dict(M=M, N=N, K=K, op_bytes=list(op_bytes), side=side, mode=mode, qblock=qblock)
         _CAPTURE.append(Launch(family, kernel, args, full, kernel_name, wide, key))
         return tile
     with device_guard(device):
         arch = device_arch(device)
         if AUTOTUNE and arch is not None:
-            key = (kernel_name, device.index, M, N, K, tuple(op_bytes), side, mode,
+            key = (kernel_name, device.index, M, N, K, tuple(op_bytes), side, mode, qblock,
                    tuple(sorted((k, str(v)) for k, v in meta.items())))
             tile = _TUNED.get(key)
             if tile is None:
-                tile = _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode)
+                tile = _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode, qblock)
                 _TUNED[key] = tile
         else:
-            tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode)
-        CHOSEN[(kernel_name, M, N, K, tuple(op_bytes), side, mode, arch)] = tile.label()
+            tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode,
+                                 qblock=qblock)
+        name = kernel_name if kernel_name != "project_q8" else f"{kernel_name}[qblock={qblock}]"
+        CHOSEN[(name, M, N, K, tuple(op_bytes), side, mode, arch)] = tile.label()
         kernel[grid(tile)](*args, **meta, **_tile_meta(family, tile, K), enable_fp_fusion=FP_FUSION[family])
     return tile
 
@@ -389,10 +440,10 @@ def _tile_meta(family: str, tile: Tile, K: int) -> dict:
     return dict(tile.meta(family), EVEN_K=K % tile.bk == 0)
 
 
-def _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode=0) -> Tile:
+def _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode=0, qblock=256) -> Tile:
     """Time every candidate (restoring ``restore`` after each run); rank 0's choice wins."""
     family = FAMILY_OF[kernel_name]
-    cands = candidates(kernel_name, arch, wide=wide, mode=mode)
+    cands = candidates(kernel_name, arch, wide=wide, mode=mode, qblock=qblock or 256)
     saved = [t.clone() for t in restore]
 
     def put_back():

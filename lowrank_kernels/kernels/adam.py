@@ -6,6 +6,15 @@ in flat blocks, computes in float32 ``M = b1 M + (1-b1) R``, ``V = b2 V + (1-b2)
 ``M``, ``V`` in place and ``N`` in the moments' dtype: one read of three tensors, three
 writes, no GEMM (APOLLO and FRUGAL project ``R`` themselves).
 
+Moment formats (m8spec, reference/moments.py): with ``moment_seed >= 0`` bf16 moments
+are stored with stochastic rounding (counter = flat index, ``+ numel`` for ``V``), in
+the same kernel. 8-bit moments (uint8 codes + float32 absmax per block of at most
+``block_size`` elements along the last dim) take ``_adam_update_q8_kernel``: each
+program owns ``BLOCK_R`` rows x one quantization block, dequantizes both moments
+through the 256-entry maps, updates them in float32, computes ``N`` (float32) from those
+values and requantizes (fresh absmax per block, nearest map entry), with the projection
+epilogue's helpers (kernels/projection.py), so no float32 moment reaches memory.
+
 Non-contiguous inputs go through contiguous copies (the moments are copied back after
 the kernel): the optimizers pass contiguous state, so that path is for correctness only.
 float64 is rejected with a TypeError (use the reference or C++ backend).
@@ -17,17 +26,32 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels import _launch as L
-from lowrank_kernels.kernels.projection import _cast_out, _check_dtypes
+from lowrank_kernels.kernels.projection import (
+    MOMENTS_Q8,
+    _cast_out,
+    _check_dtypes,
+    _foreach_moment_formats,
+    _moment_named,
+    _q8_decode,
+    _q8_encode,
+    _round_sr_bf16,
+    moment_format,
+    q8_maps,
+)
 
 _BLOCK = 1024
+# 8-bit: elements per program (BLOCK_R rows x one block of BLOCK_C >= block_size lanes)
+_Q8_ELEMS = 1024
 
 
 @triton.jit
 def _adam_update_kernel(
     r_ptr, m_ptr, v_ptr, n_ptr, numel,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-    BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1, k2,
+    BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SR: tl.constexpr,
 ):
+    """Flat blocks of ``BLOCK`` elements; ``SR``: bf16 moments stored with stochastic
+    rounding (keys ``k1``/``k2``, counter = flat index, ``+ numel`` for ``V``)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -36,46 +60,100 @@ def _adam_update_kernel(
     m = beta1 * m + one_minus_beta1 * r
     v = beta2 * v + one_minus_beta2 * (r * r)
     n = tl.math.div_rn(m, tl.sqrt_rn(v) + eps)  # IEEE division and sqrt, as the projection epilogue
-    tl.store(m_ptr + offs, _cast_out(m, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    tl.store(v_ptr + offs, _cast_out(v, v_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if SR:
+        tl.store(m_ptr + offs, _round_sr_bf16(m, offs.to(tl.uint32), k1, k2, INTERPRET), mask=mask)
+        tl.store(v_ptr + offs, _round_sr_bf16(v, (offs + numel).to(tl.uint32), k1, k2, INTERPRET), mask=mask)
+    else:
+        tl.store(m_ptr + offs, _cast_out(m, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(v_ptr + offs, _cast_out(v, v_ptr.dtype.element_ty, INTERPRET), mask=mask)
     tl.store(n_ptr + offs, _cast_out(n, n_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def _launch(r, m, v, out, numel, beta1, beta2, eps):
+@triton.jit
+def _adam_update_q8_kernel(
+    r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr, rows, cols, nblk, qstep,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """8-bit moments (contiguous ``rows x cols``): program ``pid`` owns rows
+    ``[(pid // nblk) * BLOCK_R, +BLOCK_R)`` x quantization block ``pid % nblk`` (``qstep =
+    min(block_size, cols)`` columns in ``BLOCK_C`` lanes); ``qmap_ptr`` as the projection
+    kernel's (kernels/projection.py ``q8_maps``)."""
+    pid = tl.program_id(0)
+    blk = pid % nblk
+    offs_r = (pid // nblk).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    lane = tl.arange(0, BLOCK_C)
+    offs_c = blk.to(tl.int64) * qstep + lane
+    mask_r = offs_r < rows
+    mask = mask_r[:, None] & ((offs_c < cols) & (lane < qstep))[None, :]
+    offs = offs_r[:, None] * cols + offs_c[None, :]
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    am = tl.load(ma_ptr + offs_r * nblk + blk, mask=mask_r, other=0.0)
+    av = tl.load(va_ptr + offs_r * nblk + blk, mask=mask_r, other=0.0)
+    m = _q8_decode(tl.load(m_ptr + offs, mask=mask, other=0), am, qmap_ptr)
+    v = _q8_decode(tl.load(v_ptr + offs, mask=mask, other=0), av, qmap_ptr + 256)
+    m = beta1 * m + one_minus_beta1 * r
+    v = beta2 * v + one_minus_beta2 * (r * r)
+    n = tl.math.div_rn(m, tl.sqrt_rn(v) + eps)
+    tl.store(n_ptr + offs, n, mask=mask)
+    cm, am = _q8_encode(m, mask, qmap_ptr + 512)
+    tl.store(m_ptr + offs, cm, mask=mask)
+    tl.store(ma_ptr + offs_r * nblk + blk, am, mask=mask_r)
+    cv, av = _q8_encode(v, mask, qmap_ptr + 768)
+    tl.store(v_ptr + offs, cv, mask=mask)
+    tl.store(va_ptr + offs_r * nblk + blk, av, mask=mask_r)
+
+
+def _launch(r, m, v, out, numel, beta1, beta2, eps, fmt):
     # Through the shared plumbing: device guard, explicit enable_fp_fusion, compile-check capture.
+    if fmt.mode == MOMENTS_Q8:
+        cols = out.shape[-1]
+        rows = numel // cols
+        qstep = min(fmt.block_size, cols)
+        nblk = triton.cdiv(cols, fmt.block_size)
+        block_c = max(16, triton.next_power_of_2(qstep))
+        block_r = max(1, _Q8_ELEMS // block_c)
+        L.launch(
+            "adam", _adam_update_q8_kernel, (triton.cdiv(rows, block_r) * nblk,),
+            (r, m, v, fmt.m_absmax, fmt.v_absmax, q8_maps(out.device), out, rows, cols, nblk, qstep,
+             float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps)),
+            dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8), device=out.device,
+        )
+        return
     L.launch(
         "adam", _adam_update_kernel, (triton.cdiv(numel, _BLOCK),),
-        (r, m, v, out, numel, float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps)),
-        dict(BLOCK=_BLOCK, INTERPRET=L.INTERPRET, num_warps=4), device=out.device,
+        (r, m, v, out, numel, float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
+         fmt.k1, fmt.k2),
+        dict(BLOCK=_BLOCK, INTERPRET=L.INTERPRET, SR=fmt.mode != 0, num_warps=4), device=out.device,
     )
-
-
-def _moments_not_yet(op, m_absmax, v_absmax, moment_seed):
-    if m_absmax is not None or v_absmax is not None or moment_seed >= 0:
-        raise NotImplementedError(
-            f"{op}: 8-bit / stochastically rounded moments are not implemented in the Triton backend yet"
-        )
 
 
 def adam_update_triton(r, exp_avg, exp_avg_sq, beta1, beta2, eps, m_absmax=None, v_absmax=None, block_size=0,
                        moment_seed=-1):
-    """Triton backend of ``lowrank_kernels::adam_update`` (arguments as the op)."""
-    _moments_not_yet("adam_update", m_absmax, v_absmax, moment_seed)
-    _check_dtypes("adam_update", (("r", r), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)))
-    out = torch.empty(exp_avg.shape, dtype=exp_avg.dtype, device=exp_avg.device)
-    _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps)
+    """Triton backend of ``lowrank_kernels::adam_update`` (arguments as the op).
+
+    ``N`` in the moments' dtype, float32 for 8-bit moments (``m_absmax``/``v_absmax`` given;
+    blocks along ``r``'s last dim); bf16 moments with ``moment_seed >= 0`` are stored with
+    stochastic rounding (see the module doc).
+    """
+    fmt = moment_format("adam_update", exp_avg, exp_avg_sq, m_absmax, v_absmax, block_size, moment_seed)
+    _check_dtypes("adam_update", (("r", r),) + _moment_named(fmt, exp_avg, exp_avg_sq))
+    out = torch.empty(exp_avg.shape, dtype=torch.float32 if fmt.mode == MOMENTS_Q8 else exp_avg.dtype,
+                      device=exp_avg.device)
+    _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, fmt)
     return out
 
 
-def _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps):
-    """The update with ``N`` written into ``out`` (contiguous, moments' dtype and shape)."""
+def _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, fmt):
+    """The update with ``N`` written into ``out`` (contiguous, moments' shape; moments' dtype,
+    float32 for 8-bit moments)."""
     numel = out.numel()
     if numel == 0:
         return
     rc = r.contiguous()
     m = exp_avg if exp_avg.is_contiguous() else exp_avg.contiguous()
     v = exp_avg_sq if exp_avg_sq.is_contiguous() else exp_avg_sq.contiguous()
-    _launch(rc, m, v, out, numel, beta1, beta2, eps)
+    _launch(rc, m, v, out, numel, beta1, beta2, eps, fmt)
     if m is not exp_avg:
         exp_avg.copy_(m)
     if v is not exp_avg_sq:
@@ -85,12 +163,13 @@ def _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps):
 def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_absmax, v_absmax, block_size,
                                moment_seed):
     """Triton backend of ``lowrank_kernels::adam_foreach_update``: for now one launch per
-    entry (after a dtype check of every entry, so nothing is written on a bad one), ``N``
-    into ``n[i]``; a grouped launch over the whole list is later work."""
-    if len(m_absmax) or len(v_absmax) or any(s >= 0 for s in moment_seed):
-        _moments_not_yet("adam_foreach_update", m_absmax, v_absmax, 0)
+    entry (after a dtype and moment-format check of every entry, so nothing is written on
+    a bad one), ``N`` into ``n[i]``; a grouped launch over the whole list is later work.
+    ``m_absmax`` / ``v_absmax`` / ``moment_seed``: one entry per tensor, or empty (not given)."""
+    fmts = _foreach_moment_formats("adam_foreach_update", exp_avg, exp_avg_sq, m_absmax, v_absmax, block_size,
+                                   moment_seed)
     for i in range(len(r)):
-        _check_dtypes(f"adam_foreach_update (entry {i})",
-                      (("r", r[i]), ("exp_avg", exp_avg[i]), ("exp_avg_sq", exp_avg_sq[i])))
+        _check_dtypes(f"adam_foreach_update (entry {i})", (("r", r[i]),) + _moment_named(fmts[i], exp_avg[i],
+                                                                                          exp_avg_sq[i]))
     for i in range(len(r)):
-        _update(r[i], exp_avg[i], exp_avg_sq[i], n[i], beta1, beta2, eps)
+        _update(r[i], exp_avg[i], exp_avg_sq[i], n[i], beta1, beta2, eps, fmts[i])

@@ -56,6 +56,9 @@ import torch
 import triton
 import triton.language as tl
 
+import math
+from typing import NamedTuple, Optional
+
 from lowrank_kernels.kernels import _launch as L
 from lowrank_kernels.reference.projection import adam_step_size
 
@@ -85,9 +88,13 @@ PROJ_DCT = 2
 @triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, grouped GROUP_M tile-rows at a time for L2 reuse."""
+    return _group_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+
+@triton.jit
+def _group_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program on a ``num_pid_m x num_pid_n`` grid, GROUP_M rows at a time."""
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -236,6 +243,93 @@ def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: t
     return offs_m, offs_n, offs_k, offs_m < M, offs_n < N
 
 
+@triton.jit
+def _tile_offsets_q8(M, N, qstep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, IDX64: tl.constexpr):
+    """As :func:`_tile_offsets` for 8-bit moments: the program's columns are quantization
+    block ``pid_n`` (``[pid_n * qstep, pid_n * qstep + qstep)`` with ``qstep = min(block_size, N)``,
+    ``BLOCK_N >= qstep`` lanes, the extra lanes masked off). Also returns ``pid_n``."""
+    pid_m, pid_n = _group_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(N, qstep), GROUP_M)
+    lane = tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * qstep + lane
+    offs_k = tl.arange(0, BLOCK_K)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    return offs_m, offs_n, offs_k, offs_m < M, (offs_n < N) & (lane < qstep), pid_n
+
+
+# --------------------------------------------------------------------------- moment formats
+# MOMENTS constexpr of the Adam epilogues (kernels/projection.py, kernels/adam.py):
+MOMENTS_PLAIN = 0  # moments in their dtype (float32 / bf16 / fp16), round to nearest on store
+MOMENTS_SR16 = 1  # bf16 moments, stochastic rounding on store (moment_seed >= 0)
+MOMENTS_Q8 = 2  # uint8 codes + float32 absmax per block (reference/moments.py)
+
+
+@triton.jit
+def _hash32(x):
+    """The 32-bit "lowbias32" hash of reference/quant.py (``mix32``) on uint32 ``x``
+    (uint32 arithmetic: products wrap mod 2**32, shifts are logical). kernels/quant.py's
+    ``_mix32`` computes the same in int64; this one needs half the registers."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _round_sr_bf16(x, ctr, k1, k2, INTERPRET: tl.constexpr):
+    """``x`` (float32) rounded stochastically to bfloat16 (reference/moments.py ``bf16_round_sr_ref``).
+
+    ``ctr``: the uint32 counter of each element (the low 32 bits of the flat index,
+    + numel for the second moment: the reference hashes ``i & 0xFFFFFFFF``). ``bf16 bits = (bits(x) + (h >> 16)) >> 16`` with
+    ``h = mix32(mix32(idx ^ k1) ^ k2)``; NaN and infinities round to nearest (pass
+    through). The sum is formed in uint32 (no wrap: a finite float's bits plus 0xFFFF
+    stay below 2**32), truncated, then converted to bfloat16 exactly (the value is
+    already a bfloat16).
+    """
+    h = _hash32(_hash32(ctr ^ tl.cast(k1, tl.uint32)) ^ tl.cast(k2, tl.uint32))  # tl.cast: k may be a constexpr 1
+    b = x.to(tl.uint32, bitcast=True)
+    sr = ((b + (h >> 16)) & tl.full((), 0xFFFF0000, tl.uint32)).to(tl.float32, bitcast=True)
+    finite = (x == x) & (tl.abs(x) != float("inf"))
+    return _cast_out(tl.where(finite, sr, x), tl.bfloat16, INTERPRET)
+
+
+@triton.jit
+def _q8_decode(codes, absmax, map_ptr):
+    """``map[codes] * absmax[row]`` (float32): one quantization block per tile row."""
+    return tl.load(map_ptr + codes.to(tl.int32)) * absmax[:, None]
+
+
+@triton.jit
+def _q8_encode(x, mask, mids_ptr):
+    """``(codes, absmax)`` of float32 ``x`` (one quantization block per tile row, ``mask``
+    the block's valid elements), exactly as reference/moments.py ``moments_quantize_ref``.
+
+    ``absmax = max |x|`` over the block; ``codes`` = the number of the map's 255 float32
+    midpoints (``mids_ptr``, sorted) strictly below ``x * (1 / absmax)`` (nearest entry, ties
+    down), found by an 8-step binary search over the count. A block holding a NaN or an
+    infinity gets ``absmax = NaN`` and every code of the map's zero entry (the code of
+    ``0``); a zero block gets ``absmax = 0``.
+    """
+    ax = tl.where(mask, tl.abs(x), 0.0)
+    absmax = tl.max(ax, axis=1)
+    bad = tl.max(tl.where(mask & ((x != x) | (tl.abs(x) == float("inf"))), 1, 0), axis=1) > 0
+    safe = tl.where(absmax > 0, absmax, 1.0)
+    inv = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+    normed = tl.where(bad[:, None], 0.0, x * inv[:, None])
+    c = tl.zeros(x.shape, tl.int32)
+    for j in tl.static_range(8):
+        # after the steps 128 .. 2^(8-j): c <= 255 - 2 * 2^(7-j) + 1, so c + step - 1 <= 254
+        mid = tl.load(mids_ptr + c + ((128 >> j) - 1))
+        c = tl.where(mid < normed, c + (128 >> j), c)
+    absmax = tl.where(bad, float("nan"), absmax)
+    return c.to(tl.uint8), absmax
+
+
 # --------------------------------------------------------------------------- project + Adam
 @triton.jit
 def _projection_project_adam_kernel(
@@ -248,12 +342,14 @@ def _projection_project_adam_kernel(
     stride_n0, stride_n1,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     aux0_ptr, aux1_ptr, aux_int, aux_bound,
+    ma_ptr, va_ptr, qmap_ptr, qstep, nblk, k1, k2, sr_off,
     SIDE_RIGHT: tl.constexpr,
     PROJ_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     IDX64: tl.constexpr,
     INTERPRET: tl.constexpr,
+    MOMENTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -265,16 +361,33 @@ def _projection_project_adam_kernel(
 
     right: ``R[i, j] = sum_k G[i, k] P[j, k]`` (M=m, N=r, K=n);
     left:  ``R[i, j] = sum_k P[k, i] G[k, j]`` (M=r, N=n, K=m).
+
+    ``MOMENTS``: :data:`MOMENTS_PLAIN` (moments in their dtype; ``ma_ptr`` .. ``sr_off``
+    unused), :data:`MOMENTS_SR16` (bf16 moments stored with stochastic rounding, keys
+    ``k1``/``k2``, counter = flat index, ``+ sr_off`` (the numel) for ``V``) or
+    :data:`MOMENTS_Q8` (``m_ptr``/``v_ptr`` uint8 codes, ``ma_ptr``/``va_ptr`` the float32
+    absmax, ``nblk`` blocks per row, ``qmap_ptr`` = signed map, unsigned map, signed
+    midpoints, unsigned midpoints at offsets 0/256/512/768; the program's columns are
+    one quantization block of ``qstep`` columns, see :func:`_tile_offsets_q8`).
     """
-    offs_m, offs_n, offs_k, mask_m, mask_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IDX64)
+    if MOMENTS == 2:
+        offs_m, offs_n, offs_k, mask_m, mask_n, blk = _tile_offsets_q8(M, N, qstep, BLOCK_M, BLOCK_N, BLOCK_K,
+                                                                       GROUP_M, IDX64)
+        ma_ptrs = ma_ptr + offs_m * nblk + blk
+        va_ptrs = va_ptr + offs_m * nblk + blk
+    else:
+        offs_m, offs_n, offs_k, mask_m, mask_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IDX64)
     mask = mask_m[:, None] & mask_n[None, :]
     m_ptrs = m_ptr + offs_m[:, None] * stride_m0 + offs_n[None, :] * stride_m1
     v_ptrs = v_ptr + offs_m[:, None] * stride_v0 + offs_n[None, :] * stride_v1
     if PREFETCH:
         # Issue the moments' loads before the GEMM so their latency hides behind it (costs
         # registers across the loop: only the smaller tiles try it).
-        mo = tl.load(m_ptrs, mask=mask, other=0.0)
-        vo = tl.load(v_ptrs, mask=mask, other=0.0)
+        mo = tl.load(m_ptrs, mask=mask, other=0)
+        vo = tl.load(v_ptrs, mask=mask, other=0)
+        if MOMENTS == 2:
+            am = tl.load(ma_ptrs, mask=mask_m, other=0.0)
+            av = tl.load(va_ptrs, mask=mask_m, other=0.0)
 
     acc = _gemm_main_loop(
         g_ptr, stride_g0, stride_g1, p_ptr, stride_p_rank, stride_p_dim, aux0_ptr, aux1_ptr, aux_int, aux_bound,
@@ -282,19 +395,39 @@ def _projection_project_adam_kernel(
         SIDE_RIGHT, False, PROJ_MODE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
     )
 
-    # Epilogue: the Adam moments of this tile, and N.
+    # Epilogue: the Adam moments of this tile, and N (from the float32 moments).
     if not PREFETCH:
-        mo = tl.load(m_ptrs, mask=mask, other=0.0)
-        vo = tl.load(v_ptrs, mask=mask, other=0.0)
-    mo = mo.to(tl.float32)
-    vo = vo.to(tl.float32)
+        mo = tl.load(m_ptrs, mask=mask, other=0)
+        vo = tl.load(v_ptrs, mask=mask, other=0)
+        if MOMENTS == 2:
+            am = tl.load(ma_ptrs, mask=mask_m, other=0.0)
+            av = tl.load(va_ptrs, mask=mask_m, other=0.0)
+    if MOMENTS == 2:
+        mo = _q8_decode(mo, am, qmap_ptr)
+        vo = _q8_decode(vo, av, qmap_ptr + 256)
+    else:
+        mo = mo.to(tl.float32)
+        vo = vo.to(tl.float32)
     mo = beta1 * mo + one_minus_beta1 * acc
     vo = beta2 * vo + one_minus_beta2 * (acc * acc)
-    tl.store(m_ptrs, _cast_out(mo, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    tl.store(v_ptrs, _cast_out(vo, v_ptr.dtype.element_ty, INTERPRET), mask=mask)
     nn = tl.math.div_rn(mo, tl.sqrt_rn(vo) + eps)
     tl.store(n_ptr + offs_m[:, None] * stride_n0 + offs_n[None, :] * stride_n1, _cast_out(nn, n_ptr.dtype.element_ty, INTERPRET),
              mask=mask)
+    if MOMENTS == 2:
+        cm, am = _q8_encode(mo, mask, qmap_ptr + 512)
+        tl.store(m_ptrs, cm, mask=mask)
+        tl.store(ma_ptrs, am, mask=mask_m)
+        cv, av = _q8_encode(vo, mask, qmap_ptr + 768)
+        tl.store(v_ptrs, cv, mask=mask)
+        tl.store(va_ptrs, av, mask=mask_m)
+    elif MOMENTS == 1:
+        # flat index mod 2**32 in uint32 arithmetic (half the registers of an int64 tile)
+        ctr = offs_m.to(tl.uint32)[:, None] * tl.cast(N, tl.uint32) + offs_n.to(tl.uint32)[None, :]
+        tl.store(m_ptrs, _round_sr_bf16(mo, ctr, k1, k2, INTERPRET), mask=mask)
+        tl.store(v_ptrs, _round_sr_bf16(vo, ctr + tl.cast(sr_off, tl.uint32), k1, k2, INTERPRET), mask=mask)
+    else:
+        tl.store(m_ptrs, _cast_out(mo, m_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(v_ptrs, _cast_out(vo, v_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # --------------------------------------------------------------------------- back-project + apply
@@ -388,17 +521,125 @@ def _op_bytes(*tensors_or_dtypes) -> list:
     return [t.itemsize if isinstance(t, torch.dtype) else t.element_size() for t in tensors_or_dtypes]
 
 
-def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps) -> torch.Tensor:
+# --------------------------------------------------------------------------- moment formats (host side)
+class MomentFormat(NamedTuple):
+    """How the Adam moments of one launch are stored (see :func:`moment_format`)."""
+
+    mode: int  # MOMENTS_PLAIN / MOMENTS_SR16 / MOMENTS_Q8
+    m_absmax: Optional[torch.Tensor] = None
+    v_absmax: Optional[torch.Tensor] = None
+    block_size: int = 0
+    k1: int = 0
+    k2: int = 0
+
+
+PLAIN = MomentFormat(MOMENTS_PLAIN)
+
+
+def moment_format(op: str, exp_avg, exp_avg_sq, m_absmax=None, v_absmax=None, block_size=0,
+                  moment_seed=-1) -> MomentFormat:
+    """Check the moment-format arguments of a launcher (m8spec: the op layer checks them too)
+    and return the :class:`MomentFormat`; ValueError / TypeError naming the argument, before
+    any write.
+
+    8-bit iff ``m_absmax`` and ``v_absmax`` are both given: the moments are uint8 codes of one
+    shape (at least 1-D), each absmax float32, contiguous, of shape
+    ``shape[:-1] + (ceil(cols / block_size),)`` on the moments' device, ``1 <= block_size <= 256``.
+    Otherwise ``block_size`` must be 0. ``moment_seed >= 0`` (stochastic rounding) only with
+    bfloat16 moments.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{op}: block_size must be an int, got {block_size!r}")
+    if isinstance(moment_seed, bool) or not isinstance(moment_seed, int):
+        raise TypeError(f"{op}: moment_seed must be an int, got {moment_seed!r}")
+    if (m_absmax is None) != (v_absmax is None):
+        raise ValueError(f"{op}: m_absmax and v_absmax must be given together (8-bit moments) or both be None, "
+                         f"got m_absmax={'None' if m_absmax is None else 'a tensor'}, "
+                         f"v_absmax={'None' if v_absmax is None else 'a tensor'}")
+    if m_absmax is None:
+        if block_size != 0:
+            raise ValueError(f"{op}: block_size must be 0 unless the moments are 8-bit (m_absmax/v_absmax given), "
+                             f"got {block_size}")
+        if moment_seed < 0:
+            return PLAIN
+        for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if t.dtype != torch.bfloat16:
+                raise ValueError(f"{op}: moment_seed={moment_seed} (stochastic rounding) needs bfloat16 moments, "
+                                 f"but {name} is {t.dtype}; pass moment_seed=-1")
+        from lowrank_kernels.reference.quant import seed_keys
+
+        k1, k2 = seed_keys(moment_seed)
+        return MomentFormat(MOMENTS_SR16, k1=k1, k2=k2)
+    if moment_seed >= 0:
+        raise ValueError(f"{op}: moment_seed={moment_seed} (stochastic rounding) needs bfloat16 moments, but the "
+                         "moments are 8-bit; pass moment_seed=-1")
+    if not 1 <= block_size <= 256:
+        raise ValueError(f"{op}: block_size must be in [1, 256] for 8-bit moments, got {block_size}")
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{op}: 8-bit moments: {name} must be uint8 codes, got {t.dtype}")
+    if exp_avg.dim() < 1 or exp_avg_sq.shape != exp_avg.shape:
+        raise ValueError(f"{op}: 8-bit moments: exp_avg and exp_avg_sq must have one shape of at least one dim, "
+                         f"got {tuple(exp_avg.shape)} and {tuple(exp_avg_sq.shape)}")
+    want = tuple(exp_avg.shape[:-1]) + (math.ceil(exp_avg.shape[-1] / block_size),)
+    for name, t in (("m_absmax", m_absmax), ("v_absmax", v_absmax)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"{op}: {name} must have shape {want} for moments of shape {tuple(exp_avg.shape)} and "
+                             f"block_size {block_size}, got {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
+        if t.device != exp_avg.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the moments are on {exp_avg.device}")
+    return MomentFormat(MOMENTS_Q8, m_absmax, v_absmax, block_size)
+
+
+_Q8_MAPS: dict = {}
+
+
+def q8_maps(device) -> torch.Tensor:
+    """float32 ``[1024]`` on ``device`` (built once per device): the signed map (first moment),
+    the unsigned map (second moment), then each map's 255 decision midpoints
+    ``(map[i] + map[i + 1]) / 2`` (float32, as reference/moments.py) padded with ``+inf``,
+    at offsets 0 / 256 / 512 / 768 (``qmap_ptr`` of the 8-bit epilogues)."""
+    from lowrank_kernels.reference.moments import moments_dynamic_map
+
+    device = torch.device(device)
+    key = str(device)
+    hit = _Q8_MAPS.get(key)
+    if hit is None:
+        parts = [moments_dynamic_map(True, "cpu"), moments_dynamic_map(False, "cpu")]
+        inf = torch.full((1,), float("inf"), dtype=torch.float32)
+        for values in parts[:2]:
+            parts.append(torch.cat([(values[:-1] + values[1:]) / 2.0, inf]))
+        hit = _Q8_MAPS[key] = torch.cat(parts).to(torch.float32).to(device)
+    return hit
+
+
+def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps,
+                         fmt: MomentFormat = PLAIN) -> torch.Tensor:
     m, n = grad.shape
     right = side == "right"
     p, rank, sp_rank, sp_dim, p_dtypes, aux0, aux1, aux_int, aux_bound, mode, p_idx64 = _proj_launch_args(proj, side)
     M, N, K = (m, rank, n) if right else (rank, n, m)
-    out = torch.empty(exp_avg.shape, dtype=exp_avg.dtype, device=exp_avg.device)
+    q8 = fmt.mode == MOMENTS_Q8
+    out = torch.empty(exp_avg.shape, dtype=torch.float32 if q8 else exp_avg.dtype, device=exp_avg.device)
     if out.numel() == 0:
         return out
     dot_dtype, precision = _dot_config(grad.dtype, *p_dtypes)
+    if q8:
+        # one quantization block of qstep columns per program along N (kernels/_launch.py q8_tile)
+        qstep, nblk = min(fmt.block_size, N), triton.cdiv(N, fmt.block_size)
+        ma, va, qmap = fmt.m_absmax, fmt.v_absmax, q8_maps(exp_avg.device)
+        kname, grid, restore = "project_q8", (lambda tile: (triton.cdiv(M, tile.bm) * triton.cdiv(N, qstep),)), \
+            (exp_avg, exp_avg_sq, ma, va)
+    else:
+        qstep, nblk, ma, va, qmap = 0, 0, exp_avg, exp_avg_sq, exp_avg  # unused by the kernel
+        kname = "project_sr" if fmt.mode == MOMENTS_SR16 else "project"
+        grid, restore = _grid(M, N), (exp_avg, exp_avg_sq)
     L.launch_gemm(
-        "project", _projection_project_adam_kernel, _grid(M, N),
+        kname, _projection_project_adam_kernel, grid,
         (
             grad, p, exp_avg, exp_avg_sq, out,
             M, N, K,
@@ -409,6 +650,7 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
             out.stride(0), out.stride(1),
             float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
             aux0, aux1, aux_int, aux_bound,
+            ma, va, qmap, qstep, nblk, fmt.k1, fmt.k2, (M * N) & 0xFFFFFFFF,
         ),
         dict(
             SIDE_RIGHT=right,
@@ -417,9 +659,10 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
             INPUT_PRECISION=precision,
             IDX64=p_idx64 or _needs_int64(grad, exp_avg, exp_avg_sq, out),
             INTERPRET=_INTERPRET,
+            MOMENTS=fmt.mode,
         ),
         device=grad.device, M=M, N=N, K=K, op_bytes=_op_bytes(grad, p), side=side, mode=mode,
-        restore=(exp_avg, exp_avg_sq),
+        restore=restore, qblock=qstep,
     )
     return out
 
@@ -499,6 +742,11 @@ def projection_project_triton(grad, proj, side, indices=None, q_scale=None, q_mi
     return out
 
 
+def _moment_named(fmt, exp_avg, exp_avg_sq):
+    """The moments for :func:`_check_dtypes` (8-bit codes are checked by :func:`moment_format`)."""
+    return () if fmt.mode == MOMENTS_Q8 else (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
+
+
 def projection_project_adam_triton(
     grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, indices=None, q_scale=None, q_min=None, rank=0,
     group_size=0, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1,
@@ -506,17 +754,19 @@ def projection_project_adam_triton(
     """Triton backend of ``lowrank_kernels::projection_project_adam`` (arguments as the op).
 
     One kernel: ``R`` tile by tile with float32 accumulation, the Adam moments updated
-    in place in its epilogue, ``N = M / (sqrt(V) + eps)`` returned in the moments' dtype.
-    The projector's kind picks the tile loader's ``PROJ_MODE`` (dense, DCT gather, INT4).
+    in place in its epilogue, ``N = M / (sqrt(V) + eps)`` returned in the moments' dtype
+    (float32 for 8-bit moments). The projector's kind picks the tile loader's
+    ``PROJ_MODE`` (dense, DCT gather, INT4). Moment formats (m8spec): 8-bit when
+    ``m_absmax``/``v_absmax`` are given (codes dequantized, updated in float32 and
+    requantized in the epilogue, one quantization block per program along the moment's
+    columns; no float32 moment reaches memory); bf16 moments with stochastic rounding
+    when ``moment_seed >= 0``.
     """
-    _moments_not_yet("projection_project_adam", m_absmax, v_absmax, moment_seed)
     m, n = grad.shape
     desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
-    _check_dtypes(
-        "projection_project_adam",
-        (("grad", grad),) + named + (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
-    )
-    return _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+    fmt = moment_format("projection_project_adam", exp_avg, exp_avg_sq, m_absmax, v_absmax, block_size, moment_seed)
+    _check_dtypes("projection_project_adam", (("grad", grad),) + named + _moment_named(fmt, exp_avg, exp_avg_sq))
+    return _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps, fmt)
 
 
 def projection_backproject_apply_triton(
@@ -559,33 +809,45 @@ def _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size):
     return proj
 
 
-def _moments_not_yet(op, m_absmax, v_absmax, moment_seed):
-    if m_absmax is not None or v_absmax is not None or moment_seed >= 0:
-        raise NotImplementedError(
-            f"{op}: 8-bit / stochastically rounded moments are not implemented in the Triton backend yet"
-        )
-
-
 def projection_project_update_backproject_triton(
     param, grad, proj, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step, weight_decay, scale, indices=None,
     q_scale=None, q_min=None, rank=0, group_size=0, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1,
 ):
     """Triton backend of ``lowrank_kernels::projection_project_update_backproject``.
 
-    The two kernels above: ``N`` (moments' dtype, as the reference rounds it), then
-    ``param = (1 - lr * wd) * param - step_size * scale * back(N)`` with
-    ``step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step)``.
+    The two kernels above: ``N`` (moments' dtype, as the reference rounds it; float32 for
+    8-bit moments), then ``param = (1 - lr * wd) * param - step_size * scale * back(N)`` with
+    ``step_size = lr * sqrt(1 - beta2^step) / (1 - beta1^step)``. Moment formats as
+    :func:`projection_project_adam_triton`.
     """
-    _moments_not_yet("projection_project_update_backproject", m_absmax, v_absmax, moment_seed)
     m, n = param.shape
     desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
-    _check_dtypes(
-        "projection_project_update_backproject",
-        (("param", param), ("grad", grad)) + named + (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)),
-    )
-    n_upd = _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps)
+    op = "projection_project_update_backproject"
+    fmt = moment_format(op, exp_avg, exp_avg_sq, m_absmax, v_absmax, block_size, moment_seed)
+    _check_dtypes(op, (("param", param), ("grad", grad)) + named + _moment_named(fmt, exp_avg, exp_avg_sq))
+    _project_update_backproject(param, grad, desc, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step,
+                                weight_decay, scale, fmt)
+
+
+def _project_update_backproject(param, grad, desc, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step,
+                                weight_decay, scale, fmt):
+    n_upd = _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps, fmt)
     step_size = adam_step_size(lr, beta1, beta2, step)
     _launch_backproject_apply(param, n_upd, desc, side, -step_size * scale, 1.0 - lr * weight_decay)
+
+
+def _foreach_moment_formats(op, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, block_size, moment_seed):
+    """Each entry's :class:`MomentFormat` from the multi-tensor ops' lists (empty = not given)."""
+    n = len(exp_avgs)
+    m_absmax, v_absmax, moment_seed = list(m_absmax or ()), list(v_absmax or ()), list(moment_seed or ())
+    for name, lst in (("m_absmax", m_absmax), ("v_absmax", v_absmax), ("moment_seed", moment_seed)):
+        if len(lst) not in (0, n):
+            raise ValueError(f"{op}: {name} must be empty or have one entry per parameter ({n}), got {len(lst)}")
+    return [
+        moment_format(f"{op} (parameter {i})", exp_avgs[i], exp_avg_sqs[i], m_absmax[i] if m_absmax else None,
+                      v_absmax[i] if v_absmax else None, block_size, moment_seed[i] if moment_seed else -1)
+        for i in range(n)
+    ]
 
 
 def projection_foreach_project_update_backproject_triton(
@@ -595,25 +857,24 @@ def projection_foreach_project_update_backproject_triton(
     """Triton backend of ``lowrank_kernels::projection_foreach_project_update_backproject``.
 
     For now a loop over the single-tensor launchers (two launches per parameter), after a
-    dtype check of every entry (so an unsupported dtype fails before any write). A grouped
-    launch over the whole list (pointer/shape tables, one tile scheduler) is later work.
+    dtype and moment-format check of every entry (so a bad entry fails before any write).
+    A grouped launch over the whole list (pointer/shape tables, one tile scheduler) is
+    later work. ``m_absmax`` / ``v_absmax`` / ``moment_seed``: lists with one entry per
+    parameter, or empty (not given); one bucket has one moment format.
     """
     from lowrank_kernels.reference.projection import projector_tail
 
-    if len(m_absmax) or len(v_absmax) or any(s >= 0 for s in moment_seed):
-        _moments_not_yet("projection_foreach_project_update_backproject", m_absmax, v_absmax, 0)
+    op = "projection_foreach_project_update_backproject"
     n = len(params)
     tails = [projector_tail(indices, q_scale, q_min, rank, group_size, i) for i in range(n)]
+    fmts = _foreach_moment_formats(op, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, block_size, moment_seed)
+    descs = []
     for i in range(n):
         m_, n_ = params[i].shape
-        _, named = _projector(projs[i], side, m_, n_, *tails[i])
-        _check_dtypes(
-            f"projection_foreach_project_update_backproject (parameter {i})",
-            (("param", params[i]), ("grad", grads[i])) + named
-            + (("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i])),
-        )
+        desc, named = _projector(projs[i], side, m_, n_, *tails[i])
+        descs.append(desc)
+        _check_dtypes(f"{op} (parameter {i})", (("param", params[i]), ("grad", grads[i])) + named
+                      + _moment_named(fmts[i], exp_avgs[i], exp_avg_sqs[i]))
     for i in range(n):
-        projection_project_update_backproject_triton(
-            params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
-            weight_decay[i], scale[i], *tails[i],
-        )
+        _project_update_backproject(params[i], grads[i], descs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1,
+                                    beta2, eps, step[i], weight_decay[i], scale[i], fmts[i])

@@ -1,0 +1,522 @@
+"""8-bit and bf16 stochastic-rounding moments in the Triton kernels (issue 14, m8spec).
+
+The launchers of kernels/projection.py and kernels/adam.py are called directly (the op
+layer routes to them with the same trailing arguments) and compared with a reference
+composed from reference/projection.py (the projection ``R``), reference/moments.py
+(quantize / dequantize with the dynamic maps) and reference/quant.py (the SR hash):
+
+- 8-bit: codes equal except "ties" (the reference's normalized value within 1e-5 of a
+  decision midpoint: the Triton GEMM sums ``R`` in another order), counted and bounded;
+  absmax at rtol 4e-6 against a float64 ``R`` (float32 summation error, doubled in
+  ``R^2``; exactly equal without a GEMM); ``N`` (float32) elementwise; for the
+  weight update, the change of the weight against the reference's change;
+- 16-bit: the bf16 bits of the stored moments equal the SR of the float32 value; exactly
+  where that value is exact (integer-valued inputs, or the elementwise kernel), else
+  within one bf16 spacing and equal to the SR of the reference value nearly everywhere;
+- a non-finite gradient gives its blocks ``absmax = NaN`` and the zero code;
+- odd shapes (37 x 53, rank 5), columns not a multiple of the block (block sizes 64 and
+  256), a rank above 256 (several blocks per row on the right side); every projector
+  kind (dense, DCT, INT4) and side.
+
+Runs under TRITON_INTERPRET=1 on CPU, on CUDA with LOWRANK_KERNELS_TEST_DEVICE=cuda.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from lowrank_kernels.reference import moments as Q
+from lowrank_kernels.reference import projection as RP
+from lowrank_kernels.reference.dct import dct_basis_float64
+from lowrank_kernels.reference.quant import MASK32, mix32, quant_int4_pack_ref, seed_keys
+
+from .._numerics import assert_change_close, assert_close_f32
+
+kp = pytest.importorskip("lowrank_kernels.kernels.projection")
+ka = pytest.importorskip("lowrank_kernels.kernels.adam")
+
+if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
+    pytest.skip("the Triton kernels need TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+
+B1, B2, EPS = 0.9, 0.95, 1e-6
+KINDS = ("dense", "dct", "int4")
+SIDES = ("right", "left")
+# (m, n, rank, block_size): odd shapes; cols not a multiple of the block; right side with
+# rank 300 has two blocks per row (256 + 44), left side with n = 300 too.
+SHAPES = [(37, 53, 5, 64), (37, 53, 5, 256), (41, 300, 7, 256), (300, 29, 300, 256), (45, 131, 9, 64)]
+
+
+# --------------------------------------------------------------------------- references
+def sr_bf16(x: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+    """m8spec's stochastic rounding of float32 ``x`` to bf16, written from the spec."""
+    k1, k2 = seed_keys(seed)
+    flat = x.reshape(-1).cpu()
+    idx = torch.arange(flat.numel(), dtype=torch.int64) + offset
+    h = mix32(mix32((idx & MASK32) ^ k1) ^ k2)
+    b = flat.view(torch.int32).to(torch.int64) & MASK32
+    top = ((b + (h >> 16)) >> 16) & 0xFFFF
+    out = torch.where(top >= 0x8000, top - 0x10000, top).to(torch.int16).view(torch.bfloat16)
+    out = torch.where(torch.isfinite(flat), out, flat.to(torch.bfloat16))
+    return out.reshape(x.shape).to(x.device)
+
+
+def quantize(x, signed, bs):
+    """reference/moments.py's quantizer (with m8spec's non-finite rule: NaN absmax, zero code)."""
+    codes, absmax = Q.moments_quantize_ref(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), signed=signed,
+                                           block_size=bs)
+    cols = x.shape[-1]
+    nb = absmax.shape[-1]
+    pad = nb * bs - cols
+    bad = ~torch.isfinite(torch.nn.functional.pad(x, (0, pad), value=0.0).reshape(*x.shape[:-1], nb, bs)).all(-1)
+    if bad.any():
+        zero = int(torch.bucketize(torch.zeros(()), _mids(signed, "cpu")))
+        bad_el = bad.repeat_interleave(bs, dim=-1)[..., :cols]
+        codes = torch.where(bad_el, torch.full_like(codes, zero), codes)
+        absmax = torch.where(bad, torch.full_like(absmax, float("nan")), absmax)
+    return codes, absmax
+
+
+def _mids(signed, device):
+    values = Q.moments_dynamic_map(signed, device)
+    return (values[:-1] + values[1:]) / 2.0
+
+
+def adam8_ref(R, cm, am, cv, av, bs, beta1=B1, beta2=B2, eps=EPS):
+    """(N, new codes/absmax of m and v, the float32 m and v) from float32 ``R``."""
+    m = Q.moments_dequantize_ref(cm, am, signed=True, block_size=bs)
+    v = Q.moments_dequantize_ref(cv, av, signed=False, block_size=bs)
+    m = m * beta1 + R * (1.0 - beta1)
+    v = v * beta2 + (R * R) * (1.0 - beta2)
+    n = m / (v.sqrt() + eps)
+    ncm, nam = quantize(m, True, bs)
+    ncv, nav = quantize(v, False, bs)
+    return n, (ncm, nam, ncv, nav), (m, v)
+
+
+def moments8(shape, bs, device, gen):
+    """Random 8-bit moments (codes + absmax) of ``shape`` spread over decades."""
+    m = 0.1 * torch.randn(shape, generator=gen) * torch.logspace(-3, 0, shape[-1])[torch.randperm(shape[-1],
+                                                                                                  generator=gen)]
+    v = 0.01 * torch.rand(shape, generator=gen) + 1e-6
+    cm, am = Q.moments_quantize_ref(m, signed=True, block_size=bs)
+    cv, av = Q.moments_quantize_ref(v, signed=False, block_size=bs)
+    return [t.to(device) for t in (cm, am, cv, av)]
+
+
+def projector(kind, side, m, n, rank, device, gen, dtype=torch.float32):
+    """``(launcher projector args: proj, indices, q_scale, q_min, rank, group_size)``, dense P."""
+    if kind == "dense":
+        p = torch.randn((rank, n) if side == "right" else (m, rank), generator=gen) / math.sqrt(max(m, n))
+        p = p.to(dtype).to(device)
+        return (p, None, None, None, 0, 0), p.float()
+    if kind == "dct":
+        s = n if side == "right" else m
+        basis = dct_basis_float64(s).to(dtype).to(device)
+        idx = torch.randperm(s, generator=gen)[:rank].to(torch.int32).to(device)
+        rows = basis.index_select(0, idx.long()).float()
+        return (basis, idx, None, None, 0, 0), (rows if side == "right" else rows.T)
+    shape = (rank, n) if side == "right" else (m, rank)
+    dense = torch.randn(shape, generator=gen) / math.sqrt(max(m, n))
+    packed, scale, mn = quant_int4_pack_ref(dense, 32)
+    args = (packed.to(device), None, scale.to(device), mn.to(device), rank, 32)
+    from lowrank_kernels.reference.quant import quant_int4_unpack_ref
+
+    return args, quant_int4_unpack_ref(packed, scale, mn, shape, torch.float32, 32).to(device)
+
+
+def check_codes(out, ref, x_ref, absmax_ref, signed, bs, what, max_frac=0.01):
+    """Codes equal except ties: adjacent codes whose decision midpoint lies within 1e-5 of the
+    reference's normalized value. Returns the number of ties (at most ``max_frac`` of all)."""
+    diff = out.long() != ref.long()
+    n = int(diff.sum())
+    if n == 0:
+        return 0
+    assert ((out.long() - ref.long()).abs()[diff] == 1).all(), f"{what}: non-adjacent code differences"
+    cols = x_ref.shape[-1]
+    scale = absmax_ref.double().repeat_interleave(bs, dim=-1)[..., :cols]
+    normed = (x_ref.double() / torch.where(scale > 0, scale, torch.ones_like(scale)))[diff]
+    lo = torch.minimum(out.long(), ref.long())[diff]
+    mids = _mids(signed, out.device).double()
+    dist = (normed - mids[lo]).abs()
+    assert (dist <= 1e-5).all(), f"{what}: {n} code differences, max distance to the midpoint {float(dist.max())}"
+    assert n <= max(2, max_frac * out.numel()), f"{what}: {n} ties of {out.numel()}"
+    return n
+
+
+def check_q8_state(state, ref, xs, bs, what, exact_absmax=False):
+    (cm, am, cv, av), (rcm, ram, rcv, rav), (rm, rv) = state, ref, xs
+    assert cm.dtype == cv.dtype == torch.uint8 and am.dtype == av.dtype == torch.float32
+    # with a GEMM: R's float32 summation error (~1e-6 relative on 50-300 terms), doubled in R^2
+    rtol = 0.0 if exact_absmax else 4e-6
+    torch.testing.assert_close(am, ram, rtol=rtol, atol=0.0, equal_nan=True, msg=lambda s: f"{what} m_absmax: {s}")
+    torch.testing.assert_close(av, rav, rtol=rtol, atol=0.0, equal_nan=True, msg=lambda s: f"{what} v_absmax: {s}")
+    check_codes(cm, rcm, rm, ram, True, bs, f"{what} exp_avg")
+    check_codes(cv, rcv, rv, rav, False, bs, f"{what} exp_avg_sq")
+
+
+def inputs(m, n, gen, device, dtype=torch.float32):
+    return torch.randn(m, n, generator=gen).to(dtype).to(device)
+
+
+# --------------------------------------------------------------------------- 8-bit: project + Adam
+def test_maps_are_the_references():
+    maps = kp.q8_maps("cpu")
+    assert maps.dtype == torch.float32 and maps.shape == (1024,)
+    for k, signed in enumerate((True, False)):
+        assert torch.equal(maps[256 * k:256 * (k + 1)], Q.moments_dynamic_map(signed))
+        assert torch.equal(maps[512 + 256 * k:512 + 256 * k + 255], _mids(signed, "cpu"))
+        assert maps[512 + 256 * k + 255] == float("inf")
+    assert kp.q8_maps("cpu") is maps
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("m,n,rank,bs", SHAPES)
+def test_project_adam_8bit(kind, side, m, n, rank, bs, device):
+    if kind == "dct" and rank > min(m, n):
+        pytest.skip("DCT picks at most s basis rows")
+    gen = torch.Generator().manual_seed(m * 7 + n + rank + bs)
+    grad = inputs(m, n, gen, device)
+    pargs, P = projector(kind, side, m, n, rank, device, gen)
+    lshape = (m, rank) if side == "right" else (rank, n)
+    cm, am, cv, av = moments8(lshape, bs, device, gen)
+    R = RP.project(grad.double(), P.double(), side, torch.float64).float()
+    n_ref, ref, xs = adam8_ref(R, cm, am, cv, av, bs)
+    state = [t.clone() for t in (cm, am, cv, av)]
+    out = kp.projection_project_adam_triton(grad, pargs[0], state[0], state[2], side, B1, B2, EPS, *pargs[1:],
+                                            m_absmax=state[1], v_absmax=state[3], block_size=bs)
+    assert out.dtype == torch.float32 and out.shape == lshape
+    assert_close_f32(out, n_ref, "N", rtol=2e-5)
+    check_q8_state(state, ref, xs, bs, f"{kind}/{side}")
+    # blocks: the row's number of blocks is ceil(cols / bs)
+    assert state[1].shape == (lshape[0], math.ceil(lshape[1] / bs))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("side", SIDES)
+def test_project_update_backproject_8bit(kind, side, device):
+    m, n, rank, bs = 37, 53, 5, 64
+    gen = torch.Generator().manual_seed(11)
+    grad = inputs(m, n, gen, device)
+    w0 = inputs(m, n, gen, device)
+    pargs, P = projector(kind, side, m, n, rank, device, gen)
+    lshape = (m, rank) if side == "right" else (rank, n)
+    cm, am, cv, av = moments8(lshape, bs, device, gen)
+    R = RP.project(grad.double(), P.double(), side, torch.float64).float()
+    n_ref, ref, xs = adam8_ref(R, cm, am, cv, av, bs)
+    lr, step, wd, scale = 0.01, 3, 0.1, 0.5
+    w_ref = w0.clone()
+    RP._apply(w_ref, n_ref, P, side, -RP.adam_step_size(lr, B1, B2, step) * scale, 1.0 - lr * wd)
+    w = w0.clone()
+    state = [t.clone() for t in (cm, am, cv, av)]
+    kp.projection_project_update_backproject_triton(
+        w, grad, pargs[0], state[0], state[2], side, lr, B1, B2, EPS, step, wd, scale, *pargs[1:],
+        m_absmax=state[1], v_absmax=state[3], block_size=bs)
+    assert_change_close(w, w0, w_ref, "W", rtol=2e-5)
+    check_q8_state(state, ref, xs, bs, f"{kind}/{side}")
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_foreach_8bit_equals_single(side, device):
+    """The multi-tensor launcher on a bucket (dense, DCT and INT4 in turn; odd shapes) gives the
+    single-tensor launcher's weights and state bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    bs = 64
+    for kind in KINDS:
+        shapes = [(37, 53, 5), (70, 41, 3)]
+        params, grads, projs, states, tails = [], [], [], [], []
+        for m, n, r in shapes:
+            params.append(inputs(m, n, gen, device))
+            grads.append(inputs(m, n, gen, device))
+            pargs, _ = projector(kind, side, m, n, r, device, gen)
+            projs.append(pargs[0])
+            tails.append(pargs[1:])
+            states.append(moments8((m, r) if side == "right" else (r, n), bs, device, gen))
+        lr, wd, scale, step = [0.01, 0.02], [0.0, 0.1], [0.25, 1.0], [1, 4]
+        single_w = [p.clone() for p in params]
+        single_s = [[t.clone() for t in s] for s in states]
+        for i in range(2):
+            kp.projection_project_update_backproject_triton(
+                single_w[i], grads[i], projs[i], single_s[i][0], single_s[i][2], side, lr[i], B1, B2, EPS, step[i],
+                wd[i], scale[i], *tails[i], m_absmax=single_s[i][1], v_absmax=single_s[i][3], block_size=bs)
+        fw = [p.clone() for p in params]
+        fs = [[t.clone() for t in s] for s in states]
+        lists = {"dense": ((), (), (), ()), "dct": ([t[0] for t in tails], (), (), ()),
+                 "int4": ((), [t[1] for t in tails], [t[2] for t in tails], [t[3] for t in tails])}[kind]
+        kp.projection_foreach_project_update_backproject_triton(
+            fw, grads, projs, [s[0] for s in fs], [s[2] for s in fs], side, lr, B1, B2, EPS, step, wd, scale,
+            *lists, 32 if kind == "int4" else 0, [s[1] for s in fs], [s[3] for s in fs], bs, [])
+        for i in range(2):
+            assert torch.equal(fw[i], single_w[i]), (kind, i)
+            for a, b in zip(fs[i], single_s[i]):
+                assert torch.equal(a, b), (kind, i)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_project_adam_8bit_nonfinite_grad(side, bad, device):
+    """A non-finite gradient element poisons exactly the blocks of R it reaches: absmax NaN and
+    zero codes there, N non-finite where R is; every other block matches the reference."""
+    m, n, rank, bs = 37, 300, 5, 64
+    gen = torch.Generator().manual_seed(3)
+    grad = inputs(m, n, gen, device)
+    grad[4, 100] = bad  # right: row 4 of R; left: column 100 of R (block 1 of each row)
+    pargs, P = projector("dense", side, m, n, rank, device, gen)
+    lshape = (m, rank) if side == "right" else (rank, n)
+    cm, am, cv, av = moments8(lshape, bs, device, gen)
+    R = RP.project(grad.double(), P.double(), side, torch.float64).float()
+    n_ref, ref, xs = adam8_ref(R, cm, am, cv, av, bs)
+    state = [t.clone() for t in (cm, am, cv, av)]
+    out = kp.projection_project_adam_triton(grad, pargs[0], state[0], state[2], side, B1, B2, EPS,
+                                            m_absmax=state[1], v_absmax=state[3], block_size=bs)
+    bad_blocks = torch.zeros(state[1].shape, dtype=torch.bool, device=device)
+    if side == "right":
+        bad_blocks[4, :] = True
+    else:
+        bad_blocks[:, 100 // bs] = True
+    for ab in (state[1], state[3]):
+        assert torch.isnan(ab[bad_blocks]).all() and torch.isfinite(ab[~bad_blocks]).all()
+    zero_m = int(torch.bucketize(torch.zeros(()), _mids(True, "cpu")))
+    zero_v = int(torch.bucketize(torch.zeros(()), _mids(False, "cpu")))
+    bad_el = bad_blocks.repeat_interleave(bs, dim=-1)[:, :lshape[1]]
+    assert (state[0][bad_el] == zero_m).all() and (state[2][bad_el] == zero_v).all()
+    bad_r = ~torch.isfinite(R)  # N is non-finite exactly where R is (a whole row / column of R)
+    assert bad_r.sum() in (rank, m) and (bad_r <= bad_el).all()
+    assert not torch.isfinite(out[bad_r]).any() and torch.isfinite(out[~bad_r]).all()
+    # decoding the poisoned blocks gives NaN, never finite values
+    assert torch.isnan(Q.moments_dequantize_ref(state[0], state[1], signed=True, block_size=bs)[bad_el]).all()
+    check_q8_state(state, ref, xs, bs, "nonfinite")
+    assert_close_f32(out[~bad_el], n_ref[~bad_el], "N", rtol=2e-5)
+
+
+# --------------------------------------------------------------------------- 8-bit: elementwise adam
+@pytest.mark.parametrize("shape,bs", [((37, 53), 64), ((37, 53), 256), ((3, 5, 300), 256), ((301,), 64),
+                                      ((9, 1), 256), ((4, 600), 100)])
+def test_adam_update_8bit(shape, bs, device):
+    """No GEMM: absmax equals the reference exactly, codes up to ties of the update's roundings."""
+    gen = torch.Generator().manual_seed(sum(shape) + bs)
+    r = torch.randn(shape, generator=gen).to(device)
+    cm, am, cv, av = moments8(shape, bs, device, gen)
+    n_ref, ref, xs = adam8_ref(r, cm, am, cv, av, bs)
+    state = [t.clone() for t in (cm, am, cv, av)]
+    out = ka.adam_update_triton(r, state[0], state[2], B1, B2, EPS, m_absmax=state[1], v_absmax=state[3],
+                                block_size=bs)
+    assert out.dtype == torch.float32 and out.shape == shape
+    torch.testing.assert_close(out, n_ref, rtol=1e-6, atol=0.0)
+    check_q8_state(state, ref, xs, bs, "adam", exact_absmax=True)
+
+
+def test_adam_update_8bit_bf16_r_and_noncontiguous_codes(device):
+    gen = torch.Generator().manual_seed(2)
+    bs = 64
+    r = torch.randn(53, 37, generator=gen).to(torch.bfloat16).to(device).T  # strided r
+    cm, am, cv, av = moments8((37, 53), bs, device, gen)
+    n_ref, ref, xs = adam8_ref(r.float(), cm, am, cv, av, bs)
+    cmt = cm.T.contiguous().T  # non-contiguous codes (copied, updated, copied back)
+    state = [cmt, am.clone(), cv.clone(), av.clone()]
+    out = ka.adam_update_triton(r, state[0], state[2], B1, B2, EPS, m_absmax=state[1], v_absmax=state[3],
+                                block_size=bs)
+    torch.testing.assert_close(out, n_ref, rtol=1e-6, atol=0.0)
+    check_q8_state(state, ref, xs, bs, "adam strided", exact_absmax=True)
+
+
+def test_adam_foreach_8bit_and_sr(device):
+    gen = torch.Generator().manual_seed(9)
+    bs = 64
+    shapes = [(37, 53), (5, 300), (77,)]
+    rs = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    states = [moments8(s, bs, device, gen) for s in shapes]
+    ns = [torch.full(s, float("nan"), device=device) for s in shapes]  # poisoned outputs
+    ref_states = [[t.clone() for t in s] for s in states]
+    ref_n = [ka.adam_update_triton(rs[i], ref_states[i][0], ref_states[i][2], B1, B2, EPS,
+                                   m_absmax=ref_states[i][1], v_absmax=ref_states[i][3], block_size=bs)
+             for i in range(3)]
+    ka.adam_foreach_update_triton(rs, [s[0] for s in states], [s[2] for s in states], ns, B1, B2, EPS,
+                                  [s[1] for s in states], [s[3] for s in states], bs, [])
+    for i in range(3):
+        assert torch.equal(ns[i], ref_n[i])
+        for a, b in zip(states[i], ref_states[i]):
+            assert torch.equal(a, b)
+    # bf16 SR: per-entry seeds
+    ms = [(0.1 * torch.randn(s, generator=gen)).to(torch.bfloat16).to(device) for s in shapes]
+    vs = [(0.01 * torch.rand(s, generator=gen)).to(torch.bfloat16).to(device) for s in shapes]
+    ns = [torch.full(s, float("nan"), dtype=torch.bfloat16, device=device) for s in shapes]
+    seeds = [3, 4, 2**40 + 5]
+    m1, v1 = [t.clone() for t in ms], [t.clone() for t in vs]
+    ka.adam_foreach_update_triton(rs, m1, v1, ns, B1, B2, EPS, [], [], 0, seeds)
+    for i in range(3):
+        m2, v2 = ms[i].clone(), vs[i].clone()
+        n2 = ka.adam_update_triton(rs[i], m2, v2, B1, B2, EPS, moment_seed=seeds[i])
+        assert torch.equal(m1[i], m2) and torch.equal(v1[i], v2) and torch.equal(ns[i], n2)
+
+
+# --------------------------------------------------------------------------- 16-bit stochastic rounding
+@pytest.mark.parametrize("seed", [0, 7, 123456789, 2**63 - 1])
+@pytest.mark.parametrize("shape", [(37, 53), (1000,), (3, 7, 11)])
+def test_adam_update_sr_bits(seed, shape, device):
+    """The elementwise kernel forms m, v exactly as below (one rounding per operation), so the
+    stored bf16 bits equal the spec's SR of those float32 values, bit for bit."""
+    gen = torch.Generator().manual_seed(seed % 1000 + len(shape))
+    r = torch.randn(shape, generator=gen).to(device)
+    m0 = (0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16).to(device)
+    v0 = (0.01 * torch.rand(shape, generator=gen)).to(torch.bfloat16).to(device)
+    m = m0.float() * B1 + r * (1.0 - B1)
+    v = v0.float() * B2 + (r * r) * (1.0 - B2)
+    mt, vt = m0.clone(), v0.clone()
+    out = ka.adam_update_triton(r, mt, vt, B1, B2, EPS, moment_seed=seed)
+    numel = r.numel()
+    assert torch.equal(mt.view(torch.int16), sr_bf16(m, seed).view(torch.int16))
+    assert torch.equal(vt.view(torch.int16), sr_bf16(v, seed, numel).view(torch.int16))
+    # not round-to-nearest: some values round the other way
+    assert (mt != m.to(torch.bfloat16)).any()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), (m / (v.sqrt() + EPS)).to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_sr_nonfinite_passes_through(device):
+    r = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0], device=device)
+    m0 = torch.zeros(4, dtype=torch.bfloat16, device=device)
+    v0 = torch.zeros(4, dtype=torch.bfloat16, device=device)
+    ka.adam_update_triton(r, m0, v0, 0.0, 0.0, EPS, moment_seed=1)
+    assert torch.isnan(m0[0]) and m0[1] == float("inf") and m0[2] == -float("inf") and m0[3] == 1.0
+    assert torch.isnan(v0[0]) and v0[1] == float("inf") and v0[2] == float("inf")
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("seed", [1, 2**35 + 17])
+def test_project_adam_sr_bits_exact(side, seed, device):
+    """Integer-valued gradient and projector: R is exact whatever the summation order, so the
+    float32 moments are too and the stored bf16 bits equal the spec's SR of them."""
+    m, n, rank = 37, 53, 5
+    gen = torch.Generator().manual_seed(seed % 97)
+    grad = (torch.randint(-64, 65, (m, n), generator=gen) / 8.0).to(device)
+    P = torch.randint(-4, 5, (rank, n) if side == "right" else (m, rank), generator=gen).float().to(device)
+    R = RP.project(grad, P, side, torch.float32)
+    lshape = R.shape
+    m0 = (torch.randn(lshape, generator=gen) * 4).to(torch.bfloat16).to(device)
+    v0 = (torch.rand(lshape, generator=gen) * 16).to(torch.bfloat16).to(device)
+    b1, b2 = 0.75, 0.5  # m0 * 0.75, R * 0.25, v0 * 0.5, R^2 * 0.5: exact in float32
+    mx = m0.float() * b1 + R * (1.0 - b1)
+    vx = v0.float() * b2 + (R * R) * (1.0 - b2)
+    mt, vt = m0.clone(), v0.clone()
+    out = kp.projection_project_adam_triton(grad, P, mt, vt, side, b1, b2, EPS, moment_seed=seed)
+    assert torch.equal(mt.view(torch.int16), sr_bf16(mx, seed).view(torch.int16))
+    assert torch.equal(vt.view(torch.int16), sr_bf16(vx, seed, mx.numel()).view(torch.int16))
+    assert (mt != mx.to(torch.bfloat16)).any()  # the rounding is not to nearest
+    torch.testing.assert_close(out.float(), (mx / (vx.sqrt() + EPS)).to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("side", SIDES)
+def test_project_sr_every_kind(kind, side, device):
+    """Random float inputs: each stored moment is one of the two bf16 neighbours of the
+    reference's float32 value and equals the spec's SR of it except where the GEMM's rounding
+    moved the value across a rounding threshold (rare); the weight update uses N in bf16."""
+    m, n, rank, seed = 37, 53, 5, 99
+    gen = torch.Generator().manual_seed(4)
+    grad = inputs(m, n, gen, device, torch.bfloat16)
+    pargs, P = projector(kind, side, m, n, rank, device, gen, dtype=torch.bfloat16 if kind != "int4" else
+                         torch.float32)
+    R = RP.project(grad.double(), P.double(), side, torch.float64).float()
+    lshape = R.shape
+    m0 = (0.1 * torch.randn(lshape, generator=gen)).to(torch.bfloat16).to(device)
+    v0 = (0.01 * torch.rand(lshape, generator=gen)).to(torch.bfloat16).to(device)
+    mx = m0.float() * B1 + R * (1.0 - B1)
+    vx = v0.float() * B2 + (R * R) * (1.0 - B2)
+    w0 = inputs(m, n, gen, device, torch.bfloat16)
+    w = w0.clone()
+    mt, vt = m0.clone(), v0.clone()
+    kp.projection_project_update_backproject_triton(w, grad, pargs[0], mt, vt, side, 0.01, B1, B2, EPS, 2, 0.0,
+                                                    1.0, *pargs[1:], moment_seed=seed)
+    for x, got, off, what in ((mx, mt, 0, "exp_avg"), (vx, vt, mx.numel(), "exp_avg_sq")):
+        # SR keeps the truncated bits or adds one unit to them: one of x's two bf16 neighbours
+        # (up to the GEMM's rounding of x: a value next to a bf16 may see the neighbour beyond it)
+        top = ((x.cpu().view(torch.int32).to(torch.int64) & MASK32) >> 16)
+        g16 = got.cpu().view(torch.int16).to(torch.int64) & 0xFFFF
+        assert ((g16 - top).abs() <= 1).all() and ((g16 - top) == 1).any() and ((g16 - top) == 0).any(), what
+        mism = int((got.view(torch.int16) != sr_bf16(x, seed, off).view(torch.int16)).sum())
+        assert mism <= max(2, 0.01 * x.numel()), (what, mism)
+    assert (w != w0).any()
+
+
+# --------------------------------------------------------------------------- bad arguments
+def _q8_case(device):
+    gen = torch.Generator().manual_seed(0)
+    grad = inputs(37, 53, gen, device)
+    P = torch.randn(5, 53, generator=gen).to(device)
+    cm, am, cv, av = moments8((37, 5), 64, device, gen)
+    return grad, P, cm, am, cv, av
+
+
+@pytest.mark.parametrize("case", ["one_absmax", "block_size_0", "block_size_300", "float_codes", "absmax_shape",
+                                  "absmax_dtype", "seed_8bit", "seed_fp32", "block_size_plain", "absmax_strided"])
+def test_bad_moment_arguments_raise_and_change_nothing(case, device):
+    grad, P, cm, am, cv, av = _q8_case(device)
+    ea, eas = torch.zeros(37, 5, device=device), torch.zeros(37, 5, device=device)
+    kw = dict(m_absmax=am, v_absmax=av, block_size=64)
+    a, b = cm, cv
+    err, match = ValueError, None
+    if case == "one_absmax":
+        kw, match = dict(m_absmax=am, block_size=64), "m_absmax and v_absmax must be given together"
+    elif case == "block_size_0":
+        kw["block_size"], match = 0, "block_size must be in"
+    elif case == "block_size_300":
+        kw["block_size"], match = 300, "block_size must be in"
+    elif case == "float_codes":
+        a, b, err, match = ea, eas, TypeError, "exp_avg must be uint8"
+    elif case == "absmax_shape":
+        kw["m_absmax"], match = torch.zeros(37, 2, device=device), r"m_absmax must have shape \(37, 1\)"
+    elif case == "absmax_dtype":
+        kw["v_absmax"], err, match = av.double(), TypeError, "v_absmax must be a float32"
+    elif case == "seed_8bit":
+        kw["moment_seed"], match = 3, "moment_seed"
+    elif case == "seed_fp32":
+        kw, a, b, match = dict(moment_seed=3), ea, eas, "moment_seed"
+    elif case == "block_size_plain":
+        kw, a, b, match = dict(block_size=256), ea, eas, "block_size must be 0"
+    elif case == "absmax_strided":
+        kw["m_absmax"], match = torch.zeros(37, 2, device=device)[:, :1], "m_absmax must be contiguous"
+    before = [t.clone() for t in (a, b, am, av)]
+    for call in (
+        lambda: kp.projection_project_adam_triton(grad, P, a, b, "right", B1, B2, EPS, **kw),
+        lambda: kp.projection_project_update_backproject_triton(grad.clone(), grad, P, a, b, "right", 0.1, B1, B2,
+                                                                EPS, 1, 0.0, 1.0, **kw),
+        lambda: ka.adam_update_triton(torch.randn(37, 5, device=device), a, b, B1, B2, EPS, **kw),
+    ):
+        with pytest.raises(err, match=match):
+            call()
+        for t, s in zip((a, b, am, av), before):
+            assert torch.equal(t, s)
+
+
+def test_foreach_bad_entry_changes_nothing(device):
+    """A bad moment-format entry in the middle of a bucket fails before any entry is written."""
+    gen = torch.Generator().manual_seed(1)
+    bs = 64
+    rs = [torch.randn(5, 70, generator=gen).to(device) for _ in range(3)]
+    states = [moments8((5, 70), bs, device, gen) for _ in range(3)]
+    states[1][1] = torch.zeros(5, 3, device=device)  # wrong absmax shape
+    before = [[t.clone() for t in s] for s in states]
+    ns = [torch.empty(5, 70, device=device) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"entry 1|parameter 1"):
+        ka.adam_foreach_update_triton(rs, [s[0] for s in states], [s[2] for s in states], ns, B1, B2, EPS,
+                                      [s[1] for s in states], [s[3] for s in states], bs, [])
+    for s, b in zip(states, before):
+        for t, u in zip(s, b):
+            assert torch.equal(t, u)
+
+
+def test_exact_ties_go_down(device):
+    """A normalized value exactly on a decision midpoint takes the lower code (the reference's
+    ``bucketize(right=False)``); the row's absmax 1 makes ``x * (1 / absmax) = x`` exact."""
+    mids = _mids(True, "cpu")
+    r = torch.cat([torch.ones(1), mids[::3], -mids[1::7].abs()]).reshape(1, -1).to(device)
+    bs = r.shape[-1]
+    cm, am, cv, av = (torch.zeros(r.shape, dtype=torch.uint8, device=device), torch.zeros(1, 1, device=device),
+                      torch.zeros(r.shape, dtype=torch.uint8, device=device), torch.zeros(1, 1, device=device))
+    ka.adam_update_triton(r, cm, cv, 0.0, 0.0, EPS, m_absmax=am, v_absmax=av, block_size=bs)  # m = r exactly
+    assert am.item() == 1.0
+    want = torch.bucketize(r.cpu(), mids, right=False)
+    assert torch.equal(cm.cpu().long(), want)
+    assert torch.equal(cm[0, 1:1 + mids[::3].numel()].cpu().long(), torch.arange(0, 255, 3))
