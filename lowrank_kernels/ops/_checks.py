@@ -339,3 +339,29 @@ def check_moment_state(
 def is_8bit(m_absmax, v_absmax) -> bool:
     """Whether the moment arguments select 8-bit moments (both absmax tensors given)."""
     return m_absmax is not None and v_absmax is not None
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def tensor_signature(*lists) -> Optional[tuple]:
+    """A hashable description of every tensor in ``lists`` (lists of tensors, kept apart): per tensor its
+    data pointer, shape, strides, dtype and device, i.e. everything a validator's shape, dtype,
+    device, layout and aliasing checks read, but not its values. None when some entry is not a
+    plain ``torch.Tensor`` / ``Parameter`` (FakeTensor, DTensor, other subclasses: never cached).
+
+    Two calls with equal signatures pass or fail those checks alike, which lets a validator's
+    outcome be cached (see ``define_op(cache_key=...)`` in ``_registry``).
+    """
+    out = []
+    try:
+        for xs in lists:
+            one = []
+            for t in xs:
+                if type(t) not in _PLAIN_TENSOR_TYPES:
+                    return None
+                one.append((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device))
+            out.append(tuple(one))  # per list: which list a tensor is in matters
+    except RuntimeError:  # no storage (sparse and other layouts): not cached
+        return None
+    return tuple(out)

@@ -28,6 +28,13 @@ Why a router instead of C++ overriding the CPU key directly: a kernel registered
 for the CPU dispatch key would always win over the reference, so the reference
 could not be forced on CPU for tests and benchmarks. The router keeps every
 backend reachable through one public op.
+
+Validation can be cached per op (``define_op(..., cache_key=..., recheck=...)``): a
+validated call's *key* (its tensors' data pointers, shapes, strides, dtypes and devices and
+the structural scalars: everything the validator's outcome depends on, except what
+``recheck`` covers) is remembered, and a later call with the same key runs only
+``recheck`` (scalar ranges, tensor values). The multi-tensor ops of the optimizers' steps
+pass the same tensors step after step, so their full validation runs once.
 """
 from __future__ import annotations
 
@@ -294,6 +301,8 @@ def define_op(
     reference: Callable,
     fake: Callable,
     validate: Optional[Callable] = None,
+    cache_key: Optional[Callable] = None,
+    recheck: Optional[Callable] = None,
     has_cpp: bool = True,
     has_triton: bool = True,
 ) -> Callable:
@@ -304,16 +313,40 @@ def define_op(
     runs in the fake impl (so ``torch.compile`` traces see it) and before any backend
     runs, so no backend ever sees (or half-updates) bad input. ``fake(*args)`` returns
     the outputs' shapes/dtypes. The backends take the op's arguments positionally.
+
+    ``cache_key(*args)`` (optional, with ``validate``): a hashable key such that every
+    call with that key passes ``validate`` exactly when it passes ``recheck(*args)``
+    (e.g. :func:`~lowrank_kernels.ops._checks.tensor_signature` of the tensors plus the
+    scalars the structural checks read), or None (do not cache this call). After a call
+    with key ``k`` passed ``validate``, later calls with key ``k`` run ``recheck`` only.
     """
     if name in OPS:
         raise RuntimeError(f"op {name} defined twice")
+    if cache_key is not None and validate is None:
+        raise TypeError(f"define_op({name!r}): cache_key needs validate")
     op = OpDef(name=name, family=family, schema=schema, reference=reference, has_cpp=has_cpp, has_triton=has_triton)
     OPS[name] = op
     _lib.define(name + schema)
+    validated: Dict[object, None] = {}  # keys of calls that passed validate (bounded, see below)
+
+    def check(args):
+        if cache_key is not None:
+            key = cache_key(*args)
+            if key is not None:
+                if key in validated:
+                    if recheck is not None:
+                        recheck(*args)
+                    return
+                validate(*args)
+                if len(validated) >= _VALIDATED_MAX:
+                    validated.clear()
+                validated[key] = None
+                return
+        validate(*args)
 
     def router(*args):
         if validate is not None:
-            validate(*args)
+            check(args)
         device = _first_device(args)
         # Empty tensor lists: the reference's loop does nothing (no backend is needed).
         backend = "reference" if device is None else resolve_backend(op, device)
@@ -337,6 +370,9 @@ def define_op(
         _cpp_fakes.append((op, fake_impl))
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
+
+#: validated keys remembered per op; the set is emptied when full (a new working set refills it).
+_VALIDATED_MAX = 256
 
 _cpp_fakes: list = []
 

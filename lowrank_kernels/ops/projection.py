@@ -385,6 +385,47 @@ def validate_foreach_project_update_backproject(
         C.check_no_overlap(op, written, read)
 
 
+def _foreach_cache_key(
+    params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
+):
+    """What the structural checks of :func:`validate_foreach_project_update_backproject` read:
+    every tensor's signature (pointer, shape, strides, dtype, device, per list), the side,
+    ranks, group size, block size, which moment seeds are given (>= 0) and the list lengths.
+    The rest (betas, eps, lr, step, the DCT indices' values) is :func:`_foreach_recheck`'s."""
+    sig = C.tensor_signature(params, grads, projs, exp_avgs, exp_avg_sqs, indices, q_scale, q_min, m_absmax, v_absmax)
+    if sig is None:
+        return None
+    return (side, tuple(rank), group_size, block_size, tuple(s >= 0 for s in moment_seed), len(lr), len(step),
+            len(weight_decay), len(scale), sig)
+
+
+def _foreach_recheck(
+    params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
+):
+    """The checks a cached key does not cover, in a few comparisons; when one fails, the full
+    validator runs and raises its exact error."""
+    ok = 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and eps >= 0.0
+    ok = ok and all(t >= 1 for t in step) and all(x >= 0.0 for x in lr)
+    if ok and len(indices) and indices[0].device.type == "cpu":
+        # The DCT indices' values (CPU only, as check_indices): one pass over the indices of
+        # all parameters with the same basis order (one order in a typical bucket).
+        by_order = {}
+        for p, idx in zip(params, indices):
+            by_order.setdefault(p.shape[1] if side == "right" else p.shape[0], []).append(idx)
+        for order, idxs in by_order.items():
+            lo, hi = torch.aminmax(idxs[0] if len(idxs) == 1 else torch.cat(idxs))
+            if not (int(lo) >= 0 and int(hi) < order):
+                ok = False
+                break
+    if not ok:
+        validate_foreach_project_update_backproject(
+            params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+            indices, q_scale, q_min, rank, group_size, m_absmax, v_absmax, block_size, moment_seed,
+        )
+
+
 foreach_project_update_backproject_op = define_op(
     "projection_foreach_project_update_backproject",
     "(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
@@ -395,6 +436,8 @@ foreach_project_update_backproject_op = define_op(
     reference=ref.projection_foreach_project_update_backproject_ref,
     fake=fake_no_output,
     validate=validate_foreach_project_update_backproject,
+    cache_key=_foreach_cache_key,
+    recheck=_foreach_recheck,
 )
 
 

@@ -378,8 +378,12 @@ class LowRankOptimizer(Optimizer):
                 plain[id(group)].append(p)
         for key, entries in buckets.items():
             self._bucket_step(key, entries)
-            # One op for the bucket's (CPU float32) step counts; exact, as ``+= 1`` per parameter.
-            torch._foreach_add_([state["step"] for _, state, _, _ in entries], 1.0)
+            # One op for the bucket's (CPU float32) step counts; exact, as ``+= 1`` per parameter;
+            # then their host mirrors, so the next step reads no step tensor.
+            steps = [state["step"] for _, state, _, _ in entries]
+            torch._foreach_add_(steps, 1.0)
+            for t, (_, _, _, step) in zip(steps, entries):
+                self._remember_host_int(t, step)
         for group in self.param_groups:
             if plain.get(id(group)):
                 self._plain_step(group, plain[id(group)])
@@ -403,7 +407,7 @@ class LowRankOptimizer(Optimizer):
         state = self.state.get(p)
         if not state or not self._has_projector(state):
             return None
-        step = int(state["step"]) + 1
+        step = self._host_int(state["step"]) + 1
         if self._should_refresh(p, state, group, step):
             return None
         key = self._bucket_key(p, state, group)
@@ -440,8 +444,16 @@ class LowRankOptimizer(Optimizer):
             if group.get("skip_nonfinite", True):
                 # DTensor gradients (FSDP2) in their own list: their norms are reduced over the shards.
                 by_device[(p.grad.device, _dist.is_dtensor(p.grad))].append((i, p.grad))
-        for entries in by_device.values():
-            ok = _dist.inf_norms([g for _, g in entries]).isfinite().tolist()
+        for (_, is_dtensor), entries in by_device.items():
+            grads = [g for _, g in entries]
+            if not is_dtensor:
+                # The common case in four ops and one host read: the largest L2 norm is finite
+                # exactly when every norm is (max propagates NaN), and a finite L2 norm means a
+                # finite gradient. Otherwise the exact per-gradient probe below decides.
+                norms = torch._foreach_norm(grads, 2)
+                if math.isfinite(torch.stack([n.to(torch.float32) for n in norms]).max().item()):
+                    continue
+            ok = _dist.inf_norms(grads).isfinite().tolist()
             for (i, _), good in zip(entries, ok):
                 flags[i] = good
         return flags
@@ -572,7 +584,7 @@ class LowRankOptimizer(Optimizer):
         work_state = {} if fresh else state
         if fresh:
             self._init_state(p, work_state, group)
-        step = int(work_state["step"]) + 1
+        step = self._host_int(work_state["step"]) + 1
         if self._should_refresh(p, work_state, group, step):
             ok = self._refresh_projector(p, grad, work_state, group, step)
             if not ok:
@@ -584,6 +596,7 @@ class LowRankOptimizer(Optimizer):
         # FSDP2: row-aligned state sharded like the weight (no-op for plain tensors).
         _dist.place_state(p, state, self._side(state), self.host_state_keys)
         state["step"] += 1
+        self._remember_host_int(state["step"], step)
         self._project_step(p, grad, state, group, step)
         _dist.place_state(p, state, self._side(state), self.host_state_keys)
 
@@ -596,7 +609,50 @@ class LowRankOptimizer(Optimizer):
         return torch.promote_types(p.dtype, torch.float32)
 
     def _side(self, state: Dict[str, Any]) -> str:
-        return SIDE_NAMES[int(state["side"])]
+        return SIDE_NAMES[self._host_int(state["side"])]
+
+    # ------------------------------------------------------------------ host mirrors of bookkeeping scalars
+    #: exact integers a float32 step count holds (``+ 1`` stays exact below this).
+    _MIRROR_EXACT = 1 << 24
+
+    def _host_int(self, t) -> int:
+        """``int(t)`` for a host bookkeeping scalar (``step``, ``side``), read from a host mirror
+        when ``t`` is unchanged since it was read or written here, else from the tensor.
+
+        The mirror of ``t`` is ``(t, t._version, value)``: it is used only while ``t`` is the same
+        object (the mirror holds it, so its ``id`` cannot be reused) and its version counter has
+        not moved, i.e. no in-place write reached it (``copy_``, ``+=``, ``fill_``, an optimizer
+        step, ...); a replaced tensor (``load_state_dict``, a subclass's reset) is another object.
+        Writes that bypass the version counter (through ``.data``, numpy views or raw pointers)
+        are not seen: change ``state["step"]`` with tensor ops or by assignment.
+        """
+        if type(t) is not torch.Tensor:
+            return int(t)
+        mirrors = self.__dict__.get("_host_mirrors")
+        if mirrors is None:
+            mirrors = self.__dict__["_host_mirrors"] = {}
+        m = mirrors.get(id(t))
+        if m is not None and m[0] is t and m[1] == t._version:
+            return m[2]
+        value = int(t)
+        self._remember_host_int(t, value)
+        return value
+
+    def _remember_host_int(self, t, value: int) -> None:
+        """Record that ``t`` (a host scalar, just read or written) holds the integer ``value``.
+        Values outside ``[0, 2^24)`` (where a float32 count stops being exact) and tensors without
+        a version counter (inference tensors) get no mirror."""
+        if type(t) is not torch.Tensor or t.is_inference():
+            return
+        mirrors = self.__dict__.get("_host_mirrors")
+        if mirrors is None:
+            mirrors = self.__dict__["_host_mirrors"] = {}
+        if not 0 <= value < self._MIRROR_EXACT or t.device.type != "cpu":
+            mirrors.pop(id(t), None)
+            return
+        if len(mirrors) > 4 * len(self._param_index) + 64:  # replaced tensors' stale mirrors
+            mirrors.clear()
+        mirrors[id(t)] = (t, t._version, value)
 
     def _init_state(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -641,6 +697,7 @@ class LowRankOptimizer(Optimizer):
         saved_state = state_dict["state"]
         saved_groups = state_dict["param_groups"]
         super().load_state_dict(state_dict)
+        self.__dict__.pop("_host_mirrors", None)  # every state tensor is new: read them again
         id_map = zip(
             chain.from_iterable(g["params"] for g in saved_groups),
             chain.from_iterable(g["params"] for g in self.param_groups),

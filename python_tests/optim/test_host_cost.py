@@ -1,0 +1,225 @@
+"""Host cost of the bucketed step (issue 12, part 4): op counts, host mirrors of the step
+counts, state dicts with mirrors.
+
+The step reads ``state["step"]`` / ``state["side"]`` from host mirrors (Python ints checked
+against the tensor's identity and version counter), so a non-refresh bucketed step reads no
+bookkeeping tensor; any change of those tensors (in place or by assignment,
+``load_state_dict``) must still be honoured. Counting is deterministic: these tests are not
+timed.
+"""
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lowrank_kernels.ops import use_backend
+from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW
+
+from ._helpers import roundtrip
+
+SHAPES = [(23, 11), (11, 23), (17, 17), (9, 30)]  # std: right, left, right, left
+GAP = 3  # refreshes at steps 1, 4, 7, ...
+FOREACH_OP = "lowrank_kernels.projection_foreach_project_update_backproject"
+SINGLE_OP = "lowrank_kernels.projection_project_update_backproject"
+CLASSES = [GaLoreAdamW, DCTAdamW]
+
+
+class _Count(TorchDispatchMode):
+    """Every op reaching the Python dispatcher, by qualified name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self, ns):
+        return sum(c for k, c in self.counts.items() if k.startswith(ns + "."))
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+
+
+def _grads(steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(steps)]
+
+
+def _make(cls, ps, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls([{"params": ps, "rank": 3, "update_proj_gap": GAP, "scale": 0.5, **kw}], lr=1e-2,
+                   weight_decay=0.05)
+
+
+def _step(opt, ps, grads, count=False):
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    if not count:
+        opt.step()
+        return None
+    with _Count() as mode:
+        opt.step()
+    return mode
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_non_refresh_step_op_counts(cls):
+    """A non-refresh step of the bucketed optimizers: one op call per bucket (2), the
+    non-finite probe (foreach norm, stack, max and its one host read) and one step-count
+    update per bucket; no read of a step or side tensor."""
+    ps = _params()
+    opt = _make(cls, ps)
+    grads = _grads(3)
+    _step(opt, ps, grads[0])  # refresh
+    mode = _step(opt, ps, grads[1], count=True)
+    assert mode.counts.get(FOREACH_OP) == 2, mode.counts
+    assert mode.total("lowrank_kernels") == 2
+    assert mode.counts.get("aten._local_scalar_dense") == 1, mode.counts  # the probe's max, once
+    assert mode.counts.get("aten._foreach_add_") == 2
+    assert mode.total("aten") == 6, mode.counts
+    # Without the probe the step reads no tensor value at all.
+    opt2 = _make(cls, _params(), skip_nonfinite=False)
+    ps2 = opt2.param_groups[0]["params"]
+    _step(opt2, ps2, grads[0])
+    mode = _step(opt2, ps2, grads[1], count=True)
+    assert "aten._local_scalar_dense" not in mode.counts, mode.counts
+    assert mode.total("aten") == 2 and mode.total("lowrank_kernels") == 2
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "DCTAdamW"])
+def test_host_cost_stack_meets_issue_targets(name):
+    """bench/host_cost.py's 28-weight stack: at most 4 lowrank_kernels op calls and 30 aten
+    ops per non-refresh step (issue 12, part 4)."""
+    from bench import host_cost
+
+    opt, _ = host_cost.make_optimizers()[name]
+    opt.step()  # the refresh step
+    opt.step()
+    with host_cost.CountOps() as mode:
+        opt.step()
+    assert mode.custom <= 4 and mode.aten <= 30, (mode.custom, mode.aten, mode.names)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_step_counts_and_resume_with_mirrors(cls):
+    """Step tensors hold the right counts after bucketed steps; a state_dict round trip
+    (torch.save / weights_only load) into a fresh optimizer resumes bit-identically, the
+    loaded counts driving the refresh schedule."""
+    grads = _grads(8)
+    ps = _params()
+    opt = _make(cls, ps)
+    for g in grads:
+        _step(opt, ps, g)
+    for p in ps:
+        assert opt.state[p]["step"].dtype == torch.float32 and float(opt.state[p]["step"]) == 8.0
+
+    qs = _params()
+    opt_q = _make(cls, qs)
+    for g in grads[:2]:
+        _step(opt_q, qs, g)
+    saved = roundtrip(opt_q.state_dict())
+    assert all(float(s["step"]) == 2.0 for s in saved["state"].values())
+    rs = _params(seed=3)
+    opt_r = _make(cls, rs)
+    _step(opt_r, rs, grads[0])  # warm the mirrors with other counts: load must replace them
+    _step(opt_r, rs, grads[1])
+    opt_r.load_state_dict(saved)
+    with torch.no_grad():
+        for r, q in zip(rs, qs):
+            r.copy_(q)
+    for g in grads[2:3]:
+        _step(opt_r, rs, g)  # step 3: no refresh, bucketed
+    mode = _step(opt_r, rs, grads[3], count=True)  # step 4: refresh (per parameter)
+    assert mode.counts.get(SINGLE_OP) == len(SHAPES) and FOREACH_OP not in mode.counts, mode.counts
+    for g in grads[4:]:
+        _step(opt_r, rs, g)
+    for p, r in zip(ps, rs):
+        assert torch.equal(p, r)
+        assert float(opt_r.state[r]["step"]) == 8.0
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, opt_r.state[r][k]), k
+
+
+@pytest.mark.parametrize("change", ["fill_", "assign", "copy_"])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_changed_step_tensor_is_read_again(cls, change):
+    """Setting a step count by hand (in place or by assignment) between steps moves the
+    refresh schedule exactly as reading the tensor every step would."""
+    ps = _params()
+    opt = _make(cls, ps)
+    grads = _grads(4)
+    _step(opt, ps, grads[0])  # refresh at step 1
+    _step(opt, ps, grads[1])  # step 2, bucketed: the mirrors hold 2
+    for p in ps:
+        st = opt.state[p]
+        if change == "fill_":
+            st["step"].fill_(6.0)
+        elif change == "copy_":
+            st["step"].copy_(torch.tensor(6.0))
+        else:
+            st["step"] = torch.tensor(6.0)
+    mode = _step(opt, ps, grads[2], count=True)  # step 7 = 1 + 2 * GAP: a refresh
+    assert mode.counts.get(SINGLE_OP) == len(SHAPES) and FOREACH_OP not in mode.counts, mode.counts
+    assert all(float(opt.state[p]["step"]) == 7.0 for p in ps)
+    mode = _step(opt, ps, grads[3], count=True)  # step 8: bucketed again
+    assert mode.counts.get(FOREACH_OP) == 2, mode.counts
+    assert all(float(opt.state[p]["step"]) == 8.0 for p in ps)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_changed_side_tensor_is_read_again(cls):
+    """The side mirror follows an in-place change of ``state["side"]`` (here: a parameter
+    whose moments and projector are replaced by the other side's, as a user might)."""
+    ps = _params()
+    opt = _make(cls, ps, proj_type="right")
+    grads = _grads(3)
+    _step(opt, ps, grads[0])
+    _step(opt, ps, grads[1])
+    assert all(opt._side(opt.state[p]) == "right" for p in ps)
+    st = opt.state[ps[0]]
+    st["side"].fill_(1)
+    assert opt._side(st) == "left"
+    st["side"] = torch.tensor(0, dtype=torch.int8)
+    assert opt._side(st) == "right"
+
+
+def test_mirror_not_used_past_float32_exact_range():
+    """A float32 count at 2^24 no longer grows by 1: the mirror is dropped there and the
+    tensor is read, as without mirrors."""
+    ps = _params()
+    opt = _make(GaLoreAdamW, ps, update_proj_gap=10**9)
+    grads = _grads(3)
+    _step(opt, ps, grads[0])
+    for p in ps:
+        opt.state[p]["step"].fill_(2.0**24 - 1)
+    _step(opt, ps, grads[1])  # step 2^24: exact
+    assert all(float(opt.state[p]["step"]) == 2.0**24 for p in ps)
+    assert all(opt._host_int(opt.state[p]["step"]) == 2**24 for p in ps)
+    _step(opt, ps, grads[2])  # float32: 2^24 + 1 rounds to 2^24, as torch's AdamW count does
+    assert all(float(opt.state[p]["step"]) == 2.0**24 for p in ps)
+    assert all(opt._host_int(opt.state[p]["step"]) == 2**24 for p in ps)
+
+
+def test_bucketed_reference_backend_counts_and_matches_per_parameter():
+    """The reference backend takes the same bucketed path (same op counts) and the same
+    numbers as the per-parameter path across refreshes, with mirrors in use."""
+    grads = _grads(7)
+    out = []
+    for foreach in (None, False):
+        ps = _params()
+        opt = _make(GaLoreAdamW, ps, foreach=foreach)
+        with use_backend("reference"):
+            for g in grads:
+                _step(opt, ps, g)
+        out.append((ps, opt))
+    (pa, oa), (pb, ob) = out
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+        assert torch.equal(oa.state[x]["step"], ob.state[y]["step"])
