@@ -48,6 +48,13 @@ how its projector is made and how one projected step is taken:
   is taken with it; when there is no previous projector (the parameter's first
   step) the parameter is skipped and no state is created for it. Either way no NaN
   reaches the weights;
+- **capturable** (``capturable=True``, a group key of the optimizers that set
+  :attr:`LowRankOptimizer.supports_capturable`): ``step`` lives on the parameter's device,
+  the non-finite check and the bias-corrected step sizes are computed on the device and a
+  non-refresh step reads no tensor value on the host (:meth:`_capturable_step`), so it can be
+  captured in a CUDA graph; refresh steps synchronize. ``lr`` may then be a 0-dim device
+  tensor. Skips are counted on the device (:meth:`nonfinite_skip_count`);
+  :meth:`sync_step_counts` re-reads the device step counts after graph replays;
 - **compat mode** (``compat``, a group key or constructor argument of the
   optimizers that declare it in :attr:`LowRankOptimizer.compat_modes`):
   ``compat="galore-torch"`` / ``"apollo-torch"`` reproduces the official package's
@@ -438,8 +445,9 @@ class LowRankOptimizer(Optimizer):
         per-parameter coefficients ``(step_size * scale, 1 - lr * wd)`` computed on the device
         in float64 in the host's order of operations; one multi-tensor op call reads them; the
         step counts grow by one where not skipped. The host mirror of a step count assumes the
-        step was taken (a skip is unknown to the host): the refresh schedule is re-read from the
-        device counts at the next synchronizing step.
+        step was taken (a skip is unknown to the host) and does not see graph replays: the
+        refresh schedule is re-read from the device counts at the next synchronizing step or by
+        :meth:`sync_step_counts`.
         """
         if not work or not all(g.get("capturable", False) for g, _ in work):
             return False
@@ -514,6 +522,17 @@ class LowRankOptimizer(Optimizer):
         """:attr:`nonfinite_skips` plus the skips counted on the device by capturable steps
         (reads the device counters: one host synchronization per device)."""
         return self.nonfinite_skips + sum(int(c) for c in self.__dict__.get("_device_skips", {}).values())
+
+    def sync_step_counts(self) -> None:
+        """Re-read the device step counts of the capturable groups into the host's copies (one
+        host synchronization per device).
+
+        The host decides refreshes from its own copy of each step count, which a captured
+        step's replay (``torch.cuda.CUDAGraph.replay``) does not advance, and which assumes a
+        step was not skipped. Call this after replaying captured steps and before the next
+        eager :meth:`step` (e.g. the refresh step): the eager steps then follow the device
+        counts. A synchronizing step (a refresh) re-reads them by itself."""
+        self._sync_device_steps([(g, p) for g in self.param_groups for p in g["params"]])
 
     def _sync_device_steps(self, work) -> None:
         """Before a synchronizing step: move the step counts of capturable groups to the

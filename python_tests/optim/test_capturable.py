@@ -357,6 +357,29 @@ def test_checkpoints_move_between_capturable_and_not(device, cls):
     torch.testing.assert_close(b1, b0, rtol=1e-6, atol=1e-7)
 
 
+def test_sync_step_counts_after_replays():
+    """Graph replays advance the device step counts behind the host's back (simulated here by
+    writes through ``.data``, which do not bump the version counter): the next eager step then
+    misses the refresh unless :meth:`sync_step_counts` re-reads the counts first."""
+    results = {}
+    for sync in (False, True):
+        ws, b = _model("cpu")
+        opt = _make(GaLoreAdamW, ws, b, True)
+        for t in (1, 2):
+            _set_grads(ws, b, _grads("cpu", t))
+            opt.step()
+        for p in ws + [b]:
+            opt.state[p]["step"].data.add_(2.0)  # two "replays"
+        proj = [opt.state[p]["projector"].clone() for p in ws]
+        if sync:
+            opt.sync_step_counts()
+        _set_grads(ws, b, _grads("cpu", 5))
+        opt.step()  # step 5: a refresh (update_proj_gap=4)
+        results[sync] = [not torch.equal(opt.state[p]["projector"], q) for p, q in zip(ws, proj)]
+        assert all(float(opt.state[p]["step"]) == 5.0 for p in ws + [b])
+    assert results == {False: [False] * 3, True: [True] * 3}
+
+
 def test_tensor_lr_with_capturable(device):
     """A 0-dim device lr: changed in place between steps (as LR schedulers do with tensor lrs),
     with no host read, it gives the float-lr result."""
