@@ -66,8 +66,51 @@ def run(ctx: Ctx) -> None:
                 _derived(ctx, name, steady, refresh, "derived: (199 x step + refresh_step) / 200", kw)
     del params
     free_memory(ctx.device, collect=True)
+    _host_cost(ctx)
     ctx.set_baseline(SUITE, O.BASELINE)
     _targets(ctx)
+
+
+# --------------------------------------------------------------------------- host-cost table (issue 12 part 4)
+def _host_cost(ctx: Ctx) -> None:
+    """Kernel ``host_cost``: bench/host_cost.py's non-refresh step on 28 tiny weights (host time
+    dominates) on the present device, every optimizer; the note holds the op counts."""
+    from . import host_cost as H
+
+    rounds, reps = (2, 1) if ctx.tiny else ((10, 3) if ctx.quick else (30, 5))
+    ctx.log(f"  step: host cost, {len(H.stack_shapes())} tiny weights, {rounds} rounds of {reps}")
+    shape = f"{len(H.stack_shapes())} x tiny (d={H.D}, f={H.F})"
+    kw = dict(shape=shape, rank=H.RANK, dtype="fp32")
+    try:
+        ctx.check_budget()
+        # The smoke run (--tiny) exercises the path on the issue's two optimizers and the baselines.
+        names = ["torch-adamw-fused", H.BASELINE, *H.TARGETS] if ctx.tiny else None
+        result = H.rows(rounds, reps, backend=None, device=ctx.device, profile_ops=False, names=names)
+    except Exception as e:  # noqa: BLE001 - recorded as a skip, the suite goes on
+        ctx.skip(SUITE, "host_cost", "-", f"host cost failed: {type(e).__name__}: {e}"[:200], **kw)
+        return
+    by = {}
+    for r in result:
+        if r.get("skipped"):
+            ctx.skip(SUITE, "host_cost", r["optimizer"], r["skipped"], **kw)
+            continue
+        by[r["optimizer"]] = r
+        ctx.add(Row(suite=SUITE, kernel="host_cost", provider=r["optimizer"], median_ms=r["median_ms"],
+                    p20_ms=r["p20_ms"], p80_ms=r["p80_ms"], reps=rounds * reps,
+                    note=f"{r['lk_ops']} lk op calls, {r['aten_ops']} aten ops ({r['host_reads']} host reads) per step; "
+                         f"CPU time {r['cpu_ms']:.3g} ms",
+                    **kw))
+    cpu = ctx.device.type == "cpu"
+    for name in H.TARGETS:
+        r, base = by.get(name), by.get(H.BASELINE)
+        ctx.target(SUITE, f"{name} host-cost step time / {H.BASELINE} (issue 12: <= 1 on CPU)",
+                   r["median_ms"] / base["median_ms"] if r and base else None, 1.0, higher_is_better=False,
+                   applies=cpu, stated_for="CPU")
+        ctx.target(SUITE, f"{name} lowrank_kernels op calls per non-refresh step (issue 12)",
+                   r["lk_ops"] if r else None, H.MAX_LK_OPS, higher_is_better=False, unit="", stated_for="any device")
+        ctx.target(SUITE, f"{name} aten ops per non-refresh step (issue 12)",
+                   r["aten_ops"] if r else None, H.MAX_ATEN_OPS, higher_is_better=False, unit="",
+                   stated_for="any device")
 
 
 def _derived(ctx: Ctx, name: str, steady: Row, refresh: Row, note: str, kw: dict) -> None:

@@ -4,7 +4,8 @@ The section between ``<!-- results:start -->`` and ``<!-- results:end -->`` in R
 is regenerated from what the benchmarks wrote into ``bench/results/`` (never typed by
 hand): for every ``<device>.md`` of ``python -m bench`` its header (device, date,
 versions, git stamp, measured ceilings), the targets with what was measured, and links
-to the full tables and plots; then the pre-training demo of ``python -m bench.convergence``
+to the full tables and plots; the host-cost tables of ``python -m bench.host_cost --out
+bench/results/host_cost-<device>.txt`` (op counts and step times on 28 tiny weights); then the pre-training demo of ``python -m bench.convergence``
 from ``convergence.json`` (mean and spread over seeds, against the tuned AdamW and the
 frozen-weights control, each method's recipe) and its tuning grids
 (``convergence_tuning-<method>.json``); a ``convergence.csv`` without its JSON gives the
@@ -62,6 +63,7 @@ def render(results: Path, root: Path) -> str:
     if not device_mds:
         parts.append("No benchmark results yet: run `make bench`.\n")
     parts += [_device_section(p, root) for p in device_mds]
+    parts += [_host_cost_section(p, root) for p in sorted(results.glob("host_cost-*.txt"))]
     conv_json, conv_csv = results / "convergence.json", results / "convergence.csv"
     if conv_json.exists() and "summary" in json.loads(conv_json.read_text()):
         parts.append(_convergence_section(conv_json, root))
@@ -73,6 +75,20 @@ def render(results: Path, root: Path) -> str:
     for tf in sorted(results.glob("convergence_tuning-*.json"), key=lambda p: p.stem):
         parts.append(_tuning_section(tf, root))
     return "\n".join(parts)
+
+
+def _host_cost_section(path: Path, root: Path) -> str:
+    """``bench/results/host_cost-<device>.txt`` of ``python -m bench.host_cost --out``: its
+    stamp lines (command, git, date, device) and its table with the targets, verbatim."""
+    lines = path.read_text().rstrip().splitlines()
+    stamps = [ln[1:].strip() for ln in lines if ln.startswith("#")]
+    body = [ln for ln in lines if not ln.startswith("#")]
+    rel = path.relative_to(root).as_posix()
+    out = [f"### Host cost of a step ({path.stem[len('host_cost-'):]})", ""]
+    if stamps:
+        out += ["; ".join(f"`{stamps[0]}`" if i == 0 else x for i, x in enumerate(stamps)) + f" ([`{rel}`]({rel}))", ""]
+    out += ["```", *body, "```", ""]
+    return "\n".join(out)
 
 
 def _finetune_section(path: Path, root: Path) -> str:

@@ -253,7 +253,7 @@ def _bucket(M: int, N: int) -> int:
 def q8_tile(tile: Tile, qblock: int) -> Tile:
     """``tile`` (a ``project_q8`` table tile, ``bn = 256``) for quantization blocks of
     ``qblock = min(block_size, N)`` columns: ``bn = max(16, next_pow2(qblock))`` (one block
-    per program along N), ``bm`` scaled up by ``256 / bn`` to at most 64."""
+    per program along N), ``bm`` scaled up by ``256 / bn`` to at most 32."""
     qblock = int(qblock)
     if not 1 <= qblock <= 256:
         raise ValueError(f"q8_tile: qblock must be in [1, 256] (min(block_size, N)), got {qblock!r}")
@@ -263,7 +263,8 @@ def q8_tile(tile: Tile, qblock: int) -> Tile:
 
 def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, op_bytes: Sequence[int],
                   side: str = "right", mode: int = 0, qblock: int = 0) -> Tile:
-    """The tile ``kernel`` (``"project"``, ``"backproject"`` or ``"dct_gemm"``) launches with.
+    """The tile ``kernel`` (``"project"``, ``"backproject"``, ``"dct_gemm"``, or the project
+    kernel's 8-bit / stochastic-rounding forms ``"project_q8"`` / ``"project_sr"``) launches with.
 
     A pure function of (arch, the pipelined operands' storage bytes, side, projector mode,
     shape bucket of ``M x N``): no timing, so every process and rank chooses the same.

@@ -26,6 +26,21 @@ arguments equal to 1 are specialised by Triton, so unit strides are compile-time
 constants and loads along them are vectorised and coalesced whichever dimension
 they are.
 
+Moment formats (m8spec; constexpr ``MOMENTS`` of the project + Adam kernel):
+float moments as above; bf16 moments stored with stochastic rounding
+(:func:`_round_sr_bf16`: 16 bits of the counter hash of reference/quant.py added below
+the kept bits, counter = the moment's flat index, ``+ numel`` for ``V``; identical bits
+to reference/moments.py ``bf16_round_sr_ref``); 8-bit moments (uint8 codes + float32
+absmax per block of at most ``block_size`` elements inside a row, reference/moments.py):
+each program's columns are exactly one quantization block (``qstep = min(block_size,
+N)`` columns in ``BLOCK_N = max(16, next_pow2(qstep))`` lanes, tile table
+``project_q8``), so the epilogue dequantizes the codes through the 256-entry maps
+(a gather from :func:`q8_maps`), updates in float32, computes ``N`` (float32) from those
+values, reduces the new absmax of each block row in registers and requantizes by an
+8-step binary search over the map's 255 float32 midpoints (:func:`_q8_encode`). No
+float32 moment tensor is written to memory. A block holding a NaN or an infinity gets
+absmax NaN and the zero code.
+
 Projector modes. ``_load_proj_tile`` is the one place that turns (rank index, dim
 index) into projector values, selected by the constexpr ``PROJ_MODE``: 0 dense, 1 a
 packed INT4 projector dequantized in the tile load (lowrank_kernels/kernels/quant.py),

@@ -13,6 +13,7 @@ are the same either way.
 """
 from __future__ import annotations
 
+import bisect
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -365,3 +366,56 @@ def tensor_signature(*lists) -> Optional[tuple]:
     except RuntimeError:  # no storage (sparse and other layouts): not cached
         return None
     return tuple(out)
+
+
+def layout_signature(*lists) -> Optional[tuple]:
+    """:func:`tensor_signature` without the data pointers: for tensors a validator only reads
+    and whose memory is checked apart on every call (:class:`SpanIndex`), such as gradients,
+    which are new tensors at every step unless kept between steps."""
+    out = []
+    for xs in lists:
+        one = []
+        for t in xs:
+            if type(t) not in _PLAIN_TENSOR_TYPES or t.layout != torch.strided:
+                return None
+            one.append((t.shape, t.stride(), t.dtype, t.device))
+        out.append(tuple(one))
+    return tuple(out)
+
+
+class SpanIndex:
+    """The memory spans of some tensors (e.g. every in-place output of a validated call),
+    merged and sorted per device, to ask quickly whether another tensor overlaps any of them
+    (the same span test as :func:`check_no_overlap`)."""
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        per_dev: dict = {}
+        for t in tensors:
+            sp = _span(t)
+            if sp is not None:
+                per_dev.setdefault(sp[0], []).append((sp[1], sp[2]))
+        self._index = {}
+        for dev, spans in per_dev.items():
+            spans.sort()
+            los, his = [], []
+            for lo, hi in spans:
+                if his and lo < his[-1]:  # overlaps the previous one: merge
+                    his[-1] = max(his[-1], hi)
+                else:
+                    los.append(lo)
+                    his.append(hi)
+            self._index[dev] = (los, his)
+
+    def overlaps(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s memory span meets a span of the index (on the same device)."""
+        sp = _span(t)
+        if sp is None:
+            return False
+        entry = self._index.get(sp[0])
+        if entry is None:
+            return False
+        los, his = entry
+        i = bisect.bisect_right(los, sp[1]) - 1  # the last span starting at or before t's start
+        if i >= 0 and his[i] > sp[1]:
+            return True
+        return i + 1 < len(los) and los[i + 1] < sp[2]

@@ -29,12 +29,14 @@ for the CPU dispatch key would always win over the reference, so the reference
 could not be forced on CPU for tests and benchmarks. The router keeps every
 backend reachable through one public op.
 
-Validation can be cached per op (``define_op(..., cache_key=..., recheck=...)``): a
-validated call's *key* (its tensors' data pointers, shapes, strides, dtypes and devices and
-the structural scalars: everything the validator's outcome depends on, except what
-``recheck`` covers) is remembered, and a later call with the same key runs only
-``recheck`` (scalar ranges, tensor values). The multi-tensor ops of the optimizers' steps
-pass the same tensors step after step, so their full validation runs once.
+Validation can be cached per op (``define_op(..., cache_key=..., recheck=...,
+remember=...)``): a validated call's *key* (its tensors' data pointers, shapes, strides,
+dtypes and devices and the structural scalars: everything the validator's outcome depends
+on, except what ``recheck`` covers) is remembered, and a later call with the same key runs
+only ``recheck`` (scalar ranges, tensor values, the memory of tensors left out of the key).
+The multi-tensor ops of the optimizers' steps pass the same parameters, moments and
+projectors step after step (and new gradients, checked by ``recheck``), so their full
+validation runs once per bucket.
 """
 from __future__ import annotations
 
@@ -303,6 +305,7 @@ def define_op(
     validate: Optional[Callable] = None,
     cache_key: Optional[Callable] = None,
     recheck: Optional[Callable] = None,
+    remember: Optional[Callable] = None,
     has_cpp: bool = True,
     has_triton: bool = True,
 ) -> Callable:
@@ -315,10 +318,13 @@ def define_op(
     the outputs' shapes/dtypes. The backends take the op's arguments positionally.
 
     ``cache_key(*args)`` (optional, with ``validate``): a hashable key such that every
-    call with that key passes ``validate`` exactly when it passes ``recheck(*args)``
+    call with that key passes ``validate`` exactly when it passes ``recheck(memo, *args)``
     (e.g. :func:`~lowrank_kernels.ops._checks.tensor_signature` of the tensors plus the
     scalars the structural checks read), or None (do not cache this call). After a call
-    with key ``k`` passed ``validate``, later calls with key ``k`` run ``recheck`` only.
+    with key ``k`` passed ``validate``, ``memo = remember(*args)`` (None without
+    ``remember``) is kept with ``k``, and later calls with key ``k`` run only
+    ``recheck(memo, *args)``, which must raise ``validate``'s error when it fails (e.g. by
+    calling ``validate``).
     """
     if name in OPS:
         raise RuntimeError(f"op {name} defined twice")
@@ -327,20 +333,21 @@ def define_op(
     op = OpDef(name=name, family=family, schema=schema, reference=reference, has_cpp=has_cpp, has_triton=has_triton)
     OPS[name] = op
     _lib.define(name + schema)
-    validated: Dict[object, None] = {}  # keys of calls that passed validate (bounded, see below)
+    validated: Dict[object, object] = {}  # key -> memo of calls that passed validate (bounded, see below)
 
     def check(args):
         if cache_key is not None:
             key = cache_key(*args)
             if key is not None:
-                if key in validated:
+                memo = validated.get(key, _MISSING)
+                if memo is not _MISSING:
                     if recheck is not None:
-                        recheck(*args)
+                        recheck(memo, *args)
                     return
                 validate(*args)
                 if len(validated) >= _VALIDATED_MAX:
                     validated.clear()
-                validated[key] = None
+                validated[key] = remember(*args) if remember is not None else None
                 return
         validate(*args)
 
@@ -371,8 +378,9 @@ def define_op(
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
-#: validated keys remembered per op; the set is emptied when full (a new working set refills it).
+#: validated keys remembered per op; the table is emptied when full (a new working set refills it).
 _VALIDATED_MAX = 256
+_MISSING = object()
 
 _cpp_fakes: list = []
 

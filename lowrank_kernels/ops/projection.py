@@ -416,34 +416,50 @@ def _foreach_cache_key(
     skip=None, coeffs=None,
 ):
     """What the structural checks of :func:`validate_foreach_project_update_backproject` read:
-    every tensor's signature (pointer, shape, strides, dtype, device, per list), the side,
-    ranks, group size, block size, which moment seeds are given (>= 0) and the list lengths.
-    The rest (betas, eps, lr, step, the DCT indices' values) is :func:`_foreach_recheck`'s."""
-    sig = C.tensor_signature(params, grads, projs, exp_avgs, exp_avg_sqs, indices, q_scale, q_min, m_absmax, v_absmax,
-                             [] if skip is None else [skip], [] if coeffs is None else [coeffs])
-    if sig is None:
+    every tensor's signature (pointer, shape, strides, dtype, device, per list; for the
+    gradients and the device flags all but the pointer), the side, ranks, group size, block
+    size, which moment seeds are given (>= 0), the list lengths and the CPU DCT indices'
+    version counters. The rest (betas, eps, lr, step, the gradients' and flags' memory) is
+    :func:`_foreach_recheck`'s."""
+    sig = C.tensor_signature(params, projs, exp_avgs, exp_avg_sqs, indices, q_scale, q_min, m_absmax, v_absmax)
+    grads_sig = C.layout_signature(grads)
+    flags_sig = C.layout_signature([t for t in (skip, coeffs) if t is not None])
+    if sig is None or grads_sig is None or flags_sig is None:
         return None
-    # The CPU DCT indices' version counters: the recheck reads their values again only after
-    # an in-place write (a refresh stores new index tensors, which changes the signature).
+    # The CPU DCT indices' version counters: their values are read again (full validation)
+    # only after an in-place write, so a cached call reads no tensor value (capturable=True);
+    # a refresh stores new index tensors, which changes the signature.
     try:
         versions = tuple(t._version for t in indices) if len(indices) and indices[0].device.type == "cpu" else ()
     except RuntimeError:  # inference tensors have no version counter: not cached
         return None
     return (side, tuple(rank), group_size, block_size, tuple(s >= 0 for s in moment_seed), len(lr), len(step),
-            len(weight_decay), len(scale), versions, sig)
+            len(weight_decay), len(scale), skip is None, coeffs is None, versions, sig, grads_sig, flags_sig)
 
 
-def _foreach_recheck(
+def _foreach_remember(
     params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
     indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
     skip=None, coeffs=None,
 ):
-    """The checks a cached key does not cover, in a few comparisons; when one fails, the full
-    validator runs and raises its exact error. The DCT indices' values are covered by the
-    key (their version counters): a cached key means they are unchanged since validated, so
-    a step reads no tensor value (``capturable=True``)."""
+    """The in-place outputs' memory of a validated call, for :func:`_foreach_recheck`'s gradient check."""
+    return C.SpanIndex([*params, *exp_avgs, *exp_avg_sqs, *m_absmax, *v_absmax])
+
+
+def _foreach_recheck(
+    written, params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
+    indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
+    skip=None, coeffs=None,
+):
+    """The checks a cached key does not cover, in a few comparisons: scalar ranges, no
+    gradient or device flag in the memory of an in-place output (``written``, the
+    :class:`~._checks.SpanIndex` of the validated call). The DCT indices' values are covered
+    by the key (their version counters). When one fails, the full validator runs and raises
+    its exact error."""
     ok = 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and eps >= 0.0
     ok = ok and all(t >= 1 for t in step) and all(x >= 0.0 for x in lr)
+    ok = ok and not any(written.overlaps(g) for g in grads)
+    ok = ok and not any(written.overlaps(t) for t in (skip, coeffs) if t is not None)
     if not ok:
         validate_foreach_project_update_backproject(
             params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
@@ -463,6 +479,7 @@ foreach_project_update_backproject_op = define_op(
     validate=validate_foreach_project_update_backproject,
     cache_key=_foreach_cache_key,
     recheck=_foreach_recheck,
+    remember=_foreach_remember,
 )
 
 

@@ -99,6 +99,16 @@ built this way):
 Hot-path rules: no ``.item()`` on accelerator tensors per parameter (``step``,
 ``side`` and ``seed`` live on the CPU), no ``torch.cuda`` calls, no ``p.data``
 swapping; all projected math goes through ``lowrank_kernels.ops``.
+
+Host cost of a step: ``step`` and ``side`` are read through host mirrors
+(:meth:`LowRankOptimizer._host_int`: a Python int per tensor, used while the tensor is the
+same object with an unchanged version counter, so a count changed in place or replaced,
+``load_state_dict`` included, is read again); a bucket's step counts are incremented with
+one ``torch._foreach_add_`` and their mirrors updated, so a bucketed non-refresh step reads
+no bookkeeping tensor; the non-finite probe is one ``_foreach_norm``, a ``stack``, a ``max``
+and one host read per device when every gradient is finite (the exact per-gradient check
+runs only otherwise). The multi-tensor op validates a bucket's structure once and then
+only rechecks scalars, gradient memory and DCT index values (``ops/_registry.py``).
 """
 from __future__ import annotations
 
@@ -167,6 +177,12 @@ def mix_seed(*parts: int) -> int:
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
         x ^= x >> 31
     return x & ((1 << 63) - 1)
+
+
+#: parameter / gradient types that are never DTensors (the bucketing's fast type test).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+#: the empty mirror table of an optimizer that has none yet (read-only use).
+_NO_MIRRORS: Dict[int, tuple] = {}
 
 
 def _is_int(x) -> bool:
@@ -388,9 +404,10 @@ class LowRankOptimizer(Optimizer):
         work: List[Tuple[Dict[str, Any], torch.Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 work.append((group, p))
         if self._capturable_step(work):
@@ -399,15 +416,23 @@ class LowRankOptimizer(Optimizer):
         finite = self._finite_flags(work)
         plain: Dict[int, List[torch.Tensor]] = defaultdict(list)
         buckets: Dict[tuple, list] = {}
+        kinds: Dict[int, Tuple[bool, bool]] = {}  # per group: (low-rank, bucketed), decided once per step
         for (group, p), ok in zip(work, finite):
             if not ok:
                 self.nonfinite_skips += 1
                 continue
-            if self._is_lowrank(group):
-                entry = self._bucket_entry(p, group)
+            kind = kinds.get(id(group))
+            if kind is None:
+                low = self._is_lowrank(group)
+                kind = kinds[id(group)] = (low, low and self._bucketing(group))
+            if kind[0]:
+                entry = self._bucket_entry(p, group) if kind[1] else None
                 if entry is not None:  # the plain fused step, taken below with its bucket
-                    key, step = entry
-                    buckets.setdefault(key, []).append((p, self.state[p], group, step))
+                    key, step, state = entry
+                    bucket = buckets.get(key)
+                    if bucket is None:
+                        bucket = buckets[key] = []
+                    bucket.append((p, state, group, step))
                     continue
                 # FSDP2: a DTensor parameter steps on its shards (see optim/distributed.py).
                 with _dist.param_context(p):
@@ -420,8 +445,7 @@ class LowRankOptimizer(Optimizer):
             # then their host mirrors, so the next step reads no step tensor.
             steps = [state["step"] for _, state, _, _ in entries]
             torch._foreach_add_(steps, 1.0)
-            for t, (_, _, _, step) in zip(steps, entries):
-                self._remember_host_int(t, step)
+            self._remember_steps(steps, [step for _, _, _, step in entries])
         for group in self.param_groups:
             if plain.get(id(group)):
                 self._plain_step(group, plain[id(group)])
@@ -461,7 +485,7 @@ class LowRankOptimizer(Optimizer):
                 entry = self._bucket_entry(p, group)
                 if entry is None:
                     return False
-                key, step = entry
+                key, step, state = entry
                 buckets.setdefault(key, []).append((p, state, group, step))
             else:
                 plain.setdefault(id(group), (group, []))[1].append(p)
@@ -612,12 +636,17 @@ class LowRankOptimizer(Optimizer):
         return self.bucketed and group.get("foreach") is not False
 
     def _bucket_entry(self, p: torch.Tensor, group: Dict[str, Any]):
-        """``(key, step)`` when ``p`` takes the plain fused step this step (state and projector
-        exist, no refresh due, not a DTensor, and :meth:`_bucket_key` gives a key), else None.
+        """``(key, step, state)`` when ``p`` takes the plain fused step this step (state and
+        projector exist, no refresh due, not a DTensor, and :meth:`_bucket_key` gives a key),
+        else None.
 
-        ``step`` is the 1-based step about to be taken. Called for finite gradients only.
+        ``step`` is the 1-based step about to be taken, ``state`` is ``self.state[p]``. Called
+        for finite gradients only.
         """
-        if not self._bucketing(group) or _dist.is_dtensor(p) or _dist.is_dtensor(p.grad):
+        if not self._bucketing(group):
+            return None
+        if (type(p) not in _PLAIN_TENSORS or type(p.grad) not in _PLAIN_TENSORS) and (
+                _dist.is_dtensor(p) or _dist.is_dtensor(p.grad)):
             return None
         state = self.state.get(p)
         if not state or not self._has_projector(state):
@@ -626,7 +655,7 @@ class LowRankOptimizer(Optimizer):
         if self._should_refresh(p, state, group, step):
             return None
         key = self._bucket_key(p, state, group)
-        return None if key is None else (key, step)
+        return None if key is None else (key, step, state)
 
     def _bucket_key(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> Optional[tuple]:
         """The bucket of a parameter that takes the plain fused step: parameters with equal
@@ -665,8 +694,9 @@ class LowRankOptimizer(Optimizer):
                 # The common case in four ops and one host read: the largest L2 norm is finite
                 # exactly when every norm is (max propagates NaN), and a finite L2 norm means a
                 # finite gradient. Otherwise the exact per-gradient probe below decides.
-                norms = torch._foreach_norm(grads, 2)
-                if math.isfinite(torch.stack([n.to(torch.float32) for n in norms]).max().item()):
+                f32 = torch.float32
+                norms = [n if n.dtype is f32 else n.to(f32) for n in torch._foreach_norm(grads, 2)]
+                if math.isfinite(torch.stack(norms).max().item()):
                     continue
             ok = _dist.inf_norms(grads).isfinite().tolist()
             for (i, _), good in zip(entries, ok):
@@ -830,8 +860,11 @@ class LowRankOptimizer(Optimizer):
         return SIDE_NAMES[self._host_int(state["side"])]
 
     # ------------------------------------------------------------------ host mirrors of bookkeeping scalars
-    #: exact integers a float32 step count holds (``+ 1`` stays exact below this).
-    _MIRROR_EXACT = 1 << 24
+    #: dtypes a mirror is kept for, with the bound below which every integer and its successor
+    #: are exact in that dtype (float32: 2^24); other dtypes (bfloat16, float16 counts from
+    #: an odd checkpoint) are read every time.
+    _MIRROR_EXACT = {torch.float32: 1 << 24, torch.float64: 1 << 53, torch.int64: 1 << 62, torch.int32: (1 << 31) - 1,
+                     torch.int16: (1 << 15) - 1, torch.int8: 127, torch.uint8: 255}
 
     def _host_int(self, t) -> int:
         """``int(t)`` for a host bookkeeping scalar (``step``, ``side``), read from a host mirror
@@ -844,12 +877,7 @@ class LowRankOptimizer(Optimizer):
         Writes that bypass the version counter (through ``.data``, numpy views or raw pointers)
         are not seen: change ``state["step"]`` with tensor ops or by assignment.
         """
-        if type(t) is not torch.Tensor:
-            return int(t)
-        mirrors = self.__dict__.get("_host_mirrors")
-        if mirrors is None:
-            mirrors = self.__dict__["_host_mirrors"] = {}
-        m = mirrors.get(id(t))
+        m = self.__dict__.get("_host_mirrors", _NO_MIRRORS).get(id(t))
         if m is not None and m[0] is t and m[1] == t._version:
             return m[2]
         value = int(t)
@@ -858,14 +886,16 @@ class LowRankOptimizer(Optimizer):
 
     def _remember_host_int(self, t, value: int) -> None:
         """Record that ``t`` (a host scalar, just read or written) holds the integer ``value``.
-        Values outside ``[0, 2^24)`` (where a float32 count stops being exact) and tensors without
-        a version counter (inference tensors) get no mirror."""
+        Values outside ``[0, bound)`` of :attr:`_MIRROR_EXACT` (where ``+ 1`` stops being exact
+        in ``t``'s dtype: 2^24 for float32), other dtypes and tensors without a version counter
+        (inference tensors) get no mirror. Device tensors (``capturable=True`` step counts) get
+        one too: their values are then the host's copy, see :meth:`sync_step_counts`."""
         if type(t) is not torch.Tensor or t.is_inference():
             return
         mirrors = self.__dict__.get("_host_mirrors")
         if mirrors is None:
             mirrors = self.__dict__["_host_mirrors"] = {}
-        if not 0 <= value < self._MIRROR_EXACT:
+        if not 0 <= value < self._MIRROR_EXACT.get(t.dtype, 0):
             mirrors.pop(id(t), None)
             return
         if len(mirrors) > 4 * len(self._param_index) + 64:  # replaced tensors' stale mirrors
@@ -876,6 +906,19 @@ class LowRankOptimizer(Optimizer):
         """Where ``state["step"]`` lives: the parameter's device with ``capturable=True`` (as
         torch's capturable AdamW), else the CPU (read on the host without a sync)."""
         return p.device if group.get("capturable", False) else torch.device("cpu")
+
+    def _remember_steps(self, steps: List[torch.Tensor], values: List[int]) -> None:
+        """:meth:`_remember_host_int` for the step tensors of a bucket just incremented in place:
+        the tensors mirrored when they were read (so plain CPU tensors) get their new values."""
+        mirrors = self.__dict__.get("_host_mirrors", _NO_MIRRORS)
+        exact = self._MIRROR_EXACT
+        for t, value in zip(steps, values):
+            m = mirrors.get(id(t))
+            if m is not None and m[0] is t:
+                if value < exact.get(t.dtype, 0):
+                    mirrors[id(t)] = (t, t._version, value)
+                else:
+                    del mirrors[id(t)]
 
     def _init_state(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(p, group))

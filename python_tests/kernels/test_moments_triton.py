@@ -2,8 +2,10 @@
 
 The launchers of kernels/projection.py and kernels/adam.py are called directly (the op
 layer routes to them with the same trailing arguments) and compared with a reference
-composed from reference/projection.py (the projection ``R``), reference/moments.py
-(quantize / dequantize with the dynamic maps) and reference/quant.py (the SR hash):
+composed from reference/projection.py (the projection ``R``) and reference/moments.py
+(quantize / dequantize with the dynamic maps, the bf16 stochastic rounding), with the
+float32 update written out one rounding per operation as the kernels do; then through
+the ops (``use_backend("triton")`` against ``use_backend("reference")``):
 
 - 8-bit: codes equal except "ties" (the reference's normalized value within 1e-5 of a
   decision midpoint: the Triton GEMM sums ``R`` in another order), counted and bounded;
@@ -29,7 +31,7 @@ import torch
 from lowrank_kernels.reference import moments as Q
 from lowrank_kernels.reference import projection as RP
 from lowrank_kernels.reference.dct import dct_basis_float64
-from lowrank_kernels.reference.quant import MASK32, mix32, quant_int4_pack_ref, seed_keys
+from lowrank_kernels.reference.quant import MASK32, quant_int4_pack_ref
 
 from .._numerics import assert_change_close, assert_close_f32
 
@@ -49,32 +51,13 @@ SHAPES = [(37, 53, 5, 64), (37, 53, 5, 256), (41, 300, 7, 256), (300, 29, 300, 2
 
 # --------------------------------------------------------------------------- references
 def sr_bf16(x: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
-    """m8spec's stochastic rounding of float32 ``x`` to bf16, written from the spec."""
-    k1, k2 = seed_keys(seed)
-    flat = x.reshape(-1).cpu()
-    idx = torch.arange(flat.numel(), dtype=torch.int64) + offset
-    h = mix32(mix32((idx & MASK32) ^ k1) ^ k2)
-    b = flat.view(torch.int32).to(torch.int64) & MASK32
-    top = ((b + (h >> 16)) >> 16) & 0xFFFF
-    out = torch.where(top >= 0x8000, top - 0x10000, top).to(torch.int16).view(torch.bfloat16)
-    out = torch.where(torch.isfinite(flat), out, flat.to(torch.bfloat16))
-    return out.reshape(x.shape).to(x.device)
+    """m8spec's stochastic rounding of float32 ``x`` to bf16 (reference/moments.py)."""
+    return Q.bf16_round_sr_ref(x.cpu(), seed, offset).to(x.device)
 
 
 def quantize(x, signed, bs):
-    """reference/moments.py's quantizer (with m8spec's non-finite rule: NaN absmax, zero code)."""
-    codes, absmax = Q.moments_quantize_ref(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), signed=signed,
-                                           block_size=bs)
-    cols = x.shape[-1]
-    nb = absmax.shape[-1]
-    pad = nb * bs - cols
-    bad = ~torch.isfinite(torch.nn.functional.pad(x, (0, pad), value=0.0).reshape(*x.shape[:-1], nb, bs)).all(-1)
-    if bad.any():
-        zero = int(torch.bucketize(torch.zeros(()), _mids(signed, "cpu")))
-        bad_el = bad.repeat_interleave(bs, dim=-1)[..., :cols]
-        codes = torch.where(bad_el, torch.full_like(codes, zero), codes)
-        absmax = torch.where(bad, torch.full_like(absmax, float("nan")), absmax)
-    return codes, absmax
+    """reference/moments.py's quantizer (non-finite blocks: NaN absmax, the zero code)."""
+    return Q.moments_quantize_ref(x, signed=signed, block_size=bs)
 
 
 def _mids(signed, device):
@@ -170,12 +153,11 @@ def test_maps_are_the_references():
     assert kp.q8_maps("cpu") is maps
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("m,n,rank,bs", SHAPES)
+@pytest.mark.parametrize("kind,side,m,n,rank,bs", [
+    (kind, side, *shape) for kind in KINDS for side in SIDES for shape in SHAPES
+    if not (kind == "dct" and shape[2] > (shape[1] if side == "right" else shape[0]))  # DCT: rank <= basis size
+])
 def test_project_adam_8bit(kind, side, m, n, rank, bs, device):
-    if kind == "dct" and rank > min(m, n):
-        pytest.skip("DCT picks at most s basis rows")
     gen = torch.Generator().manual_seed(m * 7 + n + rank + bs)
     grad = inputs(m, n, gen, device)
     pargs, P = projector(kind, side, m, n, rank, device, gen)
@@ -520,3 +502,162 @@ def test_exact_ties_go_down(device):
     want = torch.bucketize(r.cpu(), mids, right=False)
     assert torch.equal(cm.cpu().long(), want)
     assert torch.equal(cm[0, 1:1 + mids[::3].numel()].cpu().long(), torch.arange(0, 255, 3))
+
+
+# --------------------------------------------------------------------------- through the ops (router -> triton)
+def _op_projector(kind, side, m, n, rank, gen):
+    from lowrank_kernels import ops
+
+    k = n if side == "right" else m
+    dense = torch.linalg.qr(torch.randn(k, rank, generator=gen, dtype=torch.float64))[0]
+    dense = (dense.T if side == "right" else dense).float().contiguous()
+    if kind == "dense":
+        return dense
+    if kind == "dct":
+        return ops.DCTProjector(ops.dct_basis(k), torch.randperm(k, generator=gen)[:rank].to(torch.int32))
+    return ops.Int4Projector.quantize(dense, 16)
+
+
+def _require_triton():
+    from ..conftest import require_backend
+
+    require_backend("projection_project_adam", "triton")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("side", SIDES)
+def test_ops_route_8bit_and_sr_to_triton(kind, side):
+    """``ops.project_adam_`` / ``project_update_backproject_`` / ``foreach_..._`` with the triton
+    backend against the reference backend (m8ops' reference): 8-bit codes up to counted ties,
+    absmax, N and the weight change; bf16 SR moments one of the two bf16 neighbours."""
+    from lowrank_kernels import ops
+    from lowrank_kernels.ops import use_backend
+
+    _require_triton()
+    m, n, rank, bs = 37, 53, 5, 64
+    gen = torch.Generator().manual_seed(21)
+    proj = _op_projector(kind, side, m, n, rank, gen)
+    grad = torch.randn(m, n, generator=gen)
+    lshape = ops.low_rank_shape(m, n, rank, side)
+    st0 = ops.moments8_zeros(lshape, block_size=bs)
+    # a first step from zeros (both backends), then the compared step
+    with use_backend("reference"):
+        ops.project_adam_(torch.randn(m, n, generator=gen), proj, st0["exp_avg"], st0["exp_avg_sq"], side=side,
+                          m_absmax=st0["m_absmax"], v_absmax=st0["v_absmax"], block_size=bs)
+    res = {}
+    for be in ("reference", "triton"):
+        st = {k: v.clone() for k, v in st0.items()}
+        w = torch.randn(m, n, generator=torch.Generator().manual_seed(1))
+        w0 = w.clone()
+        with use_backend(be):
+            nn = ops.project_adam_(grad, proj, st["exp_avg"], st["exp_avg_sq"], side=side, beta1=B1, beta2=B2,
+                                   eps=EPS, m_absmax=st["m_absmax"], v_absmax=st["v_absmax"], block_size=bs)
+            st2 = {k: v.clone() for k, v in st0.items()}
+            ops.project_update_backproject_(w, grad, proj, st2["exp_avg"], st2["exp_avg_sq"], side=side, lr=0.01,
+                                            beta1=B1, beta2=B2, eps=EPS, step=2, weight_decay=0.1, scale=0.5,
+                                            m_absmax=st2["m_absmax"], v_absmax=st2["v_absmax"], block_size=bs)
+            st3 = {k: v.clone() for k, v in st0.items()}
+            w3 = [w0.clone()]
+            ops.foreach_project_update_backproject_(
+                w3, [grad], [proj], [st3["exp_avg"]], [st3["exp_avg_sq"]], side=side, lr=0.01, beta1=B1, beta2=B2,
+                eps=EPS, step=2, weight_decay=0.1, scale=0.5, m_absmax=[st3["m_absmax"]],
+                v_absmax=[st3["v_absmax"]], block_size=bs)
+        res[be] = (nn, st, w, st2, w3[0], st3)
+    (rn, rst, rw, rst2, rw3, rst3), (tn, tst, tw, tst2, tw3, tst3) = res["reference"], res["triton"]
+    assert tn.dtype == torch.float32
+    assert_close_f32(tn, rn, "N", rtol=2e-5)
+    assert_change_close(tw, w0, rw, "W", rtol=2e-5)
+    assert torch.equal(tw3, tw)  # foreach == single on the triton backend
+    for a, b in ((tst, rst), (tst2, rst2), (tst3, rst3)):
+        torch.testing.assert_close(a["m_absmax"], b["m_absmax"], rtol=4e-6, atol=0.0)
+        torch.testing.assert_close(a["v_absmax"], b["v_absmax"], rtol=4e-6, atol=0.0)
+        # the reference's float32 moments are not returned here (the launcher tests above
+        # judge each tie against them): adjacent codes only, and few
+        for key in ("exp_avg", "exp_avg_sq"):
+            diff = a[key].long() - b[key].long()
+            assert (diff.abs() <= 1).all() and int((diff != 0).sum()) <= max(2, 0.01 * diff.numel()), key
+
+    # bf16 stochastic rounding through the ops (bf16 gradient: the op takes moments in float32
+    # or the parameter's dtype)
+    grad = grad.to(torch.bfloat16)
+    if isinstance(proj, torch.Tensor):
+        proj = proj.to(torch.bfloat16)
+    ea0 = (0.1 * torch.randn(lshape, generator=gen)).to(torch.bfloat16)
+    eas0 = (0.01 * torch.rand(lshape, generator=gen)).to(torch.bfloat16)
+    got = {}
+    for be in ("reference", "triton"):
+        ea, eas = ea0.clone(), eas0.clone()
+        with use_backend(be):
+            nn = ops.project_adam_(grad, proj, ea, eas, side=side, beta1=B1, beta2=B2, eps=EPS, moment_seed=5)
+        got[be] = (nn, ea, eas)
+    for i in (1, 2):
+        d = (_bits16(got["triton"][i]) - _bits16(got["reference"][i])).abs()
+        assert (d <= 1).all() and int((d != 0).sum()) <= max(2, 0.01 * d.numel())
+
+
+def _bits16(t):
+    return t.view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+@pytest.mark.parametrize("shape,bs", [((37, 53), 64), ((3, 300), 256)])
+def test_ops_adam_update_8bit_and_sr_triton_equals_reference(shape, bs):
+    """No GEMM: the triton backend of ``ops.adam_update_`` / ``adam_foreach_update_`` against the
+    reference backend, whose update may round differently in the last bit (torch's ``add_(alpha)``
+    / ``addcmul_`` may fuse a multiply-add; the kernel rounds each operation): N and absmax at
+    rtol 4e-6, codes up to adjacent ties; SR bits exactly where the float32 update is exact."""
+    from lowrank_kernels import ops
+    from lowrank_kernels.ops import use_backend
+
+    _require_triton()
+    gen = torch.Generator().manual_seed(8)
+    r = torch.randn(shape, generator=gen)
+    cm, am, cv, av = moments8(shape, bs, "cpu", gen)
+    out = {}
+    for be in ("reference", "triton"):
+        st = [t.clone() for t in (cm, am, cv, av)]
+        with use_backend(be):
+            nn = ops.adam_update_(r, st[0], st[2], beta1=B1, beta2=B2, eps=EPS, m_absmax=st[1], v_absmax=st[3],
+                                  block_size=bs)
+            stf = [t.clone() for t in (cm, am, cv, av)]
+            nf = ops.adam_foreach_update_([r], [stf[0]], [stf[2]], beta1=B1, beta2=B2, eps=EPS, m_absmax=[stf[1]],
+                                          v_absmax=[stf[3]], block_size=bs)
+        out[be] = (nn, st, nf[0], stf)
+    (rn, rst, rnf, rstf), (tn, tst, tnf, tstf) = out["reference"], out["triton"]
+    for n_, st_, n_r, st_r in ((tn, tst, rn, rst), (tnf, tstf, rnf, rstf)):
+        torch.testing.assert_close(n_, n_r, rtol=4e-6, atol=0.0)
+        torch.testing.assert_close(st_[1], st_r[1], rtol=4e-6, atol=0.0)
+        torch.testing.assert_close(st_[3], st_r[3], rtol=4e-6, atol=0.0)
+        for i in (0, 2):
+            d = st_[i].long() - st_r[i].long()
+            assert (d.abs() <= 1).all() and int((d != 0).sum()) <= 2
+    # SR with beta = 0: the float32 moments are r and r*r exactly on both backends
+    m0 = torch.zeros(shape, dtype=torch.bfloat16)
+    res = []
+    for be in ("reference", "triton"):
+        ea, eas = m0.clone(), m0.clone()
+        with use_backend(be):
+            # bf16 r: r and r * r are exact in float32, so both backends round the same values
+            ops.adam_update_((r * 1e-3).to(torch.bfloat16), ea, eas, beta1=0.0, beta2=0.0, eps=EPS,
+                             moment_seed=2**33 + 1)
+        res.append((ea, eas))
+    assert torch.equal(_bits16(res[0][0]), _bits16(res[1][0])) and torch.equal(_bits16(res[0][1]), _bits16(res[1][1]))
+    assert (res[1][1] != ((r * 1e-3).to(torch.bfloat16).float() ** 2).to(torch.bfloat16)).any()  # not to nearest
+
+
+
+# --------------------------------------------------------------------------- tile policy of the 8-bit kernel
+def test_q8_tiles_own_whole_blocks():
+    """``project_q8`` tiles: ``bn = max(16, next_pow2(min(block_size, N)))`` lanes for one block per
+    program, at most 4096 elements (the float moments' 64 x 64), every arch and projector mode."""
+    L = pytest.importorskip("lowrank_kernels.kernels._launch")
+    for arch in (None, 80, 86, 89, 90, 120):
+        for mode in (0, 1, 2):
+            for qblock, bn in ((256, 256), (200, 256), (129, 256), (128, 128), (64, 64), (33, 64), (5, 16), (1, 16)):
+                t = L.choose_config("project_q8", arch, M=300, N=1000, K=77, op_bytes=[2, 2], side="left", mode=mode,
+                                    qblock=qblock)
+                assert t.bn == bn and t.bn >= qblock, (arch, mode, qblock, t)
+                if arch is not None:
+                    assert t.bm * t.bn <= 4096 and t.bm >= 16
+                    assert t in L.candidates("project_q8", arch, wide=False, mode=mode, qblock=qblock)
+    with pytest.raises(ValueError, match="qblock must be in"):
+        L.choose_config("project_q8", 90, M=10, N=10, K=10, op_bytes=[2, 2], qblock=0)

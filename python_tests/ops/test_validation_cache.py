@@ -81,10 +81,55 @@ def test_second_call_skips_structural_checks(backend, kind, monkeypatch):
         _call(bucket, lr=[0.5, 0.5, 0.5], step=[7, 8, 9])  # other scalars: same key
         assert first > 0 and count.n == first
         moved = [p.clone() for p in bucket[0]]
-        bucket[1][0] = torch.randn(SHAPES[0][:2])  # a new gradient tensor: a new key
+        # New gradient tensors (as after zero_grad(set_to_none=True) and backward): the same key
+        # (their memory is checked against the outputs' on every call instead).
+        bucket[1][:] = [torch.randn_like(g) for g in bucket[1]]
+        _call(bucket)
+        assert count.n == first
+        bucket[3][0] = bucket[3][0].clone()  # a new moment tensor: a new key, validated in full
         _call(bucket)
         assert count.n > first
     assert not all(torch.equal(a, b) for a, b in zip(moved, bucket[0]))
+
+
+def test_gradient_in_an_outputs_memory_is_refused_after_a_cached_call(backend, monkeypatch):
+    """Gradients' pointers are not in the key: a new gradient with the usual layout (so the
+    same key) that reads the memory of a weight or a moment is refused all the same; with
+    another layout (a stride-0 view) it is a new key, validated in full."""
+    bucket = _bucket("dense")
+    params, grads, projs, eas, easqs = bucket
+    m, n, _ = SHAPES[0]
+    big = torch.zeros(4 * m * n)
+    params[1] = big[: params[1].numel()].view_as(params[1]).copy_(params[1])  # a weight inside a buffer
+    moments = torch.zeros(2 * m * n)
+    easqs[2] = moments[: easqs[2].numel()].view_as(easqs[2]).copy_(easqs[2])
+    count = _CountStructural(monkeypatch)
+    with use_backend(backend):
+        _call(bucket)
+        first = count.n
+        for alias in (big[params[1].numel() - 5:][: m * n].view(m, n),  # overlaps the weight's last 5 values
+                      moments[: m * n].view(m, n),  # overlaps a moment
+                      easqs[1].reshape(-1)[3:4].expand(m, n)):  # another layout
+            grads[0] = alias
+            snap = _snapshot(bucket)
+            with pytest.raises(ValueError, match="share memory"):
+                _call(bucket)
+            assert _unchanged(bucket, snap)
+        grads[0] = big[params[1].numel():][: m * n].view(m, n)  # right after the weight: no overlap
+        before = count.n
+        _call(bucket)
+        assert count.n == before  # the cached key: no full validation
+    assert count.n > first  # the refused calls ran the full validator (for its exact error)
+
+
+def test_span_index():
+    buf = torch.zeros(100)
+    idx = C.SpanIndex([buf[10:20], buf[15:30], buf[50:60], torch.zeros(0)])
+    assert idx.overlaps(buf[29:31]) and idx.overlaps(buf[0:11]) and idx.overlaps(buf[55:56])
+    assert idx.overlaps(buf[5:70]) and idx.overlaps(buf[::7])  # strided: its span counts
+    assert not idx.overlaps(buf[30:50]) and not idx.overlaps(buf[60:]) and not idx.overlaps(buf[:10])
+    assert not idx.overlaps(torch.zeros(5)) and not idx.overlaps(torch.zeros(0))
+    assert not C.SpanIndex([]).overlaps(buf)
 
 
 @pytest.mark.parametrize(
@@ -173,6 +218,14 @@ def test_reshaped_tensor_at_the_same_address_is_checked_again(backend):
         eas[0] = eas[0].reshape(-1)[: eas[0].numel() - 1].reshape(1, -1)
         with pytest.raises(ValueError, match=r"exp_avg must have shape"):
             _call(bucket)
+
+
+def test_layout_signature():
+    a = torch.zeros(3, 4)
+    assert C.layout_signature([a]) == C.layout_signature([torch.ones(3, 4)])  # pointers left out
+    assert C.layout_signature([a]) != C.layout_signature([a.T.contiguous().T])
+    assert C.layout_signature([a]) != C.layout_signature([a.double()])
+    assert C.layout_signature([a.to_sparse()]) is None
 
 
 def test_tensor_signature():
