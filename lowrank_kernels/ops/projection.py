@@ -12,7 +12,10 @@ One op per stage, whatever the projector's kind:
 - ``projection_project_update_backproject(param!, grad, proj, exp_avg!, exp_avg_sq!, side,
   lr, beta1, beta2, eps, step, weight_decay, scale, indices?, q_scale?, q_min?, rank, group_size,
   m_absmax!?, v_absmax!?, block_size, moment_seed) -> ()``
-- ``projection_foreach_project_update_backproject(...)``: the step over lists (see below).
+- ``projection_foreach_project_update_backproject(..., Tensor? skip=None, Tensor? coeffs=None)``:
+  the step over lists (see below); ``skip`` (bool/uint8, one flag per parameter) and
+  ``coeffs`` (float32/float64 ``(n, 2)``: ``(step_size * scale, 1 - lr * wd)`` per parameter)
+  are device tensors the backends read without a host sync (``capturable=True`` optimizers).
 
 Moment formats (the ops' trailing moment arguments, all defaulted):
 
