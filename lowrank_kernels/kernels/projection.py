@@ -319,7 +319,8 @@ def _adam_moments(m, v, r, beta1, one_minus_beta1, beta2, one_minus_beta2):
     the reference's torch ops (``m.mul(beta1).add_(r, alpha=1 - beta1)`` and
     ``v.mul(beta2).addcmul_(r, r, value=1 - beta2)`` compute ``fma(r, 1 - beta1, beta1 m)`` and
     ``fma((1 - beta2) r, r, beta2 v)``), so the float32 moments, and with them the stochastic
-    rounding and the 8-bit codes, equal the reference's bit for bit (no GEMM in between)."""
+    rounding and the 8-bit codes, equal the reference's bit for bit (the elementwise adam
+    kernels; the projection epilogue rounds each operation, its R differing anyway)."""
     m = tl.fma(r, one_minus_beta1, beta1 * m)
     v = tl.fma(one_minus_beta2 * r, r, beta2 * v)
     return m, v
@@ -435,7 +436,10 @@ def _projection_project_adam_kernel(
     else:
         mo = mo.to(tl.float32)
         vo = vo.to(tl.float32)
-    mo, vo = _adam_moments(mo, vo, acc, beta1, one_minus_beta1, beta2, one_minus_beta2)
+    # one rounding per operation (not _adam_moments' fused multiply-adds: R already differs
+    # from the reference's in the last bits, and the fma form spills the 8-bit epilogue on sm_90)
+    mo = beta1 * mo + one_minus_beta1 * acc
+    vo = beta2 * vo + one_minus_beta2 * (acc * acc)
     nn = tl.math.div_rn(mo, tl.sqrt_rn(vo) + eps)
     tl.store(n_ptr + offs_m[:, None] * stride_n0 + offs_n[None, :] * stride_n1, _cast_out(nn, n_ptr.dtype.element_ty, INTERPRET),
              mask=mask)
