@@ -314,6 +314,19 @@ def _round_sr_bf16(x, ctr, k1, k2, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _adam_moments(m, v, r, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """``(beta1 m + (1 - beta1) r, beta2 v + (1 - beta2) r^2)`` in float32, rounded exactly as
+    the reference's torch ops (``m.mul(beta1).add_(r, alpha=1 - beta1)`` and
+    ``v.mul(beta2).addcmul_(r, r, value=1 - beta2)`` compute ``fma(r, 1 - beta1, beta1 m)`` and
+    ``fma((1 - beta2) r, r, beta2 v)``), so the float32 moments, and with them the stochastic
+    rounding and the 8-bit codes, equal the reference's bit for bit (the elementwise adam
+    kernels; the projection epilogue rounds each operation, its R differing anyway)."""
+    m = tl.fma(r, one_minus_beta1, beta1 * m)
+    v = tl.fma(one_minus_beta2 * r, r, beta2 * v)
+    return m, v
+
+
+@triton.jit
 def _q8_decode(codes, absmax, map_ptr):
     """``map[codes] * absmax[row]`` (float32): one quantization block per tile row."""
     return tl.load(map_ptr + codes.to(tl.int32)) * absmax[:, None]
@@ -430,6 +443,8 @@ def _projection_project_adam_kernel(
     else:
         mo = mo.to(tl.float32)
         vo = vo.to(tl.float32)
+    # one rounding per operation (not _adam_moments' fused multiply-adds: R already differs
+    # from the reference's in the last bits, and the fma form spills the 8-bit epilogue on sm_90)
     mo = beta1 * mo + one_minus_beta1 * acc
     vo = beta2 * vo + one_minus_beta2 * (acc * acc)
     nn = tl.math.div_rn(mo, tl.sqrt_rn(vo) + eps)
