@@ -184,6 +184,25 @@ def _variants(subset: str):
                       moments="sr16"),
         ]
 
+    # The multi-tensor launcher with device skip flags and step coefficients (capturable
+    # steps: SKIP / COEF variants of both projection kernels), plain and 8-bit moments.
+    def foreach_flags(name, g_dt, side, q8):
+        def thunk():
+            m, n, r = ragged
+            ls = (m, r) if side == "right" else (r, n)
+            proj = E(r, n, dtype=g_dt) if side == "right" else E(m, r, dtype=g_dt)
+            u8 = torch.uint8
+            ea, eas = (E(*ls, dtype=u8), E(*ls, dtype=u8)) if q8 else (E(*ls), E(*ls))
+            ab = [E(ls[0], -(-ls[1] // 256))] if q8 else []
+            kp.projection_foreach_project_update_backproject_triton(
+                [E(m, n, dtype=g_dt)], [E(m, n, dtype=g_dt)], [proj], [ea], [eas], side, [1e-3], 0.9, 0.999, 1e-8,
+                [2], [0.0], [1.0], (), (), (), (), 0, ab, list(ab), 256 if q8 else 0, (),
+                skip=E(1, dtype=u8), coeffs=E(1, 2, dtype=torch.float64))
+        return name, thunk
+
+    out += [foreach_flags("foreach_skip_coeffs_gbf16_mfp32_right", b16, "right", False),
+            foreach_flags("foreach_skip_coeffs_gfp32_q8b256_left", f32, "left", True)]
+
     # DCT scoring and gathered projection.
     def scores(name, dt, side, norm, shape):
         def thunk():

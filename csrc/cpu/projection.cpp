@@ -720,15 +720,14 @@ double adam_step_size(double lr, double beta1, double beta2, int64_t step) {
   return lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
 }
 
-void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad, const Tensor& proj,
-                                               Tensor& exp_avg, Tensor& exp_avg_sq, c10::string_view side,
-                                               double lr, double beta1, double beta2, double eps, int64_t step,
-                                               double weight_decay, double scale, const OptTensor& indices,
-                                               const OptTensor& q_scale, const OptTensor& q_min, int64_t rank,
-                                               int64_t group_size, const OptTensor& m_absmax,
-                                               const OptTensor& v_absmax, int64_t block_size,
-                                               int64_t moment_seed) {
-  const char* op = "projection_project_update_backproject_cpu";
+// The fused step with its weight update given as W <- decay * W + alpha * back(N) (the
+// single-tensor op computes alpha and decay from lr / step / weight decay / scale; the
+// multi-tensor op may take them per parameter from a device tensor).
+void fused_step(const char* op, Tensor& param, const Tensor& grad, const Tensor& proj, Tensor& exp_avg,
+                Tensor& exp_avg_sq, c10::string_view side, double beta1, double beta2, double eps, int64_t step,
+                double alpha, double decay, const OptTensor& indices, const OptTensor& q_scale,
+                const OptTensor& q_min, int64_t rank, int64_t group_size, const OptTensor& m_absmax,
+                const OptTensor& v_absmax, int64_t block_size, int64_t moment_seed) {
   const bool left = is_left(side, op);
   check_float_cpu(param, "param", op);
   check_float_cpu(grad, "grad", op);
@@ -764,9 +763,22 @@ void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad
   pb.beta1 = beta1;
   pb.beta2 = beta2;
   pb.eps = eps;
-  pb.decay = 1.0 - lr * weight_decay;
-  pb.alpha = -adam_step_size(lr, beta1, beta2, step) * scale;
+  pb.decay = decay;
+  pb.alpha = alpha;
   run(pb, src, acc);
+}
+
+void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad, const Tensor& proj,
+                                               Tensor& exp_avg, Tensor& exp_avg_sq, c10::string_view side,
+                                               double lr, double beta1, double beta2, double eps, int64_t step,
+                                               double weight_decay, double scale, const OptTensor& indices,
+                                               const OptTensor& q_scale, const OptTensor& q_min, int64_t rank,
+                                               int64_t group_size, const OptTensor& m_absmax,
+                                               const OptTensor& v_absmax, int64_t block_size,
+                                               int64_t moment_seed) {
+  fused_step("projection_project_update_backproject_cpu", param, grad, proj, exp_avg, exp_avg_sq, side, beta1,
+             beta2, eps, step, -adam_step_size(lr, beta1, beta2, step) * scale, 1.0 - lr * weight_decay, indices,
+             q_scale, q_min, rank, group_size, m_absmax, v_absmax, block_size, moment_seed);
 }
 
 // The multi-tensor step: one dispatcher call for a list of parameters (one side, one
@@ -778,7 +790,8 @@ void projection_foreach_project_update_backproject_cpu(
     at::TensorList exp_avg_sqs, c10::string_view side, at::ArrayRef<double> lr, double beta1, double beta2,
     double eps, at::IntArrayRef step, at::ArrayRef<double> weight_decay, at::ArrayRef<double> scale,
     at::TensorList indices, at::TensorList q_scale, at::TensorList q_min, at::IntArrayRef rank, int64_t group_size,
-    at::TensorList m_absmax, at::TensorList v_absmax, int64_t block_size, at::IntArrayRef moment_seed) {
+    at::TensorList m_absmax, at::TensorList v_absmax, int64_t block_size, at::IntArrayRef moment_seed,
+    const OptTensor& skip, const OptTensor& coeffs) {
   const char* op = "projection_foreach_project_update_backproject_cpu";
   const bool left = is_left(side, op);
   const size_t n = params.size();
@@ -794,6 +807,31 @@ void projection_foreach_project_update_backproject_cpu(
     TORCH_CHECK(len == 0 || len == n, op, ": moment lists must be empty or have one entry per parameter (", n,
                 "), got one of ", len);
   }
+  // Device-side control, read through data pointers (no aten op, no host sync elsewhere):
+  // skip[i] != 0 leaves parameter i untouched; coeffs[i] = (a, d): W <- d W - a back(N).
+  const bool has_skip = skip.has_value() && skip->defined();
+  const bool has_coeffs = coeffs.has_value() && coeffs->defined();
+  if (has_skip) {
+    TORCH_CHECK(skip->device().is_cpu() && (skip->scalar_type() == at::kByte || skip->scalar_type() == at::kBool) &&
+                    skip->dim() == 1 && skip->size(0) == static_cast<int64_t>(n) && skip->is_contiguous(),
+                op, ": skip must be a contiguous bool/uint8 CPU vector of length ", n, ", got ", skip->scalar_type(),
+                " ", skip->sizes());
+  }
+  if (has_coeffs) {
+    TORCH_CHECK(coeffs->device().is_cpu() &&
+                    (coeffs->scalar_type() == at::kFloat || coeffs->scalar_type() == at::kDouble) &&
+                    coeffs->dim() == 2 && coeffs->size(0) == static_cast<int64_t>(n) && coeffs->size(1) == 2 &&
+                    coeffs->is_contiguous(),
+                op, ": coeffs must be a contiguous float32/float64 CPU tensor of shape (", n, ", 2), got ",
+                coeffs->scalar_type(), " ", coeffs->sizes());
+  }
+  auto skipped = [&](size_t i) -> bool {
+    return has_skip && static_cast<const uint8_t*>(skip->const_data_ptr())[i] != 0;
+  };
+  auto coeff = [&](size_t i, int j) -> double {
+    if (coeffs->scalar_type() == at::kDouble) return coeffs->const_data_ptr<double>()[2 * i + j];
+    return static_cast<double>(coeffs->const_data_ptr<float>()[2 * i + j]);
+  };
   auto seed_of = [&](size_t i) -> int64_t { return moment_seed.empty() ? -1 : moment_seed[i]; };
   auto opt = [](at::TensorList xs, size_t i) -> OptTensor {
     return xs.empty() ? OptTensor() : OptTensor(xs[i]);
@@ -812,11 +850,14 @@ void projection_foreach_project_update_backproject_cpu(
                        seed_of(i));
   }
   for (size_t i = 0; i < n; ++i) {
+    if (skipped(i)) continue;
     Tensor p = params[i], ea = exp_avgs[i], eas = exp_avg_sqs[i];
-    projection_project_update_backproject_cpu(p, grads[i], projs[i], ea, eas, side, lr[i], beta1, beta2, eps, step[i],
-                                              weight_decay[i], scale[i], opt(indices, i), opt(q_scale, i),
-                                              opt(q_min, i), rank.empty() ? 0 : rank[i], group_size,
-                                              opt(m_absmax, i), opt(v_absmax, i), block_size, seed_of(i));
+    const double alpha =
+        has_coeffs ? -coeff(i, 0) : -adam_step_size(lr[i], beta1, beta2, step[i]) * scale[i];
+    const double decay = has_coeffs ? coeff(i, 1) : 1.0 - lr[i] * weight_decay[i];
+    fused_step(op, p, grads[i], projs[i], ea, eas, side, beta1, beta2, eps, step[i], alpha, decay, opt(indices, i),
+               opt(q_scale, i), opt(q_min, i), rank.empty() ? 0 : rank[i], group_size, opt(m_absmax, i),
+               opt(v_absmax, i), block_size, seed_of(i));
   }
 }
 
@@ -835,7 +876,7 @@ TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, str side, float[] lr, float beta1, float beta2, float eps, "
       "int[] step, float[] weight_decay, float[] scale, Tensor[] indices, Tensor[] q_scale, "
       "Tensor[] q_min, int[] rank, int group_size, Tensor(d!)[] m_absmax, Tensor(e!)[] v_absmax, int block_size, "
-      "int[] moment_seed) -> ()");
+      "int[] moment_seed, Tensor? skip=None, Tensor? coeffs=None) -> ()");
   m.def(
       "projection_project_adam_cpu(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, "
       "float beta1, float beta2, float eps, " LOWRANK_PROJECTOR_ARGS ", " LOWRANK_MOMENT_ARGS ") -> Tensor");

@@ -28,6 +28,7 @@ import triton.language as tl
 from lowrank_kernels.kernels import _launch as L
 from lowrank_kernels.kernels.projection import (
     MOMENTS_Q8,
+    _adam_moments,
     _cast_out,
     _check_dtypes,
     _foreach_moment_formats,
@@ -57,8 +58,7 @@ def _adam_update_kernel(
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = beta1 * m + one_minus_beta1 * r
-    v = beta2 * v + one_minus_beta2 * (r * r)
+    m, v = _adam_moments(m, v, r, beta1, one_minus_beta1, beta2, one_minus_beta2)
     n = tl.math.div_rn(m, tl.sqrt_rn(v) + eps)  # IEEE division and sqrt, as the projection epilogue
     if SR:
         tl.store(m_ptr + offs, _round_sr_bf16(m, offs.to(tl.uint32), k1, k2, INTERPRET), mask=mask)
@@ -92,8 +92,7 @@ def _adam_update_q8_kernel(
     av = tl.load(va_ptr + offs_r * nblk + blk, mask=mask_r, other=0.0)
     m = _q8_decode(tl.load(m_ptr + offs, mask=mask, other=0), am, qmap_ptr)
     v = _q8_decode(tl.load(v_ptr + offs, mask=mask, other=0), av, qmap_ptr + 256)
-    m = beta1 * m + one_minus_beta1 * r
-    v = beta2 * v + one_minus_beta2 * (r * r)
+    m, v = _adam_moments(m, v, r, beta1, one_minus_beta1, beta2, one_minus_beta2)
     n = tl.math.div_rn(m, tl.sqrt_rn(v) + eps)
     tl.store(n_ptr + offs, n, mask=mask)
     cm, am = _q8_encode(m, mask, qmap_ptr + 512)

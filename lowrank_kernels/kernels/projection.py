@@ -314,6 +314,19 @@ def _round_sr_bf16(x, ctr, k1, k2, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _adam_moments(m, v, r, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """``(beta1 m + (1 - beta1) r, beta2 v + (1 - beta2) r^2)`` in float32, rounded exactly as
+    the reference's torch ops (``m.mul(beta1).add_(r, alpha=1 - beta1)`` and
+    ``v.mul(beta2).addcmul_(r, r, value=1 - beta2)`` compute ``fma(r, 1 - beta1, beta1 m)`` and
+    ``fma((1 - beta2) r, r, beta2 v)``), so the float32 moments, and with them the stochastic
+    rounding and the 8-bit codes, equal the reference's bit for bit (the elementwise adam
+    kernels; the projection epilogue rounds each operation, its R differing anyway)."""
+    m = tl.fma(r, one_minus_beta1, beta1 * m)
+    v = tl.fma(one_minus_beta2 * r, r, beta2 * v)
+    return m, v
+
+
+@triton.jit
 def _q8_decode(codes, absmax, map_ptr):
     """``map[codes] * absmax[row]`` (float32): one quantization block per tile row."""
     return tl.load(map_ptr + codes.to(tl.int32)) * absmax[:, None]
@@ -358,6 +371,7 @@ def _projection_project_adam_kernel(
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     aux0_ptr, aux1_ptr, aux_int, aux_bound,
     ma_ptr, va_ptr, qmap_ptr, qstep, nblk, k1, k2, sr_off,
+    skip_ptr,
     SIDE_RIGHT: tl.constexpr,
     PROJ_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -371,6 +385,7 @@ def _projection_project_adam_kernel(
     GROUP_M: tl.constexpr,
     PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SKIP: tl.constexpr = False,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``R`` (``M x N``, reduction ``K``) + the Adam epilogue.
 
@@ -384,6 +399,9 @@ def _projection_project_adam_kernel(
     absmax, ``nblk`` blocks per row, ``qmap_ptr`` = signed map, unsigned map, signed
     midpoints, unsigned midpoints at offsets 0/256/512/768; the program's columns are
     one quantization block of ``qstep`` columns, see :func:`_tile_offsets_q8`).
+
+    ``SKIP``: ``skip_ptr`` points at this parameter's uint8 skip flag; when it is nonzero
+    every load and store is masked off (moments, absmax and ``N`` stay as they were).
     """
     if MOMENTS == 2:
         offs_m, offs_n, offs_k, mask_m, mask_n, blk = _tile_offsets_q8(M, N, qstep, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -392,6 +410,8 @@ def _projection_project_adam_kernel(
         va_ptrs = va_ptr + offs_m * nblk + blk
     else:
         offs_m, offs_n, offs_k, mask_m, mask_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IDX64)
+    if SKIP:  # the flag broadcast over the tile's rows (one cached byte)
+        mask_m = mask_m & (tl.load(skip_ptr + offs_m * 0) == 0)
     mask = mask_m[:, None] & mask_n[None, :]
     m_ptrs = m_ptr + offs_m[:, None] * stride_m0 + offs_n[None, :] * stride_m1
     v_ptrs = v_ptr + offs_m[:, None] * stride_v0 + offs_n[None, :] * stride_v1
@@ -423,6 +443,8 @@ def _projection_project_adam_kernel(
     else:
         mo = mo.to(tl.float32)
         vo = vo.to(tl.float32)
+    # one rounding per operation (not _adam_moments' fused multiply-adds: R already differs
+    # from the reference's in the last bits, and the fma form spills the 8-bit epilogue on sm_90)
     mo = beta1 * mo + one_minus_beta1 * acc
     vo = beta2 * vo + one_minus_beta2 * (acc * acc)
     nn = tl.math.div_rn(mo, tl.sqrt_rn(vo) + eps)
@@ -455,6 +477,7 @@ def _projection_backproject_apply_kernel(
     stride_p_rank, stride_p_dim,
     alpha, decay,
     aux0_ptr, aux1_ptr, aux_int, aux_bound,
+    skip_ptr, coef_ptr,
     SIDE_RIGHT: tl.constexpr,
     PROJ_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -467,13 +490,22 @@ def _projection_backproject_apply_kernel(
     GROUP_M: tl.constexpr,
     PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SKIP: tl.constexpr = False,
+    COEF: tl.constexpr = False,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``W`` (``m x n``): ``W = decay * W + alpha * back(U)``.
 
     right: ``back[i, j] = sum_k U[i, k] P[k, j]``; left: ``back[i, j] = sum_k P[i, k] U[k, j]``
-    (K = r).
+    (K = r). ``SKIP``: a nonzero uint8 at ``skip_ptr`` masks every load and store off (``W``
+    unchanged); ``COEF``: ``alpha = -coef[0]``, ``decay = coef[1]`` loaded from ``coef_ptr``
+    (float32/float64, rounded to float32 as a scalar argument is) instead of the arguments.
     """
     offs_m, offs_n, offs_k, mask_m, mask_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IDX64)
+    if SKIP:  # the flag broadcast over the tile's rows (one cached byte)
+        mask_m = mask_m & (tl.load(skip_ptr + offs_m * 0) == 0)
+    if COEF:
+        alpha = -tl.load(coef_ptr).to(tl.float32)
+        decay = tl.load(coef_ptr + 1).to(tl.float32)
     mask = mask_m[:, None] & mask_n[None, :]
     w_ptrs = w_ptr + offs_m[:, None] * stride_w0 + offs_n[None, :] * stride_w1
     if PREFETCH:
@@ -633,7 +665,7 @@ def q8_maps(device) -> torch.Tensor:
 
 
 def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps,
-                         fmt: MomentFormat = PLAIN) -> torch.Tensor:
+                         fmt: MomentFormat = PLAIN, skip=None) -> torch.Tensor:
     m, n = grad.shape
     right = side == "right"
     p, rank, sp_rank, sp_dim, p_dtypes, aux0, aux1, aux_int, aux_bound, mode, p_idx64 = _proj_launch_args(proj, side)
@@ -666,6 +698,7 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
             float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
             aux0, aux1, aux_int, aux_bound,
             ma, va, qmap, qstep, nblk, fmt.k1, fmt.k2, (M * N) & 0xFFFFFFFF,
+            exp_avg if skip is None else skip,
         ),
         dict(
             SIDE_RIGHT=right,
@@ -675,6 +708,7 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
             IDX64=p_idx64 or _needs_int64(grad, exp_avg, exp_avg_sq, out),
             INTERPRET=_INTERPRET,
             MOMENTS=fmt.mode,
+            SKIP=skip is not None,
         ),
         device=grad.device, M=M, N=N, K=K, op_bytes=_op_bytes(grad, p), side=side, mode=mode,
         restore=restore, qblock=qstep,
@@ -682,7 +716,7 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
     return out
 
 
-def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
+def _launch_backproject_apply(param, update, proj, side, alpha, decay, skip=None, coef=None) -> None:
     m, n = param.shape
     right = side == "right"
     p, rank, sp_rank, sp_dim, p_dtypes, aux0, aux1, aux_int, aux_bound, mode, p_idx64 = _proj_launch_args(proj, side)
@@ -699,6 +733,7 @@ def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
             sp_rank, sp_dim,
             float(alpha), float(decay),
             aux0, aux1, aux_int, aux_bound,
+            param if skip is None else skip, param if coef is None else coef,
         ),
         dict(
             SIDE_RIGHT=right,
@@ -707,6 +742,8 @@ def _launch_backproject_apply(param, update, proj, side, alpha, decay) -> None:
             INPUT_PRECISION=precision,
             IDX64=p_idx64 or _needs_int64(param, update),
             INTERPRET=_INTERPRET,
+            SKIP=skip is not None,
+            COEF=coef is not None,
         ),
         device=param.device, M=m, N=n, K=rank, op_bytes=_op_bytes(update, p), side=side, mode=mode,
         restore=(param,),
@@ -845,10 +882,13 @@ def projection_project_update_backproject_triton(
 
 
 def _project_update_backproject(param, grad, desc, exp_avg, exp_avg_sq, side, lr, beta1, beta2, eps, step,
-                                weight_decay, scale, fmt):
-    n_upd = _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps, fmt)
+                                weight_decay, scale, fmt, skip=None, coef=None):
+    n_upd = _launch_project_adam(grad, desc, exp_avg, exp_avg_sq, side, beta1, beta2, eps, fmt, skip)
+    if coef is not None:  # the kernel loads (a, d) from coef
+        _launch_backproject_apply(param, n_upd, desc, side, 0.0, 1.0, skip, coef)
+        return
     step_size = adam_step_size(lr, beta1, beta2, step)
-    _launch_backproject_apply(param, n_upd, desc, side, -step_size * scale, 1.0 - lr * weight_decay)
+    _launch_backproject_apply(param, n_upd, desc, side, -step_size * scale, 1.0 - lr * weight_decay, skip)
 
 
 def _foreach_moment_formats(op, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, block_size, moment_seed):
@@ -868,6 +908,7 @@ def _foreach_moment_formats(op, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, block
 def projection_foreach_project_update_backproject_triton(
     params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
     indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
+    skip=None, coeffs=None,
 ):
     """Triton backend of ``lowrank_kernels::projection_foreach_project_update_backproject``.
 
@@ -875,7 +916,10 @@ def projection_foreach_project_update_backproject_triton(
     dtype and moment-format check of every entry (so a bad entry fails before any write).
     A grouped launch over the whole list (pointer/shape tables, one tile scheduler) is
     later work. ``m_absmax`` / ``v_absmax`` / ``moment_seed``: lists with one entry per
-    parameter, or empty (not given); one bucket has one moment format.
+    parameter, or empty (not given); one bucket has one moment format. ``skip`` (bool/uint8,
+    ``(n,)``) and ``coeffs`` (``(n, 2)``): device tensors the kernels load (parameter ``i``'s
+    flag masks its kernels' stores off; its ``(a, d)`` replace the host step size and decay),
+    so nothing is read on the host.
     """
     from lowrank_kernels.reference.projection import projector_tail
 
@@ -890,6 +934,9 @@ def projection_foreach_project_update_backproject_triton(
         descs.append(desc)
         _check_dtypes(f"{op} (parameter {i})", (("param", params[i]), ("grad", grads[i])) + named
                       + _moment_named(fmts[i], exp_avgs[i], exp_avg_sqs[i]))
+    if skip is not None and skip.dtype == torch.bool:
+        skip = skip.view(torch.uint8)
     for i in range(n):
         _project_update_backproject(params[i], grads[i], descs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1,
-                                    beta2, eps, step[i], weight_decay[i], scale[i], fmts[i])
+                                    beta2, eps, step[i], weight_decay[i], scale[i], fmts[i],
+                                    None if skip is None else skip[i:i + 1], None if coeffs is None else coeffs[i])

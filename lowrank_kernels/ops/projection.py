@@ -12,7 +12,10 @@ One op per stage, whatever the projector's kind:
 - ``projection_project_update_backproject(param!, grad, proj, exp_avg!, exp_avg_sq!, side,
   lr, beta1, beta2, eps, step, weight_decay, scale, indices?, q_scale?, q_min?, rank, group_size,
   m_absmax!?, v_absmax!?, block_size, moment_seed) -> ()``
-- ``projection_foreach_project_update_backproject(...)``: the step over lists (see below).
+- ``projection_foreach_project_update_backproject(..., Tensor? skip=None, Tensor? coeffs=None)``:
+  the step over lists (see below); ``skip`` (bool/uint8, one flag per parameter) and
+  ``coeffs`` (float32/float64 ``(n, 2)``: ``(step_size * scale, 1 - lr * wd)`` per parameter)
+  are device tensors the backends read without a host sync (``capturable=True`` optimizers).
 
 Moment formats (the ops' trailing moment arguments, all defaulted):
 
@@ -357,7 +360,7 @@ _LIST_NAMES = {"exp_avg": "exp_avgs", "exp_avg_sq": "exp_avg_sqs"}
 def validate_foreach_project_update_backproject(
     params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
     indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
-    *, op="foreach_project_update_backproject_",
+    skip=None, coeffs=None, *, op="foreach_project_update_backproject_",
 ):
     n = len(params)
     for name, xs in (("grads", grads), ("projs", projs), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
@@ -377,34 +380,70 @@ def validate_foreach_project_update_backproject(
             op=f"{op} (parameter {i})", _written=mine,
         )
         written += [(f"params[{i}]", params[i])] + [(f"{_LIST_NAMES.get(name, name)}[{i}]", t) for name, t in mine]
-    # Across parameters: no written tensor may share memory with another entry's tensors.
-    if n > 1:
-        read = []
-        for i in range(n):
+    flags = _check_device_flags(op, params, skip, coeffs)
+    # Across parameters: no written tensor may share memory with another entry's tensors
+    # (nor with the device flags).
+    if n > 1 or flags:
+        read = list(flags)
+        for i in range(n if n > 1 else 0):
             read += [(f"grads[{i}]", grads[i]), (f"projs[{i}]", projs[i])]
         C.check_no_overlap(op, written, read)
+
+
+def _check_device_flags(op, params, skip, coeffs) -> list:
+    """``skip``: None or a bool/uint8 vector with one entry per parameter; ``coeffs``: None or
+    a float32/float64 ``(n, 2)`` tensor; both contiguous, on the parameters' device. Returns
+    the given ones as ``(name, tensor)`` pairs (for the aliasing check)."""
+    n = len(params)
+    out = []
+    device = params[0].device if n else None
+    for name, t, dtypes, shape in (("skip", skip, (torch.bool, torch.uint8), (n,)),
+                                   ("coeffs", coeffs, (torch.float32, torch.float64), (n, 2))):
+        if t is None:
+            continue
+        C.fail_type(isinstance(t, torch.Tensor), op, lambda: f"{name} must be a Tensor or None, got {type(t).__name__}")
+        C.fail_type(t.dtype in dtypes, op,
+                    lambda: f"{name} must have dtype {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+        C.fail_value(tuple(t.shape) == shape, op,
+                     lambda: f"{name} must have shape {shape} (one entry per parameter), got {tuple(t.shape)}")
+        C.fail_value(device is None or t.device == device, op,
+                     lambda: f"{name} must be on the parameters' device {device}, got {t.device}")
+        C.fail_value(t.is_contiguous(), op, lambda: f"{name} must be contiguous")
+        out.append((name, t))
+    return out
 
 
 def _foreach_cache_key(
     params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
     indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
+    skip=None, coeffs=None,
 ):
     """What the structural checks of :func:`validate_foreach_project_update_backproject` read:
     every tensor's signature (pointer, shape, strides, dtype, device, per list; for the
-    gradients all but the pointer), the side, ranks, group size, block size, which moment
-    seeds are given (>= 0) and the list lengths. The rest (betas, eps, lr, step, the DCT
-    indices' values, the gradients' memory) is :func:`_foreach_recheck`'s."""
+    gradients and the device flags all but the pointer), the side, ranks, group size, block
+    size, which moment seeds are given (>= 0), the list lengths and the CPU DCT indices'
+    version counters. The rest (betas, eps, lr, step, the gradients' and flags' memory) is
+    :func:`_foreach_recheck`'s."""
     sig = C.tensor_signature(params, projs, exp_avgs, exp_avg_sqs, indices, q_scale, q_min, m_absmax, v_absmax)
     grads_sig = C.layout_signature(grads)
-    if sig is None or grads_sig is None:
+    flags_sig = C.layout_signature([t for t in (skip, coeffs) if t is not None])
+    if sig is None or grads_sig is None or flags_sig is None:
+        return None
+    # The CPU DCT indices' version counters: their values are read again (full validation)
+    # only after an in-place write, so a cached call reads no tensor value (capturable=True);
+    # a refresh stores new index tensors, which changes the signature.
+    try:
+        versions = tuple(t._version for t in indices) if len(indices) and indices[0].device.type == "cpu" else ()
+    except RuntimeError:  # inference tensors have no version counter: not cached
         return None
     return (side, tuple(rank), group_size, block_size, tuple(s >= 0 for s in moment_seed), len(lr), len(step),
-            len(weight_decay), len(scale), sig, grads_sig)
+            len(weight_decay), len(scale), skip is None, coeffs is None, versions, sig, grads_sig, flags_sig)
 
 
 def _foreach_remember(
     params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
     indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
+    skip=None, coeffs=None,
 ):
     """The in-place outputs' memory of a validated call, for :func:`_foreach_recheck`'s gradient check."""
     return C.SpanIndex([*params, *exp_avgs, *exp_avg_sqs, *m_absmax, *v_absmax])
@@ -413,29 +452,21 @@ def _foreach_remember(
 def _foreach_recheck(
     written, params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
     indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(),
+    skip=None, coeffs=None,
 ):
     """The checks a cached key does not cover, in a few comparisons: scalar ranges, no
-    gradient in the memory of an in-place output (``written``, the :class:`~._checks.SpanIndex`
-    of the validated call), the DCT indices' values. When one fails, the full validator runs
-    and raises its exact error."""
+    gradient or device flag in the memory of an in-place output (``written``, the
+    :class:`~._checks.SpanIndex` of the validated call). The DCT indices' values are covered
+    by the key (their version counters). When one fails, the full validator runs and raises
+    its exact error."""
     ok = 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and eps >= 0.0
     ok = ok and all(t >= 1 for t in step) and all(x >= 0.0 for x in lr)
     ok = ok and not any(written.overlaps(g) for g in grads)
-    if ok and len(indices) and indices[0].device.type == "cpu":
-        # The DCT indices' values (CPU only, as check_indices): one pass over the indices of
-        # all parameters with the same basis order (one order in a typical bucket).
-        by_order = {}
-        for p, idx in zip(params, indices):
-            by_order.setdefault(p.shape[1] if side == "right" else p.shape[0], []).append(idx)
-        for order, idxs in by_order.items():
-            lo, hi = torch.aminmax(idxs[0] if len(idxs) == 1 else torch.cat(idxs))
-            if not (int(lo) >= 0 and int(hi) < order):
-                ok = False
-                break
+    ok = ok and not any(written.overlaps(t) for t in (skip, coeffs) if t is not None)
     if not ok:
         validate_foreach_project_update_backproject(
             params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
-            indices, q_scale, q_min, rank, group_size, m_absmax, v_absmax, block_size, moment_seed,
+            indices, q_scale, q_min, rank, group_size, m_absmax, v_absmax, block_size, moment_seed, skip, coeffs,
         )
 
 
@@ -444,7 +475,7 @@ foreach_project_update_backproject_op = define_op(
     "(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "str side, float[] lr, float beta1, float beta2, float eps, int[] step, float[] weight_decay, float[] scale, "
     "Tensor[] indices, Tensor[] q_scale, Tensor[] q_min, int[] rank, int group_size, Tensor(d!)[] m_absmax, "
-    "Tensor(e!)[] v_absmax, int block_size, int[] moment_seed) -> ()",
+    "Tensor(e!)[] v_absmax, int block_size, int[] moment_seed, Tensor? skip=None, Tensor? coeffs=None) -> ()",
     family="projection",
     reference=ref.projection_foreach_project_update_backproject_ref,
     fake=fake_no_output,
@@ -636,7 +667,8 @@ def project_update_backproject_(
 
 def foreach_project_update_backproject_(
     params, grads, projs, exp_avgs, exp_avg_sqs, *, side, lr, beta1=0.9, beta2=0.999, eps=1e-8, step,
-    weight_decay=0.0, scale=1.0, m_absmax=None, v_absmax=None, block_size=256, moment_seed=None,
+    weight_decay=0.0, scale=1.0, m_absmax=None, v_absmax=None, block_size=256, moment_seed=None, skip=None,
+    coeffs=None,
 ):
     """:func:`project_update_backproject_` over lists of parameters in one op call.
 
@@ -650,6 +682,19 @@ def foreach_project_update_backproject_(
     one float32 absmax tensor per parameter (8-bit moments, blocks of ``block_size``);
     ``moment_seed`` None or a list with one int per parameter (bfloat16 stochastic
     rounding where >= 0, None entries -> -1).
+
+    Device-side control (no host read of a tensor value, so the call can be captured in a
+    CUDA graph):
+
+    - ``skip``: None or a bool/uint8 tensor of shape ``(n,)`` on the parameters' device; a
+      parameter whose entry is nonzero is left exactly as it was (weight, moments, 8-bit
+      absmax). The C++ backend reads the flags through a data pointer, the Triton kernels
+      load them and mask every store off, the reference restores with ``torch.where``.
+    - ``coeffs``: None or a float32/float64 tensor of shape ``(n, 2)`` on the parameters'
+      device: per parameter ``(a, d)`` with ``param <- d * param - a * back(N)``, i.e.
+      ``a = step_size * scale`` and ``d = 1 - lr * weight_decay`` computed on the device
+      (e.g. from device step counts). When given, ``lr``, ``step``, ``weight_decay`` and
+      ``scale`` are validated but not used.
     """
     op = "foreach_project_update_backproject_"
     n = len(params)
@@ -683,6 +728,7 @@ def foreach_project_update_backproject_(
     foreach_project_update_backproject_op(
         list(params), list(grads), dense, list(exp_avgs), list(exp_avg_sqs), side, lr_l, float(beta1), float(beta2),
         float(eps), step_l, wd_l, sc_l, *tail, *foreach_moment_args(op, m_absmax, v_absmax, block_size, moment_seed),
+        *(() if skip is None and coeffs is None else (skip, coeffs)),
     )
 
 

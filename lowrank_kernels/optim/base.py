@@ -78,6 +78,13 @@ how its projector is made and how one projected step is taken:
   is taken with it; when there is no previous projector (the parameter's first
   step) the parameter is skipped and no state is created for it. Either way no NaN
   reaches the weights;
+- **capturable** (``capturable=True``, a group key of the optimizers that set
+  :attr:`LowRankOptimizer.supports_capturable`): ``step`` lives on the parameter's device,
+  the non-finite check and the bias-corrected step sizes are computed on the device and a
+  non-refresh step reads no tensor value on the host (:meth:`_capturable_step`), so it can be
+  captured in a CUDA graph; refresh steps synchronize. ``lr`` may then be a 0-dim device
+  tensor. Skips are counted on the device (:meth:`nonfinite_skip_count`);
+  :meth:`sync_step_counts` re-reads the device step counts after graph replays;
 - **compat mode** (``compat``, a group key or constructor argument of the
   optimizers that declare it in :attr:`LowRankOptimizer.compat_modes`):
   ``compat="galore-torch"`` / ``"apollo-torch"`` reproduces the official package's
@@ -247,6 +254,9 @@ class LowRankOptimizer(Optimizer):
     #: and eps); bit-identical to the per-parameter path. False (or the group key
     #: ``foreach=False``) forces one op call per parameter.
     bucketed: bool = True
+    #: whether ``capturable=True`` (group key) is supported. Read from the class itself, not
+    #: inherited: a subclass that changes the step must declare it again.
+    supports_capturable: bool = False
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._param_index: Dict[torch.Tensor, int] = {}
@@ -317,10 +327,24 @@ class LowRankOptimizer(Optimizer):
 
     def _validate_group(self, group: Dict[str, Any], gi: int) -> None:
         self._validate_params(group, gi)
+        capturable = group.get("capturable", False)
+        if not isinstance(capturable, bool):
+            raise TypeError(self._err(gi, f"capturable must be a bool, got {type(capturable).__name__}"))
+        if capturable:
+            self._validate_capturable(group, gi)
         lr = group.get("lr")
         if isinstance(lr, torch.Tensor):
-            raise TypeError(self._err(gi, "a Tensor lr is not supported; pass a float"))
-        if not _is_real(lr) or not lr >= 0.0:
+            if not capturable:
+                raise TypeError(self._err(gi, "a Tensor lr is supported only with capturable=True; pass a float"))
+            devices = {p.device for p in group["params"]}
+            if lr.dim() != 0 or not lr.is_floating_point() or (devices and {lr.device} != devices):
+                raise ValueError(
+                    self._err(gi, f"a Tensor lr must be a 0-dim floating tensor on the parameters' device, got "
+                                  f"{lr.dtype} of shape {tuple(lr.shape)} on {lr.device}")
+                )
+            if not float(lr) >= 0.0:  # read once, when the group is added
+                raise ValueError(self._err(gi, f"lr must be >= 0, got {float(lr)}"))
+        elif not _is_real(lr) or not lr >= 0.0:
             raise ValueError(self._err(gi, f"lr must be a float >= 0, got {lr!r}"))
         betas = group.get("betas")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) for b in betas)):
@@ -362,6 +386,22 @@ class LowRankOptimizer(Optimizer):
         if bits != 32 and group.get("moment_dtype", "float32") != "float32":
             raise ValueError(self._err(gi, f"moment_bits={bits} needs moment_dtype='float32' (the default), got "
                                            f"moment_dtype={group.get('moment_dtype')!r}"))
+
+    def _validate_capturable(self, group: Dict[str, Any], gi: int) -> None:
+        """``capturable=True`` needs an optimizer that declares it (:attr:`supports_capturable`,
+        read from the class itself) and no ``compat`` mode."""
+        if not type(self).__dict__.get("supports_capturable", False):
+            raise ValueError(
+                self._err(gi, f"capturable=True is not supported by {type(self).__name__} (supported by GaLoreAdamW "
+                              "and DCTAdamW)")
+            )
+        if group.get("compat") is not None:
+            raise ValueError(self._err(gi, f"capturable=True cannot be combined with compat={group['compat']!r}"))
+        if group.get("moment_bits", 32) != 32:
+            # 16-bit: the stochastic-rounding seed is a host int per step (a captured graph would
+            # replay one seed); 8-bit: the capturable plain-AdamW path keeps float moments only.
+            raise ValueError(self._err(gi, f"capturable=True needs moment_bits=32, got "
+                                           f"moment_bits={group['moment_bits']!r} (not supported yet)"))
 
     def _validate_compat(self, group: Dict[str, Any], gi: int) -> None:
         """``compat`` must be None or one of the modes the optimizer's own class declares."""
@@ -433,6 +473,9 @@ class LowRankOptimizer(Optimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 work.append((group, p))
+        if self._capturable_step(work):
+            return loss
+        self._sync_device_steps(work)
         finite = self._finite_flags(work)
         plain: Dict[int, List[torch.Tensor]] = defaultdict(list)
         buckets: Dict[tuple, list] = {}
@@ -470,6 +513,183 @@ class LowRankOptimizer(Optimizer):
             if plain.get(id(group)):
                 self._plain_step(group, plain[id(group)])
         return loss
+
+    # ------------------------------------------------------------------ capturable (device-side) steps
+    def _capturable_plain(self, p: torch.Tensor, group: Dict[str, Any]) -> bool:
+        """Whether ``p`` of a low-rank group takes plain AdamW (DCTAdamW's non-projected
+        parameters); the base projects every parameter of a low-rank group."""
+        return False
+
+    def _capturable_step(self, work) -> bool:
+        """The step with no host read of a tensor value (``capturable=True``), when it applies:
+        every parameter with a gradient is in a capturable group and either takes the plain
+        bucketed fused step (no refresh due, by the host mirrors of the step counts) or plain
+        AdamW. Returns False (nothing done) otherwise: the caller then takes the synchronizing
+        path (refresh steps, first steps, DTensors, ``proj_type="full"``).
+
+        Per bucket: one inf-norm over the gradients gives the device skip flags (a non-finite
+        gradient -> skipped, with ``skip_nonfinite``), the step counts are stacked and the
+        per-parameter coefficients ``(step_size * scale, 1 - lr * wd)`` computed on the device
+        in float64 in the host's order of operations; one multi-tensor op call reads them; the
+        step counts grow by one where not skipped. The host mirror of a step count assumes the
+        step was taken (a skip is unknown to the host) and does not see graph replays: the
+        refresh schedule is re-read from the device counts at the next synchronizing step or by
+        :meth:`sync_step_counts`.
+        """
+        if not work or not all(g.get("capturable", False) for g, _ in work):
+            return False
+        buckets: Dict[tuple, list] = {}
+        plain: Dict[int, Tuple[Dict[str, Any], List[torch.Tensor]]] = {}
+        for group, p in work:
+            state = self.state.get(p)
+            if state and isinstance(state.get("step"), torch.Tensor) and state["step"].device != p.device:
+                return False  # moved to the device by the synchronizing path
+            if self._is_lowrank(group) and not self._capturable_plain(p, group):
+                entry = self._bucket_entry(p, group)
+                if entry is None:
+                    return False
+                key, step, state = entry
+                buckets.setdefault(key, []).append((p, state, group, step))
+            else:
+                plain.setdefault(id(group), (group, []))[1].append(p)
+        for key, entries in buckets.items():
+            order = {}  # entries of one group next to each other: one coefficient fill per group
+            for e in entries:
+                order.setdefault(id(e[2]), []).append(e)
+            entries = [e for es in order.values() for e in es]
+            skip = self._device_skip([p.grad for p, _, _, _ in entries], [g for _, _, g, _ in entries])
+            steps = [st["step"] for _, st, _, _ in entries]
+            t = torch.stack(steps).to(torch.float64).add_(1.0)
+            coeffs = torch.empty((len(entries), 2), dtype=torch.float64, device=t.device)
+            beta1, beta2 = entries[0][2]["betas"]
+            lo = 0
+            for es in order.values():
+                g = es[0][2]
+                hi = lo + len(es)
+                tt = t[lo:hi]
+                lr = g["lr"]
+                # adam_step_size's order: lr * sqrt(1 - b2^t) / (1 - b1^t), then * scale
+                a = (torch.pow(beta2, tt).neg_().add_(1.0).sqrt_().mul_(lr)).div_(torch.pow(beta1, tt).neg_().add_(1.0))
+                coeffs[lo:hi, 0] = a.mul_(g["scale"])
+                coeffs[lo:hi, 1] = (1.0 - lr * g["weight_decay"]) if not isinstance(lr, torch.Tensor) \
+                    else lr.to(torch.float64).mul(-g["weight_decay"]).add_(1.0)
+                lo = hi
+            self._bucket_step(key, entries, skip=skip, coeffs=coeffs)
+            if skip is None:
+                torch._foreach_add_(steps, 1.0)
+            else:
+                torch._foreach_add_(steps, list(skip.logical_not().to(torch.float32).unbind(0)))
+            for st_t, (_, _, _, step) in zip(steps, entries):
+                self._remember_host_int(st_t, step)
+        for group, params in plain.values():
+            self._plain_step_capturable(group, params, device_flags=True)
+        return True
+
+    def _device_skip(self, grads: List[torch.Tensor], groups: List[Dict[str, Any]]) -> Optional[torch.Tensor]:
+        """Device bool flags, one per gradient: not finite (its inf-norm, in float32, is NaN or
+        inf) in a group with ``skip_nonfinite``; None when no group checks. No host read; the
+        count of skips accumulates in a device tensor (:meth:`nonfinite_skip_count`)."""
+        checks = [g.get("skip_nonfinite", True) for g in groups]
+        if not any(checks):
+            return None
+        norms = torch._foreach_norm(grads, float("inf"), dtype=torch.float32)
+        skip = torch.stack(norms).isfinite().logical_not_()
+        if not all(checks):
+            for i, c in enumerate(checks):
+                if not c:
+                    skip[i] = False
+        counters = self.__dict__.setdefault("_device_skips", {})
+        dev = skip.device
+        if dev not in counters:
+            counters[dev] = torch.zeros((), dtype=torch.int64, device=dev)
+        counters[dev].add_(skip.sum())
+        return skip
+
+    def nonfinite_skip_count(self) -> int:
+        """:attr:`nonfinite_skips` plus the skips counted on the device by capturable steps
+        (reads the device counters: one host synchronization per device)."""
+        return self.nonfinite_skips + sum(int(c) for c in self.__dict__.get("_device_skips", {}).values())
+
+    def sync_step_counts(self) -> None:
+        """Re-read the device step counts of the capturable groups into the host's copies (one
+        host synchronization per device).
+
+        The host decides refreshes from its own copy of each step count, which a captured
+        step's replay (``torch.cuda.CUDAGraph.replay``) does not advance, and which assumes a
+        step was not skipped. Call this after replaying captured steps and before the next
+        eager :meth:`step` (e.g. the refresh step): the eager steps then follow the device
+        counts. A synchronizing step (a refresh) re-reads them by itself."""
+        self._sync_device_steps([(g, p) for g in self.param_groups for p in g["params"]])
+
+    def _sync_device_steps(self, work) -> None:
+        """Before a synchronizing step: move the step counts of capturable groups to the
+        parameter's device (a state made or loaded elsewhere) and refresh their host mirrors
+        from the device (one read per device), so the refresh schedule follows the counts the
+        device kept (capturable steps skip on the device, unseen by the host)."""
+        if not any(g.get("capturable", False) for g in self.param_groups):
+            return
+        by_device: Dict[torch.device, List[torch.Tensor]] = defaultdict(list)
+        for group, p in work:
+            if not group.get("capturable", False):
+                continue
+            state = self.state.get(p)
+            if not state or not isinstance(state.get("step"), torch.Tensor):
+                continue
+            t = state["step"]
+            if t.device != p.device:
+                t = state["step"] = t.to(device=p.device, dtype=torch.float32)
+            by_device[t.device].append(t)
+        for ts in by_device.values():
+            for t, v in zip(ts, torch.stack(ts).tolist()):
+                self._remember_host_int(t, int(v))
+
+    def _plain_step_capturable(self, group: Dict[str, Any], params: List[torch.Tensor],
+                               device_flags: bool = False) -> None:
+        """torch.optim.AdamW's math (decay first, eps after the bias correction) with the step
+        count on the device and every write masked by a device flag: with ``device_flags``,
+        a parameter with a non-finite gradient (``skip_nonfinite``) keeps its weight, moments
+        and step count (``torch.where``; no host read). Moments and the new weight in the
+        moments' dtype, rounded once into the parameter. Equal to :meth:`_plain_step` up to
+        rounding (another order of operations than torch's foreach kernels)."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        for p in params:
+            if len(self.state[p]) == 0:
+                self._init_plain_state(p, self.state[p], group)
+        skip = None
+        if device_flags:
+            skip = self._device_skip([p.grad for p in params], [group] * len(params))
+        for i, p in enumerate(params):
+            state = self.state[p]
+            m, v, st = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            if st.device != p.device:
+                st = state["step"] = st.to(device=p.device, dtype=torch.float32)
+            keep = None if skip is None else skip[i].logical_not()
+            g = p.grad if keep is None else torch.where(keep, p.grad, 0)
+            g = g.to(m.dtype)
+            if keep is None:
+                st.add_(1.0)
+            else:
+                st.add_(keep.to(st.dtype))
+            # bias corrections in float64, as torch's AdamW computes them on the host
+            t = st.to(torch.float64)
+            bc1 = torch.pow(beta1, t).neg_().add_(1.0)
+            step_size = (lr.to(torch.float64) if isinstance(lr, torch.Tensor) else torch.full_like(bc1, lr)).div(bc1)
+            bc2_sqrt = torch.pow(beta2, t).neg_().add_(1.0).sqrt_()
+            m_new = m.lerp(g, 1 - beta1)
+            v_new = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
+            w = p.to(m.dtype, copy=True)
+            w.mul_(1 - lr * wd)
+            w.sub_(m_new / denom * step_size)
+            if keep is None:
+                m.copy_(m_new)
+                v.copy_(v_new)
+                p.copy_(w)
+            else:
+                m.copy_(torch.where(keep, m_new, m))
+                v.copy_(torch.where(keep, v_new, v))
+                p.copy_(torch.where(keep, w.to(p.dtype), p))
 
     # ------------------------------------------------------------------ bucketed (multi-tensor) steps
     def _bucketing(self, group: Dict[str, Any]) -> bool:
@@ -549,7 +769,7 @@ class LowRankOptimizer(Optimizer):
     def _init_plain_state(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
         """torch.optim.AdamW's state layout (``step`` CPU float32, moments of :meth:`_state_dtype`),
         shared by :meth:`_plain_step` and :meth:`_plain_step_compat` so checkpoints move between them."""
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(p, group))
         bits = self._moment_bits_for(tuple(p.shape), group, p.dtype)
         if bits == 8 and _dist.is_dtensor(p) and p.dim() < 2:
             bits = 32  # FSDP2 shards a 1-D parameter along its blocks: its moments stay 32-bit
@@ -593,6 +813,9 @@ class LowRankOptimizer(Optimizer):
                 return
         if group.get("compat") is not None:
             self._plain_step_compat(group, params)
+            return
+        if group.get("capturable", False):
+            self._plain_step_capturable(group, params)
             return
         same, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         wide = []
@@ -780,13 +1003,18 @@ class LowRankOptimizer(Optimizer):
     def _moment_bits_for(self, shape: Tuple[int, ...], group: Dict[str, Any], dtype: torch.dtype) -> int:
         """The format (32, 16 or 8) new moments of ``shape`` get in ``group`` for a parameter of
         ``dtype``: ``moment_bits``, except that 0-d moments are 32, 8 falls back to 32 below
-        ``min_8bit_size`` elements, and 16 applies to bfloat16 parameters only (the ops take
+        ``min_8bit_size`` elements or where codes + absmax would take no fewer bytes than
+        float32 (rows of one element: APOLLO-Mini's rank-1 moments), and 16 applies to bfloat16 parameters only (the ops take
         moments in float32, float64 or the parameter's dtype; other parameters keep 32)."""
         bits = group.get("moment_bits", 32)
         if len(shape) == 0:
             return 32
         if bits == 8 and math.prod(shape) < group.get("min_8bit_size", 4096):
             return 32
+        if bits == 8:
+            numel, rows = math.prod(shape), math.prod(shape[:-1])
+            if numel + 4 * rows * -(-shape[-1] // int(group.get("block_size", 256))) >= 4 * numel:
+                return 32  # rows of one element (APOLLO-Mini's rank 1): codes + absmax outweigh float32
         if bits == 16 and dtype != torch.bfloat16:
             return 32
         return bits
@@ -898,19 +1126,25 @@ class LowRankOptimizer(Optimizer):
     def _remember_host_int(self, t, value: int) -> None:
         """Record that ``t`` (a host scalar, just read or written) holds the integer ``value``.
         Values outside ``[0, bound)`` of :attr:`_MIRROR_EXACT` (where ``+ 1`` stops being exact
-        in ``t``'s dtype: 2^24 for float32), other dtypes, non-CPU tensors and tensors without a
-        version counter (inference tensors) get no mirror."""
+        in ``t``'s dtype: 2^24 for float32), other dtypes and tensors without a version counter
+        (inference tensors) get no mirror. Device tensors (``capturable=True`` step counts) get
+        one too: their values are then the host's copy, see :meth:`sync_step_counts`."""
         if type(t) is not torch.Tensor or t.is_inference():
             return
         mirrors = self.__dict__.get("_host_mirrors")
         if mirrors is None:
             mirrors = self.__dict__["_host_mirrors"] = {}
-        if not 0 <= value < self._MIRROR_EXACT.get(t.dtype, 0) or t.device.type != "cpu":
+        if not 0 <= value < self._MIRROR_EXACT.get(t.dtype, 0):
             mirrors.pop(id(t), None)
             return
         if len(mirrors) > 4 * len(self._param_index) + 64:  # replaced tensors' stale mirrors
             mirrors.clear()
         mirrors[id(t)] = (t, t._version, value)
+
+    def _step_device(self, p: torch.Tensor, group: Dict[str, Any]) -> torch.device:
+        """Where ``state["step"]`` lives: the parameter's device with ``capturable=True`` (as
+        torch's capturable AdamW), else the CPU (read on the host without a sync)."""
+        return p.device if group.get("capturable", False) else torch.device("cpu")
 
     def _remember_steps(self, steps: List[torch.Tensor], values: List[int]) -> None:
         """:meth:`_remember_host_int` for the step tensors of a bucket just incremented in place:
@@ -926,7 +1160,7 @@ class LowRankOptimizer(Optimizer):
                     del mirrors[id(t)]
 
     def _init_state(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=self._step_device(p, group))
         side = resolve_side(tuple(p.shape), group["proj_type"])
         state["side"] = torch.tensor(SIDE_CODES[side], dtype=torch.int8)
 
@@ -972,18 +1206,30 @@ class LowRankOptimizer(Optimizer):
         # other hyper-parameters); saved moments are converted to it below.
         formats = [{k: g[k] for k in MOMENT_BITS_DEFAULTS if k in g} for g in self.param_groups]
         saved_bs = [int(sg.get("block_size", 256)) for sg in saved_groups]
+        # capturable is how this optimizer runs, not saved state: each group keeps its own.
+        capturable = [g.get("capturable", False) for g in self.param_groups]
         super().load_state_dict(state_dict)
         for g, fmt in zip(self.param_groups, formats):
             g.update(fmt)
+        for g, c in zip(self.param_groups, capturable):
+            g["capturable"] = c
         self.__dict__.pop("_host_mirrors", None)  # every state tensor is new: read them again
         id_map = zip(
             chain.from_iterable(g["params"] for g in saved_groups),
             chain.from_iterable(g["params"] for g in self.param_groups),
         )
         where = {p: (g, bs) for g, bs in zip(self.param_groups, saved_bs) for p in g["params"]}
+        capt = {id(p) for g in self.param_groups if g["capturable"] for p in g["params"]}
         for saved_id, p in id_map:
             if saved_id in saved_state:
-                self.state[p] = {k: self._load_value(p, k, v) for k, v in saved_state[saved_id].items()}
+                self.state[p] = {
+                    k: self._load_value(p, k, v, id(p) in capt) for k, v in saved_state[saved_id].items()
+                }
+                for key in ("step", "side"):  # host values now, so the next steps read no tensor
+                    new, saved = self.state[p].get(key), saved_state[saved_id].get(key)
+                    if (isinstance(new, torch.Tensor) and isinstance(saved, torch.Tensor)
+                            and saved.device.type == "cpu" and saved.numel() == 1):
+                        self._remember_host_int(new, int(saved))
                 self._convert_moments(p, self.state[p], *where[p])
 
     def _check_saved_moments(self, state_dict) -> None:
@@ -1045,9 +1291,14 @@ class LowRankOptimizer(Optimizer):
                   and self._moment_bits_for(tuple(t.shape), group, p.dtype) == 16):
                 state[key] = t.to(torch.bfloat16)
 
-    def _load_value(self, p: torch.Tensor, key: str, value):
+    def _load_value(self, p: torch.Tensor, key: str, value, capturable: bool = False):
+        """A saved state tensor placed for ``p``: ``step`` on ``p``'s device (float32) in a
+        capturable group, the other :attr:`host_state_keys` (and ``step`` otherwise) on the
+        CPU, the rest on ``p``'s device; dtypes kept."""
         if not isinstance(value, torch.Tensor):
             return value
+        if key == "step" and capturable:
+            return value.detach().to(device=p.device, dtype=torch.float32, copy=True)
         if key in self.host_state_keys:
             return value.detach().to(device="cpu", copy=True)
         return value.detach().to(device=p.device, copy=True)

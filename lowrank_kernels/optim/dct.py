@@ -125,6 +125,7 @@ class DCTAdamW(LowRankOptimizer):
         moment_bits, block_size, min_8bit_size: the moment format, 32 | 16 | 8 (see
             :mod:`lowrank_kernels.optim.base`); ``moment_refresh="reindex"`` carries 8-bit
             moments over through :func:`reindex_moments8_`, ``"reset"`` zeroes codes and absmax.
+        capturable: as GaLoreAdamW (a non-refresh step with no host synchronization).
 
     State per projected parameter (tensors only): ``step`` (CPU float32), ``side``
     (CPU int8: 0 right, 1 left), ``indices`` (int32, length ``rank``, on the
@@ -135,6 +136,7 @@ class DCTAdamW(LowRankOptimizer):
     """
 
     proj_types = ("std", "reverse_std", "left", "right")
+    supports_capturable = True
 
     def __init__(
         self,
@@ -157,6 +159,7 @@ class DCTAdamW(LowRankOptimizer):
         moment_bits: int = 32,
         block_size: int = 256,
         min_8bit_size: int = 4096,
+        capturable: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
@@ -164,6 +167,8 @@ class DCTAdamW(LowRankOptimizer):
             skip_nonfinite=skip_nonfinite, foreach=foreach,
             moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
         )
+        if capturable:
+            defaults["capturable"] = capturable
         self._pending_plain: Dict[int, Tuple[dict, List[torch.Tensor]]] = {}
         self._reset_refresh_batch()
         super().__init__(params, defaults)
@@ -407,19 +412,24 @@ class DCTAdamW(LowRankOptimizer):
         return ("dct", self._side(state), p.device, p.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"],
                 self._format_key(state, group))
 
-    def _bucket_step(self, key, entries):
+    def _bucket_step(self, key, entries, skip=None, coeffs=None):
         """One ``ops.foreach_project_update_backproject_`` call with the arguments
-        :meth:`_project_step` passes per parameter."""
+        :meth:`_project_step` passes per parameter (``skip`` / ``coeffs``: the capturable
+        step's device flags and coefficients, which replace lr / weight decay / scale)."""
         _, side, _, _, _, beta1, beta2, eps, _ = key
+        dev = coeffs is not None
         ops.foreach_project_update_backproject_(
             [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
             [self._get_projector(p, st, g) for p, st, g, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
             [st["exp_avg_sq"] for _, st, _, _ in entries], side=side,
-            lr=[g["lr"] for _, _, g, _ in entries], beta1=beta1, beta2=beta2, eps=eps,
-            step=[t for _, _, _, t in entries], weight_decay=[g["weight_decay"] for _, _, g, _ in entries],
-            scale=[g["scale"] for _, _, g, _ in entries],
+            lr=0.0 if dev else [g["lr"] for _, _, g, _ in entries], beta1=beta1, beta2=beta2, eps=eps,
+            step=[t for _, _, _, t in entries], weight_decay=0.0 if dev else [g["weight_decay"] for _, _, g, _ in entries],
+            scale=1.0 if dev else [g["scale"] for _, _, g, _ in entries], skip=skip, coeffs=coeffs,
             **self._foreach_moment_kwargs(entries),
         )
+
+    def _capturable_plain(self, p, group):
+        return not self._projected(p, group)
 
     def _project_step(self, p, grad, state, group, step):
         beta1, beta2 = group["betas"]

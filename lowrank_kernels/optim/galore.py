@@ -86,6 +86,10 @@ class GaLoreAdamW(LowRankOptimizer):
             (uint8 codes + float32 absmax per ``block_size`` elements of a row, fused into the
             kernels; moments under ``min_8bit_size`` elements stay float32). See
             :mod:`lowrank_kernels.optim.base`.
+        capturable: False (default) or True: step counts on the parameter's device and a
+            non-refresh step with no host synchronization, so it can be captured in a CUDA
+            graph (see :meth:`~lowrank_kernels.optim.base.LowRankOptimizer._capturable_step`
+            and the README). Also a group key; ``lr`` may then be a 0-dim device tensor.
 
     State per projected parameter (tensors only): ``step`` (CPU float32),
     ``side`` (CPU int8: 0 right, 1 left, 2 full), ``projector`` (``r x n`` or
@@ -97,6 +101,7 @@ class GaLoreAdamW(LowRankOptimizer):
 
     proj_types = PROJ_TYPES
     compat_modes = ("galore-torch",)
+    supports_capturable = True
 
     def __init__(
         self,
@@ -120,6 +125,7 @@ class GaLoreAdamW(LowRankOptimizer):
         moment_bits: int = 32,
         block_size: int = 256,
         min_8bit_size: int = 4096,
+        capturable: bool = False,
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
@@ -128,6 +134,8 @@ class GaLoreAdamW(LowRankOptimizer):
             scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
             moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
         )
+        if capturable:  # only then, so subclasses that do not support it keep their defaults
+            defaults["capturable"] = capturable
         if compat is not None:  # only then, so subclasses without a compat mode keep their defaults
             defaults["compat"] = compat
         super().__init__(params, defaults)
@@ -222,18 +230,21 @@ class GaLoreAdamW(LowRankOptimizer):
         return ("dense", side, p.device, p.dtype, proj.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"],
                 self._format_key(state, group))
 
-    def _bucket_step(self, key, entries):
+    def _bucket_step(self, key, entries, skip=None, coeffs=None):
         """One ``ops.foreach_project_update_backproject_`` call with the arguments
-        :meth:`_project_step` passes per parameter."""
+        :meth:`_project_step` passes per parameter (``skip`` / ``coeffs``: the capturable
+        step's device flags and coefficients, which replace lr / weight decay / scale)."""
         _, side, _, _, _, _, beta1, beta2, eps, _ = key
+        dev = coeffs is not None  # then lr, weight decay and scale are not read (a Tensor lr stays unread)
         ops.foreach_project_update_backproject_(
             [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
             [st["projector"] for _, st, _, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
             [st["exp_avg_sq"] for _, st, _, _ in entries], side=side,
-            lr=[g["lr"] for _, _, g, _ in entries], beta1=beta1, beta2=beta2, eps=eps,
-            step=[t for _, _, _, t in entries], weight_decay=[g["weight_decay"] for _, _, g, _ in entries],
-            scale=[g["scale"] * self._post_decay(g) for _, _, g, _ in entries],
-            **self._foreach_moment_kwargs(entries),
+            lr=0.0 if dev else [g["lr"] for _, _, g, _ in entries], beta1=beta1, beta2=beta2, eps=eps,
+            step=[t for _, _, _, t in entries],
+            weight_decay=0.0 if dev else [g["weight_decay"] for _, _, g, _ in entries],
+            scale=1.0 if dev else [g["scale"] * self._post_decay(g) for _, _, g, _ in entries],
+            skip=skip, coeffs=coeffs, **self._foreach_moment_kwargs(entries),
         )
 
     def _full_step(self, p, grad, state, group, step):

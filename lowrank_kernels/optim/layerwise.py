@@ -70,6 +70,12 @@ class LayerwiseOptimizer:
                     raise TypeError(
                         f"layerwise: optimizer_factory must return a torch.optim.Optimizer, got {type(opt).__name__}"
                     )
+                if any(g.get("capturable", False) for g in opt.param_groups):
+                    raise ValueError(
+                        "layerwise: capturable=True is not supported: each parameter steps inside backward "
+                        "(a gradient hook), so there is no optimizer step to capture in a CUDA graph; pass "
+                        "capturable=False (or capture the whole training step without layerwise)"
+                    )
                 index = len(self.params)
                 if isinstance(opt, LowRankOptimizer):
                     # Seeds (APOLLO's projection, FRUGAL's random subspaces, the randomized SVD)

@@ -195,14 +195,51 @@ def moment_tail(m_absmax, v_absmax, block_size, moment_seed, i):
 def projection_foreach_project_update_backproject_ref(
     params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
     indices=(), q_scale=(), q_min=(), rank=(), group_size=0, m_absmax=(), v_absmax=(), block_size=0,
-    moment_seed=(),
+    moment_seed=(), skip=None, coeffs=None,
 ):
     """The multi-tensor step: the single-tensor step on each parameter in turn (empty
-    projector / moment lists: not given)."""
+    projector / moment lists: not given).
+
+    ``skip`` (optional, bool/uint8, one entry per parameter, on the parameters' device):
+    a parameter whose entry is nonzero is left exactly as it was (weight, moments and
+    8-bit absmax), decided on the device with ``torch.where`` (no host read).
+    ``coeffs`` (optional, float32/float64 ``(n, 2)``): per parameter ``(a, d)`` with
+    ``W <- d W - a back(N)``, replacing ``step_size * scale`` and ``1 - lr * wd`` computed
+    from the host lists (which are then not read).
+    """
     for i in range(len(params)):
-        projection_project_update_backproject_ref(
-            params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps, step[i],
-            weight_decay[i], scale[i], indices[i] if len(indices) else None, q_scale[i] if len(q_scale) else None,
+        tail = (
+            indices[i] if len(indices) else None, q_scale[i] if len(q_scale) else None,
             q_min[i] if len(q_min) else None, rank[i] if len(rank) else 0, group_size,
-            *moment_tail(m_absmax, v_absmax, block_size, moment_seed, i),
         )
+        mom = moment_tail(m_absmax, v_absmax, block_size, moment_seed, i)
+        written = [params[i], exp_avgs[i], exp_avg_sqs[i]] + [t for t in mom[:2] if t is not None]
+        saved = [t.clone() for t in written] if skip is not None else None
+        if coeffs is None:
+            projection_project_update_backproject_ref(
+                params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, lr[i], beta1, beta2, eps,
+                step[i], weight_decay[i], scale[i], *tail, *mom,
+            )
+        else:
+            _update_with_coeffs(params[i], grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], side, beta1, beta2,
+                                eps, coeffs[i], tail, mom)
+        if saved is not None:
+            keep = skip[i] != 0
+            for t, old in zip(written, saved):
+                t.copy_(torch.where(keep, old, t))
+
+
+def _update_with_coeffs(param, grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, coef, tail, mom):
+    """:func:`projection_project_update_backproject_ref` with the device coefficients
+    ``coef = (a, d)``: ``W <- d W - a back(N)`` (no host read of ``coef``)."""
+    m, n = param.shape
+    proj = dense_projector_of(proj, *tail, m, n, side)
+    acc = compute_dtype(param, grad, proj, exp_avg)
+    n_upd = adam_moments_(project(grad, proj, side, acc), exp_avg, exp_avg_sq, beta1, beta2, eps, *mom)
+    n_upd = n_upd.to(n_dtype(exp_avg))
+    acc = compute_dtype(param, n_upd, proj)
+    w = param.to(acc)
+    b = back(n_upd, proj, side, acc)
+    c = coef.to(acc)
+    w.mul_(c[1]).sub_(b * c[0])
+    param.copy_(w)
