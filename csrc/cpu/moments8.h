@@ -184,8 +184,20 @@ struct Midpoints {
   }
   // The number of midpoints strictly below y (ties go to the lower entry); NaN never
   // reaches this (non-finite blocks take the zero code).
+  // Branch-free binary search: 255 = 128 + 64 + ... + 1, so the probes pos + k - 1 stay in
+  // [0, 254] and the result is exactly std::lower_bound's index (the map is sorted); the
+  // compares become conditional adds instead of mispredicted branches.
   static uint8_t code_of(const float* mids, float y) {
-    return static_cast<uint8_t>(std::lower_bound(mids, mids + 255, y) - mids);
+    uint32_t pos = 0;
+    pos += static_cast<uint32_t>(mids[pos + 127] < y) << 7;
+    pos += static_cast<uint32_t>(mids[pos + 63] < y) << 6;
+    pos += static_cast<uint32_t>(mids[pos + 31] < y) << 5;
+    pos += static_cast<uint32_t>(mids[pos + 15] < y) << 4;
+    pos += static_cast<uint32_t>(mids[pos + 7] < y) << 3;
+    pos += static_cast<uint32_t>(mids[pos + 3] < y) << 2;
+    pos += static_cast<uint32_t>(mids[pos + 1] < y) << 1;
+    pos += static_cast<uint32_t>(mids[pos] < y);
+    return static_cast<uint8_t>(pos);
   }
 };
 
