@@ -288,8 +288,8 @@ def check_format(name: str, opt: torch.optim.Optimizer, min_8bit_size: int = 409
     Raises :class:`Unavailable` when a ``-16bit`` provider holds a moment that is not bfloat16, or
     a ``-8bit`` provider a moment of ``min_8bit_size`` elements or more that is not uint8 (an
     optimizer without the ``moment_bits`` key, or one that ignores it), so that no number is
-    reported under a format that was not used. Smaller moments stay float32 by design (the note
-    counts them)."""
+    reported under a format that was not used. Smaller moments and moments with one-element rows
+    stay float32 by design (the note counts them)."""
     bits = moment_bits_of(name)
     moments = _moments(opt)
     if not moments:
@@ -301,12 +301,16 @@ def check_format(name: str, opt: torch.optim.Optimizer, min_8bit_size: int = 409
     if bits == 32:
         return note
     want = _FORMAT_DTYPE[bits]
-    wrong = [t for t in moments if t.dtype != want and (bits == 16 or t.numel() >= min_8bit_size)]
+    # 8-bit exempts what the optimizers keep in float32 by design: fewer than min_8bit_size
+    # elements, or rows of one element (APOLLO-Mini's rank 1: codes + absmax would be larger)
+    wrong = [t for t in moments if t.dtype != want
+             and (bits == 16 or (t.numel() >= min_8bit_size and t.dim() >= 1 and t.shape[-1] > 1))]
     if wrong:
         raise Unavailable(f"moment_bits={bits} left {len(wrong)} moment(s) in {_dt(wrong[0].dtype)} ({note}): "
                           "the optimizer does not apply moment_bits here")
     if bits == 8 and want not in moment_summary(opt):
-        note += f" (every moment has fewer than min_8bit_size={min_8bit_size} elements: kept float32)"
+        note += (f" (every moment has fewer than min_8bit_size={min_8bit_size} elements or one-element rows: "
+                 "kept float32)")
     return note
 
 
