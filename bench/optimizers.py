@@ -7,8 +7,7 @@ float32 absmax per block); :data:`MOMENT_VARIANTS` maps each such name to its ba
 ``moment_bits``. ``ours-AdamW`` is a plain group (``rank=None``) of ours, the full-rank Adam
 our optimizers give every non-projected parameter, so its ``-8bit`` row compares with
 ``bitsandbytes-adamw8bit``. The step suite times 32- and 8-bit rows; the memory suite measures
-all three formats (16-bit moments apply to bfloat16 parameters only, so in a float32 run the
-``-16bit`` rows are skip rows saying so: ``--dtype bf16`` measures them). A ``-8bit`` / ``-16bit`` row whose state does not hold the format it asked
+all three formats (16-bit bfloat16 moments for every parameter dtype, float32 included). A ``-8bit`` / ``-16bit`` row whose state does not hold the format it asked
 for (an optimizer without the key yet) is a skip row saying so, never a number; moments
 smaller than ``min_8bit_size`` (default 4096 elements, e.g. APOLLO-Mini's rank-1 moments on
 the CPU stack) stay float32 by design, and the row's note counts them. (q-galore-torch's
@@ -252,10 +251,6 @@ def names_for(suite: str) -> List[str]:
 def build(ctx: Ctx, suite: str, kernel: str, name: str, params, gap: int, kw: dict):
     """The optimizer ``name`` on ``params``, or None after recording a skip row saying why."""
     builder, _ = OPTIMIZERS[name]
-    if moment_bits_of(name) == 16 and ctx.dtype != torch.bfloat16:
-        ctx.skip(suite, kernel, name, f"moment_bits=16 applies to bfloat16 parameters (other parameters keep float32 "
-                                      f"moments); this run's are {ctx.dtype_name}: see a --dtype bf16 run", **kw)
-        return None
     keys = dict(TINY_KEYS) if ctx.tiny and moment_bits_of(name) == 8 else {}
     try:
         return builder(params, ctx.sizes.stack_rank, gap, **keys)

@@ -89,7 +89,7 @@ def _state_table(csv_path: Path) -> str:
     base_row = measured.get("torch-adamw-fused")
     ref = int(base_row["bytes"]) if base_row else None
     any_row = rows[0]
-    # A float32 run has no 16-bit rows (they apply to bfloat16 parameters): no such column then.
+    # Runs from before 16-bit moments applied to float32 parameters have no 16-bit rows: no such column then.
     with16 = any(b + _FORMAT_SUFFIX[16] in measured for b in bases)
     out = [f"**Optimizer state by moment format** (memory suite: bytes of every tensor in `optimizer.state` after "
            f"two steps on the stack {any_row['shape']}, rank {any_row['rank']}, {any_row['dtype']} parameters; "

@@ -359,16 +359,16 @@ def test_bench_memory_suite_every_moment_format(tmp_path, capsys):
     assert "- [memory] ours-GaLoreAdamW-16bit optimizer-state bytes / galore-torch's (bfloat16 moments" in md
 
 
-def test_bench_fp32_run_skips_16bit_rows_and_measures_8bit(tmp_path):
-    """In a float32 run the -16bit rows are skip rows saying why (16-bit moments apply to bfloat16
-    parameters), the -8bit rows are measured in uint8."""
+def test_bench_fp32_run_measures_16bit_and_8bit_rows(tmp_path):
+    """In a float32 run the -16bit rows are measured with bfloat16 moments (16-bit moments apply
+    to every parameter dtype), the -8bit rows in uint8."""
     from bench import optimizers as O
 
     ctx = Ctx(torch.device("cpu"), torch.float32, quick=True, tiny=True, out=tmp_path)
     params = _tiny_stack()
-    assert O.build(ctx, "memory", "optimizer_state", "ours-DCTAdamW-16bit", params, 10 ** 9, {}) is None
-    (row,) = ctx.rows
-    assert row.skipped and "moment_bits=16 applies to bfloat16 parameters" in row.note and "fp32" in row.note
+    opt = O.build(ctx, "memory", "optimizer_state", "ours-DCTAdamW-16bit", params, 10 ** 9, {})
+    assert opt is not None and not ctx.rows
+    assert O.first_steps(ctx, opt, "ours-DCTAdamW-16bit")["format_note"] == "moments: 14 bfloat16"
     opt = O.build(ctx, "memory", "optimizer_state", "ours-DCTAdamW-8bit", params, 10 ** 9, {})
     assert O.first_steps(ctx, opt, "ours-DCTAdamW-8bit")["format_note"] == "moments: 14 uint8"
 

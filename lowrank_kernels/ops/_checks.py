@@ -103,8 +103,11 @@ def check_rank(rank: int, m: int, n: int, op: str, name: str) -> None:
 
 
 def check_moment_dtype(moment: torch.Tensor, name: str, param_dtype: torch.dtype, op: str) -> None:
-    if moment.dtype not in (torch.float32, param_dtype, torch.float64):
-        raise TypeError(f"{op}: {name} must be float32 or the parameter dtype {param_dtype}, got {moment.dtype}")
+    """Moments are float32, float64, bfloat16 (16-bit moments, for any parameter dtype) or the parameter's dtype."""
+    if moment.dtype not in (torch.float32, param_dtype, torch.float64, torch.bfloat16):
+        raise TypeError(
+            f"{op}: {name} must be float32, float64, bfloat16 or the parameter dtype {param_dtype}, got {moment.dtype}"
+        )
 
 
 def check_no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple], spans: Optional[dict] = None) -> None:

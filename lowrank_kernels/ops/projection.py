@@ -20,7 +20,7 @@ One op per stage, whatever the projector's kind:
 Moment formats (the ops' trailing moment arguments, all defaulted):
 
 - **32-bit** (``m_absmax = v_absmax = None``, ``block_size = 0``, ``moment_seed = -1``): the
-  moments are floating tensors (float32, float64 or the parameter's dtype), updated in
+  moments are floating tensors (float32, float64, bfloat16 or the parameter's dtype), updated in
   float32 (float64 with float64 inputs) and rounded to nearest on store; ``N`` in the
   moments' dtype.
 - **16-bit** (bfloat16 moments, ``moment_seed >= 0``): as above, but each store of an

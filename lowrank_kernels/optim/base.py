@@ -46,8 +46,7 @@ how its projector is made and how one projected step is taken:
 - **moment formats** (group keys ``moment_bits`` = 32 (default) | 16 | 8,
   ``block_size`` (256, in [1, 256]) and ``min_8bit_size`` (4096), for every optimizer and
   for the plain-AdamW groups; :data:`MOMENT_BITS_DEFAULTS`). ``32``: the moments above.
-  ``16`` (bfloat16 parameters; the ops take moments in float32, float64 or the parameter's
-  dtype, so other parameters keep the 32-bit format): ``exp_avg`` / ``exp_avg_sq`` are
+  ``16`` (any parameter dtype, float32 master weights included): ``exp_avg`` / ``exp_avg_sq`` are
   bfloat16 and every store of an updated moment rounds *stochastically* (seed
   :meth:`LowRankOptimizer._moment_seed`, a hash of the parameter's position and the
   step: deterministic and resumable), so the second moment
@@ -67,7 +66,7 @@ how its projector is made and how one projected step is taken:
   restored, as torch does) and converts the saved moments to that format: float moments
   loaded into a ``moment_bits=8`` group are quantized (moments below ``min_8bit_size``
   stay float), float32/float64 moments loaded into a ``moment_bits=16`` group are rounded
-  to bfloat16 (to nearest; bfloat16 parameters), 8-bit moments are dequantized (with the
+  to bfloat16 (to nearest), 8-bit moments are dequantized (with the
   saved group's ``block_size``) into a ``moment_bits=32`` / ``16`` group or requantized for
   another ``block_size``; bfloat16 moments in a ``moment_bits=32`` group keep their dtype
   (as ``moment_dtype="param"`` ones). So a float32 checkpoint resumes as 8-bit by loading
@@ -1004,8 +1003,8 @@ class LowRankOptimizer(Optimizer):
         """The format (32, 16 or 8) new moments of ``shape`` get in ``group`` for a parameter of
         ``dtype``: ``moment_bits``, except that 0-d moments are 32, 8 falls back to 32 below
         ``min_8bit_size`` elements or where codes + absmax would take no fewer bytes than
-        float32 (rows of one element: APOLLO-Mini's rank-1 moments), and 16 applies to bfloat16 parameters only (the ops take
-        moments in float32, float64 or the parameter's dtype; other parameters keep 32)."""
+        float32 (rows of one element: APOLLO-Mini's rank-1 moments). 16 (bfloat16 moments with
+        stochastic rounding) applies to every parameter dtype (float32 master weights included)."""
         bits = group.get("moment_bits", 32)
         if len(shape) == 0:
             return 32
@@ -1015,8 +1014,6 @@ class LowRankOptimizer(Optimizer):
             numel, rows = math.prod(shape), math.prod(shape[:-1])
             if numel + 4 * rows * -(-shape[-1] // int(group.get("block_size", 256))) >= 4 * numel:
                 return 32  # rows of one element (APOLLO-Mini's rank 1): codes + absmax outweigh float32
-        if bits == 16 and dtype != torch.bfloat16:
-            return 32
         return bits
 
     def _init_moments(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any], shape,

@@ -82,7 +82,7 @@ class GaLoreAdamW(LowRankOptimizer):
             parameters) or ``"param"`` (moments in the parameter's dtype, as galore-torch;
             unsafe for bfloat16/float16, see :mod:`lowrank_kernels.optim.base`).
         moment_bits, block_size, min_8bit_size: the moment format (also group keys): 32
-            (default), 16 (bfloat16 with stochastic rounding, for bfloat16 parameters) or 8
+            (default), 16 (bfloat16 with stochastic rounding, for any parameter dtype) or 8
             (uint8 codes + float32 absmax per ``block_size`` elements of a row, fused into the
             kernels; moments under ``min_8bit_size`` elements stay float32). See
             :mod:`lowrank_kernels.optim.base`.

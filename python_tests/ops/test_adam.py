@@ -98,7 +98,7 @@ def _bad_cases():
     m, v = torch.zeros(6, 4), torch.zeros(6, 4)
     yield "shape", dict(r=r, exp_avg=torch.zeros(6, 3), exp_avg_sq=v), ValueError, r"exp_avg must have shape \(6, 4\)"
     yield "int r", dict(r=r.long(), exp_avg=m, exp_avg_sq=v), TypeError, "r must have a floating dtype"
-    yield "moment dtype", dict(r=r, exp_avg=m.half(), exp_avg_sq=v.half()), TypeError, "exp_avg must be float32 or the parameter dtype"
+    yield "moment dtype", dict(r=r, exp_avg=m.half(), exp_avg_sq=v.half()), TypeError, "exp_avg must be float32, float64, bfloat16 or the parameter dtype"
     yield "mixed moments", dict(r=r, exp_avg=m, exp_avg_sq=v.double()), TypeError, "must have one dtype"
     yield "aliasing", dict(r=r, exp_avg=m, exp_avg_sq=m), ValueError, "share memory"
     yield "r aliasing", dict(r=m, exp_avg=m, exp_avg_sq=v), ValueError, "exp_avg and r share memory"

@@ -694,3 +694,100 @@ def test_8bit_moments_with_other_param_dtypes(mbackend, dtype, side):
     assert_close_f32(N, rN, "N")
     _assert_state8_close(st, rst, "state")
     assert_change_close(w, w0, rw, "weight", rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- bf16 moments for other parameter dtypes
+@pytest.mark.parametrize("seed", [11, -1])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_bf16_moments_with_other_param_dtypes(backend, dtype, kind, side, seed):
+    """16-bit (bfloat16) moments for float32 / float16 / float64 parameters and gradients
+    (float32 master weights), with stochastic (moment_seed >= 0) and nearest rounding: the
+    moment bits and N equal the reference's (C++ dense: exactly; else up to one bf16 unit on
+    a few elements: R's or the float32 moment update's last bit may differ), the weight
+    change is close. The
+    triton backend refuses float64 with a TypeError before writing anything."""
+    from .._numerics import assert_change_close
+    from ..conftest import require_backend
+
+    require_backend("projection_project_adam", backend)
+    m, n, rank = 37, 53, 5
+    g16, proj16 = _exact_problem(kind, m, n, rank, side)
+    g = g16.to(dtype)
+    if kind == "dense":
+        proj = proj16.to(dtype)
+    elif kind == "dct":
+        proj = _projector("dct", m, n, rank, side, dtype)
+    else:
+        proj = proj16
+    ls = ops.low_rank_shape(m, n, rank, side)
+    gen = torch.Generator().manual_seed(3)
+    m0 = (0.1 * torch.randn(ls, generator=gen)).to(torch.bfloat16)
+    v0 = (0.01 * torch.rand(ls, generator=gen)).to(torch.bfloat16)
+    w0 = torch.randn(m, n, generator=gen).to(dtype)
+    seed2 = seed + 1 if seed >= 0 else -1
+    if backend == "triton" and dtype == torch.float64:
+        ea, eas, w = m0.clone(), v0.clone(), w0.clone()
+        with use_backend(backend), pytest.raises(TypeError, match="float64"):
+            ops.project_update_backproject_(w, g, proj, ea, eas, side=side, lr=0.01, step=2, moment_seed=seed2)
+        assert torch.equal(w, w0) and torch.equal(ea, m0) and torch.equal(eas, v0)
+        return
+    outs = {}
+    for be in ("reference", backend):
+        ea, eas, w = m0.clone(), v0.clone(), w0.clone()
+        with use_backend(be):
+            N = ops.project_adam_(g, proj, ea, eas, side=side, moment_seed=seed)
+            ea2, eas2 = ea.clone(), eas.clone()
+            ops.project_update_backproject_(w, g, proj, ea2, eas2, side=side, lr=0.01, step=2, moment_seed=seed2)
+            ws, ea3, eas3 = [w0.clone()], [ea.clone()], [eas.clone()]
+            ops.foreach_project_update_backproject_(ws, [g], [proj], ea3, eas3, side=side, lr=0.01, step=2,
+                                                    moment_seed=[seed2])
+        outs[be] = (N, ea, eas, ea2, eas2, ea3[0], eas3[0], w, ws[0])
+    ref, out = outs["reference"], outs[backend]
+    for i in range(7):
+        a, b = out[i], ref[i]
+        assert a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16, (i, a.dtype, b.dtype)
+        d = (_bits(a) - _bits(b)).abs()
+        if kind == "dense" and backend == "cpp":
+            assert torch.equal(_bits(a), _bits(b)), (i, int((d > 0).sum()))
+        else:  # triton's float32 moment arithmetic (fused multiply-adds) may put a value on the other side
+            assert int(d.max()) <= 1 and int((d > 0).sum()) <= 1 + a.numel() // 100, i
+    assert torch.equal(_bits(out[3]), _bits(out[5])) and torch.equal(_bits(out[4]), _bits(out[6]))  # foreach = single
+    for i in (7, 8):
+        assert out[i].dtype == dtype
+        assert_change_close(out[i], w0, ref[i], f"weight {i}", rtol=1e-2 if kind != "dense" else 1e-4)
+    if seed >= 0:  # the seed is used: nearest rounding stores other bits somewhere
+        with use_backend("reference"):
+            ea_n, eas_n = m0.clone(), v0.clone()
+            ops.project_adam_(g, proj, ea_n, eas_n, side=side, moment_seed=-1)
+        assert not (torch.equal(ea_n, ref[1]) and torch.equal(eas_n, ref[2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_adam_update_bf16_moments_other_r_dtypes(backend, dtype):
+    """adam_update_ (plain groups) with a float32 / float16 R and bfloat16 SR moments: bits
+    equal the reference's."""
+    from ..conftest import require_backend
+
+    require_backend("adam_update", backend)
+    shape = (37, 53)
+    gen = torch.Generator().manual_seed(5)
+    r = torch.randint(-4, 5, shape, generator=gen).to(dtype) * 0.25
+    m0 = (0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    v0 = (0.01 * torch.rand(shape, generator=gen)).to(torch.bfloat16)
+    outs = {}
+    for be in ("reference", backend):
+        m, v = m0.clone(), v0.clone()
+        with use_backend(be):
+            n = ops.adam_update_(r, m, v, beta1=0.9, beta2=0.999, moment_seed=2**33 + 5)
+            ns = ops.adam_foreach_update_([r], [m.clone()], [v.clone()], moment_seed=[77])
+        outs[be] = (n, m, v, ns[0])
+    for a, b in zip(outs[backend], outs["reference"]):
+        assert a.dtype == b.dtype
+        if a.dtype == torch.bfloat16:
+            assert torch.equal(_bits(a), _bits(b))
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

@@ -265,7 +265,7 @@ def _bad_cases():
     yield "moment shape", dict(good, exp_avg=torch.zeros(12, 4)), ValueError, "exp_avg must have shape"
     yield "int grad", dict(good, grad=torch.ones(12, 8, dtype=torch.int32)), TypeError, "grad must have a floating dtype"
     yield "int proj", dict(good, proj=p.to(torch.int64)), TypeError, "proj must have a floating dtype"
-    yield "moment dtype", dict(good, exp_avg=ea.half(), exp_avg_sq=eas.half()), TypeError, "exp_avg must be float32 or the parameter dtype"
+    yield "moment dtype", dict(good, exp_avg=ea.half(), exp_avg_sq=eas.half()), TypeError, "exp_avg must be float32, float64, bfloat16 or the parameter dtype"
     yield "mixed moments", dict(good, exp_avg_sq=eas.double()), TypeError, "must have one dtype"
     yield "meta device", dict(good, proj=p.to("meta")), ValueError, "all tensors must be on one device"
     yield "aliasing", dict(good, exp_avg_sq=ea), ValueError, "share memory"

@@ -67,8 +67,9 @@ MAKERS = {
 }
 
 
-#: parameter dtype per moment format: 16-bit (bfloat16) moments are for bfloat16 parameters
-#: (other parameters keep 32-bit moments, see lowrank_kernels.optim.base).
+#: parameter dtype per moment format in the generic tests: 16-bit (bfloat16) moments are
+#: exercised with bfloat16 parameters here and with float32 ones in
+#: test_16bit_moments_float32_parameters_train_and_resume.
 DTYPE = {32: torch.float32, 16: torch.bfloat16, 8: torch.float32}
 
 
@@ -269,17 +270,60 @@ def test_min_8bit_size_respected():
     assert opt2.state[small]["exp_avg"].dtype == torch.uint8
 
 
-def test_16bit_moments_are_for_bfloat16_parameters():
-    """moment_bits=16 stores bfloat16 moments for bfloat16 parameters; float32 and float16
-    parameters keep the 32-bit format (the ops take moments in float32 or the parameter's dtype)."""
+def test_16bit_moments_for_every_parameter_dtype():
+    """moment_bits=16 stores bfloat16 moments for float32, float16 and bfloat16 parameters
+    alike (float32 master weights are the usual mixed-precision setup)."""
     ps = {dt: nn.Parameter(torch.randn(40, 36).to(dt)) for dt in (torch.bfloat16, torch.float32, torch.float16)}
-    opt = _quiet(GaLoreAdamW, [{"params": list(ps.values()), "rank": 4}], lr=1e-3, moment_bits=16)
-    for p in ps.values():
+    plain = nn.Parameter(torch.randn(33))
+    opt = _quiet(GaLoreAdamW, [{"params": list(ps.values()), "rank": 4}, {"params": [plain], "rank": None}],
+                 lr=1e-3, moment_bits=16)
+    for p in list(ps.values()) + [plain]:
         p.grad = torch.randn_like(p)
     opt.step()
-    assert opt.state[ps[torch.bfloat16]]["exp_avg"].dtype == torch.bfloat16
-    assert opt.state[ps[torch.float32]]["exp_avg"].dtype == torch.float32
-    assert opt.state[ps[torch.float16]]["exp_avg"].dtype == torch.float32
+    for p in list(ps.values()) + [plain]:
+        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16, p.dtype
+        assert opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16, p.dtype
+        assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("name", ["galore", "dct", "apollo", "frugal"])
+def test_16bit_moments_float32_parameters_train_and_resume(name, backend):
+    """float32 parameters with moment_bits=16: bfloat16 moments (stochastic rounding), at
+    least 90% of the float32-moment run's progress in 30 steps, and a torch.save/load resume
+    after 6 of 12 steps is bit-identical to the uninterrupted run."""
+    with use_backend(backend):
+        model, opt, losses = _train(name, 30, dtype=torch.float32, moment_bits=16)
+        ref = _ref_losses(name, torch.float32, backend)
+        states = _moment_states(opt)
+        assert states and all(st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.bfloat16
+                              for _, st in states)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(math.isfinite(v) for v in losses), losses
+        assert losses[-1] < 0.9 * losses[0], (losses[0], losses[-1])
+        assert losses[0] - losses[-1] >= 0.9 * (ref[0] - ref[-1]), (losses, ref)
+        assert losses != list(ref)  # the moments really are rounded (not float32 in disguise)
+
+        full_model, full_opt, _ = _train(name, 12, dtype=torch.float32, moment_bits=16)
+        model = _Problem()
+        opt = _quiet(MAKERS[name], _groups(model, 8), moment_bits=16)
+
+        def steps(m, o, k):
+            for _ in range(k):
+                o.zero_grad()
+                m.loss().backward()
+                o.step()
+
+        steps(model, opt, 6)
+        saved = roundtrip(opt.state_dict())
+        model2 = _Problem()
+        model2.load_state_dict(model.state_dict())
+        opt2 = _quiet(MAKERS[name], _groups(model2, 8), moment_bits=16)
+        opt2.load_state_dict(saved)
+        steps(model2, opt2, 6)
+    for a, b in zip(full_model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(full_model.parameters(), model2.parameters()):
+        _state_equal(full_opt.state[p], opt2.state[q])
 
 
 # --------------------------------------------------------------------------- plain groups
