@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include "hash.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -265,20 +267,8 @@ void adam8_step(const acc_t* R, int64_t r_s0, int64_t r_s1, uint8_t* cm, uint8_t
 }
 
 // --------------------------------------------------------------------------- bf16 stochastic rounding
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
-
-inline void seed_keys(int64_t seed, uint32_t* k1, uint32_t* k2) {
-  const uint64_t s = static_cast<uint64_t>(seed);
-  *k1 = mix32(static_cast<uint32_t>(s & 0xFFFFFFFFu) ^ mix32(static_cast<uint32_t>(s >> 32) ^ 0x9E3779B9u));
-  *k2 = mix32(*k1 ^ 0x85EBCA6Bu);
-}
+using hash::mix32;      // csrc/cpu/hash.h
+using hash::seed_keys;
 
 // x (float32) rounded stochastically to bf16 with counter idx.
 inline c10::BFloat16 bf16_sr(float x, uint64_t idx, uint32_t k1, uint32_t k2) {

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "hash.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,20 +24,8 @@ namespace {
 
 constexpr float kScaleFloor = 1e-5f;
 
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
-
-inline void seed_keys(int64_t seed, uint32_t* k1, uint32_t* k2) {
-  const uint64_t s = static_cast<uint64_t>(seed);
-  *k1 = mix32(static_cast<uint32_t>(s & 0xFFFFFFFFu) ^ mix32(static_cast<uint32_t>(s >> 32) ^ 0x9E3779B9u));
-  *k2 = mix32(*k1 ^ 0x85EBCA6Bu);
-}
+using hash::mix32;      // csrc/cpu/hash.h
+using hash::seed_keys;
 
 inline float uniform_at(int64_t idx, uint32_t k1, uint32_t k2) {
   const uint32_t h = mix32(mix32(static_cast<uint32_t>(idx & 0xFFFFFFFF) ^ k1) ^ k2);
