@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .harness import Ctx, fmt_shape, free_memory, plot_lines, progress, side_of
+from .harness import Ctx, fmt_shape, free_memory, gpu_check_args, plot_lines, progress, side_of
 
 SUITE = "refresh"
 KERNEL = "refresh"
@@ -229,7 +229,6 @@ def plot(ctx: Ctx):
 # CPU (--tiny, tiny sizes, Triton interpreter or C++) with perf_counter.
 
 def gpu_check(argv=None) -> int:
-    import argparse
     import csv
     import statistics
     import time
@@ -237,15 +236,8 @@ def gpu_check(argv=None) -> int:
     from lowrank_kernels.ops import _registry as reg
     from lowrank_kernels.ops import dct_foreach_score_topk, dct_score_topk
 
-    ap = argparse.ArgumentParser(prog="python -m bench.bench_refresh --gpu-check")
-    ap.add_argument("--gpu-check", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="CPU dry run at tiny sizes")
-    ap.add_argument("--out", default=None, help="CSV of the rows")
-    ap.add_argument("--reps", type=int, default=None)
-    args = ap.parse_args(argv)
-    device = torch.device("cpu" if args.tiny else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_refresh --gpu-check: no CUDA device (use --tiny for a CPU dry run)")
+    args, device = gpu_check_args("bench.bench_refresh", argv)
+    if device is None:
         return 1
     dtype = torch.bfloat16
     h, i, layers, rank, reps = (32, 48, 1, 4, args.reps or 3) if args.tiny else (2048, 5461, 4, 512, args.reps or 20)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import optimizers as O
-from .harness import Ctx, Row, free_memory, plot_bars, progress
+from .harness import Ctx, Row, free_memory, gpu_check_args, plot_bars, progress
 
 SUITE = "step"
 
@@ -183,21 +183,13 @@ def _gpu_check_time(opt, device, reps: int):
 
 
 def gpu_check(argv=None) -> int:
-    import argparse
     import csv
     import warnings
 
     from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, QGaLoreAdamW
 
-    ap = argparse.ArgumentParser(prog="python -m bench.bench_step --gpu-check")
-    ap.add_argument("--gpu-check", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="CPU dry run at tiny sizes")
-    ap.add_argument("--out", default=None, help="CSV of the rows")
-    ap.add_argument("--reps", type=int, default=None)
-    args = ap.parse_args(argv)
-    device = torch.device("cpu" if args.tiny else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_step --gpu-check: no CUDA device (use --tiny for a CPU dry run)")
+    args, device = gpu_check_args("bench.bench_step", argv)
+    if device is None:
         return 1
     dtype = torch.bfloat16
     if args.tiny:

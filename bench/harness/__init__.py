@@ -35,13 +35,14 @@ from .context import Ctx, measure_roofline
 from .plots import plot_bars, plot_lines, progress
 from .report import fmt_bytes, format_markdown, format_table
 from .rows import CHECK_TOL, NOT_ON_TARGET, ROW_FIELDS, Row, Target, Timing, check_str, rel_err, short
-from .sizes import DTYPE_NAMES, DTYPES, Sizes, Stack, fmt_shape, lowrank_shape, proj_shape, side_of, sizes
+from .sizes import (DTYPE_NAMES, DTYPES, Sizes, Stack, fmt_shape, gpu_check_args, lowrank_shape, proj_shape, side_of,
+                    sizes)
 from .timing import BudgetExceeded, free_memory, summarize, sync
 
 __all__ = [
     "REPO", "device_name", "device_tag", "triton_version", "git_sha", "Ctx", "measure_roofline", "plot_bars",
     "plot_lines", "progress", "fmt_bytes", "format_markdown", "format_table", "CHECK_TOL", "NOT_ON_TARGET",
     "ROW_FIELDS", "Row", "Target", "Timing", "check_str", "rel_err", "short", "DTYPE_NAMES", "DTYPES", "Sizes",
-    "Stack", "fmt_shape", "lowrank_shape", "proj_shape", "side_of", "sizes", "BudgetExceeded", "free_memory",
+    "Stack", "fmt_shape", "gpu_check_args", "lowrank_shape", "proj_shape", "side_of", "sizes", "BudgetExceeded", "free_memory",
     "summarize", "sync",
 ]

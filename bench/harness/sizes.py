@@ -84,3 +84,24 @@ def proj_shape(m: int, n: int, rank: int) -> tuple:
 
 def fmt_shape(*dims) -> str:
     return "x".join(str(int(d)) for d in dims)
+
+
+def gpu_check_args(prog: str, argv=None):
+    """The command line of a suite's ``--gpu-check`` mode (``bench/gpu_check.sh`` step 5):
+    ``--tiny`` (CPU dry run at tiny sizes), ``--out`` (CSV of the rows), ``--reps``.
+
+    Returns ``(args, device)``: CUDA, or the CPU under ``--tiny``; ``(args, None)`` after
+    saying so when CUDA is wanted but absent (the caller exits 1)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m {prog} --gpu-check")
+    ap.add_argument("--gpu-check", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run at tiny sizes")
+    ap.add_argument("--out", default=None, help="CSV of the rows")
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog.rsplit('.', 1)[-1]} --gpu-check: no CUDA device (use --tiny for a CPU dry run)")
+        return args, None
+    return args, device
