@@ -92,7 +92,11 @@
 #include <cmath>
 #include <optional>
 
+#include "cpu/fast_f32.h"
 #include "cpu/moments8.h"
+
+#include <atomic>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -126,9 +130,13 @@ inline float int4_value(const uint8_t* pk, const float* s, const float* mn, int6
 struct ProjectorSource {
   ProjKind kind = ProjKind::Dense;
   int64_t r = 0, K = 0;
-  Tensor dense;  // Dense: P in right orientation (r x K), any floating dtype and strides
+  // Dense: P in right orientation (r x K), any floating dtype and strides; as make_source
+  // leaves it (no ATen call there), the projector as given, whose transpose P is when
+  // dense_left (side="left"); run() takes oriented().
+  Tensor dense;
+  bool dense_left = false;
   Tensor basis;  // DCT: the s x s basis (s = K)
-  Tensor idx;    // DCT: the r row indices, int64, contiguous
+  Tensor idx;    // DCT: the r row indices as given (int32 or int64, 1-D, any stride)
   // Int4: the packed codes, per-group stats, group size, and whether the stored P is
   // m x r (side="left": element (a, k) of the right orientation is stored at k * r + a)
   // or r x n (side="right": at a * K + k).
@@ -138,6 +146,16 @@ struct ProjectorSource {
 
   int64_t rank() const { return r; }
   int64_t k() const { return K; }
+
+  // This source with a dense P in right orientation (the one ATen call make_source saves).
+  ProjectorSource oriented() const {
+    ProjectorSource s = *this;
+    if (s.kind == ProjKind::Dense && s.dense_left) {
+      s.dense = s.dense.t();
+      s.dense_left = false;
+    }
+    return s;
+  }
 
   // Columns [k0, k0 + len) of P in dtype `acc`: a view when a dense projector already
   // has that dtype, else filled into `scratch` (at least r * len elements of acc).
@@ -340,7 +358,8 @@ void adam8_epilogue(const Problem& pb, const Tensor& Nf, at::ScalarType acc) {
   if (pb.n.defined() && !same_view(pb.n, Nf)) pb.n.copy_(Nf);
 }
 
-void run(const Problem& pb, const ProjectorSource& src, at::ScalarType acc) {
+void run(const Problem& pb, const ProjectorSource& given_src, at::ScalarType acc) {
+  const ProjectorSource src = given_src.oriented();
   const bool project = pb.g.defined();
   const bool apply = pb.w.defined();
   const Tensor& big = project ? pb.g : pb.w;
@@ -476,6 +495,13 @@ void check_2d(const Tensor& t, const char* name, const char* op) {
 
 using OptTensor = std::optional<Tensor>;
 
+// Element a of a 1-D int32 / int64 CPU index vector, read in place (any stride).
+inline int64_t index_at(const Tensor& idx, int64_t a) {
+  const int64_t off = a * idx.stride(0);
+  if (idx.scalar_type() == at::kInt) return static_cast<const int32_t*>(idx.const_data_ptr())[off];
+  return static_cast<const int64_t*>(idx.const_data_ptr())[off];
+}
+
 // Checks the projector (of any kind) against an (m x n) matrix and builds its source in
 // right orientation; `shape` receives the low-rank shape. The rank must lie in
 // [1, min(m, n)], or with `any_rank` (the plain projection, no Adam) in [1, K].
@@ -499,8 +525,9 @@ ProjectorSource make_source(const char* op, int64_t m, int64_t n, bool left, con
                   proj.sizes());
     }
     src.kind = ProjKind::Dense;
-    src.dense = left ? proj.t() : proj;
-    src.r = src.dense.size(0);
+    src.dense = proj;  // P = proj^T for side="left": run() orients it (no view made here)
+    src.dense_left = left;
+    src.r = left ? proj.size(1) : proj.size(0);
     TORCH_CHECK(rank == 0 || rank == src.r, op, ": rank must be 0 or the projector's rank ", src.r, ", got ", rank);
   } else if (has_idx && !has_s && !has_mn) {
     const Tensor& idx = *indices;
@@ -513,11 +540,11 @@ ProjectorSource make_source(const char* op, int64_t m, int64_t n, bool left, con
     TORCH_CHECK(idx.dim() == 1, op, ": indices must be 1-D, got shape ", idx.sizes());
     src.kind = ProjKind::DCT;
     src.basis = proj;
-    src.idx = idx.to(at::kLong).contiguous();
+    src.idx = idx;  // read in place, int32 or int64 (no conversion, no copy)
     src.r = idx.size(0);
-    const int64_t* iv = src.idx.data_ptr<int64_t>();
     for (int64_t a = 0; a < src.r; ++a) {
-      TORCH_CHECK(iv[a] >= 0 && iv[a] < src.K, op, ": indices must lie in [0, ", src.K, "), got ", iv[a]);
+      const int64_t i = index_at(idx, a);
+      TORCH_CHECK(i >= 0 && i < src.K, op, ": indices must lie in [0, ", src.K, "), got ", i);
     }
     TORCH_CHECK(rank == 0 || rank == src.r, op, ": rank must be 0 or the projector's rank ", src.r, ", got ", rank);
   } else {
@@ -720,6 +747,149 @@ double adam_step_size(double lr, double beta1, double beta2, int64_t step) {
   return lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
 }
 
+// --------------------------------------------------------------------------- the float32 fast path
+// The common small case of the fused step, with NO ATen op and no dispatcher call (each
+// costs ~0.5-1 us, some 45 of them per parameter in the general engine above, against a
+// few microseconds of arithmetic for a small weight): float32 param, grad and plain
+// moments (no 8-bit codes, no stochastic rounding), a float32 dense or DCT projector
+// (int32 or int64 indices read in place), rank <= kBlasSingleKBlock, and g, w in a layout
+// BLAS takes as it stands (row- or column-major in the oriented view, any leading
+// dimension), the two moments with the same unit-stride dimension. Then, on raw
+// pointers (fast_f32.h):
+//   P      the dense projector itself (a strided view; copied into the workspace only
+//          when neither of its strides is 1), or rows idx of the DCT basis gathered into
+//          the workspace (r x K);
+//   R      = G P^T, one BLAS GEMM (the sgemm_ at::mm calls) into a thread_local
+//          workspace laid out like the moments;
+//   Adam   fast::adam_runs over the moments' contiguous runs, N over R (at::parallel_for
+//          over the runs for large moments; inline for small ones);
+//   W      = decay W + alpha N P, one GEMM with beta = decay (W read and written once,
+//          the rank in one K block of the BLAS, as the general engine's single-GEMM case).
+// The same operations in the same order as the reference, so results match it within
+// the float32 tolerances of the tests (the GEMMs are the same BLAS calls; the Adam
+// epilogue is bit-identical to the reference's ATen ops given R). Both the single-tensor
+// step and the multi-tensor op reach it through fused_step(), so bucketed and
+// per-parameter steps stay bitwise equal.
+//
+// Size bound: only the rank's (kBlasSingleKBlock): both paths run the same BLAS GEMMs on
+// float32 data; the low-rank epilogue is split across threads by at::parallel_for above
+// kFastEpilogueGrain elements.
+constexpr int64_t kFastEpilogueGrain = 1 << 15;
+// Low-rank workspace up to this many floats is kept per thread between calls (4 MB);
+// larger ones are allocated for the call and freed.
+constexpr int64_t kFastKeepWorkspace = 1 << 20;
+
+// Whether the fast path is on (projection_fast_path_cpu; off: the general engine for
+// every case, for measurements and tests).
+std::atomic<bool> g_fast_on{true};
+
+fast::MatF mat_of(const Tensor& t, bool left) {
+  float* p = static_cast<float*>(t.data_ptr());
+  const fast::MatF m{p, t.size(0), t.size(1), t.stride(0), t.stride(1)};
+  return left ? m.t() : m;
+}
+
+// In which directions the moments (oriented, rows x r) can be walked as contiguous runs:
+// bit 0 along the rank (each row contiguous), bit 1 along the rows (each column).
+int run_dirs(const fast::MatF& a) {
+  return ((a.cols == 1 || a.cs == 1) ? 1 : 0) | ((a.rows == 1 || a.rs == 1) ? 2 : 0);
+}
+
+// The runs' direction both moments allow: along the rank (by rows) unless only the other
+// works or the runs are longer that way.
+bool runs_by_row(const fast::MatF& m, const fast::MatF& v) {
+  const int both = run_dirs(m) & run_dirs(v);
+  return both == 1 || (both == 3 && m.cols >= m.rows);
+}
+
+bool fast_eligible(const Tensor& param, const Tensor& grad, const Tensor& ea, const Tensor& eas,
+                   const ProjectorSource& src, bool left, const OptTensor& m_absmax, int64_t seed) {
+  if (!g_fast_on.load(std::memory_order_relaxed) || !fast::blas_available()) return false;
+  if (param.scalar_type() != at::kFloat || grad.scalar_type() != at::kFloat || ea.scalar_type() != at::kFloat ||
+      eas.scalar_type() != at::kFloat || seed >= 0 || (m_absmax.has_value() && m_absmax->defined())) {
+    return false;
+  }
+  if (src.kind == ProjKind::Dense) {
+    if (src.dense.scalar_type() != at::kFloat) return false;
+  } else if (src.kind == ProjKind::DCT) {
+    if (src.basis.scalar_type() != at::kFloat) return false;
+  } else {
+    return false;
+  }
+  if (src.r > kBlasSingleKBlock) return false;
+  if (!fast::blas_operand(mat_of(grad, left)) || !fast::blas_operand(mat_of(param, left))) return false;
+  return (run_dirs(mat_of(ea, left)) & run_dirs(mat_of(eas, left))) != 0;
+}
+
+// A float32 workspace of at least n floats: this thread's kept buffer, or one for the call.
+struct Workspace {
+  std::unique_ptr<float[]> own;
+  float* p = nullptr;
+  explicit Workspace(int64_t n) {
+    thread_local std::vector<float> kept;
+    if (n <= kFastKeepWorkspace) {
+      if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
+      p = kept.data();
+    } else {
+      own.reset(new float[n]);
+      p = own.get();
+    }
+  }
+};
+
+void fast_step(Tensor& param, const Tensor& grad, Tensor& exp_avg, Tensor& exp_avg_sq, const ProjectorSource& src,
+               bool left, double beta1, double beta2, double eps, double alpha, double decay) {
+  const fast::MatF G = mat_of(grad, left), W = mat_of(param, left);
+  const fast::MatF M = mat_of(exp_avg, left), V = mat_of(exp_avg_sq, left);
+  const int64_t rows = G.rows, K = G.cols, r = src.r;
+  const bool by_row = runs_by_row(M, V);
+  // P: the dense projector in place when BLAS takes it, else gathered (r x K, row-major).
+  fast::MatF P;
+  bool gather = true;
+  if (src.kind == ProjKind::Dense) {
+    P = mat_of(src.dense, src.dense_left);
+    gather = !fast::blas_operand(P);
+  }
+  Workspace ws(rows * r + (gather ? r * K : 0));
+  const fast::MatF R = by_row ? fast::MatF{ws.p, rows, r, r, 1} : fast::MatF{ws.p, rows, r, 1, rows};
+  if (gather) {
+    float* out = ws.p + rows * r;
+    if (src.kind == ProjKind::Dense) {
+      for (int64_t a = 0; a < r; ++a) {
+        for (int64_t k = 0; k < K; ++k) out[a * K + k] = P.p[a * P.rs + k * P.cs];
+      }
+    } else {
+      const float* b = static_cast<const float*>(src.basis.const_data_ptr());
+      const int64_t s0 = src.basis.stride(0), s1 = src.basis.stride(1);
+      for (int64_t a = 0; a < r; ++a) {
+        const float* row = b + index_at(src.idx, a) * s0;
+        if (s1 == 1) {
+          std::copy(row, row + K, out + a * K);
+        } else {
+          for (int64_t k = 0; k < K; ++k) out[a * K + k] = row[k * s1];
+        }
+      }
+    }
+    P = fast::MatF{out, r, K, K, 1};
+  }
+
+  fast::gemm(R, G, P.t(), 1.0f, 0.0f);  // R = G P^T
+
+  const fast::AdamConsts c = fast::adam_consts(beta1, beta2, eps);
+  const int64_t outer = by_row ? rows : r, len = by_row ? r : rows;
+  // Stride between runs (unused when there is one run: its dimension has size 1).
+  const int64_t m_ld = by_row ? M.rs : M.cs, v_ld = by_row ? V.rs : V.cs, r_ld = by_row ? R.rs : R.cs;
+  at::parallel_for(0, outer, std::max<int64_t>(1, kFastEpilogueGrain / std::max<int64_t>(len, 1)),
+                   [&](int64_t o0, int64_t o1) {
+                     for (int64_t o = o0; o < o1; ++o) {
+                       fast::adam_run(M.p + o * m_ld, V.p + o * v_ld, R.p + o * r_ld, len, c);
+                     }
+                   });
+
+  // W = decay W + alpha N P (N over R).
+  fast::gemm(W, R, P, static_cast<float>(alpha), static_cast<float>(decay));
+}
+
 // The fused step with its weight update given as W <- decay * W + alpha * back(N) (the
 // single-tensor op computes alpha and decay from lr / step / weight decay / scale; the
 // multi-tensor op may take them per parameter from a device tensor).
@@ -740,6 +910,10 @@ void fused_step(const char* op, Tensor& param, const Tensor& grad, const Tensor&
       make_source(op, param.size(0), param.size(1), left, proj, indices, q_scale, q_min, rank, group_size, shape);
   const bool eight =
       check_moment_state(op, exp_avg, exp_avg_sq, shape, m_absmax, v_absmax, block_size, moment_seed);
+  if (fast_eligible(param, grad, exp_avg, exp_avg_sq, src, left, m_absmax, moment_seed)) {
+    fast_step(param, grad, exp_avg, exp_avg_sq, src, left, beta1, beta2, eps, alpha, decay);
+    return;
+  }
 
   const at::ScalarType acc =
       acc_dtype({param.scalar_type(), grad.scalar_type(), proj_dtype(src), exp_avg.scalar_type()});
@@ -766,6 +940,16 @@ void fused_step(const char* op, Tensor& param, const Tensor& grad, const Tensor&
   pb.decay = decay;
   pb.alpha = alpha;
   run(pb, src, acc);
+}
+
+// Control of the float32 fast path for measurements and tests (not a kernel; no tensors):
+// enable -1 queries, 0 turns it off (the general engine for every case), 1 on. Returns
+// whether it is in effect now (never where the loaded torch exports no BLAS sgemm_).
+bool projection_fast_path_cpu(int64_t enable) {
+  TORCH_CHECK(enable >= -1 && enable <= 1, "projection_fast_path_cpu: enable must be -1 (query), 0 (off) or 1 (on), got ",
+              enable);
+  if (enable >= 0) g_fast_on.store(enable == 1);
+  return g_fast_on.load() && fast::blas_available();
 }
 
 void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad, const Tensor& proj,
@@ -870,6 +1054,7 @@ void projection_foreach_project_update_backproject_cpu(
   "Tensor(d!)? m_absmax=None, Tensor(e!)? v_absmax=None, int block_size=0, int moment_seed=-1"
 
 TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
+  m.def("projection_fast_path_cpu(int enable=-1) -> bool", &lowrank_kernels::projection_fast_path_cpu);
   m.def("projection_project_cpu(Tensor grad, Tensor proj, str side, " LOWRANK_PROJECTOR_ARGS ") -> Tensor");
   m.def(
       "projection_foreach_project_update_backproject_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, "
