@@ -1,21 +1,25 @@
 // Raw-pointer float32 building blocks of the projection step's fast path
-// (csrc/cpu/projection.cpp, "The float32 fast path"): no ATen op, no dispatcher call.
+// (csrc/cpu/projection.cpp, "The float32 fast path"): no ATen op, no dispatcher call, no
+// BLAS call (torch's BLAS is not reachable without the dispatcher from an extension:
+// at::native::cpublas::gemm is not exported, and the stub's ABI follows torch's build
+// macros; and on small skinny products a BLAS call costs more than the arithmetic: MKL
+// spent 5-9 us per 64 x 172 x 8 product on the AMD EPYC CPU of the measurements).
 //
-//   MatF        a strided 2-D float32 view (pointer, sizes, strides in elements);
-//   gemm()      C = alpha A B + beta C on MatF views, each row- or column-major (one unit
-//               stride): the BLAS sgemm_ that torch itself calls for at::mm on CPU (MKL or
-//               OpenBLAS inside libtorch_cpu, found through a weak symbol: no new link
-//               dependency; where the loaded torch exports none, blas_available() is false
-//               and the fast path stays off). (at::native::cpublas::gemm is not exported,
-//               and its dispatch stub's ABI depends on torch's own build macros.)
-//   adam_runs() the Adam epilogue on contiguous runs of the moments, with the
-//               reference's operations in its order (reference/projection.py, as ATen
-//               evaluates them on CPU): m = fma(R, 1-b1, m*b1)   (add_ with alpha),
-//               v = v*b2 + ((1-b2)*R)*R                        (addcmul_),
-//               N = m / (sqrt(v) + eps), written over R. AVX2 (8 lanes, FMA for the m
-//               update only) where the CPU has it, chosen at run time; the tail of a
-//               run goes through the same vector code on a padded copy, so every element
-//               gets the same operations wherever it lies.
+//   MatF         a strided 2-D float32 view (pointer, sizes, strides in elements);
+//   gemm_rows()  C = beta C + alpha A B with C's and B's rows contiguous, A any strides:
+//                register tiles of up to 8 rows x 16 columns (AVX2 + FMA), B's block of
+//                columns reused from L1 across all rows; each output element is one FMA
+//                chain over the inner dimension in order, then fma(acc, alpha, C * beta)
+//                (the reference's mul_(decay).add_(back, alpha=alpha) given back = acc);
+//   adam_run()   the Adam epilogue on contiguous runs of the moments, with the
+//                reference's operations in its order (reference/projection.py, as ATen
+//                evaluates them on CPU): m = fma(R, 1-b1, m*b1)   (add_ with alpha),
+//                v = v*b2 + ((1-b2)*R)*R                        (addcmul_),
+//                N = m / (sqrt(v) + eps), written over R.
+// The AVX2 kernels are chosen at run time where the CPU has AVX2 and FMA; portable loops
+// with the same operations (std::fma where the vector code fuses) serve other CPUs and,
+// forced, the tests. Partial vectors use masked loads/stores or a padded copy, so every
+// element gets the same operations wherever it lies.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -32,12 +36,6 @@
 #define LOWRANK_FAST_X86 0
 #endif
 
-// The Fortran BLAS GEMM with 32-bit integers, as torch's CPUBlas.cpp declares it. Weak:
-// null where the loaded torch does not export it (the fast path then uses torch's kernel).
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
-
 namespace lowrank_kernels {
 namespace fast {
 
@@ -48,47 +46,139 @@ struct MatF {
   MatF t() const { return MatF{p, cols, rows, cs, rs}; }
 };
 
-// As a column-major BLAS operand (element (i, j) at p[i + j * ld]): ld, or -1 when the
-// view is not one. Size-1 dimensions take any stride.
-inline int64_t colmajor_ld(const MatF& a) {
-  if (a.rows > 1 && a.rs != 1) return -1;
-  const int64_t ld = a.cols > 1 ? a.cs : std::max<int64_t>(1, a.rows);
-  return ld >= std::max<int64_t>(1, a.rows) ? ld : -1;
+// Which kernels: the AVX2 ones where the CPU has AVX2 and FMA, else (or when forced, to
+// test them) the portable loops.
+inline bool have_avx2_fma() {
+#if LOWRANK_FAST_X86
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
 }
 
-// Whether a GEMM operand is usable as it stands (column-major, or row-major = the
-// transpose of a column-major one), with every size and ld within BLAS's 32-bit ints.
-inline bool blas_operand(const MatF& a) {
-  if (a.rows > INT_MAX || a.cols > INT_MAX) return false;
-  const int64_t ld = colmajor_ld(a) >= 0 ? colmajor_ld(a) : colmajor_ld(a.t());
-  return ld >= 0 && ld <= INT_MAX;
+// ------------------------------------------------------------------ the GEMM
+// C = beta C + alpha A B for C (M x N) and B (Kk x N) whose rows are contiguous (column
+// stride 1, row strides ldc / ldb) and A (M x Kk) with any strides; beta = 0: C is not
+// read. Each C element: acc = sum over p in order of A[i, p] B[p, j] (one FMA chain,
+// starting from 0), then C = fma(acc, alpha, C * beta) (or acc * alpha): the
+// reference's param.mul_(decay).add_(back, alpha=alpha) on back = acc.
+// Blocks of MR rows x NV 8-lane vectors of columns in registers, the last block of
+// columns masked (every element gets the same operations wherever it lies).
+inline void gemm_rows_portable(int64_t M, int64_t N, int64_t Kk, float alpha, const float* A, int64_t as0,
+                               int64_t as1, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      float acc = 0.0f;
+      for (int64_t p = 0; p < Kk; ++p) acc = std::fma(A[i * as0 + p * as1], B[p * ldb + j], acc);
+      float* c = C + i * ldc + j;
+      *c = beta == 0.0f ? acc * alpha : std::fma(acc, alpha, *c * beta);
+    }
+  }
 }
 
-// Whether the loaded torch exports the BLAS sgemm_ (the fast path is off otherwise).
-inline bool blas_available() { return &sgemm_ != nullptr; }
-
-// C (M x N) = alpha * op(A) * op(B) + beta * C, column-major as BLAS; ta / tb: the
-// operand is stored as its transpose (column-major with leading dimension lda / ldb).
-inline void sgemm_colmajor(bool ta, bool tb, int64_t M, int64_t N, int64_t Kd, float alpha, const float* a,
-                           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  TORCH_INTERNAL_ASSERT(blas_available());
-  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
-  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(Kd);
-  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-  sgemm_(&ca, &cb, &m, &n, &k, &alpha, a, &la, b, &lb, &beta, c, &lc);
+#if LOWRANK_FAST_X86
+template <int MR, int NV, bool MASK>
+__attribute__((target("avx2,fma"))) inline void gemm_tile_avx2(int64_t Kk, float alpha, const float* A, int64_t as0,
+                                                                 int64_t as1, const float* B, int64_t ldb, float beta,
+                                                                 float* C, int64_t ldc, __m256i mask0, __m256i mask1) {
+  __m256 acc[MR][NV];
+  for (int ii = 0; ii < MR; ++ii) {
+    for (int v = 0; v < NV; ++v) acc[ii][v] = _mm256_setzero_ps();
+  }
+  for (int64_t p = 0; p < Kk; ++p) {
+    const float* bp = B + p * ldb;
+    __m256 bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = MASK ? _mm256_maskload_ps(bp + 8 * v, v == 0 ? mask0 : mask1) : _mm256_loadu_ps(bp + 8 * v);
+    }
+    for (int ii = 0; ii < MR; ++ii) {
+      const __m256 s = _mm256_broadcast_ss(A + ii * as0 + p * as1);
+      for (int v = 0; v < NV; ++v) acc[ii][v] = _mm256_fmadd_ps(s, bv[v], acc[ii][v]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+  for (int ii = 0; ii < MR; ++ii) {
+    for (int v = 0; v < NV; ++v) {
+      float* cp = C + ii * ldc + 8 * v;
+      const __m256i mk = v == 0 ? mask0 : mask1;
+      __m256 res;
+      if (beta == 0.0f) {
+        res = _mm256_mul_ps(acc[ii][v], va);
+      } else {
+        const __m256 cv = MASK ? _mm256_maskload_ps(cp, mk) : _mm256_loadu_ps(cp);
+        res = _mm256_fmadd_ps(acc[ii][v], va, _mm256_mul_ps(cv, vb));
+      }
+      if (MASK) {
+        _mm256_maskstore_ps(cp, mk, res);
+      } else {
+        _mm256_storeu_ps(cp, res);
+      }
+    }
+  }
 }
 
-// C = alpha A B + beta C for views that pass blas_operand (beta = 0: C is not read).
-inline void gemm(const MatF& C, const MatF& A, const MatF& B, float alpha, float beta) {
+// Rows [0, M) of the block of columns at C / B, NV vectors wide.
+template <int NV, bool MASK>
+__attribute__((target("avx2,fma"))) inline void gemm_cols_avx2(int64_t M, int64_t Kk, float alpha, const float* A,
+                                                                 int64_t as0, int64_t as1, const float* B, int64_t ldb,
+                                                                 float beta, float* C, int64_t ldc, __m256i m0,
+                                                                 __m256i m1) {
+  constexpr int kMR = NV == 1 ? 8 : 4;  // 8 accumulators
+  int64_t i = 0;
+  for (; i + kMR <= M; i += kMR) {
+    gemm_tile_avx2<kMR, NV, MASK>(Kk, alpha, A + i * as0, as0, as1, B, ldb, beta, C + i * ldc, ldc, m0, m1);
+  }
+  const float* a = A + i * as0;
+  float* c = C + i * ldc;
+  switch (M - i) {  // the last rows
+    case 0: break;
+    case 1: gemm_tile_avx2<1, NV, MASK>(Kk, alpha, a, as0, as1, B, ldb, beta, c, ldc, m0, m1); break;
+    case 2: gemm_tile_avx2<2, NV, MASK>(Kk, alpha, a, as0, as1, B, ldb, beta, c, ldc, m0, m1); break;
+    case 3: gemm_tile_avx2<3, NV, MASK>(Kk, alpha, a, as0, as1, B, ldb, beta, c, ldc, m0, m1); break;
+    case 4: gemm_tile_avx2<4, NV, MASK>(Kk, alpha, a, as0, as1, B, ldb, beta, c, ldc, m0, m1); break;
+    case 5: gemm_tile_avx2<5, NV, MASK>(Kk, alpha, a, as0, as1, B, ldb, beta, c, ldc, m0, m1); break;
+    case 6: gemm_tile_avx2<6, NV, MASK>(Kk, alpha, a, as0, as1, B, ldb, beta, c, ldc, m0, m1); break;
+    default: gemm_tile_avx2<7, NV, MASK>(Kk, alpha, a, as0, as1, B, ldb, beta, c, ldc, m0, m1); break;
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline __m256i lane_mask(int64_t n) {  // lanes < n (n may be <= 0 or >= 8)
+  const int64_t k = std::max<int64_t>(0, std::min<int64_t>(8, n));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+__attribute__((target("avx2,fma"))) inline void gemm_rows_avx2(int64_t M, int64_t N, int64_t Kk, float alpha,
+                                                                 const float* A, int64_t as0, int64_t as1,
+                                                                 const float* B, int64_t ldb, float beta, float* C,
+                                                                 int64_t ldc) {
+  const __m256i all = _mm256_set1_epi32(-1);
+  int64_t j = 0;
+  for (; j + 16 <= N; j += 16) {
+    gemm_cols_avx2<2, false>(M, Kk, alpha, A, as0, as1, B + j, ldb, beta, C + j, ldc, all, all);
+  }
+  const int64_t rest = N - j;
+  if (rest > 8) {
+    gemm_cols_avx2<2, true>(M, Kk, alpha, A, as0, as1, B + j, ldb, beta, C + j, ldc, all, lane_mask(rest - 8));
+  } else if (rest == 8) {
+    gemm_cols_avx2<1, false>(M, Kk, alpha, A, as0, as1, B + j, ldb, beta, C + j, ldc, all, all);
+  } else if (rest > 0) {
+    gemm_cols_avx2<1, true>(M, Kk, alpha, A, as0, as1, B + j, ldb, beta, C + j, ldc, lane_mask(rest), all);
+  }
+}
+#endif
+
+// gemm_rows on MatF views: C and B with column stride 1 (or one column).
+inline void gemm_rows(const MatF& C, const MatF& A, const MatF& B, float alpha, float beta, bool portable) {
   TORCH_INTERNAL_ASSERT(A.rows == C.rows && B.cols == C.cols && A.cols == B.rows);
-  if (colmajor_ld(C) < 0) {  // row-major C: compute C^T = B^T A^T, column-major
-    gemm(C.t(), B.t(), A.t(), alpha, beta);
+  TORCH_INTERNAL_ASSERT((C.cs == 1 || C.cols == 1) && (B.cs == 1 || B.cols == 1));
+#if LOWRANK_FAST_X86
+  if (!portable && have_avx2_fma()) {
+    gemm_rows_avx2(C.rows, C.cols, A.cols, alpha, A.p, A.rs, A.cs, B.p, B.rs, beta, C.p, C.rs);
     return;
   }
-  const int64_t lda = colmajor_ld(A), ldb = colmajor_ld(B);
-  const bool ta = lda < 0, tb = ldb < 0;  // stored row-major: the transpose of a column-major matrix
-  sgemm_colmajor(ta, tb, C.rows, C.cols, A.cols, alpha, A.p, ta ? colmajor_ld(A.t()) : lda, B.p,
-                 tb ? colmajor_ld(B.t()) : ldb, beta, C.p, colmajor_ld(C));
+#endif
+  gemm_rows_portable(C.rows, C.cols, A.cols, alpha, A.p, A.rs, A.cs, B.p, B.rs, beta, C.p, C.rs);
 }
 
 // ------------------------------------------------------------------ the Adam epilogue
@@ -141,16 +231,12 @@ __attribute__((target("avx2,fma"))) inline void adam_run_avx2(float* m, float* v
   }
 }
 
-inline bool have_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 #endif
 
 // One run of `len` contiguous elements of m, v and R (N written over R).
-inline void adam_run(float* m, float* v, float* r, int64_t len, const AdamConsts& c) {
+inline void adam_run(float* m, float* v, float* r, int64_t len, const AdamConsts& c, bool portable) {
 #if LOWRANK_FAST_X86
-  if (have_avx2_fma()) {
+  if (!portable && have_avx2_fma()) {
     adam_run_avx2(m, v, r, len, c);
     return;
   }

@@ -10,7 +10,9 @@
 //
 // Each takes the projector as (proj, indices?, q_scale?, q_min?, rank, group_size): a
 // dense P, DCT basis rows picked by index, or a packed INT4 P (see "The projector"
-// below). One engine (run()) serves all three kinds and all four ops.
+// below). One engine (run()) serves all three kinds and all four ops; the fused step's
+// small float32 dense/DCT case skips it for a path with no ATen op at all (see "The
+// float32 fast path" below).
 //
 // Orientation
 // -----------
@@ -752,36 +754,41 @@ double adam_step_size(double lr, double beta1, double beta2, int64_t step) {
 // costs ~0.5-1 us, some 45 of them per parameter in the general engine above, against a
 // few microseconds of arithmetic for a small weight): float32 param, grad and plain
 // moments (no 8-bit codes, no stochastic rounding), a float32 dense or DCT projector
-// (int32 or int64 indices read in place), rank <= kBlasSingleKBlock, and g, w in a layout
-// BLAS takes as it stands (row- or column-major in the oriented view, any leading
-// dimension), the two moments with the same unit-stride dimension. Then, on raw
-// pointers (fast_f32.h):
-//   P      the dense projector itself (a strided view; copied into the workspace only
-//          when neither of its strides is 1), or rows idx of the DCT basis gathered into
-//          the workspace (r x K);
-//   R      = G P^T, one BLAS GEMM (the sgemm_ at::mm calls) into a thread_local
-//          workspace laid out like the moments;
-//   Adam   fast::adam_runs over the moments' contiguous runs, N over R (at::parallel_for
-//          over the runs for large moments; inline for small ones);
-//   W      = decay W + alpha N P, one GEMM with beta = decay (W read and written once,
-//          the rank in one K block of the BLAS, as the general engine's single-GEMM case).
-// The same operations in the same order as the reference, so results match it within
-// the float32 tolerances of the tests (the GEMMs are the same BLAS calls; the Adam
-// epilogue is bit-identical to the reference's ATen ops given R). Both the single-tensor
-// step and the multi-tensor op reach it through fused_step(), so bucketed and
-// per-parameter steps stay bitwise equal.
+// (int32 or int64 indices read in place), g and w each with one unit stride (row- or
+// column-major in the oriented view, any leading dimension), the two moments with a
+// common unit-stride dimension, and rows * K * r within the size bound below. Then, on
+// raw pointers, with the kernels of fast_f32.h (AVX2, or portable loops):
+//   P      the dense projector itself (a strided view), or rows idx of the DCT basis
+//          gathered into the workspace (r x K); small copies of P, P^T, N^T where a
+//          kernel wants its rows contiguous;
+//   R      = G P^T into a thread_local workspace laid out like the moments (R^T = P G^T
+//          when they are column-major);
+//   Adam   fast::adam_run over the moments' contiguous runs, N over R;
+//   W      = decay W + alpha N P (W^T = decay W^T + alpha P^T N^T for a column-major
+//          oriented W): W read and written once, rounded once.
+// The reference's operations in its order (fast_f32.h), so the results match it within
+// the float32 tolerances of the tests; only the GEMMs' summation order differs (one FMA
+// chain per element). Both the single-tensor step and the multi-tensor op reach it
+// through fused_step(), so bucketed and per-parameter steps stay bitwise equal.
 //
-// Size bound: only the rank's (kBlasSingleKBlock): both paths run the same BLAS GEMMs on
-// float32 data; the low-rank epilogue is split across threads by at::parallel_for above
-// kFastEpilogueGrain elements.
-constexpr int64_t kFastEpilogueGrain = 1 << 15;
+// Size bound: the fast path runs on one thread (at::parallel_for is serial in this
+// extension: it is built without -fopenmp, so ATen's OpenMP parallel_for compiles to a
+// plain call here), while the general engine's BLAS GEMMs use torch's threads. Measured
+// on one thread (AMD EPYC, fast vs general, us): 64x64 r8 6.5 vs 19; 256x256 r8 41 vs
+// 66; 512x512 r8 146 vs 195; 1024x512 r8 288 vs 371; 512x512 r32 385 vs 386 (even at
+// 8.4M multiply-adds); 1024x1024 r16 990 vs 890. So the fast path is taken up to
+// kFastMaxMacs = 4M multiply-adds per GEMM (rows * K * r) on one thread, and up to
+// kFastMaxMacs / T on T threads (T capped at 4): the general engine's GEMMs get at most
+// ~T times faster, and BLAS does not split small products across threads anyway.
+constexpr int64_t kFastMaxMacs = int64_t(1) << 22;
+constexpr int64_t kFastMaxThreadDiv = 4;
 // Low-rank workspace up to this many floats is kept per thread between calls (4 MB);
 // larger ones are allocated for the call and freed.
 constexpr int64_t kFastKeepWorkspace = 1 << 20;
 
-// Whether the fast path is on (projection_fast_path_cpu; off: the general engine for
-// every case, for measurements and tests).
-std::atomic<bool> g_fast_on{true};
+// Mode of the fast path (projection_fast_path_cpu): 0 off (the general engine for every
+// case), 1 on (AVX2 kernels where the CPU has them), 2 on with the portable kernels.
+std::atomic<int> g_fast_mode{1};
 
 fast::MatF mat_of(const Tensor& t, bool left) {
   float* p = static_cast<float*>(t.data_ptr());
@@ -789,11 +796,12 @@ fast::MatF mat_of(const Tensor& t, bool left) {
   return left ? m.t() : m;
 }
 
+bool unit_cols(const fast::MatF& a) { return a.cs == 1 || a.cols == 1; }
+bool unit_rows(const fast::MatF& a) { return a.rs == 1 || a.rows == 1; }
+
 // In which directions the moments (oriented, rows x r) can be walked as contiguous runs:
 // bit 0 along the rank (each row contiguous), bit 1 along the rows (each column).
-int run_dirs(const fast::MatF& a) {
-  return ((a.cols == 1 || a.cs == 1) ? 1 : 0) | ((a.rows == 1 || a.rs == 1) ? 2 : 0);
-}
+int run_dirs(const fast::MatF& a) { return (unit_cols(a) ? 1 : 0) | (unit_rows(a) ? 2 : 0); }
 
 // The runs' direction both moments allow: along the rank (by rows) unless only the other
 // works or the runs are longer that way.
@@ -804,7 +812,7 @@ bool runs_by_row(const fast::MatF& m, const fast::MatF& v) {
 
 bool fast_eligible(const Tensor& param, const Tensor& grad, const Tensor& ea, const Tensor& eas,
                    const ProjectorSource& src, bool left, const OptTensor& m_absmax, int64_t seed) {
-  if (!g_fast_on.load(std::memory_order_relaxed) || !fast::blas_available()) return false;
+  if (g_fast_mode.load(std::memory_order_relaxed) == 0) return false;
   if (param.scalar_type() != at::kFloat || grad.scalar_type() != at::kFloat || ea.scalar_type() != at::kFloat ||
       eas.scalar_type() != at::kFloat || seed >= 0 || (m_absmax.has_value() && m_absmax->defined())) {
     return false;
@@ -816,16 +824,20 @@ bool fast_eligible(const Tensor& param, const Tensor& grad, const Tensor& ea, co
   } else {
     return false;
   }
-  if (src.r > kBlasSingleKBlock) return false;
-  if (!fast::blas_operand(mat_of(grad, left)) || !fast::blas_operand(mat_of(param, left))) return false;
+  const int64_t threads = std::min<int64_t>(kFastMaxThreadDiv, std::max(1, at::get_num_threads()));
+  if (param.numel() * src.r > kFastMaxMacs / threads) return false;
+  const fast::MatF g = mat_of(grad, false), w = mat_of(param, false);
+  if (!(unit_cols(g) || unit_rows(g)) || !(unit_cols(w) || unit_rows(w))) return false;
   return (run_dirs(mat_of(ea, left)) & run_dirs(mat_of(eas, left))) != 0;
 }
 
-// A float32 workspace of at least n floats: this thread's kept buffer, or one for the call.
+// A float32 workspace of at least n floats: this thread's kept buffer, or one for the
+// call; take(k) hands out consecutive pieces.
 struct Workspace {
   std::unique_ptr<float[]> own;
   float* p = nullptr;
-  explicit Workspace(int64_t n) {
+  int64_t used = 0, size = 0;
+  explicit Workspace(int64_t n) : size(n) {
     thread_local std::vector<float> kept;
     if (n <= kFastKeepWorkspace) {
       if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
@@ -835,59 +847,82 @@ struct Workspace {
       p = own.get();
     }
   }
+  float* take(int64_t k) {
+    TORCH_INTERNAL_ASSERT(used + k <= size);
+    float* q = p + used;
+    used += k;
+    return q;
+  }
+  // A row-major copy of x.
+  fast::MatF rowmajor(const fast::MatF& x) {
+    fast::MatF y{take(x.rows * x.cols), x.rows, x.cols, x.cols, 1};
+    for (int64_t i = 0; i < x.rows; ++i) {
+      for (int64_t j = 0; j < x.cols; ++j) y.p[i * x.cols + j] = x.p[i * x.rs + j * x.cs];
+    }
+    return y;
+  }
 };
 
 void fast_step(Tensor& param, const Tensor& grad, Tensor& exp_avg, Tensor& exp_avg_sq, const ProjectorSource& src,
                bool left, double beta1, double beta2, double eps, double alpha, double decay) {
+  const bool portable = g_fast_mode.load(std::memory_order_relaxed) == 2;
   const fast::MatF G = mat_of(grad, left), W = mat_of(param, left);
   const fast::MatF M = mat_of(exp_avg, left), V = mat_of(exp_avg_sq, left);
   const int64_t rows = G.rows, K = G.cols, r = src.r;
   const bool by_row = runs_by_row(M, V);
-  // P: the dense projector in place when BLAS takes it, else gathered (r x K, row-major).
+  // R, a row-major R when R is column-major and G row-major, N^T; P, P^T, a row-major P.
+  Workspace ws(3 * rows * r + 3 * r * K);
+  const fast::MatF R = by_row ? fast::MatF{ws.take(rows * r), rows, r, r, 1}
+                              : fast::MatF{ws.take(rows * r), rows, r, 1, rows};
+  // P (r x K): the dense projector in place, or rows idx of the basis (row-major).
   fast::MatF P;
-  bool gather = true;
   if (src.kind == ProjKind::Dense) {
     P = mat_of(src.dense, src.dense_left);
-    gather = !fast::blas_operand(P);
-  }
-  Workspace ws(rows * r + (gather ? r * K : 0));
-  const fast::MatF R = by_row ? fast::MatF{ws.p, rows, r, r, 1} : fast::MatF{ws.p, rows, r, 1, rows};
-  if (gather) {
-    float* out = ws.p + rows * r;
-    if (src.kind == ProjKind::Dense) {
-      for (int64_t a = 0; a < r; ++a) {
-        for (int64_t k = 0; k < K; ++k) out[a * K + k] = P.p[a * P.rs + k * P.cs];
-      }
-    } else {
-      const float* b = static_cast<const float*>(src.basis.const_data_ptr());
-      const int64_t s0 = src.basis.stride(0), s1 = src.basis.stride(1);
-      for (int64_t a = 0; a < r; ++a) {
-        const float* row = b + index_at(src.idx, a) * s0;
-        if (s1 == 1) {
-          std::copy(row, row + K, out + a * K);
-        } else {
-          for (int64_t k = 0; k < K; ++k) out[a * K + k] = row[k * s1];
-        }
+  } else {
+    P = fast::MatF{ws.take(r * K), r, K, K, 1};
+    const float* b = static_cast<const float*>(src.basis.const_data_ptr());
+    const int64_t s0 = src.basis.stride(0), s1 = src.basis.stride(1);
+    for (int64_t a = 0; a < r; ++a) {
+      const float* row = b + index_at(src.idx, a) * s0;
+      if (s1 == 1) {
+        std::copy(row, row + K, P.p + a * K);
+      } else {
+        for (int64_t k = 0; k < K; ++k) P.p[a * K + k] = row[k * s1];
       }
     }
-    P = fast::MatF{out, r, K, K, 1};
   }
 
-  fast::gemm(R, G, P.t(), 1.0f, 0.0f);  // R = G P^T
+  // R = G P^T (as R^T = P G^T for a column-major R over a column-major G).
+  if (unit_cols(R) || !unit_rows(G)) {
+    const fast::MatF PT = unit_cols(P.t()) ? P.t() : ws.rowmajor(P.t());
+    if (unit_cols(R)) {
+      fast::gemm_rows(R, G, PT, 1.0f, 0.0f, portable);
+    } else {  // column-major R, row-major G: through a row-major R
+      const fast::MatF Rr{ws.take(rows * r), rows, r, r, 1};
+      fast::gemm_rows(Rr, G, PT, 1.0f, 0.0f, portable);
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t a = 0; a < r; ++a) R.p[i * R.rs + a * R.cs] = Rr.p[i * r + a];
+      }
+    }
+  } else {
+    fast::gemm_rows(R.t(), P, G.t(), 1.0f, 0.0f, portable);
+  }
 
   const fast::AdamConsts c = fast::adam_consts(beta1, beta2, eps);
   const int64_t outer = by_row ? rows : r, len = by_row ? r : rows;
   // Stride between runs (unused when there is one run: its dimension has size 1).
   const int64_t m_ld = by_row ? M.rs : M.cs, v_ld = by_row ? V.rs : V.cs, r_ld = by_row ? R.rs : R.cs;
-  at::parallel_for(0, outer, std::max<int64_t>(1, kFastEpilogueGrain / std::max<int64_t>(len, 1)),
-                   [&](int64_t o0, int64_t o1) {
-                     for (int64_t o = o0; o < o1; ++o) {
-                       fast::adam_run(M.p + o * m_ld, V.p + o * v_ld, R.p + o * r_ld, len, c);
-                     }
-                   });
+  for (int64_t o = 0; o < outer; ++o) {
+    fast::adam_run(M.p + o * m_ld, V.p + o * v_ld, R.p + o * r_ld, len, c, portable);
+  }
 
-  // W = decay W + alpha N P (N over R).
-  fast::gemm(W, R, P, static_cast<float>(alpha), static_cast<float>(decay));
+  // W = decay W + alpha N P (N over R), or W^T = decay W^T + alpha P^T N^T.
+  const float fa = static_cast<float>(alpha), fd = static_cast<float>(decay);
+  if (unit_cols(W)) {
+    fast::gemm_rows(W, R, unit_cols(P) ? P : ws.rowmajor(P), fa, fd, portable);
+  } else {
+    fast::gemm_rows(W.t(), P.t(), unit_cols(R.t()) ? R.t() : ws.rowmajor(R.t()), fa, fd, portable);
+  }
 }
 
 // The fused step with its weight update given as W <- decay * W + alpha * back(N) (the
@@ -943,13 +978,13 @@ void fused_step(const char* op, Tensor& param, const Tensor& grad, const Tensor&
 }
 
 // Control of the float32 fast path for measurements and tests (not a kernel; no tensors):
-// enable -1 queries, 0 turns it off (the general engine for every case), 1 on. Returns
-// whether it is in effect now (never where the loaded torch exports no BLAS sgemm_).
-bool projection_fast_path_cpu(int64_t enable) {
-  TORCH_CHECK(enable >= -1 && enable <= 1, "projection_fast_path_cpu: enable must be -1 (query), 0 (off) or 1 (on), got ",
-              enable);
-  if (enable >= 0) g_fast_on.store(enable == 1);
-  return g_fast_on.load() && fast::blas_available();
+// mode -1 queries, 0 turns it off (the general engine for every case), 1 on (the AVX2
+// kernels where the CPU has AVX2 and FMA, else the portable ones), 2 on with the portable
+// kernels. Returns the mode in effect before the call.
+int64_t projection_fast_path_cpu(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 2, "projection_fast_path_cpu: mode must be -1 (query), 0 (off), 1 (on) or 2 "
+              "(on, portable kernels), got ", mode);
+  return mode >= 0 ? g_fast_mode.exchange(static_cast<int>(mode)) : g_fast_mode.load();
 }
 
 void projection_project_update_backproject_cpu(Tensor& param, const Tensor& grad, const Tensor& proj,
@@ -1054,7 +1089,7 @@ void projection_foreach_project_update_backproject_cpu(
   "Tensor(d!)? m_absmax=None, Tensor(e!)? v_absmax=None, int block_size=0, int moment_seed=-1"
 
 TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
-  m.def("projection_fast_path_cpu(int enable=-1) -> bool", &lowrank_kernels::projection_fast_path_cpu);
+  m.def("projection_fast_path_cpu(int mode=-1) -> int", &lowrank_kernels::projection_fast_path_cpu);
   m.def("projection_project_cpu(Tensor grad, Tensor proj, str side, " LOWRANK_PROJECTOR_ARGS ") -> Tensor");
   m.def(
       "projection_foreach_project_update_backproject_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor[] projs, "
