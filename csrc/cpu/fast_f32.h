@@ -86,14 +86,16 @@ __attribute__((target("avx2,fma"))) inline void gemm_tile_avx2(int64_t Kk, float
   for (int ii = 0; ii < MR; ++ii) {
     for (int v = 0; v < NV; ++v) acc[ii][v] = _mm256_setzero_ps();
   }
-  for (int64_t p = 0; p < Kk; ++p) {
-    const float* bp = B + p * ldb;
+  const float* bp = B;
+  const float* ap = A;
+  for (int64_t p = 0; p < Kk; ++p, bp += ldb, ap += as1) {
     __m256 bv[NV];
     for (int v = 0; v < NV; ++v) {
       bv[v] = MASK ? _mm256_maskload_ps(bp + 8 * v, v == 0 ? mask0 : mask1) : _mm256_loadu_ps(bp + 8 * v);
     }
-    for (int ii = 0; ii < MR; ++ii) {
-      const __m256 s = _mm256_broadcast_ss(A + ii * as0 + p * as1);
+    const float* a = ap;
+    for (int ii = 0; ii < MR; ++ii, a += as0) {
+      const __m256 s = _mm256_broadcast_ss(a);
       for (int v = 0; v < NV; ++v) acc[ii][v] = _mm256_fmadd_ps(s, bv[v], acc[ii][v]);
     }
   }

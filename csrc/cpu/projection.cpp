@@ -774,12 +774,17 @@ double adam_step_size(double lr, double beta1, double beta2, int64_t step) {
 // Size bound: the fast path runs on one thread (at::parallel_for is serial in this
 // extension: it is built without -fopenmp, so ATen's OpenMP parallel_for compiles to a
 // plain call here), while the general engine's BLAS GEMMs use torch's threads. Measured
-// on one thread (AMD EPYC, fast vs general, us): 64x64 r8 6.5 vs 19; 256x256 r8 41 vs
-// 66; 512x512 r8 146 vs 195; 1024x512 r8 288 vs 371; 512x512 r32 385 vs 386 (even at
-// 8.4M multiply-adds); 1024x1024 r16 990 vs 890. So the fast path is taken up to
-// kFastMaxMacs = 4M multiply-adds per GEMM (rows * K * r) on one thread, and up to
-// kFastMaxMacs / T on T threads (T capped at 4): the general engine's GEMMs get at most
-// ~T times faster, and BLAS does not split small products across threads anyway.
+// (AMD EPYC, 2 cores; fast vs general in us, side right / left):
+//   1 thread:  64x64 r8 6.3 / 5.4 vs 19 / 22; 256x256 r8 39 / 27 vs 62 / 52;
+//              512x512 r8 147 / 105 vs 196 / 160; 1024x512 r8 300 / 229 vs 373 / 292;
+//              512x512 r32 394 / 389 vs 387 / 399 (even at 8.4M multiply-adds);
+//              1024x1024 r16 1045 / 1283 vs 1005 / 1005;
+//   2 threads: 256x256 r8 40 / 27 vs 45 / 46; 256x256 r32 93 / 90 vs 77 / 87;
+//              512x512 r8 147 / 105 vs 117 / 122; 1024x512 r8 288 / 230 vs 207 / 203.
+// So the fast path is taken up to kFastMaxMacs = 4M multiply-adds per GEMM (rows * K * r)
+// on one thread and kFastMaxMacs / T on T threads (2M on two), T capped at 4 (not
+// measured beyond two: BLAS hardly splits small products, and the host-cost stack's
+// largest weight, 172 x 64 x r8 = 88K, stays far below).
 constexpr int64_t kFastMaxMacs = int64_t(1) << 22;
 constexpr int64_t kFastMaxThreadDiv = 4;
 // Low-rank workspace up to this many floats is kept per thread between calls (4 MB);
