@@ -8,6 +8,10 @@
 // the moments are read and written in their own dtype, N is stored in the moments'
 // dtype, computed from the unrounded moments, exactly as the reference.
 //
+// All-float32 contiguous data (the common case) skips ATen entirely: fast::adam_run
+// (csrc/cpu/fast_f32.h) on raw pointers, the reference's operations in its order
+// (m = fma(R, 1-b1, m*b1) as ATen's vectorized add_ with alpha).
+//
 // Moment formats (ops/adam.py): bf16 moments with moment_seed >= 0 are updated with the
 // reference's ATen operations (so the float32 moments are bit-identical to it) and stored
 // with the hashed stochastic rounding (moments8::store_bf16_sr; counters: the flat index,
@@ -19,8 +23,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/fast_f32.h"
 #include "cpu/moments8.h"
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -114,6 +120,20 @@ void adam_update_into(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, cons
                       int64_t seed) {
   const bool f64 = r.scalar_type() == at::kDouble || exp_avg.scalar_type() == at::kDouble;
   const at::ScalarType acc = f64 ? at::kDouble : at::kFloat;
+  if (!m_absmax.defined() && seed < 0 && r.scalar_type() == at::kFloat && exp_avg.scalar_type() == at::kFloat &&
+      exp_avg_sq.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && r.is_contiguous() &&
+      exp_avg.is_contiguous() && exp_avg_sq.is_contiguous() && out.is_contiguous()) {
+    // All float32 and contiguous: raw pointers, no ATen op (each would cost ~1 us against
+    // well under that of arithmetic on a small moment), the reference's operations in its
+    // order (fast::adam_run, as the projection step's fast path), N computed into `out`.
+    const int64_t total = r.numel();
+    const float* rv = static_cast<const float*>(r.const_data_ptr());
+    float* ov = static_cast<float*>(out.data_ptr());
+    if (ov != rv) std::copy(rv, rv + total, ov);
+    fast::adam_run(static_cast<float*>(exp_avg.data_ptr()), static_cast<float*>(exp_avg_sq.data_ptr()), ov, total,
+                   fast::adam_consts(beta1, beta2, eps), /*portable=*/false);
+    return;
+  }
   const Tensor rc = r.to(acc).contiguous();
   if (m_absmax.defined()) {  // 8-bit
     const Tensor r2 = as_rows(rc);

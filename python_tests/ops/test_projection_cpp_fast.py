@@ -1,4 +1,4 @@
-"""The C++ fused step's float32 fast path (csrc/cpu/projection.cpp, "The float32 fast path";
+"""The C++ float32 fast paths: the fused step (csrc/cpu/projection.cpp, "The float32 fast path";
 kernels in csrc/cpu/fast_f32.h): float32 weights, gradients and plain moments with a float32
 dense or DCT projector run on raw pointers with no ATen op at all.
 
@@ -13,7 +13,9 @@ dense or DCT projector run on raw pointers with no ATen op at all.
 - every case it does not take (bf16, 8-bit or stochastically rounded moments, INT4
   projector, strided operands, big weights) runs the general engine, bit for bit as with
   the fast path switched off;
-- the size bound follows the thread count.
+- the size bound follows the thread count;
+- the elementwise Adam op (csrc/cpu/adam.cpp) on contiguous float32 data makes no aten op
+  either and matches the reference.
 """
 import pytest
 import torch
@@ -305,3 +307,31 @@ def test_mode_switch_checks_its_argument():
     with pytest.raises(RuntimeError, match="mode must be -1"):
         OPS.projection_fast_path_cpu(3)
     assert OPS.projection_fast_path_cpu(0) == 1 and OPS.projection_fast_path_cpu() == 0
+
+
+# --------------------------------------------------------------------------- the elementwise Adam op
+def test_adam_update_float32_fast_path():
+    """adam_update_cpu / adam_foreach_update_cpu on contiguous float32 data: no aten op inside
+    the multi-tensor op (the single-tensor one allocates N), the reference's values, for
+    lengths around the 8-lane vectors (tails through the padded copy); a non-contiguous
+    moment still takes the general loop and matches."""
+    from lowrank_kernels.reference import adam as adam_ref
+
+    shapes = [(1,), (7,), (8,), (9,), (3, 5), (17, 31), (64, 8)]
+    rs = [torch.randn(s) for s in shapes]
+    ms = [0.1 * torch.randn(s) for s in shapes]
+    vs = [0.1 * torch.rand(s) for s in shapes]
+    ns = [torch.full(s, float("nan")) for s in shapes]
+    rm, rv = [m.clone() for m in ms], [v.clone() for v in vs]
+    seen = aten_ops_inside(lambda: OPS.adam_foreach_update_cpu(rs, ms, vs, ns, 0.8, 0.95, 1e-6, [], [], 0, []))
+    assert seen == [], seen[:8]
+    for i, r in enumerate(rs):
+        n_ref = adam_ref.adam_update_ref(r, rm[i], rv[i], 0.8, 0.95, 1e-6)
+        assert_matches_backend(ms[i], rm[i], f"exp_avg {shapes[i]}")
+        assert_matches_backend(vs[i], rv[i], f"exp_avg_sq {shapes[i]}")
+        assert_matches_backend(ns[i], n_ref, f"N {shapes[i]}")
+    r, m, v = torch.randn(6, 5), 0.1 * torch.randn(5, 6).T, 0.1 * torch.rand(6, 5)
+    rm, rv = m.clone(), v.clone()
+    n = OPS.adam_update_cpu(r, m, v, 0.8, 0.95, 1e-6)
+    assert_matches_backend(n, adam_ref.adam_update_ref(r, rm, rv, 0.8, 0.95, 1e-6), "N (transposed exp_avg)")
+    assert_matches_backend(m, rm, "exp_avg (transposed)")
