@@ -229,6 +229,23 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+
+def _native_nonfinite_flags(grads):
+    """Whether each CPU gradient of ``grads`` is finite, from the extension's bit test
+    (``lowrank_kernels._C.nonfinite_flags``): True when all are, else a list of bools; None
+    when it cannot answer (no extension, or a gradient that is not a plain contiguous
+    floating CPU tensor), and the ATen probe decides."""
+    from lowrank_kernels.ops._checks import _native_helpers
+
+    native = _native_helpers()
+    if native is None or not hasattr(native, "nonfinite_flags"):
+        return None
+    try:
+        out = native.nonfinite_flags(grads)
+    except ValueError:
+        return None
+    return True if out is None else out
+
 class LowRankOptimizer(Optimizer):
     """Base class of the low-rank AdamW optimizers (see the module docstring).
 
@@ -743,13 +760,26 @@ class LowRankOptimizer(Optimizer):
         raise NotImplementedError
 
     def _finite_flags(self, work) -> List[bool]:
-        """Per entry of ``work``: whether its gradient is finite (one host sync per device)."""
+        """Per entry of ``work``: whether its gradient is finite (one host sync per device).
+
+        Plain contiguous floating CPU gradients (the extension built): one C++ pass over their
+        bits (``lowrank_kernels._C.nonfinite_flags``, no ATen op). Otherwise per device: the
+        largest L2 norm (four ATen ops, one host read), and the exact per-gradient inf-norms
+        only when it is not finite."""
         flags = [True] * len(work)
+        checked = [(i, p.grad) for i, (group, p) in enumerate(work) if group.get("skip_nonfinite", True)]
+        if not checked:
+            return flags
+        ok = _native_nonfinite_flags([g for _, g in checked])
+        if ok is not None:
+            if ok is not True:
+                for (i, _), good in zip(checked, ok):
+                    flags[i] = good
+            return flags
         by_device: Dict[tuple, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
-        for i, (group, p) in enumerate(work):
-            if group.get("skip_nonfinite", True):
-                # DTensor gradients (FSDP2) in their own list: their norms are reduced over the shards.
-                by_device[(p.grad.device, _dist.is_dtensor(p.grad))].append((i, p.grad))
+        for i, g in checked:
+            # DTensor gradients (FSDP2) in their own list: their norms are reduced over the shards.
+            by_device[(g.device, _dist.is_dtensor(g))].append((i, g))
         for (_, is_dtensor), entries in by_device.items():
             grads = [g for _, g in entries]
             if not is_dtensor:
