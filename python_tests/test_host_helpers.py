@@ -203,3 +203,40 @@ def test_eager_caller_takes_the_dispatcher_under_a_mode_or_grad_mode():
         reg._ROUTERS["projection_project_adam"] = real
     n_args = len(torch.ops.lowrank_kernels.projection_project_adam.default._schema.arguments)
     assert calls == [n_args]  # only the no_grad call ran the router directly, with every argument
+
+
+def test_add_one_matches_foreach_add():
+    native = _native()
+    steps = [torch.tensor(float(k)) for k in (0, 7, 2 ** 24 - 2)]
+    want = [t.clone() for t in steps]
+    torch._foreach_add_(want, 1.0)
+    versions = [t._version for t in steps]
+    assert native.add_one_(steps) is True
+    assert all(torch.equal(a, b) for a, b in zip(steps, want))
+    assert [t._version for t in steps] == [v + 1 for v in versions]  # as an in-place op
+    # all or nothing: one entry it cannot take -> nothing written
+    for bad in (torch.tensor(1.0, dtype=torch.float64), torch.zeros(2), torch.tensor(1.0, requires_grad=True),
+                torch.tensor(1.0).as_subclass(_Sub)):
+        before = [t.clone() for t in steps]
+        assert native.add_one_(steps + [bad]) is False
+        assert all(torch.equal(a, b) for a, b in zip(steps, before))
+    with torch.inference_mode():
+        inf_t = torch.tensor(3.0)
+    assert native.add_one_([inf_t]) is False
+
+
+def test_step_counts_under_a_dispatch_mode_take_the_aten_op():
+    """Under a dispatch mode the step counts are incremented by the ATen op the mode sees."""
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(12, 10)) for _ in range(2)]
+    opt = GaLoreAdamW([{"params": ws, "rank": 2, "update_proj_gap": 50}], lr=0.1)
+    for _ in range(2):
+        for w in ws:
+            w.grad = torch.randn(12, 10)
+        opt.step()
+    for w in ws:
+        w.grad = torch.randn(12, 10)
+    with _Ops() as mode:
+        opt.step()
+    assert "aten._foreach_add_" in mode.names
+    assert [float(opt.state[w]["step"]) for w in ws] == [3.0, 3.0]

@@ -8,6 +8,7 @@
 //   tensor_signature, any_overlap   lowrank_kernels/ops/_checks.py (the ops' validation cache)
 //   all_plain                       lowrank_kernels/ops/_registry.py (eager_caller)
 //   nonfinite_flags                 lowrank_kernels/optim/base.py (_finite_flags, CPU gradients)
+//   add_one_                        lowrank_kernels/optim/base.py (_increment_steps: step counts + 1)
 #include <torch/extension.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -198,6 +199,32 @@ py::object nonfinite_flags(const py::sequence& tensors) {
   return out;
 }
 
+// The optimizers' step counts + 1, in place, as torch._foreach_add_(steps, 1.0) does on
+// plain CPU float32 scalars (the state layout of torch.optim.AdamW): each value + 1.0f and
+// its version counter bumped (as an in-place op does), all or nothing. Returns False without
+// writing anything when some entry is not a plain, defined, one-element float32 CPU tensor
+// with a version counter that does not require grad (the caller then runs the ATen op).
+bool add_one_(const py::sequence& tensors) {
+  std::vector<at::Tensor> ts;
+  ts.reserve(py::len(tensors));
+  for (const py::handle& h : tensors) {
+    PyObject* o = h.ptr();
+    if (!THPVariable_CheckExact(o)) return false;
+    const at::Tensor& t = THPVariable_Unpack(o);
+    if (!t.defined() || t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != at::kFloat ||
+        t.numel() != 1 || t.requires_grad() || t.is_inference() || t.is_neg() || t.is_conj()) {
+      return false;
+    }
+    ts.push_back(t);
+  }
+  for (at::Tensor& t : ts) {
+    float* p = t.data_ptr<float>();
+    *p = *p + 1.0f;
+    t.unsafeGetTensorImpl()->bump_version();
+  }
+  return true;
+}
+
 }  // namespace
 
 void register_host_helpers(pybind11::module_& m) {
@@ -210,6 +237,8 @@ void register_host_helpers(pybind11::module_& m) {
         "Whether every tensor among args (and in list / tuple arguments) is a plain Tensor or Parameter.");
   m.def("nonfinite_flags", &nonfinite_flags, pybind11::arg("tensors"),
         "None when every value of the contiguous floating CPU tensors is finite, else one bool per tensor.");
+  m.def("add_one_", &add_one_, pybind11::arg("tensors"),
+        "Step counts + 1 in place (plain one-element float32 CPU tensors, versions bumped); False: nothing done.");
 }
 
 }  // namespace lowrank_kernels

@@ -411,6 +411,14 @@ _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
 
 
+def plain_eager() -> bool:
+    """No ``__torch_dispatch__`` mode (``FakeTensorMode``, functionalization, op-counting
+    modes), no ``__torch_function__`` mode, no functorch transform, and not traced by
+    ``torch.compile``: what runs now is what the dispatcher would run (host-side helpers may
+    then stand in for ATen ops on plain tensors)."""
+    return not (_len_dispatch_stack() or _function_mode_enabled() or _functorch_active() or _is_compiling())
+
+
 def eager_caller(overload) -> Callable:
     """A caller of ``overload`` (an op returned by :func:`define_op`) that, in plain eager
     mode, runs the op's router directly instead of entering the dispatcher first.
@@ -430,8 +438,7 @@ def eager_caller(overload) -> Callable:
     n = len(schema_args)
 
     def call(*args):
-        if (not _grad_enabled() and not _len_dispatch_stack() and not _function_mode_enabled()
-                and not _functorch_active() and not _is_compiling() and _plain_args(args)):
+        if not _grad_enabled() and plain_eager() and _plain_args(args):
             if len(args) < n:
                 args = args + defaults[len(args):]
             return router(*args)

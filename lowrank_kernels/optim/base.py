@@ -230,6 +230,19 @@ def _is_real(x) -> bool:
 
 
 
+def _increment_steps(steps: List[torch.Tensor]) -> None:
+    """``torch._foreach_add_(steps, 1.0)``; in plain eager mode (no tracing or dispatch mode) on
+    plain float32 CPU step counts, the extension's ``add_one_`` does the same (value + 1, version
+    counter bumped) without an ATen op."""
+    from lowrank_kernels.ops._checks import _native_helpers
+    from lowrank_kernels.ops._registry import plain_eager
+
+    native = _native_helpers()
+    if native is not None and hasattr(native, "add_one_") and plain_eager() and native.add_one_(steps):
+        return
+    torch._foreach_add_(steps, 1.0)
+
+
 def _native_nonfinite_flags(grads):
     """Whether each CPU gradient of ``grads`` is finite, from the extension's bit test
     (``lowrank_kernels._C.nonfinite_flags``): True when all are, else a list of bools; None
@@ -523,7 +536,7 @@ class LowRankOptimizer(Optimizer):
             # One op for the bucket's (CPU float32) step counts; exact, as ``+= 1`` per parameter;
             # then their host mirrors, so the next step reads no step tensor.
             steps = [state["step"] for _, state, _, _ in entries]
-            torch._foreach_add_(steps, 1.0)
+            _increment_steps(steps)
             self._remember_steps(steps, [step for _, _, _, step in entries])
         for group in self.param_groups:
             if plain.get(id(group)):
