@@ -536,6 +536,9 @@ def _matrix_shape(t, name, op):
     return t.shape
 
 
+_PLAIN_2D = (torch.Tensor, torch.nn.Parameter)
+
+
 def _op_args(entry, proj, side, mat, name, op):
     m, n = _matrix_shape(mat, name, op)
     C.check_side(side, op)
@@ -717,7 +720,18 @@ def foreach_project_update_backproject_(
         entry = _structured(projs[0], op)
         C.fail_type(entry is not None and entry["op_args"] is not None, op,
                     lambda: f"{type(projs[0]).__name__} does not map onto the projection ops' projector arguments")
-        args = [_op_args(entry, p, side, w, "params", op) for p, w in zip(projs, params)]
+        args = None
+        if side in ("left", "right") and all(type(w) in _PLAIN_2D for w in params):
+            # Plain tensors: the projector arguments without the per-parameter checks of
+            # _op_args (the op's validator checks every parameter); on any failure the
+            # checked path below raises its error.
+            op_args = entry["op_args"]
+            try:
+                args = [op_args(p, side, *w.shape, op) for p, w in zip(projs, params)]
+            except Exception:  # noqa: BLE001 - re-run with the checks for the exact error
+                args = None
+        if args is None:
+            args = [_op_args(entry, p, side, w, "params", op) for p, w in zip(projs, params)]
         dense = [a[0] for a in args]
         idx, qs, qm, rk, gs = zip(*[a[1:] for a in args])
         C.fail_value(len(set(gs)) == 1, op, lambda: f"projs must share one group_size, got {sorted(set(gs))}")
