@@ -13,6 +13,7 @@ are the same either way.
 """
 from __future__ import annotations
 
+import array
 import bisect
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -348,42 +349,76 @@ def is_8bit(m_absmax, v_absmax) -> bool:
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def tensor_signature(*lists) -> Optional[tuple]:
+_NATIVE_UNSET = object()
+_native = _NATIVE_UNSET
+
+
+def _native_helpers():
+    """The extension module ``lowrank_kernels._C`` when it is built and exports the validation
+    cache's helpers (csrc/python/signature.cpp), else None (the Python versions run)."""
+    global _native
+    if _native is _NATIVE_UNSET:
+        from lowrank_kernels import _ext
+
+        mod = None
+        if _ext.load():
+            import importlib
+
+            mod = importlib.import_module("lowrank_kernels._C")
+            if not hasattr(mod, "tensor_signature") or not hasattr(mod, "any_overlap"):
+                mod = None
+        _native = mod
+    return _native
+
+
+def tensor_signature(*lists) -> Optional[object]:
     """A hashable description of every tensor in ``lists`` (lists of tensors, kept apart): per tensor its
     data pointer, shape, strides, dtype and device, i.e. everything a validator's shape, dtype,
     device, layout and aliasing checks read, but not its values. None when some entry is not a
-    plain ``torch.Tensor`` / ``Parameter`` (FakeTensor, DTensor, other subclasses: never cached).
+    plain strided ``torch.Tensor`` / ``Parameter`` (FakeTensor, DTensor, other subclasses,
+    sparse layouts: never cached).
 
     Two calls with equal signatures pass or fail those checks alike, which lets a validator's
-    outcome be cached (see ``define_op(cache_key=...)`` in ``_registry``).
+    outcome be cached (see ``define_op(cache_key=...)`` in ``_registry``). With the C++
+    extension the signature is one ``bytes`` object (an exact, prefix-free encoding of the same
+    fields, computed in C++: a step validates lists of dozens of tensors), else a tuple.
     """
+    native = _native_helpers()
+    if native is not None:
+        return native.tensor_signature(lists, True)
+    return _py_signature(lists, True)
+
+
+def layout_signature(*lists) -> Optional[object]:
+    """:func:`tensor_signature` without the data pointers: for tensors a validator only reads
+    and whose memory is checked apart on every call (:class:`SpanIndex`), such as gradients,
+    which are new tensors at every step unless kept between steps."""
+    native = _native_helpers()
+    if native is not None:
+        return native.tensor_signature(lists, False)
+    return _py_signature(lists, False)
+
+
+def _py_signature(lists, with_ptr: bool) -> Optional[tuple]:
+    """The Python version of the signatures (without the extension)."""
     out = []
     try:
         for xs in lists:
             one = []
             for t in xs:
-                if type(t) not in _PLAIN_TENSOR_TYPES:
+                if type(t) not in _PLAIN_TENSOR_TYPES or t.layout != torch.strided:
                     return None
-                one.append((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device))
+                if with_ptr:
+                    one.append((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device))
+                else:
+                    one.append((t.shape, t.stride(), t.dtype, t.device))
             out.append(tuple(one))  # per list: which list a tensor is in matters
-    except RuntimeError:  # no storage (sparse and other layouts): not cached
+    except RuntimeError:  # no storage: not cached
         return None
     return tuple(out)
 
 
-def layout_signature(*lists) -> Optional[tuple]:
-    """:func:`tensor_signature` without the data pointers: for tensors a validator only reads
-    and whose memory is checked apart on every call (:class:`SpanIndex`), such as gradients,
-    which are new tensors at every step unless kept between steps."""
-    out = []
-    for xs in lists:
-        one = []
-        for t in xs:
-            if type(t) not in _PLAIN_TENSOR_TYPES or t.layout != torch.strided:
-                return None
-            one.append((t.shape, t.stride(), t.dtype, t.device))
-        out.append(tuple(one))
-    return tuple(out)
+_EMPTY_ARRAYS = (array.array("q"), array.array("q"))
 
 
 class SpanIndex:
@@ -408,6 +443,23 @@ class SpanIndex:
                     los.append(lo)
                     his.append(hi)
             self._index[dev] = (los, his)
+        self._arrays = {dev: (array.array("q", los), array.array("q", his)) for dev, (los, his) in self._index.items()}
+
+    def any_overlap(self, tensors) -> bool:
+        """Whether one of ``tensors`` (None entries are skipped) meets a span of the index: in
+        one C++ call with the extension when they are plain tensors on one device, else
+        :meth:`overlaps` per tensor."""
+        tensors = [t for t in tensors if t is not None]
+        if not tensors:
+            return False
+        native = _native_helpers()
+        if native is not None and isinstance(tensors[0], torch.Tensor):
+            dev = tensors[0].device
+            arrays = self._arrays.get(dev, _EMPTY_ARRAYS)
+            answer = native.any_overlap(tensors, arrays[0], arrays[1], str(dev))
+            if answer >= 0:
+                return bool(answer)
+        return any(self.overlaps(t) for t in tensors)
 
     def overlaps(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s memory span meets a span of the index (on the same device)."""

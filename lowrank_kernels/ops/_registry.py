@@ -364,6 +364,7 @@ def define_op(
         return op.triton_fn()(*args)
 
     _lib.impl(name, router, "CompositeExplicitAutograd")
+    _ROUTERS[name] = router
 
     def fake_impl(*args):
         if validate is not None:
@@ -376,6 +377,76 @@ def define_op(
     if has_cpp:
         _cpp_fakes.append((op, fake_impl))
     return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+_ROUTERS: Dict[str, Callable] = {}
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_args(args) -> bool:
+    """Whether every tensor in ``args`` (and in its tensor lists) is a plain ``Tensor`` or
+    ``Parameter`` (no subclass: DTensor and other ``__torch_dispatch__`` types need the dispatcher);
+    in one C++ call with the extension (``lowrank_kernels._C.all_plain``)."""
+    from ._checks import _native_helpers
+
+    native = _native_helpers()
+    if native is not None and hasattr(native, "all_plain"):
+        return native.all_plain(args)
+    plain = _PLAIN_TYPES
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in plain:
+                return False
+        elif type(a) is list or type(a) is tuple:
+            for t in a:
+                if type(t) not in plain and isinstance(t, torch.Tensor):
+                    return False
+    return True
+
+
+_len_dispatch_stack = torch._C._len_torch_dispatch_stack
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+
+
+def plain_eager() -> bool:
+    """No ``__torch_dispatch__`` mode (``FakeTensorMode``, functionalization, op-counting
+    modes), no ``__torch_function__`` mode, no functorch transform, and not traced by
+    ``torch.compile``: what runs now is what the dispatcher would run (host-side helpers may
+    then stand in for ATen ops on plain tensors)."""
+    return not (_len_dispatch_stack() or _function_mode_enabled() or _functorch_active() or _is_compiling())
+
+
+def eager_caller(overload) -> Callable:
+    """A caller of ``overload`` (an op returned by :func:`define_op`) that, in plain eager
+    mode, runs the op's router directly instead of entering the dispatcher first.
+
+    Plain eager mode: grad mode off (optimizer steps run under ``torch.no_grad``), no
+    ``__torch_dispatch__`` mode (``FakeTensorMode``, functionalization, op-counting modes), no
+    ``__torch_function__`` mode, no functorch transform, not traced by ``torch.compile``, and
+    every tensor argument a plain ``Tensor`` / ``Parameter``. There the dispatcher would only
+    call the router (the op's ``CompositeExplicitAutograd`` kernel) with the same arguments
+    (omitted trailing arguments take the schema's defaults, as the dispatcher fills them), so
+    the result and the validation are the same; one Python -> C++ -> Python round trip with
+    every tensor list converted twice is saved. Anything else goes through ``overload``.
+    """
+    router = _ROUTERS[overload._schema.name.split("::", 1)[1]]
+    schema_args = overload._schema.arguments
+    defaults = tuple(a.default_value for a in schema_args)
+    n = len(schema_args)
+
+    def call(*args):
+        if not _grad_enabled() and plain_eager() and _plain_args(args):
+            if len(args) < n:
+                args = args + defaults[len(args):]
+            return router(*args)
+        return overload(*args)
+
+    call.__name__ = call.__qualname__ = overload._schema.name.split("::", 1)[1]
+    call.__doc__ = f"Calls ``{overload._schema.name}`` (see :func:`~lowrank_kernels.ops._registry.eager_caller`)."
+    return call
 
 
 #: validated keys remembered per op; the table is emptied when full (a new working set refills it).

@@ -33,7 +33,7 @@ import torch
 from lowrank_kernels.reference import adam as ref
 
 from . import _checks as C
-from ._registry import define_op, fake_no_output
+from ._registry import define_op, eager_caller, fake_no_output
 from lowrank_kernels.reference.projection import moment_tail, n_dtype
 
 from .projection import _MOMENT_ARGS, _check_hyper, foreach_moment_args, moment_op_args
@@ -85,8 +85,8 @@ def adam_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=1e-8, m_
     """
     hyper = (float(beta1), float(beta2), float(eps))
     if m_absmax is None and v_absmax is None and (moment_seed is None or moment_seed < 0):
-        return adam_update_op(r, exp_avg, exp_avg_sq, *hyper)
-    return adam_update_op(r, exp_avg, exp_avg_sq, *hyper, *moment_op_args(m_absmax, v_absmax, block_size, moment_seed))
+        return _eager_adam_update_op(r, exp_avg, exp_avg_sq, *hyper)
+    return _eager_adam_update_op(r, exp_avg, exp_avg_sq, *hyper, *moment_op_args(m_absmax, v_absmax, block_size, moment_seed))
 
 
 def moments8_zeros(shape, device="cpu", block_size=256) -> dict:
@@ -168,6 +168,11 @@ def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=
     out = [(torch.empty_like(m, dtype=n_dtype(m), memory_format=torch.contiguous_format) if _is_subclass(m)
             else torch.empty(m.shape, dtype=n_dtype(m), device=m.device)) if isinstance(m, torch.Tensor) else m
            for m in exp_avg]
-    foreach_update_op(list(r), exp_avg, list(exp_avg_sq), out, float(beta1), float(beta2), float(eps),
+    _eager_foreach_update_op(list(r), exp_avg, list(exp_avg_sq), out, float(beta1), float(beta2), float(eps),
                       *foreach_moment_args("adam_foreach_update_", m_absmax, v_absmax, block_size, moment_seed))
     return out
+
+
+# Eager callers of the ops (see _registry.eager_caller).
+_eager_adam_update_op = eager_caller(adam_update_op)
+_eager_foreach_update_op = eager_caller(foreach_update_op)

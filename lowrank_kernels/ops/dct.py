@@ -58,6 +58,12 @@ def dct_basis(size: int, dtype: torch.dtype = torch.float32, device=None) -> tor
     to ``dtype`` on ``device``; cached per ``(size, dtype, device)``, so every layer of
     one size shares one tensor. The returned tensor is the cached one: do not modify it.
     """
+    if type(size) is int and type(device) is torch.device and (device.type == "cpu" or device.index is not None):
+        # A hit on an already normalized key (an optimizer asks once per parameter per step):
+        # only valid arguments were ever stored.
+        basis = _BASIS_CACHE.get((size, dtype, device))
+        if basis is not None:
+            return basis
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"dct_basis: size must be a positive int, got {size!r}")
     if not isinstance(dtype, torch.dtype) or dtype not in C.FLOAT_DTYPES:

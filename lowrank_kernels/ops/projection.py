@@ -65,7 +65,7 @@ import torch
 from lowrank_kernels.reference import projection as ref
 
 from . import _checks as C
-from ._registry import define_op, fake_no_output
+from ._registry import define_op, eager_caller, fake_no_output
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -461,8 +461,8 @@ def _foreach_recheck(
     its exact error."""
     ok = 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and eps >= 0.0
     ok = ok and all(t >= 1 for t in step) and all(x >= 0.0 for x in lr)
-    ok = ok and not any(written.overlaps(g) for g in grads)
-    ok = ok and not any(written.overlaps(t) for t in (skip, coeffs) if t is not None)
+    ok = ok and not written.any_overlap(grads)
+    ok = ok and not written.any_overlap((skip, coeffs))
     if not ok:
         validate_foreach_project_update_backproject(
             params, grads, projs, exp_avgs, exp_avg_sqs, side, lr, beta1, beta2, eps, step, weight_decay, scale,
@@ -536,6 +536,9 @@ def _matrix_shape(t, name, op):
     return t.shape
 
 
+_PLAIN_2D = (torch.Tensor, torch.nn.Parameter)
+
+
 def _op_args(entry, proj, side, mat, name, op):
     m, n = _matrix_shape(mat, name, op)
     C.check_side(side, op)
@@ -552,11 +555,11 @@ def project(grad, proj, *, side):
     """
     entry = _structured(proj, "project")
     if entry is None:
-        return project_op(grad, proj, side)
+        return _eager_project_op(grad, proj, side)
     if entry["op_args"] is None:
         raise TypeError(f"project: {type(proj).__name__} does not map onto the projection ops' projector arguments")
     p, *tail = _op_args(entry, proj, side, grad, "grad", "project")
-    return project_op(grad, p, side, *tail)
+    return _eager_project_op(grad, p, side, *tail)
 
 
 def moment_op_args(m_absmax, v_absmax, block_size, moment_seed) -> tuple:
@@ -593,13 +596,13 @@ def project_adam_(grad, proj, exp_avg, exp_avg_sq, *, side, beta1=0.9, beta2=0.9
     mom = moment_op_args(m_absmax, v_absmax, block_size, moment_seed)
     if entry is None:
         if _plain_moments(m_absmax, v_absmax, moment_seed):
-            return project_adam_op(grad, proj, exp_avg, exp_avg_sq, *hyper)
-        return project_adam_op(grad, proj, exp_avg, exp_avg_sq, *hyper, *_DENSE_TAIL, *mom)
+            return _eager_project_adam_op(grad, proj, exp_avg, exp_avg_sq, *hyper)
+        return _eager_project_adam_op(grad, proj, exp_avg, exp_avg_sq, *hyper, *_DENSE_TAIL, *mom)
     if entry["op_args"] is None:
         _no_custom_moments(proj, m_absmax, v_absmax, moment_seed, "project_adam_")
         return entry["project_adam_"](grad, proj, exp_avg, exp_avg_sq, side=side, beta1=beta1, beta2=beta2, eps=eps)
     p, *tail = _op_args(entry, proj, side, grad, "grad", "project_adam_")
-    return project_adam_op(grad, p, exp_avg, exp_avg_sq, *hyper, *tail, *mom)
+    return _eager_project_adam_op(grad, p, exp_avg, exp_avg_sq, *hyper, *tail, *mom)
 
 
 def _no_custom_moments(proj, m_absmax, v_absmax, moment_seed, fn):
@@ -622,16 +625,16 @@ def backproject_apply_(param, update, proj, *, side, alpha, decay=1.0, row_decay
     rows = () if row_decay is None and row_alpha is None else (row_decay, row_alpha)
     if entry is None:
         if rows:
-            backproject_apply_op(param, update, proj, side, float(alpha), float(decay), *_DENSE_TAIL, *rows)
+            _eager_backproject_apply_op(param, update, proj, side, float(alpha), float(decay), *_DENSE_TAIL, *rows)
         else:
-            backproject_apply_op(param, update, proj, side, float(alpha), float(decay))
+            _eager_backproject_apply_op(param, update, proj, side, float(alpha), float(decay))
         return
     if entry["op_args"] is None:
         if rows:
             raise TypeError(f"backproject_apply_: row_decay / row_alpha are not supported for {type(proj).__name__}")
         return entry["backproject_apply_"](param, update, proj, side=side, alpha=alpha, decay=decay)
     p, *tail = _op_args(entry, proj, side, param, "param", "backproject_apply_")
-    backproject_apply_op(param, update, p, side, float(alpha), float(decay), *tail, *rows)
+    _eager_backproject_apply_op(param, update, p, side, float(alpha), float(decay), *tail, *rows)
 
 
 def project_update_backproject_(
@@ -651,9 +654,9 @@ def project_update_backproject_(
     mom = moment_op_args(m_absmax, v_absmax, block_size, moment_seed)
     if entry is None:
         if _plain_moments(m_absmax, v_absmax, moment_seed):
-            project_update_backproject_op(param, grad, proj, exp_avg, exp_avg_sq, *hyper)
+            _eager_project_update_backproject_op(param, grad, proj, exp_avg, exp_avg_sq, *hyper)
         else:
-            project_update_backproject_op(param, grad, proj, exp_avg, exp_avg_sq, *hyper, *_DENSE_TAIL, *mom)
+            _eager_project_update_backproject_op(param, grad, proj, exp_avg, exp_avg_sq, *hyper, *_DENSE_TAIL, *mom)
         return
     if entry["op_args"] is None:
         _no_custom_moments(proj, m_absmax, v_absmax, moment_seed, "project_update_backproject_")
@@ -662,7 +665,7 @@ def project_update_backproject_(
             step=step, weight_decay=weight_decay, scale=scale,
         )
     p, *tail = _op_args(entry, proj, side, param, "param", "project_update_backproject_")
-    project_update_backproject_op(param, grad, p, exp_avg, exp_avg_sq, *hyper, *tail, *mom)
+    _eager_project_update_backproject_op(param, grad, p, exp_avg, exp_avg_sq, *hyper, *tail, *mom)
 
 
 def foreach_project_update_backproject_(
@@ -717,7 +720,18 @@ def foreach_project_update_backproject_(
         entry = _structured(projs[0], op)
         C.fail_type(entry is not None and entry["op_args"] is not None, op,
                     lambda: f"{type(projs[0]).__name__} does not map onto the projection ops' projector arguments")
-        args = [_op_args(entry, p, side, w, "params", op) for p, w in zip(projs, params)]
+        args = None
+        if side in ("left", "right") and all(type(w) in _PLAIN_2D for w in params):
+            # Plain tensors: the projector arguments without the per-parameter checks of
+            # _op_args (the op's validator checks every parameter); on any failure the
+            # checked path below raises its error.
+            op_args = entry["op_args"]
+            try:
+                args = [op_args(p, side, *w.shape, op) for p, w in zip(projs, params)]
+            except Exception:  # noqa: BLE001 - re-run with the checks for the exact error
+                args = None
+        if args is None:
+            args = [_op_args(entry, p, side, w, "params", op) for p, w in zip(projs, params)]
         dense = [a[0] for a in args]
         idx, qs, qm, rk, gs = zip(*[a[1:] for a in args])
         C.fail_value(len(set(gs)) == 1, op, lambda: f"projs must share one group_size, got {sorted(set(gs))}")
@@ -725,7 +739,7 @@ def foreach_project_update_backproject_(
             [] if idx[0] is None else list(idx), [] if qs[0] is None else list(qs),
             [] if qm[0] is None else list(qm), list(rk), gs[0],
         )
-    foreach_project_update_backproject_op(
+    _eager_foreach_project_update_backproject_op(
         list(params), list(grads), dense, list(exp_avgs), list(exp_avg_sqs), side, lr_l, float(beta1), float(beta2),
         float(eps), step_l, wd_l, sc_l, *tail, *foreach_moment_args(op, m_absmax, v_absmax, block_size, moment_seed),
         *(() if skip is None and coeffs is None else (skip, coeffs)),
@@ -744,3 +758,11 @@ def foreach_moment_args(op, m_absmax, v_absmax, block_size, moment_seed) -> tupl
     seeds = [-1 if x is None else x for x in as_list("moment_seed", moment_seed)]
     eight = m_absmax is not None or v_absmax is not None
     return ma, va, (block_size if eight else 0), seeds
+
+
+# Eager callers of the ops (see _registry.eager_caller): the public functions above call these.
+_eager_project_op = eager_caller(project_op)
+_eager_project_adam_op = eager_caller(project_adam_op)
+_eager_backproject_apply_op = eager_caller(backproject_apply_op)
+_eager_project_update_backproject_op = eager_caller(project_update_backproject_op)
+_eager_foreach_project_update_backproject_op = eager_caller(foreach_project_update_backproject_op)

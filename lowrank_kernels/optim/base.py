@@ -229,6 +229,36 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+
+def _increment_steps(steps: List[torch.Tensor]) -> None:
+    """``torch._foreach_add_(steps, 1.0)``; in plain eager mode (no tracing or dispatch mode) on
+    plain float32 CPU step counts, the extension's ``add_one_`` does the same (value + 1, version
+    counter bumped) without an ATen op."""
+    from lowrank_kernels.ops._checks import _native_helpers
+    from lowrank_kernels.ops._registry import plain_eager
+
+    native = _native_helpers()
+    if native is not None and hasattr(native, "add_one_") and plain_eager() and native.add_one_(steps):
+        return
+    torch._foreach_add_(steps, 1.0)
+
+
+def _native_nonfinite_flags(grads):
+    """Whether each CPU gradient of ``grads`` is finite, from the extension's bit test
+    (``lowrank_kernels._C.nonfinite_flags``): True when all are, else a list of bools; None
+    when it cannot answer (no extension, or a gradient that is not a plain contiguous
+    floating CPU tensor), and the ATen probe decides."""
+    from lowrank_kernels.ops._checks import _native_helpers
+
+    native = _native_helpers()
+    if native is None or not hasattr(native, "nonfinite_flags"):
+        return None
+    try:
+        out = native.nonfinite_flags(grads)
+    except ValueError:
+        return None
+    return True if out is None else out
+
 class LowRankOptimizer(Optimizer):
     """Base class of the low-rank AdamW optimizers (see the module docstring).
 
@@ -463,6 +493,8 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # A new serial per step: per-step memos (see _group_token) start afresh.
+        self.__dict__["_step_serial"] = self.__dict__.get("_step_serial", 0) + 1
         work: List[Tuple[Dict[str, Any], torch.Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -506,7 +538,7 @@ class LowRankOptimizer(Optimizer):
             # One op for the bucket's (CPU float32) step counts; exact, as ``+= 1`` per parameter;
             # then their host mirrors, so the next step reads no step tensor.
             steps = [state["step"] for _, state, _, _ in entries]
-            torch._foreach_add_(steps, 1.0)
+            _increment_steps(steps)
             self._remember_steps(steps, [step for _, _, _, step in entries])
         for group in self.param_groups:
             if plain.get(id(group)):
@@ -716,8 +748,60 @@ class LowRankOptimizer(Optimizer):
         step = self._host_int(state["step"]) + 1
         if self._should_refresh(p, state, group, step):
             return None
-        key = self._bucket_key(p, state, group)
+        key = self._cached_bucket_key(p, state, group)
         return None if key is None else (key, step, state)
+
+    def _cached_bucket_key(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> Optional[tuple]:
+        """:meth:`_bucket_key`, remembered per parameter while nothing it may read has changed.
+
+        A remembered key is reused only when ``p`` has the same dtype and device, its state is
+        the same dict holding the very same objects (identity, in order: a refresh, a reset,
+        ``load_state_dict`` or a format change stores new ones), the ``side`` tensor's version
+        counter has not moved, and its group holds the same objects under every key but
+        ``lr`` (which no key reads; schedulers replace it every step). Anything else computes
+        the key again. Bookkeeping only: the key is the same either way."""
+        cache = self.__dict__.get("_bucket_key_cache")
+        if cache is None:
+            cache = self.__dict__["_bucket_key_cache"] = {}
+        gtok = self._group_token(group)
+        side = state.get("side")
+        side_v = side._version if isinstance(side, torch.Tensor) else None
+        rec = cache.get(id(p))
+        if (rec is not None and rec[0] is p and rec[1] is state and rec[2] is gtok and rec[4] == side_v
+                and rec[5] is p.dtype and rec[6] == p.device and len(rec[3]) == len(state)):
+            for a, b in zip(rec[3], state.values()):
+                if a is not b:
+                    break
+            else:
+                return rec[7]
+        key = self._bucket_key(p, state, group)
+        if len(cache) > 2 * len(self._param_index) + 64:  # parameters no longer here
+            cache.clear()
+        cache[id(p)] = (p, state, gtok, tuple(state.values()), side_v, p.dtype, p.device, key)
+        return key
+
+    def _group_token(self, group: Dict[str, Any]) -> tuple:
+        """An object standing for ``group``'s values (all but ``lr``) as they are now: the same
+        object as long as every value is the same object, a new one after any change."""
+        memo = self.__dict__.get("_group_tokens")
+        if memo is None:
+            memo = self.__dict__["_group_tokens"] = {}
+        serial = self.__dict__.get("_step_serial", 0)
+        old = memo.get(id(group))
+        if old is not None and old[0] is group and old[2] == serial:
+            return old[1]  # looked at already in this step (nothing runs in between)
+        values = tuple(v for k, v in group.items() if k != "lr")
+        if old is not None and old[0] is group and len(old[1]) == len(values):
+            for a, b in zip(old[1], values):
+                if a is not b:
+                    break
+            else:
+                memo[id(group)] = (group, old[1], serial)
+                return old[1]
+        if len(memo) > 4 * len(self.param_groups) + 16:
+            memo.clear()
+        memo[id(group)] = (group, values, serial)
+        return values
 
     def _bucket_key(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> Optional[tuple]:
         """The bucket of a parameter that takes the plain fused step: parameters with equal
@@ -743,13 +827,26 @@ class LowRankOptimizer(Optimizer):
         raise NotImplementedError
 
     def _finite_flags(self, work) -> List[bool]:
-        """Per entry of ``work``: whether its gradient is finite (one host sync per device)."""
+        """Per entry of ``work``: whether its gradient is finite (one host sync per device).
+
+        Plain contiguous floating CPU gradients (the extension built): one C++ pass over their
+        bits (``lowrank_kernels._C.nonfinite_flags``, no ATen op). Otherwise per device: the
+        largest L2 norm (four ATen ops, one host read), and the exact per-gradient inf-norms
+        only when it is not finite."""
         flags = [True] * len(work)
+        checked = [(i, p.grad) for i, (group, p) in enumerate(work) if group.get("skip_nonfinite", True)]
+        if not checked:
+            return flags
+        ok = _native_nonfinite_flags([g for _, g in checked])
+        if ok is not None:
+            if ok is not True:
+                for (i, _), good in zip(checked, ok):
+                    flags[i] = good
+            return flags
         by_device: Dict[tuple, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
-        for i, (group, p) in enumerate(work):
-            if group.get("skip_nonfinite", True):
-                # DTensor gradients (FSDP2) in their own list: their norms are reduced over the shards.
-                by_device[(p.grad.device, _dist.is_dtensor(p.grad))].append((i, p.grad))
+        for i, g in checked:
+            # DTensor gradients (FSDP2) in their own list: their norms are reduced over the shards.
+            by_device[(g.device, _dist.is_dtensor(g))].append((i, g))
         for (_, is_dtensor), entries in by_device.items():
             grads = [g for _, g in entries]
             if not is_dtensor:
