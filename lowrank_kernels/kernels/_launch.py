@@ -37,6 +37,11 @@ Everything a launcher decides besides its kernel's arguments lives here, once:
   ``torch.distributed`` is initialized, every rank launches rank 0's choice (the chosen
   candidate index is broadcast), so ranks never sum in different orders.
 
+* **Grouped launches** (the multi-tensor ops' kernels, one launch for a list of problems):
+  :func:`grouped_tile` (one tile per launch, the table's choice for the list's largest
+  problem, from the ``*_grouped`` tables) and :func:`launch_grouped` (EVEN_K for every
+  problem; no runtime autotuning).
+
 * **Compile capture**: :func:`capture` records launches instead of running them; the
   compile check uses it to compile exactly the specializations the launchers produce.
 """
@@ -204,6 +209,16 @@ _PROJECT_Q8 = {
 _PROJECT_SR = dict(_PROJECT)
 _PROJECT_SR[("int4", True)] = _same(Tile(32, 64, 32, 8, 2))
 _PROJECT_SR[("dct", True)] = _same(Tile(32, 64, 32, 8, 2))
+# The grouped back-projection (one launch for a list): the back-projection table, except
+# for float32 operands, where the registers the grouped kernel keeps for its problem's
+# addresses and strides make the single kernel's tiles spill on sm_80 (compile check): a
+# dense projector takes 64 x 64 x 32 with 2 stages in every bucket (128 x 64: 48 bytes,
+# 64 x 64 with 3 stages: 40 bytes with a transposed gradient), a DCT projector 64 x 32
+# (64 x 64 x 32: 156 bytes, left side, where the single kernel's spills 120 bytes too,
+# python -m lowrank_kernels.compile_check --subset full; 32 x 64: 32 bytes, right side).
+_BACKPROJECT_GROUPED = dict(_BACKPROJECT)
+_BACKPROJECT_GROUPED[("dense", True)] = _same(Tile(64, 64, 32, 8, 2))
+_BACKPROJECT_GROUPED[("dct", True)] = _same(Tile(64, 32, 32, 8, 2))
 _DCT_GEMM = {
     ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
     ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
@@ -227,9 +242,11 @@ for _arch in TABLE_ARCHS:
     # The grouped (multi-tensor) kernels of the projection family launch one tile for a whole
     # list (:func:`grouped_tile`): the single kernels' tables, under their own names so the
     # compile check compiles every default tile of them too and they can be tuned apart.
-    for _k in ("project", "backproject", "project_q8", "project_sr"):
+    for _k in ("project", "project_q8", "project_sr"):
         TABLES[(_k + "_grouped", _arch)] = TABLES[(_k, _arch)]
         EXTRAS[(_k + "_grouped", _arch)] = []
+    TABLES[("backproject_grouped", _arch)] = _BACKPROJECT_GROUPED
+    EXTRAS[("backproject_grouped", _arch)] = []
 FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P,
              "project_grouped": _P, "backproject_grouped": _P, "project_q8_grouped": _P, "project_sr_grouped": _P}
 MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
@@ -273,7 +290,8 @@ def q8_tile(tile: Tile, qblock: int) -> Tile:
 def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, op_bytes: Sequence[int],
                   side: str = "right", mode: int = 0, qblock: int = 0) -> Tile:
     """The tile ``kernel`` (``"project"``, ``"backproject"``, ``"dct_gemm"``, or the project
-    kernel's 8-bit / stochastic-rounding forms ``"project_q8"`` / ``"project_sr"``) launches with.
+    kernel's 8-bit / stochastic-rounding forms ``"project_q8"`` / ``"project_sr"``; each
+    projection name + ``"_grouped"`` for the grouped kernels) launches with.
 
     A pure function of (arch, the pipelined operands' storage bytes, side, projector mode,
     shape bucket of ``M x N``): no timing, so every process and rank chooses the same.

@@ -41,6 +41,16 @@ values, reduces the new absmax of each block row in registers and requantizes by
 float32 moment tensor is written to memory. A block holding a NaN or an infinity gets
 absmax NaN and the zero code.
 
+Multi-tensor form (issue 12): ``_projection_project_adam_grouped_kernel`` and
+``_projection_backproject_apply_grouped_kernel`` run the two kernels above over a whole list
+of parameters of any shapes, one launch each (see "grouped kernels" below: one int64 table
+of addresses / shapes / strides / per-parameter scalars, one program per tile of any
+problem found by a binary search over the host-built tile starts, the tile computed by the
+single kernels' code, :func:`_project_adam_tile` / :func:`_backproject_apply_tile`); the
+launcher :func:`projection_foreach_project_update_backproject_triton` splits a list that
+mixes dtypes or moment formats into uniform sub-lists. One tile config per grouped launch
+(the table's tile of the largest problem; ``*_grouped`` tables in kernels/_launch.py).
+
 Projector modes. ``_load_proj_tile`` is the one place that turns (rank index, dim
 index) into projector values, selected by the constexpr ``PROJ_MODE``: 0 dense, 1 a
 packed INT4 projector dequantized in the tile load (lowrank_kernels/kernels/quant.py),
@@ -641,28 +651,28 @@ _F_K2 = tl.constexpr(30)
 _F_IDX = tl.constexpr(31)  # the problem's index in the op's lists (row of skip / coeffs)
 _NF = tl.constexpr(32)
 
-# UNIT bits of the grouped kernels: the stride is 1 in every problem of the launch, so the
-# kernel uses the constant (vectorized, coalesced loads along it, as the single kernels get
-# from Triton's specialization of integer arguments equal to 1).
-_U_G0, _U_G1, _U_PR, _U_PD, _U_M0, _U_M1, _U_V0, _U_V1, _U_W0, _U_W1 = (1 << i for i in range(10))
-_UNIT_FIELDS = ((_U_G0, 15), (_U_G1, 16), (_U_PR, 17), (_U_PD, 18), (_U_M0, 19), (_U_M1, 20), (_U_V0, 21),
-                (_U_V1, 22), (_U_W0, 23), (_U_W1, 24))
+# UNIT (constexpr) of the grouped kernels: bit ``1 << j`` set when stride field ``_F_G0 + j``
+# (gradient, projector, moments, parameter strides, in field order) is 1 in every problem of
+# the launch, so the kernel uses the constant (vectorized, coalesced loads along it, as the
+# single kernels get from Triton's specialization of integer arguments equal to 1).
+_UNIT_FIELDS = tuple((1 << j, 15 + j) for j in range(10))  # (bit, field)
 
 
 @triton.jit
-def _grouped_problem(tab_ptr, pid, n_problems, steps, TS: tl.constexpr):
-    """The table row (pointer to its first field) of the problem that owns tile ``pid``: the
-    last row whose first tile (field ``TS``) is ``<= pid``, by a binary search of ``steps =
-    ceil(log2(n_problems))`` scalar loads. A problem with no tile has its successor's first
-    tile and is never chosen."""
+def _grouped_problem(tab_ptr, pid, n_problems, steps, NF: tl.constexpr, TS: tl.constexpr):
+    """The table row (pointer to its first field; rows of ``NF`` int64 fields) of the problem
+    that owns tile ``pid``: the last row whose first tile (field ``TS``, non-decreasing) is
+    ``<= pid``, by a binary search of ``steps = ceil(log2(n_problems))`` scalar loads. A
+    problem with no tile has its successor's first tile and is never chosen. Also used by
+    the grouped elementwise Adam kernels (kernels/adam.py)."""
     lo = pid * 0
     hi = lo + (n_problems - 1)
     for _ in range(steps):
         mid = (lo + hi + 1) // 2
-        ok = tl.load(tab_ptr + mid.to(tl.int64) * _NF + TS) <= pid
+        ok = tl.load(tab_ptr + mid.to(tl.int64) * NF + TS) <= pid
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
-    return tab_ptr + lo.to(tl.int64) * _NF
+    return tab_ptr + lo.to(tl.int64) * NF
 
 
 @triton.jit
@@ -715,7 +725,7 @@ def _projection_project_adam_grouped_kernel(
     indexed by the problem's list index. Every tile is computed by the single kernel's code.
     """
     pid = tl.program_id(0)
-    row = _grouped_problem(tab_ptr, pid, n_problems, steps, _F_TS_P)
+    row = _grouped_problem(tab_ptr, pid, n_problems, steps, _NF, _F_TS_P)
     tile = pid - tl.load(row + _F_TS_P).to(tl.int32)
     dm = tl.load(row + _F_DM).to(tl.int32)
     dn = tl.load(row + _F_DN).to(tl.int32)
@@ -805,7 +815,7 @@ def _projection_backproject_apply_grouped_kernel(
     of ``coef_ptr`` (``(n, 2)`` float32/float64: the op's ``coeffs``, or the host's step
     sizes and decays), as the single kernel's ``COEF`` form."""
     pid = tl.program_id(0)
-    row = _grouped_problem(tab_ptr, pid, n_problems, steps, _F_TS_B)
+    row = _grouped_problem(tab_ptr, pid, n_problems, steps, _NF, _F_TS_B)
     tile = pid - tl.load(row + _F_TS_B).to(tl.int32)
     M = tl.load(row + _F_DM).to(tl.int32)
     N = tl.load(row + _F_DN).to(tl.int32)
@@ -1280,9 +1290,9 @@ def projection_foreach_project_update_backproject_triton(
 
 
 # Device tables of the grouped launches, by content (device, dtype, values): a step whose
-# tensors did not move reuses its table (no host-to-device copy). Tables made while a CUDA
-# graph is captured are kept for good with their pinned host source: the graph's copy node
-# reads that buffer again on every replay.
+# tensors did not move reuses its table (no host-to-device copy). A table used while a CUDA
+# graph is captured is kept for good (with its pinned host source when the capture copied
+# it): the graph reads that memory again on every replay, so it must never be freed.
 _DEVICE_TABLES: "dict" = {}
 _DEVICE_TABLES_MAX = 64
 _CAPTURED_TABLES: list = []
@@ -1295,18 +1305,22 @@ def _device_table(values, dtype, device):
     if device.type == "meta":  # the compile check: only the argument's type matters
         return torch.zeros(len(values), dtype=dtype, device=device)
     key = (str(device), dtype, tuple(values))
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     hit = _DEVICE_TABLES.pop(key, None)
+    host = None
     if hit is None:
         host = torch.tensor(values, dtype=dtype)
         if device.type == "cuda":
             host = host.pin_memory()
             hit = host.to(device, non_blocking=True)
-            if torch.cuda.is_current_stream_capturing():
-                _CAPTURED_TABLES.append((host, hit))
         else:
             hit = host.to(device)
         if len(_DEVICE_TABLES) >= _DEVICE_TABLES_MAX:
             _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))  # the least recently used
+    elif device.type == "cuda":
+        hit.record_stream(torch.cuda.current_stream(device))  # may be read on another stream than it was made on
+    if capturing and not any(t is hit for _, t in _CAPTURED_TABLES):
+        _CAPTURED_TABLES.append((host, hit))
     _DEVICE_TABLES[key] = hit  # (re)inserted last: most recently used
     return hit
 
