@@ -216,9 +216,22 @@ _PROJECT_SR[("dct", True)] = _same(Tile(32, 64, 32, 8, 2))
 # 64 x 64 with 3 stages: 40 bytes with a transposed gradient), a DCT projector 64 x 32
 # (64 x 64 x 32: 156 bytes, left side, where the single kernel's spills 120 bytes too,
 # python -m lowrank_kernels.compile_check --subset full; 32 x 64: 32 bytes, right side).
+# An INT4 projector with float32 operands takes 64 x 64 with 4 warps (8 warps: 16 bytes on
+# sm_90 with int64 offsets; 64 x 32 and 32 x 64 spill elsewhere).
 _BACKPROJECT_GROUPED = dict(_BACKPROJECT)
 _BACKPROJECT_GROUPED[("dense", True)] = _same(Tile(64, 64, 32, 8, 2))
 _BACKPROJECT_GROUPED[("dct", True)] = _same(Tile(64, 32, 32, 8, 2))
+_BACKPROJECT_GROUPED[("int4", True)] = _same(Tile(64, 64, 32, 4, 1))
+# The grouped project + Adam (compile check --subset full, sm_80 / sm_90): float32 operands
+# with an INT4 projector, and float32 operands with stochastic-rounding moments, take 32-row
+# tiles (64 x 64: 32-76 bytes of spills; with SR and INT4 one stage: 2 stages spill 20 bytes
+# on sm_90); 8-bit moments keep the table's 16 rows for narrow quantization blocks (no
+# scale-up to 32 rows, :func:`q8_tile`: 32 x 32 and 32 x 64 spill).
+_PROJECT_GROUPED = dict(_PROJECT)
+_PROJECT_GROUPED[("int4", True)] = _same(Tile(32, 64, 32, 8, 2))
+_PROJECT_SR_GROUPED = dict(_PROJECT_SR)
+_PROJECT_SR_GROUPED[("dense", True)] = _same(Tile(32, 64, 32, 8, 3))
+_PROJECT_SR_GROUPED[("int4", True)] = _same(Tile(32, 64, 32, 8, 1))
 _DCT_GEMM = {
     ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
     ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
@@ -240,13 +253,14 @@ for _arch in TABLE_ARCHS:
     EXTRAS[("project_q8", _arch)] = []
     EXTRAS[("project_sr", _arch)] = []
     # The grouped (multi-tensor) kernels of the projection family launch one tile for a whole
-    # list (:func:`grouped_tile`): the single kernels' tables, under their own names so the
-    # compile check compiles every default tile of them too and they can be tuned apart.
-    for _k in ("project", "project_q8", "project_sr"):
-        TABLES[(_k + "_grouped", _arch)] = TABLES[(_k, _arch)]
-        EXTRAS[(_k + "_grouped", _arch)] = []
+    # list (:func:`grouped_tile`): the single kernels' tables with the changes above, under
+    # their own names so the compile check compiles every default tile of them too.
+    TABLES[("project_grouped", _arch)] = _PROJECT_GROUPED
+    TABLES[("project_q8_grouped", _arch)] = _PROJECT_Q8
+    TABLES[("project_sr_grouped", _arch)] = _PROJECT_SR_GROUPED
     TABLES[("backproject_grouped", _arch)] = _BACKPROJECT_GROUPED
-    EXTRAS[("backproject_grouped", _arch)] = []
+    for _k in ("project", "project_q8", "project_sr", "backproject"):
+        EXTRAS[(_k + "_grouped", _arch)] = []
 FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P,
              "project_grouped": _P, "backproject_grouped": _P, "project_q8_grouped": _P, "project_sr_grouped": _P}
 MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
@@ -287,6 +301,13 @@ def q8_tile(tile: Tile, qblock: int) -> Tile:
     return tile._replace(bn=bn, bm=min(32, max(tile.bm, tile.bm * 256 // bn)))
 
 
+def _q8_for(kernel: str, tile: Tile, qblock: int) -> Tile:
+    """``tile`` for 8-bit moments: :func:`q8_tile`, without the row scale-up for the grouped
+    kernel (its narrow-block tiles spill with 32 rows; see ``_PROJECT_GROUPED``)."""
+    t = q8_tile(tile, qblock)
+    return t._replace(bm=tile.bm) if kernel == "project_q8_grouped" else t
+
+
 def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, op_bytes: Sequence[int],
                   side: str = "right", mode: int = 0, qblock: int = 0) -> Tile:
     """The tile ``kernel`` (``"project"``, ``"backproject"``, ``"dct_gemm"``, or the project
@@ -313,7 +334,7 @@ def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, o
     table = TABLES[(kernel, table_arch(int(arch)))]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     tile = entry[_bucket(int(M), int(N))]
-    return q8_tile(tile, qblock) if kernel in _Q8_KERNELS else tile
+    return _q8_for(kernel, tile, qblock) if kernel in _Q8_KERNELS else tile
 
 
 def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0, qblock: int = 256) -> list:
@@ -322,7 +343,7 @@ def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0, qblock: 
     table = TABLES[(kernel, table_arch(int(arch)))]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     if kernel in _Q8_KERNELS:
-        entry = [q8_tile(t, qblock) for t in entry]
+        entry = [_q8_for(kernel, t, qblock) for t in entry]
     return list(dict.fromkeys(entry))
 
 
@@ -339,7 +360,7 @@ def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0, q
     table = TABLES[(kernel, ta)]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     if kernel in _Q8_KERNELS:
-        entry = [q8_tile(t, qblock) for t in entry]
+        entry = [_q8_for(kernel, t, qblock) for t in entry]
     out = []
     # Extras: 16-bit dense operands only (compiled for sm_80/sm_90: they spill with float32
     # operands); never one whose shared memory cannot fit.

@@ -153,15 +153,15 @@ _NA = tl.constexpr(16)
 
 @triton.jit
 def _adam_update_grouped_kernel(
-    tab_ptr, n_entries, steps, r_ptr, m_ptr, v_ptr, n_ptr,
+    tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, n_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-    BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SR: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SR: tl.constexpr, STEPS: tl.constexpr,
 ):
     """:func:`_adam_update_kernel` over a list of tensors in one launch: program ``pid`` is
     chunk ``pid - first[e]`` of entry ``e`` (table ``tab_ptr``, ``n_entries`` rows; ``r_ptr``
     .. ``n_ptr``: tensors of the launch's dtypes, typing the table's addresses)."""
     pid = tl.program_id(0)
-    row = _grouped_problem(tab_ptr, pid, n_entries, steps, _NA, _A_START)
+    row = _grouped_problem(tab_ptr, pid, n_entries, _NA, _A_START, STEPS)
     chunk = pid - tl.load(row + _A_START).to(tl.int32)
     offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     k1 = 0
@@ -180,14 +180,14 @@ def _adam_update_grouped_kernel(
 
 @triton.jit
 def _adam_update_q8_grouped_kernel(
-    tab_ptr, n_entries, steps, r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr,
+    tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEPS: tl.constexpr,
 ):
     """:func:`_adam_update_q8_kernel` over a list of tensors in one launch (``BLOCK_C`` lanes
     cover the widest quantization block of the list; narrower blocks mask the rest)."""
     pid = tl.program_id(0)
-    row = _grouped_problem(tab_ptr, pid, n_entries, steps, _NA, _A_START)
+    row = _grouped_problem(tab_ptr, pid, n_entries, _NA, _A_START, STEPS)
     chunk = pid - tl.load(row + _A_START).to(tl.int32)
     nblk = tl.load(row + _A_NBLK).to(tl.int32)
     rblk = chunk // nblk
@@ -318,14 +318,14 @@ def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_a
         if q8:
             L.launch(
                 "adam", _adam_update_q8_grouped_kernel, (chunks,),
-                (tab, count, steps, rc[i0], mc[i0], vc[i0], fmt0.m_absmax, fmt0.v_absmax, q8_maps(dev), n[i0], *betas),
-                dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8), device=dev,
+                (tab, count, rc[i0], mc[i0], vc[i0], fmt0.m_absmax, fmt0.v_absmax, q8_maps(dev), n[i0], *betas),
+                dict(BLOCK_R=block_r, BLOCK_C=block_c, STEPS=steps, num_warps=8), device=dev,
             )
         else:
             L.launch(
                 "adam", _adam_update_grouped_kernel, (chunks,),
-                (tab, count, steps, rc[i0], mc[i0], vc[i0], n[i0], *betas),
-                dict(BLOCK=_BLOCK, INTERPRET=L.INTERPRET, SR=fmt0.mode != 0, num_warps=4), device=dev,
+                (tab, count, rc[i0], mc[i0], vc[i0], n[i0], *betas),
+                dict(BLOCK=_BLOCK, INTERPRET=L.INTERPRET, SR=fmt0.mode != 0, STEPS=steps, num_warps=4), device=dev,
             )
         for i in members:
             if mc[i] is not exp_avg[i]:

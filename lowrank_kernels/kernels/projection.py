@@ -659,15 +659,16 @@ _UNIT_FIELDS = tuple((1 << j, 15 + j) for j in range(10))  # (bit, field)
 
 
 @triton.jit
-def _grouped_problem(tab_ptr, pid, n_problems, steps, NF: tl.constexpr, TS: tl.constexpr):
+def _grouped_problem(tab_ptr, pid, n_problems, NF: tl.constexpr, TS: tl.constexpr, STEPS: tl.constexpr):
     """The table row (pointer to its first field; rows of ``NF`` int64 fields) of the problem
     that owns tile ``pid``: the last row whose first tile (field ``TS``, non-decreasing) is
-    ``<= pid``, by a binary search of ``steps = ceil(log2(n_problems))`` scalar loads. A
-    problem with no tile has its successor's first tile and is never chosen. Also used by
-    the grouped elementwise Adam kernels (kernels/adam.py)."""
+    ``<= pid``, by a binary search of ``STEPS >= ceil(log2(n_problems))`` scalar loads
+    (unrolled: a runtime loop made ptxas spill; extra steps change nothing). A problem with
+    no tile has its successor's first tile and is never chosen. Also used by the grouped
+    elementwise Adam kernels (kernels/adam.py)."""
     lo = pid * 0
     hi = lo + (n_problems - 1)
-    for _ in range(steps):
+    for _ in tl.static_range(STEPS):
         mid = (lo + hi + 1) // 2
         ok = tl.load(tab_ptr + mid.to(tl.int64) * NF + TS) <= pid
         lo = tl.where(ok, mid, lo)
@@ -696,7 +697,7 @@ def _grouped_stride(row, F: tl.constexpr, BIT: tl.constexpr, UNIT: tl.constexpr,
 
 @triton.jit
 def _projection_project_adam_grouped_kernel(
-    tab_ptr, n_problems, steps,
+    tab_ptr, n_problems,
     g_ptr, p_ptr, m_ptr, v_ptr, n_ptr, aux0_ptr, aux1_ptr, ma_ptr, va_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     qmap_ptr, skip_ptr,
@@ -715,6 +716,7 @@ def _projection_project_adam_grouped_kernel(
     PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
     SKIP: tl.constexpr = False,
+    STEPS: tl.constexpr = 0,
 ):
     """:func:`_projection_project_adam_kernel` over a list of problems in one launch.
 
@@ -725,7 +727,7 @@ def _projection_project_adam_grouped_kernel(
     indexed by the problem's list index. Every tile is computed by the single kernel's code.
     """
     pid = tl.program_id(0)
-    row = _grouped_problem(tab_ptr, pid, n_problems, steps, _NF, _F_TS_P)
+    row = _grouped_problem(tab_ptr, pid, n_problems, _NF, _F_TS_P, STEPS)
     tile = pid - tl.load(row + _F_TS_P).to(tl.int32)
     dm = tl.load(row + _F_DM).to(tl.int32)
     dn = tl.load(row + _F_DN).to(tl.int32)
@@ -791,7 +793,7 @@ def _projection_project_adam_grouped_kernel(
 
 @triton.jit
 def _projection_backproject_apply_grouped_kernel(
-    tab_ptr, n_problems, steps,
+    tab_ptr, n_problems,
     w_ptr, u_ptr, p_ptr, aux0_ptr, aux1_ptr,
     coef_ptr, skip_ptr,
     SIDE_RIGHT: tl.constexpr,
@@ -808,6 +810,7 @@ def _projection_backproject_apply_grouped_kernel(
     PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
     SKIP: tl.constexpr = False,
+    STEPS: tl.constexpr = 0,
 ):
     """:func:`_projection_backproject_apply_kernel` over a list of problems in one launch
     (table as :func:`_projection_project_adam_grouped_kernel`'s; ``u_ptr``: the flat N
@@ -815,7 +818,7 @@ def _projection_backproject_apply_grouped_kernel(
     of ``coef_ptr`` (``(n, 2)`` float32/float64: the op's ``coeffs``, or the host's step
     sizes and decays), as the single kernel's ``COEF`` form."""
     pid = tl.program_id(0)
-    row = _grouped_problem(tab_ptr, pid, n_problems, steps, _NF, _F_TS_B)
+    row = _grouped_problem(tab_ptr, pid, n_problems, _NF, _F_TS_B, STEPS)
     tile = pid - tl.load(row + _F_TS_B).to(tl.int32)
     M = tl.load(row + _F_DM).to(tl.int32)
     N = tl.load(row + _F_DN).to(tl.int32)
@@ -1389,26 +1392,26 @@ def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, bet
             total_b += triton.cdiv(m_, tile_b.bm) * triton.cdiv(n_, tile_b.bn)
     tab = _device_table([x for row in rows for x in row], torch.int64, dev)
     out = torch.empty(off, dtype=out_dtype, device=dev)
-    count, steps = len(rows), (len(rows) - 1).bit_length()
+    count, steps = len(rows), (len(rows) - 1).bit_length()  # binary search steps (a constexpr)
     flag = skip if skip is not None else out
     if total_p:
         dot_dtype, precision = _dot_config(grads[i0].dtype, *a0[4])
         ma, va = (fmt0.m_absmax, fmt0.v_absmax) if q8 else (exp_avgs[i0], exp_avg_sqs[i0])
         L.launch_grouped(
             kname, _projection_project_adam_grouped_kernel, (total_p,),
-            (tab, count, steps, grads[i0], a0[0], exp_avgs[i0], exp_avg_sqs[i0], out, a0[5], a0[6], ma, va,
+            (tab, count, grads[i0], a0[0], exp_avgs[i0], exp_avg_sqs[i0], out, a0[5], a0[6], ma, va,
              float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
              q8_maps(dev) if q8 else out, flag),
             dict(SIDE_RIGHT=right, PROJ_MODE=mode, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, IDX64=idx64_p,
-                 INTERPRET=_INTERPRET, MOMENTS=fmt0.mode, UNIT=unit, SKIP=skip is not None),
+                 INTERPRET=_INTERPRET, MOMENTS=fmt0.mode, UNIT=unit, SKIP=skip is not None, STEPS=steps),
             device=dev, tile=tile_p, problems=probs_p, op_bytes=bytes_p, side=side, mode=mode, qblock=qblock,
         )
     if total_b:
         dot_dtype, precision = _dot_config(out_dtype, *a0[4])
         L.launch_grouped(
             "backproject_grouped", _projection_backproject_apply_grouped_kernel, (total_b,),
-            (tab, count, steps, params[i0], out, a0[0], a0[5], a0[6], coeffs, flag),
+            (tab, count, params[i0], out, a0[0], a0[5], a0[6], coeffs, flag),
             dict(SIDE_RIGHT=right, PROJ_MODE=mode, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, IDX64=idx64_b,
-                 INTERPRET=_INTERPRET, UNIT=unit, SKIP=skip is not None),
+                 INTERPRET=_INTERPRET, UNIT=unit, SKIP=skip is not None, STEPS=steps),
             device=dev, tile=tile_b, problems=probs_b, op_bytes=bytes_b, side=side, mode=mode,
         )
