@@ -33,13 +33,15 @@ bf16-meets-fp16 projector mixes, both sides, dense / INT4 / DCT projector modes,
 and ragged reduction lengths, transposed gradients and int64 offsets; the project + Adam
 kernel with 8-bit moments (block sizes 256 and 64, a rank below one block and one of
 several blocks per row; bf16 and float32 operands; every projector mode and side) and
-with bf16 stochastic-rounding moments; DCT scoring (L1
+with bf16 stochastic-rounding moments; the grouped (multi-tensor) projection kernels on
+lists of three or four odd problems (every dtype mix, side and projector mode, each moment
+format, a transposed gradient with device skip/coeffs flags, int64 offsets); DCT scoring (L1
 and L2 norms, both sides, batched and single, int64 offsets, the list form) and the gathered DCT
 projection (both sides); every quant kernel (INT4 pack / unpack, INT8 quantize /
 dequantize / stochastic-rounding update; contiguous and strided inputs, power-of-two
 and other group sizes, each storage dtype); the elementwise Adam kernel (each dtype,
 float32 / bf16 / bf16 stochastic-rounding moments) and its 8-bit form (block sizes
-256 / 128 / 64 / 16, a row shorter than a block).
+256 / 128 / 64 / 16, a row shorter than a block), and their grouped forms on lists.
 
 ``--runtime`` (on a GPU machine, ``--arch`` = that GPU's arch; for bench/gpu_check.sh)
 also loads every compiled kernel on the device and adds the driver's register and
@@ -203,6 +205,87 @@ def _variants(subset: str):
     out += [foreach_flags("foreach_skip_coeffs_gbf16_mfp32_right", b16, "right", False),
             foreach_flags("foreach_skip_coeffs_gfp32_q8b256_left", f32, "left", True)]
 
+    # The grouped launches of the multi-tensor op (one project + Adam and one back-project
+    # launch for a list): three odd problems per list (several tiles, one tile, a rank-1
+    # row), with a transposed gradient when ``transposed`` (no unit-stride shortcut) and a
+    # 50000 x 50000 problem when ``int64``.
+    def grouped(name, g_dt, m_dt, p_dt, side, mode, moments="plain", block_size=256, transposed=False, int64=False,
+                flags=False):
+        def thunk():
+            shapes = [(300, 200, 24), (64, 96, 8), (37, 23, 1)] + ([(50000, 50000, 24)] if int64 else [])
+            params, grads, projs, eas, easqs, idx, qs, qm, ranks, mas, vas, seeds = ([] for _ in range(12))
+            for j, (m, n, r) in enumerate(shapes):
+                params.append(E(m, n, dtype=g_dt))
+                grads.append(E(n, m, dtype=g_dt).T if transposed and j == 0 else E(m, n, dtype=g_dt))
+                ls = (m, r) if side == "right" else (r, n)
+                if moments == "q8":
+                    eas.append(E(*ls, dtype=torch.uint8))
+                    easqs.append(E(*ls, dtype=torch.uint8))
+                    mas.append(E(ls[0], -(-ls[1] // block_size)))
+                    vas.append(E(ls[0], -(-ls[1] // block_size)))
+                else:
+                    mdt = b16 if moments == "sr16" else m_dt
+                    eas.append(E(*ls, dtype=mdt))
+                    easqs.append(E(*ls, dtype=mdt))
+                    if moments == "sr16":
+                        seeds.append(7 + j)
+                if mode == "dense":
+                    projs.append(E(r, n, dtype=p_dt) if side == "right" else E(m, r, dtype=p_dt))
+                elif mode == "dct":
+                    s_ = n if side == "right" else m
+                    projs.append(E(s_, s_, dtype=p_dt))
+                    idx.append(E(r, dtype=torch.int32))
+                else:  # int4
+                    ng = -(-(m * r if side == "left" else r * n) // 256)
+                    projs.append(E(-(-(r * (n if side == "right" else m)) // 2), dtype=torch.uint8))
+                    qs.append(E(ng))
+                    qm.append(E(ng))
+                    ranks.append(r)
+            k = len(shapes)
+            kp.projection_foreach_project_update_backproject_triton(
+                params, grads, projs, eas, easqs, side, [1e-3] * k, 0.9, 0.999, 1e-8, [2] * k, [0.0] * k, [1.0] * k,
+                idx, qs, qm, ranks, 256 if mode == "int4" else 0, mas, vas, block_size if moments == "q8" else 0,
+                seeds, skip=E(k, dtype=torch.uint8) if flags else None,
+                coeffs=E(k, 2, dtype=torch.float64) if flags else None)
+        return name, thunk
+
+    if subset == "full":
+        for g, m_, p in DT:
+            for side in ("right", "left"):
+                for mode in ("dense", "int4", "dct"):
+                    pd = f32 if mode == "int4" else p
+                    out.append(grouped(f"grouped_{dname(g, m_, pd)}_{side}_{mode}", g, m_, pd, side, mode))
+        for side in ("right", "left"):
+            for mode in ("dense", "int4", "dct"):
+                for g, p in ((b16, b16), (f32, f32)):
+                    pd = f32 if mode == "int4" else p
+                    for bsz in (256, 64):
+                        out.append(grouped(f"grouped_g{short[g]}_q8b{bsz}_p{short[pd]}_{side}_{mode}", g, f32, pd,
+                                           side, mode, moments="q8", block_size=bsz))
+                    out.append(grouped(f"grouped_g{short[g]}_mbf16sr_p{short[pd]}_{side}_{mode}", g, b16, pd, side,
+                                       mode, moments="sr16"))
+                pd = f32 if mode == "int4" else b16
+                out.append(grouped(f"grouped_gbf16_{side}_{mode}_transposed_flags", b16, f32, pd, side, mode,
+                                   transposed=True, flags=True))
+                out.append(grouped(f"grouped_gbf16_{side}_{mode}_int64", b16, f32, pd, side, mode, int64=True))
+    else:  # ci: every projector mode with 16-bit and float32 operands in both kernels, each moment format
+        out += [
+            grouped("grouped_gbf16_mfp32_pbf16_right_dense", b16, f32, b16, "right", "dense"),
+            grouped("grouped_gfp32_mfp32_pfp32_left_dense_transposed_flags", f32, f32, f32, "left", "dense",
+                    transposed=True, flags=True),
+            grouped("grouped_gbf16_mbf16_pbf16_left_dense", b16, b16, b16, "left", "dense"),
+            grouped("grouped_gbf16_mbf16_pfp32_right_int4", b16, b16, f32, "right", "int4"),
+            grouped("grouped_gfp32_mfp32_pfp32_left_int4", f32, f32, f32, "left", "int4"),
+            grouped("grouped_gfp16_mfp16_pfp16_right_dct", f16, f16, f16, "right", "dct"),
+            grouped("grouped_gfp32_mfp32_pfp32_left_dct", f32, f32, f32, "left", "dct"),
+            grouped("grouped_gbf16_mfp32_pbf16_right_dense_int64", b16, f32, b16, "right", "dense", int64=True),
+            grouped("grouped_gbf16_mbf16sr_pbf16_left_dense", b16, b16, b16, "left", "dense", moments="sr16"),
+            grouped("grouped_gfp32_mbf16sr_pfp32_right_int4", f32, b16, f32, "right", "int4", moments="sr16"),
+            grouped("grouped_gbf16_q8b256_pbf16_left_dense", b16, f32, b16, "left", "dense", moments="q8"),
+            grouped("grouped_gfp32_q8b64_pfp32_right_dct_flags", f32, f32, f32, "right", "dct", moments="q8",
+                    block_size=64, flags=True),
+        ]
+
     # DCT scoring and gathered projection.
     def scores(name, dt, side, norm, shape):
         def thunk():
@@ -286,6 +369,33 @@ def _variants(subset: str):
         for dt in ((f32, b16, f16) if subset == "full" else (b16,)):
             out.append(adam_q8(f"adam_update_r{short[dt]}_q8b{bsz}", dt, (300, 1000), bsz))
     out.append(adam_q8("adam_update_rfp32_q8b256_rank24", f32, (300, 24), 256))
+
+    # adam_foreach_update: one grouped launch per list (plain, bf16 stochastic rounding, 8-bit).
+    def adam_foreach(name, dt, moments, bsz=256):
+        def thunk():
+            shapes = [(300, 24), (64, 1000), (1, 7)]
+            u8 = torch.uint8
+            rs = [E(*s, dtype=dt) for s in shapes]
+            ns = [E(*s, dtype=f32 if moments == "q8" else (b16 if moments == "sr16" else dt)) for s in shapes]
+            if moments == "q8":
+                ms, vs = [E(*s, dtype=u8) for s in shapes], [E(*s, dtype=u8) for s in shapes]
+                ab = [E(s[0], -(-s[1] // bsz)) for s in shapes]
+                ka.adam_foreach_update_triton(rs, ms, vs, ns, 0.9, 0.999, 1e-8, ab, list(ab), bsz, [])
+            else:
+                mdt = b16 if moments == "sr16" else dt
+                ms, vs = [E(*s, dtype=mdt) for s in shapes], [E(*s, dtype=mdt) for s in shapes]
+                ka.adam_foreach_update_triton(rs, ms, vs, ns, 0.9, 0.999, 1e-8, [], [], 0,
+                                              [3, 4, 5] if moments == "sr16" else [])
+        return name, thunk
+
+    out += [adam_foreach("adam_foreach_rfp32_mfp32", f32, "plain"),
+            adam_foreach("adam_foreach_rbf16_mbf16sr", b16, "sr16"),
+            adam_foreach("adam_foreach_rbf16_q8b256", b16, "q8"),
+            adam_foreach("adam_foreach_rfp32_q8b64", f32, "q8", 64)]
+    if subset == "full":
+        out += [adam_foreach("adam_foreach_rbf16_mbf16", b16, "plain"),
+                adam_foreach("adam_foreach_rfp16_mfp16", f16, "plain"),
+                adam_foreach("adam_foreach_rfp16_q8b16", f16, "q8", 16)]
     return out
 
 

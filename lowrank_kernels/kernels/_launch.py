@@ -37,12 +37,18 @@ Everything a launcher decides besides its kernel's arguments lives here, once:
   ``torch.distributed`` is initialized, every rank launches rank 0's choice (the chosen
   candidate index is broadcast), so ranks never sum in different orders.
 
+* **Grouped launches** (the multi-tensor ops' kernels, one launch for a list of problems):
+  :func:`grouped_tile` (one tile per launch, the table's choice for the list's largest
+  problem, from the ``*_grouped`` tables) and :func:`launch_grouped` (EVEN_K for every
+  problem; no runtime autotuning).
+
 * **Compile capture**: :func:`capture` records launches instead of running them; the
   compile check uses it to compile exactly the specializations the launchers produce.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -203,6 +209,29 @@ _PROJECT_Q8 = {
 _PROJECT_SR = dict(_PROJECT)
 _PROJECT_SR[("int4", True)] = _same(Tile(32, 64, 32, 8, 2))
 _PROJECT_SR[("dct", True)] = _same(Tile(32, 64, 32, 8, 2))
+# The grouped back-projection (one launch for a list): the back-projection table, except
+# for float32 operands, where the registers the grouped kernel keeps for its problem's
+# addresses and strides make the single kernel's tiles spill on sm_80 (compile check): a
+# dense projector takes 64 x 64 x 32 with 2 stages in every bucket (128 x 64: 48 bytes,
+# 64 x 64 with 3 stages: 40 bytes with a transposed gradient), a DCT projector 64 x 32
+# (64 x 64 x 32: 156 bytes, left side, where the single kernel's spills 120 bytes too,
+# python -m lowrank_kernels.compile_check --subset full; 32 x 64: 32 bytes, right side).
+# An INT4 projector with float32 operands takes 64 x 64 with 4 warps (8 warps: 16 bytes on
+# sm_90 with int64 offsets; 64 x 32 and 32 x 64 spill elsewhere).
+_BACKPROJECT_GROUPED = dict(_BACKPROJECT)
+_BACKPROJECT_GROUPED[("dense", True)] = _same(Tile(64, 64, 32, 8, 2))
+_BACKPROJECT_GROUPED[("dct", True)] = _same(Tile(64, 32, 32, 8, 2))
+_BACKPROJECT_GROUPED[("int4", True)] = _same(Tile(64, 64, 32, 4, 1))
+# The grouped project + Adam (compile check --subset full, sm_80 / sm_90): float32 operands
+# with an INT4 projector, and float32 operands with stochastic-rounding moments, take 32-row
+# tiles (64 x 64: 32-76 bytes of spills; with SR and INT4 one stage: 2 stages spill 20 bytes
+# on sm_90); 8-bit moments keep the table's 16 rows for narrow quantization blocks (no
+# scale-up to 32 rows, :func:`q8_tile`: 32 x 32 and 32 x 64 spill).
+_PROJECT_GROUPED = dict(_PROJECT)
+_PROJECT_GROUPED[("int4", True)] = _same(Tile(32, 64, 32, 8, 2))
+_PROJECT_SR_GROUPED = dict(_PROJECT_SR)
+_PROJECT_SR_GROUPED[("dense", True)] = _same(Tile(32, 64, 32, 8, 3))
+_PROJECT_SR_GROUPED[("int4", True)] = _same(Tile(32, 64, 32, 8, 1))
 _DCT_GEMM = {
     ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
     ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
@@ -223,8 +252,19 @@ for _arch in TABLE_ARCHS:
     EXTRAS[("dct_gemm", _arch)] = [Tile(128, 128, 64, 8, 3), Tile(64, 64, 64, 4, 3)]
     EXTRAS[("project_q8", _arch)] = []
     EXTRAS[("project_sr", _arch)] = []
-FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P}
+    # The grouped (multi-tensor) kernels of the projection family launch one tile for a whole
+    # list (:func:`grouped_tile`): the single kernels' tables with the changes above, under
+    # their own names so the compile check compiles every default tile of them too.
+    TABLES[("project_grouped", _arch)] = _PROJECT_GROUPED
+    TABLES[("project_q8_grouped", _arch)] = _PROJECT_Q8
+    TABLES[("project_sr_grouped", _arch)] = _PROJECT_SR_GROUPED
+    TABLES[("backproject_grouped", _arch)] = _BACKPROJECT_GROUPED
+    for _k in ("project", "project_q8", "project_sr", "backproject"):
+        EXTRAS[(_k + "_grouped", _arch)] = []
+FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P,
+             "project_grouped": _P, "backproject_grouped": _P, "project_q8_grouped": _P, "project_sr_grouped": _P}
 MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
+_Q8_KERNELS = ("project_q8", "project_q8_grouped")
 
 
 def table_arch(arch: int) -> int:
@@ -261,10 +301,18 @@ def q8_tile(tile: Tile, qblock: int) -> Tile:
     return tile._replace(bn=bn, bm=min(32, max(tile.bm, tile.bm * 256 // bn)))
 
 
+def _q8_for(kernel: str, tile: Tile, qblock: int) -> Tile:
+    """``tile`` for 8-bit moments: :func:`q8_tile`, without the row scale-up for the grouped
+    kernel (its narrow-block tiles spill with 32 rows; see ``_PROJECT_GROUPED``)."""
+    t = q8_tile(tile, qblock)
+    return t._replace(bm=tile.bm) if kernel == "project_q8_grouped" else t
+
+
 def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, op_bytes: Sequence[int],
                   side: str = "right", mode: int = 0, qblock: int = 0) -> Tile:
     """The tile ``kernel`` (``"project"``, ``"backproject"``, ``"dct_gemm"``, or the project
-    kernel's 8-bit / stochastic-rounding forms ``"project_q8"`` / ``"project_sr"``) launches with.
+    kernel's 8-bit / stochastic-rounding forms ``"project_q8"`` / ``"project_sr"``; each
+    projection name + ``"_grouped"`` for the grouped kernels) launches with.
 
     A pure function of (arch, the pipelined operands' storage bytes, side, projector mode,
     shape bucket of ``M x N``): no timing, so every process and rank chooses the same.
@@ -279,14 +327,14 @@ def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, o
         raise ValueError(f"choose_config: side must be 'right' or 'left', got {side!r}")
     if arch is None:
         tile = INTERPRET_TILE._replace(prefetch=FAMILY_OF[kernel] == _P and side == "right")
-        return tile._replace(bn=q8_tile(tile, qblock).bn) if kernel == "project_q8" else tile
+        return tile._replace(bn=q8_tile(tile, qblock).bn) if kernel in _Q8_KERNELS else tile
     if mode not in MODE_CLASS:
         raise ValueError(f"choose_config: mode must be 0 (dense), 1 (INT4) or 2 (DCT), got {mode!r}")
     wide = max(op_bytes) >= 4
     table = TABLES[(kernel, table_arch(int(arch)))]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     tile = entry[_bucket(int(M), int(N))]
-    return q8_tile(tile, qblock) if kernel == "project_q8" else tile
+    return _q8_for(kernel, tile, qblock) if kernel in _Q8_KERNELS else tile
 
 
 def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0, qblock: int = 256) -> list:
@@ -294,8 +342,8 @@ def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0, qblock: 
     ``qblock``: the quantization block width of a ``"project_q8"`` launch (:func:`q8_tile`)."""
     table = TABLES[(kernel, table_arch(int(arch)))]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
-    if kernel == "project_q8":
-        entry = [q8_tile(t, qblock) for t in entry]
+    if kernel in _Q8_KERNELS:
+        entry = [_q8_for(kernel, t, qblock) for t in entry]
     return list(dict.fromkeys(entry))
 
 
@@ -305,14 +353,14 @@ def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0, q
     16-bit operands only; deduplicated, in table order). ``qblock``: as :func:`default_tiles`."""
     if arch is None:
         base = INTERPRET_TILE
-        if kernel == "project_q8":
+        if kernel in _Q8_KERNELS:
             base = base._replace(bn=q8_tile(base, qblock).bn)
         return [base, base._replace(prefetch=True)] if FAMILY_OF[kernel] == _P else [base]
     ta = table_arch(int(arch))
     table = TABLES[(kernel, ta)]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
-    if kernel == "project_q8":
-        entry = [q8_tile(t, qblock) for t in entry]
+    if kernel in _Q8_KERNELS:
+        entry = [_q8_for(kernel, t, qblock) for t in entry]
     out = []
     # Extras: 16-bit dense operands only (compiled for sm_80/sm_90: they spill with float32
     # operands); never one whose shared memory cannot fit.
@@ -431,10 +479,54 @@ def launch_gemm(kernel_name: str, kernel, grid: Callable, args: tuple, meta: dic
         else:
             tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode,
                                  qblock=qblock)
-        name = kernel_name if kernel_name != "project_q8" else f"{kernel_name}[qblock={qblock}]"
+        name = kernel_name if kernel_name not in _Q8_KERNELS else f"{kernel_name}[qblock={qblock}]"
         CHOSEN[(name, M, N, K, tuple(op_bytes), side, mode, arch)] = tile.label()
         kernel[grid(tile)](*args, **meta, **_tile_meta(family, tile, K), enable_fp_fusion=FP_FUSION[family])
     return tile
+
+
+def grouped_tile(kernel_name: str, device: torch.device, *, problems: Sequence[tuple], op_bytes: Sequence[int],
+                 side: str = "right", mode: int = 0, qblock: int = 0) -> Tile:
+    """The one tile of a grouped launch (``kernel_name``: a ``*_grouped`` kernel) over
+    ``problems`` (``(M, N, K)`` each, at least one): the table's choice
+    (:func:`choose_config`, no autotuning) for the problem with the most output elements;
+    ``qblock``: the widest quantization block of a ``"project_q8_grouped"`` launch. Under
+    :func:`capture` the tile of the placeholder arch 90 (the compile check re-tiles per arch)."""
+    if not problems:
+        raise ValueError("grouped_tile: problems must not be empty")
+    M, N, K = max(problems, key=lambda p: (p[0] * p[1], p))
+    arch = 90 if _CAPTURE is not None else device_arch(device)
+    return choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode, qblock=qblock)
+
+
+def launch_grouped(kernel_name: str, kernel, grid: tuple, args: tuple, meta: dict, *, device: torch.device,
+                   tile: Tile, problems: Sequence[tuple], op_bytes: Sequence[int], side: str = "right", mode: int = 0,
+                   qblock: int = 0) -> None:
+    """Launch a grouped GEMM kernel (one launch for a list of problems) with ``tile`` (from
+    :func:`grouped_tile`, which the launcher also used to build its tile table, so the tile
+    is fixed before the arguments exist) and the family's explicit ``enable_fp_fusion``.
+
+    ``EVEN_K`` holds for the launch iff every problem's ``K`` is a multiple of ``tile.bk``,
+    i.e. iff ``gcd(K_i)`` is: the key recorded for the compile check carries that gcd as its
+    ``K`` (which :func:`choose_config` does not use), so re-tiling per arch keeps EVEN_K true.
+    No runtime autotuning (a list has no single shape to tune for).
+    """
+    family = FAMILY_OF[kernel_name]
+    wide = max(op_bytes) >= 4
+    k_all = 0
+    for p in problems:
+        k_all = math.gcd(k_all, int(p[2]))
+    M, N, _ = max(problems, key=lambda p: (p[0] * p[1], p))
+    full = dict(meta, **_tile_meta(family, tile, k_all), enable_fp_fusion=FP_FUSION[family])
+    if _CAPTURE is not None:
+        key = dict(M=M, N=N, K=k_all, op_bytes=list(op_bytes), side=side, mode=mode, qblock=qblock)
+        _CAPTURE.append(Launch(family, kernel, args, full, kernel_name, wide, key))
+        return
+    with device_guard(device):
+        arch = device_arch(device)
+        name = kernel_name if kernel_name not in _Q8_KERNELS else f"{kernel_name}[qblock={qblock}]"
+        CHOSEN[(name, M, N, k_all, tuple(op_bytes), side, mode, arch)] = tile.label()
+        kernel[grid](*args, **full)
 
 
 def _tile_meta(family: str, tile: Tile, K: int) -> dict:

@@ -15,6 +15,13 @@ through the 256-entry maps, updates them in float32, computes ``N`` (float32) fr
 values and requantizes (fresh absmax per block, nearest map entry), with the projection
 epilogue's helpers (kernels/projection.py), so no float32 moment reaches memory.
 
+Multi-tensor form: ``_adam_update_grouped_kernel`` / ``_adam_update_q8_grouped_kernel``
+run ``adam_foreach_update`` in ONE launch per list (per dtype / format sub-list of a mixed
+list), as torch's ``multi_tensor_apply``: a table with one row per tensor (addresses, sizes,
+seeds, first chunk), each program one chunk of one tensor found by a binary search over the
+tensors' first chunks, the chunk computed by the single kernels' bodies (``_adam_block``,
+``_adam_q8_block``): bitwise the single launches' results.
+
 Non-contiguous inputs go through contiguous copies (the moments are copied back after
 the kernel): the optimizers pass contiguous state, so that path is for correctness only.
 float64 is rejected with a TypeError (use the reference or C++ backend).
@@ -31,7 +38,9 @@ from lowrank_kernels.kernels.projection import (
     _adam_moments,
     _cast_out,
     _check_dtypes,
+    _device_table,
     _foreach_moment_formats,
+    _grouped_problem,
     _moment_named,
     _q8_decode,
     _q8_encode,
@@ -54,6 +63,15 @@ def _adam_update_kernel(
     """Flat blocks of ``BLOCK`` elements; ``SR``: bf16 moments stored with stochastic
     rounding (keys ``k1``/``k2``, counter = flat index, ``+ numel`` for ``V``)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _adam_block(r_ptr, m_ptr, v_ptr, n_ptr, offs, numel, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1, k2,
+                INTERPRET, SR)
+
+
+@triton.jit
+def _adam_block(r_ptr, m_ptr, v_ptr, n_ptr, offs, numel, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1, k2,
+                INTERPRET: tl.constexpr, SR: tl.constexpr):
+    """The body of the plain / stochastic-rounding Adam kernels (single and grouped): the
+    elements ``offs`` (int64 flat indices) of one contiguous tensor of ``numel`` elements."""
     mask = offs < numel
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -80,8 +98,16 @@ def _adam_update_q8_kernel(
     min(block_size, cols)`` columns in ``BLOCK_C`` lanes); ``qmap_ptr`` as the projection
     kernel's (kernels/projection.py ``q8_maps``)."""
     pid = tl.program_id(0)
-    blk = pid % nblk
-    offs_r = (pid // nblk).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    _adam_q8_block(r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr, pid // nblk, pid % nblk, rows, cols, nblk,
+                   qstep, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _adam_q8_block(r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr, rblk, blk, rows, cols, nblk, qstep,
+                   beta1, one_minus_beta1, beta2, one_minus_beta2, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The body of the 8-bit Adam kernels (single and grouped): rows ``[rblk * BLOCK_R, +BLOCK_R)``
+    x quantization block ``blk`` of one contiguous ``rows x cols`` tensor."""
+    offs_r = rblk.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     lane = tl.arange(0, BLOCK_C)
     offs_c = blk.to(tl.int64) * qstep + lane
     mask_r = offs_r < rows
@@ -101,6 +127,81 @@ def _adam_update_q8_kernel(
     cv, av = _q8_encode(v, mask, qmap_ptr + 768)
     tl.store(v_ptr + offs, cv, mask=mask)
     tl.store(va_ptr + offs_r * nblk + blk, av, mask=mask_r)
+
+
+# --------------------------------------------------------------------------- grouped (multi-tensor) kernels
+# adam_foreach_update in one launch per uniform sub-list, as torch's multi_tensor_apply: one
+# int64 table with one row of _NA fields per entry (kernels/projection.py's grouped launches
+# use the same scheme), each program one chunk of one entry (a BLOCK of elements, or for 8-bit
+# moments BLOCK_R rows x one quantization block), found by a binary search over the entries'
+# first chunks (projection.py ``_grouped_problem``); each chunk runs the single kernel's body.
+_A_R = tl.constexpr(0)  # address of r (contiguous)
+_A_M = tl.constexpr(1)  # exp_avg (codes for 8-bit)
+_A_V = tl.constexpr(2)  # exp_avg_sq
+_A_N = tl.constexpr(3)  # n (the output)
+_A_MA = tl.constexpr(4)  # 8-bit: absmax of exp_avg
+_A_VA = tl.constexpr(5)  # 8-bit: absmax of exp_avg_sq
+_A_NUMEL = tl.constexpr(6)  # elements (8-bit: rows)
+_A_COLS = tl.constexpr(7)  # 8-bit: columns (the last dim)
+_A_NBLK = tl.constexpr(8)  # 8-bit: quantization blocks per row
+_A_QSTEP = tl.constexpr(9)  # 8-bit: min(block_size, cols)
+_A_K1 = tl.constexpr(10)  # stochastic rounding keys
+_A_K2 = tl.constexpr(11)
+_A_START = tl.constexpr(12)  # the entry's first chunk (program)
+_NA = tl.constexpr(16)
+
+
+@triton.jit
+def _adam_update_grouped_kernel(
+    tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, n_ptr,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SR: tl.constexpr, STEPS: tl.constexpr,
+):
+    """:func:`_adam_update_kernel` over a list of tensors in one launch: program ``pid`` is
+    chunk ``pid - first[e]`` of entry ``e`` (table ``tab_ptr``, ``n_entries`` rows; ``r_ptr``
+    .. ``n_ptr``: tensors of the launch's dtypes, typing the table's addresses)."""
+    pid = tl.program_id(0)
+    row = _grouped_problem(tab_ptr, pid, n_entries, _NA, _A_START, STEPS)
+    chunk = pid - tl.load(row + _A_START).to(tl.int32)
+    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k1 = 0
+    k2 = 0
+    if SR:
+        k1 = tl.load(row + _A_K1)
+        k2 = tl.load(row + _A_K2)
+    _adam_block(
+        tl.load(row + _A_R).to(tl.pointer_type(r_ptr.dtype.element_ty)),
+        tl.load(row + _A_M).to(tl.pointer_type(m_ptr.dtype.element_ty)),
+        tl.load(row + _A_V).to(tl.pointer_type(v_ptr.dtype.element_ty)),
+        tl.load(row + _A_N).to(tl.pointer_type(n_ptr.dtype.element_ty)),
+        offs, tl.load(row + _A_NUMEL), beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1, k2, INTERPRET, SR,
+    )
+
+
+@triton.jit
+def _adam_update_q8_grouped_kernel(
+    tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEPS: tl.constexpr,
+):
+    """:func:`_adam_update_q8_kernel` over a list of tensors in one launch (``BLOCK_C`` lanes
+    cover the widest quantization block of the list; narrower blocks mask the rest)."""
+    pid = tl.program_id(0)
+    row = _grouped_problem(tab_ptr, pid, n_entries, _NA, _A_START, STEPS)
+    chunk = pid - tl.load(row + _A_START).to(tl.int32)
+    nblk = tl.load(row + _A_NBLK).to(tl.int32)
+    rblk = chunk // nblk
+    _adam_q8_block(
+        tl.load(row + _A_R).to(tl.pointer_type(r_ptr.dtype.element_ty)),
+        tl.load(row + _A_M).to(tl.pointer_type(m_ptr.dtype.element_ty)),
+        tl.load(row + _A_V).to(tl.pointer_type(v_ptr.dtype.element_ty)),
+        tl.load(row + _A_MA).to(tl.pointer_type(ma_ptr.dtype.element_ty)),
+        tl.load(row + _A_VA).to(tl.pointer_type(va_ptr.dtype.element_ty)),
+        qmap_ptr,
+        tl.load(row + _A_N).to(tl.pointer_type(n_ptr.dtype.element_ty)),
+        rblk, chunk - rblk * nblk, tl.load(row + _A_NUMEL), tl.load(row + _A_COLS), nblk,
+        tl.load(row + _A_QSTEP).to(tl.int32), beta1, one_minus_beta1, beta2, one_minus_beta2, eps, BLOCK_R, BLOCK_C,
+    )
 
 
 def _launch(r, m, v, out, numel, beta1, beta2, eps, fmt):
@@ -161,14 +262,73 @@ def _update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, fmt):
 
 def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_absmax, v_absmax, block_size,
                                moment_seed):
-    """Triton backend of ``lowrank_kernels::adam_foreach_update``: for now one launch per
-    entry (after a dtype and moment-format check of every entry, so nothing is written on
-    a bad one), ``N`` into ``n[i]``; a grouped launch over the whole list is later work.
+    """Triton backend of ``lowrank_kernels::adam_foreach_update``: ONE launch for the whole
+    list (:func:`_adam_update_grouped_kernel`, or :func:`_adam_update_q8_grouped_kernel` for
+    8-bit moments; a list that mixes dtypes or moment formats is split on the host into
+    uniform sub-lists, one launch each), after a dtype and moment-format check of every entry
+    (nothing is written on a bad one); ``N`` into ``n[i]``. Each chunk runs the single
+    kernels' code: the results are the single-tensor launcher's bit for bit. Non-contiguous
+    ``r`` / moments go through contiguous copies (moments copied back), as the single launcher.
     ``m_absmax`` / ``v_absmax`` / ``moment_seed``: one entry per tensor, or empty (not given)."""
     fmts = _foreach_moment_formats("adam_foreach_update", exp_avg, exp_avg_sq, m_absmax, v_absmax, block_size,
                                    moment_seed)
     for i in range(len(r)):
         _check_dtypes(f"adam_foreach_update (entry {i})", (("r", r[i]),) + _moment_named(fmts[i], exp_avg[i],
                                                                                           exp_avg_sq[i]))
+    groups: dict = {}
     for i in range(len(r)):
-        _update(r[i], exp_avg[i], exp_avg_sq[i], n[i], beta1, beta2, eps, fmts[i])
+        if n[i].numel():
+            key = (r[i].dtype, exp_avg[i].dtype, exp_avg_sq[i].dtype, n[i].dtype, fmts[i].mode)
+            groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        dev = n[members[0]].device
+        meta = dev.type == "meta"
+        # contiguous operands (copies of the odd ones; the moments' copies are written back)
+        rc = {i: r[i].contiguous() for i in members}
+        mc = {i: exp_avg[i] if exp_avg[i].is_contiguous() else exp_avg[i].contiguous() for i in members}
+        vc = {i: exp_avg_sq[i] if exp_avg_sq[i].is_contiguous() else exp_avg_sq[i].contiguous() for i in members}
+
+        def ptr(t):
+            return 0 if meta else t.data_ptr()
+
+        i0, fmt0 = members[0], fmts[members[0]]
+        q8 = fmt0.mode == MOMENTS_Q8
+        rows, chunks = [], 0
+        if q8:
+            block_c = max(max(16, triton.next_power_of_2(min(fmts[i].block_size, n[i].shape[-1]))) for i in members)
+            block_r = max(1, _Q8_ELEMS // block_c)
+        for i in members:
+            row = [0] * 16
+            row[0], row[1], row[2], row[3] = ptr(rc[i]), ptr(mc[i]), ptr(vc[i]), ptr(n[i])
+            row[12] = chunks
+            if q8:
+                cols = n[i].shape[-1]
+                row[4], row[5] = ptr(fmts[i].m_absmax), ptr(fmts[i].v_absmax)
+                row[6], row[7] = n[i].numel() // cols, cols
+                row[8], row[9] = triton.cdiv(cols, fmts[i].block_size), min(fmts[i].block_size, cols)
+                chunks += triton.cdiv(row[6], block_r) * row[8]
+            else:
+                row[6] = n[i].numel()
+                row[10], row[11] = fmts[i].k1, fmts[i].k2
+                chunks += triton.cdiv(row[6], _BLOCK)
+            rows.append(row)
+        tab = _device_table([x for row in rows for x in row], torch.int64, dev)
+        count, steps = len(rows), (len(rows) - 1).bit_length()
+        betas = (float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps))
+        if q8:
+            L.launch(
+                "adam", _adam_update_q8_grouped_kernel, (chunks,),
+                (tab, count, rc[i0], mc[i0], vc[i0], fmt0.m_absmax, fmt0.v_absmax, q8_maps(dev), n[i0], *betas),
+                dict(BLOCK_R=block_r, BLOCK_C=block_c, STEPS=steps, num_warps=8), device=dev,
+            )
+        else:
+            L.launch(
+                "adam", _adam_update_grouped_kernel, (chunks,),
+                (tab, count, rc[i0], mc[i0], vc[i0], n[i0], *betas),
+                dict(BLOCK=_BLOCK, INTERPRET=L.INTERPRET, SR=fmt0.mode != 0, STEPS=steps, num_warps=4), device=dev,
+            )
+        for i in members:
+            if mc[i] is not exp_avg[i]:
+                exp_avg[i].copy_(mc[i])
+            if vc[i] is not exp_avg_sq[i]:
+                exp_avg_sq[i].copy_(vc[i])

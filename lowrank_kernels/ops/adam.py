@@ -12,7 +12,7 @@ Op (``torch.ops.lowrank_kernels.*``):
   v_absmax![], block_size, moment_seed[]) -> ()``: the same over lists in one call, ``N``
   written into the caller's ``n`` list (an op returning a tensor list next to mutated lists
   cannot be functionalized by torch.compile) (reference: a loop; C++: the loop behind one
-  dispatcher call; Triton: one launch per entry for now, a grouped launch is later work).
+  dispatcher call; Triton: one grouped launch for the whole list, kernels/adam.py).
   Empty moment lists: not given; one call = one moment format.
 
 Moment formats, as in the projection family (ops/projection.py's module doc):

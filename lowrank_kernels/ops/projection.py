@@ -347,8 +347,8 @@ projector_tail = ref.projector_tail
 # Adam betas/eps: per-parameter tensors in lists, per-parameter lr / step / weight decay /
 # scale in lists. The projector lists (indices, q_scale, q_min, rank) are empty when not
 # given (a dense bucket; rank from the projectors), as the op schema has no optional lists. Reference: a loop over the single-tensor reference. C++: the same loop
-# behind one dispatcher call. Triton: a loop over the single-tensor launchers (two
-# launches per parameter; a grouped launch over the whole list is later work).
+# behind one dispatcher call. Triton: two grouped launches for the whole list
+# (kernels/projection.py, "grouped kernels").
 def _list_len(op, name, xs, n):
     C.fail_type(isinstance(xs, (list, tuple)), op, lambda: f"{name} must be a list, got {type(xs).__name__}")
     C.fail_value(len(xs) == n, op, lambda: f"{name} must have one entry per parameter ({n}), got {len(xs)}")
