@@ -240,3 +240,24 @@ def test_step_counts_under_a_dispatch_mode_take_the_aten_op():
         opt.step()
     assert "aten._foreach_add_" in mode.names
     assert [float(opt.state[w]["step"]) for w in ws] == [3.0, 3.0]
+
+
+def test_public_ops_compile_fullgraph_under_no_grad():
+    """torch.compile traces the public ops under no_grad (as in an optimizer step) without a
+    graph break: the eager caller's checks fold away when compiling."""
+    torch.manual_seed(0)
+    w, g = torch.randn(9, 7), torch.randn(9, 7)
+    p = torch.linalg.qr(torch.randn(7, 3))[0].T.contiguous()
+
+    def step(w, g, p, ea, eas):
+        with torch.no_grad():
+            ops.project_update_backproject_(w, g, p, ea, eas, side="right", lr=0.01, step=1, weight_decay=0.1)
+            ops.foreach_project_update_backproject_([w], [g], [p], [ea], [eas], side="right", lr=0.01, step=2)
+        return w
+
+    args = [w.clone(), g, p, torch.zeros(9, 3), torch.zeros(9, 3)]
+    want = [w.clone(), g, p, torch.zeros(9, 3), torch.zeros(9, 3)]
+    torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
+    step(*want)
+    for a, b in zip(args, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

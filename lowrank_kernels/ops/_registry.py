@@ -416,7 +416,8 @@ def plain_eager() -> bool:
     modes), no ``__torch_function__`` mode, no functorch transform, and not traced by
     ``torch.compile``: what runs now is what the dispatcher would run (host-side helpers may
     then stand in for ATen ops on plain tensors)."""
-    return not (_len_dispatch_stack() or _function_mode_enabled() or _functorch_active() or _is_compiling())
+    # is_compiling first: torch.compile folds it to True and never traces the C queries after it
+    return not (_is_compiling() or _len_dispatch_stack() or _function_mode_enabled() or _functorch_active())
 
 
 def eager_caller(overload) -> Callable:
@@ -438,7 +439,7 @@ def eager_caller(overload) -> Callable:
     n = len(schema_args)
 
     def call(*args):
-        if not _grad_enabled() and plain_eager() and _plain_args(args):
+        if not _is_compiling() and not _grad_enabled() and plain_eager() and _plain_args(args):
             if len(args) < n:
                 args = args + defaults[len(args):]
             return router(*args)

@@ -251,7 +251,7 @@ def _native_nonfinite_flags(grads):
     from lowrank_kernels.ops._checks import _native_helpers
 
     native = _native_helpers()
-    if native is None or not hasattr(native, "nonfinite_flags"):
+    if native is None or not hasattr(native, "nonfinite_flags") or torch.compiler.is_compiling():
         return None
     try:
         out = native.nonfinite_flags(grads)
