@@ -350,12 +350,14 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 _NATIVE_UNSET = object()
+#: the host helpers of csrc/python/host.cpp; the extension serves them all or none
+_NATIVE_FUNCTIONS = ("tensor_signature", "any_overlap", "all_plain", "nonfinite_flags", "add_one_")
 _native = _NATIVE_UNSET
 
 
 def _native_helpers():
-    """The extension module ``lowrank_kernels._C`` when it is built and exports the validation
-    cache's helpers (csrc/python/signature.cpp), else None (the Python versions run)."""
+    """The extension module ``lowrank_kernels._C`` when it is built and exports the host helpers
+    of csrc/python/host.cpp (:data:`_NATIVE_FUNCTIONS`), else None (the Python versions run)."""
     global _native
     if _native is _NATIVE_UNSET:
         from lowrank_kernels import _ext
@@ -365,7 +367,7 @@ def _native_helpers():
             import importlib
 
             mod = importlib.import_module("lowrank_kernels._C")
-            if not hasattr(mod, "tensor_signature") or not hasattr(mod, "any_overlap"):
+            if not all(hasattr(mod, f) for f in _NATIVE_FUNCTIONS):  # an extension built before them
                 mod = None
         _native = mod
     return _native

@@ -49,6 +49,8 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
+from ._checks import _PLAIN_TENSOR_TYPES, _native_helpers
+
 NAMESPACE = "lowrank_kernels"
 BACKENDS = ("reference", "cpp", "triton")
 ENV_VAR = "LOWRANK_KERNELS_BACKEND"
@@ -380,19 +382,14 @@ def define_op(
 
 
 _ROUTERS: Dict[str, Callable] = {}
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
 def _plain_args(args) -> bool:
     """Whether every tensor in ``args`` (and in its tensor lists) is a plain ``Tensor`` or
     ``Parameter`` (no subclass: DTensor and other ``__torch_dispatch__`` types need the dispatcher);
     in one C++ call with the extension (``lowrank_kernels._C.all_plain``)."""
-    from ._checks import _native_helpers
-
     native = _native_helpers()
-    if native is not None and hasattr(native, "all_plain"):
+    if native is not None:
         return native.all_plain(args)
-    plain = _PLAIN_TYPES
+    plain = _PLAIN_TENSOR_TYPES
     for a in args:
         if isinstance(a, torch.Tensor):
             if type(a) not in plain:
@@ -439,7 +436,7 @@ def eager_caller(overload) -> Callable:
     n = len(schema_args)
 
     def call(*args):
-        if not _is_compiling() and not _grad_enabled() and plain_eager() and _plain_args(args):
+        if not _grad_enabled() and plain_eager() and _plain_args(args):
             if len(args) < n:
                 args = args + defaults[len(args):]
             return router(*args)

@@ -536,9 +536,6 @@ def _matrix_shape(t, name, op):
     return t.shape
 
 
-_PLAIN_2D = (torch.Tensor, torch.nn.Parameter)
-
-
 def _op_args(entry, proj, side, mat, name, op):
     m, n = _matrix_shape(mat, name, op)
     C.check_side(side, op)
@@ -721,7 +718,7 @@ def foreach_project_update_backproject_(
         C.fail_type(entry is not None and entry["op_args"] is not None, op,
                     lambda: f"{type(projs[0]).__name__} does not map onto the projection ops' projector arguments")
         args = None
-        if side in ("left", "right") and all(type(w) in _PLAIN_2D for w in params):
+        if side in ("left", "right") and all(type(w) in C._PLAIN_TENSOR_TYPES for w in params):
             # Plain tensors: the projector arguments without the per-parameter checks of
             # _op_args (the op's validator checks every parameter); on any failure the
             # checked path below raises its error.

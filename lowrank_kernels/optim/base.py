@@ -152,6 +152,8 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
 from lowrank_kernels import ops
+from lowrank_kernels.ops._checks import _native_helpers
+from lowrank_kernels.ops._registry import plain_eager
 from lowrank_kernels.reference import moments as _moments
 
 from . import distributed as _dist
@@ -234,11 +236,8 @@ def _increment_steps(steps: List[torch.Tensor]) -> None:
     """``torch._foreach_add_(steps, 1.0)``; in plain eager mode (no tracing or dispatch mode) on
     plain float32 CPU step counts, the extension's ``add_one_`` does the same (value + 1, version
     counter bumped) without an ATen op."""
-    from lowrank_kernels.ops._checks import _native_helpers
-    from lowrank_kernels.ops._registry import plain_eager
-
     native = _native_helpers()
-    if native is not None and hasattr(native, "add_one_") and plain_eager() and native.add_one_(steps):
+    if native is not None and plain_eager() and native.add_one_(steps):
         return
     torch._foreach_add_(steps, 1.0)
 
@@ -248,10 +247,8 @@ def _native_nonfinite_flags(grads):
     (``lowrank_kernels._C.nonfinite_flags``): True when all are, else a list of bools; None
     when it cannot answer (no extension, or a gradient that is not a plain contiguous
     floating CPU tensor), and the ATen probe decides."""
-    from lowrank_kernels.ops._checks import _native_helpers
-
     native = _native_helpers()
-    if native is None or not hasattr(native, "nonfinite_flags") or torch.compiler.is_compiling():
+    if native is None or torch.compiler.is_compiling():
         return None
     try:
         out = native.nonfinite_flags(grads)
