@@ -687,6 +687,23 @@ def _grouped_int(row, F: tl.constexpr, IDX64: tl.constexpr):
 
 
 @triton.jit
+def _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE: tl.constexpr):
+    """A problem's projector extras from its table row: ``(aux0, aux1, aux_int, aux_bound)`` as
+    ``_proj_launch_args`` gives the single kernels (DCT indices / INT4 scale and minimum); the
+    launch's placeholders and zeros for a dense projector."""
+    a0 = aux0_ptr
+    a1 = aux1_ptr
+    aux_int = 0
+    aux_bound = 0
+    if PROJ_MODE != 0:
+        a0 = tl.load(row + _F_A0).to(tl.pointer_type(aux0_ptr.dtype.element_ty))
+        a1 = tl.load(row + _F_A1).to(tl.pointer_type(aux1_ptr.dtype.element_ty))
+        aux_int = tl.load(row + _F_AUXI).to(tl.int32)
+        aux_bound = tl.load(row + _F_AUXB).to(tl.int32)
+    return a0, a1, aux_int, aux_bound
+
+
+@triton.jit
 def _grouped_stride(row, F: tl.constexpr, BIT: tl.constexpr, UNIT: tl.constexpr, IDX64: tl.constexpr):
     """Stride field ``F``, or the constant 1 when ``UNIT`` says it is 1 in every problem."""
     s = 1
@@ -745,15 +762,7 @@ def _projection_project_adam_grouped_kernel(
     mp = tl.load(row + _F_M).to(tl.pointer_type(m_ptr.dtype.element_ty))
     vp = tl.load(row + _F_V).to(tl.pointer_type(v_ptr.dtype.element_ty))
     np_ = n_ptr + tl.load(row + _F_OUT)
-    a0 = aux0_ptr
-    a1 = aux1_ptr
-    aux_int = 0
-    aux_bound = 0
-    if PROJ_MODE != 0:
-        a0 = tl.load(row + _F_A0).to(tl.pointer_type(aux0_ptr.dtype.element_ty))
-        a1 = tl.load(row + _F_A1).to(tl.pointer_type(aux1_ptr.dtype.element_ty))
-        aux_int = tl.load(row + _F_AUXI).to(tl.int32)
-        aux_bound = tl.load(row + _F_AUXB).to(tl.int32)
+    a0, a1, aux_int, aux_bound = _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE)
     ma = ma_ptr
     va = va_ptr
     nblk = 0
@@ -830,15 +839,7 @@ def _projection_backproject_apply_grouped_kernel(
         su0 = K
     else:  # U: r x n
         su0 = N
-    a0 = aux0_ptr
-    a1 = aux1_ptr
-    aux_int = 0
-    aux_bound = 0
-    if PROJ_MODE != 0:
-        a0 = tl.load(row + _F_A0).to(tl.pointer_type(aux0_ptr.dtype.element_ty))
-        a1 = tl.load(row + _F_A1).to(tl.pointer_type(aux1_ptr.dtype.element_ty))
-        aux_int = tl.load(row + _F_AUXI).to(tl.int32)
-        aux_bound = tl.load(row + _F_AUXB).to(tl.int32)
+    a0, a1, aux_int, aux_bound = _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE)
     idx = tl.load(row + _F_IDX)
     sk = skip_ptr
     if SKIP:
