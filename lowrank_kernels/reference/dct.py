@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the DCT family: the specification.
 
-Notation (ALGORITHMS.md, "DCT-AdamW"): ``G`` is ``m x n``; ``C`` is the orthonormal
+Notation (DCT-AdamW, Modoranu et al. 2025): ``G`` is ``m x n``; ``C`` is the orthonormal
 DCT-II basis of size ``s`` (rows are the cosine waveforms), ``s = n`` for
 ``side="right"`` and ``s = m`` for ``side="left"``.
 

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the projection family: the specification.
 
-Notation (../../README.md, ALGORITHMS.md): ``G`` is ``m x n``.
+Notation (docs/design.md): ``G`` is ``m x n``.
 side="right": ``P`` is ``r x n``, ``R = G P^T`` (``m x r``), ``back(N) = N P``.
 side="left":  ``P`` is ``m x r``, ``R = P^T G`` (``r x n``), ``back(N) = P N``.
 
