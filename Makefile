@@ -1,15 +1,22 @@
-# The two commands of the README: `make test` and `make bench`.
-# Both create .venv if missing, install the pinned dependencies, build the C++
-# extension, then run. A second run reuses .venv and the built extension.
+# Development commands (README.md, "Development"):
+#   make test           set-up + the whole test suite (Triton kernels in the interpreter on CPU)
+#   make bench          set-up + `python -m bench` into bench/out/ (untracked): a short summary
+#   make bench-results  set-up + the benchmark into bench/results/ and docs/results.md (committed)
+#   make build          set-up + build the C++ extension only
+# The set-up creates .venv if missing, installs the pinned dependencies and builds the
+# C++ extension; a second run reuses .venv and the built extension.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_STAMP := $(VENV)/.ext-stamp
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
+NSRC := $(words $(filter %.cpp,$(CSRC)))
+BUILD_LOG := build/ext-build.log
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: test bench build deps clean
+.PHONY: test bench bench-results build deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,20 +29,30 @@ $(DEPS_STAMP): requirements.txt | $(PY)
 
 deps: $(DEPS_STAMP)
 
-# Builds lowrank_kernels._C with ninja; serialized by a lock so that parallel
-# invocations in one tree do not race on build/.
+# Builds lowrank_kernels._C with ninja (serialized by a lock so that parallel invocations
+# in one tree do not race on build/). Prints one line per compiled file ("[i/n] csrc/...");
+# pip's full output goes to $(BUILD_LOG), whose tail is printed if the build fails.
 $(EXT_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
-	flock .venv/.build-lock $(PY) -m pip install --no-build-isolation --no-deps --use-pep517 -e .
-	touch $@
+	@mkdir -p build
+	@echo "building lowrank_kernels._C: $(NSRC) C++ files with ninja (first build: a few minutes; log: $(BUILD_LOG))"
+	@flock $(VENV)/.build-lock bash -o pipefail -c \
+	  '$(PY) -m pip install -v --no-build-isolation --no-deps --use-pep517 -e . 2>&1 | tee $(BUILD_LOG) \
+	   | sed -nuE -e "s@^ *(\[[0-9]+/[0-9]+\]) .* -c [^ ]*(csrc/[^ ]+) .*@  \1 \2@p" -e "/^Successfully installed/p"' \
+	  || { echo "build failed; the end of $(BUILD_LOG):"; tail -n 40 $(BUILD_LOG); exit 1; }
+	@touch $@
 
 build: $(EXT_STAMP)
 
 test: build
 	LOWRANK_KERNELS_EXPECT_EXT=1 TRITON_INTERPRET=1 $(PY) -m pytest python_tests -q $(PYTEST_ARGS)
 
+# Writes only to bench/out/ (ignored by git): the checkout stays clean.
 bench: build
 	$(PY) -m bench $(BENCH_ARGS)
-	$(PY) -m bench.readme
+
+# Refreshes the committed results: bench/results/<device>.{csv,md,png} and docs/results.md.
+bench-results: build
+	$(PY) -m bench --update-results $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info lowrank_kernels/*.so $(EXT_STAMP)

@@ -11,12 +11,16 @@ Suites (``--suite``, comma-separated or ``all``):
 
 Every figure is a ratio against baselines measured in the same run. Results:
 ``<out>/<device>.csv`` (one row per measurement), ``<out>/<device>.md`` (the same as
-Markdown tables, for the README), ``<out>/<device>_<plot>.png``, and a short table
-printed last. Sizes: the LLaMA shapes of the issues on CUDA,
-scaled down on CPU (the table says how). A measurement that cannot be made (an API
-not there yet, a package not installed) is listed as skipped with the reason.
-``--keep`` reruns only the chosen suites and keeps the other suites' rows (with their own
-stamps), tables and targets from the existing ``<device>.csv``/``.md``; the header says so.
+Markdown tables), ``<out>/<device>_<plot>.png``, and a short summary printed last (the
+goals with what was measured, and where the files went; ``--table`` prints every row).
+``<out>`` is ``bench/out/`` by default, which git ignores: a run leaves the checkout clean.
+``--update-results`` writes into ``bench/results/`` instead and regenerates
+``docs/results.md`` from it (the committed results; ``make bench-results``).
+Sizes: LLaMA shapes (up to 4096 x 11008) on CUDA, scaled down on CPU (the header says
+how). A measurement that cannot be made (an API not there yet, a package not installed)
+is listed as skipped with the reason. ``--keep`` reruns only the chosen suites and keeps
+the other suites' rows (with their own stamps), tables and targets from the existing
+``<device>.csv``/``.md``; the header says so.
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ import traceback
 from pathlib import Path
 
 SUITES = ("projection", "refresh", "step", "memory", "quant")
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCH_DIR / "out"  # ignored by git (.gitignore)
+RESULTS_DIR = BENCH_DIR / "results"  # committed; written only with --update-results
 # OpenMP threads that spin while waiting make a busy (shared, oversubscribed) CPU many times
 # slower; sleeping waiters cost little otherwise. Read when torch loads, so set it first.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -45,8 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                     help="parameter/gradient dtype (default: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                    help="folder for the CSV and plots (default: bench/results)")
+    ap.add_argument("--out", default=None,
+                    help="folder for the CSV, Markdown and plots (default: bench/out/, ignored by git)")
+    ap.add_argument("--update-results", action="store_true",
+                    help="write into bench/results/ (the committed results) and regenerate docs/results.md")
+    ap.add_argument("--table", action="store_true", help="print every row as a wide table, not only the summary")
     ap.add_argument("--time-budget", type=float, default=None, metavar="S",
                     help="stop measuring after S seconds (remaining rows are listed as skipped)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -64,6 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not names:
         ap.error(f"--suite: unknown suite(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SUITES)} or all")
     args.suites = names
+    if args.update_results and args.out is not None:
+        ap.error("--update-results writes into bench/results/: leave out --out")
+    if args.update_results and args.tiny:
+        ap.error("--update-results: a smoke run is not a result")
+    args.out = str(RESULTS_DIR if args.update_results else (args.out or DEFAULT_OUT))
     return args
 
 
@@ -114,7 +129,7 @@ def _run(args, torch) -> int:
 def _run_suites(args, ctx, log) -> int:
     import torch
 
-    from .harness import format_markdown, format_table, measure_roofline
+    from .harness import format_markdown, format_summary, format_table, measure_roofline
 
     import lowrank_kernels  # noqa: F401  (loads the ops and the C++ extension if built)
     from lowrank_kernels import _ext
@@ -159,10 +174,17 @@ def _run_suites(args, ctx, log) -> int:
             interrupted = True
     md_path = ctx.csv_path().with_suffix(".md")
     md_path.write_text(format_markdown(ctx, args.suites))
+    if args.table:
+        print()
+        print(format_table(ctx, args.suites))
     print()
-    print(format_table(ctx, args.suites))
-    print()
-    print(f"wrote {csv_path}\nwrote {md_path}" + "".join(f"\nwrote {p}" for p in plots))
+    print(format_summary(ctx, args.suites, csv_path=csv_path, md_path=md_path, plots=plots))
+    if args.update_results:
+        from . import readme
+
+        page = readme.DEFAULT_PAGE
+        changed = readme.update(page, Path(args.out))
+        print(f"{_shown(page)}: {'regenerated' if changed else 'unchanged'}")
     print(f"total {time.perf_counter() - t0:.1f} s")
     if crashed:
         print(f"suite(s) crashed: {', '.join(crashed)} (see the traceback above)", file=sys.stderr)
@@ -170,6 +192,14 @@ def _run_suites(args, ctx, log) -> int:
     if any("FAILED" in r.check for r in ctx.rows):
         return 3
     return 130 if interrupted else 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Suite ``memory``: optimizer-state bytes per optimizer on the step suite's stack (issues 3, 6).
+"""Suite ``memory``: optimizer-state bytes per optimizer on the step suite's stack.
 
 ``optimizer_state``
     Bytes of every tensor the optimizer holds after two steps (moments, projectors,

@@ -1,4 +1,4 @@
-"""Suite ``projection``: the fused GaLore-Adam step against unfused PyTorch (issue 2).
+"""Suite ``projection``: the fused GaLore-Adam step against unfused PyTorch.
 
 Kernels, per LLaMA shape and rank (side chosen as GaLore's "std": the smaller side):
 

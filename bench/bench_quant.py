@@ -1,4 +1,4 @@
-"""Suite ``quant``: Q-GaLore's INT4 projector and INT8 weights (issue 5).
+"""Suite ``quant``: Q-GaLore's INT4 projector and INT8 weights.
 
 ``projector_bytes``
     Bytes of a rank-r projector of each LLaMA stack shape: ``dense-bf16``; ``ours-int4``

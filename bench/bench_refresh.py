@@ -1,4 +1,4 @@
-"""Suite ``refresh``: what a projector refresh costs, per method (issue 4).
+"""Suite ``refresh``: what a projector refresh costs, per method.
 
 Per LLaMA shape (rank 512 on CUDA; scaled down on CPU) and for a whole stack of
 LLaMA-1B-shaped layers:
@@ -12,7 +12,7 @@ LLaMA-1B-shaped layers:
 Whole stack (``refresh_stack``): the same per matrix, ``ours-<backend>-batched`` (one 3-D
 batch per shape, the stacking copy timed too) and ``ours-<backend>-foreach``: one
 ``dct_foreach_score_topk`` call per (shape, side) bucket, what ``DCTAdamW`` does at a
-refresh (no stacked copy; the issue-12 target on a GPU: the 4-layer LLaMA-1B-shaped stack
+refresh (no stacked copy; the goal on a GPU: the 4-layer LLaMA-1B-shaped stack
 refreshed in at most 1.5 ms). ``python -m bench.bench_refresh --gpu-check`` measures just
 that stack for ``bench/gpu_check.sh``.
 
@@ -30,7 +30,7 @@ from .harness import Ctx, fmt_shape, free_memory, gpu_check_args, plot_lines, pr
 SUITE = "refresh"
 KERNEL = "refresh"
 STACK_KERNEL = "refresh_stack"
-STACK_TARGET_MS = 1.5  # issue 12: the whole 4-layer LLaMA-1B-shaped stack's DCT refresh on a GPU
+STACK_TARGET_MS = 1.5  # goal: the whole 4-layer LLaMA-1B-shaped stack's DCT refresh on a GPU
 
 
 def dct_basis(size: int, dtype, device) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Suite ``step``: a whole optimizer step on a stack of LLaMA-1B-shaped layers (issue 3).
+"""Suite ``step``: a whole optimizer step on a stack of LLaMA-1B-shaped layers.
 
 The stack (per layer 4 x 2048x2048, 2 x 5461x2048, 1 x 2048x5461; 4 layers = 201M
 params on CUDA, one narrower layer on CPU) holds parameters with fixed random
@@ -73,7 +73,7 @@ def run(ctx: Ctx) -> None:
     _targets(ctx)
 
 
-# --------------------------------------------------------------------------- host-cost table (issue 12 part 4)
+# --------------------------------------------------------------------------- host-cost table
 def _host_cost(ctx: Ctx) -> None:
     """Kernel ``host_cost``: bench/host_cost.py's non-refresh step on 28 tiny weights (host time
     dominates) on the present device, every optimizer; the note holds the op counts."""
@@ -85,7 +85,7 @@ def _host_cost(ctx: Ctx) -> None:
     kw = dict(shape=shape, rank=H.RANK, dtype="fp32")
     try:
         ctx.check_budget()
-        # The smoke run (--tiny) exercises the path on the issue's two optimizers and the baselines.
+        # The smoke run (--tiny) exercises the path on the two optimizers with host-cost goals and the baselines.
         names = ["torch-adamw-fused", H.BASELINE, *H.TARGETS] if ctx.tiny else None
         result = H.rows(rounds, reps, backend=None, device=ctx.device, profile_ops=False, names=names)
     except Exception as e:  # noqa: BLE001 - recorded as a skip, the suite goes on
@@ -105,12 +105,12 @@ def _host_cost(ctx: Ctx) -> None:
     cpu = ctx.device.type == "cpu"
     for name in H.TARGETS:
         r, base = by.get(name), by.get(H.BASELINE)
-        ctx.target(SUITE, f"{name} host-cost step time / {H.BASELINE} (issue 12: <= 1 on CPU)",
+        ctx.target(SUITE, f"{name} host-cost step time / {H.BASELINE} (goal on CPU: <= 1)",
                    r["median_ms"] / base["median_ms"] if r and base else None, 1.0, higher_is_better=False,
                    applies=cpu, stated_for="CPU")
-        ctx.target(SUITE, f"{name} lowrank_kernels op calls per non-refresh step (issue 12)",
+        ctx.target(SUITE, f"{name} lowrank_kernels op calls per non-refresh step",
                    r["lk_ops"] if r else None, H.MAX_LK_OPS, higher_is_better=False, unit="", stated_for="any device")
-        ctx.target(SUITE, f"{name} aten ops per non-refresh step (issue 12)",
+        ctx.target(SUITE, f"{name} aten ops per non-refresh step",
                    r["aten_ops"] if r else None, H.MAX_ATEN_OPS, higher_is_better=False, unit="",
                    stated_for="any device")
 
@@ -126,9 +126,9 @@ def _derived(ctx: Ctx, name: str, steady: Row, refresh: Row, note: str, kw: dict
 
 def _targets(ctx: Ctx) -> None:
     full = ctx.device.type == "cuda" and ctx.sizes.stack.layers == 4 and ctx.dtype == torch.bfloat16
-    # Not an issue's target: the project's own bar, not slower than the official package.
+    # The project's bar: not slower than the official package.
     # (No goal against fused AdamW: a projected step does two GEMMs that AdamW does not.)
-    ctx.target(SUITE, "ours-GaLoreAdamW step (no refresh) vs galore-torch (project goal, not from an issue)",
+    ctx.target(SUITE, "ours-GaLoreAdamW step (no refresh) vs galore-torch",
                ctx.ratio(SUITE, "step", "ours-GaLoreAdamW", "galore-torch"), 1.0, applies=full)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh OUTDIR: the one-shot GPU check of lowrank_kernels (issue 11, section 5).
+# bench/gpu_check.sh OUTDIR: the one-shot GPU check of lowrank_kernels.
 #
 # For an H100/H200 machine with torch and triton preinstalled (plain python3, no venv) and
 # no network: nothing is installed, downloaded or built (the CUDA path is Triton + the

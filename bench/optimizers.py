@@ -1,7 +1,7 @@
 """The optimizers the step and memory suites compare, on one stack of parameters.
 
 ``OPTIMIZERS`` maps a provider name to its builder and whether it projects. Every optimizer of
-ours that takes the ``moment_bits`` group key (issue 14) also appears as ``<name>-16bit``
+ours that takes the ``moment_bits`` group key also appears as ``<name>-16bit``
 (bfloat16 moments, stochastic rounding) and ``<name>-8bit`` (uint8 block-wise codes with
 float32 absmax per block); :data:`MOMENT_VARIANTS` maps each such name to its base and its
 ``moment_bits``. ``ours-AdamW`` is a plain group (``rank=None``) of ours, the full-rank Adam

@@ -86,24 +86,71 @@ def test_bench_tiny_cpu_all_suites(tmp_path, capsys):
     assert int(adamw["bytes"]) >= 2 * 4 * nparams  # two fp32 moments per element
     assert [r for r in rows if r["suite"] == "quant" and r["kernel"] == "projector_bytes" and r["bytes"]]
 
-    # Plots and the table printed last.
+    # Plots, and the short summary printed last (the wide table only with --table).
     assert sorted(p.name.split("_", 1)[1] for p in tmp_path.glob("*.png")) == \
         ["memory.png", "projection.png", "refresh.png", "step.png"]
-    assert "== targets" in out and "== projection ==" in out
+    summary = out[out.index("== summary: "):]
+    assert "== targets" in summary and f"full tables: {path.with_suffix('.md')}" in summary
+    assert f"raw rows:    {path}" in summary and "plots:       " in summary
+    assert "== projection ==" not in out and "| kernel | provider |" not in out
+    assert len(summary.splitlines()) < 40
     assert "would meet" not in out and "would miss" not in out
-    md = path.with_suffix(".md").read_text()  # the same run as Markdown tables, for the README
+    md = path.with_suffix(".md").read_text()  # the same run as Markdown tables, shown by docs/results.md
     assert "**projection**" in md and "| kernel | provider |" in md and "**Targets**" in md
-    assert "CPU load average (1 min): " in md.split("\n\n")[0]  # in the header the README shows
+    assert "CPU load average (1 min): " in md.split("\n\n")[0]  # in the header the results page shows
     assert out.rstrip().splitlines()[-1].startswith("total ")
 
 
 def test_bench_memory_suite_alone(tmp_path, capsys):
     """Without the step suite before it, the memory suite steps the optimizers itself."""
-    rc, out, header, rows, _ = _run(tmp_path, capsys, "--device", "cpu", "--suite", "memory", "--no-plots")
+    rc, out, header, rows, _ = _run(tmp_path, capsys, "--device", "cpu", "--suite", "memory", "--no-plots",
+                                    "--table")
     assert rc == 0, out[-3000:]
     mem = {r["provider"]: int(r["bytes"]) for r in rows if r["suite"] == "memory" and r["bytes"]}
     assert mem["torch-adamw-fused"] == mem["torch-adamw-foreach"] > 0
     assert not list(tmp_path.glob("*.png"))
+    assert "== memory ==" in out and out.index("== memory ==") < out.index("== summary: ")  # --table: every row
+
+
+def _git(*args):
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=bench_main.BENCH_DIR.parent, capture_output=True, text=True)
+
+
+def test_default_output_folder_is_untracked():
+    """By default a run writes to bench/out/, which git ignores; the committed results
+    (bench/results/, docs/results.md) are written only with --update-results."""
+    args = bench_main.parse_args([])
+    assert args.out == str(bench_main.DEFAULT_OUT) and bench_main.DEFAULT_OUT.name == "out"
+    assert bench_main.parse_args(["--update-results"]).out == str(bench_main.RESULTS_DIR)
+    with pytest.raises(SystemExit):
+        bench_main.parse_args(["--update-results", "--out", "x"])
+    if _git("rev-parse", "--git-dir").returncode != 0:
+        pytest.skip("not a git checkout")
+    assert _git("check-ignore", "-q", "bench/out/cpu-X.csv").returncode == 0, "bench/out/ must be git-ignored"
+    assert _git("check-ignore", "-q", "bench/results/cpu-X.csv").returncode == 1
+
+
+def test_default_run_leaves_the_checkout_clean(capsys):
+    """A run with the default output (a tiny memory suite) changes nothing git tracks and writes no README."""
+    if _git("rev-parse", "--git-dir").returncode != 0:
+        pytest.skip("not a git checkout")
+    before = _git("status", "--porcelain", "--untracked-files=all").stdout
+    readme = bench_main.BENCH_DIR.parent / "README.md"
+    readme_mtime = readme.stat().st_mtime_ns if readme.exists() else None
+    existing = set(bench_main.DEFAULT_OUT.glob("*")) if bench_main.DEFAULT_OUT.exists() else set()
+    try:
+        rc = bench_main.main(["--tiny", "--quick", "--device", "cpu", "--suite", "memory", "--no-plots"])
+        out = capsys.readouterr().out
+        assert rc == 0, out[-3000:]
+        assert f"full tables: {bench_main.DEFAULT_OUT.relative_to(bench_main.BENCH_DIR.parent)}" in out or \
+            f"full tables: {bench_main.DEFAULT_OUT}" in out
+        assert _git("status", "--porcelain", "--untracked-files=all").stdout == before
+        assert (readme.stat().st_mtime_ns if readme.exists() else None) == readme_mtime
+    finally:
+        for f in set(bench_main.DEFAULT_OUT.glob("*")) - existing:  # only what this run wrote
+            f.unlink()
 
 
 def test_time_budget_turns_measurements_into_skips(tmp_path):
@@ -243,7 +290,7 @@ def test_owlore_provider_trains_gamma_layers_and_drops_the_rest():
         assert p.requires_grad and torch.equal(p, w) and torch.equal(p.grad, g)
 
 
-# --------------------------------------------------------------------------- moment formats (issue 14)
+# --------------------------------------------------------------------------- moment formats
 
 MOMENT_BASES = ("ours-AdamW", "ours-GaLoreAdamW", "ours-DCTAdamW", "ours-QGaLoreAdamW", "ours-APOLLOAdamW",
                 "ours-APOLLO-Mini", "ours-FrugalAdamW", "ours-GradNormLoRPAdamW", "ours-GaLoreAdafactor-beta1")

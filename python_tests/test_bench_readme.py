@@ -1,4 +1,5 @@
-"""python -m bench.readme rewrites only the README's results section, from the result files."""
+"""python -m bench.readme regenerates the results page (docs/results.md) from the result files, and
+never writes README.md."""
 import json
 from pathlib import Path
 
@@ -60,27 +61,46 @@ def _demo_json(res: Path) -> None:
     (res / "convergence_tuning-adamw.json").write_text(json.dumps(grid))
 
 
-def test_results_section_is_regenerated(tmp_path):
+def _page(tmp: Path) -> Path:
+    docs = tmp / "docs"
+    docs.mkdir(exist_ok=True)
+    return docs / "results.md"
+
+
+def test_results_page_is_regenerated(tmp_path):
     res = _results(tmp_path)
-    md = tmp_path / "README.md"
-    md.write_text(f"# t\n\nintro\n\n{readme.START}\nold stuff\n{readme.END}\n\n## after\n")
-    assert readme.update(md, res, tmp_path)
-    text = md.read_text()
-    assert "old stuff" not in text and text.startswith("# t\n\nintro\n") and text.endswith("## after\n")
-    sec = text.split(readme.START)[1].split(readme.END)[0]
-    assert sec.index("### H100-80GB") < sec.index("### cpu-X")  # GPU first
-    assert "- [p] goal >= 1x, measured 2x: met" in sec
-    assert "![cpu-X_projection](bench/results/cpu-X_projection.png)" in sec
-    assert "| galore | 2.1000 | 8.166 | +5.0% | 0.00 MiB | 0.40x |" in sec  # CSV without JSON: the bare table
-    assert not readme.update(md, res, tmp_path)  # idempotent
+    readme_md = tmp_path / "README.md"
+    readme_md.write_text("# t\n\nintro\n")
+    page = _page(tmp_path)
+    page.write_text("old stuff\n")
+    assert readme.update(page, res)
+    text = page.read_text()
+    assert "old stuff" not in text and text.startswith("# Measured results\n")
+    assert readme.GENERATED in text and "[benchmarks.md](benchmarks.md)" in text
+    assert "Benchmarks on a GPU: H100-80GB." in text  # a GPU result: no "CPU only" statement
+    assert text.index("### H100-80GB") < text.index("### cpu-X")  # GPU first
+    assert "- [p] goal >= 1x, measured 2x: met" in text
+    # Links are relative to the page's folder.
+    assert "![cpu-X_projection](../bench/results/cpu-X_projection.png)" in text
+    assert "Full tables: [`cpu-X.md`](../bench/results/cpu-X.md)" in text
+    assert "| galore | 2.1000 | 8.166 | +5.0% | 0.00 MiB | 0.40x |" in text  # CSV without JSON: the bare table
+    assert not readme.update(page, res)  # idempotent
+    assert readme_md.read_text() == "# t\n\nintro\n"  # the README is never written
+
+
+def test_cpu_only_results_say_so(tmp_path):
+    res = _results(tmp_path)
+    (res / "H100-80GB.md").unlink()
+    page = _page(tmp_path)
+    readme.update(page, res)
+    assert "measured on a CPU" in page.read_text() and "no GPU has run these benchmarks" in page.read_text()
 
 
 def test_extrapolated_verdicts_are_removed(tmp_path):
     res = _results(tmp_path)
-    md = tmp_path / "README.md"
-    md.write_text(f"{readme.START}\n{readme.END}\n")
-    readme.update(md, res, tmp_path)
-    for text in (md.read_text(), (res / "cpu-X.md").read_text()):
+    page = _page(tmp_path)
+    readme.update(page, res)
+    for text in (page.read_text(), (res / "cpu-X.md").read_text()):
         assert "would meet" not in text and "would miss" not in text
         assert "measured 20x: not measured on the target (goal stated for H100/H200 at full size)" in text
         assert "measured 1.1x: not measured on the target" in text
@@ -89,10 +109,9 @@ def test_extrapolated_verdicts_are_removed(tmp_path):
 def test_demo_section_from_json(tmp_path):
     res = _results(tmp_path)
     _demo_json(res)
-    md = tmp_path / "README.md"
-    md.write_text(f"{readme.START}\n{readme.END}\n")
-    readme.update(md, res, tmp_path)
-    sec = md.read_text()
+    page = _page(tmp_path)
+    readme.update(page, res)
+    sec = page.read_text()
     assert "git abc1234-dirty" in sec and "(1,234 bytes), which no recipe was tuned on" in sec
     assert "2 seed(s) (0, 1) of the 3 requested" in sec
     # mean, sample std, vs AdamW (mean 2.1), vs the control (mean 2.5)
@@ -104,15 +123,25 @@ def test_demo_section_from_json(tmp_path):
     assert "| adamw,2.0" not in sec  # the JSON wins over the CSV
 
 
-def test_missing_markers_is_an_error(tmp_path):
-    md = tmp_path / "README.md"
-    md.write_text("# no markers\n")
-    with pytest.raises(SystemExit, match="markers"):
-        readme.update(md, _results(tmp_path), tmp_path)
+def test_check_mode_writes_nothing(tmp_path, capsys):
+    res = _results(tmp_path)
+    page = _page(tmp_path)
+    assert readme.update(page, res, check=True) and not page.exists()
+    assert "would miss" in (res / "cpu-X.md").read_text()  # --check rewrites no result file either
+    assert readme.main(["--page", str(page), "--results", str(res), "--check"]) == 1
+    assert readme.main(["--page", str(page), "--results", str(res)]) == 0 and page.exists()
+    assert readme.main(["--page", str(page), "--results", str(res), "--check"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_committed_results_page_is_current():
+    """docs/results.md is what bench/results/ gives (rerun ``python -m bench.readme`` after a change)."""
+    assert not readme.update(readme.DEFAULT_PAGE, readme.DEFAULT_RESULTS, check=True), \
+        "docs/results.md is out of date: run python -m bench.readme"
 
 
 def test_state_table_per_moment_format(tmp_path):
-    """The README's optimizer-state table: one row per optimizer of ours, one column per moment format,
+    """The results page's optimizer-state table: one row per optimizer of ours, one column per moment format,
     read from the memory suite's rows of ``<device>.csv`` (bytes, ratio to torch AdamW, skip reasons)."""
     import csv
 
@@ -146,9 +175,8 @@ def test_state_table_per_moment_format(tmp_path):
     assert "ours-APOLLO-Mini-16bit: skipped: Unavailable: why." in table
     assert "ours-APOLLO-Mini-8bit: moments: 14 float32 (every moment has fewer than min_8bit_size" in table
     assert "torch AdamW (fused) (moments: 14 float32) 8.000 (1.000x)" in table and "AdamW8bit" in table
-    md = tmp_path / "README.md"
-    md.write_text(f"{readme.START}\n{readme.END}\n")
-    readme.update(md, res, tmp_path)
-    sec = md.read_text()
+    page = _page(tmp_path)
+    readme.update(page, res)
+    sec = page.read_text()
     assert table in sec and sec.index("### cpu-X") < sec.index("Optimizer state by moment format")
     assert readme._state_table(tmp_path / "none.csv") == ""

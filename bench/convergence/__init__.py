@@ -11,7 +11,7 @@ norms get plain AdamW inside each optimizer, at the recipe's ``other_lr``.
 
 Fairness: the AdamW baseline's two learning rates (projected weights, other params)
 come from a grid scored on a TUNING split (``--tune adamw --grid lr=... --grid
-other_lr=...``, results in ``bench/results/convergence_tuning-adamw.*``); the low-rank
+other_lr=...``, committed in ``bench/results/convergence_tuning-adamw.*``); the low-rank
 methods take their papers' values. The table is measured on a separate VALIDATION
 split. The ``frozen`` row is the control: the low-rank recipes' AdamW on embeddings,
 head and norms with the projected weights frozen at initialization; each low-rank
@@ -29,6 +29,8 @@ state_bytes,peak_bytes,tokens_per_s`` (the loss is the mean over seeds),
 ``<out>/convergence.png`` (validation loss vs step, mean and min..max band over seeds)
 and ``<out>/convergence.json`` (stamp: git describe with ``-dirty``, device; the
 configuration, every run's curve, the summaries and the control verdicts).
+``<out>`` is ``bench/out/`` by default (ignored by git); ``--out bench/results`` refreshes the
+committed results, shown by docs/results.md after ``python -m bench.readme``.
 
 What is measured:
 

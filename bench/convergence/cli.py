@@ -15,7 +15,9 @@ from .presets import PRESETS
 from .recipes import RECIPES
 from .training import Result, train_one, warm_up
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "results"
+# bench/out/ is ignored by git, so a run leaves the checkout clean; --out bench/results refreshes the
+# committed results (then regenerate docs/results.md with python -m bench.readme).
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "out"
 
 
 def _parse_overrides(text: str | None, what: str) -> dict[str, float]:
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--preset", choices=sorted(PRESETS), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help="a text file or folder (default: the Python stdlib's *.py)")
     ap.add_argument("--out", default=str(DEFAULT_OUT),
-                    help="output folder (default: bench/results/)")
+                    help="output folder (default: bench/out/, ignored by git; bench/results/ holds the committed results)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--seed", type=int, default=0, help="first seed (initial weights and batch order)")
     ap.add_argument("--seeds", type=int, default=1, help="number of seeds, seed .. seed+N-1 (default 1)")

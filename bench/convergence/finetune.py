@@ -153,7 +153,8 @@ def run(argv=None) -> tuple[dict, pathlib.Path]:
     ap.add_argument("--data", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent.parent / "results"))
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent.parent / "out"),
+                    help="output folder (default: bench/out/, ignored by git; bench/results/ holds the committed results)")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in FT_METHODS]

@@ -286,7 +286,7 @@ register(Recipe(
            "scale_parameter=False, warmup_init=False, beta1 None; lr 0.01 and scale 0.25 as GaLore's recipe"))
 
 
-# 8-bit moments (issue 14): GaLore's and DCT-AdamW's recipes with moment_bits=8 on every group,
+# 8-bit moments: GaLore's and DCT-AdamW's recipes with moment_bits=8 on every group,
 # as galore-torch's GaLoreAdamW8bit does (bitsandbytes' 8-bit Adam on the projected and the
 # other parameters): uint8 block-wise codes, float32 absmax per block of 256, moments with
 # fewer than min_8bit_size elements (bitsandbytes' default 4096: here the norms) in float32.

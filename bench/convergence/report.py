@@ -193,7 +193,7 @@ def format_table(summaries: list[Summary]) -> str:
 
 
 def acceptance(summaries: list[Summary]) -> list[str]:
-    """Per low-rank method: loss within 5% of AdamW's (issue 7), state at most half, clearly below the control."""
+    """Per low-rank method: loss within 5% of AdamW's, state at most half, clearly below the control."""
     base = _by_role(summaries, "baseline")
     verdicts = control_verdicts(summaries)
     lines = []

@@ -18,13 +18,13 @@ Roofline
     timed row with a FLOP or byte count gets its fraction of them.
 
 Targets
-    Goals from the issues are printed next to what was measured, never asserted; a
+    The project's goals are printed next to what was measured, never asserted; a
     goal measured off its target (a CPU, a smaller size) gets "not measured on the
     target" instead of a verdict.
 
 Modules: :mod:`.sizes` (problem sizes, shape helpers), :mod:`.rows` (row schema,
 targets, checks), :mod:`.timing` (timer statistics, sync), :mod:`.context`
-(:class:`Ctx`, the roofline), :mod:`.report` (table, Markdown), :mod:`.plots`; the
+(:class:`Ctx`, the roofline), :mod:`.report` (summary, table, Markdown), :mod:`.plots`; the
 device and git stamps come from :mod:`bench.stamps`.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ..stamps import REPO, device_name, device_tag, triton_version
 from ..stamps import git_describe as git_sha
 from .context import Ctx, measure_roofline
 from .plots import plot_bars, plot_lines, progress
-from .report import fmt_bytes, format_markdown, format_table
+from .report import fmt_bytes, format_markdown, format_summary, format_table
 from .rows import CHECK_TOL, NOT_ON_TARGET, ROW_FIELDS, Row, Target, Timing, check_str, rel_err, short
 from .sizes import (DTYPE_NAMES, DTYPES, Sizes, Stack, fmt_shape, gpu_check_args, lowrank_shape, proj_shape, side_of,
                     sizes)
@@ -41,7 +41,7 @@ from .timing import BudgetExceeded, free_memory, summarize, sync
 
 __all__ = [
     "REPO", "device_name", "device_tag", "triton_version", "git_sha", "Ctx", "measure_roofline", "plot_bars",
-    "plot_lines", "progress", "fmt_bytes", "format_markdown", "format_table", "CHECK_TOL", "NOT_ON_TARGET",
+    "plot_lines", "progress", "fmt_bytes", "format_markdown", "format_summary", "format_table", "CHECK_TOL", "NOT_ON_TARGET",
     "ROW_FIELDS", "Row", "Target", "Timing", "check_str", "rel_err", "short", "DTYPE_NAMES", "DTYPES", "Sizes",
     "Stack", "fmt_shape", "gpu_check_args", "lowrank_shape", "proj_shape", "side_of", "sizes", "BudgetExceeded", "free_memory",
     "summarize", "sync",

@@ -1,4 +1,4 @@
-"""The run as a printed table and as Markdown (for the README)."""
+"""The run as a printed summary, a wide printed table, and Markdown (``<device>.md``, shown by docs/results.md)."""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,9 @@ import os
 from typing import Optional, Sequence
 
 from .context import Ctx
+
+#: What the targets' heading says about them.
+TARGETS_NOTE = "the project's goals; printed, not asserted"
 
 
 def _fmt(v, spec: str, empty: str = "-") -> str:
@@ -60,11 +63,8 @@ def format_table(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
     ts = [t for t in ctx.targets if t.suite in suites]
     if ts:
         lines.append("")
-        lines.append("== targets (from the issues unless marked; printed, not asserted) ==")
-        for t in ts:
-            op = ">=" if t.higher_is_better else "<="
-            meas = _fmt_measured(t)
-            lines.append(f"[{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}")
+        lines.append(f"== targets ({TARGETS_NOTE}) ==")
+        lines += [_target_line(t) for t in ts]
     failed = [r for r in ctx.rows if "FAILED" in r.check]
     if failed:
         lines.append("")
@@ -73,8 +73,52 @@ def format_table(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
     return "\n".join(lines)
 
 
+def _target_line(t) -> str:
+    op = ">=" if t.higher_is_better else "<="
+    return f"[{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {_fmt_measured(t)}: {t.verdict()}"
+
+
+def format_summary(ctx: Ctx, suites: Optional[Sequence[str]] = None, *, csv_path=None, md_path=None,
+                   plots: Sequence = ()) -> str:
+    """The short summary printed at the end of a run: the stamp, each goal with what was measured
+    (the headline ratios), the row counts, failed checks, and where the full tables went."""
+    suites = suites or list(dict.fromkeys(r.suite for r in ctx.rows))
+    rows = [r for r in ctx.rows if r.suite in suites and r.suite != "roofline"]
+    skipped = [r for r in rows if r.skipped]
+    lines = [f"== summary: {ctx.device_name} | dtype {ctx.dtype_name} | mode {ctx.mode} | torch {ctx.meta['torch']} "
+             f"| triton {ctx.meta['triton']} | git {ctx.meta['git_sha']} =="]
+    if ctx.sizes.note:
+        lines.append(f"sizes: {ctx.sizes.note}")
+    lines.append(f"rows: {len(rows) - len(skipped)} measured, {len(skipped)} skipped (each with its reason in the tables)")
+    ts = [t for t in ctx.targets if t.suite in suites]
+    if ts:
+        lines.append(f"== targets ({TARGETS_NOTE}) ==")
+        lines += [_target_line(t) for t in ts]
+    failed = [r for r in ctx.rows if "FAILED" in r.check]
+    if failed:
+        lines.append(f"!! {len(failed)} correctness check(s) FAILED: "
+                     + ", ".join(f"{r.suite}/{r.kernel}/{r.provider}/{r.shape}" for r in failed))
+    if md_path is not None:
+        lines.append(f"full tables: {_shown(md_path)}")
+    if csv_path is not None:
+        lines.append(f"raw rows:    {_shown(csv_path)}")
+    if plots:
+        lines.append("plots:       " + ", ".join(_shown(p) for p in plots))
+    return "\n".join(lines)
+
+
+def _shown(path) -> str:
+    """``path`` relative to the current directory when below it (shorter to read), else as given."""
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
-    """The run as Markdown (for the README): one table per suite, then the targets."""
+    """The run as Markdown (``<device>.md``, shown by docs/results.md): one table per suite, then the targets."""
     suites = suites or list(dict.fromkeys(r.suite for r in ctx.rows))
     out = [f"Device: **{ctx.device_name}**, dtype {ctx.dtype_name}, mode {ctx.mode}, torch {ctx.meta['torch']}, "
            f"triton {ctx.meta['triton']}, git {ctx.meta['git_sha']}, {ctx.meta['timestamp']}.  "]
@@ -122,12 +166,10 @@ def format_markdown(ctx: Ctx, suites: Optional[Sequence[str]] = None) -> str:
                        f"{spread} | {vs} | {rate} | {fmt_bytes(r.bytes) if r.median_ms is None else ''} | {extra} |")
     ts = [t for t in ctx.targets if t.suite in suites]
     if ts or ctx.kept_targets:
-        out += ["", "**Targets** (from the issues unless marked; printed, not asserted)", ""]
+        out += ["", f"**Targets** ({TARGETS_NOTE})", ""]
         new = []
         for t in ts:
-            op = ">=" if t.higher_is_better else "<="
-            meas = _fmt_measured(t)
-            new.append((t.suite, f"- [{t.suite}] {t.text}: goal {op} {t.goal:g}{t.unit}, measured {meas}: {t.verdict()}"))
+            new.append((t.suite, f"- {_target_line(t)}"))
         kept = [(ln[3:].split("]", 1)[0], ln) for ln in ctx.kept_targets]
         rank = {s: i for i, s in enumerate(order)}
         out += [ln for _, ln in sorted(new + kept, key=lambda x: rank.get(x[0], len(rank)))]

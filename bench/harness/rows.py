@@ -64,7 +64,7 @@ NOT_ON_TARGET = "not measured on the target"
 
 @dataclasses.dataclass
 class Target:
-    """A goal from the issues, printed next to what this run measured (never asserted)."""
+    """A project goal, printed next to what this run measured (never asserted)."""
 
     suite: str
     text: str

@@ -1,4 +1,4 @@
-"""Problem sizes of a run: the LLaMA shapes of the issues on GPU, scaled down on CPU; shape helpers."""
+"""Problem sizes of a run: LLaMA shapes on GPU, scaled down on CPU; shape helpers."""
 from __future__ import annotations
 
 import dataclasses
@@ -47,11 +47,11 @@ class Sizes:
 
 
 def sizes(device: torch.device, quick: bool, tiny: bool) -> Sizes:
-    """The sizes of the run: the LLaMA shapes of the issues on GPU, scaled down on CPU."""
+    """The sizes of the run: LLaMA shapes on GPU, scaled down on CPU."""
     if tiny:  # the test suite's smoke run: seconds on a loaded 2-core CPU
         return Sizes(((48, 40), (24, 72)), (4,), 8, Stack(32, 48, 1), 4, 10**9, 128, 4,
                      "tiny smoke-test sizes")
-    # Largest first: the issues' targets are stated at 4096x11008, and a run cut short by its
+    # Largest first: the goals are stated at 4096x11008, and a run cut short by its
     # time budget should have measured those.
     llama = ((4096, 11008), (4096, 4096), (2048, 5632), (2048, 2048))
     if device.type == "cuda":
