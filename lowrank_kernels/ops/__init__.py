@@ -32,6 +32,7 @@ from . import _registry as _reg
 # the C++ ops the same fake impls as their public twins.
 _ext_mod.load()
 _reg.register_cpp_fakes()
+from . import dtensor  # noqa: E402,F401  (DTensor handlers, installed when a DTensor first steps)
 
 __all__ = [
     "BACKENDS",
