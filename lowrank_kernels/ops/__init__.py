@@ -14,7 +14,7 @@ from ._registry import (  # noqa: F401
 )
 from .projection import (  # noqa: F401
     backproject_apply_,
-    low_rank_shape,
+    lowrank_shape,
     project,
     project_adam_,
     foreach_project_update_backproject_,
@@ -46,7 +46,7 @@ __all__ = [
     "foreach_project_update_backproject_",
     "adam_foreach_update_",
     "moments8_zeros",
-    "low_rank_shape",
+    "lowrank_shape",
     "DCTProjector",
     "dct_basis",
     "dct_scores",
@@ -55,3 +55,8 @@ __all__ = [
     "dct_project",
 ]
 __all__ += ["Int4Projector", "int4_pack", "int4_unpack", "int8_quantize", "int8_dequantize", "int8_update_sr_"]
+
+from lowrank_kernels._deprecation import deprecated_names as _deprecated_names  # noqa: E402
+
+# Old spelling, kept for one release (warns).
+__getattr__ = _deprecated_names(__name__, {"low_rank_shape": "lowrank_shape"})
