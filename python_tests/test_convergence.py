@@ -21,6 +21,7 @@ from bench import readme as bench_readme
 from bench import stamps
 from bench.convergence import merge as conv_merge
 from bench.convergence import report as conv_report
+from lowrank_kernels.optim import state_nbytes
 from bench.convergence import tuning as conv_tuning
 from bench.convergence.recipes import RECIPES, is_plain_group
 
@@ -215,7 +216,7 @@ def test_state_bytes_counts_adamw_moments():
     opt.step()
     n = sum(p.numel() for p in model.parameters())
     # exp_avg + exp_avg_sq in float32 plus a float32 step scalar per parameter
-    assert conv.state_bytes(opt) == 2 * 4 * n + 4 * 2
+    assert state_nbytes(opt) == 2 * 4 * n + 4 * 2
 
 
 def test_bad_arguments():

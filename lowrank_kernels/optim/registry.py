@@ -341,12 +341,13 @@ class OptimizerSpec:
         constructor defaults (:func:`ctor_defaults`), the classmethod's preset when the
         name uses one (read from an optimizer it builds on a placeholder), then ``settings``."""
         out = ctor_defaults(self.cls)
-        if self.constructor is not None:
-            probe = torch.zeros(2, 2, requires_grad=True)
+        if self.constructor is not None:  # the preset: what the classmethod builds differently
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "no parameter group is low-rank": by design
-                built = getattr(self.cls, self.constructor)([{"params": [probe], "rank": None, "density": None}])
-            out.update({k: v for k, v in built.defaults.items() if k in out})
+                plain, preset = (make([{"params": [torch.zeros(2, 2, requires_grad=True)], "rank": None,
+                                        "density": None}]).defaults
+                                 for make in (self.cls, getattr(self.cls, self.constructor)))
+            out.update({k: v for k, v in preset.items() if k in out and plain.get(k) != v})
         out.update(self.settings)
         return out
 
