@@ -51,7 +51,7 @@ def exercise(device, tiny: bool) -> int:
                          ops.Int4Projector.quantize(dense.float(), 256 if size * r >= 256 else 2 * (size * r // 4))]
                 for proj in projs:
                     w = torch.randn(m, n, device=device).to(dt)
-                    lshape = ops.low_rank_shape(m, n, r, side)
+                    lshape = ops.lowrank_shape(m, n, r, side)
                     ea, es = torch.zeros(lshape, device=device), torch.zeros(lshape, device=device)
                     ops.project_update_backproject_(w, g, proj, ea, es, side=side, lr=1e-3, beta1=0.9, beta2=0.999,
                                                     eps=1e-8, step=1, weight_decay=0.0, scale=0.25)

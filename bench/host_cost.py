@@ -49,7 +49,8 @@ MAX_LK_OPS, MAX_ATEN_OPS = 4, 30
 TARGETS = ("ours-GaLoreAdamW", "ours-DCTAdamW")
 BASELINE = "torch-adamw-foreach"
 #: ours with one op call per parameter (group key foreach=False): the bucketing's reference.
-PER_PARAM = {"ours-GaLoreAdamW per-param": "GaLoreAdamW", "ours-DCTAdamW per-param": "DCTAdamW"}
+#: provider -> optimizer registry name (lowrank_kernels.optim.registry).
+PER_PARAM = {"ours-GaLoreAdamW per-param": "galore", "ours-DCTAdamW per-param": "dct"}
 
 
 def stack_shapes(d: int = D, f: int = F, layers: int = LAYERS) -> List[tuple]:
@@ -110,8 +111,8 @@ def make_optimizers(device="cpu", dtype=torch.float32, names: Optional[List[str]
         return ps
 
     builders = {name: builder for name, (builder, _) in O.OPTIMIZERS.items()}
-    for name, cls in PER_PARAM.items():
-        builders[name] = O._ours(cls, foreach=False)
+    for name, registered in PER_PARAM.items():
+        builders[name] = O._ours(registered, foreach=False)
     out, skipped = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

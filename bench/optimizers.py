@@ -21,9 +21,12 @@ optimizer is built once per run on the stack (``make_params``) and first stepped
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from lowrank_kernels.optim import state_nbytes
 
 from .harness import Ctx, short, sync
 
@@ -98,10 +101,26 @@ def _galore_torch_8bit(params, rank, gap):
     return cls(_group(params, rank, gap, 0.25), lr=LR, weight_decay=0.0)
 
 
-def _ours(name: str, scale: float = 0.25, **extra):
+def _spec(name: str):
+    """The registered optimizer ``name`` (:mod:`lowrank_kernels.optim.registry`), its class importable."""
+    registry = _need("lowrank_kernels.optim.registry")
+    spec = registry.get(name)
+    try:
+        spec.cls
+    except (ImportError, AttributeError) as e:
+        raise Unavailable(f"{spec.target} does not exist yet ({type(e).__name__})") from None
+    return spec
+
+
+def _ours(name: str, **kwargs):
+    """Registered optimizer ``name`` on the stack, one low-rank group (its own defaults for the
+    scale and a preset's rank, e.g. APOLLO-Mini's 1); ``kwargs`` go to the constructor."""
     def build(params, rank, gap, **keys):
-        cls = _need("lowrank_kernels.optim", name)
-        return cls(_group(params, rank, gap, scale, **extra, **keys), lr=LR, weight_decay=0.0)
+        spec = _spec(name)
+        if spec.constructor is not None:
+            rank = spec.defaults.get("rank", rank)
+        group = _group(params, rank, gap, spec.defaults["scale"], **keys)
+        return spec.build(group, lr=LR, weight_decay=0.0, **kwargs)
     return build
 
 
@@ -110,30 +129,10 @@ def _ours_plain(params, rank, gap, **keys):
     step the parameters they do not project (the 'no low-rank group' warning is expected here)."""
     import warnings
 
-    cls = _need("lowrank_kernels.optim", "GaLoreAdamW")
+    spec = _spec("galore")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls([dict(params=params, rank=None, density=None, **keys)], lr=LR, weight_decay=0.0)
-
-
-def _ours_apollo_mini(params, rank, gap, **keys):
-    cls = _need("lowrank_kernels.optim", "APOLLOAdamW")
-    if not callable(getattr(cls, "mini", None)):
-        raise Unavailable("APOLLOAdamW.mini does not exist yet")
-    return cls.mini(_group(params, 1, gap, 128.0, scale_type="tensor", **keys), lr=LR, weight_decay=0.0)
-
-
-def _ours_frugal(params, rank, gap, **keys):
-    cls = _need("lowrank_kernels.optim", "FrugalAdamW")  # SVD subspace + signSGD on the residual
-    return cls(_group(params, rank, gap, 1.0, **keys), lr=LR, weight_decay=0.0)
-
-
-def _ours_adafactor(beta1=None):
-    def build(params, rank, gap, **keys):
-        cls = _need("lowrank_kernels.optim", "GaLoreAdafactor")  # HF Trainer's settings: external lr, no scaling
-        return cls(_group(params, rank, gap, 0.25, **keys), lr=LR, relative_step=False, scale_parameter=False,
-                   beta1=beta1)
-    return build
+        return spec.build([dict(params=params, rank=None, density=None, **keys)], lr=LR, weight_decay=0.0)
 
 
 class _OwLoreStep:
@@ -182,22 +181,24 @@ class _OwLoreStep:
         self.optimizer.step()
 
 
-# Ours, in table order: (builder, low-rank?, also with 16- and 8-bit moments?).
-_OURS: Dict[str, Tuple[Callable, bool, bool]] = {
-    "ours-AdamW": (_ours_plain, False, True),
-    "ours-GaLoreAdamW": (_ours("GaLoreAdamW"), True, True),
-    "ours-DCTAdamW": (_ours("DCTAdamW"), True, True),
-    "ours-QGaLoreAdamW": (_ours("QGaLoreAdamW"), True, True),
-    "ours-APOLLOAdamW": (_ours("APOLLOAdamW", scale=1.0, scale_type="channel"), True, True),
-    "ours-APOLLO-Mini": (_ours_apollo_mini, True, True),
-    "ours-FrugalAdamW": (_ours_frugal, True, True),
-    "ours-GradNormLoRPAdamW": (_ours("GradNormLoRPAdamW", scale=1.0), True, True),
-    # GaLoreAdafactor's moment_bits applies to its first moment, kept only with beta1 (its factored
-    # second moment is O(m + n)); the default (beta1=None, galore-torch's and HF's) has none.
-    "ours-GaLoreAdafactor": (_ours_adafactor(), True, False),
-    "ours-GaLoreAdafactor-beta1": (_ours_adafactor(beta1=0.9), True, True),
-    "ours-GaLore+OwLore": (_OwLoreStep, True, False),
-}
+def _ours_table() -> Dict[str, Tuple[Callable, bool, bool]]:
+    """Ours, in table order: (builder, low-rank?, also with 16- and 8-bit moments?). Every
+    projecting optimizer of the registry as ``ours-<label>`` (with the moment-format rows when
+    it has the formats), between the bench's own rows: the plain group of ours first, then
+    GaLore-Adafactor with a first moment (its moment format applies to that moment) and
+    GaLore behind OwLore's layer sampler."""
+    from lowrank_kernels.optim import registry
+
+    table: Dict[str, Tuple[Callable, bool, bool]] = {"ours-AdamW": (_ours_plain, False, True)}
+    for name in registry.names(lowrank=True):
+        spec = registry.get(name)
+        table["ours-" + spec.label] = (_ours(name), True, len(spec.capabilities.moment_bits) > 1)
+    table["ours-GaLoreAdafactor-beta1"] = (_ours("adafactor", beta1=0.9), True, True)
+    table["ours-GaLore+OwLore"] = (_OwLoreStep, True, False)
+    return table
+
+
+_OURS = _ours_table()
 #: ``moment_bits`` of the non-default moment formats, and the provider-name suffix of each.
 MOMENT_FORMATS = {16: "-16bit", 8: "-8bit"}
 
@@ -315,31 +316,10 @@ def check_format(name: str, opt: torch.optim.Optimizer, min_8bit_size: int = 409
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the distinct storages of every tensor reachable from ``opt.state`` (4 levels of objects deep)."""
-    seen = set()
-    seen_obj = set()
-
-    def walk(x, depth: int) -> int:
-        if isinstance(x, torch.Tensor):
-            st = x.untyped_storage()
-            key = (st.data_ptr(), x.device) if st.data_ptr() else ("t", id(x))
-            if key in seen:
-                return 0
-            seen.add(key)
-            return st.nbytes() if st.data_ptr() else x.numel() * x.element_size()
-        if depth > 4 or id(x) in seen_obj or isinstance(x, (str, bytes, int, float, bool, type(None))):
-            return 0
-        seen_obj.add(id(x))
-        if isinstance(x, dict):
-            return sum(walk(v, depth + 1) for v in x.values())
-        if isinstance(x, (list, tuple, set)):
-            return sum(walk(v, depth + 1) for v in x)
-        if isinstance(x, (torch.nn.Module, torch.optim.Optimizer)):
-            return 0
-        d = getattr(x, "__dict__", None)
-        return sum(walk(v, depth + 1) for v in d.values()) if d else 0
-
-    return sum(walk(s, 0) for s in opt.state.values())
+    """Deprecated: :func:`lowrank_kernels.optim.state_nbytes` (the one state counter)."""
+    warnings.warn("bench.optimizers.state_bytes is deprecated; use lowrank_kernels.optim.state_nbytes",
+                  DeprecationWarning, stacklevel=2)
+    return state_nbytes(opt)
 
 
 def first_steps(ctx: Ctx, opt: torch.optim.Optimizer, name: Optional[str] = None) -> dict:
@@ -359,5 +339,5 @@ def first_steps(ctx: Ctx, opt: torch.optim.Optimizer, name: Optional[str] = None
             peaks.append(torch.cuda.max_memory_allocated(ctx.device) - before)
     small = TINY_KEYS["min_8bit_size"] if ctx.tiny else 4096
     note = check_format(name, opt, small) if name is not None else ""
-    return dict(state_bytes=state_bytes(opt), peak_first=peaks[0] if cuda else None,
+    return dict(state_bytes=state_nbytes(opt), peak_first=peaks[0] if cuda else None,
                 peak_step=peaks[1] if cuda else None, format_note=note)

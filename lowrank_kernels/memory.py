@@ -55,11 +55,14 @@ import json
 import sys
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from lowrank_kernels.optim import registry as _registry
+from lowrank_kernels.optim.registry import optimizers_of, state_nbytes, tensors_nbytes  # noqa: F401
 
 #: GaLore paper model configs (github.com/jiaweizzhao/GaLore, configs/llama_*.json):
 #: vocabulary 32000, RMSNorm eps 1e-6, SiLU MLP, untied embeddings.
@@ -134,54 +137,49 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _lowrank_groups(**extra):
-    def groups(model, rank):
-        from lowrank_kernels.optim import lowrank_param_groups
-
-        return lowrank_param_groups(model, TARGET_MODULES, rank=rank, update_proj_gap=GAP, **extra)
-    return groups
-
-
-def _opt(name: str, **kw):
-    def factory(groups):
-        import lowrank_kernels.optim as O
-
-        return getattr(O, name)(groups, lr=LR, **kw)
-    return factory
-
-
-def _apollo_mini(groups):
-    from lowrank_kernels.optim import APOLLOAdamW
-
-    return APOLLOAdamW.mini(groups, lr=LR)
-
-
 def _quantize(model):
     from lowrank_kernels.nn.qlinear import quantize_linear_layers
 
     return quantize_linear_layers(model, TARGET_MODULES)
 
 
-def _adafactor_factory(groups):
-    from lowrank_kernels.optim import GaLoreAdafactor
-
-    return GaLoreAdafactor(groups, lr=LR, relative_step=False, scale_parameter=False)
-
-
-METHODS: Dict[str, Method] = {
-    "adamw": Method(lambda model, rank: [{"params": _trainable(model)}],
-                    lambda groups: torch.optim.AdamW(groups, lr=LR), note="torch.optim.AdamW on every parameter"),
-    "galore": Method(_lowrank_groups(scale=0.25), _opt("GaLoreAdamW")),
-    "dct": Method(_lowrank_groups(scale=0.25), _opt("DCTAdamW")),
-    "qgalore": Method(_lowrank_groups(scale=0.25), _opt("QGaLoreAdamW"), prepare=_quantize,
-                      note="attn/mlp weights INT8 (QLinear), counted as such"),
-    "apollo": Method(_lowrank_groups(scale=1.0, scale_type="channel"), _opt("APOLLOAdamW")),
-    "apollo-mini": Method(lambda model, rank: _lowrank_groups()(model, None), _apollo_mini,
-                          note="rank 1, tensor-wise scaling"),
-    "frugal": Method(_lowrank_groups(scale=1.0), _opt("FrugalAdamW"), note="rank as given (not density)"),
-    "adafactor": Method(_lowrank_groups(scale=0.25), _adafactor_factory, note="GaLoreAdafactor, beta1=None"),
-    "gradnormlorp": Method(_lowrank_groups(scale=1.0), _opt("GradNormLoRPAdamW")),
+#: Planner-only facts per registered name: a model change before the groups, and a note.
+_PREPARE: Dict[str, Callable[[nn.Module], Any]] = {"qgalore": _quantize}
+_NOTES = {
+    "adamw": "torch.optim.AdamW on every parameter",
+    "qgalore": "attn/mlp weights INT8 (QLinear), counted as such",
+    "apollo-mini": "rank 1, tensor-wise scaling",
+    "frugal": "rank as given (not density)",
+    "adafactor": "GaLoreAdafactor, beta1=None",
 }
+
+
+def _method_of(spec) -> Method:
+    """How the planner builds the registered optimizer ``spec``: this package's usual param
+    groups (:func:`~lowrank_kernels.optim.lowrank_param_groups` on :data:`TARGET_MODULES`,
+    ``update_proj_gap`` :data:`GAP`; a preset constructor such as APOLLO-Mini's sets its own
+    rank) or, for a full-rank baseline, one group of every trainable parameter."""
+    if spec.lowrank:
+        preset_rank = spec.constructor is not None
+
+        def groups(model, rank):
+            from lowrank_kernels.optim import lowrank_param_groups
+
+            return lowrank_param_groups(model, TARGET_MODULES, rank=None if preset_rank else rank, update_proj_gap=GAP)
+    else:
+        def groups(model, rank):
+            return [{"params": _trainable(model)}]
+    return Method(groups, lambda gs: spec.build(gs, lr=LR), prepare=_PREPARE.get(spec.name),
+                  note=_NOTES.get(spec.name, ""))
+
+
+#: name -> how the planner builds it, for every optimizer of :mod:`lowrank_kernels.optim.registry`.
+METHODS: Dict[str, Method] = {name: _method_of(spec) for name, spec in _registry.OPTIMIZERS.items()}
+
+
+def _ours(name: str) -> bool:
+    """Whether ``name`` is an optimizer of this package (the ``moment_bits`` key applies)."""
+    return _registry.get(name).target.startswith("lowrank_kernels.")
 
 
 def build_optimizer(name: str, model: nn.Module, rank: int, layerwise: bool = False, *,
@@ -195,7 +193,7 @@ def build_optimizer(name: str, model: nn.Module, rank: int, layerwise: bool = Fa
     """
     method = _method(name)
     groups = method.groups(model, rank)
-    if moment_bits is not None and name != "adamw":
+    if moment_bits is not None and _ours(name):
         groups = [{**g, "moment_bits": moment_bits} for g in groups]
     factory = method.factory
     if skip_nonfinite is not None:
@@ -220,14 +218,10 @@ def build_optimizer(name: str, model: nn.Module, rank: int, layerwise: bool = Fa
 
 def _method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(METHODS)}")
+        if name not in _registry.OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(_registry.OPTIMIZERS)}")
+        METHODS[name] = _method_of(_registry.OPTIMIZERS[name])  # registered after this module loaded
     return METHODS[name]
-
-
-def optimizers_of(opt) -> List[torch.optim.Optimizer]:
-    """The optimizer itself, or the per-parameter optimizers of a layer-wise one."""
-    inner = getattr(opt, "optimizers", None)
-    return list(inner) if inner is not None else [opt]
 
 
 def step_once(opt) -> None:
@@ -239,48 +233,8 @@ def step_once(opt) -> None:
 
 
 # --------------------------------------------------------------------------- byte counting
-def _storage_key(t: torch.Tensor):
-    if t.device.type == "meta":
-        return ("meta", id(t))
-    return (str(t.device), t.untyped_storage().data_ptr())
-
-
-def tensors_nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors``.
-
-    A meta tensor counts ``min(storage bytes, numel * element size)``: its strides come
-    from the meta kernel and need not be those of a real device (e.g. a slice of a meta
-    SVD's output keeps the whole output's storage, where the real kernels make a compact
-    copy), while a stride-0 expansion (QLinear's gradient placeholder) owns one element.
-    """
-    seen = set()
-    total = 0
-    for t in tensors:
-        key = _storage_key(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        nbytes = t.untyped_storage().nbytes()
-        if t.device.type == "meta":
-            nbytes = min(nbytes, t.numel() * t.element_size())
-        total += nbytes
-    return total
-
-
-def _state_tensors(x, depth=0):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif depth < 4 and isinstance(x, dict):
-        for v in x.values():
-            yield from _state_tensors(v, depth + 1)
-    elif depth < 4 and isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _state_tensors(v, depth + 1)
-
-
-def state_nbytes(opt) -> int:
-    """Bytes of every tensor in ``opt``'s state (all per-parameter optimizers of a layer-wise one)."""
-    return tensors_nbytes(t for o in optimizers_of(opt) for s in o.state.values() for t in _state_tensors(s))
+# One counter for the planner, the benchmarks and users: lowrank_kernels.optim.state_nbytes.
+# (tensors_nbytes, state_nbytes and optimizers_of are imported above and stay importable from here.)
 
 
 def weights_nbytes(model: nn.Module) -> int:
@@ -366,7 +320,7 @@ def plan_one(name: str, config, rank: int, dtype: torch.dtype = torch.float32, l
     model = build_model(config, dtype, "meta")
     notes = [method.note] if method.note else []
     if moment_bits != 32:
-        notes.append("torch's own moments" if name == "adamw" else f"moment_bits={moment_bits}")
+        notes.append(f"moment_bits={moment_bits}" if _ours(name) else "torch's own moments")
     with meta_step_seams():
         if method.prepare is not None:
             method.prepare(model)
@@ -378,7 +332,7 @@ def plan_one(name: str, config, rank: int, dtype: torch.dtype = torch.float32, l
     g = gradient_nbytes(model, layerwise)
     s = state_nbytes(opt)
     projected = _projected_count(opt)
-    if projected == 0 and name != "adamw":
+    if projected == 0 and _registry.get(name).lowrank:
         notes.append(f"no weight projected (rank {rank} >= min dim?): plain AdamW")
     return Row(name, w, g, s, w + g + s, projected, len(_trainable(model)), "; ".join(notes))
 

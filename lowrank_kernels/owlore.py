@@ -13,8 +13,8 @@ norm are not decoder layers, so they always train.
 - :class:`LayerSampler` freezes / unfreezes layers (``on_step`` before each
   optimizer step's forward) and handles the optimizer state of frozen layers
   (``state="keep"``, the official behaviour, ``"offload"`` to the CPU, or ``"drop"``).
-- :class:`OwLoreCallback` (built lazily by :func:`owlore_callback`) drives a
-  sampler from a transformers ``Trainer``.
+- :func:`owlore_callback` (:mod:`lowrank_kernels.integrations.owlore`, re-exported
+  here) drives a sampler from a transformers ``Trainer``.
 
 What is the official method and what is ours: the ratio formula, the sampling modes,
 the ``RandomState.choice`` draw and the schedule follow the official code
@@ -549,35 +549,6 @@ class LayerSampler:
 
 # ---------------------------------------------------------------------------- transformers adapter
 
-def owlore_callback(sampler: LayerSampler):
-    """A transformers ``TrainerCallback`` that calls ``sampler.on_step(state.global_step)``
-    in ``on_step_begin`` (once per optimizer step, before its first forward).
 
-    When ``sampler.optimizer`` is None, the Trainer's optimizer (passed to callbacks)
-    is attached at the first call, so ``state="offload"``/``"drop"`` work with the
-    optimizer the Trainer builds. Give the Trainer an optimizer over *all*
-    parameters (e.g. ``optimizers=(opt, None)`` or ``optimizer_cls_and_kwargs``): a
-    Trainer-built optimizer skips parameters that do not require grad at the time
-    it is built. The sampler's own state is not saved in Trainer checkpoints: save
-    ``sampler.state_dict()`` yourself to resume the same sequence.
-
-    Requires transformers (imported here, not at module import).
-    """
-    from transformers import TrainerCallback
-
-    if not isinstance(sampler, LayerSampler):
-        raise TypeError(f"owlore_callback: sampler must be a LayerSampler, got {type(sampler).__name__}")
-
-    class OwLoreCallback(TrainerCallback):
-        """Drives a :class:`LayerSampler` from ``on_step_begin``."""
-
-        def __init__(self, sampler: LayerSampler):
-            self.sampler = sampler
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if self.sampler.optimizer is None and kwargs.get("optimizer") is not None:
-                self.sampler.optimizer = kwargs["optimizer"]
-            self.sampler.on_step(int(state.global_step))
-            return control
-
-    return OwLoreCallback(sampler)
+# The transformers callback lives with the other Trainer integrations; re-exported here.
+from lowrank_kernels.integrations.owlore import owlore_callback  # noqa: E402,F401

@@ -12,6 +12,7 @@ import torch
 from bench import __main__ as bench_main
 from bench import stamps
 from bench.harness import ROW_FIELDS, Ctx, Row, Target, format_table, lowrank_shape, summarize
+from lowrank_kernels.optim import state_nbytes
 
 
 def _run(tmp_path, capsys, *extra):
@@ -285,7 +286,7 @@ def test_owlore_provider_trains_gamma_layers_and_drops_the_rest():
             moved = [not torch.equal(q, s) for q, s in zip(layer.parameters(), start[l])]
             assert all(moved) if l in active else not any(moved), (l, active)
             assert all(bool(opt.state.get(q)) == (l in active) for q in layer.parameters())
-    assert 0 < O.state_bytes(opt) < O.state_bytes(galore)
+    assert 0 < state_nbytes(opt) < state_nbytes(galore)
     for p, (w, g) in zip(shared, before):  # the suites' shared parameters and gradients are untouched
         assert p.requires_grad and torch.equal(p, w) and torch.equal(p.grad, g)
 
@@ -374,7 +375,7 @@ def test_8bit_state_bytes_match_the_format(base):
         assert tuple(st["exp_avg"].shape) == shape and tuple(st["exp_avg_sq"].shape) == shape
         rows, cols = shape
         expect += 6 * rows * cols - 2 * 4 * rows * math.ceil(cols / 256)
-    assert O.state_bytes(opts[base]) - O.state_bytes(q) == expect
+    assert state_nbytes(opts[base]) - state_nbytes(q) == expect
     assert O.check_format(base + "-8bit", q, O.TINY_KEYS["min_8bit_size"]).startswith("moments: 14 uint8")
 
 

@@ -34,8 +34,9 @@ committed results, shown by docs/results.md after ``python -m bench.readme``.
 
 What is measured:
 
-- ``state_bytes``: the sum of ``numel * element_size`` of every tensor held in
-  ``optimizer.state`` (moments, projectors or indices or seeds, step counters); for
+- ``state_bytes``: the bytes of every tensor held in ``optimizer.state``, each storage
+  once (:func:`lowrank_kernels.optim.state_nbytes`: moments, projectors or indices or
+  seeds, step counters); for
   low-rank methods this includes the full AdamW state of the non-projected params.
 - ``peak_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` after a reset, with the
   model built after the reset (weights + gradients + activations + optimizer state +

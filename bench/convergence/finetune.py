@@ -40,11 +40,13 @@ import time
 
 import torch
 
+from lowrank_kernels.optim import state_nbytes
+
 from .. import stamps
 from .data import Batches, load_corpus
 from .presets import PRESETS, Preset
 from .recipes import RECIPES
-from .training import PeakMemory, build_model, evaluate, lm_loss, lr_lambda, state_bytes
+from .training import PeakMemory, build_model, evaluate, lm_loss, lr_lambda
 
 FT_METHODS = ("full", "galore", "owlore")
 FT_LR_FACTOR = 0.1
@@ -124,11 +126,11 @@ def finetune_one(method: str, preset: Preset, pretrained: dict, ft_batches: Batc
             before = sampler.on_step
 
         def after(step):
-            max_state[0] = max(max_state[0], state_bytes(opt))
+            max_state[0] = max(max_state[0], state_nbytes(opt))
 
         curve = _loop(model, opt, ft_batches, preset, device, steps, before, after)
         peak = mem.peak()
-        end_state = state_bytes(opt)
+        end_state = state_nbytes(opt)
         val = evaluate(model, val_batches, device, preset)
     rec = {"method": method, "seed": seed, "recipe": hp, "steps": steps,
            "status": "ok" if all(math.isfinite(v) for _, v in curve) else "diverged",

@@ -12,22 +12,25 @@ the other parameters (AdamW at their ``other_lr``) with the projected weights fr
 at their initial values: a low-rank method that does not beat it clearly has not
 learned anything through its projected updates.
 
-Adding a method is one :func:`register` call, e.g. for an optimizer ``FooAdamW`` of
-``lowrank_kernels.optim`` that takes the usual low-rank groups::
+Adding a method is one :func:`register` call, e.g. for an optimizer ``"foo"`` of the
+optimizer registry (:mod:`lowrank_kernels.optim.registry`) that takes the usual low-rank
+groups::
 
-    register(Recipe("foo", lowrank_builder("FooAdamW", proj_type="std"),
+    register(Recipe("foo", lowrank_builder("foo", proj_type="std"),
                     dict(lr=1e-2, other_lr=1e-2, scale=0.25),
-                    requires=(_GROUPS, (_OPTIM, "FooAdamW")),
+                    requires=requires_of("foo"),
                     source="Foo paper, Table 3: lr 0.01, scale 0.25"))
 
-(placed above ``METHODS`` at the end of this file). Without an import of ``FooAdamW`` the
-row is listed as unavailable instead of failing. The row then appears in
+(placed above ``METHODS`` at the end of this file). When its class does not import, the
+row is listed as unavailable instead of failing. The optimizer itself (class, preset
+constructor, settings) comes from the registry; a recipe holds only the demo's
+hyper-parameters. The row then appears in
 ``python -m bench.convergence`` (``--optimizers foo``), in the table against AdamW and
 the control, and in the tests: a ``role="lowrank"`` method must beat the frozen control.
 
 ``lowrank_builder`` covers optimizers that take ``lowrank_param_groups`` (with extra
-group keys, optimizer keyword arguments, a model preparation such as INT8
-quantization, or an alternative constructor such as ``APOLLOAdamW.mini``); a method
+group keys, optimizer keyword arguments, or a model preparation such as INT8
+quantization); a method
 that needs something else passes its own ``build(model, preset, hp)``, and one that
 acts between steps (e.g. a layer sampler) a ``callback(model, optimizer, preset, hp)``
 factory returning ``f(step)``, called after every optimizer step.
@@ -139,24 +142,33 @@ def split_groups(model: torch.nn.Module, preset: Preset, hp: dict, *, rank: Opti
     return groups
 
 
-def lowrank_builder(cls_name: str, *, rank: Optional[Callable[[Preset], Optional[int]]] = None,
+def _spec(name: str):
+    """The registered optimizer ``name`` (:mod:`lowrank_kernels.optim.registry`), or None."""
+    from lowrank_kernels.optim import registry
+
+    return registry.OPTIMIZERS.get(name)
+
+
+def lowrank_builder(name: str, *, rank: Optional[Callable[[Preset], Optional[int]]] = None,
                     group_keys: Optional[Callable[[dict], dict]] = None,
                     plain_group_keys: Optional[Callable[[dict], dict]] = None,
                     opt_kwargs: Optional[Callable[[dict], dict]] = None,
                     prepare: Optional[Callable[[torch.nn.Module], None]] = None,
                     constructor: Optional[str] = None, **fixed_group_keys) -> Builder:
-    """A builder for ``lowrank_kernels.optim.<cls_name>`` on :func:`split_groups`.
+    """A builder for optimizer ``name`` on :func:`split_groups`.
 
-    ``rank(preset)`` (default: the preset's rank), ``group_keys(hp)`` / ``fixed_group_keys``
-    (extra keys of the projected group), ``plain_group_keys(hp)`` (extra keys of the plain
-    group, e.g. its moment format), ``opt_kwargs(hp)`` (optimizer keyword arguments),
-    ``prepare(model)`` (run first, e.g. INT8 quantization) and ``constructor`` (a class
-    method to call instead of the class, e.g. ``"mini"``).
+    ``name`` is a name of :mod:`lowrank_kernels.optim.registry` (``"galore"``,
+    ``"apollo-mini"``: its class, preset constructor and settings come from there) or a
+    class of ``lowrank_kernels.optim`` (``"FooAdamW"``). ``rank(preset)`` (default: the
+    preset's rank), ``group_keys(hp)`` / ``fixed_group_keys`` (extra keys of the projected
+    group), ``plain_group_keys(hp)`` (extra keys of the plain group, e.g. its moment
+    format), ``opt_kwargs(hp)`` (optimizer keyword arguments), ``prepare(model)`` (run
+    first, e.g. INT8 quantization) and ``constructor`` (a class method to call instead of
+    the class, e.g. ``"mini"``; a registered name brings its own).
     """
 
     def build(model, preset, hp):
-        mod = importlib.import_module("lowrank_kernels.optim")
-        cls = getattr(mod, cls_name)
+        spec = _spec(name)
         if prepare is not None:
             prepare(model)
         r = preset.rank if rank is None else rank(preset)
@@ -164,11 +176,26 @@ def lowrank_builder(cls_name: str, *, rank: Optional[Callable[[Preset], Optional
         keys.update(group_keys(hp) if group_keys else {})
         groups = split_groups(model, preset, hp, rank=r,
                               plain_keys=plain_group_keys(hp) if plain_group_keys else None, **keys)
+        kwargs = dict(lr=hp["lr"], weight_decay=0.0, **(opt_kwargs(hp) if opt_kwargs else {}))
+        if spec is not None and constructor is None:
+            return spec.build(groups, **kwargs)
+        cls = spec.cls if spec is not None else getattr(importlib.import_module(_OPTIM), name)
         ctor = getattr(cls, constructor) if constructor else cls
-        return ctor(groups, lr=hp["lr"], weight_decay=0.0, **(opt_kwargs(hp) if opt_kwargs else {}))
+        return ctor(groups, **kwargs)
 
-    build.__name__ = f"build_{cls_name}"
+    build.__name__ = f"build_{name}"
     return build
+
+
+def requires_of(name: str) -> tuple:
+    """``requires`` of a recipe on registered optimizer ``name``: its class (and preset
+    constructor) and ``lowrank_param_groups``."""
+    spec = _spec(name)
+    if spec is None:
+        raise ValueError(f"{name!r} is not a registered optimizer (lowrank_kernels.optim.registry)")
+    module, _, cls_name = spec.target.rpartition(".")
+    attr = f"{cls_name}.{spec.constructor}" if spec.constructor else cls_name
+    return (_GROUPS, (module, attr))
 
 
 def _adamw(model, preset, hp):
@@ -220,55 +247,54 @@ register(Recipe(
     source="the low-rank recipes' other_lr (0.01); projected weights frozen"))
 # GaLore paper: lr 0.01 (every parameter), scale 0.25, rank 1/4 of hidden, gap 200.
 register(Recipe(
-    "galore", lowrank_builder("GaLoreAdamW", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
-    requires=(_GROUPS, (_OPTIM, "GaLoreAdamW")),
+    "galore", lowrank_builder("galore", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=requires_of("galore"),
     source="GaLore paper (Zhao et al. 2024), LLaMA pre-training: lr 0.01, scale 0.25"))
 # DCT-AdamW: GaLore's recipe with the DCT projector (the paper reuses GaLore's setup).
 register(Recipe(
-    "dct", lowrank_builder("DCTAdamW", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
-    requires=(_GROUPS, (_OPTIM, "DCTAdamW")),
+    "dct", lowrank_builder("dct", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=requires_of("dct"),
     source="DCT-AdamW paper (Modoranu et al. 2025) reuses GaLore's recipe: lr 0.01, scale 0.25"))
 # Q-GaLore: GaLore's lr and scale with the INT4 projector and INT8 weights.
 register(Recipe(
-    "qgalore", lowrank_builder("QGaLoreAdamW", prepare=_quantize, proj_type="std"),
+    "qgalore", lowrank_builder("qgalore", prepare=_quantize, proj_type="std"),
     dict(lr=1e-2, other_lr=1e-2, scale=0.25),
-    requires=(_GROUPS, (_OPTIM, "QGaLoreAdamW"), ("lowrank_kernels.nn", "quantize_linear_layers")),
+    requires=requires_of("qgalore") + (("lowrank_kernels.nn", "quantize_linear_layers"),),
     source="Q-GaLore paper (Zhang et al. 2024): GaLore's lr 0.01 and scale 0.25"))
 # APOLLO paper: lr 0.01, scale 1, channel-wise, rank 1/4 of the dimension.
 register(Recipe(
-    "apollo", lowrank_builder("APOLLOAdamW", proj_type="std", scale_type="channel"),
+    "apollo", lowrank_builder("apollo", proj_type="std", scale_type="channel"),
     dict(lr=1e-2, other_lr=1e-2, scale=1.0),
-    requires=(_GROUPS, (_OPTIM, "APOLLOAdamW")),
+    requires=requires_of("apollo"),
     source="APOLLO paper (Zhu et al. 2025): lr 0.01, scale 1, channel-wise"))
 # APOLLO-Mini: lr 0.01, rank 1, tensor-wise, scale 128 at LLaMA-60M (hidden 512). With
 # rank 1 the tensor-wise factor makes the update norm ~ sqrt(scale / n) of Adam's (n =
 # hidden for LLaMA linears), which is why APOLLO raises the scale for larger models;
 # keeping that ratio gives scale = 128 * hidden / 512 (32 for quick, 128 for gpu).
 register(Recipe(
-    "apollo-mini", lowrank_builder("APOLLOAdamW", rank=lambda p: 1, constructor="mini", proj_type="std",
-                                   scale_type="tensor"),
+    "apollo-mini", lowrank_builder("apollo-mini", rank=lambda p: 1, proj_type="std", scale_type="tensor"),
     dict(lr=1e-2, other_lr=1e-2, scale=lambda p: 128.0 * p.hidden / 512),
-    requires=(_GROUPS, (_OPTIM, "APOLLOAdamW.mini")),
+    requires=requires_of("apollo-mini"),
     source="APOLLO paper: APOLLO-Mini lr 0.01, rank 1, scale 128 at hidden 512 (scaled with hidden)"))
 # FRUGAL paper: AdamW's lr for the state-full part, density 0.25, signSGD on the
 # residual with inactive_lr_scale 1.0 (pre-training). The paper's AdamW lr is its tuned
 # baseline's, so FRUGAL follows the tuned AdamW pair of the preset.
 register(Recipe(
-    "frugal", lowrank_builder("FrugalAdamW", rank=lambda p: None, group_keys=lambda hp: {"density": hp["density"]},
+    "frugal", lowrank_builder("frugal", rank=lambda p: None, group_keys=lambda hp: {"density": hp["density"]},
                               opt_kwargs=lambda hp: dict(projection="svd", update="signsgd",
                                                          inactive_lr_scale=hp["inactive_lr_scale"]),
                               proj_type="std"),
     dict(lr=lambda p: RECIPES["adamw"].resolve(p)["lr"], other_lr=lambda p: RECIPES["adamw"].resolve(p)["other_lr"],
          density=0.25, inactive_lr_scale=1.0),
-    requires=(_GROUPS, (_OPTIM, "FrugalAdamW")),
+    requires=requires_of("frugal"),
     source="FRUGAL paper (Zmushko et al. 2025): the AdamW baseline's lr, density 0.25, signSGD residual"))
 
 # GradNormLoRP (our interpretation: GaLore-Adam on the weight-normalized direction, Adam
 # on the row norms): the official repo's torch_main.sh values for its
 # weight_norm_galore_adamw runs, lr 0.01 and scale 0.25 (GaLore's recipe).
 register(Recipe(
-    "gradnormlorp", lowrank_builder("GradNormLoRPAdamW", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
-    requires=(_GROUPS, (_OPTIM, "GradNormLoRPAdamW")),
+    "gradnormlorp", lowrank_builder("gradnormlorp", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=requires_of("gradnormlorp"),
     source="GradNormLoRP official scripts (torch_main.sh, --optimizer weight_norm_galore_adamw): lr 0.01, "
            "scale 0.25"))
 # GaLore-Adafactor: galore-torch's torchrun_main.py builds GaLoreAdafactor with the
@@ -277,11 +303,11 @@ register(Recipe(
 # (1e-30, 1e-3), clip 1.0, decay_rate -0.8; lr and scale as the GaLore recipe. Its
 # non-projected parameters get plain Adafactor (galore-torch's behaviour), not AdamW.
 register(Recipe(
-    "adafactor", lowrank_builder("GaLoreAdafactor", proj_type="std",
+    "adafactor", lowrank_builder("adafactor", proj_type="std",
                                  opt_kwargs=lambda hp: dict(scale_parameter=False, relative_step=False,
                                                             warmup_init=False, beta1=None)),
     dict(lr=1e-2, other_lr=1e-2, scale=0.25),
-    requires=(_GROUPS, (_OPTIM, "GaLoreAdafactor")),
+    requires=requires_of("adafactor"),
     source="galore-torch torchrun_main.py (--optimizer galore_adafactor): relative_step=False, "
            "scale_parameter=False, warmup_init=False, beta1 None; lr 0.01 and scale 0.25 as GaLore's recipe"))
 
@@ -316,17 +342,17 @@ def _check_moment_format(model, optimizer, preset, hp):
 _M8 = dict(moment_bits=8, min_8bit_size=4096)
 _M8_TINY = {"tiny": dict(min_8bit_size=512)}
 register(Recipe(
-    "galore-8bit", lowrank_builder("GaLoreAdamW", proj_type="std", group_keys=_moments_keys,
+    "galore-8bit", lowrank_builder("galore", proj_type="std", group_keys=_moments_keys,
                                    plain_group_keys=_moments_keys),
     dict(lr=1e-2, other_lr=1e-2, scale=0.25, **_M8), per_preset=_M8_TINY,
-    requires=(_GROUPS, (_OPTIM, "GaLoreAdamW")), callback=_check_moment_format,
+    requires=requires_of("galore"), callback=_check_moment_format,
     source="GaLore's recipe (lr 0.01, scale 0.25) with 8-bit moments on every group as galore-torch's "
            "GaLoreAdamW8bit (bitsandbytes' min_8bit_size 4096); tiny (tests only): min_8bit_size 512"))
 register(Recipe(
-    "dct-8bit", lowrank_builder("DCTAdamW", proj_type="std", group_keys=_moments_keys,
+    "dct-8bit", lowrank_builder("dct", proj_type="std", group_keys=_moments_keys,
                                 plain_group_keys=_moments_keys),
     dict(lr=1e-2, other_lr=1e-2, scale=0.25, **_M8), per_preset=_M8_TINY,
-    requires=(_GROUPS, (_OPTIM, "DCTAdamW")), callback=_check_moment_format,
+    requires=requires_of("dct"), callback=_check_moment_format,
     source="the dct recipe (lr 0.01, scale 0.25) with 8-bit moments on every group, as galore-8bit; "
            "tiny (tests only): min_8bit_size 512"))
 

@@ -8,10 +8,13 @@ import math
 import resource
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from lowrank_kernels.optim import state_nbytes
 
 from .data import Batches
 from .presets import Preset
@@ -49,22 +52,10 @@ def lr_lambda(preset: Preset, steps: int) -> Callable[[int], float]:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Sum of the bytes of every tensor held in ``optimizer.state`` (nested containers included)."""
-    seen: set[int] = set()
-
-    def walk(x) -> int:
-        if isinstance(x, torch.Tensor):
-            if id(x) in seen:
-                return 0
-            seen.add(id(x))
-            return x.numel() * x.element_size()
-        if isinstance(x, dict):
-            return sum(walk(v) for v in x.values())
-        if isinstance(x, (list, tuple)):
-            return sum(walk(v) for v in x)
-        return 0
-
-    return sum(walk(s) for s in optimizer.state.values())
+    """Deprecated: :func:`lowrank_kernels.optim.state_nbytes` (the one state counter)."""
+    warnings.warn("bench.convergence.state_bytes is deprecated; use lowrank_kernels.optim.state_nbytes",
+                  DeprecationWarning, stacklevel=2)
+    return state_nbytes(optimizer)
 
 
 # --------------------------------------------------------------------------- memory
@@ -219,7 +210,7 @@ def train_one(method: str, preset: Preset, batches: Batches, device: torch.devic
                     break
         bar.close()
         peak = mem.peak()
-        sbytes = state_bytes(optimizer)
+        sbytes = state_nbytes(optimizer)
     tokens = len(curve) and (curve[-1][0] * preset.batch_size * preset.seq_len)
     res = Result(method, status, final_val_loss=curve[-1][1], state_bytes=sbytes, peak_bytes=peak,
                  tokens_per_s=tokens / train_time if train_time > 0 else 0.0, curve=curve,

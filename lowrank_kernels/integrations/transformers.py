@@ -54,6 +54,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowrank_kernels import optim as _optim
+from lowrank_kernels.optim import registry as _registry
 from lowrank_kernels.optim.layerwise import LayerwiseOptimizer
 
 TargetModules = Union[str, Sequence[str]]
@@ -73,25 +74,46 @@ class _Entry:
 
 
 _RANK128 = {"rank": 128}  # transformers' default rank for its GaLore / APOLLO names
+#: transformers' names for a moment-format variant of a registered name: name -> (base, fixed keys).
+_VARIANTS = {"galore_adamw_8bit": ("galore", {"moment_bits": 8})}
 
-#: name -> optimizer. Adding an optimizer is one line. A name whose class (or fixed
-#: argument) this version lacks raises a ValueError saying so when it is used.
-OPTIMIZERS: Dict[str, _Entry] = {
-    "galore_adamw": _Entry("GaLoreAdamW", _RANK128),
-    "galore_adamw_8bit": _Entry("GaLoreAdamW", _RANK128, fixed={"moment_bits": 8}),
-    # transformers' galore_adafactor: lr with relative_step=False, scale_parameter=False.
-    "galore_adafactor": _Entry("GaLoreAdafactor", {**_RANK128, "scale_parameter": False},
-                               fixed={"relative_step": False}),
-    "apollo_adamw": _Entry("APOLLOAdamW", _RANK128),
-    "apollo_mini": _Entry("APOLLOAdamW", {"rank": 1, "scale_type": "tensor", "scale": 128.0}, preset="mini"),
-    "dct_adamw": _Entry("DCTAdamW", _RANK128),
-    "qgalore_adamw": _Entry("QGaLoreAdamW", _RANK128),
-    "frugal_adamw": _Entry("FrugalAdamW"),  # its own default: density=0.25 of min(m, n)
-    "gradnormlorp_adamw": _Entry("GradNormLoRPAdamW", _RANK128),
-}
+
+def _entry(spec, fixed: Optional[Mapping[str, Any]] = None) -> _Entry:
+    """The Trainer entry of a registered optimizer (:mod:`lowrank_kernels.optim.registry`):
+    its class and preset constructor, the settings the name implies (a preset's own values,
+    e.g. APOLLO-Mini's rank 1) and transformers' ``rank=128`` for a rank-sized method
+    without a preset; the registry's fixed settings stay fixed."""
+    defaults: Dict[str, Any] = {}
+    if spec.constructor is not None:
+        base = _registry.ctor_defaults(spec.cls)
+        defaults.update({k: v for k, v in spec.defaults.items() if k not in _EXPLICIT and base.get(k) != v})
+    elif spec.subspace == "rank":
+        defaults.update(_RANK128)
+    defaults.update({k: v for k, v in spec.settings.items() if k not in spec.fixed})
+    fixed_keys = {k: spec.settings[k] for k in spec.fixed}
+    fixed_keys.update(fixed or {})
+    return _Entry(spec.cls_name, defaults, fixed=fixed_keys, preset=spec.constructor)
+
+
+def _trainer_table() -> Dict[str, _Entry]:
+    table: Dict[str, _Entry] = {}
+    for spec in _registry.OPTIMIZERS.values():
+        if spec.trainer_name is None or not spec.target.startswith("lowrank_kernels."):
+            continue
+        table[spec.trainer_name] = _entry(spec)
+        for variant, (base, fixed) in _VARIANTS.items():
+            if base == spec.name:
+                table[variant] = _entry(spec, fixed)
+    return table
+
 
 # Set by lowrank_optimizer's explicit arguments, never through optim_args / **kw.
 _EXPLICIT = ("lr", "weight_decay", "betas", "eps")
+
+#: name -> optimizer: every optimizer of :mod:`lowrank_kernels.optim.registry` under its
+#: Trainer spelling (``galore_adamw``, ...), plus transformers' ``galore_adamw_8bit``. A name
+#: whose class (or fixed argument) this version lacks raises a ValueError saying so when used.
+OPTIMIZERS: Dict[str, _Entry] = _trainer_table()
 
 
 def _check_adam_args(name: str, cls: type, betas, eps) -> None:

@@ -14,7 +14,7 @@ from ._registry import (  # noqa: F401
 )
 from .projection import (  # noqa: F401
     backproject_apply_,
-    low_rank_shape,
+    lowrank_shape,
     project,
     project_adam_,
     foreach_project_update_backproject_,
@@ -32,6 +32,7 @@ from . import _registry as _reg
 # the C++ ops the same fake impls as their public twins.
 _ext_mod.load()
 _reg.register_cpp_fakes()
+from . import dtensor  # noqa: E402,F401  (DTensor handlers, installed when a DTensor first steps)
 
 __all__ = [
     "BACKENDS",
@@ -45,7 +46,7 @@ __all__ = [
     "foreach_project_update_backproject_",
     "adam_foreach_update_",
     "moments8_zeros",
-    "low_rank_shape",
+    "lowrank_shape",
     "DCTProjector",
     "dct_basis",
     "dct_scores",
@@ -54,3 +55,8 @@ __all__ = [
     "dct_project",
 ]
 __all__ += ["Int4Projector", "int4_pack", "int4_unpack", "int8_quantize", "int8_dequantize", "int8_update_sr_"]
+
+from lowrank_kernels._deprecation import deprecated_names as _deprecated_names  # noqa: E402
+
+# Old spelling, kept for one release (warns).
+__getattr__ = _deprecated_names(__name__, {"low_rank_shape": "lowrank_shape"})

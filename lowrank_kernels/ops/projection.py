@@ -74,7 +74,7 @@ def _proj_rank(proj: torch.Tensor, side: str) -> int:
     return proj.shape[0] if side == "right" else proj.shape[1]
 
 
-def low_rank_shape(m: int, n: int, rank: int, side: str) -> tuple:
+def lowrank_shape(m: int, n: int, rank: int, side: str) -> tuple:
     """Shape of ``R`` (and of the moments) for an ``m x n`` weight."""
     return (m, rank) if side == "right" else (rank, n)
 
@@ -227,7 +227,7 @@ def validate_project_adam(
     m, n = grad.shape
     r, read = check_projector(op, m, n, side, proj, indices, q_scale, q_min, rank, group_size)
     written = C.check_moment_state(
-        op, exp_avg, exp_avg_sq, low_rank_shape(m, n, r, side), grad.dtype, m_absmax, v_absmax, block_size,
+        op, exp_avg, exp_avg_sq, lowrank_shape(m, n, r, side), grad.dtype, m_absmax, v_absmax, block_size,
         moment_seed,
     )
     _check_hyper(op, beta1, beta2, eps)
@@ -248,7 +248,7 @@ def validate_backproject_apply(
     m, n = param.shape
     r, read = check_projector(op, m, n, side, proj, indices, q_scale, q_min, rank, group_size)
     C.check_float(update, "update", op)
-    C.check_shape(update, "update", op, low_rank_shape(m, n, r, side), "the low-rank update's shape")
+    C.check_shape(update, "update", op, lowrank_shape(m, n, r, side), "the low-rank update's shape")
     for name, v in (("row_decay", row_decay), ("row_alpha", row_alpha)):
         if v is not None:
             C.check_tensor(v, name, op)
@@ -286,7 +286,7 @@ def _fake_project(grad, proj, side, indices=None, q_scale=None, q_min=None, rank
     m, n = grad.shape
     r = _projector_rank(proj, side, indices, q_scale, rank)
     f64 = grad.dtype == torch.float64 or (q_scale is None and proj.dtype == torch.float64)
-    return grad.new_empty(low_rank_shape(m, n, r, side), dtype=torch.float64 if f64 else torch.float32)
+    return grad.new_empty(lowrank_shape(m, n, r, side), dtype=torch.float64 if f64 else torch.float32)
 
 
 def _fake_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, eps, *projector):
@@ -763,3 +763,9 @@ _eager_project_adam_op = eager_caller(project_adam_op)
 _eager_backproject_apply_op = eager_caller(backproject_apply_op)
 _eager_project_update_backproject_op = eager_caller(project_update_backproject_op)
 _eager_foreach_project_update_backproject_op = eager_caller(foreach_project_update_backproject_op)
+
+
+# Old spelling, kept for one release (warns).
+from lowrank_kernels._deprecation import deprecated_names as _deprecated_names  # noqa: E402
+
+__getattr__ = _deprecated_names(__name__, {"low_rank_shape": "lowrank_shape"})

@@ -16,6 +16,8 @@ group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
   weight, Adam on its magnitude (our interpretation of GradNormLoRP).
 - :func:`lowrank_param_groups`: split a model into a low-rank and a plain group.
 - :func:`layerwise`: step each parameter inside backward.
+- :mod:`~lowrank_kernels.optim.registry`: every optimizer by name (class, defaults,
+  capabilities, state-bytes formula); :func:`state_nbytes` counts an optimizer's state.
 """
 from .adafactor import GaLoreAdafactor  # noqa: F401
 from .apollo import APOLLOAdamW  # noqa: F401
@@ -27,6 +29,8 @@ from .gradnormlorp import GradNormLoRPAdamW  # noqa: F401
 from .groups import lowrank_param_groups  # noqa: F401
 from .layerwise import LayerwiseOptimizer, layerwise  # noqa: F401
 from .qgalore import QGaLoreAdamW  # noqa: F401
+from . import registry  # noqa: F401
+from .registry import state_nbytes  # noqa: F401
 
 __all__ = [
     "LowRankOptimizer",
@@ -41,4 +45,6 @@ __all__ = [
     "layerwise",
     "LayerwiseOptimizer",
     "resolve_side",
+    "registry",
+    "state_nbytes",
 ]

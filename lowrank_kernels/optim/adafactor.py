@@ -212,7 +212,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         m, n = p.shape
         r = self._group_rank(group, (m, n))
         side = self._side(state)
-        shape = (r, r) if side == "full" else ops.low_rank_shape(m, n, r, side)
+        shape = (r, r) if side == "full" else ops.lowrank_shape(m, n, r, side)
         self._init_factored(p, state, tuple(shape), group, self._acc(p), p.device)
 
     # ------------------------------------------------------------------ the math

@@ -147,7 +147,7 @@ class APOLLOAdamW(LowRankOptimizer):
     def _init_state(self, p, state, group):
         super()._init_state(p, state, group)
         m, n = p.shape
-        shape = ops.low_rank_shape(m, n, self._group_rank(group, (m, n)), self._side(state))
+        shape = ops.lowrank_shape(m, n, self._group_rank(group, (m, n)), self._side(state))
         self._init_moments(p, state, group, shape)
 
     # ------------------------------------------------------------------ seeded projection

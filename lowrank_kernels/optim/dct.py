@@ -230,7 +230,7 @@ class DCTAdamW(LowRankOptimizer):
         super()._init_state(p, state, group)
         m, n = p.shape
         r = self._group_rank(group, (m, n))
-        shape = ops.low_rank_shape(m, n, r, self._side(state))
+        shape = ops.lowrank_shape(m, n, r, self._side(state))
         self._init_moments(p, state, group, shape)
 
     def _has_projector(self, state):

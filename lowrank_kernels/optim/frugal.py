@@ -176,7 +176,7 @@ class FrugalAdamW(LowRankOptimizer):
         m, n = p.shape
         r = self._group_rank(group, (m, n))
         if r > 0:
-            shape = ops.low_rank_shape(m, n, r, self._side(state))
+            shape = ops.lowrank_shape(m, n, r, self._side(state))
             self._init_moments(p, state, group, shape)
 
     def _has_projector(self, state):

@@ -732,3 +732,13 @@ def test_training_resume_is_exact(state):
     assert second[2].active == ref[2].active
     for (n, a), (_, b) in zip(ref[0].named_parameters(), second[0].named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_owlore_callback_lives_in_integrations():
+    """The Trainer callback is defined in lowrank_kernels.integrations.owlore;
+    lowrank_kernels.owlore re-exports the same function."""
+    import lowrank_kernels.integrations.owlore as integ_owlore
+    import lowrank_kernels.owlore as owlore
+
+    assert owlore.owlore_callback is integ_owlore.owlore_callback
+    assert owlore_callback.__module__ == "lowrank_kernels.integrations.owlore"
