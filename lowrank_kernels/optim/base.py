@@ -70,10 +70,10 @@ from torch.optim import Optimizer
 
 from . import capturable, config, moments, plain
 from . import distributed as _dist
-from ._stepcache import StepCache, _native_nonfinite_flags, finite_flags, increment_steps
+from ._stepcache import StepCache, _native_nonfinite_flags, finite_flags, increment_steps  # noqa: F401
 from .common import (COMPAT_MODES, PROJ_TYPES, SIDE_CODES, SIDE_NAMES, adam_step_size, mix_seed, project_fp32,
                      resolve_side)
-from .config import _is_int, _is_real  # noqa: F401  (imported from here by the method files)
+from .config import _is_int, _is_real  # noqa: F401  (their former home)
 from .moments import ABSMAX_KEYS, MOMENT_BITS, MOMENT_BITS_DEFAULTS, MOMENT_DTYPES
 
 #: parameter / gradient types that are never DTensors (the bucketing's fast type test).
@@ -378,8 +378,7 @@ class LowRankOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ capturable (device-side) steps
     def _capturable_plain(self, p: torch.Tensor, group: Dict[str, Any]) -> bool:
-        """Whether ``p`` of a low-rank group takes plain AdamW; the base projects every one."""
-        return False
+        return False  # whether p of a low-rank group takes plain AdamW; the base projects every one
 
     def _capturable_step(self, work) -> bool:
         """The capturable step when it applies (:func:`lowrank_kernels.optim.capturable.plan`);
