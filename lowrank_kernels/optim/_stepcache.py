@@ -112,7 +112,7 @@ class StepCache:
 
     # ------------------------------------------------------------------ bucket keys
     def bucket_key(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any],
-                   compute: Callable[[torch.Tensor, Dict[str, Any], Dict[str, Any]], Optional[tuple]]) -> Optional[tuple]:
+                   compute: Callable[..., Optional[tuple]]) -> Optional[tuple]:
         """``compute(p, state, group)`` (the optimizer's bucket key), remembered per parameter
         while nothing it may read has changed.
 

@@ -114,7 +114,9 @@ class APOLLOAdamW(LowRankOptimizer):
         if norm_growth_limiter is None:
             norm_growth_limiter = not disable_nl
         defaults = OptimizerConfig.from_arguments(locals()).defaults(
-            scale_type=scale_type, proj=proj, scale_front=bool(scale_front), norm_growth_limiter=bool(norm_growth_limiter))
+            scale_type=scale_type, proj=proj, scale_front=bool(scale_front),
+            norm_growth_limiter=bool(norm_growth_limiter),
+        )
         if compat is not None:
             defaults["compat"] = compat
         super().__init__(params, defaults)

@@ -1,6 +1,6 @@
 """The shared base of the low-rank optimizers: :class:`LowRankOptimizer`, a step loop over
 collaborators. Each method file (``galore.py``, ``dct.py``, ...) only says how its projector
-is made and how one projected step is taken.
+is made and how one projected step is taken. The whole picture: docs/architecture.md, "Optimizers".
 
 The collaborators (plain functions, called with explicit arguments):
 

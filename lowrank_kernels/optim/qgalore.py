@@ -172,8 +172,8 @@ class QGaLoreAdamW(GaLoreAdamW):
     ):
         self.seed = int(seed)
         defaults = OptimizerConfig.from_arguments(locals()).defaults(
-            svd=svd, quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit, cos_threshold=cos_threshold,
-            gamma_proj=gamma_proj, queue_size=queue_size, similarity=similarity, stochastic_round=stochastic_round,
+            svd=svd, quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit,
+            cos_threshold=cos_threshold, gamma_proj=gamma_proj, queue_size=queue_size, similarity=similarity, stochastic_round=stochastic_round,
         )
         # GaLoreAdamW.__init__ fixes its own defaults; build the base with ours.
         LowRankOptimizer.__init__(self, params, defaults)
