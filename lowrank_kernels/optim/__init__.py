@@ -1,8 +1,10 @@
 """Low-rank gradient optimizers on the fused ``lowrank_kernels.ops`` kernels.
 
 All are ``torch.optim.Optimizer`` subclasses sharing :class:`LowRankOptimizer`
-(``base.py``: param selection, validation, state init, refresh schedule, stored
-projection side, non-finite handling, state-dict handling). Param groups use
+(``base.py``: the step loop, param selection, validation, refresh schedule, stored
+projection side, non-finite handling, state-dict handling) and its collaborators:
+``config.py`` (the shared hyper-parameters), ``moments.py`` (moment formats),
+``plain.py`` (plain AdamW), ``capturable.py`` (CUDA-graph steps). Param groups use
 galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``); a
 group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
 
@@ -22,7 +24,7 @@ group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
 from .adafactor import GaLoreAdafactor  # noqa: F401
 from .apollo import APOLLOAdamW  # noqa: F401
 from .base import LowRankOptimizer, resolve_side  # noqa: F401
-from .dct import DCTAdamW  # noqa: F401  (also registers FrugalAdamW(projection="dct"))
+from .dct import DCTAdamW  # noqa: F401
 from .frugal import FrugalAdamW  # noqa: F401
 from .galore import GaLoreAdamW  # noqa: F401
 from .gradnormlorp import GradNormLoRPAdamW  # noqa: F401

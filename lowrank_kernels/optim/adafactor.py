@@ -13,10 +13,13 @@ import torch
 
 from lowrank_kernels import ops
 
-from . import distributed as _dist
 from lowrank_kernels.reference import moments as _moments
 
-from .base import PROJ_TYPES, LowRankOptimizer, _is_real, project_fp32
+from . import capturable, config, moments
+from . import distributed as _dist
+from .base import LowRankOptimizer
+from .common import PROJ_TYPES, project_fp32
+from .config import OptimizerConfig, _is_real
 from .galore import SVD_MODES, GaLoreAdamW
 
 
@@ -70,6 +73,10 @@ class GaLoreAdafactor(LowRankOptimizer):
             groups (``rank=None`` leaves a group plain Adafactor).
         skip_nonfinite: skip a parameter whose gradient is not finite (see
             :mod:`lowrank_kernels.optim.base`).
+        foreach: None (default) or False; ``True`` is refused: GaLoreAdafactor steps one
+            parameter at a time (there is no multi-tensor Adafactor step here).
+        moment_dtype: ``"float32"`` only (default): Adafactor's state is float32 (float64
+            for float64 parameters); ``"param"`` is refused.
         moment_bits, block_size, min_8bit_size: the format of the **first moment**
             ``exp_avg`` (only kept with ``beta1``), projected and plain: 32 (float32), 16
             (bfloat16, stochastic rounding) or 8 (uint8 codes of the signed dynamic map plus
@@ -114,16 +121,16 @@ class GaLoreAdafactor(LowRankOptimizer):
         proj_type: str = "std",
         svd: str = "exact",
         skip_nonfinite: bool = True,
+        foreach: Optional[bool] = None,
+        moment_dtype: str = "float32",
         moment_bits: int = 32,
         block_size: int = 256,
         min_8bit_size: int = 4096,
     ):
-        defaults = dict(
-            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-            weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
-            warmup_init=warmup_init, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-            svd=svd, skip_nonfinite=skip_nonfinite, moment_bits=moment_bits, block_size=block_size,
-            min_8bit_size=min_8bit_size,
+        # Adafactor has no betas (beta1 and decay_rate instead); lr may be None, eps is a pair.
+        defaults = OptimizerConfig.from_arguments(locals(), betas=None).defaults(
+            clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1, scale_parameter=scale_parameter,
+            relative_step=relative_step, warmup_init=warmup_init, svd=svd,
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -140,7 +147,9 @@ class GaLoreAdafactor(LowRankOptimizer):
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: Dict[str, Any], gi: int) -> None:
+        err = lambda msg: self._err(gi, msg)  # noqa: E731
         self._validate_params(group, gi)
+        capturable.validate(type(self), group, err)
         for pi, p in enumerate(group["params"]):
             if _dist.is_dtensor(p):
                 raise ValueError(self._err(gi, f"parameter {pi} is a DTensor: GaLoreAdafactor does not support FSDP2"))
@@ -170,12 +179,18 @@ class GaLoreAdafactor(LowRankOptimizer):
         b1 = group.get("beta1")
         if b1 is not None and (not _is_real(b1) or not 0.0 <= b1 < 1.0):
             raise ValueError(self._err(gi, f"beta1 must be None or a float in [0, 1), got {b1!r}"))
-        wd = group.get("weight_decay")
-        if not _is_real(wd) or not wd >= 0.0:
-            raise ValueError(self._err(gi, f"weight_decay must be a float >= 0, got {wd!r}"))
-        self._validate_moment_bits(group, gi)
+        config.check_weight_decay(group, err)
+        config.check_flags(group, err)
+        if group.get("foreach") is True:
+            raise ValueError(err("foreach=True is not supported: GaLoreAdafactor steps one parameter at a time; "
+                                 "pass foreach=None or False"))
+        moments.validate(group, err)
+        if group.get("moment_dtype", "float32") != "float32":
+            raise ValueError(err(f"moment_dtype must be 'float32' (Adafactor keeps float32 state), got "
+                                 f"{group.get('moment_dtype')!r}"))
         if self._is_lowrank(group):
             self._validate_lowrank_group(group, gi)
+        self._validate_compat(group, gi)
 
     def _validate_lowrank_group(self, group, gi):
         super()._validate_lowrank_group(group, gi)
@@ -202,8 +217,9 @@ class GaLoreAdafactor(LowRankOptimizer):
         else:
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
         if group["beta1"] is not None:
-            if self._moment_bits_for(shape, group, p.dtype) != 32:
-                self._init_moments(p, state, group, shape, keys=("exp_avg",))
+            fmt = moments.format_of(group)
+            if moments.bits_for(shape, fmt) != 32:
+                moments.init(state, fmt, shape, device=p.device, param_dtype=p.dtype, keys=("exp_avg",))
             else:
                 state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -218,8 +234,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     # ------------------------------------------------------------------ the math
     def _first_moment_seed(self, p, state, group, step: int) -> int:
         """The stochastic-rounding seed of a 16-bit ``exp_avg`` at ``step``, else -1."""
-        m = state.get("exp_avg")
-        if m is not None and m.dtype == torch.bfloat16 and group.get("moment_bits", 32) == 16:
+        if moments.stored_bits(state, moments.format_of(group)) == 16:
             return self._moment_seed(p, step)
         return -1
 

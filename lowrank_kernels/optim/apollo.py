@@ -9,7 +9,10 @@ import torch
 from lowrank_kernels import ops
 
 from . import distributed as _dist
-from .base import LowRankOptimizer, adam_step_size, mix_seed, project_fp32
+from . import moments
+from .base import LowRankOptimizer
+from .common import adam_step_size, mix_seed, project_fp32
+from .config import OptimizerConfig
 
 SCALE_TYPES = ("channel", "tensor")
 _LIMIT = 1.01  # Fira's norm-growth limiter: at most 1% growth of the update norm per step
@@ -70,7 +73,7 @@ class APOLLOAdamW(LowRankOptimizer):
     ``seed`` (CPU int64, the seed of the current projection), ``exp_avg``,
     ``exp_avg_sq`` (low-rank shape, float32 unless ``moment_dtype="param"``; 8-bit codes plus
     ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` or bfloat16 with ``moment_bits=8`` / ``16``, see
-    :mod:`lowrank_kernels.optim.base`) and, with the limiter on,
+    :mod:`lowrank_kernels.optim.moments`) and, with the limiter on,
     ``scaled_grad_norm`` (the previous step's ``||Gt||``: 0-d float32 on the
     parameter's device).
 
@@ -110,11 +113,9 @@ class APOLLOAdamW(LowRankOptimizer):
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
         if norm_growth_limiter is None:
             norm_growth_limiter = not disable_nl
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
-            scale=scale, proj_type=proj_type, scale_type=scale_type, proj=proj, scale_front=bool(scale_front),
-            norm_growth_limiter=bool(norm_growth_limiter), skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
+        defaults = OptimizerConfig.from_arguments(locals()).defaults(
+            scale_type=scale_type, proj=proj, scale_front=bool(scale_front),
+            norm_growth_limiter=bool(norm_growth_limiter),
         )
         if compat is not None:
             defaults["compat"] = compat
@@ -148,7 +149,7 @@ class APOLLOAdamW(LowRankOptimizer):
         super()._init_state(p, state, group)
         m, n = p.shape
         shape = ops.lowrank_shape(m, n, self._group_rank(group, (m, n)), self._side(state))
-        self._init_moments(p, state, group, shape)
+        moments.init(state, moments.format_of(group), shape, device=p.device, param_dtype=p.dtype)
 
     # ------------------------------------------------------------------ seeded projection
     @staticmethod
@@ -189,7 +190,7 @@ class APOLLOAdamW(LowRankOptimizer):
         side = self._side(state)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         proj = self._get_projector(p, state, group)
-        r_lr = project_fp32(grad, proj, side).to(self._low_dtype(state, group, exp_avg.dtype))  # R, low-rank shape
+        r_lr = project_fp32(grad, proj, side).to(moments.update_dtype(state, exp_avg.dtype))  # R, low-rank shape
         # R is already projected: Adam's elementwise step on it (no identity-projector GEMM).
         n_lr = ops.adam_update_(r_lr, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"],
                                 **self._moment_kwargs(p, state, group, step))

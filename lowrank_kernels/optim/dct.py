@@ -7,7 +7,7 @@ reduction plus a sort, instead of an SVD). The basis is shared by every layer of
 that size (``ops.dct_basis``, cached), so the optimizer state holds only the ``r``
 int32 indices per layer, never a float projector.
 
-Also registers ``projection="dct"`` with :class:`~lowrank_kernels.optim.FrugalAdamW`.
+(FRUGAL's ``projection="dct"`` lives in :mod:`lowrank_kernels.optim.frugal`.)
 """
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ import torch
 
 from lowrank_kernels import ops
 
-from . import distributed as _dist
 from lowrank_kernels.reference import moments as _moments
 
-from .base import ABSMAX_KEYS, LowRankOptimizer, resolve_side
-from .frugal import FrugalAdamW
+from . import distributed as _dist
+from . import moments
+from .base import LowRankOptimizer
+from .common import resolve_side
+from .config import OptimizerConfig
+from .frugal import dct_projection  # noqa: F401  (its former home)
+from .moments import ABSMAX_KEYS
 
 MOMENT_REFRESH = ("keep", "reindex", "reset")
 NORMS = (1, 2)
@@ -123,7 +127,7 @@ class DCTAdamW(LowRankOptimizer):
         skip_nonfinite, foreach, moment_dtype: as GaLoreAdamW (float32 moments by default;
             non-refresh steps by bucket unless ``foreach=False``).
         moment_bits, block_size, min_8bit_size: the moment format, 32 | 16 | 8 (see
-            :mod:`lowrank_kernels.optim.base`); ``moment_refresh="reindex"`` carries 8-bit
+            :mod:`lowrank_kernels.optim.moments`); ``moment_refresh="reindex"`` carries 8-bit
             moments over through :func:`reindex_moments8_`, ``"reset"`` zeroes codes and absmax.
         capturable: as GaLoreAdamW (a non-refresh step with no host synchronization).
 
@@ -161,12 +165,8 @@ class DCTAdamW(LowRankOptimizer):
         min_8bit_size: int = 4096,
         capturable: bool = False,
     ):
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
-            scale=scale, proj_type=proj_type, norm=norm, moment_refresh=moment_refresh, max_dim=max_dim,
-            skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
-        )
+        defaults = OptimizerConfig.from_arguments(locals()).defaults(
+            norm=norm, moment_refresh=moment_refresh, max_dim=max_dim)
         if capturable:
             defaults["capturable"] = capturable
         self._pending_plain: Dict[int, Tuple[dict, List[torch.Tensor]]] = {}
@@ -231,7 +231,7 @@ class DCTAdamW(LowRankOptimizer):
         m, n = p.shape
         r = self._group_rank(group, (m, n))
         shape = ops.lowrank_shape(m, n, r, self._side(state))
-        self._init_moments(p, state, group, shape)
+        moments.init(state, moments.format_of(group), shape, device=p.device, param_dtype=p.dtype)
 
     def _has_projector(self, state):
         return "indices" in state
@@ -334,7 +334,7 @@ class DCTAdamW(LowRankOptimizer):
             else:
                 reindex_moments_(state["exp_avg"], state["exp_avg_sq"], state["indices"], idx, side, size)
         elif mode == "reset":
-            self._zero_moments(state)
+            moments.zero(state)
         state["indices"] = idx
         return True
 
@@ -410,7 +410,7 @@ class DCTAdamW(LowRankOptimizer):
             return None
         beta1, beta2 = group["betas"]
         return ("dct", self._side(state), p.device, p.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"],
-                self._format_key(state, group))
+                moments.bucket_part(state, moments.format_of(group)))
 
     def _bucket_step(self, key, entries, skip=None, coeffs=None):
         """One ``ops.foreach_project_update_backproject_`` call with the arguments
@@ -439,18 +439,3 @@ class DCTAdamW(LowRankOptimizer):
             weight_decay=group["weight_decay"], scale=group["scale"],
             **self._moment_kwargs(p, state, group, step),
         )
-
-
-# --------------------------------------------------------------------------- FRUGAL
-def dct_projection(opt, p, grad, state, group, step, rank, side):
-    """FRUGAL's ``projection="dct"``: the ``rank`` DCT basis vectors best aligned with the
-    gradient (L1 scores, or the group's ``norm`` key), as FRUGAL's dense projector
-    (``rank x n`` right, ``m x rank`` left: FrugalAdamW stores dense projectors)."""
-    norm = group.get("norm", 1)
-    idx = ops.dct_score_topk(grad, rank, side=side, norm=norm)
-    size = p.shape[1] if side == "right" else p.shape[0]
-    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-    return ops.DCTProjector(ops.dct_basis(size, acc, p.device), idx).dense(side)
-
-
-FrugalAdamW.register_projection("dct", dct_projection)

@@ -8,7 +8,10 @@ import torch
 from lowrank_kernels import ops
 
 from . import distributed as _dist
-from .base import LowRankOptimizer, adam_step_size, mix_seed, project_fp32
+from . import moments
+from .base import LowRankOptimizer
+from .common import adam_step_size, mix_seed, project_fp32
+from .config import OptimizerConfig
 
 UPDATES = ("signsgd", "sgd")
 
@@ -60,6 +63,18 @@ def columns_projection(opt, p, grad, state, group, step, rank, side):
     return proj
 
 
+def dct_projection(opt, p, grad, state, group, step, rank, side):
+    """The ``rank`` DCT basis vectors best aligned with the gradient (L1 scores, or the
+    group's ``norm`` key; :func:`lowrank_kernels.ops.dct_score_topk`), as a dense projector
+    (``rank x n`` right, ``m x rank`` left: FrugalAdamW stores dense projectors). DCTAdamW
+    (:mod:`lowrank_kernels.optim.dct`) keeps the indices instead."""
+    norm = group.get("norm", 1)
+    idx = ops.dct_score_topk(grad, rank, side=side, norm=norm)
+    size = p.shape[1] if side == "right" else p.shape[0]
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    return ops.DCTProjector(ops.dct_basis(size, acc, p.device), idx).dense(side)
+
+
 class FrugalAdamW(LowRankOptimizer):
     r"""FRUGAL with a state-full AdamW part and a state-free part.
 
@@ -71,8 +86,9 @@ class FrugalAdamW(LowRankOptimizer):
     - every ``update_proj_gap`` steps (``t = 1, T+1, ...``) a new subspace ``P``
       (orthonormal, stored in the parameter's dtype): ``projection="svd"`` (top
       singular vectors of the gradient), ``"random"`` (seeded random orthonormal),
-      ``"columns"`` (a seeded random subset of columns / rows), or any method added
-      with :meth:`register_projection` (the hook for ``"dct"``). **At each subspace
+      ``"columns"`` (a seeded random subset of columns / rows), ``"dct"`` (the DCT-II
+      basis vectors best aligned with the gradient, :func:`dct_projection`), or any method
+      added with :meth:`register_projection`. **At each subspace
       change the moments are zeroed and the bias-correction step restarts**
       (``state["subspace_step"]``);
     - state-full part: ``R = G P^T`` (``P^T G``), ``N = adam_update_(R)`` and
@@ -92,7 +108,7 @@ class FrugalAdamW(LowRankOptimizer):
     ``side`` (CPU int8) and, when ``r > 0``, ``projector`` (``r x n`` / ``m x r``),
     ``exp_avg``, ``exp_avg_sq`` (low-rank shape, float32 unless ``moment_dtype="param"``; with
     ``moment_bits=8`` uint8 codes plus ``exp_avg_absmax`` / ``exp_avg_sq_absmax``, with ``16``
-    bfloat16, see :mod:`lowrank_kernels.optim.base`; a subspace change zeroes codes and absmax).
+    bfloat16, see :mod:`lowrank_kernels.optim.moments`; a subspace change zeroes codes and absmax).
     """
 
     min_rank = 0
@@ -100,6 +116,7 @@ class FrugalAdamW(LowRankOptimizer):
         "svd": svd_projection,
         "random": random_projection,
         "columns": columns_projection,
+        "dct": dct_projection,
     }
 
     def __init__(
@@ -125,18 +142,13 @@ class FrugalAdamW(LowRankOptimizer):
         block_size: int = 256,
         min_8bit_size: int = 4096,
     ):
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, rank=rank,
-            update_proj_gap=update_proj_gap, projection=projection, update=update,
-            inactive_lr_scale=inactive_lr_scale, scale=scale, proj_type=proj_type,
-            skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
-        )
+        defaults = OptimizerConfig.from_arguments(locals()).defaults(
+            density=density, projection=projection, update=update, inactive_lr_scale=inactive_lr_scale)
         super().__init__(params, defaults)
 
     @classmethod
     def register_projection(cls, name: str, fn: ProjectionFn) -> None:
-        """Add a projection method ``name`` (e.g. ``"dct"``) to this class and its subclasses.
+        """Add a projection method ``name`` to this class and its subclasses.
 
         ``fn(optimizer, p, grad, state, group, step, rank, side)`` returns the
         orthonormal projector (right ``rank x n``, left ``m x rank``, any float
@@ -177,7 +189,7 @@ class FrugalAdamW(LowRankOptimizer):
         r = self._group_rank(group, (m, n))
         if r > 0:
             shape = ops.lowrank_shape(m, n, r, self._side(state))
-            self._init_moments(p, state, group, shape)
+            moments.init(state, moments.format_of(group), shape, device=p.device, param_dtype=p.dtype)
 
     def _has_projector(self, state):
         return "subspace_step" in state
@@ -194,7 +206,7 @@ class FrugalAdamW(LowRankOptimizer):
             if proj is None:
                 return False
             state["projector"] = proj
-            self._zero_moments(state)  # 8-bit: codes and absmax
+            moments.zero(state)  # 8-bit: codes and absmax
         state["subspace_step"] = torch.tensor(0.0, dtype=torch.float32)
         return True
 
@@ -213,7 +225,7 @@ class FrugalAdamW(LowRankOptimizer):
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             low = project_fp32(grad, proj, side)  # R, needed for the residual as well
             # R is already projected: Adam's elementwise step on it (no identity-projector GEMM).
-            n_lr = ops.adam_update_(low.to(self._low_dtype(state, group, exp_avg.dtype)), exp_avg, exp_avg_sq,
+            n_lr = ops.adam_update_(low.to(moments.update_dtype(state, exp_avg.dtype)), exp_avg, exp_avg_sq,
                                     beta1=beta1, beta2=beta2, eps=group["eps"],
                                     **self._moment_kwargs(p, state, group, step))
             full_dim = n if side == "right" else m

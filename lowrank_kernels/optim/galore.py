@@ -8,7 +8,10 @@ import torch
 from lowrank_kernels import ops
 
 from . import distributed as _dist
-from .base import PROJ_TYPES, LowRankOptimizer, adam_step_size, mix_seed, project_fp32
+from . import moments
+from .base import LowRankOptimizer
+from .common import PROJ_TYPES, adam_step_size, mix_seed, project_fp32
+from .config import OptimizerConfig
 
 SVD_MODES = ("exact", "lowrank")
 #: extra columns drawn by the randomized SVD beyond the rank, and its power iterations.
@@ -80,15 +83,15 @@ class GaLoreAdamW(LowRankOptimizer):
             for the plain groups). Also a group key.
         moment_dtype: ``"float32"`` (default: float32 moments, float64 for float64
             parameters) or ``"param"`` (moments in the parameter's dtype, as galore-torch;
-            unsafe for bfloat16/float16, see :mod:`lowrank_kernels.optim.base`).
+            unsafe for bfloat16/float16, see :mod:`lowrank_kernels.optim.moments`).
         moment_bits, block_size, min_8bit_size: the moment format (also group keys): 32
             (default), 16 (bfloat16 with stochastic rounding, for any parameter dtype) or 8
             (uint8 codes + float32 absmax per ``block_size`` elements of a row, fused into the
             kernels; moments under ``min_8bit_size`` elements stay float32). See
-            :mod:`lowrank_kernels.optim.base`.
+            :mod:`lowrank_kernels.optim.moments`.
         capturable: False (default) or True: step counts on the parameter's device and a
             non-refresh step with no host synchronization, so it can be captured in a CUDA
-            graph (see :meth:`~lowrank_kernels.optim.base.LowRankOptimizer._capturable_step`
+            graph (see :mod:`lowrank_kernels.optim.capturable`
             and the README). Also a group key; ``lr`` may then be a 0-dim device tensor.
 
     State per projected parameter (tensors only): ``step`` (CPU float32),
@@ -129,11 +132,7 @@ class GaLoreAdamW(LowRankOptimizer):
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
-            scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
-        )
+        defaults = OptimizerConfig.from_arguments(locals()).defaults(svd=svd)
         if capturable:  # only then, so subclasses that do not support it keep their defaults
             defaults["capturable"] = capturable
         if compat is not None:  # only then, so subclasses without a compat mode keep their defaults
@@ -151,7 +150,7 @@ class GaLoreAdamW(LowRankOptimizer):
         r = self._group_rank(group, (m, n))
         side = self._side(state)
         shape = (r, r) if side == "full" else ops.lowrank_shape(m, n, r, side)
-        self._init_moments(p, state, group, shape)
+        moments.init(state, moments.format_of(group), shape, device=p.device, param_dtype=p.dtype)
 
     # ------------------------------------------------------------------ projector
     def _svd(self, p, grad, group, step: int):
@@ -228,7 +227,7 @@ class GaLoreAdamW(LowRankOptimizer):
             return None
         beta1, beta2 = group["betas"]
         return ("dense", side, p.device, p.dtype, proj.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"],
-                self._format_key(state, group))
+                moments.bucket_part(state, moments.format_of(group)))
 
     def _bucket_step(self, key, entries, skip=None, coeffs=None):
         """One ``ops.foreach_project_update_backproject_`` call with the arguments
@@ -252,7 +251,7 @@ class GaLoreAdamW(LowRankOptimizer):
         beta1, beta2 = group["betas"]
         u, vh = state["projector"], state["projector_right"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        left = project_fp32(grad, u, "left").to(self._low_dtype(state, group, exp_avg.dtype))  # U^T G, r x n
+        left = project_fp32(grad, u, "left").to(moments.update_dtype(state, exp_avg.dtype))  # U^T G, r x n
         n = ops.project_adam_(left, vh, exp_avg, exp_avg_sq, side="right", beta1=beta1, beta2=beta2, eps=group["eps"],
                               **self._moment_kwargs(p, state, group, step))
         half = n.to(torch.float32) @ vh.to(torch.float32)  # N Vh, r x n

@@ -4,7 +4,7 @@ r"""GradNormLoRP-AdamW: GaLore on the direction of a per-row weight-normalized w
 arXiv 2412.19616). The official code cannot reproduce the paper (it keeps a full copy
 of ``V``, resets the magnitude every step, omits the projection term of the direction
 gradient, gives NaN on zero rows); what is built here is the method as the paper states
-it, written out in ``METHODS_NEXT.md`` section 2.
+it, written out below.
 
 Each projected ``m x n`` weight is re-parametrized per **output row** (``dim=0``, the
 rows of ``W`` whatever the projection side) as ``W_i = g_i V_i / ||V_i||``
@@ -44,7 +44,8 @@ from lowrank_kernels.ops import _checks, _registry as _reg
 from lowrank_kernels.ops import projection as _projection
 
 from . import distributed as _dist
-from .base import adam_step_size
+from .common import adam_step_size
+from .config import OptimizerConfig
 from .galore import GaLoreAdamW
 
 #: floor of a row norm used as a divisor (a zero row of W stays zero).
@@ -258,12 +259,16 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         svd: ``"exact"`` or ``"lowrank"``.
         skip_nonfinite: skip a parameter whose gradient is not finite (weight and state untouched).
         foreach: passed to torch's AdamW for the plain groups.
+        moment_dtype: ``"float32"`` (default) or ``"param"``: the dtype of the projected and
+            plain moments, as :class:`GaLoreAdamW` (``"param"`` is unsafe for 16-bit
+            parameters, see :mod:`lowrank_kernels.optim.moments`).
         moment_bits, block_size, min_8bit_size: the format of the projected moments and of
-            the plain groups' moments (32 | 16 | 8, see :mod:`lowrank_kernels.optim.base`); the
+            the plain groups' moments (32 | 16 | 8, see :mod:`lowrank_kernels.optim.moments`); the
             four length-``m`` magnitude vectors stay float32.
 
     State per projected parameter (tensors only): GaLore's (``step``, ``side``,
-    ``projector``, ``exp_avg``, ``exp_avg_sq`` in the parameter's dtype) plus four
+    ``projector``, ``exp_avg``, ``exp_avg_sq`` in the ``moment_dtype`` / ``moment_bits``
+    format) plus four
     length-``m`` vectors in float32 (float64 for float64 weights): ``wn_g``,
     ``wn_vnorm``, ``exp_avg_g``, ``exp_avg_sq_g``, i.e. ``16 m`` more bytes than GaLore.
     FSDP2 (DTensor) parameters are not supported yet.
@@ -286,17 +291,13 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         svd: str = "exact",
         skip_nonfinite: bool = True,
         foreach: Optional[bool] = None,
+        moment_dtype: str = "float32",
         moment_bits: int = 32,
         block_size: int = 256,
         min_8bit_size: int = 4096,
     ):
         self._wn_scratch = None
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
-            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-            skip_nonfinite=skip_nonfinite, foreach=foreach, moment_bits=moment_bits, block_size=block_size,
-            min_8bit_size=min_8bit_size,
-        )
+        super().__init__(params, svd=svd, **OptimizerConfig.from_arguments(locals()).defaults())
 
     def _validate_lowrank_group(self, group, gi):
         super()._validate_lowrank_group(group, gi)

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from lowrank_kernels import ops
 from lowrank_kernels.nn.qlinear import qlinear_of
 
-from .base import LowRankOptimizer, adam_step_size, mix_seed
+from . import moments
+from .base import LowRankOptimizer
+from .common import adam_step_size, mix_seed
+from .config import OptimizerConfig
 from .galore import GaLoreAdamW
 
 SIMILARITIES = ("abs_cos", "overlap")
@@ -116,9 +119,10 @@ class QGaLoreAdamW(GaLoreAdamW):
     ``state["svd_count"]`` (SVDs done), both CPU int64 tensors; :meth:`refresh_stats`
     lists them and :attr:`svd_count` sums the SVDs.
 
-    Defaults (ALGORITHMS.md, Q-GaLore): ``update_proj_gap=200``, ``scale=0.25``,
-    ``quant_group_size=256``, ``cos_threshold=0.4``, ``gamma_proj=2``,
-    ``queue_size=5``; ``eps=1e-8`` as q-galore-torch. The paper's scripts use
+    Defaults (Zhang et al., "Q-GaLore: Quantized GaLore with INT4 Projection and
+    Layer-Adaptive Low-Rank Gradients", arXiv:2407.08296, and its q-galore-torch code):
+    ``update_proj_gap=200``, ``scale=0.25``, ``quant_group_size=256``,
+    ``cos_threshold=0.4``, ``gamma_proj=2``, ``queue_size=5``; ``eps=1e-8`` as q-galore-torch. The paper's scripts use
     ``betas=(0.9, 0.95)``. Weight decay uses torch's order (decay first).
 
     ``moment_bits`` / ``block_size`` / ``min_8bit_size`` as :class:`GaLoreAdamW` (8-bit
@@ -167,12 +171,9 @@ class QGaLoreAdamW(GaLoreAdamW):
         min_8bit_size: int = 4096,
     ):
         self.seed = int(seed)
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
-            scale=scale, proj_type=proj_type, svd=svd, skip_nonfinite=skip_nonfinite, foreach=foreach,
-            moment_dtype=moment_dtype, moment_bits=moment_bits, block_size=block_size, min_8bit_size=min_8bit_size,
-            quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit, cos_threshold=cos_threshold,
-            gamma_proj=gamma_proj, queue_size=queue_size, similarity=similarity, stochastic_round=stochastic_round,
+        defaults = OptimizerConfig.from_arguments(locals()).defaults(
+            svd=svd, quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit,
+            cos_threshold=cos_threshold, gamma_proj=gamma_proj, queue_size=queue_size, similarity=similarity, stochastic_round=stochastic_round,
         )
         # GaLoreAdamW.__init__ fixes its own defaults; build the base with ours.
         LowRankOptimizer.__init__(self, params, defaults)
@@ -353,17 +354,18 @@ class QGaLoreAdamW(GaLoreAdamW):
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            if self._moment_bits_for(tuple(p.shape), group, p.dtype) != 32:
-                self._init_moments(p, state, group, tuple(p.shape))
+            fmt = moments.format_of(group)
+            if moments.bits_for(tuple(p.shape), fmt) != 32:
+                moments.init(state, fmt, tuple(p.shape), device=p.device, param_dtype=p.dtype)
             else:
                 state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         state["step"] += 1
         step = int(state["step"])
         beta1, beta2 = group["betas"]
-        if self._lowbit(state, group):
+        if moments.is_lowbit(state, moments.format_of(group)):
             bc2 = 1 - beta2**step
-            g = p.grad.to(self._low_dtype(state, group, p.grad.dtype))
+            g = p.grad.to(moments.update_dtype(state, p.grad.dtype))
             n = ops.adam_update_(g, state["exp_avg"], state["exp_avg_sq"], beta1=beta1,
                                  beta2=beta2, eps=group["eps"] * math.sqrt(bc2),
                                  **self._moment_kwargs(p, state, group, step))

@@ -20,7 +20,7 @@ def _opt(cls):
 
 def _check(opt, w):
     group = opt.param_groups[0]
-    opt.__dict__["_step_serial"] = opt.__dict__.get("_step_serial", 0) + 1  # as a new step does
+    opt._steps.new_step(len(opt._param_index), len(opt.param_groups))  # as a new step does
     got = opt._cached_bucket_key(w, opt.state[w], group)
     assert got == opt._bucket_key(w, opt.state[w], group)
     return got
@@ -35,7 +35,7 @@ def test_reused_while_unchanged(cls, monkeypatch):
     monkeypatch.setattr(type(opt), "_bucket_key", lambda self, *a: calls.append(1) or real(self, *a))
     for _ in range(3):
         opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"] * 0.5  # a scheduler: no key reads lr
-        opt.__dict__["_step_serial"] += 1
+        opt._steps.new_step(len(opt._param_index), len(opt.param_groups))
         assert opt._cached_bucket_key(ws[0], opt.state[ws[0]], opt.param_groups[0]) is key
     assert not calls
 

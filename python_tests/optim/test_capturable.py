@@ -1,4 +1,4 @@
-"""Device-side non-finite flags and ``capturable=True`` (issue 12 §3).
+"""Device-side non-finite flags and ``capturable=True``.
 
 - the multi-tensor projection op's ``skip`` / ``coeffs`` device tensors on every backend
   (a skipped parameter, its moments and its 8-bit absmax stay bit-for-bit unchanged; the

@@ -170,3 +170,13 @@ def test_every_backend_matches_float64(backend, shape):
     expect = frugal_float64(w0, grads, opt.made, gap=3, side=side, update="sgd", ils=1.0, lr=1e-2,
                             betas=(0.9, 0.99), eps=1e-6, wd=0.05)
     assert_change_close(ours.detach(), w0, expect, f"{backend} vs float64 model")
+
+
+def test_dct_projection_is_in_frugals_own_table():
+    """``projection="dct"`` is an entry of FrugalAdamW's table, defined in frugal.py (no
+    registration as a side effect of importing the DCT optimizer)."""
+    from lowrank_kernels.optim import dct, frugal
+
+    fn = FrugalAdamW.__dict__["projections"]["dct"]
+    assert fn is frugal.dct_projection and fn.__module__ == "lowrank_kernels.optim.frugal"
+    assert dct.dct_projection is fn  # the old import path still works

@@ -1,4 +1,4 @@
-"""Host cost of the bucketed step (issue 12, part 4): op counts, host mirrors of the step
+"""Host cost of the bucketed step: op counts, host mirrors of the step
 counts, state dicts with mirrors.
 
 The step reads ``state["step"]`` / ``state["side"]`` from host mirrors (Python ints checked
@@ -73,7 +73,7 @@ def _step(opt, ps, grads, count=False):
 
 def _native_probe() -> bool:
     """Whether CPU gradients are probed by the extension's bit test (no ATen op)."""
-    from lowrank_kernels.optim.base import _native_nonfinite_flags
+    from lowrank_kernels.optim._stepcache import _native_nonfinite_flags
 
     return _native_nonfinite_flags([torch.ones(3)]) is True
 
@@ -85,10 +85,10 @@ def test_non_refresh_step_op_counts(cls, aten_probe, monkeypatch):
     non-finite probe and one step-count update per bucket; no read of a step or side tensor.
     The probe is the extension's bit test over the CPU gradients (no ATen op) when it is
     built, else (and with ``aten_probe``) foreach norm, stack, max and its one host read."""
-    from lowrank_kernels.optim import base
+    from lowrank_kernels.optim import _stepcache
 
     if aten_probe:
-        monkeypatch.setattr(base, "_native_nonfinite_flags", lambda grads: None)
+        monkeypatch.setattr(_stepcache, "_native_nonfinite_flags", lambda grads: None)
     native = not aten_probe and _native_probe()
     if os.environ.get("LOWRANK_KERNELS_EXPECT_EXT") == "1" and not aten_probe:
         assert native, "the extension is built: CPU gradients must take its probe"
@@ -118,7 +118,7 @@ def test_non_refresh_step_op_counts(cls, aten_probe, monkeypatch):
 @pytest.mark.parametrize("name", ["ours-GaLoreAdamW", "ours-DCTAdamW"])
 def test_host_cost_stack_meets_issue_targets(name):
     """bench/host_cost.py's 28-weight stack: at most 4 lowrank_kernels op calls and 30 aten
-    ops per non-refresh step (issue 12, part 4); the step reads at most one tensor value
+    ops per non-refresh step; the step reads at most one tensor value
     through ATen (the non-finite probe's max; none when the extension's probe reads the CPU
     gradients)."""
     from bench import host_cost
