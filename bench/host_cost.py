@@ -1,4 +1,4 @@
-"""Host cost of one non-refresh optimizer step on a stack of tiny weights (issue 12, part 4).
+"""Host cost of one non-refresh optimizer step on a stack of tiny weights.
 
 The stack: 4 LLaMA-shaped layers x 7 linears (q, k, v, o: ``d x d``; gate, up: ``f x d``;
 down: ``d x f``) at tiny sizes (``d=64, f=172``), rank 8, so host time dominates. Every
@@ -44,7 +44,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 D, F, LAYERS, RANK = 64, 172, 4, 8
-#: the issue's targets for GaLoreAdamW and DCTAdamW on CPU (issue 12, part 4).
+#: the host-cost targets for GaLoreAdamW and DCTAdamW on CPU (op calls per non-refresh step).
 MAX_LK_OPS, MAX_ATEN_OPS = 4, 30
 TARGETS = ("ours-GaLoreAdamW", "ours-DCTAdamW")
 BASELINE = "torch-adamw-foreach"
@@ -196,7 +196,7 @@ def rows(rounds: int = 30, reps: int = 5, backend: Optional[str] = "cpp", names:
 
 
 def verdicts(result: List[dict]) -> List[str]:
-    """The issue's CPU targets for GaLoreAdamW and DCTAdamW, measured against this run's rows."""
+    """The CPU targets for GaLoreAdamW and DCTAdamW, measured against this run's rows."""
     by = {r["optimizer"]: r for r in result if not r.get("skipped")}
     base = by.get(BASELINE)
     lines = []

@@ -243,7 +243,7 @@ def test_owlore_provider_trains_gamma_layers_and_drops_the_rest():
         assert p.requires_grad and torch.equal(p, w) and torch.equal(p.grad, g)
 
 
-# --------------------------------------------------------------------------- moment formats (issue 14)
+# --------------------------------------------------------------------------- moment formats
 
 MOMENT_BASES = ("ours-AdamW", "ours-GaLoreAdamW", "ours-DCTAdamW", "ours-QGaLoreAdamW", "ours-APOLLOAdamW",
                 "ours-APOLLO-Mini", "ours-FrugalAdamW", "ours-GradNormLoRPAdamW", "ours-GaLoreAdafactor-beta1")

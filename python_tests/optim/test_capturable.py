@@ -1,8 +1,8 @@
-"""Device-side non-finite flags and ``capturable=True`` (issue 12 §3).
+"""Device-side non-finite flags and ``capturable=True``.
 
 - the multi-tensor projection op's ``skip`` / ``coeffs`` device tensors on every backend
   (a skipped parameter, its moments and its 8-bit absmax stay bit-for-bit unchanged; the
-  device coefficients give the host-list result), their validation and opcheck;
+  device coefficients give the host-list result), their validation (opcheck: python_tests/ops/test_opcheck.py);
 - GaLoreAdamW / DCTAdamW with ``capturable=True``: a non-refresh step under a dispatch mode
   that fails on any host read of a tensor value equals ``capturable=False``; non-finite
   gradients are skipped on the device; checkpoints move between the two modes;
@@ -177,20 +177,6 @@ def test_flags_aliasing_a_written_tensor_are_refused():
     coeffs = flat[:6].view(3, 2)
     with pytest.raises(ValueError, match="coeffs"):
         _call(b, "right", coeffs=coeffs)
-
-
-def test_opcheck_with_flags():
-    b = _bucket("cpu", "left", "dct")
-    params, grads, projs, eas, easqs, _, _ = b
-    dense = [p.basis for p in projs]
-    idx = [p.indices for p in projs]
-    args = (params, grads, dense, eas, easqs, "left", HYPER["lr"], 0.9, 0.999, 1e-8, HYPER["step"],
-            HYPER["weight_decay"], HYPER["scale"], idx, [], [], [], 0, [], [], 0, [],
-            torch.tensor([0, 1, 0], dtype=torch.uint8), _coeffs("cpu", torch.float32))
-    torch.library.opcheck(torch.ops.lowrank_kernels.projection_foreach_project_update_backproject.default, args)
-    if hasattr(torch.ops.lowrank_kernels, "projection_foreach_project_update_backproject_cpu"):
-        torch.library.opcheck(torch.ops.lowrank_kernels.projection_foreach_project_update_backproject_cpu.default,
-                              args)
 
 
 # --------------------------------------------------------------------------- the optimizers

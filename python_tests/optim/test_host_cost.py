@@ -1,4 +1,4 @@
-"""Host cost of the bucketed step (issue 12, part 4): op counts, host mirrors of the step
+"""Host cost of the bucketed step: op counts, host mirrors of the step
 counts, state dicts with mirrors.
 
 The step reads ``state["step"]`` / ``state["side"]`` from host mirrors (Python ints checked
@@ -118,7 +118,7 @@ def test_non_refresh_step_op_counts(cls, aten_probe, monkeypatch):
 @pytest.mark.parametrize("name", ["ours-GaLoreAdamW", "ours-DCTAdamW"])
 def test_host_cost_stack_meets_issue_targets(name):
     """bench/host_cost.py's 28-weight stack: at most 4 lowrank_kernels op calls and 30 aten
-    ops per non-refresh step (issue 12, part 4); the step reads at most one tensor value
+    ops per non-refresh step (the targets of bench/host_cost.py); the step reads at most one tensor value
     through ATen (the non-finite probe's max; none when the extension's probe reads the CPU
     gradients)."""
     from bench import host_cost
@@ -276,7 +276,7 @@ def test_bucketed_reference_backend_counts_and_matches_per_parameter():
 
 def test_step_suite_host_cost_rows(tmp_path):
     """``python -m bench --suite step`` gains the ``host_cost`` rows (counts in the note) and
-    the issue's targets; in a tiny run: the issue's two optimizers and the two baselines."""
+    the host-cost targets; in a tiny run: the two targeted optimizers and the two baselines."""
     from bench import bench_step
     from bench.harness import Ctx
 

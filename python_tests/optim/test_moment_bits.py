@@ -1,4 +1,4 @@
-"""8-bit and 16-bit optimizer moments (``moment_bits``, issue 14) in every optimizer.
+"""8-bit and 16-bit optimizer moments (``moment_bits``) in every optimizer.
 
 - 200 GaLore steps of least squares (256 x 512, rank 32): 8-bit moments end within 5% of the
   float32 loss (the weight distance is printed);
