@@ -44,7 +44,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 D, F, LAYERS, RANK = 64, 172, 4, 8
-#: the goals for GaLoreAdamW and DCTAdamW (op counts: any device; time: on CPU).
+#: the host-cost targets for GaLoreAdamW and DCTAdamW on CPU (op calls per non-refresh step).
 MAX_LK_OPS, MAX_ATEN_OPS = 4, 30
 TARGETS = ("ours-GaLoreAdamW", "ours-DCTAdamW")
 BASELINE = "torch-adamw-foreach"
@@ -58,29 +58,57 @@ def stack_shapes(d: int = D, f: int = F, layers: int = LAYERS) -> List[tuple]:
     return [s for _ in range(layers) for s in ((d, d),) * 4 + ((f, d), (f, d), (d, f))]
 
 
-class CountOps(TorchDispatchMode):
-    """Counts every op that reaches the Python dispatcher at the top level, by namespace
-    (what a custom op runs inside is not seen: the mode is off while it runs)."""
+#: ops that read a tensor's value into Python (``.item()``, ``int(t)``, ``bool(t)``, ...).
+HOST_READS = ("aten._local_scalar_dense", "aten.item")
 
-    def __init__(self):
+
+class CountOps(TorchDispatchMode):
+    """Counts every op that reaches the Python dispatcher at the top level (what a custom op
+    runs inside is not seen: the mode is off while it runs).
+
+    ``counts`` maps each op's qualified name (``"aten.add"``, ``"lowrank_kernels.adam_update"``)
+    to its number of calls (``names`` is the same dict); ``custom`` and ``aten`` are the
+    calls of the two namespaces, :meth:`total` those of any namespace. ``forbid``: op names
+    whose call raises ``AssertionError`` instead of running, e.g. :data:`HOST_READS` for a
+    step that must not read a tensor value on the host.
+
+    The one op-counting mode of the project: the tests use it through
+    ``python_tests/_opcount.py``.
+    """
+
+    def __init__(self, forbid=()):
         super().__init__()
         self.custom = 0
         self.aten = 0
-        self.names: Dict[str, int] = {}
+        self.counts: Dict[str, int] = {}
+        self.forbid = frozenset(forbid)
+
+    @property
+    def names(self) -> Dict[str, int]:
+        """Calls per qualified op name (the same dict as ``counts``)."""
+        return self.counts
 
     @property
     def reads(self) -> int:
         """Host reads of a tensor value (``aten._local_scalar_dense``: ``.item()``, ``int(t)``, ...)."""
-        return self.names.get("aten._local_scalar_dense", 0)
+        return self.counts.get("aten._local_scalar_dense", 0)
+
+    def total(self, namespace: str) -> int:
+        """Calls of the ops of ``namespace`` (e.g. ``"aten"``, ``"lowrank_kernels"``)."""
+        prefix = namespace + "."
+        return sum(c for k, c in self.counts.items() if k.startswith(prefix))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.forbid:
+            what = "a host read of a tensor value" if name in HOST_READS else "a forbidden op call"
+            raise AssertionError(f"{what}: {func}")
         ns = func.namespace
         if ns == "lowrank_kernels":
             self.custom += 1
         elif ns == "aten":
             self.aten += 1
-        name = str(func.overloadpacket)
-        self.names[name] = self.names.get(name, 0) + 1
+        self.counts[name] = self.counts.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
@@ -197,7 +225,7 @@ def rows(rounds: int = 30, reps: int = 5, backend: Optional[str] = "cpp", names:
 
 
 def verdicts(result: List[dict]) -> List[str]:
-    """The CPU goals for GaLoreAdamW and DCTAdamW, measured against this run's rows."""
+    """The CPU targets for GaLoreAdamW and DCTAdamW, measured against this run's rows."""
     by = {r["optimizer"]: r for r in result if not r.get("skipped")}
     base = by.get(BASELINE)
     lines = []

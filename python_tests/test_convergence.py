@@ -4,7 +4,7 @@ Each method trains a 2-layer, hidden-64 LlamaForCausalLM for 150 steps on the Py
 stdlib bytes. Its validation loss must fall well below the initial one (ln 256 = 5.55
 nats at initialization), each low-rank method must end clearly below the frozen-weights
 control (the same run with the projected weights frozen: what embeddings, head and
-norms learn on their own), and the CSV/JSON must carry the documented columns and stamps.
+norms learn on their own), and the CSV/JSON must carry the expected columns and stamps.
 """
 import csv
 import json

@@ -7,13 +7,14 @@ import os
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_kernels import ops
 from lowrank_kernels.ops import _checks as C
 from lowrank_kernels.ops import _registry as reg
 from lowrank_kernels.optim import GaLoreAdamW
 from lowrank_kernels.optim import base
+
+from ._opcount import CountOps
 
 EXPECT_EXT = os.environ.get("LOWRANK_KERNELS_EXPECT_EXT") == "1"
 
@@ -156,16 +157,6 @@ def test_step_skips_exactly_the_nonfinite_gradients(layout):
     assert not torch.equal(ws[0].detach(), before[0]) and not torch.equal(ws[2].detach(), before[2])
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def _adam_case():
     torch.manual_seed(3)
     g, p = torch.randn(9, 7), torch.linalg.qr(torch.randn(7, 3))[0].T.contiguous()
@@ -187,7 +178,7 @@ def test_eager_caller_same_result_as_the_dispatcher():
 def test_eager_caller_takes_the_dispatcher_under_a_mode_or_grad_mode():
     g, p, m, v = _adam_case()
     for no_grad in (True, False):
-        with torch.set_grad_enabled(not no_grad), _Ops() as mode:
+        with torch.set_grad_enabled(not no_grad), CountOps() as mode:
             ops.project_adam_(g, p, m.clone(), v.clone(), side="right", beta1=0.9, beta2=0.99, eps=1e-8)
         assert "lowrank_kernels.projection_project_adam" in mode.names  # a mode always sees the op
     calls = []
@@ -236,7 +227,7 @@ def test_step_counts_under_a_dispatch_mode_take_the_aten_op():
         opt.step()
     for w in ws:
         w.grad = torch.randn(12, 10)
-    with _Ops() as mode:
+    with CountOps() as mode:
         opt.step()
     assert "aten._foreach_add_" in mode.names
     assert [float(opt.state[w]["step"]) for w in ws] == [3.0, 3.0]

@@ -176,3 +176,40 @@ def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=
 # Eager callers of the ops (see _registry.eager_caller).
 _eager_adam_update_op = eager_caller(adam_update_op)
 _eager_foreach_update_op = eager_caller(foreach_update_op)
+
+
+# --------------------------------------------------------------------------- sample inputs
+def sample_inputs(seed: int = 0) -> list:
+    """Sample arguments of the adam family's ops, for ``torch.library.opcheck``.
+
+    Returns ``[(op name, label, args), ...]``, made afresh at each call (the ops write into
+    their arguments): float32, bfloat16 ``r`` with float32 moments, 8-bit moments, and for
+    the list op entries of different shapes and bfloat16 moments with stochastic rounding.
+    """
+    from .projection import _sample_moments8
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    def rand(*shape):
+        return torch.rand(shape, generator=gen)
+
+    bf16 = torch.bfloat16
+    out = [
+        ("adam_update", "f32", (randn(20, 7), randn(20, 7), rand(20, 7), 0.9, 0.999, 1e-8)),
+        ("adam_update", "bf16-r-f32-moments", (randn(5, 9, dtype=bf16), randn(5, 9), rand(5, 9), 0.8, 0.9, 1e-6)),
+    ]
+    st = _sample_moments8((4, 7), 3, gen)
+    out.append(("adam_update", "8bit", (randn(4, 7), st[0], st[1], 0.9, 0.99, 1e-8, st[2], st[3], 3, -1)))
+    out.append(("adam_foreach_update", "f32-two-shapes", (
+        [randn(6, 2), randn(3, 5)], [randn(6, 2), randn(3, 5)], [rand(6, 2), rand(3, 5)],
+        [torch.zeros(6, 2), torch.zeros(3, 5)], 0.9, 0.99, 1e-8, [], [], 0, [])))
+    st = _sample_moments8((4, 7), 3, gen)
+    out.append(("adam_foreach_update", "8bit", (
+        [randn(4, 7)], [st[0]], [st[1]], [torch.zeros(4, 7)], 0.9, 0.99, 1e-8, [st[2]], [st[3]], 3, [])))
+    out.append(("adam_foreach_update", "bf16-sr", (
+        [randn(5, 6, dtype=bf16)], [torch.zeros(5, 6, dtype=bf16)], [torch.zeros(5, 6, dtype=bf16)],
+        [torch.zeros(5, 6, dtype=bf16)], 0.9, 0.99, 1e-8, [], [], 0, [9])))
+    return out

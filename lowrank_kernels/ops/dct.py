@@ -347,3 +347,32 @@ def _op_args(proj: DCTProjector, side, m, n, op):
 
 
 register_projector_type(DCTProjector, op_args=_op_args)
+
+
+# --------------------------------------------------------------------------- sample inputs
+def sample_inputs(seed: int = 0) -> list:
+    """Sample arguments of the dct family's ops, for ``torch.library.opcheck``.
+
+    Returns ``[(op name, label, args), ...]``, made afresh at each call: both sides, both
+    norms, float32 and bfloat16, a batch of gradients for the top-k, and for the list op
+    two gradients, one repeated bfloat16 gradient and an empty list. (The projection
+    family's samples cover the DCT projector kind.)
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    g = randn(20, 13)
+    br, bl = dct_basis(13), dct_basis(20)
+    bf16 = torch.bfloat16
+    return [
+        ("dct_scores", "right-norm1", (g, br, "right", 1)),
+        ("dct_scores", "left-bf16-norm2", (g.to(bf16), dct_basis(20, bf16), "left", 2)),
+        ("dct_score_topk", "left-norm1", (g, bl, 5, "left", 1)),
+        ("dct_score_topk", "batched-right-norm2", (randn(2, 20, 13), br, 3, "right", 2)),
+        ("dct_foreach_score_topk", "right-two", ([randn(20, 13), randn(20, 13)], br, 5, "right", 1)),
+        ("dct_foreach_score_topk", "left-bf16-repeated", ([randn(20, 13, dtype=bf16)] * 3, dct_basis(20, bf16), 2,
+                                                          "left", 2)),
+        ("dct_foreach_score_topk", "empty", ([], dct_basis(7), 3, "left", 1)),
+    ]

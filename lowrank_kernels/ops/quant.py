@@ -249,3 +249,25 @@ __all__ = [
     "int8_update_sr_",
     "Int4Projector",
 ]
+
+
+# --------------------------------------------------------------------------- sample inputs
+def sample_inputs(seed: int = 0) -> list:
+    """Sample arguments of the quant family's ops, for ``torch.library.opcheck``.
+
+    Returns ``[(op name, label, args), ...]``, made afresh at each call: an odd shape whose
+    last group is short (INT4 groups of 64, INT8 groups of 50), unpacking to bfloat16. (The
+    projection family's samples cover the packed INT4 projector kind.)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(13, 21, generator=gen)
+    packed, s4, m4 = ref.quant_int4_pack_ref(x, 64)
+    q, s8, m8 = ref.quant_int8_quantize_ref(x, 50)
+    return [
+        ("quant_int4_pack", "odd-shape", (x, 64)),
+        ("quant_int4_unpack", "to-bf16", (packed, s4, m4, [13, 21], torch.bfloat16, 64)),
+        ("quant_int8_quantize", "odd-shape", (x, 50)),
+        ("quant_int8_dequantize", "to-f32", (q, s8, m8, 50, torch.float32)),
+        ("quant_int8_update_sr", "odd-shape", (q.clone(), s8.clone(), m8.clone(), torch.randn(13, 21, generator=gen),
+                                               0.99, -0.1, 5, 50)),
+    ]

@@ -5,14 +5,12 @@ Each rank writes ``{check: [ok, detail]}`` to ``<outdir>/rank<r>.json``.
 """
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import traceback
 
 import torch
 import torch.distributed as dist
 
+from .._dist import rank_session
 from . import _worker as W
 
 # Weights of the op-level checks: rows split unevenly (9/8, 5/5), fewer rows than the rank on
@@ -286,28 +284,19 @@ def check_bucketed_fsdp(name, rank, ws, results):
 
 
 def worker(rank, ws, port, outdir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=ws,
-                            timeout=datetime.timedelta(seconds=int(os.environ.get("LOWRANK_DIST_TIMEOUT", "90"))))
-    results = {}
-    from lowrank_kernels.optim import distributed as lk_dist
+    with rank_session(rank, ws, port, outdir) as results:
+        from lowrank_kernels.optim import distributed as lk_dist
 
-    lk_dist.install_op_handlers()  # the optimizers install them; direct op calls need them too
-    checks = [("projection_list", lambda: check_projection_list(results)),
-              ("adam_list", lambda: check_adam_list(results)),
-              ("adam_list_8bit", lambda: check_adam_list_8bit(results)),
-              ("bad_list", lambda: check_bad_list(results)),
-              ("dct_list", lambda: check_dct_list(results))]
-    checks += [(f"bucketed_fsdp[{n}]", lambda n=n: check_bucketed_fsdp(n, rank, ws, results)) for n in BUCKET_CONFIGS]
-    try:
+        lk_dist.install_op_handlers()  # the optimizers install them; direct op calls need them too
+        checks = [("projection_list", lambda: check_projection_list(results)),
+                  ("adam_list", lambda: check_adam_list(results)),
+                  ("adam_list_8bit", lambda: check_adam_list_8bit(results)),
+                  ("bad_list", lambda: check_bad_list(results)),
+                  ("dct_list", lambda: check_dct_list(results))]
+        checks += [(f"bucketed_fsdp[{n}]", lambda n=n: check_bucketed_fsdp(n, rank, ws, results))
+                   for n in BUCKET_CONFIGS]
         for name, fn in checks:
             try:
                 fn()
             except Exception:
                 results[name] = [False, traceback.format_exc()]
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f, default=str)
-        dist.destroy_process_group()

@@ -8,14 +8,11 @@ unevenly) with 8-bit moments on each rank's half of the batch. Each rank writes
 """
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import traceback
 
 import torch
-import torch.distributed as dist
 
+from .._dist import rank_session
 from . import _worker as W
 
 #: 8-bit FSDP2 vs 8-bit single process: the two runs differ only in the gradient's summation
@@ -85,20 +82,10 @@ def check(name, make_opt, rank, ws, results):
 
 
 def worker(rank, ws, port, outdir, names):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=ws,
-                            timeout=datetime.timedelta(seconds=int(os.environ.get("LOWRANK_DIST_TIMEOUT", "90"))))
-    results = {}
-    try:
+    with rank_session(rank, ws, port, outdir) as results:
         cfgs = configs()
         for name in names:
             try:
                 check(name, cfgs[name], rank, ws, results)
             except Exception:
                 results[f"fsdp8[{name}]"] = [False, traceback.format_exc()]
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f, default=str)
-        dist.destroy_process_group()

@@ -5,13 +5,13 @@ One spawn runs every check; each rank writes ``{check: [ok, detail]}`` to
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import traceback
 
 import torch
 import torch.distributed as dist
+
+from .._dist import rank_session
 
 STEPS = 4  # with update_proj_gap=2: refreshes at steps 1 and 3
 GAP = 2
@@ -304,12 +304,7 @@ def check_placement_error(results):
 
 
 def worker(rank, ws, port, outdir, names):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=ws, timeout=datetime.timedelta(seconds=int(os.environ.get("LOWRANK_DIST_TIMEOUT", "90"))))
-    results = {}
-    try:
+    with rank_session(rank, ws, port, outdir) as results:
         cfgs = configs()
         results["configs"] = [True, sorted(cfgs)]
         for name in names.get("parity", []):
@@ -335,7 +330,3 @@ def worker(rank, ws, port, outdir, names):
                 check_checkpoint(name, cfgs[name], rank, ws, os.path.join(outdir, "ckpt"), results)
             except Exception:
                 results[f"dcp_resume[{name}]"] = [False, traceback.format_exc()]
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f, default=str)
-        dist.destroy_process_group()

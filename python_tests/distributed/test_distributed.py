@@ -18,16 +18,11 @@ FRUGAL (svd, random+sgd, columns, dct) and Q-GaLore (INT4 projector, float weigh
   placements are refused with a clear error; Q-GaLore on INT8 QLinear weights under DDP
   and ``layerwise`` GaLore under FSDP2 equal single-process training.
 """
-import json
-import os
-import socket
-
 import pytest
-import torch.multiprocessing as mp
 
+from .. import _dist
 from . import _worker
 
-WORLD = 2
 PARITY = [
     "galore", "galore_right_lowrank", "galore_full", "apollo", "apollo_mini",
     "frugal_svd", "frugal_random_sgd", "frugal_columns", "dct_right", "dct_std_l2", "frugal_dct", "qgalore_int4",
@@ -41,29 +36,10 @@ N_PROJECTED = 4  # weights in the low-rank groups of _worker._groups
 STEADY_ALL_REDUCES = {"galore": 1 + 3, "dct_right": 1, "galore_right_lowrank": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("dist"))
     names = {"parity": PARITY, "checkpoint": CHECKPOINT, "extra": EXTRA}
-    mp.spawn(_worker.worker, args=(WORLD, _free_port(), out, names), nprocs=WORLD, join=True)
-    per_rank = []
-    for r in range(WORLD):
-        with open(os.path.join(out, f"rank{r}.json")) as f:
-            per_rank.append(json.load(f))
-    return per_rank
-
-
-def _check(results, key):
-    for r, res in enumerate(results):
-        assert key in res, f"rank {r}: no result for {key}"
-        ok, detail = res[key]
-        assert ok, f"rank {r}: {key}: {detail}"
+    return _dist.run_ranks(_worker.worker, str(tmp_path_factory.mktemp("dist")), names)
 
 
 def _dct_landed(results):
@@ -74,12 +50,12 @@ def _dct_landed(results):
 def test_ddp_matches_single_process(results, name):
     if name.startswith("dct") or name == "frugal_dct":
         assert _dct_landed(results)
-    _check(results, f"ddp_parity[{name}]")
+    _dist.check(results, f"ddp_parity[{name}]")
 
 
 @pytest.mark.parametrize("name", PARITY)
 def test_fsdp2_matches_single_process(results, name):
-    _check(results, f"fsdp_parity[{name}]")
+    _dist.check(results, f"fsdp_parity[{name}]")
 
 
 @pytest.mark.parametrize("name", PARITY)
@@ -97,12 +73,12 @@ def test_fsdp2_communication(results, name):
 
 @pytest.mark.parametrize("name", CHECKPOINT)
 def test_dcp_resume_is_exact(results, name):
-    _check(results, f"dcp_resume[{name}]")
+    _dist.check(results, f"dcp_resume[{name}]")
 
 
 @pytest.mark.parametrize("name", CHECKPOINT)
 def test_dcp_saves_moments_sharded(results, name):
-    _check(results, f"dcp_sharded[{name}]")
+    _dist.check(results, f"dcp_sharded[{name}]")
     keys = results[0][f"dcp_sharded[{name}]"][1]["sharded_keys"]
     # W1 (17 x 12, right side): its moments are row-aligned and saved one chunk per rank.
     assert "optim.state.0.weight.exp_avg" in keys and "optim.state.0.weight.exp_avg_sq" in keys, keys
@@ -112,4 +88,4 @@ def test_dcp_saves_moments_sharded(results, name):
 
 @pytest.mark.parametrize("name", EXTRA)
 def test_extra(results, name):
-    _check(results, name)
+    _dist.check(results, name)

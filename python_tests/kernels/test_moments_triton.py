@@ -1,4 +1,4 @@
-"""8-bit and bf16 stochastic-rounding moments in the Triton kernels (issue 14, m8spec).
+"""8-bit and bf16 stochastic-rounding moments in the Triton kernels.
 
 The launchers of kernels/projection.py and kernels/adam.py are called directly (the op
 layer routes to them with the same trailing arguments) and compared with a reference
@@ -51,7 +51,7 @@ SHAPES = [(37, 53, 5, 64), (37, 53, 5, 256), (41, 300, 7, 256), (300, 29, 300, 2
 
 # --------------------------------------------------------------------------- references
 def sr_bf16(x: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
-    """m8spec's stochastic rounding of float32 ``x`` to bf16 (reference/moments.py)."""
+    """The specified stochastic rounding of float32 ``x`` to bf16 (reference/moments.py)."""
     return Q.bf16_round_sr_ref(x.cpu(), seed, offset).to(x.device)
 
 
@@ -528,7 +528,7 @@ def _require_triton():
 @pytest.mark.parametrize("side", SIDES)
 def test_ops_route_8bit_and_sr_to_triton(kind, side):
     """``ops.project_adam_`` / ``project_update_backproject_`` / ``foreach_..._`` with the triton
-    backend against the reference backend (m8ops' reference): 8-bit codes up to counted ties,
+    backend against the reference backend: 8-bit codes up to counted ties,
     absmax, N and the weight change; bf16 SR moments one of the two bf16 neighbours."""
     from lowrank_kernels import ops
     from lowrank_kernels.ops import use_backend

@@ -125,27 +125,3 @@ def test_cpp_op_checks_directly():
     with pytest.raises(RuntimeError, match="must have one dtype"):
         torch.ops.lowrank_kernels.adam_update_cpu(torch.randn(6, 4), m, v.double(), 0.9, 0.9, 1e-8)
     assert not m.any() and not v.any()
-
-
-# --------------------------------------------------------------------------- opcheck
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def _opcheck_cases():
-    yield (torch.randn(20, 7), torch.randn(20, 7), torch.rand(20, 7), 0.9, 0.999, 1e-8)
-    yield (torch.randn(5, 9, dtype=torch.bfloat16), torch.randn(5, 9), torch.rand(5, 9), 0.8, 0.9, 1e-6)
-
-
-@pytest.mark.parametrize("case", range(2))
-def test_opcheck(backend, case):
-    args = list(_opcheck_cases())[case]
-    with use_backend(backend):
-        torch.library.opcheck(torch.ops.lowrank_kernels.adam_update.default, args, test_utils=OPCHECK_TESTS)
-
-
-@pytest.mark.parametrize("case", range(2))
-def test_opcheck_cpp_op_directly(case):
-    if not reg.extension_loaded():
-        pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    args = list(_opcheck_cases())[case]
-    torch.library.opcheck(torch.ops.lowrank_kernels.adam_update_cpu.default, args, test_utils=OPCHECK_TESTS)

@@ -1,6 +1,6 @@
 """The DCT family on every backend: basis vs scipy, scores and top-k vs independent float64
 math and vs the reference, deterministic ties, the low-rank gradient at a refresh,
-gathered-basis projection vs dense projection, opcheck, bad input that changes nothing."""
+gathered-basis projection vs dense projection, bad input that changes nothing."""
 
 import numpy as np
 import pytest
@@ -324,47 +324,6 @@ def test_triton_projection_rejects_float64():
     with use_backend("triton"), pytest.raises(TypeError, match="float64"):
         ops.project_adam_(torch.randn(12, 8, dtype=torch.float64), D, ea, eas, side="right")
     assert torch.equal(ea, before)
-
-
-# --------------------------------------------------------------------------- opcheck
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def _opcheck_cases():
-    g = torch.randn(20, 13)
-    br, bl = ops.dct_basis(13), ops.dct_basis(20)
-    idx = torch.tensor([4, 0, 9, 2], dtype=torch.int32)
-    ea, eas = torch.randn(20, 4), torch.rand(20, 4)
-    w = torch.randn(20, 13)
-    yield "dct_scores", (g, br, "right", 1)
-    yield "dct_scores", (g.to(torch.bfloat16), ops.dct_basis(20, torch.bfloat16), "left", 2)
-    yield "dct_score_topk", (g, bl, 5, "left", 1)
-    yield "dct_score_topk", (torch.randn(2, 20, 13), br, 3, "right", 2)
-    # The projection family's ops with the DCT projector kind (proj = basis, indices).
-    yield "projection_project", (g, br, "right", idx)
-    yield "projection_project", (g, bl, "left", idx.long(), None, None, 4)
-    yield "projection_project_adam", (g, br, ea, eas, "right", 0.9, 0.999, 1e-8, idx)
-    yield "projection_backproject_apply", (w, torch.randn(4, 13), bl, "left", -0.5, 0.9, idx.long())
-    yield "projection_project_update_backproject", (
-        w, g, br, ea, eas, "right", 0.01, 0.9, 0.999, 1e-8, 3, 0.1, 0.25, idx)
-
-
-N_OPCHECK = len(list(_opcheck_cases()))
-
-
-@pytest.mark.parametrize("case", range(N_OPCHECK))
-def test_opcheck(backend, case):
-    name, args = list(_opcheck_cases())[case]
-    with use_backend(backend):
-        torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name).default, args, test_utils=OPCHECK_TESTS)
-
-
-@pytest.mark.parametrize("case", range(N_OPCHECK))
-def test_opcheck_cpp_op_directly(case):
-    if not reg.extension_loaded():
-        pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    name, args = list(_opcheck_cases())[case]
-    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name + "_cpu").default, args, test_utils=OPCHECK_TESTS)
 
 
 # --------------------------------------------------------------------------- bad input

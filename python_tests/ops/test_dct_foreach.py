@@ -4,7 +4,7 @@ same-shape gradients, DCTAdamW's batched refresh).
 Every row must be bitwise what ``dct_score_topk`` returns for that gradient alone, on every
 backend (the optimizer's batched refresh relies on it), and a valid top-k of the reference's
 scores; the Triton launcher's address table, stride groups and unaligned views are all
-exercised; opcheck; bad input raises before anything runs."""
+exercised; bad input raises before anything runs."""
 import pytest
 import torch
 
@@ -113,32 +113,6 @@ def test_triton_one_scoring_launch_for_a_list():
         names = [ln.kernel.fn.__name__ for ln in launches]
         assert names == ["_dct_gemm_kernel", "_dct_partial_sum_kernel"], names
         assert launches[0].meta["TABLE"] == 1
-
-
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def _opcheck_cases():
-    yield ([torch.randn(20, 13), torch.randn(20, 13)], ops.dct_basis(13), 5, "right", 1)
-    yield ([torch.randn(20, 13).to(torch.bfloat16)] * 3, ops.dct_basis(20, torch.bfloat16), 2, "left", 2)
-    yield ([], ops.dct_basis(7), 3, "left", 1)
-
-
-@pytest.mark.parametrize("case", range(3))
-def test_opcheck(backend, case):
-    args = list(_opcheck_cases())[case]
-    with use_backend(backend):
-        torch.library.opcheck(torch.ops.lowrank_kernels.dct_foreach_score_topk.default, args,
-                              test_utils=OPCHECK_TESTS)
-
-
-@pytest.mark.parametrize("case", range(3))
-def test_opcheck_cpp_op_directly(case):
-    if not reg.extension_loaded():
-        pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    args = list(_opcheck_cases())[case]
-    torch.library.opcheck(torch.ops.lowrank_kernels.dct_foreach_score_topk_cpu.default, args,
-                          test_utils=OPCHECK_TESTS)
 
 
 def test_bad_input(backend):

@@ -1,9 +1,9 @@
-"""8-bit and 16-bit (stochastic-rounding) moments in the op layer (issue 14).
+"""8-bit and 16-bit (stochastic-rounding) moments in the op layer.
 
 The reference (the specification) against independent math: the 8-bit step is
 dequantize -> float32 Adam -> N -> requantize, the bf16 store is the hashed stochastic
 rounding of reference/moments.py. Then every backend that implements the new forms
-against the reference, argument errors, and opcheck / torch.compile of the new schemas.
+against the reference, argument errors, and torch.compile of the new schemas.
 """
 import math
 
@@ -16,8 +16,6 @@ from lowrank_kernels.ops import _registry as reg
 from lowrank_kernels.ops import use_backend
 from lowrank_kernels.reference import moments as Q
 from lowrank_kernels.reference.quant import MASK32, mix32_int, seed_keys
-
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 # --------------------------------------------------------------------------- bf16 stochastic rounding (reference)
@@ -273,7 +271,8 @@ def test_bad_moment_arguments_projection_ops():
 
 
 # --------------------------------------------------------------------------- backends vs the reference
-# The backends that implement the new moment formats (the Triton ones come with m8triton).
+# The backends compared with the reference here (the Triton kernels' moment formats:
+# python_tests/kernels/test_moments_triton.py).
 MOMENT_BACKENDS = ("cpp",)
 KINDS = ("dense", "dct", "int4")
 
@@ -557,7 +556,7 @@ def test_projection_ops_bf16_sr_vs_reference(mbackend, kind, side):
     assert torch.equal(_bits(outs[mbackend][3]), _bits(outs[mbackend][5]))  # foreach = single
 
 
-# --------------------------------------------------------------------------- direct C++ calls, opcheck, compile
+# --------------------------------------------------------------------------- direct C++ calls, compile
 def test_cpp_ops_check_moment_arguments():
     if not reg.extension_loaded():
         pytest.skip("extension not built (test_package asserts it is where make test ran)")
@@ -579,62 +578,6 @@ def test_cpp_ops_check_moment_arguments():
                                       0.99, 1e-8, None, None, None, 0, 0, torch.zeros(12, 1), torch.zeros(12, 1), 4,
                                       -1)
     assert not any(t.any() for t in st.values())
-
-
-def _opcheck_cases():
-    g = torch.Generator().manual_seed(0)
-    m, n, rank = 12, 9, 3
-    p = torch.randn(rank, n, generator=g)
-    grad, w = torch.randn(m, n, generator=g), torch.randn(m, n, generator=g)
-
-    def s8(shape, bs):
-        return list(_state8(shape, bs, seed=1))
-
-    c = s8((m, rank), 2)
-    yield "projection_project_adam", (grad, p, c[0], c[1], "right", 0.9, 0.99, 1e-8, None, None, None, 0, 0, c[2],
-                                      c[3], 2, -1)
-    c = s8((m, rank), 2)
-    yield "projection_project_update_backproject", (w, grad, p, c[0], c[1], "right", 0.01, 0.9, 0.99, 1e-8, 2, 0.1,
-                                                    1.0, None, None, None, 0, 0, c[2], c[3], 2, -1)
-    c = s8((m, rank), 2)
-    yield "projection_foreach_project_update_backproject", (
-        [w], [grad], [p], [c[0]], [c[1]], "right", [0.01], 0.9, 0.99, 1e-8, [2], [0.1], [1.0], [], [], [], [], 0,
-        [c[2]], [c[3]], 2, [])
-    bf = grad.to(torch.bfloat16)
-    yield "projection_project_adam", (bf, p, torch.zeros(m, rank, dtype=torch.bfloat16),
-                                      torch.zeros(m, rank, dtype=torch.bfloat16), "right", 0.9, 0.99, 1e-8, None,
-                                      None, None, 0, 0, None, None, 0, 5)
-    c = s8((4, 7), 3)
-    yield "adam_update", (torch.randn(4, 7, generator=g), c[0], c[1], 0.9, 0.99, 1e-8, c[2], c[3], 3, -1)
-    c = s8((4, 7), 3)
-    yield "adam_foreach_update", ([torch.randn(4, 7, generator=g)], [c[0]], [c[1]], [torch.zeros(4, 7)], 0.9, 0.99,
-                                  1e-8, [c[2]], [c[3]], 3, [])
-    r = torch.randn(5, 6, generator=g).to(torch.bfloat16)
-    yield "adam_foreach_update", ([r], [torch.zeros(5, 6, dtype=torch.bfloat16)],
-                                  [torch.zeros(5, 6, dtype=torch.bfloat16)], [torch.zeros(5, 6, dtype=torch.bfloat16)],
-                                  0.9, 0.99, 1e-8, [], [], 0, [9])
-
-
-_NAMES = [c[0] for c in _opcheck_cases()]
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
-@pytest.mark.parametrize("case", range(len(_NAMES)))
-def test_opcheck_moment_forms(backend, case):
-    from ..conftest import require_backend
-
-    name, args = list(_opcheck_cases())[case]
-    require_backend(name, backend)
-    with use_backend(backend):
-        torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name).default, args, test_utils=OPCHECK_TESTS)
-
-
-@pytest.mark.parametrize("case", range(len(_NAMES)))
-def test_opcheck_moment_forms_cpp_op_directly(case):
-    if not reg.extension_loaded():
-        pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    name, args = list(_opcheck_cases())[case]
-    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name + "_cpu").default, args, test_utils=OPCHECK_TESTS)
 
 
 def test_moment_forms_compile_fullgraph():

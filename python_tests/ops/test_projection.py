@@ -1,5 +1,5 @@
 """The projection family on every backend: reference vs float64 math, backends vs reference,
-opcheck, odd shapes and ranks, non-contiguous gradients, bad input that changes nothing."""
+odd shapes and ranks, non-contiguous gradients, bad input that changes nothing."""
 import math
 
 import numpy as np
@@ -222,35 +222,6 @@ def test_fused_step_equals_two_ops(backend):
         ops.backproject_apply_(w2, nn_, p, side=side, alpha=-step_size * 0.5, decay=1 - 0.02 * 0.05)
     torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ea, ea2)
-
-
-# --------------------------------------------------------------------------- opcheck
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def _opcheck_cases():
-    g, p, ea, eas = make_inputs(20, 13, 4, "right", torch.float32)
-    w = torch.randn(20, 13)
-    yield "projection_project_adam", (g, p, ea, eas, "right", 0.9, 0.999, 1e-8)
-    gl, pl, eal, easl = make_inputs(13, 20, 4, "left", torch.bfloat16, torch.bfloat16)
-    yield "projection_project_adam", (gl, pl, eal, easl, "left", 0.9, 0.999, 1e-8)
-    yield "projection_backproject_apply", (w, ea, p, "right", -0.5, 0.9)
-    yield "projection_project_update_backproject", (w, g, p, ea, eas, "right", 0.01, 0.9, 0.999, 1e-8, 3, 0.1, 0.25)
-
-
-@pytest.mark.parametrize("case", range(4))
-def test_opcheck(backend, case):
-    name, args = list(_opcheck_cases())[case]
-    with use_backend(backend):
-        torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name).default, args, test_utils=OPCHECK_TESTS)
-
-
-@pytest.mark.parametrize("case", range(4))
-def test_opcheck_cpp_op_directly(case):
-    if not reg.extension_loaded():
-        pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    name, args = list(_opcheck_cases())[case]
-    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name + "_cpu").default, args, test_utils=OPCHECK_TESTS)
 
 
 # --------------------------------------------------------------------------- bad input

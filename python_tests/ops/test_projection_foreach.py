@@ -1,7 +1,7 @@
 """The multi-tensor forms: ``projection_foreach_project_update_backproject`` and
 ``adam_foreach_update``, one op call for a list of parameters, on every backend: equal to
 the single-tensor ops run one by one; every entry validated before any is written;
-opcheck; torch.compile traces them."""
+torch.compile traces them."""
 import pytest
 import torch
 
@@ -156,47 +156,7 @@ def test_cpp_foreach_checks_every_entry_first():
     assert all(torch.equal(a, b) for a, b in zip(params + eas + easqs, snap))
 
 
-# --------------------------------------------------------------------------- opcheck, compile
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def _opcheck_cases():
-    params, grads, projs, eas, easqs = _bucket("dense", "left", torch.float32)
-    n = len(params)
-    hyper = ([0.01] * n, 0.9, 0.999, 1e-8, [2] * n, [0.1] * n, [1.0] * n)
-    yield "projection_foreach_project_update_backproject", (
-        params, grads, projs, eas, easqs, "left", *hyper, [], [], [], [], 0, [], [], 0, [])
-    params, grads, projs, eas, easqs = _bucket("dct", "right", torch.float32)
-    yield "projection_foreach_project_update_backproject", (
-        params, grads, [p.basis for p in projs], eas, easqs, "right", *hyper, [p.indices for p in projs], [], [], [], 0,
-        [], [], 0, [])
-    params, grads, projs, eas, easqs = _bucket("int4", "right", torch.float32)
-    yield "projection_foreach_project_update_backproject", (
-        params, grads, [p.packed for p in projs], eas, easqs, "right", *hyper, [], [p.scale for p in projs],
-        [p.minimum for p in projs], [s[2] for s in SHAPES], 16, [], [], 0, [])
-    yield "adam_foreach_update", ([torch.randn(6, 2), torch.randn(3, 5)], [torch.randn(6, 2), torch.randn(3, 5)],
-                                  [torch.rand(6, 2), torch.rand(3, 5)], [torch.zeros(6, 2), torch.zeros(3, 5)],
-                                  0.9, 0.99, 1e-8, [], [], 0, [])
-
-
-_NAMES = [c[0] for c in _opcheck_cases()]
-
-
-@pytest.mark.parametrize("case", range(len(_NAMES)))
-def test_opcheck(backend, case):
-    name, args = list(_opcheck_cases())[case]
-    with use_backend(backend):
-        torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name).default, args, test_utils=OPCHECK_TESTS)
-
-
-@pytest.mark.parametrize("case", range(len(_NAMES)))
-def test_opcheck_cpp_op_directly(case):
-    if not reg.extension_loaded():
-        pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    name, args = list(_opcheck_cases())[case]
-    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name + "_cpu").default, args, test_utils=OPCHECK_TESTS)
-
-
+# --------------------------------------------------------------------------- compile
 def test_foreach_ops_compile_fullgraph():
     torch._dynamo.reset()
 

@@ -1,4 +1,4 @@
-"""The grouped Triton launches of the multi-tensor ops (issue 12, part 2).
+"""The grouped Triton launches of the multi-tensor ops.
 
 ``projection_foreach_project_update_backproject`` is two launches for a whole list of
 odd-shaped parameters (one project + Adam, one back-project + apply, each over every tile of

@@ -4,8 +4,7 @@ packed INT4 (codes + group scale + minimum + rank + group size).
 Each op (``projection_project``, ``projection_project_adam``, ``projection_backproject_apply``,
 ``projection_project_update_backproject``) on every backend, for every kind, equals the
 reference run on the dense projector the kind stands for; one validator per op checks
-every kind before anything is written; opcheck covers the plain projection (the DCT and
-INT4 opcheck cases live in test_dct.py / test_quant.py)."""
+every kind before anything is written."""
 import pytest
 import torch
 
@@ -163,32 +162,6 @@ def test_cpp_ops_check_every_kind_directly():
         with pytest.raises(RuntimeError, match=msg):
             fn()
     assert torch.equal(w, w0) and not ea.any() and not eas.any()
-
-
-# --------------------------------------------------------------------------- opcheck
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def _opcheck_cases():
-    g = torch.randn(20, 13)
-    yield (g, torch.randn(4, 13), "right")
-    yield (g.to(torch.bfloat16), torch.randn(20, 4, dtype=torch.bfloat16), "left")
-    yield (g, torch.randn(4, 13), "right", None, None, None, 4, 0)
-
-
-@pytest.mark.parametrize("case", range(3))
-def test_opcheck_projection_project(backend, case):
-    args = list(_opcheck_cases())[case]
-    with use_backend(backend):
-        torch.library.opcheck(torch.ops.lowrank_kernels.projection_project.default, args, test_utils=OPCHECK_TESTS)
-
-
-@pytest.mark.parametrize("case", range(3))
-def test_opcheck_projection_project_cpp_op_directly(case):
-    if not reg.extension_loaded():
-        pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    args = list(_opcheck_cases())[case]
-    torch.library.opcheck(torch.ops.lowrank_kernels.projection_project_cpu.default, args, test_utils=OPCHECK_TESTS)
 
 
 def test_legacy_projector_type_registration_still_works():

@@ -1,6 +1,6 @@
 """backproject_apply_ with per-row factors: ``W <- diag(decay * row_decay) W + diag(alpha * row_alpha) back(N)``
 (float32 vectors of length m, combined with the scalar decay / alpha), every backend and
-projector kind, both sides, odd shapes; validation before any write; opcheck."""
+projector kind, both sides, odd shapes; validation before any write."""
 import pytest
 import torch
 
@@ -109,33 +109,3 @@ def test_legacy_projector_types_refuse_row_factors():
                                    row_alpha=torch.ones(3))
     finally:
         P._STRUCTURED.pop(Legacy)
-
-
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def _opcheck_cases():
-    w = torch.randn(20, 13)
-    rd, ra = torch.rand(20), torch.randn(20)
-    none5 = (None, None, None, 0, 0)
-    yield (w, torch.randn(20, 4), torch.randn(4, 13), "right", -0.5, 0.9, *none5, rd, ra)
-    yield (w, torch.randn(4, 13), torch.randn(20, 4), "left", -0.5, 1.0, *none5, None, ra)
-    b, idx = ops.dct_basis(20), torch.tensor([3, 0, 7, 1])
-    yield (w, torch.randn(4, 13), b, "left", 0.5, 0.9, idx, None, None, 0, 0, rd, None)
-
-
-@pytest.mark.parametrize("case", range(3))
-def test_opcheck(backend, case):
-    args = list(_opcheck_cases())[case]
-    with use_backend(backend):
-        torch.library.opcheck(torch.ops.lowrank_kernels.projection_backproject_apply.default, args,
-                              test_utils=OPCHECK_TESTS)
-
-
-@pytest.mark.parametrize("case", range(3))
-def test_opcheck_cpp_op_directly(case):
-    if not reg.extension_loaded():
-        pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    args = list(_opcheck_cases())[case]
-    torch.library.opcheck(torch.ops.lowrank_kernels.projection_backproject_apply_cpu.default, args,
-                          test_utils=OPCHECK_TESTS)

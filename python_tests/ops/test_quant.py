@@ -323,51 +323,6 @@ def test_int4_reference_float64():
     torch.testing.assert_close(out, M / (V.sqrt() + 1e-6), rtol=1e-12, atol=1e-12)
 
 
-# --------------------------------------------------------------------------- opcheck
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-
-
-def _opcheck_cases():
-    x = torch.randn(13, 21)
-    with use_backend("reference"):
-        packed, s4, m4 = ops.int4_pack(x, 64)
-        q, s8, m8 = ops.int8_quantize(x, 50)
-    yield "quant_int4_pack", (x, 64)
-    yield "quant_int4_unpack", (packed, s4, m4, [13, 21], torch.bfloat16, 64)
-    yield "quant_int8_quantize", (x, 50)
-    yield "quant_int8_dequantize", (q, s8, m8, 50, torch.float32)
-    yield "quant_int8_update_sr", (q.clone(), s8.clone(), m8.clone(), torch.randn(13, 21), 0.99, -0.1, 5, 50)
-    g, proj, ea, eas = make_int4_problem(20, 13, 4, "right", torch.float32, group_size=16)
-    # The projection family's ops with the packed INT4 projector kind
-    # (proj = packed, indices = None, q_scale, q_min, rank, group_size).
-    pa = (None, proj.scale, proj.minimum, 4, 16)
-    yield "projection_project", (g, proj.packed, "right", *pa)
-    yield "projection_project_adam", (g, proj.packed, ea, eas, "right", 0.9, 0.999, 1e-8, *pa)
-    yield "projection_backproject_apply", (torch.randn(20, 13), ea, proj.packed, "right", -0.5, 0.9, *pa)
-    gl, projl, eal, easl = make_int4_problem(13, 20, 4, "left", torch.float32, group_size=16)
-    pl = (None, projl.scale, projl.minimum, 4, 16)
-    yield "projection_project_update_backproject", (
-        torch.randn(13, 20), gl, projl.packed, eal, easl, "left", 0.01, 0.9, 0.999, 1e-8, 3, 0.1, 0.25, *pl)
-
-
-_CASE_NAMES = [c[0] for c in _opcheck_cases()]
-
-
-@pytest.mark.parametrize("case", range(len(_CASE_NAMES)), ids=_CASE_NAMES)
-def test_opcheck(backend, case):
-    name, args = list(_opcheck_cases())[case]
-    with use_backend(backend):
-        torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name).default, args, test_utils=OPCHECK_TESTS)
-
-
-@pytest.mark.parametrize("case", range(len(_CASE_NAMES)), ids=_CASE_NAMES)
-def test_opcheck_cpp_op_directly(case):
-    if not reg.extension_loaded():
-        pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    name, args = list(_opcheck_cases())[case]
-    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name + "_cpu").default, args, test_utils=OPCHECK_TESTS)
-
-
 # --------------------------------------------------------------------------- bad input
 def test_pack_unpack_bad_input(backend):
     x = torch.randn(10, 7)

@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_kernels.ops import use_backend
 from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, QGaLoreAdamW
 
 from ..conftest import require_backend
+from .._opcount import CountOps
 
 # Odd shapes; with proj_type="std" the tall ones project right and the wide ones left.
 SHAPES = [(23, 11), (11, 23), (17, 17), (9, 30), (30, 9), (23, 11)]
@@ -112,21 +112,10 @@ def test_class_switch_forces_per_parameter(backend):
     _assert_same(a, b)
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket._qualified_op_name.replace("::", ".")
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def _count_step(opt, params, grads):
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    with _CountOps() as mode:
+    with CountOps() as mode:
         opt.step()
     return mode.counts
 
@@ -171,7 +160,7 @@ def test_host_cost_stack_op_counts(name):
     for key in (name, f"{name} per-param"):
         opt, _ = opts[key]
         opt.step()  # the refresh step
-        with host_cost.CountOps() as mode:
+        with CountOps() as mode:
             opt.step()
         counted[key] = mode
     assert counted[name].custom == 2

@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_kernels.ops import use_backend
 from lowrank_kernels.optim import DCTAdamW, layerwise
+from .._opcount import CountOps
 
 FOREACH = "lowrank_kernels.dct_foreach_score_topk"
 SINGLE = "lowrank_kernels.dct_score_topk"
@@ -48,17 +48,6 @@ def _make(ws, foreach, moment_refresh="keep", norm=1):
         return DCTAdamW(groups, lr=1e-2, scale=0.5)
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket._qualified_op_name.replace("::", ".")
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def _run(backend, foreach, grads=None, moment_refresh="keep", norm=1, nonfinite=None, missing=None, count=False):
     ws = _params(bf16_last=True)
     grads = grads or _grads(ws)
@@ -71,7 +60,7 @@ def _run(backend, foreach, grads=None, moment_refresh="keep", norm=1, nonfinite=
             if nonfinite is not None and nonfinite[0] == t:
                 ws[nonfinite[1]].grad[1, 2] = float("inf")
             if count:
-                with _CountOps() as mode:
+                with CountOps() as mode:
                     opt.step()
                 counts.append(mode.counts)
             else:
@@ -141,7 +130,7 @@ def test_subclass_with_its_own_projector_is_not_batched():
         opt = Own([dict(params=ws, rank=3)], lr=1e-2)
     for p, g in zip(ws, _grads(ws)[0]):
         p.grad = g
-    with _CountOps() as mode:
+    with CountOps() as mode:
         opt.step()
     assert mode.counts.get(FOREACH, 0) == 0 and mode.counts.get(SINGLE, 0) == len(ws)
 

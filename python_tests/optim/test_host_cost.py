@@ -13,34 +13,18 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_kernels.ops import use_backend
 from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW
 
 from ._helpers import roundtrip
+from .._opcount import CountOps
 
 SHAPES = [(23, 11), (11, 23), (17, 17), (9, 30)]  # std: right, left, right, left
 GAP = 3  # refreshes at steps 1, 4, 7, ...
 FOREACH_OP = "lowrank_kernels.projection_foreach_project_update_backproject"
 SINGLE_OP = "lowrank_kernels.projection_project_update_backproject"
 CLASSES = [GaLoreAdamW, DCTAdamW]
-
-
-class _Count(TorchDispatchMode):
-    """Every op reaching the Python dispatcher, by qualified name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket._qualified_op_name.replace("::", ".")
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-    def total(self, ns):
-        return sum(c for k, c in self.counts.items() if k.startswith(ns + "."))
 
 
 def _params(seed=0):
@@ -66,7 +50,7 @@ def _step(opt, ps, grads, count=False):
     if not count:
         opt.step()
         return None
-    with _Count() as mode:
+    with CountOps() as mode:
         opt.step()
     return mode
 
@@ -118,7 +102,7 @@ def test_non_refresh_step_op_counts(cls, aten_probe, monkeypatch):
 @pytest.mark.parametrize("name", ["ours-GaLoreAdamW", "ours-DCTAdamW"])
 def test_host_cost_stack_meets_issue_targets(name):
     """bench/host_cost.py's 28-weight stack: at most 4 lowrank_kernels op calls and 30 aten
-    ops per non-refresh step; the step reads at most one tensor value
+    ops per non-refresh step (the targets of bench/host_cost.py); the step reads at most one tensor value
     through ATen (the non-finite probe's max; none when the extension's probe reads the CPU
     gradients)."""
     from bench import host_cost
@@ -128,7 +112,7 @@ def test_host_cost_stack_meets_issue_targets(name):
     opt, _ = opts[name]
     opt.step()  # the refresh step
     opt.step()
-    with host_cost.CountOps() as mode:
+    with CountOps() as mode:
         opt.step()
     assert mode.custom <= host_cost.MAX_LK_OPS and mode.aten <= host_cost.MAX_ATEN_OPS, (mode.custom, mode.names)
     assert mode.custom == 2 and mode.reads == (0 if _native_probe() else 1), mode.names
@@ -276,7 +260,7 @@ def test_bucketed_reference_backend_counts_and_matches_per_parameter():
 
 def test_step_suite_host_cost_rows(tmp_path):
     """``python -m bench --suite step`` gains the ``host_cost`` rows (counts in the note) and
-    the issue's targets; in a tiny run: the issue's two optimizers and the two baselines."""
+    the host-cost targets; in a tiny run: the two targeted optimizers and the two baselines."""
     from bench import bench_step
     from bench.harness import Ctx
 

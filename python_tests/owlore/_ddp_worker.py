@@ -4,14 +4,13 @@ Each rank writes ``{check: [ok, detail]}`` to ``<outdir>/rank<r>.json``.
 """
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import traceback
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .._dist import rank_session
 
 STEPS = 6
 PERIOD = 2
@@ -141,18 +140,9 @@ def check_ddp_without_find_unused(rank, ws, results):
 
 
 def worker(rank, ws, port, outdir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=ws, timeout=datetime.timedelta(seconds=90))
-    results = {}
-    try:
+    with rank_session(rank, ws, port, outdir) as results:
         for name, fn in (("ddp_find_unused", check_ddp), ("ddp_plain_refuses", check_ddp_without_find_unused)):
             try:
                 fn(rank, ws, results)
             except Exception:
                 results[name] = [False, traceback.format_exc()]
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f, default=str)
-        dist.destroy_process_group()
