@@ -981,7 +981,7 @@ class LowRankOptimizer(Optimizer):
                     p.copy_(w)
 
     def _plain_step_lowbit(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
-        """AdamW with 8-bit or 16-bit moments: ``ops.adam_update_`` (or ``ops.adam_foreach_update_``
+        """AdamW with 8-bit or 16-bit moments: ``ops.adam_update_`` (or ``ops.foreach_adam_update_``
         per bucket of step count and format) then the weight update.
 
         The op returns ``N = m / (sqrt(v) + eps')`` with no bias correction; the update is
@@ -1014,7 +1014,7 @@ class LowRankOptimizer(Optimizer):
                       for p, g, st in zip(ps, grads, states)]
             else:
                 fmt = self._foreach_moment_kwargs([(p, st, group, t) for p, st in zip(ps, states)])
-                ns = ops.adam_foreach_update_(
+                ns = ops.foreach_adam_update_(
                     grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], beta1=beta1,
                     beta2=beta2, eps=eps_t, **fmt,
                 )

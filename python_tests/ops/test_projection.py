@@ -250,7 +250,7 @@ def test_opcheck_cpp_op_directly(case):
     if not reg.extension_loaded():
         pytest.skip("extension not built (test_package asserts it is where make test ran)")
     name, args = list(_opcheck_cases())[case]
-    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, name + "_cpu").default, args, test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(getattr(torch.ops._lowrank_kernels, name + "_cpu").default, args, test_utils=OPCHECK_TESTS)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -137,5 +137,5 @@ def test_opcheck_cpp_op_directly(case):
     if not reg.extension_loaded():
         pytest.skip("extension not built (test_package asserts it is where make test ran)")
     args = list(_opcheck_cases())[case]
-    torch.library.opcheck(torch.ops.lowrank_kernels.projection_backproject_apply_cpu.default, args,
+    torch.library.opcheck(torch.ops._lowrank_kernels.projection_backproject_apply_cpu.default, args,
                           test_utils=OPCHECK_TESTS)

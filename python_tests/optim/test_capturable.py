@@ -1,4 +1,4 @@
-"""Device-side non-finite flags and ``capturable=True`` (issue 12 §3).
+"""Device-side non-finite flags and ``capturable=True``.
 
 - the multi-tensor projection op's ``skip`` / ``coeffs`` device tensors on every backend
   (a skipped parameter, its moments and its 8-bit absmax stay bit-for-bit unchanged; the
@@ -188,9 +188,9 @@ def test_opcheck_with_flags():
             HYPER["weight_decay"], HYPER["scale"], idx, [], [], [], 0, [], [], 0, [],
             torch.tensor([0, 1, 0], dtype=torch.uint8), _coeffs("cpu", torch.float32))
     torch.library.opcheck(torch.ops.lowrank_kernels.projection_foreach_project_update_backproject.default, args)
-    if hasattr(torch.ops.lowrank_kernels, "projection_foreach_project_update_backproject_cpu"):
-        torch.library.opcheck(torch.ops.lowrank_kernels.projection_foreach_project_update_backproject_cpu.default,
-                              args)
+    cpp = reg.OPS["projection_foreach_project_update_backproject"]
+    if cpp.cpp_registered():
+        torch.library.opcheck(cpp.cpp_op(), args)
 
 
 # --------------------------------------------------------------------------- the optimizers
