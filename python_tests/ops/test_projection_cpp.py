@@ -1,7 +1,7 @@
-"""The C++ CPU kernels of the projection family (csrc/cpu/projection.cpp), beyond the shared
+"""The C++ CPU kernels of the projection family (csrc/cpu/projection/), beyond the shared
 backend tests of test_projection.py: float64 and mixed dtypes, shapes that span several
 panels (on one and two threads), strided layouts that take the kernels' other loops, no
-full-size temporary, and the _cpu ops' own checks when called directly."""
+full-size temporary, and the private C++ ops' own checks when called directly."""
 
 import pytest
 import torch
