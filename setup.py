@@ -1,9 +1,9 @@
 """Build lowrank_kernels and its C++ CPU extension ``lowrank_kernels._C``.
 
-Every ``csrc/**/*.cpp`` file is compiled into one extension with ninja through
-torch's extension tools. Each kernel family registers its own ops with the
-dispatcher (``TORCH_LIBRARY_FRAGMENT`` / ``TORCH_LIBRARY_IMPL``), so adding a
-family means adding a file, not editing this one.
+Every ``csrc/**/*.cpp`` file (``csrc/cpu/<family>.cpp``, ``csrc/cpu/projection/*.cpp``,
+...) is compiled into one extension with ninja through torch's extension tools, so a new
+source file needs no change here. ``csrc/registration.cpp`` registers the kernels with
+the dispatcher (docs/architecture.md, "Ops and C++ kernels").
 
 Set ``LOWRANK_KERNELS_NO_EXT=1`` to install the pure-Python package only
 (reference and Triton backends).

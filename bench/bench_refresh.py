@@ -176,12 +176,12 @@ def _foreach_refresh(rank: int):
     """``run(by_shape)``: one ``dct_foreach_score_topk`` call per shape (DCTAdamW's batched
     refresh), returning the indices per shape; None when the op does not exist here."""
     try:
-        from lowrank_kernels.ops import dct_foreach_score_topk
+        from lowrank_kernels.ops import foreach_dct_score_topk
     except ImportError:
         return None
 
     def run(by_shape):
-        return {(m, n): dct_foreach_score_topk(gs, rank, side=side_of(m, n), norm=1) for (m, n), gs in by_shape.items()}
+        return {(m, n): foreach_dct_score_topk(gs, rank, side=side_of(m, n), norm=1) for (m, n), gs in by_shape.items()}
 
     return run
 
@@ -234,7 +234,7 @@ def gpu_check(argv=None) -> int:
     import time
 
     from lowrank_kernels.ops import _registry as reg
-    from lowrank_kernels.ops import dct_foreach_score_topk, dct_score_topk
+    from lowrank_kernels.ops import dct_score_topk, foreach_dct_score_topk
 
     args, device = gpu_check_args("bench.bench_refresh", argv)
     if device is None:
@@ -253,7 +253,7 @@ def gpu_check(argv=None) -> int:
           f"{len(by_shape)} shapes), rank {rank}, {dtype}, {device}, backend {backend}")
 
     def foreach():
-        return {s: dct_foreach_score_topk(gs, rank, side=side_of(*s), norm=1) for s, gs in by_shape.items()}
+        return {s: foreach_dct_score_topk(gs, rank, side=side_of(*s), norm=1) for s, gs in by_shape.items()}
 
     def per_matrix():
         return {s: [dct_score_topk(g, rank, side=side_of(*s), norm=1) for g in gs] for s, gs in by_shape.items()}

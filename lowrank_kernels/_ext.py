@@ -1,8 +1,10 @@
 """Loads the C++ extension ``lowrank_kernels._C`` if it was built.
 
 Importing the shared library runs its static initializers, which register the
-C++ CPU kernels with the dispatcher. The package works without it (reference and
-Triton backends); ``python -m lowrank_kernels`` says which case holds.
+C++ CPU kernels with the dispatcher as the CPU kernels of the private ops
+``_lowrank_kernels::<family>_<op>_cpu`` (csrc/registration.cpp). The package works
+without it (reference and Triton backends); ``python -m lowrank_kernels`` says which
+case holds.
 """
 from __future__ import annotations
 

@@ -116,12 +116,12 @@ def test_bench_refresh_gpu_check_tiny(tmp_path, capsys):
 def test_bench_refresh_gpu_check_fails_on_mixed_up_rows(monkeypatch, capsys):
     from bench import bench_refresh
 
-    real = ops.dct_foreach_score_topk
+    real = ops.foreach_dct_score_topk
 
     def broken(grads, k, **kw):
         return real(grads, k, **kw).flip(0)  # each matrix gets another's indices
 
-    monkeypatch.setattr(ops, "dct_foreach_score_topk", broken)
+    monkeypatch.setattr(ops, "foreach_dct_score_topk", broken)
     assert bench_refresh.gpu_check(["--gpu-check", "--tiny", "--reps", "1"]) == 1
     assert "indices differ" in capsys.readouterr().out
 

@@ -17,7 +17,21 @@ def test_extension_built_where_make_test_ran():
     assert _ext.loaded(), f"lowrank_kernels._C failed to load: {_ext.load_error()}"
     for name, op in reg.OPS.items():
         if op.has_cpp:
-            assert hasattr(torch.ops.lowrank_kernels, op.cpp_name), f"C++ op {op.cpp_name} not registered"
+            assert op.cpp_registered(), f"C++ kernel {op.cpp_qualname} not registered"
+
+
+def _ops_in(namespace):
+    return {n.split("::", 1)[1].split(".", 1)[0] for n in torch._C._dispatch_get_all_op_names()
+            if n.startswith(namespace + "::")}
+
+
+def test_public_namespace_lists_only_the_user_ops():
+    """torch.ops.lowrank_kernels holds exactly the ops define_op registered; the C++ kernels'
+    ops live in the private namespace, one per op with a C++ kernel, under the name define_op
+    was given."""
+    assert _ops_in(reg.NAMESPACE) == set(reg.OPS)
+    assert _ops_in(reg.CPP_NAMESPACE) == {op.cpp for op in reg.OPS.values() if op.has_cpp}
+    assert not any(name.endswith("_cpu") for name in _ops_in(reg.NAMESPACE))
 
 
 def test_every_op_has_schema_fake_and_reference():

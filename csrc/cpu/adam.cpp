@@ -1,5 +1,5 @@
-// C++ CPU kernel of the adam family (lowrank_kernels/ops/adam.py has the schema and
-// lowrank_kernels/reference/adam.py the specification): the elementwise Adam moment
+// C++ CPU kernels of the adam family (lowrank_kernels/ops/adam.py has the schemas and the
+// validation, lowrank_kernels/reference/adam.py the specification): the elementwise Adam moment
 // update on an already projected R (APOLLO, FRUGAL), returning N.
 //
 // One pass over flat contiguous data, split by at::parallel_for; the inner loop is plain
@@ -21,9 +21,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include "cpu/fast_f32.h"
+#include "cpu/kernels.h"
 #include "cpu/moments8.h"
 
 #include <algorithm>
@@ -38,73 +37,40 @@ using at::Tensor;
 
 constexpr int64_t kGrain = 16384;
 
-void check_float(const Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+bool is_float_cpu(const Tensor& t) {
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, op, ": ", name,
-              " must have a floating dtype (float32, bfloat16, float16, float64), got ", s);
+  return t.device().is_cpu() && (s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf);
 }
-
-using OptTensor = std::optional<Tensor>;
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-// The update with N written into `out` (contiguous, N's dtype, r's shape); m_absmax /
-// v_absmax defined: 8-bit moments.
-void adam_update_into(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, const Tensor& out, double beta1,
-                      double beta2, double eps, const Tensor& m_absmax = Tensor(), const Tensor& v_absmax = Tensor(),
-                      int64_t block_size = 0, int64_t seed = -1);
-
-// Checks of one entry (the router's validator gives the detailed messages); returns
+// Checks of one entry (ops/adam.py validate_adam_update has the messages); returns
 // whether the moments are 8-bit.
-bool check_entry(const char* op, const Tensor& r, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                 const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t block_size, int64_t seed) {
-  check_float(r, "r", op);
+bool check_entry(const Tensor& r, const Tensor& exp_avg, const Tensor& exp_avg_sq, const OptTensor& m_absmax,
+                 const OptTensor& v_absmax, int64_t block_size, int64_t seed) {
+  TORCH_CHECK(is_float_cpu(r));
   const bool eight = given(m_absmax) || given(v_absmax);
   if (!eight) {
-    check_float(exp_avg, "exp_avg", op);
-    check_float(exp_avg_sq, "exp_avg_sq", op);
-    TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), op, ": exp_avg (", exp_avg.scalar_type(),
-                ") and exp_avg_sq (", exp_avg_sq.scalar_type(), ") must have one dtype");
-    TORCH_CHECK(block_size == 0, op, ": block_size is for 8-bit moments only and must be 0, got ", block_size);
-    TORCH_CHECK(seed < 0 || exp_avg.scalar_type() == at::kBFloat16, op,
-                ": moment_seed >= 0 (stochastic rounding) needs bfloat16 moments, got ", exp_avg.scalar_type());
+    TORCH_CHECK(is_float_cpu(exp_avg) && is_float_cpu(exp_avg_sq) && exp_avg.scalar_type() == exp_avg_sq.scalar_type());
+    TORCH_CHECK(block_size == 0);
+    TORCH_CHECK(seed < 0 || exp_avg.scalar_type() == at::kBFloat16);
   }
-  TORCH_CHECK(exp_avg.sizes() == r.sizes(), op, ": exp_avg must have shape ", r.sizes(), ", got ", exp_avg.sizes());
-  TORCH_CHECK(exp_avg_sq.sizes() == r.sizes(), op, ": exp_avg_sq must have shape ", r.sizes(), ", got ",
-              exp_avg_sq.sizes());
+  TORCH_CHECK(exp_avg.sizes() == r.sizes() && exp_avg_sq.sizes() == r.sizes());
   if (!eight) return false;
-  TORCH_CHECK(given(m_absmax) && given(v_absmax), op, ": 8-bit moments need both m_absmax and v_absmax");
-  TORCH_CHECK(r.dim() >= 1, op, ": r must have at least one dimension for 8-bit moments");
-  TORCH_CHECK(block_size >= 1 && block_size <= moments8::kMaxBlock, op, ": block_size must be in [1, ",
-              moments8::kMaxBlock, "] for 8-bit moments, got ", block_size);
-  TORCH_CHECK(seed < 0, op, ": moment_seed >= 0 is for bfloat16 moments; 8-bit moments round to nearest");
+  TORCH_CHECK(given(m_absmax) && given(v_absmax));
+  TORCH_CHECK(r.dim() >= 1);
+  TORCH_CHECK(block_size >= 1 && block_size <= moments8::kMaxBlock);
+  TORCH_CHECK(seed < 0);
   for (const Tensor* t : {&exp_avg, &exp_avg_sq}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kByte && t->is_contiguous(), op,
-                ": 8-bit moments must be contiguous uint8 CPU tensors, got ", t->scalar_type());
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kByte && t->is_contiguous());
   }
   std::vector<int64_t> ashape(r.sizes().begin(), r.sizes().end());
   ashape.back() = (ashape.back() + block_size - 1) / block_size;
   for (const Tensor* t : {&*m_absmax, &*v_absmax}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->sizes() == at::IntArrayRef(ashape),
-                op, ": m_absmax / v_absmax must be contiguous float32 CPU tensors of shape ", at::IntArrayRef(ashape),
-                ", got ", t->scalar_type(), " ", t->sizes());
+                t->sizes() == at::IntArrayRef(ashape));
   }
   return true;
-}
-
-Tensor adam_update_cpu(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, double beta1, double beta2, double eps,
-                       const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t block_size,
-                       int64_t moment_seed) {
-  const char* op = "adam_update_cpu";
-  const bool eight = check_entry(op, r, exp_avg, exp_avg_sq, m_absmax, v_absmax, block_size, moment_seed);
-  Tensor out = at::empty(exp_avg.sizes(), exp_avg.options()
-                                              .dtype(eight ? at::kFloat : exp_avg.scalar_type())
-                                              .memory_format(at::MemoryFormat::Contiguous));
-  adam_update_into(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, eight ? *m_absmax : Tensor(),
-                   eight ? *v_absmax : Tensor(), block_size, moment_seed);
-  return out;
 }
 
 // A 2-D (rows x cols) view of a contiguous tensor, blocks along its last dim (1 x numel
@@ -115,9 +81,11 @@ Tensor as_rows(const Tensor& t) {
   return t.reshape({cols == 0 ? 0 : t.numel() / cols, cols});
 }
 
+// The update with N written into `out` (contiguous, N's dtype, r's shape); m_absmax /
+// v_absmax defined: 8-bit moments.
 void adam_update_into(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, const Tensor& out, double beta1,
-                      double beta2, double eps, const Tensor& m_absmax, const Tensor& v_absmax, int64_t block_size,
-                      int64_t seed) {
+                      double beta2, double eps, const Tensor& m_absmax = Tensor(), const Tensor& v_absmax = Tensor(),
+                      int64_t block_size = 0, int64_t seed = -1) {
   const bool f64 = r.scalar_type() == at::kDouble || exp_avg.scalar_type() == at::kDouble;
   const at::ScalarType acc = f64 ? at::kDouble : at::kFloat;
   if (!m_absmax.defined() && seed < 0 && r.scalar_type() == at::kFloat && exp_avg.scalar_type() == at::kFloat &&
@@ -188,28 +156,38 @@ void adam_update_into(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, cons
   if (!v.is_same(exp_avg_sq)) exp_avg_sq.copy_(v);
 }
 
+}  // namespace
+
+Tensor adam_update_cpu(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, double beta1, double beta2, double eps,
+                       const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t block_size,
+                       int64_t moment_seed) {
+  const bool eight = check_entry(r, exp_avg, exp_avg_sq, m_absmax, v_absmax, block_size, moment_seed);
+  Tensor out = at::empty(exp_avg.sizes(), exp_avg.options()
+                                              .dtype(eight ? at::kFloat : exp_avg.scalar_type())
+                                              .memory_format(at::MemoryFormat::Contiguous));
+  adam_update_into(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, eight ? *m_absmax : Tensor(),
+                   eight ? *v_absmax : Tensor(), block_size, moment_seed);
+  return out;
+}
+
 // The multi-tensor form: every entry checked first, then the update on each in turn.
 // N goes into the caller's `n` list (a schema returning Tensor[] next to mutated lists
 // cannot be functionalized by torch.compile).
 void adam_foreach_update_cpu(at::TensorList r, at::TensorList exp_avg, at::TensorList exp_avg_sq, at::TensorList n,
                              double beta1, double beta2, double eps, at::TensorList m_absmax, at::TensorList v_absmax,
                              int64_t block_size, at::IntArrayRef moment_seed) {
-  const char* op = "adam_foreach_update_cpu";
-  TORCH_CHECK(exp_avg.size() == r.size() && exp_avg_sq.size() == r.size() && n.size() == r.size(), op,
-              ": exp_avg, exp_avg_sq and n must have one entry per tensor of r (", r.size(), ")");
+  TORCH_CHECK(exp_avg.size() == r.size() && exp_avg_sq.size() == r.size() && n.size() == r.size());
   for (const auto& len : {m_absmax.size(), v_absmax.size(), moment_seed.size()}) {
-    TORCH_CHECK(len == 0 || len == r.size(), op, ": moment lists must be empty or have one entry per tensor of r (",
-                r.size(), "), got one of ", len);
+    TORCH_CHECK(len == 0 || len == r.size());
   }
   auto opt = [](at::TensorList xs, size_t i) -> OptTensor { return xs.empty() ? OptTensor() : OptTensor(xs[i]); };
   auto seed_of = [&](size_t i) -> int64_t { return moment_seed.empty() ? -1 : moment_seed[i]; };
   for (size_t i = 0; i < r.size(); ++i) {
-    const bool eight = check_entry(op, r[i], exp_avg[i], exp_avg_sq[i], opt(m_absmax, i), opt(v_absmax, i),
-                                   block_size, seed_of(i));
+    const bool eight =
+        check_entry(r[i], exp_avg[i], exp_avg_sq[i], opt(m_absmax, i), opt(v_absmax, i), block_size, seed_of(i));
     const auto want = eight ? at::kFloat : exp_avg[i].scalar_type();
     TORCH_CHECK(n[i].device().is_cpu() && n[i].scalar_type() == want && n[i].sizes() == r[i].sizes() &&
-                    n[i].is_contiguous(),
-                op, ": entry ", i, ": n must be a contiguous CPU tensor of N's dtype (", want, ") and r's shape");
+                n[i].is_contiguous());
   }
   for (size_t i = 0; i < r.size(); ++i) {
     Tensor m = exp_avg[i], v = exp_avg_sq[i];
@@ -218,20 +196,4 @@ void adam_foreach_update_cpu(at::TensorList r, at::TensorList exp_avg, at::Tenso
   }
 }
 
-}  // namespace
 }  // namespace lowrank_kernels
-
-TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
-  m.def(
-      "adam_update_cpu(Tensor r, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, float beta1, float beta2, float eps, "
-      "Tensor(d!)? m_absmax=None, Tensor(e!)? v_absmax=None, int block_size=0, int moment_seed=-1) -> Tensor");
-  m.def(
-      "adam_foreach_update_cpu(Tensor[] r, Tensor(a!)[] exp_avg, Tensor(b!)[] exp_avg_sq, Tensor(c!)[] n, "
-      "float beta1, float beta2, float eps, Tensor(d!)[] m_absmax, Tensor(e!)[] v_absmax, int block_size, "
-      "int[] moment_seed) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
-  m.impl("adam_update_cpu", &lowrank_kernels::adam_update_cpu);
-  m.impl("adam_foreach_update_cpu", &lowrank_kernels::adam_foreach_update_cpu);
-}

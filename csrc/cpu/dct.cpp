@@ -1,5 +1,5 @@
-// C++ CPU kernels of the DCT family (lowrank_kernels/ops/dct.py has the schemas and
-// lowrank_kernels/reference/dct.py the specification).
+// C++ CPU kernels of the DCT family (lowrank_kernels/ops/dct.py has the schemas and the
+// validation, lowrank_kernels/reference/dct.py the specification).
 //
 // Scoring: the score matrix S (G C^T on the right, C G on the left) is produced one
 // bounded panel at a time by BLAS (at::mm), and each panel's |S| or S^2 is folded
@@ -9,16 +9,17 @@
 // lower index), the reference's stable descending sort.
 //
 // Projection with basis indices is the projection family's DCT projector kind
-// (csrc/cpu/projection.cpp gathers the selected basis rows in its panel loader).
+// (csrc/cpu/projection/projector.h gathers the selected basis rows in its panel loader).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
+
+#include "cpu/kernels.h"
 
 namespace lowrank_kernels {
 namespace {
@@ -34,7 +35,7 @@ at::ScalarType acc_type(const at::Tensor& a, const at::Tensor& b) {
 }
 
 bool is_right(c10::string_view side) {
-  TORCH_CHECK(side == "right" || side == "left", "side must be 'left' or 'right', got ", side);
+  TORCH_CHECK(side == "right" || side == "left");
   return side == "right";
 }
 
@@ -113,26 +114,13 @@ at::Tensor dct_scores_2d_prepared(const at::Tensor& grad, const at::Tensor& c, a
 }
 
 at::Tensor dct_scores_2d(const at::Tensor& grad, const at::Tensor& basis, c10::string_view side, int64_t norm) {
-  TORCH_CHECK(norm == 1 || norm == 2, "dct_scores: norm must be 1 or 2, got ", norm);
-  TORCH_CHECK(grad.dim() == 2 && basis.dim() == 2, "dct_scores: grad and basis must be 2-D");
+  TORCH_CHECK(norm == 1 || norm == 2);
+  TORCH_CHECK(grad.dim() == 2 && basis.dim() == 2);
   const bool right = is_right(side);
   const int64_t s = right ? grad.size(1) : grad.size(0);
-  TORCH_CHECK(basis.size(0) == s && basis.size(1) == s, "dct_scores: basis must be ", s, " x ", s);
+  TORCH_CHECK(basis.size(0) == s && basis.size(1) == s);
   const auto acc = acc_type(grad, basis);
   return dct_scores_2d_prepared(grad, basis.to(acc).contiguous(), acc, right, norm);  // s x s, the basis' size only
-}
-
-// A 3-D grad (batch x m x n) is scored matrix by matrix: batch x s scores.
-at::Tensor dct_scores_cpu(const at::Tensor& grad, const at::Tensor& basis, c10::string_view side, int64_t norm) {
-  if (grad.dim() != 3) return dct_scores_2d(grad, basis, side, norm);
-  std::vector<at::Tensor> rows;
-  rows.reserve(grad.size(0));
-  for (int64_t b = 0; b < grad.size(0); ++b) rows.push_back(dct_scores_2d(grad.select(0, b), basis, side, norm));
-  if (rows.empty()) {
-    const int64_t s = is_right(side) ? grad.size(2) : grad.size(1);
-    return at::empty({0, s}, grad.options().dtype(acc_type(grad, basis)));
-  }
-  return at::stack(rows);
 }
 
 template <typename scalar_t>
@@ -158,11 +146,26 @@ at::Tensor topk_indices(const at::Tensor& scores, int64_t k) {
   return out;
 }
 
+}  // namespace
+
+// A 3-D grad (batch x m x n) is scored matrix by matrix: batch x s scores.
+at::Tensor dct_scores_cpu(const at::Tensor& grad, const at::Tensor& basis, c10::string_view side, int64_t norm) {
+  if (grad.dim() != 3) return dct_scores_2d(grad, basis, side, norm);
+  std::vector<at::Tensor> rows;
+  rows.reserve(grad.size(0));
+  for (int64_t b = 0; b < grad.size(0); ++b) rows.push_back(dct_scores_2d(grad.select(0, b), basis, side, norm));
+  if (rows.empty()) {
+    const int64_t s = is_right(side) ? grad.size(2) : grad.size(1);
+    return at::empty({0, s}, grad.options().dtype(acc_type(grad, basis)));
+  }
+  return at::stack(rows);
+}
+
 at::Tensor dct_score_topk_cpu(const at::Tensor& grad, const at::Tensor& basis, int64_t k, c10::string_view side,
                               int64_t norm) {
   const at::Tensor scores = dct_scores_cpu(grad, basis, side, norm);
   const int64_t s = scores.size(-1);
-  TORCH_CHECK(k >= 1 && k <= s, "dct_score_topk: k must be between 1 and ", s, ", got ", k);
+  TORCH_CHECK(k >= 1 && k <= s);
   if (scores.dim() == 1) {
     at::Tensor out;
     AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "dct_score_topk_cpu", [&] { out = topk_indices<scalar_t>(scores, k); });
@@ -179,20 +182,17 @@ at::Tensor dct_score_topk_cpu(const at::Tensor& grad, const at::Tensor& basis, i
 // panels, the same order), one dispatcher call for a whole bucket of same-shape gradients.
 at::Tensor dct_foreach_score_topk_cpu(at::TensorList grads, const at::Tensor& basis, int64_t k, c10::string_view side,
                                       int64_t norm) {
-  const char* op = "dct_foreach_score_topk_cpu";
-  TORCH_CHECK(norm == 1 || norm == 2, op, ": norm must be 1 or 2, got ", norm);
+  TORCH_CHECK(norm == 1 || norm == 2);
   const bool right = is_right(side);
-  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == basis.size(1), op, ": basis must be square");
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) == basis.size(1));
   const int64_t s = basis.size(0);
-  TORCH_CHECK(k >= 1 && k <= s, op, ": k must be between 1 and ", s, ", got ", k);
+  TORCH_CHECK(k >= 1 && k <= s);
   const int64_t nb = static_cast<int64_t>(grads.size());
   // Every entry is checked before anything is computed.
   for (int64_t i = 0; i < nb; ++i) {
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.dim() == 2, op, ": grads[", i, "] must be 2-D");
-    TORCH_CHECK((right ? g.size(1) : g.size(0)) == s, op, ": grads[", i, "] does not match the basis order ", s);
-    TORCH_CHECK(g.scalar_type() == grads[0].scalar_type(), op, ": grads must have one dtype");
-    TORCH_CHECK(g.device() == basis.device(), op, ": grads[", i, "] is not on the basis' device");
+    TORCH_CHECK(g.dim() == 2 && (right ? g.size(1) : g.size(0)) == s);
+    TORCH_CHECK(g.scalar_type() == grads[0].scalar_type() && g.device() == basis.device());
   }
   at::Tensor out = at::empty({nb, k}, basis.options().dtype(at::kInt));
   if (nb == 0) return out;
@@ -206,17 +206,4 @@ at::Tensor dct_foreach_score_topk_cpu(at::TensorList grads, const at::Tensor& ba
   return out;
 }
 
-}  // namespace
 }  // namespace lowrank_kernels
-
-TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
-  m.def("dct_scores_cpu(Tensor grad, Tensor basis, str side, int norm) -> Tensor");
-  m.def("dct_score_topk_cpu(Tensor grad, Tensor basis, int k, str side, int norm) -> Tensor");
-  m.def("dct_foreach_score_topk_cpu(Tensor[] grads, Tensor basis, int k, str side, int norm) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
-  m.impl("dct_scores_cpu", &lowrank_kernels::dct_scores_cpu);
-  m.impl("dct_score_topk_cpu", &lowrank_kernels::dct_score_topk_cpu);
-  m.impl("dct_foreach_score_topk_cpu", &lowrank_kernels::dct_foreach_score_topk_cpu);
-}

@@ -1,5 +1,5 @@
 // Raw-pointer float32 building blocks of the projection step's fast path
-// (csrc/cpu/projection.cpp, "The float32 fast path"): no ATen op, no dispatcher call, no
+// (csrc/cpu/projection/fast_path.cpp): no ATen op, no dispatcher call, no
 // BLAS call (torch's BLAS is not reachable without the dispatcher from an extension:
 // at::native::cpublas::gemm is not exported, and the stub's ABI follows torch's build
 // macros; and on small skinny products a BLAS call costs more than the arithmetic: on the

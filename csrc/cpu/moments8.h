@@ -1,5 +1,5 @@
 // 8-bit blockwise moments and bf16 stochastic rounding for the C++ Adam epilogues
-// (csrc/cpu/projection.cpp, csrc/cpu/adam.cpp). The specification is
+// (csrc/cpu/projection/engine.cpp, csrc/cpu/adam.cpp). The specification is
 // lowrank_kernels/reference/moments.py:
 //
 //   8-bit: a moment tensor (rows x cols in its own, logical orientation) is uint8 codes

@@ -1,6 +1,6 @@
 // The quant family on CPU: packed INT4 projectors, INT8 weights with stochastic
-// rounding. (The projection ops with a packed INT4 projector are the projection
-// family's INT4 projector kind: csrc/cpu/projection.cpp dequantizes it in its panel
+// rounding (lowrank_kernels/ops/quant.py has the schemas and the validation). (The projection ops with a packed INT4 projector are the projection
+// family's INT4 projector kind: csrc/cpu/projection/projector.h dequantizes it in its panel
 // loader.)
 // Specification: lowrank_kernels/reference/quant.py (same group layout, same
 // rounding, same counter hash for the random numbers, float32 arithmetic).
@@ -9,15 +9,15 @@
 // group's min/max, a sweep to quantize (the group is in cache).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include "hash.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
+
+#include "cpu/hash.h"
+#include "cpu/kernels.h"
 
 namespace lowrank_kernels {
 namespace {
@@ -72,8 +72,29 @@ void quantize_groups(const scalar_t* x, int64_t numel, int64_t gs, float levels,
   });
 }
 
+// What the kernels read through raw pointers (ops/quant.py validates with messages).
+bool is_u8(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kByte && t.is_contiguous(); }
+
+bool are_stats(const at::Tensor& scale, const at::Tensor& minimum, int64_t groups) {
+  for (const at::Tensor* t : {&scale, &minimum}) {
+    if (!(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == groups)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // --------------------------------------------------------------------------- INT4
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_pack_cpu(const at::Tensor& x_in, int64_t group_size) {
+inline float int4_at(const uint8_t* pk, const float* s, const float* mn, int64_t f, int64_t gs) {
+  const int q = (pk[f >> 1] >> ((f & 1) * 4)) & 15;
+  const int64_t g = f / gs;
+  return mn[g] + s[g] * static_cast<float>(q);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_int4_pack_cpu(const at::Tensor& x_in, int64_t group_size) {
+  TORCH_CHECK(group_size >= 2 && group_size % 2 == 0);
   const at::Tensor x = x_in.reshape({-1}).contiguous();
   const int64_t numel = x.numel();
   at::Tensor packed = at::zeros({(numel + 1) / 2}, x.options().dtype(at::kByte));
@@ -91,16 +112,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_pack_cpu(const at::Tensor& x
   return {packed, scale, minimum};
 }
 
-inline float int4_at(const uint8_t* pk, const float* s, const float* mn, int64_t f, int64_t gs) {
-  const int q = (pk[f >> 1] >> ((f & 1) * 4)) & 15;
-  const int64_t g = f / gs;
-  return mn[g] + s[g] * static_cast<float>(q);
-}
-
-at::Tensor int4_unpack_cpu(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& minimum,
-                           at::IntArrayRef shape, at::ScalarType dtype, int64_t group_size) {
+at::Tensor quant_int4_unpack_cpu(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& minimum,
+                                 at::IntArrayRef shape, at::ScalarType dtype, int64_t group_size) {
+  TORCH_CHECK(group_size >= 1);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   const int64_t numel = out.numel();
+  TORCH_CHECK(is_u8(packed) && packed.numel() == (numel + 1) / 2);
+  TORCH_CHECK(are_stats(scale, minimum, ngroups(numel, group_size)));
   const uint8_t* pk = packed.data_ptr<uint8_t>();
   const float* s = scale.data_ptr<float>();
   const float* mn = minimum.data_ptr<float>();
@@ -114,7 +132,8 @@ at::Tensor int4_unpack_cpu(const at::Tensor& packed, const at::Tensor& scale, co
 }
 
 // --------------------------------------------------------------------------- INT8
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tensor& w_in, int64_t group_size) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quant_int8_quantize_cpu(const at::Tensor& w_in, int64_t group_size) {
+  TORCH_CHECK(group_size >= 1);
   const at::Tensor w = w_in.reshape({-1}).contiguous();
   const int64_t numel = w.numel();
   at::Tensor q = at::empty(w_in.sizes(), w.options().dtype(at::kByte));
@@ -129,8 +148,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_cpu(const at::Tenso
   return {q, scale, minimum};
 }
 
-at::Tensor int8_dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& minimum,
-                               int64_t group_size, at::ScalarType dtype) {
+at::Tensor quant_int8_dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& minimum,
+                                     int64_t group_size, at::ScalarType dtype) {
+  TORCH_CHECK(group_size >= 1 && is_u8(q) && are_stats(scale, minimum, ngroups(q.numel(), group_size)));
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
   const int64_t numel = q.numel();
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -148,8 +168,10 @@ at::Tensor int8_dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, con
   return out;
 }
 
-void int8_update_sr_cpu(at::Tensor& q, at::Tensor& scale, at::Tensor& minimum, const at::Tensor& update_in,
-                        double decay, double alpha, int64_t seed, int64_t group_size) {
+void quant_int8_update_sr_cpu(at::Tensor& q, at::Tensor& scale, at::Tensor& minimum, const at::Tensor& update_in,
+                              double decay, double alpha, int64_t seed, int64_t group_size) {
+  TORCH_CHECK(group_size >= 1 && is_u8(q) && are_stats(scale, minimum, ngroups(q.numel(), group_size)));
+  TORCH_CHECK(update_in.numel() == q.numel());
   const at::Tensor update = update_in.reshape({-1}).contiguous();
   const int64_t numel = q.numel();
   uint8_t* qp = q.data_ptr<uint8_t>();
@@ -193,28 +215,4 @@ void int8_update_sr_cpu(at::Tensor& q, at::Tensor& scale, at::Tensor& minimum, c
   });
 }
 
-}  // namespace
 }  // namespace lowrank_kernels
-
-TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
-  m.def("quant_int4_pack_cpu(Tensor x, int group_size) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "quant_int4_unpack_cpu(Tensor packed, Tensor scale, Tensor minimum, int[] shape, ScalarType dtype, "
-      "int group_size) -> Tensor");
-  m.def("quant_int8_quantize_cpu(Tensor w, int group_size) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "quant_int8_dequantize_cpu(Tensor q, Tensor scale, Tensor minimum, int group_size, ScalarType dtype) -> "
-      "Tensor");
-  m.def(
-      "quant_int8_update_sr_cpu(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) minimum, Tensor update, float decay, "
-      "float alpha, int seed, int group_size) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
-  using namespace lowrank_kernels;
-  m.impl("quant_int4_pack_cpu", &int4_pack_cpu);
-  m.impl("quant_int4_unpack_cpu", &int4_unpack_cpu);
-  m.impl("quant_int8_quantize_cpu", &int8_quantize_cpu);
-  m.impl("quant_int8_dequantize_cpu", &int8_dequantize_cpu);
-  m.impl("quant_int8_update_sr_cpu", &int8_update_sr_cpu);
-}

@@ -1,7 +1,10 @@
 """Public kernels of lowrank_kernels, registered as ``torch.ops.lowrank_kernels.*``.
 
 See ``_registry`` for how an op picks its backend (reference, C++, Triton), and
-each family module for the ops it defines.
+each family module for the ops it defines. Multi-tensor functions are named ``foreach_`` +
+the single-tensor function's name (``foreach_adam_update_``, ``foreach_dct_score_topk``,
+``foreach_project_update_backproject_``), as torch's ``_foreach_*``; the old names
+``adam_foreach_update_`` and ``dct_foreach_score_topk`` are deprecated aliases.
 """
 from ._registry import (  # noqa: F401
     BACKENDS,
@@ -21,17 +24,17 @@ from .projection import (  # noqa: F401
     project_update_backproject_,
     register_projector_type,
 )
-from .adam import adam_foreach_update_, adam_update_, moments8_zeros  # noqa: F401
-from .dct import DCTProjector, dct_basis, dct_foreach_score_topk, dct_project, dct_score_topk, dct_scores  # noqa: F401
+from .adam import adam_update_, foreach_adam_update_, moments8_zeros  # noqa: F401
+from .adam import adam_foreach_update_  # noqa: F401  (deprecated alias of foreach_adam_update_)
+from .dct import DCTProjector, dct_basis, dct_project, dct_score_topk, dct_scores, foreach_dct_score_topk  # noqa: F401
+from .dct import dct_foreach_score_topk  # noqa: F401  (deprecated alias of foreach_dct_score_topk)
 from .quant import Int4Projector, int4_pack, int4_unpack, int8_dequantize, int8_quantize, int8_update_sr_  # noqa: F401
 
 from lowrank_kernels import _ext as _ext_mod
-from . import _registry as _reg
 
-# Load the C++ kernels (if built) only after every Python schema exists, then give
-# the C++ ops the same fake impls as their public twins.
+# Load the C++ kernels (if built): the extension registers them as the CPU kernels of the
+# private ops define_op defined (torch.ops._lowrank_kernels.<family>_<op>_cpu).
 _ext_mod.load()
-_reg.register_cpp_fakes()
 from . import dtensor  # noqa: E402,F401  (DTensor handlers, installed when a DTensor first steps)
 
 __all__ = [
@@ -44,14 +47,14 @@ __all__ = [
     "project_update_backproject_",
     "adam_update_",
     "foreach_project_update_backproject_",
-    "adam_foreach_update_",
+    "foreach_adam_update_",
     "moments8_zeros",
     "lowrank_shape",
     "DCTProjector",
     "dct_basis",
     "dct_scores",
     "dct_score_topk",
-    "dct_foreach_score_topk",
+    "foreach_dct_score_topk",
     "dct_project",
 ]
 __all__ += ["Int4Projector", "int4_pack", "int4_unpack", "int8_quantize", "int8_dequantize", "int8_update_sr_"]

@@ -8,15 +8,19 @@ fake impl) and implemented by a *router* registered as its
     the pure-PyTorch specification in ``lowrank_kernels/reference/<family>.py``;
     serves every device.
 ``cpp``
-    the C++ CPU kernel of ``csrc/cpu/<family>.cpp``. It is itself a dispatcher op,
-    ``lowrank_kernels::<family>_<op>_cpu``, defined and registered from C++
-    (``TORCH_LIBRARY_FRAGMENT`` + ``TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m)``),
-    so ``opcheck`` and ``torch.compile`` see it; serves CPU tensors when the
-    extension ``lowrank_kernels._C`` is built.
+    the C++ CPU kernel ``<family>_<op>_cpu`` (csrc/cpu/kernels.h) named by
+    ``define_op(..., cpp=...)``. It is itself a dispatcher op in the private namespace
+    ``_lowrank_kernels`` (so ``torch.ops.lowrank_kernels`` lists only the public ops):
+    ``define_op`` defines ``_lowrank_kernels::<family>_<op>_cpu`` with the public op's
+    schema and fake impl, and the extension registers the C++ function as its CPU kernel
+    (``TORCH_LIBRARY_IMPL(_lowrank_kernels, CPU, m)`` in csrc/registration.cpp), so
+    ``opcheck`` and ``torch.compile`` see it; serves CPU tensors when the extension
+    ``lowrank_kernels._C`` is built.
 ``triton``
-    the Triton launcher ``<family>_<op>_triton`` in
-    ``lowrank_kernels/kernels/<family>.py``; serves CUDA tensors, and CPU tensors
-    under ``TRITON_INTERPRET=1`` (how CI runs the GPU kernels).
+    the Triton launcher ``<family>_<op>_triton`` (``lowrank_kernels.kernels.<family>``)
+    handed to ``define_op(..., triton=...)`` as a function that imports it on first use;
+    serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (how CI runs the
+    GPU kernels).
 
 Without a forced backend the router takes ``triton`` on CUDA, ``cpp`` on CPU, and
 the reference otherwise (or where the preferred one is missing). A backend is forced
@@ -41,7 +45,6 @@ validation runs once per bucket.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -52,10 +55,13 @@ import torch
 from ._checks import _PLAIN_TENSOR_TYPES, _native_helpers
 
 NAMESPACE = "lowrank_kernels"
+#: the private namespace of the C++ kernels' dispatcher ops (not for users)
+CPP_NAMESPACE = "_lowrank_kernels"
 BACKENDS = ("reference", "cpp", "triton")
 ENV_VAR = "LOWRANK_KERNELS_BACKEND"
 
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+_cpp_lib = torch.library.Library(CPP_NAMESPACE, "FRAGMENT")
 
 
 class _State(threading.local):
@@ -101,8 +107,10 @@ class OpDef:
     family: str  # e.g. "projection"
     schema: str
     reference: Callable
-    has_cpp: bool = True
-    has_triton: bool = True
+    #: name of the C++ kernel (``<family>_<op>_cpu``, csrc/cpu/kernels.h), None without one
+    cpp: Optional[str] = None
+    #: a function returning the Triton launcher (imported on first use), None without one
+    triton: Optional[Callable[[], Callable]] = field(default=None, repr=False)
     _triton_fn: Optional[Callable] = field(default=None, repr=False)
     _cpp_op: Optional[Callable] = field(default=None, repr=False)
 
@@ -111,32 +119,44 @@ class OpDef:
         return f"{NAMESPACE}::{self.name}"
 
     @property
-    def cpp_name(self) -> str:
-        return f"{self.name}_cpu"
+    def has_cpp(self) -> bool:
+        return self.cpp is not None
 
     @property
-    def triton_name(self) -> str:
-        return f"{self.name}_triton"
+    def has_triton(self) -> bool:
+        return self.triton is not None
+
+    @property
+    def cpp_name(self) -> Optional[str]:
+        """The C++ kernel's name, also its private op's name in :data:`CPP_NAMESPACE`."""
+        return self.cpp
+
+    @property
+    def cpp_qualname(self) -> Optional[str]:
+        return None if self.cpp is None else f"{CPP_NAMESPACE}::{self.cpp}"
 
     def triton_fn(self) -> Callable:
-        # Imported lazily: Triton decides at decoration time whether it runs in the
-        # interpreter, and nothing may touch CUDA at import time.
+        """The Triton launcher. Imported lazily: Triton decides at decoration time whether it
+        runs in the interpreter, and nothing may touch CUDA at import time."""
         if self._triton_fn is None:
-            mod = importlib.import_module(f"lowrank_kernels.kernels.{self.family}")
-            self._triton_fn = getattr(mod, self.triton_name)
+            if self.triton is None:
+                raise BackendUnavailableError(f"{self.qualname} has no Triton kernel")
+            self._triton_fn = self.triton()
         return self._triton_fn
 
     def cpp_op(self):
-        # Cached once found: a registered dispatcher op does not go away.
+        """The C++ kernel's private dispatcher op (``torch.ops._lowrank_kernels.<cpp>.default``)."""
         if self._cpp_op is None:
-            self._cpp_op = getattr(getattr(torch.ops, NAMESPACE), self.cpp_name).default
+            if self.cpp is None:
+                raise BackendUnavailableError(f"{self.qualname} has no C++ kernel")
+            self._cpp_op = getattr(getattr(torch.ops, CPP_NAMESPACE), self.cpp).default
         return self._cpp_op
 
     def cpp_registered(self) -> bool:
-        """Whether the C++ op ``<name>_cpu`` is registered (cached once true)."""
+        """Whether the extension registered the C++ kernel (cached once true)."""
         if self._cpp_op is not None:
             return True
-        if hasattr(getattr(torch.ops, NAMESPACE), self.cpp_name):
+        if self.cpp is not None and torch._C._dispatch_has_kernel_for_dispatch_key(self.cpp_qualname, "CPU"):
             self.cpp_op()
             return True
         return False
@@ -237,7 +257,7 @@ def why_unavailable(op: OpDef, backend: str, device: torch.device) -> Optional[s
                 "`pip install --no-build-isolation -e .`"
             )
         if not op.cpp_registered():
-            return f"the built extension has no {NAMESPACE}::{op.cpp_name} (rebuild it: `make build`)"
+            return f"the built extension has no {op.cpp_qualname} (rebuild it: `make build`)"
         return None
     if backend == "triton":
         if not op.has_triton:
@@ -308,12 +328,19 @@ def define_op(
     cache_key: Optional[Callable] = None,
     recheck: Optional[Callable] = None,
     remember: Optional[Callable] = None,
-    has_cpp: bool = True,
-    has_triton: bool = True,
+    triton: Optional[Callable[[], Callable]] = None,
+    cpp: Optional[str] = None,
 ) -> Callable:
     """Define ``lowrank_kernels::<name>`` and return a callable that invokes it.
 
     ``schema`` is the argument/return part, e.g. ``"(Tensor x, float a) -> Tensor"``.
+    The backends: ``reference`` (the pure-PyTorch specification, every device);
+    ``triton``, a function returning the Triton launcher, called once on first use so that
+    the package imports without triton (e.g. ``lambda: _kernels().<family>_<op>_triton``);
+    ``cpp``, the name of the C++ kernel (``"<family>_<op>_cpu"``, csrc/cpu/kernels.h):
+    the op ``_lowrank_kernels::<cpp>`` is defined here with the same schema and fake impl,
+    and the extension, when built, registers the C++ function as its CPU kernel
+    (csrc/registration.cpp).
     ``validate(*args)`` raises a clear ``ValueError``/``TypeError`` on bad input; it
     runs in the fake impl (so ``torch.compile`` traces see it) and before any backend
     runs, so no backend ever sees (or half-updates) bad input. ``fake(*args)`` returns
@@ -332,9 +359,11 @@ def define_op(
         raise RuntimeError(f"op {name} defined twice")
     if cache_key is not None and validate is None:
         raise TypeError(f"define_op({name!r}): cache_key needs validate")
-    op = OpDef(name=name, family=family, schema=schema, reference=reference, has_cpp=has_cpp, has_triton=has_triton)
+    op = OpDef(name=name, family=family, schema=schema, reference=reference, cpp=cpp, triton=triton)
     OPS[name] = op
     _lib.define(name + schema)
+    if cpp is not None:
+        _cpp_lib.define(cpp + schema)
     validated: Dict[object, object] = {}  # key -> memo of calls that passed validate (bounded, see below)
 
     def check(args):
@@ -374,10 +403,8 @@ def define_op(
         return fake(*args)
 
     torch.library.register_fake(op.qualname, lib=_lib)(fake_impl)
-    # The C++ op (defined from C++ with the same schema) gets the same fake impl, so
-    # it can be opchecked and traced on its own.
-    if has_cpp:
-        _cpp_fakes.append((op, fake_impl))
+    if cpp is not None:  # the C++ op gets the same fake impl, so it can be opchecked and traced on its own
+        torch.library.register_fake(op.cpp_qualname, lib=_cpp_lib)(fake_impl)
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
@@ -450,17 +477,6 @@ def eager_caller(overload) -> Callable:
 #: validated keys remembered per op; the table is emptied when full (a new working set refills it).
 _VALIDATED_MAX = 256
 _MISSING = object()
-
-_cpp_fakes: list = []
-
-
-def register_cpp_fakes() -> None:
-    """Attach fake impls to the C++ ops; called once the extension is loaded."""
-    for op, fake_impl in _cpp_fakes:
-        if hasattr(getattr(torch.ops, NAMESPACE), op.cpp_name):
-            torch.library.register_fake(f"{NAMESPACE}::{op.cpp_name}", lib=_lib)(fake_impl)
-    _cpp_fakes.clear()
-
 
 def backend_table() -> Dict[str, Dict[str, str]]:
     """For every op, which backend the automatic choice uses on each available device."""

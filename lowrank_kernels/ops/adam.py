@@ -9,7 +9,8 @@ Op (``torch.ops.lowrank_kernels.*``):
 - ``adam_update(r, exp_avg!, exp_avg_sq!, beta1, beta2, eps, m_absmax!?, v_absmax!?, block_size,
   moment_seed) -> N``
 - ``adam_foreach_update(r[], exp_avg![], exp_avg_sq![], n![], beta1, beta2, eps, m_absmax![],
-  v_absmax![], block_size, moment_seed[]) -> ()``: the same over lists in one call, ``N``
+  v_absmax![], block_size, moment_seed[]) -> ()`` (Python: :func:`foreach_adam_update_`): the
+  same over lists in one call, ``N``
   written into the caller's ``n`` list (an op returning a tensor list next to mutated lists
   cannot be functionalized by torch.compile) (reference: a loop; C++: the loop behind one
   dispatcher call; Triton: one grouped launch for the whole list, kernels/adam.py).
@@ -28,6 +29,8 @@ Moment formats, as in the projection family (ops/projection.py's module doc):
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lowrank_kernels.reference import adam as ref
@@ -37,6 +40,14 @@ from ._registry import define_op, eager_caller, fake_no_output
 from lowrank_kernels.reference.projection import moment_tail, n_dtype
 
 from .projection import _MOMENT_ARGS, _check_hyper, foreach_moment_args, moment_op_args
+
+
+def _kernels():
+    """The adam family's Triton launchers (``lowrank_kernels.kernels.adam``), imported on
+    first use: triton is optional, and decides at import whether it interprets."""
+    from lowrank_kernels.kernels import adam as kernels
+
+    return kernels
 
 
 def validate_adam_update(r, exp_avg, exp_avg_sq, beta1, beta2, eps, m_absmax=None, v_absmax=None, block_size=0,
@@ -63,6 +74,8 @@ adam_update_op = define_op(
     "(Tensor r, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, float beta1, float beta2, float eps, "
     f"{_MOMENT_ARGS}) -> Tensor",
     family="adam",
+    triton=lambda: _kernels().adam_update_triton,
+    cpp="adam_update_cpu",
     reference=ref.adam_update_ref,
     fake=_fake_adam_update,
     validate=validate_adam_update,
@@ -114,7 +127,7 @@ def moments8_zeros(shape, device="cpu", block_size=256) -> dict:
 
 
 def validate_foreach_update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, m_absmax=(), v_absmax=(), block_size=0,
-                            moment_seed=(), *, op="adam_foreach_update_"):
+                            moment_seed=(), *, op="foreach_adam_update_"):
     n = len(r)
     for name, xs in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("n", out)):
         C.fail_value(len(xs) == n, op, lambda: f"{name} must have one entry per tensor of r ({n}), got {len(xs)}")
@@ -144,6 +157,8 @@ foreach_update_op = define_op(
     "(Tensor[] r, Tensor(a!)[] exp_avg, Tensor(b!)[] exp_avg_sq, Tensor(c!)[] n, float beta1, float beta2, "
     "float eps, Tensor(d!)[] m_absmax, Tensor(e!)[] v_absmax, int block_size, int[] moment_seed) -> ()",
     family="adam",
+    triton=lambda: _kernels().adam_foreach_update_triton,
+    cpp="adam_foreach_update_cpu",
     reference=ref.adam_foreach_update_ref,
     fake=fake_no_output,
     validate=validate_foreach_update,
@@ -154,7 +169,7 @@ def _is_subclass(t) -> bool:
     return type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter
 
 
-def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=1e-8, m_absmax=None,
+def foreach_adam_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=1e-8, m_absmax=None,
                          v_absmax=None, block_size=256, moment_seed=None):
     """:func:`adam_update_` over lists (``r[i]``, ``exp_avg[i]``, ``exp_avg_sq[i]``) in one op call.
 
@@ -169,8 +184,16 @@ def adam_foreach_update_(r, exp_avg, exp_avg_sq, *, beta1=0.9, beta2=0.999, eps=
             else torch.empty(m.shape, dtype=n_dtype(m), device=m.device)) if isinstance(m, torch.Tensor) else m
            for m in exp_avg]
     _eager_foreach_update_op(list(r), exp_avg, list(exp_avg_sq), out, float(beta1), float(beta2), float(eps),
-                      *foreach_moment_args("adam_foreach_update_", m_absmax, v_absmax, block_size, moment_seed))
+                      *foreach_moment_args("foreach_adam_update_", m_absmax, v_absmax, block_size, moment_seed))
     return out
+
+
+def adam_foreach_update_(*args, **kwargs):
+    """Deprecated alias of :func:`foreach_adam_update_` (multi-tensor functions are named
+    ``foreach_`` + the single-tensor name, as torch's ``_foreach_*``); removed in the next release."""
+    warnings.warn("lowrank_kernels.ops.adam_foreach_update_ is deprecated, use foreach_adam_update_",
+                  DeprecationWarning, stacklevel=2)
+    return foreach_adam_update_(*args, **kwargs)
 
 
 # Eager callers of the ops (see _registry.eager_caller).

@@ -11,7 +11,7 @@ Ops (``torch.ops.lowrank_kernels.*``):
 - ``dct_scores(grad, basis, side, norm) -> scores`` (float32; float64 for float64 input)
 - ``dct_score_topk(grad, basis, k, side, norm) -> indices`` (int32)
 - ``dct_foreach_score_topk(grads[], basis, k, side, norm) -> indices`` (``len(grads) x k``
-  int32): the same for a list of same-shape gradients in one call (a DCTAdamW refresh of
+  int32; Python: :func:`foreach_dct_score_topk`): the same for a list of same-shape gradients in one call (a DCTAdamW refresh of
   every weight of one shape); each row bitwise equal to ``dct_score_topk`` of that gradient
   alone, on every backend (reference and C++: a loop; Triton: one scoring launch over a
   table of the gradients' addresses, no stacked copy)
@@ -25,6 +25,7 @@ gather the selected basis rows as they load projector tiles.
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -36,6 +37,14 @@ from ._registry import define_op
 from . import projection as _proj
 from .projection import INDEX_DTYPES, register_projector_type  # noqa: F401
 NORMS = (1, 2)
+
+def _kernels():
+    """The dct family's Triton launchers (``lowrank_kernels.kernels.dct``), imported on
+    first use: triton is optional, and decides at import whether it interprets."""
+    from lowrank_kernels.kernels import dct as kernels
+
+    return kernels
+
 
 # --------------------------------------------------------------------------- the basis
 _BASIS_CACHE: Dict[tuple, torch.Tensor] = {}
@@ -179,6 +188,8 @@ scores_op = define_op(
     "dct_scores",
     "(Tensor grad, Tensor basis, str side, int norm) -> Tensor",
     family="dct",
+    triton=lambda: _kernels().dct_scores_triton,
+    cpp="dct_scores_cpu",
     reference=ref.dct_scores_ref,
     fake=_fake_scores,
     validate=validate_scores,
@@ -188,6 +199,8 @@ score_topk_op = define_op(
     "dct_score_topk",
     "(Tensor grad, Tensor basis, int k, str side, int norm) -> Tensor",
     family="dct",
+    triton=lambda: _kernels().dct_score_topk_triton,
+    cpp="dct_score_topk_cpu",
     reference=ref.dct_score_topk_ref,
     fake=_fake_score_topk,
     validate=validate_score_topk,
@@ -198,6 +211,8 @@ foreach_score_topk_op = define_op(
     "dct_foreach_score_topk",
     "(Tensor[] grads, Tensor basis, int k, str side, int norm) -> Tensor",
     family="dct",
+    triton=lambda: _kernels().dct_foreach_score_topk_triton,
+    cpp="dct_foreach_score_topk_cpu",
     reference=ref.dct_foreach_score_topk_ref,
     fake=_fake_foreach_score_topk,
     validate=validate_foreach_score_topk,
@@ -293,7 +308,7 @@ def dct_score_topk(
     return idx, _proj.project_op(grad, basis, side, idx)
 
 
-def dct_foreach_score_topk(
+def foreach_dct_score_topk(
     grads, k: int, *, side: str, norm: int = 1, basis: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """:func:`dct_score_topk` for a list of gradients of one shape and dtype, in one op call.
@@ -308,7 +323,7 @@ def dct_foreach_score_topk(
     ``LOWRANK_KERNELS_TRITON_AUTOTUNE=1``, the list launch and the single launch are tuned
     separately and may take different tiles: their scores then agree to rounding only.)
     """
-    op = "dct_foreach_score_topk"
+    op = "foreach_dct_score_topk"
     _check_norm(op, norm)
     torch._check_type(
         isinstance(k, int) and not isinstance(k, bool), lambda: f"{op}: k must be an int, got {type(k).__name__}"
@@ -323,6 +338,14 @@ def dct_foreach_score_topk(
         C.check_side(side, op)
         basis = dct_basis(basis_size(g0.shape[0], g0.shape[1], side), _basis_dtype(g0.dtype), g0.device)
     return foreach_score_topk_op(grads, basis, k, side, norm)
+
+
+def dct_foreach_score_topk(*args, **kwargs):
+    """Deprecated alias of :func:`foreach_dct_score_topk` (multi-tensor functions are named
+    ``foreach_`` + the single-tensor name, as torch's ``_foreach_*``); removed in the next release."""
+    warnings.warn("lowrank_kernels.ops.dct_foreach_score_topk is deprecated, use foreach_dct_score_topk",
+                  DeprecationWarning, stacklevel=2)
+    return foreach_dct_score_topk(*args, **kwargs)
 
 
 def dct_project(grad: torch.Tensor, proj: DCTProjector, *, side: str) -> torch.Tensor:

@@ -54,9 +54,9 @@ defaulted, so a dense projector is passed exactly as before):
 
 Each op has one validator covering the three kinds (errors name the argument by the
 projector's field: ``proj``, ``basis`` / ``indices``, ``packed`` / ``scale`` /
-``minimum``), one fake impl, one reference (reference/projection.py), one C++ op
-``<op>_cpu`` whose panel loader reads the projector (csrc/cpu/projection.cpp), and one
-Triton launcher whose tile loader reads it (kernels/projection.py, ``PROJ_MODE``).
+``minimum``), one fake impl, one reference (reference/projection.py), one C++ kernel
+``<op>_cpu`` whose panel loader reads the projector (csrc/cpu/projection/projector.h), and
+one Triton launcher whose tile loader reads it (kernels/projection.py, ``PROJ_MODE``).
 """
 from __future__ import annotations
 
@@ -66,6 +66,14 @@ from lowrank_kernels.reference import projection as ref
 
 from . import _checks as C
 from ._registry import define_op, eager_caller, fake_no_output
+
+def _kernels():
+    """The projection family's Triton launchers (``lowrank_kernels.kernels.projection``),
+    imported on first use: triton is optional, and decides at import whether it interprets."""
+    from lowrank_kernels.kernels import projection as kernels
+
+    return kernels
+
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -302,6 +310,8 @@ project_op = define_op(
     "projection_project",
     f"(Tensor grad, Tensor proj, str side, {_PROJECTOR_ARGS}) -> Tensor",
     family="projection",
+    triton=lambda: _kernels().projection_project_triton,
+    cpp="projection_project_cpu",
     reference=ref.projection_project_ref,
     fake=_fake_project,
     validate=validate_project,
@@ -312,6 +322,8 @@ project_adam_op = define_op(
     "(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, str side, "
     f"float beta1, float beta2, float eps, {_PROJECTOR_ARGS}, {_MOMENT_ARGS}) -> Tensor",
     family="projection",
+    triton=lambda: _kernels().projection_project_adam_triton,
+    cpp="projection_project_adam_cpu",
     reference=ref.projection_project_adam_ref,
     fake=_fake_project_adam,
     validate=validate_project_adam,
@@ -322,6 +334,8 @@ backproject_apply_op = define_op(
     f"(Tensor(a!) param, Tensor update, Tensor proj, str side, float alpha, float decay, {_PROJECTOR_ARGS}, "
     "Tensor? row_decay=None, Tensor? row_alpha=None) -> ()",
     family="projection",
+    triton=lambda: _kernels().projection_backproject_apply_triton,
+    cpp="projection_backproject_apply_cpu",
     reference=ref.projection_backproject_apply_ref,
     fake=fake_no_output,
     validate=validate_backproject_apply,
@@ -333,6 +347,8 @@ project_update_backproject_op = define_op(
     f"float lr, float beta1, float beta2, float eps, int step, float weight_decay, float scale, {_PROJECTOR_ARGS}, "
     f"{_MOMENT_ARGS}) -> ()",
     family="projection",
+    triton=lambda: _kernels().projection_project_update_backproject_triton,
+    cpp="projection_project_update_backproject_cpu",
     reference=ref.projection_project_update_backproject_ref,
     fake=fake_no_output,
     validate=validate_project_update_backproject,
@@ -477,6 +493,8 @@ foreach_project_update_backproject_op = define_op(
     "Tensor[] indices, Tensor[] q_scale, Tensor[] q_min, int[] rank, int group_size, Tensor(d!)[] m_absmax, "
     "Tensor(e!)[] v_absmax, int block_size, int[] moment_seed, Tensor? skip=None, Tensor? coeffs=None) -> ()",
     family="projection",
+    triton=lambda: _kernels().projection_foreach_project_update_backproject_triton,
+    cpp="projection_foreach_project_update_backproject_cpu",
     reference=ref.projection_foreach_project_update_backproject_ref,
     fake=fake_no_output,
     validate=validate_foreach_project_update_backproject,

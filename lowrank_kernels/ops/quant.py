@@ -36,6 +36,15 @@ from . import _checks as C
 from . import projection as _proj
 from ._registry import define_op, fake_no_output
 
+
+def _kernels():
+    """The quant family's Triton launchers (``lowrank_kernels.kernels.quant``), imported on
+    first use: triton is optional, and decides at import whether it interprets."""
+    from lowrank_kernels.kernels import quant as kernels
+
+    return kernels
+
+
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
@@ -120,29 +129,53 @@ def _fake_int8_dequantize(q, scale, minimum, group_size, dtype):
 int4_pack_op = define_op(
     "quant_int4_pack",
     "(Tensor x, int group_size) -> (Tensor, Tensor, Tensor)",
-    family="quant", reference=ref.quant_int4_pack_ref, fake=_fake_pack, validate=validate_int4_pack,
+    family="quant",
+    reference=ref.quant_int4_pack_ref,
+    triton=lambda: _kernels().quant_int4_pack_triton,
+    cpp="quant_int4_pack_cpu",
+    fake=_fake_pack,
+    validate=validate_int4_pack,
 )
 int4_unpack_op = define_op(
     "quant_int4_unpack",
     "(Tensor packed, Tensor scale, Tensor minimum, int[] shape, ScalarType dtype, int group_size) -> Tensor",
-    family="quant", reference=ref.quant_int4_unpack_ref, fake=_fake_unpack, validate=validate_int4_unpack,
+    family="quant",
+    reference=ref.quant_int4_unpack_ref,
+    triton=lambda: _kernels().quant_int4_unpack_triton,
+    cpp="quant_int4_unpack_cpu",
+    fake=_fake_unpack,
+    validate=validate_int4_unpack,
 )
 int8_quantize_op = define_op(
     "quant_int8_quantize",
     "(Tensor w, int group_size) -> (Tensor, Tensor, Tensor)",
-    family="quant", reference=ref.quant_int8_quantize_ref, fake=_fake_int8_quantize, validate=validate_int8_quantize,
+    family="quant",
+    reference=ref.quant_int8_quantize_ref,
+    triton=lambda: _kernels().quant_int8_quantize_triton,
+    cpp="quant_int8_quantize_cpu",
+    fake=_fake_int8_quantize,
+    validate=validate_int8_quantize,
 )
 int8_dequantize_op = define_op(
     "quant_int8_dequantize",
     "(Tensor q, Tensor scale, Tensor minimum, int group_size, ScalarType dtype) -> Tensor",
-    family="quant", reference=ref.quant_int8_dequantize_ref, fake=_fake_int8_dequantize,
+    family="quant",
+    reference=ref.quant_int8_dequantize_ref,
+    triton=lambda: _kernels().quant_int8_dequantize_triton,
+    cpp="quant_int8_dequantize_cpu",
+    fake=_fake_int8_dequantize,
     validate=validate_int8_dequantize,
 )
 int8_update_sr_op = define_op(
     "quant_int8_update_sr",
     "(Tensor(a!) q, Tensor(b!) scale, Tensor(c!) minimum, Tensor update, float decay, float alpha, int seed, "
     "int group_size) -> ()",
-    family="quant", reference=ref.quant_int8_update_sr_ref, fake=fake_no_output, validate=validate_int8_update_sr,
+    family="quant",
+    reference=ref.quant_int8_update_sr_ref,
+    triton=lambda: _kernels().quant_int8_update_sr_triton,
+    cpp="quant_int8_update_sr_cpu",
+    fake=fake_no_output,
+    validate=validate_int8_update_sr,
 )
 
 

@@ -245,7 +245,7 @@ class DCTAdamW(LowRankOptimizer):
         """The new int32 indices (``dct_score_topk``; it has no failure mode).
 
         Batched refresh: the first refresh of a step scores every parameter due for a
-        refresh in this step at once, one ``ops.dct_foreach_score_topk`` call per bucket of
+        refresh in this step at once, one ``ops.foreach_dct_score_topk`` call per bucket of
         same-shape gradients (:meth:`_refresh_batch`); each parameter then takes its own
         row, bitwise what the per-parameter call below would return. ``foreach=False`` in
         a group keeps its refreshes per parameter.
@@ -276,7 +276,7 @@ class DCTAdamW(LowRankOptimizer):
     def _refresh_key(self, q, group):
         """``(bucket key, rank)`` of a parameter due for a refresh in this step, else None.
 
-        The key groups what one ``dct_foreach_score_topk`` call can score: one side, shape,
+        The key groups what one ``foreach_dct_score_topk`` call can score: one side, shape,
         gradient dtype and device, rank and norm (hence one basis). DTensor gradients
         (FSDP2) bucket only when row-sharded (their scores are all-reduced per parameter,
         as in the per-parameter path); other DTensor layouts stay per parameter."""
@@ -298,7 +298,7 @@ class DCTAdamW(LowRankOptimizer):
 
     def _refresh_batch(self, first) -> Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Score every parameter due for a refresh in this step whose low-rank step is still
-        to come (``first``, the one asking, included): one ``ops.dct_foreach_score_topk``
+        to come (``first``, the one asking, included): one ``ops.foreach_dct_score_topk``
         per bucket (:meth:`_refresh_key`). Parameters whose gradient later proves
         non-finite are scored too and their rows dropped (their step is skipped)."""
         buckets: Dict[tuple, List[torch.Tensor]] = {}
@@ -316,7 +316,7 @@ class DCTAdamW(LowRankOptimizer):
             grads = [q.grad for q in qs]
             if sharded:
                 _dist.install_op_handlers()
-            idx = ops.dct_foreach_score_topk(grads, rank, side=side, norm=norm)
+            idx = ops.foreach_dct_score_topk(grads, rank, side=side, norm=norm)
             for q, g, row in zip(qs, grads, idx.unbind(0)):
                 out[q] = (g, row.clone())  # its own storage, as a per-parameter refresh's indices
         return out

@@ -9,7 +9,7 @@ project) get AdamW here. :func:`step` picks one variant per parameter:
 - :func:`wide_step`: float32 moments of a 16-bit parameter, torch's math in the moments'
   dtype, the weight rounded once;
 - :func:`lowbit_step`: 8-bit or 16-bit moments (``moment_bits``) through ``ops.adam_update_``
-  / ``ops.adam_foreach_update_``;
+  / ``ops.foreach_adam_update_``;
 - :func:`compat_step`: ``compat="galore-torch"`` / ``"apollo-torch"``: the transformers-style
   AdamW of the official packages (eps before the bias correction, decay after the update);
 - :func:`capturable_step`: ``capturable=True``: the step count on the device, every write
@@ -179,7 +179,7 @@ def compat_step(state_of, group: Dict[str, Any], params: List[torch.Tensor]) -> 
 
 
 def lowbit_step(state_of, group: Dict[str, Any], params: List[torch.Tensor], *, moment_seed: SeedFn) -> None:
-    """AdamW with 8-bit or 16-bit moments: ``ops.adam_update_`` (or ``ops.adam_foreach_update_``
+    """AdamW with 8-bit or 16-bit moments: ``ops.adam_update_`` (or ``ops.foreach_adam_update_``
     per bucket of step count and format) then the weight update.
 
     The op returns ``N = m / (sqrt(v) + eps')`` with no bias correction; the update is
@@ -212,7 +212,7 @@ def lowbit_step(state_of, group: Dict[str, Any], params: List[torch.Tensor], *, 
             ns = [ops.adam_update_(g, st["exp_avg"], st["exp_avg_sq"], beta1=beta1, beta2=beta2, eps=eps_t, **kw)
                   for g, st, kw in zip(grads, states, kws)]
         else:
-            ns = ops.adam_foreach_update_(
+            ns = ops.foreach_adam_update_(
                 grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], beta1=beta1,
                 beta2=beta2, eps=eps_t, **moments.foreach_op_kwargs(kws),
             )

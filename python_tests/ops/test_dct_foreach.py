@@ -57,7 +57,7 @@ def test_rows_equal_single_gradient_calls(dev_backend, device, m, n, dtype, side
     s = n if side == "right" else m
     k = s // 3 + 1
     with use_backend(dev_backend):
-        out = ops.dct_foreach_score_topk(gs, k, side=side, norm=norm)
+        out = ops.foreach_dct_score_topk(gs, k, side=side, norm=norm)
         single = [ops.dct_score_topk(g, k, side=side, norm=norm) for g in gs]
     assert out.shape == (len(gs), k) and out.dtype == torch.int32 and out.device == gs[0].device
     for i, g in enumerate(gs):
@@ -77,7 +77,7 @@ def test_rows_are_not_mixed_up(backend):
     picks = [5, 0, 17, 11, 23]
     gs = [(torch.randn(31, 1, dtype=torch.float64) * c[j]).float() for j in picks]
     with use_backend(backend):
-        out = ops.dct_foreach_score_topk(gs, 1, side="right", norm=1)
+        out = ops.foreach_dct_score_topk(gs, 1, side="right", norm=1)
     assert out[:, 0].tolist() == picks
 
 
@@ -85,16 +85,16 @@ def test_explicit_basis_and_empty_list(backend):
     gs = [torch.randn(20, 13) for _ in range(3)]
     b = ops.dct_basis(13, torch.float32)
     with use_backend(backend):
-        out = ops.dct_foreach_score_topk(gs, 4, side="right", basis=b)
-        default = ops.dct_foreach_score_topk(gs, 4, side="right")
-        empty = ops.dct_foreach_score_topk([], 4, side="right", basis=b)
+        out = ops.foreach_dct_score_topk(gs, 4, side="right", basis=b)
+        default = ops.foreach_dct_score_topk(gs, 4, side="right")
+        empty = ops.foreach_dct_score_topk([], 4, side="right", basis=b)
     assert torch.equal(out, default)
     assert empty.shape == (0, 4) and empty.dtype == torch.int32
 
 
 def test_zero_gradients_give_first_indices(backend):
     with use_backend(backend):
-        out = ops.dct_foreach_score_topk([torch.zeros(6, 9), torch.zeros(6, 9)], 3, side="left", norm=2)
+        out = ops.foreach_dct_score_topk([torch.zeros(6, 9), torch.zeros(6, 9)], 3, side="left", norm=2)
     assert torch.equal(out, torch.arange(3, dtype=torch.int32).expand(2, 3))
 
 
@@ -119,26 +119,26 @@ def test_bad_input(backend):
     g = torch.randn(12, 8)
     with use_backend(backend):
         with pytest.raises(ValueError, match=r"grads\[1\] must have shape \(12, 8\)"):
-            ops.dct_foreach_score_topk([g, torch.randn(12, 9)], 3, side="right")
+            ops.foreach_dct_score_topk([g, torch.randn(12, 9)], 3, side="right")
         with pytest.raises(TypeError, match=r"grads\[1\] has dtype torch.bfloat16 but grads\[0\] torch.float32"):
-            ops.dct_foreach_score_topk([g, g.to(torch.bfloat16)], 3, side="right")
+            ops.foreach_dct_score_topk([g, g.to(torch.bfloat16)], 3, side="right")
         with pytest.raises(ValueError, match=r"grads\[0\] must be 2-D"):
-            ops.dct_foreach_score_topk([torch.randn(2, 12, 8)], 3, side="right")
+            ops.foreach_dct_score_topk([torch.randn(2, 12, 8)], 3, side="right")
         with pytest.raises(TypeError, match=r"grads\[1\] must have a floating dtype"):
-            ops.dct_foreach_score_topk([g, torch.ones(12, 8, dtype=torch.int32)], 3, side="right")
+            ops.foreach_dct_score_topk([g, torch.ones(12, 8, dtype=torch.int32)], 3, side="right")
         with pytest.raises(ValueError, match=r"k \(9\) must be between 1 and the basis order 8"):
-            ops.dct_foreach_score_topk([g], 9, side="right")
+            ops.foreach_dct_score_topk([g], 9, side="right")
         with pytest.raises(ValueError, match=r"basis must have shape \(12, 12\)"):
-            ops.dct_foreach_score_topk([g], 3, side="left", basis=ops.dct_basis(8))
+            ops.foreach_dct_score_topk([g], 3, side="left", basis=ops.dct_basis(8))
         with pytest.raises(ValueError, match="side must be 'left' or 'right'"):
-            ops.dct_foreach_score_topk([g], 3, side="up")
+            ops.foreach_dct_score_topk([g], 3, side="up")
         with pytest.raises(ValueError, match="norm must be 1 or 2"):
-            ops.dct_foreach_score_topk([g], 3, side="right", norm=0)
+            ops.foreach_dct_score_topk([g], 3, side="right", norm=0)
         with pytest.raises(TypeError, match="k must be an int"):
-            ops.dct_foreach_score_topk([g], 3.0, side="right")
+            ops.foreach_dct_score_topk([g], 3.0, side="right")
         with pytest.raises(TypeError, match="grads must be a list"):
-            ops.dct_foreach_score_topk(g, 3, side="right")
+            ops.foreach_dct_score_topk(g, 3, side="right")
         with pytest.raises(ValueError, match="an empty grads list needs an explicit basis"):
-            ops.dct_foreach_score_topk([], 3, side="right")
+            ops.foreach_dct_score_topk([], 3, side="right")
         with pytest.raises(ValueError, match="all tensors must be on one device"):
-            ops.dct_foreach_score_topk([g], 3, side="right", basis=ops.dct_basis(8).to("meta"))
+            ops.foreach_dct_score_topk([g], 3, side="right", basis=ops.dct_basis(8).to("meta"))

@@ -4,7 +4,7 @@ Each op family module (``lowrank_kernels/ops/<family>.py``) ends with ``sample_i
 ``(op name, label, args)`` covering the op's variants (projector kinds, sides, dtypes,
 moment formats, the list ops). Every sample is checked through the public op under each
 backend that can run here (reference, C++, Triton under ``TRITON_INTERPRET=1``), and on the
-C++ op ``<op>_cpu`` called directly: schema (mutated inputs declared), autograd
+C++ kernel's private op (``torch.ops._lowrank_kernels.<op>_cpu``) called directly: schema (mutated inputs declared), autograd
 registration, fake (meta) impl against the real outputs, and AOT dispatch with dynamic
 shapes (what ``torch.compile`` needs).
 """
@@ -64,4 +64,4 @@ def test_opcheck_cpp_op_directly(name, label):
     if not op.has_cpp or not reg.extension_loaded():
         pytest.skip("extension not built (test_package asserts it is where make test ran)")
     args = _args(name, label)
-    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, op.cpp_name).default, args, test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(op.cpp_op(), args, test_utils=OPCHECK_TESTS)

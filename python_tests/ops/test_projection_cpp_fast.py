@@ -1,5 +1,5 @@
-"""The C++ float32 fast paths: the fused step (csrc/cpu/projection.cpp, "The float32 fast path";
-kernels in csrc/cpu/fast_f32.h): float32 weights, gradients and plain moments with a float32
+"""The C++ float32 fast paths: the fused step (csrc/cpu/projection/fast_path.cpp; kernels in
+csrc/cpu/fast_f32.h): float32 weights, gradients and plain moments with a float32
 dense or DCT projector run on raw pointers with no ATen op at all.
 
 - it matches the reference on odd shapes (1x1 .. 172x64), every rank from 1 to min(m, n),
@@ -17,6 +17,8 @@ dense or DCT projector run on raw pointers with no ATen op at all.
 - the elementwise Adam op (csrc/cpu/adam.cpp) on contiguous float32 data makes no aten op
   either and matches the reference.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ from lowrank_kernels.reference import projection as ref
 
 from .._numerics import assert_change_close, assert_matches_backend
 
-OPS = torch.ops.lowrank_kernels
+OPS = torch.ops._lowrank_kernels  # the C++ kernels' private ops
 BETAS = dict(beta1=0.9, beta2=0.999, eps=1e-8)
 
 
@@ -34,9 +36,15 @@ BETAS = dict(beta1=0.9, beta2=0.999, eps=1e-8)
 def _need_cpp():
     if not reg.extension_loaded():
         pytest.skip("extension not built (test_package asserts it is where make test ran)")
-    old = OPS.projection_fast_path_cpu(1)
+    old = fast_path(1)
     yield
-    OPS.projection_fast_path_cpu(old)
+    fast_path(old)
+
+
+def fast_path(mode=-1):
+    """The private testing switch of the fast path (lowrank_kernels._C.projection_fast_path):
+    -1 queries, 0 off, 1 on, 2 on with the portable kernels; returns the previous mode."""
+    return importlib.import_module("lowrank_kernels._C").projection_fast_path(mode)
 
 
 def aten_ops_inside(fn):
@@ -179,7 +187,7 @@ def test_portable_kernels_match_reference_and_avx2(kind, side):
     grads = [torch.randn(m, n) for _ in range(3)]
     outs = {}
     for mode in (1, 2):
-        OPS.projection_fast_path_cpu(mode)
+        fast_path(mode)
         w, ea, eas = w0.clone(), ea0.clone(), eas0.clone()
         _run_and_compare((p, idx, side), w, grads, ea, eas, 0.1, what=f"mode {mode}")
         outs[mode] = (w, ea, eas)
@@ -193,13 +201,13 @@ def _general_equals_fast_off(args, expect_fast=False):
     seen (or none) and bitwise the same results when the case is not eligible."""
     results = []
     for mode in (1, 0):
-        OPS.projection_fast_path_cpu(mode)
+        fast_path(mode)
         # clones of what the op writes (grad and proj are read only: kept with their strides)
         a = [x.clone() if i in (0, 3, 4) else x for i, x in enumerate(args[:13])]
         kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args[13].items()}
         seen = aten_ops_inside(lambda: OPS.projection_project_update_backproject_cpu(*a, **kw))
         results.append((seen, [x for x in a + list(kw.values()) if isinstance(x, torch.Tensor)]))
-    OPS.projection_fast_path_cpu(1)
+    fast_path(1)
     (seen_on, out_on), (seen_off, out_off) = results
     assert seen_off, "the general engine made no aten call?"
     if expect_fast:
@@ -303,10 +311,10 @@ def test_foreach_takes_fast_path_and_equals_single(kind, side):
 
 
 def test_mode_switch_checks_its_argument():
-    assert OPS.projection_fast_path_cpu() == 1
+    assert fast_path() == 1
     with pytest.raises(RuntimeError, match="mode must be -1"):
-        OPS.projection_fast_path_cpu(3)
-    assert OPS.projection_fast_path_cpu(0) == 1 and OPS.projection_fast_path_cpu() == 0
+        fast_path(3)
+    assert fast_path(0) == 1 and fast_path() == 0
 
 
 # --------------------------------------------------------------------------- the elementwise Adam op

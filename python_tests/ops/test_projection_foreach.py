@@ -15,6 +15,10 @@ from .test_projection_kinds import make_projector
 
 SHAPES = [(37, 23, 5), (19, 41, 1), (16, 16, 16), (64, 9, 3)]
 
+# A direct call of a C++ kernel's op with bad input fails a bare TORCH_CHECK (the op layer's
+# validators, which run before every routed call, have the messages).
+BARE_CHECK = "to be true, but got false"
+
 
 @pytest.fixture(params=reg.BACKENDS)
 def backend(request):
@@ -79,7 +83,7 @@ def test_foreach_scalar_hyperparameters_broadcast(backend):
 def test_foreach_empty_list(backend):
     with use_backend(backend):
         ops.foreach_project_update_backproject_([], [], [], [], [], side="right", lr=0.1, step=1)
-        assert ops.adam_foreach_update_([], [], []) == []
+        assert ops.foreach_adam_update_([], [], []) == []
 
 
 # --------------------------------------------------------------------------- validation before any write
@@ -121,7 +125,7 @@ def test_adam_foreach_equals_single(backend):
     m1, v1, m2, v2 = _clone(ms), _clone(vs), _clone(ms), _clone(vs)
     with use_backend(backend):
         n1 = [ops.adam_update_(r, m, v, beta1=0.7, beta2=0.9, eps=1e-6) for r, m, v in zip(rs, m1, v1)]
-        n2 = ops.adam_foreach_update_(rs, m2, v2, beta1=0.7, beta2=0.9, eps=1e-6)
+        n2 = ops.foreach_adam_update_(rs, m2, v2, beta1=0.7, beta2=0.9, eps=1e-6)
     for a, b in zip(n1 + m1 + v1, n2 + m2 + v2):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -130,9 +134,9 @@ def test_adam_foreach_bad_entry_changes_nothing(backend):
     rs = [torch.randn(4, 3), torch.randn(5, 2)]
     ms, vs = [torch.zeros(4, 3), torch.zeros(5, 3)], [torch.zeros(4, 3), torch.zeros(5, 2)]
     with use_backend(backend), pytest.raises(ValueError, match=r"\(entry 1\): exp_avg must have shape \(5, 2\)"):
-        ops.adam_foreach_update_(rs, ms, vs)
+        ops.foreach_adam_update_(rs, ms, vs)
     with use_backend(backend), pytest.raises(ValueError, match=r"exp_avg\[0\] and exp_avg_sq\[1\] share memory"):
-        ops.adam_foreach_update_([rs[0], rs[0]], [ms[0], torch.zeros(4, 3)], [vs[0], ms[0]])
+        ops.foreach_adam_update_([rs[0], rs[0]], [ms[0], torch.zeros(4, 3)], [vs[0], ms[0]])
     assert not any(t.any() for t in ms + vs)
 
 
@@ -143,13 +147,13 @@ def test_cpp_foreach_checks_every_entry_first():
     snap = [t.clone() for t in params + eas + easqs]
     bad = list(grads)
     bad[2] = torch.randn(3, 3)
-    OPS = torch.ops.lowrank_kernels
+    OPS = torch.ops._lowrank_kernels
     n = len(params)
-    with pytest.raises(RuntimeError, match=r"grads\[2\] must have shape"):
+    with pytest.raises(RuntimeError, match=BARE_CHECK):
         OPS.projection_foreach_project_update_backproject_cpu(params, bad, projs, eas, easqs, "right", [0.1] * n, 0.9,
                                                               0.99, 1e-8, [1] * n, [0.0] * n, [1.0] * n, [], [], [], [], 0,
                                                               [], [], 0, [])
-    with pytest.raises(RuntimeError, match="one entry per parameter"):
+    with pytest.raises(RuntimeError, match=BARE_CHECK):
         OPS.projection_foreach_project_update_backproject_cpu(params, grads, projs, eas, easqs, "right", [0.1], 0.9,
                                                               0.99, 1e-8, [1] * n, [0.0] * n, [1.0] * n, [], [], [], [], 0,
                                                               [], [], 0, [])
@@ -163,7 +167,7 @@ def test_foreach_ops_compile_fullgraph():
     def step(params, grads, projs, eas, easqs, rs, ms, vs):
         ops.foreach_project_update_backproject_(params, grads, projs, eas, easqs, side="right", lr=[0.01, 0.02],
                                                 step=[1, 2], weight_decay=0.1)
-        ns = ops.adam_foreach_update_(rs, ms, vs)
+        ns = ops.foreach_adam_update_(rs, ms, vs)
         return ns[0].sum() + ns[1].sum()
 
     def inputs():

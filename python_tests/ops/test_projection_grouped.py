@@ -190,7 +190,7 @@ def test_two_launches_per_projection_call_one_per_adam_call(device, monkeypatch,
     counter.launches.clear()
     rs = [torch.randn(ops.low_rank_shape(m, n, r, "right"), generator=_gen(1)).to(device) for m, n, r in shapes]
     with use_backend("triton"):
-        ops.adam_foreach_update_(rs, eas, easqs, **HYPER, **extra)
+        ops.foreach_adam_update_(rs, eas, easqs, **HYPER, **extra)
     assert counter.launches == [("launch", "adam")]
 
     # the single-tensor ops keep one launch (project) / two launches (step) per parameter
@@ -314,7 +314,7 @@ def test_one_entry_and_empty_list(device, monkeypatch):
     counter = _Counter(monkeypatch)
     with use_backend("triton"):
         ops.foreach_project_update_backproject_([], [], [], [], [], side="right", lr=0.1, step=1)
-        assert ops.adam_foreach_update_([], [], []) == []
+        assert ops.foreach_adam_update_([], [], []) == []
     assert counter.launches == []
 
 
@@ -369,7 +369,7 @@ def _adam_single(rs, ms, vs, extra):
 def _adam_grouped(rs, ms, vs, extra):
     m, v, x = _clone(ms), _clone(vs), _clone_extra(extra)
     with use_backend("triton"):
-        out = ops.adam_foreach_update_(rs, m, v, **HYPER, **x)
+        out = ops.foreach_adam_update_(rs, m, v, **HYPER, **x)
     return out, m, v, x
 
 
@@ -388,7 +388,7 @@ def test_adam_grouped_equals_single_launches_and_reference(device, moments, dtyp
     # the elementwise kernels compute exactly the reference's float32 values
     m, v, x = _clone(ms), _clone(vs), _clone_extra(extra)
     with use_backend("reference"):
-        ref = ops.adam_foreach_update_(rs, m, v, **HYPER, **x)
+        ref = ops.foreach_adam_update_(rs, m, v, **HYPER, **x)
     for i in range(len(rs)):
         torch.testing.assert_close(got[0][i], ref[i], rtol=1e-6, atol=0.0)
         if moments != "q8" and device.type == "cpu":  # the reference's torch ops round as the kernels on CPU
