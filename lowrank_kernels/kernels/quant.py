@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels import _launch as L
-from lowrank_kernels.kernels.projection import _cast_out
+from lowrank_kernels.kernels._tl import _cast_out
 from lowrank_kernels.reference.quant import SCALE_FLOOR, num_groups, seed_keys
 
 _MASK32 = 0xFFFFFFFF
