@@ -18,11 +18,10 @@ kernels/projection_grouped.py) and the elementwise Adam kernels (kernels/adam.py
   gets absmax NaN and the zero code.
 
 Host side: :class:`MomentFormat` (one launch's format, built by :func:`moment_format`
-from the ops' trailing moment arguments).
+from the ops' trailing moment arguments, which the op layer has validated).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -120,58 +119,26 @@ PLAIN = MomentFormat(MOMENTS_PLAIN)
 
 def moment_format(op: str, exp_avg, exp_avg_sq, m_absmax=None, v_absmax=None, block_size=0,
                   moment_seed=-1) -> MomentFormat:
-    """Check the moment-format arguments of a launcher (m8spec: the op layer checks them too)
-    and return the :class:`MomentFormat`; ValueError / TypeError naming the argument, before
-    any write.
+    """The :class:`MomentFormat` of a launch from the ops' trailing moment arguments.
 
-    8-bit iff ``m_absmax`` and ``v_absmax`` are both given: the moments are uint8 codes of one
-    shape (at least 1-D), each absmax float32, contiguous, of shape
-    ``shape[:-1] + (ceil(cols / block_size),)`` on the moments' device, ``1 <= block_size <= 256``.
-    Otherwise ``block_size`` must be 0. ``moment_seed >= 0`` (stochastic rounding) only with
-    bfloat16 moments.
+    8-bit iff ``m_absmax`` and ``v_absmax`` are given (uint8 codes, float32 absmax per block
+    of ``block_size`` columns); bf16 stochastic rounding iff ``moment_seed >= 0``; else plain.
+    The op layer validates these arguments with messages (``check_moment_state`` in
+    lowrank_kernels/ops/_checks.py) before any launch; the asserts here only state what the
+    kernels rely on. ``op`` names the caller in an assertion's message.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"{op}: block_size must be an int, got {block_size!r}")
-    if isinstance(moment_seed, bool) or not isinstance(moment_seed, int):
-        raise TypeError(f"{op}: moment_seed must be an int, got {moment_seed!r}")
-    if (m_absmax is None) != (v_absmax is None):
-        raise ValueError(f"{op}: m_absmax and v_absmax must be given together (8-bit moments) or both be None, "
-                         f"got m_absmax={'None' if m_absmax is None else 'a tensor'}, "
-                         f"v_absmax={'None' if v_absmax is None else 'a tensor'}")
     if m_absmax is None:
-        if block_size != 0:
-            raise ValueError(f"{op}: block_size must be 0 unless the moments are 8-bit (m_absmax/v_absmax given), "
-                             f"got {block_size}")
+        assert v_absmax is None and block_size == 0, op
         if moment_seed < 0:
             return PLAIN
-        for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-            if t.dtype != torch.bfloat16:
-                raise ValueError(f"{op}: moment_seed={moment_seed} (stochastic rounding) needs bfloat16 moments, "
-                                 f"but {name} is {t.dtype}; pass moment_seed=-1")
+        assert exp_avg.dtype == torch.bfloat16 and exp_avg_sq.dtype == torch.bfloat16, op
         k1, k2 = seed_keys(moment_seed)
         return MomentFormat(MOMENTS_SR16, k1=k1, k2=k2)
-    if moment_seed >= 0:
-        raise ValueError(f"{op}: moment_seed={moment_seed} (stochastic rounding) needs bfloat16 moments, but the "
-                         "moments are 8-bit; pass moment_seed=-1")
-    if not 1 <= block_size <= 256:
-        raise ValueError(f"{op}: block_size must be in [1, 256] for 8-bit moments, got {block_size}")
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if t.dtype != torch.uint8:
-            raise TypeError(f"{op}: 8-bit moments: {name} must be uint8 codes, got {t.dtype}")
-    if exp_avg.dim() < 1 or exp_avg_sq.shape != exp_avg.shape:
-        raise ValueError(f"{op}: 8-bit moments: exp_avg and exp_avg_sq must have one shape of at least one dim, "
-                         f"got {tuple(exp_avg.shape)} and {tuple(exp_avg_sq.shape)}")
-    want = tuple(exp_avg.shape[:-1]) + (math.ceil(exp_avg.shape[-1] / block_size),)
-    for name, t in (("m_absmax", m_absmax), ("v_absmax", v_absmax)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-            raise TypeError(f"{op}: {name} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if tuple(t.shape) != want:
-            raise ValueError(f"{op}: {name} must have shape {want} for moments of shape {tuple(exp_avg.shape)} and "
-                             f"block_size {block_size}, got {tuple(t.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous")
-        if t.device != exp_avg.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but the moments are on {exp_avg.device}")
+    assert v_absmax is not None and 1 <= block_size <= 256 and moment_seed < 0, op
+    assert exp_avg.dtype == torch.uint8 and exp_avg_sq.dtype == torch.uint8, op
+    want = tuple(exp_avg.shape[:-1]) + (-(-exp_avg.shape[-1] // block_size),)
+    for t in (m_absmax, v_absmax):
+        assert t.dtype == torch.float32 and tuple(t.shape) == want and t.is_contiguous(), op
     return MomentFormat(MOMENTS_Q8, m_absmax, v_absmax, block_size)
 
 
@@ -196,17 +163,17 @@ def q8_maps(device) -> torch.Tensor:
 
 
 def _moment_named(fmt, exp_avg, exp_avg_sq):
-    """The moments for :func:`_check_dtypes` (8-bit codes are checked by :func:`moment_format`)."""
+    """The moments for the launchers' dtype check (``_launch.check_dtypes``): none for 8-bit
+    moments (uint8 codes)."""
     return () if fmt.mode == MOMENTS_Q8 else (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
 
 
 def _foreach_moment_formats(op, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, block_size, moment_seed):
-    """Each entry's :class:`MomentFormat` from the multi-tensor ops' lists (empty = not given)."""
+    """Each entry's :class:`MomentFormat` from the multi-tensor ops' lists (empty = not given;
+    else one entry per tensor, as the op layer checked)."""
     n = len(exp_avgs)
     m_absmax, v_absmax, moment_seed = list(m_absmax or ()), list(v_absmax or ()), list(moment_seed or ())
-    for name, lst in (("m_absmax", m_absmax), ("v_absmax", v_absmax), ("moment_seed", moment_seed)):
-        if len(lst) not in (0, n):
-            raise ValueError(f"{op}: {name} must be empty or have one entry per parameter ({n}), got {len(lst)}")
+    assert all(len(lst) in (0, n) for lst in (m_absmax, v_absmax, moment_seed)), op
     return [
         moment_format(f"{op} (parameter {i})", exp_avgs[i], exp_avg_sqs[i], m_absmax[i] if m_absmax else None,
                       v_absmax[i] if v_absmax else None, block_size, moment_seed[i] if moment_seed else -1)
