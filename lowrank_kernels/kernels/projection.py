@@ -362,24 +362,62 @@ def projection_backproject_apply_triton(
     One kernel over tiles of ``param``: ``param = decay * param + alpha * back(update)``
     in place, in ``param``'s dtype, with float32 accumulation and no full-size temporary.
 
-    Per-row factors are folded around that kernel for now (its epilogue takes scalars):
-    ``row_decay`` scales ``param``'s rows first (one extra elementwise pass over ``param``,
-    rounded to its dtype in between); ``row_alpha`` scales the rows of ``update``
-    (side="right": ``back(N)[i] = N[i] P``, low-rank sized) or of the projector
-    (side="left": ``back(N)[i] = P[i] N``; the projector is then materialized dense,
-    ``m x r`` float32, for a DCT or INT4 projector).
+    Per-row factors are folded around that kernel (its epilogue takes scalars):
+    ``row_decay`` scales ``param``'s rows first (one extra elementwise pass over ``param``);
+    ``row_alpha`` scales the rows of ``update`` (side="right": ``back(N)[i] = N[i] P``,
+    low-rank sized) or of the projector (side="left": ``back(N)[i] = P[i] N``; the projector
+    is then materialized dense, ``m x r`` float32, for a DCT or INT4 projector). With
+    ``row_decay`` a 16-bit ``param`` goes through bounded float32 row panels (about
+    :data:`_ROW_PANEL_ELEMS` elements each): each panel is converted to float32, scaled and
+    updated there, and rounded back to ``param``'s dtype once, as the other backends round
+    it (an extra pass in ``param``'s dtype would round it twice).
     """
     m, n = param.shape
     desc, named = _projector(proj, side, m, n, indices, q_scale, q_min, rank, group_size)
     _check_dtypes("projection_backproject_apply", (("param", param), ("update", update)) + named)
+    if row_decay is not None and param.dtype != torch.float32:
+        # back(N) is row-local on both sides (N_i P or P_i N): a panel of param's rows takes
+        # the same rows of N (right) or of the dense projector (left).
+        dense = _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size) if side == "left" else None
+        r = update.shape[1] if side == "right" else update.shape[0]
+        for rows in _row_panels(m, n, r):
+            w = param[rows].to(torch.float32)
+            upd, pr = (update[rows], desc) if side == "right" else (update, dense[rows])
+            _backproject_apply_rows(w, upd, pr, side, alpha, decay, row_decay[rows],
+                                    None if row_alpha is None else row_alpha[rows])
+            param[rows].copy_(w)
+        return
+    if side == "left" and row_alpha is not None:
+        desc = _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size)
+    _backproject_apply_rows(param, update, desc, side, alpha, decay, row_decay, row_alpha)
+
+
+def _backproject_apply_rows(param, update, desc, side, alpha, decay, row_decay, row_alpha):
+    """The back-projection with per-row factors around the kernel (``desc``: the projector
+    descriptor, or the dense ``m x r`` left projector when ``side="left"`` and ``row_alpha``
+    is given)."""
     if row_decay is not None:
         param.mul_(row_decay.unsqueeze(1))  # computed in float32, rounded to param's dtype
     if row_alpha is not None:
         if side == "right":
             update = update.to(torch.float32) * row_alpha.unsqueeze(1)
         else:
-            desc = _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size) * row_alpha.unsqueeze(1)
+            desc = desc * row_alpha.unsqueeze(1)
     _launch_backproject_apply(param, update, desc, side, alpha, decay)
+
+
+# Row panels of a 16-bit param with per-row decay (projection_backproject_apply_triton):
+# elements per panel, a bounded float32 scratch (4 MiB).
+_ROW_PANEL_ELEMS = 1 << 20
+
+
+def _row_panels(m: int, n: int, min_rows: int):
+    """Row panels of about :data:`_ROW_PANEL_ELEMS` elements, each at least ``min_rows`` rows
+    (``m >= min_rows``): the panel count is rounded down, so no short last panel."""
+    count = max(1, m // max(min_rows, _ROW_PANEL_ELEMS // max(n, 1), 1))
+    bounds = [(i * m) // count for i in range(count + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        yield slice(lo, hi)
 
 
 def _dense_left_projector(proj, m, indices, q_scale, q_min, rank, group_size):
