@@ -3,7 +3,8 @@
 ``python -m lowrank_kernels.compile_check [--arch 80,90] [--out FILE.csv] [--subset ci|full] [--jobs N]``
 
 The variants are not written out by hand: the real launchers
-(``kernels/projection.py``, ``kernels/dct.py``, ``kernels/quant.py``) run on ``meta``
+(``kernels/projection.py``, ``kernels/projection_grouped.py``, ``kernels/dct.py``,
+``kernels/quant.py``, ``kernels/adam.py``) run on ``meta``
 tensors of the chosen dtypes, shapes and strides under
 :func:`lowrank_kernels.kernels._launch.capture`, which records each launch (kernel,
 arguments, constexprs, options, ``enable_fp_fusion`` included) instead of running it.
@@ -79,7 +80,9 @@ def _variants(subset: str):
 
     from lowrank_kernels.kernels import adam as ka
     from lowrank_kernels.kernels import dct as kd
+    from lowrank_kernels.kernels import moments as km
     from lowrank_kernels.kernels import projection as kp
+    from lowrank_kernels.kernels import projection_grouped as kg
     from lowrank_kernels.kernels import quant as kq
 
     meta = torch.device("meta")
@@ -100,13 +103,13 @@ def _variants(subset: str):
             if moments == "q8":
                 ea, eas = E(*lshape, dtype=torch.uint8), E(*lshape, dtype=torch.uint8)
                 ab = (lshape[0], -(-lshape[1] // block_size))
-                fmt = kp.moment_format("compile_check", ea, eas, E(*ab), E(*ab), block_size, -1)
+                fmt = km.moment_format("compile_check", ea, eas, E(*ab), E(*ab), block_size, -1)
             elif moments == "sr16":
                 ea, eas = E(*lshape, dtype=b16), E(*lshape, dtype=b16)
-                fmt = kp.moment_format("compile_check", ea, eas, None, None, 0, 7)
+                fmt = km.moment_format("compile_check", ea, eas, None, None, 0, 7)
             else:
                 ea, eas = E(*lshape, dtype=m_dt), E(*lshape, dtype=m_dt)
-                fmt = kp.PLAIN
+                fmt = km.PLAIN
             if mode == "dense":
                 proj = E(r, n, dtype=p_dt) if side == "right" else E(m, r, dtype=p_dt)
             elif mode == "dct":
@@ -196,7 +199,7 @@ def _variants(subset: str):
             u8 = torch.uint8
             ea, eas = (E(*ls, dtype=u8), E(*ls, dtype=u8)) if q8 else (E(*ls), E(*ls))
             ab = [E(ls[0], -(-ls[1] // 256))] if q8 else []
-            kp.projection_foreach_project_update_backproject_triton(
+            kg.projection_foreach_project_update_backproject_triton(
                 [E(m, n, dtype=g_dt)], [E(m, n, dtype=g_dt)], [proj], [ea], [eas], side, [1e-3], 0.9, 0.999, 1e-8,
                 [2], [0.0], [1.0], (), (), (), (), 0, ab, list(ab), 256 if q8 else 0, (),
                 skip=E(1, dtype=u8), coeffs=E(1, 2, dtype=torch.float64))
@@ -242,7 +245,7 @@ def _variants(subset: str):
                     qm.append(E(ng))
                     ranks.append(r)
             k = len(shapes)
-            kp.projection_foreach_project_update_backproject_triton(
+            kg.projection_foreach_project_update_backproject_triton(
                 params, grads, projs, eas, easqs, side, [1e-3] * k, 0.9, 0.999, 1e-8, [2] * k, [0.0] * k, [1.0] * k,
                 idx, qs, qm, ranks, 256 if mode == "int4" else 0, mas, vas, block_size if moments == "q8" else 0,
                 seeds, skip=E(k, dtype=torch.uint8) if flags else None,

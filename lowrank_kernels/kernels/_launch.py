@@ -1,4 +1,4 @@
-"""Launch plumbing shared by the Triton kernel families (projection, dct, quant).
+"""Launch plumbing shared by the Triton kernel families (projection, dct, quant, adam).
 
 Everything a launcher decides besides its kernel's arguments lives here, once:
 
@@ -41,6 +41,10 @@ Everything a launcher decides besides its kernel's arguments lives here, once:
   :func:`grouped_tile` (one tile per launch, the table's choice for the list's largest
   problem, from the ``*_grouped`` tables) and :func:`launch_grouped` (EVEN_K for every
   problem; no runtime autotuning).
+
+* **Device tables** (:func:`device_table`): the small int64/float32 tables the grouped
+  launches read (problem rows, per-parameter coefficients), cached by content so a step
+  whose tensors did not move makes no host-to-device copy.
 
 * **Compile capture**: :func:`capture` records launches instead of running them; the
   compile check uses it to compile exactly the specializations the launchers produce.
@@ -392,6 +396,43 @@ def device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- device tables (grouped launches)
+# Device tables of the grouped launches, by content (device, dtype, values): a step whose
+# tensors did not move reuses its table (no host-to-device copy). A table used while a CUDA
+# graph is captured is kept for good (with its pinned host source when the capture copied
+# it): the graph reads that memory again on every replay, so it must never be freed.
+_DEVICE_TABLES: "dict" = {}
+_DEVICE_TABLES_MAX = 64
+_CAPTURED_TABLES: list = []
+
+
+def device_table(values, dtype, device):
+    """``values`` (a list of Python numbers) as a 1-D ``dtype`` tensor on ``device``: one
+    host-to-device copy (from pinned memory, asynchronous, on CUDA), or none when the same
+    table was made recently (content-keyed, at most ``_DEVICE_TABLES_MAX`` kept)."""
+    if device.type == "meta":  # the compile check: only the argument's type matters
+        return torch.zeros(len(values), dtype=dtype, device=device)
+    key = (str(device), dtype, tuple(values))
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    hit = _DEVICE_TABLES.pop(key, None)
+    host = None
+    if hit is None:
+        host = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":
+            host = host.pin_memory()
+            hit = host.to(device, non_blocking=True)
+        else:
+            hit = host.to(device)
+        if len(_DEVICE_TABLES) >= _DEVICE_TABLES_MAX:
+            _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))  # the least recently used
+    elif device.type == "cuda":
+        hit.record_stream(torch.cuda.current_stream(device))  # may be read on another stream than it was made on
+    if capturing and not any(t is hit for _, t in _CAPTURED_TABLES):
+        _CAPTURED_TABLES.append((host, hit))
+    _DEVICE_TABLES[key] = hit  # (re)inserted last: most recently used
+    return hit
 
 
 # --------------------------------------------------------------------------- capture (compile check)

@@ -6,14 +6,14 @@ in flat blocks, computes in float32 ``M = b1 M + (1-b1) R``, ``V = b2 V + (1-b2)
 ``M``, ``V`` in place and ``N`` in the moments' dtype: one read of three tensors, three
 writes, no GEMM (APOLLO and FRUGAL project ``R`` themselves).
 
-Moment formats (m8spec, reference/moments.py): with ``moment_seed >= 0`` bf16 moments
-are stored with stochastic rounding (counter = flat index, ``+ numel`` for ``V``), in
-the same kernel. 8-bit moments (uint8 codes + float32 absmax per block of at most
+Moment formats (kernels/moments.py; spec reference/moments.py): with ``moment_seed >= 0``
+bf16 moments are stored with stochastic rounding (counter = flat index, ``+ numel`` for
+``V``), in the same kernel. 8-bit moments (uint8 codes + float32 absmax per block of at most
 ``block_size`` elements along the last dim) take ``_adam_update_q8_kernel``: each
 program owns ``BLOCK_R`` rows x one quantization block, dequantizes both moments
 through the 256-entry maps, updates them in float32, computes ``N`` (float32) from those
-values and requantizes (fresh absmax per block, nearest map entry), with the projection
-epilogue's helpers (kernels/projection.py), so no float32 moment reaches memory.
+values and requantizes (fresh absmax per block, nearest map entry), with the helpers of
+kernels/moments.py, as the projection epilogue, so no float32 moment reaches memory.
 
 Multi-tensor form: ``_adam_update_grouped_kernel`` / ``_adam_update_q8_grouped_kernel``
 run ``adam_foreach_update`` in ONE launch per list (per dtype / format sub-list of a mixed
@@ -33,14 +33,10 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels import _launch as L
-from lowrank_kernels.kernels.projection import (
+from lowrank_kernels.kernels._tl import _cast_out, _grouped_problem
+from lowrank_kernels.kernels.moments import (
     MOMENTS_Q8,
-    _adam_moments,
-    _cast_out,
-    _check_dtypes,
-    _device_table,
     _foreach_moment_formats,
-    _grouped_problem,
     _moment_named,
     _q8_decode,
     _q8_encode,
@@ -49,9 +45,24 @@ from lowrank_kernels.kernels.projection import (
     q8_maps,
 )
 
+_check_dtypes = L.check_dtypes
+
 _BLOCK = 1024
 # 8-bit: elements per program (BLOCK_R rows x one block of BLOCK_C >= block_size lanes)
 _Q8_ELEMS = 1024
+
+
+@triton.jit
+def _adam_moments(m, v, r, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """``(beta1 m + (1 - beta1) r, beta2 v + (1 - beta2) r^2)`` in float32, rounded exactly as
+    the reference's torch ops (``m.mul(beta1).add_(r, alpha=1 - beta1)`` and
+    ``v.mul(beta2).addcmul_(r, r, value=1 - beta2)`` compute ``fma(r, 1 - beta1, beta1 m)`` and
+    ``fma((1 - beta2) r, r, beta2 v)``), so the float32 moments, and with them the stochastic
+    rounding and the 8-bit codes, equal the reference's bit for bit (the projection epilogue
+    rounds each operation instead, its R differing anyway)."""
+    m = tl.fma(r, one_minus_beta1, beta1 * m)
+    v = tl.fma(one_minus_beta2 * r, r, beta2 * v)
+    return m, v
 
 
 @triton.jit
@@ -95,8 +106,8 @@ def _adam_update_q8_kernel(
 ):
     """8-bit moments (contiguous ``rows x cols``): program ``pid`` owns rows
     ``[(pid // nblk) * BLOCK_R, +BLOCK_R)`` x quantization block ``pid % nblk`` (``qstep =
-    min(block_size, cols)`` columns in ``BLOCK_C`` lanes); ``qmap_ptr`` as the projection
-    kernel's (kernels/projection.py ``q8_maps``)."""
+    min(block_size, cols)`` columns in ``BLOCK_C`` lanes); ``qmap_ptr``: kernels/moments.py
+    ``q8_maps``."""
     pid = tl.program_id(0)
     _adam_q8_block(r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr, pid // nblk, pid % nblk, rows, cols, nblk,
                    qstep, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, BLOCK_R, BLOCK_C)
@@ -131,10 +142,10 @@ def _adam_q8_block(r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr, rblk, b
 
 # --------------------------------------------------------------------------- grouped (multi-tensor) kernels
 # adam_foreach_update in one launch per uniform sub-list, as torch's multi_tensor_apply: one
-# int64 table with one row of _NA fields per entry (kernels/projection.py's grouped launches
+# int64 table with one row of _NA fields per entry (kernels/projection_grouped.py's launches
 # use the same scheme), each program one chunk of one entry (a BLOCK of elements, or for 8-bit
 # moments BLOCK_R rows x one quantization block), found by a binary search over the entries'
-# first chunks (projection.py ``_grouped_problem``); each chunk runs the single kernel's body.
+# first chunks (kernels/_tl.py ``_grouped_problem``); each chunk runs the single kernel's body.
 _A_R = tl.constexpr(0)  # address of r (contiguous)
 _A_M = tl.constexpr(1)  # exp_avg (codes for 8-bit)
 _A_V = tl.constexpr(2)  # exp_avg_sq
@@ -312,7 +323,7 @@ def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_a
                 row[10], row[11] = fmts[i].k1, fmts[i].k2
                 chunks += triton.cdiv(row[6], _BLOCK)
             rows.append(row)
-        tab = _device_table([x for row in rows for x in row], torch.int64, dev)
+        tab = L.device_table([x for row in rows for x in row], torch.int64, dev)
         count, steps = len(rows), (len(rows) - 1).bit_length()
         betas = (float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps))
         if q8:

@@ -10,12 +10,12 @@ The INT8 stochastic-rounding update draws ``u`` from the same counter hash as th
 reference and C++ backends (``mix32(mix32(i ^ k1) ^ k2)`` on the flat index, int64
 arithmetic masked to 32 bits), so the three backends draw the same numbers.
 
-Non-finite values (spec: ``lowrank_kernels/reference/quant.py``): the min/max sweep also
-flags a group holding a NaN or an infinity (``tl.minimum``/``tl.maximum`` would drop a
-NaN on the GPU); such a group stores ``scale = minimum = NaN`` and levels 0, so it
-dequantizes to NaN, as the C++ and reference backends do. The kernels launch with
-``enable_fp_fusion=False`` (kernels/_launch.py), so every level equals the other
-backends' bitwise.
+Non-finite values (spec: ``lowrank_kernels/reference/quant.py``): the min/max sweep
+(:func:`_group_minmax`, one helper for every quantizing kernel) also flags a group holding
+a NaN or an infinity (``tl.minimum``/``tl.maximum`` would drop a NaN on the GPU); such a
+group stores ``scale = minimum = NaN`` and levels 0, so it dequantizes to NaN, as the C++
+and reference backends do. The kernels launch with ``enable_fp_fusion=False``
+(kernels/_launch.py), so every level equals the other backends' bitwise.
 """
 from __future__ import annotations
 
@@ -24,10 +24,8 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels import _launch as L
-from lowrank_kernels.kernels.projection import _cast_out
+from lowrank_kernels.kernels._tl import _cast_out
 from lowrank_kernels.reference.quant import SCALE_FLOOR, num_groups, seed_keys
-
-_MASK32 = 0xFFFFFFFF
 
 
 def _interpreting() -> bool:
@@ -119,6 +117,26 @@ def _poison(bad, scale, mn):
 
 
 @triton.jit
+def _group_minmax(mn, mx, nf, x, m, x2, m2, PAIR: tl.constexpr):
+    """The running ``(minimum, maximum, non-finite flag)`` of each group (one per row of the
+    chunk) after one chunk: the values ``x`` where ``m`` holds and, with ``PAIR``, the values
+    ``x2`` where ``m2`` holds (the INT4 kernel's odd elements). Masked lanes take no part; a
+    NaN or an infinity sets the flag (``tl.minimum`` / ``tl.maximum`` would drop a NaN)."""
+    lo = tl.where(m, x, float("inf"))
+    if PAIR:
+        lo = tl.minimum(lo, tl.where(m2, x2, float("inf")))
+    mn = tl.minimum(mn, tl.min(lo, axis=1))
+    hi = tl.where(m, x, float("-inf"))
+    if PAIR:
+        hi = tl.maximum(hi, tl.where(m2, x2, float("-inf")))
+    mx = tl.maximum(mx, tl.max(hi, axis=1))
+    bad = _nonfinite(x, m)
+    if PAIR:
+        bad = tl.maximum(bad, _nonfinite(x2, m2))
+    return mn, mx, tl.maximum(nf, tl.max(bad, axis=1))
+
+
+@triton.jit
 def _load_strided(ptr, f, cols, s0, s1, mask, FLAT: tl.constexpr):
     """Float32 values at flat (row-major) indices ``f``; ``FLAT``: contiguous, no index math."""
     if FLAT:
@@ -160,9 +178,7 @@ def _quant_int4_pack_kernel(
         m1 = m0 & (f0 + 1 < gend[:, None])
         a = _load_strided(x_ptr, f0, cols, s0, s1, m0, FLAT)
         b = _load_strided(x_ptr, f0 + 1, cols, s0, s1, m1, FLAT)
-        mn = tl.minimum(mn, tl.min(tl.minimum(tl.where(m0, a, float("inf")), tl.where(m1, b, float("inf"))), axis=1))
-        mx = tl.maximum(mx, tl.max(tl.maximum(tl.where(m0, a, float("-inf")), tl.where(m1, b, float("-inf"))), axis=1))
-        nf = tl.maximum(nf, tl.max(tl.maximum(_nonfinite(a, m0), _nonfinite(b, m1)), axis=1))
+        mn, mx, nf = _group_minmax(mn, mx, nf, a, m0, b, m1, True)
     bad = nf > 0
     scale = _group_scale(mn, mx, 15.0)
     for k0 in range(0, half, CH):
@@ -245,9 +261,7 @@ def _quant_int8_quantize_kernel(
         f = gstart[:, None] + k[None, :]
         m = gmask[:, None] & (k[None, :] < group_size) & (f < gend[:, None])
         a = _load_strided(x_ptr, f, cols, s0, s1, m, FLAT)
-        mn = tl.minimum(mn, tl.min(tl.where(m, a, float("inf")), axis=1))
-        mx = tl.maximum(mx, tl.max(tl.where(m, a, float("-inf")), axis=1))
-        nf = tl.maximum(nf, tl.max(_nonfinite(a, m), axis=1))
+        mn, mx, nf = _group_minmax(mn, mx, nf, a, m, a, m, False)
     bad = nf > 0
     scale = _group_scale(mn, mx, 255.0)
     for k0 in range(0, group_size, CH):
@@ -327,9 +341,7 @@ def _quant_int8_update_sr_kernel(
         q = tl.load(q_ptr + f, mask=m, other=0).to(tl.float32)
         upd = _load_strided(u_ptr, f, cols, s0, s1, m, FLAT)
         x = (old_mn[:, None] + old_s[:, None] * q) * decay + alpha * upd
-        mn = tl.minimum(mn, tl.min(tl.where(m, x, float("inf")), axis=1))
-        mx = tl.maximum(mx, tl.max(tl.where(m, x, float("-inf")), axis=1))
-        nf = tl.maximum(nf, tl.max(_nonfinite(x, m), axis=1))
+        mn, mx, nf = _group_minmax(mn, mx, nf, x, m, x, m, False)
     bad = nf > 0
     scale = _group_scale(mn, mx, 255.0)
     for k0 in range(0, group_size, CH):

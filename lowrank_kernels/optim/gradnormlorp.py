@@ -40,7 +40,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from lowrank_kernels import ops
-from lowrank_kernels.ops import _checks, _registry as _reg
+from lowrank_kernels.ops import _checks
 from lowrank_kernels.ops import projection as _projection
 
 from . import distributed as _dist
@@ -155,15 +155,6 @@ def new_row_norms_sq(
     return vsq.clamp_min(0.0)
 
 
-def _balanced_panels(m: int, n: int, min_rows: int) -> Iterator[slice]:
-    """Row panels of about :data:`PANEL_ELEMS` elements, each at least ``min_rows`` rows
-    (``m >= min_rows``): the panel count is rounded down, so no short last panel."""
-    count = max(1, m // max(min_rows, PANEL_ELEMS // max(n, 1), 1))
-    bounds = [(i * m) // count for i in range(count + 1)]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        yield slice(lo, hi)
-
-
 def apply_rows(
     param: torch.Tensor, update: torch.Tensor, proj: torch.Tensor, side: str, *,
     decay: torch.Tensor, alpha: torch.Tensor,
@@ -172,22 +163,14 @@ def apply_rows(
 
     ``decay`` / ``alpha``: length-``m`` vectors in float32 (float64 for a float64 ``W``).
     float32 and 16-bit ``W`` go through the fused per-row form of
-    ``ops.backproject_apply_`` (``row_decay`` / ``row_alpha``), so ``W`` is rounded to its
-    dtype once per step, except where that would round a 16-bit ``W`` twice (see below).
+    ``ops.backproject_apply_`` (``row_decay`` / ``row_alpha``), which rounds ``W`` to its
+    dtype once per step on every backend.
 
     - float64 ``W``: the op's per-row factors are float32 (rounding float64 factors to
       float32 would cost ``~6e-8`` relative per step), so the exact fold stays: ``alpha``
       goes into the small factor in float64 (right: ``diag(alpha) N P`` scales ``N``'s rows;
       left: ``diag(alpha) P N`` scales ``P``'s rows, an ``m x r`` copy), then
       ``W *= decay[:, None]`` in place and a scalar ``backproject_apply_``.
-    - 16-bit ``W`` on the Triton backend: its kernel's epilogue takes scalars only and
-      folds ``row_decay`` as an extra in-place pass ``W *= row_decay`` *in W's dtype*,
-      rounding ``W`` twice per step (after the decay and after the apply). Bounded float32
-      row panels keep one rounding: each panel is converted to float32, the fused op runs
-      on it (its extra pass is then a float32 multiply), and the panel is copied back once
-      (both sides' ``back(N)`` is row-local: ``N_i P`` or ``P_i N``). The C++ and reference
-      backends apply both factors to ``W`` in float32 with one rounding, so they take the
-      16-bit ``W`` directly.
 
     Everything is validated before ``W`` is written: bad input raises ``ValueError`` /
     ``TypeError`` naming the argument, with ``W`` unchanged.
@@ -203,17 +186,7 @@ def apply_rows(
         return
     decay = decay.to(torch.float32)
     alpha = alpha.to(torch.float32)
-    if param.dtype == torch.float32 or _backproject_backend(param.device) != "triton":
-        ops.backproject_apply_(param, update, proj, side=side, alpha=1.0, decay=1.0, row_decay=decay, row_alpha=alpha)
-        return
-    r = proj.shape[0] if side == "right" else proj.shape[1]
-    for rows in _balanced_panels(param.shape[0], param.shape[1], r):
-        w = param[rows].to(torch.float32)
-        upd, pr = (update[rows], proj) if side == "right" else (update, proj[rows])
-        ops.backproject_apply_(
-            w, upd, pr, side=side, alpha=1.0, decay=1.0, row_decay=decay[rows], row_alpha=alpha[rows]
-        )
-        param[rows].copy_(w)
+    ops.backproject_apply_(param, update, proj, side=side, alpha=1.0, decay=1.0, row_decay=decay, row_alpha=alpha)
 
 
 def _validate_apply_rows(param, update, proj, side, decay, alpha) -> None:
@@ -226,11 +199,6 @@ def _validate_apply_rows(param, update, proj, side, decay, alpha) -> None:
         _checks.check_shape(v, name, op, (param.shape[0],), "one factor per row of param")
         _checks.check_same_device(op, [("param", param), (name, v)])
     _projection.validate_backproject_apply(param, update, proj, side, 1.0, 1.0, op=op)
-
-
-def _backproject_backend(device: torch.device) -> str:
-    """The backend ``ops.backproject_apply_`` runs on for tensors on ``device`` now."""
-    return ops.resolve_backend(_reg.OPS["projection_backproject_apply"], device)
 
 
 class GradNormLoRPAdamW(GaLoreAdamW):

@@ -1,7 +1,8 @@
 """8-bit and bf16 stochastic-rounding moments in the Triton kernels.
 
 The launchers of kernels/projection.py and kernels/adam.py are called directly (the op
-layer routes to them with the same trailing arguments) and compared with a reference
+layer routes to them with the same trailing arguments; bad arguments are the op layer's to
+reject, so those go through the ops) and compared with a reference
 composed from reference/projection.py (the projection ``R``) and reference/moments.py
 (quantize / dequantize with the dynamic maps, the bf16 stochastic rounding), with the
 float32 update written with the reference's torch ops (fused multiply-adds, as the kernels); then through
@@ -28,6 +29,7 @@ import os
 import pytest
 import torch
 
+from lowrank_kernels.ops import use_backend
 from lowrank_kernels.reference import moments as Q
 from lowrank_kernels.reference import projection as RP
 from lowrank_kernels.reference.dct import dct_basis_float64
@@ -51,7 +53,7 @@ SHAPES = [(37, 53, 5, 64), (37, 53, 5, 256), (41, 300, 7, 256), (300, 29, 300, 2
 
 # --------------------------------------------------------------------------- references
 def sr_bf16(x: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
-    """The specified stochastic rounding of float32 ``x`` to bf16 (reference/moments.py)."""
+    """The stochastic rounding of float32 ``x`` to bf16 (reference/moments.py)."""
     return Q.bf16_round_sr_ref(x.cpu(), seed, offset).to(x.device)
 
 
@@ -434,13 +436,16 @@ def _q8_case(device):
 @pytest.mark.parametrize("case", ["one_absmax", "block_size_0", "block_size_300", "float_codes", "absmax_shape",
                                   "absmax_dtype", "seed_8bit", "seed_fp32", "block_size_plain", "absmax_strided"])
 def test_bad_moment_arguments_raise_and_change_nothing(case, device):
+    """Bad moment arguments are rejected by the op layer before the Triton launchers run,
+    with every tensor unchanged."""
+    _require_triton(device)
     grad, P, cm, am, cv, av = _q8_case(device)
     ea, eas = torch.zeros(37, 5, device=device), torch.zeros(37, 5, device=device)
     kw = dict(m_absmax=am, v_absmax=av, block_size=64)
     a, b = cm, cv
     err, match = ValueError, None
     if case == "one_absmax":
-        kw, match = dict(m_absmax=am, block_size=64), "m_absmax and v_absmax must be given together"
+        kw, match = dict(m_absmax=am, block_size=64), "need both m_absmax and v_absmax"
     elif case == "block_size_0":
         kw["block_size"], match = 0, "block_size must be in"
     elif case == "block_size_300":
@@ -450,23 +455,24 @@ def test_bad_moment_arguments_raise_and_change_nothing(case, device):
     elif case == "absmax_shape":
         kw["m_absmax"], match = torch.zeros(37, 2, device=device), r"m_absmax must have shape \(37, 1\)"
     elif case == "absmax_dtype":
-        kw["v_absmax"], err, match = av.double(), TypeError, "v_absmax must be a float32"
+        kw["v_absmax"], err, match = av.double(), TypeError, "v_absmax must be float32"
     elif case == "seed_8bit":
         kw["moment_seed"], match = 3, "moment_seed"
     elif case == "seed_fp32":
         kw, a, b, match = dict(moment_seed=3), ea, eas, "moment_seed"
     elif case == "block_size_plain":
-        kw, a, b, match = dict(block_size=256), ea, eas, "block_size must be 0"
+        kw, a, b, match = dict(block_size=256), ea, eas, "must be 0"
     elif case == "absmax_strided":
         kw["m_absmax"], match = torch.zeros(37, 2, device=device)[:, :1], "m_absmax must be contiguous"
     before = [t.clone() for t in (a, b, am, av)]
+    ops_ = torch.ops.lowrank_kernels
     for call in (
-        lambda: kp.projection_project_adam_triton(grad, P, a, b, "right", B1, B2, EPS, **kw),
-        lambda: kp.projection_project_update_backproject_triton(grad.clone(), grad, P, a, b, "right", 0.1, B1, B2,
-                                                                EPS, 1, 0.0, 1.0, **kw),
-        lambda: ka.adam_update_triton(torch.randn(37, 5, device=device), a, b, B1, B2, EPS, **kw),
+        lambda: ops_.projection_project_adam(grad, P, a, b, "right", B1, B2, EPS, **kw),
+        lambda: ops_.projection_project_update_backproject(grad.clone(), grad, P, a, b, "right", 0.1, B1, B2, EPS, 1,
+                                                           0.0, 1.0, **kw),
+        lambda: ops_.adam_update(torch.randn(37, 5, device=device), a, b, B1, B2, EPS, **kw),
     ):
-        with pytest.raises(err, match=match):
+        with use_backend("triton"), pytest.raises(err, match=match):
             call()
         for t, s in zip((a, b, am, av), before):
             assert torch.equal(t, s)
@@ -474,6 +480,7 @@ def test_bad_moment_arguments_raise_and_change_nothing(case, device):
 
 def test_foreach_bad_entry_changes_nothing(device):
     """A bad moment-format entry in the middle of a bucket fails before any entry is written."""
+    _require_triton(device)
     gen = torch.Generator().manual_seed(1)
     bs = 64
     rs = [torch.randn(5, 70, generator=gen).to(device) for _ in range(3)]
@@ -481,9 +488,9 @@ def test_foreach_bad_entry_changes_nothing(device):
     states[1][1] = torch.zeros(5, 3, device=device)  # wrong absmax shape
     before = [[t.clone() for t in s] for s in states]
     ns = [torch.empty(5, 70, device=device) for _ in range(3)]
-    with pytest.raises(ValueError, match=r"entry 1|parameter 1"):
-        ka.adam_foreach_update_triton(rs, [s[0] for s in states], [s[2] for s in states], ns, B1, B2, EPS,
-                                      [s[1] for s in states], [s[3] for s in states], bs, [])
+    with use_backend("triton"), pytest.raises(ValueError, match=r"entry 1|parameter 1"):
+        torch.ops.lowrank_kernels.adam_foreach_update(rs, [s[0] for s in states], [s[2] for s in states], ns, B1, B2,
+                                                      EPS, [s[1] for s in states], [s[3] for s in states], bs, [])
     for s, b in zip(states, before):
         for t, u in zip(s, b):
             assert torch.equal(t, u)
@@ -518,10 +525,10 @@ def _op_projector(kind, side, m, n, rank, gen):
     return ops.Int4Projector.quantize(dense, 16)
 
 
-def _require_triton():
+def _require_triton(device="cpu"):
     from ..conftest import require_backend
 
-    require_backend("projection_project_adam", "triton")
+    require_backend("projection_project_adam", "triton", device)
 
 
 @pytest.mark.parametrize("kind", KINDS)

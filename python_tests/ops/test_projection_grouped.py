@@ -29,6 +29,7 @@ from .._numerics import assert_change_close, assert_matches_backend, assert_with
 from ..conftest import require_backend
 
 kp = pytest.importorskip("lowrank_kernels.kernels.projection")
+kg = pytest.importorskip("lowrank_kernels.kernels.projection_grouped")
 ka = pytest.importorskip("lowrank_kernels.kernels.adam")
 L = pytest.importorskip("lowrank_kernels.kernels._launch")
 
@@ -417,15 +418,15 @@ def test_adam_non_contiguous_and_mixed(device, monkeypatch):
 
 # --------------------------------------------------------------------------- host tables
 def test_device_table_reused_by_content(device):
-    a = kp._device_table([1, 2, 3], torch.int64, device)
-    assert kp._device_table([1, 2, 3], torch.int64, device) is a
-    b = kp._device_table([1, 2, 4], torch.int64, device)
+    a = L.device_table([1, 2, 3], torch.int64, device)
+    assert L.device_table([1, 2, 3], torch.int64, device) is a
+    b = L.device_table([1, 2, 4], torch.int64, device)
     assert b is not a and b.tolist() == [1, 2, 4] and b.dtype == torch.int64 and b.device.type == device.type
-    f = kp._device_table([0.1, 2.0], torch.float32, device)
+    f = L.device_table([0.1, 2.0], torch.float32, device)
     assert f.dtype == torch.float32 and f.tolist() == [pytest.approx(0.1), 2.0]
-    for i in range(kp._DEVICE_TABLES_MAX + 5):  # bounded
-        kp._device_table([i, -1], torch.int64, device)
-    assert len(kp._DEVICE_TABLES) <= kp._DEVICE_TABLES_MAX
+    for i in range(L._DEVICE_TABLES_MAX + 5):  # bounded
+        L.device_table([i, -1], torch.int64, device)
+    assert len(L._DEVICE_TABLES) <= L._DEVICE_TABLES_MAX
 
 
 def test_grouped_tile_and_even_k():
@@ -436,7 +437,7 @@ def test_grouped_tile_and_even_k():
     assert t == L.choose_config("backproject_grouped", None, M=300, N=24, K=128, op_bytes=[4, 4])
     with L.capture() as caps:
         tile90 = L.grouped_tile("project_grouped", torch.device("cpu"), problems=probs, op_bytes=[2, 2])
-        L.launch_grouped("project_grouped", kp._projection_project_adam_grouped_kernel, (1,), (), {},
+        L.launch_grouped("project_grouped", kg._projection_project_adam_grouped_kernel, (1,), (), {},
                          device=torch.device("cpu"), tile=tile90, problems=probs, op_bytes=[2, 2])
     (c,) = caps
     assert c.key["K"] == 64 and c.key["M"] == 300 and c.tile_kernel == "project_grouped"
