@@ -82,7 +82,7 @@ def check_projection_list(results):
             ranks = [1 if min(s) == 1 else 2 for s in SHAPES]
             ws = [torch.randn(s, generator=gen) for s in SHAPES]
             gs = [torch.randn(s, generator=gen) for s in SHAPES]
-            lshape = [ops.low_rank_shape(m, n, r, side) for (m, n), r in zip(SHAPES, ranks)]
+            lshape = [ops.lowrank_shape(m, n, r, side) for (m, n), r in zip(SHAPES, ranks)]
             ms = [torch.randn(s, generator=gen) for s in lshape]
             vs = [torch.rand(s, generator=gen) for s in lshape]
             projs = []
@@ -166,9 +166,9 @@ def check_adam_list(results):
         return distribute_tensor(t.clone(), mesh, [Replicate()]) if i == 2 else _shard(t, mesh)
 
     plain_m, plain_v = [m.clone() for m in ms], [v.clone() for v in vs]
-    n_plain = ops.adam_foreach_update_(rs, plain_m, plain_v, beta1=0.8, beta2=0.99, eps=1e-6)
+    n_plain = ops.foreach_adam_update_(rs, plain_m, plain_v, beta1=0.8, beta2=0.99, eps=1e-6)
     lm, lv = [lay(i, m) for i, m in enumerate(ms)], [lay(i, v) for i, v in enumerate(vs)]
-    n_list = ops.adam_foreach_update_([lay(i, r) for i, r in enumerate(rs)], lm, lv, beta1=0.8, beta2=0.99, eps=1e-6)
+    n_list = ops.foreach_adam_update_([lay(i, r) for i, r in enumerate(rs)], lm, lv, beta1=0.8, beta2=0.99, eps=1e-6)
     om, ov = [lay(i, m) for i, m in enumerate(ms)], [lay(i, v) for i, v in enumerate(vs)]
     n_one = [ops.adam_update_(lay(i, r), om[i], ov[i], beta1=0.8, beta2=0.99, eps=1e-6) for i, r in enumerate(rs)]
     same = all(torch.equal(_full(a), _full(b)) for xs, ys in ((n_list, n_one), (lm, om), (lv, ov)) for a, b in zip(xs, ys))
@@ -195,7 +195,7 @@ def check_adam_list_8bit(results):
 
     def run_list(st, layout):
         for r in rs:
-            n = ops.adam_foreach_update_([layout(x) for x in r], [d["exp_avg"] for d in st],
+            n = ops.foreach_adam_update_([layout(x) for x in r], [d["exp_avg"] for d in st],
                                          [d["exp_avg_sq"] for d in st], m_absmax=[d["m_absmax"] for d in st],
                                          v_absmax=[d["v_absmax"] for d in st], **kw)
         return n
@@ -225,9 +225,9 @@ def check_dct_list(results):
     for side in ("right", "left"):
         gs = [torch.randn(17, 12, generator=gen) for _ in range(3)]
         k = 4
-        lst = ops.dct_foreach_score_topk([_shard(g, mesh) for g in gs], k, side=side, norm=1)
+        lst = ops.foreach_dct_score_topk([_shard(g, mesh) for g in gs], k, side=side, norm=1)
         one = torch.stack([ops.dct_score_topk(_shard(g, mesh), k, side=side, norm=1) for g in gs])
-        plain = ops.dct_foreach_score_topk(gs, k, side=side, norm=1)
+        plain = ops.foreach_dct_score_topk(gs, k, side=side, norm=1)
         everyone = [torch.zeros_like(lst) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, lst.contiguous())
         agree = all(torch.equal(x, lst) for x in everyone)

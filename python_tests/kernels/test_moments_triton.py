@@ -545,7 +545,7 @@ def test_ops_route_8bit_and_sr_to_triton(kind, side):
     gen = torch.Generator().manual_seed(21)
     proj = _op_projector(kind, side, m, n, rank, gen)
     grad = torch.randn(m, n, generator=gen)
-    lshape = ops.low_rank_shape(m, n, rank, side)
+    lshape = ops.lowrank_shape(m, n, rank, side)
     st0 = ops.moments8_zeros(lshape, block_size=bs)
     # a first step from zeros (both backends), then the compared step
     with use_backend("reference"):
@@ -625,7 +625,7 @@ def test_ops_adam_update_8bit_and_sr_triton_equals_reference(shape, bs):
             nn = ops.adam_update_(r, st[0], st[2], beta1=B1, beta2=B2, eps=EPS, m_absmax=st[1], v_absmax=st[3],
                                   block_size=bs)
             stf = [t.clone() for t in (cm, am, cv, av)]
-            nf = ops.adam_foreach_update_([r], [stf[0]], [stf[2]], beta1=B1, beta2=B2, eps=EPS, m_absmax=[stf[1]],
+            nf = ops.foreach_adam_update_([r], [stf[0]], [stf[2]], beta1=B1, beta2=B2, eps=EPS, m_absmax=[stf[1]],
                                           v_absmax=[stf[3]], block_size=bs)
         out[be] = (nn, st, nf[0], stf)
     (rn, rst, rnf, rstf), (tn, tst, tnf, tstf) = out["reference"], out["triton"]

@@ -266,7 +266,7 @@ def test_gathered_projection_equals_dense(dev_backend, device, dtype, side, m, n
         D = make_projector(m, n, rank, side, dtype, torch.int64 if rank == 1 else torch.int32, device=device)
         P = D.dense(side)
         g = make_grad(m, n, dtype, transposed=(rank == 1), device=device)
-        lshape = ops.low_rank_shape(m, n, rank, side)
+        lshape = ops.lowrank_shape(m, n, rank, side)
         ea0, eas0 = 0.1 * torch.randn(lshape, device=device), 0.1 * torch.rand(lshape, device=device)
         w0 = torch.randn(m, n, device=device).to(dtype)
 
@@ -501,7 +501,7 @@ def test_gpu_gathered_fused_step_vs_dense(side, monkeypatch):
     D = ops.DCTProjector(ops.dct_basis(s, BF16, "cuda"), torch.randperm(s, device="cuda")[:rank].int())
     g = torch.randn(m, n, device="cuda", dtype=BF16)
     w0 = torch.randn(m, n, device="cuda", dtype=BF16)
-    lshape = ops.low_rank_shape(m, n, rank, side)
+    lshape = ops.lowrank_shape(m, n, rank, side)
     ea0, eas0 = 0.1 * torch.randn(lshape, device="cuda"), 0.1 * torch.rand(lshape, device="cuda")
     outs = []
     for proj, be in ((D.dense(side), "reference"), (D, "triton")):

@@ -333,7 +333,7 @@ def test_projection_ops_8bit_vs_reference(mbackend, kind, m, n, rank, side, bloc
     from .._numerics import assert_change_close, assert_close_f32
 
     proj = _projector(kind, m, n, rank, side)
-    ls = ops.low_rank_shape(m, n, rank, side)
+    ls = ops.lowrank_shape(m, n, rank, side)
     st0 = _state8(ls, block_size, seed=m + rank)
     g = torch.randn(n, m).T  # a transposed grad
     w0 = torch.randn(m, n)
@@ -362,7 +362,7 @@ def test_foreach_8bit_vs_reference_and_single(mbackend, kind, side):
 
     shapes = [(37, 53, 5), (19, 41, 3), (64, 300, 9)]
     projs = [_projector(kind, m, n, r, side, seed=i) for i, (m, n, r) in enumerate(shapes)]
-    states = [_state8(ops.low_rank_shape(m, n, r, side), 32, seed=i) for i, (m, n, r) in enumerate(shapes)]
+    states = [_state8(ops.lowrank_shape(m, n, r, side), 32, seed=i) for i, (m, n, r) in enumerate(shapes)]
     grads = [torch.randn(m, n) for m, n, _ in shapes]
     w0 = [torch.randn(m, n) for m, n, _ in shapes]
     outs = {}
@@ -420,7 +420,7 @@ def test_8bit_multistep_drift_bounded(mbackend):
     one-level code differences must not grow into drift."""
     m, n, rank, side = 64, 90, 12, "left"
     proj = _projector("dense", m, n, rank, side)
-    st0 = list(ops.moments8_zeros(ops.low_rank_shape(m, n, rank, side), block_size=32).values())
+    st0 = list(ops.moments8_zeros(ops.lowrank_shape(m, n, rank, side), block_size=32).values())
     w0 = torch.randn(m, n)
     grads = [torch.randn(m, n) for _ in range(10)]
     outs = {}
@@ -469,7 +469,7 @@ def test_cpp_maps_equal_python_maps(mbackend):
 def test_8bit_nan_gradient_gives_nan_absmax(mbackend, op):
     m, n, rank = 20, 70, 6
     proj = _projector("dense", m, n, rank, "left")
-    ls = ops.low_rank_shape(m, n, rank, "left")  # (6, 70)
+    ls = ops.lowrank_shape(m, n, rank, "left")  # (6, 70)
     r, g, w0 = torch.randn(ls), torch.randn(m, n), torch.randn(m, n)
     r[2, 40] = float("nan")
     g[4, 40] = float("nan")  # poisons column 40 of R = P^T G: block 1 of every row
@@ -532,7 +532,7 @@ def _exact_problem(kind, m, n, rank, side):
 def test_projection_ops_bf16_sr_vs_reference(mbackend, kind, side):
     m, n, rank = 37, 53, 5
     g, proj = _exact_problem(kind, m, n, rank, side)
-    ls = ops.low_rank_shape(m, n, rank, side)
+    ls = ops.lowrank_shape(m, n, rank, side)
     m0, v0 = (0.1 * torch.randn(ls)).to(torch.bfloat16), (0.01 * torch.rand(ls)).to(torch.bfloat16)
     w0 = torch.randn(m, n).to(torch.bfloat16)
     outs = {}
@@ -621,7 +621,7 @@ def test_8bit_moments_with_other_param_dtypes(mbackend, dtype, side):
 
     m, n, rank = 29, 44, 7
     proj = _projector("dense", m, n, rank, side, dtype=dtype)
-    ls = ops.low_rank_shape(m, n, rank, side)
+    ls = ops.lowrank_shape(m, n, rank, side)
     st0 = _state8(ls, 16, seed=4)
     g, w0 = torch.randn(m, n).to(dtype), torch.randn(m, n).to(dtype)
     outs = {}
@@ -665,7 +665,7 @@ def test_bf16_moments_with_other_param_dtypes(backend, dtype, kind, side, seed):
         proj = _projector("dct", m, n, rank, side, dtype)
     else:
         proj = proj16
-    ls = ops.low_rank_shape(m, n, rank, side)
+    ls = ops.lowrank_shape(m, n, rank, side)
     gen = torch.Generator().manual_seed(3)
     m0 = (0.1 * torch.randn(ls, generator=gen)).to(torch.bfloat16)
     v0 = (0.01 * torch.rand(ls, generator=gen)).to(torch.bfloat16)

@@ -31,7 +31,7 @@ def _bucket(kind, side, dtype):
     params, grads, projs, eas, easqs = [], [], [], [], []
     for m, n, r in SHAPES:
         proj, _ = make_projector(kind, m, n, r, side, dtype)
-        ls = ops.low_rank_shape(m, n, r, side)
+        ls = ops.lowrank_shape(m, n, r, side)
         params.append(torch.randn(m, n, dtype=dtype))
         grads.append(torch.randn(m, n, dtype=dtype))
         projs.append(proj)

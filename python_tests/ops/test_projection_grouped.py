@@ -75,7 +75,7 @@ def _bucket(kind, side, dtype, moments, device, shapes=SHAPES, seed=0, transpose
             params.append(torch.randn(m, n, generator=gen).to(dtype).to(device))
             grads.append(torch.randn(m, n, generator=gen).to(dtype).to(device))
         projs.append(_projector(kind, m, n, r, side, dtype, gen, device))
-        ls = ops.low_rank_shape(m, n, r, side)
+        ls = ops.lowrank_shape(m, n, r, side)
         if moments == "q8":
             st = ops.moments8_zeros(ls, device, block_size=BS)
             eas.append(torch.randint(0, 256, ls, generator=gen, dtype=torch.uint8).to(device))
@@ -189,7 +189,7 @@ def test_two_launches_per_projection_call_one_per_adam_call(device, monkeypatch,
     assert counter.launches == [("launch_grouped", kname), ("launch_grouped", "backproject_grouped")]
 
     counter.launches.clear()
-    rs = [torch.randn(ops.low_rank_shape(m, n, r, "right"), generator=_gen(1)).to(device) for m, n, r in shapes]
+    rs = [torch.randn(ops.lowrank_shape(m, n, r, "right"), generator=_gen(1)).to(device) for m, n, r in shapes]
     with use_backend("triton"):
         ops.foreach_adam_update_(rs, eas, easqs, **HYPER, **extra)
     assert counter.launches == [("launch", "adam")]

@@ -47,7 +47,7 @@ def make_projector(kind, m, n, rank, side, dtype=torch.float32, group_size=16):
 
 
 def _state(m, n, rank, side, dtype):
-    ls = ops.low_rank_shape(m, n, rank, side)
+    ls = ops.lowrank_shape(m, n, rank, side)
     return (torch.randn(m, n, dtype=dtype), torch.randn(n, m, dtype=dtype).T,  # param, a transposed grad
             0.1 * torch.randn(ls), 0.1 * torch.rand(ls))
 
@@ -70,7 +70,7 @@ def test_every_op_every_kind_vs_dense_reference(backend, kind, m, n, rank, side,
             ops.project_update_backproject_(w, g, p, ea, eas, side=side, lr=0.02, step=3, weight_decay=0.1, scale=0.5)
         outs[be] = (R, N, ea, eas, w1, w)
     (rR, rN, rea, reas, rw1, rw), (R, N, ea, eas, w1, w) = outs["reference"], outs[backend]
-    assert R.dtype == torch.float32 and R.shape == ops.low_rank_shape(m, n, rank, side)
+    assert R.dtype == torch.float32 and R.shape == ops.lowrank_shape(m, n, rank, side)
     assert_close_f32(R, rR, "project R")
     assert_close_f32(N, rN, "project_adam_ N")
     assert_close_f32(ea, rea, "exp_avg")

@@ -41,7 +41,7 @@ def test_reference_is_the_row_scaled_formula_float64():
 def test_row_factors_vs_reference(backend, kind, m, n, rank, side, dtype, which):
     proj, dense = make_projector(kind, m, n, rank, side, dtype)
     w0 = torch.randn(m, n).to(dtype)
-    upd = torch.randn(ops.low_rank_shape(m, n, rank, side))
+    upd = torch.randn(ops.lowrank_shape(m, n, rank, side))
     rd = torch.rand(m) + 0.5 if which in ("both", "decay") else None
     ra = torch.randn(m) if which in ("both", "alpha") else None
     outs = {}
@@ -66,7 +66,7 @@ def test_transposed_weight(backend):
         store = torch.randn(n, m)
         w = store.T
         p = torch.randn(r, n) if side == "right" else torch.randn(m, r)
-        u = torch.randn(ops.low_rank_shape(m, n, r, side))
+        u = torch.randn(ops.lowrank_shape(m, n, r, side))
         rd, ra = torch.rand(m), torch.randn(m)
         ref = w.clone()
         with use_backend("reference"):

@@ -37,7 +37,7 @@ def _inputs(m, n, rank, side, dtype, moment_dtype, device="cpu", proj_dtype=None
     grad = torch.randn(m, n, generator=g).to(dtype)
     pshape = (rank, n) if side == "right" else (m, rank)
     proj = (torch.randn(pshape, generator=g) / (n if side == "right" else m) ** 0.5).to(proj_dtype or dtype)
-    lshape = ops.low_rank_shape(m, n, rank, side)
+    lshape = ops.lowrank_shape(m, n, rank, side)
     ea = (0.1 * torch.randn(lshape, generator=g)).to(moment_dtype)
     eas = (0.1 * torch.rand(lshape, generator=g) + 0.01).to(moment_dtype)
     return [t.to(device) for t in (grad, proj, ea, eas)]

@@ -47,7 +47,7 @@ def _projector(kind, side, device):
 
 
 def _lowrank(side):
-    return ops.low_rank_shape(M, N, R, side)
+    return ops.lowrank_shape(M, N, R, side)
 
 
 def _snapshot(*ts):

@@ -31,7 +31,7 @@ def _bucket(kind, side="right", seed=0):
     params, grads, projs, eas, easqs = [], [], [], [], []
     for m, n, r in SHAPES:
         proj, _ = make_projector(kind, m, n, r, side)
-        ls = ops.low_rank_shape(m, n, r, side)
+        ls = ops.lowrank_shape(m, n, r, side)
         params.append(torch.randn(m, n))
         grads.append(torch.randn(m, n))
         projs.append(proj)

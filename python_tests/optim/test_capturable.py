@@ -41,7 +41,7 @@ def _bucket(device, side, kind, bits=32, seed=0):
             s = n if side == "right" else m
             idx = torch.randperm(s, generator=gen)[:RANK].to(torch.int32)
             projs.append(ops.DCTProjector(ops.dct_basis(s, torch.float32, device), idx.to(device)))
-        shape = ops.low_rank_shape(m, n, RANK, side)
+        shape = ops.lowrank_shape(m, n, RANK, side)
         if bits == 8:
             st = ops.moments8_zeros(shape, device, block_size=4)
             # a few steps of history so the codes and absmax are not zero

@@ -231,7 +231,7 @@ def test_state_memory_indices_only():
         side = "right" if m >= n else "left"
         assert set(st) == {"step", "side", "indices", "exp_avg", "exp_avg_sq"}
         assert st["indices"].dtype == torch.int32 and st["indices"].shape == (rank,)
-        low = ops.low_rank_shape(m, n, rank, side)
+        low = ops.lowrank_shape(m, n, rank, side)
         assert st["exp_avg"].shape == low and st["exp_avg_sq"].shape == low
         proj_numel = rank * (n if side == "right" else m)
         float_numel = sum(t.numel() for t in st.values() if t.is_floating_point())
