@@ -149,7 +149,7 @@ def check_bad_list(results):
 
 
 def check_adam_list(results):
-    """``adam_foreach_update_`` on DTensor lists (row-sharded and replicated entries) == the
+    """``foreach_adam_update_`` on DTensor lists (row-sharded and replicated entries) == the
     single op per entry (bitwise) == plain tensors."""
     from torch.distributed.tensor import Replicate, distribute_tensor
 
@@ -216,7 +216,7 @@ def check_adam_list_8bit(results):
 
 
 def check_dct_list(results):
-    """``dct_foreach_score_topk`` on row-sharded gradients == ``dct_score_topk`` per gradient
+    """``foreach_dct_score_topk`` on row-sharded gradients == ``dct_score_topk`` per gradient
     (bitwise), the same on every rank; the top-k of the plain scores up to near-ties."""
     from lowrank_kernels import ops
 
@@ -268,7 +268,7 @@ def check_bucketed_fsdp(name, rank, ws, results):
     for foreach in (None, False):
         model = W.fsdp_model()
         comm = W._Comm()
-        with _Calls("foreach_project_update_backproject_", "dct_foreach_score_topk") as calls:
+        with _Calls("foreach_project_update_backproject_", "foreach_dct_score_topk") as calls:
             W.train(model, _make(name, model, foreach), x[lo:hi], y[lo:hi], W.STEPS, on_step=comm)
         runs[foreach] = (W.full_params(model), comm.per_step, dict(calls.counts))
     (pb, cb, nb), (pp, cp, npp) = runs[None], runs[False]
@@ -277,7 +277,7 @@ def check_bucketed_fsdp(name, rank, ws, results):
     steady = W.STEPS - W.STEPS // W.GAP  # steps without a refresh
     want_refresh = W.STEPS // W.GAP if name.startswith("dct") else 0
     used = (nb["foreach_project_update_backproject_"] >= steady and npp["foreach_project_update_backproject_"] == 0
-            and nb["dct_foreach_score_topk"] >= want_refresh and npp["dct_foreach_score_topk"] == 0)
+            and nb["foreach_dct_score_topk"] >= want_refresh and npp["foreach_dct_score_topk"] == 0)
     ok = same and cb == cp and err < W.TOL and used
     results[f"bucketed_fsdp[{name}]"] = [ok, f"bucketed == per-param: {same}; same collectives: {cb == cp} "
                                              f"({cb} vs {cp}); vs single rel err {err:.1e}; list calls {nb} / {npp}"]
