@@ -243,9 +243,14 @@ def _check_against_reference(got, params, grads, projs, eas, easqs, extra, side,
             assert_within_roundings(got[2][i], ref[2][i], f"exp_avg_sq {i}", k=1)
             assert_change_close(got[0][i], params[i], ref[0][i], f"param {i}", rtol=2e-2)
         else:
-            # 8-bit: absmax at float32 accuracy, codes equal or one apart (ties), N float32
-            torch.testing.assert_close(got[3][i], ref[3][i], rtol=1e-5, atol=0.0)
-            torch.testing.assert_close(got[4][i], ref[4][i], rtol=1e-5, atol=0.0)
+            # 8-bit: absmax at float32 accuracy, codes equal or one apart (ties), N float32.
+            # A block's absmax is a max of moments built from the GEMM R = G P^T, which the
+            # kernel and the reference sum in different orders: a small block maximum can carry
+            # the rounding of a larger sum (seen: 1.4e-5 relative, 1.2e-8 absolute, where the
+            # entry's largest absmax is ~1e-3), so the absolute part scales with the entry's
+            # largest absmax instead of being zero.
+            for got_amax, ref_amax in ((got[3][i], ref[3][i]), (got[4][i], ref[4][i])):
+                torch.testing.assert_close(got_amax, ref_amax, rtol=1e-5, atol=1e-5 * float(ref_amax.abs().max()))
             for name, s, t in (("exp_avg", got[1][i], ref[1][i]), ("exp_avg_sq", got[2][i], ref[2][i])):
                 d = (s.long() - t.long()).abs()
                 assert int(d.max()) <= 1 and int((d > 0).sum()) <= max(2, 0.02 * d.numel()), f"{name} {i}"
