@@ -16,7 +16,7 @@ BUILD_LOG := build/ext-build.log
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench bench-results build deps clean
+.PHONY: test test-triton36 bench bench-results build deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,6 +45,29 @@ build: $(EXT_STAMP)
 
 test: build
 	LOWRANK_KERNELS_EXPECT_EXT=1 TRITON_INTERPRET=1 $(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+	$(MAKE) test-triton36
+
+# The Triton kernels under Triton 3.6, the version the GPU machines carry (requirements-triton36.txt):
+# a side folder with that triton and its numpy (< 2.3) ahead of the main venv's on PYTHONPATH, the
+# same torch; its own Triton cache. Runs the compile check's ci subset (sm_80/sm_90: compiles, no
+# spill) and the interpreter tests of every kernel family (projection single and grouped, the
+# moment formats, adam, DCT scoring single and list, quant).
+TRITON36 := $(VENV)/triton36
+TRITON36_STAMP := $(TRITON36)/.stamp
+TRITON36_TESTS := python_tests/kernels python_tests/ops/test_projection_triton.py \
+	python_tests/ops/test_projection_grouped.py python_tests/ops/test_moments_ops.py python_tests/ops/test_adam.py \
+	python_tests/ops/test_dct_foreach.py python_tests/ops/test_quant.py
+
+$(TRITON36_STAMP): requirements-triton36.txt | $(DEPS_STAMP)
+	rm -rf $(TRITON36)
+	$(PY) -m pip install --no-deps --target $(TRITON36) -r requirements-triton36.txt
+	touch $@
+
+test-triton36: build $(TRITON36_STAMP)
+	PYTHONPATH=$(abspath $(TRITON36)) $(PY) -c "import numpy, triton; print('triton', triton.__version__, \
+		'numpy', numpy.__version__); assert triton.__version__ == '3.6.0', triton.__file__"
+	PYTHONPATH=$(abspath $(TRITON36)) TRITON_CACHE_DIR=$(abspath $(TRITON36))/cache LOWRANK_KERNELS_EXPECT_EXT=1 \
+		TRITON_INTERPRET=1 $(PY) -m pytest $(TRITON36_TESTS) -q -p no:cacheprovider
 
 # Writes only to bench/out/ (ignored by git): the checkout stays clean.
 bench: build

@@ -144,18 +144,42 @@ def plot(ctx: Ctx):
 
 
 
-# --------------------------------------------------------------------------- bench/gpu_check.sh step 5
-# ``python -m bench.bench_step --gpu-check [--tiny] [--out FILE.csv]``: the two step figures the
+# --------------------------------------------------------------------------- bench/gpu_check.sh speed rows
+# ``python -m bench.bench_step --gpu-check [--tiny] [--out FILE.csv]``: the step figures the
 # GPU check reports, in one process and without the harness (so it fits its budget):
-#   1. the 4-layer LLaMA-1B-shaped stack (bf16, rank 512): median step of torch's fused AdamW
-#      and of ours (GaLore, DCT, Q-GaLore INT4) in the same run, no projector refresh (the
-#      refreshes happen in the warm-up steps, with the randomized SVD to save time: the timed
-#      steps do the same work either way), plus each step's host time (step() returning, no
-#      synchronization) per parameter, on its own line;
-#   2. one 4096x11008 bf16 weight at rank 512: Q-GaLore's INT4-projector step over GaLore's
-#      bf16-projector step.
+#   1. the 4-layer LLaMA-1B-shaped stack (rank 512): median step of torch's fused AdamW and of
+#      ours (GaLore, DCT, Q-GaLore INT4) in the same run, no projector refresh (the refreshes
+#      happen in the warm-up steps, with the randomized SVD to save time: the timed steps do the
+#      same work either way), plus each step's host time (step() returning, no synchronization)
+#      per parameter, on its own line;
+#   2. like-for-like rows, printed as ratios with their goal next to them: ours with
+#      ``moment_bits=16`` (bf16 moments) against fused AdamW on bf16 parameters (bf16 moments
+#      too); ours with float32 moments (bf16 weights) against fused AdamW on float32 master
+#      weights (float32 moments); the bucketed step (one grouped launch per bucket) against
+#      ``foreach=False`` (one launch per parameter);
+#   3. one 4096x11008 bf16 weight at rank 512: Q-GaLore's INT4-projector step over GaLore's
+#      bf16-projector step (goal <= 1.15x, the quant suite's target).
+# The goals are reported, not enforced (a timing threshold would fail on a busy machine); the
+# check line ``check speed-rows:`` fails when a step fails or leaves a non-finite weight.
 # GPU timing with CUDA events (median of the repetitions after warm-up); CPU (--tiny, tiny
 # sizes) with perf_counter. Exit status 1 if a step fails or leaves a non-finite weight.
+
+#: ratios the GPU check prints: (label, numerator row, denominator row, goal: at most this).
+GPU_CHECK_RATIOS = (
+    ("16-bit moments, bf16 weights: ours-GaLoreAdamW-16bit / torch-adamw-fused",
+     "ours-GaLoreAdamW-16bit", "torch-adamw-fused", 1.0),
+    ("16-bit moments, bf16 weights: ours-DCTAdamW-16bit / torch-adamw-fused",
+     "ours-DCTAdamW-16bit", "torch-adamw-fused", 1.0),
+    ("float32 moments: ours-GaLoreAdamW (bf16 weights) / torch-adamw-fused-fp32 (float32 master weights)",
+     "ours-GaLoreAdamW", "torch-adamw-fused-fp32", 1.0),
+    ("float32 moments: ours-DCTAdamW (bf16 weights) / torch-adamw-fused-fp32 (float32 master weights)",
+     "ours-DCTAdamW", "torch-adamw-fused-fp32", 1.0),
+    ("bucketed / per-parameter: ours-GaLoreAdamW / ours-GaLoreAdamW-per-param (foreach=False)",
+     "ours-GaLoreAdamW", "ours-GaLoreAdamW-per-param", 1.0),
+)
+#: the quant suite's goal for the INT4-projector step over the 16-bit-projector step.
+INT4_STEP_GOAL = 1.15
+
 
 def _gpu_check_time(opt, device, reps: int):
     import statistics
@@ -199,11 +223,11 @@ def gpu_check(argv=None) -> int:
     shapes = [(h, h)] * 4 * layers + [(i, h)] * 2 * layers + [(h, i)] * layers
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def params_for(shape_list):
+    def params_for(shape_list, pdtype=dtype):
         ps = []
         for m, n in shape_list:
-            p = torch.nn.Parameter((0.02 * torch.randn(m, n, device=device, generator=gen)).to(dtype))
-            p.grad = torch.randn(m, n, device=device, generator=gen).to(dtype)
+            p = torch.nn.Parameter((0.02 * torch.randn(m, n, device=device, generator=gen)).to(pdtype))
+            p.grad = torch.randn(m, n, device=device, generator=gen).to(pdtype)
             ps.append(p)
         return ps
 
@@ -212,10 +236,16 @@ def gpu_check(argv=None) -> int:
 
     builders = {
         "torch-adamw-fused": lambda ps, r: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, fused=True),
+        "torch-adamw-fused-fp32": lambda ps, r: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, fused=True),
         "ours-GaLoreAdamW": lambda ps, r: GaLoreAdamW(group(ps, r), lr=1e-3, svd="lowrank"),
+        "ours-GaLoreAdamW-16bit": lambda ps, r: GaLoreAdamW(group(ps, r, moment_bits=16), lr=1e-3, svd="lowrank"),
+        "ours-GaLoreAdamW-per-param": lambda ps, r: GaLoreAdamW(group(ps, r, foreach=False), lr=1e-3, svd="lowrank"),
         "ours-DCTAdamW": lambda ps, r: DCTAdamW(group(ps, r), lr=1e-3),
+        "ours-DCTAdamW-16bit": lambda ps, r: DCTAdamW(group(ps, r, moment_bits=16), lr=1e-3),
         "ours-QGaLoreAdamW-int4": lambda ps, r: QGaLoreAdamW(group(ps, r), lr=1e-3, svd="lowrank", quant=True),
     }
+    #: float32 parameters (master weights) for these rows, bf16 for the others
+    fp32_rows = {"torch-adamw-fused-fp32"}
     rows, failed = [], 0
     label = f"{layers}L-h{h}-i{i}"
     print(f"step: stack {label} ({sum(m * n for m, n in shapes) / 1e6:.4g}M params, {len(shapes)} matrices), "
@@ -238,7 +268,8 @@ def gpu_check(argv=None) -> int:
         if not finite:
             print(f"FAIL  {what} {name}: non-finite weights after the steps")
             failed += 1
-        row = dict(kernel=what, provider=name, shape=shape_label, rank=r, dtype="bf16", device=str(device),
+        row = dict(kernel=what, provider=name, shape=shape_label, rank=r,
+                   dtype="fp32" if ps[0].dtype == torch.float32 else "bf16", device=str(device),
                    median_ms=round(med, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4), host_ms=round(host, 4),
                    host_us_per_param=round(host * 1e3 / len(ps), 3), n_params=len(ps))
         rows.append(row)
@@ -247,7 +278,7 @@ def gpu_check(argv=None) -> int:
 
     stack_rows = {}
     for name in builders:
-        ps = params_for(shapes)
+        ps = params_for(shapes, torch.float32 if name in fp32_rows else dtype)
         stack_rows[name] = measure("step", name, ps, rank, label)
         del ps
         if device.type == "cuda":
@@ -264,6 +295,19 @@ def gpu_check(argv=None) -> int:
         if row is not None:
             print(f"host time per parameter: {name} {row['host_us_per_param']:.2f} us "
                   f"(step() returns after {row['host_ms']:.3f} ms, {row['n_params']} parameters)")
+    ratios = []
+    for text, num, den, goal in GPU_CHECK_RATIOS:
+        a, b = stack_rows.get(num), stack_rows.get(den)
+        if a is None or b is None:
+            print(f"speed {text}: not measured (a step failed)")
+            continue
+        ratio = a["median_ms"] / b["median_ms"]
+        verdict = "met" if ratio <= goal else "missed"
+        if device.type != "cuda" or args.tiny:
+            verdict = "not measured on the target (tiny sizes / CPU)"
+        ratios.append(f"{ratio:.3g}x")
+        print(f"speed {text}: {ratio:.3f}x (goal <= {goal:g}x: {verdict}; "
+              f"{a['median_ms']:.3f} ms / {b['median_ms']:.3f} ms)")
 
     big_label = f"{big[0]}x{big[1]}"
     pair = {}
@@ -276,7 +320,9 @@ def gpu_check(argv=None) -> int:
         pair["ours-QGaLoreAdamW-int4"]["ratio"] = f"{ratio:.3g}x ours-GaLoreAdamW (bf16 projector)"
         pair["ours-GaLoreAdamW"]["ratio"] = "baseline"
         print(f"INT4-projector step / bf16-projector step at {big_label} rank {big_rank}: {ratio:.3f} "
-              f"({pair['ours-QGaLoreAdamW-int4']['median_ms']:.3f} ms / {pair['ours-GaLoreAdamW']['median_ms']:.3f} ms)")
+              f"({pair['ours-QGaLoreAdamW-int4']['median_ms']:.3f} ms / {pair['ours-GaLoreAdamW']['median_ms']:.3f} ms; "
+              f"goal <= {INT4_STEP_GOAL:g}x)")
+        ratios.append(f"INT4 {ratio:.3g}x")
     if args.out and rows:
         cols = list(dict.fromkeys(k for r in rows for k in r))
         with open(args.out, "w", newline="") as f:
@@ -284,6 +330,8 @@ def gpu_check(argv=None) -> int:
             wr.writeheader()
             wr.writerows(rows)
     print(f"bench_step --gpu-check: {len(rows)} rows, {failed} failed")
+    print(f"check speed-rows: {'fail' if failed else 'pass'} {len(rows)} rows measured, {failed} failed; "
+          f"ratios {', '.join(ratios) or 'none'} (goals reported above, not enforced)")
     return 1 if failed else 0
 
 

@@ -265,6 +265,19 @@ for _arch in TABLE_ARCHS:
     TABLES[("backproject_grouped", _arch)] = _BACKPROJECT_GROUPED
     for _k in ("project", "project_q8", "project_sr", "backproject"):
         EXTRAS[(_k + "_grouped", _arch)] = []
+# sm_80 (A100: the 163 KB table) differs in two single-kernel entries, because Triton 3.6 (the
+# GPU machines' image) spills them with int64 offsets where 3.9 does not (compile check --subset
+# ci; ptxas holds both at 128 registers there): the wide dense back-projection's 128 x 64 x 32
+# tile (8 bytes) becomes 64 x 64 x 32 (118 registers under 3.9, 80 under 3.6), and 8-bit project
+# + Adam's small-M tile (left side, rank <= 64: 28 bytes) takes 4 warps (254 registers, no spill
+# under either; 4 warps spill the big bucket's right-side problems, which keep 8; 32 x 256 spills
+# there too). The grouped kernels keep their own tables.
+_BACKPROJECT_80 = dict(_BACKPROJECT)
+_BACKPROJECT_80[("dense", True)] = _same(Tile(64, 64, 32, 8, 3))
+_PROJECT_Q8_80 = dict(_PROJECT_Q8)
+_PROJECT_Q8_80[("dense", False)] = (Tile(16, 256, 32, 8, 3), Tile(16, 256, 32, 4, 3), Tile(16, 256, 32, 8, 3))
+TABLES[("backproject", 80)] = _BACKPROJECT_80
+TABLES[("project_q8", 80)] = _PROJECT_Q8_80
 FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P,
              "project_grouped": _P, "backproject_grouped": _P, "project_q8_grouped": _P, "project_sr_grouped": _P}
 MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
