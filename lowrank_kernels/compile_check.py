@@ -1,6 +1,7 @@
 """Compile every Triton kernel ahead of time for real GPU archs, on any machine (no GPU needed).
 
-``python -m lowrank_kernels.compile_check [--arch 80,90] [--out FILE.csv] [--subset ci|full] [--jobs N]``
+``python -m lowrank_kernels.compile_check [--arch 80,86,89,90] [--out FILE.csv] [--subset ci|full] [--jobs N]
+[--only REGEX]``
 
 The variants are not written out by hand: the real launchers
 (``kernels/projection.py``, ``kernels/dct.py``, ``kernels/quant.py``) run on ``meta``
@@ -18,7 +19,21 @@ Per compiled kernel: ``registers`` and spill bytes come from ``ptxas -v`` run on
 PTX for ``sm_<arch>`` (``sm_90a`` on Hopper, as Triton compiles it; the ptxas of the
 triton wheel), ``shared_bytes`` from the compiled metadata. ``status`` is ``ok``, or
 ``compile_error``, ``spills`` (any spill store or load), ``smem`` (shared memory above
-the arch's opt-in maximum, :data:`lowrank_kernels.kernels._launch.SMEM_LIMIT`).
+the arch's opt-in maximum, :data:`lowrank_kernels.kernels._launch.SMEM_LIMIT`), or
+``slow_path`` (below).
+
+What the PTX says about speed (:func:`ptx_stats`, static instruction counts):
+``vector_loads`` (``ld.global`` of >= 8 bytes per thread as one vector), ``scalar_loads``
+(``ld.global`` of one element narrower than 8 bytes), ``cp_async`` (asynchronous
+global-to-shared copies: the pipelined K loop), ``mma`` (``mma.sync`` / ``wgmma``), and
+``stages`` (``num_stages``). The rule (:func:`check_counterparts`): a grouped kernel launched
+for an aligned sub-list (constexpr ``ALIGNED``: the host checked every entry's addresses,
+sizes and strides, so the kernel takes ``tl.multiple_of`` hints) keeps at least the vector
+loads of its single-kernel counterpart (the variant's ``thunk.counterpart``: the single
+launchers on the list's first problem, compiled with the grouped launch's tile) and
+``cp.async`` where that has any; else ``slow_path``, unless :data:`KNOWN_SLOWER` gives a
+reason (column ``reason``; an unaligned sub-list's rows say so there and are not compared).
+``counterpart`` names the row compared with. docs/architecture.md, "GPU code checks".
 
 Subsets. ``full`` (the default): every variant below, each with every tile of the
 arch's table (the autotuning candidates included). ``ci`` (the test suite): a
@@ -46,6 +61,9 @@ float32 / bf16 / bf16 stochastic-rounding moments) and its 8-bit form (block siz
 ``--runtime`` (on a GPU machine, ``--arch`` = that GPU's arch; for bench/gpu_check.sh)
 also loads every compiled kernel on the device and adds the driver's register and
 spill counts (``runtime_registers``, ``runtime_spills``); not yet run on a GPU.
+
+``--only REGEX``: only the variants whose name matches. ``--arch``: any of 80, 86, 89, 90
+(and other capabilities >= 80; 86 / 89 launch the 99 KB table).
 
 Exit status 1 if any row is not ``ok``. Run with ``TRITON_INTERPRET`` unset (or 0):
 the interpreter has no compiler.

@@ -56,10 +56,13 @@ _BLOCK = 1024
 _Q8_ELEMS = 1024
 
 
-@triton.jit
+# The stochastic-rounding keys change every step (they come from the step's seed): typed int64
+# and not specialized, so every seed launches the same compiled kernel (Triton otherwise
+# specializes an integer argument on its value: 1, divisibility by 16, int32 vs int64 range).
+@triton.jit(do_not_specialize=["k1", "k2"])
 def _adam_update_kernel(
     r_ptr, m_ptr, v_ptr, n_ptr, numel,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1, k2,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1: tl.int64, k2: tl.int64,
     BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SR: tl.constexpr,
 ):
     """Flat blocks of ``BLOCK`` elements; ``SR``: bf16 moments stored with stochastic
