@@ -63,7 +63,7 @@ also loads every compiled kernel on the device and adds the driver's register an
 spill counts (``runtime_registers``, ``runtime_spills``); not yet run on a GPU.
 
 ``--only REGEX``: only the variants whose name matches. ``--arch``: any of 80, 86, 89, 90
-(and other capabilities >= 80; 86 / 89 launch the 99 KB table).
+(and other capabilities >= 80; 86 / 89 launch the 99 KB table), or ``all`` (:data:`ALL_ARCHS`).
 
 Exit status 1 if any row is not ``ok``. Run with ``TRITON_INTERPRET`` unset (or 0):
 the interpreter has no compiler.
@@ -89,6 +89,8 @@ COLUMNS = ["kernel", "variant", "config", "arch", "registers", "spills", "shared
 # --runtime (on a GPU of the compiled arch): what the driver reports when it loads the cubin.
 RUNTIME_COLUMNS = ["runtime_registers", "runtime_spills"]
 DEFAULT_ARCHS = (80, 90)
+# Every arch with its own shared-memory limit: A100 (163 KB), consumer Ampere / Ada (99 KB), Hopper (227 KB).
+ALL_ARCHS = (80, 86, 89, 90)
 
 
 # --------------------------------------------------------------------------- variants
@@ -830,7 +832,8 @@ def run(archs=DEFAULT_ARCHS, subset: str = "full", jobs: Optional[int] = None, p
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lowrank_kernels.compile_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)),
-                    help="comma-separated compute capabilities, e.g. 80,89,90 (default: 80,90)")
+                    help="comma-separated compute capabilities, e.g. 80,89,90, or 'all' for "
+                         f"{','.join(map(str, ALL_ARCHS))} (default: 80,90)")
     ap.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
     ap.add_argument("--subset", default="full", choices=("ci", "full"))
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: the CPU count, at most 16)")
@@ -842,7 +845,7 @@ def main(argv=None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
-        archs = [int(a) for a in args.arch.split(",") if a.strip()]
+        archs = list(ALL_ARCHS) if args.arch.strip() == "all" else [int(a) for a in args.arch.split(",") if a.strip()]
     except ValueError:
         ap.error(f"--arch: expected comma-separated integers like 80,90, got {args.arch!r}")
     if not archs:

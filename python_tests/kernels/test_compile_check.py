@@ -236,3 +236,15 @@ def test_runtime_option_needs_a_gpu():
     r = subprocess.run([sys.executable, "-m", "lowrank_kernels.compile_check", "--arch", "90", "--runtime"],
                        capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 2 and "no CUDA device" in r.stderr
+
+
+def test_arch_all_is_every_shared_memory_class():
+    """``--arch all``: sm_80 (163 KB), sm_86 and sm_89 (99 KB), sm_90 (227 KB), each with a limit."""
+    assert cc.ALL_ARCHS == (80, 86, 89, 90)
+    assert all(a in L.SMEM_LIMIT for a in cc.ALL_ARCHS) and L.SMEM_LIMIT[86] == L.SMEM_LIMIT[89] == 99 * 1024
+    r = subprocess.run([sys.executable, "-m", "lowrank_kernels.compile_check", "--arch", "all", "--only",
+                        "^adam_update_rfp32_mfp32$", "-q"], capture_output=True, text=True, env=_env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = list(csv.DictReader(r.stdout.splitlines()))
+    assert sorted(x["arch"] for x in got) == ["sm_80", "sm_86", "sm_89", "sm_90"]
+    assert all(x["status"] == "ok" for x in got)
