@@ -191,7 +191,11 @@ def test_two_launches_per_projection_call_one_per_adam_call(device, monkeypatch,
     rs = [torch.randn(ops.low_rank_shape(m, n, r, "right"), generator=_gen(1)).to(device) for m, n, r in shapes]
     with use_backend("triton"):
         ops.adam_foreach_update_(rs, eas, easqs, **HYPER, **extra)
-    assert counter.launches == [("launch", "adam")]
+    # one launch per alignment class: entries whose sizes are multiples of 16 (the 64 x 8 one)
+    # launch apart from the others (see test_adam_mixed_aligned_and_unaligned_entries)
+    classes = {r.shape[-1] % 16 == 0 and min(BS, r.shape[-1]) % 16 == 0 if moments == "q8" else r.numel() % 16 == 0
+               for r in rs}
+    assert counter.launches == [("launch", "adam")] * len(classes)
 
     # the single-tensor ops keep one launch (project) / two launches (step) per parameter
     counter.launches.clear()
