@@ -1,6 +1,7 @@
 """Compile every Triton kernel ahead of time for real GPU archs, on any machine (no GPU needed).
 
-``python -m lowrank_kernels.compile_check [--arch 80,90] [--out FILE.csv] [--subset ci|full] [--jobs N]``
+``python -m lowrank_kernels.compile_check [--arch 80,86,89,90] [--out FILE.csv] [--subset ci|full] [--jobs N]
+[--only REGEX]``
 
 The variants are not written out by hand: the real launchers
 (``kernels/projection.py``, ``kernels/projection_grouped.py``, ``kernels/dct.py``,
@@ -19,7 +20,21 @@ Per compiled kernel: ``registers`` and spill bytes come from ``ptxas -v`` run on
 PTX for ``sm_<arch>`` (``sm_90a`` on Hopper, as Triton compiles it; the ptxas of the
 triton wheel), ``shared_bytes`` from the compiled metadata. ``status`` is ``ok``, or
 ``compile_error``, ``spills`` (any spill store or load), ``smem`` (shared memory above
-the arch's opt-in maximum, :data:`lowrank_kernels.kernels._launch.SMEM_LIMIT`).
+the arch's opt-in maximum, :data:`lowrank_kernels.kernels._launch.SMEM_LIMIT`), or
+``slow_path`` (below).
+
+What the PTX says about speed (:func:`ptx_stats`, static instruction counts):
+``vector_loads`` (``ld.global`` of >= 8 bytes per thread as one vector), ``scalar_loads``
+(``ld.global`` of one element narrower than 8 bytes), ``cp_async`` (asynchronous
+global-to-shared copies: the pipelined K loop), ``mma`` (``mma.sync`` / ``wgmma``), and
+``stages`` (``num_stages``). The rule (:func:`check_counterparts`): a grouped kernel launched
+for an aligned sub-list (constexpr ``ALIGNED``: the host checked every entry's addresses,
+sizes and strides, so the kernel takes ``tl.multiple_of`` hints) keeps at least the vector
+loads of its single-kernel counterpart (the variant's ``thunk.counterpart``: the single
+launchers on the list's first problem, compiled with the grouped launch's tile) and
+``cp.async`` where that has any; else ``slow_path``, unless :data:`KNOWN_SLOWER` gives a
+reason (column ``reason``; an unaligned sub-list's rows say so there and are not compared).
+``counterpart`` names the row compared with. docs/architecture.md, "GPU code checks".
 
 Subsets. ``full`` (the default): every variant below, each with every tile of the
 arch's table (the autotuning candidates included). ``ci`` (the test suite): a
@@ -48,6 +63,9 @@ float32 / bf16 / bf16 stochastic-rounding moments) and its 8-bit form (block siz
 also loads every compiled kernel on the device and adds the driver's register and
 spill counts (``runtime_registers``, ``runtime_spills``); not yet run on a GPU.
 
+``--only REGEX``: only the variants whose name matches. ``--arch``: any of 80, 86, 89, 90
+(and other capabilities >= 80; 86 / 89 launch the 99 KB table), or ``all`` (:data:`ALL_ARCHS`).
+
 Exit status 1 if any row is not ``ok``. Run with ``TRITON_INTERPRET`` unset (or 0):
 the interpreter has no compiler.
 """
@@ -67,10 +85,13 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, NamedTuple, Optional
 
-COLUMNS = ["kernel", "variant", "config", "arch", "registers", "spills", "shared_bytes", "status"]
+COLUMNS = ["kernel", "variant", "config", "arch", "registers", "spills", "shared_bytes", "status",
+           "vector_loads", "scalar_loads", "cp_async", "mma", "stages", "counterpart", "reason"]
 # --runtime (on a GPU of the compiled arch): what the driver reports when it loads the cubin.
 RUNTIME_COLUMNS = ["runtime_registers", "runtime_spills"]
 DEFAULT_ARCHS = (80, 90)
+# Every arch with its own shared-memory limit: A100 (163 KB), consumer Ampere / Ada (99 KB), Hopper (227 KB).
+ALL_ARCHS = (80, 86, 89, 90)
 
 
 # --------------------------------------------------------------------------- variants
@@ -209,40 +230,63 @@ def _variants(subset: str):
             foreach_flags("foreach_skip_coeffs_gfp32_q8b256_left", f32, "left", True)]
 
     # The grouped launches of the multi-tensor op (one project + Adam and one back-project
-    # launch for a list): three odd problems per list (several tiles, one tile, a rank-1
-    # row), with a transposed gradient when ``transposed`` (no unit-stride shortcut) and a
-    # 50000 x 50000 problem when ``int64``.
+    # launch per sub-list): two aligned problems (every address 16-byte aligned, every
+    # dimension and non-unit stride a multiple of 16: the sub-list compiled with alignment
+    # hints) and, when ``mixed``, two odd ones (a ragged problem and a rank-1 row: the
+    # unaligned sub-list, no hints); the first (largest) problem's gradient transposed when
+    # ``transposed`` (no unit-stride shortcut), a 50000 x 50000 problem first when
+    # ``int64``. The variant's single-kernel counterpart (``thunk.counterpart``: the single
+    # launchers on the first problem, same dtypes, projector, moments, flags) is what the
+    # grouped launch of the aligned sub-list is compared with (:func:`check_counterparts`).
     def grouped(name, g_dt, m_dt, p_dt, side, mode, moments="plain", block_size=256, transposed=False, int64=False,
-                flags=False):
+                flags=False, mixed=True):
+        shapes = ([(50000, 50000, 32)] if int64 else []) + [(512, 768, 64), (256, 128, 32)] + \
+            ([(300, 200, 24), (37, 23, 1)] if mixed else [])
+
+        def problem(j, m, n, r):
+            """(param, grad, proj descriptor pieces, moments) of problem ``j``."""
+            param = E(m, n, dtype=g_dt)
+            grad = E(n, m, dtype=g_dt).T if transposed and j == 0 else E(m, n, dtype=g_dt)
+            ls = (m, r) if side == "right" else (r, n)
+            d = {"idx": None, "qs": None, "qm": None, "ma": None, "va": None, "seed": -1}
+            if moments == "q8":
+                d["ea"], d["eas"] = E(*ls, dtype=torch.uint8), E(*ls, dtype=torch.uint8)
+                d["ma"], d["va"] = E(ls[0], -(-ls[1] // block_size)), E(ls[0], -(-ls[1] // block_size))
+            else:
+                mdt = b16 if moments == "sr16" else m_dt
+                d["ea"], d["eas"] = E(*ls, dtype=mdt), E(*ls, dtype=mdt)
+                if moments == "sr16":
+                    d["seed"] = 7 + j
+            if mode == "dense":
+                d["proj"] = E(r, n, dtype=p_dt) if side == "right" else E(m, r, dtype=p_dt)
+            elif mode == "dct":
+                s_ = n if side == "right" else m
+                d["proj"], d["idx"] = E(s_, s_, dtype=p_dt), E(r, dtype=torch.int32)
+            else:  # int4
+                ng = -(-(m * r if side == "left" else r * n) // 256)
+                d["proj"] = E(-(-(r * (n if side == "right" else m)) // 2), dtype=torch.uint8)
+                d["qs"], d["qm"] = E(ng), E(ng)
+            return param, grad, d
+
         def thunk():
-            shapes = [(300, 200, 24), (64, 96, 8), (37, 23, 1)] + ([(50000, 50000, 24)] if int64 else [])
             params, grads, projs, eas, easqs, idx, qs, qm, ranks, mas, vas, seeds = ([] for _ in range(12))
             for j, (m, n, r) in enumerate(shapes):
-                params.append(E(m, n, dtype=g_dt))
-                grads.append(E(n, m, dtype=g_dt).T if transposed and j == 0 else E(m, n, dtype=g_dt))
-                ls = (m, r) if side == "right" else (r, n)
+                param, grad, d = problem(j, m, n, r)
+                params.append(param)
+                grads.append(grad)
+                projs.append(d["proj"])
+                eas.append(d["ea"])
+                easqs.append(d["eas"])
                 if moments == "q8":
-                    eas.append(E(*ls, dtype=torch.uint8))
-                    easqs.append(E(*ls, dtype=torch.uint8))
-                    mas.append(E(ls[0], -(-ls[1] // block_size)))
-                    vas.append(E(ls[0], -(-ls[1] // block_size)))
-                else:
-                    mdt = b16 if moments == "sr16" else m_dt
-                    eas.append(E(*ls, dtype=mdt))
-                    easqs.append(E(*ls, dtype=mdt))
-                    if moments == "sr16":
-                        seeds.append(7 + j)
-                if mode == "dense":
-                    projs.append(E(r, n, dtype=p_dt) if side == "right" else E(m, r, dtype=p_dt))
-                elif mode == "dct":
-                    s_ = n if side == "right" else m
-                    projs.append(E(s_, s_, dtype=p_dt))
-                    idx.append(E(r, dtype=torch.int32))
-                else:  # int4
-                    ng = -(-(m * r if side == "left" else r * n) // 256)
-                    projs.append(E(-(-(r * (n if side == "right" else m)) // 2), dtype=torch.uint8))
-                    qs.append(E(ng))
-                    qm.append(E(ng))
+                    mas.append(d["ma"])
+                    vas.append(d["va"])
+                if moments == "sr16":
+                    seeds.append(d["seed"])
+                if mode == "dct":
+                    idx.append(d["idx"])
+                if mode == "int4":
+                    qs.append(d["qs"])
+                    qm.append(d["qm"])
                     ranks.append(r)
             k = len(shapes)
             kg.projection_foreach_project_update_backproject_triton(
@@ -250,6 +294,25 @@ def _variants(subset: str):
                 idx, qs, qm, ranks, 256 if mode == "int4" else 0, mas, vas, block_size if moments == "q8" else 0,
                 seeds, skip=E(k, dtype=torch.uint8) if flags else None,
                 coeffs=E(k, 2, dtype=torch.float64) if flags else None)
+
+        def counterpart():
+            m, n, r = shapes[0]
+            param, grad, d = problem(0, m, n, r)
+            if mode == "dense":
+                desc = d["proj"]
+            elif mode == "dct":
+                desc = (d["proj"], d["idx"])
+            else:
+                desc = (d["proj"], d["qs"], d["qm"], (r, n) if side == "right" else (m, r), 256)
+            if moments == "q8":
+                fmt = kp.moment_format("compile_check", d["ea"], d["eas"], d["ma"], d["va"], block_size, -1)
+            else:
+                fmt = kp.moment_format("compile_check", d["ea"], d["eas"], None, None, 0, d["seed"])
+            skip = E(1, dtype=torch.uint8) if flags else None
+            upd = kp._launch_project_adam(grad, desc, d["ea"], d["eas"], side, 0.9, 0.999, 1e-8, fmt, skip)
+            kp._launch_backproject_apply(param, upd, desc, side, 0.0, 1.0, skip, E(2, dtype=torch.float64 if flags else f32))
+
+        thunk.counterpart = counterpart
         return name, thunk
 
     if subset == "full":
@@ -271,22 +334,26 @@ def _variants(subset: str):
                 out.append(grouped(f"grouped_gbf16_{side}_{mode}_transposed_flags", b16, f32, pd, side, mode,
                                    transposed=True, flags=True))
                 out.append(grouped(f"grouped_gbf16_{side}_{mode}_int64", b16, f32, pd, side, mode, int64=True))
-    else:  # ci: every projector mode with 16-bit and float32 operands in both kernels, each moment format
+    else:  # ci: every projector mode with 16-bit and float32 operands in both kernels, each moment format;
+        # the unaligned sub-list of a mixed list for a few (its code is the aligned one's without hints)
         out += [
             grouped("grouped_gbf16_mfp32_pbf16_right_dense", b16, f32, b16, "right", "dense"),
             grouped("grouped_gfp32_mfp32_pfp32_left_dense_transposed_flags", f32, f32, f32, "left", "dense",
                     transposed=True, flags=True),
-            grouped("grouped_gbf16_mbf16_pbf16_left_dense", b16, b16, b16, "left", "dense"),
-            grouped("grouped_gbf16_mbf16_pfp32_right_int4", b16, b16, f32, "right", "int4"),
+            grouped("grouped_gbf16_mbf16_pbf16_left_dense", b16, b16, b16, "left", "dense", mixed=False),
+            grouped("grouped_gbf16_mbf16_pfp32_right_int4", b16, b16, f32, "right", "int4", mixed=False),
             grouped("grouped_gfp32_mfp32_pfp32_left_int4", f32, f32, f32, "left", "int4"),
-            grouped("grouped_gfp16_mfp16_pfp16_right_dct", f16, f16, f16, "right", "dct"),
-            grouped("grouped_gfp32_mfp32_pfp32_left_dct", f32, f32, f32, "left", "dct"),
-            grouped("grouped_gbf16_mfp32_pbf16_right_dense_int64", b16, f32, b16, "right", "dense", int64=True),
-            grouped("grouped_gbf16_mbf16sr_pbf16_left_dense", b16, b16, b16, "left", "dense", moments="sr16"),
-            grouped("grouped_gfp32_mbf16sr_pfp32_right_int4", f32, b16, f32, "right", "int4", moments="sr16"),
+            grouped("grouped_gfp16_mfp16_pfp16_right_dct", f16, f16, f16, "right", "dct", mixed=False),
+            grouped("grouped_gfp32_mfp32_pfp32_left_dct", f32, f32, f32, "left", "dct", mixed=False),
+            grouped("grouped_gbf16_mfp32_pbf16_right_dense_int64", b16, f32, b16, "right", "dense", int64=True,
+                    mixed=False),
+            grouped("grouped_gbf16_mbf16sr_pbf16_left_dense", b16, b16, b16, "left", "dense", moments="sr16",
+                    mixed=False),
+            grouped("grouped_gfp32_mbf16sr_pfp32_right_int4", f32, b16, f32, "right", "int4", moments="sr16",
+                    mixed=False),
             grouped("grouped_gbf16_q8b256_pbf16_left_dense", b16, f32, b16, "left", "dense", moments="q8"),
             grouped("grouped_gfp32_q8b64_pfp32_right_dct_flags", f32, f32, f32, "right", "dct", moments="q8",
-                    block_size=64, flags=True),
+                    block_size=64, flags=True, mixed=False),
         ]
 
     # DCT scoring and gathered projection.
@@ -373,22 +440,38 @@ def _variants(subset: str):
             out.append(adam_q8(f"adam_update_r{short[dt]}_q8b{bsz}", dt, (300, 1000), bsz))
     out.append(adam_q8("adam_update_rfp32_q8b256_rank24", f32, (300, 24), 256))
 
-    # adam_foreach_update: one grouped launch per list (plain, bf16 stochastic rounding, 8-bit).
+    # adam_foreach_update: one grouped launch per uniform sub-list (plain, bf16 stochastic
+    # rounding, 8-bit): two aligned entries (16-byte aligned, numel / columns / block a multiple
+    # of 16: the sub-list with alignment hints) and two odd ones (the unaligned sub-list); the
+    # counterpart is the single kernel on the first entry.
     def adam_foreach(name, dt, moments, bsz=256):
+        shapes = [(300, 256), (64, 1024), (1, 7), (30, 24)]
+        u8 = torch.uint8
+
+        def entry(s):
+            r = E(*s, dtype=dt)
+            n = E(*s, dtype=f32 if moments == "q8" else (b16 if moments == "sr16" else dt))
+            mdt = u8 if moments == "q8" else (b16 if moments == "sr16" else dt)
+            ab = E(s[0], -(-s[1] // bsz)) if moments == "q8" else None
+            return r, E(*s, dtype=mdt), E(*s, dtype=mdt), n, ab
+
         def thunk():
-            shapes = [(300, 24), (64, 1000), (1, 7)]
-            u8 = torch.uint8
-            rs = [E(*s, dtype=dt) for s in shapes]
-            ns = [E(*s, dtype=f32 if moments == "q8" else (b16 if moments == "sr16" else dt)) for s in shapes]
+            rs, ms, vs, ns, ab = zip(*(entry(s) for s in shapes))
             if moments == "q8":
-                ms, vs = [E(*s, dtype=u8) for s in shapes], [E(*s, dtype=u8) for s in shapes]
-                ab = [E(s[0], -(-s[1] // bsz)) for s in shapes]
-                ka.adam_foreach_update_triton(rs, ms, vs, ns, 0.9, 0.999, 1e-8, ab, list(ab), bsz, [])
+                ka.adam_foreach_update_triton(list(rs), list(ms), list(vs), list(ns), 0.9, 0.999, 1e-8, list(ab),
+                                              list(ab), bsz, [])
             else:
-                mdt = b16 if moments == "sr16" else dt
-                ms, vs = [E(*s, dtype=mdt) for s in shapes], [E(*s, dtype=mdt) for s in shapes]
-                ka.adam_foreach_update_triton(rs, ms, vs, ns, 0.9, 0.999, 1e-8, [], [], 0,
-                                              [3, 4, 5] if moments == "sr16" else [])
+                ka.adam_foreach_update_triton(list(rs), list(ms), list(vs), list(ns), 0.9, 0.999, 1e-8, [], [], 0,
+                                              [3, 4, 5, 6] if moments == "sr16" else [])
+
+        def counterpart():
+            r, m, v, _, ab = entry(shapes[0])
+            if moments == "q8":
+                ka.adam_update_triton(r, m, v, 0.9, 0.999, 1e-8, m_absmax=ab, v_absmax=E(*ab.shape), block_size=bsz)
+            else:
+                ka.adam_update_triton(r, m, v, 0.9, 0.999, 1e-8, moment_seed=3 if moments == "sr16" else -1)
+
+        thunk.counterpart = counterpart
         return name, thunk
 
     out += [adam_foreach("adam_foreach_rfp32_mfp32", f32, "plain"),
@@ -413,10 +496,32 @@ class Job(NamedTuple):
     attrs: dict
     options: dict
     runtime: bool = False
+    pair: Optional[int] = None  # the single-kernel counterpart job (grouped kernels, aligned sub-list): its index
+    reason: str = ""  # why a grouped row is not compared with a counterpart, or may be slower
 
 
-def _jobs(archs, subset: str) -> List[Job]:
-    """Every (launch, tile, arch) specialization, deduplicated (first variant names it)."""
+# The grouped (multi-tensor) kernels and the single kernel whose code runs each of their tiles.
+GROUPED_COUNTERPART = {
+    "_projection_project_adam_grouped_kernel": "_projection_project_adam_kernel",
+    "_projection_backproject_apply_grouped_kernel": "_projection_backproject_apply_kernel",
+    "_adam_update_grouped_kernel": "_adam_update_kernel",
+    "_adam_update_q8_grouped_kernel": "_adam_update_q8_kernel",
+}
+# Grouped variants allowed fewer vector loads / no cp.async than their counterpart, each with the
+# reason written to the CSV: ``(kernel, variant substring, reason)``. Empty: every aligned grouped
+# launch keeps its single kernel's vector loads and pipelining.
+KNOWN_SLOWER: List[tuple] = []
+UNALIGNED_REASON = "unaligned sub-list: entries the host found unaligned get no alignment hints (by design)"
+
+
+def _jobs(archs, subset: str, only: Optional[str] = None) -> List[Job]:
+    """Every (launch, tile, arch) specialization, deduplicated (first variant names it).
+
+    A grouped launch of an aligned sub-list (constexpr ``ALIGNED``) is paired with its
+    variant's single-kernel counterpart launch (``thunk.counterpart``), compiled with the
+    grouped launch's tile and ``EVEN_K``: its job's ``pair`` is the counterpart job's key.
+    ``only``: a regular expression; only variants whose name it finds are compiled.
+    """
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -424,12 +529,23 @@ def _jobs(archs, subset: str) -> List[Job]:
     from lowrank_kernels.kernels import _launch as L
 
     launches = []
+    counterparts = {}  # id(grouped launch) -> the counterpart launches of its variant
     for name, thunk in _variants(subset):
+        if only and not re.search(only, name):
+            continue
         with L.capture() as caps:
             thunk()
         if not caps:
             raise RuntimeError(f"compile_check: variant {name} launched nothing")
+        single = getattr(thunk, "counterpart", None)
+        if single is not None:
+            with L.capture() as cps:
+                single()
+            for c in caps:
+                counterparts[id(c)] = cps
         launches += [(name, c) for c in caps]
+    if not launches:
+        raise ValueError(f"compile_check: no variant matches {only!r}")
 
     # Base specializations on which every default tile is compiled (ci): the first
     # launch of each GEMM kernel per operand width and projector mode.
@@ -443,6 +559,25 @@ def _jobs(archs, subset: str) -> List[Job]:
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
         backend = make_backend(target)
+
+        def add(name, c, meta, cfg, pair=None, reason=""):
+            jf = c.kernel
+            binder = create_function_from_signature(jf.signature, jf.params, backend)
+            bound, spec, opts = binder(*c.args, **meta)
+            options, signature, constexprs, attrs = jf._pack_args(backend, meta, bound, spec, opts)
+            fn_name = f"{jf.fn.__module__}:{jf.fn.__name__}"
+            key = (fn_name, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
+                   repr(sorted(attrs.items(), key=str)), repr(sorted(options.__dict__.items(), key=str)))
+            if key in jobs:
+                shared_by[key] += 1
+                if pair is not None and jobs[key].pair is None:
+                    jobs[key] = jobs[key]._replace(pair=pair, reason="")
+                return key
+            shared_by[key] = 0
+            jobs[key] = Job(fn_name, name, cfg, arch, signature, constexprs, attrs, dict(options.__dict__),
+                            pair=pair, reason=reason)
+            return key
+
         todo = []
         for name, c in launches:
             if c.tile_kernel is None:
@@ -457,23 +592,26 @@ def _jobs(archs, subset: str) -> List[Job]:
                 todo += [(f"{name}[tile]", c, t) for t in L.default_tiles(tk, arch, wide=wide, mode=mode,
                                                                            qblock=qblock or 256)]
         for name, c, tile in todo:
-            jf = c.kernel
             meta = c.meta if tile is None else c.with_tile(tile)
-            binder = create_function_from_signature(jf.signature, jf.params, backend)
-            bound, spec, opts = binder(*c.args, **meta)
-            options, signature, constexprs, attrs = jf._pack_args(backend, meta, bound, spec, opts)
-            fn_name = f"{jf.fn.__module__}:{jf.fn.__name__}"
             cfg = tile.label() if tile is not None else "fixed_" + "_".join(
                 f"{k}{meta[k]}" for k in sorted(meta) if k in ("GPP", "CH", "BLOCK", "BLOCK_R", "BLOCK_C")) + \
                 f"_w{meta.get('num_warps', 4)}"
-            key = (fn_name, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
-                   repr(sorted(attrs.items(), key=str)), repr(sorted(options.__dict__.items(), key=str)))
-            if key in jobs:
-                shared_by[key] += 1
-                continue
-            shared_by[key] = 0
-            jobs[key] = Job(fn_name, name, cfg, arch, signature, constexprs, attrs, dict(options.__dict__))
-    return [j._replace(variant=j.variant + (f" (+{shared_by[k]})" if shared_by[k] else "")) for k, j in jobs.items()]
+            pair, reason = None, ""
+            single_name = GROUPED_COUNTERPART.get(c.kernel.fn.__name__)
+            if single_name is not None:
+                if not meta.get("ALIGNED", False):
+                    reason = UNALIGNED_REASON
+                else:
+                    cp = [x for x in counterparts.get(id(c), ()) if x.kernel.fn.__name__ == single_name]
+                    if not cp:
+                        raise RuntimeError(f"compile_check: variant {name}: no {single_name} counterpart launch")
+                    cp = cp[0]
+                    cmeta = cp.meta if tile is None else dict(cp.with_tile(tile), EVEN_K=meta["EVEN_K"])
+                    pair = add(f"{name}[single]", cp, cmeta, cfg)
+            add(name, c, meta, cfg, pair, reason)
+    index = {k: i for i, k in enumerate(jobs)}  # pair: the counterpart's position in the returned list
+    return [j._replace(variant=j.variant + (f" (+{shared_by[k]})" if shared_by[k] else ""),
+                       pair=None if j.pair is None else index[j.pair]) for k, j in jobs.items()]
 
 
 _PTXAS_CACHE = None
@@ -536,6 +674,69 @@ def _run_ptxas(ptx: str, arch: int, fusion: bool) -> dict:
     return stats
 
 
+# Global loads in the PTX (static instruction counts): ``ld.global[.<qualifiers>][.v2|.v4|.v8].<type>``.
+_LD_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?ld\.global((?:\.[\w:]+)*)\s", re.M)
+_CP_ASYNC_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.(?:ca|cg|bulk)(?!\.(?:commit|wait))[\w:.]*\s", re.M)
+_MMA_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:mma\.sync|wgmma\.mma_async)[\w:.]*\s", re.M)
+
+
+def ptx_stats(ptx: str) -> dict:
+    """Static counts of the instructions that tell a fast kernel from a slow one in ``ptx``.
+
+    ``vector_loads``: ``ld.global`` instructions that move at least 8 bytes per thread as a
+    vector (``.v2`` / ``.v4`` / ``.v8`` of an element type whose width times the vector length
+    is >= 8 bytes: ``ld.global.v2.b32``, ``ld.global.v4.b32``, ``ld.global.v4.b16``, ...).
+    ``scalar_loads``: ``ld.global`` instructions of one element narrower than 8 bytes
+    (``.b8`` / ``.b16`` / ``.b32``, no vector suffix): per-element loads of tile data. 8-byte
+    scalars (``.b64``: table fields, addresses) and narrower vectors are in neither count.
+    ``cp_async``: asynchronous global-to-shared copies (``cp.async.ca`` / ``cp.async.cg`` /
+    ``cp.async.bulk``, not the commit / wait instructions): the software-pipelined K loop.
+    ``mma``: tensor-core instructions (``mma.sync``, ``wgmma.mma_async``)."""
+    vec = sca = 0
+    for quals in _LD_RE.findall(ptx):
+        parts = quals.split(".")
+        width = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bsuf]\d+", p)), 0) // 8
+        lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        if lanes > 1 and lanes * width >= 8:
+            vec += 1
+        elif lanes == 1 and 0 < width < 8:
+            sca += 1
+    return {"vector_loads": vec, "scalar_loads": sca, "cp_async": len(_CP_ASYNC_RE.findall(ptx)),
+            "mma": len(_MMA_RE.findall(ptx))}
+
+
+def check_counterparts(rows: List[dict], jobs: List[Job]) -> None:
+    """The fast-path rule, in place on ``rows`` (one per job, same order).
+
+    A grouped kernel's row compiled for an aligned sub-list must keep what its single-kernel
+    counterpart (same dtypes, projector, moments, tile) has: at least as many vector loads,
+    and ``cp.async`` when the counterpart has any. Otherwise its status becomes ``slow_path``
+    unless :data:`KNOWN_SLOWER` gives a reason (written to ``reason``, status unchanged).
+    ``counterpart`` names the row compared with; an unaligned sub-list's row says so in
+    ``reason`` and is not compared."""
+    for row, job in zip(rows, jobs):
+        if job.reason and not row.get("reason"):
+            row["reason"] = job.reason
+        if job.pair is None:
+            continue
+        single = rows[job.pair]
+        row["counterpart"] = f"{single['kernel']} {single['config']} ({single['variant']})"
+        if row["status"] != "ok" or single["status"] != "ok":
+            continue
+        lost = []
+        if int(row["vector_loads"]) < int(single["vector_loads"]):
+            lost.append(f"vector_loads {row['vector_loads']} < {single['vector_loads']}")
+        if int(single["cp_async"]) > 0 and int(row["cp_async"]) == 0:
+            lost.append(f"no cp.async ({single['cp_async']} in the single kernel)")
+        if not lost:
+            continue
+        known = [r for k, v, r in KNOWN_SLOWER if k == row["kernel"] and v in row["variant"]]
+        if known:
+            row["reason"] = known[0]
+        else:
+            row["status"] = "slow_path: " + ", ".join(lost)
+
+
 def _compile(job: Job) -> dict:
     """Compile one job; the CSV row."""
     import importlib
@@ -549,8 +750,9 @@ def _compile(job: Job) -> dict:
 
     mod, attr = job.kernel.split(":")
     jf = getattr(importlib.import_module(mod), attr)
-    row = {"kernel": attr, "variant": job.variant, "config": job.config, "arch": f"sm_{job.arch}",
-           "registers": "", "spills": "", "shared_bytes": "", "status": ""}
+    row = {c: "" for c in COLUMNS}
+    row.update(kernel=attr, variant=job.variant, config=job.config, arch=f"sm_{job.arch}",
+               stages=job.options.get("num_stages", ""))
     try:
         # Triton runs `ptxas -v` itself when it compiles (not on a cache hit): keep its log.
         buf = io.StringIO()
@@ -573,6 +775,7 @@ def _compile(job: Job) -> dict:
             row["status"] = "load_error: " + " ".join(str(e).split())[:300]
             return row
     shared = int(k.metadata.shared)
+    row.update(ptx_stats(k.asm["ptx"]))
     row.update(registers=stats["registers"], spills=stats["spill_stores"] + stats["spill_loads"], shared_bytes=shared)
     limit = L.SMEM_LIMIT[job.arch] if job.arch in L.SMEM_LIMIT else L.SMEM_LIMIT[L.table_arch(job.arch)]
     if row["spills"] or row.get("runtime_spills"):
@@ -585,7 +788,7 @@ def _compile(job: Job) -> dict:
 
 
 def run(archs=DEFAULT_ARCHS, subset: str = "full", jobs: Optional[int] = None, progress=None,
-        runtime: bool = False) -> List[dict]:
+        runtime: bool = False, only: Optional[str] = None) -> List[dict]:
     """Compile every variant for ``archs``; the CSV rows (see the module doc).
 
     ``runtime``: also load each kernel on the current CUDA device (whose arch must be the
@@ -609,7 +812,7 @@ def run(archs=DEFAULT_ARCHS, subset: str = "full", jobs: Optional[int] = None, p
         major, minor = torch.cuda.get_device_capability()
         if list(archs) != [10 * major + minor]:
             raise ValueError(f"compile_check --runtime: --arch must be this GPU's arch, {10 * major + minor}")
-    todo = [j._replace(runtime=runtime) for j in _jobs(tuple(archs), subset)]
+    todo = [j._replace(runtime=runtime) for j in _jobs(tuple(archs), subset, only)]
     n = max(1, int(jobs or min(16, os.cpu_count() or 1)))
     rows = []
     if n == 1:
@@ -625,23 +828,27 @@ def run(archs=DEFAULT_ARCHS, subset: str = "full", jobs: Optional[int] = None, p
                 rows.append(row)
                 if progress:
                     progress(row, len(rows), len(todo))
+    check_counterparts(rows, todo)
     return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lowrank_kernels.compile_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)),
-                    help="comma-separated compute capabilities, e.g. 80,89,90 (default: 80,90)")
+                    help="comma-separated compute capabilities, e.g. 80,89,90, or 'all' for "
+                         f"{','.join(map(str, ALL_ARCHS))} (default: 80,90)")
     ap.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
     ap.add_argument("--subset", default="full", choices=("ci", "full"))
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: the CPU count, at most 16)")
     ap.add_argument("--runtime", action="store_true",
                     help="also load each kernel on this machine's GPU (arch = --arch) and add the driver's "
                          "register/spill counts (columns runtime_registers, runtime_spills)")
+    ap.add_argument("--only", default=None, metavar="REGEX",
+                    help="compile only the variants whose name matches this regular expression")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
-        archs = [int(a) for a in args.arch.split(",") if a.strip()]
+        archs = list(ALL_ARCHS) if args.arch.strip() == "all" else [int(a) for a in args.arch.split(",") if a.strip()]
     except ValueError:
         ap.error(f"--arch: expected comma-separated integers like 80,90, got {args.arch!r}")
     if not archs:
@@ -650,11 +857,13 @@ def main(argv=None) -> int:
     def progress(row, i, n):
         if not args.quiet:
             print(f"[{i}/{n}] {row['arch']} {row['kernel']} {row['config']} regs={row['registers']} "
-                  f"spills={row['spills']} smem={row['shared_bytes']} {row['status']}  ({row['variant']})",
+                  f"spills={row['spills']} smem={row['shared_bytes']} vec={row['vector_loads']} "
+                  f"scalar={row['scalar_loads']} cp.async={row['cp_async']} mma={row['mma']} {row['status']}  "
+                  f"({row['variant']})",
                   file=sys.stderr, flush=True)
 
     try:
-        rows = run(archs, args.subset, args.jobs, progress, runtime=args.runtime)
+        rows = run(archs, args.subset, args.jobs, progress, runtime=args.runtime, only=args.only)
     except (RuntimeError, ValueError) as e:
         print(e, file=sys.stderr)
         return 2

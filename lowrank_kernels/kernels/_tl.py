@@ -4,7 +4,9 @@
   interpreter, whose float32 -> bfloat16 conversion truncates);
 - :func:`_group_ids_at`: the GROUP_M tile swizzle (L2 reuse of the big operand);
 - :func:`_grouped_problem`: the tile scheduler of the grouped (multi-tensor) kernels, a
-  binary search over a host-built table of each problem's first tile.
+  binary search over a host-built table of each problem's first tile;
+- :func:`_grouped_ptr`: a typed pointer read from such a table, with the 16-byte alignment
+  hint of an aligned sub-list.
 """
 from __future__ import annotations
 
@@ -59,3 +61,15 @@ def _grouped_problem(tab_ptr, pid, n_problems, NF: tl.constexpr, TS: tl.constexp
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
     return tab_ptr + lo.to(tl.int64) * NF
+
+
+@triton.jit
+def _grouped_ptr(row, F: tl.constexpr, like, ALIGNED: tl.constexpr):
+    """Address field ``F`` as a pointer to ``like``'s element type; ``ALIGNED``: the host
+    checked it is 16-byte aligned in every problem (what Triton's specialization tells the
+    single kernels about a tensor argument), so loads through it can be vectorized. Used by
+    the grouped projection kernels and the grouped elementwise Adam kernels."""
+    p = tl.load(row + F).to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p

@@ -16,11 +16,12 @@ values and requantizes (fresh absmax per block, nearest map entry), with the hel
 kernels/moments.py, as the projection epilogue, so no float32 moment reaches memory.
 
 Multi-tensor form: ``_adam_update_grouped_kernel`` / ``_adam_update_q8_grouped_kernel``
-run ``adam_foreach_update`` in ONE launch per list (per dtype / format sub-list of a mixed
-list), as torch's ``multi_tensor_apply``: a table with one row per tensor (addresses, sizes,
-seeds, first chunk), each program one chunk of one tensor found by a binary search over the
-tensors' first chunks, the chunk computed by the single kernels' bodies (``_adam_block``,
-``_adam_q8_block``): bitwise the single launches' results.
+run ``adam_foreach_update`` in ONE launch per list (per dtype / format / alignment
+sub-list of a mixed list; :func:`adam_alignment`), as torch's ``multi_tensor_apply``: a
+table with one row per tensor (addresses, sizes, seeds, first chunk), each program one
+chunk of one tensor found by a binary search over the tensors' first chunks, the chunk
+computed by the single kernels' bodies (``_adam_block``, ``_adam_q8_block``): bitwise the
+single launches' results.
 
 Non-contiguous inputs go through contiguous copies (the moments are copied back after
 the kernel): the optimizers pass contiguous state, so that path is for correctness only.
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels import _launch as L
-from lowrank_kernels.kernels._tl import _cast_out, _grouped_problem
+from lowrank_kernels.kernels._tl import _cast_out, _grouped_problem, _grouped_ptr
 from lowrank_kernels.kernels.moments import (
     MOMENTS_Q8,
     _foreach_moment_formats,
@@ -45,6 +46,7 @@ from lowrank_kernels.kernels.moments import (
     q8_maps,
 )
 
+_address = L.address
 _check_dtypes = L.check_dtypes
 
 _BLOCK = 1024
@@ -65,10 +67,13 @@ def _adam_moments(m, v, r, beta1, one_minus_beta1, beta2, one_minus_beta2):
     return m, v
 
 
-@triton.jit
+# The stochastic-rounding keys change every step (they come from the step's seed): typed int64
+# and not specialized, so every seed launches the same compiled kernel (Triton otherwise
+# specializes an integer argument on its value: 1, divisibility by 16, int32 vs int64 range).
+@triton.jit(do_not_specialize=["k1", "k2"])
 def _adam_update_kernel(
     r_ptr, m_ptr, v_ptr, n_ptr, numel,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1, k2,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1: tl.int64, k2: tl.int64,
     BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SR: tl.constexpr,
 ):
     """Flat blocks of ``BLOCK`` elements; ``SR``: bf16 moments stored with stochastic
@@ -167,10 +172,13 @@ def _adam_update_grouped_kernel(
     tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, n_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SR: tl.constexpr, STEPS: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
     """:func:`_adam_update_kernel` over a list of tensors in one launch: program ``pid`` is
     chunk ``pid - first[e]`` of entry ``e`` (table ``tab_ptr``, ``n_entries`` rows; ``r_ptr``
-    .. ``n_ptr``: tensors of the launch's dtypes, typing the table's addresses)."""
+    .. ``n_ptr``: tensors of the launch's dtypes, typing the table's addresses). ``ALIGNED``:
+    the host checked every entry's addresses (16 bytes) and ``numel`` (16) (:func:`adam_alignment`):
+    hinted, so the loads and stores are vectorized as the single kernel's."""
     pid = tl.program_id(0)
     row = _grouped_problem(tab_ptr, pid, n_entries, _NA, _A_START, STEPS)
     chunk = pid - tl.load(row + _A_START).to(tl.int32)
@@ -180,12 +188,13 @@ def _adam_update_grouped_kernel(
     if SR:
         k1 = tl.load(row + _A_K1)
         k2 = tl.load(row + _A_K2)
+    numel = tl.load(row + _A_NUMEL)
+    if ALIGNED:
+        numel = tl.multiple_of(numel, 16)
     _adam_block(
-        tl.load(row + _A_R).to(tl.pointer_type(r_ptr.dtype.element_ty)),
-        tl.load(row + _A_M).to(tl.pointer_type(m_ptr.dtype.element_ty)),
-        tl.load(row + _A_V).to(tl.pointer_type(v_ptr.dtype.element_ty)),
-        tl.load(row + _A_N).to(tl.pointer_type(n_ptr.dtype.element_ty)),
-        offs, tl.load(row + _A_NUMEL), beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1, k2, INTERPRET, SR,
+        _grouped_ptr(row, _A_R, r_ptr, ALIGNED), _grouped_ptr(row, _A_M, m_ptr, ALIGNED),
+        _grouped_ptr(row, _A_V, v_ptr, ALIGNED), _grouped_ptr(row, _A_N, n_ptr, ALIGNED),
+        offs, numel, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, k1, k2, INTERPRET, SR,
     )
 
 
@@ -193,26 +202,45 @@ def _adam_update_grouped_kernel(
 def _adam_update_q8_grouped_kernel(
     tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEPS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEPS: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     """:func:`_adam_update_q8_kernel` over a list of tensors in one launch (``BLOCK_C`` lanes
-    cover the widest quantization block of the list; narrower blocks mask the rest)."""
+    cover the widest quantization block of the list; narrower blocks mask the rest).
+    ``ALIGNED``: addresses 16-byte aligned, columns and quantization step multiples of 16 in
+    every entry (:func:`adam_alignment`), hinted."""
     pid = tl.program_id(0)
     row = _grouped_problem(tab_ptr, pid, n_entries, _NA, _A_START, STEPS)
     chunk = pid - tl.load(row + _A_START).to(tl.int32)
     nblk = tl.load(row + _A_NBLK).to(tl.int32)
     rblk = chunk // nblk
+    cols = tl.load(row + _A_COLS)
+    qstep = tl.load(row + _A_QSTEP).to(tl.int32)
+    if ALIGNED:
+        cols = tl.multiple_of(cols, 16)
+        qstep = tl.multiple_of(qstep, 16)
     _adam_q8_block(
-        tl.load(row + _A_R).to(tl.pointer_type(r_ptr.dtype.element_ty)),
-        tl.load(row + _A_M).to(tl.pointer_type(m_ptr.dtype.element_ty)),
-        tl.load(row + _A_V).to(tl.pointer_type(v_ptr.dtype.element_ty)),
-        tl.load(row + _A_MA).to(tl.pointer_type(ma_ptr.dtype.element_ty)),
-        tl.load(row + _A_VA).to(tl.pointer_type(va_ptr.dtype.element_ty)),
-        qmap_ptr,
-        tl.load(row + _A_N).to(tl.pointer_type(n_ptr.dtype.element_ty)),
-        rblk, chunk - rblk * nblk, tl.load(row + _A_NUMEL), tl.load(row + _A_COLS), nblk,
-        tl.load(row + _A_QSTEP).to(tl.int32), beta1, one_minus_beta1, beta2, one_minus_beta2, eps, BLOCK_R, BLOCK_C,
+        _grouped_ptr(row, _A_R, r_ptr, ALIGNED), _grouped_ptr(row, _A_M, m_ptr, ALIGNED),
+        _grouped_ptr(row, _A_V, v_ptr, ALIGNED), _grouped_ptr(row, _A_MA, ma_ptr, ALIGNED),
+        _grouped_ptr(row, _A_VA, va_ptr, ALIGNED), qmap_ptr, _grouped_ptr(row, _A_N, n_ptr, ALIGNED),
+        rblk, chunk - rblk * nblk, tl.load(row + _A_NUMEL), cols, nblk,
+        qstep, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, BLOCK_R, BLOCK_C,
     )
+
+
+def adam_alignment(r, m, v, n, fmt) -> bool:
+    """Whether one entry of ``adam_foreach_update``'s grouped launch may take alignment hints
+    (the contiguous operands ``r``, ``m``, ``v``, ``n`` it reads): every address (the 8-bit
+    absmax too) 16-byte aligned, and ``numel`` (8-bit moments: the columns and the quantization
+    step ``min(block_size, cols)``) a multiple of 16, what Triton's specialization tells the
+    single kernel. Aligned and unaligned entries go to separate launches."""
+    tensors = [r, m, v, n]
+    if fmt.mode == MOMENTS_Q8:
+        cols = n.shape[-1]
+        tensors += [fmt.m_absmax, fmt.v_absmax]
+        sizes = [cols, min(fmt.block_size, cols)]
+    else:
+        sizes = [n.numel()]
+    return not (any(_address(t) % 16 for t in tensors) or any(x % 16 for x in sizes))
 
 
 def _launch(r, m, v, out, numel, beta1, beta2, eps, fmt):
@@ -286,18 +314,20 @@ def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_a
     for i in range(len(r)):
         _check_dtypes(f"adam_foreach_update (entry {i})", (("r", r[i]),) + _moment_named(fmts[i], exp_avg[i],
                                                                                           exp_avg_sq[i]))
+    # contiguous operands (copies of the odd ones; the moments' copies are written back)
+    live = [i for i in range(len(r)) if n[i].numel()]
+    rc = {i: r[i].contiguous() for i in live}
+    mc = {i: exp_avg[i] if exp_avg[i].is_contiguous() else exp_avg[i].contiguous() for i in live}
+    vc = {i: exp_avg_sq[i] if exp_avg_sq[i].is_contiguous() else exp_avg_sq[i].contiguous() for i in live}
     groups: dict = {}
-    for i in range(len(r)):
-        if n[i].numel():
-            key = (r[i].dtype, exp_avg[i].dtype, exp_avg_sq[i].dtype, n[i].dtype, fmts[i].mode)
-            groups.setdefault(key, []).append(i)
-    for members in groups.values():
+    for i in live:
+        key = (r[i].dtype, exp_avg[i].dtype, exp_avg_sq[i].dtype, n[i].dtype, fmts[i].mode,
+               adam_alignment(rc[i], mc[i], vc[i], n[i], fmts[i]))
+        groups.setdefault(key, []).append(i)
+    for key, members in groups.items():
+        aligned = key[-1]
         dev = n[members[0]].device
         meta = dev.type == "meta"
-        # contiguous operands (copies of the odd ones; the moments' copies are written back)
-        rc = {i: r[i].contiguous() for i in members}
-        mc = {i: exp_avg[i] if exp_avg[i].is_contiguous() else exp_avg[i].contiguous() for i in members}
-        vc = {i: exp_avg_sq[i] if exp_avg_sq[i].is_contiguous() else exp_avg_sq[i].contiguous() for i in members}
 
         def ptr(t):
             return 0 if meta else t.data_ptr()
@@ -330,13 +360,14 @@ def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_a
             L.launch(
                 "adam", _adam_update_q8_grouped_kernel, (chunks,),
                 (tab, count, rc[i0], mc[i0], vc[i0], fmt0.m_absmax, fmt0.v_absmax, q8_maps(dev), n[i0], *betas),
-                dict(BLOCK_R=block_r, BLOCK_C=block_c, STEPS=steps, num_warps=8), device=dev,
+                dict(BLOCK_R=block_r, BLOCK_C=block_c, STEPS=steps, ALIGNED=aligned, num_warps=8), device=dev,
             )
         else:
             L.launch(
                 "adam", _adam_update_grouped_kernel, (chunks,),
                 (tab, count, rc[i0], mc[i0], vc[i0], n[i0], *betas),
-                dict(BLOCK=_BLOCK, INTERPRET=L.INTERPRET, SR=fmt0.mode != 0, STEPS=steps, num_warps=4), device=dev,
+                dict(BLOCK=_BLOCK, INTERPRET=L.INTERPRET, SR=fmt0.mode != 0, STEPS=steps, ALIGNED=aligned,
+                     num_warps=4), device=dev,
             )
         for i in members:
             if mc[i] is not exp_avg[i]:

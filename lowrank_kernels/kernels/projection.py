@@ -108,7 +108,10 @@ _needs_int64 = L.needs_int64
 
 
 # --------------------------------------------------------------------------- project + Adam
-@triton.jit
+# The stochastic-rounding keys change every step (they come from the step's seed): typed int64
+# and not specialized, so every seed launches the same compiled kernel (Triton otherwise
+# specializes an integer argument on its value: 1, divisibility by 16, int32 vs int64 range).
+@triton.jit(do_not_specialize=["k1", "k2"])
 def _projection_project_adam_kernel(
     g_ptr, p_ptr, m_ptr, v_ptr, n_ptr,
     M, N, K,
@@ -119,7 +122,7 @@ def _projection_project_adam_kernel(
     stride_n0, stride_n1,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     aux0_ptr, aux1_ptr, aux_int, aux_bound,
-    ma_ptr, va_ptr, qmap_ptr, qstep, nblk, k1, k2, sr_off,
+    ma_ptr, va_ptr, qmap_ptr, qstep, nblk, k1: tl.int64, k2: tl.int64, sr_off,
     skip_ptr,
     SIDE_RIGHT: tl.constexpr,
     PROJ_MODE: tl.constexpr,

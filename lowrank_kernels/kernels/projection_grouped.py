@@ -5,7 +5,9 @@ run the single kernels of kernels/projection.py over a whole list of parameters 
 shapes, one launch each; the launcher
 :func:`projection_foreach_project_update_backproject_triton` (the Triton backend of
 ``lowrank_kernels::projection_foreach_project_update_backproject``) splits a list that
-mixes dtypes or moment formats into uniform sub-lists. One tile config per grouped launch
+mixes dtypes or moment formats into uniform sub-lists, and those by alignment
+(:func:`grouped_alignment`: entries the host checked aligned launch apart, with constexpr
+``ALIGNED`` and ``tl.multiple_of`` hints on their table fields). One tile config per grouped launch
 (the table's tile of the largest problem; ``*_grouped`` tables in kernels/_launch.py).
 
 A grouped launch runs one kernel over a list of problems (parameters): one program per
@@ -33,6 +35,7 @@ import triton.language as tl
 
 from lowrank_kernels.kernels import _launch as L
 from lowrank_kernels.kernels._projection_tile import (
+    PROJ_DENSE,
     _backproject_apply_tile,
     _op_bytes,
     _proj_launch_args,
@@ -41,12 +44,13 @@ from lowrank_kernels.kernels._projection_tile import (
     _tile_offsets_at,
     _tile_offsets_q8_at,
 )
-from lowrank_kernels.kernels._tl import _grouped_problem
+from lowrank_kernels.kernels._tl import _grouped_problem, _grouped_ptr
 from lowrank_kernels.kernels.moments import MOMENTS_Q8, MOMENTS_SR16, _foreach_moment_formats, _moment_named, q8_maps
 from lowrank_kernels.reference.projection import adam_step_size, projector_tail
 
 _INTERPRET = L.INTERPRET
 _INT32_MAX = L.INT32_MAX
+_address = L.address
 _check_dtypes = L.check_dtypes
 _dot_config = L.dot_config
 _needs_int64 = L.needs_int64
@@ -105,7 +109,7 @@ def _grouped_int(row, F: tl.constexpr, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE: tl.constexpr):
+def _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE: tl.constexpr, ALIGNED: tl.constexpr = False):
     """A problem's projector extras from its table row: ``(aux0, aux1, aux_int, aux_bound)`` as
     ``_proj_launch_args`` gives the single kernels (DCT indices / INT4 scale and minimum); the
     launch's placeholders and zeros for a dense projector."""
@@ -114,20 +118,35 @@ def _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE: tl.constexpr):
     aux_int = 0
     aux_bound = 0
     if PROJ_MODE != 0:
-        a0 = tl.load(row + _F_A0).to(tl.pointer_type(aux0_ptr.dtype.element_ty))
-        a1 = tl.load(row + _F_A1).to(tl.pointer_type(aux1_ptr.dtype.element_ty))
+        a0 = _grouped_ptr(row, _F_A0, aux0_ptr, ALIGNED)
+        a1 = _grouped_ptr(row, _F_A1, aux1_ptr, ALIGNED)
         aux_int = tl.load(row + _F_AUXI).to(tl.int32)
         aux_bound = tl.load(row + _F_AUXB).to(tl.int32)
     return a0, a1, aux_int, aux_bound
 
 
 @triton.jit
-def _grouped_stride(row, F: tl.constexpr, BIT: tl.constexpr, UNIT: tl.constexpr, IDX64: tl.constexpr):
-    """Stride field ``F``, or the constant 1 when ``UNIT`` says it is 1 in every problem."""
+def _grouped_stride(row, F: tl.constexpr, BIT: tl.constexpr, UNIT: tl.constexpr, IDX64: tl.constexpr,
+                    ALIGNED: tl.constexpr = False):
+    """Stride field ``F``, or the constant 1 when ``UNIT`` says it is 1 in every problem;
+    ``ALIGNED``: the host checked that a non-unit stride is a multiple of 16 in every problem."""
     s = 1
     if (UNIT & BIT) == 0:
         s = _grouped_int(row, F, IDX64)
+        if ALIGNED:
+            s = tl.multiple_of(s, 16)
     return s
+
+
+@triton.jit
+def _grouped_dim(row, F: tl.constexpr, ALIGNED: tl.constexpr):
+    """Dimension field ``F`` (int32); ``ALIGNED``: a multiple of 16 in every problem (the masks
+    along a contiguous dimension then stay constant over a vector, as the single kernels'
+    masks against a size Triton specialized as divisible by 16)."""
+    d = tl.load(row + F).to(tl.int32)
+    if ALIGNED:
+        d = tl.multiple_of(d, 16)
+    return d
 
 
 @triton.jit
@@ -152,6 +171,7 @@ def _projection_project_adam_grouped_kernel(
     EVEN_K: tl.constexpr,
     SKIP: tl.constexpr = False,
     STEPS: tl.constexpr = 0,
+    ALIGNED: tl.constexpr = False,
 ):
     """``_projection_project_adam_kernel`` (kernels/projection.py) over a list of problems in one launch.
 
@@ -164,9 +184,9 @@ def _projection_project_adam_grouped_kernel(
     pid = tl.program_id(0)
     row = _grouped_problem(tab_ptr, pid, n_problems, _NF, _F_TS_P, STEPS)
     tile = pid - tl.load(row + _F_TS_P).to(tl.int32)
-    dm = tl.load(row + _F_DM).to(tl.int32)
-    dn = tl.load(row + _F_DN).to(tl.int32)
-    dr = tl.load(row + _F_DR).to(tl.int32)
+    dm = _grouped_dim(row, _F_DM, ALIGNED)
+    dn = _grouped_dim(row, _F_DN, ALIGNED)
+    dr = _grouped_dim(row, _F_DR, ALIGNED)
     if SIDE_RIGHT:  # R = G P^T (m x r), reduction over n
         M = dm
         N = dr
@@ -175,12 +195,12 @@ def _projection_project_adam_grouped_kernel(
         M = dr
         N = dn
         K = dm
-    gp = tl.load(row + _F_G).to(tl.pointer_type(g_ptr.dtype.element_ty))
-    pp = tl.load(row + _F_P).to(tl.pointer_type(p_ptr.dtype.element_ty))
-    mp = tl.load(row + _F_M).to(tl.pointer_type(m_ptr.dtype.element_ty))
-    vp = tl.load(row + _F_V).to(tl.pointer_type(v_ptr.dtype.element_ty))
-    np_ = n_ptr + tl.load(row + _F_OUT)
-    a0, a1, aux_int, aux_bound = _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE)
+    gp = _grouped_ptr(row, _F_G, g_ptr, ALIGNED)
+    pp = _grouped_ptr(row, _F_P, p_ptr, ALIGNED)
+    mp = _grouped_ptr(row, _F_M, m_ptr, ALIGNED)
+    vp = _grouped_ptr(row, _F_V, v_ptr, ALIGNED)
+    np_ = n_ptr + tl.multiple_of(tl.load(row + _F_OUT), 16)  # every N starts 16-element aligned
+    a0, a1, aux_int, aux_bound = _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE, ALIGNED)
     ma = ma_ptr
     va = va_ptr
     nblk = 0
@@ -188,9 +208,9 @@ def _projection_project_adam_grouped_kernel(
     k2 = 0
     sr_off = 0
     if MOMENTS == 2:
-        ma = tl.load(row + _F_MA).to(tl.pointer_type(ma_ptr.dtype.element_ty))
-        va = tl.load(row + _F_VA).to(tl.pointer_type(va_ptr.dtype.element_ty))
-        qstep = tl.load(row + _F_QSTEP).to(tl.int32)
+        ma = _grouped_ptr(row, _F_MA, ma_ptr, ALIGNED)
+        va = _grouped_ptr(row, _F_VA, va_ptr, ALIGNED)
+        qstep = _grouped_dim(row, _F_QSTEP, ALIGNED)
         nblk = tl.load(row + _F_NBLK).to(tl.int32)
         offs_m, offs_n, offs_k, mask_m, mask_n, blk = _tile_offsets_q8_at(tile, M, N, qstep, BLOCK_M, BLOCK_N,
                                                                           BLOCK_K, GROUP_M, IDX64)
@@ -207,10 +227,10 @@ def _projection_project_adam_grouped_kernel(
         sk = skip_ptr + tl.load(row + _F_IDX)
     _project_adam_tile(
         gp, pp, mp, vp, np_, offs_m, offs_n, offs_k, mask_m, mask_n, blk, N, K,
-        _grouped_stride(row, _F_G0, 1, UNIT, IDX64), _grouped_stride(row, _F_G1, 2, UNIT, IDX64),
-        _grouped_stride(row, _F_PR, 4, UNIT, IDX64), _grouped_stride(row, _F_PD, 8, UNIT, IDX64),
-        _grouped_stride(row, _F_M0, 16, UNIT, IDX64), _grouped_stride(row, _F_M1, 32, UNIT, IDX64),
-        _grouped_stride(row, _F_V0, 64, UNIT, IDX64), _grouped_stride(row, _F_V1, 128, UNIT, IDX64),
+        _grouped_stride(row, _F_G0, 1, UNIT, IDX64, ALIGNED), _grouped_stride(row, _F_G1, 2, UNIT, IDX64, ALIGNED),
+        _grouped_stride(row, _F_PR, 4, UNIT, IDX64, ALIGNED), _grouped_stride(row, _F_PD, 8, UNIT, IDX64, ALIGNED),
+        _grouped_stride(row, _F_M0, 16, UNIT, IDX64, ALIGNED), _grouped_stride(row, _F_M1, 32, UNIT, IDX64, ALIGNED),
+        _grouped_stride(row, _F_V0, 64, UNIT, IDX64, ALIGNED), _grouped_stride(row, _F_V1, 128, UNIT, IDX64, ALIGNED),
         N, 1, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
         a0, a1, aux_int, aux_bound, ma, va, qmap_ptr, nblk, k1, k2, sr_off, sk,
         SIDE_RIGHT, PROJ_MODE, DOT_DTYPE, INPUT_PRECISION, INTERPRET, MOMENTS, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH,
@@ -238,6 +258,7 @@ def _projection_backproject_apply_grouped_kernel(
     EVEN_K: tl.constexpr,
     SKIP: tl.constexpr = False,
     STEPS: tl.constexpr = 0,
+    ALIGNED: tl.constexpr = False,
 ):
     """``_projection_backproject_apply_kernel`` (kernels/projection.py) over a list of problems in one launch
     (table as :func:`_projection_project_adam_grouped_kernel`'s; ``u_ptr``: the flat N
@@ -247,17 +268,17 @@ def _projection_backproject_apply_grouped_kernel(
     pid = tl.program_id(0)
     row = _grouped_problem(tab_ptr, pid, n_problems, _NF, _F_TS_B, STEPS)
     tile = pid - tl.load(row + _F_TS_B).to(tl.int32)
-    M = tl.load(row + _F_DM).to(tl.int32)
-    N = tl.load(row + _F_DN).to(tl.int32)
-    K = tl.load(row + _F_DR).to(tl.int32)
-    wp = tl.load(row + _F_W).to(tl.pointer_type(w_ptr.dtype.element_ty))
-    pp = tl.load(row + _F_P).to(tl.pointer_type(p_ptr.dtype.element_ty))
-    up = u_ptr + tl.load(row + _F_OUT)
+    M = _grouped_dim(row, _F_DM, ALIGNED)
+    N = _grouped_dim(row, _F_DN, ALIGNED)
+    K = _grouped_dim(row, _F_DR, ALIGNED)
+    wp = _grouped_ptr(row, _F_W, w_ptr, ALIGNED)
+    pp = _grouped_ptr(row, _F_P, p_ptr, ALIGNED)
+    up = u_ptr + tl.multiple_of(tl.load(row + _F_OUT), 16)  # every N starts 16-element aligned
     if SIDE_RIGHT:  # U: m x r, contiguous
         su0 = K
     else:  # U: r x n
         su0 = N
-    a0, a1, aux_int, aux_bound = _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE)
+    a0, a1, aux_int, aux_bound = _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE, ALIGNED)
     idx = tl.load(row + _F_IDX)
     sk = skip_ptr
     if SKIP:
@@ -265,8 +286,10 @@ def _projection_backproject_apply_grouped_kernel(
     offs_m, offs_n, offs_k, mask_m, mask_n = _tile_offsets_at(tile, M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IDX64)
     _backproject_apply_tile(
         wp, up, pp, offs_m, offs_n, offs_k, mask_m, mask_n, K,
-        _grouped_stride(row, _F_W0, 256, UNIT, IDX64), _grouped_stride(row, _F_W1, 512, UNIT, IDX64), su0, 1,
-        _grouped_stride(row, _F_PR, 4, UNIT, IDX64), _grouped_stride(row, _F_PD, 8, UNIT, IDX64), 0.0, 1.0,
+        _grouped_stride(row, _F_W0, 256, UNIT, IDX64, ALIGNED), _grouped_stride(row, _F_W1, 512, UNIT, IDX64, ALIGNED),
+        su0, 1,
+        _grouped_stride(row, _F_PR, 4, UNIT, IDX64, ALIGNED), _grouped_stride(row, _F_PD, 8, UNIT, IDX64, ALIGNED),
+        0.0, 1.0,
         a0, a1, aux_int, aux_bound, sk, coef_ptr + idx * 2,
         SIDE_RIGHT, PROJ_MODE, DOT_DTYPE, INPUT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH, EVEN_K,
         SKIP, True,
@@ -323,15 +346,48 @@ def projection_foreach_project_update_backproject_triton(
     for i in range(n):
         a = _proj_launch_args(descs[i], side)
         key = (params[i].dtype, grads[i].dtype, a[0].dtype, a[5].dtype, a[6].dtype, exp_avgs[i].dtype,
-               exp_avg_sqs[i].dtype, fmts[i].mode)
+               exp_avg_sqs[i].dtype, fmts[i].mode,
+               grouped_alignment(params[i], grads[i], a, exp_avgs[i], exp_avg_sqs[i], fmts[i], side))
         groups.setdefault(key, []).append((i, a))
-    for members in groups.values():
-        _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, beta1, beta2, eps, skip, coeffs)
+    for key, members in groups.items():
+        _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, beta1, beta2, eps, skip, coeffs,
+                      key[-1])
 
 
-def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, beta1, beta2, eps, skip, coeffs):
+def grouped_alignment(param, grad, a, exp_avg, exp_avg_sq, fmt, side):
+    """Whether one entry of the grouped projection launches may take alignment hints: ``None``
+    when not, else its unit-stride pattern (one bool per stride field of ``_UNIT_FIELDS``).
+
+    Aligned means what Triton's specialization tells the single kernels about such tensors:
+    every address the grouped kernels read from the table (parameter, gradient, projector and
+    its INT4 scale / minimum or DCT indices, moments, 8-bit absmax) 16-byte aligned; every
+    stride 1 or a multiple of 16 elements; ``m``, ``n``, the rank (and the 8-bit quantization
+    step ``min(block_size, N)``) multiples of 16, which keeps the masks along a contiguous
+    dimension constant over a vector, for the loads and the epilogue's stores. Entries of one
+    pattern form one sub-list (each stride field is then 1 in all of them or a multiple of 16
+    in all of them), compiled with ``ALIGNED``; unaligned entries form their own sub-list,
+    which takes no hints (``a``: the entry's :func:`_proj_launch_args`)."""
+    m_, n_ = param.shape
+    r = a[1]
+    tensors = [param, grad, a[0], exp_avg, exp_avg_sq]
+    if a[9] != PROJ_DENSE:
+        tensors += [a[5], a[6]]
+    dims = [m_, n_, r]
+    if fmt.mode == MOMENTS_Q8:
+        tensors += [fmt.m_absmax, fmt.v_absmax]
+        dims.append(min(fmt.block_size, r if side == "right" else n_))
+    strides = (*grad.stride(), a[2], a[3], *exp_avg.stride(), *exp_avg_sq.stride(), *param.stride())
+    if any(_address(t) % 16 for t in tensors) or any(d % 16 for d in dims) or \
+            any(st != 1 and st % 16 for st in strides):
+        return None
+    return tuple(st == 1 for st in strides)
+
+
+def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, beta1, beta2, eps, skip, coeffs,
+                  aligned=None):
     """The two grouped launches of one uniform sub-list ``members`` (``(list index,
-    _proj_launch_args)`` pairs: one dtype per tensor role, one moment format)."""
+    _proj_launch_args)`` pairs: one dtype per tensor role, one moment format); ``aligned``: the
+    members' :func:`grouped_alignment` (``None``: unaligned, no hints)."""
     right = side == "right"
     i0, a0 = members[0]
     mode, fmt0 = a0[9], fmts[i0]
@@ -378,6 +434,7 @@ def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, bet
     for bit, f in _UNIT_FIELDS:
         if all(row[f] == 1 for row in rows):
             unit |= bit
+    aligned = aligned is not None
     sr = fmt0.mode == MOMENTS_SR16
     kname = "project_q8_grouped" if q8 else ("project_sr_grouped" if sr else "project_grouped")
     bytes_p, bytes_b = _op_bytes(grads[i0], a0[0]), _op_bytes(out_dtype, a0[0])
@@ -404,7 +461,8 @@ def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, bet
              float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
              q8_maps(dev) if q8 else out, flag),
             dict(SIDE_RIGHT=right, PROJ_MODE=mode, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, IDX64=idx64_p,
-                 INTERPRET=_INTERPRET, MOMENTS=fmt0.mode, UNIT=unit, SKIP=skip is not None, STEPS=steps),
+                 INTERPRET=_INTERPRET, MOMENTS=fmt0.mode, UNIT=unit, SKIP=skip is not None, STEPS=steps,
+                 ALIGNED=aligned),
             device=dev, tile=tile_p, problems=probs_p, op_bytes=bytes_p, side=side, mode=mode, qblock=qblock,
         )
     if total_b:
@@ -413,6 +471,6 @@ def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, bet
             "backproject_grouped", _projection_backproject_apply_grouped_kernel, (total_b,),
             (tab, count, params[i0], out, a0[0], a0[5], a0[6], coeffs, flag),
             dict(SIDE_RIGHT=right, PROJ_MODE=mode, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, IDX64=idx64_b,
-                 INTERPRET=_INTERPRET, UNIT=unit, SKIP=skip is not None, STEPS=steps),
+                 INTERPRET=_INTERPRET, UNIT=unit, SKIP=skip is not None, STEPS=steps, ALIGNED=aligned),
             device=dev, tile=tile_b, problems=probs_b, op_bytes=bytes_b, side=side, mode=mode,
         )

@@ -319,9 +319,13 @@ def quant_int8_dequantize_triton(q, scale, minimum, group_size, dtype):
     return out
 
 
-@triton.jit
+# The stochastic-rounding keys change with the seed (a new one each update): typed int64
+# and not specialized, so every seed launches the same compiled kernel (Triton otherwise
+# specializes an integer argument on its value: 1, divisibility by 16, int32 vs int64 range).
+@triton.jit(do_not_specialize=["k1", "k2"])
 def _quant_int8_update_sr_kernel(
-    q_ptr, scale_ptr, min_ptr, u_ptr, numel, cols, s0, s1, n_groups, group_size, decay, alpha, k1, k2,
+    q_ptr, scale_ptr, min_ptr, u_ptr, numel, cols, s0, s1, n_groups, group_size, decay, alpha, k1: tl.int64,
+    k2: tl.int64,
     GPP: tl.constexpr, CH: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)

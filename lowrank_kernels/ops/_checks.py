@@ -92,6 +92,27 @@ def check_same_device(op: str, named: Iterable[tuple]) -> None:
             )
 
 
+def check_list_devices(op: str, named: Iterable[tuple]) -> None:
+    """Every tensor of a multi-tensor call on one device, checked before anything runs.
+
+    ``named``: ``(name, list of tensors)`` or ``(name, tensor or None)`` pairs, in the order
+    the error should search them; entries that are not tensors (None, a missing optional)
+    are skipped. ValueError naming the first tensor on another device than the first tensor
+    seen, e.g. ``grads[2] is on meta, params[0] on cpu`` (the per-entry checks cannot see a
+    list whose entries are each consistent but sit on different devices)."""
+    first = None
+    for name, xs in named:
+        items = [(name, xs)] if not isinstance(xs, (list, tuple)) else [(f"{name}[{i}]", t) for i, t in enumerate(xs)]
+        for label, t in items:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if first is None:
+                first = (label, t.device)
+            elif t.device != first[1]:
+                raise ValueError(f"{op}: all tensors must be on one device: {label} is on {t.device}, "
+                                 f"{first[0]} on {first[1]}")
+
+
 def check_side(side, op: str) -> None:
     if side not in SIDES:
         raise ValueError(f"{op}: side must be 'left' or 'right', got {side!r}")

@@ -134,6 +134,8 @@ def validate_foreach_update(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, m_ab
     for name, xs in (("m_absmax", m_absmax), ("v_absmax", v_absmax), ("moment_seed", moment_seed)):
         C.fail_value(len(xs) in (0, n), op,
                      lambda: f"{name} must be empty (not given) or have one entry per tensor of r ({n}), got {len(xs)}")
+    C.check_list_devices(op, [("r", r), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("n", out),
+                              ("m_absmax", m_absmax), ("v_absmax", v_absmax)])
     written = []
     for i in range(n):
         mine = []

@@ -144,6 +144,7 @@ def validate_foreach_score_topk(grads, basis, k, side, norm, *, op="dct_foreach_
     C.check_side(side, op)
     _check_norm(op, norm)
     C.fail_type(isinstance(grads, (list, tuple)), op, lambda: f"grads must be a list of tensors, got {type(grads).__name__}")
+    C.check_list_devices(op, [("grads", grads), ("basis", basis)])
     C.check_float(basis, "basis", op)
     C.check_ndim(basis, "basis", op, 2)
     if len(grads) == 0:  # nothing to score; k is still checked against the basis

@@ -386,6 +386,10 @@ def validate_foreach_project_update_backproject(
                      ("m_absmax", m_absmax), ("v_absmax", v_absmax), ("moment_seed", moment_seed)):
         if len(xs):  # an empty list: not given (the dense kind, rank taken from the projectors, plain moments)
             _list_len(op, name, xs, n)
+    C.check_list_devices(op, [("params", params), ("grads", grads), ("projs", projs), ("exp_avgs", exp_avgs),
+                              ("exp_avg_sqs", exp_avg_sqs), ("indices", indices), ("q_scale", q_scale),
+                              ("q_min", q_min), ("m_absmax", m_absmax), ("v_absmax", v_absmax), ("skip", skip),
+                              ("coeffs", coeffs)])
     written = []
     for i in range(n):
         tail = projector_tail(indices, q_scale, q_min, rank, group_size, i)

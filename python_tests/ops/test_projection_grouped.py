@@ -193,7 +193,11 @@ def test_two_launches_per_projection_call_one_per_adam_call(device, monkeypatch,
     rs = [torch.randn(ops.lowrank_shape(m, n, r, "right"), generator=_gen(1)).to(device) for m, n, r in shapes]
     with use_backend("triton"):
         ops.foreach_adam_update_(rs, eas, easqs, **HYPER, **extra)
-    assert counter.launches == [("launch", "adam")]
+    # one launch per alignment class: entries whose sizes are multiples of 16 (the 64 x 8 one)
+    # launch apart from the others (see test_adam_mixed_aligned_and_unaligned_entries)
+    classes = {r.shape[-1] % 16 == 0 and min(BS, r.shape[-1]) % 16 == 0 if moments == "q8" else r.numel() % 16 == 0
+               for r in rs}
+    assert counter.launches == [("launch", "adam")] * len(classes)
 
     # the single-tensor ops keep one launch (project) / two launches (step) per parameter
     counter.launches.clear()
@@ -475,3 +479,165 @@ def test_grouped_tile_and_even_k():
         assert c.with_tile(tile)["EVEN_K"] == all(k % tile.bk == 0 for _, _, k in probs)
     with pytest.raises(ValueError, match="problems must not be empty"):
         L.grouped_tile("project_grouped", torch.device("cpu"), problems=[], op_bytes=[2, 2])
+
+
+# --------------------------------------------------------------------------- aligned / unaligned sub-lists
+# Entries whose addresses are 16-byte aligned and whose dimensions and non-unit strides are
+# multiples of 16 go to a sub-list launched with ALIGNED (the kernels get tl.multiple_of hints,
+# so the compiled code vectorizes as the single kernels'); the others to their own sub-list.
+ALIGNED_SHAPES = [(32, 48, 16), (64, 32, 16), (33, 17, 3), (32, 48, 16), (48, 32, 16)]
+
+
+def _misaligned(t):
+    """A copy of ``t`` at an address 4 bytes (float32) / 2 bytes (bf16) past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+class _GroupedLaunches:
+    """Records each grouped projection launch: ``(kernel name, ALIGNED, list indices)``."""
+
+    def __init__(self, monkeypatch):
+        self.launches = []
+        real = L.launch_grouped
+
+        def wrapped(kernel_name, kernel, grid, args, meta, **kw):
+            tab = args[0].cpu().view(-1, 32)
+            self.launches.append((kernel_name, meta["ALIGNED"], tab[:, 31].tolist()))
+            return real(kernel_name, kernel, grid, args, meta, **kw)
+
+        monkeypatch.setattr(L, "launch_grouped", wrapped)
+
+
+@pytest.mark.parametrize("moments", ["plain", "sr16", "q8"])
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_aligned_and_unaligned_entries_equal_single_launches(device, monkeypatch, kind, side, moments):
+    """Aligned entries (0, 1), an odd shape (2), an aligned shape whose gradient sits at a misaligned address (3) and
+    a transposed aligned entry (4, another unit-stride pattern): three sub-lists, the aligned ones
+    launched with ALIGNED; every entry equal to the single launches, bit for bit."""
+    params, grads, projs, eas, easqs, extra = _bucket(kind, side, torch.float32, moments, device,
+                                                      shapes=ALIGNED_SHAPES, transposed=(4,))
+    grads[3] = _misaligned(grads[3])  # (the parameters are cloned for each call)
+    hyper = _hyper(len(params))
+    rec = _GroupedLaunches(monkeypatch)
+    got = _grouped(params, grads, projs, eas, easqs, extra, side, hyper)
+    assert [(a, idx) for name, a, idx in rec.launches if name == "backproject_grouped"] == \
+        [(True, [0, 1]), (False, [2, 3]), (True, [4])]
+    assert [a for name, a, _ in rec.launches if name != "backproject_grouped"] == [True, False, True]
+    want = _single_loop("triton", params, grads, projs, eas, easqs, extra, side, hyper)
+    _assert_equal_states(_state(*got[:3], got[3]), _state(*want[:3], want[3]), f"{kind} {side} {moments}", params)
+    for i in range(len(params)):
+        assert not torch.equal(got[0][i], params[i]) and not torch.equal(got[1][i], eas[i]), i
+
+
+def test_grouped_alignment_partition_on_the_host():
+    """:func:`grouped_alignment` per entry: the unit-stride pattern of an aligned entry, ``None``
+    for a misaligned address (parameter, gradient, projector, moments, INT4 scale, 8-bit absmax),
+    a dimension or a non-unit stride that is not a multiple of 16, or an 8-bit quantization step
+    that is not."""
+    meta = torch.device("meta")
+
+    def E(*shape, dtype=torch.float32, offset=0):
+        n = math.prod(shape)
+        return torch.empty(n + offset, dtype=dtype, device=meta)[offset:].view(shape)
+
+    def entry(m=32, n=48, r=16, side="right", off=None, q8_block=0, proj_kind="dense", grad=None):
+        off = off or {}
+        param = E(m, n, offset=off.get("param", 0))
+        g = grad if grad is not None else E(m, n, offset=off.get("grad", 0))
+        ls = (m, r) if side == "right" else (r, n)
+        if proj_kind == "int4":
+            rows, cols = (r, n) if side == "right" else (m, r)
+            ng = -(-rows * cols // 16)
+            desc = (E(-(-rows * cols // 2), dtype=torch.uint8, offset=off.get("proj", 0)),
+                    E(ng, offset=off.get("scale", 0)), E(ng), (rows, cols), 16)
+        else:
+            desc = E(r, n, offset=off.get("proj", 0)) if side == "right" else E(m, r, offset=off.get("proj", 0))
+        if q8_block:
+            ea, eas = E(*ls, dtype=torch.uint8, offset=off.get("m", 0)), E(*ls, dtype=torch.uint8)
+            ab = (ls[0], -(-ls[1] // q8_block))
+            fmt = kp.moment_format("t", ea, eas, E(*ab, offset=off.get("absmax", 0)), E(*ab), q8_block)
+        else:
+            ea, eas, fmt = E(*ls, offset=off.get("m", 0)), E(*ls), kp.PLAIN
+        return kg.grouped_alignment(param, g, kg._proj_launch_args(desc, side), ea, eas, fmt, side)
+
+    unit = entry()
+    assert unit == (False, True, False, True, False, True, False, True, False, True)  # row-major everywhere
+    assert entry(side="left") is not None and entry(proj_kind="int4") is not None
+    assert entry(q8_block=16) is not None and entry(q8_block=256) is not None  # qstep min(256, 16) = 16
+    transposed = entry(grad=E(48, 32).T)
+    assert transposed is not None and transposed[:2] == (True, False)
+    for role in ("param", "grad", "proj", "m"):
+        assert entry(off={role: 1}) is None, role
+        assert entry(off={role: 4}) is not None, role  # 16 bytes further: aligned again
+    assert entry(proj_kind="int4", off={"scale": 1}) is None
+    assert entry(q8_block=16, off={"absmax": 1}) is None
+    assert entry(m=33) is None and entry(n=40) is None and entry(r=8) is None
+    assert entry(side="left", q8_block=8) is None  # 8-column quantization step
+    assert entry(grad=E(32, 64)[:, :48]) is not None  # row stride 64: a multiple of 16
+    assert entry(grad=E(32, 56)[:, :48]) is None  # row stride 56
+
+
+def test_adam_mixed_aligned_and_unaligned_entries(device, monkeypatch):
+    """``adam_foreach_update``: aligned entries (numel a multiple of 16, 16-byte addresses) in one
+    ALIGNED launch, the others (odd numel, a misaligned input) in another; bitwise the single
+    launches."""
+    for moments in ("plain", "sr16", "q8"):
+        shapes = [(16, 32), (5, 7), (8, 16), (3, 48)]
+        gen = _gen(3)
+        rs = [torch.randn(s, generator=gen).to(device) for s in shapes]
+        if moments == "q8":
+            ms = [torch.randint(0, 256, s, generator=gen, dtype=torch.uint8).to(device) for s in shapes]
+            vs = [torch.randint(128, 256, s, generator=gen, dtype=torch.uint8).to(device) for s in shapes]
+            st = [ops.moments8_zeros(s, device, block_size=BS) for s in shapes]
+            extra = dict(m_absmax=[torch.rand(x["m_absmax"].shape, generator=gen).to(device) for x in st],
+                         v_absmax=[(0.01 * torch.rand(x["v_absmax"].shape, generator=gen)).to(device) for x in st],
+                         block_size=BS)
+        else:
+            mdt = torch.bfloat16 if moments == "sr16" else torch.float32
+            ms = [(0.1 * torch.randn(s, generator=gen)).to(mdt).to(device) for s in shapes]
+            vs = [(0.01 * torch.rand(s, generator=gen)).to(mdt).to(device) for s in shapes]
+            extra = {"moment_seed": [5 + i for i in range(len(shapes))]} if moments == "sr16" else {}
+        rs[2] = _misaligned(rs[2])  # (the moments are cloned for each call)
+        seen = []
+        real = L.launch
+
+        def wrapped(family, kernel, grid, args, meta, _seen=seen, _real=real, **kw):
+            _seen.append((meta["ALIGNED"], args[0].cpu().view(-1, 16)[:, 0].tolist()))
+            return _real(family, kernel, grid, args, meta, **kw)
+
+        monkeypatch.setattr(L, "launch", wrapped)
+        got = _adam_grouped(rs, ms, vs, extra)
+        monkeypatch.setattr(L, "launch", real)
+        assert [a for a, _ in seen] == [True, False], moments
+        assert [rs[i].data_ptr() for i in (0, 3)] == seen[0][1], moments  # entries 0 and 3 aligned
+        want = _adam_single(rs, ms, vs, extra)
+        for name, a, b in zip(("n", "exp_avg", "exp_avg_sq"), got[:3], want[:3]):
+            for i, (s, t) in enumerate(zip(a, b)):
+                assert torch.equal(s, t), (moments, name, i)
+        for key in ("m_absmax", "v_absmax"):
+            for s, t in zip(got[3].get(key, ()), want[3].get(key, ())):
+                assert torch.equal(s, t), (moments, key)
+
+
+def test_adam_alignment_on_the_host():
+    meta = torch.device("meta")
+
+    def E(*shape, dtype=torch.float32, offset=0):
+        return torch.empty(math.prod(shape) + offset, dtype=dtype, device=meta)[offset:].view(shape)
+
+    assert ka.adam_alignment(E(16, 32), E(16, 32), E(16, 32), E(16, 32), kp.PLAIN)
+    assert not ka.adam_alignment(E(5, 7), E(5, 7), E(5, 7), E(5, 7), kp.PLAIN)  # numel 35
+    assert not ka.adam_alignment(E(16, 32), E(16, 32, offset=2), E(16, 32), E(16, 32), kp.PLAIN)
+    assert ka.adam_alignment(E(16, 32), E(16, 32, offset=4), E(16, 32), E(16, 32), kp.PLAIN)
+    u8 = torch.uint8
+    for block, cols, ok in ((16, 32, True), (256, 48, True), (8, 32, False), (16, 24, False)):
+        ab = (4, -(-cols // block))
+        fmt = kp.moment_format("t", E(4, cols, dtype=u8), E(4, cols, dtype=u8), E(*ab), E(*ab), block)
+        assert ka.adam_alignment(E(4, cols), E(4, cols, dtype=u8), E(4, cols, dtype=u8), E(4, cols), fmt) == ok
+    fmt = kp.moment_format("t", E(4, 32, dtype=u8), E(4, 32, dtype=u8), E(4, 2, offset=1), E(4, 2), 16)
+    assert not ka.adam_alignment(E(4, 32), E(4, 32, dtype=u8), E(4, 32, dtype=u8), E(4, 32), fmt)
