@@ -17,6 +17,9 @@ from lowrank_kernels.ops import use_backend
 from lowrank_kernels.reference import moments as Q
 from lowrank_kernels.reference.quant import MASK32, mix32_int, seed_keys
 
+# A direct call of a C++ kernel's op with bad input fails a bare TORCH_CHECK (the op layer's
+# validators, which run before every routed call, have the messages).
+BARE_CHECK = "to be true, but got false"
 
 # --------------------------------------------------------------------------- bf16 stochastic rounding (reference)
 def _sr_scalar(x: float, i: int, seed: int) -> int:
