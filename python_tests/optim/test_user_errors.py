@@ -1,0 +1,89 @@
+"""What a new user meets first: no silent choice. Every refused call raises or warns, and
+changes no weight and no optimizer state."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_kernels.optim import GaLoreAdamW, lowrank_param_groups
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=50, d=16, tied=False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([nn.ModuleDict({"attn": nn.Linear(d, d), "mlp": nn.Linear(d, 2 * d)})])
+        self.proj = nn.Parameter(torch.randn(d, d))  # a raw 2-D parameter
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+
+# ----------------------------------------------------------------------------- lowrank_param_groups
+def test_groups_default_projects_every_matrix_of_a_transformer_encoder():
+    layer = nn.TransformerEncoderLayer(32, 4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's nested-tensor note
+        model = nn.TransformerEncoder(layer, 2)
+    low, plain = lowrank_param_groups(model, rank=4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = sorted(names[id(p)] for p in low["params"])
+    want = sorted(n for n, p in model.named_parameters() if p.dim() == 2)
+    assert got == want and len(got) == 8
+    assert any(n.endswith("in_proj_weight") for n in got)
+    assert all(p.dim() == 1 for p in plain["params"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_groups_leave_embeddings_and_head_plain(tied):
+    model = TinyLM(tied=tied)
+    low, plain = lowrank_param_groups(model, rank=4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in low["params"]) == ["blocks.0.attn.weight", "blocks.0.mlp.weight", "proj"]
+    assert id(model.embed.weight) in {id(p) for p in plain["params"]}
+    assert id(model.lm_head.weight) in {id(p) for p in plain["params"]}
+
+
+def test_groups_head_by_shape_at_top_level():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(40, 8)
+            self.body = nn.Linear(8, 8)
+            self.unembed = nn.Parameter(torch.randn(8, 40))  # (d, vocab): the head
+
+    model = M()
+    low, _ = lowrank_param_groups(model, rank=2)
+    assert [id(p) for p in low["params"]] == [id(model.body.weight)]
+
+
+def test_groups_target_modules_narrows():
+    model = TinyLM()
+    low, _ = lowrank_param_groups(model, target_modules=("attn", "mlp"), rank=4)
+    assert [id(p) for p in low["params"]] == [id(model.blocks[0].attn.weight), id(model.blocks[0].mlp.weight)]
+    low, _ = lowrank_param_groups(model, target_modules="mlp", rank=4)
+    assert [id(p) for p in low["params"]] == [id(model.blocks[0].mlp.weight)]
+
+
+def test_groups_unknown_keyword_is_a_type_error():
+    model = TinyLM()
+    before = _weights(model)
+    with pytest.raises(TypeError, match="'rnak'"):
+        lowrank_param_groups(model, rnak=4)
+    assert _same(before, _weights(model))
+    # every optimizer's group keys are accepted
+    lowrank_param_groups(model, rank=4, proj_type="reverse_std", scale_type="tensor", seed=3, moment_bits=8)
+    lowrank_param_groups(model, density=0.25)
