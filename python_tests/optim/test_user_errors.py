@@ -87,3 +87,52 @@ def test_groups_unknown_keyword_is_a_type_error():
     # every optimizer's group keys are accepted
     lowrank_param_groups(model, rank=4, proj_type="reverse_std", scale_type="tensor", seed=3, moment_bits=8)
     lowrank_param_groups(model, density=0.25)
+
+
+# ----------------------------------------------------------------------------- what is projected
+def _record(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_warns_when_nothing_is_projected_with_a_fix():
+    model = TinyLM()
+    _, msgs = _record(lambda: GaLoreAdamW(model.parameters(), lr=1e-2))
+    assert len(msgs) == 1 and "no parameter group is low-rank" in msgs[0] and "pass rank=" in msgs[0]
+    # rank was passed, to the groups helper: the fix is not "pass rank="
+    _, msgs = _record(lambda: GaLoreAdamW(lowrank_param_groups(model, rank=40), lr=1e-2))
+    assert len(msgs) == 1 and "pass rank=" not in msgs[0] and "smaller rank" in msgs[0]
+    _, msgs = _record(lambda: GaLoreAdamW(lowrank_param_groups(model, rank=40), rank=8, lr=1e-2))
+    assert len(msgs) == 1 and "rank=8 is overridden" in msgs[0]
+
+
+def test_warns_when_fewer_than_half_of_the_matrices_are_projected():
+    model = TinyLM()
+    _, msgs = _record(lambda: GaLoreAdamW(lowrank_param_groups(model, target_modules="mlp", rank=4), lr=1e-2))
+    assert len(msgs) == 1 and "only 1 of the 5 2-D weights" in msgs[0] and "summary()" in msgs[0]
+    _, msgs = _record(lambda: GaLoreAdamW(lowrank_param_groups(model, rank=4), lr=1e-2))
+    assert msgs == []
+
+
+def test_summary_lists_every_parameter():
+    model = TinyLM()
+    opt = GaLoreAdamW(lowrank_param_groups(model, rank=4), lr=1e-2)
+    text = opt.summary(model.named_parameters())
+    lines = {line.split()[0]: line.split() for line in text.splitlines()[2:]}
+    assert len(lines) == len(list(model.parameters()))
+    assert lines["blocks.0.mlp.weight"][1:5] == ["32x16", "projected", "4", "right"]
+    assert lines["embed.weight"][2] == "plain" and lines["lm_head.weight"][2] == "plain"
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    text = opt.summary()
+    assert "group0.0" in text and "state 0 bytes" not in text
+    by = {line.split()[0]: int(line.split()[-1]) for line in text.splitlines()[2:]}
+    assert by["group0.2"] > 0
+    groups = lowrank_param_groups(model, rank=4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        g["names"] = [names[id(p)] for p in g["params"]]
+    assert "blocks.0.attn.weight" in GaLoreAdamW(groups, lr=1e-2).summary()
