@@ -40,7 +40,8 @@ Behaviour every optimizer shares:
 - **non-finite gradients**: with ``skip_nonfinite=True`` (the default, a group key) a
   parameter whose gradient holds a NaN or an infinity is *skipped*: its weight, moments,
   projector and step count stay as they were; :attr:`LowRankOptimizer.nonfinite_skips`
-  counts the skipped parameter-steps. One host synchronization per :meth:`step` call
+  counts the skipped parameter-steps (:meth:`LowRankOptimizer.nonfinite_skip_count`), and the
+  first skip warns once per optimizer, naming the parameter. One host synchronization per :meth:`step` call
   (one probe per device), never one per parameter. With ``skip_nonfinite=False`` nothing
   is checked and a non-finite gradient propagates as in ``torch.optim.AdamW``;
 - **failed projector refreshes**: when making a new projector fails (the SVD raises or
@@ -164,6 +165,8 @@ class LowRankOptimizer(Optimizer):
         self._param_index: Dict[torch.Tensor, int] = {}
         #: number of parameter-steps skipped because the gradient was not finite.
         self.nonfinite_skips = 0
+        #: the warnings shown once per optimizer (a layer-wise optimizer shares one dict).
+        self._warned: Dict[str, bool] = {"nonfinite": False}
         #: number of projector refreshes that failed and kept the previous projector.
         self.failed_refreshes = 0
         defaults = {"moment_dtype": "float32", **MOMENT_BITS_DEFAULTS, **defaults}
@@ -382,6 +385,8 @@ class LowRankOptimizer(Optimizer):
         for (group, p), ok in zip(work, finite):
             if not ok:
                 self.nonfinite_skips += 1
+                if not self._warned["nonfinite"]:
+                    self._warn_nonfinite(group, p)
                 continue
             kind = kinds.get(id(group))
             if kind is None:
@@ -465,6 +470,24 @@ class LowRankOptimizer(Optimizer):
         capturable.run(*made, state_of=self.state, bucket_step=self._bucket_step,
                        counters=self.__dict__.setdefault("_device_skips", {}), remember=self._steps.remember)
         return True
+
+    def _param_name(self, group: Dict[str, Any], p: torch.Tensor) -> str:
+        """``p``'s name from its group's ``names`` key, else ``"param group <i>, parameter <j>"``."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        pi = next(j for j, q in enumerate(group["params"]) if q is p)
+        names = group.get("names")
+        if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
+            return f"{names[pi]!s} (param group {gi}, parameter {pi})"
+        return f"param group {gi}, parameter {pi}"
+
+    def _warn_nonfinite(self, group: Dict[str, Any], p: torch.Tensor) -> None:
+        """The one warning of a skipped non-finite gradient (cold path: the first skip)."""
+        self._warned["nonfinite"] = True
+        warnings.warn(
+            f"{type(self).__name__}: the gradient of {self._param_name(group, p)} (shape {tuple(p.shape)}) is not "
+            "finite (NaN or infinity), so its step was skipped: weight and state unchanged (skip_nonfinite=True). "
+            "nonfinite_skip_count() counts the skipped parameter-steps; this warning is shown once per optimizer",
+            UserWarning, stacklevel=3)
 
     def nonfinite_skip_count(self) -> int:
         """:attr:`nonfinite_skips` plus the skips counted on the device by capturable steps

@@ -54,6 +54,7 @@ class LayerwiseOptimizer:
         self.optimizers: List[Optimizer] = []
         self.schedulers: List[Any] = []
         self._micro: List[int] = []
+        self._warned: Dict[str, bool] = {"nonfinite": False}
         self._handles = []
         seen = set()
         for group in groups:
@@ -82,6 +83,7 @@ class LayerwiseOptimizer:
                     # derive from the parameter's position: give it the position it has among
                     # all parameters, as in one optimizer over the same groups.
                     opt._param_index[p] = index + 1
+                    opt._warned = self._warned  # warnings shown once for the whole layer-wise optimizer
                 self.params.append(p)
                 self.optimizers.append(opt)
                 self.schedulers.append(scheduler_factory(opt) if scheduler_factory is not None else None)
@@ -112,6 +114,10 @@ class LayerwiseOptimizer:
             with torch.enable_grad():
                 return closure()
         return None
+
+    def nonfinite_skip_count(self) -> int:
+        """Parameter-steps skipped for a non-finite gradient, over every per-parameter optimizer."""
+        return sum(int(opt.nonfinite_skip_count()) for opt in self.optimizers if hasattr(opt, "nonfinite_skip_count"))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear any gradient left (e.g. mid-accumulation) and restart the micro-batch count."""

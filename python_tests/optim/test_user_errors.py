@@ -136,3 +136,34 @@ def test_summary_lists_every_parameter():
     for g in groups:
         g["names"] = [names[id(p)] for p in g["params"]]
     assert "blocks.0.attn.weight" in GaLoreAdamW(groups, lr=1e-2).summary()
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+def test_nonfinite_skip_warns_once_naming_the_parameter_and_is_counted():
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(12, 10)), nn.Parameter(torch.randn(10))
+    opt = GaLoreAdamW([{"params": [a], "rank": 4, "names": ["blk.w"]}, {"params": [b], "rank": None}], lr=1e-2)
+    a.grad, b.grad = torch.randn(12, 10), torch.randn(10)
+    opt.step()
+    a0, st0 = a.detach().clone(), copy.deepcopy(opt.state[a])
+    a.grad = torch.full((12, 10), float("nan"))
+    b.grad = torch.randn(10)
+    with pytest.warns(UserWarning, match=r"blk\.w .*not finite.*nonfinite_skip_count"):
+        opt.step()
+    assert torch.equal(a.detach(), a0)
+    assert all(torch.equal(st0[k], opt.state[a][k]) for k in st0 if isinstance(st0[k], torch.Tensor))
+    assert opt.nonfinite_skip_count() == 1
+    a.grad, b.grad = None, torch.full((10,), float("inf"))
+    _, msgs = _record(opt.step)
+    assert msgs == [] and opt.nonfinite_skip_count() == 2
+
+
+def test_nonfinite_skip_count_on_layerwise():
+    from lowrank_kernels.optim import layerwise
+
+    w = nn.Parameter(torch.randn(8, 6))
+    lw = layerwise([{"params": [w], "rank": 2}], lambda g: GaLoreAdamW(g, lr=1e-2))
+    w0 = w.detach().clone()
+    with pytest.warns(UserWarning, match="parameter 0 .*not finite"):
+        (w * float("nan")).sum().backward()
+    assert lw.nonfinite_skip_count() == 1 and torch.equal(w.detach(), w0)
