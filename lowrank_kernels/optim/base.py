@@ -623,6 +623,7 @@ class LowRankOptimizer(Optimizer):
         ``block_size``, ``min_8bit_size``) and ``capturable`` stay this optimizer's; saved
         moments are converted to that format (:func:`lowrank_kernels.optim.moments.convert`).
         """
+        self._check_saved_state(state_dict)
         saved_state = state_dict["state"]
         saved_groups = state_dict["param_groups"]
         self._check_saved_moments(state_dict)
@@ -651,6 +652,60 @@ class LowRankOptimizer(Optimizer):
                             and saved.device.type == "cpu" and saved.numel() == 1):
                         self._steps.remember(new, int(saved))
                 self._convert_moments(p, self.state[p], *where[p])
+
+    #: group keys a saved param group may lack (this optimizer's values are kept or defaulted).
+    _OPTIONAL_SAVED_KEYS = frozenset({*MOMENT_BITS_DEFAULTS, "moment_dtype", "capturable", "compat", "foreach",
+                                      "skip_nonfinite", "names"})
+
+    def _check_saved_state(self, state_dict) -> None:
+        """Before anything is loaded: the state was saved by an optimizer of this kind with
+        the same projection, else a ``ValueError`` naming the parameter and the mismatch.
+
+        Refused: param groups that lack this optimizer's keys or carry another optimizer's
+        (``torch.optim.AdamW``, another method), a low-rank parameter whose saved state is
+        plain AdamW (no projection side) or the reverse, and a changed ``rank`` / ``density``.
+        Moment formats may differ (they are converted)."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            return  # torch's load_state_dict reports a malformed state dict
+        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's load_state_dict reports the mismatch
+        from .groups import group_keys
+
+        name = type(self).__name__
+        known = group_keys()
+        for gi, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(sg, dict) or len(sg.get("params", ())) != len(group["params"]):
+                return  # torch's load_state_dict reports the mismatch
+            where = lambda pi: (f"{name}.load_state_dict: "  # noqa: E731
+                                f"{self._param_name(group, group['params'][pi]) if group['params'] else f'param group {gi}'}")
+            missing = sorted(k for k in self.defaults if k not in sg and k not in self._OPTIONAL_SAVED_KEYS)
+            foreign = sorted(k for k in sg if k in known and k not in group and k not in self._OPTIONAL_SAVED_KEYS)
+            if missing or foreign:
+                what = "; ".join(x for x in (
+                    f"it lacks {', '.join(map(repr, missing))}" if missing else "",
+                    f"it has {', '.join(map(repr, foreign))}, which {name} does not take" if foreign else "") if x)
+                raise ValueError(f"{where(0)}: the state was saved by another optimizer ({what}); load a state "
+                                 f"saved by {name} with the same param groups")
+            for key in ("rank", "density"):
+                if key in sg and key in group and sg[key] != group[key]:
+                    raise ValueError(f"{where(0)}: {key} changed: saved {sg[key]!r}, this optimizer "
+                                     f"{group[key]!r}; the saved moments and projector have the saved {key}")
+            low = self._is_lowrank(group)
+            for pi, saved_id in enumerate(sg["params"]):
+                st = saved_state.get(saved_id)
+                p = group["params"][pi]
+                if not st:
+                    continue
+                projected_saved = "side" in st
+                projected_now = low and p.dim() == 2 and not self._capturable_plain(p, group)
+                if projected_now and not projected_saved:
+                    raise ValueError(f"{where(pi)}: the saved state is plain AdamW (no projection side), but "
+                                     f"{name} projects this parameter at rank "
+                                     f"{self._group_rank(group, tuple(p.shape))}")
+                if projected_saved and not projected_now:
+                    raise ValueError(f"{where(pi)}: the saved state is projected, but this parameter is in a "
+                                     "plain group (rank=None) here")
 
     def _check_saved_moments(self, state_dict) -> None:
         """Before anything is loaded: every saved 8-bit moment has its absmax

@@ -351,6 +351,7 @@ class DCTAdamW(LowRankOptimizer):
         (right) or 1 (left). On a failure a ``ValueError`` / ``TypeError`` names the
         parameter (group, position and shape) and the problem, and nothing is loaded.
         """
+        self._check_saved_state(state_dict)
         self._check_saved_indices(state_dict)
         super().load_state_dict(state_dict)
 

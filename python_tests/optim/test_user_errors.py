@@ -167,3 +167,75 @@ def test_nonfinite_skip_count_on_layerwise():
     with pytest.warns(UserWarning, match="parameter 0 .*not finite"):
         (w * float("nan")).sum().backward()
     assert lw.nonfinite_skip_count() == 1 and torch.equal(w.detach(), w0)
+
+
+# ----------------------------------------------------------------------------- load_state_dict
+def _trained(make, steps=2):
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = make(lowrank_param_groups(model, rank=4, update_proj_gap=50))
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return model, opt
+
+
+def _snapshot(opt):
+    return copy.deepcopy({"groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                          "state": {i: dict(opt.state[p]) for i, p in enumerate(p for g in opt.param_groups
+                                                                                for p in g["params"])}})
+
+
+def _unchanged(before, opt):
+    after = _snapshot(opt)
+    if before["groups"] != after["groups"] or before["state"].keys() != after["state"].keys():
+        return False
+    return all(k in b2 and (torch.equal(v, b2[k]) if isinstance(v, torch.Tensor) else v == b2[k])
+               for i, b in before["state"].items() for b2 in [after["state"][i]] for k, v in b.items())
+
+
+def _refused(opt, model, sd, match):
+    before, weights = _snapshot(opt), _weights(model)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert _unchanged(before, opt) and _same(weights, _weights(model))
+
+
+def test_load_refuses_a_torch_adamw_state():
+    model, opt = _trained(lambda g: GaLoreAdamW(g, lr=1e-2))
+    ref = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    ref.step()
+    sd = ref.state_dict()
+    ids = iter(range(100))
+    sd["param_groups"] = [dict(ref.state_dict()["param_groups"][0], params=[next(ids) for _ in g["params"]])
+                          for g in opt.param_groups]
+    order = [p for g in opt.param_groups for p in g["params"]]
+    sd["state"] = {i: ref.state[p] for i, p in enumerate(order)}
+    _refused(opt, model, sd, r"GaLoreAdamW.load_state_dict: param group 0.*another optimizer.*lacks .*'rank'.*has 'amsgrad'")
+
+
+def test_load_refuses_another_methods_state():
+    from lowrank_kernels.optim import DCTAdamW
+
+    model, galore = _trained(lambda g: GaLoreAdamW(g, lr=1e-2))
+    _, dct = _trained(lambda g: DCTAdamW(g, lr=1e-2))
+    _refused(dct, model, galore.state_dict(), r"DCTAdamW.load_state_dict.*another optimizer.*lacks .*'norm'")
+    _refused(galore, model, dct.state_dict(), r"GaLoreAdamW.load_state_dict.*another optimizer.*'norm'")
+
+
+def test_load_refuses_a_plain_state_for_a_projected_parameter_and_a_changed_rank():
+    model, opt = _trained(lambda g: GaLoreAdamW(g, lr=1e-2))
+    sd = opt.state_dict()
+    plain = copy.deepcopy(sd)
+    first = plain["param_groups"][0]["params"][0]
+    w = opt.param_groups[0]["params"][0]
+    plain["state"][first] = {"step": torch.tensor(2.0), "exp_avg": torch.zeros_like(w),
+                             "exp_avg_sq": torch.zeros_like(w)}
+    _refused(opt, model, plain, r"param group 0, parameter 0: the saved state is plain AdamW.*rank 4")
+    other = copy.deepcopy(sd)
+    other["param_groups"][0]["rank"] = 2
+    _refused(opt, model, other, r"param group 0, parameter 0: rank changed: saved 2, this optimizer 4")
+    opt.load_state_dict(sd)  # its own state loads
