@@ -340,6 +340,8 @@ class LowRankOptimizer(Optimizer):
         config.check_lowrank(group, lambda msg: self._err(gi, msg), proj_types=self.proj_types,
                              min_rank=self.min_rank)
         for pi, p in enumerate(group["params"]):
+            if self._plain_in_lowrank_group(p, group):
+                continue
             reason = _dist.unsupported_placement(p)
             if reason is not None:
                 raise ValueError(self._err(gi, f"parameter {pi}: {reason}"))
@@ -353,6 +355,11 @@ class LowRankOptimizer(Optimizer):
                 raise ValueError(self._err(
                     gi, f"rank {r} is out of range for parameter {pi} of shape {tuple(p.shape)}: "
                         f"need {self.min_rank} <= rank <= min(m, n) = {k}"))
+
+    def _plain_in_lowrank_group(self, p: torch.Tensor, group: Dict[str, Any]) -> bool:
+        """Whether a low-rank group leaves ``p`` plain by an explicit option (DCTAdamW's
+        ``max_dim``); such a parameter skips the low-rank checks. Default: never."""
+        return False
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
