@@ -239,3 +239,69 @@ def test_load_refuses_a_plain_state_for_a_projected_parameter_and_a_changed_rank
     other["param_groups"][0]["rank"] = 2
     _refused(opt, model, other, r"param group 0, parameter 0: rank changed: saved 2, this optimizer 4")
     opt.load_state_dict(sd)  # its own state loads
+
+
+# ----------------------------------------------------------------------------- fallbacks and presets
+@pytest.mark.parametrize("bad", [{"scale": 0.0}, {"scale": -1.0}, {"rank": 0}, {"rank": -2}])
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "DCTAdamW", "APOLLOAdamW", "QGaLoreAdamW", "GradNormLoRPAdamW"])
+def test_nonpositive_scale_and_rank_refused(name, bad):
+    import lowrank_kernels.optim as O
+
+    w = nn.Parameter(torch.randn(8, 6))
+    w0 = w.detach().clone()
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=f"param group 0: {key} must be"):
+        getattr(O, name)([{"params": [w], "rank": 2, **bad}], lr=1e-2)
+    assert torch.equal(w.detach(), w0)
+
+
+def test_apollo_mini_warns_when_groups_override_its_preset():
+    from lowrank_kernels.optim import APOLLOAdamW
+
+    model = TinyLM()
+    with pytest.warns(UserWarning, match=r"APOLLOAdamW.mini: param group 0 sets rank=4.*overrides the Mini preset"):
+        opt = APOLLOAdamW.mini(lowrank_param_groups(model, rank=4), lr=1e-2)
+    assert opt.param_groups[0]["rank"] == 4
+    _, msgs = _record(lambda: APOLLOAdamW.mini(lowrank_param_groups(model), lr=1e-2))
+    assert msgs == []
+
+
+def _lw(accumulation_steps=2):
+    from lowrank_kernels.optim import layerwise
+
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(8, 6))
+    lw = layerwise([{"params": [w], "rank": 2}], lambda g: GaLoreAdamW(g, lr=1e-2),
+                   accumulation_steps=accumulation_steps)
+    return w, lw
+
+
+@pytest.mark.parametrize("reset", ["none", "zero", "lw"])
+def test_layerwise_warns_when_a_window_saw_a_zero_grad(reset):
+    w, lw = _lw()
+    w0 = w.detach().clone()
+    (w * 2).sum().backward()
+    if reset == "none":
+        w.grad = None
+    elif reset == "zero":
+        w.grad.zero_()
+    if reset == "lw":
+        with pytest.warns(UserWarning, match="zero_grad.*after micro-batch 1.*accumulation_steps=2"):
+            lw.zero_grad()
+        assert torch.equal(w.detach(), w0)
+        return
+    with pytest.warns(UserWarning, match="gradient of parameter 0 .* was reset .*after micro-batch 1"):
+        (w * 2).sum().backward()
+
+
+def test_layerwise_full_windows_do_not_warn():
+    w, lw = _lw()
+
+    def run():
+        for _ in range(3):
+            for _ in range(2):
+                (w * 2).sum().backward()
+            lw.zero_grad()
+
+    _, msgs = _record(run)
+    assert msgs == []
