@@ -197,7 +197,8 @@ class LowRankOptimizer(Optimizer):
         floor = min(ranks) if ranks else 0
         projected = sum(1 for g in low for p in g["params"] if p.dim() == 2)
         low_ids = {id(g) for g in low}
-        left = sum(1 for g in groups if id(g) not in low_ids for p in g["params"] if p.dim() == 2 and min(p.shape) > floor)
+        left = sum(1 for g in groups if id(g) not in low_ids
+                   for p in g["params"] if p.dim() == 2 and min(p.shape) > floor)
         if projected < (projected + left) / 2:
             warnings.warn(
                 f"{name}: only {projected} of the {projected + left} 2-D weights that could be projected are in a "
@@ -685,7 +686,8 @@ class LowRankOptimizer(Optimizer):
             if not isinstance(sg, dict) or len(sg.get("params", ())) != len(group["params"]):
                 return  # torch's load_state_dict reports the mismatch
             where = lambda pi: (f"{name}.load_state_dict: "  # noqa: E731
-                                f"{self._param_name(group, group['params'][pi]) if group['params'] else f'param group {gi}'}")
+                                + (self._param_name(group, group["params"][pi]) if group["params"]
+                                   else f"param group {gi}"))
             missing = sorted(k for k in self.defaults if k not in sg and k not in self._OPTIONAL_SAVED_KEYS)
             foreign = sorted(k for k in sg if k in known and k not in group and k not in self._OPTIONAL_SAVED_KEYS)
             if missing or foreign:

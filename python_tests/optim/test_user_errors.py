@@ -214,7 +214,8 @@ def test_load_refuses_a_torch_adamw_state():
                           for g in opt.param_groups]
     order = [p for g in opt.param_groups for p in g["params"]]
     sd["state"] = {i: ref.state[p] for i, p in enumerate(order)}
-    _refused(opt, model, sd, r"GaLoreAdamW.load_state_dict: param group 0.*another optimizer.*lacks .*'rank'.*has 'amsgrad'")
+    _refused(opt, model, sd,
+             r"GaLoreAdamW.load_state_dict: param group 0.*another optimizer.*lacks .*'rank'.*has 'amsgrad'")
 
 
 def test_load_refuses_another_methods_state():
