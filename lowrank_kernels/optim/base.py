@@ -681,14 +681,18 @@ class LowRankOptimizer(Optimizer):
         from .groups import group_keys
 
         name = type(self).__name__
+        from .registry import ctor_defaults
+
         known = group_keys()
+        own = set(ctor_defaults(type(self)))  # this optimizer's own keys (torch may add others)
         for gi, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
             if not isinstance(sg, dict) or len(sg.get("params", ())) != len(group["params"]):
                 return  # torch's load_state_dict reports the mismatch
             where = lambda pi: (f"{name}.load_state_dict: "  # noqa: E731
                                 + (self._param_name(group, group["params"][pi]) if group["params"]
                                    else f"param group {gi}"))
-            missing = sorted(k for k in self.defaults if k not in sg and k not in self._OPTIONAL_SAVED_KEYS)
+            missing = sorted(k for k in self.defaults
+                             if k in own and k not in sg and k not in self._OPTIONAL_SAVED_KEYS)
             foreign = sorted(k for k in sg if k in known and k not in group and k not in self._OPTIONAL_SAVED_KEYS)
             if missing or foreign:
                 what = "; ".join(x for x in (
