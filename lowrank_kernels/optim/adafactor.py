@@ -6,7 +6,6 @@ API, defaults and math, with this package's tensor-only state and stored project
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -132,18 +131,11 @@ class GaLoreAdafactor(LowRankOptimizer):
             clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1, scale_parameter=scale_parameter,
             relative_step=relative_step, warmup_init=warmup_init, svd=svd,
         )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            super().__init__(params, defaults)
-        for w in caught:
-            if "no parameter group is low-rank" in str(w.message):
-                # Plain Adafactor is a legitimate use (galore-torch's class does it without rank).
-                warnings.warn(
-                    "GaLoreAdafactor: no parameter group is low-rank (no group sets 'rank'), so every "
-                    "parameter gets plain Adafactor", stacklevel=2,
-                )
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        super().__init__(params, defaults)
+
+    def _warn_selection(self, plain_name: str = "plain Adafactor", stacklevel: int = 5) -> None:
+        # Plain Adafactor is a legitimate use (galore-torch's class does it without rank).
+        super()._warn_selection(plain_name, stacklevel)
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: Dict[str, Any], gi: int) -> None:

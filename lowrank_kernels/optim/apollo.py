@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -130,6 +131,19 @@ class APOLLOAdamW(LowRankOptimizer):
         constructor and may override the preset.
         """
         preset = dict(rank=1, scale_type="tensor", scale=128.0, update_proj_gap=200)
+        if not isinstance(params, torch.Tensor):
+            params = list(params)
+            for gi, g in enumerate(params):
+                if not isinstance(g, dict):
+                    continue
+                over = [f"{k}={g[k]!r}" for k in ("rank", "scale", "scale_type")
+                        if g.get(k) is not None and g[k] != preset[k]]
+                if over:
+                    warnings.warn(
+                        f"APOLLOAdamW.mini: param group {gi} sets {', '.join(over)}, which overrides the Mini preset "
+                        "(rank=1, scale=128.0, scale_type='tensor') in that group; build the groups without these "
+                        "keys (lowrank_param_groups(model) without rank) or use APOLLOAdamW(...) with your values",
+                        UserWarning, stacklevel=2)
         preset.update(kwargs)
         return cls(params, lr=lr, **preset)
 
@@ -142,8 +156,6 @@ class APOLLOAdamW(LowRankOptimizer):
                 self._err(gi, f"proj={group.get('proj')!r} is not supported: APOLLOAdamW projects with 'random' "
                               "(use GaLoreAdamW for SVD projections)")
             )
-        if group["scale"] < 0:
-            raise ValueError(self._err(gi, f"scale must be >= 0 (it enters as sqrt(scale)), got {group['scale']}"))
 
     def _init_state(self, p, state, group):
         super()._init_state(p, state, group)

@@ -136,7 +136,7 @@ def check_flags(group: Mapping[str, Any], err: Err) -> None:
 
 def check_lowrank(group: Mapping[str, Any], err: Err, *, proj_types: Sequence[str], min_rank: int) -> None:
     """The keys of a low-rank group: ``rank`` (when set) an int >= ``min_rank``,
-    ``update_proj_gap`` an int >= 1, ``scale`` a finite float, ``proj_type`` in ``proj_types``.
+    ``update_proj_gap`` an int >= 1, ``scale`` a finite float > 0, ``proj_type`` in ``proj_types``.
     (The per-parameter checks, e.g. ``rank <= min(m, n)``, are the optimizer's.)"""
     rank = group.get("rank")
     if rank is not None and (not _is_int(rank) or rank < min_rank):
@@ -145,8 +145,8 @@ def check_lowrank(group: Mapping[str, Any], err: Err, *, proj_types: Sequence[st
     if not _is_int(gap) or gap < 1:
         raise ValueError(err(f"update_proj_gap must be an int >= 1, got {gap!r}"))
     scale = group.get("scale")
-    if not _is_real(scale) or not math.isfinite(scale):
-        raise ValueError(err(f"scale must be a finite float, got {scale!r}"))
+    if not _is_real(scale) or not math.isfinite(scale) or not scale > 0:
+        raise ValueError(err(f"scale must be a finite float > 0, got {scale!r}"))
     proj_type = group.get("proj_type")
     if proj_type not in proj_types:
         raise ValueError(err(f"proj_type must be one of {', '.join(map(repr, proj_types))}, got {proj_type!r}"))

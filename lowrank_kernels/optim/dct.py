@@ -107,10 +107,10 @@ class DCTAdamW(LowRankOptimizer):
       ``W <- (1 - lr wd) W - lr sqrt(1 - b2^t) / (1 - b1^t) * scale * back(N)``; the
       kernels gather the selected basis rows themselves.
 
-    Parameters of a low-rank group that are not projected get plain AdamW (torch's
-    kernels, same state layout): 1-D parameters, parameters with a dimension
-    ``>= max_dim`` (embeddings, lm_head; ``max_dim=None`` projects them too), and 2-D
-    parameters with ``min(m, n) < rank``. Groups without ``rank`` are plain AdamW.
+    A low-rank group takes 2-D weights with ``rank <= min(m, n)`` (anything else is a
+    ``ValueError``, as in GaLoreAdamW); its weights with a dimension ``>= max_dim``
+    (embeddings, lm_head; ``max_dim=None`` projects them too) get plain AdamW (torch's
+    kernels, same state layout). Groups without ``rank`` are plain AdamW.
 
     Args:
         params: parameters or param groups.
@@ -197,11 +197,14 @@ class DCTAdamW(LowRankOptimizer):
         rank = group.get("rank")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < self.min_rank:
             raise ValueError(self._err(gi, f"rank must be an int >= {self.min_rank}, got {rank!r}"))
-        # The base checks the projected parameters only (the others are plain AdamW).
-        super()._validate_lowrank_group(
-            {**group, "params": [p for p in group["params"] if not isinstance(p, torch.Tensor) or self._projected(p, group)]},
-            gi,
-        )
+        # The base checks every parameter but those max_dim leaves plain (2-D weights only, rank <= min(m, n):
+        # refused as GaLore and APOLLO do, never a quiet fallback to AdamW).
+        super()._validate_lowrank_group(group, gi)
+
+    def _plain_in_lowrank_group(self, p: torch.Tensor, group) -> bool:
+        """A 2-D weight with a dimension >= ``max_dim``: plain AdamW (embeddings, lm_head)."""
+        max_dim = group.get("max_dim")
+        return p.dim() == 2 and max_dim is not None and max(p.shape) >= max_dim
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -351,6 +354,7 @@ class DCTAdamW(LowRankOptimizer):
         (right) or 1 (left). On a failure a ``ValueError`` / ``TypeError`` names the
         parameter (group, position and shape) and the problem, and nothing is loaded.
         """
+        self._check_saved_state(state_dict)
         self._check_saved_indices(state_dict)
         super().load_state_dict(state_dict)
 

@@ -54,6 +54,8 @@ class LayerwiseOptimizer:
         self.optimizers: List[Optimizer] = []
         self.schedulers: List[Any] = []
         self._micro: List[int] = []
+        self._warned: Dict[str, bool] = {"nonfinite": False, "window": False}
+        self._grad_version: List[Optional[int]] = []
         self._handles = []
         seen = set()
         for group in groups:
@@ -82,18 +84,28 @@ class LayerwiseOptimizer:
                     # derive from the parameter's position: give it the position it has among
                     # all parameters, as in one optimizer over the same groups.
                     opt._param_index[p] = index + 1
+                    opt._warned = self._warned  # warnings shown once for the whole layer-wise optimizer
                 self.params.append(p)
                 self.optimizers.append(opt)
                 self.schedulers.append(scheduler_factory(opt) if scheduler_factory is not None else None)
                 self._micro.append(0)
+                self._grad_version.append(-2)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(index)))
         if not self.params:
             raise ValueError("layerwise: no parameter requires grad")
 
     def _make_hook(self, index: int):
         def hook(p: torch.Tensor) -> None:
+            g = p.grad
+            # Mid-window, the gradient must be the one the last micro-batch left, grown by exactly
+            # one in-place accumulation: a zero_grad() in between (set to None or zeroed) breaks that.
+            last = self._grad_version[index]  # None: unknown (a loaded state dict)
+            if self._micro[index] > 0 and last is not None and (g is None or g._version != last + 1):
+                self._warn_window_reset(f"the gradient of parameter {index} (shape {tuple(p.shape)}) was reset "
+                                        f"(zero_grad: set to None or zeroed) after micro-batch {self._micro[index]}")
             self._micro[index] += 1
             if self._micro[index] < self.accumulation_steps:
+                self._grad_version[index] = g._version if g is not None else -2
                 return  # keep accumulating into p.grad
             self._micro[index] = 0
             opt = self.optimizers[index]
@@ -113,8 +125,28 @@ class LayerwiseOptimizer:
                 return closure()
         return None
 
+    def nonfinite_skip_count(self) -> int:
+        """Parameter-steps skipped for a non-finite gradient, over every per-parameter optimizer."""
+        return sum(int(opt.nonfinite_skip_count()) for opt in self.optimizers if hasattr(opt, "nonfinite_skip_count"))
+
+    def _warn_window_reset(self, what: str) -> None:
+        """The one warning of an accumulation window cut short (shown once per optimizer)."""
+        if self._warned.get("window"):
+            return
+        self._warned["window"] = True
+        warnings.warn(
+            f"layerwise: {what}, before the last of the accumulation_steps={self.accumulation_steps} micro-batches, so "
+            "the step will use only the gradients accumulated since; call zero_grad() only after the last "
+            "micro-batch of a window (this warning is shown once)", UserWarning, stacklevel=3)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear any gradient left (e.g. mid-accumulation) and restart the micro-batch count."""
+        """Clear any gradient left and restart the micro-batch count. Called in the middle of
+        an accumulation window (gradients of earlier micro-batches pending), it warns once:
+        those micro-batches are discarded."""
+        if self.accumulation_steps > 1 and any(self._micro):
+            pending = max(self._micro)
+            self._warn_window_reset(f"zero_grad() was called after micro-batch {pending}, which discards the "
+                                    "gradients accumulated so far")
         for i, p in enumerate(self.params):
             self._micro[i] = 0
             if p.grad is not None:
@@ -169,6 +201,7 @@ class LayerwiseOptimizer:
             if sched is not None and sd is not None:
                 sched.load_state_dict(sd)
         self._micro = list(state_dict.get("micro_steps", [0] * len(self.optimizers)))
+        self._grad_version = [None] * len(self.optimizers)
 
 
 def layerwise(

@@ -241,13 +241,20 @@ def test_state_memory_indices_only():
 
 
 def test_routing_1d_large_and_small_params_to_adamw():
+    """A weight with a dimension >= max_dim is plain AdamW; a 1-D parameter or a weight with
+    min(m, n) < rank in a low-rank group is refused (as GaLoreAdamW does), never a quiet fallback."""
     emb = torch.nn.Parameter(torch.randn(32000, 8) * 0.01)  # a dim >= 32000: plain AdamW
     bias = torch.nn.Parameter(torch.randn(24))
     tiny = torch.nn.Parameter(torch.randn(3, 24))  # min dim 3 < rank
     w = torch.nn.Parameter(torch.randn(24, 16))
+    with pytest.raises(ValueError, match=r"parameter 1 has shape \(24,\): a low-rank group takes 2-D weights only"):
+        DCTAdamW([emb, bias, w], lr=0.01, rank=4)
+    with pytest.raises(ValueError, match=r"rank 4 is out of range for parameter 1 of shape \(3, 24\)"):
+        DCTAdamW([emb, tiny, w], lr=0.01, rank=4)
     params = [emb, bias, tiny, w]
     clones = [torch.nn.Parameter(q.detach().clone()) for q in params[:3]]
-    opt = DCTAdamW(params, lr=0.01, rank=4, weight_decay=0.1)
+    opt = DCTAdamW([{"params": [emb, w]}, {"params": [bias, tiny], "rank": None}], lr=0.01, rank=4,
+                   weight_decay=0.1)
     ref = torch.optim.AdamW(clones, lr=0.01, weight_decay=0.1, eps=1e-6)
     for _ in range(3):
         for q, c in zip(params, clones + [None]):
