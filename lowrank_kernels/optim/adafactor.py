@@ -6,7 +6,7 @@ API, defaults and math, with this package's tensor-only state and stored project
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, Unpack
 
 import torch
 
@@ -18,7 +18,7 @@ from . import capturable, config, moments
 from . import distributed as _dist
 from .base import LowRankOptimizer
 from .common import PROJ_TYPES, project_fp32
-from .config import OptimizerConfig, _is_real
+from .config import OptimizerConfig, SharedOptions, shared_signature, _is_real
 from .galore import SVD_MODES, GaLoreAdamW
 
 
@@ -101,6 +101,7 @@ class GaLoreAdafactor(LowRankOptimizer):
 
     proj_types = PROJ_TYPES
 
+    @shared_signature(absent=("betas",), scale=0.25)
     def __init__(
         self,
         params,
@@ -114,17 +115,8 @@ class GaLoreAdafactor(LowRankOptimizer):
         relative_step: bool = True,
         warmup_init: bool = False,
         *,
-        rank: Optional[int] = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
         svd: str = "exact",
-        skip_nonfinite: bool = True,
-        foreach: Optional[bool] = None,
-        moment_dtype: str = "float32",
-        moment_bits: int = 32,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Unpack[SharedOptions],
     ):
         # Adafactor has no betas (beta1 and decay_rate instead); lr may be None, eps is a pair.
         defaults = OptimizerConfig.from_arguments(locals(), betas=None).defaults(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Unpack
 
 import torch
 
@@ -13,7 +13,7 @@ from . import distributed as _dist
 from . import moments
 from .base import LowRankOptimizer
 from .common import adam_step_size, mix_seed, project_fp32
-from .config import OptimizerConfig
+from .config import OptimizerConfig, SharedOptions, shared_signature
 
 SCALE_TYPES = ("channel", "tensor")
 _LIMIT = 1.01  # Fira's norm-growth limiter: at most 1% growth of the update norm per step
@@ -83,32 +83,20 @@ class APOLLOAdamW(LowRankOptimizer):
 
     compat_modes = ("apollo-torch",)
 
+    @shared_signature(eps=1e-6, scale=1.0)
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
         correct_bias: bool = True,
         scale_front: bool = False,
         disable_nl: bool = False,
         no_deprecation_warning: bool = True,
         *,
-        rank: Optional[int] = None,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: str = "std",
         scale_type: str = "channel",
         proj: str = "random",
         norm_growth_limiter: Optional[bool] = None,
-        skip_nonfinite: bool = True,
-        foreach: Optional[bool] = None,
         compat: Optional[str] = None,
-        moment_dtype: str = "float32",
-        moment_bits: int = 32,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Unpack[SharedOptions],
     ):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")

@@ -1,11 +1,16 @@
 """The hyper-parameters every optimizer of this package shares, and their one validation.
 
-Each optimizer's constructor keeps its explicit keyword signature (and its own defaults:
-``eps`` and ``scale`` differ per method) and hands its arguments to
-:meth:`OptimizerConfig.from_arguments`, which takes the shared keywords (:data:`SHARED_KEYS`)
-from them; :meth:`OptimizerConfig.defaults` then gives the param-group defaults (these keys
-plus the method's own). A constructor that lacks a shared keyword must say so
-(``from_arguments(locals(), betas=None)``), so the signatures cannot drift apart unnoticed.
+The shared keywords (:data:`SHARED_KEYS`) are written once, here. An optimizer's
+constructor writes only its own arguments and takes the shared ones through
+``**options``; :func:`shared_signature` gives it the full signature (``lr``, ``betas``,
+``eps``, ``weight_decay`` after ``params``, positional as in ``torch.optim.AdamW``, the
+low-rank and moment-format keywords keyword-only, with the method's own defaults:
+``eps`` and ``scale`` differ per method), which ``inspect.signature``, ``help()`` and the
+optimizer registry read, and refuses unknown keywords with ``TypeError``.
+:meth:`OptimizerConfig.from_arguments` takes the shared values from the constructor's
+arguments; :meth:`OptimizerConfig.defaults` then gives the param-group defaults (these
+keys plus the method's own). A constructor without a shared keyword says so
+(``absent=("betas",)``), so no signature can drift from the others unnoticed.
 
 The values are checked per param group, when the group is added (a group may override any
 key), by :func:`validate` (Adam-style groups) or the single checks it is made of: every
@@ -14,9 +19,11 @@ nothing is added when a check fails.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, TypedDict
 
 import torch
 
@@ -47,9 +54,11 @@ class OptimizerConfig:
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any], **absent: Any) -> "OptimizerConfig":
-        """The shared keywords of a constructor's ``arguments`` (its ``locals()``). Keys the
-        constructor does not take are given in ``absent``; any other missing key raises
-        ``TypeError`` (a constructor that forgot a shared keyword)."""
+        """The shared keywords of a constructor's ``arguments`` (its ``locals()``, where the
+        ``options`` mapping of a :func:`shared_signature` constructor counts as arguments).
+        Keys the constructor does not take are given in ``absent``; any other missing key
+        raises ``TypeError`` (a constructor that forgot a shared keyword)."""
+        arguments = dict(arguments, **arguments.get("options", {}))
         values = {}
         for name in SHARED_KEYS:
             if name in absent:
@@ -72,6 +81,81 @@ class OptimizerConfig:
 
 #: the shared keyword names, in signature order.
 SHARED_KEYS: Tuple[str, ...] = tuple(f.name for f in fields(OptimizerConfig))
+#: the shared keywords that follow ``params`` positionally (torch.optim.AdamW's order).
+POSITIONAL_KEYS: Tuple[str, ...] = ("lr", "betas", "eps", "weight_decay")
+
+
+class SharedOptions(TypedDict, total=False):
+    """The shared keywords a constructor takes through ``**options`` (for type checkers)."""
+
+    lr: float
+    betas: Tuple[float, float]
+    eps: float
+    weight_decay: float
+    rank: Optional[int]
+    update_proj_gap: int
+    scale: float
+    proj_type: str
+    skip_nonfinite: bool
+    foreach: Optional[bool]
+    moment_dtype: str
+    moment_bits: int
+    block_size: int
+    min_8bit_size: int
+
+
+def shared_signature(*, absent: Sequence[str] = (), **defaults: Any) -> Callable:
+    """Decorator of an optimizer's ``__init__(self, params, <own args>, **options)``: the
+    shared keywords become part of its signature.
+
+    The written signature keeps its own arguments; every shared key it does not write (and
+    that is not in ``absent``) is added, with the default from ``defaults`` or else
+    :class:`OptimizerConfig`'s: :data:`POSITIONAL_KEYS` right after ``params`` (so
+    ``GaLoreAdamW(params, 1e-3)`` works as for torch.optim.AdamW), the others keyword-only
+    at the end. A call binds against that signature (an unknown or repeated keyword raises
+    ``TypeError``, as for any Python function), fills the defaults, and passes the shared
+    keys in ``options``.
+    """
+    unknown = set(defaults) - set(SHARED_KEYS)
+    if unknown:
+        raise TypeError(f"shared_signature: not shared keywords: {sorted(unknown)}")
+    base = OptimizerConfig()
+    # annotations as text, like those of the written parameters (postponed evaluation)
+    hints = {k: getattr(v, "__forward_arg__", v) for k, v in SharedOptions.__annotations__.items()}
+
+    def wrap(init: Callable) -> Callable:
+        written = inspect.signature(init)
+        params = list(written.parameters.values())
+        if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+            raise TypeError(f"shared_signature: {init.__qualname__} must end in **options")
+        own = params[:-1]
+        names = {q.name for q in own}
+
+        def shared(keys, kind):
+            return [inspect.Parameter(k, kind, default=defaults.get(k, getattr(base, k)), annotation=hints[k])
+                    for k in keys if k not in names and k not in absent]
+
+        positional = [q for q in own if q.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        keyword = [q for q in own if q.kind is inspect.Parameter.KEYWORD_ONLY]
+        full = written.replace(parameters=(
+            positional[:2] + shared(POSITIONAL_KEYS, inspect.Parameter.POSITIONAL_OR_KEYWORD) + positional[2:]
+            + keyword + shared([k for k in SHARED_KEYS if k not in POSITIONAL_KEYS], inspect.Parameter.KEYWORD_ONLY)))
+        own_names = [q.name for q in own]
+
+        @functools.wraps(init)
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            try:
+                bound = full.bind(*args, **kwargs)
+            except TypeError as e:  # name the constructor, as Python does for a written signature
+                raise TypeError(f"{init.__qualname__}() {e}") from None
+            bound.apply_defaults()
+            values = bound.arguments
+            init(**{k: values[k] for k in own_names}, **{k: v for k, v in values.items() if k not in names})
+
+        __init__.__signature__ = full  # type: ignore[attr-defined]
+        return __init__
+
+    return wrap
 
 
 def _is_int(x) -> bool:
@@ -164,5 +248,5 @@ def validate(group: Mapping[str, Any], err: Err) -> None:
     moments.validate(group, err)
 
 
-__all__ = ["OptimizerConfig", "SHARED_KEYS", "validate", "check_lr", "check_betas", "check_eps",
+__all__ = ["OptimizerConfig", "SHARED_KEYS", "SharedOptions", "shared_signature", "validate", "check_lr", "check_betas", "check_eps",
            "check_weight_decay", "check_flags", "check_lowrank"]

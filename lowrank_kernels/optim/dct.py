@@ -11,7 +11,7 @@ int32 indices per layer, never a float projector.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Unpack
 
 import torch
 
@@ -23,7 +23,7 @@ from . import distributed as _dist
 from . import moments
 from .base import LowRankOptimizer
 from .common import resolve_side
-from .config import OptimizerConfig
+from .config import OptimizerConfig, SharedOptions, shared_signature
 from .frugal import dct_projection  # noqa: F401  (its former home)
 from .moments import ABSMAX_KEYS
 
@@ -142,29 +142,9 @@ class DCTAdamW(LowRankOptimizer):
     proj_types = ("std", "reverse_std", "left", "right")
     supports_capturable = True
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        rank: Optional[int] = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        norm: int = 1,
-        moment_refresh: str = "keep",
-        max_dim: Optional[int] = 32000,
-        skip_nonfinite: bool = True,
-        foreach: Optional[bool] = None,
-        moment_dtype: str = "float32",
-        moment_bits: int = 32,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
-        capturable: bool = False,
-    ):
+    @shared_signature(eps=1e-6, scale=0.25)
+    def __init__(self, params, *, norm: int = 1, moment_refresh: str = "keep", max_dim: Optional[int] = 32000,
+                 capturable: bool = False, **options: Unpack[SharedOptions]):
         defaults = OptimizerConfig.from_arguments(locals()).defaults(
             norm=norm, moment_refresh=moment_refresh, max_dim=max_dim)
         if capturable:

@@ -1,7 +1,7 @@
 """FRUGAL (Zmushko et al. 2024): AdamW in a subspace plus a state-free update of the rest."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Unpack
 
 import torch
 
@@ -11,7 +11,7 @@ from . import distributed as _dist
 from . import moments
 from .base import LowRankOptimizer
 from .common import adam_step_size, mix_seed, project_fp32
-from .config import OptimizerConfig
+from .config import OptimizerConfig, SharedOptions, shared_signature
 
 UPDATES = ("signsgd", "sgd")
 
@@ -119,29 +119,9 @@ class FrugalAdamW(LowRankOptimizer):
         "dct": dct_projection,
     }
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        *,
-        density: Optional[float] = 0.25,
-        rank: Optional[int] = None,
-        update_proj_gap: int = 200,
-        projection: str = "svd",
-        update: str = "signsgd",
-        inactive_lr_scale: float = 1.0,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        skip_nonfinite: bool = True,
-        foreach: Optional[bool] = None,
-        moment_dtype: str = "float32",
-        moment_bits: int = 32,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
-    ):
+    @shared_signature(eps=1e-8, weight_decay=0.01, scale=1.0)
+    def __init__(self, params, *, density: Optional[float] = 0.25, projection: str = "svd", update: str = "signsgd",
+                 inactive_lr_scale: float = 1.0, **options: Unpack[SharedOptions]):
         defaults = OptimizerConfig.from_arguments(locals()).defaults(
             density=density, projection=projection, update=update, inactive_lr_scale=inactive_lr_scale)
         super().__init__(params, defaults)

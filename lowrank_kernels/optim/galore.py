@@ -1,7 +1,7 @@
 """GaLore-AdamW (Zhao et al. 2024): Adam in the span of the gradient's top singular vectors."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Unpack
 
 import torch
 
@@ -11,7 +11,7 @@ from . import distributed as _dist
 from . import moments
 from .base import LowRankOptimizer
 from .common import PROJ_TYPES, adam_step_size, mix_seed, project_fp32
-from .config import OptimizerConfig
+from .config import OptimizerConfig, SharedOptions, shared_signature
 
 SVD_MODES = ("exact", "lowrank")
 #: extra columns drawn by the randomized SVD beyond the rank, and its power iterations.
@@ -106,30 +106,9 @@ class GaLoreAdamW(LowRankOptimizer):
     compat_modes = ("galore-torch",)
     supports_capturable = True
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        no_deprecation_warning: bool = True,
-        *,
-        rank: Optional[int] = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        svd: str = "exact",
-        skip_nonfinite: bool = True,
-        foreach: Optional[bool] = None,
-        compat: Optional[str] = None,
-        moment_dtype: str = "float32",
-        moment_bits: int = 32,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
-        capturable: bool = False,
-    ):
+    @shared_signature(eps=1e-6, scale=0.25)
+    def __init__(self, params, correct_bias: bool = True, no_deprecation_warning: bool = True, *, svd: str = "exact",
+                 compat: Optional[str] = None, capturable: bool = False, **options: Unpack[SharedOptions]):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
         defaults = OptimizerConfig.from_arguments(locals()).defaults(svd=svd)

@@ -35,7 +35,7 @@ this is exactly ``torch.optim.Adam`` on the ``(g, V)`` parameters of
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple, Unpack
 
 import torch
 
@@ -45,7 +45,7 @@ from lowrank_kernels.ops import projection as _projection
 
 from . import distributed as _dist
 from .common import adam_step_size
-from .config import OptimizerConfig
+from .config import OptimizerConfig, SharedOptions, shared_signature
 from .galore import GaLoreAdamW
 
 #: floor of a row norm used as a divisor (a zero row of W stays zero).
@@ -244,26 +244,8 @@ class GradNormLoRPAdamW(GaLoreAdamW):
 
     proj_types = ("std", "reverse_std", "left", "right")
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        rank: Optional[int] = None,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        svd: str = "exact",
-        skip_nonfinite: bool = True,
-        foreach: Optional[bool] = None,
-        moment_dtype: str = "float32",
-        moment_bits: int = 32,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
-    ):
+    @shared_signature(eps=1e-6, scale=1.0)
+    def __init__(self, params, *, svd: str = "exact", **options: Unpack[SharedOptions]):
         self._wn_scratch = None
         super().__init__(params, svd=svd, **OptimizerConfig.from_arguments(locals()).defaults())
 

@@ -3,7 +3,7 @@ updated with stochastic rounding, and a layer-adaptive refresh gap."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from lowrank_kernels.nn.qlinear import qlinear_of
 from . import moments
 from .base import LowRankOptimizer
 from .common import adam_step_size, mix_seed
-from .config import OptimizerConfig
+from .config import OptimizerConfig, SharedOptions, shared_signature
 from .galore import GaLoreAdamW
 
 SIMILARITIES = ("abs_cos", "overlap")
@@ -141,18 +141,11 @@ class QGaLoreAdamW(GaLoreAdamW):
     #: float32 elements of one INT8 update panel (an instance attribute may override it).
     int8_panel_elems: int = INT8_PANEL_ELEMS
 
+    @shared_signature(eps=1e-8, scale=0.25)
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
         *,
-        rank: Optional[int] = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
         quant: bool = True,
         quant_group_size: int = 256,
         quant_n_bit: int = 4,
@@ -163,12 +156,7 @@ class QGaLoreAdamW(GaLoreAdamW):
         stochastic_round: bool = True,
         seed: int = 0,
         svd: str = "exact",
-        skip_nonfinite: bool = True,
-        foreach: Optional[bool] = None,
-        moment_dtype: str = "float32",
-        moment_bits: int = 32,
-        block_size: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Unpack[SharedOptions],
     ):
         self.seed = int(seed)
         defaults = OptimizerConfig.from_arguments(locals()).defaults(

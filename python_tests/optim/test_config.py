@@ -110,3 +110,22 @@ def test_from_arguments_names_a_missing_keyword():
     cfg = OptimizerConfig.from_arguments(args, foreach=False)
     assert cfg.defaults(extra=1) == {**args, "foreach": False, "extra": 1}
     assert "betas" not in OptimizerConfig.from_arguments(args, foreach=None, betas=None).defaults()
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_unknown_keyword_raises_type_error_naming_constructor_and_keyword(cls):
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(TypeError, match=rf"{cls.__name__}.__init__\(\) got an unexpected keyword argument 'rnak'"):
+        cls([w], rnak=2)
+
+
+@pytest.mark.parametrize("cls", [c for c in CLASSES if "betas" in inspect.signature(c.__init__).parameters],
+                         ids=lambda c: c.__name__)
+def test_shared_positional_keywords_follow_params_in_adamw_order(cls):
+    """``cls(params, lr, betas, eps, weight_decay)`` positionally, as torch.optim.AdamW."""
+    names = list(inspect.signature(cls.__init__).parameters)[:6]
+    assert names == ["self", "params", "lr", "betas", "eps", "weight_decay"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = cls([torch.nn.Parameter(torch.randn(8, 6))], 0.5, (0.8, 0.9), 1e-3, 0.2)
+    assert [opt.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")] == [0.5, (0.8, 0.9), 1e-3, 0.2]
