@@ -443,43 +443,38 @@ register(OptimizerSpec(
     "adamw", "torch.optim.AdamW", _adamw_bytes,
     Capabilities(bucketed=True, capturable=True, moment_bits=(32,), distributed=True),
     subspace=None, label="torch-AdamW", summary="torch.optim.AdamW on every parameter (the baseline)"))
-register(OptimizerSpec(
-    "galore", _OPTIM + "GaLoreAdamW", _galore_bytes,
-    Capabilities(bucketed=True, capturable=True, moment_bits=_ALL_BITS, distributed=True),
-    aliases=("galore_adamw",), label="GaLoreAdamW", summary="SVD projector, fused project-Adam-back-project step"))
-register(OptimizerSpec(
-    "dct", _OPTIM + "DCTAdamW", _dct_bytes,
-    Capabilities(bucketed=True, capturable=True, moment_bits=_ALL_BITS, distributed=True),
-    aliases=("dct_adamw",), label="DCTAdamW", summary="DCT rows picked by gradient alignment (no SVD)"))
-register(OptimizerSpec(
-    "qgalore", _OPTIM + "QGaLoreAdamW", _qgalore_bytes,
-    Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=True),
-    aliases=("qgalore_adamw",), label="QGaLoreAdamW", summary="GaLore with an INT4 projector and adaptive refresh"))
-register(OptimizerSpec(
-    "apollo", _OPTIM + "APOLLOAdamW", _apollo_bytes,
-    Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=True),
-    aliases=("apollo_adamw",), label="APOLLOAdamW", summary="seeded random projection, channel-wise scaling"))
-register(OptimizerSpec(
-    "apollo-mini", _OPTIM + "APOLLOAdamW", _apollo_bytes,
-    Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=True),
-    constructor="mini", aliases=("apollo_mini",), label="APOLLO-Mini",
-    summary="APOLLO at rank 1 with tensor-wise scaling (APOLLOAdamW.mini)"))
-register(OptimizerSpec(
-    "frugal", _OPTIM + "FrugalAdamW", _frugal_bytes,
-    Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=True),
-    subspace="density", aliases=("frugal_adamw",), label="FrugalAdamW",
-    summary="AdamW in a subspace, signSGD on the residual"))
-register(OptimizerSpec(
-    "gradnormlorp", _OPTIM + "GradNormLoRPAdamW", _gradnormlorp_bytes,
-    Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=False),
-    aliases=("gradnormlorp_adamw",), label="GradNormLoRPAdamW",
-    summary="GaLore on the weight-normalized direction, Adam on its magnitude"))
+
+# The capabilities of the fused-step optimizers, and of those stepping parameter by parameter.
+_FUSED = Capabilities(bucketed=True, capturable=True, moment_bits=_ALL_BITS, distributed=True)
+_PER_PARAM = Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=True)
+
+
+def _register_ours(name: str, cls: str, state_bytes, capabilities: Capabilities, alias: str, summary: str,
+                   **kw) -> None:
+    """Register this package's optimizer class ``cls`` (lowrank_kernels.optim) under ``name``,
+    with the Hugging Face spelling ``alias``; its benchmark label is the class name unless given."""
+    kw.setdefault("label", cls)
+    register(OptimizerSpec(name, _OPTIM + cls, state_bytes, capabilities, aliases=(alias,), summary=summary, **kw))
+
+
+_register_ours("galore", "GaLoreAdamW", _galore_bytes, _FUSED, "galore_adamw",
+               "SVD projector, fused project-Adam-back-project step")
+_register_ours("dct", "DCTAdamW", _dct_bytes, _FUSED, "dct_adamw", "DCT rows picked by gradient alignment (no SVD)")
+_register_ours("qgalore", "QGaLoreAdamW", _qgalore_bytes, _PER_PARAM, "qgalore_adamw",
+               "GaLore with an INT4 projector and adaptive refresh")
+_register_ours("apollo", "APOLLOAdamW", _apollo_bytes, _PER_PARAM, "apollo_adamw",
+               "seeded random projection, channel-wise scaling")
+_register_ours("apollo-mini", "APOLLOAdamW", _apollo_bytes, _PER_PARAM, "apollo_mini",
+               "APOLLO at rank 1 with tensor-wise scaling (APOLLOAdamW.mini)", constructor="mini", label="APOLLO-Mini")
+_register_ours("frugal", "FrugalAdamW", _frugal_bytes, _PER_PARAM, "frugal_adamw",
+               "AdamW in a subspace, signSGD on the residual", subspace="density")
+_register_ours("gradnormlorp", "GradNormLoRPAdamW", _gradnormlorp_bytes,
+               Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=False),
+               "gradnormlorp_adamw", "GaLore on the weight-normalized direction, Adam on its magnitude")
 # Adafactor with an external learning rate (transformers' galore_adafactor, galore-torch's
 # scripts): relative_step=False is what makes lr count, so the name fixes it. Its default
 # beta1=None keeps no first moment: moment_bits (which applies to that moment) changes nothing.
-register(OptimizerSpec(
-    "adafactor", _OPTIM + "GaLoreAdafactor", _adafactor_bytes,
-    Capabilities(bucketed=False, capturable=False, moment_bits=(32,), distributed=False),
-    settings={"relative_step": False, "scale_parameter": False}, fixed=("relative_step",),
-    aliases=("galore_adafactor",), label="GaLoreAdafactor",
-    summary="GaLore's projector with Adafactor (factored second moment)"))
+_register_ours("adafactor", "GaLoreAdafactor", _adafactor_bytes,
+               Capabilities(bucketed=False, capturable=False, moment_bits=(32,), distributed=False),
+               "galore_adafactor", "GaLore's projector with Adafactor (factored second moment)",
+               settings={"relative_step": False, "scale_parameter": False}, fixed=("relative_step",))
