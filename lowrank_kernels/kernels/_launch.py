@@ -177,22 +177,24 @@ def _same(t):
     return (t, t, t)
 
 
-_PROJECT = {
-    ("dense", False): _same(Tile(64, 64, 64, 8, 3)),
-    ("dense", True): _same(Tile(64, 64, 32, 8, 3)),
-    ("int4", False): _same(Tile(64, 64, 32, 8, 2)),
-    ("int4", True): _same(Tile(64, 64, 32, 8, 2)),
-    ("dct", False): _same(Tile(64, 64, 32, 8, 2)),
-    ("dct", True): _same(Tile(64, 64, 32, 8, 2)),
-}
-_BACKPROJECT = {
-    ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
-    ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
-    ("int4", False): _same(Tile(64, 64, 32, 8, 1)),
-    ("int4", True): _same(Tile(64, 64, 32, 8, 1)),
-    ("dct", False): _same(Tile(64, 64, 32, 8, 2)),
-    ("dct", True): _same(Tile(64, 64, 32, 8, 2)),
-}
+def _table(**classes):
+    """``{(projector class, wide): tiles}`` from ``class=(narrow, wide)``: each a Tile for all
+    three buckets, or a (big, small-M, small-N) triple."""
+    return {(cls, wide): (_same(t) if isinstance(t, Tile) else t)
+            for cls, pair in classes.items() for wide, t in zip((False, True), pair)}
+
+
+_PROJECT = _table(
+    dense=(Tile(64, 64, 64, 8, 3), Tile(64, 64, 32, 8, 3)),
+    int4=(Tile(64, 64, 32, 8, 2), Tile(64, 64, 32, 8, 2)),
+    dct=(Tile(64, 64, 32, 8, 2), Tile(64, 64, 32, 8, 2)),
+)
+_BACKPROJECT = _table(
+    dense=((Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
+           (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3))),
+    int4=(Tile(64, 64, 32, 8, 1), Tile(64, 64, 32, 8, 1)),
+    dct=(Tile(64, 64, 32, 8, 2), Tile(64, 64, 32, 8, 2)),
+)
 # project + Adam with 8-bit moments ("project_q8"): a program owns whole quantization blocks
 # along the moment's last dim (its tile's N dim), so ``bn`` is not a table value but
 # ``max(16, next_pow2(min(block_size, N)))`` (:func:`q8_tile`); the table holds the tile
@@ -200,14 +202,11 @@ _BACKPROJECT = {
 # (at most 32): 16 x 256 and 32 x 128 hold 4096 elements as the float moments' 64 x 64
 # tiles; narrower blocks take 32 rows (32 x 256 spills on sm_90 and 64 x 64 on sm_80: the
 # requantization's binary search holds normalized values, codes and gathered midpoints).
-_PROJECT_Q8 = {
-    ("dense", False): _same(Tile(16, 256, 32, 8, 3)),
-    ("dense", True): _same(Tile(16, 256, 32, 8, 2)),
-    ("int4", False): _same(Tile(16, 256, 32, 8, 2)),
-    ("int4", True): _same(Tile(16, 256, 32, 8, 2)),
-    ("dct", False): _same(Tile(16, 256, 32, 8, 2)),
-    ("dct", True): _same(Tile(16, 256, 32, 8, 2)),
-}
+_PROJECT_Q8 = _table(
+    dense=(Tile(16, 256, 32, 8, 3), Tile(16, 256, 32, 8, 2)),
+    int4=(Tile(16, 256, 32, 8, 2), Tile(16, 256, 32, 8, 2)),
+    dct=(Tile(16, 256, 32, 8, 2), Tile(16, 256, 32, 8, 2)),
+)
 # project + Adam with bf16 stochastic-rounding moments ("project_sr"): the project table,
 # except float32 operands with an INT4/DCT projector take 32-row tiles (64 x 64 spills 80
 # bytes on sm_90 with the rounding's hash in the epilogue).
@@ -243,12 +242,12 @@ _PROJECT_Q8_GROUPED[("dense", False)] = _same(Tile(16, 256, 16, 8, 3))
 _PROJECT_SR_GROUPED = dict(_PROJECT_SR)
 _PROJECT_SR_GROUPED[("dense", True)] = _same(Tile(32, 64, 32, 8, 3))
 _PROJECT_SR_GROUPED[("int4", True)] = _same(Tile(32, 64, 32, 8, 1))
-_DCT_GEMM = {
-    ("dense", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
-    ("dense", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
-    ("dct", False): (Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
-    ("dct", True): (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3)),
-}
+_DCT_GEMM = _table(
+    dense=((Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
+           (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3))),
+    dct=((Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
+         (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3))),
+)
 TABLE_ARCHS = (80, 89, 90)
 TABLES = {}
 EXTRAS = {}
