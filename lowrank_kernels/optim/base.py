@@ -61,7 +61,6 @@ swapping; all projected math goes through ``lowrank_kernels.ops``.
 """
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from itertools import chain
 from typing import Any, Dict, List, Optional, Tuple
@@ -69,7 +68,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
-from . import capturable, config, moments, plain
+from . import capturable, checkpoint, config, moments, plain, report
 from . import distributed as _dist
 from ._stepcache import StepCache, _native_nonfinite_flags, finite_flags, increment_steps  # noqa: F401
 from .common import (COMPAT_MODES, PROJ_TYPES, SIDE_CODES, SIDE_NAMES, adam_step_size, mix_seed, project_fp32,
@@ -174,84 +173,15 @@ class LowRankOptimizer(Optimizer):
         self._warn_selection()
 
     def _warn_selection(self, plain_name: str = "plain AdamW", stacklevel: int = 4) -> None:
-        """Warn (``UserWarning``) when no parameter is projected, or when fewer than half of
-        the eligible 2-D weights are: a 2-D weight of a plain group is eligible when its
-        smaller dimension exceeds the smallest rank of the low-rank groups."""
-        name = type(self).__name__
-        groups = [g for g in self.param_groups if g["params"]]
-        low = [g for g in groups if self._is_lowrank(g)]
-        if not low:
-            if not self.__dict__.get("_rank_none_given"):
-                fix = ("pass rank=... (lowrank_kernels.optim.lowrank_param_groups(model, rank=...) also leaves "
-                       "the 1-D parameters, embeddings and output head plain)")
-            else:
-                size = "density" if self.defaults.get("density") is not None else "rank"
-                given = "" if self.defaults.get(size) is None else f" ({size}={self.defaults[size]!r} is overridden)"
-                fix = (f"every param group sets rank=None{given}: lowrank_param_groups(model, rank=r) leaves a "
-                       "weight plain when min(m, n) <= r or when it is outside target_modules, so use a smaller "
-                       "rank or check target_modules")
-            warnings.warn(f"{name}: no parameter group is low-rank, so every parameter gets {plain_name}; {fix}",
-                          UserWarning, stacklevel=stacklevel)
-            return
-        ranks = [g["rank"] for g in low if _is_int(g.get("rank"))]
-        floor = min(ranks) if ranks else 0
-        projected = sum(1 for g in low for p in g["params"] if p.dim() == 2)
-        low_ids = {id(g) for g in low}
-        left = sum(1 for g in groups if id(g) not in low_ids
-                   for p in g["params"] if p.dim() == 2 and min(p.shape) > floor)
-        if projected < (projected + left) / 2:
-            warnings.warn(
-                f"{name}: only {projected} of the {projected + left} 2-D weights that could be projected are in a "
-                f"low-rank group ({left} 2-D weights with min(m, n) > {floor} are in groups with rank=None); "
-                "lowrank_kernels.optim.lowrank_param_groups(model, rank=...) without target_modules projects every "
-                "2-D weight but the embeddings and the output head (with the Hugging Face Trainer: "
-                "optim_target_modules=\"all-linear\"); opt.summary() lists what is projected",
-                UserWarning, stacklevel=stacklevel)
+        """Warn when nothing, or fewer than half of the eligible 2-D weights, is projected
+        (:func:`lowrank_kernels.optim.report.warn_selection`)."""
+        report.warn_selection(self, plain_name, stacklevel + 1)
 
     def summary(self, named_parameters=None) -> str:
         """A table of the parameters: name, shape, projected or plain, rank, side and the
-        bytes of the state (:func:`~lowrank_kernels.optim.registry.tensors_nbytes`).
-
-        Names come from ``named_parameters`` (e.g. ``model.named_parameters()``), else from a
-        group's ``names`` key (one name per parameter), else ``group<i>.<j>``. The side is
-        the stored one once the parameter has stepped, else the one its shape and
-        ``proj_type`` will give.
-        """
-        from .registry import _state_tensors, tensors_nbytes
-
-        names = {}
-        if named_parameters is not None:
-            for n, p in (named_parameters.items() if isinstance(named_parameters, dict) else named_parameters):
-                names.setdefault(p, n)
-        rows = []
-        total = 0
-        for gi, group in enumerate(self.param_groups):
-            group_names = group.get("names")
-            low = self._is_lowrank(group)
-            for pi, p in enumerate(group["params"]):
-                name = names.get(p)
-                if name is None and isinstance(group_names, (list, tuple)) and len(group_names) == len(group["params"]):
-                    name = str(group_names[pi])
-                if name is None:
-                    name = f"group{gi}.{pi}"
-                state = self.state.get(p) or {}
-                nbytes = tensors_nbytes(_state_tensors(state))
-                total += nbytes
-                shape = "x".join(map(str, p.shape)) or "scalar"
-                if low and p.dim() == 2 and not self._capturable_plain(p, group):
-                    rank = self._group_rank(group, tuple(p.shape))
-                    side = (SIDE_NAMES[int(state["side"])] if isinstance(state.get("side"), torch.Tensor)
-                            else resolve_side(tuple(p.shape), group["proj_type"]))
-                    rows.append((name, shape, "projected", str(rank), side, str(nbytes)))
-                else:
-                    rows.append((name, shape, "plain", "-", "-", str(nbytes)))
-        head = ("parameter", "shape", "update", "rank", "side", "state bytes")
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-        projected = sum(r[2] == "projected" for r in rows)
-        out = [f"{type(self).__name__}: {projected} of {len(rows)} parameters projected, state {total} bytes",
-               line(head)] + [line(r) for r in rows]
-        return "\n".join(out)
+        bytes of the state (:func:`lowrank_kernels.optim.report.summary`; names from
+        ``named_parameters``, e.g. ``model.named_parameters()``, else a group's ``names``)."""
+        return report.summary(self, named_parameters)
 
     @property
     def _steps(self) -> StepCache:
@@ -394,7 +324,7 @@ class LowRankOptimizer(Optimizer):
             if not ok:
                 self.nonfinite_skips += 1
                 if not self._warned["nonfinite"]:
-                    self._warn_nonfinite(group, p)
+                    report.warn_nonfinite(self, group, p)
                 continue
             kind = kinds.get(id(group))
             if kind is None:
@@ -478,24 +408,6 @@ class LowRankOptimizer(Optimizer):
         capturable.run(*made, state_of=self.state, bucket_step=self._bucket_step,
                        counters=self.__dict__.setdefault("_device_skips", {}), remember=self._steps.remember)
         return True
-
-    def _param_name(self, group: Dict[str, Any], p: torch.Tensor) -> str:
-        """``p``'s name from its group's ``names`` key, else ``"param group <i>, parameter <j>"``."""
-        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-        pi = next(j for j, q in enumerate(group["params"]) if q is p)
-        names = group.get("names")
-        if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
-            return f"{names[pi]!s} (param group {gi}, parameter {pi})"
-        return f"param group {gi}, parameter {pi}"
-
-    def _warn_nonfinite(self, group: Dict[str, Any], p: torch.Tensor) -> None:
-        """The one warning of a skipped non-finite gradient (cold path: the first skip)."""
-        self._warned["nonfinite"] = True
-        warnings.warn(
-            f"{type(self).__name__}: the gradient of {self._param_name(group, p)} (shape {tuple(p.shape)}) is not "
-            "finite (NaN or infinity), so its step was skipped: weight and state unchanged (skip_nonfinite=True). "
-            "nonfinite_skip_count() counts the skipped parameter-steps; this warning is shown once per optimizer",
-            UserWarning, stacklevel=3)
 
     def nonfinite_skip_count(self) -> int:
         """:attr:`nonfinite_skips` plus the skips counted on the device by capturable steps
@@ -652,112 +564,24 @@ class LowRankOptimizer(Optimizer):
         for saved_id, p in id_map:
             if saved_id in saved_state:
                 self.state[p] = {
-                    k: self._load_value(p, k, v, id(p) in capt) for k, v in saved_state[saved_id].items()
+                    k: checkpoint.load_value(self, p, k, v, id(p) in capt) for k, v in saved_state[saved_id].items()
                 }
                 for key in ("step", "side"):  # host values now, so the next steps read no tensor
                     new, saved = self.state[p].get(key), saved_state[saved_id].get(key)
                     if (isinstance(new, torch.Tensor) and isinstance(saved, torch.Tensor)
                             and saved.device.type == "cpu" and saved.numel() == 1):
                         self._steps.remember(new, int(saved))
-                self._convert_moments(p, self.state[p], *where[p])
-
-    #: group keys a saved param group may lack (this optimizer's values are kept or defaulted).
-    _OPTIONAL_SAVED_KEYS = frozenset({*MOMENT_BITS_DEFAULTS, "moment_dtype", "capturable", "compat", "foreach",
-                                      "skip_nonfinite", "names"})
+                checkpoint.convert_moments(self, p, self.state[p], *where[p])
 
     def _check_saved_state(self, state_dict) -> None:
-        """Before anything is loaded: the state was saved by an optimizer of this kind with
-        the same projection, else a ``ValueError`` naming the parameter and the mismatch.
-
-        Refused: param groups that lack this optimizer's keys or carry another optimizer's
-        (``torch.optim.AdamW``, another method), a low-rank parameter whose saved state is
-        plain AdamW (no projection side) or the reverse, and a changed ``rank`` / ``density``.
-        Moment formats may differ (they are converted)."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            return  # torch's load_state_dict reports a malformed state dict
-        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            return  # torch's load_state_dict reports the mismatch
-        from .groups import group_keys
-
-        name = type(self).__name__
-        from .registry import ctor_defaults
-
-        known = group_keys()
-        own = set(ctor_defaults(type(self)))  # this optimizer's own keys (torch may add others)
-        for gi, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if not isinstance(sg, dict) or len(sg.get("params", ())) != len(group["params"]):
-                return  # torch's load_state_dict reports the mismatch
-            where = lambda pi: (f"{name}.load_state_dict: "  # noqa: E731
-                                + (self._param_name(group, group["params"][pi]) if group["params"]
-                                   else f"param group {gi}"))
-            missing = sorted(k for k in self.defaults
-                             if k in own and k not in sg and k not in self._OPTIONAL_SAVED_KEYS)
-            foreign = sorted(k for k in sg if k in known and k not in group and k not in self._OPTIONAL_SAVED_KEYS)
-            if missing or foreign:
-                what = "; ".join(x for x in (
-                    f"it lacks {', '.join(map(repr, missing))}" if missing else "",
-                    f"it has {', '.join(map(repr, foreign))}, which {name} does not take" if foreign else "") if x)
-                raise ValueError(f"{where(0)}: the state was saved by another optimizer ({what}); load a state "
-                                 f"saved by {name} with the same param groups")
-            for key in ("rank", "density"):
-                if key in sg and key in group and sg[key] != group[key]:
-                    raise ValueError(f"{where(0)}: {key} changed: saved {sg[key]!r}, this optimizer "
-                                     f"{group[key]!r}; the saved moments and projector have the saved {key}")
-            low = self._is_lowrank(group)
-            for pi, saved_id in enumerate(sg["params"]):
-                st = saved_state.get(saved_id)
-                p = group["params"][pi]
-                if not st:
-                    continue
-                projected_saved = "side" in st
-                projected_now = low and p.dim() == 2 and not self._capturable_plain(p, group)
-                if projected_now and not projected_saved:
-                    raise ValueError(f"{where(pi)}: the saved state is plain AdamW (no projection side), but "
-                                     f"{name} projects this parameter at rank "
-                                     f"{self._group_rank(group, tuple(p.shape))}")
-                if projected_saved and not projected_now:
-                    raise ValueError(f"{where(pi)}: the saved state is projected, but this parameter is in a "
-                                     "plain group (rank=None) here")
+        """Refuse another optimizer's state, a plain state for a projected parameter (or the
+        reverse) and a changed rank (:func:`lowrank_kernels.optim.checkpoint.check_saved_state`)."""
+        checkpoint.check_saved_state(self, state_dict)
 
     def _check_saved_moments(self, state_dict) -> None:
-        """Before anything is loaded: every saved 8-bit moment has its absmax
-        (:func:`lowrank_kernels.optim.moments.check_saved`), else a ``ValueError`` naming the
-        parameter."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            return  # torch's load_state_dict reports a malformed state dict
-        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            return
-        for gi, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(sg["params"]) != len(group["params"]):
-                return
-            bs = int(sg.get("block_size", 256))
-            for pi, saved_id in enumerate(sg["params"]):
-                moments.check_saved(saved_state.get(saved_id) or {}, bs, self.moment_keys,
-                                    f"{type(self).__name__}.load_state_dict: param group {gi}, parameter {pi}")
-
-    def _convert_moments(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any],
-                         saved_block_size: int) -> None:
-        """Bring loaded moments (:attr:`moment_keys`) to the group's format; DTensor (FSDP2)
-        state is left as loaded."""
-        keys = [k for k, _ in self.moment_keys if isinstance(state.get(k), torch.Tensor)]
-        if not keys or any(_dist.is_dtensor(state[k]) for k in keys):
-            return
-        moments.convert(state, moments.format_of(group), param_dtype=p.dtype, saved_block_size=saved_block_size,
-                        moment_keys=self.moment_keys)
-
-    def _load_value(self, p: torch.Tensor, key: str, value, capturable: bool = False):
-        """A saved state tensor placed for ``p``: ``step`` on ``p``'s device (float32) in a
-        capturable group, the other :attr:`host_state_keys` (and ``step`` otherwise) on the
-        CPU, the rest on ``p``'s device; dtypes kept."""
-        if not isinstance(value, torch.Tensor):
-            return value
-        if key == "step" and capturable:
-            return value.detach().to(device=p.device, dtype=torch.float32, copy=True)
-        if key in self.host_state_keys:
-            return value.detach().to(device="cpu", copy=True)
-        return value.detach().to(device=p.device, copy=True)
+        """Refuse saved 8-bit moments without their absmax
+        (:func:`lowrank_kernels.optim.checkpoint.check_saved_moments`)."""
+        checkpoint.check_saved_moments(self, state_dict)
 
 
 __all__ = ["LowRankOptimizer", "resolve_side", "project_fp32", "mix_seed", "adam_step_size", "SIDE_NAMES",
