@@ -209,10 +209,7 @@ class GaLoreAdafactor(LowRankOptimizer):
 
     def _init_state(self, p, state, group):
         super()._init_state(p, state, group)
-        m, n = p.shape
-        r = self._group_rank(group, (m, n))
-        side = self._side(state)
-        shape = (r, r) if side == "full" else ops.lowrank_shape(m, n, r, side)
+        shape = self._moment_shape(p, state, group)
         self._init_factored(p, state, tuple(shape), group, self._acc(p), p.device)
 
     # ------------------------------------------------------------------ the math

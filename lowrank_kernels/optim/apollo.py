@@ -147,8 +147,7 @@ class APOLLOAdamW(LowRankOptimizer):
 
     def _init_state(self, p, state, group):
         super()._init_state(p, state, group)
-        m, n = p.shape
-        shape = ops.lowrank_shape(m, n, self._group_rank(group, (m, n)), self._side(state))
+        shape = self._moment_shape(p, state, group)
         moments.init(state, moments.format_of(group), shape, device=p.device, param_dtype=p.dtype)
 
     # ------------------------------------------------------------------ seeded projection

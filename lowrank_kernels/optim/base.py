@@ -68,6 +68,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
+from lowrank_kernels import ops
+
 from . import capturable, checkpoint, config, moments, plain, report
 from . import distributed as _dist
 from ._stepcache import StepCache, _native_nonfinite_flags, finite_flags, increment_steps  # noqa: F401
@@ -504,6 +506,13 @@ class LowRankOptimizer(Optimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ per-parameter helpers of the method files
+    def _moment_shape(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> Tuple[int, int]:
+        """The shape of ``p``'s projected gradient ``R`` (its moments): ``m x r`` / ``r x n`` by
+        the stored side, ``r x r`` for ``full``."""
+        (m, n), side = p.shape, self._side(state)
+        r = self._group_rank(group, (m, n))
+        return (r, r) if side == "full" else ops.lowrank_shape(m, n, r, side)
+
     def _side(self, state: Dict[str, Any]) -> str:
         """``state["side"]`` as ``"right"``, ``"left"`` or ``"full"`` (read through its host mirror)."""
         return SIDE_NAMES[self._steps.host_int(state["side"])]

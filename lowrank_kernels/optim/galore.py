@@ -125,10 +125,7 @@ class GaLoreAdamW(LowRankOptimizer):
 
     def _init_state(self, p, state, group):
         super()._init_state(p, state, group)
-        m, n = p.shape
-        r = self._group_rank(group, (m, n))
-        side = self._side(state)
-        shape = (r, r) if side == "full" else ops.lowrank_shape(m, n, r, side)
+        shape = self._moment_shape(p, state, group)
         moments.init(state, moments.format_of(group), shape, device=p.device, param_dtype=p.dtype)
 
     # ------------------------------------------------------------------ projector
