@@ -548,7 +548,12 @@ class LayerSampler:
 
 
 # ---------------------------------------------------------------------------- transformers adapter
+def __getattr__(name: str):
+    """``owlore_callback`` lives with the other Trainer integrations
+    (:mod:`lowrank_kernels.integrations.owlore`); it is found here too, imported on first use
+    so that this module imports nothing from the layer above it."""
+    if name == "owlore_callback":
+        from lowrank_kernels.integrations.owlore import owlore_callback
 
-
-# The transformers callback lives with the other Trainer integrations; re-exported here.
-from lowrank_kernels.integrations.owlore import owlore_callback  # noqa: E402,F401
+        return owlore_callback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """The DCT family: a shared orthonormal DCT-II basis, fused scoring + top-k, and the
 DCT projector (basis indices instead of a dense projector) of the projection family.
 
-This is the SVD-free projector of DCT-AdamW (ALGORITHMS.md): one basis per size ``s``
+This is the SVD-free projector of DCT-AdamW (Modoranu et al. 2025): one basis per size ``s``
 shared by every layer, ``r`` basis vectors chosen per layer by their alignment with
 the gradient (one matmul plus a sort instead of an SVD), and only the ``r`` indices
 stored per layer.

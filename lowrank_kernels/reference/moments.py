@@ -1,6 +1,6 @@
 """8-bit optimizer moments, blockwise (reference; the specification of the format).
 
-Format of one moment tensor ``x`` of shape ``(..., cols)`` (METHODS_NEXT.md section 3):
+Format of one moment tensor ``x`` of shape ``(..., cols)`` (docs/moment_formats.md; the dynamic maps of Dettmers et al. 2022):
 
 - ``codes``: uint8, ``x``'s shape; ``codes[..., j]`` indexes a 256-entry map;
 - ``absmax``: float32, shape ``(..., ceil(cols / block_size))``: the largest ``|x|`` of each
