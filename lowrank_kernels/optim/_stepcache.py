@@ -117,8 +117,9 @@ class StepCache:
         while nothing it may read has changed.
 
         A remembered key is reused only when ``p`` has the same dtype and device, its state is
-        the same dict holding the very same objects (identity, in order: a refresh, a reset,
-        ``load_state_dict`` or a format change stores new ones), the ``side`` tensor's version
+        the same dict holding the very same objects (identity, in order: a refresh that changes a
+        tensor's shape or dtype, ``load_state_dict`` or a format change stores new ones; a refresh
+        writing in place keeps every key input the same), the ``side`` tensor's version
         counter has not moved, and its group holds the same objects under every key but ``lr``
         (which no key reads; schedulers replace it every step). Anything else computes the key
         again. Bookkeeping only: the key is the same either way."""

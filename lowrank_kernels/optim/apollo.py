@@ -12,7 +12,7 @@ from lowrank_kernels import ops
 from . import distributed as _dist
 from . import moments
 from .base import LowRankOptimizer
-from .common import adam_step_size, mix_seed, project_fp32
+from .common import adam_step_size, assign_, mix_seed, project_fp32
 from .config import OptimizerConfig, SharedOptions, shared_signature
 
 SCALE_TYPES = ("channel", "tensor")
@@ -172,7 +172,7 @@ class APOLLOAdamW(LowRankOptimizer):
             new = apollo_torch_next_seed(seed) if group.get("compat") == "apollo-torch" else self._next_seed(seed)
         else:
             new = self._param_seed(p)
-        state["seed"] = torch.tensor(new, dtype=torch.int64)
+        assign_(state, "seed", torch.tensor(new, dtype=torch.int64))
         return True
 
     def _get_projector(self, p, state, group):

@@ -73,8 +73,8 @@ from lowrank_kernels import ops
 from . import capturable, checkpoint, config, moments, plain, report
 from . import distributed as _dist
 from ._stepcache import StepCache, _native_nonfinite_flags, finite_flags, increment_steps  # noqa: F401
-from .common import (COMPAT_MODES, PROJ_TYPES, SIDE_CODES, SIDE_NAMES, adam_step_size, mix_seed, project_fp32,
-                     resolve_side)
+from .common import (COMPAT_MODES, PROJ_TYPES, SIDE_CODES, SIDE_NAMES, adam_step_size, assign_, mix_seed,
+                     project_fp32, resolve_side)
 from .config import _is_int, _is_real  # noqa: F401  (their former home)
 from .moments import ABSMAX_KEYS, MOMENT_BITS, MOMENT_BITS_DEFAULTS, MOMENT_DTYPES
 
@@ -493,7 +493,7 @@ class LowRankOptimizer(Optimizer):
         proj = self._compute_projector(p, grad, state, group, step)
         if proj is None:
             return False
-        state["projector"] = proj
+        assign_(state, "projector", proj)  # in place after the first: captured graphs stay valid
         return True
 
     def _compute_projector(self, p, grad, state, group, step: int) -> Optional[torch.Tensor]:

@@ -1,10 +1,10 @@
 """Small functions the optimizer files share: the projection side, ``R`` in float32,
-deterministic seeds, Adam's bias-corrected step size. (Also importable from
+deterministic seeds, Adam's bias-corrected step size, in-place state writes. (Also importable from
 :mod:`lowrank_kernels.optim.base`, their former home.)"""
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -61,10 +61,36 @@ def mix_seed(*parts: int) -> int:
     return x & ((1 << 63) - 1)
 
 
+def assign_(state: Dict[str, Any], key: str, value: torch.Tensor) -> torch.Tensor:
+    """Store ``value`` as ``state[key]``, in place when it can be: ``state[key].copy_(value)``
+    when a tensor of the same type, shape, strides, dtype and device (a DTensor: also the same
+    mesh and placements) is already there, else ``state[key] = value``. Returns ``state[key]``.
+
+    Projector refreshes store their new state through this, so after the first refresh (the
+    one that creates the state) the tensors keep their storage (``data_ptr``) and a CUDA graph
+    captured after it replays correctly across later refreshes. The values are exactly
+    ``value``'s (a same-dtype copy).
+    """
+    old = state.get(key)
+    if (isinstance(old, torch.Tensor) and old is not value and type(old) is type(value)
+            and old.dtype == value.dtype and old.device == value.device and old.shape == value.shape
+            and not old.requires_grad and not old.is_inference() and _same_layout(old, value)):
+        old.copy_(value)
+        return old
+    state[key] = value
+    return value
+
+
+def _same_layout(old: torch.Tensor, new: torch.Tensor) -> bool:
+    if _dist.is_dtensor(old):
+        return old.device_mesh == new.device_mesh and old.placements == new.placements
+    return old.stride() == new.stride()
+
+
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
     """``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``: the bias-corrected step of the projected methods."""
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
 
-__all__ = ["resolve_side", "project_fp32", "mix_seed", "adam_step_size", "SIDE_NAMES", "SIDE_CODES", "PROJ_TYPES",
+__all__ = ["resolve_side", "project_fp32", "mix_seed", "adam_step_size", "assign_", "SIDE_NAMES", "SIDE_CODES", "PROJ_TYPES",
            "COMPAT_MODES"]

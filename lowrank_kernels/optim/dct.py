@@ -22,7 +22,7 @@ from lowrank_kernels.reference import moments as _moments
 from . import distributed as _dist
 from . import moments
 from .base import LowRankOptimizer
-from .common import resolve_side
+from .common import assign_, resolve_side
 from .config import OptimizerConfig, SharedOptions, shared_signature
 from .frugal import dct_projection  # noqa: F401  (its former home)
 from .moments import ABSMAX_KEYS
@@ -318,7 +318,7 @@ class DCTAdamW(LowRankOptimizer):
                 reindex_moments_(state["exp_avg"], state["exp_avg_sq"], state["indices"], idx, side, size)
         elif mode == "reset":
             moments.zero(state)
-        state["indices"] = idx
+        assign_(state, "indices", idx)  # in place once it exists: a captured CUDA graph stays valid
         return True
 
     # ------------------------------------------------------------------ state dict

@@ -10,7 +10,7 @@ from lowrank_kernels import ops
 from . import distributed as _dist
 from . import moments
 from .base import LowRankOptimizer
-from .common import adam_step_size, mix_seed, project_fp32
+from .common import adam_step_size, assign_, mix_seed, project_fp32
 from .config import OptimizerConfig, SharedOptions, shared_signature
 
 UPDATES = ("signsgd", "sgd")
@@ -185,9 +185,9 @@ class FrugalAdamW(LowRankOptimizer):
             proj = self._compute_projector(p, grad, state, group, step)
             if proj is None:
                 return False
-            state["projector"] = proj
-            moments.zero(state)  # 8-bit: codes and absmax
-        state["subspace_step"] = torch.tensor(0.0, dtype=torch.float32)
+            assign_(state, "projector", proj)  # in place once it exists: a captured CUDA graph stays valid
+            moments.zero(state)  # in place; 8-bit: codes and absmax
+        assign_(state, "subspace_step", torch.tensor(0.0, dtype=torch.float32))
         return True
 
     # ------------------------------------------------------------------ step

@@ -10,7 +10,7 @@ from lowrank_kernels import ops
 from . import distributed as _dist
 from . import moments
 from .base import LowRankOptimizer
-from .common import PROJ_TYPES, adam_step_size, mix_seed, project_fp32
+from .common import PROJ_TYPES, adam_step_size, assign_, mix_seed, project_fp32
 from .config import OptimizerConfig, SharedOptions, shared_signature
 
 SVD_MODES = ("exact", "lowrank")
@@ -169,10 +169,12 @@ class GaLoreAdamW(LowRankOptimizer):
         proj = self._compute_projector(p, grad, state, group, step)
         if proj is None:
             return False
+        # In place once the state exists (same shape and dtype): a captured CUDA graph stays valid.
         if isinstance(proj, tuple):
-            state["projector"], state["projector_right"] = proj
+            assign_(state, "projector", proj[0])
+            assign_(state, "projector_right", proj[1])
         else:
-            state["projector"] = proj
+            assign_(state, "projector", proj)
         return True
 
     # ------------------------------------------------------------------ step

@@ -13,7 +13,7 @@ from lowrank_kernels.nn.qlinear import qlinear_of
 
 from . import moments
 from .base import LowRankOptimizer
-from .common import adam_step_size, mix_seed
+from .common import adam_step_size, assign_, mix_seed
 from .config import OptimizerConfig, SharedOptions, shared_signature
 from .galore import GaLoreAdamW
 
@@ -231,9 +231,12 @@ class QGaLoreAdamW(GaLoreAdamW):
         self._adapt_gap(state, group, new, side, p)
         if group["quant"]:
             packed, scale, minimum = ops.int4_pack(new, int(group["quant_group_size"]))
-            state["proj_packed"], state["proj_scale"], state["proj_min"] = packed, scale, minimum
+            # In place once they exist (same shapes): a captured CUDA graph stays valid.
+            assign_(state, "proj_packed", packed)
+            assign_(state, "proj_scale", scale)
+            assign_(state, "proj_min", minimum)
         else:
-            state["projector"] = new.to(p.dtype)
+            assign_(state, "projector", new.to(p.dtype))
         state["svd_count"] += 1
         return True
 
@@ -264,12 +267,13 @@ class QGaLoreAdamW(GaLoreAdamW):
             q[cnt] = sim.to("cpu", torch.float32)
             cnt += 1
             if cnt == size and float(q.mean()) >= group["cos_threshold"]:
-                state["proj_gap"] = torch.tensor(int(int(state["proj_gap"]) * group["gamma_proj"]), dtype=torch.int64)
+                assign_(state, "proj_gap",
+                        torch.tensor(int(int(state["proj_gap"]) * group["gamma_proj"]), dtype=torch.int64))
                 q.zero_()
                 cnt = 0
-            state["sim_count"] = torch.tensor(cnt, dtype=torch.int64)
+            assign_(state, "sim_count", torch.tensor(cnt, dtype=torch.int64))
         if kind == "abs_cos":
-            state["past_vector"] = (new[0] if side == "right" else new[:, 0]).clone()
+            assign_(state, "past_vector", (new[0] if side == "right" else new[:, 0]).clone())
 
     # ------------------------------------------------------------------ the step
     def _sr_seed(self, p, step: int) -> int:
