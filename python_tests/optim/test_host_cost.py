@@ -304,10 +304,11 @@ def test_fresh_gradients_keep_the_validation_cached(cls, monkeypatch):
         runs.append((ps, full))
     (pa, full_bucketed), (pb, _) = runs
     assert all(torch.equal(a, b) for a, b in zip(pa, pb))
-    # Steps 1 and 4 refresh (per parameter); steps 2 and 5 validate the buckets in full (new
-    # projectors after each refresh: a new key); steps 3 and 6 are cached.
+    # Steps 1 and 4 refresh (per parameter); step 2 validates the buckets in full; steps 3 and 6
+    # are cached. Step 5 validates again only if its new gradients landed at other addresses: a
+    # refresh writes the projectors in place, so they keep the key's data pointers.
     assert full_bucketed[2] == 0 and full_bucketed[5] == 0, full_bucketed
-    assert full_bucketed[1] > 0 and full_bucketed[4] > 0, full_bucketed
+    assert full_bucketed[1] > 0, full_bucketed
 
 
 def test_readme_renders_the_host_cost_table(tmp_path):
