@@ -17,6 +17,21 @@ OPTIONAL_SAVED_KEYS = frozenset({*MOMENT_BITS_DEFAULTS, "moment_dtype", "captura
                                   "skip_nonfinite", "names"})
 
 
+def _saved_groups(opt, state_dict):
+    """``(index, saved group, group, saved state)`` per param group, in order, while the saved
+    groups match this optimizer's in number and size; where they stop matching (or the state
+    dict is malformed) nothing more is yielded: torch's ``load_state_dict`` reports it."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        return
+    saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        return
+    for gi, (sg, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        if not isinstance(sg, dict) or len(sg.get("params", ())) != len(group["params"]):
+            return
+        yield gi, sg, group, saved_state
+
+
 def check_saved_state(opt, state_dict) -> None:
     """Before anything is loaded: the state was saved by an optimizer of this kind with
     the same projection, else a ``ValueError`` naming the parameter and the mismatch.
@@ -25,21 +40,13 @@ def check_saved_state(opt, state_dict) -> None:
     (``torch.optim.AdamW``, another method), a low-rank parameter whose saved state is
     plain AdamW (no projection side) or the reverse, and a changed ``rank`` / ``density``.
     Moment formats may differ (they are converted)."""
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-        return  # torch's load_state_dict reports a malformed state dict
-    saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
-    if len(saved_groups) != len(opt.param_groups):
-        return  # torch's load_state_dict reports the mismatch
     from .groups import group_keys
-
-    name = type(opt).__name__
     from .registry import ctor_defaults
 
+    name = type(opt).__name__
     known = group_keys()
     own = set(ctor_defaults(type(opt)))  # this optimizer's own keys (torch may add others)
-    for gi, (sg, group) in enumerate(zip(saved_groups, opt.param_groups)):
-        if not isinstance(sg, dict) or len(sg.get("params", ())) != len(group["params"]):
-            return  # torch's load_state_dict reports the mismatch
+    for gi, sg, group, saved_state in _saved_groups(opt, state_dict):
         where = lambda pi: (f"{name}.load_state_dict: "  # noqa: E731
                             + (report.param_name(opt, group, group["params"][pi]) if group["params"]
                                else f"param group {gi}"))
@@ -72,18 +79,12 @@ def check_saved_state(opt, state_dict) -> None:
                 raise ValueError(f"{where(pi)}: the saved state is projected, but this parameter is in a "
                                  "plain group (rank=None) here")
 
+
 def check_saved_moments(opt, state_dict) -> None:
     """Before anything is loaded: every saved 8-bit moment has its absmax
     (:func:`lowrank_kernels.optim.moments.check_saved`), else a ``ValueError`` naming the
     parameter."""
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-        return  # torch's load_state_dict reports a malformed state dict
-    saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
-    if len(saved_groups) != len(opt.param_groups):
-        return
-    for gi, (sg, group) in enumerate(zip(saved_groups, opt.param_groups)):
-        if len(sg["params"]) != len(group["params"]):
-            return
+    for gi, sg, group, saved_state in _saved_groups(opt, state_dict):
         bs = int(sg.get("block_size", 256))
         for pi, saved_id in enumerate(sg["params"]):
             moments.check_saved(saved_state.get(saved_id) or {}, bs, opt.moment_keys,
