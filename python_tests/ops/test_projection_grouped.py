@@ -358,8 +358,7 @@ def test_bad_entry_fails_before_any_write(device):
 
 
 # --------------------------------------------------------------------------- adam_foreach_update
-def _adam_lists(moments, device, dtype=torch.float32, seed=0):
-    shapes = [(33, 17), (5, 70), (1, 9), (300, 7), (2, 1500)]
+def _adam_lists(moments, device, dtype=torch.float32, seed=0, shapes=((33, 17), (5, 70), (1, 9), (300, 7), (2, 1500))):
     gen = _gen(seed)
     rs = [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
     if moments == "q8":
@@ -587,21 +586,7 @@ def test_adam_mixed_aligned_and_unaligned_entries(device, monkeypatch):
     ALIGNED launch, the others (odd numel, a misaligned input) in another; bitwise the single
     launches."""
     for moments in ("plain", "sr16", "q8"):
-        shapes = [(16, 32), (5, 7), (8, 16), (3, 48)]
-        gen = _gen(3)
-        rs = [torch.randn(s, generator=gen).to(device) for s in shapes]
-        if moments == "q8":
-            ms = [torch.randint(0, 256, s, generator=gen, dtype=torch.uint8).to(device) for s in shapes]
-            vs = [torch.randint(128, 256, s, generator=gen, dtype=torch.uint8).to(device) for s in shapes]
-            st = [ops.moments8_zeros(s, device, block_size=BS) for s in shapes]
-            extra = dict(m_absmax=[torch.rand(x["m_absmax"].shape, generator=gen).to(device) for x in st],
-                         v_absmax=[(0.01 * torch.rand(x["v_absmax"].shape, generator=gen)).to(device) for x in st],
-                         block_size=BS)
-        else:
-            mdt = torch.bfloat16 if moments == "sr16" else torch.float32
-            ms = [(0.1 * torch.randn(s, generator=gen)).to(mdt).to(device) for s in shapes]
-            vs = [(0.01 * torch.rand(s, generator=gen)).to(mdt).to(device) for s in shapes]
-            extra = {"moment_seed": [5 + i for i in range(len(shapes))]} if moments == "sr16" else {}
+        rs, ms, vs, extra = _adam_lists(moments, device, seed=3, shapes=((16, 32), (5, 7), (8, 16), (3, 48)))
         rs[2] = _misaligned(rs[2])  # (the moments are cloned for each call)
         seen = []
         real = L.launch
