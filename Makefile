@@ -22,9 +22,10 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch 2.13.0 only where the venv has no torch (a GPU machine keeps its own).
-$(DEPS_STAMP): requirements.txt | $(PY)
+$(DEPS_STAMP): requirements.txt requirements-nodeps.txt | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
 	touch $@
 
 deps: $(DEPS_STAMP)
