@@ -87,6 +87,13 @@ def _apollo_torch(params, rank, gap):
     return cls(_group(params, rank, gap, 1.0, proj="random", scale_type="channel"), lr=LR, weight_decay=0.0)
 
 
+def _fira_pkg(params, rank, gap):
+    """The ``fira`` package's FiraAdamW (its group key for the scale is ``alpha``): the reference for ``ours-FiraAdamW``."""
+    cls = _need("fira", "FiraAdamW")
+    return cls([dict(params=params, rank=rank, update_proj_gap=gap, alpha=0.25, proj_type="std")], lr=LR,
+               weight_decay=0.0, no_deprecation_warning=True)
+
+
 def _bnb_adamw8bit(params, rank, gap):
     """bitsandbytes' full-rank 8-bit AdamW (its CPU path is used on a CPU): the reference for ``ours-AdamW-8bit``."""
     cls = _need("bitsandbytes.optim", "AdamW8bit")
@@ -218,6 +225,7 @@ OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
     "galore-torch": (_galore_torch, True),
     "galore-torch-8bit": (_galore_torch_8bit, True),
     "apollo-torch": (_apollo_torch, True),
+    "fira": (_fira_pkg, True),
 }
 #: provider name -> (its 32-bit base provider, moment_bits) for every row of ours with a moment format.
 MOMENT_VARIANTS: Dict[str, Tuple[str, int]] = {}

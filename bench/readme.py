@@ -80,7 +80,8 @@ _STATE_REFERENCES = {"torch-adamw-fused": "torch AdamW (fused)",
                      "bitsandbytes-adamw8bit": "bitsandbytes AdamW8bit (8-bit moments of tensors >= 4096 elements)",
                      "galore-torch": "galore-torch GaLoreAdamW",
                      "galore-torch-8bit": "galore-torch GaLoreAdamW8bit",
-                     "apollo-torch": "apollo-torch APOLLOAdamW"}
+                     "apollo-torch": "apollo-torch APOLLOAdamW",
+                     "fira": "fira FiraAdamW"}
 
 
 def _mib(b: int) -> str:

@@ -39,6 +39,9 @@ TORCH_LIBRARY_IMPL(_lowrank_kernels, CPU, m) {
   m.impl("quant_int8_quantize_cpu", &quant_int8_quantize_cpu);
   m.impl("quant_int8_dequantize_cpu", &quant_int8_dequantize_cpu);
   m.impl("quant_int8_update_sr_cpu", &quant_int8_update_sr_cpu);
+  // residual (csrc/cpu/residual.cpp)
+  m.impl("residual_sumsq_cpu", &residual_sumsq_cpu);
+  m.impl("residual_apply_cpu", &residual_apply_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

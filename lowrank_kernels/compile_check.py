@@ -395,6 +395,32 @@ def _variants(subset: str):
     out.append(foreach_scores("dct_foreach_scores_bf16_right_l1", b16, "right", 1, 3, 300, 200))
     out.append(foreach_scores("dct_foreach_scores_fp16_left_l2", f16, "left", 2, 3, 300, 200))
 
+    # Fira's residual (kernels/residual.py): the back-projection GEMM with the G epilogue, both modes.
+    from lowrank_kernels.kernels import residual as kr
+
+    def residual(name, dt, p_dt, side, mode, apply, m=300, n=200, r=24):
+        def thunk():
+            s = n if side == "right" else m
+            low = E(m, r) if side == "right" else E(r, n)
+            if mode == "dct":
+                proj, idx = E(s, s, dtype=p_dt), E(r, dtype=torch.int32)
+            else:
+                proj, idx = (E(r, n, dtype=p_dt) if side == "right" else E(m, r, dtype=p_dt)), None
+            f = E(m if side == "right" else n)
+            if apply:
+                kr.residual_apply_triton(E(m, n, dtype=dt), E(m, n, dtype=dt), low, proj, f, side, -0.01, 0.99, idx)
+            else:
+                kr.residual_sumsq_triton(E(m, n, dtype=dt), low, proj, f, side, idx)
+        return name, thunk
+
+    for dt, p_dt in (((b16, b16), (f32, f32), (f16, f16), (b16, f32)) if subset == "full" else ((b16, b16), (f32, f32))):
+        for side in ("right", "left"):
+            for mode in (("dense", "dct") if subset == "full" or side == "right" else ("dense",)):
+                for apply in (True, False):
+                    what = "apply" if apply else "sumsq"
+                    out.append(residual(f"residual_{what}_g{short[dt]}_p{short[p_dt]}_{side}_{mode}", dt, p_dt,
+                                        side, mode, apply))
+
     # Quant kernels.
     def quant(name, fn):
         return name, fn

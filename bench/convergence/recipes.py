@@ -255,6 +255,17 @@ register(Recipe(
     "dct", lowrank_builder("dct", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
     requires=requires_of("dct"),
     source="DCT-AdamW paper (Modoranu et al. 2025) reuses GaLore's recipe: lr 0.01, scale 0.25"))
+# Fira: the LLaMA-60M pre-training script of the Fira repository (xichen-fy/Fira,
+# pre_training_c4/scripts/llama_60m.sh): lr 0.01, alpha (our scale) 0.25, gap 200, weight decay 0;
+# with the SVD projector and with the DCT one (an SVD-free Fira, not in the paper).
+register(Recipe(
+    "fira", lowrank_builder("fira", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=requires_of("fira"),
+    source="Fira repository's LLaMA-60M pre-training script (Chen et al. 2024): lr 0.01, alpha 0.25, gap 200"))
+register(Recipe(
+    "fira-dct", lowrank_builder("fira-dct", proj_type="std"), dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=requires_of("fira-dct"),
+    source="the fira recipe (lr 0.01, scale 0.25) with projector='dct' (DCT rows as DCT-AdamW picks them)"))
 # Q-GaLore: GaLore's lr and scale with the INT4 projector and INT8 weights.
 register(Recipe(
     "qgalore", lowrank_builder("qgalore", prepare=_quantize, proj_type="std"),

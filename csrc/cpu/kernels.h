@@ -88,4 +88,13 @@ Tensor quant_int8_dequantize_cpu(const Tensor& q, const Tensor& scale, const Ten
 void quant_int8_update_sr_cpu(Tensor& q, Tensor& scale, Tensor& minimum, const Tensor& update, double decay,
                               double alpha, int64_t seed, int64_t group_size);
 
+// --------------------------------------------------------------------------- residual
+// csrc/cpu/residual.cpp
+Tensor residual_sumsq_cpu(const Tensor& grad, const Tensor& low, const Tensor& proj, const Tensor& factor,
+                          c10::string_view side, const OptTensor& indices);
+
+void residual_apply_cpu(Tensor& param, const Tensor& grad, const Tensor& low, const Tensor& proj,
+                        const Tensor& factor, c10::string_view side, double alpha, double decay,
+                        const OptTensor& indices);
+
 }  // namespace lowrank_kernels

@@ -14,6 +14,8 @@ group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
   channel- or tensor-wise scaling of the raw gradient.
 - :class:`FrugalAdamW`: AdamW in a subspace + signSGD/SGD on the residual.
 - :class:`DCTAdamW`: SVD-free projector, DCT basis vectors picked by gradient alignment.
+- :class:`FiraAdamW`: GaLore plus the gradient outside the subspace, scaled by the
+  low-rank Adam update's norm ratio, with a norm-growth limiter (SVD or DCT projector).
 - :class:`GradNormLoRPAdamW`: GaLore on the direction of a per-row weight-normalized
   weight, Adam on its magnitude (our interpretation of GradNormLoRP).
 - :func:`lowrank_param_groups`: split a model into a low-rank and a plain group.
@@ -25,6 +27,7 @@ from .adafactor import GaLoreAdafactor  # noqa: F401
 from .apollo import APOLLOAdamW  # noqa: F401
 from .base import LowRankOptimizer, resolve_side  # noqa: F401
 from .dct import DCTAdamW  # noqa: F401
+from .fira import FiraAdamW  # noqa: F401
 from .frugal import FrugalAdamW  # noqa: F401
 from .galore import GaLoreAdamW  # noqa: F401
 from .gradnormlorp import GradNormLoRPAdamW  # noqa: F401
@@ -42,6 +45,7 @@ __all__ = [
     "FrugalAdamW",
     "QGaLoreAdamW",
     "DCTAdamW",
+    "FiraAdamW",
     "GradNormLoRPAdamW",
     "lowrank_param_groups",
     "layerwise",

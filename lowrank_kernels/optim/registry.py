@@ -240,6 +240,17 @@ def _frugal_bytes(shape, dtype, rank, o) -> int:
     return head + _moments_nbytes(lshape, dtype, o) + _projector_numel(shape, rank, side) * _esize(dtype) + _F32
 
 
+def _fira_bytes(shape, dtype, rank, o) -> int:
+    """Fira: GaLore's state (``projector="svd"``: the dense projector in the parameter's dtype;
+    ``"dct"``: ``rank`` int32 indices) plus the limiter's previous norm (one float32; float64 for
+    float64 parameters)."""
+    if rank is None:
+        return _adamw_bytes(shape, dtype, rank, o)
+    side, lshape, head = _head(shape, rank, o)
+    proj = 4 * rank if o.get("projector", "svd") == "dct" else _projector_numel(shape, rank, side) * _esize(dtype)
+    return head + _moments_nbytes(lshape, dtype, o) + proj + (8 if dtype == torch.float64 else _F32)
+
+
 def _adafactor_second(shape, o) -> int:
     """Adafactor's second moment (float32): a row and a column vector for 2-D and up, else full."""
     shape = tuple(shape)
@@ -471,6 +482,13 @@ _register_ours("frugal", "FrugalAdamW", _frugal_bytes, _PER_PARAM, "frugal_adamw
 _register_ours("gradnormlorp", "GradNormLoRPAdamW", _gradnormlorp_bytes,
                Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=False),
                "gradnormlorp_adamw", "GaLore on the weight-normalized direction, Adam on its magnitude")
+_register_ours("fira", "FiraAdamW", _fira_bytes,
+               Capabilities(bucketed=True, capturable=False, moment_bits=_ALL_BITS, distributed=False),
+               "fira_adamw", "GaLore plus the norm-scaled residual gradient, norm-growth limiter")
+_register_ours("fira-dct", "FiraAdamW", _fira_bytes,
+               Capabilities(bucketed=True, capturable=False, moment_bits=_ALL_BITS, distributed=False),
+               "fira_dct_adamw", "Fira on DCT rows picked by gradient alignment (no SVD)",
+               settings={"projector": "dct"}, label="FiraAdamW-DCT")
 # Adafactor with an external learning rate (transformers' galore_adafactor, galore-torch's
 # scripts): relative_step=False is what makes lr count, so the name fixes it. Its default
 # beta1=None keeps no first moment: moment_bits (which applies to that moment) changes nothing.

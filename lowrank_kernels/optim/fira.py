@@ -1,0 +1,209 @@
+"""Fira (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+Constraint?"): GaLore plus the gradient outside the subspace, scaled by the low-rank Adam
+update's own norm ratio, with a norm-growth limiter."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Unpack
+
+import torch
+
+from lowrank_kernels import ops
+
+from . import distributed as _dist
+from . import moments
+from .base import LowRankOptimizer
+from .common import adam_step_size, assign_
+from .config import OptimizerConfig, SharedOptions, shared_signature
+from .dct import NORMS
+from .galore import GaLoreAdamW
+
+PROJECTORS = ("svd", "dct")
+#: the package's constant in the scaling factor's denominator and the limiter's
+_TINY = 1e-8
+
+
+def _norm(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dim=dim)
+
+
+class FiraAdamW(GaLoreAdamW):
+    r"""Fira: GaLore-AdamW plus the scaled residual of the gradient, a drop-in for ``fira.FiraAdamW``.
+
+    Param groups that set ``rank`` are projected as in :class:`GaLoreAdamW` (same projector,
+    same refresh schedule and path: ``projector="svd"`` is GaLore's SVD projector, ``"dct"``
+    the DCT rows best aligned with the gradient as :class:`DCTAdamW` picks them, an SVD-free
+    Fira); every other group is plain ``torch.optim.AdamW`` (bit-identical). Per projected
+    ``m x n`` weight and step ``t``, with ``R = project(G)`` and the low-rank Adam direction
+    ``N = M / (sqrt(V) + eps)`` (moments of ``R``):
+
+    - **norm-based scaling**: ``s = ||N||_k / (||R||_k + 1e-8)``, the norms taken over the rank
+      dimension, one factor per index ``k`` of the dimension the projection keeps (per row for
+      the right side, ``R`` is ``m x r``; per column for the left side, ``R`` is ``r x n``);
+    - the scaled residual ``Q = s * (G - back(R))`` (the gradient outside the subspace);
+    - **norm-growth limiter** (``gamma``, default 1.01; None turns it off): from the second
+      step on, ``Q /= max(||Q|| / (prev + 1e-8), gamma) / gamma`` so that ``||Q||`` grows at
+      most by ``gamma`` per step; ``prev = ||Q||`` after the division (state
+      ``residual_norm``, +inf before the first step);
+    - ``W <- (1 - lr wd) W - lr sqrt(1 - b2^t) / (1 - b1^t) * (scale * back(N) + Q)``.
+
+    The residual never exists as a full-size tensor: since ``s`` runs along the kept dimension,
+    ``scale * back(N) + Q = back(scale * N - s * R) + s * G``, one back-projection GEMM whose
+    epilogue reads ``G`` (:func:`lowrank_kernels.ops.residual_apply_`); ``||Q||`` is a second
+    GEMM pass with a square-sum epilogue (:func:`lowrank_kernels.ops.residual_sumsq`), run
+    before it because the limiter needs the whole norm. No host synchronization.
+
+    ``compat="fira"`` reproduces the ``fira`` package (1.0.2): weight decay after the update,
+    its transformers-style AdamW in the plain groups, and its residual ``G - scale * back(R)``
+    (the package's back-projection multiplies by ``scale``, its ``alpha``, so for ``scale != 1``
+    it is not the orthogonal complement). eps sits as in the package and GaLore
+    (``sqrt(V) + eps`` before the bias correction).
+
+    Args:
+        params: parameters or param groups (e.g. from :func:`lowrank_param_groups`).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (``eps`` defaults to 1e-6 like
+            the package).
+        rank, update_proj_gap, scale, proj_type: as :class:`GaLoreAdamW` (``proj_type``:
+            ``std``, ``reverse_std``, ``left`` or ``right``; ``full`` has no kept dimension
+            to scale along and is refused).
+        projector: ``"svd"`` (default, GaLore's projector, ``svd="exact"|"lowrank"``) or
+            ``"dct"`` (DCT basis rows chosen by :func:`lowrank_kernels.ops.dct_score_topk`
+            with the ``norm`` key, 1 or 2; only ``rank`` int32 indices are stored). Moments
+            are kept across a refresh, as GaLore does.
+        gamma: the limiter's growth bound (a float >= 1), None to turn the limiter off.
+        skip_nonfinite, foreach, moment_dtype, moment_bits, block_size, min_8bit_size:
+            as :class:`GaLoreAdamW` (``foreach``: the non-refresh steps of a bucket share one
+            multi-tensor Adam update; ``False``: per parameter, bit-identical).
+        compat: None or ``"fira"`` (above). Also a group key.
+
+    State per projected parameter: GaLore's (``step``, ``side``, ``exp_avg``, ``exp_avg_sq``
+    in the moment format, and ``projector`` in the parameter's dtype, or ``indices`` (int32,
+    ``rank``) with ``projector="dct"``), plus ``residual_norm``: one float32 scalar (float64 for
+    float64 parameters) on the parameter's device.
+    """
+
+    proj_types = ("std", "reverse_std", "left", "right")
+    compat_modes = ("fira",)
+    supports_capturable = False
+
+    @shared_signature(eps=1e-6, scale=0.25)
+    def __init__(self, params, *, projector: str = "svd", svd: str = "exact", norm: int = 1,
+                 gamma: Optional[float] = 1.01, compat: Optional[str] = None, **options: Unpack[SharedOptions]):
+        defaults = OptimizerConfig.from_arguments(locals()).defaults(projector=projector, svd=svd, norm=norm,
+                                                                    gamma=gamma)
+        if compat is not None:
+            defaults["compat"] = compat
+        LowRankOptimizer.__init__(self, params, defaults)
+
+    # ------------------------------------------------------------------ groups and state
+    def _validate_lowrank_group(self, group, gi):
+        if group.get("projector") not in PROJECTORS:
+            raise ValueError(self._err(gi, f"projector must be 'svd' or 'dct', got {group.get('projector')!r}"))
+        norm = group.get("norm")
+        if type(norm) is not int or norm not in NORMS:
+            raise ValueError(self._err(gi, f"norm must be 1 or 2, got {norm!r}"))
+        gamma = group.get("gamma")
+        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
+                                  or not math.isfinite(gamma) or gamma < 1.0):
+            raise ValueError(self._err(gi, f"gamma must be a finite float >= 1 or None, got {gamma!r}"))
+        super()._validate_lowrank_group(group, gi)
+        for pi, p in enumerate(group["params"]):
+            if _dist.is_dtensor(p):
+                raise ValueError(self._err(gi, f"parameter {pi} is a DTensor: {type(self).__name__} does not support "
+                                               "FSDP2-sharded parameters yet"))
+
+    def _init_state(self, p, state, group):
+        super()._init_state(p, state, group)
+        # +inf: no previous norm yet, so the first step is not limited (the package's first step).
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        state["residual_norm"] = torch.full((), math.inf, dtype=dtype, device=p.device)
+
+    # ------------------------------------------------------------------ projector
+    def _has_projector(self, state):
+        return "projector" in state or "indices" in state
+
+    def _compute_projector(self, p, grad, state, group, step):
+        """GaLore's projector (``projector="svd"``), or the int32 indices of the ``rank`` DCT
+        rows best aligned with the gradient (``"dct"``)."""
+        if group["projector"] == "dct":
+            r = self._group_rank(group, tuple(p.shape))
+            return ops.dct_score_topk(grad, r, side=self._side(state), norm=group["norm"])
+        return super()._compute_projector(p, grad, state, group, step)
+
+    def _refresh_projector(self, p, grad, state, group, step):
+        if group["projector"] == "dct":
+            assign_(state, "indices", self._compute_projector(p, grad, state, group, step))
+            return True
+        return super()._refresh_projector(p, grad, state, group, step)
+
+    def _get_projector(self, p, state, group):
+        idx = state.get("indices")
+        if idx is None:
+            return state["projector"]
+        m, n = p.shape
+        size = n if self._side(state) == "right" else m
+        return ops.DCTProjector(ops.dct_basis(size, p.dtype, p.device), idx)
+
+    # ------------------------------------------------------------------ step
+    def _project_step(self, p, grad, state, group, step):
+        beta1, beta2 = group["betas"]
+        proj = self._get_projector(p, state, group)
+        low = ops.project(grad, proj, side=self._side(state))
+        exp_avg = state["exp_avg"]
+        n_lr = ops.adam_update_(low.to(moments.update_dtype(state, exp_avg.dtype)), exp_avg, state["exp_avg_sq"],
+                                beta1=beta1, beta2=beta2, eps=group["eps"],
+                                **self._moment_kwargs(p, state, group, step))
+        self._residual_step(p, grad, state, group, step, proj, low, n_lr)
+
+    def _residual_step(self, p, grad, state, group, step, proj, low, n_lr):
+        """The part after the Adam update: scaling, limiter, the fused apply (shared by the
+        per-parameter and the bucketed steps)."""
+        side = self._side(state)
+        beta1, beta2 = group["betas"]
+        right = side == "right"
+        rank_dim = 1 if right else 0
+        n32 = n_lr.to(low.dtype)
+        s = _norm(n32, rank_dim) / (_norm(low, rank_dim) + _TINY)  # one factor per kept index
+        # The package's residual is G - alpha * back(R) (alpha = scale); ours the orthogonal complement.
+        a = group["scale"] if group.get("compat") == "fira" else 1.0
+        gamma = group["gamma"]
+        if gamma is not None:
+            s_b = s.unsqueeze(1) if right else s.unsqueeze(0)
+            norm = ops.residual_sumsq(grad, low * s_b * (-a), proj, s, side=side).sqrt()
+            prev = state["residual_norm"]
+            limiter = torch.clamp(norm / (prev.to(norm.dtype) + _TINY), min=gamma) / gamma
+            s = s / limiter.to(s.dtype)
+            prev.copy_(norm / limiter)
+        s_b = s.unsqueeze(1) if right else s.unsqueeze(0)
+        update = n32 * group["scale"] - low * s_b * a
+        step_size = adam_step_size(group["lr"], beta1, beta2, step)
+        ops.residual_apply_(p, grad, update, proj, s, side=side, alpha=-step_size * self._post_decay(group),
+                            decay=1.0 - group["lr"] * group["weight_decay"])
+
+    # ------------------------------------------------------------------ bucketed (multi-tensor) step
+    def _bucket_key(self, p, state, group):
+        """Projected parameters of this class's own step share a bucket per (device, side,
+        dtypes, projector kind, betas, eps, moment format)."""
+        if not self._own_fused_step(FiraAdamW):
+            return None
+        beta1, beta2 = group["betas"]
+        kind = "dct" if "indices" in state else "dense"
+        return ("fira", kind, self._side(state), p.device, p.dtype, state["exp_avg"].dtype, beta1, beta2,
+                group["eps"], moments.bucket_part(state, moments.format_of(group)))
+
+    def _bucket_step(self, key, entries, skip=None, coeffs=None):
+        """The bucket's Adam updates in one ``ops.foreach_adam_update_`` call; the projections,
+        scalings, limiters and fused applies per parameter, as :meth:`_project_step` (bitwise
+        the same results: the multi-tensor Adam op equals the single one element for element)."""
+        if skip is not None or coeffs is not None:  # pragma: no cover - not capturable
+            raise RuntimeError("FiraAdamW has no capturable step")
+        _, _, side, _, _, _, beta1, beta2, eps, _ = key
+        projs = [self._get_projector(p, st, g) for p, st, g, _ in entries]
+        lows = [ops.project(p.grad, proj, side=side) for (p, _, _, _), proj in zip(entries, projs)]
+        ns = ops.foreach_adam_update_(
+            [low.to(moments.update_dtype(st, st["exp_avg"].dtype)) for low, (_, st, _, _) in zip(lows, entries)],
+            [st["exp_avg"] for _, st, _, _ in entries], [st["exp_avg_sq"] for _, st, _, _ in entries],
+            beta1=beta1, beta2=beta2, eps=eps, **self._foreach_moment_kwargs(entries),
+        )
+        for (p, st, g, t), proj, low, n_lr in zip(entries, projs, lows, ns):
+            self._residual_step(p, p.grad, st, g, t, proj, low, n_lr)
