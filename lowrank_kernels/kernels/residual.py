@@ -2,9 +2,9 @@
 
 ``_residual_kernel`` is the back-projection GEMM of the projection family (``K = rank``,
 the shared main loop and projector tile loader of kernels/_projection_tile.py: dense or
-DCT rows gathered by index) with a different epilogue: it loads the ``G`` tile (before the
-GEMM loop, so the load overlaps it) and the factor ``f`` (per row on the right side, per
-column on the left), forms ``E = acc + f * G`` in float32, then
+DCT rows gathered by index) with a different epilogue: it loads the ``G`` tile and the
+factor ``f`` (per row on the right side, per column on the left) after the GEMM loop (``W``
+before it with the table's ``PREFETCH``, as the back-projection does), forms ``E = acc + f * G`` in float32, then
 
 - ``APPLY``: ``W = decay * W + alpha * E`` stored in ``W``'s dtype (round to nearest even);
 - otherwise: the tile's ``sum(E^2)`` is stored at ``partial[program_id]``; the launcher adds
@@ -59,13 +59,6 @@ def _residual_kernel(
     at ``out_ptr[program_id]``."""
     offs_m, offs_n, offs_k, mask_m, mask_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, IDX64)
     mask = mask_m[:, None] & mask_n[None, :]
-    g = tl.load(g_ptr + offs_m[:, None] * stride_g0 + offs_n[None, :] * stride_g1, mask=mask, other=0.0)
-    if SIDE_RIGHT:
-        f = tl.load(f_ptr + offs_m, mask=mask_m, other=0.0)
-        fg = f[:, None] * g.to(tl.float32)
-    else:
-        f = tl.load(f_ptr + offs_n, mask=mask_n, other=0.0)
-        fg = f[None, :] * g.to(tl.float32)
     if APPLY:
         w_ptrs = w_ptr + offs_m[:, None] * stride_w0 + offs_n[None, :] * stride_w1
         if PREFETCH:
@@ -75,7 +68,15 @@ def _residual_kernel(
         offs_m, offs_n, offs_k, mask_m, mask_n, K,
         SIDE_RIGHT, True, PROJ_MODE, DOT_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
     )
-    e = acc + fg  # masked lanes: 0 (G, f and the GEMM operands load 0 there)
+    # G after the loop: held across it (with the accumulator and a prefetched W) it spills in float32
+    g = tl.load(g_ptr + offs_m[:, None] * stride_g0 + offs_n[None, :] * stride_g1, mask=mask, other=0.0)
+    if SIDE_RIGHT:
+        f = tl.load(f_ptr + offs_m, mask=mask_m, other=0.0)
+        e = acc + f[:, None] * g.to(tl.float32)
+    else:
+        f = tl.load(f_ptr + offs_n, mask=mask_n, other=0.0)
+        e = acc + f[None, :] * g.to(tl.float32)
+    # masked lanes: 0 (G, f and the GEMM operands load 0 there)
     if APPLY:
         if not PREFETCH:
             w = tl.load(w_ptrs, mask=mask, other=0.0)
