@@ -5,12 +5,16 @@
 //   residual_sumsq:  sum(E^2)
 //   residual_apply:  W <- decay * W + alpha * E
 //
-// back(low) is a GEMM with K = rank; it is produced one bounded row panel of W at a time
-// (side="right": low[rows] P; side="left": P[rows] low), and the epilogue (the factor times
-// G, then the square sum or the update of W) runs on that panel while it is in cache. Panels
-// run in parallel (at::parallel_for, each GEMM single-threaded inside); the square sums are
-// kept per panel in double and added in panel order, so the result does not depend on the
-// number of threads.
+// back(low) is a GEMM with K = rank, produced one bounded row panel of W at a time
+// (side="right": low[rows] P; side="left": P[rows] low) by BLAS (multi-threaded), and the
+// epilogue runs on that panel while it is in cache (rows in parallel):
+// - sum of squares: the panel of back(low) goes to a scratch buffer, then each row adds
+//   f * G and its squares (a double per row, added in row order: the result does not depend
+//   on the number of threads);
+// - apply: BLAS updates W's panel in place, W <- decay W + alpha back(low) (one read and
+//   write of W by the GEMM, as the projection family's back-projection does), then each row
+//   adds alpha f G. A 16-bit or strided W is updated in a float32 copy of the panel, rounded
+//   back once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -22,9 +26,11 @@
 namespace lowrank_kernels {
 namespace {
 
-// About 32K elements per panel (128 KiB of float32): the panel of back(low), its G rows and
-// W rows stay in L2 between the GEMM and the epilogue.
-constexpr int64_t kPanelElems = 1 << 15;
+// Panels of about 256K elements of W (1 MiB of float32) and at least 4 r rows (the GEMMs are
+// then not skinny), at most a quarter of the matrix: as the projection family's engine.
+constexpr int64_t kPanelElems = 1 << 18;
+constexpr int64_t kPanelRankMult = 4;
+constexpr int64_t kMinPanels = 4;
 
 struct Problem {
   bool right;
@@ -71,32 +77,45 @@ Problem prepare(const Tensor& grad, const Tensor& low, const Tensor& proj, const
   if (param != nullptr) {
     TORCH_CHECK(param->dim() == 2 && param->size(0) == p.m && param->size(1) == p.n);
   }
-  p.rows = std::max<int64_t>(1, std::min<int64_t>(p.m, kPanelElems / std::max<int64_t>(p.n, 1)));
+  int64_t rows = std::max<int64_t>({8, kPanelElems / std::max<int64_t>(p.n, 1), kPanelRankMult * r});
+  rows = std::min(rows, (p.m + kMinPanels - 1) / kMinPanels);
+  p.rows = std::max<int64_t>(1, std::min(rows, p.m));
   p.panels = p.m == 0 ? 0 : (p.m + p.rows - 1) / p.rows;
   return p;
 }
 
-// E for rows [i0, i0 + rows) in acc, contiguous rows x n.
-Tensor panel_residual(const Problem& p, const Tensor& grad, int64_t i0, int64_t rows) {
-  Tensor e = p.right ? at::mm(p.low.narrow(0, i0, rows), p.proj) : at::mm(p.proj.narrow(0, i0, rows), p.low);
-  Tensor g = grad.narrow(0, i0, rows).to(p.acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(p.acc, "residual_cpu", [&] {
-    scalar_t* ep = e.data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* fp = p.factor.const_data_ptr<scalar_t>();
-    const int64_t n = p.n;
-    for (int64_t i = 0; i < rows; ++i) {
-      scalar_t* er = ep + i * n;
-      const scalar_t* gr = gp + i * n;
+// The GEMM operands of rows [i0, i0 + rows): (A, B) with back(low)[rows] = A B.
+std::pair<Tensor, Tensor> panel_operands(const Problem& p, int64_t i0, int64_t rows) {
+  return p.right ? std::make_pair(p.low.narrow(0, i0, rows), p.proj)
+                 : std::make_pair(p.proj.narrow(0, i0, rows), p.low);
+}
+
+// out[i, :] (contiguous rows x n, acc) += c * f * G[i0 + i, :], rows in parallel; with
+// `sumsq`, also the square sum of each updated row into sums[i].
+template <typename scalar_t>
+void add_scaled_grad(const Problem& p, const Tensor& g, Tensor& out, int64_t i0, int64_t rows, scalar_t c,
+                     double* sums) {
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* fp = p.factor.const_data_ptr<scalar_t>();
+  const int64_t n = p.n;
+  at::parallel_for(0, rows, 1, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      scalar_t* orow = op + i * n;
+      const scalar_t* grow = gp + i * n;
       if (p.right) {
-        const scalar_t f = fp[i0 + i];
-        for (int64_t j = 0; j < n; ++j) er[j] += f * gr[j];
+        const scalar_t f = c * fp[i0 + i];
+        for (int64_t j = 0; j < n; ++j) orow[j] += f * grow[j];
       } else {
-        for (int64_t j = 0; j < n; ++j) er[j] += fp[j] * gr[j];
+        for (int64_t j = 0; j < n; ++j) orow[j] += c * fp[j] * grow[j];
+      }
+      if (sums != nullptr) {
+        double s = 0.0;
+        for (int64_t j = 0; j < n; ++j) s += static_cast<double>(orow[j]) * static_cast<double>(orow[j]);
+        sums[i] = s;
       }
     }
   });
-  return e;
 }
 
 }  // namespace
@@ -104,22 +123,22 @@ Tensor panel_residual(const Problem& p, const Tensor& grad, int64_t i0, int64_t 
 Tensor residual_sumsq_cpu(const Tensor& grad, const Tensor& low, const Tensor& proj, const Tensor& factor,
                           c10::string_view side, const OptTensor& indices) {
   Problem p = prepare(grad, low, proj, factor, side, indices, nullptr);
-  std::vector<double> partial(static_cast<size_t>(p.panels), 0.0);
-  at::parallel_for(0, p.panels, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * p.rows, rows = std::min(p.rows, p.m - i0);
-      Tensor e = panel_residual(p, grad, i0, rows);
-      AT_DISPATCH_FLOATING_TYPES(p.acc, "residual_sumsq_cpu", [&] {
-        const scalar_t* ep = e.const_data_ptr<scalar_t>();
-        double s = 0.0;
-        const int64_t count = rows * p.n;
-        for (int64_t k = 0; k < count; ++k) s += static_cast<double>(ep[k]) * static_cast<double>(ep[k]);
-        partial[static_cast<size_t>(b)] = s;
-      });
-    }
-  });
   double total = 0.0;
-  for (double s : partial) total += s;
+  if (p.panels > 0 && p.n > 0) {
+    Tensor scratch = at::empty({p.rows, p.n}, grad.options().dtype(p.acc));
+    std::vector<double> sums(static_cast<size_t>(p.rows));
+    for (int64_t b = 0; b < p.panels; ++b) {
+      const int64_t i0 = b * p.rows, rows = std::min(p.rows, p.m - i0);
+      Tensor e = scratch.narrow(0, 0, rows);
+      auto ab = panel_operands(p, i0, rows);
+      at::mm_out(e, ab.first, ab.second);
+      Tensor g = grad.narrow(0, i0, rows).to(p.acc).contiguous();
+      AT_DISPATCH_FLOATING_TYPES(p.acc, "residual_sumsq_cpu", [&] {
+        add_scaled_grad<scalar_t>(p, g, e, i0, rows, scalar_t(1), sums.data());
+      });
+      for (int64_t i = 0; i < rows; ++i) total += sums[static_cast<size_t>(i)];
+    }
+  }
   return at::scalar_tensor(total, grad.options().dtype(p.acc));
 }
 
@@ -127,22 +146,20 @@ void residual_apply_cpu(Tensor& param, const Tensor& grad, const Tensor& low, co
                         const Tensor& factor, c10::string_view side, double alpha, double decay,
                         const OptTensor& indices) {
   Problem p = prepare(grad, low, proj, factor, side, indices, &param);
-  at::parallel_for(0, p.panels, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * p.rows, rows = std::min(p.rows, p.m - i0);
-      Tensor e = panel_residual(p, grad, i0, rows);
-      Tensor wp = param.narrow(0, i0, rows);
-      Tensor w = wp.to(p.acc).contiguous();  // param's own memory when it is contiguous acc
-      AT_DISPATCH_FLOATING_TYPES(p.acc, "residual_apply_cpu", [&] {
-        scalar_t* w_ = w.data_ptr<scalar_t>();
-        const scalar_t* ep = e.const_data_ptr<scalar_t>();
-        const scalar_t a = static_cast<scalar_t>(alpha), d = static_cast<scalar_t>(decay);
-        const int64_t count = rows * p.n;
-        for (int64_t k = 0; k < count; ++k) w_[k] = d * w_[k] + a * ep[k];
-      });
-      if (w.data_ptr() != wp.data_ptr() || w.strides() != wp.strides()) wp.copy_(w);
-    }
-  });
+  if (p.n == 0) return;
+  const bool direct = param.scalar_type() == p.acc && param.stride(1) == 1 && param.stride(0) == p.n;
+  for (int64_t b = 0; b < p.panels; ++b) {
+    const int64_t i0 = b * p.rows, rows = std::min(p.rows, p.m - i0);
+    Tensor wp = param.narrow(0, i0, rows);
+    Tensor w = direct ? wp : wp.to(p.acc).contiguous();
+    auto ab = panel_operands(p, i0, rows);
+    w.addmm_(ab.first, ab.second, decay, alpha);  // decay * W + alpha * back(low)
+    Tensor g = grad.narrow(0, i0, rows).to(p.acc).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(p.acc, "residual_apply_cpu", [&] {
+      add_scaled_grad<scalar_t>(p, g, w, i0, rows, static_cast<scalar_t>(alpha), nullptr);
+    });
+    if (!direct) wp.copy_(w);
+  }
 }
 
 }  // namespace lowrank_kernels
