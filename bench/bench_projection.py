@@ -8,6 +8,11 @@ Kernels, per LLaMA shape and rank (side chosen as GaLore's "std": the smaller si
     ``project_adam_``: the projection GEMM with the Adam epilogue.
 ``backproject_apply``
     ``backproject_apply_``: the back-projection GEMM accumulated into ``W``.
+``fira_residual``
+    Fira's residual part of a step (``FiraAdamW``): the scaled residual's norm
+    (``residual_sumsq``), the limiter, and ``W -= lr (scale back(N) + s' (G - back(R)))``
+    (``residual_apply_``): two GEMM passes over ``G``; unfused: ``back(R)``, the residual, its
+    norm and ``back(N)`` as full-size temporaries.
 
 Providers: ``ours-<backend>`` (the backend the op picks on this device: triton on
 CUDA, cpp on CPU), ``reference`` (the pure-PyTorch spec, forced), ``torch-unfused``
@@ -85,6 +90,35 @@ def two_gemm(grad, proj, side, update):
     return proj.T @ grad, proj @ u
 
 
+def _fira_factor(n_lr, r, side):
+    dim = 1 if side == "right" else 0
+    s = n_lr.norm(dim=dim) / (r.norm(dim=dim) + 1e-8)
+    return s, (s[:, None] if side == "right" else s[None, :])
+
+
+def unfused_fira_residual(param, grad, proj, r, n_lr, side, lr, scale, prev):
+    """Fira's residual part with full-size temporaries (the fira package's way)."""
+    p = proj.float()
+    back = (lambda x: x @ p) if side == "right" else (lambda x: p @ x)
+    _, sb = _fira_factor(n_lr, r, side)
+    q = (grad.float() - back(r)) * sb
+    limiter = torch.clamp(q.norm() / (prev + 1e-8), min=1.01) / 1.01
+    u = scale * back(n_lr) + q / limiter
+    param.copy_(param.float() - lr * u)
+
+
+def fira_residual(param, grad, proj, r, n_lr, side, lr, scale, prev):
+    """The same through the residual ops (``FiraAdamW._residual_step``)."""
+    from lowrank_kernels import ops
+
+    s, sb = _fira_factor(n_lr, r, side)
+    norm = ops.residual_sumsq(grad, r * sb * -1.0, proj, s, side=side).sqrt()
+    limiter = torch.clamp(norm / (prev + 1e-8), min=1.01) / 1.01
+    s = s / limiter
+    sb = s[:, None] if side == "right" else s[None, :]
+    ops.residual_apply_(param, grad, scale * n_lr - sb * r, proj, s, side=side, alpha=-lr, decay=1.0)
+
+
 # --------------------------------------------------------------------------- counts
 def counts(m: int, n: int, rank: int, esize: int, kernel: str) -> tuple:
     """(FLOPs, minimum bytes moved) per call: GEMMs only; each operand read once, each output written once."""
@@ -94,6 +128,8 @@ def counts(m: int, n: int, rank: int, esize: int, kernel: str) -> tuple:
         return 2.0 * m * n * rank, m * n * esize + pbytes + low * 4 * 5  # G, P, M/V r+w, N w
     if kernel == "backproject_apply":
         return 2.0 * m * n * rank, 2 * m * n * esize + pbytes + low * 4  # W r+w, P, N
+    if kernel == "fira_residual":
+        return 4.0 * m * n * rank, 4 * m * n * esize + 2 * pbytes + low * 4 * 4  # G twice, W r+w, P twice, R, N twice
     return 4.0 * m * n * rank, 3 * m * n * esize + pbytes + low * 4 * 4  # G, W r+w, P, M/V r+w
 
 
@@ -128,6 +164,11 @@ def run(ctx: Ctx) -> None:
         def run_op(kernel: str, provider: str, s: dict, hp: dict):
             """One call of ``kernel`` by ``provider`` on state ``s`` (mutated)."""
             args_step = (s["param"], s["grad"], s["proj"], s["exp_avg"], s["exp_avg_sq"])
+            if kernel == "fira_residual":  # R: the case's update, N: its first moment; previous norm 1
+                fira = unfused_fira_residual if provider == "torch-unfused" else fira_residual
+                with ops.use_backend("reference" if provider == "reference" else auto):
+                    return fira(s["param"], s["grad"], s["proj"], s["update"], s["exp_avg"], side, hp["lr"],
+                                hp["scale"], 1.0)
             if provider == "torch-unfused":
                 if kernel == "step":
                     return unfused_step(*args_step, side, hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["step"],
@@ -167,7 +208,7 @@ def run(ctx: Ctx) -> None:
             except Exception as e:  # noqa: BLE001
                 return f"check failed to run: {type(e).__name__}: {e}"[:160]
 
-        for kernel in ("step", "project_adam", "backproject_apply"):
+        for kernel in ("step", "project_adam", "backproject_apply", "fira_residual"):
             flops, nbytes = counts(m, n, rank, esize, kernel)
             provs = providers + (["torch-2gemm"] if kernel == "step" else [])
             provs = [p for p in provs if not (ctx.quick and kernel != "step" and p == "reference")]
