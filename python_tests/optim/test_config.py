@@ -11,7 +11,7 @@ import torch
 from lowrank_kernels import optim as lo
 from lowrank_kernels.optim.config import SHARED_KEYS, OptimizerConfig
 
-CLASSES = [lo.GaLoreAdamW, lo.DCTAdamW, lo.QGaLoreAdamW, lo.APOLLOAdamW, lo.FrugalAdamW, lo.GradNormLoRPAdamW,
+CLASSES = [lo.GaLoreAdamW, lo.DCTAdamW, lo.QGaLoreAdamW, lo.APOLLOAdamW, lo.FrugalAdamW, lo.GradNormLoRPAdamW, lo.FiraAdamW,
            lo.GaLoreAdafactor]
 #: the shared keywords a class does not take (Adafactor has beta1 / decay_rate instead of betas).
 ABSENT = {lo.GaLoreAdafactor: {"betas"}}
