@@ -57,7 +57,9 @@ projection (both sides); every quant kernel (INT4 pack / unpack, INT8 quantize /
 dequantize / stochastic-rounding update; contiguous and strided inputs, power-of-two
 and other group sizes, each storage dtype); the elementwise Adam kernel (each dtype,
 float32 / bf16 / bf16 stochastic-rounding moments) and its 8-bit form (block sizes
-256 / 128 / 64 / 16, a row shorter than a block), and their grouped forms on lists.
+256 / 128 / 64 / 16, a row shorter than a block), and their grouped forms on lists; Fira's
+residual kernel (square sum and apply; bf16, fp16, float32 and bf16-meets-float32 operands;
+both sides; dense and DCT projectors).
 
 ``--runtime`` (on a GPU machine, ``--arch`` = that GPU's arch; for bench/gpu_check.sh)
 also loads every compiled kernel on the device and adds the driver's register and
