@@ -3,9 +3,9 @@ projector, move Adam's moments into the new subspace instead of keeping them in 
 coordinates.
 
 The rule is LDAdam's (Robert, Safaryan, Modoranu, Alistarh, "LDAdam: Adaptive Optimization
-from Low-Dimensional Gradient Statistics", ICLR 2025, section 3, "projection-aware update";
-also used by SubTrack++). With ``Q`` the change of basis, ``k`` the steps the moments have
-accumulated, ``c1 = 1 - beta1^k``, ``c2 = 1 - beta2^k`` and hats the bias-corrected
+from Low-Dimensional Gradient Statistics", ICLR 2025, its "projection-aware update rule";
+SubTrack++ builds on the same update). With ``Q`` the change of basis, ``k`` the steps the
+moments have accumulated, ``c1 = 1 - beta1^k``, ``c2 = 1 - beta2^k`` and hats the bias-corrected
 moments ``m^ = m / c1``, ``v^ = v / c2``:
 
 - first moment: ``m' = Q m`` (a linear change of coordinates);
@@ -22,9 +22,11 @@ moments ``m^ = m / c1``, ``v^ = v / c2``:
   ``Q_l = P_new^T P_old``;
 - full (``U``, ``Vh``): ``m' = Q_l m Q_r`` and the second moment with both squares.
 
-(LDAdam's public code, ``ldadamw.py``, squares the change-of-basis matrix in place and
-then squares it again, which applies ``Q^(o4)``; the paper's equation has ``Q o Q``. We
-implement the equation.)
+(The ``ldadamw.py`` of LDAdam's public code, read in its fork ``saharsamr/LDAdam``, squares
+the change-of-basis matrix in place and then squares it again, which applies ``Q^(o4)``; the
+equation as restated by a third-party LDAdamW documentation page, junaidaliop.github.io/zij,
+has ``Q o Q``; the paper's own text was not reachable when this was written. We implement
+``Q o Q``.)
 
 For the DCT projector ``Q`` is a 0/1 partial permutation, so ``Q o Q = Q`` and
 ``(Q m^)^2 = Q(m^2)``: the rule reduces exactly to re-indexing (kept basis vectors carry
