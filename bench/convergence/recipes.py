@@ -367,6 +367,21 @@ register(Recipe(
     source="the dct recipe (lr 0.01, scale 0.25) with 8-bit moments on every group, as galore-8bit; "
            "tiny (tests only): min_8bit_size 512"))
 
+# Projection-aware moments (LDAdam, Robert et al. 2025): GaLore's and DCT-AdamW's recipes with
+# moment_transport=True, so each refresh rotates the moments into the new subspace (for DCT:
+# re-indexes them) instead of keeping them in the old coordinates.
+register(Recipe(
+    "galore-transport", lowrank_builder("galore", proj_type="std", moment_transport=True),
+    dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=requires_of("galore"),
+    source="GaLore's recipe (lr 0.01, scale 0.25) with moment_transport=True (LDAdam's projection-aware "
+           "moments; LDAdam itself tunes no separate lr for it)"))
+register(Recipe(
+    "dct-transport", lowrank_builder("dct", proj_type="std", moment_transport=True),
+    dict(lr=1e-2, other_lr=1e-2, scale=0.25),
+    requires=requires_of("dct"),
+    source="the dct recipe (lr 0.01, scale 0.25) with moment_transport=True (moments re-indexed at a refresh)"))
+
 # New methods: a register(...) call above this line. (The command line reads RECIPES
 # itself, so a recipe registered elsewhere before it runs is also available.)
 METHODS = tuple(RECIPES)

@@ -183,6 +183,7 @@ class GaLoreAdafactor(LowRankOptimizer):
 
     # GaLore's projector: the same SVD refresh (GaLoreAdamW's methods, which use no super()).
     _svd = GaLoreAdamW._svd
+    _select_factors = GaLoreAdamW._select_factors
     _compute_projector = GaLoreAdamW._compute_projector
     _refresh_projector = GaLoreAdamW._refresh_projector
 

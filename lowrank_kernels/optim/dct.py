@@ -130,6 +130,11 @@ class DCTAdamW(LowRankOptimizer):
             :mod:`lowrank_kernels.optim.moments`); ``moment_refresh="reindex"`` carries 8-bit
             moments over through :func:`reindex_moments8_`, ``"reset"`` zeroes codes and absmax.
         capturable: as GaLoreAdamW (a non-refresh step with no host synchronization).
+        moment_transport: False (default) or True: projection-aware moments (LDAdam's rule,
+            :mod:`lowrank_kernels.optim.transport`), which for the DCT's 0/1 change of basis is
+            exactly ``moment_refresh="reindex"``: the moments of basis vectors that stay
+            selected move to their new positions, new ones start at zero (an unchanged index
+            set leaves the step bit-identical). Refused with ``moment_refresh="reset"``.
 
     State per projected parameter (tensors only): ``step`` (CPU float32), ``side``
     (CPU int8: 0 right, 1 left), ``indices`` (int32, length ``rank``, on the
@@ -144,9 +149,9 @@ class DCTAdamW(LowRankOptimizer):
 
     @shared_signature(eps=1e-6, scale=0.25)
     def __init__(self, params, *, norm: int = 1, moment_refresh: str = "keep", max_dim: Optional[int] = 32000,
-                 capturable: bool = False, **options: Unpack[SharedOptions]):
+                 capturable: bool = False, moment_transport: bool = False, **options: Unpack[SharedOptions]):
         defaults = OptimizerConfig.from_arguments(locals()).defaults(
-            norm=norm, moment_refresh=moment_refresh, max_dim=max_dim)
+            norm=norm, moment_refresh=moment_refresh, max_dim=max_dim, moment_transport=moment_transport)
         if capturable:
             defaults["capturable"] = capturable
         self._pending_plain: Dict[int, Tuple[dict, List[torch.Tensor]]] = {}
@@ -171,6 +176,12 @@ class DCTAdamW(LowRankOptimizer):
                 self._err(gi, f"moment_refresh must be one of {', '.join(map(repr, MOMENT_REFRESH))}, "
                               f"got {group.get('moment_refresh')!r}")
             )
+        mt = group.get("moment_transport", False)
+        if not isinstance(mt, bool):
+            raise TypeError(self._err(gi, f"moment_transport must be a bool, got {mt!r}"))
+        if mt and group.get("moment_refresh") == "reset":
+            raise ValueError(self._err(gi, "moment_transport=True carries the moments over at a refresh, "
+                                           "moment_refresh='reset' zeroes them: choose one"))
         max_dim = group.get("max_dim")
         if max_dim is not None and (type(max_dim) is not int or max_dim < 1):
             raise ValueError(self._err(gi, f"max_dim must be a positive int or None, got {max_dim!r}"))
@@ -308,7 +319,9 @@ class DCTAdamW(LowRankOptimizer):
         idx = self._compute_projector(p, grad, state, group, step)
         if idx is None:
             return False
-        mode = group["moment_refresh"]
+        # moment_transport: LDAdam's projection-aware rule, which for a 0/1 selection is exactly
+        # the re-indexing (see lowrank_kernels.optim.transport).
+        mode = "reindex" if group.get("moment_transport", False) else group["moment_refresh"]
         if "indices" in state and mode == "reindex":
             side = self._side(state)
             size = p.shape[1] if side == "right" else p.shape[0]

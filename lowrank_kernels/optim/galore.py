@@ -9,6 +9,8 @@ from lowrank_kernels import ops
 
 from . import distributed as _dist
 from . import moments
+from . import refresh as _refresh
+from . import transport as _transport
 from .base import LowRankOptimizer
 from .common import PROJ_TYPES, adam_step_size, assign_, mix_seed, project_fp32
 from .config import OptimizerConfig, SharedOptions, shared_signature
@@ -89,6 +91,22 @@ class GaLoreAdamW(LowRankOptimizer):
             (uint8 codes + float32 absmax per ``block_size`` elements of a row, fused into the
             kernels; moments under ``min_8bit_size`` elements stay float32). See
             :mod:`lowrank_kernels.optim.moments`.
+        moment_transport: False (default) or True: at a refresh that changes the projector,
+            rotate the moments into the new subspace (LDAdam's projection-aware rule, see
+            :mod:`lowrank_kernels.optim.transport`) instead of keeping them in the old
+            coordinates. An unchanged projector leaves them untouched (bit-identical steps).
+            Every moment format (8-bit: dequantize, transport, requantize). Also a group key.
+        refresh: how a refresh picks the subspace (:mod:`lowrank_kernels.optim.refresh`):
+            ``"svd"`` (default: the top ``r`` singular vectors), ``"sample"`` (SARA: ``r``
+            singular vectors drawn without replacement with probability proportional to
+            their singular values) or ``"random"`` (GoLore: refreshes at steps
+            ``t > random_after`` draw a uniformly random orthonormal projector, no SVD;
+            earlier ones take the SVD). Also a group key.
+        random_after: the last step whose refresh takes the SVD with ``refresh="random"``
+            (default 0: every refresh is random).
+        refresh_seed: the seed of the sampled / random projectors, mixed with the step and
+            the parameter's position (never the global RNG): every rank, a resumed run and
+            two optimizers built alike draw the same projectors.
         capturable: False (default) or True: step counts on the parameter's device and a
             non-refresh step with no host synchronization, so it can be captured in a CUDA
             graph (see :mod:`lowrank_kernels.optim.capturable`
@@ -106,12 +124,20 @@ class GaLoreAdamW(LowRankOptimizer):
     compat_modes = ("galore-torch",)
     supports_capturable = True
 
+    #: whether ``moment_transport=True`` is accepted (subclasses whose moments or projector
+    #: the transport does not cover refuse it).
+    supports_moment_transport = True
+
     @shared_signature(eps=1e-6, scale=0.25)
     def __init__(self, params, correct_bias: bool = True, no_deprecation_warning: bool = True, *, svd: str = "exact",
-                 compat: Optional[str] = None, capturable: bool = False, **options: Unpack[SharedOptions]):
+                 compat: Optional[str] = None, capturable: bool = False, moment_transport: bool = False,
+                 refresh: str = "svd", random_after: int = 0, refresh_seed: int = 0,
+                 **options: Unpack[SharedOptions]):
         if not correct_bias:
             raise NotImplementedError(f"{type(self).__name__}: correct_bias=False is not supported")
-        defaults = OptimizerConfig.from_arguments(locals()).defaults(svd=svd)
+        defaults = OptimizerConfig.from_arguments(locals()).defaults(
+            svd=svd, moment_transport=moment_transport, refresh=refresh, random_after=random_after,
+            refresh_seed=refresh_seed)
         if capturable:  # only then, so subclasses that do not support it keep their defaults
             defaults["capturable"] = capturable
         if compat is not None:  # only then, so subclasses without a compat mode keep their defaults
@@ -122,6 +148,16 @@ class GaLoreAdamW(LowRankOptimizer):
         super()._validate_lowrank_group(group, gi)
         if group.get("svd") not in SVD_MODES:
             raise ValueError(self._err(gi, f"svd must be 'exact' or 'lowrank', got {group.get('svd')!r}"))
+        _refresh.validate(group, lambda msg: self._err(gi, msg))
+        mt = group.get("moment_transport", False)
+        if not isinstance(mt, bool):
+            raise TypeError(self._err(gi, f"moment_transport must be a bool, got {mt!r}"))
+        if mt and not self.supports_moment_transport:
+            raise ValueError(self._err(gi, f"moment_transport=True is not supported by {type(self).__name__}: "
+                                           f"{self._no_transport_reason}"))
+
+    #: why a subclass refuses ``moment_transport=True`` (shown in the error).
+    _no_transport_reason = ""
 
     def _init_state(self, p, state, group):
         super()._init_state(p, state, group)
@@ -142,23 +178,52 @@ class GaLoreAdamW(LowRankOptimizer):
         except torch.linalg.LinAlgError:  # no convergence; other errors (e.g. out of memory) propagate
             return None
 
-    def _compute_projector(self, p, grad, state, group, step):
-        """The new projector in the parameter's dtype, or None when the SVD failed.
+    def _select_factors(self, p, grad, group, step: int, side: str):
+        """The new subspace in float32 (float64 for float64 gradients) by ``group["refresh"]``
+        (:mod:`lowrank_kernels.optim.refresh`): ``(U_r, Vh_r)`` with the factor ``side`` does
+        not use left as None, or None when the SVD failed.
 
-        Right: ``Vh[:r]``; left: ``U[:, :r]``; full: the pair ``(U[:, :r], Vh[:r])``.
+        ``"svd"``: the top ``r`` singular vectors; ``"sample"``: ``r`` of them drawn with
+        probability proportional to their singular values (SARA); ``"random"``: from step
+        ``random_after + 1`` on, a random orthonormal projector (GoLore), before that the SVD.
         """
+        r = self._group_rank(group, tuple(p.shape))
+        if _refresh.is_random(group, step):
+            acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            proj = _refresh.random_projector(tuple(p.shape), r, side, group, step, self._param_seed(p),
+                                             device=p.device, dtype=acc)
+            if side == "full":
+                return proj
+            return (proj, None) if side == "left" else (None, proj)
         usv = self._svd(p, grad, group, step)
         if usv is None:
             return None
-        u, _, vh = usv
-        r = self._group_rank(group, tuple(p.shape))
-        side = self._side(state)
-        if side == "right":
-            out = (vh[:r],)
-        elif side == "left":
-            out = (u[:, :r],)
+        u, s, vh = usv
+        if group.get("refresh", "svd") == "sample":
+            gen = _refresh.sampling_seed_generator(group, step, self._param_seed(p))
+            idx = _refresh.sample_indices(s, r, gen).to(s.device)
+            u_r, vh_r = u.index_select(1, idx), vh.index_select(0, idx)
         else:
-            out = (u[:, :r], vh[:r])
+            u_r, vh_r = u[:, :r], vh[:r]
+        return (u_r if side != "right" else None), (vh_r if side != "left" else None)
+
+    def _compute_projector(self, p, grad, state, group, step):
+        """The new projector in the parameter's dtype, or None when the SVD failed.
+
+        Right: ``Vh[:r]``; left: ``U[:, :r]``; full: the pair ``(U[:, :r], Vh[:r])`` (with
+        ``refresh="sample"`` / ``"random"`` the sampled / random factors instead).
+        """
+        side = self._side(state)
+        factors = self._select_factors(p, grad, group, step, side)
+        if factors is None:
+            return None
+        u, vh = factors
+        if side == "right":
+            out = (vh,)
+        elif side == "left":
+            out = (u,)
+        else:
+            out = (u, vh)
         # One host sync, on refresh steps only.
         if not all(bool(torch.isfinite(t).all()) for t in out):
             return None
@@ -169,6 +234,8 @@ class GaLoreAdamW(LowRankOptimizer):
         proj = self._compute_projector(p, grad, state, group, step)
         if proj is None:
             return False
+        if group.get("moment_transport", False) and self._has_projector(state):
+            self._transport_moments(p, state, group, proj)
         # In place once the state exists (same shape and dtype): a captured CUDA graph stays valid.
         if isinstance(proj, tuple):
             assign_(state, "projector", proj[0])
@@ -176,6 +243,16 @@ class GaLoreAdamW(LowRankOptimizer):
         else:
             assign_(state, "projector", proj)
         return True
+
+    def _transport_moments(self, p, state, group, proj) -> bool:
+        """``moment_transport=True``: move the moments from the projector in use to ``proj``
+        (the one about to be stored), in place (:mod:`lowrank_kernels.optim.transport`).
+        Returns whether they moved (False for an unchanged projector)."""
+        side = self._side(state)
+        new = proj if isinstance(proj, tuple) else (proj,)
+        old = (state["projector"], state["projector_right"]) if side == "full" else (state["projector"],)
+        steps = self._host_int(state["step"])
+        return _transport.transport_moments_(state, moments.format_of(group), old, new, side, group["betas"], steps)
 
     # ------------------------------------------------------------------ step
     def _project_step(self, p, grad, state, group, step):

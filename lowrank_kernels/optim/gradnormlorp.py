@@ -244,6 +244,9 @@ class GradNormLoRPAdamW(GaLoreAdamW):
 
     proj_types = ("std", "reverse_std", "left", "right")
 
+    supports_moment_transport = False
+    _no_transport_reason = "its refresh does not transport moments (GaLoreAdamW and DCTAdamW do)"
+
     @shared_signature(eps=1e-6, scale=1.0)
     def __init__(self, params, *, svd: str = "exact", **options: Unpack[SharedOptions]):
         self._wn_scratch = None

@@ -12,6 +12,7 @@ from lowrank_kernels import ops
 from lowrank_kernels.nn.qlinear import qlinear_of
 
 from . import moments
+from . import refresh as _refresh
 from .base import LowRankOptimizer
 from .common import adam_step_size, assign_, mix_seed
 from .config import OptimizerConfig, SharedOptions, shared_signature
@@ -126,7 +127,10 @@ class QGaLoreAdamW(GaLoreAdamW):
     ``betas=(0.9, 0.95)``. Weight decay uses torch's order (decay first).
 
     ``moment_bits`` / ``block_size`` / ``min_8bit_size`` as :class:`GaLoreAdamW` (8-bit
-    moments also on INT8 QLinear weights, projected or plain).
+    moments also on INT8 QLinear weights, projected or plain). ``refresh`` (``"svd"``,
+    ``"sample"``: SARA, ``"random"``: GoLore after ``random_after`` steps) and ``refresh_seed``
+    as :class:`GaLoreAdamW` (a random refresh does no SVD and does not count in
+    ``svd_count``); ``moment_transport`` is not supported here.
 
     State per projected parameter (tensors only): ``step``, ``side``, ``exp_avg``,
     ``exp_avg_sq`` (as GaLore, in the ``moment_bits`` format), ``proj_packed`` (uint8), ``proj_scale``,
@@ -138,6 +142,9 @@ class QGaLoreAdamW(GaLoreAdamW):
 
     proj_types = ("std", "reverse_std", "left", "right")
     host_state_keys = LowRankOptimizer.host_state_keys | {"proj_gap", "svd_count", "sim_queue", "sim_count"}
+    supports_moment_transport = False
+    _no_transport_reason = ("its refresh (INT4-packed projector, adaptive gap) does not transport moments; "
+                            "use GaLoreAdamW(moment_transport=True)")
     #: float32 elements of one INT8 update panel (an instance attribute may override it).
     int8_panel_elems: int = INT8_PANEL_ELEMS
 
@@ -156,11 +163,14 @@ class QGaLoreAdamW(GaLoreAdamW):
         stochastic_round: bool = True,
         seed: int = 0,
         svd: str = "exact",
+        refresh: str = "svd",
+        random_after: int = 0,
+        refresh_seed: int = 0,
         **options: Unpack[SharedOptions],
     ):
         self.seed = int(seed)
         defaults = OptimizerConfig.from_arguments(locals()).defaults(
-            svd=svd, quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit,
+            svd=svd, refresh=refresh, random_after=random_after, refresh_seed=refresh_seed, quant=quant, quant_group_size=quant_group_size, quant_n_bit=quant_n_bit,
             cos_threshold=cos_threshold, gamma_proj=gamma_proj, queue_size=queue_size, similarity=similarity, stochastic_round=stochastic_round,
         )
         # GaLoreAdamW.__init__ fixes its own defaults; build the base with ours.
@@ -219,13 +229,11 @@ class QGaLoreAdamW(GaLoreAdamW):
         return state["projector"]
 
     def _refresh_projector(self, p, grad, state, group, step):
-        usv = self._svd(p, grad, group, step)
-        if usv is None:
-            return False
-        u, _, vh = usv
-        r = self._group_rank(group, tuple(p.shape))
         side = self._side(state)
-        new = (vh[:r] if side == "right" else u[:, :r]).to(torch.float32).contiguous()
+        factors = self._select_factors(p, grad, group, step, side)  # refresh="svd" | "sample" | "random"
+        if factors is None:
+            return False
+        new = (factors[1] if side == "right" else factors[0]).to(torch.float32).contiguous()
         if not bool(torch.isfinite(new).all()):  # one host sync, on refresh steps only
             return False
         self._adapt_gap(state, group, new, side, p)
@@ -237,7 +245,8 @@ class QGaLoreAdamW(GaLoreAdamW):
             assign_(state, "proj_min", minimum)
         else:
             assign_(state, "projector", new.to(p.dtype))
-        state["svd_count"] += 1
+        if not _refresh.is_random(group, step):  # a GoLore refresh draws its projector without an SVD
+            state["svd_count"] += 1
         return True
 
     def _adapt_gap(self, state, group, new, side, p):

@@ -204,10 +204,11 @@ def _set_grads(ws, bias, grads):
         p.grad = g.clone()
 
 
-OPTS = [(GaLoreAdamW, {}), (DCTAdamW, {})]
+OPTS = [(GaLoreAdamW, {}), (DCTAdamW, {}), (GaLoreAdamW, dict(moment_transport=True)),
+        (DCTAdamW, dict(moment_transport=True))]
 
 
-@pytest.mark.parametrize("cls, kw", OPTS, ids=["galore", "dct"])
+@pytest.mark.parametrize("cls, kw", OPTS, ids=["galore", "dct", "galore-transport", "dct-transport"])
 def test_capturable_equals_default_and_reads_no_host_value(device, cls, kw):
     """8 steps (refreshes at 1 and 5): the non-refresh steps run under no_host_reads(). Projected
     weights and moments bit-for-bit equal to capturable=False (same kernels; the float64
