@@ -15,7 +15,7 @@ from . import moments
 from .base import LowRankOptimizer
 from .common import adam_step_size, assign_
 from .config import OptimizerConfig, SharedOptions, shared_signature
-from .dct import NORMS
+from .dct import NORMS, reindex_moments8_, reindex_moments_
 from .galore import GaLoreAdamW
 
 PROJECTORS = ("svd", "dct")
@@ -69,8 +69,13 @@ class FiraAdamW(GaLoreAdamW):
         projector: ``"svd"`` (default, GaLore's projector, ``svd="exact"|"lowrank"``) or
             ``"dct"`` (DCT basis rows chosen by :func:`lowrank_kernels.ops.dct_score_topk`
             with the ``norm`` key, 1 or 2; only ``rank`` int32 indices are stored). Moments
-            are kept across a refresh, as GaLore does.
+            are kept across a refresh, as GaLore does, unless ``moment_transport=True``.
         gamma: the limiter's growth bound (a float >= 1), None to turn the limiter off.
+        moment_transport: as :class:`GaLoreAdamW` (projection-aware moments at a refresh;
+            with ``projector="dct"`` the moments of kept rows move to their new positions,
+            as :class:`DCTAdamW` does).
+        refresh, random_after, refresh_seed: as :class:`GaLoreAdamW` (``"sample"``: SARA,
+            ``"random"``: GoLore after ``random_after`` steps); ``projector="svd"`` only.
         skip_nonfinite, foreach, moment_dtype, moment_bits, block_size, min_8bit_size:
             as :class:`GaLoreAdamW` (``foreach``: the non-refresh steps of a bucket share one
             multi-tensor Adam update; ``False``: per parameter, bit-identical).
@@ -88,9 +93,12 @@ class FiraAdamW(GaLoreAdamW):
 
     @shared_signature(eps=1e-6, scale=0.25)
     def __init__(self, params, *, projector: str = "svd", svd: str = "exact", norm: int = 1,
-                 gamma: Optional[float] = 1.01, compat: Optional[str] = None, **options: Unpack[SharedOptions]):
-        defaults = OptimizerConfig.from_arguments(locals()).defaults(projector=projector, svd=svd, norm=norm,
-                                                                    gamma=gamma)
+                 gamma: Optional[float] = 1.01, compat: Optional[str] = None, moment_transport: bool = False,
+                 refresh: str = "svd", random_after: int = 0, refresh_seed: int = 0,
+                 **options: Unpack[SharedOptions]):
+        defaults = OptimizerConfig.from_arguments(locals()).defaults(
+            projector=projector, svd=svd, norm=norm, gamma=gamma, moment_transport=moment_transport,
+            refresh=refresh, random_after=random_after, refresh_seed=refresh_seed)
         if compat is not None:
             defaults["compat"] = compat
         LowRankOptimizer.__init__(self, params, defaults)
@@ -107,6 +115,10 @@ class FiraAdamW(GaLoreAdamW):
                                   or not math.isfinite(gamma) or gamma < 1.0):
             raise ValueError(self._err(gi, f"gamma must be a finite float >= 1 or None, got {gamma!r}"))
         super()._validate_lowrank_group(group, gi)
+        if group["projector"] == "dct" and group.get("refresh", "svd") != "svd":
+            raise ValueError(self._err(gi, f"refresh={group['refresh']!r} picks singular vectors or a random "
+                                           "subspace; projector='dct' scores the DCT basis and takes only "
+                                           "refresh='svd' (the default)"))
         for pi, p in enumerate(group["params"]):
             if _dist.is_dtensor(p):
                 raise ValueError(self._err(gi, f"parameter {pi} is a DTensor: {type(self).__name__} does not support "
@@ -132,7 +144,16 @@ class FiraAdamW(GaLoreAdamW):
 
     def _refresh_projector(self, p, grad, state, group, step):
         if group["projector"] == "dct":
-            assign_(state, "indices", self._compute_projector(p, grad, state, group, step))
+            idx = self._compute_projector(p, grad, state, group, step)
+            if group.get("moment_transport", False) and "indices" in state:
+                # LDAdam's rule for a 0/1 selection is DCTAdamW's re-indexing.
+                side = self._side(state)
+                size = p.shape[1] if side == "right" else p.shape[0]
+                if state["exp_avg"].dtype == torch.uint8:
+                    reindex_moments8_(state, state["indices"], idx, side, size, int(group["block_size"]))
+                else:
+                    reindex_moments_(state["exp_avg"], state["exp_avg_sq"], state["indices"], idx, side, size)
+            assign_(state, "indices", idx)
             return True
         return super()._refresh_projector(p, grad, state, group, step)
 

@@ -220,3 +220,51 @@ def test_state_of_another_optimizer_refused():
     opt = FiraAdamW(_groups(model), lr=1e-2)
     with pytest.raises(ValueError, match="saved by another optimizer"):
         opt.load_state_dict(g.state_dict())
+
+
+def _moments_after(cls, w0, grads, **kw):
+    p, opt = run(lambda q: cls([{"params": [q], "rank": 4, "update_proj_gap": 3}], lr=1e-2, eps=1e-6, **kw),
+                 w0, grads)
+    st = opt.state[p]
+    return st["exp_avg"].clone(), st["exp_avg_sq"].clone(), st.get("projector", st.get("indices"))
+
+
+@pytest.mark.parametrize("kw", [dict(moment_transport=True), dict(refresh="sample", refresh_seed=3),
+                                dict(refresh="random", random_after=2, refresh_seed=5),
+                                dict(refresh="random", moment_transport=True)])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_galore_refresh_options_carry_over(kw, shape):
+    """Fira's low-rank Adam state follows GaLore's: on weight-independent gradients, with the
+    refresh options and moment transport, its projector and moments are GaLore's (refreshes at
+    steps 1, 4, 7), and they differ from the default refresh's."""
+    w0 = torch.randn(shape, dtype=torch.float64)
+    grads = grad_sequence(shape, 8, torch.float64)
+    m, v, proj = _moments_after(FiraAdamW, w0, grads, **kw)
+    gm, gv, gproj = _moments_after(GaLoreAdamW, w0, grads, **kw)
+    torch.testing.assert_close(proj, gproj, rtol=0, atol=0)
+    torch.testing.assert_close(m, gm, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(v, gv, rtol=1e-12, atol=1e-14)
+    dm, _, _ = _moments_after(FiraAdamW, w0, grads)
+    assert (dm - m).abs().max() > 1e-3
+
+
+def test_dct_moment_transport_reindexes_like_dctadamw():
+    """projector='dct' with moment_transport=True moves the moments of kept DCT rows as
+    DCTAdamW(moment_transport=True) does, on the same gradients."""
+    from lowrank_kernels.optim import DCTAdamW
+    shape = (24, 40)
+    w0 = torch.randn(shape, dtype=torch.float64)
+    grads = grad_sequence(shape, 8, torch.float64, seed=4)
+    m, v, idx = _moments_after(FiraAdamW, w0, grads, projector="dct", moment_transport=True)
+    dm, dv, didx = _moments_after(DCTAdamW, w0, grads, moment_transport=True)
+    assert torch.equal(idx, didx)
+    torch.testing.assert_close(m, dm, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(v, dv, rtol=1e-12, atol=1e-14)
+    km, _, _ = _moments_after(FiraAdamW, w0, grads, projector="dct")
+    assert (km - m).abs().max() > 1e-3
+
+
+def test_dct_projector_refuses_svd_refresh_options():
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match="refresh='sample'.*projector='dct'"):
+        FiraAdamW([{"params": [p], "rank": 2}], projector="dct", refresh="sample")
