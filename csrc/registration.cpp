@@ -39,6 +39,9 @@ TORCH_LIBRARY_IMPL(_lowrank_kernels, CPU, m) {
   m.impl("quant_int8_quantize_cpu", &quant_int8_quantize_cpu);
   m.impl("quant_int8_dequantize_cpu", &quant_int8_dequantize_cpu);
   m.impl("quant_int8_update_sr_cpu", &quant_int8_update_sr_cpu);
+  // orth (csrc/cpu/orth.cpp)
+  m.impl("orth_newton_schulz_cpu", &orth_newton_schulz_cpu);
+  m.impl("orth_foreach_newton_schulz_cpu", &orth_foreach_newton_schulz_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

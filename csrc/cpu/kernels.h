@@ -12,6 +12,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace lowrank_kernels {
 
@@ -87,5 +88,11 @@ Tensor quant_int8_dequantize_cpu(const Tensor& q, const Tensor& scale, const Ten
 
 void quant_int8_update_sr_cpu(Tensor& q, Tensor& scale, Tensor& minimum, const Tensor& update, double decay,
                               double alpha, int64_t seed, int64_t group_size);
+
+// --------------------------------------------------------------------------- orth
+// csrc/cpu/orth.cpp
+Tensor orth_newton_schulz_cpu(const Tensor& x, at::ArrayRef<double> coefficients, double eps);
+
+std::vector<Tensor> orth_foreach_newton_schulz_cpu(at::TensorList xs, at::ArrayRef<double> coefficients, double eps);
 
 }  // namespace lowrank_kernels

@@ -16,6 +16,7 @@ group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
 - :class:`DCTAdamW`: SVD-free projector, DCT basis vectors picked by gradient alignment.
 - :class:`GradNormLoRPAdamW`: GaLore on the direction of a per-row weight-normalized
   weight, Adam on its magnitude (our interpretation of GradNormLoRP).
+- :class:`Trion`: low-rank Muon on the DCT basis (momentum, DCT top-k, Newton-Schulz).
 - :func:`lowrank_param_groups`: split a model into a low-rank and a plain group.
 - :func:`layerwise`: step each parameter inside backward.
 - :mod:`~lowrank_kernels.optim.registry`: every optimizer by name (class, defaults,
@@ -31,6 +32,7 @@ from .gradnormlorp import GradNormLoRPAdamW  # noqa: F401
 from .groups import lowrank_param_groups  # noqa: F401
 from .layerwise import LayerwiseOptimizer, layerwise  # noqa: F401
 from .qgalore import QGaLoreAdamW  # noqa: F401
+from .trion import Trion  # noqa: F401
 from . import registry  # noqa: F401
 from .registry import state_nbytes  # noqa: F401
 
@@ -43,6 +45,7 @@ __all__ = [
     "QGaLoreAdamW",
     "DCTAdamW",
     "GradNormLoRPAdamW",
+    "Trion",
     "lowrank_param_groups",
     "layerwise",
     "LayerwiseOptimizer",
