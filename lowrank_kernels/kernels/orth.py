@@ -72,9 +72,9 @@ def _ns_gram_kernel(x_ptr, a_ptr, S, L_, BM: tl.constexpr, BK: tl.constexpr):
         ks = k0 + tl.arange(0, BK)
         xi = tl.load(x_ptr + offs_i[:, None] * L_ + ks[None, :], mask=(offs_i[:, None] < S) & (ks[None, :] < L_),
                      other=0.0)
-        xj = tl.load(x_ptr + offs_j[None, :] * L_ + ks[:, None], mask=(offs_j[None, :] < S) & (ks[:, None] < L_),
+        xj = tl.load(x_ptr + offs_j[:, None] * L_ + ks[None, :], mask=(offs_j[:, None] < S) & (ks[None, :] < L_),
                      other=0.0)
-        acc = tl.dot(xi, xj, acc, input_precision="ieee")
+        acc = tl.dot(xi, tl.trans(xj), acc, input_precision="ieee")
     tl.store(a_ptr + offs_i[:, None] * S + offs_j[None, :], acc, mask=(offs_i[:, None] < S) & (offs_j[None, :] < S))
 
 
@@ -150,7 +150,7 @@ def orth_newton_schulz_triton(x, coefficients, eps):
     t = _TILE
     gs = triton.cdiv(S, t)
     for it, (a, b, c) in enumerate(triples):
-        _launch(_ns_gram_kernel, (gs, gs), (X, A, S, Ln), dict(BM=t, BK=t), dev)
+        _launch(_ns_gram_kernel, (gs, gs), (X, A, S, Ln), dict(BM=t, BK=t, num_stages=2), dev)
         _launch(_ns_poly_kernel, (gs, gs), (A, B, S, float(b), float(c)), dict(BM=t, BK=t), dev)
         last = it == len(triples) - 1
         dst = out_w if last else Y

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from typing import Dict, Optional, Sequence, Tuple, Union, Unpack
 
 import torch
@@ -112,6 +113,9 @@ class Trion(LowRankOptimizer):
         adamw_lr: ``lr`` of the plain groups that do not set one (3e-4, the original's).
         proj_type: ``std``, ``reverse_std``, ``left`` or ``right``.
         skip_nonfinite, foreach: as GaLoreAdamW.
+        (A group's ``update_proj_gap`` or ``scale``, e.g. from
+        :func:`~lowrank_kernels.optim.lowrank_param_groups`, has no effect here: a value other
+        than 1 warns.)
         moment_dtype: the momentum buffer's dtype: ``"float32"`` (default) or ``"param"``
             (the original's, the parameter's dtype); also the plain groups' moments.
         moment_bits, block_size, min_8bit_size: the plain groups' AdamW moment format; a
@@ -168,10 +172,16 @@ class Trion(LowRankOptimizer):
             raise ValueError(self._err(gi, f"compat must be None: Trion has no compat mode, got "
                                            f"{group.get('compat')!r}"))
         super()._validate_lowrank_group(group, gi)
+        for key, inert in (("update_proj_gap", 1), ("scale", 1.0)):
+            if group.get(key, inert) != inert:
+                warnings.warn(self._err(gi, f"{key}={group[key]!r} has no effect: Trion re-selects the basis "
+                                            "vectors every step and scales its update by scaling_type"),
+                              UserWarning, stacklevel=4)
         for pi, p in enumerate(group["params"]):
             if _dist.is_dtensor(p):
-                raise ValueError(self._err(gi, f"parameter {pi} is a DTensor: {type(self).__name__} does not "
-                                               "support FSDP2-sharded parameters yet"))
+                raise ValueError(self._err(
+                    gi, f"parameter {pi} is a DTensor: {type(self).__name__} does not support FSDP2-sharded "
+                        "parameters yet"))
 
     # ------------------------------------------------------------------ hooks
     def _init_state(self, p, state, group):
