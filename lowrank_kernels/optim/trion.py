@@ -16,12 +16,14 @@ import warnings
 from typing import Dict, Optional, Sequence, Tuple, Union, Unpack
 
 import torch
+import torch.distributed as dist
 
 from lowrank_kernels import ops
 from lowrank_kernels.ops import orth as _orth
 
 from . import distributed as _dist
-from . import moments
+from . import moments, report
+from ._stepcache import finite_flags
 from .base import LowRankOptimizer
 from .config import OptimizerConfig, SharedOptions, _is_real, shared_signature
 
@@ -121,6 +123,13 @@ class Trion(LowRankOptimizer):
         moment_bits, block_size, min_8bit_size: the plain groups' AdamW moment format; a
             low-rank group takes ``moment_bits=32`` only (the momentum buffer is not an Adam
             moment).
+        shard_work: with ``torch.distributed`` initialized (more than one rank) and replicated
+            weights and gradients (DDP), compute each matrix's update on one rank only (its
+            owner: the parameter's position modulo the world size) and broadcast the
+            ``r``-sized update and its indices to the others, as the original's distributed
+            form; each rank then keeps the momentum buffers of the matrices it owns only. The
+            weights equal the unsharded step's bitwise. Without a process group (or with one
+            rank) it changes nothing.
 
     State per projected parameter: ``step`` (CPU float32), ``side`` (CPU int8) and
     ``momentum_buffer`` (``m x n``). The orthogonalized update is ``r``-sized and the basis
@@ -134,10 +143,14 @@ class Trion(LowRankOptimizer):
     @shared_signature(absent=("update_proj_gap", "scale"), lr=0.02, betas=(0.9, 0.95), eps=1e-10)
     def __init__(self, params, *, momentum: float = 0.95, scaling_type: str = "kj",
                  ns_coefficients: Union[str, Sequence[Sequence[float]]] = "dion", adamw_lr: float = 3e-4,
-                 **options: Unpack[SharedOptions]):
+                 shard_work: bool = False, **options: Unpack[SharedOptions]):
+        if not isinstance(shard_work, bool):
+            raise TypeError(f"Trion: shard_work must be a bool, got {shard_work!r}")
         defaults = OptimizerConfig.from_arguments(locals(), update_proj_gap=1, scale=1.0).defaults(
             momentum=momentum, scaling_type=scaling_type, ns_coefficients=ns_coefficients, adamw_lr=adamw_lr)
         self._ns_flat: Dict[int, Tuple[object, tuple]] = {}
+        #: compute each matrix's update on one rank and broadcast it (see :meth:`step`).
+        self.shard_work = shard_work
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and validation
@@ -232,6 +245,84 @@ class Trion(LowRankOptimizer):
         scaling = update_scaling(group["scaling_type"], rows, cols)
         ops.backproject_apply_(p, orth, proj, side=side, alpha=-lr * scaling, decay=1.0 - lr * group["weight_decay"])
         return orth
+
+    # ------------------------------------------------------------------ work shared by the ranks
+    def _sharing(self) -> bool:
+        return (self.shard_work and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step (see the class docstring). With ``shard_work`` and a process group of more
+        than one rank, the low-rank updates are computed by their owner ranks and broadcast
+        (:meth:`_shared_step`); otherwise the base step loop."""
+        if not self._sharing():
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._shared_step()
+        return loss
+
+    def _shared_step(self) -> None:
+        """The sharded step: every rank walks the same parameters in the same order (replicated
+        gradients, so the same non-finite skips); the owner of a low-rank matrix runs steps 1-5
+        of the class docstring on it, every rank receives ``O`` and the indices by broadcast
+        (asynchronous, all in flight at once) and applies step 6 to its replica. Plain groups
+        take AdamW on every rank, as without sharing."""
+        self._steps.new_step(len(self._param_index), len(self.param_groups))
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    work.append((group, p))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        plain_params: Dict[int, list] = {}
+        pending = []
+        for (group, p), ok in zip(work, finite_flags(work)):
+            if not ok:
+                self.nonfinite_skips += 1
+                if not self._warned["nonfinite"]:
+                    report.warn_nonfinite(self, group, p)
+                continue
+            if not self._is_lowrank(group):
+                plain_params.setdefault(id(group), (group, []))[1].append(p)
+                continue
+            owner = (self._param_index[p] - 1) % world
+            state = self.state[p]
+            if not state:
+                if owner == rank:
+                    self._init_state(p, state, group)
+                else:
+                    LowRankOptimizer._init_state(self, p, state, group)
+            side = self._side(state)
+            r = self._group_rank(group, tuple(p.shape))
+            m_dtype = moments.state_dtype(p.dtype, moments.format_of(group))
+            basis = trion_basis(p.shape[1] if side == "right" else p.shape[0], side, m_dtype, p.device)
+            if owner == rank:
+                M = state["momentum_buffer"]
+                M.add_(p.grad)
+                idx = ops.dct_score_topk(M, r, side=side, norm=SCORE_NORM, basis=basis)
+                proj = ops.DCTProjector(basis, idx)
+                low = ops.dct_project(M, proj, side=side)
+                ops.backproject_apply_(M, low, proj, side=side, alpha=-(1.0 - group["momentum"]))
+                orth = ops.newton_schulz(low, self._coefficients(group))
+            else:
+                out = torch.float64 if m_dtype == torch.float64 else torch.float32
+                orth = torch.empty(ops.lowrank_shape(p.shape[0], p.shape[1], r, side), dtype=out, device=p.device)
+                idx = torch.empty(r, dtype=torch.int32, device=p.device)
+            handles = [dist.broadcast(orth, owner, async_op=True), dist.broadcast(idx, owner, async_op=True)]
+            pending.append((p, group, state, basis, side, orth, idx, handles))
+        for p, group, state, basis, side, orth, idx, handles in pending:
+            for h in handles:
+                h.wait()
+            self._apply(p, None, ops.DCTProjector(basis, idx), side, group, None, orth)
+            state["step"] += 1
+        for group, params in plain_params.values():
+            self._plain_step(group, params)
 
     # ------------------------------------------------------------------ bucketed step
     def _bucket_key(self, p, state, group):
