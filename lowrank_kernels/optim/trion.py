@@ -181,9 +181,6 @@ class Trion(LowRankOptimizer):
             raise ValueError(self._err(gi, f"moment_bits must be 32 in a low-rank group (the momentum buffer is "
                                            f"float32 or the parameter's dtype, see moment_dtype), got "
                                            f"{group.get('moment_bits')!r}"))
-        if group.get("compat") is not None:
-            raise ValueError(self._err(gi, f"compat must be None: Trion has no compat mode, got "
-                                           f"{group.get('compat')!r}"))
         super()._validate_lowrank_group(group, gi)
         for key, inert in (("update_proj_gap", 1), ("scale", 1.0)):
             if group.get(key, inert) != inert:

@@ -291,3 +291,42 @@ def test_scaling_types():
     assert update_scaling("kj", 40, 10) == 2.0 and update_scaling("kj", 10, 40) == 1.0
     assert update_scaling("dion", 10, 40) == 0.5 and update_scaling("none", 3, 7) == 1.0
     assert update_scaling("kimi", 10, 100) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("dtype,moment_dtype,buf", [(torch.bfloat16, "float32", torch.float32),
+                                                    (torch.bfloat16, "param", torch.bfloat16),
+                                                    (torch.float64, "float32", torch.float64)])
+def test_low_precision_weights_and_resume(dtype, moment_dtype, buf):
+    """bfloat16 / float64 weights step (momentum buffer in its format, the registry formula holds),
+    and a state dict saved after two steps resumes bitwise."""
+    model = _stack().to(dtype)
+    twin = copy.deepcopy(model)
+    make = lambda m: O.Trion(O.lowrank_param_groups(m, None, rank=RANK), moment_dtype=moment_dtype)  # noqa: E731
+    opt = make(model)
+    gen = torch.Generator().manual_seed(8)
+    grads = [[torch.randn(p.shape, generator=gen).to(dtype) for p in model.parameters()] for _ in range(4)]
+
+    def step(m, o, i):
+        for p, g in zip(m.parameters(), grads[i]):
+            p.grad = g.clone()
+        o.step()
+
+    for i in range(2):
+        step(model, opt, i)
+    assert opt.state[model[0].weight]["momentum_buffer"].dtype == buf
+    groups = O.lowrank_param_groups(model, None, rank=RANK)
+    assert O.state_nbytes(opt) == O.registry.get("trion").expected_state_nbytes(groups, moment_dtype=moment_dtype)
+    saved = opt.state_dict()
+    twin.load_state_dict(model.state_dict())
+    opt2 = make(twin)
+    opt2.load_state_dict(saved)
+    for i in range(2, 4):
+        step(model, opt, i)
+        step(twin, opt2, i)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_inert_group_keys_warn():
+    model = _stack()
+    with pytest.warns(UserWarning, match="update_proj_gap=200 has no effect"):
+        O.Trion(O.lowrank_param_groups(model, None, rank=RANK, update_proj_gap=200))
