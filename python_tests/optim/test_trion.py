@@ -133,6 +133,7 @@ def _rel_err(ours, theirs, start):
                for a, b, c in zip(ours.parameters(), theirs.parameters(), start.parameters()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ns_type,tol,scaling_type", [("torch", 8e-2, "kj")] + [
     ("triton", 2e-5, s) for s in ("kj", "none", "kimi", "dion")])
 def test_step_matches_package(pkg, monkeypatch, ns_type, tol, scaling_type):
