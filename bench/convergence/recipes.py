@@ -370,7 +370,7 @@ def _trion_build(model, preset, hp):
 register(Recipe(
     "trion", _trion_build, dict(lr=2e-2, other_lr=1e-2),
     requires=requires_of("trion"),
-    source="Trion (Modoranu et al. 2026), ista-daslab-optimizers 1.1.15 defaults: lr 0.02, momentum 0.95; "
+    source="Trion (IST-DASLab, ICLR 2026), ista-daslab-optimizers 1.1.15 defaults: lr 0.02, momentum 0.95; "
            "scaling 'kj', Newton-Schulz 'dion'; other parameters AdamW at 0.01 as the other low-rank recipes"))
 
 # New methods: a register(...) call above this line. (The command line reads RECIPES

@@ -72,7 +72,7 @@ def trion_basis(size: int, side: str, dtype: torch.dtype, device) -> torch.Tenso
 
 
 class Trion(LowRankOptimizer):
-    r"""Low-rank Muon on the DCT basis (Trion, Modoranu et al., ICLR 2026).
+    r"""Low-rank Muon on the DCT basis (Trion, IST-DASLab, ICLR 2026).
 
     Per projected ``m x n`` weight ``W`` with gradient ``G`` and momentum buffer ``M``, every
     step (``side`` fixed once from ``proj_type``; ``std``: right when ``m >= n``; ``B`` the
