@@ -126,7 +126,9 @@ def _ours(name: str, **kwargs):
         spec = _spec(name)
         if spec.constructor is not None:
             rank = spec.defaults.get("rank", rank)
-        group = _group(params, rank, gap, spec.defaults["scale"], **keys)
+        group = _group(params, rank, gap, spec.defaults.get("scale", 1.0), **keys)
+        if "update_proj_gap" not in spec.defaults:  # no refresh schedule (Trion re-selects every step)
+            del group[0]["update_proj_gap"]
         return spec.build(group, lr=LR, weight_decay=0.0, **kwargs)
     return build
 

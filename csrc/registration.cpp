@@ -42,6 +42,9 @@ TORCH_LIBRARY_IMPL(_lowrank_kernels, CPU, m) {
   // residual (csrc/cpu/residual.cpp)
   m.impl("residual_sumsq_cpu", &residual_sumsq_cpu);
   m.impl("residual_apply_cpu", &residual_apply_cpu);
+  // orth (csrc/cpu/orth.cpp)
+  m.impl("orth_newton_schulz_cpu", &orth_newton_schulz_cpu);
+  m.impl("orth_foreach_newton_schulz_cpu", &orth_foreach_newton_schulz_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -510,6 +510,11 @@ def _variants(subset: str):
         out += [adam_foreach("adam_foreach_rbf16_mbf16", b16, "plain"),
                 adam_foreach("adam_foreach_rfp16_mfp16", f16, "plain"),
                 adam_foreach("adam_foreach_rfp16_q8b16", f16, "q8", 16)]
+    # Newton-Schulz (Trion): a wide bf16 input and a tall float32 one read through transposed strides.
+    from lowrank_kernels.kernels import orth as ko
+    dion = [4.0848, -6.8946, 2.9270, 3.9505, -6.3029, 2.6377]
+    out.append(("newton_schulz_bf16_wide", lambda: ko.orth_newton_schulz_triton(E(24, 1000, dtype=b16), dion, 1e-7)))
+    out.append(("newton_schulz_fp32_tall", lambda: ko.orth_newton_schulz_triton(E(1000, 24), dion, 1e-7)))
     return out
 
 

@@ -381,6 +381,22 @@ register(Recipe(
     dict(lr=1e-2, other_lr=1e-2, scale=0.25),
     requires=requires_of("dct"),
     source="the dct recipe (lr 0.01, scale 0.25) with moment_transport=True (moments re-indexed at a refresh)"))
+# Trion: the package's defaults for its Muon groups (lr 0.02, momentum 0.95) with the
+# original's "kj" scaling and Triton Newton-Schulz schedule; it has no refresh schedule, so
+# the preset's gap is left out of its groups. The other parameters take AdamW at the demo's
+# other_lr, as in every low-rank recipe.
+def _trion_build(model, preset, hp):
+    groups = split_groups(model, preset, hp, rank=preset.rank, proj_type="std")
+    for g in groups:
+        g.pop("update_proj_gap", None)
+    return _spec("trion").build(groups, lr=hp["lr"], weight_decay=0.0)
+
+
+register(Recipe(
+    "trion", _trion_build, dict(lr=2e-2, other_lr=1e-2),
+    requires=requires_of("trion"),
+    source="Trion (IST-DASLab, ICLR 2026), ista-daslab-optimizers 1.1.15 defaults: lr 0.02, momentum 0.95; "
+           "scaling 'kj', Newton-Schulz 'dion'; other parameters AdamW at 0.01 as the other low-rank recipes"))
 
 # New methods: a register(...) call above this line. (The command line reads RECIPES
 # itself, so a recipe registered elsewhere before it runs is also available.)

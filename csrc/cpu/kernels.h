@@ -12,6 +12,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace lowrank_kernels {
 
@@ -96,5 +97,10 @@ Tensor residual_sumsq_cpu(const Tensor& grad, const Tensor& low, const Tensor& p
 void residual_apply_cpu(Tensor& param, const Tensor& grad, const Tensor& low, const Tensor& proj,
                         const Tensor& factor, c10::string_view side, double alpha, double decay,
                         const OptTensor& indices);
+// --------------------------------------------------------------------------- orth
+// csrc/cpu/orth.cpp
+Tensor orth_newton_schulz_cpu(const Tensor& x, at::ArrayRef<double> coefficients, double eps);
+
+std::vector<Tensor> orth_foreach_newton_schulz_cpu(at::TensorList xs, at::ArrayRef<double> coefficients, double eps);
 
 }  // namespace lowrank_kernels

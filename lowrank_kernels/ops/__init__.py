@@ -29,6 +29,7 @@ from .adam import adam_foreach_update_  # noqa: F401  (deprecated alias of forea
 from .dct import DCTProjector, dct_basis, dct_project, dct_score_topk, dct_scores, foreach_dct_score_topk  # noqa: F401
 from .dct import dct_foreach_score_topk  # noqa: F401  (deprecated alias of foreach_dct_score_topk)
 from .residual import residual_apply_, residual_sumsq  # noqa: F401
+from .orth import foreach_newton_schulz, newton_schulz  # noqa: F401
 from .quant import Int4Projector, int4_pack, int4_unpack, int8_dequantize, int8_quantize, int8_update_sr_  # noqa: F401
 
 from lowrank_kernels import _ext as _ext_mod
@@ -59,6 +60,8 @@ __all__ = [
     "dct_project",
     "residual_sumsq",
     "residual_apply_",
+    "newton_schulz",
+    "foreach_newton_schulz",
 ]
 __all__ += ["Int4Projector", "int4_pack", "int4_unpack", "int8_quantize", "int8_dequantize", "int8_update_sr_"]
 

@@ -18,6 +18,7 @@ group without ``rank`` is plain AdamW, bit-identical to ``torch.optim.AdamW``.
   low-rank Adam update's norm ratio, with a norm-growth limiter (SVD or DCT projector).
 - :class:`GradNormLoRPAdamW`: GaLore on the direction of a per-row weight-normalized
   weight, Adam on its magnitude (our interpretation of GradNormLoRP).
+- :class:`Trion`: low-rank Muon on the DCT basis (momentum, DCT top-k, Newton-Schulz).
 - :func:`lowrank_param_groups`: split a model into a low-rank and a plain group.
 - :func:`layerwise`: step each parameter inside backward.
 - :mod:`~lowrank_kernels.optim.registry`: every optimizer by name (class, defaults,
@@ -34,6 +35,7 @@ from .gradnormlorp import GradNormLoRPAdamW  # noqa: F401
 from .groups import lowrank_param_groups  # noqa: F401
 from .layerwise import LayerwiseOptimizer, layerwise  # noqa: F401
 from .qgalore import QGaLoreAdamW  # noqa: F401
+from .trion import Trion  # noqa: F401
 from . import registry  # noqa: F401
 from .registry import state_nbytes  # noqa: F401
 
@@ -47,6 +49,7 @@ __all__ = [
     "DCTAdamW",
     "FiraAdamW",
     "GradNormLoRPAdamW",
+    "Trion",
     "lowrank_param_groups",
     "layerwise",
     "LayerwiseOptimizer",

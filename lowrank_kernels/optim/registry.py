@@ -278,6 +278,16 @@ def _gradnormlorp_bytes(shape, dtype, rank, o) -> int:
     return _galore_bytes(shape, dtype, rank, o) + 4 * _F32 * shape[0]
 
 
+def _trion_bytes(shape, dtype, rank, o) -> int:
+    """Trion: the full-size momentum buffer (float32, or the parameter's dtype with
+    ``moment_dtype="param"``; float64 for float64) and ``step`` + ``side``; nothing of the
+    low-rank shape (the indices and the orthogonalized update live only inside a step)."""
+    if rank is None:
+        return _adamw_bytes(shape, dtype, rank, o)
+    size = _esize(dtype) if o.get("moment_dtype") == "param" or dtype == torch.float64 else _F32
+    return _F32 + 1 + math.prod(shape) * size
+
+
 # --------------------------------------------------------------------------- the entries
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
@@ -496,3 +506,8 @@ _register_ours("adafactor", "GaLoreAdafactor", _adafactor_bytes,
                Capabilities(bucketed=False, capturable=False, moment_bits=(32,), distributed=False),
                "galore_adafactor", "GaLore's projector with Adafactor (factored second moment)",
                settings={"relative_step": False, "scale_parameter": False}, fixed=("relative_step",))
+# Trion's AdamW groups take every moment format, its low-rank groups keep a float32 (or
+# parameter-dtype) momentum buffer: moment_bits is refused there, so the entry says 32 only.
+_register_ours("trion", "Trion", _trion_bytes,
+               Capabilities(bucketed=True, capturable=False, moment_bits=(32,), distributed=False),
+               "trion", "low-rank Muon: DCT rows picked from the momentum, Newton-Schulz on the slice")
