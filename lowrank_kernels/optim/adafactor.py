@@ -185,6 +185,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     _svd = GaLoreAdamW._svd
     _compute_projector = GaLoreAdamW._compute_projector
     _refresh_projector = GaLoreAdamW._refresh_projector
+    _refresh_cost = GaLoreAdamW._refresh_cost
 
     # ------------------------------------------------------------------ state
     @staticmethod

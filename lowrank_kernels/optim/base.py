@@ -70,7 +70,7 @@ from torch.optim import Optimizer
 
 from lowrank_kernels import ops
 
-from . import capturable, checkpoint, config, moments, plain, report
+from . import capturable, checkpoint, config, moments, plain, refresh_share, report
 from . import distributed as _dist
 from ._stepcache import StepCache, _native_nonfinite_flags, finite_flags, increment_steps  # noqa: F401
 from .common import (COMPAT_MODES, PROJ_TYPES, SIDE_CODES, SIDE_NAMES, adam_step_size, assign_, mix_seed,
@@ -119,6 +119,11 @@ class LowRankOptimizer(Optimizer):
     ``_refresh_projector(p, grad, state, group, step) -> bool``
         make and store the new projector; False (state unchanged) on failure. The default
         stores ``_compute_projector(...)`` (None on failure) as ``state["projector"]``.
+    ``_refresh_cost(p, group)``
+        what computing ``p``'s projector costs; above 0, the ranks of a data-parallel group
+        split those refreshes (:mod:`~lowrank_kernels.optim.refresh_share`): the owner runs
+        ``_compute_projector`` ahead of the loop and every rank's ``_refresh_projector`` gets
+        its result from ``_compute_projector``.
     ``_get_projector(p, state, group)``
         what the step passes as ``proj`` to ``lowrank_kernels.ops`` (a tensor or a structured
         projector such as ``ops.DCTProjector``).
@@ -319,6 +324,8 @@ class LowRankOptimizer(Optimizer):
             return loss
         capturable.sync_device_steps(self.param_groups, work, self.state, self._steps.remember)
         finite = finite_flags(work)
+        # Refreshes due now, split over the ranks of a data-parallel group (optim/refresh_share.py).
+        refresh_share.prepare(self, work, finite)  # (the next prepare drops what an exception left)
         plain_params: Dict[int, List[torch.Tensor]] = defaultdict(list)
         buckets: Dict[tuple, list] = {}
         kinds: Dict[int, Tuple[bool, bool]] = {}  # per group: (low-rank, bucketed), decided once per step
@@ -356,6 +363,7 @@ class LowRankOptimizer(Optimizer):
         for group in self.param_groups:
             if plain_params.get(id(group)):
                 self._plain_step(group, plain_params[id(group)])
+        refresh_share.clear(self)
         return loss
 
     def _lowrank_step(self, p: torch.Tensor, grad: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]):
@@ -370,7 +378,8 @@ class LowRankOptimizer(Optimizer):
             self._init_state(p, work_state, group)
         step = self._host_int(work_state["step"]) + 1
         if self._should_refresh(p, work_state, group, step):
-            ok = self._refresh_projector(p, grad, work_state, group, step)
+            with refresh_share.serving(self, p):  # its projector, when the ranks shared this refresh
+                ok = self._refresh_projector(p, grad, work_state, group, step)
             if not ok:
                 self.failed_refreshes += 1
                 if fresh or not self._has_projector(work_state):
@@ -498,6 +507,15 @@ class LowRankOptimizer(Optimizer):
 
     def _compute_projector(self, p, grad, state, group, step: int) -> Optional[torch.Tensor]:
         raise NotImplementedError
+
+    def _refresh_cost(self, p: torch.Tensor, group: Dict[str, Any]) -> int:
+        """What computing ``p``'s projector costs (arbitrary units, e.g. ``m n min(m, n)`` for an
+        SVD): the ranks of a data-parallel group share the refreshes that cost anything
+        (:mod:`~lowrank_kernels.optim.refresh_share`), balanced by this cost; 0 (default): every
+        rank refreshes ``p`` itself. A method returning more than 0 makes its projector in
+        ``_compute_projector`` from ``p``, ``grad``, ``state["side"]``, ``group`` and ``step``
+        alone (a pure function of them)."""
+        return 0
 
     def _get_projector(self, p, state, group):
         return state["projector"]

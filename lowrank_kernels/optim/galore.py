@@ -9,6 +9,7 @@ from lowrank_kernels import ops
 
 from . import distributed as _dist
 from . import moments
+from .refresh_share import svd_cost
 from .base import LowRankOptimizer
 from .common import PROJ_TYPES, adam_step_size, assign_, mix_seed, project_fp32
 from .config import OptimizerConfig, SharedOptions, shared_signature
@@ -141,6 +142,15 @@ class GaLoreAdamW(LowRankOptimizer):
             return randomized_svd(g, r, niter=LOWRANK_NITER, generator=gen)
         except torch.linalg.LinAlgError:  # no convergence; other errors (e.g. out of memory) propagate
             return None
+
+    def _refresh_cost(self, p, group):
+        """An SVD's work (``m n min(m, n)``; the randomized SVD: ``m n`` times its sketch
+        width and passes): the ranks of a data-parallel group share these refreshes."""
+        m, n = p.shape
+        if group["svd"] == "exact":
+            return svd_cost(m, n)
+        q = min(self._group_rank(group, (m, n)) + LOWRANK_OVERSAMPLE, m, n)
+        return svd_cost(m, n, q * (2 * LOWRANK_NITER + 2))
 
     def _compute_projector(self, p, grad, state, group, step):
         """The new projector in the parameter's dtype, or None when the SVD failed.

@@ -267,6 +267,11 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         state["exp_avg_g"] = torch.zeros_like(norms)
         state["exp_avg_sq_g"] = torch.zeros_like(norms)
 
+    def _refresh_cost(self, p, group):
+        """0: the projector is made from the direction gradient ``Gv``, computed in the step
+        itself, so every rank refreshes its own (no sharing across ranks)."""
+        return 0
+
     def _lowrank_step(self, p, grad, state, group):
         """Compute ``a`` and ``Gv`` from ``W`` and ``G``, then run the base's step on ``Gv``
         (so the projector refresh and the projected Adam both see the direction gradient)."""

@@ -218,16 +218,24 @@ class QGaLoreAdamW(GaLoreAdamW):
             )
         return state["projector"]
 
-    def _refresh_projector(self, p, grad, state, group, step):
+    def _compute_projector(self, p, grad, state, group, step):
+        """The new projector in float32 (``Vh[:r]`` or ``U[:, :r]``), or None when the SVD
+        failed; :meth:`_refresh_projector` packs it to INT4."""
         usv = self._svd(p, grad, group, step)
         if usv is None:
-            return False
+            return None
         u, _, vh = usv
         r = self._group_rank(group, tuple(p.shape))
-        side = self._side(state)
-        new = (vh[:r] if side == "right" else u[:, :r]).to(torch.float32).contiguous()
+        new = (vh[:r] if self._side(state) == "right" else u[:, :r]).to(torch.float32).contiguous()
         if not bool(torch.isfinite(new).all()):  # one host sync, on refresh steps only
+            return None
+        return new
+
+    def _refresh_projector(self, p, grad, state, group, step):
+        new = self._compute_projector(p, grad, state, group, step)
+        if new is None:
             return False
+        side = self._side(state)
         self._adapt_gap(state, group, new, side, p)
         if group["quant"]:
             packed, scale, minimum = ops.int4_pack(new, int(group["quant_group_size"]))
