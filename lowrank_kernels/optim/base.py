@@ -311,6 +311,8 @@ class LowRankOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._steps.new_step(len(self._param_index), len(self.param_groups))
+        if self.__dict__.pop("_placeholder_state", False):
+            self._drop_placeholder_state()
         work: List[Tuple[Dict[str, Any], torch.Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -378,7 +380,8 @@ class LowRankOptimizer(Optimizer):
             self._init_state(p, work_state, group)
         step = self._host_int(work_state["step"]) + 1
         if self._should_refresh(p, work_state, group, step):
-            with refresh_share.serving(self, p):  # its projector, when the ranks shared this refresh
+            placeholder = self._placeholder_projector if self.__dict__.get("_placeholder_refresh") else None
+            with refresh_share.serving(self, p, placeholder):  # the ranks' shared result, or init_state's placeholder
                 ok = self._refresh_projector(p, grad, work_state, group, step)
             if not ok:
                 self.failed_refreshes += 1
@@ -392,6 +395,61 @@ class LowRankOptimizer(Optimizer):
         self._steps.remember(state["step"], step)
         self._project_step(p, grad, state, group, step)
         _dist.place_state(p, state, self._side(state), self.host_state_keys)
+
+    # ------------------------------------------------------------------ state for checkpoint loading
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every parameter's state without training: the tensors a checkpoint loader
+        (``torch.distributed.checkpoint``, torchtitan) loads into, or saves at step 0.
+
+        One step on zero gradients with ``lr = 0`` (the weights do not move) makes the state,
+        with **placeholder projectors**: no projector is computed from the zero gradient (no
+        SVD). Every step count is then 0, which marks the state as *not stepped*: the next
+        :meth:`step` drops such a state and starts afresh (its first projector from the real
+        gradient), so training after ``init_state()`` is bitwise training without it; a
+        checkpoint loaded over it replaces it. No-op when any parameter already has a state
+        or a gradient (as torchtitan's ``init_optim_state``).
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.state or any(p.grad is not None for p in params):
+            return
+        for p in params:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        lrs = [g.get("lr") for g in self.param_groups]
+        for g in self.param_groups:  # (None: an lr the optimizer computes, e.g. Adafactor's relative step)
+            if g.get("lr") is not None:
+                g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
+        self.__dict__["_placeholder_refresh"] = True
+        try:
+            self.step()
+        finally:
+            self.__dict__.pop("_placeholder_refresh", None)
+            for g, lr in zip(self.param_groups, lrs):
+                g["lr"] = lr
+            for p in params:
+                p.grad = None
+        for st in self.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"].zero_()
+        self._steps.forget_mirrors()
+        self.__dict__["_placeholder_state"] = True
+
+    def _drop_placeholder_state(self) -> None:
+        """Forget the states :meth:`init_state` made that no step or checkpoint replaced
+        (step count 0), so the parameters start afresh."""
+        stale = [p for p, st in self.state.items()
+                 if isinstance(st.get("step"), torch.Tensor) and float(st["step"]) == 0.0]
+        for p in stale:
+            del self.state[p]
+        self._steps.forget_mirrors()
+
+    def _placeholder_projector(self, p, grad, state, group, step: int):
+        """What :meth:`init_state` stores as ``p``'s projector: of the real one's shape and
+        dtype, its values unused (the first real step makes the projector). Default: the
+        method's own ``_compute_projector`` on the (zero) gradient; the SVD methods return
+        zeros instead of running an SVD."""
+        return self._compute_projector(p, grad, state, group, step)
 
     def _plain_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         """Plain AdamW on ``params`` of ``group`` (:func:`lowrank_kernels.optim.plain.step`)."""
@@ -582,6 +640,7 @@ class LowRankOptimizer(Optimizer):
             g.update(fmt)
             g["capturable"] = c
         self._steps.forget_mirrors()  # every state tensor is new: read them again
+        self.__dict__["_placeholder_state"] = True  # a state saved after init_state() alone: dropped at the next step
         id_map = zip(
             chain.from_iterable(g["params"] for g in saved_groups),
             chain.from_iterable(g["params"] for g in self.param_groups),

@@ -224,6 +224,11 @@ class DCTAdamW(LowRankOptimizer):
         size = n if self._side(state) == "right" else m
         return ops.dct_basis(size, p.dtype, p.device)
 
+    def _placeholder_projector(self, p, grad, state, group, step):
+        """The first ``rank`` indices (``init_state``: no scoring)."""
+        r = self._group_rank(group, tuple(p.shape))
+        return torch.arange(r, dtype=torch.int32, device=p.device)
+
     def _refresh_cost(self, p, group):
         """The scoring's work (``m n`` times the scored dimension) for a plain gradient (DDP:
         the ranks share these refreshes); 0 for a DTensor (FSDP2 already splits the scoring

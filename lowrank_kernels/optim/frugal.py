@@ -175,6 +175,13 @@ class FrugalAdamW(LowRankOptimizer):
     def _has_projector(self, state):
         return "subspace_step" in state
 
+    def _placeholder_projector(self, p, grad, state, group, step):
+        """Zeros of the projector's shape (``init_state``: nothing computed)."""
+        m, n = p.shape
+        r = self._group_rank(group, (m, n))
+        shape = (r, n) if self._side(state) == "right" else (m, r)
+        return torch.zeros(shape, dtype=p.dtype, device=p.device)
+
     def _refresh_cost(self, p, group):
         """``"svd"``: an SVD's work; ``"dct"`` on a plain gradient: the scoring's (the ranks of
         a data-parallel group share these refreshes). 0 for the seeded projections (cheaper to

@@ -152,6 +152,13 @@ class GaLoreAdamW(LowRankOptimizer):
         q = min(self._group_rank(group, (m, n)) + LOWRANK_OVERSAMPLE, m, n)
         return svd_cost(m, n, q * (2 * LOWRANK_NITER + 2))
 
+    def _placeholder_projector(self, p, grad, state, group, step):
+        """Zeros of the projector's shapes (``init_state``: no SVD of the zero gradient)."""
+        (m, n), r, side = p.shape, self._group_rank(group, tuple(p.shape)), self._side(state)
+        left = torch.zeros(m, r, dtype=p.dtype, device=p.device)
+        right = torch.zeros(r, n, dtype=p.dtype, device=p.device)
+        return (left, right) if side == "full" else (right if side == "right" else left)
+
     def _compute_projector(self, p, grad, state, group, step):
         """The new projector in the parameter's dtype, or None when the SVD failed.
 

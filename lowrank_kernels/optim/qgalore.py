@@ -231,6 +231,10 @@ class QGaLoreAdamW(GaLoreAdamW):
             return None
         return new
 
+    def _placeholder_projector(self, p, grad, state, group, step):
+        """float32 zeros of the projector's shape (``init_state``: no SVD)."""
+        return torch.zeros(self._proj_shape(p, state, group), dtype=torch.float32, device=p.device)
+
     def _refresh_projector(self, p, grad, state, group, step):
         new = self._compute_projector(p, grad, state, group, step)
         if new is None:

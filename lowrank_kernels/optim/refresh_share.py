@@ -112,19 +112,20 @@ def clear(opt) -> None:
 
 
 @contextlib.contextmanager
-def serving(opt, p: torch.Tensor) -> Iterator[None]:
+def serving(opt, p: torch.Tensor, instead=None) -> Iterator[None]:
     """While ``p``'s refresh is taken: ``opt._compute_projector`` answers ``p``'s exchanged
-    result (once) instead of computing it; nothing when ``p`` has none."""
+    result (once) instead of computing it, or, given ``instead`` (a function with
+    ``_compute_projector``'s arguments), what ``instead`` returns; nothing otherwise."""
     results = opt.__dict__.get("_share_results")
-    if not results or p not in results:
+    if instead is None and (not results or p not in results):
         yield
         return
-    result = results.pop(p)
+    result = results.pop(p) if instead is None else None
 
     def answer(q, grad, state, group, step):
         if q is not p:  # a method that computes another parameter's projector: its own code
             return type(opt)._compute_projector(opt, q, grad, state, group, step)
-        return result
+        return result if instead is None else instead(q, grad, state, group, step)
 
     opt.__dict__["_compute_projector"] = answer
     try:
@@ -170,6 +171,8 @@ def prepare(opt, work: Sequence[Tuple[Dict[str, Any], torch.Tensor]], finite: Se
     then served by :func:`serving` in the per-parameter loop. No-op (and no communication)
     when nothing can be shared; see the module docstring."""
     opt.__dict__.pop("_share_results", None)
+    if opt.__dict__.get("_placeholder_refresh"):  # init_state(): no projector is computed
+        return
     first = _first_step_pending(opt)
     sets: Dict[Any, list] = {}
     if first or _dist_ready():
