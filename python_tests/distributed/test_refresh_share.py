@@ -14,6 +14,8 @@ import pytest
 from .. import _dist
 from . import _share_worker
 
+pytestmark = pytest.mark.slow  # spawns 2 processes (about a minute on a loaded 2-core machine)
+
 N_PROJECTED = 4  # weights in the low-rank groups of _worker._groups
 SVD = ["galore", "galore_right_lowrank", "galore_full", "qgalore_int4", "frugal_svd"]
 DCT = ["dct_std", "frugal_dct"]

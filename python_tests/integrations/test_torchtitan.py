@@ -13,6 +13,8 @@ pytest.importorskip("torchtitan.components.optimizer", reason="torchtitan is not
 from .. import _dist  # noqa: E402
 from . import _torchtitan_worker  # noqa: E402
 
+pytestmark = pytest.mark.slow  # spawns 2 processes (about a minute on a loaded 2-core machine)
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
