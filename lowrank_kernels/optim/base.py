@@ -640,7 +640,9 @@ class LowRankOptimizer(Optimizer):
             g.update(fmt)
             g["capturable"] = c
         self._steps.forget_mirrors()  # every state tensor is new: read them again
-        self.__dict__["_placeholder_state"] = True  # a state saved after init_state() alone: dropped at the next step
+        if any(isinstance(v, dict) and isinstance(v.get("step"), torch.Tensor) and v["step"].numel() == 1
+               and float(v["step"]) == 0.0 for v in saved_state.values()):
+            self.__dict__["_placeholder_state"] = True  # saved after init_state() alone: dropped at the next step
         id_map = zip(
             chain.from_iterable(g["params"] for g in saved_groups),
             chain.from_iterable(g["params"] for g in self.param_groups),

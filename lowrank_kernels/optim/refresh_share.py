@@ -28,10 +28,10 @@ group of due weights is shared only when it holds at least two weights.
 
 **The groups.**
 
-- FSDP2 (DTensor parameters on a 1-D mesh of more than one rank): the mesh's group. The
-  refresh all-gathers the gradient, as without sharing (the SVD needs all of it); only the
-  owner then computes. Parameters on meshes of more than one dimension (HSDP, TP) keep
-  computing on every rank.
+- FSDP2 (DTensor parameters sharded on dim 0 or replicated, on a 1-D mesh of more than one
+  rank): the mesh's group. The refresh all-gathers the gradient, as without sharing (the SVD
+  needs all of it); only the owner then computes. Parameters on meshes of more than one
+  dimension (HSDP) or with other placements (tensor parallel) keep computing on every rank.
 - Plain tensors (DDP) when ``torch.distributed`` is initialized with more than one rank:
   the default process group. Sharing is only correct when every rank holds the same
   gradient, so each shared refresh first all-gathers a small signature of the due
@@ -153,8 +153,10 @@ def _set_key(p: torch.Tensor):
     """``(kind, mesh)`` of the group that may share ``p``'s refresh, or None."""
     if _dist.is_dtensor(p):
         mesh = p.device_mesh
-        if mesh.ndim != 1 or mesh.size() < 2:
-            return None
+        fsdp_like = all(isinstance(pl, _dist.Replicate) or (isinstance(pl, _dist.Shard) and pl.dim == 0)
+                        for pl in p.placements)
+        if mesh.ndim != 1 or mesh.size() < 2 or not fsdp_like:
+            return None  # HSDP, tensor parallel: every rank computes (their refresh may communicate)
         return ("mesh", mesh)
     if not _dist_ready() or torch.distributed.get_world_size() < 2:
         return None
