@@ -39,7 +39,8 @@ group of due weights is shared only when it holds at least two weights.
   differs (no DDP, pipeline stages, ...), the optimizer warns once and computes every
   refresh locally from then on. Every rank's first :meth:`step` joins that check, so
   every rank of the default group must step this optimizer (as under DDP); otherwise
-  pass ``refresh_sharing="replicate"``.
+  pass ``refresh_sharing="replicate"`` (in every group: then the optimizer issues no
+  collective of its own).
 
 **The schedule** (:func:`schedule`): largest first (by ``_refresh_cost``, ties by
 position), each to the rank with the least work so far (ties: the lowest rank); the same
@@ -175,6 +176,8 @@ def prepare(opt, work: Sequence[Tuple[Dict[str, Any], torch.Tensor]], finite: Se
     opt.__dict__.pop("_share_results", None)
     if opt.__dict__.get("_placeholder_refresh"):  # init_state(): no projector is computed
         return
+    if not any(opt._is_lowrank(g) and g.get("refresh_sharing", "owner") == "owner" for g in opt.param_groups):
+        return  # nothing may be shared: no communication at all
     first = _first_step_pending(opt)
     sets: Dict[Any, list] = {}
     if first or _dist_ready():

@@ -145,6 +145,23 @@ def check_mismatch(rank, ws, results):
                            {"warned": warned, "count": count_owner}]
 
 
+def check_replicate_is_silent(rank, ws, results):
+    """``refresh_sharing="replicate"`` in every group: no collective from the optimizer at all
+    (not even the first step's check), so it may run on some ranks only."""
+    make_opt = configs()["galore"][0]
+    x, y = batch()
+    calls = []
+    gather, gather_obj, bcast = dist.all_gather, dist.all_gather_object, dist.broadcast
+    dist.all_gather = lambda *a, **k: calls.append("all_gather") or gather(*a, **k)
+    dist.all_gather_object = lambda *a, **k: calls.append("all_gather_object") or gather_obj(*a, **k)
+    dist.broadcast = lambda *a, **k: calls.append("broadcast") or bcast(*a, **k)
+    try:
+        run(make_opt, "local", rank, ws, x, y, refresh_sharing="replicate")
+    finally:
+        dist.all_gather, dist.all_gather_object, dist.broadcast = gather, gather_obj, bcast
+    results["replicate_silent"] = [not calls, calls]
+
+
 def check_owner_error(rank, ws, results):
     """An exception in a refresh on its owner is raised on every rank, naming the owner."""
     make_opt = configs()["galore"][0]
@@ -179,7 +196,8 @@ def worker(rank, ws, port, outdir, cases):
                 check(name, cfgs[name][0], layout, rank, ws, results)
             except Exception:
                 results[f"bitwise[{name},{layout}]"] = [False, traceback.format_exc()]
-        for key, fn in (("mismatch", check_mismatch), ("owner_error", check_owner_error)):
+        for key, fn in (("mismatch", check_mismatch), ("owner_error", check_owner_error),
+                        ("replicate_silent", check_replicate_is_silent)):
             try:
                 fn(rank, ws, results)
             except Exception:

@@ -7,7 +7,8 @@
 - weights and optimizer state after 4 steps (refreshes at 1 and 3) equal the
   ``"replicate"`` run bitwise;
 - without DDP (a different gradient per rank) the owner mode warns once and computes
-  locally; an exception on a refresh's owner is raised on every rank.
+  locally; an exception on a refresh's owner is raised on every rank; ``"replicate"``
+  issues no collective at all.
 """
 import pytest
 
@@ -52,3 +53,7 @@ def test_different_gradients_fall_back_to_local_refreshes(results):
 
 def test_owner_error_raised_on_every_rank(results):
     _dist.check(results, "owner_error")
+
+
+def test_replicate_mode_communicates_nothing(results):
+    _dist.check(results, "replicate_silent")
