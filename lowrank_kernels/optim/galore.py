@@ -72,6 +72,10 @@ class GaLoreAdamW(LowRankOptimizer):
         update_proj_gap, scale, proj_type: defaults for the low-rank groups
             (``proj_type`` in ``std``, ``reverse_std``, ``left``, ``right``, ``full``).
         svd: ``"exact"`` or ``"lowrank"``.
+        refresh_sharing: ``"owner"`` (default): under DDP / FSDP2 each projector refresh is
+            computed by one rank of the data-parallel group and broadcast (bitwise the same
+            result); ``"replicate"``: every rank computes every refresh itself (see
+            :mod:`lowrank_kernels.optim.refresh_share`). Also a group key, of every optimizer.
         skip_nonfinite: skip a parameter whose gradient is not finite (see
             :mod:`lowrank_kernels.optim.base`).
         foreach: passed to torch's AdamW for the plain groups; also a group key of the
