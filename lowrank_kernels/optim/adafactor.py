@@ -186,6 +186,8 @@ class GaLoreAdafactor(LowRankOptimizer):
     _select_factors = GaLoreAdamW._select_factors
     _compute_projector = GaLoreAdamW._compute_projector
     _refresh_projector = GaLoreAdamW._refresh_projector
+    _refresh_cost = GaLoreAdamW._refresh_cost
+    _placeholder_projector = GaLoreAdamW._placeholder_projector
 
     # ------------------------------------------------------------------ state
     @staticmethod

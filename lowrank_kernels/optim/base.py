@@ -70,7 +70,7 @@ from torch.optim import Optimizer
 
 from lowrank_kernels import ops
 
-from . import capturable, checkpoint, config, moments, plain, report
+from . import capturable, checkpoint, config, moments, plain, refresh_share, report
 from . import distributed as _dist
 from ._stepcache import StepCache, _native_nonfinite_flags, finite_flags, increment_steps  # noqa: F401
 from .common import (COMPAT_MODES, PROJ_TYPES, SIDE_CODES, SIDE_NAMES, adam_step_size, assign_, mix_seed,
@@ -119,6 +119,11 @@ class LowRankOptimizer(Optimizer):
     ``_refresh_projector(p, grad, state, group, step) -> bool``
         make and store the new projector; False (state unchanged) on failure. The default
         stores ``_compute_projector(...)`` (None on failure) as ``state["projector"]``.
+    ``_refresh_cost(p, group)``
+        what computing ``p``'s projector costs; above 0, the ranks of a data-parallel group
+        split those refreshes (:mod:`~lowrank_kernels.optim.refresh_share`): the owner runs
+        ``_compute_projector`` ahead of the loop and every rank's ``_refresh_projector`` gets
+        its result from ``_compute_projector``.
     ``_get_projector(p, state, group)``
         what the step passes as ``proj`` to ``lowrank_kernels.ops`` (a tensor or a structured
         projector such as ``ops.DCTProjector``).
@@ -306,6 +311,8 @@ class LowRankOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._steps.new_step(len(self._param_index), len(self.param_groups))
+        if self.__dict__.pop("_placeholder_state", False):
+            self._drop_placeholder_state()
         work: List[Tuple[Dict[str, Any], torch.Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -319,6 +326,8 @@ class LowRankOptimizer(Optimizer):
             return loss
         capturable.sync_device_steps(self.param_groups, work, self.state, self._steps.remember)
         finite = finite_flags(work)
+        # Refreshes due now, split over the ranks of a data-parallel group (optim/refresh_share.py).
+        refresh_share.prepare(self, work, finite)  # (the next prepare drops what an exception left)
         plain_params: Dict[int, List[torch.Tensor]] = defaultdict(list)
         buckets: Dict[tuple, list] = {}
         kinds: Dict[int, Tuple[bool, bool]] = {}  # per group: (low-rank, bucketed), decided once per step
@@ -356,6 +365,7 @@ class LowRankOptimizer(Optimizer):
         for group in self.param_groups:
             if plain_params.get(id(group)):
                 self._plain_step(group, plain_params[id(group)])
+        refresh_share.clear(self)
         return loss
 
     def _lowrank_step(self, p: torch.Tensor, grad: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]):
@@ -370,7 +380,9 @@ class LowRankOptimizer(Optimizer):
             self._init_state(p, work_state, group)
         step = self._host_int(work_state["step"]) + 1
         if self._should_refresh(p, work_state, group, step):
-            ok = self._refresh_projector(p, grad, work_state, group, step)
+            placeholder = self._placeholder_projector if self.__dict__.get("_placeholder_refresh") else None
+            with refresh_share.serving(self, p, placeholder):  # the ranks' shared result, or init_state's placeholder
+                ok = self._refresh_projector(p, grad, work_state, group, step)
             if not ok:
                 self.failed_refreshes += 1
                 if fresh or not self._has_projector(work_state):
@@ -383,6 +395,61 @@ class LowRankOptimizer(Optimizer):
         self._steps.remember(state["step"], step)
         self._project_step(p, grad, state, group, step)
         _dist.place_state(p, state, self._side(state), self.host_state_keys)
+
+    # ------------------------------------------------------------------ state for checkpoint loading
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every parameter's state without training: the tensors a checkpoint loader
+        (``torch.distributed.checkpoint``, torchtitan) loads into, or saves at step 0.
+
+        One step on zero gradients with ``lr = 0`` (the weights do not move) makes the state,
+        with **placeholder projectors**: no projector is computed from the zero gradient (no
+        SVD). Every step count is then 0, which marks the state as *not stepped*: the next
+        :meth:`step` drops such a state and starts afresh (its first projector from the real
+        gradient), so training after ``init_state()`` is bitwise training without it; a
+        checkpoint loaded over it replaces it. No-op when any parameter already has a state
+        or a gradient (as torchtitan's ``init_optim_state``).
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.state or any(p.grad is not None for p in params):
+            return
+        for p in params:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        lrs = [g.get("lr") for g in self.param_groups]
+        for g in self.param_groups:  # (None: an lr the optimizer computes, e.g. Adafactor's relative step)
+            if g.get("lr") is not None:
+                g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
+        self.__dict__["_placeholder_refresh"] = True
+        try:
+            self.step()
+        finally:
+            self.__dict__.pop("_placeholder_refresh", None)
+            for g, lr in zip(self.param_groups, lrs):
+                g["lr"] = lr
+            for p in params:
+                p.grad = None
+        for st in self.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"].zero_()
+        self._steps.forget_mirrors()
+        self.__dict__["_placeholder_state"] = True
+
+    def _drop_placeholder_state(self) -> None:
+        """Forget the states :meth:`init_state` made that no step or checkpoint replaced
+        (step count 0), so the parameters start afresh."""
+        stale = [p for p, st in self.state.items()
+                 if isinstance(st.get("step"), torch.Tensor) and float(st["step"]) == 0.0]
+        for p in stale:
+            del self.state[p]
+        self._steps.forget_mirrors()
+
+    def _placeholder_projector(self, p, grad, state, group, step: int):
+        """What :meth:`init_state` stores as ``p``'s projector: of the real one's shape and
+        dtype, its values unused (the first real step makes the projector). Default: the
+        method's own ``_compute_projector`` on the (zero) gradient; the SVD methods return
+        zeros instead of running an SVD."""
+        return self._compute_projector(p, grad, state, group, step)
 
     def _plain_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         """Plain AdamW on ``params`` of ``group`` (:func:`lowrank_kernels.optim.plain.step`)."""
@@ -499,6 +566,15 @@ class LowRankOptimizer(Optimizer):
     def _compute_projector(self, p, grad, state, group, step: int) -> Optional[torch.Tensor]:
         raise NotImplementedError
 
+    def _refresh_cost(self, p: torch.Tensor, group: Dict[str, Any]) -> int:
+        """What computing ``p``'s projector costs (arbitrary units, e.g. ``m n min(m, n)`` for an
+        SVD): the ranks of a data-parallel group share the refreshes that cost anything
+        (:mod:`~lowrank_kernels.optim.refresh_share`), balanced by this cost; 0 (default): every
+        rank refreshes ``p`` itself. A method returning more than 0 makes its projector in
+        ``_compute_projector`` from ``p``, ``grad``, ``state["side"]``, ``group`` and ``step``
+        alone (a pure function of them)."""
+        return 0
+
     def _get_projector(self, p, state, group):
         return state["projector"]
 
@@ -564,6 +640,9 @@ class LowRankOptimizer(Optimizer):
             g.update(fmt)
             g["capturable"] = c
         self._steps.forget_mirrors()  # every state tensor is new: read them again
+        if any(isinstance(v, dict) and isinstance(v.get("step"), torch.Tensor) and v["step"].numel() == 1
+               and float(v["step"]) == 0.0 for v in saved_state.values()):
+            self.__dict__["_placeholder_state"] = True  # saved after init_state() alone: dropped at the next step
         id_map = zip(
             chain.from_iterable(g["params"] for g in saved_groups),
             chain.from_iterable(g["params"] for g in self.param_groups),

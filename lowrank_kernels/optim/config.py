@@ -51,6 +51,7 @@ class OptimizerConfig:
     moment_bits: int = 32
     block_size: int = 256
     min_8bit_size: int = 4096
+    refresh_sharing: str = "owner"
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any], **absent: Any) -> "OptimizerConfig":
@@ -102,6 +103,7 @@ class SharedOptions(TypedDict, total=False):
     moment_bits: int
     block_size: int
     min_8bit_size: int
+    refresh_sharing: str
 
 
 def shared_signature(*, absent: Sequence[str] = (), **defaults: Any) -> Callable:
@@ -208,14 +210,23 @@ def check_weight_decay(group: Mapping[str, Any], err: Err) -> None:
         raise ValueError(err(f"weight_decay must be a float >= 0, got {wd!r}"))
 
 
+#: values of ``refresh_sharing`` (see :mod:`lowrank_kernels.optim.refresh_share`).
+REFRESH_SHARING = ("owner", "replicate")
+
+
 def check_flags(group: Mapping[str, Any], err: Err) -> None:
-    """``skip_nonfinite`` a bool, ``foreach`` None or a bool."""
+    """``skip_nonfinite`` a bool, ``foreach`` None or a bool, ``refresh_sharing`` one of
+    :data:`REFRESH_SHARING`."""
     skip = group.get("skip_nonfinite", True)
     if not isinstance(skip, bool):
         raise TypeError(err(f"skip_nonfinite must be a bool, got {skip!r}"))
     foreach = group.get("foreach")
     if foreach is not None and not isinstance(foreach, bool):
         raise TypeError(err(f"foreach must be None or a bool, got {foreach!r}"))
+    sharing = group.get("refresh_sharing", "owner")
+    if sharing not in REFRESH_SHARING:
+        raise ValueError(err(f"refresh_sharing must be one of {', '.join(map(repr, REFRESH_SHARING))}, "
+                             f"got {sharing!r}"))
 
 
 def check_lowrank(group: Mapping[str, Any], err: Err, *, proj_types: Sequence[str], min_rank: int) -> None:

@@ -20,7 +20,7 @@ from lowrank_kernels import ops
 from lowrank_kernels.reference import moments as _moments
 
 from . import distributed as _dist
-from . import moments
+from . import moments, refresh_share
 from .base import LowRankOptimizer
 from .common import assign_, resolve_side
 from .config import OptimizerConfig, SharedOptions, shared_signature
@@ -235,6 +235,20 @@ class DCTAdamW(LowRankOptimizer):
         size = n if self._side(state) == "right" else m
         return ops.dct_basis(size, p.dtype, p.device)
 
+    def _placeholder_projector(self, p, grad, state, group, step):
+        """The first ``rank`` indices (``init_state``: no scoring)."""
+        r = self._group_rank(group, tuple(p.shape))
+        return torch.arange(r, dtype=torch.int32, device=p.device)
+
+    def _refresh_cost(self, p, group):
+        """The scoring's work (``m n`` times the scored dimension) for a plain gradient (DDP:
+        the ranks share these refreshes); 0 for a DTensor (FSDP2 already splits the scoring
+        over the shards) and for weights left plain."""
+        if not self._projected(p, group) or _dist.is_dtensor(p):
+            return 0
+        m, n = p.shape
+        return m * n * (n if resolve_side((m, n), group["proj_type"]) == "right" else m)
+
     def _compute_projector(self, p, grad, state, group, step):
         """The new int32 indices (``dct_score_topk``; it has no failure mode).
 
@@ -264,6 +278,8 @@ class DCTAdamW(LowRankOptimizer):
         """Whether ``p``'s refresh may be scored with its bucket: the group steps by bucket
         (``foreach`` not False) and this class's refresh path is DCTAdamW's own."""
         t = type(self)
+        if refresh_share.computing(self):  # the shared refreshes are computed one by one, on their owners
+            return False
         return (self._bucketing(group) and t._compute_projector is DCTAdamW._compute_projector
                 and t._should_refresh is DCTAdamW._should_refresh and t._lowrank_step is DCTAdamW._lowrank_step)
 
@@ -300,7 +316,7 @@ class DCTAdamW(LowRankOptimizer):
             if not self._is_lowrank(group):
                 continue
             for q in group["params"]:
-                if q in self._stepped and q is not first:
+                if (q in self._stepped and q is not first) or refresh_share.has_result(self, q):
                     continue
                 found = self._refresh_key(q, group)
                 if found is not None:

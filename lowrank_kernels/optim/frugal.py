@@ -9,8 +9,9 @@ from lowrank_kernels import ops
 
 from . import distributed as _dist
 from . import moments
+from .refresh_share import svd_cost
 from .base import LowRankOptimizer
-from .common import adam_step_size, assign_, mix_seed, project_fp32
+from .common import adam_step_size, assign_, mix_seed, project_fp32, resolve_side
 from .config import OptimizerConfig, SharedOptions, shared_signature
 
 UPDATES = ("signsgd", "sgd")
@@ -173,6 +174,27 @@ class FrugalAdamW(LowRankOptimizer):
 
     def _has_projector(self, state):
         return "subspace_step" in state
+
+    def _placeholder_projector(self, p, grad, state, group, step):
+        """Zeros of the projector's shape (``init_state``: nothing computed)."""
+        m, n = p.shape
+        r = self._group_rank(group, (m, n))
+        shape = (r, n) if self._side(state) == "right" else (m, r)
+        return torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    def _refresh_cost(self, p, group):
+        """``"svd"``: an SVD's work; ``"dct"`` on a plain gradient: the scoring's (the ranks of
+        a data-parallel group share these refreshes). 0 for the seeded projections (cheaper to
+        regenerate than to send), ``"dct"`` on an FSDP2 shard (already split over the shards)
+        and projections added with :meth:`register_projection`."""
+        m, n = p.shape
+        if self._group_rank(group, (m, n)) <= 0:
+            return 0
+        if group["projection"] == "svd":
+            return svd_cost(m, n)
+        if group["projection"] == "dct" and not _dist.is_dtensor(p):
+            return m * n * (n if resolve_side((m, n), group["proj_type"]) == "right" else m)
+        return 0
 
     def _compute_projector(self, p, grad, state, group, step):
         r = self._group_rank(group, tuple(p.shape))

@@ -11,6 +11,7 @@ from . import distributed as _dist
 from . import moments
 from . import refresh as _refresh
 from . import transport as _transport
+from .refresh_share import svd_cost
 from .base import LowRankOptimizer
 from .common import PROJ_TYPES, adam_step_size, assign_, mix_seed, project_fp32
 from .config import OptimizerConfig, SharedOptions, shared_signature
@@ -73,6 +74,10 @@ class GaLoreAdamW(LowRankOptimizer):
         update_proj_gap, scale, proj_type: defaults for the low-rank groups
             (``proj_type`` in ``std``, ``reverse_std``, ``left``, ``right``, ``full``).
         svd: ``"exact"`` or ``"lowrank"``.
+        refresh_sharing: ``"owner"`` (default): under DDP / FSDP2 each projector refresh is
+            computed by one rank of the data-parallel group and broadcast (bitwise the same
+            result); ``"replicate"``: every rank computes every refresh itself (see
+            :mod:`lowrank_kernels.optim.refresh_share`). Also a group key, of every optimizer.
         skip_nonfinite: skip a parameter whose gradient is not finite (see
             :mod:`lowrank_kernels.optim.base`).
         foreach: passed to torch's AdamW for the plain groups; also a group key of the
@@ -177,6 +182,22 @@ class GaLoreAdamW(LowRankOptimizer):
             return randomized_svd(g, r, niter=LOWRANK_NITER, generator=gen)
         except torch.linalg.LinAlgError:  # no convergence; other errors (e.g. out of memory) propagate
             return None
+
+    def _refresh_cost(self, p, group):
+        """An SVD's work (``m n min(m, n)``; the randomized SVD: ``m n`` times its sketch
+        width and passes): the ranks of a data-parallel group share these refreshes."""
+        m, n = p.shape
+        if group["svd"] == "exact":
+            return svd_cost(m, n)
+        q = min(self._group_rank(group, (m, n)) + LOWRANK_OVERSAMPLE, m, n)
+        return svd_cost(m, n, q * (2 * LOWRANK_NITER + 2))
+
+    def _placeholder_projector(self, p, grad, state, group, step):
+        """Zeros of the projector's shapes (``init_state``: no SVD of the zero gradient)."""
+        (m, n), r, side = p.shape, self._group_rank(group, tuple(p.shape)), self._side(state)
+        left = torch.zeros(m, r, dtype=p.dtype, device=p.device)
+        right = torch.zeros(r, n, dtype=p.dtype, device=p.device)
+        return (left, right) if side == "full" else (right if side == "right" else left)
 
     def _select_factors(self, p, grad, group, step: int, side: str):
         """The new subspace in float32 (float64 for float64 gradients) by ``group["refresh"]``

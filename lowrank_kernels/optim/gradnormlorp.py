@@ -270,6 +270,22 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         state["exp_avg_g"] = torch.zeros_like(norms)
         state["exp_avg_sq_g"] = torch.zeros_like(norms)
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """:meth:`LowRankOptimizer.init_state`; the row renormalization of its zero-gradient
+        step moves the weights by rounding even at ``lr = 0``, so they are copied back."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = None if self.state else [p.detach().clone() for p in params]
+        super().init_state()
+        if saved is not None:
+            for p, w in zip(params, saved):
+                p.copy_(w)
+
+    def _refresh_cost(self, p, group):
+        """0: the projector is made from the direction gradient ``Gv``, computed in the step
+        itself, so every rank refreshes its own (no sharing across ranks)."""
+        return 0
+
     def _lowrank_step(self, p, grad, state, group):
         """Compute ``a`` and ``Gv`` from ``W`` and ``G``, then run the base's step on ``Gv``
         (so the projector refresh and the projected Adam both see the direction gradient)."""

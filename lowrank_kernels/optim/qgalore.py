@@ -228,14 +228,28 @@ class QGaLoreAdamW(GaLoreAdamW):
             )
         return state["projector"]
 
-    def _refresh_projector(self, p, grad, state, group, step):
+    def _compute_projector(self, p, grad, state, group, step):
+        """The new projector in float32 (``Vh[:r]`` or ``U[:, :r]``; ``refresh="sample"`` /
+        ``"random"``: the sampled / random factor), or None when the SVD failed;
+        :meth:`_refresh_projector` packs it to INT4."""
         side = self._side(state)
         factors = self._select_factors(p, grad, group, step, side)  # refresh="svd" | "sample" | "random"
         if factors is None:
-            return False
+            return None
         new = (factors[1] if side == "right" else factors[0]).to(torch.float32).contiguous()
         if not bool(torch.isfinite(new).all()):  # one host sync, on refresh steps only
+            return None
+        return new
+
+    def _placeholder_projector(self, p, grad, state, group, step):
+        """float32 zeros of the projector's shape (``init_state``: no SVD)."""
+        return torch.zeros(self._proj_shape(p, state, group), dtype=torch.float32, device=p.device)
+
+    def _refresh_projector(self, p, grad, state, group, step):
+        new = self._compute_projector(p, grad, state, group, step)
+        if new is None:
             return False
+        side = self._side(state)
         self._adapt_gap(state, group, new, side, p)
         if group["quant"]:
             packed, scale, minimum = ops.int4_pack(new, int(group["quant_group_size"]))

@@ -31,6 +31,7 @@ BAD = {
     "moment_bits": (4, ValueError, "moment_bits must be 32, 16 or 8"),
     "block_size": (512, ValueError, r"block_size must be an int in \[1, 256\]"),
     "min_8bit_size": (-1, ValueError, "min_8bit_size must be an int >= 0"),
+    "refresh_sharing": ("rank0", ValueError, "refresh_sharing must be one of 'owner', 'replicate'"),
 }
 
 
