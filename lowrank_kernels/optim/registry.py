@@ -460,7 +460,8 @@ def _register_ours(name: str, cls: str, state_bytes, capabilities: Capabilities,
 _register_ours("galore", "GaLoreAdamW", _galore_bytes, _FUSED, "galore_adamw",
                "SVD projector, fused project-Adam-back-project step")
 _register_ours("dct", "DCTAdamW", _dct_bytes, _FUSED, "dct_adamw", "DCT rows picked by gradient alignment (no SVD)")
-_register_ours("qgalore", "QGaLoreAdamW", _qgalore_bytes, _PER_PARAM, "qgalore_adamw",
+_register_ours("qgalore", "QGaLoreAdamW", _qgalore_bytes,
+               Capabilities(bucketed=True, capturable=False, moment_bits=_ALL_BITS, distributed=True), "qgalore_adamw",
                "GaLore with an INT4 projector and adaptive refresh")
 _register_ours("apollo", "APOLLOAdamW", _apollo_bytes, _PER_PARAM, "apollo_adamw",
                "seeded random projection, channel-wise scaling")
