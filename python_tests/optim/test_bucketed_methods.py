@@ -23,9 +23,12 @@ STEPS = 5
 #: registry name (bench provider label) -> the constructor keywords of the bench row.
 METHODS = {
     "qgalore": ("ours-QGaLoreAdamW", {}),
+    "apollo": ("ours-APOLLOAdamW", {}),
+    "apollo-mini": ("ours-APOLLO-Mini", {}),
+    "frugal": ("ours-FrugalAdamW", {}),
 }
 #: the moment formats each method is checked with (``min_8bit_size=1`` so 8-bit applies to tiny moments).
-BITS = {"qgalore": (32, 16, 8)}
+BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8)}
 
 
 def _stack(seed=0):
@@ -104,3 +107,58 @@ def test_host_cost_stack_op_calls(name):
         opt.step()
     assert mode.custom <= host_cost.MAX_LK_OPS, mode.names
     assert mode.reads <= 1, mode.names
+
+
+def _compare(make, shapes, w0, grads):
+    out = []
+    for foreach in (None, False):
+        ps = [torch.nn.Parameter(w.clone()) for w in w0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = make(ps, foreach)
+        modes = _run(opt, ps, grads, count_at=2)
+        out.append((opt, ps, modes[2]))
+    (oa, pa, ma), (ob, pb, mb) = out
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert torch.equal(a, b), f"weight {i} differs (max |d| = {(a - b).abs().max():.3g})"
+        for k, va in oa.state[a].items():
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, ob.state[b][k]), f"weight {i} state {k} differs"
+    return ma, mb
+
+
+APOLLO_CONFIGS = {
+    "decay": dict(weight_decay=0.1),
+    "compat": dict(weight_decay=0.1, compat="apollo-torch"),
+    "scale-front": dict(scale_front=True, scale=4.0),
+    "no-limiter": dict(disable_nl=True),
+    "tensor-left": dict(scale_type="tensor", proj_type="left"),
+    "mixed-groups": None,
+}
+
+
+@pytest.mark.parametrize("config", list(APOLLO_CONFIGS))
+def test_apollo_configurations_bucketed_equal_per_parameter(config):
+    """APOLLO's options (decay, apollo-torch compat, scale_front, limiter off, tensor scaling,
+    groups with different lr and scale) keep the bucketed step bit-identical."""
+    from lowrank_kernels.optim import APOLLOAdamW
+
+    shapes, w0 = _stack()
+    grads = _grads(shapes, STEPS)
+    kw = APOLLO_CONFIGS[config]
+
+    def make(ps, foreach):
+        fe = {} if foreach is None else {"foreach": foreach}
+        if kw is None:
+            groups = [dict(params=ps[:3], rank=RANK, update_proj_gap=GAP, scale=2.0, **fe),
+                      dict(params=ps[3:], rank=2, update_proj_gap=GAP, lr=3e-3, weight_decay=0.01, **fe)]
+            return APOLLOAdamW(groups, lr=1e-2)
+        kw2 = dict(kw)
+        group = dict(params=ps, rank=RANK, update_proj_gap=GAP, **fe)
+        for k in ("scale", "scale_type", "proj_type"):
+            if k in kw2:
+                group[k] = kw2.pop(k)
+        return APOLLOAdamW([group], lr=1e-2, **kw2)
+
+    ma, mb = _compare(make, shapes, w0, grads)
+    assert ma.total("lowrank_kernels") < mb.total("lowrank_kernels")
