@@ -13,8 +13,9 @@ or per tensor, the optional norm-growth limiter against ``prev_norm`` (updated i
 then ``W <- decay W + alpha * G * s``. Bit-identical on CPU to ``APOLLOAdamW``'s
 per-parameter step.
 
-Backends: the reference (a loop; serves every device) and C++ (the loop behind one
-dispatcher call, float32 weights on CPU). On CUDA the reference runs (no Triton kernel yet).
+Backends: the reference (a loop; serves every device), C++ (the loop behind one
+dispatcher call, float32 weights on CPU) and Triton (``kernels/apollo.py``: the Adam update of
+the whole list in one grouped launch, the rest per entry).
 """
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ from lowrank_kernels.reference.projection import moment_tail
 from . import _checks as C
 from ._registry import define_op, eager_caller, fake_no_output
 from .projection import _check_hyper, foreach_moment_args
+
+def _kernels():
+    """The family's Triton launcher module, imported on first use (triton is optional)."""
+    from lowrank_kernels.kernels import apollo as kernels
+
+    return kernels
+
 
 _OP = "foreach_apollo_update_"
 
@@ -115,6 +123,7 @@ foreach_apollo_update_op = define_op(
     "float[] alpha, float[] decay, Tensor(e!)[] m_absmax, Tensor(f!)[] v_absmax, int block_size, "
     "int[] moment_seed) -> ()",
     family="apollo",
+    triton=lambda: _kernels().apollo_foreach_update_triton,
     cpp="apollo_foreach_update_cpu",
     reference=ref.apollo_foreach_update_ref,
     fake=fake_no_output,

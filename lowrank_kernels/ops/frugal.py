@@ -12,8 +12,9 @@ gradient, its Adam update ``N`` (any moment format, as ``adam_update_``), the re
 ``W <- decay W + alpha back(N) + free_alpha * sign(residual)`` (or the residual itself with
 ``signsgd=False``). Bit-identical on CPU to ``FrugalAdamW``'s per-parameter step.
 
-Backends: the reference (a loop; serves every device) and C++ (the loop behind one
-dispatcher call, float32 weights on CPU). On CUDA the reference runs (no Triton kernel yet).
+Backends: the reference (a loop; serves every device), C++ (the loop behind one
+dispatcher call, float32 weights on CPU) and Triton (``kernels/frugal.py``: the Adam update of
+the whole list in one grouped launch, the rest per entry).
 """
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ from lowrank_kernels.reference.projection import moment_tail
 from . import _checks as C
 from ._registry import define_op, eager_caller, fake_no_output
 from .projection import _check_hyper, foreach_moment_args
+
+def _kernels():
+    """The family's Triton launcher module, imported on first use (triton is optional)."""
+    from lowrank_kernels.kernels import frugal as kernels
+
+    return kernels
+
 
 _OP = "foreach_frugal_update_"
 
@@ -107,6 +115,7 @@ foreach_frugal_update_op = define_op(
     "bool signsgd, float beta1, float beta2, float eps, float[] alpha, float[] decay, float[] free_alpha, "
     "Tensor(d!)[] m_absmax, Tensor(e!)[] v_absmax, int block_size, int[] moment_seed) -> ()",
     family="frugal",
+    triton=lambda: _kernels().frugal_foreach_update_triton,
     cpp="frugal_foreach_update_cpu",
     reference=ref.frugal_foreach_update_ref,
     fake=fake_no_output,

@@ -42,14 +42,25 @@ def apollo_projection(shape, seed: int, device, dtype, rank: int) -> torch.Tenso
     return proj.to(dtype)
 
 
-def apollo_entry_(param, grad, proj, exp_avg, exp_avg_sq, prev_norm, side, channel, beta1, beta2, eps, front, alpha,
-                  decay, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1):
-    """One entry's step with its projector ``proj`` given (see the module doc)."""
+def apollo_project(grad, proj, side, exp_avg) -> torch.Tensor:
+    """``R = G P^T`` (right) or ``P^T G`` (left) in float32 (float64 with a float64 input), in
+    the moments' update dtype (float32 for 8-bit moments)."""
     acc = torch.float64 if torch.float64 in (grad.dtype, proj.dtype) else torch.float32
     g, pr = grad.to(acc), proj.to(acc)
     r_lr = g @ pr.T if side == "right" else pr.T @ g
-    r_lr = r_lr.to(torch.float32 if exp_avg.dtype == torch.uint8 else exp_avg.dtype)
+    return r_lr.to(torch.float32 if exp_avg.dtype == torch.uint8 else exp_avg.dtype)
+
+
+def apollo_entry_(param, grad, proj, exp_avg, exp_avg_sq, prev_norm, side, channel, beta1, beta2, eps, front, alpha,
+                  decay, m_absmax=None, v_absmax=None, block_size=0, moment_seed=-1):
+    """One entry's step with its projector ``proj`` given (see the module doc)."""
+    r_lr = apollo_project(grad, proj, side, exp_avg)
     n_lr = adam_update_ref(r_lr, exp_avg, exp_avg_sq, beta1, beta2, eps, m_absmax, v_absmax, block_size, moment_seed)
+    apollo_apply_(param, grad, r_lr, n_lr, prev_norm, side, channel, front, alpha, decay)
+
+
+def apollo_apply_(param, grad, r_lr, n_lr, prev_norm, side, channel, front, alpha, decay):
+    """The step after the Adam update: scaling factors from ``N`` and ``R``, limiter, update."""
     if channel:
         dim = 1 if side == "right" else 0
         s = _norm(n_lr, dim) / (_norm(r_lr, dim) + 1e-8)

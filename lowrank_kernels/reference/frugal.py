@@ -27,12 +27,19 @@ def frugal_foreach_update_ref(params, grads, projs, exp_avg, exp_avg_sq, side, s
         upd = torch.float32 if exp_avg[i].dtype == torch.uint8 else exp_avg[i].dtype
         n_lr = adam_update_ref(low.to(upd), exp_avg[i], exp_avg_sq[i], beta1, beta2, eps,
                                *moment_tail(m_absmax, v_absmax, block_size, moment_seed, i))
-        r = proj.shape[0] if side == "right" else proj.shape[1]
-        full = p.shape[1] if side == "right" else p.shape[0]
-        residual = None
-        if r < full:
-            residual = g.to(low.dtype, copy=True)
-            projection_backproject_apply_ref(residual, low, proj, side, -1.0, 1.0)
-        projection_backproject_apply_ref(p, n_lr, proj, side, alpha[i], decay[i])
-        if residual is not None:
-            p.add_(residual.sign() if signsgd else residual, alpha=free_alpha[i])
+        frugal_apply_(p, g, proj, low, n_lr, side, signsgd, alpha[i], decay[i], free_alpha[i],
+                      projection_backproject_apply_ref)
+
+
+def frugal_apply_(p, g, proj, low, n_lr, side, signsgd, alpha, decay, free_alpha, backproject_apply):
+    """The step after the Adam update (``backproject_apply``: a back-projection backend with the
+    op's positional arguments ``(param, update, proj, side, alpha, decay)``)."""
+    r = proj.shape[0] if side == "right" else proj.shape[1]
+    full = p.shape[1] if side == "right" else p.shape[0]
+    residual = None
+    if r < full:
+        residual = g.to(low.dtype, copy=True)
+        backproject_apply(residual, low, proj, side, -1.0, 1.0)
+    backproject_apply(p, n_lr, proj, side, alpha, decay)
+    if residual is not None:
+        p.add_(residual.sign() if signsgd else residual, alpha=free_alpha)
