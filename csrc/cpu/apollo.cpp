@@ -31,23 +31,44 @@ Tensor vnorm(const Tensor& x, std::optional<int64_t> dim) {
 }
 
 // W <- W * decay (when decay != 1), then W <- fma(G, c, W) (c per row, per column or one value).
+// Rows [r0, r1). Compiled twice: for CPUs with the FMA instruction (apply_rows_fma, vectorized
+// fused multiply-adds) and for the baseline ISA, where std::fma is the C library's (exact,
+// slower) fused multiply-add; both round each W + G * c once, as ATen's addcmul_.
+#define APOLLO_APPLY_ROWS_BODY                                                    \
+  for (int64_t i = r0; i < r1; ++i) {                                            \
+    float* wr = w + i * n;                                                       \
+    const float* gr = g + i * n;                                                 \
+    if (decayed) {                                                               \
+      for (int64_t j = 0; j < n; ++j) wr[j] = wr[j] * decay;                     \
+    }                                                                            \
+    if (which == 0) {                                                            \
+      const float ci = c[i];                                                     \
+      for (int64_t j = 0; j < n; ++j) wr[j] = __builtin_fmaf(gr[j], ci, wr[j]);  \
+    } else if (which == 1) {                                                     \
+      for (int64_t j = 0; j < n; ++j) wr[j] = __builtin_fmaf(gr[j], c[j], wr[j]); \
+    } else {                                                                     \
+      const float c0 = c[0];                                                     \
+      for (int64_t j = 0; j < n; ++j) wr[j] = __builtin_fmaf(gr[j], c0, wr[j]);  \
+    }                                                                            \
+  }
+
+__attribute__((target("avx2,fma"))) void apply_rows_fma(float* w, const float* g, int64_t n, const float* c,
+                                                        int which, float decay, bool decayed, int64_t r0, int64_t r1) {
+  APOLLO_APPLY_ROWS_BODY
+}
+
+void apply_rows_portable(float* w, const float* g, int64_t n, const float* c, int which, float decay, bool decayed,
+                         int64_t r0, int64_t r1) {
+  APOLLO_APPLY_ROWS_BODY
+}
+
 void apply(float* w, const float* g, int64_t m, int64_t n, const float* c, int which, float decay, bool decayed) {
+  static const bool has_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      float* wr = w + i * n;
-      const float* gr = g + i * n;
-      if (decayed) {
-        for (int64_t j = 0; j < n; ++j) wr[j] = wr[j] * decay;
-      }
-      if (which == 0) {  // per row
-        const float ci = c[i];
-        for (int64_t j = 0; j < n; ++j) wr[j] = std::fma(gr[j], ci, wr[j]);
-      } else if (which == 1) {  // per column
-        for (int64_t j = 0; j < n; ++j) wr[j] = std::fma(gr[j], c[j], wr[j]);
-      } else {
-        const float c0 = c[0];
-        for (int64_t j = 0; j < n; ++j) wr[j] = std::fma(gr[j], c0, wr[j]);
-      }
+    if (has_fma) {
+      apply_rows_fma(w, g, n, c, which, decay, decayed, r0, r1);
+    } else {
+      apply_rows_portable(w, g, n, c, which, decay, decayed, r0, r1);
     }
   });
 }
