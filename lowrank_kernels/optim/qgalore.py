@@ -12,7 +12,7 @@ from lowrank_kernels import ops
 from lowrank_kernels.nn.qlinear import qlinear_of
 
 from . import moments
-from .base import LowRankOptimizer
+from .base import _PLAIN_TENSORS, LowRankOptimizer
 from .common import adam_step_size, assign_, mix_seed
 from .config import OptimizerConfig, SharedOptions, shared_signature
 from .galore import GaLoreAdamW
@@ -334,9 +334,9 @@ class QGaLoreAdamW(GaLoreAdamW):
 
     def _bucket_key(self, p, state, group):
         """A bucket per (projector kind, side, dtypes, betas, eps, group size, moment format) for the
-        weights of this class's own step that are not INT8 (QLinear weights step per parameter)."""
-        if not self._own_fused_step(QGaLoreAdamW) or qlinear_of(p) is not None:
-            return None
+        plain weights of this class's own step (not INT8 QLinear weights, not DTensors)."""
+        if not self._own_fused_step(QGaLoreAdamW) or qlinear_of(p) is not None or type(p) not in _PLAIN_TENSORS:
+            return None  # INT8 weights and FSDP2 (DTensor) weights step per parameter
         side = self._side(state)
         if side not in ("left", "right"):
             return None

@@ -444,9 +444,8 @@ register(OptimizerSpec(
     Capabilities(bucketed=True, capturable=True, moment_bits=(32,), distributed=True),
     subspace=None, label="torch-AdamW", summary="torch.optim.AdamW on every parameter (the baseline)"))
 
-# The capabilities of the fused-step optimizers, and of those stepping parameter by parameter.
+# The capabilities of the fused-step optimizers (capturable too), and of the other bucketed ones.
 _FUSED = Capabilities(bucketed=True, capturable=True, moment_bits=_ALL_BITS, distributed=True)
-_PER_PARAM = Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=True)
 #: multi-tensor steps by bucket, no capturable step.
 _BUCKETED = Capabilities(bucketed=True, capturable=False, moment_bits=_ALL_BITS, distributed=True)
 
