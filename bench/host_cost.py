@@ -54,6 +54,8 @@ TARGET_NAMES = {
     "ours-GradNormLoRPAdamW": "gradnormlorp", "ours-GaLoreAdafactor": "adafactor",
 }
 TARGETS = tuple(TARGET_NAMES)
+#: the optimizers also held to MAX_ATEN_OPS top-level aten ops in the step suite's targets.
+ATEN_TARGETS = ("ours-GaLoreAdamW", "ours-DCTAdamW")
 BASELINE = "torch-adamw-foreach"
 #: ours with one op call per parameter (group key foreach=False): the bucketing's reference.
 #: provider -> optimizer registry name. (GaLore-Adafactor refuses foreach=True and has no row.)
