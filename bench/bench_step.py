@@ -110,9 +110,10 @@ def _host_cost(ctx: Ctx) -> None:
                    applies=cpu, stated_for="CPU")
         ctx.target(SUITE, f"{name} lowrank_kernels op calls per non-refresh step",
                    r["lk_ops"] if r else None, H.MAX_LK_OPS, higher_is_better=False, unit="", stated_for="any device")
-        ctx.target(SUITE, f"{name} aten ops per non-refresh step",
-                   r["aten_ops"] if r else None, H.MAX_ATEN_OPS, higher_is_better=False, unit="",
-                   stated_for="any device")
+        if name in H.ATEN_TARGETS:
+            ctx.target(SUITE, f"{name} aten ops per non-refresh step",
+                       r["aten_ops"] if r else None, H.MAX_ATEN_OPS, higher_is_better=False, unit="",
+                       stated_for="any device")
 
 
 def _derived(ctx: Ctx, name: str, steady: Row, refresh: Row, note: str, kw: dict) -> None:

@@ -29,6 +29,10 @@ TORCH_LIBRARY_IMPL(_lowrank_kernels, CPU, m) {
   // adam (csrc/cpu/adam.cpp)
   m.impl("adam_update_cpu", &adam_update_cpu);
   m.impl("adam_foreach_update_cpu", &adam_foreach_update_cpu);
+  // apollo (csrc/cpu/apollo.cpp)
+  m.impl("apollo_foreach_update_cpu", &apollo_foreach_update_cpu);
+  // frugal (csrc/cpu/frugal.cpp)
+  m.impl("frugal_foreach_update_cpu", &frugal_foreach_update_cpu);
   // dct (csrc/cpu/dct.cpp)
   m.impl("dct_scores_cpu", &dct_scores_cpu);
   m.impl("dct_score_topk_cpu", &dct_score_topk_cpu);

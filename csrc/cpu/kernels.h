@@ -65,6 +65,23 @@ void adam_foreach_update_cpu(at::TensorList r, at::TensorList exp_avg, at::Tenso
                              double beta1, double beta2, double eps, at::TensorList m_absmax, at::TensorList v_absmax,
                              int64_t block_size, at::IntArrayRef moment_seed);
 
+// --------------------------------------------------------------------------- apollo
+// csrc/cpu/apollo.cpp
+void apollo_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList seeds,
+                               at::TensorList exp_avg, at::TensorList exp_avg_sq, at::TensorList prev_norm,
+                               c10::string_view side, int64_t rank, bool channel, double beta1, double beta2,
+                               double eps, at::ArrayRef<double> front, at::ArrayRef<double> alpha,
+                               at::ArrayRef<double> decay, at::TensorList m_absmax, at::TensorList v_absmax,
+                               int64_t block_size, at::IntArrayRef moment_seed);
+
+// --------------------------------------------------------------------------- frugal
+// csrc/cpu/frugal.cpp
+void frugal_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList projs,
+                               at::TensorList exp_avg, at::TensorList exp_avg_sq, c10::string_view side, bool signsgd,
+                               double beta1, double beta2, double eps, at::ArrayRef<double> alpha,
+                               at::ArrayRef<double> decay, at::ArrayRef<double> free_alpha, at::TensorList m_absmax,
+                               at::TensorList v_absmax, int64_t block_size, at::IntArrayRef moment_seed);
+
 // --------------------------------------------------------------------------- dct
 // csrc/cpu/dct.cpp
 Tensor dct_scores_cpu(const Tensor& grad, const Tensor& basis, c10::string_view side, int64_t norm);

@@ -11,7 +11,7 @@ from lowrank_kernels import ops
 
 from . import distributed as _dist
 from . import moments
-from .base import LowRankOptimizer
+from .base import _PLAIN_TENSORS, LowRankOptimizer
 from .common import adam_step_size, assign_, mix_seed, project_fp32
 from .config import OptimizerConfig, SharedOptions, shared_signature
 
@@ -219,3 +219,47 @@ class APOLLOAdamW(LowRankOptimizer):
         if group["weight_decay"] != 0.0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
         _dist.addcmul_(p, grad, coef)  # p.addcmul_(grad, coef), on the local rows under FSDP2
+
+    # ------------------------------------------------------------------ bucketed step
+    def _bucket_key(self, p, state, group):
+        """Float32 weights of this class's own step (projection and seed sequence not overridden)
+        share a bucket per (device, side, rank, scaling, limiter, betas, eps, moment format);
+        other dtypes, DTensors and subclasses that change the step stay per parameter."""
+        if not self._own_fused_step(APOLLOAdamW) or not self._own_projection():
+            return None
+        if p.dtype != torch.float32 or type(p) not in _PLAIN_TENSORS or p.grad.dtype != torch.float32:
+            return None
+        limiter = bool(group["norm_growth_limiter"])
+        if limiter:
+            prev = state.get("scaled_grad_norm")
+            if prev is None or prev.dtype != torch.float32 or prev.device != p.device:
+                return None
+        beta1, beta2 = group["betas"]
+        return ("apollo", p.device, self._side(state), self._group_rank(group, tuple(p.shape)),
+                group["scale_type"] == "channel", limiter, state["exp_avg"].dtype, beta1, beta2, group["eps"],
+                moments.bucket_part(state, moments.format_of(group)))
+
+    def _own_projection(self) -> bool:
+        t = type(self)
+        return t._projection is APOLLOAdamW._projection and t._get_projector is APOLLOAdamW._get_projector
+
+    def _bucket_step(self, key, entries, skip=None, coeffs=None):
+        """One ``ops.foreach_apollo_update_`` call: the per-parameter step's arithmetic
+        (:meth:`_project_step`), with each weight's seed, scale factors and decay."""
+        _, _, side, rank, channel, limiter, _, beta1, beta2, eps, _ = key
+        front, alpha, decay = [], [], []
+        for _, _, g, t in entries:
+            root = math.sqrt(g["scale"])
+            scale_front = bool(g.get("scale_front", False))
+            front.append(root if scale_front else 1.0)
+            step_size = adam_step_size(g["lr"], beta1, beta2, t)
+            alpha.append(-step_size * (1.0 if scale_front else root) * self._post_decay(g))
+            decay.append(1.0 - g["lr"] * g["weight_decay"] if g["weight_decay"] != 0.0 else 1.0)
+        ops.foreach_apollo_update_(
+            [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
+            [st["seed"] for _, st, _, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
+            [st["exp_avg_sq"] for _, st, _, _ in entries], side=side, rank=rank, channel=channel, beta1=beta1,
+            beta2=beta2, eps=eps, front=front, alpha=alpha, decay=decay,
+            prev_norm=[st["scaled_grad_norm"] for _, st, _, _ in entries] if limiter else None,
+            **self._foreach_moment_kwargs(entries),
+        )

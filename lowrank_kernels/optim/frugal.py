@@ -10,7 +10,8 @@ from lowrank_kernels import ops
 from . import distributed as _dist
 from . import moments
 from .refresh_share import svd_cost
-from .base import LowRankOptimizer
+from ._stepcache import increment_steps
+from .base import _PLAIN_TENSORS, LowRankOptimizer
 from .common import adam_step_size, assign_, mix_seed, project_fp32, resolve_side
 from .config import OptimizerConfig, SharedOptions, shared_signature
 
@@ -244,3 +245,36 @@ class FrugalAdamW(LowRankOptimizer):
                 p.mul_(decay)
             free = residual.sign() if group["update"] == "signsgd" else residual
             p.add_(free, alpha=-lr * group["inactive_lr_scale"])
+
+    # ------------------------------------------------------------------ bucketed step
+    def _bucket_key(self, p, state, group):
+        """Float32 weights of this class's own step with a state-full part (rank > 0) share a
+        bucket per (device, side, update rule, betas, eps, moment format); other dtypes,
+        DTensors, rank 0 and subclasses that change the step stay per parameter."""
+        if not self._own_fused_step(FrugalAdamW) or "projector" not in state:
+            return None
+        if p.dtype != torch.float32 or type(p) not in _PLAIN_TENSORS or p.grad.dtype != torch.float32:
+            return None
+        if state["projector"].dtype != torch.float32 or state["subspace_step"].dtype != torch.float32:
+            return None
+        beta1, beta2 = group["betas"]
+        return ("frugal", p.device, self._side(state), group["update"] == "signsgd", state["exp_avg"].dtype, beta1,
+                beta2, group["eps"], moments.bucket_part(state, moments.format_of(group)))
+
+    def _bucket_step(self, key, entries, skip=None, coeffs=None):
+        """One ``ops.foreach_frugal_update_`` call with what :meth:`_project_step` computes per
+        parameter; the subspace step counts grow in one call (their host mirrors follow)."""
+        _, _, side, signsgd, _, beta1, beta2, eps, _ = key
+        counts = [st["subspace_step"] for _, st, _, _ in entries]
+        ks = [self._host_int(c) + 1 for c in counts]
+        increment_steps(counts)
+        self._steps.remember_steps(counts, ks)
+        ops.foreach_frugal_update_(
+            [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
+            [st["projector"] for _, st, _, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
+            [st["exp_avg_sq"] for _, st, _, _ in entries], side=side, signsgd=signsgd, beta1=beta1, beta2=beta2,
+            eps=eps, alpha=[-adam_step_size(g["lr"], beta1, beta2, k) * g["scale"] for (_, _, g, _), k in zip(entries, ks)],
+            decay=[1.0 - g["lr"] * g["weight_decay"] for _, _, g, _ in entries],
+            free_alpha=[-g["lr"] * g["inactive_lr_scale"] for _, _, g, _ in entries],
+            **self._foreach_moment_kwargs(entries),
+        )

@@ -13,7 +13,7 @@ from lowrank_kernels.nn.qlinear import qlinear_of
 
 from . import moments
 from . import refresh as _refresh
-from .base import LowRankOptimizer
+from .base import _PLAIN_TENSORS, LowRankOptimizer
 from .common import adam_step_size, assign_, mix_seed
 from .config import OptimizerConfig, SharedOptions, shared_signature
 from .galore import GaLoreAdamW
@@ -213,7 +213,8 @@ class QGaLoreAdamW(GaLoreAdamW):
         return "proj_packed" in state or "projector" in state
 
     def _should_refresh(self, p, state, group, step):
-        return not self._has_projector(state) or (step - 1) % int(state["proj_gap"]) == 0
+        # proj_gap through its host mirror: a non-refresh step reads no tensor value.
+        return not self._has_projector(state) or (step - 1) % self._host_int(state["proj_gap"]) == 0
 
     def _proj_shape(self, p, state, group):
         m, n = p.shape
@@ -353,6 +354,36 @@ class QGaLoreAdamW(GaLoreAdamW):
             else:
                 ops.backproject_apply_(buf, n, proj[r0:r1], side=side, alpha=alpha, decay=0.0)
             self._apply_int8_rows(mod, r0, r1, buf, group, seed if k == 0 else mix_seed(seed, k), decay)
+
+    def _bucket_key(self, p, state, group):
+        """A bucket per (projector kind, side, dtypes, betas, eps, group size, moment format) for the
+        plain weights of this class's own step (not INT8 QLinear weights, not DTensors)."""
+        if not self._own_fused_step(QGaLoreAdamW) or qlinear_of(p) is not None or type(p) not in _PLAIN_TENSORS:
+            return None  # INT8 weights and FSDP2 (DTensor) weights step per parameter
+        side = self._side(state)
+        if side not in ("left", "right"):
+            return None
+        if "proj_packed" in state:
+            kind = ("int4", int(group["quant_group_size"]), state["proj_scale"].dtype)
+        else:
+            kind = ("dense", state["projector"].dtype)
+        beta1, beta2 = group["betas"]
+        return ("qgalore", kind, side, p.device, p.dtype, state["exp_avg"].dtype, beta1, beta2, group["eps"],
+                moments.bucket_part(state, moments.format_of(group)))
+
+    def _bucket_step(self, key, entries, skip=None, coeffs=None):
+        """One ``ops.foreach_project_update_backproject_`` call with what :meth:`_project_step`
+        (GaLore's fused step with the INT4 or dense projector) passes per parameter."""
+        _, _, side, _, _, _, beta1, beta2, eps, _ = key
+        ops.foreach_project_update_backproject_(
+            [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
+            [self._get_projector(p, st, g) for p, st, g, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
+            [st["exp_avg_sq"] for _, st, _, _ in entries], side=side, lr=[g["lr"] for _, _, g, _ in entries],
+            beta1=beta1, beta2=beta2, eps=eps, step=[t for _, _, _, t in entries],
+            weight_decay=[g["weight_decay"] for _, _, g, _ in entries],
+            scale=[g["scale"] * self._post_decay(g) for _, _, g, _ in entries],
+            **self._foreach_moment_kwargs(entries),
+        )
 
     def _plain_step(self, group, params):
         dense = [p for p in params if qlinear_of(p) is None]

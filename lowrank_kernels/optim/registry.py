@@ -465,9 +465,10 @@ register(OptimizerSpec(
     Capabilities(bucketed=True, capturable=True, moment_bits=(32,), distributed=True),
     subspace=None, label="torch-AdamW", summary="torch.optim.AdamW on every parameter (the baseline)"))
 
-# The capabilities of the fused-step optimizers, and of those stepping parameter by parameter.
+# The capabilities of the fused-step optimizers (capturable too), and of the other bucketed ones.
 _FUSED = Capabilities(bucketed=True, capturable=True, moment_bits=_ALL_BITS, distributed=True)
-_PER_PARAM = Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=True)
+#: multi-tensor steps by bucket, no capturable step.
+_BUCKETED = Capabilities(bucketed=True, capturable=False, moment_bits=_ALL_BITS, distributed=True)
 
 
 def _register_ours(name: str, cls: str, state_bytes, capabilities: Capabilities, alias: str, summary: str,
@@ -481,13 +482,13 @@ def _register_ours(name: str, cls: str, state_bytes, capabilities: Capabilities,
 _register_ours("galore", "GaLoreAdamW", _galore_bytes, _FUSED, "galore_adamw",
                "SVD projector, fused project-Adam-back-project step")
 _register_ours("dct", "DCTAdamW", _dct_bytes, _FUSED, "dct_adamw", "DCT rows picked by gradient alignment (no SVD)")
-_register_ours("qgalore", "QGaLoreAdamW", _qgalore_bytes, _PER_PARAM, "qgalore_adamw",
+_register_ours("qgalore", "QGaLoreAdamW", _qgalore_bytes, _BUCKETED, "qgalore_adamw",
                "GaLore with an INT4 projector and adaptive refresh")
-_register_ours("apollo", "APOLLOAdamW", _apollo_bytes, _PER_PARAM, "apollo_adamw",
+_register_ours("apollo", "APOLLOAdamW", _apollo_bytes, _BUCKETED, "apollo_adamw",
                "seeded random projection, channel-wise scaling")
-_register_ours("apollo-mini", "APOLLOAdamW", _apollo_bytes, _PER_PARAM, "apollo_mini",
+_register_ours("apollo-mini", "APOLLOAdamW", _apollo_bytes, _BUCKETED, "apollo_mini",
                "APOLLO at rank 1 with tensor-wise scaling (APOLLOAdamW.mini)", constructor="mini", label="APOLLO-Mini")
-_register_ours("frugal", "FrugalAdamW", _frugal_bytes, _PER_PARAM, "frugal_adamw",
+_register_ours("frugal", "FrugalAdamW", _frugal_bytes, _BUCKETED, "frugal_adamw",
                "AdamW in a subspace, signSGD on the residual", subspace="density")
 _register_ours("gradnormlorp", "GradNormLoRPAdamW", _gradnormlorp_bytes,
                Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=False),

@@ -137,16 +137,23 @@ def test_one_op_call_per_bucket(cls):
         assert counts.get(SINGLE_OP, 0) == want_single, counts
 
 
-def test_subclass_with_its_own_step_is_not_bucketed():
-    """Q-GaLore changes the step (quantized projector, its own _project_step): per parameter."""
+@pytest.mark.parametrize("base", [GaLoreAdamW, QGaLoreAdamW])
+def test_subclass_with_its_own_step_is_not_bucketed(base):
+    """A subclass that changes the per-parameter step (its own _project_step) is stepped per
+    parameter: the bucketed step would bypass its change. (Q-GaLore's own step buckets with its
+    own key, python_tests/optim/test_bucketed_methods.py.)"""
+    class Changed(base):
+        def _project_step(self, p, grad, state, group, step):
+            super()._project_step(p, grad, state, group, step)
+
     ws, bias = _params(torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = QGaLoreAdamW([{"params": ws, "rank": 3, "update_proj_gap": 3}], lr=1e-2)
+        opt = Changed([{"params": ws, "rank": 3, "update_proj_gap": 3}], lr=1e-2)
     grads = _grads(torch.float32)
     _count_step(opt, ws, grads[0][:len(ws)])
     counts = _count_step(opt, ws, grads[1][:len(ws)])
-    assert counts.get(FOREACH_OP, 0) == 0
+    assert counts.get(FOREACH_OP, 0) == 0 and counts.get(SINGLE_OP, 0) == len(ws), counts
 
 
 @pytest.mark.parametrize("name", ["ours-GaLoreAdamW", "ours-DCTAdamW"])

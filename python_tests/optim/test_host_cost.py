@@ -260,21 +260,28 @@ def test_bucketed_reference_backend_counts_and_matches_per_parameter():
 
 def test_step_suite_host_cost_rows(tmp_path):
     """``python -m bench --suite step`` gains the ``host_cost`` rows (counts in the note) and
-    the host-cost targets; in a tiny run: the two targeted optimizers and the two baselines."""
+    the host-cost targets; in a tiny run: the targeted optimizers and the two baselines."""
     from bench import bench_step
     from bench.harness import Ctx
 
     ctx = Ctx(torch.device("cpu"), torch.float32, quick=True, tiny=True, out=tmp_path, log=lambda *a: None)
     bench_step._host_cost(ctx)
     rows = {r.provider: r for r in ctx.rows if r.kernel == "host_cost" and not r.skipped}
-    assert set(rows) == {"torch-adamw-fused", "torch-adamw-foreach", "ours-GaLoreAdamW", "ours-DCTAdamW"}
+    assert set(rows) == {"torch-adamw-fused", "torch-adamw-foreach", *host_cost_targets()}
     want = "2 lk op calls, 2 aten ops (0 host reads)" if _native_probe() else "2 lk op calls, 6 aten ops (1 host reads)"
     assert rows["ours-GaLoreAdamW"].note.startswith(want), rows["ours-GaLoreAdamW"].note
     assert all(r.median_ms > 0 for r in rows.values())
     texts = [t.text for t in ctx.targets]
     assert any("ours-DCTAdamW host-cost step time / torch-adamw-foreach" in t for t in texts)
-    counts = [t for t in ctx.targets if "op calls per non-refresh step" in t.text]
-    assert len(counts) == 2 and all(t.measured == 2 and t.verdict() == "met" for t in counts)
+    counts = {t.text.split()[0]: t for t in ctx.targets if "op calls per non-refresh step" in t.text}
+    assert set(counts) == set(host_cost_targets())
+    assert all(counts[n].measured == 2 and counts[n].verdict() == "met" for n in ("ours-GaLoreAdamW", "ours-DCTAdamW"))
+
+
+def host_cost_targets():
+    from bench import host_cost
+
+    return host_cost.TARGETS
 
 
 @pytest.mark.parametrize("cls", CLASSES)

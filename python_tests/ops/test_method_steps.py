@@ -1,0 +1,135 @@
+"""The method-step list ops (``foreach_apollo_update_``, ``foreach_frugal_update_``): every
+backend (C++, Triton under the interpreter) against the reference on odd shapes, both sides,
+the moment formats; clear errors with nothing written."""
+import pytest
+import torch
+
+from lowrank_kernels import ops
+from lowrank_kernels.ops import use_backend
+
+from ..conftest import require_backend
+
+SHAPES = [(13, 7), (6, 11), (9, 9)]
+
+
+def _apollo_args(side, channel, limiter, bits, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = 3
+    ps = [0.1 * torch.randn(s, generator=gen) for s in SHAPES]
+    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    low = [(m, r) if side == "right" else (r, n) for m, n in SHAPES]
+    kw = {}
+    if bits == 8:
+        st = [ops.moments8_zeros(s, block_size=2) for s in low]
+        ea, es = [d["exp_avg"] for d in st], [d["exp_avg_sq"] for d in st]
+        kw = dict(m_absmax=[d["m_absmax"] for d in st], v_absmax=[d["v_absmax"] for d in st], block_size=2)
+    elif bits == 16:
+        ea = [torch.zeros(s, dtype=torch.bfloat16) for s in low]
+        es = [torch.zeros(s, dtype=torch.bfloat16) for s in low]
+        kw = dict(moment_seed=[5, 6, 7])
+    else:
+        ea = [0.1 * torch.randn(s, generator=gen) for s in low]
+        es = [0.01 * torch.rand(s, generator=gen) for s in low]
+    prev = [torch.tensor(0.5) for _ in SHAPES] if limiter else None
+    seeds = [torch.tensor(s, dtype=torch.int64) for s in (3, 2**62 + 7, 11)]
+    return ps, gs, seeds, ea, es, dict(side=side, rank=r, channel=channel, beta1=0.9, beta2=0.99, eps=1e-6,
+                                       front=[1.0, 2.0, 1.0], alpha=[-1e-2, -2e-2, -3e-3], decay=[0.99, 1.0, 0.9],
+                                       prev_norm=prev, **kw)
+
+
+def _frugal_args(side, signsgd, bits, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ranks = [3, 2, 9]  # the last is full rank: no residual
+    ps = [0.1 * torch.randn(s, generator=gen) for s in SHAPES]
+    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    projs = []
+    for (m, n), r in zip(SHAPES, ranks):
+        k = n if side == "right" else m
+        q = torch.linalg.qr(torch.randn(k, min(r, k), generator=gen)).Q
+        projs.append(q.T.contiguous() if side == "right" else q.contiguous())
+    low = [(m, p.shape[0]) if side == "right" else (p.shape[1], n) for (m, n), p in zip(SHAPES, projs)]
+    kw = {}
+    if bits == 8:
+        st = [ops.moments8_zeros(s, block_size=2) for s in low]
+        ea, es = [d["exp_avg"] for d in st], [d["exp_avg_sq"] for d in st]
+        kw = dict(m_absmax=[d["m_absmax"] for d in st], v_absmax=[d["v_absmax"] for d in st], block_size=2)
+    elif bits == 16:
+        ea = [torch.zeros(s, dtype=torch.bfloat16) for s in low]
+        es = [torch.zeros(s, dtype=torch.bfloat16) for s in low]
+        kw = dict(moment_seed=[5, 6, 7])
+    else:
+        ea = [0.1 * torch.randn(s, generator=gen) for s in low]
+        es = [0.01 * torch.rand(s, generator=gen) for s in low]
+    return ps, gs, projs, ea, es, dict(side=side, signsgd=signsgd, beta1=0.9, beta2=0.99, eps=1e-8,
+                                       alpha=[-1e-2, -2e-2, -3e-3], decay=[0.99, 1.0, 0.9],
+                                       free_alpha=[-1e-3, -2e-3, 0.0], **kw)
+
+
+def _run(fn, make, backend):
+    args = make()
+    *tensors, kw = args
+    with use_backend(backend):
+        fn(*tensors, **kw)
+    return args
+
+
+def _close(a, b, what):
+    for x, y in zip(a, b):
+        if isinstance(x, list):
+            _close(x, y, what)
+        elif isinstance(x, torch.Tensor) and x.is_floating_point():
+            torch.testing.assert_close(x.float(), y.float(), rtol=2e-5, atol=2e-6 if x.dtype == torch.float32 else 2e-2,
+                                       msg=lambda m: f"{what}: {m}")
+        elif isinstance(x, torch.Tensor):  # 8-bit codes: one code step at most
+            assert (x.int() - y.int()).abs().max() <= 1, what
+
+
+APOLLO_CASES = [("right", True, True, 32), ("left", True, False, 32), ("right", False, True, 32),
+                ("left", False, True, 16), ("right", True, True, 8)]
+FRUGAL_CASES = [("right", True, 32), ("left", True, 32), ("right", False, 32), ("left", True, 16), ("right", True, 8)]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("case", APOLLO_CASES, ids=[f"{s}-{'ch' if c else 't'}-{'lim' if l else 'free'}-{b}" for s, c, l, b in APOLLO_CASES])
+def test_apollo_backends_match_reference(case, backend):
+    require_backend("apollo_foreach_update", backend)
+    want = _run(ops.foreach_apollo_update_, lambda: _apollo_args(*case), "reference")
+    got = _run(ops.foreach_apollo_update_, lambda: _apollo_args(*case), backend)
+    _close(list(got[:-1]) + [got[-1]["prev_norm"] or []], list(want[:-1]) + [want[-1]["prev_norm"] or []],
+           f"apollo {case} {backend}")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("case", FRUGAL_CASES, ids=[f"{s}-{'sign' if g else 'sgd'}-{b}" for s, g, b in FRUGAL_CASES])
+def test_frugal_backends_match_reference(case, backend):
+    require_backend("frugal_foreach_update", backend)
+    want = _run(ops.foreach_frugal_update_, lambda: _frugal_args(*case), "reference")
+    got = _run(ops.foreach_frugal_update_, lambda: _frugal_args(*case), backend)
+    _close(got[:-1], want[:-1], f"frugal {case} {backend}")
+
+
+def test_apollo_bad_entry_names_it_and_writes_nothing():
+    ps, gs, seeds, ea, es, kw = _apollo_args("right", True, True, 32)
+    before = [p.clone() for p in ps] + [m.clone() for m in ea]
+    gs[2] = gs[2][:, :5]
+    with pytest.raises(ValueError, match=r"foreach_apollo_update_ \(entry 2\).*grads"):
+        ops.foreach_apollo_update_(ps, gs, seeds, ea, es, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps + ea))
+    ps, gs, seeds, ea, es, kw = _apollo_args("right", True, True, 32)
+    seeds[1] = torch.tensor(1.0)
+    with pytest.raises(TypeError, match=r"\(entry 1\): seeds must be one-value int64 CPU tensors"):
+        ops.foreach_apollo_update_(ps, gs, seeds, ea, es, **kw)
+    with pytest.raises(ValueError, match="prev_norm must have one entry per weight"):
+        ops.foreach_apollo_update_(ps, gs, seeds, ea, es, **{**kw, "prev_norm": kw["prev_norm"][:1]})
+
+
+def test_frugal_bad_entry_names_it_and_writes_nothing():
+    ps, gs, projs, ea, es, kw = _frugal_args("right", True, 32)
+    before = [p.clone() for p in ps]
+    projs[0] = projs[0][:, :4].contiguous()
+    with pytest.raises(ValueError, match=r"foreach_frugal_update_ \(entry 0\): projs must be r x n"):
+        ops.foreach_frugal_update_(ps, gs, projs, ea, es, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    ps, gs, projs, ea, es, kw = _frugal_args("right", True, 32)
+    with pytest.raises(TypeError, match=r"\(entry 1\): params must have a floating dtype \(float32\)"):
+        ops.foreach_frugal_update_([ps[0], ps[1].double(), ps[2]], gs, projs, ea, es, **kw)
