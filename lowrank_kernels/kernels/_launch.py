@@ -454,6 +454,26 @@ def device_table(values, dtype, device):
     return hit
 
 
+def aligned_row(row, bases, x16):
+    """A grouped launch's table row (list of ints) as an aligned sub-list's kernels read it
+    (kernels/_tl.py ``_grouped_ptr`` / ``_grouped_x16``): address field ``f`` of ``bases``
+    (``{field: the address of the launch's tensor argument of that role}``) becomes its byte
+    distance from that address divided by 16, each field of ``x16`` its value divided by 16.
+    Only for entries whose alignment the host checked: a remainder raises."""
+    row = list(row)
+    for f, base in bases.items():
+        q, rem = divmod(row[f] - base, 16)
+        if rem:
+            raise ValueError(f"aligned_row: field {f} address {row[f]:#x} is not 16 bytes from {base:#x}")
+        row[f] = q
+    for f in x16:
+        q, rem = divmod(row[f], 16)
+        if rem:
+            raise ValueError(f"aligned_row: field {f} value {row[f]} is not a multiple of 16")
+        row[f] = q
+    return row
+
+
 def address(t: torch.Tensor) -> int:
     """``t``'s address, for the grouped launchers' alignment checks (a ``meta`` tensor's: its
     storage offset in bytes, so the compile check and the host tests see the alignment a real
