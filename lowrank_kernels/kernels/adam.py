@@ -167,7 +167,7 @@ _A_START = tl.constexpr(12)  # the entry's first chunk (program)
 _NA = tl.constexpr(16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_entries"])  # a list's length: no recompile when it changes
 def _adam_update_grouped_kernel(
     tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, n_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
@@ -197,7 +197,7 @@ def _adam_update_grouped_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_entries"])  # a list's length: no recompile when it changes
 def _adam_update_q8_grouped_kernel(
     tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
@@ -355,7 +355,7 @@ def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_a
                 bases.update({4: fmt0.m_absmax, 5: fmt0.v_absmax})
             rows = [L.aligned_row(row, {f: ptr(t) for f, t in bases.items()}, [7, 9] if q8 else [6]) for row in rows]
         tab = L.device_table([x for row in rows for x in row], torch.int64, dev)
-        count, steps = len(rows), (len(rows) - 1).bit_length()
+        count, steps = len(rows), L.search_steps(len(rows))
         betas = (float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps))
         if q8:
             L.launch(

@@ -149,7 +149,7 @@ def _grouped_dim(row, F: tl.constexpr, ALIGNED: tl.constexpr):
     return _grouped_int(row, F, False, ALIGNED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_problems"])  # a list's length: no recompile when it changes
 def _projection_project_adam_grouped_kernel(
     tab_ptr, n_problems,
     g_ptr, p_ptr, m_ptr, v_ptr, n_ptr, aux0_ptr, aux1_ptr, ma_ptr, va_ptr,
@@ -238,7 +238,7 @@ def _projection_project_adam_grouped_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_problems"])  # a list's length: no recompile when it changes
 def _projection_backproject_apply_grouped_kernel(
     tab_ptr, n_problems,
     w_ptr, u_ptr, p_ptr, aux0_ptr, aux1_ptr,
@@ -458,7 +458,7 @@ def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, bet
         rows = [L.aligned_row(row, {f: ptr(t) for f, t in bases.items()}, x16) for row in rows]
     tab = L.device_table([x for row in rows for x in row], torch.int64, dev)
     out = torch.empty(off, dtype=out_dtype, device=dev)
-    count, steps = len(rows), (len(rows) - 1).bit_length()  # binary search steps (a constexpr)
+    count, steps = len(rows), L.search_steps(len(rows))  # binary search steps (a constexpr)
     flag = skip if skip is not None else out
     if total_p:
         dot_dtype, precision = _dot_config(grads[i0].dtype, *a0[4])
