@@ -7,7 +7,8 @@ shapes, one launch each; the launcher
 ``lowrank_kernels::projection_foreach_project_update_backproject``) splits a list that
 mixes dtypes or moment formats into uniform sub-lists, and those by alignment
 (:func:`grouped_alignment`: entries the host checked aligned launch apart, with constexpr
-``ALIGNED`` and ``tl.multiple_of`` hints on their table fields). One tile config per grouped launch
+``ALIGNED`` and their table fields in the divided-by-16 form of kernels/_tl.py, which carries the
+alignment to the compiler). One tile config per grouped launch
 (the table's tile of the largest problem; ``*_grouped`` tables in kernels/_launch.py).
 
 A grouped launch runs one kernel over a list of problems (parameters): one program per

@@ -482,7 +482,7 @@ def test_grouped_tile_and_even_k():
 
 # --------------------------------------------------------------------------- aligned / unaligned sub-lists
 # Entries whose addresses are 16-byte aligned and whose dimensions and non-unit strides are
-# multiples of 16 go to a sub-list launched with ALIGNED (the kernels get tl.multiple_of hints,
+# multiples of 16 go to a sub-list launched with ALIGNED (their table in the divided-by-16 form,
 # so the compiled code vectorizes as the single kernels'); the others to their own sub-list.
 ALIGNED_SHAPES = [(32, 48, 16), (64, 32, 16), (33, 17, 3), (32, 48, 16), (48, 32, 16)]
 
