@@ -13,6 +13,8 @@ EXT_STAMP := $(VENV)/.ext-stamp
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 NSRC := $(words $(filter %.cpp,$(CSRC)))
 BUILD_LOG := build/ext-build.log
+TRITON36 := $(VENV)/triton36
+TRITON36_STAMP := $(TRITON36)/.stamp
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -44,18 +46,17 @@ $(EXT_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
 
 build: $(EXT_STAMP)
 
-test: build
+# The whole suite, then the kernel tests again under Triton 3.6 (test-triton36 below).
+test: build $(TRITON36_STAMP)
 	LOWRANK_KERNELS_EXPECT_EXT=1 TRITON_INTERPRET=1 $(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+	$(TRITON36_RUN)
 
-# The Triton kernels under Triton 3.6, the version the GPU machines carry (requirements-triton36.txt).
-# Not part of `make test` yet: under 3.6 the compile check still finds register spills in rows
-# that 3.9 compiles cleanly (see docs/architecture.md, "GPU code checks").
+# The Triton kernels under Triton 3.6, the version the GPU machines carry (requirements-triton36.txt):
 # a side folder with that triton and its numpy (< 2.3) ahead of the main venv's on PYTHONPATH, the
 # same torch; its own Triton cache. Runs the compile check's ci subset (sm_80/sm_90: compiles, no
-# spill) and the interpreter tests of every kernel family (projection single and grouped, the
-# moment formats, adam, DCT scoring single and list, quant).
-TRITON36 := $(VENV)/triton36
-TRITON36_STAMP := $(TRITON36)/.stamp
+# spill, the grouped kernels' fast-path rule) and the interpreter tests of every kernel family
+# (projection single and grouped, the moment formats, adam, DCT scoring single and list, quant).
+# Part of `make test` (docs/architecture.md, "GPU code checks": what it costs).
 TRITON36_TESTS := python_tests/kernels python_tests/ops/test_projection_triton.py \
 	python_tests/ops/test_projection_grouped.py python_tests/ops/test_moments_ops.py python_tests/ops/test_adam.py \
 	python_tests/ops/test_dct_foreach.py python_tests/ops/test_quant.py
@@ -65,11 +66,15 @@ $(TRITON36_STAMP): requirements-triton36.txt | $(DEPS_STAMP)
 	$(PY) -m pip install --no-deps --target $(TRITON36) -r requirements-triton36.txt
 	touch $@
 
+define TRITON36_RUN
+PYTHONPATH=$(abspath $(TRITON36)) $(PY) -c "import numpy, triton; print('triton', triton.__version__, \
+	'numpy', numpy.__version__); assert triton.__version__ == '3.6.0', triton.__file__"
+PYTHONPATH=$(abspath $(TRITON36)) TRITON_CACHE_DIR=$(abspath $(TRITON36))/cache LOWRANK_KERNELS_EXPECT_EXT=1 \
+	TRITON_INTERPRET=1 $(PY) -m pytest $(TRITON36_TESTS) -q -p no:cacheprovider
+endef
+
 test-triton36: build $(TRITON36_STAMP)
-	PYTHONPATH=$(abspath $(TRITON36)) $(PY) -c "import numpy, triton; print('triton', triton.__version__, \
-		'numpy', numpy.__version__); assert triton.__version__ == '3.6.0', triton.__file__"
-	PYTHONPATH=$(abspath $(TRITON36)) TRITON_CACHE_DIR=$(abspath $(TRITON36))/cache LOWRANK_KERNELS_EXPECT_EXT=1 \
-		TRITON_INTERPRET=1 $(PY) -m pytest $(TRITON36_TESTS) -q -p no:cacheprovider
+	$(TRITON36_RUN)
 
 # Writes only to bench/out/ (ignored by git): the checkout stays clean.
 bench: build

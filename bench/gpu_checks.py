@@ -257,23 +257,11 @@ class _Replayer:
 
 
 def _captured_table_count() -> Optional[int]:
-    """How many device tables the grouped launches keep for CUDA graphs (None if not found)."""
-    import importlib
-    import pkgutil
+    """How many device tables the grouped launches keep for live CUDA graphs (None if unknown)."""
+    from lowrank_kernels.kernels import _launch
 
-    import lowrank_kernels.kernels as pkg
-
-    total, found = 0, False
-    for info in pkgutil.iter_modules(pkg.__path__):
-        try:
-            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        except Exception:  # noqa: BLE001
-            continue
-        tabs = getattr(mod, "_CAPTURED_TABLES", None)
-        if isinstance(tabs, list):
-            total += len(tabs)
-            found = True
-    return total if found else None
+    count = getattr(_launch, "captured_table_count", None)
+    return count() if count is not None else None
 
 
 def check_graph_refresh(device: torch.device, tiny: bool) -> bool:

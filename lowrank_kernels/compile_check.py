@@ -29,7 +29,7 @@ What the PTX says about speed (:func:`ptx_stats`, static instruction counts):
 global-to-shared copies: the pipelined K loop), ``mma`` (``mma.sync`` / ``wgmma``), and
 ``stages`` (``num_stages``). The rule (:func:`check_counterparts`): a grouped kernel launched
 for an aligned sub-list (constexpr ``ALIGNED``: the host checked every entry's addresses,
-sizes and strides, so the kernel takes ``tl.multiple_of`` hints) keeps at least the vector
+sizes and strides, so its table carries their alignment, kernels/_tl.py) keeps at least the vector
 loads of its single-kernel counterpart (the variant's ``thunk.counterpart``: the single
 launchers on the list's first problem, compiled with the grouped launch's tile) and
 ``cp.async`` where that has any; else ``slow_path``, unless :data:`KNOWN_SLOWER` gives a
@@ -544,12 +544,6 @@ GROUPED_COUNTERPART = {
 # reason written to the CSV: ``(kernel, variant substring, reason)``. Empty: every aligned grouped
 # launch keeps its single kernel's vector loads and pipelining.
 KNOWN_SLOWER: List[tuple] = []
-# Triton versions (major.minor) measured to drop the ``tl.multiple_of`` hints on addresses and
-# strides loaded from the problem table: their aligned grouped rows compile like the unaligned
-# ones (no vector loads, no cp.async). The rule cannot be met there; the rows say so instead.
-TABLE_HINTS_DROPPED = {"3.6": "Triton 3.6 drops the alignment hints on table-loaded addresses (measured: "
-                              "0 vector loads, no cp.async); the aligned grouped launch runs unpipelined "
-                              "under this Triton"}
 UNALIGNED_REASON = "unaligned sub-list: entries the host found unaligned get no alignment hints (by design)"
 
 
@@ -744,21 +738,14 @@ def ptx_stats(ptx: str) -> dict:
             "mma": len(_MMA_RE.findall(ptx))}
 
 
-def _triton_minor() -> str:
-    """The installed Triton's ``major.minor``."""
-    import triton
-
-    return ".".join(triton.__version__.split(".")[:2])
-
-
 def check_counterparts(rows: List[dict], jobs: List[Job]) -> None:
     """The fast-path rule, in place on ``rows`` (one per job, same order).
 
     A grouped kernel's row compiled for an aligned sub-list must keep what its single-kernel
     counterpart (same dtypes, projector, moments, tile) has: at least as many vector loads,
     and ``cp.async`` when the counterpart has any. Otherwise its status becomes ``slow_path``
-    unless :data:`KNOWN_SLOWER` (or :data:`TABLE_HINTS_DROPPED`, for the installed Triton) gives
-    a reason (written to ``reason``, status unchanged). ``counterpart`` names the row compared with; an unaligned sub-list's row says so in
+    unless :data:`KNOWN_SLOWER` gives a reason (written to ``reason``, status unchanged).
+    ``counterpart`` names the row compared with; an unaligned sub-list's row says so in
     ``reason`` and is not compared."""
     for row, job in zip(rows, jobs):
         if job.reason and not row.get("reason"):
@@ -777,8 +764,6 @@ def check_counterparts(rows: List[dict], jobs: List[Job]) -> None:
         if not lost:
             continue
         known = [r for k, v, r in KNOWN_SLOWER if k == row["kernel"] and v in row["variant"]]
-        if not known and _triton_minor() in TABLE_HINTS_DROPPED:
-            known = [TABLE_HINTS_DROPPED[_triton_minor()]]
         if known:
             row["reason"] = known[0]
         else:

@@ -55,6 +55,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
+import weakref
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -284,6 +286,30 @@ _PROJECT_Q8_80 = dict(_PROJECT_Q8)
 _PROJECT_Q8_80[("dense", False)] = (Tile(16, 256, 32, 8, 3), Tile(16, 256, 32, 4, 3), Tile(16, 256, 32, 8, 3))
 TABLES[("backproject", 80)] = _BACKPROJECT_80
 TABLES[("project_q8", 80)] = _PROJECT_Q8_80
+# Per Triton version: Triton 3.6 (the GPU machines' image) allocates registers differently from
+# 3.9, and three grouped entries that are clean under 3.9 spill under 3.6 (compile check --subset
+# ci, sm_80 / sm_90), so under Triton < 3.7 they take tiles measured clean under 3.6:
+# - 8-bit project + Adam, 16-bit operands, dense projector, sm_80: 16 x 256 x 16 spills 12 bytes
+#   (single counterpart) / 16 (grouped) under 3.6, 16 x 256 x 32 (8 warps, 3 stages) none
+#   (under 3.9 that one spills 16 bytes in the grouped kernel, hence the 16-wide K step above;
+#   4 warps spill the unaligned sub-list under 3.6: 1276 bytes; 2 or 1 stages do not help);
+# - project + Adam, float32 operands, dense projector, sm_80: the single counterpart of a
+#   transposed gradient with device skip flags spills 28 bytes at 64 x 64 x 32 under 3.6
+#   (2 stages: the unaligned grouped launch spills 12), 32 x 64 x 32 (3 stages) none;
+# - stochastic-rounding moments, float32 operands, INT4 projector: 32 x 64 x 32 (1 stage) spills
+#   16 bytes on sm_90 in the grouped kernel under 3.6, 16 x 64 x 32 none.
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+if TRITON_VERSION < (3, 7):
+    _PROJECT_Q8_GROUPED_80 = dict(_PROJECT_Q8_GROUPED)
+    _PROJECT_Q8_GROUPED_80[("dense", False)] = _same(Tile(16, 256, 32, 8, 3))
+    TABLES[("project_q8_grouped", 80)] = _PROJECT_Q8_GROUPED_80
+    _PROJECT_GROUPED_80 = dict(_PROJECT_GROUPED)
+    _PROJECT_GROUPED_80[("dense", True)] = _same(Tile(32, 64, 32, 8, 3))
+    TABLES[("project_grouped", 80)] = _PROJECT_GROUPED_80
+    _PROJECT_SR_GROUPED_36 = dict(_PROJECT_SR_GROUPED)
+    _PROJECT_SR_GROUPED_36[("int4", True)] = _same(Tile(16, 64, 32, 8, 1))
+    for _arch in TABLE_ARCHS:
+        TABLES[("project_sr_grouped", _arch)] = _PROJECT_SR_GROUPED_36
 FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P,
              "project_grouped": _P, "backproject_grouped": _P, "project_q8_grouped": _P, "project_sr_grouped": _P}
 MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
@@ -419,39 +445,156 @@ def device_guard(device: torch.device):
 
 # --------------------------------------------------------------------------- device tables (grouped launches)
 # Device tables of the grouped launches, by content (device, dtype, values): a step whose
-# tensors did not move reuses its table (no host-to-device copy). A table used while a CUDA
-# graph is captured is kept for good (with its pinned host source when the capture copied
-# it): the graph reads that memory again on every replay, so it must never be freed.
-_DEVICE_TABLES: "dict" = {}
+# tensors did not move reuses its table (no host-to-device copy). The rules under CUDA graphs
+# (docs/design.md, "capturable=True"):
+# - a table made while a graph is captured belongs to that capture: its copy runs only when the
+#   graph replays, so it never enters the eager cache and no other capture sees it; within the
+#   capture it is reused by content;
+# - a capture makes its own tables (it never reads an eager one, whose copy may still be in
+#   flight on another stream and whose memory the eager cache may drop);
+# - the capture's tables (the device tensor and its pinned host source, which the graph's copy
+#   reads on every replay) are kept on the graph object (:func:`_capturing_graph`), so they are
+#   released with the graph;
+# - an eager table hit from another stream than the one its copy ran on waits for the copy (an
+#   event recorded after it) and is recorded for the caching allocator on that stream.
+_DEVICE_TABLES: "dict" = {}  # key -> _Table
 _DEVICE_TABLES_MAX = 64
-_CAPTURED_TABLES: list = []
+_CAPTURE_ATTR = "_lowrank_kernels_tables"
+
+
+class _Table(NamedTuple):
+    dev: torch.Tensor  # the table on the device
+    host: Optional[torch.Tensor]  # its pinned host source (CUDA), kept while a graph may replay the copy
+    stream: object  # the stream the copy was issued on (None off CUDA)
+    event: object  # recorded after the copy on that stream (None off CUDA)
+
+
+class _GraphTables:
+    """The tables one CUDA-graph capture made (``tables``: content key -> :class:`_Table`), kept
+    as an attribute of the graph object; :data:`_LIVE_CAPTURES` sees it only while the graph lives."""
+
+    __slots__ = ("tables", "__weakref__")
+
+    def __init__(self):
+        self.tables = {}
+
+
+_LIVE_CAPTURES: "weakref.WeakSet" = weakref.WeakSet()
+_NO_GRAPH_TABLES = _GraphTables()  # a capture whose graph object torch does not expose (kept for good)
+
+
+def _capturing_graph(device: torch.device):
+    """The object the current capture's tables are kept on: ``None`` when no CUDA graph is being
+    captured on ``device``'s current stream; else the graph torch reports as capturing
+    (``torch.cuda.CUDAGraph.get_currently_capturing_graph``), or, with a torch that does not
+    say, :data:`_NO_GRAPH_TABLES` (tables kept for the process, with a warning)."""
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return None
+    get = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
+    try:
+        graph = get() if get is not None else None
+    except Exception:  # noqa: BLE001 - an older torch without the capture registry
+        graph = None
+    return graph if graph is not None else _NO_GRAPH_TABLES
+
+
+def _capture_tables(graph) -> _GraphTables:
+    """The table cache of the capture of ``graph`` (made on first use)."""
+    if graph is not _NO_GRAPH_TABLES:
+        tabs = getattr(graph, _CAPTURE_ATTR, None)
+        if tabs is None:
+            tabs = _GraphTables()
+            try:
+                setattr(graph, _CAPTURE_ATTR, tabs)
+            except (AttributeError, TypeError):
+                tabs = None
+        if tabs is not None:
+            _LIVE_CAPTURES.add(tabs)
+            return tabs
+    if not _NO_GRAPH_TABLES.tables:
+        warnings.warn("lowrank_kernels: this torch does not expose the CUDA graph being captured; the grouped "
+                      "launches' problem tables made during capture are kept until the process ends",
+                      RuntimeWarning, stacklevel=3)
+    _LIVE_CAPTURES.add(_NO_GRAPH_TABLES)
+    return _NO_GRAPH_TABLES
+
+
+def captured_table_count() -> int:
+    """How many problem tables are kept for CUDA graphs that are still alive."""
+    return sum(len(t.tables) for t in list(_LIVE_CAPTURES))
+
+
+def _current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _make_table(values, dtype, device) -> _Table:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return _Table(host.to(device), None, None, None)
+    host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    stream = torch.cuda.current_stream(device)
+    event = torch.cuda.Event()
+    event.record(stream)
+    return _Table(dev, host, stream, event)
 
 
 def device_table(values, dtype, device):
     """``values`` (a list of Python numbers) as a 1-D ``dtype`` tensor on ``device``: one
     host-to-device copy (from pinned memory, asynchronous, on CUDA), or none when the same
-    table was made recently (content-keyed, at most ``_DEVICE_TABLES_MAX`` kept)."""
+    table was made recently (content-keyed, at most ``_DEVICE_TABLES_MAX`` kept). Under CUDA
+    graph capture the rules above apply."""
     if device.type == "meta":  # the compile check: only the argument's type matters
         return torch.zeros(len(values), dtype=dtype, device=device)
     key = (str(device), dtype, tuple(values))
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    graph = _capturing_graph(device)
+    if graph is not None:
+        tabs = _capture_tables(graph).tables
+        hit = tabs.get(key)
+        if hit is None or hit.stream != _current_stream(device):  # (another capturing stream: its own copy)
+            hit = tabs[key] = _make_table(values, dtype, device)
+        return hit.dev
     hit = _DEVICE_TABLES.pop(key, None)
-    host = None
     if hit is None:
-        host = torch.tensor(values, dtype=dtype)
-        if device.type == "cuda":
-            host = host.pin_memory()
-            hit = host.to(device, non_blocking=True)
-        else:
-            hit = host.to(device)
+        hit = _make_table(values, dtype, device)
         if len(_DEVICE_TABLES) >= _DEVICE_TABLES_MAX:
             _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))  # the least recently used
-    elif device.type == "cuda":
-        hit.record_stream(torch.cuda.current_stream(device))  # may be read on another stream than it was made on
-    if capturing and not any(t is hit for _, t in _CAPTURED_TABLES):
-        _CAPTURED_TABLES.append((host, hit))
+    else:
+        stream = _current_stream(device)
+        if stream is not None and stream != hit.stream:  # read on another stream than its copy ran on
+            stream.wait_event(hit.event)
+            hit.dev.record_stream(stream)
     _DEVICE_TABLES[key] = hit  # (re)inserted last: most recently used
-    return hit
+    return hit.dev
+
+
+def search_steps(count: int) -> int:
+    """``STEPS`` of a grouped launch over ``count`` problems (kernels/_tl.py ``_grouped_problem``):
+    ``ceil(log2(count))`` rounded up to a multiple of 4 (extra steps change nothing), so a list
+    that shrinks or grows (a bucket on a refresh step) keeps its compiled kernel unless it
+    crosses 16, 256, ... problems."""
+    return max(4, -(-max(count - 1, 0).bit_length() // 4) * 4)
+
+
+def aligned_row(row, bases, x16):
+    """A grouped launch's table row (list of ints) as an aligned sub-list's kernels read it
+    (kernels/_tl.py ``_grouped_ptr`` / ``_grouped_x16``): address field ``f`` of ``bases``
+    (``{field: the address of the launch's tensor argument of that role}``) becomes its byte
+    distance from that address divided by 16, each field of ``x16`` its value divided by 16.
+    Only for entries whose alignment the host checked: a remainder raises."""
+    row = list(row)
+    for f, base in bases.items():
+        q, rem = divmod(row[f] - base, 16)
+        if rem:
+            raise ValueError(f"aligned_row: field {f} address {row[f]:#x} is not 16 bytes from {base:#x}")
+        row[f] = q
+    for f in x16:
+        q, rem = divmod(row[f], 16)
+        if rem:
+            raise ValueError(f"aligned_row: field {f} value {row[f]} is not a multiple of 16")
+        row[f] = q
+    return row
 
 
 def address(t: torch.Tensor) -> int:

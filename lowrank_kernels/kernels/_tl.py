@@ -5,8 +5,17 @@
 - :func:`_group_ids_at`: the GROUP_M tile swizzle (L2 reuse of the big operand);
 - :func:`_grouped_problem`: the tile scheduler of the grouped (multi-tensor) kernels, a
   binary search over a host-built table of each problem's first tile;
-- :func:`_grouped_ptr`: a typed pointer read from such a table, with the 16-byte alignment
-  hint of an aligned sub-list.
+- :func:`_grouped_ptr`, :func:`_grouped_x16`: a typed pointer / an integer read from such a
+  table, carrying the 16-byte (16-element) divisibility of an aligned sub-list.
+
+How an aligned sub-list's table conveys alignment (host side: ``_launch.aligned_row``). The
+fields are stored divided by 16 (addresses: the byte distance from the launch's tensor
+argument of the same role, divided by 16) and multiplied back by a constant in the kernel, so
+Triton's own divisibility analysis (AxisInfo: a product of a constant and anything is divisible
+by that constant; a 16-byte aligned pointer argument plus a multiple of 16 bytes is 16-byte
+aligned) sees what the host checked. A ``tl.multiple_of`` hint on a value loaded from memory
+says the same, but Triton 3.6 drops it there (the aligned rows then compiled without vector
+loads or cp.async); the constant product holds under every Triton.
 """
 from __future__ import annotations
 
@@ -65,11 +74,26 @@ def _grouped_problem(tab_ptr, pid, n_problems, NF: tl.constexpr, TS: tl.constexp
 
 @triton.jit
 def _grouped_ptr(row, F: tl.constexpr, like, ALIGNED: tl.constexpr):
-    """Address field ``F`` as a pointer to ``like``'s element type; ``ALIGNED``: the host
-    checked it is 16-byte aligned in every problem (what Triton's specialization tells the
-    single kernels about a tensor argument), so loads through it can be vectorized. Used by
-    the grouped projection kernels and the grouped elementwise Adam kernels."""
-    p = tl.load(row + F).to(tl.pointer_type(like.dtype.element_ty))
+    """Address field ``F`` as a pointer to ``like``'s element type. Unaligned: the field is the
+    address. ``ALIGNED`` (the host checked every problem's address is 16-byte aligned, what
+    Triton's specialization tells the single kernels about a tensor argument): the field is the
+    byte distance from ``like`` (the launch's tensor argument of that role, itself aligned)
+    divided by 16, so the pointer ``like + field * (16 bytes in elements)`` is known 16-byte
+    aligned and loads through it can be vectorized (module doc). Used by the grouped
+    projection kernels and the grouped elementwise Adam kernels."""
     if ALIGNED:
-        p = tl.multiple_of(p, 16)
+        p = like + tl.load(row + F) * (128 // like.dtype.element_ty.primitive_bitwidth)
+    else:
+        p = tl.load(row + F).to(tl.pointer_type(like.dtype.element_ty))
     return p
+
+
+@triton.jit
+def _grouped_x16(row, F: tl.constexpr, ALIGNED: tl.constexpr):
+    """Integer field ``F`` (int64). ``ALIGNED``: the host stored the value divided by 16 (it
+    checked every problem's value is a multiple of 16), multiplied back here so that the
+    divisibility reaches the masks and offsets (module doc)."""
+    x = tl.load(row + F)
+    if ALIGNED:
+        x = x * 16
+    return x

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels import _launch as L
-from lowrank_kernels.kernels._tl import _cast_out, _grouped_problem, _grouped_ptr
+from lowrank_kernels.kernels._tl import _cast_out, _grouped_problem, _grouped_ptr, _grouped_x16
 from lowrank_kernels.kernels.moments import (
     MOMENTS_Q8,
     _foreach_moment_formats,
@@ -167,7 +167,7 @@ _A_START = tl.constexpr(12)  # the entry's first chunk (program)
 _NA = tl.constexpr(16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_entries"])  # a list's length: no recompile when it changes
 def _adam_update_grouped_kernel(
     tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, n_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
@@ -177,8 +177,9 @@ def _adam_update_grouped_kernel(
     """:func:`_adam_update_kernel` over a list of tensors in one launch: program ``pid`` is
     chunk ``pid - first[e]`` of entry ``e`` (table ``tab_ptr``, ``n_entries`` rows; ``r_ptr``
     .. ``n_ptr``: tensors of the launch's dtypes, typing the table's addresses). ``ALIGNED``:
-    the host checked every entry's addresses (16 bytes) and ``numel`` (16) (:func:`adam_alignment`):
-    hinted, so the loads and stores are vectorized as the single kernel's."""
+    the host checked every entry's addresses (16 bytes) and ``numel`` (16) (:func:`adam_alignment`)
+    and wrote the table in the divided-by-16 form of kernels/_tl.py, so the loads and stores are
+    vectorized as the single kernel's."""
     pid = tl.program_id(0)
     row = _grouped_problem(tab_ptr, pid, n_entries, _NA, _A_START, STEPS)
     chunk = pid - tl.load(row + _A_START).to(tl.int32)
@@ -188,9 +189,7 @@ def _adam_update_grouped_kernel(
     if SR:
         k1 = tl.load(row + _A_K1)
         k2 = tl.load(row + _A_K2)
-    numel = tl.load(row + _A_NUMEL)
-    if ALIGNED:
-        numel = tl.multiple_of(numel, 16)
+    numel = _grouped_x16(row, _A_NUMEL, ALIGNED)
     _adam_block(
         _grouped_ptr(row, _A_R, r_ptr, ALIGNED), _grouped_ptr(row, _A_M, m_ptr, ALIGNED),
         _grouped_ptr(row, _A_V, v_ptr, ALIGNED), _grouped_ptr(row, _A_N, n_ptr, ALIGNED),
@@ -198,7 +197,7 @@ def _adam_update_grouped_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_entries"])  # a list's length: no recompile when it changes
 def _adam_update_q8_grouped_kernel(
     tab_ptr, n_entries, r_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, qmap_ptr, n_ptr,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
@@ -207,17 +206,14 @@ def _adam_update_q8_grouped_kernel(
     """:func:`_adam_update_q8_kernel` over a list of tensors in one launch (``BLOCK_C`` lanes
     cover the widest quantization block of the list; narrower blocks mask the rest).
     ``ALIGNED``: addresses 16-byte aligned, columns and quantization step multiples of 16 in
-    every entry (:func:`adam_alignment`), hinted."""
+    every entry (:func:`adam_alignment`), the table in the divided-by-16 form of kernels/_tl.py."""
     pid = tl.program_id(0)
     row = _grouped_problem(tab_ptr, pid, n_entries, _NA, _A_START, STEPS)
     chunk = pid - tl.load(row + _A_START).to(tl.int32)
     nblk = tl.load(row + _A_NBLK).to(tl.int32)
     rblk = chunk // nblk
-    cols = tl.load(row + _A_COLS)
-    qstep = tl.load(row + _A_QSTEP).to(tl.int32)
-    if ALIGNED:
-        cols = tl.multiple_of(cols, 16)
-        qstep = tl.multiple_of(qstep, 16)
+    cols = _grouped_x16(row, _A_COLS, ALIGNED)
+    qstep = _grouped_x16(row, _A_QSTEP, ALIGNED).to(tl.int32)
     _adam_q8_block(
         _grouped_ptr(row, _A_R, r_ptr, ALIGNED), _grouped_ptr(row, _A_M, m_ptr, ALIGNED),
         _grouped_ptr(row, _A_V, v_ptr, ALIGNED), _grouped_ptr(row, _A_MA, ma_ptr, ALIGNED),
@@ -353,8 +349,13 @@ def adam_foreach_update_triton(r, exp_avg, exp_avg_sq, n, beta1, beta2, eps, m_a
                 row[10], row[11] = fmts[i].k1, fmts[i].k2
                 chunks += triton.cdiv(row[6], _BLOCK)
             rows.append(row)
+        if aligned:  # fields divided by 16, addresses relative to the launch's tensor arguments (kernels/_tl.py)
+            bases = {0: rc[i0], 1: mc[i0], 2: vc[i0], 3: n[i0]}
+            if q8:
+                bases.update({4: fmt0.m_absmax, 5: fmt0.v_absmax})
+            rows = [L.aligned_row(row, {f: ptr(t) for f, t in bases.items()}, [7, 9] if q8 else [6]) for row in rows]
         tab = L.device_table([x for row in rows for x in row], torch.int64, dev)
-        count, steps = len(rows), (len(rows) - 1).bit_length()
+        count, steps = len(rows), L.search_steps(len(rows))
         betas = (float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps))
         if q8:
             L.launch(

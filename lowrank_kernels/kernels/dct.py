@@ -39,7 +39,7 @@ def _interpreting() -> bool:
 @triton.jit
 def _dct_gemm_kernel(
     a_ptr, b_ptr, idx_ptr, out_ptr,
-    table_ptr,  # TABLE: int64 addresses of the batch's gradients (a list), one per grid row
+    table_ptr,  # TABLE: int64 distances / 16 of the batch's gradients (a list) from A / B, one per grid row
     M, N, K,
     idx_bound,  # GATHER_*: rows of the gathered matrix; indices outside [0, idx_bound) read zeros
     stride_am, stride_ak, stride_bk, stride_bn, stride_o0, stride_o1,
@@ -49,7 +49,7 @@ def _dct_gemm_kernel(
     GATHER_A: tl.constexpr,
     GATHER_B: tl.constexpr,
     IDX64: tl.constexpr,  # some operand spans more than 2^31 elements: int64 offsets
-    TABLE: tl.constexpr,  # 0: batch by strides; 1 / 2: A / B of grid row b at the address table[b] (16-byte aligned)
+    TABLE: tl.constexpr,  # 0: batch by strides; 1 / 2: A / B of grid row b at A / B + table[b] * 16 bytes
     DOT_DTYPE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -58,14 +58,17 @@ def _dct_gemm_kernel(
     pid = tl.program_id(0)
     # Batch (a 3-D gradient): one grid row per matrix, int64 batch offsets.
     pid_b = tl.program_id(1).to(tl.int64)
-    # A list of gradients (TABLE): the operand of grid row b starts at the address table[b];
-    # every other tile computation is the same as for one matrix, so the results are too.
+    # A list of gradients (TABLE): the operand of grid row b starts table[b] * 16 bytes after
+    # the operand argument (row 0's gradient); each distance is a multiple of 16 bytes (host
+    # checked) and a constant product carries that to Triton's alignment analysis, where a
+    # tl.multiple_of hint on the loaded address would not under Triton 3.6 (kernels/_tl.py).
+    # Every other tile computation is the same as for one matrix, so the results are too.
     if TABLE == 1:
-        a_ptr = tl.multiple_of(tl.load(table_ptr + pid_b).to(tl.pointer_type(a_ptr.dtype.element_ty)), 16)
+        a_ptr += tl.load(table_ptr + pid_b) * (128 // a_ptr.dtype.element_ty.primitive_bitwidth)
     else:
         a_ptr += pid_b * stride_ab
     if TABLE == 2:
-        b_ptr = tl.multiple_of(tl.load(table_ptr + pid_b).to(tl.pointer_type(b_ptr.dtype.element_ty)), 16)
+        b_ptr += tl.load(table_ptr + pid_b) * (128 // b_ptr.dtype.element_ty.primitive_bitwidth)
     else:
         b_ptr += pid_b * stride_bb
     out_ptr += pid_b * stride_ob
@@ -270,14 +273,16 @@ def dct_score_topk_triton(grad, basis, k, side, norm):
     return ref.topk_indices(dct_scores_triton(grad, basis, side, norm), k)
 
 
-_ALIGN = 16  # bytes: the address hint the kernel gives the compiler for a table entry
+_ALIGN = 16  # bytes: the alignment the kernel's table form carries to the compiler
 
 
 def _address_table(ptrs, device):
-    """The int64 address table of a list launch, on ``device``."""
+    """The int64 table of a list launch, on ``device``: each address's distance from the
+    first (the launch's operand argument) divided by 16 (``_dct_gemm_kernel``'s ``TABLE``)."""
     if device.type == "meta":  # the compile check: only the argument's type matters
         return torch.zeros(len(ptrs), dtype=torch.int64, device=device)
-    host = torch.tensor(ptrs, dtype=torch.int64)
+    assert all((p - ptrs[0]) % _ALIGN == 0 for p in ptrs), "the list launch's gradients are 16-byte aligned"
+    host = torch.tensor([(p - ptrs[0]) // _ALIGN for p in ptrs], dtype=torch.int64)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)

@@ -7,7 +7,8 @@ shapes, one launch each; the launcher
 ``lowrank_kernels::projection_foreach_project_update_backproject``) splits a list that
 mixes dtypes or moment formats into uniform sub-lists, and those by alignment
 (:func:`grouped_alignment`: entries the host checked aligned launch apart, with constexpr
-``ALIGNED`` and ``tl.multiple_of`` hints on their table fields). One tile config per grouped launch
+``ALIGNED`` and their table fields in the divided-by-16 form of kernels/_tl.py, which carries the
+alignment to the compiler). One tile config per grouped launch
 (the table's tile of the largest problem; ``*_grouped`` tables in kernels/_launch.py).
 
 A grouped launch runs one kernel over a list of problems (parameters): one program per
@@ -66,7 +67,7 @@ _F_A1 = tl.constexpr(5)  # INT4 minimum
 _F_MA = tl.constexpr(6)  # 8-bit: exp_avg's absmax
 _F_VA = tl.constexpr(7)  # 8-bit: exp_avg_sq's absmax
 _F_W = tl.constexpr(8)  # the parameter
-_F_OUT = tl.constexpr(9)  # element offset of this problem's N (contiguous) in the launch's flat N buffer
+_F_OUT = tl.constexpr(9)  # element offset / 16 of this problem's N (contiguous) in the launch's flat N buffer
 _F_TS_P = tl.constexpr(10)  # first tile of the problem in the project + Adam launch
 _F_TS_B = tl.constexpr(11)  # first tile of the problem in the back-project launch
 _F_DM = tl.constexpr(12)  # m (the parameter's rows)
@@ -99,12 +100,16 @@ _UNIT_FIELDS = tuple((1 << j, 15 + j) for j in range(10))  # (bit, field)
 
 
 @triton.jit
-def _grouped_int(row, F: tl.constexpr, IDX64: tl.constexpr):
+def _grouped_int(row, F: tl.constexpr, IDX64: tl.constexpr, X16: tl.constexpr = False):
     """Field ``F`` of a table row as an offset integer (int64 when ``IDX64``, else int32, as
-    the single kernels' integer arguments)."""
+    the single kernels' integer arguments); ``X16``: the field holds the value divided by 16
+    (an aligned launch's, kernels/_tl.py), multiplied back after the cast so that Triton sees
+    the divisibility."""
     x = tl.load(row + F)
     if not IDX64:
         x = x.to(tl.int32)
+    if X16:
+        x = x * 16
     return x
 
 
@@ -129,27 +134,23 @@ def _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE: tl.constexpr, ALI
 def _grouped_stride(row, F: tl.constexpr, BIT: tl.constexpr, UNIT: tl.constexpr, IDX64: tl.constexpr,
                     ALIGNED: tl.constexpr = False):
     """Stride field ``F``, or the constant 1 when ``UNIT`` says it is 1 in every problem;
-    ``ALIGNED``: the host checked that a non-unit stride is a multiple of 16 in every problem."""
+    ``ALIGNED``: the host checked that a non-unit stride is a multiple of 16 in every problem
+    and stored it divided by 16."""
     s = 1
     if (UNIT & BIT) == 0:
-        s = _grouped_int(row, F, IDX64)
-        if ALIGNED:
-            s = tl.multiple_of(s, 16)
+        s = _grouped_int(row, F, IDX64, ALIGNED)
     return s
 
 
 @triton.jit
 def _grouped_dim(row, F: tl.constexpr, ALIGNED: tl.constexpr):
-    """Dimension field ``F`` (int32); ``ALIGNED``: a multiple of 16 in every problem (the masks
-    along a contiguous dimension then stay constant over a vector, as the single kernels'
-    masks against a size Triton specialized as divisible by 16)."""
-    d = tl.load(row + F).to(tl.int32)
-    if ALIGNED:
-        d = tl.multiple_of(d, 16)
-    return d
+    """Dimension field ``F`` (int32); ``ALIGNED``: a multiple of 16 in every problem, stored
+    divided by 16 (the masks along a contiguous dimension then stay constant over a vector, as
+    the single kernels' masks against a size Triton specialized as divisible by 16)."""
+    return _grouped_int(row, F, False, ALIGNED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_problems"])  # a list's length: no recompile when it changes
 def _projection_project_adam_grouped_kernel(
     tab_ptr, n_problems,
     g_ptr, p_ptr, m_ptr, v_ptr, n_ptr, aux0_ptr, aux1_ptr, ma_ptr, va_ptr,
@@ -199,7 +200,7 @@ def _projection_project_adam_grouped_kernel(
     pp = _grouped_ptr(row, _F_P, p_ptr, ALIGNED)
     mp = _grouped_ptr(row, _F_M, m_ptr, ALIGNED)
     vp = _grouped_ptr(row, _F_V, v_ptr, ALIGNED)
-    np_ = n_ptr + tl.multiple_of(tl.load(row + _F_OUT), 16)  # every N starts 16-element aligned
+    np_ = n_ptr + tl.load(row + _F_OUT) * 16  # N's offset / 16: every N starts 16-element aligned
     a0, a1, aux_int, aux_bound = _grouped_projector_aux(row, aux0_ptr, aux1_ptr, PROJ_MODE, ALIGNED)
     ma = ma_ptr
     va = va_ptr
@@ -238,7 +239,7 @@ def _projection_project_adam_grouped_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_problems"])  # a list's length: no recompile when it changes
 def _projection_backproject_apply_grouped_kernel(
     tab_ptr, n_problems,
     w_ptr, u_ptr, p_ptr, aux0_ptr, aux1_ptr,
@@ -273,7 +274,7 @@ def _projection_backproject_apply_grouped_kernel(
     K = _grouped_dim(row, _F_DR, ALIGNED)
     wp = _grouped_ptr(row, _F_W, w_ptr, ALIGNED)
     pp = _grouped_ptr(row, _F_P, p_ptr, ALIGNED)
-    up = u_ptr + tl.multiple_of(tl.load(row + _F_OUT), 16)  # every N starts 16-element aligned
+    up = u_ptr + tl.load(row + _F_OUT) * 16  # N's offset / 16: every N starts 16-element aligned
     if SIDE_RIGHT:  # U: m x r, contiguous
         su0 = K
     else:  # U: r x n
@@ -418,7 +419,7 @@ def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, bet
             row[6], row[7] = ptr(f.m_absmax), ptr(f.v_absmax)
             row[27], row[28] = min(f.block_size, N), triton.cdiv(N, f.block_size)
             qmax = max(qmax, row[27])
-        row[9] = off
+        row[9] = off // 16
         off += -(-M * N // 16) * 16  # each N 16-element aligned in the flat buffer
         row[12], row[13], row[14] = m_, n_, r
         row[15], row[16] = grads[i].stride()
@@ -448,9 +449,17 @@ def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, bet
             total_p += triton.cdiv(M, tile_p.bm) * triton.cdiv(N, row[27] if q8 else tile_p.bn)
         if m_ and n_:
             total_b += triton.cdiv(m_, tile_b.bm) * triton.cdiv(n_, tile_b.bn)
+    if aligned:  # fields divided by 16, addresses relative to the launch's tensor arguments (kernels/_tl.py)
+        bases = {0: grads[i0], 1: a0[0], 2: exp_avgs[i0], 3: exp_avg_sqs[i0], 8: params[i0]}
+        if mode != PROJ_DENSE:
+            bases.update({4: a0[5], 5: a0[6]})
+        if q8:
+            bases.update({6: fmt0.m_absmax, 7: fmt0.v_absmax})
+        x16 = [12, 13, 14] + [f for bit, f in _UNIT_FIELDS if not unit & bit] + ([27] if q8 else [])
+        rows = [L.aligned_row(row, {f: ptr(t) for f, t in bases.items()}, x16) for row in rows]
     tab = L.device_table([x for row in rows for x in row], torch.int64, dev)
     out = torch.empty(off, dtype=out_dtype, device=dev)
-    count, steps = len(rows), (len(rows) - 1).bit_length()  # binary search steps (a constexpr)
+    count, steps = len(rows), L.search_steps(len(rows))  # binary search steps (a constexpr)
     flag = skip if skip is not None else out
     if total_p:
         dot_dtype, precision = _dot_config(grads[i0].dtype, *a0[4])

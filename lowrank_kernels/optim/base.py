@@ -191,6 +191,12 @@ class LowRankOptimizer(Optimizer):
         return report.summary(self, named_parameters)
 
     @property
+    def _skip_counters(self) -> Dict[torch.device, torch.Tensor]:
+        """The capturable steps' device-side skip counters, one per device
+        (:func:`lowrank_kernels.optim.capturable.ensure_counters`)."""
+        return self.__dict__.setdefault("_device_skips", {})
+
+    @property
     def _steps(self) -> StepCache:
         """The host-cost memos of this optimizer (made on first use)."""
         cache = self.__dict__.get("_step_cache")
@@ -236,6 +242,8 @@ class LowRankOptimizer(Optimizer):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             self._param_index.setdefault(p, len(self._param_index) + 1)
+        if self.param_groups[-1].get("capturable", False):  # skip counters made before any capture
+            capturable.ensure_counters(self._skip_counters, {p.device for p in self.param_groups[-1]["params"]})
 
     def _validate_params(self, group: Dict[str, Any], gi: int) -> None:
         """Every parameter a floating-point Tensor, all on one device."""
@@ -324,7 +332,7 @@ class LowRankOptimizer(Optimizer):
                 work.append((group, p))
         if self._capturable_step(work):
             return loss
-        capturable.sync_device_steps(self.param_groups, work, self.state, self._steps.remember)
+        capturable.sync_device_steps(self.param_groups, work, self.state, self._steps.remember, self._skip_counters)
         finite = finite_flags(work)
         # Refreshes due now, split over the ranks of a data-parallel group (optim/refresh_share.py).
         refresh_share.prepare(self, work, finite)  # (the next prepare drops what an exception left)
@@ -475,13 +483,13 @@ class LowRankOptimizer(Optimizer):
         if made is None:
             return False
         capturable.run(*made, state_of=self.state, bucket_step=self._bucket_step,
-                       counters=self.__dict__.setdefault("_device_skips", {}), remember=self._steps.remember)
+                       counters=self._skip_counters, remember=self._steps.remember)
         return True
 
     def nonfinite_skip_count(self) -> int:
         """:attr:`nonfinite_skips` plus the skips counted on the device by capturable steps
         (reads the device counters: one host synchronization per device)."""
-        return self.nonfinite_skips + sum(int(c) for c in self.__dict__.get("_device_skips", {}).values())
+        return self.nonfinite_skips + sum(int(c) for c in self._skip_counters.values())
 
     def sync_step_counts(self) -> None:
         """Re-read the device step counts of the capturable groups into the host's copies (one
@@ -493,7 +501,7 @@ class LowRankOptimizer(Optimizer):
         eager :meth:`step` (e.g. the refresh step): the eager steps then follow the device
         counts. A synchronizing step (a refresh) re-reads them by itself."""
         work = [(g, p) for g in self.param_groups for p in g["params"]]
-        capturable.sync_device_steps(self.param_groups, work, self.state, self._steps.remember)
+        capturable.sync_device_steps(self.param_groups, work, self.state, self._steps.remember, self._skip_counters)
 
     # ------------------------------------------------------------------ bucketed (multi-tensor) steps
     def _bucketing(self, group: Dict[str, Any]) -> bool:
@@ -549,6 +557,9 @@ class LowRankOptimizer(Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32, device=plain.step_device(p, group))
         side = resolve_side(tuple(p.shape), group["proj_type"])
         state["side"] = torch.tensor(SIDE_CODES[side], dtype=torch.int8)
+        # their host mirrors: the first step reads neither back (a device step count would sync)
+        self._steps.remember(state["step"], 0)
+        self._steps.remember(state["side"], SIDE_CODES[side])
 
     def _has_projector(self, state: Dict[str, Any]) -> bool:
         return "projector" in state

@@ -140,22 +140,44 @@ def device_skip(grads: List[torch.Tensor], groups: List[Dict[str, Any]], counter
                 skip[i] = False
     dev = skip.device
     if dev not in counters:
+        if _capturing():
+            # made inside the graph, its zero fill would replay too and reset the count each time
+            raise RuntimeError(f"capturable step: no skip counter for {dev} before CUDA graph capture; take one "
+                               "eager step (or call sync_step_counts()) with the parameters on that device first")
         counters[dev] = torch.zeros((), dtype=torch.int64, device=dev)
     counters[dev].add_(skip.sum())
     return skip
 
 
-def sync_device_steps(param_groups, work, state_of, remember: Callable[[torch.Tensor, int], None]) -> None:
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def ensure_counters(counters: Dict, devices) -> None:
+    """The device-side skip counters (0-d int64, one per device) that :func:`device_skip` adds
+    to, made for ``devices`` where missing: at construction and on every synchronizing step,
+    so that a captured step finds its counter made outside the capture."""
+    for dev in devices:
+        if dev not in counters:
+            counters[dev] = torch.zeros((), dtype=torch.int64, device=dev)
+
+
+def sync_device_steps(param_groups, work, state_of, remember: Callable[[torch.Tensor, int], None],
+                      counters: Optional[Dict] = None) -> None:
     """Before a synchronizing step: move the step counts of capturable groups to the parameter's
     device (a state made or loaded elsewhere) and refresh their host mirrors from the device
     (one read per device), so the refresh schedule follows the counts the device kept
-    (capturable steps skip on the device, unseen by the host)."""
+    (capturable steps skip on the device, unseen by the host); ``counters``: the skip counters,
+    made for the devices of ``work``'s capturable parameters (:func:`ensure_counters`)."""
     if not any(g.get("capturable", False) for g in param_groups):
         return
     by_device: Dict[torch.device, List[torch.Tensor]] = defaultdict(list)
     for group, p in work:
         if not group.get("capturable", False):
             continue
+        if counters is not None and p.device not in counters:
+            ensure_counters(counters, (p.device,))
         state = state_of.get(p)
         if not state or not isinstance(state.get("step"), torch.Tensor):
             continue
@@ -168,4 +190,4 @@ def sync_device_steps(param_groups, work, state_of, remember: Callable[[torch.Te
             remember(t, int(v))
 
 
-__all__ = ["validate", "plan", "run", "coefficients", "device_skip", "sync_device_steps"]
+__all__ = ["validate", "plan", "run", "coefficients", "device_skip", "ensure_counters", "sync_device_steps"]

@@ -298,7 +298,7 @@ class DCTAdamW(LowRankOptimizer):
             return None
         state = self.state.get(q)
         if state:
-            side, step = self._side(state), int(state["step"]) + 1
+            side, step = self._side(state), self._host_int(state["step"]) + 1  # its host mirror: no device read
         else:  # a fresh parameter: its first step makes its first projector
             side, step, state = resolve_side(tuple(q.shape), group["proj_type"]), 1, {}
         if not self._should_refresh(q, state, group, step):

@@ -447,3 +447,53 @@ def test_cuda_graph_replay_equals_eager(cls):
         assert torch.equal(eager.state[a]["exp_avg"], graphed.state[b]["exp_avg"])
         assert float(eager.state[a]["step"]) == float(graphed.state[b]["step"])
     assert float(graphed.state[ws1[0]]["step"]) == 3.0
+
+
+# --------------------------------------------------------------------------- capture rules (host side)
+def test_skip_counters_exist_before_any_capture(monkeypatch):
+    """The device-side skip counters are made at construction (and on synchronizing steps),
+    never by a captured step: made inside a graph, their zero fill would replay too. A step
+    that would have to make one while capturing refuses, naming the remedy."""
+    from lowrank_kernels.optim import capturable as cap
+
+    ws, bias = _model("cpu")
+    opt = _make(GaLoreAdamW, ws, bias, True)
+    assert list(opt._skip_counters) == [torch.device("cpu")]
+    counter = opt._skip_counters[torch.device("cpu")]
+    assert _make(GaLoreAdamW, *_model("cpu"), False)._skip_counters == {}  # not capturable: none
+    for t in range(1, 4):  # refresh, then capturable steps: the same counter object throughout
+        _set_grads(ws, bias, _grads("cpu", t))
+        opt.step()
+    assert opt._skip_counters[torch.device("cpu")] is counter
+    monkeypatch.setattr(cap, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="before CUDA graph capture"):
+        cap.device_skip([torch.ones(3)], [{"skip_nonfinite": True}], {})
+    flags = cap.device_skip([torch.ones(3)], [{"skip_nonfinite": True}], opt._skip_counters)  # exists: fine
+    assert flags.tolist() == [False]
+
+
+def test_dct_refresh_reads_step_counts_once_not_per_parameter():
+    """A capturable DCTAdamW's first step and refresh steps read the step counts through their
+    host mirrors (refreshed by one stacked read per device), not one ``int(step)`` per parameter
+    (a device synchronization each on a GPU): the count of scalar reads does not grow with the
+    number of parameters. (GaLoreAdamW's SVD refresh checks each new projector for finiteness:
+    one read per refreshed parameter, by design.)"""
+    cls = DCTAdamW
+    from .._opcount import CountOps
+
+    def reads(nparams):
+        gen = torch.Generator().manual_seed(0)
+        ws = [torch.nn.Parameter(torch.randn(24, 20, generator=gen)) for _ in range(nparams)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = cls([{"params": ws, "rank": 4, "update_proj_gap": 2}], lr=1e-2, capturable=True)
+        out = []
+        for _ in range(3):  # refresh (first step), capturable, refresh
+            for w in ws:
+                w.grad = torch.randn(24, 20, generator=gen)
+            with CountOps() as mode:
+                opt.step()
+            out.append(mode.counts.get("aten._local_scalar_dense", 0) + mode.counts.get("aten.item", 0))
+        return out
+
+    assert reads(3) == reads(6), (reads(3), reads(6))
