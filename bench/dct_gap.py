@@ -102,15 +102,19 @@ def random_rows(size: int, r: int, gen: torch.Generator) -> torch.Tensor:
     return q.T.contiguous()
 
 
-def energies(grad: torch.Tensor, r: int, gen: torch.Generator, bases: dict) -> dict:
-    """Every candidate's captured fraction of ``grad`` at rank ``r``."""
+def energies(grad: torch.Tensor, ranks: list[int], gen: torch.Generator, bases: dict) -> dict:
+    """``{r: {candidate: captured fraction of grad}}`` for every rank in ``ranks``."""
     side = side_of(grad.shape)
     size = grad.shape[1] if side == "right" else grad.shape[0]
-    out = {"svd": svd_energy(grad, r)}
-    for name, (kind, norm) in (("dct_l1", ("rows", 1)), ("dct_l2", ("rows", 2)), ("dct_cols_l1", ("cols", 1))):
-        b = bases[(size, kind)]
-        out[name] = captured(grad, b[dct_topk(grad, r, side, norm, basis=b)], side)
-    out["random"] = captured(grad, random_rows(size, r, gen), side)
+    e = torch.linalg.svdvals(grad.double()).pow(2)
+    out = {}
+    for r in ranks:
+        row = {"svd": float(e[:r].sum() / e.sum())}
+        for name, (kind, norm) in (("dct_l1", ("rows", 1)), ("dct_l2", ("rows", 2)), ("dct_cols_l1", ("cols", 1))):
+            b = bases[(size, kind)]
+            row[name] = captured(grad, b[dct_topk(grad, r, side, norm, basis=b)], side)
+        row["random"] = captured(grad, random_rows(size, r, gen), side)
+        out[r] = row
     return out
 
 
@@ -267,9 +271,10 @@ def run_width(args) -> dict:
             for name, p in model.named_parameters():
                 if p.grad is None or p.dim() != 2 or not any(t in name for t in ("self_attn", "mlp")):
                     continue
-                for f in fracs:
-                    r = max(1, int(round(f * h)))
-                    for k, v in energies(p.grad.detach(), r, gen, bases).items():
+                ranks = {f: max(1, int(round(f * h))) for f in fracs}
+                got = energies(p.grad.detach(), sorted(set(ranks.values())), gen, bases)
+                for f, r in ranks.items():
+                    for k, v in got[r].items():
                         acc.setdefault((f, r, k), []).append(v)
             model.zero_grad(set_to_none=True)
         for f in fracs:
@@ -309,6 +314,7 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--out", default=str(DEFAULT_OUT))
+        p.add_argument("--tag", default="", help="suffix of the output file name (dct_gap_<what><tag>.json)")
     args = ap.parse_args(argv)
     if args.what == "width":
         for f in args.rank_fracs.split(","):
@@ -322,7 +328,7 @@ def main(argv=None) -> int:
                    "command": "python -m bench.dct_gap " + " ".join(sys.argv[1:] if argv is None else argv)})
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"dct_gap_{args.what}.json"
+    path = out / f"dct_gap_{args.what}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     return 0
