@@ -215,6 +215,23 @@ def summarize_capture(run: dict, gap: int) -> list[dict]:
     return rows
 
 
+def compact_capture(result: dict) -> dict:
+    """The capture result as written: fractions rounded to 5 decimals, and the DCT index sets only at
+    the steps where they changed (``index_sets``: ``[[step, indices], ...]``) instead of every step."""
+    for run in result["runs"]:
+        for e in run["per_weight"].values():
+            for k in ("used", "svd", "dct_fresh"):
+                e[k] = [round(x, 5) for x in e[k]]
+            if "indices" in e:
+                sets, prev = [], None
+                for st, idx in zip(e["steps"], e.pop("indices")):
+                    if idx is not None and idx != prev:
+                        sets.append([st, idx])
+                    prev = idx
+                e["index_sets"] = sets
+    return result
+
+
 def run_capture(args) -> dict:
     preset = PRESETS[args.preset]
     if args.steps:
@@ -329,7 +346,9 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"dct_gap_{args.what}{args.tag}.json"
-    path.write_text(json.dumps(result, indent=1))
+    if args.what == "capture":
+        result = compact_capture(result)
+    path.write_text(json.dumps(result, indent=None if args.what == "capture" else 1))
     print(f"wrote {path}")
     return 0
 

@@ -63,3 +63,22 @@ def test_width_study_runs(tmp_path):
     assert 0 < row["random"] < row["dct_l1"] <= row["svd"] <= 1
     with pytest.raises(SystemExit):
         dct_gap.main(["width", "--rank-fracs", "__import__('os')"])
+
+
+def test_capture_logs_the_projectors_in_training(tmp_path):
+    assert dct_gap.main(["capture", "--preset", "tiny", "--steps", "3", "--threads", "1",
+                         "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "dct_gap_capture.json").read_text())
+    runs = {r["method"]: r for r in info["runs"]}
+    assert set(runs) == {"galore", "dct"}
+    for m, run in runs.items():
+        assert len(run["per_weight"]) == 7 * 2  # q k v o gate up down, 2 layers
+        for e in run["per_weight"].values():
+            assert e["steps"] == [1, 2, 3] and e["rank"] == 16
+            if m == "galore":  # the refresh takes the SVD of that very gradient
+                assert e["used"][0] == pytest.approx(e["svd"][0], abs=1e-3)
+            else:  # DCT-AdamW's refresh picks the L1 top-r of that gradient, as the instrument does
+                assert e["used"][0] == pytest.approx(e["dct_fresh"][0], abs=1e-4)
+                assert [s for s, _ in e["index_sets"]] == [1]  # gap 25: one index set in 3 steps
+        (first,) = run["per_refresh"]
+        assert first["step"] == 1 and 0 < first["interval_mean"] <= 1
