@@ -106,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.grid_values = tuning.parse_grid(args.grid)
         except ValueError as e:
             ap.error(str(e))
-    if args.grid and args.no_tune:
+    if args.grid and args.no_tune and args.tune is None:
         ap.error("--grid: not with --no-tune")
     return args
 
