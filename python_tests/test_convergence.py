@@ -227,7 +227,13 @@ def test_bad_arguments():
     with pytest.raises(SystemExit):
         conv.parse_args(["--seeds", "0"])
     with pytest.raises(SystemExit):
-        conv.parse_args(["--grid", "lr=1e-3"])  # --grid without --tune
+        conv.parse_args(["--no-tune", "--grid", "lr=1e-3"])  # a grid with nothing to tune
+    assert conv.parse_args(["--grid", "lr=x0.5,x1"]).grid_values == {"lr": ["x0.5", "x1"]}  # the protocol's grid
+    for bad in (["--budget", "0"], ["--tune-steps", "0"], ["--grid", "lr=xfast"]):
+        with pytest.raises(SystemExit):
+            conv.parse_args(bad)
+    with pytest.raises(SystemExit, match="--lr"):  # the protocol tunes lr itself
+        conv.run(["--preset", "tiny", "--lr", "galore=1e-3", "--out", "/nonexistent/never-written"])
     with pytest.raises(SystemExit):
         conv.parse_args(["--tune", "adamw", "--grid", "lr=fast"])
     with pytest.raises(FileNotFoundError, match="--data"):
@@ -567,3 +573,17 @@ def test_protocol_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch):
     n = len(calls)
     results2, _ = conv.run(args)  # resumes: nothing is trained again
     assert len(calls) == n and [r.final_val_loss for r in results2] == [r.final_val_loss for r in results]
+
+
+def test_dct_study_variants_set_what_their_names_say():
+    """The study variants differ from the dct row only in the refresh rule (and run only when named)."""
+    preset = conv.PRESETS["tiny"]
+    want = {"dct": (preset.gap, "keep", 1), "dct-t1": (1, "keep", 1), "dct-t1-reindex": (1, "reindex", 1),
+            "dct-reindex": (preset.gap, "reindex", 1), "dct-l2": (preset.gap, "keep", 2)}
+    for m, (gap, refresh, norm) in want.items():
+        model = conv.build_model(preset, 0, torch.device("cpu"))
+        opt = RECIPES[m].build(model, preset, RECIPES[m].resolve(preset))
+        (g,) = [g for g in opt.param_groups if not is_plain_group(g)]
+        assert (g["update_proj_gap"], g["moment_refresh"], g["norm"]) == (gap, refresh, norm), m
+        assert (m in conv.HEADLINE) == (m == "dct")
+        assert RECIPES[m].resolve(preset) == RECIPES["dct"].resolve(preset)
