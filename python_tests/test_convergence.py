@@ -531,6 +531,7 @@ def test_acceptance_judges_by_the_worst_seed():
     assert any(ln.startswith("dct vs galore") and "+6.00 points" in ln and "MISS" in ln for ln in lines)
 
 
+@pytest.mark.slow
 def test_protocol_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch):
     """Tune (half length, tuning split), then the tuned and paper-recipe rows over 2 seeds; a
     second run resumes everything; a subset run adds its rows to the same table."""
@@ -573,6 +574,14 @@ def test_protocol_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch):
     n = len(calls)
     results2, _ = conv.run(args)  # resumes: nothing is trained again
     assert len(calls) == n and [r.final_val_loss for r in results2] == [r.final_val_loss for r in results]
+    # A subset run adds its rows and keeps the others: only dct is tuned and trained.
+    sub = list(args)
+    sub[sub.index("--optimizers") + 1] = "adamw,dct"
+    conv.run(sub)
+    assert {m for m, _ in calls[n:]} == {"dct"}
+    info = json.loads((out / "convergence.json").read_text())
+    assert set(rows) | {"dct"} <= set(info["summary"]) and set(info["protocol"]["tuned"]) == {"adamw", "galore", "dct"}
+    assert all(info["summary"][name]["seeds"] == [0, 1] for name in info["protocol"]["rows"])
 
 
 def test_dct_study_variants_set_what_their_names_say():

@@ -283,8 +283,15 @@ def _run_protocol(args, device, preset, corpus, over, out, progress, st, dev) ->
         "tuning_steps": tpre.steps, "budget": args.budget,
         "tuned": {m: {"best": oc.best, "points": len(oc.points), "complete": oc.complete} for m, oc in outcomes.items()},
         "rows": {name: hp for name, hp in rows}})
-    done = [] if args.fresh else protocol.load_done(out / "convergence.json", meta)
-    results: list[Result] = list(unavailable)
+    done, old_protocol = ([], {}) if args.fresh else protocol.load_done(out / "convergence.json", meta)
+    # Rows of methods this run does not train (an earlier run's subset) stay in the table.
+    names = {name for name, _ in rows} | {r.method for r in unavailable}
+    kept_rows = {k: v for k, v in old_protocol.get("rows", {}).items() if k not in names}
+    kept = [r for r in done if r.method in kept_rows]
+    meta["protocol"]["rows"] = {**kept_rows, **meta["protocol"]["rows"]}
+    meta["protocol"]["tuned"] = {**{k: v for k, v in old_protocol.get("tuned", {}).items() if k not in args.methods},
+                                 **meta["protocol"]["tuned"]}
+    results: list[Result] = kept + list(unavailable)
     seeds = list(range(args.seed, args.seed + args.seeds))
     for seed in seeds:
         batches = None

@@ -167,17 +167,18 @@ def rows_for(m: str, preset, outcome: TuningOutcome | None) -> list[tuple[str, d
     return rows
 
 
-def load_done(path: pathlib.Path, meta: dict) -> list[Result]:
-    """The runs of an earlier ``convergence.json`` at ``path`` with the same preset, data and
-    evaluated split (and code-independent: a resumed table may span commits, as a merge does)."""
+def load_done(path: pathlib.Path, meta: dict) -> tuple[list[Result], dict]:
+    """The runs of an earlier protocol ``convergence.json`` at ``path`` with the same preset, data
+    and evaluated split (a resumed table may span commits, as a merge does), and its ``protocol``
+    record; ``([], {})`` when there is none."""
     if not path.is_file():
-        return []
+        return [], {}
     old = json.loads(path.read_text())
-    if any(old.get(k) != meta.get(k) for k in ("preset", "data", "evaluated_split")):
-        return []
+    if any(old.get(k) != meta.get(k) for k in ("preset", "data", "evaluated_split")) or "protocol" not in old:
+        return [], {}
     return [Result(r["method"], r["status"], final_val_loss=float(r["final_val_loss"]), state_bytes=r["state_bytes"],
                    peak_bytes=r["peak_bytes"], tokens_per_s=r["tokens_per_s"], curve=[tuple(x) for x in r["curve"]],
-                   seconds=r["seconds"], recipe=r["recipe"], seed=r["seed"]) for r in old.get("runs", [])]
+                   seconds=r["seconds"], recipe=r["recipe"], seed=r["seed"]) for r in old.get("runs", [])], old["protocol"]
 
 
 def same_hp(a: dict, b: dict) -> bool:
