@@ -497,15 +497,20 @@ def test_protocol_grid_extends_at_an_edge_within_the_budget(tmp_path):
     assert not oc.complete  # x16 would be next (3 more points), past the budget
     info = json.loads((tmp_path / "convergence_tuning-galore.json").read_text())
     assert len(info["points"]) == 15 and info["best"]["hparams"] == oc.best
+    assert {p["git"] for p in info["points"]} == {"x"} and [h["git"] for h in info["history"]] == ["x"]
     # Resuming runs nothing again; a larger budget runs only the missing points.
     run_point2, calls2 = _fake_point(lambda hp: abs(math.log(hp["lr"] / (8 * paper["lr"]))) + abs(math.log(hp["other_lr"] / 0.03)))
     oc2 = protocol.tune_method("galore", preset, run_point2, tmp_path, _tune_meta(), budget=17,
                                override={"lr": ("x0.5", "x1", "x2"), "other_lr": (0.01, 0.03, 0.1)})
     assert calls2 == [] and oc2.best == oc.best
-    oc3 = protocol.tune_method("galore", preset, run_point2, tmp_path, _tune_meta(), budget=18,
+    oc3 = protocol.tune_method("galore", preset, run_point2, tmp_path, dict(_tune_meta(), git="y"), budget=18,
                                override={"lr": ("x0.5", "x1", "x2"), "other_lr": (0.01, 0.03, 0.1)})
     # 18 leaves room for the x16 column (3 points): then x8 is interior and the grid complete.
     assert [c["lr"] for c in calls2] == [pytest.approx(16 * paper["lr"])] * 3
+    info = json.loads((tmp_path / "convergence_tuning-galore.json").read_text())  # each point keeps its stamp
+    assert [h["git"] for h in info["history"]] == ["x", "x", "y"] and info["git"] == "y"
+    assert sorted(p["git"] for p in info["points"]) == ["x"] * 15 + ["y"] * 3
+    assert {p["git"] for p in info["points"] if p["hparams"]["lr"] == pytest.approx(16 * paper["lr"])} == {"y"}
     assert oc3.complete and oc3.best == oc.best
     # An interior best ends the grid at 9 points, complete.
     run_point4, calls4 = _fake_point(lambda hp: abs(math.log(hp["lr"] / paper["lr"])) + abs(hp["other_lr"] - 0.03))

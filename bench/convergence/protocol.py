@@ -83,6 +83,18 @@ def _extension(axes: dict[str, list[float]], best: dict) -> dict[str, list[float
     return None
 
 
+def record_history(path: pathlib.Path, meta: dict, point_git: dict, history: list) -> None:
+    """Stamp every point of the tuning file at ``path`` with the code version it ran with (``git``:
+    this run's stamp, or the stamp it carried in the file it was resumed from), and keep that
+    file's stamps and commands under ``history`` (the file-level stamp is this run's)."""
+    data = json.loads(path.read_text())
+    for pt in data["points"]:
+        pt["git"] = point_git.get(_key(pt["hparams"]), meta["git"])
+    data["history"] = history + [{"git": meta["git"], "timestamp": meta.get("timestamp"),
+                                  "command": meta.get("command")}]
+    path.write_text(json.dumps(data, indent=1))
+
+
 @dataclasses.dataclass
 class TuningOutcome:
     method: str
@@ -102,15 +114,19 @@ def tune_method(m: str, preset, run_point, out: pathlib.Path, meta: dict, budget
     paper = recipe.resolve(preset)
     axes = {k: axis_values(v, paper[k]) for k, v in grid_spec(recipe, override).items()}
     done: dict[tuple, tuple] = {}
+    point_git: dict[tuple, str] = {}  # the code version of every point resumed from the file
+    history: list = []
     path = out / f"convergence_tuning-{m}.json"
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("preset") == meta["preset"] and old.get("data") == meta["data"] and \
                 old.get("seeds", [None])[0] == meta["seeds"][0]:
+            history = old.get("history") or [{k: old.get(k) for k in ("git", "timestamp", "command", "merged_from")}]
             for p in old.get("points", []):
                 r = Result(m, p["status"], final_val_loss=float(p["tune_loss"]), curve=p["curve"],
                            seconds=p["seconds"], recipe=p["recipe"], seed=meta["seeds"][0])
                 done[_key(p["hparams"])] = (p["hparams"], r)
+                point_git[_key(p["hparams"])] = p.get("git", old.get("git", "unknown"))
     points, results = [], []
 
     def write():
@@ -121,7 +137,8 @@ def tune_method(m: str, preset, run_point, out: pathlib.Path, meta: dict, budget
         allr = results + [r for _, r in extra]
         grid = {k: sorted({pt[k] for pt in allp}) for k in axes}
         order = sorted(range(len(allp)), key=lambda i: tuple(allp[i][k] for k in axes))
-        tuning.write(out, m, meta, grid, [allp[i] for i in order], [allr[i] for i in order], among=points)
+        _, jpath = tuning.write(out, m, meta, grid, [allp[i] for i in order], [allr[i] for i in order], among=points)
+        record_history(jpath, meta, point_git, history)
 
     while True:
         for pt in tuning.grid_points(axes):
