@@ -576,6 +576,8 @@ def test_protocol_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch):
                                                    "recipe" if name == "frozen" else "tuned")
     with open(out / "convergence.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == list(rows)
+    assert set(info["git_by_run"]) == {f"{name}/seed{s}" for name in rows for s in (0, 1)}
+    assert set(info["git_by_run"].values()) == {info["git"]}
     n = len(calls)
     results2, _ = conv.run(args)  # resumes: nothing is trained again
     assert len(calls) == n and [r.final_val_loss for r in results2] == [r.final_val_loss for r in results]
@@ -587,6 +589,7 @@ def test_protocol_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch):
     info = json.loads((out / "convergence.json").read_text())
     assert set(rows) | {"dct"} <= set(info["summary"]) and set(info["protocol"]["tuned"]) == {"adamw", "galore", "dct"}
     assert all(info["summary"][name]["seeds"] == [0, 1] for name in info["protocol"]["rows"])
+    assert set(info["git_by_run"]) == {f"{name}/seed{s}" for name in info["protocol"]["rows"] for s in (0, 1)}
 
 
 def test_dct_study_variants_set_what_their_names_say():

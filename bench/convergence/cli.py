@@ -283,7 +283,7 @@ def _run_protocol(args, device, preset, corpus, over, out, progress, st, dev) ->
         "tuning_steps": tpre.steps, "budget": args.budget,
         "tuned": {m: {"best": oc.best, "points": len(oc.points), "complete": oc.complete} for m, oc in outcomes.items()},
         "rows": {name: hp for name, hp in rows}})
-    done, old_protocol = ([], {}) if args.fresh else protocol.load_done(out / "convergence.json", meta)
+    done, old_protocol, gits = ([], {}, {}) if args.fresh else protocol.load_done(out / "convergence.json", meta)
     # Rows of methods this run does not train (an earlier run's subset) stay in the table.
     names = {name for name, _ in rows} | {r.method for r in unavailable}
     kept_rows = {k: v for k, v in old_protocol.get("rows", {}).items() if k not in names}
@@ -292,6 +292,13 @@ def _run_protocol(args, device, preset, corpus, over, out, progress, st, dev) ->
     meta["protocol"]["tuned"] = {**{k: v for k, v in old_protocol.get("tuned", {}).items() if k not in args.methods},
                                  **meta["protocol"]["tuned"]}
     results: list[Result] = kept + list(unavailable)
+    # The code version of every run: this process's stamp, or the one a resumed run carried.
+    by_run = {protocol.run_key(r.method, r.seed): gits.get(protocol.run_key(r.method, r.seed), st["git"])
+              for r in kept}
+
+    def stamp_runs():
+        meta["git_by_run"] = by_run
+        meta["git"] = " + ".join(dict.fromkeys(by_run.values())) or st["git"]
     seeds = list(range(args.seed, args.seed + args.seeds))
     for seed in seeds:
         batches = None
@@ -300,6 +307,7 @@ def _run_protocol(args, device, preset, corpus, over, out, progress, st, dev) ->
                         and protocol.same_hp(r.recipe, hp)), None)
             if old is not None:
                 results.append(old)
+                by_run[protocol.run_key(name, seed)] = gits.get(protocol.run_key(name, seed), st["git"])
                 continue
             if batches is None:
                 batches = Batches(corpus.train, corpus.val, preset, seed)
@@ -307,7 +315,10 @@ def _run_protocol(args, device, preset, corpus, over, out, progress, st, dev) ->
             r = _train(base_of(name), preset, batches, device, seed, hp, progress)
             r.method = name
             results.append(r)
+            by_run[protocol.run_key(name, seed)] = st["git"]
+            stamp_runs()
             _write_table(results, out, meta, preset, dev, seeds[:seeds.index(seed) + 1])
+    stamp_runs()
     _write_table(results, out, meta, preset, dev, seeds)
     return results
 

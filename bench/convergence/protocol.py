@@ -184,18 +184,29 @@ def rows_for(m: str, preset, outcome: TuningOutcome | None) -> list[tuple[str, d
     return rows
 
 
-def load_done(path: pathlib.Path, meta: dict) -> tuple[list[Result], dict]:
+def run_key(row: str, seed: int) -> str:
+    """The key of one run in ``git_by_run``."""
+    return f"{row}/seed{seed}"
+
+
+def load_done(path: pathlib.Path, meta: dict) -> tuple[list[Result], dict, dict]:
     """The runs of an earlier protocol ``convergence.json`` at ``path`` with the same preset, data
-    and evaluated split (a resumed table may span commits, as a merge does), and its ``protocol``
-    record; ``([], {})`` when there is none."""
+    and evaluated split (a resumed table may span commits, as a merge does), its ``protocol``
+    record and the code version of each run (``{run_key: git}``); empty when there is none."""
     if not path.is_file():
-        return [], {}
+        return [], {}, {}
     old = json.loads(path.read_text())
     if any(old.get(k) != meta.get(k) for k in ("preset", "data", "evaluated_split")) or "protocol" not in old:
-        return [], {}
+        return [], {}, {}
+    by_run = old.get("git_by_run") or {}
+    by_method = old.get("git_by_method") or {}
+    gits = {run_key(r["method"], r["seed"]): by_run.get(run_key(r["method"], r["seed"]),
+                                                        by_method.get(r["method"], old.get("git", "unknown")))
+            for r in old.get("runs", [])}
     return [Result(r["method"], r["status"], final_val_loss=float(r["final_val_loss"]), state_bytes=r["state_bytes"],
                    peak_bytes=r["peak_bytes"], tokens_per_s=r["tokens_per_s"], curve=[tuple(x) for x in r["curve"]],
-                   seconds=r["seconds"], recipe=r["recipe"], seed=r["seed"]) for r in old.get("runs", [])], old["protocol"]
+                   seconds=r["seconds"], recipe=r["recipe"], seed=r["seed"]) for r in old.get("runs", [])], \
+        old["protocol"], gits
 
 
 def same_hp(a: dict, b: dict) -> bool:
