@@ -604,3 +604,27 @@ def test_dct_study_variants_set_what_their_names_say():
         assert (g["update_proj_gap"], g["moment_refresh"], g["norm"]) == (gap, refresh, norm), m
         assert (m in conv.HEADLINE) == (m == "dct")
         assert RECIPES[m].resolve(preset) == RECIPES["dct"].resolve(preset)
+
+
+def test_committed_protocol_rows_are_the_best_of_their_grids():
+    """bench/results/protocol/ (a partial protocol run): each tuned row runs its grid's best point,
+    the paper row its recipe, and every point and run names the code version it ran with."""
+    folder = RESULTS / "protocol"
+    if not (folder / "convergence.json").exists():
+        pytest.skip("no committed protocol table")
+    info = json.loads((folder / "convergence.json").read_text())
+    preset = conv.PRESETS[info["preset"]["name"]]
+    assert info["evaluated_split"] == "val"
+    for m, t in info["protocol"]["tuned"].items():
+        grid = json.loads((folder / f"convergence_tuning-{m}.json").read_text())
+        assert grid["evaluated_split"] == "tune" and grid["preset"]["steps"] == preset.steps // 2
+        assert grid["best"]["hparams"] == t["best"] and all(p["git"] for p in grid["points"])
+        in_grid = [p for p in grid["points"] if p["hparams"] == t["best"]]
+        assert in_grid and in_grid[0]["tune_loss"] == pytest.approx(grid["best"]["tune_loss"])
+    for r in info["runs"]:
+        name = r["method"]
+        want = RECIPES[conv.recipes.base_of(name)].resolve(preset,
+                                                           None if name.endswith(conv.PAPER_SUFFIX) or name == "frozen"
+                                                           else info["protocol"]["tuned"][name]["best"])
+        assert r["recipe"] == pytest.approx(want), name
+        assert info["git_by_run"][f"{name}/seed{r['seed']}"]
