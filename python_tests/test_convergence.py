@@ -40,14 +40,14 @@ def tiny_run(tmp_path_factory):
     threads = torch.get_num_threads()
     git = stamps.git_describe()  # the tree's state when the run starts (what its stamp must say)
     try:
-        results, out_dir = conv.run(["--preset", "tiny", "--device", "cpu", "--threads", "1",
+        results, out_dir = conv.run(["--no-tune", "--preset", "tiny", "--device", "cpu", "--threads", "1",
                                      "--out", str(out), "--no-progress"])
     finally:
         torch.set_num_threads(threads)
     return {r.method: r for r in results}, out_dir, git
 
 
-@pytest.mark.parametrize("method", conv.METHODS)
+@pytest.mark.parametrize("method", conv.HEADLINE)
 def test_validation_loss_falls(tiny_run, method):
     results, _, _ = tiny_run
     r = results[method]
@@ -62,7 +62,7 @@ def test_validation_loss_falls(tiny_run, method):
     assert r.state_bytes > 0 and r.tokens_per_s > 0 and r.peak_bytes >= 0
 
 
-@pytest.mark.parametrize("method", [m for m in conv.METHODS if RECIPES[m].role == "lowrank"])
+@pytest.mark.parametrize("method", [m for m in conv.HEADLINE if RECIPES[m].role == "lowrank"])
 def test_lowrank_method_beats_frozen_control(tiny_run, method):
     results, _, _ = tiny_run
     r, ctrl = results[method], results["frozen"]
@@ -146,7 +146,7 @@ def test_csv_json_outputs(tiny_run):
     with open(out / "convergence.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["method", "final_val_loss", "val_ppl", "state_bytes", "peak_bytes", "tokens_per_s"]
-    trained = [m for m in conv.METHODS if not results[m].status.startswith(("unavailable", "failed"))]
+    trained = [m for m in conv.HEADLINE if not results[m].status.startswith(("unavailable", "failed"))]
     assert [row[0] for row in rows[1:]] == trained
     for row in rows[1:]:
         r = results[row[0]]
@@ -227,7 +227,13 @@ def test_bad_arguments():
     with pytest.raises(SystemExit):
         conv.parse_args(["--seeds", "0"])
     with pytest.raises(SystemExit):
-        conv.parse_args(["--grid", "lr=1e-3"])  # --grid without --tune
+        conv.parse_args(["--no-tune", "--grid", "lr=1e-3"])  # a grid with nothing to tune
+    assert conv.parse_args(["--grid", "lr=x0.5,x1"]).grid_values == {"lr": ["x0.5", "x1"]}  # the protocol's grid
+    for bad in (["--budget", "0"], ["--tune-steps", "0"], ["--grid", "lr=xfast"]):
+        with pytest.raises(SystemExit):
+            conv.parse_args(bad)
+    with pytest.raises(SystemExit, match="--lr"):  # the protocol tunes lr itself
+        conv.run(["--preset", "tiny", "--lr", "galore=1e-3", "--out", "/nonexistent/never-written"])
     with pytest.raises(SystemExit):
         conv.parse_args(["--tune", "adamw", "--grid", "lr=fast"])
     with pytest.raises(FileNotFoundError, match="--data"):
@@ -321,7 +327,7 @@ def test_merge_seeds_from_separate_processes(tmp_path):
     outs = []
     for seed in (0, 1):
         out = tmp_path / f"s{seed}"
-        conv.run(["--preset", "tiny", "--steps", "2", "--optimizers", "adamw,frozen", "--seed", str(seed),
+        conv.run(["--no-tune", "--preset", "tiny", "--steps", "2", "--optimizers", "adamw,frozen", "--seed", str(seed),
                   "--device", "cpu", "--threads", "1", "--no-progress", "--out", str(out)])
         outs.append(out / "convergence.json")
     merged = tmp_path / "merged"
@@ -345,7 +351,7 @@ def test_merge_adds_rows_of_new_methods_from_a_later_commit(tmp_path):
     outs = {}
     for name, methods in (("old", "adamw,frozen"), ("new", "galore")):
         out = tmp_path / name
-        conv.run(["--preset", "tiny", "--steps", "2", "--optimizers", methods, "--device", "cpu", "--threads", "1",
+        conv.run(["--no-tune", "--preset", "tiny", "--steps", "2", "--optimizers", methods, "--device", "cpu", "--threads", "1",
                   "--no-progress", "--out", str(out)])
         outs[name] = out / "convergence.json"
     old = json.loads(outs["old"].read_text())
@@ -456,3 +462,169 @@ def test_finetune_owlore_full_galore(tmp_path):
     assert "| owlore |" in text and "| full |" in text
     with pytest.raises(SystemExit):
         ft.run(["--methods", "lisa", "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+def _fake_point(loss_of):
+    """A ``run_point`` for :func:`protocol.tune_method` that trains nothing: the loss is ``loss_of(hp)``."""
+    calls = []
+
+    def run_point(hp):
+        calls.append(dict(hp))
+        return conv.Result("galore", "ok", final_val_loss=loss_of(hp), curve=[(0, 5.0), (1, loss_of(hp))],
+                           recipe=dict(hp))
+    return run_point, calls
+
+
+def _tune_meta():
+    return {"preset": {"name": "tiny", "steps": 1}, "data": "d", "seeds": [0], "evaluated_split": "tune",
+            "git": "x"}
+
+
+def test_protocol_grid_extends_at_an_edge_within_the_budget(tmp_path):
+    from bench.convergence import protocol
+
+    preset = conv.PRESETS["tiny"]
+    paper = RECIPES["galore"].resolve(preset)
+    # The loss falls with lr up to 8x the paper's value: the grid (x0.5, x1, x2) must extend
+    # upwards (x4, then x8), each extension crossed with every other_lr, and stop at the budget.
+    run_point, calls = _fake_point(lambda hp: abs(math.log(hp["lr"] / (8 * paper["lr"]))) + abs(math.log(hp["other_lr"] / 0.03)))
+    oc = protocol.tune_method("galore", preset, run_point, tmp_path, _tune_meta(), budget=17,
+                              override={"lr": ("x0.5", "x1", "x2"), "other_lr": (0.01, 0.03, 0.1)})
+    assert len(calls) == 15 and len({tuple(sorted(c.items())) for c in calls}) == 15
+    assert oc.best == {"lr": pytest.approx(8 * paper["lr"]), "other_lr": 0.03}
+    assert not oc.complete  # x16 would be next (3 more points), past the budget
+    info = json.loads((tmp_path / "convergence_tuning-galore.json").read_text())
+    assert len(info["points"]) == 15 and info["best"]["hparams"] == oc.best
+    assert {p["git"] for p in info["points"]} == {"x"} and [h["git"] for h in info["history"]] == ["x"]
+    # Resuming runs nothing again; a larger budget runs only the missing points.
+    run_point2, calls2 = _fake_point(lambda hp: abs(math.log(hp["lr"] / (8 * paper["lr"]))) + abs(math.log(hp["other_lr"] / 0.03)))
+    oc2 = protocol.tune_method("galore", preset, run_point2, tmp_path, _tune_meta(), budget=17,
+                               override={"lr": ("x0.5", "x1", "x2"), "other_lr": (0.01, 0.03, 0.1)})
+    assert calls2 == [] and oc2.best == oc.best
+    oc3 = protocol.tune_method("galore", preset, run_point2, tmp_path, dict(_tune_meta(), git="y"), budget=18,
+                               override={"lr": ("x0.5", "x1", "x2"), "other_lr": (0.01, 0.03, 0.1)})
+    # 18 leaves room for the x16 column (3 points): then x8 is interior and the grid complete.
+    assert [c["lr"] for c in calls2] == [pytest.approx(16 * paper["lr"])] * 3
+    info = json.loads((tmp_path / "convergence_tuning-galore.json").read_text())  # each point keeps its stamp
+    assert [h["git"] for h in info["history"]] == ["x", "x", "y"] and info["git"] == "y"
+    assert sorted(p["git"] for p in info["points"]) == ["x"] * 15 + ["y"] * 3
+    assert {p["git"] for p in info["points"] if p["hparams"]["lr"] == pytest.approx(16 * paper["lr"])} == {"y"}
+    assert oc3.complete and oc3.best == oc.best
+    # An interior best ends the grid at 9 points, complete.
+    run_point4, calls4 = _fake_point(lambda hp: abs(math.log(hp["lr"] / paper["lr"])) + abs(hp["other_lr"] - 0.03))
+    oc4 = protocol.tune_method("galore", preset, run_point4, tmp_path / "b", _tune_meta(), budget=17)
+    assert len(calls4) == 9 and oc4.complete and oc4.best == {"lr": pytest.approx(paper["lr"]), "other_lr": 0.03}
+    # Rows: the tuned one under the plain name, the paper recipe's second only when it differs.
+    assert protocol.rows_for("galore", preset, oc4)[0][0] == "galore"
+    assert [n for n, _ in protocol.rows_for("galore", preset, oc4)] == ["galore", "galore (paper recipe)"]
+    same = protocol.TuningOutcome("galore", {}, [], [], {"lr": paper["lr"], "other_lr": paper["other_lr"]}, True)
+    assert [n for n, _ in protocol.rows_for("galore", preset, same)] == ["galore"]
+    assert [n for n, _ in protocol.rows_for("frozen", preset, None)] == ["frozen"]
+
+
+def test_acceptance_judges_by_the_worst_seed():
+    S = conv_report.Summary
+    base = S("adamw", "baseline", "ok", [1.00, 1.00, 1.00], [0, 1, 2], 100, 0, 1.0)
+    close = S("galore", "lowrank", "ok", [1.00, 1.02, 1.04], [0, 1, 2], 40, 0, 1.0)  # mean +2%, worst +4%
+    spread = S("dct", "lowrank", "ok", [0.98, 1.00, 1.08], [0, 1, 2], 40, 0, 1.0)  # mean +2%, worst +8%
+    lines = conv_report.acceptance([base, close, spread])
+    assert "worst seed (ok" in next(ln for ln in lines if ln.startswith("galore"))
+    assert "worst seed (MISS" in next(ln for ln in lines if ln.startswith("dct "))
+    # DCT vs GaLore: worst seed 1.08 against GaLore's mean 1.02 is 6 points of AdamW's loss.
+    assert any(ln.startswith("dct vs galore") and "+6.00 points" in ln and "MISS" in ln for ln in lines)
+
+
+@pytest.mark.slow
+def test_protocol_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch):
+    """Tune (half length, tuning split), then the tuned and paper-recipe rows over 2 seeds; a
+    second run resumes everything; a subset run adds its rows to the same table."""
+    from bench.convergence import cli, training
+
+    calls = []
+    real = training.train_one
+
+    def counting(method, preset, *a, **k):
+        calls.append((method, preset.steps))
+        return real(method, preset, *a, **k)
+
+    monkeypatch.setattr(cli, "train_one", counting)
+    args = ["--preset", "tiny", "--steps", "4", "--optimizers", "adamw,frozen,galore", "--grid", "lr=x1,x4",
+            "--grid", "other_lr=0.01", "--budget", "2", "--seeds", "2", "--device", "cpu", "--threads", "1",
+            "--no-progress", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        results, out = conv.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    tuned = [c for c in calls if c[1] == 2]
+    assert sorted(m for m, _ in tuned) == ["adamw", "adamw", "galore", "galore"]  # frozen: not tuned
+    for m in ("adamw", "galore"):
+        t = json.loads((out / f"convergence_tuning-{m}.json").read_text())
+        assert t["evaluated_split"] == "tune" and t["preset"]["steps"] == 2 and len(t["points"]) == 2
+    info = json.loads((out / "convergence.json").read_text())
+    assert info["evaluated_split"] == "val" and info["seeds"] == [0, 1]
+    rows = info["protocol"]["rows"]
+    best = info["protocol"]["tuned"]["galore"]["best"]
+    paper = RECIPES["galore"].resolve(conv.PRESETS["tiny"])
+    assert rows["galore"]["lr"] == pytest.approx(best["lr"])
+    assert ("galore (paper recipe)" in rows) == (best["lr"] != pytest.approx(paper["lr"]))
+    for name in rows:
+        assert info["summary"][name]["seeds"] == [0, 1], name
+        assert info["summary"][name]["recipe"] == ("paper" if name.endswith("(paper recipe)") else
+                                                   "recipe" if name == "frozen" else "tuned")
+    with open(out / "convergence.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == list(rows)
+    assert set(info["git_by_run"]) == {f"{name}/seed{s}" for name in rows for s in (0, 1)}
+    assert set(info["git_by_run"].values()) == {info["git"]}
+    n = len(calls)
+    results2, _ = conv.run(args)  # resumes: nothing is trained again
+    assert len(calls) == n and [r.final_val_loss for r in results2] == [r.final_val_loss for r in results]
+    # A subset run adds its rows and keeps the others: only dct is tuned and trained.
+    sub = list(args)
+    sub[sub.index("--optimizers") + 1] = "adamw,dct"
+    conv.run(sub)
+    assert {m for m, _ in calls[n:]} == {"dct"}
+    info = json.loads((out / "convergence.json").read_text())
+    assert set(rows) | {"dct"} <= set(info["summary"]) and set(info["protocol"]["tuned"]) == {"adamw", "galore", "dct"}
+    assert all(info["summary"][name]["seeds"] == [0, 1] for name in info["protocol"]["rows"])
+    assert set(info["git_by_run"]) == {f"{name}/seed{s}" for name in info["protocol"]["rows"] for s in (0, 1)}
+
+
+def test_dct_study_variants_set_what_their_names_say():
+    """The study variants differ from the dct row only in the refresh rule (and run only when named)."""
+    preset = conv.PRESETS["tiny"]
+    want = {"dct": (preset.gap, "keep", 1), "dct-t1": (1, "keep", 1), "dct-t1-reindex": (1, "reindex", 1),
+            "dct-reindex": (preset.gap, "reindex", 1), "dct-l2": (preset.gap, "keep", 2)}
+    for m, (gap, refresh, norm) in want.items():
+        model = conv.build_model(preset, 0, torch.device("cpu"))
+        opt = RECIPES[m].build(model, preset, RECIPES[m].resolve(preset))
+        (g,) = [g for g in opt.param_groups if not is_plain_group(g)]
+        assert (g["update_proj_gap"], g["moment_refresh"], g["norm"]) == (gap, refresh, norm), m
+        assert (m in conv.HEADLINE) == (m == "dct")
+        assert RECIPES[m].resolve(preset) == RECIPES["dct"].resolve(preset)
+
+
+def test_committed_protocol_rows_are_the_best_of_their_grids():
+    """bench/results/protocol/ (a partial protocol run): each tuned row runs its grid's best point,
+    the paper row its recipe, and every point and run names the code version it ran with."""
+    folder = RESULTS / "protocol"
+    if not (folder / "convergence.json").exists():
+        pytest.skip("no committed protocol table")
+    info = json.loads((folder / "convergence.json").read_text())
+    preset = conv.PRESETS[info["preset"]["name"]]
+    assert info["evaluated_split"] == "val"
+    for m, t in info["protocol"]["tuned"].items():
+        grid = json.loads((folder / f"convergence_tuning-{m}.json").read_text())
+        assert grid["evaluated_split"] == "tune" and grid["preset"]["steps"] == preset.steps // 2
+        assert grid["best"]["hparams"] == t["best"] and all(p["git"] for p in grid["points"])
+        in_grid = [p for p in grid["points"] if p["hparams"] == t["best"]]
+        assert in_grid and in_grid[0]["tune_loss"] == pytest.approx(grid["best"]["tune_loss"])
+    for r in info["runs"]:
+        name = r["method"]
+        want = RECIPES[conv.recipes.base_of(name)].resolve(preset,
+                                                           None if name.endswith(conv.PAPER_SUFFIX) or name == "frozen"
+                                                           else info["protocol"]["tuned"][name]["best"])
+        assert r["recipe"] == pytest.approx(want), name
+        assert info["git_by_run"][f"{name}/seed{r['seed']}"]

@@ -9,11 +9,14 @@ the attention and MLP weights only, chosen by
 :func:`lowrank_kernels.optim.lowrank_param_groups`; embeddings, the LM head and the
 norms get plain AdamW inside each optimizer, at the recipe's ``other_lr``.
 
-Fairness: the AdamW baseline's two learning rates (projected weights, other params)
-come from a grid scored on a TUNING split (``--tune adamw --grid lr=... --grid
-other_lr=...``, committed in ``bench/results/convergence_tuning-adamw.*``); the low-rank
-methods take their papers' values. The table is measured on a separate VALIDATION
-split. The ``frozen`` row is the control: the low-rank recipes' AdamW on embeddings,
+Fairness (the protocol, :mod:`.protocol`, the default mode): every method's ``lr`` and
+``other_lr`` come from a grid around its recipe scored on a TUNING split at half length
+with the same budget (17 points, what AdamW's grid took; ``convergence_tuning-<method>.*``);
+the table has the tuned row under the method's name and the paper recipe as a second
+row ``"<method> (paper recipe)"`` where it differs, three seeds each, measured on a
+separate VALIDATION split; a row is "within 5% of AdamW" only when its worst seed is.
+``--no-tune`` runs the recipes as registered instead (the papers' values; the committed
+AdamW pair comes from ``--tune adamw``, ``bench/results/convergence_tuning-adamw.*``). The ``frozen`` row is the control: the low-rank recipes' AdamW on embeddings,
 head and norms with the projected weights frozen at initialization; each low-rank
 method must end clearly below it. ``--seeds N`` repeats every method with N seeds
 (initial weights and batch order) and reports the mean and spread.
@@ -51,7 +54,7 @@ A method whose optimizer cannot be imported is listed as ``unavailable: <reason>
 and left out of the CSV; one that raises while training is listed as ``failed`` and
 the command exits with status 1. Modules: :mod:`.presets`, :mod:`.data`,
 :mod:`.recipes` (one entry per method), :mod:`.training`, :mod:`.report`,
-:mod:`.tuning`, :mod:`.cli`.
+:mod:`.tuning`, :mod:`.protocol`, :mod:`.cli`.
 """
 import os
 
@@ -62,13 +65,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .cli import main, parse_args, run  # noqa: E402
 from .data import SPLITS, Batches, Corpus, _is_validation, load_corpus, split_of  # noqa: E402
 from .presets import PRESETS, Preset  # noqa: E402
-from .recipes import METHODS, RECIPES, TARGET_MODULES, Recipe, lowrank_builder, register  # noqa: E402
+from .recipes import HEADLINE, METHODS, PAPER_SUFFIX, RECIPES, TARGET_MODULES, Recipe, lowrank_builder, register  # noqa: E402
 from .report import CLEAR_MARGIN_NATS, CSV_COLUMNS, Summary, acceptance, format_table, summarize  # noqa: E402
 from .training import PeakMemory, Result, build_model, evaluate, lm_loss, lr_lambda, state_bytes, train_one  # noqa: E402
 
 __all__ = [
     "main", "parse_args", "run", "SPLITS", "Batches", "Corpus", "load_corpus", "split_of", "PRESETS", "Preset",
-    "METHODS", "RECIPES", "TARGET_MODULES", "Recipe", "lowrank_builder", "register", "CLEAR_MARGIN_NATS",
+    "HEADLINE", "METHODS", "PAPER_SUFFIX", "RECIPES", "TARGET_MODULES", "Recipe", "lowrank_builder", "register", "CLEAR_MARGIN_NATS",
     "CSV_COLUMNS", "Summary", "acceptance", "format_table", "summarize", "PeakMemory", "Result", "build_model",
     "evaluate", "lm_loss", "lr_lambda", "state_bytes", "train_one",
 ]

@@ -62,6 +62,12 @@ class Recipe:
     (the frozen-weights control) or ``"lowrank"`` (a method that must beat the control).
     ``requires`` lists ``(module, attribute)`` pairs that must import for the method to
     run; ``source`` says where the values come from.
+
+    ``tune`` is the method's tuning grid for the protocol (:mod:`.protocol`), one entry
+    per hyper-parameter: numbers, or strings ``"x0.5"`` (multiples of the recipe's own
+    value); None takes :data:`~bench.convergence.protocol.DEFAULT_GRID` (the baseline
+    and low-rank methods) or tunes nothing (the control). ``headline=False`` marks a
+    study variant: run only when named in ``--optimizers``, never by default.
     """
 
     name: str
@@ -72,6 +78,8 @@ class Recipe:
     per_preset: Mapping[str, HP] = dataclasses.field(default_factory=dict)
     source: str = ""
     callback: Optional[Callable] = None
+    tune: Optional[Mapping[str, tuple]] = None
+    headline: bool = True
 
     def __post_init__(self):
         if self.role not in ("baseline", "control", "lowrank"):
@@ -108,6 +116,20 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {}
 
+# The protocol's second row of a method whose tuned hyper-parameters differ from its
+# recipe's: "galore (paper recipe)" next to the tuned "galore".
+PAPER_SUFFIX = " (paper recipe)"
+
+
+def base_of(row: str) -> str:
+    """The recipe name of a table row: ``"galore (paper recipe)"`` -> ``"galore"``."""
+    return row[: -len(PAPER_SUFFIX)] if row.endswith(PAPER_SUFFIX) else row
+
+
+def recipe_of(row: str) -> Optional[Recipe]:
+    """The :class:`Recipe` of a table row, or None for a row of an unknown method."""
+    return RECIPES.get(base_of(row))
+
 
 def register(recipe: Recipe) -> Recipe:
     """Add ``recipe`` to :data:`RECIPES` (a name can be registered once)."""
@@ -125,15 +147,17 @@ def is_plain_group(group: dict) -> bool:
 
 
 def split_groups(model: torch.nn.Module, preset: Preset, hp: dict, *, rank: Optional[int],
-                 plain_keys: Optional[dict] = None, **extra) -> list[dict]:
+                 plain_keys: Optional[dict] = None, gap: Optional[int] = None, **extra) -> list[dict]:
     """``lowrank_param_groups`` for the demo's target modules, each group with its own lr.
 
-    The projected group gets ``hp["lr"]`` (and ``hp["scale"]`` when the recipe has one) and
-    ``extra``, the plain group ``hp["other_lr"]`` and ``plain_keys``.
+    The projected group gets ``hp["lr"]`` (and ``hp["scale"]`` when the recipe has one),
+    ``update_proj_gap`` ``gap`` (default: the preset's) and ``extra``, the plain group
+    ``hp["other_lr"]`` and ``plain_keys``.
     """
     from lowrank_kernels.optim import lowrank_param_groups
 
-    groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank, update_proj_gap=preset.gap,
+    groups = lowrank_param_groups(model, target_modules=TARGET_MODULES, rank=rank,
+                                  update_proj_gap=preset.gap if gap is None else gap,
                                   scale=hp.get("scale"), **extra)
     for g in groups:
         g["lr"] = hp["other_lr"] if is_plain_group(g) else hp["lr"]
@@ -154,7 +178,8 @@ def lowrank_builder(name: str, *, rank: Optional[Callable[[Preset], Optional[int
                     plain_group_keys: Optional[Callable[[dict], dict]] = None,
                     opt_kwargs: Optional[Callable[[dict], dict]] = None,
                     prepare: Optional[Callable[[torch.nn.Module], None]] = None,
-                    constructor: Optional[str] = None, **fixed_group_keys) -> Builder:
+                    constructor: Optional[str] = None, gap: Optional[Callable[[Preset], int]] = None,
+                    **fixed_group_keys) -> Builder:
     """A builder for optimizer ``name`` on :func:`split_groups`.
 
     ``name`` is a name of :mod:`lowrank_kernels.optim.registry` (``"galore"``,
@@ -163,8 +188,9 @@ def lowrank_builder(name: str, *, rank: Optional[Callable[[Preset], Optional[int
     preset's rank), ``group_keys(hp)`` / ``fixed_group_keys`` (extra keys of the projected
     group), ``plain_group_keys(hp)`` (extra keys of the plain group, e.g. its moment
     format), ``opt_kwargs(hp)`` (optimizer keyword arguments), ``prepare(model)`` (run
-    first, e.g. INT8 quantization) and ``constructor`` (a class method to call instead of
-    the class, e.g. ``"mini"``; a registered name brings its own).
+    first, e.g. INT8 quantization), ``constructor`` (a class method to call instead of
+    the class, e.g. ``"mini"``; a registered name brings its own) and ``gap(preset)``
+    (the projector refresh gap; default: the preset's).
     """
 
     def build(model, preset, hp):
@@ -175,7 +201,8 @@ def lowrank_builder(name: str, *, rank: Optional[Callable[[Preset], Optional[int
         keys = dict(fixed_group_keys)
         keys.update(group_keys(hp) if group_keys else {})
         groups = split_groups(model, preset, hp, rank=r,
-                              plain_keys=plain_group_keys(hp) if plain_group_keys else None, **keys)
+                              plain_keys=plain_group_keys(hp) if plain_group_keys else None,
+                              gap=None if gap is None else gap(preset), **keys)
         kwargs = dict(lr=hp["lr"], weight_decay=0.0, **(opt_kwargs(hp) if opt_kwargs else {}))
         if spec is not None and constructor is None:
             return spec.build(groups, **kwargs)
@@ -397,7 +424,27 @@ register(Recipe(
     requires=requires_of("trion"),
     source="Trion (IST-DASLab, ICLR 2026), ista-daslab-optimizers 1.1.15 defaults: lr 0.02, momentum 0.95; "
            "scaling 'kj', Newton-Schulz 'dion'; other parameters AdamW at 0.01 as the other low-rank recipes"))
+# DCT-AdamW variants for the DCT-vs-GaLore study (docs/dct_gap.md; run only when named,
+# e.g. --optimizers dct,dct-t1): what the official code (ista-daslab-optimizers
+# DCTAdamW) does differently from the dct row. Its defaults refresh the index set every
+# step (update_proj_gap=1) and keep the moments as they are (rotate_subspace=False);
+# rotate_subspace=True carries them over, which for a shared orthonormal basis is our
+# moment_refresh="reindex". Its update has no scale factor (scale 1): lr x scale is the
+# only product that enters the projected update, so that is a choice of lr (the tuning grid).
+for _name, _gap, _refresh, _norm, _why in (
+        ("dct-t1", 1, "keep", 1, "the official code's defaults: refresh every step, moments kept"),
+        ("dct-t1-reindex", 1, "reindex", 1, "refresh every step, moments carried over (rotate_subspace=True)"),
+        ("dct-reindex", None, "reindex", 1, "the preset's gap, moments carried over at a refresh"),
+        ("dct-l2", None, "keep", 2, "the preset's gap, L2 alignment scores")):
+    register(Recipe(
+        _name, lowrank_builder("dct", proj_type="std", moment_refresh=_refresh, norm=_norm,
+                               gap=None if _gap is None else (lambda p, g=_gap: g)),
+        dict(lr=1e-2, other_lr=1e-2, scale=0.25), requires=requires_of("dct"), headline=False,
+        source=f"the dct recipe (lr 0.01, scale 0.25), {_why}"))
+del _name, _gap, _refresh, _norm, _why
 
 # New methods: a register(...) call above this line. (The command line reads RECIPES
 # itself, so a recipe registered elsewhere before it runs is also available.)
 METHODS = tuple(RECIPES)
+# What a run without --optimizers trains (the study variants only when named).
+HEADLINE = tuple(m for m, r in RECIPES.items() if r.headline)

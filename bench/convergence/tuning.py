@@ -14,8 +14,17 @@ from .training import Result
 TUNING_COLUMNS = ("method", "preset", "steps", "seed", "hparams", "tune_loss", "status")
 
 
-def parse_grid(items: list[str] | None) -> dict[str, list[float]]:
-    """``["lr=1e-3,2e-3", "other_lr=1e-2"]`` -> ``{"lr": [1e-3, 2e-3], "other_lr": [1e-2]}``."""
+def _value(v: str):
+    """A grid value: a number, or ``"xF"`` (kept as a string: F times the recipe's value)."""
+    if v.startswith("x"):
+        float(v[1:])
+        return v
+    return float(v)
+
+
+def parse_grid(items: list[str] | None) -> dict[str, list]:
+    """``["lr=1e-3,2e-3", "other_lr=1e-2"]`` -> ``{"lr": [1e-3, 2e-3], "other_lr": [1e-2]}``;
+    ``"lr=x0.5,x1"`` keeps ``["x0.5", "x1"]`` (multiples of the recipe's value)."""
     grid: dict[str, list[float]] = {}
     for item in items or []:
         if "=" not in item:
@@ -25,9 +34,10 @@ def parse_grid(items: list[str] | None) -> dict[str, list[float]]:
         if not key or key in grid:
             raise ValueError(f"--grid: empty or repeated key in {item!r}")
         try:
-            vals = [float(v) for v in values.split(",") if v.strip()]
+            vals = [_value(v.strip()) for v in values.split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"--grid: {key} values must be numbers, got {values!r}") from None
+            raise ValueError(f"--grid: {key} values must be numbers or xF (F times the recipe's value), "
+                             f"got {values!r}") from None
         if not vals:
             raise ValueError(f"--grid: no values for {key}")
         grid[key] = vals
@@ -48,8 +58,10 @@ def best(results: list[Result]) -> Result | None:
     return min(ok, key=lambda r: r.final_val_loss) if ok else None
 
 
-def write(out: pathlib.Path, method: str, meta: dict, grid: dict, points: list[dict], results: list[Result]) -> tuple:
-    """``convergence_tuning-<method>.csv`` (one row per grid point) and ``.json`` (stamp, grid, curves, best)."""
+def write(out: pathlib.Path, method: str, meta: dict, grid: dict, points: list[dict], results: list[Result],
+          among: list[dict] | None = None) -> tuple:
+    """``convergence_tuning-<method>.csv`` (one row per grid point) and ``.json`` (stamp, grid, curves, best;
+    the best among the points ``among`` when given, e.g. the protocol's grid within a longer history)."""
     out.mkdir(parents=True, exist_ok=True)
     preset = meta["preset"]
     csv_path = out / f"convergence_tuning-{method}.csv"
@@ -59,7 +71,7 @@ def write(out: pathlib.Path, method: str, meta: dict, grid: dict, points: list[d
         lines.append(",".join([method, preset["name"], str(preset["steps"]), str(r.seed),
                                *(f"{pt[k]:g}" for k in keys), f"{r.final_val_loss:.6f}", r.status.replace(",", ";")]))
     csv_path.write_text("\n".join(lines) + "\n")
-    b = best(results)
+    b = best(results if among is None else [r for pt, r in zip(points, results) if pt in among])
     data = dict(meta)
     data.update({
         "method": method, "split": "tune", "grid": grid,
