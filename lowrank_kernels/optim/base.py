@@ -278,6 +278,9 @@ class LowRankOptimizer(Optimizer):
             reason = _dist.unsupported_placement(p)
             if reason is not None:
                 raise ValueError(self._err(gi, f"parameter {pi}: {reason}"))
+            reason = _dist.flat_parameter_error(p)
+            if reason is not None:
+                raise ValueError(self._err(gi, f"parameter {pi} {reason}"))
             if p.dim() != 2:
                 raise ValueError(self._err(
                     gi, f"parameter {pi} has shape {tuple(p.shape)}: a low-rank group takes 2-D weights only; "

@@ -62,12 +62,17 @@ import torch
 from lowrank_kernels.ops.dtensor import (  # noqa: F401  (the op layer's DTensor helpers, re-exported)
     HAVE_DTENSOR,
     ShardingError,
+    _block_of_shape,
     _replicate,
     _to_local_rep,
     install_op_handlers,
     is_dtensor,
     is_row_sharded,
+    has_col_shard,
+    is_sharded,
     local_rows,
+    lowrank_placements,
+    shard_dim,
     sharded_project,
 )
 
@@ -84,21 +89,52 @@ ROW_STATE_KEYS = {
     "left": ("projector",),
     "full": ("projector",),
 }
+#: state keys that are column-aligned with the weight (second dim ``n``), per projection side:
+#: sharded like the weight's columns when tensor parallelism shards dim 1 (replicated under FSDP2).
+COL_STATE_KEYS = {
+    "left": ("exp_avg", "exp_avg_sq"),
+}
 
 
 # --------------------------------------------------------------------------- detection
 def unsupported_placement(p: torch.Tensor) -> Optional[str]:
-    """None when the optimizers can step ``p``, else why not (placements other than
-    ``Shard(0)`` / ``Replicate()``, e.g. tensor parallelism's ``Shard(1)``)."""
+    """None when the optimizers can step the 2-D weight ``p``, else why not.
+
+    Served: a plain tensor, or a DTensor whose every placement is ``Replicate()`` or a
+    shard of dim 0 or dim 1 (``Shard``, ``_StridedShard``) on a mesh of any number of
+    dimensions: FSDP2, HSDP, tensor parallelism (ColwiseParallel ``Shard(0)``,
+    RowwiseParallel ``Shard(1)``) and their combinations. Refused: pending sums
+    (``Partial``) and shards of other dimensions.
+    """
     if not is_dtensor(p):
         return None
-    bad = [pl for pl in p.placements if not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0))]
+    bad = [pl for pl in p.placements if not (isinstance(pl, Replicate) or shard_dim(pl) in (0, 1))]
     if bad:
         return (
-            f"DTensor placements {tuple(p.placements)} are not supported: the low-rank optimizers take "
-            "parameters sharded on dim 0 (FSDP2 fully_shard) or replicated"
+            f"DTensor placements {tuple(p.placements)} are not supported: a low-rank group takes weights that are "
+            "replicated or sharded on dim 0 / dim 1 per mesh dimension (FSDP2, HSDP, tensor parallelism); "
+            f"{tuple(bad)} is not; redistribute the parameter (e.g. reduce a Partial) or put it in a group with "
+            "rank=None"
         )
     return None
+
+
+def flat_parameter_error(p: torch.Tensor) -> Optional[str]:
+    """Why a 1-D parameter in a low-rank group cannot be stepped, naming the fix, when it is a
+    flattened parameter (FSDP1 ``use_orig_params=False``'s ``FlatParameter``, DeepSpeed
+    ZeRO's partitions); None for any other parameter."""
+    if p.dim() != 1:
+        return None
+    flat = type(p).__name__ == "FlatParameter" or getattr(p, "_is_flat_param", False)
+    zero = hasattr(p, "ds_id") or hasattr(p, "ds_numel") or hasattr(p, "ds_tensor")
+    if not (flat or zero):
+        return None
+    what = "an FSDP1 FlatParameter (use_orig_params=False)" if flat else "a DeepSpeed ZeRO partition"
+    return (
+        f"is {what} of {p.numel()} elements: the weight matrices were flattened into one 1-D buffer, so there "
+        "is no matrix to project; use FSDP2 (torch.distributed.fsdp.fully_shard) or FSDP1 with "
+        "use_orig_params=True (DeepSpeed ZeRO is not supported: it always flattens)"
+    )
 
 
 def local(t: Any) -> Any:
@@ -165,7 +201,7 @@ def inf_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         layouts.setdefault((g.device_mesh, tuple(g.placements)), []).append(i)  # meshes compare by value
     for members in layouts.values():
         g0 = grads[members[0]]
-        pending = [Partial("max") if isinstance(pl, Shard) else Replicate() for pl in g0.placements]
+        pending = [Partial("max") if shard_dim(pl) is not None else Replicate() for pl in g0.placements]
         if all(isinstance(pl, Replicate) for pl in pending):
             continue
         idx = torch.tensor(members, device=vec.device)
@@ -184,6 +220,9 @@ def place_state(p: torch.Tensor, state: Dict[str, Any], side: str, host_keys=fro
     """
     if not is_dtensor(p):
         return
+    if has_col_shard(p):
+        _place_block_state(p, state, side, host_keys)
+        return
     rows = ROW_STATE_KEYS.get(side, ())
     for key, value in list(state.items()):
         if key in host_keys or not isinstance(value, torch.Tensor):
@@ -198,6 +237,48 @@ def place_state(p: torch.Tensor, state: Dict[str, Any], side: str, host_keys=fro
             state[key] = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
 
 
+def _pending_to_replicate(value):
+    """A DTensor with every ``Partial`` placement reduced to ``Replicate`` (shards kept)."""
+    if not any(isinstance(pl, Partial) for pl in value.placements):
+        return value
+    target = [Replicate() if isinstance(pl, Partial) else pl for pl in value.placements]
+    return value.redistribute(value.device_mesh, target)
+
+
+def _place_block_state(p: torch.Tensor, state: Dict[str, Any], side: str, host_keys) -> None:
+    """:func:`place_state` for a weight sharded on dim 1 (tensor parallelism).
+
+    Row-aligned entries (:data:`ROW_STATE_KEYS`: right-side moments ``m x r``, the left
+    projector ``m x r``) take ``p``'s shards of dim 0; column-aligned ones
+    (:data:`COL_STATE_KEYS`: left-side moments ``r x n``) take ``p``'s shards of dim 1;
+    both are replicated over the other mesh dimensions. A local slice each, no
+    communication. Other tensors (the right projector ``r x n``, DCT indices, INT4 codes,
+    seeds) stay as they are (plain, the same on every rank); pending sums are reduced.
+    """
+    mesh = p.device_mesh
+    targets = {}
+    for key in ROW_STATE_KEYS.get(side, ()):
+        targets[key] = (0, lowrank_placements(p, "right"))
+    for key in COL_STATE_KEYS.get(side, ()):
+        targets[key] = (1, lowrank_placements(p, "left"))
+    for key, value in list(state.items()):
+        if key in host_keys or not isinstance(value, torch.Tensor):
+            continue
+        if is_dtensor(value):
+            value = state[key] = _pending_to_replicate(value)
+        target = targets.get(key)
+        if target is None or value.dim() != 2 or value.shape[target[0]] != p.shape[target[0]]:
+            continue
+        dim, placements = target
+        if is_dtensor(value):
+            if tuple(value.placements) != tuple(placements):
+                if not all(isinstance(pl, Replicate) for pl in value.placements):
+                    value = value.redistribute(mesh, [Replicate()] * mesh.ndim)
+                state[key] = value.redistribute(mesh, placements)  # a local slice
+        elif not all(isinstance(pl, Replicate) for pl in placements):
+            state[key] = distribute_tensor(value, mesh, placements, src_data_rank=None)
+
+
 def addcmul_(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
     """``p.addcmul_(grad, coef)`` with ``coef`` either row-aligned (``m x 1``, sharded like
     ``p``) or broadcast over the rows (``1 x n`` or 0-d, replicated), on the local rows.
@@ -205,6 +286,9 @@ def addcmul_(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
     (DTensor refuses the in-place op when a one-row weight is sharded, because it reads
     the ``1 x n`` factor as a broadcast; here the roles are explicit.)
     """
+    if has_col_shard(p):
+        _addcmul_block(p, grad, coef)
+        return
     if not is_row_sharded(p):
         p.addcmul_(grad, coef)
         return
@@ -217,6 +301,33 @@ def addcmul_(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
         p_l.addcmul_(grad.to_local(), c)
 
 
+def _addcmul_block(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> None:
+    """:func:`addcmul_` for a weight sharded on dim 1: ``coef`` (``m x 1``, ``1 x n`` or 0-d,
+    a DTensor or the same plain tensor on every rank) is laid out like ``p`` on its
+    non-broadcast dimension (a vector-sized redistribution at most), then applied to the
+    local block."""
+    mesh = p.device_mesh
+    if is_dtensor(coef):
+        coef = _pending_to_replicate(coef)
+        if coef.dim() == 2:
+            target = [pl if shard_dim(pl) is not None and coef.shape[pl.dim] == p.shape[pl.dim] and coef.shape[pl.dim] > 1
+                      else Replicate() for pl in p.placements]
+            c = coef.redistribute(mesh, target).to_local() if tuple(coef.placements) != tuple(target) else coef.to_local()
+        else:
+            c = coef.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
+    else:
+        c = coef
+        if c.dim() == 2:
+            rows, cols = _block_of_shape(p.shape, mesh, p.placements)
+            c = c[rows if c.shape[0] > 1 else slice(None), cols if c.shape[1] > 1 else slice(None)]
+    if not is_dtensor(grad) or tuple(grad.placements) != tuple(p.placements):
+        raise ShardingError(f"addcmul_: the gradient must be laid out like the parameter {tuple(p.placements)}, got "
+                            f"{tuple(grad.placements) if is_dtensor(grad) else 'a plain tensor'}")
+    p_l = p.to_local()
+    if p_l.numel() > 0:
+        p_l.addcmul_(grad.to_local(), c)
+
+
 def bucketable(p: torch.Tensor) -> bool:
     """Whether ``p`` may take the bucketed (multi-tensor) step: a plain tensor with a plain
     gradient, or a DTensor the list-op handlers serve (``Shard(0)`` / ``Replicate()``
@@ -224,7 +335,8 @@ def bucketable(p: torch.Tensor) -> bool:
     g = p.grad
     if not is_dtensor(p):
         return not is_dtensor(g)
-    if not is_dtensor(g) or unsupported_placement(p) is not None or tuple(g.placements) != tuple(p.placements):
+    if (not is_dtensor(g) or unsupported_placement(p) is not None or tuple(g.placements) != tuple(p.placements)
+            or has_col_shard(p)):  # sharded on dim 1: the per-parameter path (its all-reduce per step)
         return False
     install_op_handlers()
     return True
@@ -246,4 +358,9 @@ __all__ = [
     "bucketable",
     "ShardingError",
     "ROW_STATE_KEYS",
+    "COL_STATE_KEYS",
+    "has_col_shard",
+    "is_sharded",
+    "lowrank_placements",
+    "flat_parameter_error",
 ]
