@@ -1,4 +1,4 @@
-"""DDP and FSDP2 (DTensor) support for the low-rank optimizers.
+"""DDP, FSDP2 and tensor-parallel (DTensor) support for the low-rank optimizers.
 
 **DDP** needs nothing: gradients are already all-reduced and parameters are plain
 tensors, so every rank runs the same step on the same numbers. (Q-GaLore's INT8
@@ -49,8 +49,23 @@ per-parameter path. A layout the handlers cannot serve raises :class:`ShardingEr
 instead of gathering silently.
 :func:`place_state` keeps the row-aligned state (right-side moments, left-side
 projector) sharded like the weight, so ``torch.distributed.checkpoint`` saves it
-sharded and resumes on the same world size. Placements other than ``Shard(0)`` /
-``Replicate()`` (tensor parallelism) are refused when the param group is added.
+sharded and resumes on the same world size.
+
+**Tensor parallelism** (``RowwiseParallel``: ``Shard(1)``; with FSDP2 on a ("dp", "tp") mesh
+``(Shard(0), Shard(1))``; ``ColwiseParallel`` x FSDP2 gives ``(_StridedShard(0), Shard(0))``,
+rows only, served as above): a rank holds a block ``W[I, J]``. The projection's partial
+product of the block is summed by one all-reduce of the low-rank block per mesh dimension
+that shards the contracted dimension (right: ``|I| x r``; left: ``r x |J|``); ``R``, the
+moments and ``N`` keep the weight's shards of the kept dimension
+(:func:`lowrank_placements`); the back-projection of the block is local
+(:mod:`lowrank_kernels.ops.dtensor`, "2-D layouts"). :func:`place_state` lays out the state
+so (:func:`_place_block_state`: row-aligned keys take the weight's row shards, the left
+moments its column shards); :func:`addcmul_` applies APOLLO's row or column factors to the
+block. A refresh may gather: an SVD the whole gradient, DCT scoring the columns over the
+dimensions that shard them. Placements no path serves (``Partial``, shards of other
+dimensions) are refused when the param group is added (:func:`unsupported_placement`), and
+so are flattened parameters (:func:`flat_parameter_error`: FSDP1 ``use_orig_params=False``,
+DeepSpeed ZeRO).
 """
 from __future__ import annotations
 

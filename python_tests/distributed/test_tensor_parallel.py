@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # one 4-process spawn (about a minute on 2 cores)
 MUST = ["adamw", "galore_right", "galore_left", "dct_right", "apollo"]
 # every other optimizer that steps FSDP2 weights, once: Q-GaLore (INT4 projector), FRUGAL, DCT on
 # both sides (std), GaLore full, 8-bit moments
-MORE = ["galore_full", "galore_right_8bit", "dct_std_l2", "frugal_svd", "qgalore_int4"]
+MORE = ["galore_full", "galore_right_8bit", "dct_std_l2", "apollo_mini", "frugal_svd", "qgalore_int4"]
 PARITY = {"fsdp_tp": MUST + MORE, "hsdp_tp": ["galore_left"], "tp": ["galore_right", "apollo"]}
 CHECKPOINT = ["galore_left", "dct_right"]
 CASES = [(layout, name) for layout, names in PARITY.items() for name in names]
