@@ -23,24 +23,29 @@ TOL = 1e-4  # ||W_dist - W_single|| / ||W_single - W_0||, as the 2-process tests
 PLAN = {"0": "col", "2": "row", "4": "col", "6": "row"}
 
 
-IN, OUT = 24, 12
 RANK = 2
+#: (in, hidden, middle, out): even splits everywhere, or ("_odd" layouts) uneven shards on both
+#: the FSDP2 side (tensor parallelism needs even splits of the hidden size: 22 rows over tp, then 11
+#: over dp as 6/5; 11 and 5 rows over dp as 6/5 and 3/2; 13 input columns unsplit).
+DIMS = {False: (24, 32, 20, 12), True: (13, 22, 11, 5)}
 
 
-def make_model():
+def make_model(odd=False):
     torch.manual_seed(0)
-    # 32x24 (col: rows over tp then dp), 20x32 (row: rows over dp, columns over tp; std: left side),
-    # 32x20 (col), 12x32 (row; std: left side). The smallest local gradient block (6x16) holds more
-    # elements than any low-rank block (RANK x 32), so the communication test can tell them apart.
+    # even: 32x24 (col: rows over tp then dp), 20x32 (row: rows over dp, columns over tp; std: left
+    # side), 32x20 (col), 12x32 (row; std: left side). The smallest local gradient block (6x16) holds
+    # more elements than any low-rank block (RANK x 32), so the communication test can tell them apart.
+    i, h, mid, o = DIMS[odd]
     return torch.nn.Sequential(
-        torch.nn.Linear(IN, 32), torch.nn.Tanh(), torch.nn.Linear(32, 20), torch.nn.Tanh(),
-        torch.nn.Linear(20, 32), torch.nn.Tanh(), torch.nn.Linear(32, OUT),
+        torch.nn.Linear(i, h), torch.nn.Tanh(), torch.nn.Linear(h, mid), torch.nn.Tanh(),
+        torch.nn.Linear(mid, h), torch.nn.Tanh(), torch.nn.Linear(h, o),
     )
 
 
-def batch():
+def batch(odd=False):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(8, IN, generator=g), torch.randn(8, OUT, generator=g)
+    i, _, _, o = DIMS[odd]
+    return torch.randn(8, i, generator=g), torch.randn(8, o, generator=g)
 
 
 def groups(model, plain=None, **low):
@@ -126,11 +131,14 @@ def full_params(model):
 
 def parallel_model(mesh, layout):
     """``layout``: "fsdp_tp" (FSDP2 on "dp" x TP on "tp"), "hsdp_tp" (HSDP on ("rep", "shard")
-    x TP), "tp" (tensor parallelism alone on a 1-D mesh of every rank)."""
+    x TP), "tp" (tensor parallelism alone on a 1-D mesh of every rank); "fsdp_tp_odd": "fsdp_tp"
+    with uneven shards."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    model = make_model()
+    odd = layout.endswith("_odd")
+    layout = layout.removesuffix("_odd")
+    model = make_model(odd)
     tp = mesh["tp"] if mesh.mesh_dim_names != ("tp",) else mesh
     parallelize_module(model, tp, {k: ColwiseParallel() if v == "col" else RowwiseParallel() for k, v in PLAN.items()})
     if layout == "tp":
@@ -146,6 +154,7 @@ def parallel_model(mesh, layout):
 def _mesh(layout):
     from torch.distributed.device_mesh import init_device_mesh
 
+    layout = layout.removesuffix("_odd")
     if layout == "fsdp_tp":
         return init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     if layout == "hsdp_tp":
@@ -155,6 +164,7 @@ def _mesh(layout):
 
 def _data_slice(mesh, layout, n):
     """This rank's part of the global batch: split over the data-parallel ranks, the same on every tp rank."""
+    layout = layout.removesuffix("_odd")
     if layout == "tp":
         return 0, n
     d = mesh["dp"].get_local_rank() if layout == "fsdp_tp" else mesh["rep"].get_local_rank()
@@ -163,14 +173,15 @@ def _data_slice(mesh, layout, n):
 
 def check_parity(name, make_opt, layout, results, reference):
     mesh = _mesh(layout)
-    x, y = batch()
+    odd = layout.endswith("_odd")
+    x, y = batch(odd)
     lo, hi = _data_slice(mesh, layout, x.shape[0])
-    if name not in reference:
-        single = make_model()
+    if (name, odd) not in reference:
+        single = make_model(odd)
         init = [p.detach().clone() for p in single.parameters()]
         train(single, make_opt(single), x, y, STEPS)
-        reference[name] = (init, [p.detach().clone() for p in single.parameters()])
-    init, ref = reference[name]
+        reference[name, odd] = (init, [p.detach().clone() for p in single.parameters()])
+    init, ref = reference[name, odd]
     model = parallel_model(mesh, layout)
     comm = _Comm()
     opt = make_opt(model)

@@ -9,8 +9,8 @@ ranks runs every check below (so ``make test`` starts the 4-process setup once):
   ``fully_shard(mesh=mesh["dp"])`` equal one process on the global batch,
   ``||W_dist - W_single|| / ||W_single - W_0|| < 1e-4``, for GaLore (right and left), DCT (right),
   APOLLO and every other optimizer that steps FSDP2 weights, torch AdamW as the control; GaLore
-  (left) also under HSDP x TP (a (2, 1, 2) mesh), GaLore (right) and APOLLO under tensor
-  parallelism alone (a 1-D mesh of 4);
+  (left) and APOLLO also with uneven FSDP2 shards (``fsdp_tp_odd``), GaLore (left) under HSDP x TP
+  (a (2, 1, 2) mesh), GaLore (right) and APOLLO under tensor parallelism alone (a 1-D mesh of 4);
 - communication per optimizer step (the functional collectives DTensor issues, with their sizes):
   between refreshes no all-gather and no all-reduce larger than a low-rank block, and one
   all-reduce of a low-rank block per weight and mesh dimension sharding the contracted dimension,
@@ -30,7 +30,8 @@ MUST = ["adamw", "galore_right", "galore_left", "dct_right", "apollo"]
 # every other optimizer that steps FSDP2 weights, once: Q-GaLore (INT4 projector), FRUGAL, DCT on
 # both sides (std), GaLore full, 8-bit moments
 MORE = ["galore_full", "galore_right_8bit", "dct_std_l2", "apollo_mini", "frugal_svd", "qgalore_int4"]
-PARITY = {"fsdp_tp": MUST + MORE, "hsdp_tp": ["galore_left"], "tp": ["galore_right", "apollo"]}
+PARITY = {"fsdp_tp": MUST + MORE, "fsdp_tp_odd": ["galore_left", "apollo"], "hsdp_tp": ["galore_left"],
+          "tp": ["galore_right", "apollo"]}
 CHECKPOINT = ["galore_left", "dct_right"]
 CASES = [(layout, name) for layout, names in PARITY.items() for name in names]
 #: all-reduces of a low-rank block per step: one per weight and mesh dimension that shards the
