@@ -134,6 +134,21 @@ def unsupported_placement(p: torch.Tensor) -> Optional[str]:
     return None
 
 
+def block_moment_error(p: torch.Tensor, side: str, rank: int, group: Dict[str, Any]) -> Optional[str]:
+    """Why the low-rank moments of ``p`` cannot take the group's format, when ``p`` is sharded
+    on dim 1 (tensor parallelism) and its ``side="left"`` moments (``r x n``, sharded on
+    columns like the weight) would be 8-bit: their blocks run along the columns the shards
+    split. None otherwise. Checked when the group is added, so no step starts."""
+    from . import moments  # the moment formats (no import cycle at module load)
+
+    if side != "left" or not has_col_shard(p):
+        return None
+    if moments.bits_for((rank, p.shape[1]), moments.format_of(group)) != 8:
+        return None
+    return (f"has placements {tuple(p.placements)} (sharded on dim 1) and 8-bit moments on the left side, whose "
+            "blocks would straddle the column shards; use proj_type='right' or moment_bits=16 / 32 for it")
+
+
 def flat_parameter_error(p: torch.Tensor) -> Optional[str]:
     """Why a 1-D parameter in a low-rank group cannot be stepped, naming the fix, when it is a
     flattened parameter (FSDP1 ``use_orig_params=False``'s ``FlatParameter``, DeepSpeed
@@ -378,4 +393,5 @@ __all__ = [
     "is_sharded",
     "lowrank_placements",
     "flat_parameter_error",
+    "block_moment_error",
 ]

@@ -269,6 +269,17 @@ def check_errors(results):
     ok = all("FlatParameter" in m and "use_orig_params=True" in m and "fully_shard" in m for m in msgs)
     results["error_fsdp1_flat"] = [ok, msgs]
 
+    # 8-bit moments on the left side of a weight sharded on dim 1: refused when the group is added
+    model = parallel_model(_mesh("fsdp_tp"), "fsdp_tp")
+    try:
+        GaLoreAdamW(groups(model, rank=RANK, proj_type="left"), moment_bits=8, block_size=2, min_8bit_size=0)
+        results["error_left_8bit_columns"] = [False, "no error"]
+    except ValueError as e:
+        msg = str(e)
+        results["error_left_8bit_columns"] = [
+            "param group 0: parameter 1 has placements (Shard(dim=0), Shard(dim=1))" in msg
+            and "proj_type='right'" in msg, msg]
+
 
 def worker(rank, ws, port, outdir, names):
     with rank_session(rank, ws, port, outdir) as results:
@@ -289,4 +300,5 @@ def worker(rank, ws, port, outdir, names):
             try:
                 check_errors(results)
             except Exception:
-                results["error_partial"] = results["error_fsdp1_flat"] = [False, traceback.format_exc()]
+                results["error_partial"] = results["error_fsdp1_flat"] = results["error_left_8bit_columns"] = [
+                    False, traceback.format_exc()]

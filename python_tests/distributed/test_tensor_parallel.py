@@ -17,7 +17,8 @@ ranks runs every check below (so ``make test`` starts the 4-process setup once):
   on top of the non-finite check's scalars;
 - state layout: the moments are sharded like the weight on the dimension the projection keeps;
   torch.distributed.checkpoint saves them in shards and a resume across a refresh is exact;
-- a ``Partial`` placement and FSDP1's flattened parameters are refused with a clear error.
+- a ``Partial`` placement, FSDP1's flattened parameters and 8-bit moments on the left side of a
+  weight sharded on dim 1 are refused with a clear error when the optimizer is built.
 """
 import pytest
 
@@ -101,6 +102,6 @@ def test_dcp_resume_is_exact(results, name):
         assert chunks["optim.state.0.weight.exp_avg"] == 4, chunks  # rows over both mesh dimensions
 
 
-@pytest.mark.parametrize("name", ["error_partial", "error_fsdp1_flat"])
+@pytest.mark.parametrize("name", ["error_partial", "error_fsdp1_flat", "error_left_8bit_columns"])
 def test_refused_with_clear_error(results, name):
     _dist.check(results, name)
