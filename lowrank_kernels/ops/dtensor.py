@@ -1,4 +1,4 @@
-"""DTensor (FSDP2) handlers of the ``lowrank_kernels`` ops.
+"""DTensor (FSDP2, tensor parallelism) handlers of the ``lowrank_kernels`` ops.
 
 A parameter sharded by ``torch.distributed.fsdp.fully_shard`` is a ``DTensor`` split
 into row blocks (dim 0). The projection, Adam, DCT and INT4-projector ops get DTensor
@@ -9,7 +9,9 @@ the shard-local entries run in one list-op call on the local shards and the othe
 through the single op's handler, in list order, with its collectives (bitwise the
 per-parameter path). A layout the handlers cannot serve raises :class:`ShardingError`
 instead of gathering silently. :func:`sharded_project` writes out the projection
-``G P^T`` / ``P^T G`` of a row-sharded gradient.
+``G P^T`` / ``P^T G`` of a row-sharded gradient. A weight also sharded on dim 1 (tensor
+parallelism) takes the "2-D layouts" path below: per rank a block of rows and columns, one
+all-reduce of the low-rank block per mesh dimension sharding the contracted dimension.
 
 This module is the op layer's part of the distributed support; what the optimizers
 need on top (state placement, the non-finite probe, the full gradient at a refresh)
@@ -668,8 +670,8 @@ def _block_handler(opname, names, bound, p, written, kind):
 
 def _col_sharded_of(names, bound):
     """The weight-shaped argument (param or grad) of a projection op call when it is sharded on dim 1, else None."""
-    return next((bound[names.index(n)] for n in ("param", "grad") if n in names and has_col_shard(bound[names.index(n)])),
-                None)
+    return next((bound[names.index(n)] for n in ("param", "grad")
+                 if n in names and has_col_shard(bound[names.index(n)])), None)
 
 
 def _local_like_block(t, name: str, like, opname: str, written: bool) -> torch.Tensor:

@@ -340,9 +340,11 @@ def _addcmul_block(p: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor) -> N
     if is_dtensor(coef):
         coef = _pending_to_replicate(coef)
         if coef.dim() == 2:
-            target = [pl if shard_dim(pl) is not None and coef.shape[pl.dim] == p.shape[pl.dim] and coef.shape[pl.dim] > 1
-                      else Replicate() for pl in p.placements]
-            c = coef.redistribute(mesh, target).to_local() if tuple(coef.placements) != tuple(target) else coef.to_local()
+            target = [pl if shard_dim(pl) is not None and coef.shape[pl.dim] == p.shape[pl.dim] > 1 else Replicate()
+                      for pl in p.placements]
+            if tuple(coef.placements) != tuple(target):
+                coef = coef.redistribute(mesh, target)
+            c = coef.to_local()
         else:
             c = coef.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
     else:

@@ -248,7 +248,8 @@ def check_errors(results):
         results["error_partial"] = [False, "no error"]
     except ValueError as e:
         msg = str(e)
-        results["error_partial"] = ["param group 0: parameter 0" in msg and "Partial" in msg and "rank=None" in msg, msg]
+        ok = "param group 0: parameter 0" in msg and "Partial" in msg and "rank=None" in msg
+        results["error_partial"] = [ok, msg]
 
     # FSDP1 with use_orig_params=False: one FlatParameter per wrapped module
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
