@@ -183,11 +183,21 @@ def rank_session(rank: int, world: int, port: int, outdir: str, timeout_s: Optio
         timeout_s = int(os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S)))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     results: dict = {}
+    finished = False
     try:
         yield results
+        finished = True
     finally:
         with open(_results_path(outdir, rank), "w") as f:
             json.dump(results, f, default=str)
+        if finished:
+            # No rank tears its connections down before every rank is done with every collective:
+            # a rank that completes its last collective first (its sends written, the peer still
+            # reading) could otherwise exit while the peer's transfer is in flight, and gloo
+            # aborts a process whose transport thread meets a reset connection (SIGABRT,
+            # "terminate called after throwing gloo::IoException"). Not after an error: the
+            # other ranks may be blocked in another collective (mp.spawn stops them).
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1,4 +1,4 @@
-"""DTensor (FSDP2) handlers of the ``lowrank_kernels`` ops.
+"""DTensor (FSDP2, tensor parallelism) handlers of the ``lowrank_kernels`` ops.
 
 A parameter sharded by ``torch.distributed.fsdp.fully_shard`` is a ``DTensor`` split
 into row blocks (dim 0). The projection, Adam, DCT and INT4-projector ops get DTensor
@@ -9,7 +9,9 @@ the shard-local entries run in one list-op call on the local shards and the othe
 through the single op's handler, in list order, with its collectives (bitwise the
 per-parameter path). A layout the handlers cannot serve raises :class:`ShardingError`
 instead of gathering silently. :func:`sharded_project` writes out the projection
-``G P^T`` / ``P^T G`` of a row-sharded gradient.
+``G P^T`` / ``P^T G`` of a row-sharded gradient. A weight also sharded on dim 1 (tensor
+parallelism) takes the "2-D layouts" path below: per rank a block of rows and columns, one
+all-reduce of the low-rank block per mesh dimension sharding the contracted dimension.
 
 This module is the op layer's part of the distributed support; what the optimizers
 need on top (state placement, the non-finite probe, the full gradient at a refresh)
@@ -26,6 +28,10 @@ try:  # torch.distributed may be absent in some builds; every helper then degrad
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    try:  # the shards FSDP2 makes of a tensor-parallel weight (not a Shard subclass)
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover - depends on the torch build
+        _StridedShard = Shard
     HAVE_DTENSOR = True
 except Exception:  # pragma: no cover - depends on the torch build
     HAVE_DTENSOR = False
@@ -33,6 +39,12 @@ except Exception:  # pragma: no cover - depends on the torch build
 
 
 # --------------------------------------------------------------------------- detection
+def shard_dim(pl) -> Optional[int]:
+    """The tensor dimension a placement shards (``Shard`` or FSDP2's ``_StridedShard`` of a
+    tensor-parallel weight), or None (``Replicate``, ``Partial``)."""
+    return pl.dim if HAVE_DTENSOR and isinstance(pl, (Shard, _StridedShard)) else None
+
+
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
     return HAVE_DTENSOR and isinstance(t, DTensor)
@@ -40,7 +52,7 @@ def is_dtensor(t: Any) -> bool:
 
 def is_row_sharded(t: Any) -> bool:
     """Whether ``t`` is a DTensor sharded on dim 0 over some mesh dimension (FSDP2's layout)."""
-    return is_dtensor(t) and any(isinstance(pl, Shard) and pl.dim == 0 for pl in t.placements)
+    return is_dtensor(t) and any(shard_dim(pl) == 0 for pl in t.placements)
 
 
 def local_rows(p: torch.Tensor) -> Tuple[int, int]:
@@ -53,7 +65,7 @@ def local_rows(p: torch.Tensor) -> Tuple[int, int]:
 
 def _partial_placements(p) -> list:
     """``p``'s placements with every ``Shard(0)`` turned into a pending sum."""
-    return [Partial() if isinstance(pl, Shard) else Replicate() for pl in p.placements]
+    return [Partial() if shard_dim(pl) is not None else Replicate() for pl in p.placements]
 
 
 def _replicate(t):
@@ -62,7 +74,7 @@ def _replicate(t):
         return t
     if all(isinstance(pl, Replicate) for pl in t.placements):
         return t
-    if any(isinstance(pl, Shard) for pl in t.placements):
+    if any(shard_dim(pl) is not None for pl in t.placements):
         raise ValueError(
             f"expected a replicated (or pending-sum) DTensor of shape {tuple(t.shape)}, got placements "
             f"{tuple(t.placements)}: replicating it would gather a sharded tensor"
@@ -207,6 +219,9 @@ def _generic_handler(op_call, args, kwargs):
     kind = _kind(names, bound)
     written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     side = bound[names.index("side")]
+    col = _col_sharded_of(names, bound)
+    if col is not None:  # tensor parallelism: a block of rows and columns per rank
+        return _block_handler(opname, names, bound, col, written, kind)
     dts = [a for a in bound if is_dtensor(a)]
     mesh = dts[0].device_mesh
     row = _row_of(names, bound)
@@ -257,11 +272,13 @@ def _elementwise_handler(op_call, args, kwargs):
     like = bound[names.index("exp_avg")]
     if not is_dtensor(like):
         like = next(a for a in bound if is_dtensor(a))
-    sharded = is_row_sharded(like)
+    sharded = is_row_sharded(like) or has_col_shard(like)
     local = []
     for name, a in zip(names, bound):
         if not isinstance(a, torch.Tensor):
             local.append(a)
+        elif has_col_shard(like):  # the left side of a weight sharded on dim 1: moments sharded on columns
+            local.append(_local_like_block(a, name, like, opname, name in written))
         elif sharded:
             local.append(_to_local_row(a, name, like, opname, name in written))
         else:
@@ -396,6 +413,8 @@ def sharded_project(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.
     for unevenly sharded inputs.)
     """
     opname = "project"
+    if has_col_shard(grad):  # tensor parallelism: one all-reduce of the low-rank block
+        return _block_handler("projection_project", ["grad", "proj", "side"], [grad, proj, side], grad, set(), "dense")
     g = grad.to_local()
     mesh = grad.device_mesh
     if side == "right":
@@ -430,6 +449,10 @@ def _dct_scores_handler(op_call, args, kwargs):
     is a plain tensor, the same on every rank (small, and index math on it stays plain)."""
     grad, basis, side, norm = (list(args) + [kwargs.get(k) for k in ("grad", "basis", "side", "norm")[len(args):]])[:4]
     opname = op_call._schema.name.split("::")[-1]
+    if has_col_shard(grad):  # at a refresh: gather the columns, then score the row shards
+        grad = _without_col_shards(grad)
+        if not is_row_sharded(grad):  # plain scores, the same on every rank (as the row-sharded path)
+            return op_call(grad.to_local(), _to_local_rep(basis, "basis", opname, False), side, norm)
     if not is_row_sharded(grad):
         out = op_call(_to_local_rep(grad, "grad", opname, False), _to_local_rep(basis, "basis", opname, False),
                       side, norm)
@@ -458,6 +481,10 @@ def _dct_score_topk_handler(op_call, args, kwargs):
     indices, the same on every rank."""
     grad, basis, k, side, norm = (list(args) + [kwargs.get(x) for x in ("grad", "basis", "k", "side", "norm")[len(args):]])[:5]
     opname = op_call._schema.name.split("::")[-1]
+    if has_col_shard(grad):  # at a refresh: gather the columns, then score the row shards
+        grad = _without_col_shards(grad)
+        if not is_row_sharded(grad):  # plain indices, the same on every rank (as the row-sharded path)
+            return op_call(grad.to_local(), _to_local_rep(basis, "basis", opname, False), k, side, norm)
     if not is_row_sharded(grad):
         out = op_call(_to_local_rep(grad, "grad", opname, False), _to_local_rep(basis, "basis", opname, False),
                       k, side, norm)
@@ -467,6 +494,202 @@ def _dct_score_topk_handler(op_call, args, kwargs):
     from lowrank_kernels.reference.dct import topk_indices
 
     return topk_indices(scores, k)
+
+
+# --------------------------------------------------------------------------- 2-D layouts (tensor parallelism)
+# A weight sharded on dim 1 over some mesh dimension (tensor parallelism's RowwiseParallel:
+# ``Shard(1)``; with FSDP2 on a ("dp", "tp") mesh ``(Shard(0), Shard(1))``) holds a block
+# ``W[I, J]`` of rows I and columns J on each rank. The projection contracts one dimension
+# (right: ``R = G P^T`` contracts the columns; left: ``R = P^T G`` the rows): each rank computes
+# its block's partial product and ONE all-reduce of the low-rank block (right: ``|I| x r``,
+# left: ``r x |J|``) over the mesh dimensions that shard the contracted dimension sums it. ``R``,
+# the moments and ``N`` are laid out like the weight on the kept dimension (right: rows,
+# left: columns) and replicated over the others (:func:`lowrank_placements`); the
+# back-projection ``N P[:, J]`` / ``P[I, :] N`` of the local block needs no communication.
+# Layouts sharded on dim 0 only (FSDP2, ColwiseParallel, both together) keep the row paths above.
+def has_col_shard(t: Any) -> bool:
+    """Whether ``t`` is a DTensor sharded on dim 1 over some mesh dimension (tensor parallelism)."""
+    return is_dtensor(t) and any(shard_dim(pl) == 1 for pl in t.placements)
+
+
+def is_sharded(t: Any) -> bool:
+    """Whether ``t`` is a DTensor sharded on some dimension over some mesh dimension."""
+    return is_dtensor(t) and any(shard_dim(pl) is not None for pl in t.placements)
+
+
+def lowrank_placements(p, side: str) -> tuple:
+    """The placements of the ``side``-projected quantities of a 2-D weight ``p`` (``R``, the
+    moments, ``N``): ``p``'s shards of the dimension the projection keeps (right: dim 0,
+    ``m x r``; left: dim 1, ``r x n``), ``Replicate()`` on every other mesh dimension."""
+    keep = 0 if side == "right" else 1
+    return tuple(pl if shard_dim(pl) == keep else Replicate() for pl in p.placements)
+
+
+def _block_of_shape(shape, mesh, placements) -> Tuple[slice, ...]:
+    """The slices of a tensor of global ``shape`` laid out by ``placements`` that this rank holds."""
+    lshape, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh, placements)
+    return tuple(slice(int(o), int(o) + int(s)) for o, s in zip(offset, lshape))
+
+
+def _local_in(t, name: str, shape, mesh, placements, opname: str, written: bool) -> torch.Tensor:
+    """This rank's block of ``t`` (global ``shape``) in the layout ``placements``: a DTensor
+    laid out so gives its local tensor; a replicated DTensor or a plain tensor (the same on
+    every rank) its slice, unless the op writes it (it must then be laid out so already)."""
+    placements = tuple(placements)
+    replicated = all(isinstance(pl, Replicate) for pl in placements)
+    if tuple(t.shape) != tuple(shape):
+        raise ShardingError(f"{opname}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if is_dtensor(t):
+        if tuple(t.placements) == placements:
+            return t.to_local()
+        if all(isinstance(pl, Replicate) for pl in t.placements) and not written:
+            return t.to_local()[_block_of_shape(shape, mesh, placements)]
+        raise ShardingError(
+            f"{opname}: {name} (shape {tuple(t.shape)}) has placements {tuple(t.placements)}, expected {placements} "
+            "(laid out like the weight on the dimension the projection keeps)")
+    if written and not replicated:
+        raise ShardingError(
+            f"{opname}: {name} is written in place and must be a DTensor with placements {placements}, got a plain "
+            f"tensor of shape {tuple(t.shape)} (lowrank_kernels.optim.distributed.place_state does this)")
+    return t if replicated else t[_block_of_shape(shape, mesh, placements)]
+
+
+def _all_reduce_dim(p, dim: int, partial: torch.Tensor) -> torch.Tensor:
+    """Sum ``partial`` over the mesh dimensions that shard dim ``dim`` of ``p``: one all-reduce
+    (none when no mesh dimension shards it)."""
+    mesh = p.device_mesh
+    pending = [Partial() if shard_dim(pl) == dim else Replicate() for pl in p.placements]
+    if all(isinstance(pl, Replicate) for pl in pending):
+        return partial
+    return DTensor.from_local(partial, mesh, pending, run_check=False).redistribute(
+        mesh, [Replicate()] * mesh.ndim).to_local()
+
+
+def _block_projector(opname, names, bound, p, side, kind) -> torch.Tensor:
+    """The dense projector's part that meets this rank's block of ``p``: right ``P[:, J]``
+    (``r x |J|``), left ``P[I, :]`` (``|I| x r``)."""
+    m, n = p.shape
+    rows, cols = _block_of_shape(p.shape, p.device_mesh, p.placements)
+    proj = bound[names.index("proj")]
+    if kind == "dense":
+        if side == "right":
+            return _to_local_rep(proj, "proj", opname, False)[:, cols]
+        row_pl = lowrank_placements(p, "right")  # the left projector (m x r) is row-aligned
+        return _local_in(proj, "proj", (m, proj.shape[1]), p.device_mesh, row_pl, opname, False)
+    if kind == "dct":
+        basis = _to_local_rep(proj, "basis", opname, False)
+        idx = _to_local_rep(bound[names.index("indices")], "indices", opname, False)
+        sel = basis.index_select(0, idx.long())  # right: P = C[idx] (r x n); left: P = C[idx]^T (m x r)
+        return sel[:, cols] if side == "right" else sel[:, rows].T
+    packed, scale, minimum = (_to_local_rep(bound[names.index(k)], k, opname, False)
+                              for k in ("proj", "q_scale", "q_min"))
+    r = bound[names.index("rank")]
+    shape = [r, n] if side == "right" else [m, r]
+    dense = torch.ops.lowrank_kernels.quant_int4_unpack.default(
+        packed, scale, minimum, shape, torch.float32, bound[names.index("group_size")])
+    return dense[:, cols] if side == "right" else dense[rows]
+
+
+def _apply_block(param_l, update_l, proj_l, side, alpha, decay, row_decay=None, row_alpha=None) -> None:
+    """``param_l <- decay * param_l + alpha * back(update_l)`` on this rank's block."""
+    if param_l.numel() == 0:
+        return
+    r = proj_l.shape[0] if side == "right" else proj_l.shape[1]
+    rows = () if row_decay is None and row_alpha is None else (None, None, None, 0, 0, row_decay, row_alpha)
+    fn = (_reference("projection_backproject_apply") if r > min(param_l.shape)
+          else torch.ops.lowrank_kernels.projection_backproject_apply.default)
+    fn(param_l, update_l, proj_l, side, alpha, decay, *rows)
+
+
+def _block_handler(opname, names, bound, p, written, kind):
+    """A projection op on a weight sharded on dim 1 (see the section comment): the partial
+    product of the local block, one all-reduce over the mesh dimensions sharding the
+    contracted dimension, Adam on the local block of ``R``, the local back-projection."""
+    from lowrank_kernels.reference import projection as pref
+
+    def arg(n):
+        return bound[names.index(n)]
+
+    side = arg("side")
+    if side not in ("right", "left"):
+        raise ShardingError(f"{opname}: side={side!r} on a weight sharded on dim 1 ({tuple(p.placements)})")
+    mesh = p.device_mesh
+    m, n = p.shape
+    r = _rank_of(names, bound, side, kind)
+    lr_shape = (m, r) if side == "right" else (r, n)
+    lr_pl = lowrank_placements(p, side)
+    proj_l = _block_projector(opname, names, bound, p, side, kind)
+    if opname.endswith("backproject_apply"):
+        param_l = _local_in(arg("param"), "param", p.shape, mesh, p.placements, opname, True)
+        update_l = _local_in(arg("update"), "update", lr_shape, mesh, lr_pl, opname, False)
+        row_pl = lowrank_placements(p, "right")
+        factors = [None if arg(k) is None else _local_in(arg(k), k, (m,), mesh, row_pl, opname, False)
+                   for k in ("row_decay", "row_alpha")]
+        _apply_block(param_l, update_l, proj_l, side, arg("alpha"), arg("decay"), *factors)
+        return None
+    grad_l = _local_in(arg("grad"), "grad", p.shape, mesh, p.placements, opname, False)
+    acc = torch.float64 if torch.float64 in (grad_l.dtype, proj_l.dtype) else torch.float32
+    part = grad_l.to(acc) @ proj_l.to(acc).T if side == "right" else proj_l.to(acc).T @ grad_l.to(acc)
+    r_l = _all_reduce_dim(p, 1 if side == "right" else 0, part)
+
+    def wrap(t):
+        return DTensor.from_local(t, mesh, lr_pl, run_check=False, shape=torch.Size(lr_shape),
+                                  stride=_contiguous_stride(lr_shape))
+
+    if opname == "projection_project":
+        return wrap(r_l)
+    exp_avg = _local_in(arg("exp_avg"), "exp_avg", lr_shape, mesh, lr_pl, opname, True)
+    exp_avg_sq = _local_in(arg("exp_avg_sq"), "exp_avg_sq", lr_shape, mesh, lr_pl, opname, True)
+    if exp_avg.dtype == torch.float64:
+        r_l = r_l.to(torch.float64)
+    m_abs, v_abs = arg("m_absmax"), arg("v_absmax")
+    seed = arg("moment_seed")
+    if m_abs is not None or v_abs is not None:
+        if side != "right":
+            raise ShardingError(
+                f"{opname}: 8-bit moments on the left side of a weight sharded on dim 1 ({tuple(p.placements)}): "
+                "their blocks would straddle the column shards; use proj_type='right' or moment_bits=16/32")
+        ab = [None if a is None else _local_in(a, k, (m, a.shape[1]), mesh, lr_pl, opname, True)
+              for k, a in (("m_absmax", m_abs), ("v_absmax", v_abs))]
+        n_l = torch.ops.lowrank_kernels.adam_update.default(
+            r_l, exp_avg, exp_avg_sq, arg("beta1"), arg("beta2"), arg("eps"), ab[0], ab[1], arg("block_size"),
+            -1 if seed is None else seed)
+    elif seed is not None and seed >= 0:
+        n_l = torch.ops.lowrank_kernels.adam_update.default(
+            r_l, exp_avg, exp_avg_sq, arg("beta1"), arg("beta2"), arg("eps"), None, None, 0, seed)
+    else:
+        n_l = pref.adam_moments_(r_l, exp_avg, exp_avg_sq, arg("beta1"), arg("beta2"), arg("eps")).to(exp_avg.dtype)
+    if opname.endswith("project_adam"):
+        return wrap(n_l)
+    # project_update_backproject: param <- (1 - lr wd) param - step_size * scale * back(N)
+    param_l = _local_in(arg("param"), "param", p.shape, mesh, p.placements, opname, True)
+    step_size = pref.adam_step_size(arg("lr"), arg("beta1"), arg("beta2"), arg("step"))
+    _apply_block(param_l, n_l, proj_l, side, -step_size * arg("scale"), 1.0 - arg("lr") * arg("weight_decay"))
+    return None
+
+
+def _col_sharded_of(names, bound):
+    """The weight-shaped argument (param or grad) of a projection op call when it is sharded on dim 1, else None."""
+    return next((bound[names.index(n)] for n in ("param", "grad")
+                 if n in names and has_col_shard(bound[names.index(n)])), None)
+
+
+def _local_like_block(t, name: str, like, opname: str, written: bool) -> torch.Tensor:
+    """An elementwise op's argument on the local block of ``like`` (a moment sharded on dim 1):
+    it must have ``like``'s shape (8-bit block maxima do not follow column shards)."""
+    if tuple(t.shape) != tuple(like.shape):
+        raise ShardingError(
+            f"{opname}: {name} has shape {tuple(t.shape)}, the moments {tuple(like.shape)} are sharded on dim 1 "
+            f"({tuple(like.placements)}): 8-bit moments keep one maximum per block of a row, which the column "
+            "shards would split; use moment_bits=16 or 32 for this parameter (a low-rank group: or proj_type='right')")
+    return _local_in(t, name, like.shape, like.device_mesh, like.placements, opname, written)
+
+
+def _without_col_shards(t):
+    """``t`` redistributed so that no mesh dimension shards dim 1 (an all-gather of the columns
+    over those dimensions): for a refresh's scoring, which then takes the row-sharded path."""
+    target = [Replicate() if shard_dim(pl) == 1 else pl for pl in t.placements]
+    return t.redistribute(t.device_mesh, target)
 
 
 # --------------------------------------------------------------------------- multi-tensor (list) ops
@@ -553,6 +776,9 @@ def _foreach_projection_handler(op_call, args, kwargs):
             continue
         side, kind = entry[s_names.index("side")], _kind(s_names, entry)
         row = _row_of(s_names, entry)
+        if _col_sharded_of(s_names, entry) is not None:
+            per_entry.append(entry)  # sharded on dim 1: the single op's block path, with its all-reduce
+            continue
         if row is not None and (side == "left" or local_rows(row)[1] == 0):
             per_entry.append(entry)  # left: the r x n all-reduce; an empty shard: nothing to run
             continue
@@ -588,6 +814,9 @@ def _foreach_adam_handler(op_call, args, kwargs):
             if not isinstance(t, torch.Tensor):
                 continue
             name = f"{names[i]}[{e}]"
+            if has_col_shard(like):
+                local[i][e] = _local_like_block(t, name, like, opname, names[i] in written)
+                continue
             local[i][e] = (_to_local_row(t, name, like, opname, names[i] in written) if sharded
                            else _to_local_rep(t, name, opname, names[i] in written))
     op_call(*local)
@@ -603,7 +832,7 @@ def _dct_foreach_score_topk_handler(op_call, args, kwargs):
     grads, basis, k, side, norm = _bind(op_call, args, kwargs)
     _validate_list(opname, [grads, basis, k, side, norm])
     rows: List[Optional[torch.Tensor]] = [None] * len(grads)
-    rest = [i for i, g in enumerate(grads) if not is_row_sharded(g)]
+    rest = [i for i, g in enumerate(grads) if not is_sharded(g)]
     basis_l = _to_local_rep(basis, "basis", opname, False)
     if rest:
         out = op_call([_to_local_rep(grads[i], f"grads[{i}]", opname, False) for i in rest], basis_l, k, side, norm)
@@ -653,6 +882,7 @@ __all__ = [
     "HAVE_DTENSOR",
     "is_dtensor",
     "is_row_sharded",
+    "shard_dim",
     "local_rows",
     "sharded_project",
     "install_op_handlers",

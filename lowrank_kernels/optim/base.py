@@ -291,6 +291,9 @@ class LowRankOptimizer(Optimizer):
             reason = _dist.unsupported_placement(p)
             if reason is not None:
                 raise ValueError(self._err(gi, f"parameter {pi}: {reason}"))
+            reason = _dist.flat_parameter_error(p)
+            if reason is not None:
+                raise ValueError(self._err(gi, f"parameter {pi} {reason}"))
             if p.dim() != 2:
                 raise ValueError(self._err(
                     gi, f"parameter {pi} has shape {tuple(p.shape)}: a low-rank group takes 2-D weights only; "
@@ -301,6 +304,10 @@ class LowRankOptimizer(Optimizer):
                 raise ValueError(self._err(
                     gi, f"rank {r} is out of range for parameter {pi} of shape {tuple(p.shape)}: "
                         f"need {self.min_rank} <= rank <= min(m, n) = {k}"))
+            if _dist.is_dtensor(p) and group.get("proj_type") in PROJ_TYPES:
+                reason = _dist.block_moment_error(p, resolve_side(tuple(p.shape), group["proj_type"]), r, group)
+                if reason is not None:
+                    raise ValueError(self._err(gi, f"parameter {pi} {reason}"))
 
     def _plain_in_lowrank_group(self, p: torch.Tensor, group: Dict[str, Any]) -> bool:
         """Whether a low-rank group leaves ``p`` plain by an explicit option (DCTAdamW's

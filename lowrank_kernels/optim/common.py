@@ -43,7 +43,7 @@ def project_fp32(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Ten
     acc = torch.float64 if torch.float64 in (grad.dtype, proj.dtype) else torch.float32
     g = grad.to(acc)
     p = proj.to(acc)
-    if _dist.is_row_sharded(g):  # FSDP2: row-local on the right, one r x n all-reduce on the left
+    if _dist.is_sharded(g):  # FSDP2 / tensor parallelism: low-rank-sized all-reduces at most
         return _dist.sharded_project(g, p, side)
     return g @ p.T if side == "right" else p.T @ g
 

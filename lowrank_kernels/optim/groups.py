@@ -104,7 +104,12 @@ def lowrank_param_groups(
     excluded = _excluded(model)
     lowrank: List[torch.Tensor] = []
     seen = set()
+    from .distributed import flat_parameter_error
+
     for name, w in model.named_parameters():
+        reason = flat_parameter_error(w)
+        if reason is not None:  # not a plain parameter: its matrices are hidden in one flat buffer
+            raise ValueError(f"lowrank_param_groups: parameter {name!r} {reason}")
         module_name = name.rpartition(".")[0]
         if id(w) in excluded or not w.requires_grad or w.dim() != 2:
             continue

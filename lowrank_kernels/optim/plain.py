@@ -51,8 +51,10 @@ def init_state(p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) ->
     state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device(p, group))
     fmt = moments.format_of(group)
     bits = moments.bits_for(tuple(p.shape), fmt)
-    if bits == 8 and _dist.is_dtensor(p) and p.dim() < 2:
-        bits = 32  # FSDP2 shards a 1-D parameter along its blocks: its moments stay 32-bit
+    if bits == 8 and _dist.is_dtensor(p) and (p.dim() < 2 or _dist.has_col_shard(p)):
+        # FSDP2 shards a 1-D parameter along its blocks, tensor parallelism a weight's rows
+        # (Shard(1)): the blocks would straddle the shards, so these moments stay 32-bit
+        bits = 32
     if bits == 16:
         for key in moments.ADAM_KEYS:
             state[key] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)

@@ -14,8 +14,8 @@ FRUGAL (svd, random+sgd, columns, dct) and Q-GaLore (INT4 projector, float weigh
   APOLLO, random, column and DCT projections, plus the exchange of the shared SVD refreshes;
 - torch.distributed.checkpoint: 2 steps, save, 2 steps (across a refresh) == load into a
   fresh model/optimizer + 2 steps, exactly; the projected moments are saved sharded;
-- a NaN in one rank's shard makes every rank skip that parameter; tensor-parallel
-  placements are refused with a clear error; Q-GaLore on INT8 QLinear weights under DDP
+- a NaN in one rank's shard makes every rank skip that parameter; a ``Partial`` placement
+  is refused with a clear error (tensor parallelism: test_tensor_parallel.py); Q-GaLore on INT8 QLinear weights under DDP
   and ``layerwise`` GaLore under FSDP2 equal single-process training.
 """
 import pytest

@@ -89,6 +89,24 @@ def test_groups_unknown_keyword_is_a_type_error():
     lowrank_param_groups(model, density=0.25)
 
 
+def test_flattened_parameters_are_refused_naming_the_fix():
+    """A 1-D flat buffer holding flattened weights (DeepSpeed ZeRO marks its partitions with ``ds_*``
+    attributes; FSDP1 with use_orig_params=False is covered by the 4-process tensor-parallel test)
+    is refused by lowrank_param_groups and in a low-rank group, instead of being stepped as a plain
+    parameter; an ordinary 1-D parameter in a low-rank group keeps its own message."""
+    model = nn.Linear(4, 3)
+    flat = nn.Parameter(torch.zeros(15))
+    flat.ds_id, flat.ds_numel = 0, 15  # what deepspeed.runtime.zero sets on a partitioned parameter
+    model.register_parameter("flat", flat)
+    with pytest.raises(ValueError, match=r"lowrank_param_groups: parameter 'flat' is a DeepSpeed ZeRO partition.*"
+                                         r"fully_shard.*use_orig_params=True.*DeepSpeed ZeRO is not supported"):
+        lowrank_param_groups(model, rank=2)
+    with pytest.raises(ValueError, match=r"param group 0: parameter 1 is a DeepSpeed ZeRO partition"):
+        GaLoreAdamW([dict(params=[model.weight, flat], rank=2)])
+    with pytest.raises(ValueError, match=r"parameter 0 has shape \(3,\): a low-rank group takes 2-D weights only"):
+        GaLoreAdamW([dict(params=[model.bias], rank=2)])
+
+
 # ----------------------------------------------------------------------------- what is projected
 def _record(fn):
     with warnings.catch_warnings(record=True) as caught:
