@@ -113,6 +113,27 @@ def check_list_devices(op: str, named: Iterable[tuple]) -> None:
                                  f"{first[0]} on {first[1]}")
 
 
+def check_lists(op: str, n: int, required: Iterable[tuple], optional: Iterable[tuple] = ()) -> None:
+    """Each ``(name, xs)`` is a list (or tuple) with one entry per weight (``n``); an
+    ``optional`` one may also be empty."""
+    for opt, named in ((False, required), (True, optional)):
+        for name, xs in named:
+            fail_type(isinstance(xs, (list, tuple)), op, lambda: f"{name} must be a list, got {type(xs).__name__}")
+            if opt and len(xs) == 0:
+                continue
+            fail_value(len(xs) == n, op, lambda: f"{name} must have one entry per weight ({n}), got {len(xs)}")
+
+
+def check_step_entry(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
+    """A method-step list op's weight and gradient: float32, 2-D, contiguous, same shape."""
+    check_float(p, "params", where, (torch.float32,))
+    check_ndim(p, "params", where, 2)
+    fail_value(p.is_contiguous(), where, "params must be contiguous")
+    check_float(g, "grads", where, (torch.float32,))
+    check_shape(g, "grads", where, p.shape, "the weight's shape")
+    fail_value(g.is_contiguous(), where, "grads must be contiguous")
+
+
 def check_side(side, op: str) -> None:
     if side not in SIDES:
         raise ValueError(f"{op}: side must be 'left' or 'right', got {side!r}")

@@ -38,23 +38,14 @@ def _kernels():
 _OP = "foreach_apollo_update_"
 
 
-def _list(op, name, xs, n, optional=False):
-    C.fail_type(isinstance(xs, (list, tuple)), op, lambda: f"{name} must be a list, got {type(xs).__name__}")
-    if optional and len(xs) == 0:
-        return
-    C.fail_value(len(xs) == n, op, lambda: f"{name} must have one entry per weight ({n}), got {len(xs)}")
-
-
 def validate_foreach_apollo_update(params, grads, seeds, exp_avg, exp_avg_sq, prev_norm, side, rank, channel, beta1,
                                    beta2, eps, front, alpha, decay, m_absmax=(), v_absmax=(), block_size=0,
                                    moment_seed=(), *, op=_OP):
     n = len(params)
-    for name, xs in (("grads", grads), ("seeds", seeds), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-                     ("front", front), ("alpha", alpha), ("decay", decay)):
-        _list(op, name, xs, n)
-    for name, xs in (("prev_norm", prev_norm), ("m_absmax", m_absmax), ("v_absmax", v_absmax),
-                     ("moment_seed", moment_seed)):
-        _list(op, name, xs, n, optional=True)
+    C.check_lists(op, n, (("grads", grads), ("seeds", seeds), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+                   ("front", front), ("alpha", alpha), ("decay", decay)),
+                  (("prev_norm", prev_norm), ("m_absmax", m_absmax), ("v_absmax", v_absmax),
+                   ("moment_seed", moment_seed)))
     C.check_side(side, op)
     C.fail_type(isinstance(rank, int) and not isinstance(rank, bool), op, lambda: f"rank must be an int, got {rank!r}")
     _check_hyper(op, beta1, beta2, eps)
@@ -64,12 +55,7 @@ def validate_foreach_apollo_update(params, grads, seeds, exp_avg, exp_avg_sq, pr
     for i in range(n):
         where = f"{op} (entry {i})"
         p, g = params[i], grads[i]
-        C.check_float(p, "params", where, (torch.float32,))
-        C.check_ndim(p, "params", where, 2)
-        C.fail_value(p.is_contiguous(), where, "params must be contiguous")
-        C.check_float(g, "grads", where, (torch.float32,))
-        C.check_shape(g, "grads", where, p.shape, "the weight's shape")
-        C.fail_value(g.is_contiguous(), where, "grads must be contiguous")
+        C.check_step_entry(p, g, where)
         m, k = p.shape
         C.check_rank(rank, m, k, where, "rank")
         shape = (m, rank) if side == "right" else (rank, k)

@@ -37,22 +37,13 @@ def _kernels():
 _OP = "foreach_frugal_update_"
 
 
-def _list(op, name, xs, n, optional=False):
-    C.fail_type(isinstance(xs, (list, tuple)), op, lambda: f"{name} must be a list, got {type(xs).__name__}")
-    if optional and len(xs) == 0:
-        return
-    C.fail_value(len(xs) == n, op, lambda: f"{name} must have one entry per weight ({n}), got {len(xs)}")
-
-
 def validate_foreach_frugal_update(params, grads, projs, exp_avg, exp_avg_sq, side, signsgd, beta1, beta2, eps, alpha,
                                    decay, free_alpha, m_absmax=(), v_absmax=(), block_size=0, moment_seed=(), *,
                                    op=_OP):
     n = len(params)
-    for name, xs in (("grads", grads), ("projs", projs), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-                     ("alpha", alpha), ("decay", decay), ("free_alpha", free_alpha)):
-        _list(op, name, xs, n)
-    for name, xs in (("m_absmax", m_absmax), ("v_absmax", v_absmax), ("moment_seed", moment_seed)):
-        _list(op, name, xs, n, optional=True)
+    C.check_lists(op, n, (("grads", grads), ("projs", projs), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+                   ("alpha", alpha), ("decay", decay), ("free_alpha", free_alpha)),
+                  (("m_absmax", m_absmax), ("v_absmax", v_absmax), ("moment_seed", moment_seed)))
     C.check_side(side, op)
     _check_hyper(op, beta1, beta2, eps)
     C.check_list_devices(op, [("params", params), ("grads", grads), ("projs", projs), ("exp_avg", exp_avg),
@@ -61,12 +52,7 @@ def validate_foreach_frugal_update(params, grads, projs, exp_avg, exp_avg_sq, si
     for i in range(n):
         where = f"{op} (entry {i})"
         p, g, pr = params[i], grads[i], projs[i]
-        C.check_float(p, "params", where, (torch.float32,))
-        C.check_ndim(p, "params", where, 2)
-        C.fail_value(p.is_contiguous(), where, "params must be contiguous")
-        C.check_float(g, "grads", where, (torch.float32,))
-        C.check_shape(g, "grads", where, p.shape, "the weight's shape")
-        C.fail_value(g.is_contiguous(), where, "grads must be contiguous")
+        C.check_step_entry(p, g, where)
         C.check_float(pr, "projs", where, (torch.float32,))
         C.check_ndim(pr, "projs", where, 2)
         m, k = p.shape
