@@ -22,6 +22,7 @@ All share one state layout (:func:`init_state`: torch.optim.AdamW's ``step``, ``
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional
 
@@ -55,6 +56,9 @@ def init_state(p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) ->
         # FSDP2 shards a 1-D parameter along its blocks, tensor parallelism a weight's rows
         # (Shard(1)): the blocks would straddle the shards, so these moments stay 32-bit
         bits = 32
+        warnings.warn("moment_bits=8: plain-AdamW parameters whose 8-bit blocks would straddle their shards "
+                      "(1-D parameters under FSDP2, weights sharded on dim 1 by tensor parallelism) keep "
+                      "32-bit moments", UserWarning, stacklevel=2)
     if bits == 16:
         for key in moments.ADAM_KEYS:
             state[key] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)

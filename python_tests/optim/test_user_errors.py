@@ -324,3 +324,22 @@ def test_layerwise_full_windows_do_not_warn():
 
     _, msgs = _record(run)
     assert msgs == []
+
+
+def test_sharded_plain_parameter_keeping_32bit_moments_warns(monkeypatch):
+    """A plain parameter whose 8-bit blocks would straddle its shards (FSDP2 1-D, TP dim 1)
+    keeps 32-bit moments, and says so instead of silently."""
+    from lowrank_kernels.optim import GaLoreAdamW, distributed as dist_mod, plain
+
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = GaLoreAdamW([p], moment_bits=8, min_8bit_size=16)
+    group = opt.param_groups[0]
+    state = {}
+    plain.init_state(p, state, group)
+    assert state["exp_avg"].dtype == torch.uint8  # not sharded: 8-bit
+    monkeypatch.setattr(dist_mod, "is_dtensor", lambda t: True)
+    monkeypatch.setattr(dist_mod, "has_col_shard", lambda t: True)
+    state = {}
+    with pytest.warns(UserWarning, match="keep 32-bit moments"):
+        plain.init_state(p, state, group)
+    assert state["exp_avg"].dtype == torch.float32
