@@ -28,10 +28,12 @@ group of due weights is shared only when it holds at least two weights.
 
 **The groups.**
 
-- FSDP2 (DTensor parameters sharded on dim 0 or replicated, on a 1-D mesh of more than one
-  rank): the mesh's group. The refresh all-gathers the gradient, as without sharing (the SVD
-  needs all of it); only the owner then computes. Parameters on meshes of more than one
-  dimension (HSDP) or with other placements (tensor parallel) keep computing on every rank.
+- DTensor parameters (FSDP2, HSDP, tensor parallel and their combinations): on a 1-D mesh
+  of more than one rank, the mesh's group; on a multi-dimensional mesh that covers the whole
+  world (FSDP2 x TP on ("dp", "tp"), HSDP), the default group. The refresh all-gathers the
+  gradient on every rank of the mesh, as without sharing (the SVD needs all of it); only the
+  owner then computes. A multi-dimensional mesh over part of the world keeps computing on
+  every rank.
 - Plain tensors (DDP) when ``torch.distributed`` is initialized with more than one rank:
   the default process group. Sharing is only correct when every rank holds the same
   gradient, so each shared refresh first all-gathers a small signature of the due
@@ -154,10 +156,15 @@ def _set_key(p: torch.Tensor):
     """``(kind, mesh)`` of the group that may share ``p``'s refresh, or None."""
     if _dist.is_dtensor(p):
         mesh = p.device_mesh
-        fsdp_like = all(isinstance(pl, _dist.Replicate) or (isinstance(pl, _dist.Shard) and pl.dim == 0)
-                        for pl in p.placements)
-        if mesh.ndim != 1 or mesh.size() < 2 or not fsdp_like:
-            return None  # HSDP, tensor parallel: every rank computes (their refresh may communicate)
+        placed = all(isinstance(pl, (_dist.Replicate, _dist.Shard)) or _dist.shard_dim(pl) is not None
+                     for pl in p.placements)
+        if mesh.size() < 2 or not placed:
+            return None
+        if mesh.ndim > 1 and (not _dist_ready() or mesh.size() != torch.distributed.get_world_size()):
+            return None  # a multi-dimensional mesh over part of the world: every rank computes
+        # Every rank of the mesh gathers the whole gradient at a refresh (FSDP2, HSDP, tensor
+        # parallel alike), so any of them can compute the projector: a 1-D mesh shares over its
+        # group, a multi-dimensional one over the world it covers.
         return ("mesh", mesh)
     if not _dist_ready() or torch.distributed.get_world_size() < 2:
         return None
@@ -265,7 +272,7 @@ def _flatten(result) -> Tuple[Any, List[torch.Tensor]]:
 
 def _share(opt, items: list, mesh) -> Dict[torch.Tensor, Any]:
     """Owners compute, then the exchange (see the module docstring)."""
-    pg = mesh.get_group() if mesh is not None else None
+    pg = mesh.get_group() if mesh is not None and mesh.ndim == 1 else None
     world = torch.distributed.get_world_size(pg)
     me = torch.distributed.get_rank(pg)
     owners = schedule([c for *_, c in items], world)

@@ -185,11 +185,22 @@ def check_parity(name, make_opt, layout, results, reference):
     model = parallel_model(mesh, layout)
     comm = _Comm()
     opt = make_opt(model)
-    train(model, opt, x[lo:hi], y[lo:hi], STEPS, on_step=comm)
+    svd, svds = torch.linalg.svd, [0]
+
+    def svd_counted(*a, **k):
+        svds[0] += 1
+        return svd(*a, **k)
+
+    torch.linalg.svd = svd_counted  # this rank's SVDs (the refreshes are shared across the ranks)
+    try:
+        train(model, opt, x[lo:hi], y[lo:hi], STEPS, on_step=comm)
+    finally:
+        torch.linalg.svd = svd
     err = rel_change_err(full_params(model), ref, init)
     key = f"{layout}[{name}]"
     results[f"parity_{key}"] = [err < TOL, f"rel err {err:.2e} (tol {TOL:.0e})"]
     results[f"comm_{key}"] = [True, comm.per_step]
+    results[f"svds_{key}"] = [True, svds[0]]
     layouts = {}
     for i, m in enumerate(mm for mm in model if isinstance(mm, torch.nn.Linear)):
         st = opt.state.get(m.weight, {})

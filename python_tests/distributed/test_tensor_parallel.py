@@ -15,6 +15,8 @@ ranks runs every check below (so ``make test`` starts the 4-process setup once):
   between refreshes no all-gather and no all-reduce larger than a low-rank block, and one
   all-reduce of a low-rank block per weight and mesh dimension sharding the contracted dimension,
   on top of the non-finite check's scalars;
+- refresh work: the SVDs of a refresh are shared across the ranks, so summed over the 4 ranks
+  there is one per weight and refresh;
 - state layout: the moments are sharded like the weight on the dimension the projection keeps;
   torch.distributed.checkpoint saves them in shards and a resume across a refresh is exact;
 - a ``Partial`` placement, FSDP1's flattened parameters and 8-bit moments on the left side of a
@@ -105,3 +107,17 @@ def test_dcp_resume_is_exact(results, name):
 @pytest.mark.parametrize("name", ["error_partial", "error_fsdp1_flat", "error_left_8bit_columns"])
 def test_refused_with_clear_error(results, name):
     _dist.check(results, name)
+
+
+#: SVDs per refresh: one per weight (4 weights, refreshes at steps 1, 3 and 5), summed over ranks
+SVD_CASES = [("fsdp_tp", n) for n in ("galore_right", "galore_left", "galore_full", "qgalore_int4")] + [
+    ("fsdp_tp_odd", "galore_left"), ("hsdp_tp", "galore_left"), ("tp", "galore_right")]
+
+
+@pytest.mark.parametrize("layout,name", SVD_CASES)
+def test_one_svd_per_weight_and_refresh_summed_over_ranks(results, layout, name):
+    """Each weight's SVD is computed on one rank (by the size-balanced schedule) and broadcast:
+    summed over the ranks, one per weight and refresh, not one per rank."""
+    refreshes = len(range(1, W.STEPS + 1, W.GAP))
+    per_rank = [res[f"svds_{layout}[{name}]"][1] for res in results]
+    assert sum(per_rank) == 4 * refreshes, per_rank
