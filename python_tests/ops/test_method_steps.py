@@ -12,12 +12,9 @@ from ..conftest import require_backend
 SHAPES = [(13, 7), (6, 11), (9, 9)]
 
 
-def _apollo_args(side, channel, limiter, bits, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    r = 3
-    ps = [0.1 * torch.randn(s, generator=gen) for s in SHAPES]
-    gs = [torch.randn(s, generator=gen) for s in SHAPES]
-    low = [(m, r) if side == "right" else (r, n) for m, n in SHAPES]
+def _moments(low, bits, gen):
+    """Moments of the low-rank shapes ``low`` in the format of ``bits`` (8-bit and 16-bit: zeros;
+    32-bit: random from ``gen``) and the op's format keywords."""
     kw = {}
     if bits == 8:
         st = [ops.moments8_zeros(s, block_size=2) for s in low]
@@ -30,6 +27,16 @@ def _apollo_args(side, channel, limiter, bits, seed=0):
     else:
         ea = [0.1 * torch.randn(s, generator=gen) for s in low]
         es = [0.01 * torch.rand(s, generator=gen) for s in low]
+    return ea, es, kw
+
+
+def _apollo_args(side, channel, limiter, bits, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = 3
+    ps = [0.1 * torch.randn(s, generator=gen) for s in SHAPES]
+    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    low = [(m, r) if side == "right" else (r, n) for m, n in SHAPES]
+    ea, es, kw = _moments(low, bits, gen)
     prev = [torch.tensor(0.5) for _ in SHAPES] if limiter else None
     seeds = [torch.tensor(s, dtype=torch.int64) for s in (3, 2**62 + 7, 11)]
     return ps, gs, seeds, ea, es, dict(side=side, rank=r, channel=channel, beta1=0.9, beta2=0.99, eps=1e-6,
@@ -48,18 +55,7 @@ def _frugal_args(side, signsgd, bits, seed=0):
         q = torch.linalg.qr(torch.randn(k, min(r, k), generator=gen)).Q
         projs.append(q.T.contiguous() if side == "right" else q.contiguous())
     low = [(m, p.shape[0]) if side == "right" else (p.shape[1], n) for (m, n), p in zip(SHAPES, projs)]
-    kw = {}
-    if bits == 8:
-        st = [ops.moments8_zeros(s, block_size=2) for s in low]
-        ea, es = [d["exp_avg"] for d in st], [d["exp_avg_sq"] for d in st]
-        kw = dict(m_absmax=[d["m_absmax"] for d in st], v_absmax=[d["v_absmax"] for d in st], block_size=2)
-    elif bits == 16:
-        ea = [torch.zeros(s, dtype=torch.bfloat16) for s in low]
-        es = [torch.zeros(s, dtype=torch.bfloat16) for s in low]
-        kw = dict(moment_seed=[5, 6, 7])
-    else:
-        ea = [0.1 * torch.randn(s, generator=gen) for s in low]
-        es = [0.01 * torch.rand(s, generator=gen) for s in low]
+    ea, es, kw = _moments(low, bits, gen)
     return ps, gs, projs, ea, es, dict(side=side, signsgd=signsgd, beta1=0.9, beta2=0.99, eps=1e-8,
                                        alpha=[-1e-2, -2e-2, -3e-3], decay=[0.99, 1.0, 0.9],
                                        free_alpha=[-1e-3, -2e-3, 0.0], **kw)
