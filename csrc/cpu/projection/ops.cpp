@@ -121,6 +121,25 @@ ProjectorSource check_step(const Tensor& param, const Tensor& grad, const Tensor
 // The fused step with its weight update given as W <- decay * W + alpha * back(N) (the
 // single-tensor op computes alpha and decay from lr / step / weight decay / scale; the
 // multi-tensor op may take them per parameter from a device tensor).
+// The Adam-moment fields of a Problem (both projecting steps): the moments in right
+// orientation, the stochastic-rounding seed, the 8-bit absmax blocks and the betas / eps.
+void set_moments(Problem& pb, const Tensor& exp_avg, const Tensor& exp_avg_sq, bool left, int64_t moment_seed,
+                 bool eight, const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t block_size, double beta1,
+                 double beta2, double eps) {
+  pb.ea = orient(exp_avg, left);
+  pb.eas = orient(exp_avg_sq, left);
+  pb.left = left;
+  pb.seed = moment_seed;
+  if (eight) {
+    pb.ma = *m_absmax;
+    pb.va = *v_absmax;
+    pb.block_size = block_size;
+  }
+  pb.beta1 = beta1;
+  pb.beta2 = beta2;
+  pb.eps = eps;
+}
+
 void fused_step(Tensor& param, const Tensor& grad, const Tensor& proj, Tensor& exp_avg, Tensor& exp_avg_sq,
                 bool left, double beta1, double beta2, double eps, int64_t step, double alpha, double decay,
                 const OptTensor& indices, const OptTensor& q_scale, const OptTensor& q_min, int64_t rank,
@@ -139,24 +158,14 @@ void fused_step(Tensor& param, const Tensor& grad, const Tensor& proj, Tensor& e
       acc_dtype({param.scalar_type(), grad.scalar_type(), proj_dtype(src), exp_avg.scalar_type()});
   Problem pb;
   pb.g = orient(grad, left);
-  pb.ea = orient(exp_avg, left);
-  pb.eas = orient(exp_avg_sq, left);
   pb.w = orient(param, left);
-  pb.left = left;
-  pb.seed = moment_seed;
-  if (eight) {
-    // N (float32 values, as the reference rounds it) is written over R in acc.
-    pb.ma = *m_absmax;
-    pb.va = *v_absmax;
-    pb.block_size = block_size;
-  } else if (exp_avg.scalar_type() != acc) {
+  set_moments(pb, exp_avg, exp_avg_sq, left, moment_seed, eight, m_absmax, v_absmax, block_size, beta1, beta2, eps);
+  // 8-bit: N (float32 values, as the reference rounds it) is written over R in acc.
+  if (!eight && exp_avg.scalar_type() != acc) {
     // N is rounded to the moments' dtype before the back-projection (as the reference);
     // this low-rank tensor holds the rounded values.
     pb.n = orient(at::empty(shape, exp_avg.options()), left);
   }
-  pb.beta1 = beta1;
-  pb.beta2 = beta2;
-  pb.eps = eps;
   pb.decay = decay;
   pb.alpha = alpha;
   run(pb, src, acc);
@@ -198,19 +207,8 @@ Tensor projection_project_adam_cpu(const Tensor& grad, const Tensor& proj, Tenso
   Tensor out = at::empty(shape, exp_avg.options().dtype(eight ? at::kFloat : exp_avg.scalar_type()));
   Problem pb;
   pb.g = orient(grad, left);
-  pb.ea = orient(exp_avg, left);
-  pb.eas = orient(exp_avg_sq, left);
   pb.n = orient(out, left);
-  pb.left = left;
-  pb.seed = moment_seed;
-  if (eight) {
-    pb.ma = *m_absmax;
-    pb.va = *v_absmax;
-    pb.block_size = block_size;
-  }
-  pb.beta1 = beta1;
-  pb.beta2 = beta2;
-  pb.eps = eps;
+  set_moments(pb, exp_avg, exp_avg_sq, left, moment_seed, eight, m_absmax, v_absmax, block_size, beta1, beta2, eps);
   run(pb, src, acc_dtype({grad.scalar_type(), proj_dtype(src), exp_avg.scalar_type()}));
   return out;
 }
