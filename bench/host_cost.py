@@ -52,6 +52,7 @@ TARGET_NAMES = {
     "ours-GaLoreAdamW": "galore", "ours-DCTAdamW": "dct", "ours-QGaLoreAdamW": "qgalore",
     "ours-APOLLOAdamW": "apollo", "ours-APOLLO-Mini": "apollo-mini", "ours-FrugalAdamW": "frugal",
     "ours-GradNormLoRPAdamW": "gradnormlorp", "ours-GaLoreAdafactor": "adafactor",
+    "ours-FiraAdamW": "fira", "ours-FiraAdamW-DCT": "fira-dct", "ours-Trion": "trion",
 }
 TARGETS = tuple(TARGET_NAMES)
 #: the optimizers also held to MAX_ATEN_OPS top-level aten ops in the step suite's targets.
@@ -129,6 +130,13 @@ def profiled_ops(step) -> Tuple[int, int]:
         step()
     names = [e.name for e in prof.events()]
     return sum(n.startswith("aten::") for n in names), sum(n.startswith("lowrank_kernels::") for n in names)
+
+
+def make_optimizer_names() -> List[str]:
+    """Every row name :func:`make_optimizers` can build (the step suite's providers and the per-parameter rows)."""
+    from . import optimizers as O
+
+    return list(O.OPTIMIZERS) + list(PER_PARAM)
 
 
 def make_optimizers(device="cpu", dtype=torch.float32, names: Optional[List[str]] = None):
@@ -278,11 +286,21 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", default=None, help="also write the table, with its stamps, to this file")
     ap.add_argument("--keep-grads", action="store_true", help="the same gradient tensors at every step")
+    ap.add_argument("--only", default=None, metavar="NAMES",
+                    help="comma-separated optimizer rows to run (the baseline torch-adamw-foreach is always added)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    out = rows(args.rounds, args.reps, args.backend, fresh_grads=not args.keep_grads)
+    names = None
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        known = set(make_optimizer_names())
+        bad = [n for n in names if n not in known]
+        if bad:
+            ap.error(f"--only: unknown rows {bad}; choose from {', '.join(sorted(known))}")
+        names = [BASELINE] + [n for n in names if n != BASELINE]
+    out = rows(args.rounds, args.reps, args.backend, names=names, fresh_grads=not args.keep_grads)
     n = next((r["n_weights"] for r in out if not r.get("skipped")), len(stack_shapes()))
     header = (f"non-refresh step, {n} weights (4 layers x 7, d={D}, f={F}, rank {RANK}), fp32, "
               f"{'the same gradient tensors' if args.keep_grads else 'new gradient tensors'} at every step, backend {args.backend}, {torch.get_num_threads()} threads, median of {args.rounds} "
