@@ -195,8 +195,13 @@ _BACKPROJECT = _table(
     dense=((Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
            (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3))),
     int4=(Tile(64, 64, 32, 8, 1), Tile(64, 64, 32, 8, 1)),
-    dct=(Tile(64, 64, 32, 8, 2), Tile(64, 64, 32, 8, 2)),
+    dct=(Tile(64, 64, 32, 8, 2), Tile(64, 32, 32, 8, 2)),
 )
+# (The back-projection's float32 operands with a DCT projector take 64 x 32: 64 x 64 x 32 spills
+# 120 bytes on sm_80 with a float32 basis on the left side and a rank that is not a multiple of the
+# K step, in the back-projection and in Fira's residual kernel, which shares this table; compile
+# check --subset full; 64 x 32 x 32 compiles without spills under Triton 3.9 and 3.6 on sm_80 /
+# sm_90, and sm_86 / sm_89 under 3.9. The grouped back-projection took 64 x 32 for the same reason.)
 # project + Adam with 8-bit moments ("project_q8"): a program owns whole quantization blocks
 # along the moment's last dim (its tile's N dim), so ``bn`` is not a table value but
 # ``max(16, next_pow2(min(block_size, N)))`` (:func:`q8_tile`); the table holds the tile
