@@ -209,9 +209,13 @@ _BACKPROJECT = _table(
 # (at most 32): 16 x 256 and 32 x 128 hold 4096 elements as the float moments' 64 x 64
 # tiles; narrower blocks take 32 rows (32 x 256 spills on sm_90 and 64 x 64 on sm_80: the
 # requantization's binary search holds normalized values, codes and gathered midpoints).
+# Float32 operands with an INT4 projector take a 16-wide K step: 16 x 256 x 32 spills 812 bytes
+# on sm_80 (472 on sm_90) with rank 300 on the right side and needs 100 KB of shared memory (over
+# sm_86/89's 99 KB); 16 x 256 x 16 (2 stages) does not spill and takes 49 KB (compile check
+# --subset full, sm_80 / sm_90, Triton 3.9; the grouped table below inherits it).
 _PROJECT_Q8 = _table(
     dense=(Tile(16, 256, 32, 8, 3), Tile(16, 256, 32, 8, 2)),
-    int4=(Tile(16, 256, 32, 8, 2), Tile(16, 256, 32, 8, 2)),
+    int4=(Tile(16, 256, 32, 8, 2), Tile(16, 256, 16, 8, 2)),
     dct=(Tile(16, 256, 32, 8, 2), Tile(16, 256, 32, 8, 2)),
 )
 # project + Adam with bf16 stochastic-rounding moments ("project_sr"): the project table,
@@ -315,10 +319,25 @@ if TRITON_VERSION < (3, 7):
     _PROJECT_SR_GROUPED_36[("int4", True)] = _same(Tile(16, 64, 32, 8, 1))
     for _arch in TABLE_ARCHS:
         TABLES[("project_sr_grouped", _arch)] = _PROJECT_SR_GROUPED_36
+# 8-bit project + Adam, float32 operands, INT4 projector (compile check --subset full, sm_80 /
+# sm_90, the single and grouped kernels): under 3.6 the 3.9 tile (16 x 256 x 16, 2 stages) spills
+# 24 bytes on sm_80 (left side, 256-wide blocks) and its 32-row form for 64-wide blocks 12-36
+# bytes; 16 x 256 x 32 with 2 stages spills 812 bytes with rank 300 (right side), with 1 stage 16
+# bytes on sm_90 (left side). Under 3.6 the entry takes 16 x 256 x 16 with 1 stage, and narrow
+# blocks keep its 16 rows (:func:`_q8_for`): the 32-row forms spill 8-32 bytes at every K step.
+_Q8_KEEP_ROWS_36 = frozenset({("int4", True)})
+if TRITON_VERSION < (3, 7):
+    for _name in ("project_q8", "project_q8_grouped"):
+        for _arch in TABLE_ARCHS:
+            TABLES[(_name, _arch)] = dict(TABLES[(_name, _arch)])
+            TABLES[(_name, _arch)][("int4", True)] = _same(Tile(16, 256, 16, 8, 1))
 FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P,
              "project_grouped": _P, "backproject_grouped": _P, "project_q8_grouped": _P, "project_sr_grouped": _P}
 MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
 _Q8_KERNELS = ("project_q8", "project_q8_grouped")
+# 8-bit project + Adam entries ``(projector class, wide)`` whose narrow quantization blocks keep
+# the table's rows (no scale-up in :func:`_q8_for`); set per Triton version above.
+_Q8_KEEP_ROWS = _Q8_KEEP_ROWS_36 if TRITON_VERSION < (3, 7) else frozenset()
 
 
 def table_arch(arch: int) -> int:
@@ -355,11 +374,13 @@ def q8_tile(tile: Tile, qblock: int) -> Tile:
     return tile._replace(bn=bn, bm=min(32, max(tile.bm, tile.bm * 256 // bn)))
 
 
-def _q8_for(kernel: str, tile: Tile, qblock: int) -> Tile:
+def _q8_for(kernel: str, tile: Tile, qblock: int, mode: int = 0, wide: bool = False) -> Tile:
     """``tile`` for 8-bit moments: :func:`q8_tile`, without the row scale-up for the grouped
-    kernel (its narrow-block tiles spill with 32 rows; see ``_PROJECT_GROUPED``)."""
+    kernel (its narrow-block tiles spill with 32 rows; see ``_PROJECT_GROUPED``) and for the
+    ``(projector class, wide)`` entries in :data:`_Q8_KEEP_ROWS`."""
     t = q8_tile(tile, qblock)
-    return t._replace(bm=tile.bm) if kernel == "project_q8_grouped" else t
+    keep = kernel == "project_q8_grouped" or (MODE_CLASS.get(mode), wide) in _Q8_KEEP_ROWS
+    return t._replace(bm=tile.bm) if keep else t
 
 
 def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, op_bytes: Sequence[int],
@@ -388,7 +409,7 @@ def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, o
     table = TABLES[(kernel, table_arch(int(arch)))]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     tile = entry[_bucket(int(M), int(N))]
-    return _q8_for(kernel, tile, qblock) if kernel in _Q8_KERNELS else tile
+    return _q8_for(kernel, tile, qblock, mode, wide) if kernel in _Q8_KERNELS else tile
 
 
 def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0, qblock: int = 256) -> list:
@@ -397,7 +418,7 @@ def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0, qblock: 
     table = TABLES[(kernel, table_arch(int(arch)))]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     if kernel in _Q8_KERNELS:
-        entry = [_q8_for(kernel, t, qblock) for t in entry]
+        entry = [_q8_for(kernel, t, qblock, mode, wide) for t in entry]
     return list(dict.fromkeys(entry))
 
 
@@ -414,7 +435,7 @@ def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0, q
     table = TABLES[(kernel, ta)]
     entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
     if kernel in _Q8_KERNELS:
-        entry = [_q8_for(kernel, t, qblock) for t in entry]
+        entry = [_q8_for(kernel, t, qblock, mode, wide) for t in entry]
     out = []
     # Extras: 16-bit dense operands only (compiled for sm_80/sm_90: they spill with float32
     # operands); never one whose shared memory cannot fit.
