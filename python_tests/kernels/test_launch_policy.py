@@ -83,7 +83,8 @@ def test_every_table_tile_fits_shared_memory_estimate(kernel, arch):
             for t in L.candidates(kernel, arch, wide=wide, mode=mode):
                 assert t.smem_estimate(op_bytes) <= L.SMEM_LIMIT[arch], (kernel, arch, t)
                 # dct scoring sizes its partial buffer for 64-wide tiles (kernels/dct.py:_partial_rows);
-                # Fira's residual (back-projection table) bounds its partial sums by 16-wide tiles
+                # the other tables hold tiles of at least 16 (Fira's residual, on the back-projection
+                # table, bounds its partial sums by 16-wide tiles)
                 low = 64 if kernel == "dct_gemm" else residual._MIN_TILE
                 assert t.bm >= low and t.bn >= low and t.warps in (4, 8) and t.stages >= 1
             assert set(L.default_tiles(kernel, arch, wide=wide, mode=mode)) <= set(
