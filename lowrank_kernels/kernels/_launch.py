@@ -204,7 +204,8 @@ _BACKPROJECT = _table(
 # 120 bytes on sm_80 with a float32 basis on the left side and a rank that is not a multiple of the
 # K step, in the back-projection and in Fira's residual kernel, which shares this table; compile
 # check --subset full; 64 x 32 x 32 compiles without spills under Triton 3.9 and 3.6 on sm_80 /
-# sm_90, and sm_86 / sm_89 under 3.9. The grouped back-projection took 64 x 32 for the same reason.)
+# sm_90, and on sm_86 / sm_89 for the left-side rows. The grouped back-projection took 64 x 32 for
+# the same reason.)
 # project + Adam with 8-bit moments ("project_q8"): a program owns whole quantization blocks
 # along the moment's last dim (its tile's N dim), so ``bn`` is not a table value but
 # ``max(16, next_pow2(min(block_size, N)))`` (:func:`q8_tile`); the table holds the tile
@@ -215,7 +216,8 @@ _BACKPROJECT = _table(
 # Float32 operands with an INT4 projector take a 16-wide K step: 16 x 256 x 32 spills 812 bytes
 # on sm_80 (472 on sm_90) with rank 300 on the right side and needs 100 KB of shared memory (over
 # sm_86/89's 99 KB); 16 x 256 x 16 (2 stages) does not spill and takes 49 KB (compile check
-# --subset full, sm_80 / sm_90, Triton 3.9; the grouped table below inherits it).
+# --subset full, sm_80 / sm_90, and sm_86 / sm_89 for the rank-300 row, Triton 3.9; the grouped
+# table below inherits it; Triton 3.6 takes its own tile, below).
 _PROJECT_Q8 = _table(
     dense=(Tile(16, 256, 32, 8, 3), Tile(16, 256, 32, 8, 2)),
     int4=(Tile(16, 256, 32, 8, 2), Tile(16, 256, 16, 8, 2)),
@@ -325,9 +327,10 @@ if TRITON_VERSION < (3, 7):
 # 8-bit project + Adam, float32 operands, INT4 projector (compile check --subset full, sm_80 /
 # sm_90, the single and grouped kernels): under 3.6 the 3.9 tile (16 x 256 x 16, 2 stages) spills
 # 24 bytes on sm_80 (left side, 256-wide blocks) and its 32-row form for 64-wide blocks 12-36
-# bytes; 16 x 256 x 32 with 2 stages spills 812 bytes with rank 300 (right side), with 1 stage 16
-# bytes on sm_90 (left side). Under 3.6 the entry takes 16 x 256 x 16 with 1 stage, and narrow
-# blocks keep its 16 rows (:func:`_q8_for`): the 32-row forms spill 8-32 bytes at every K step.
+# bytes; 16 x 256 x 32 with 1 stage spills 16 bytes on sm_90 (left side). Under 3.6 the entry
+# takes 16 x 256 x 16 with 1 stage, and narrow blocks keep its 16 rows (:func:`_q8_for`): the
+# 32-row forms for 64-wide blocks spill 8-36 bytes with every K step and stage count tried (16 or
+# 32, 1 or 2 stages); 16 x 64 does not. Rank 300: 230-250 registers, no spill, 17 KB.
 _Q8_KEEP_ROWS_36 = frozenset({("int4", True)})
 if TRITON_VERSION < (3, 7):
     for _name in ("project_q8", "project_q8_grouped"):
