@@ -11,6 +11,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
+
+#include "cpu/direct.h"
 #include "cpu/kernels.h"
 
 namespace lowrank_kernels {
@@ -45,14 +48,18 @@ void frugal_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::
     const Tensor& pr = projs[i];
     const int64_t r = right ? pr.size(0) : pr.size(1);
     const int64_t full = right ? p.size(1) : p.size(0);
-    Tensor low = right ? at::mm(g, pr.t()) : at::mm(pr.t(), g);
+    // at::mm(g, pr.t()) / at::mm(pr.t(), g) without the dispatcher (cpu/direct.h).
+    const Tensor prt = direct::t(pr);
+    Tensor low = right ? direct::mm(g, prt) : direct::mm(prt, g);
     Tensor m1 = exp_avg[i], v1 = exp_avg_sq[i];
     const auto upd = m1.scalar_type() == at::kByte ? at::kFloat : m1.scalar_type();
     Tensor nlr = adam_update_cpu(upd == at::kFloat ? low : low.to(upd), m1, v1, beta1, beta2, eps, opt(m_absmax, i),
                                  opt(v_absmax, i), block_size, moment_seed.empty() ? -1 : moment_seed[i]);
     Tensor residual;
     if (r < full) {
-      residual = g.clone();
+      // A copy of G (as g.clone(): a fresh contiguous float32 tensor), by memcpy.
+      residual = direct::empty_f32(p.sizes());
+      std::memcpy(residual.data_ptr<float>(), g.const_data_ptr<float>(), sizeof(float) * g.numel());
       projection_backproject_apply_cpu(residual, low, pr, sd, -1.0, 1.0, std::nullopt, std::nullopt, std::nullopt, 0,
                                        0, std::nullopt, std::nullopt);
     }
