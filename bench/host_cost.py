@@ -59,8 +59,8 @@ TARGETS = tuple(TARGET_NAMES)
 ATEN_TARGETS = ("ours-GaLoreAdamW", "ours-DCTAdamW")
 BASELINE = "torch-adamw-foreach"
 #: ours with one op call per parameter (group key foreach=False): the bucketing's reference.
-#: provider -> optimizer registry name. (GaLore-Adafactor refuses foreach=True and has no row.)
-PER_PARAM = {f"{name} per-param": reg for name, reg in TARGET_NAMES.items() if reg != "adafactor"}
+#: provider -> optimizer registry name.
+PER_PARAM = {f"{name} per-param": reg for name, reg in TARGET_NAMES.items()}
 
 
 def stack_shapes(d: int = D, f: int = F, layers: int = LAYERS) -> List[tuple]:

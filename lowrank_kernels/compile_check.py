@@ -5,7 +5,7 @@
 
 The variants are not written out by hand: the real launchers
 (``kernels/projection.py``, ``kernels/projection_grouped.py``, ``kernels/dct.py``,
-``kernels/quant.py``, ``kernels/adam.py``) run on ``meta``
+``kernels/quant.py``, ``kernels/adam.py``, ``kernels/adafactor.py``) run on ``meta``
 tensors of the chosen dtypes, shapes and strides under
 :func:`lowrank_kernels.kernels._launch.capture`, which records each launch (kernel,
 arguments, constexprs, options, ``enable_fp_fusion`` included) instead of running it.
@@ -55,7 +55,8 @@ format, a transposed gradient with device skip/coeffs flags, int64 offsets); DCT
 and L2 norms, both sides, batched and single, int64 offsets, the list form) and the gathered DCT
 projection (both sides); every quant kernel (INT4 pack / unpack, INT8 quantize /
 dequantize / stochastic-rounding update; contiguous and strided inputs, power-of-two
-and other group sizes, each storage dtype); the elementwise Adam kernel (each dtype,
+and other group sizes, each storage dtype); GaLore-Adafactor's grouped update scaling
+(``kernels/adafactor.py``, float32 lists of odd shapes); the elementwise Adam kernel (each dtype,
 float32 / bf16 / bf16 stochastic-rounding moments) and its 8-bit form (block sizes
 256 / 128 / 64 / 16, a row shorter than a block), and their grouped forms on lists; Fira's
 residual kernel (square sum and apply; bf16, fp16, float32 and bf16-meets-float32 operands;
@@ -510,6 +511,16 @@ def _variants(subset: str):
         out += [adam_foreach("adam_foreach_rbf16_mbf16", b16, "plain"),
                 adam_foreach("adam_foreach_rfp16_mfp16", f16, "plain"),
                 adam_foreach("adam_foreach_rfp16_q8b16", f16, "q8", 16)]
+    # adafactor: the grouped scaling of every entry's update by its factored second moment (float32
+    # lists of odd shapes: a tall and a wide low-rank gradient, one row, a ragged one).
+    from lowrank_kernels.kernels import adafactor as kaf
+
+    def adafactor_scale():
+        shapes = [(300, 24), (24, 1000), (1, 7), (13, 9)]
+        kaf.adafactor_scale_foreach([E(*s) for s in shapes], [E(s[0]) for s in shapes], [E(s[1]) for s in shapes],
+                                    [E(*s) for s in shapes])
+
+    out.append(("adafactor_scale_foreach_fp32", adafactor_scale))
     # Newton-Schulz (Trion): a wide bf16 input and a tall float32 one read through transposed strides.
     from lowrank_kernels.kernels import orth as ko
     dion = [4.0848, -6.8946, 2.9270, 3.9505, -6.3029, 2.6377]

@@ -82,6 +82,16 @@ void frugal_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::
                                at::ArrayRef<double> decay, at::ArrayRef<double> free_alpha, at::TensorList m_absmax,
                                at::TensorList v_absmax, int64_t block_size, at::IntArrayRef moment_seed);
 
+// --------------------------------------------------------------------------- adafactor
+// csrc/cpu/adafactor.cpp
+void adafactor_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList projs,
+                                  at::TensorList exp_avg_sq_row, at::TensorList exp_avg_sq_col,
+                                  at::TensorList exp_avg, at::TensorList m_absmax, c10::string_view side,
+                                  double eps1, double eps2, double clip_threshold, double beta1,
+                                  bool scale_parameter, at::ArrayRef<double> beta2t, at::ArrayRef<double> lr,
+                                  at::ArrayRef<double> weight_decay, at::ArrayRef<double> alpha,
+                                  int64_t block_size, at::IntArrayRef moment_seed);
+
 // --------------------------------------------------------------------------- dct
 // csrc/cpu/dct.cpp
 Tensor dct_scores_cpu(const Tensor& grad, const Tensor& basis, c10::string_view side, int64_t norm);

@@ -70,7 +70,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("LOWRANK_KERNELS_TRITON_AUTOTUNE", "0") == "1"
 
 # enable_fp_fusion per kernel family (see the module doc).
-FP_FUSION = {"projection": False, "dct": False, "quant": False, "adam": False, "orth": False}
+FP_FUSION = {"projection": False, "dct": False, "quant": False, "adam": False, "orth": False, "adafactor": False}
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

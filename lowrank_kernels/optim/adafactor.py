@@ -16,7 +16,7 @@ from lowrank_kernels.reference import moments as _moments
 
 from . import capturable, config, moments
 from . import distributed as _dist
-from .base import LowRankOptimizer
+from .base import _PLAIN_TENSORS, LowRankOptimizer
 from .common import PROJ_TYPES, project_fp32
 from .config import OptimizerConfig, SharedOptions, shared_signature, _is_real
 from .galore import SVD_MODES, GaLoreAdamW
@@ -72,8 +72,11 @@ class GaLoreAdafactor(LowRankOptimizer):
             groups (``rank=None`` leaves a group plain Adafactor).
         skip_nonfinite: skip a parameter whose gradient is not finite (see
             :mod:`lowrank_kernels.optim.base`).
-        foreach: None (default) or False; ``True`` is refused: GaLoreAdafactor steps one
-            parameter at a time (there is no multi-tensor Adafactor step here).
+        foreach: None / True (default: bucketed) or False. The non-refresh steps of float32
+            weights with a dense right/left projector go by bucket, one
+            :func:`lowrank_kernels.ops.foreach_adafactor_update_` call per bucket, bit-identical
+            on CPU to the per-parameter path that ``foreach=False`` forces (``full``
+            projections, other dtypes and refresh steps always step per parameter).
         moment_dtype: ``"float32"`` only (default): Adafactor's state is float32 (float64
             for float64 parameters); ``"param"`` is refused.
         moment_bits, block_size, min_8bit_size: the format of the **first moment**
@@ -84,10 +87,11 @@ class GaLoreAdafactor(LowRankOptimizer):
             :mod:`lowrank_kernels.optim.base`). The factored second moment (a row and a column
             vector, ``O(m + n)``) and a 1-D parameter's full second moment always stay float32:
             Adafactor has no second-moment tensor of ``R``'s shape to compress. The first
-            moment is updated in torch here (dequantize, ``m <- b1 m + (1 - b1) upd`` in
-            float32, the update taken from the float32 value, requantize with
-            :mod:`lowrank_kernels.reference.moments`): the projection ops fuse Adam, not
-            Adafactor. Without ``beta1`` the key has no effect.
+            moment is updated in float32 (dequantize, ``m <- b1 m + (1 - b1) upd``, the update
+            taken from the float32 value, requantize as
+            :mod:`lowrank_kernels.reference.moments`), in torch per parameter and inside
+            :func:`~lowrank_kernels.ops.foreach_adafactor_update_` by bucket, with the same
+            bits. Without ``beta1`` the key has no effect.
 
     State per projected parameter (tensors only, ``weights_only``-safe): ``step`` (CPU
     float32), ``side`` (CPU int8), ``projector`` (and ``projector_right`` for
@@ -165,9 +169,6 @@ class GaLoreAdafactor(LowRankOptimizer):
             raise ValueError(self._err(gi, f"beta1 must be None or a float in [0, 1), got {b1!r}"))
         config.check_weight_decay(group, err)
         config.check_flags(group, err)
-        if group.get("foreach") is True:
-            raise ValueError(err("foreach=True is not supported: GaLoreAdafactor steps one parameter at a time; "
-                                 "pass foreach=None or False"))
         moments.validate(group, err)
         if group.get("moment_dtype", "float32") != "float32":
             raise ValueError(err(f"moment_dtype must be 'float32' (Adafactor keeps float32 state), got "
@@ -223,12 +224,18 @@ class GaLoreAdafactor(LowRankOptimizer):
         return -1
 
     @staticmethod
-    def _lr(group, step: int, p: torch.Tensor) -> Union[float, torch.Tensor]:
-        """``lr_t``: a float, or a 0-d device tensor when it depends on ``RMS(W)``."""
+    def _rel_lr(group, step: int) -> float:
+        """``lr_t`` before the parameter scale: ``lr``, or the relative step size."""
         lr = group["lr"]
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
+        return lr
+
+    @staticmethod
+    def _lr(group, step: int, p: torch.Tensor) -> Union[float, torch.Tensor]:
+        """``lr_t``: a float, or a 0-d device tensor when it depends on ``RMS(W)``."""
+        lr = GaLoreAdafactor._rel_lr(group, step)
         if group["scale_parameter"]:
             return torch.clamp(_rms(p), min=group["eps"][1]) * lr
         return lr
@@ -296,6 +303,56 @@ class GaLoreAdafactor(LowRankOptimizer):
             ops.backproject_apply_(p, half, u, side="left", alpha=-group["scale"], decay=decay)
         else:
             ops.backproject_apply_(p, upd, state["projector"], side=side, alpha=-group["scale"], decay=decay)
+
+    # ------------------------------------------------------------------ bucketed step
+    def _bucket_key(self, p, state, group):
+        """Float32 weights of this class's own step with a dense right/left projector share a
+        bucket per (device, side, eps, clip threshold, beta1, scale_parameter, first-moment
+        format); ``full``, other dtypes and subclasses that change the step stay per parameter."""
+        if not self._own_fused_step(GaLoreAdafactor):
+            return None
+        side = self._side(state)
+        if side == "full":
+            return None
+        proj = state.get("projector")
+        if (p.dtype != torch.float32 or type(p) not in _PLAIN_TENSORS or p.grad.dtype != torch.float32
+                or not isinstance(proj, torch.Tensor) or proj.dtype != torch.float32
+                or state["exp_avg_sq_row"].dtype != torch.float32):
+            return None
+        beta1 = group["beta1"]
+        fmt = ()
+        if beta1 is not None:
+            m = state["exp_avg"]
+            if m.dtype not in (torch.float32, torch.bfloat16, torch.uint8):
+                return None
+            fmt = moments.bucket_part(state, moments.format_of(group))
+            if m.dtype == torch.bfloat16 and fmt[0] != 16:  # bf16 without stochastic rounding: per parameter
+                return None
+        eps1, eps2 = group["eps"]
+        return ("adafactor", p.device, side, float(eps1), float(eps2), float(group["clip_threshold"]), beta1,
+                bool(group["scale_parameter"]), fmt)
+
+    def _bucket_step(self, key, entries, skip=None, coeffs=None):
+        """One ``ops.foreach_adafactor_update_`` call with the arguments of :meth:`_project_step`
+        per parameter (its step size, second-moment decay, weight decay and scale)."""
+        _, _, side, eps1, eps2, clip, beta1, scale_parameter, fmt = key
+        first = beta1 is not None
+        kw = {}
+        if first:
+            kw["exp_avg"] = [st["exp_avg"] for _, st, _, _ in entries]
+            if fmt[0] == 8:
+                kw.update(m_absmax=[st["exp_avg_absmax"] for _, st, _, _ in entries], block_size=fmt[1])
+            elif fmt[0] == 16:
+                kw["moment_seed"] = [self._moment_seed(p, t) for p, _, _, t in entries]
+        ops.foreach_adafactor_update_(
+            [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
+            [st["projector"] for _, st, _, _ in entries], [st["exp_avg_sq_row"] for _, st, _, _ in entries],
+            [st["exp_avg_sq_col"] for _, st, _, _ in entries], side=side, eps1=eps1, eps2=eps2, clip_threshold=clip,
+            beta2t=[1.0 - math.pow(t, g["decay_rate"]) for _, _, g, t in entries],
+            lr=[self._rel_lr(g, t) for _, _, g, t in entries], weight_decay=[g["weight_decay"] for _, _, g, _ in entries],
+            alpha=[-g["scale"] for _, _, g, _ in entries], scale_parameter=scale_parameter,
+            beta1=beta1 if first else 0.0, **kw,
+        )
 
     def _plain_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
         """Plain Adafactor (galore-torch's path for a group without ``rank``)."""

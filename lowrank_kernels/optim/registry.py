@@ -504,7 +504,7 @@ _register_ours("fira-dct", "FiraAdamW", _fira_bytes,
 # scripts): relative_step=False is what makes lr count, so the name fixes it. Its default
 # beta1=None keeps no first moment: moment_bits (which applies to that moment) changes nothing.
 _register_ours("adafactor", "GaLoreAdafactor", _adafactor_bytes,
-               Capabilities(bucketed=False, capturable=False, moment_bits=(32,), distributed=False),
+               Capabilities(bucketed=True, capturable=False, moment_bits=(32,), distributed=False),
                "galore_adafactor", "GaLore's projector with Adafactor (factored second moment)",
                settings={"relative_step": False, "scale_parameter": False}, fixed=("relative_step",))
 # Trion's AdamW groups take every moment format, its low-rank groups keep a float32 (or

@@ -27,6 +27,7 @@ KERNELS = {
     "_projection_project_adam_grouped_kernel", "_projection_backproject_apply_grouped_kernel",
     "_adam_update_grouped_kernel", "_adam_update_q8_grouped_kernel", "_residual_kernel",
     "_ns_sumsq_kernel", "_ns_normalize_kernel", "_ns_gram_kernel", "_ns_poly_kernel", "_ns_update_kernel",
+    "_adafactor_scale_grouped_kernel",
 }
 TILE_KERNEL = {"_projection_project_adam_kernel": "project", "_projection_backproject_apply_kernel": "backproject",
                "_dct_gemm_kernel": "dct_gemm", "_projection_project_adam_grouped_kernel": "project_grouped",

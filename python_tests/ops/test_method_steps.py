@@ -1,4 +1,5 @@
-"""The method-step list ops (``foreach_apollo_update_``, ``foreach_frugal_update_``): every
+"""The method-step list ops (``foreach_apollo_update_``, ``foreach_frugal_update_``,
+``foreach_adafactor_update_``): every
 backend (C++, Triton under the interpreter) against the reference on odd shapes, both sides,
 the moment formats; clear errors with nothing written."""
 import pytest
@@ -61,6 +62,35 @@ def _frugal_args(side, signsgd, bits, seed=0):
                                        free_alpha=[-1e-3, -2e-3, 0.0], **kw)
 
 
+def _adafactor_args(side, bits, scale_parameter, seed=0):
+    """Odd shapes, ranks 3 / 2 / 9 (the last full rank), random factored statistics; ``bits``:
+    None (no first moment) or the first moment's format."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = [3, 2, 9]
+    ps = [0.1 * torch.randn(s, generator=gen) for s in SHAPES]
+    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    projs = []
+    for (m, n), r in zip(SHAPES, ranks):
+        k = n if side == "right" else m
+        q = torch.linalg.qr(torch.randn(k, min(r, k), generator=gen)).Q
+        projs.append(q.T.contiguous() if side == "right" else q.contiguous())
+    low = [(m, p.shape[0]) if side == "right" else (p.shape[1], n) for (m, n), p in zip(SHAPES, projs)]
+    rows = [0.1 * torch.rand(s[0], generator=gen) for s in low]
+    cols = [0.1 * torch.rand(s[1], generator=gen) for s in low]
+    kw = dict(side=side, eps1=1e-30, eps2=1e-3, clip_threshold=0.5, beta2t=[0.0, 0.5, 0.9], lr=[1e-2, 2e-2, 3e-3],
+              weight_decay=[0.1, 0.0, 0.05], alpha=[-1.0, -0.25, -2.0], scale_parameter=scale_parameter)
+    if bits is not None:
+        kw["beta1"] = 0.9
+        if bits == 8:
+            st = [ops.moments8_zeros(s, block_size=2) for s in low]
+            kw.update(exp_avg=[d["exp_avg"] for d in st], m_absmax=[d["m_absmax"] for d in st], block_size=2)
+        elif bits == 16:
+            kw.update(exp_avg=[torch.zeros(s, dtype=torch.bfloat16) for s in low], moment_seed=[5, 6, 7])
+        else:
+            kw["exp_avg"] = [0.01 * torch.randn(s, generator=gen) for s in low]
+    return ps, gs, projs, rows, cols, kw
+
+
 def _run(fn, make, backend):
     args = make()
     *tensors, kw = args
@@ -102,6 +132,62 @@ def test_frugal_backends_match_reference(case, backend):
     want = _run(ops.foreach_frugal_update_, lambda: _frugal_args(*case), "reference")
     got = _run(ops.foreach_frugal_update_, lambda: _frugal_args(*case), backend)
     _close(got[:-1], want[:-1], f"frugal {case} {backend}")
+
+
+ADAFACTOR_CASES = [("right", None, False), ("left", None, True), ("right", 32, True), ("left", 32, False),
+                   ("right", 16, False), ("left", 8, True)]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("case", ADAFACTOR_CASES,
+                         ids=[f"{s}-{'nobeta1' if b is None else f'{b}bit'}-{'scaled' if sp else 'plain'}"
+                              for s, b, sp in ADAFACTOR_CASES])
+def test_adafactor_backends_match_reference(case, backend):
+    require_backend("adafactor_foreach_update", backend)
+    want = _run(ops.foreach_adafactor_update_, lambda: _adafactor_args(*case), "reference")
+    got = _run(ops.foreach_adafactor_update_, lambda: _adafactor_args(*case), backend)
+    extra = lambda a: [a[-1].get("exp_avg") or [], a[-1].get("m_absmax") or []]  # noqa: E731
+    _close(list(got[:-1]) + extra(got), list(want[:-1]) + extra(want), f"adafactor {case} {backend}")
+
+
+def test_adafactor_cpp_is_bitwise_reference_on_cpu():
+    """On CPU the C++ kernel repeats the reference's arithmetic: the same bits (the back-projection
+    aside, whose C++ kernel the per-parameter optimizer step uses too: here both use it)."""
+    require_backend("adafactor_foreach_update", "cpp")
+    from lowrank_kernels.reference import adafactor as ref
+
+    for case in ADAFACTOR_CASES:
+        want = _adafactor_args(*case)
+        got = _adafactor_args(*case)
+        ps, gs, projs, rows, cols, kw = want
+        kw = dict(kw)
+        ref.adafactor_foreach_update_ref(
+            ps, gs, projs, rows, cols, kw.get("exp_avg", []), kw.get("m_absmax", []), kw["side"], kw["eps1"],
+            kw["eps2"], kw["clip_threshold"], kw.get("beta1", 0.0), kw["scale_parameter"], kw["beta2t"], kw["lr"],
+            kw["weight_decay"], kw["alpha"], kw.get("block_size", 0), kw.get("moment_seed", []),
+            backproject_apply=lambda p, u, pr, side, a, d: ops.backproject_apply_(p, u, pr, side=side, alpha=a,
+                                                                                    decay=d))
+        with use_backend("cpp"):
+            ops.foreach_adafactor_update_(*got[:-1], **got[-1])
+        for x, y in zip(list(got[:-1]) + [got[-1].get("exp_avg", [])], list(want[:-1]) + [kw.get("exp_avg", [])]):
+            for a, b in zip(x, y):
+                assert torch.equal(a, b), case
+
+
+def test_adafactor_bad_entry_names_it_and_writes_nothing():
+    ps, gs, projs, rows, cols, kw = _adafactor_args("right", 32, False)
+    before = [p.clone() for p in ps] + [r.clone() for r in rows]
+    cols[1] = cols[1][:1].clone()
+    with pytest.raises(ValueError, match=r"foreach_adafactor_update_ \(entry 1\): exp_avg_sq_col must have shape"):
+        ops.foreach_adafactor_update_(ps, gs, projs, rows, cols, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps + rows))
+    ps, gs, projs, rows, cols, kw = _adafactor_args("right", 16, False)
+    with pytest.raises(ValueError, match=r"\(entry 0\): a bfloat16 exp_avg needs moment_seed"):
+        ops.foreach_adafactor_update_(ps, gs, projs, rows, cols, **{**kw, "moment_seed": [-1, 6, 7]})
+    with pytest.raises(ValueError, match="clip_threshold must be > 0"):
+        ops.foreach_adafactor_update_(ps, gs, projs, rows, cols, **{**kw, "clip_threshold": 0.0})
+    with pytest.raises(ValueError, match="lr must have one entry per weight"):
+        ops.foreach_adafactor_update_(ps, gs, projs, rows, cols, **{**kw, "lr": [1e-2]})
 
 
 def test_apollo_bad_entry_names_it_and_writes_nothing():

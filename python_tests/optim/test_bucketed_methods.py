@@ -26,9 +26,15 @@ METHODS = {
     "apollo": ("ours-APOLLOAdamW", {}),
     "apollo-mini": ("ours-APOLLO-Mini", {}),
     "frugal": ("ours-FrugalAdamW", {}),
+    "adafactor": ("ours-GaLoreAdafactor", {}),
+    "adafactor-beta1": ("ours-GaLoreAdafactor-beta1", {"beta1": 0.9}),
 }
-#: the moment formats each method is checked with (``min_8bit_size=1`` so 8-bit applies to tiny moments).
-BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8)}
+#: the registry name of a METHODS key that is not one (a bench row with other constructor keywords).
+REGISTERED = {"adafactor-beta1": "adafactor"}
+#: the moment formats each method is checked with (``min_8bit_size=1`` so 8-bit applies to tiny moments;
+#: GaLore-Adafactor's format is its first moment's, kept only with ``beta1``).
+BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8),
+        "adafactor": (32,), "adafactor-beta1": (32, 16, 8)}
 
 
 def _stack(seed=0):
@@ -50,7 +56,7 @@ def _build(name, weights, bits, foreach):
         keys["foreach"] = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = O._ours(name, **kw)(ps, RANK, GAP, **keys)
+        opt = O._ours(REGISTERED.get(name, name), **kw)(ps, RANK, GAP, **keys)
     return opt, ps
 
 
@@ -162,3 +168,62 @@ def test_apollo_configurations_bucketed_equal_per_parameter(config):
 
     ma, mb = _compare(make, shapes, w0, grads)
     assert ma.total("lowrank_kernels") < mb.total("lowrank_kernels")
+
+
+ADAFACTOR_CONFIGS = {
+    "relative-scaled-decay": dict(relative_step=True, scale_parameter=True, weight_decay=0.1),
+    "relative-warmup": dict(relative_step=True, warmup_init=True, scale_parameter=False),
+    "lr-decay-clip": dict(lr=1e-2, relative_step=False, scale_parameter=False, weight_decay=0.05,
+                          clip_threshold=0.01),
+    "scaled-beta1-8bit": dict(relative_step=True, scale_parameter=True, weight_decay=0.1, beta1=0.8, moment_bits=8,
+                              min_8bit_size=1, block_size=16),
+    "beta1-16bit-left": dict(lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9, moment_bits=16,
+                             proj_type="left"),
+    "mixed-groups": None,
+}
+
+
+@pytest.mark.parametrize("config", list(ADAFACTOR_CONFIGS))
+def test_adafactor_configurations_bucketed_equal_per_parameter(config):
+    """GaLore-Adafactor's options (relative step, parameter scale, warm-up, weight decay, update
+    clipping, the first moment in each format, left projections, groups with different lr,
+    scale and decay rate) keep the bucketed step bit-identical."""
+    from lowrank_kernels.optim import GaLoreAdafactor
+
+    shapes, w0 = _stack()
+    grads = _grads(shapes, STEPS)
+    kw = ADAFACTOR_CONFIGS[config]
+
+    def make(ps, foreach):
+        fe = {} if foreach is None else {"foreach": foreach}
+        if kw is None:
+            groups = [dict(params=ps[:3], rank=RANK, update_proj_gap=GAP, scale=2.0, **fe),
+                      dict(params=ps[3:], rank=2, update_proj_gap=GAP, lr=3e-3, weight_decay=0.01, decay_rate=-0.5,
+                           **fe)]
+            return GaLoreAdafactor(groups, lr=1e-2, relative_step=False, scale_parameter=False)
+        kw2 = dict(kw)
+        group = dict(params=ps, rank=RANK, update_proj_gap=GAP, **fe)
+        if "proj_type" in kw2:
+            group["proj_type"] = kw2.pop("proj_type")
+        return GaLoreAdafactor([group], **kw2)
+
+    ma, mb = _compare(make, shapes, w0, grads)
+    assert ma.total("lowrank_kernels") <= 2, ma.counts
+    assert ma.total("lowrank_kernels") < mb.total("lowrank_kernels")
+
+
+def test_adafactor_full_and_bfloat16_stay_per_parameter():
+    """``proj_type="full"`` and bfloat16 weights take the per-parameter step (no bucket key), with
+    ``foreach`` left on: the same numbers and op calls as ``foreach=False``."""
+    from lowrank_kernels.optim import GaLoreAdafactor
+
+    shapes, w0 = _stack()
+    grads = _grads(shapes, 3)
+    for proj_type, dtype in (("full", torch.float32), ("std", torch.bfloat16)):
+        def make(ps, foreach):
+            fe = {} if foreach is None else {"foreach": foreach}
+            return GaLoreAdafactor([dict(params=ps, rank=RANK, update_proj_gap=GAP, proj_type=proj_type, **fe)],
+                                   lr=1e-2, relative_step=False, scale_parameter=False)
+
+        ma, mb = _compare(make, shapes, [w.to(dtype) for w in w0], [[g.to(dtype) for g in gs] for gs in grads])
+        assert ma.total("lowrank_kernels") == mb.total("lowrank_kernels"), (proj_type, dtype)
