@@ -26,9 +26,12 @@ METHODS = {
     "apollo": ("ours-APOLLOAdamW", {}),
     "apollo-mini": ("ours-APOLLO-Mini", {}),
     "frugal": ("ours-FrugalAdamW", {}),
+    "fira": ("ours-FiraAdamW", {}),
+    "fira-dct": ("ours-FiraAdamW-DCT", {}),
 }
 #: the moment formats each method is checked with (``min_8bit_size=1`` so 8-bit applies to tiny moments).
-BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8)}
+BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8),
+        "fira": (32, 16, 8), "fira-dct": (32, 16, 8)}
 
 
 def _stack(seed=0):
