@@ -167,7 +167,8 @@ def residual_grouped(params, grads, lows, projs, indices, factors, side, coef=No
         a = args[i]
         w = params[i] if apply else grads[i]
         idx64 = idx64 or a[10] or L.needs_int64(w, grads[i], lows[i])
-        row = [ptr(w), ptr(grads[i]), ptr(lows[i]), ptr(a[0]), ptr(factors[i]), ptr(a[5]), ptr(a[6]), m_, n_, a[1], *w.stride(), *grads[i].stride(), *lows[i].stride(),
+        row = [ptr(w), ptr(grads[i]), ptr(lows[i]), ptr(a[0]), ptr(factors[i]), ptr(a[5]), ptr(a[6]), m_, n_, a[1],
+               *w.stride(), *grads[i].stride(), *lows[i].stride(),
                a[2], a[3], a[7], a[8], 0, i]
         rows.append(row)
         probs.append((m_, n_, a[1]))
