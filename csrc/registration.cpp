@@ -31,6 +31,8 @@ TORCH_LIBRARY_IMPL(_lowrank_kernels, CPU, m) {
   m.impl("adam_foreach_update_cpu", &adam_foreach_update_cpu);
   // apollo (csrc/cpu/apollo.cpp)
   m.impl("apollo_foreach_update_cpu", &apollo_foreach_update_cpu);
+  // fira (csrc/cpu/fira.cpp)
+  m.impl("fira_foreach_update_cpu", &fira_foreach_update_cpu);
   // frugal (csrc/cpu/frugal.cpp)
   m.impl("frugal_foreach_update_cpu", &frugal_foreach_update_cpu);
   // adafactor (csrc/cpu/adafactor.cpp)

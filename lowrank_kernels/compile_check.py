@@ -60,7 +60,8 @@ and other group sizes, each storage dtype); GaLore-Adafactor's grouped update sc
 float32 / bf16 / bf16 stochastic-rounding moments) and its 8-bit form (block sizes
 256 / 128 / 64 / 16, a row shorter than a block), and their grouped forms on lists; Fira's
 residual kernel (square sum and apply; bf16, fp16, float32 and bf16-meets-float32 operands;
-both sides; dense and DCT projectors).
+both sides; dense and DCT projectors) and its grouped form over a list (Fira's list op: float32,
+both sides, dense and DCT projectors, square sums and applies).
 
 ``--runtime`` (on a GPU machine, ``--arch`` = that GPU's arch; for bench/gpu_check.sh)
 also loads every compiled kernel on the device and adds the driver's register and
@@ -423,6 +424,37 @@ def _variants(subset: str):
                     what = "apply" if apply else "sumsq"
                     out.append(residual(f"residual_{what}_g{short[dt]}_p{short[p_dt]}_{side}_{mode}", dt, p_dt,
                                         side, mode, apply))
+
+    # Fira's list op (kernels/fira.py): the projections, the grouped Adam update and the grouped
+    # residual kernel in both modes (square sums, then applies) over three odd problems (odd
+    # moment sizes: the Adam launch is the unaligned sub-list's, compared with no counterpart).
+    from lowrank_kernels.kernels import fira as kf
+
+    def fira(name, side, mode, limiter=True):
+        def thunk():
+            shapes = [(301, 203, 23), (517, 771, 37), (37, 23, 1)]
+            ps, gs, projs, idx, ea, es = [], [], [], [], [], []
+            for m, n, r in shapes:
+                ps.append(E(m, n))
+                gs.append(E(m, n))
+                s_ = n if side == "right" else m
+                if mode == "dct":
+                    projs.append(E(s_, s_))
+                    idx.append(E(r, dtype=torch.int32))
+                else:
+                    projs.append(E(r, n) if side == "right" else E(m, r))
+                ls = (m, r) if side == "right" else (r, n)
+                ea.append(E(*ls))
+                es.append(E(*ls))
+            k = len(shapes)
+            kf.fira_foreach_update_triton(ps, gs, projs, idx, ea, es, [E() for _ in shapes] if limiter else [], side,
+                                          0.9, 0.999, 1e-6, [0.25] * k, [1.0] * k, [1.01] * k if limiter else [],
+                                          [-1e-3] * k, [1.0] * k, [], [], 0, [])
+        return name, thunk
+
+    for side in ("right", "left"):
+        for mode in ("dense", "dct"):
+            out.append(fira(f"fira_foreach_fp32_{side}_{mode}", side, mode))
 
     # Quant kernels.
     def quant(name, fn):

@@ -91,6 +91,14 @@ void adafactor_foreach_update_cpu(at::TensorList params, at::TensorList grads, a
                                   bool scale_parameter, at::ArrayRef<double> beta2t, at::ArrayRef<double> lr,
                                   at::ArrayRef<double> weight_decay, at::ArrayRef<double> alpha,
                                   int64_t block_size, at::IntArrayRef moment_seed);
+// --------------------------------------------------------------------------- fira
+// csrc/cpu/fira.cpp
+void fira_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList projs, at::TensorList indices,
+                             at::TensorList exp_avg, at::TensorList exp_avg_sq, at::TensorList prev_norm,
+                             c10::string_view side, double beta1, double beta2, double eps, at::ArrayRef<double> scale,
+                             at::ArrayRef<double> mix, at::ArrayRef<double> gamma, at::ArrayRef<double> alpha,
+                             at::ArrayRef<double> decay, at::TensorList m_absmax, at::TensorList v_absmax,
+                             int64_t block_size, at::IntArrayRef moment_seed);
 
 // --------------------------------------------------------------------------- dct
 // csrc/cpu/dct.cpp

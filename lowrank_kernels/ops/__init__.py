@@ -27,6 +27,7 @@ from .projection import (  # noqa: F401
 from .adam import adam_update_, foreach_adam_update_, moments8_zeros  # noqa: F401
 from .adam import adam_foreach_update_  # noqa: F401  (deprecated alias of foreach_adam_update_)
 from .apollo import foreach_apollo_update_  # noqa: F401
+from .fira import foreach_fira_update_  # noqa: F401
 from .frugal import foreach_frugal_update_  # noqa: F401
 from .adafactor import foreach_adafactor_update_  # noqa: F401
 from .dct import DCTProjector, dct_basis, dct_project, dct_score_topk, dct_scores, foreach_dct_score_topk  # noqa: F401
@@ -54,6 +55,7 @@ __all__ = [
     "foreach_project_update_backproject_",
     "foreach_adam_update_",
     "foreach_apollo_update_",
+    "foreach_fira_update_",
     "foreach_frugal_update_",
     "foreach_adafactor_update_",
     "moments8_zeros",

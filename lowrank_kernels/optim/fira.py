@@ -12,7 +12,7 @@ from lowrank_kernels import ops
 
 from . import distributed as _dist
 from . import moments
-from .base import LowRankOptimizer
+from .base import _PLAIN_TENSORS, LowRankOptimizer
 from .common import adam_step_size, assign_
 from .config import OptimizerConfig, SharedOptions, shared_signature
 from .dct import NORMS, reindex_moments8_, reindex_moments_
@@ -77,8 +77,10 @@ class FiraAdamW(GaLoreAdamW):
         refresh, random_after, refresh_seed: as :class:`GaLoreAdamW` (``"sample"``: SARA,
             ``"random"``: GoLore after ``random_after`` steps); ``projector="svd"`` only.
         skip_nonfinite, foreach, moment_dtype, moment_bits, block_size, min_8bit_size:
-            as :class:`GaLoreAdamW` (``foreach``: the non-refresh steps of a bucket share one
-            multi-tensor Adam update; ``False``: per parameter, bit-identical).
+            as :class:`GaLoreAdamW` (``foreach``: the non-refresh steps of the float32 weights
+            of a bucket are one :func:`lowrank_kernels.ops.foreach_fira_update_` call:
+            projections, Adam updates, scalings, limiters and both residual passes; ``False``:
+            per parameter, bit-identical).
         compat: None or ``"fira"`` (above). Also a group key.
 
     State per projected parameter: GaLore's (``step``, ``side``, ``exp_avg``, ``exp_avg_sq``
@@ -177,8 +179,8 @@ class FiraAdamW(GaLoreAdamW):
         self._residual_step(p, grad, state, group, step, proj, low, n_lr)
 
     def _residual_step(self, p, grad, state, group, step, proj, low, n_lr):
-        """The part after the Adam update: scaling, limiter, the fused apply (shared by the
-        per-parameter and the bucketed steps)."""
+        """The part after the Adam update: scaling, limiter, the fused apply (the bucketed
+        step's op, ``ops.foreach_fira_update_``, repeats this arithmetic per weight)."""
         side = self._side(state)
         beta1, beta2 = group["betas"]
         right = side == "right"
@@ -203,28 +205,46 @@ class FiraAdamW(GaLoreAdamW):
 
     # ------------------------------------------------------------------ bucketed (multi-tensor) step
     def _bucket_key(self, p, state, group):
-        """Projected parameters of this class's own step share a bucket per (device, side,
-        dtypes, projector kind, betas, eps, moment format)."""
+        """Float32 weights of this class's own step share a bucket per (device, projector kind,
+        side, limiter on or off, betas, eps, moment format); other dtypes and DTensors step
+        per parameter."""
         if not self._own_fused_step(FiraAdamW):
+            return None
+        if p.dtype != torch.float32 or type(p) not in _PLAIN_TENSORS or p.grad.dtype != torch.float32:
             return None
         beta1, beta2 = group["betas"]
         kind = "dct" if "indices" in state else "dense"
-        return ("fira", kind, self._side(state), p.device, p.dtype, state["exp_avg"].dtype, beta1, beta2,
-                group["eps"], moments.bucket_part(state, moments.format_of(group)))
+        if kind == "dense" and state["projector"].dtype != torch.float32:
+            return None
+        return ("fira", kind, self._side(state), p.device, group["gamma"] is not None, state["exp_avg"].dtype, beta1,
+                beta2, group["eps"], moments.bucket_part(state, moments.format_of(group)))
 
     def _bucket_step(self, key, entries, skip=None, coeffs=None):
-        """The bucket's Adam updates in one ``ops.foreach_adam_update_`` call; the projections,
-        scalings, limiters and fused applies per parameter, as :meth:`_project_step` (bitwise
-        the same results: the multi-tensor Adam op equals the single one element for element)."""
+        """One ``ops.foreach_fira_update_`` call: :meth:`_project_step`'s arithmetic for every
+        weight of the bucket (projection, Adam update, scaling, limiter, both residual passes),
+        bitwise the same results on CPU."""
         if skip is not None or coeffs is not None:  # pragma: no cover - not capturable
             raise RuntimeError("FiraAdamW has no capturable step")
-        _, _, side, _, _, _, beta1, beta2, eps, _ = key
-        projs = [self._get_projector(p, st, g) for p, st, g, _ in entries]
-        lows = [ops.project(p.grad, proj, side=side) for (p, _, _, _), proj in zip(entries, projs)]
-        ns = ops.foreach_adam_update_(
-            [low.to(moments.update_dtype(st, st["exp_avg"].dtype)) for low, (_, st, _, _) in zip(lows, entries)],
-            [st["exp_avg"] for _, st, _, _ in entries], [st["exp_avg_sq"] for _, st, _, _ in entries],
-            beta1=beta1, beta2=beta2, eps=eps, **self._foreach_moment_kwargs(entries),
+        _, kind, side, _, limiter, _, beta1, beta2, eps, _ = key
+        dct = kind == "dct"
+        projs, indices, scale, mix, gamma, alpha, decay = [], [], [], [], [], [], []
+        for p, st, g, t in entries:
+            if dct:
+                m, n = p.shape
+                projs.append(ops.dct_basis(n if side == "right" else m, p.dtype, p.device))
+                indices.append(st["indices"])
+            else:
+                projs.append(st["projector"])
+            scale.append(g["scale"])
+            mix.append(g["scale"] if g.get("compat") == "fira" else 1.0)
+            gamma.append(g["gamma"])
+            alpha.append(-adam_step_size(g["lr"], beta1, beta2, t) * self._post_decay(g))
+            decay.append(1.0 - g["lr"] * g["weight_decay"])
+        ops.foreach_fira_update_(
+            [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries], projs,
+            [st["exp_avg"] for _, st, _, _ in entries], [st["exp_avg_sq"] for _, st, _, _ in entries], side=side,
+            beta1=beta1, beta2=beta2, eps=eps, scale=scale, mix=mix, alpha=alpha, decay=decay,
+            indices=indices if dct else None,
+            prev_norm=[st["residual_norm"] for _, st, _, _ in entries] if limiter else None,
+            gamma=gamma if limiter else None, **self._foreach_moment_kwargs(entries),
         )
-        for (p, st, g, t), proj, low, n_lr in zip(entries, projs, lows, ns):
-            self._residual_step(p, p.grad, st, g, t, proj, low, n_lr)

@@ -25,7 +25,7 @@ KERNELS = {
     "_quant_int4_pack_kernel", "_quant_int4_unpack_kernel", "_quant_int8_quantize_kernel",
     "_quant_int8_dequantize_kernel", "_quant_int8_update_sr_kernel", "_adam_update_kernel", "_adam_update_q8_kernel",
     "_projection_project_adam_grouped_kernel", "_projection_backproject_apply_grouped_kernel",
-    "_adam_update_grouped_kernel", "_adam_update_q8_grouped_kernel", "_residual_kernel",
+    "_adam_update_grouped_kernel", "_adam_update_q8_grouped_kernel", "_residual_kernel", "_residual_grouped_kernel",
     "_ns_sumsq_kernel", "_ns_normalize_kernel", "_ns_gram_kernel", "_ns_poly_kernel", "_ns_update_kernel",
     "_adafactor_scale_grouped_kernel",
 }

@@ -28,13 +28,15 @@ METHODS = {
     "frugal": ("ours-FrugalAdamW", {}),
     "adafactor": ("ours-GaLoreAdafactor", {}),
     "adafactor-beta1": ("ours-GaLoreAdafactor-beta1", {"beta1": 0.9}),
+    "fira": ("ours-FiraAdamW", {}),
+    "fira-dct": ("ours-FiraAdamW-DCT", {}),
 }
 #: the registry name of a METHODS key that is not one (a bench row with other constructor keywords).
 REGISTERED = {"adafactor-beta1": "adafactor"}
 #: the moment formats each method is checked with (``min_8bit_size=1`` so 8-bit applies to tiny moments;
 #: GaLore-Adafactor's format is its first moment's, kept only with ``beta1``).
 BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8),
-        "adafactor": (32,), "adafactor-beta1": (32, 16, 8)}
+        "adafactor": (32,), "adafactor-beta1": (32, 16, 8), "fira": (32, 16, 8), "fira-dct": (32, 16, 8)}
 
 
 def _stack(seed=0):

@@ -141,11 +141,12 @@ def _train(model, opt, steps, start=0):
 
 @pytest.mark.parametrize("extra", [dict(projector="svd"), dict(projector="dct"), dict(moment_bits=8, min_8bit_size=16,
                                                                                    block_size=32),
-                                   dict(moment_bits=16)])
+                                   dict(moment_bits=16), dict(compat="fira"), dict(gamma=None),
+                                   dict(projector="dct", gamma=1.5, proj_type="left")])
 def test_bucketed_step_bit_identical_to_per_parameter(extra, monkeypatch):
     calls = []
-    real = ops.foreach_adam_update_
-    monkeypatch.setattr(ops, "foreach_adam_update_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    real = ops.foreach_fira_update_
+    monkeypatch.setattr(ops, "foreach_fira_update_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     outs = []
     for fe in (True, False):
         model = _model()
