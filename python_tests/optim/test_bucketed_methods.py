@@ -26,9 +26,11 @@ METHODS = {
     "apollo": ("ours-APOLLOAdamW", {}),
     "apollo-mini": ("ours-APOLLO-Mini", {}),
     "frugal": ("ours-FrugalAdamW", {}),
+    "trion": ("ours-Trion", {}),
 }
 #: the moment formats each method is checked with (``min_8bit_size=1`` so 8-bit applies to tiny moments).
-BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8)}
+BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8),
+        "trion": (32,)}  # Trion's low-rank groups keep a 32-bit (or parameter-dtype) momentum only
 
 
 def _stack(seed=0):
@@ -162,3 +164,44 @@ def test_apollo_configurations_bucketed_equal_per_parameter(config):
 
     ma, mb = _compare(make, shapes, w0, grads)
     assert ma.total("lowrank_kernels") < mb.total("lowrank_kernels")
+
+
+TRION_CONFIGS = {
+    "decay-kimi": dict(weight_decay=0.1, scaling_type="kimi"),
+    "muon-coefficients": dict(ns_coefficients="muon", momentum=0.9),
+    "left": dict(proj_type="left"),
+    "reverse-std-none": dict(proj_type="reverse_std", scaling_type="none"),
+    "moment-dtype-param": dict(moment_dtype="param"),
+    "mixed-groups": None,
+}
+
+
+@pytest.mark.parametrize("config", list(TRION_CONFIGS))
+def test_trion_configurations_bucketed_equal_per_parameter(config):
+    """Trion's options (decay, scalings, schedules, sides, parameter-dtype momentum, groups with
+    different lr, momentum, rank and scaling) keep the bucketed step bit-identical, with one op
+    call per bucket (weights of one basis size share a bucket whatever their other dimension)."""
+    from lowrank_kernels.optim import Trion
+
+    shapes, w0 = _stack()
+    grads = _grads(shapes, STEPS)
+    kw = TRION_CONFIGS[config]
+
+    def make(ps, foreach):
+        fe = {} if foreach is None else {"foreach": foreach}
+        if kw is None:
+            groups = [dict(params=ps[:3], rank=RANK, momentum=0.8, **fe),
+                      dict(params=ps[3:], rank=2, lr=3e-3, weight_decay=0.01, scaling_type="dion", **fe)]
+            return Trion(groups, lr=1e-2)
+        kw2 = dict(kw)
+        group = dict(params=ps, rank=RANK, **fe)
+        if "proj_type" in kw2:
+            group["proj_type"] = kw2.pop("proj_type")
+        return Trion([group], lr=1e-2, **kw2)
+
+    ma, mb = _compare(make, shapes, w0, grads)
+    assert mb.total("lowrank_kernels") >= 5 * len(shapes)
+    # (side, basis size, rank): 2 buckets; reverse_std and the mixed groups' second rank make 3
+    buckets = {"mixed-groups": 3, "reverse-std-none": 3}.get(config, 2)
+    assert ma.total("lowrank_kernels") == buckets, ma.counts
+    assert {n for n in ma.counts if n.startswith("lowrank_kernels")} == {"lowrank_kernels.trion_foreach_update"}
