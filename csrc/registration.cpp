@@ -53,6 +53,8 @@ TORCH_LIBRARY_IMPL(_lowrank_kernels, CPU, m) {
   // orth (csrc/cpu/orth.cpp)
   m.impl("orth_newton_schulz_cpu", &orth_newton_schulz_cpu);
   m.impl("orth_foreach_newton_schulz_cpu", &orth_foreach_newton_schulz_cpu);
+  // trion (csrc/cpu/trion.cpp)
+  m.impl("trion_foreach_update_cpu", &trion_foreach_update_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

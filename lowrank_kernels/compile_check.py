@@ -558,6 +558,16 @@ def _variants(subset: str):
     dion = [4.0848, -6.8946, 2.9270, 3.9505, -6.3029, 2.6377]
     out.append(("newton_schulz_bf16_wide", lambda: ko.orth_newton_schulz_triton(E(24, 1000, dtype=b16), dion, 1e-7)))
     out.append(("newton_schulz_fp32_tall", lambda: ko.orth_newton_schulz_triton(E(1000, 24), dion, 1e-7)))
+    # Trion's list step: the list scoring, the DCT-gather projection and back-projections and the
+    # Newton-Schulz as the trion family launches them.
+    from lowrank_kernels.kernels import trion as kt
+
+    def trion_step():
+        shapes = [(256, 128)] * 3
+        kt.trion_foreach_update_triton([E(*s) for s in shapes], [E(*s) for s in shapes], [E(*s) for s in shapes],
+                                       E(128, 128), "right", 24, 1, dion, 1e-7, [0.95] * 3, [-0.02] * 3, [1.0] * 3)
+
+    out.append(("trion_foreach_fp32_right", trion_step))
     return out
 
 

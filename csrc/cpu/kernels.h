@@ -138,4 +138,11 @@ Tensor orth_newton_schulz_cpu(const Tensor& x, at::ArrayRef<double> coefficients
 
 std::vector<Tensor> orth_foreach_newton_schulz_cpu(at::TensorList xs, at::ArrayRef<double> coefficients, double eps);
 
+// --------------------------------------------------------------------------- trion
+// csrc/cpu/trion.cpp
+void trion_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                              const Tensor& basis, c10::string_view side, int64_t rank, int64_t norm,
+                              at::ArrayRef<double> coefficients, double eps, at::ArrayRef<double> mu,
+                              at::ArrayRef<double> alpha, at::ArrayRef<double> decay);
+
 }  // namespace lowrank_kernels

@@ -11,7 +11,9 @@ Ops (``torch.ops.lowrank_kernels.*``):
   ``i`` is bitwise what the single op returns for ``xs[i]`` on the same backend.
 
 Backends: the reference; C++ (csrc/cpu/orth.cpp: BLAS GEMMs on the ``min(m, n)``-square
-Gram matrix, the polynomial's scalars folded into ``addmm``); Triton (kernels/orth.py: a
+Gram matrix, the polynomial's scalars folded into ``addmm``; float32 with ``min(m, n) <= 32``:
+the same iteration on raw pointers, no ATen call per stage, within float32 rounding of the BLAS
+path); Triton (kernels/orth.py: a
 norm kernel, then per iteration a Gram kernel, a polynomial kernel and an update kernel,
 float32 accumulation). The Gram matrix is ``s x s`` with ``s = min(m, n)``: for the
 ``m x r`` / ``r x n`` low-rank updates of Trion every GEMM is ``r``-sized on one side.

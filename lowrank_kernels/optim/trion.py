@@ -95,10 +95,10 @@ class Trion(LowRankOptimizer):
     ``lr`` takes ``adamw_lr``.
 
     Non-refresh steps by bucket: there is no projector to keep, so after a parameter's first
-    step every step goes by bucket (same side, shape, dtypes, rank and Newton-Schulz
-    coefficients): one ``foreach_dct_score_topk`` and one ``foreach_newton_schulz`` call per
-    bucket, the momentum update as one ``torch._foreach_add_``; the projection and the two
-    back-projections stay one op call per parameter. Bit-identical to ``foreach=False``.
+    step every step goes by bucket (same side, basis size, dtypes, rank and Newton-Schulz
+    coefficients): the whole step of a bucket (steps 1-6) is one
+    :func:`~lowrank_kernels.ops.foreach_trion_update_` call. Bit-identical to ``foreach=False``
+    (one op call per stage and parameter).
 
     Args:
         params: parameters or param groups.
@@ -149,6 +149,7 @@ class Trion(LowRankOptimizer):
         defaults = OptimizerConfig.from_arguments(locals(), update_proj_gap=1, scale=1.0).defaults(
             momentum=momentum, scaling_type=scaling_type, ns_coefficients=ns_coefficients, adamw_lr=adamw_lr)
         self._ns_flat: Dict[int, Tuple[object, tuple]] = {}
+        self._ns_list: Dict[tuple, list] = {}
         #: compute each matrix's update on one rank and broadcast it (see :meth:`step`).
         self.shard_work = shard_work
         super().__init__(params, defaults)
@@ -326,22 +327,31 @@ class Trion(LowRankOptimizer):
         if not self._own_fused_step(Trion):
             return None
         M = state["momentum_buffer"]
-        return (self._side(state), tuple(p.shape), M.dtype, p.dtype, p.grad.dtype, p.device,
+        side = self._side(state)
+        # One basis per bucket: the weights share its order (n on the right, m on the left),
+        # not necessarily their other dimension.
+        return (side, p.shape[1] if side == "right" else p.shape[0], M.dtype, p.dtype, p.grad.dtype, p.device,
                 self._group_rank(group, tuple(p.shape)), self._coefficients(group))
 
     def _bucket_step(self, key, entries, skip=None, coeffs=None):
-        side, _shape, _mdt, _pdt, _gdt, _dev, r, ns = key
-        Ms = [st["momentum_buffer"] for _, st, _, _ in entries]
-        torch._foreach_add_(Ms, [p.grad for p, _, _, _ in entries])
+        side, _size, _mdt, _pdt, _gdt, _dev, r, ns = key
+        params, grads, Ms, mus, alphas, decays = [], [], [], [], [], []
+        for p, st, group, _ in entries:
+            lr = group["lr"]
+            rows, cols = p.shape
+            params.append(p)
+            grads.append(p.grad)
+            Ms.append(st["momentum_buffer"])
+            mus.append(group["momentum"])
+            alphas.append(-lr * update_scaling(group["scaling_type"], rows, cols))
+            decays.append(1.0 - lr * group["weight_decay"])
         basis = self._basis(entries[0][0], entries[0][1], Ms[0])
-        idx = ops.foreach_dct_score_topk(Ms, r, side=side, norm=SCORE_NORM, basis=basis)
-        projs, lows = [], []
-        for i, (M, (_, _, group, _)) in enumerate(zip(Ms, entries)):
-            proj = ops.DCTProjector(basis, idx[i])
-            m = ops.dct_project(M, proj, side=side)
-            ops.backproject_apply_(M, m, proj, side=side, alpha=-(1.0 - group["momentum"]))
-            projs.append(proj)
-            lows.append(m)
-        orths = ops.foreach_newton_schulz(lows, ns)
-        for (p, _, group, _), M, proj, o in zip(entries, Ms, projs, orths):
-            self._apply(p, M, proj, side, group, None, o)
+        ops.foreach_trion_update_(params, grads, Ms, basis, side=side, rank=r, mu=mus, alpha=alphas, decay=decays,
+                                  coefficients=self._flat_coefficients(ns), norm=SCORE_NORM)
+
+    def _flat_coefficients(self, ns: tuple) -> list:
+        """The ops' flat coefficient list of the triples ``ns`` (as ``ns_coefficients`` makes it)."""
+        hit = self._ns_list.get(ns)
+        if hit is None:
+            hit = self._ns_list[ns] = _orth.ns_coefficients(ns)
+        return hit

@@ -30,13 +30,15 @@ METHODS = {
     "adafactor-beta1": ("ours-GaLoreAdafactor-beta1", {"beta1": 0.9}),
     "fira": ("ours-FiraAdamW", {}),
     "fira-dct": ("ours-FiraAdamW-DCT", {}),
+    "trion": ("ours-Trion", {}),
 }
 #: the registry name of a METHODS key that is not one (a bench row with other constructor keywords).
 REGISTERED = {"adafactor-beta1": "adafactor"}
 #: the moment formats each method is checked with (``min_8bit_size=1`` so 8-bit applies to tiny moments;
 #: GaLore-Adafactor's format is its first moment's, kept only with ``beta1``).
 BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8),
-        "adafactor": (32,), "adafactor-beta1": (32, 16, 8), "fira": (32, 16, 8), "fira-dct": (32, 16, 8)}
+        "adafactor": (32,), "adafactor-beta1": (32, 16, 8), "fira": (32, 16, 8), "fira-dct": (32, 16, 8),
+        "trion": (32,)}  # Trion's low-rank groups keep a 32-bit (or parameter-dtype) momentum only
 
 
 def _stack(seed=0):
@@ -229,3 +231,44 @@ def test_adafactor_full_and_bfloat16_stay_per_parameter():
 
         ma, mb = _compare(make, shapes, [w.to(dtype) for w in w0], [[g.to(dtype) for g in gs] for gs in grads])
         assert ma.total("lowrank_kernels") == mb.total("lowrank_kernels"), (proj_type, dtype)
+
+
+TRION_CONFIGS = {
+    "decay-kimi": dict(weight_decay=0.1, scaling_type="kimi"),
+    "muon-coefficients": dict(ns_coefficients="muon", momentum=0.9),
+    "left": dict(proj_type="left"),
+    "reverse-std-none": dict(proj_type="reverse_std", scaling_type="none"),
+    "moment-dtype-param": dict(moment_dtype="param"),
+    "mixed-groups": None,
+}
+
+
+@pytest.mark.parametrize("config", list(TRION_CONFIGS))
+def test_trion_configurations_bucketed_equal_per_parameter(config):
+    """Trion's options (decay, scalings, schedules, sides, parameter-dtype momentum, groups with
+    different lr, momentum, rank and scaling) keep the bucketed step bit-identical, with one op
+    call per bucket (weights of one basis size share a bucket whatever their other dimension)."""
+    from lowrank_kernels.optim import Trion
+
+    shapes, w0 = _stack()
+    grads = _grads(shapes, STEPS)
+    kw = TRION_CONFIGS[config]
+
+    def make(ps, foreach):
+        fe = {} if foreach is None else {"foreach": foreach}
+        if kw is None:
+            groups = [dict(params=ps[:3], rank=RANK, momentum=0.8, **fe),
+                      dict(params=ps[3:], rank=2, lr=3e-3, weight_decay=0.01, scaling_type="dion", **fe)]
+            return Trion(groups, lr=1e-2)
+        kw2 = dict(kw)
+        group = dict(params=ps, rank=RANK, **fe)
+        if "proj_type" in kw2:
+            group["proj_type"] = kw2.pop("proj_type")
+        return Trion([group], lr=1e-2, **kw2)
+
+    ma, mb = _compare(make, shapes, w0, grads)
+    assert mb.total("lowrank_kernels") >= 5 * len(shapes)
+    # (side, basis size, rank): 2 buckets; reverse_std and the mixed groups' second rank make 3
+    buckets = {"mixed-groups": 3, "reverse-std-none": 3}.get(config, 2)
+    assert ma.total("lowrank_kernels") == buckets, ma.counts
+    assert {n for n in ma.counts if n.startswith("lowrank_kernels")} == {"lowrank_kernels.trion_foreach_update"}
