@@ -261,7 +261,7 @@ def _rank_of(proj: Int4Projector, side: str, m: int, n: int, op: str) -> int:
     C.fail_value(
         tuple(proj.shape) == expect,
         op,
-        f"side={side!r} needs proj of shape {'(rank, n) = (rank, ' + str(n) + ')' if side == 'right' else '(m, rank) = (' + str(m) + ', rank)'}, got {tuple(proj.shape)}",
+        lambda: f"side={side!r} needs proj of shape {'(rank, n) = (rank, ' + str(n) + ')' if side == 'right' else '(m, rank) = (' + str(m) + ', rank)'}, got {tuple(proj.shape)}",
     )
     return int(proj.shape[0] if side == "right" else proj.shape[1])
 

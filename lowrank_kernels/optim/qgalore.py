@@ -374,10 +374,18 @@ class QGaLoreAdamW(GaLoreAdamW):
     def _bucket_step(self, key, entries, skip=None, coeffs=None):
         """One ``ops.foreach_project_update_backproject_`` call with what :meth:`_project_step`
         (GaLore's fused step with the INT4 or dense projector) passes per parameter."""
-        _, _, side, _, _, _, beta1, beta2, eps, _ = key
+        _, kind, side, _, _, _, beta1, beta2, eps, _ = key
+        if kind[0] == "int4":  # _get_projector with the side and group size of the key
+            gs, right = kind[1], side == "right"
+            projs = [ops.Int4Projector(st["proj_packed"], st["proj_scale"], st["proj_min"],
+                                       (self._group_rank(g, p.shape), p.shape[1]) if right
+                                       else (p.shape[0], self._group_rank(g, p.shape)), gs)
+                     for p, st, g, _ in entries]
+        else:
+            projs = [st["projector"] for _, st, _, _ in entries]
         ops.foreach_project_update_backproject_(
             [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries],
-            [self._get_projector(p, st, g) for p, st, g, _ in entries], [st["exp_avg"] for _, st, _, _ in entries],
+            projs, [st["exp_avg"] for _, st, _, _ in entries],
             [st["exp_avg_sq"] for _, st, _, _ in entries], side=side, lr=[g["lr"] for _, _, g, _ in entries],
             beta1=beta1, beta2=beta2, eps=eps, step=[t for _, _, _, t in entries],
             weight_decay=[g["weight_decay"] for _, _, g, _ in entries],

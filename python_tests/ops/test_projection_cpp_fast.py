@@ -13,6 +13,8 @@ dense or DCT projector run on raw pointers with no ATen op at all.
 - every case it does not take (bf16, 8-bit or stochastically rounded moments, INT4
   projector, strided operands, big weights) runs the general engine, bit for bit as with
   the fast path switched off;
+- the float32 INT4 route (csrc/cpu/projection/int4_path.cpp) gives the general engine's
+  results bit for bit with fewer aten calls;
 - the size bound follows the thread count;
 - the elementwise Adam op (csrc/cpu/adam.cpp) on contiguous float32 data makes no aten op
   either and matches the reference.
@@ -254,6 +256,43 @@ def test_not_eligible_runs_the_general_engine(side):
     _general_equals_fast_off(a)
     # the eligible control: the same call with plain float32 takes the fast path
     _general_equals_fast_off(_args(m, n, r, side), expect_fast=True)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("m,n", [(64, 172), (172, 64), (17, 9), (1, 16), (16, 1), (33, 130)])
+def test_int4_lean_route_equals_general_engine(m, n, side):
+    """The float32 INT4 case (int4_path.cpp: the engine's ATen kernels without the dispatcher,
+    no allocation) gives bitwise the general engine's results, for every rank up to 129,
+    odd group sizes, float32 and 8-bit moments, weight decay, a column-major weight, and makes
+    far fewer aten calls than the engine."""
+    k = min(m, n)
+    for r in sorted({1, min(3, k), min(8, k), k if k <= 129 else 129}):
+        for gs, eight, colmaj in ((16, False, False), (6, True, False), (256, False, True)):
+            a = _args(m, n, r, side)
+            if colmaj:
+                a[0] = a[0].t().contiguous().t()
+            Q = ops.Int4Projector.quantize(a[2], gs)
+            a[2] = Q.packed
+            kw = dict(q_scale=Q.scale, q_min=Q.minimum, rank=r, group_size=gs)
+            if eight:
+                ls = a[3].shape
+                a[3] = torch.randint(0, 256, ls, dtype=torch.uint8)
+                a[4] = torch.randint(0, 256, ls, dtype=torch.uint8)
+                nb = (ls[1] + 7) // 8
+                kw.update(m_absmax=torch.rand(ls[0], nb) + 0.1, v_absmax=torch.rand(ls[0], nb) + 0.1, block_size=8)
+            a[13] = kw
+            results = []
+            for mode in (1, 0):
+                fast_path(mode)
+                b = [x.clone() if i in (0, 3, 4) else x for i, x in enumerate(a[:13])]
+                kwc = {key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
+                seen = aten_ops_inside(lambda: OPS.projection_project_update_backproject_cpu(*b, **kwc))
+                results.append((len(seen), [x for x in b + list(kwc.values()) if isinstance(x, torch.Tensor)]))
+            fast_path(1)
+            (n_on, out_on), (n_off, out_off) = results
+            assert n_on < n_off
+            for x, y in zip(out_on, out_off):
+                assert torch.equal(x, y), (m, n, side, r, gs, eight, colmaj)
 
 
 def test_size_bound_follows_threads():

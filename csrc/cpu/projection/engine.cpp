@@ -1,7 +1,9 @@
 // The general engine of the projection family's C++ kernels (the specification is
 // lowrank_kernels/reference/projection.py): run() serves the four single-tensor ops, the
 // three projector kinds (projector.h) and the three moment formats. The fused step's small
-// float32 dense/DCT case skips it for a path with no ATen op at all (fast_path.cpp).
+// float32 dense/DCT case skips it for a path with no ATen op at all (fast_path.cpp); its
+// float32 INT4 case with a one-GEMM apply computes the same as run() with the same ATen
+// kernels called without the dispatcher (int4_path.cpp: keep the two in step).
 //
 // Orientation
 // -----------

@@ -13,7 +13,8 @@
 // Each takes the projector as (proj, indices?, q_scale?, q_min?, rank, group_size): a
 // dense P, DCT basis rows picked by index, or a packed INT4 P (projector.h). One engine
 // (engine.cpp, run()) serves all three kinds and all four ops; the fused step's small
-// float32 dense/DCT case skips it for a path with no ATen op at all (fast_path.cpp).
+// float32 dense/DCT case skips it for a path with no ATen op at all (fast_path.cpp), and its
+// float32 INT4 case for the engine's own arithmetic without the dispatcher (int4_path.cpp).
 //
 // Validation with messages is the op layer's (lowrank_kernels/ops/projection.py), which
 // runs before every call through the router; the bare checks here guard what the kernels
@@ -29,6 +30,7 @@
 #include "cpu/moments8.h"
 #include "cpu/projection/engine.h"
 #include "cpu/projection/fast_path.h"
+#include "cpu/projection/int4_path.h"
 #include "cpu/projection/projector.h"
 
 namespace lowrank_kernels {
@@ -151,6 +153,11 @@ void fused_step(Tensor& param, const Tensor& grad, const Tensor& proj, Tensor& e
                                          rank, group_size, m_absmax, v_absmax, block_size, moment_seed, shape, eight);
   if (fast_eligible(param, grad, exp_avg, exp_avg_sq, src, left, m_absmax, moment_seed)) {
     fast_step(param, grad, exp_avg, exp_avg_sq, src, left, beta1, beta2, eps, alpha, decay);
+    return;
+  }
+  if (int4_lean_eligible(param, grad, exp_avg, exp_avg_sq, src, eight, moment_seed)) {
+    int4_lean_step(param, grad, exp_avg, exp_avg_sq, src, left, beta1, beta2, eps, alpha, decay, m_absmax, v_absmax,
+                   block_size);
     return;
   }
 
