@@ -258,11 +258,14 @@ _PROJECT_Q8_GROUPED[("dense", False)] = _same(Tile(16, 256, 16, 8, 3))
 _PROJECT_SR_GROUPED = dict(_PROJECT_SR)
 _PROJECT_SR_GROUPED[("dense", True)] = _same(Tile(32, 64, 32, 8, 3))
 _PROJECT_SR_GROUPED[("int4", True)] = _same(Tile(32, 64, 32, 8, 1))
+# Float32 operands ("wide") take 64 x 64 x 32 with 4 warps: 128 x 64 x 32 (8 warps) spills 12 bytes on
+# sm_80 under Triton 3.6 in Trion's list step and 8-40 bytes under 3.9 in Fira's; 64 x 64 x 32 with
+# 8 warps spills at 80 registers (compile check, ci subset, sm_80 / sm_90).
 _DCT_GEMM = _table(
     dense=((Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
-           (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3))),
+           Tile(64, 64, 32, 4, 3)),
     dct=((Tile(128, 64, 64, 8, 3), Tile(64, 64, 64, 8, 3), Tile(128, 64, 64, 8, 3)),
-         (Tile(128, 64, 32, 8, 3), Tile(64, 64, 32, 8, 3), Tile(128, 64, 32, 8, 3))),
+         Tile(64, 64, 32, 4, 3)),
 )
 TABLE_ARCHS = (80, 89, 90)
 TABLES = {}
@@ -324,6 +327,15 @@ if TRITON_VERSION < (3, 7):
     _PROJECT_SR_GROUPED_36[("int4", True)] = _same(Tile(16, 64, 32, 8, 1))
     for _arch in TABLE_ARCHS:
         TABLES[("project_sr_grouped", _arch)] = _PROJECT_SR_GROUPED_36
+# The DCT GEMM's float32 operands under 3.6: 64 x 64 x 32 with 4 warps and 3 stages (the 3.9 entry
+# above) spills 8-48 bytes in the L2 DCT scoring on sm_80 / sm_90 (168 registers), 8 warps spill 8
+# bytes in Trion's list step on sm_90; 4 warps with 2 stages do not (ci subset, sm_80 / sm_90).
+if TRITON_VERSION < (3, 7):
+    _DCT_GEMM_36 = dict(_DCT_GEMM)
+    for _cls in ("dense", "dct"):
+        _DCT_GEMM_36[(_cls, True)] = _same(Tile(64, 64, 32, 4, 2))
+    for _arch in TABLE_ARCHS:
+        TABLES[("dct_gemm", _arch)] = _DCT_GEMM_36
 # 8-bit project + Adam, float32 operands, INT4 projector (compile check --subset full, sm_80 /
 # sm_90, the single and grouped kernels): under 3.6 the 3.9 tile (16 x 256 x 16, 2 stages) spills
 # 24 bytes on sm_80 (left side, 256-wide blocks) and its 32-row form for 64-wide blocks 12-36
