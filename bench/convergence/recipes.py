@@ -443,6 +443,18 @@ for _name, _gap, _refresh, _norm, _why in (
         source=f"the dct recipe (lr 0.01, scale 0.25), {_why}"))
 del _name, _gap, _refresh, _norm, _why
 
+# APOLLO-Mini study (run only when named): APOLLO-Mini differs from APOLLO in two ways at
+# once, rank 1 instead of the preset's rank and one scaling factor per tensor instead of one
+# per channel; each variant changes one of them on the apollo recipe.
+for _name, _rank, _scaling, _why in (
+        ("apollo-rank1", lambda p: 1, "channel", "rank 1, channel-wise scaling (APOLLO-Mini's rank only)"),
+        ("apollo-tensor", None, "tensor", "the preset's rank, tensor-wise scaling (APOLLO-Mini's scaling only)")):
+    register(Recipe(
+        _name, lowrank_builder("apollo", rank=_rank, proj_type="std", scale_type=_scaling),
+        dict(lr=1e-2, other_lr=1e-2, scale=1.0), requires=requires_of("apollo"), headline=False,
+        source=f"the apollo recipe (lr 0.01, scale 1), {_why}"))
+del _name, _rank, _scaling, _why
+
 # New methods: a register(...) call above this line. (The command line reads RECIPES
 # itself, so a recipe registered elsewhere before it runs is also available.)
 METHODS = tuple(RECIPES)
