@@ -13,7 +13,6 @@
 // baseline ISA, setup.py passes no -march, which has no FMA instruction to contract them into).
 // A Python float multiplying a float32 tensor is rounded to float32 first, as ATen does.
 #include <ATen/ATen.h>
-#include <ATen/native/DispatchStub.h>
 
 #include <algorithm>
 #include <cmath>
@@ -89,8 +88,9 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
     }
   }
   // ATen's add_(x, alpha) and addcmul_ round once (fused multiply-adds) in its AVX2 and AVX512
-  // kernels, twice in its baseline kernels: the same rounding as the kernels this process runs.
-  const bool fused = at::native::get_cpu_capability() != at::native::CPUCapability::DEFAULT;
+  // kernels, twice in its baseline kernels (as apollo.cpp: the CPU's AVX2 + FMA stands for the
+  // capability ATen picks; at::native::get_cpu_capability is not exported to extensions).
+  static const bool fused = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   auto opt = [](at::TensorList xs, size_t i) -> OptTensor { return xs.empty() ? OptTensor() : OptTensor(xs[i]); };
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
   for (size_t i = 0; i < k; ++i) {
