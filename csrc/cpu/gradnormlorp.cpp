@@ -2,9 +2,11 @@
 // and the validation, lowrank_kernels/reference/gradnormlorp.py the specification):
 // GradNormLoRP's non-refresh step over a list of float32 weights in one call.
 //
-// Bit-identical to the per-parameter step of GradNormLoRPAdamW (and to the reference on CPU):
+// Bit-identical to the per-parameter step of GradNormLoRPAdamW (the reference's loop calling the
+// projection ops, which run their C++ kernels on CPU):
 // the operations whose rounding depends on an algorithm (the row sums, in the reference's row
-// panels; the GEMMs) are the very ATen calls the Python step makes, the magnitude's Adam
+// panels; the GEMMs; the three length-m square roots, since ATen's float32 sqrt does not always
+// round as std::sqrt does) are the very ATen calls the Python step makes, the magnitude's Adam
 // moments round as ATen's add_ / addcmul_ kernels of this CPU capability do (fused
 // multiply-adds on AVX2 / AVX512, measured on torch 2.13), the projected Adam and the
 // per-row back-projection are the projection family's C++ kernels, and the rest (length-m
@@ -104,12 +106,14 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
     // weight_norm_grads: a = dL/dg, Gv = dL/dV, s = max(||W||_row, 1e-12), wsq = ||W||^2_row.
     Tensor wsq_t = row_dots(p, p);
     Tensor rd_t = row_dots(grad, p);
+    Tensor root_t = at::sqrt(wsq_t);  // ATen's float32 sqrt, as wsq.sqrt() (not always std::sqrt's rounding)
     const float* wsq = wsq_t.data_ptr<float>();
     const float* rd = rd_t.data_ptr<float>();
+    const float* root = root_t.data_ptr<float>();
     std::vector<float> a(m), s(m), sg(m), k1(m), k2(m);
     const float floor = static_cast<float>(1e-12);
     for (int64_t r = 0; r < m; ++r) {
-      s[r] = clamp_min(std::sqrt(wsq[r]), floor);
+      s[r] = clamp_min(root[r], floor);
       sg[r] = sign_of(gm[r]);
       a[r] = (sg[r] * rd[r]) / s[r];
       k1[r] = safe_div(gm[r], vn[r]);
@@ -186,24 +190,33 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
     Tensor row_decay = at::empty({m}, fopt), row_alpha = at::empty({m}, fopt);
     float* rdc = row_decay.data_ptr<float>();
     float* ral = row_alpha.data_ptr<float>();
-    std::vector<float> g_new(m), vnorm_new(m);
+    std::vector<float> g_new(m), vd(m);
+    Tensor vsq_t = at::empty({m}, fopt);
+    float* vsq = vsq_t.data_ptr<float>();
+    {
+      Tensor den_t = at::sqrt(exp_avg_sq_g[i]);  // as exp_avg_sq_g.sqrt()
+      const float* den = den_t.data_ptr<float>();
+      for (int64_t r = 0; r < m; ++r) {
+        const float dg = safe_div(mgp[r], den[r] + epsf) * neg_c;
+        vd[r] = vn[r] * d;
+        g_new[r] = (gm[r] * d) + dg;
+        // vsq = vd vd (wsq / (s s)) - (2 cs) vd (sg / s) cross + (cs cs) bsq
+        const float t4 = (vd[r] * vd[r]) * (wsq[r] / (s[r] * s[r]));
+        const float t8 = ((vd[r] * two_cs) * (sg[r] / s[r])) * cross[r];
+        vsq[r] = clamp_min((t4 - t8) + bsq[r] * cs_sq, 0.f);
+      }
+    }
+    Tensor vnorm_t = at::sqrt(vsq_t);  // as vsq.clamp_min(0).sqrt()
+    const float* vnorm_new = vnorm_t.data_ptr<float>();
     for (int64_t r = 0; r < m; ++r) {
-      const float dg = safe_div(mgp[r], std::sqrt(vgp[r]) + epsf) * neg_c;
-      const float vd = vn[r] * d;
-      g_new[r] = (gm[r] * d) + dg;
-      // vsq = vd vd (wsq / (s s)) - (2 cs) vd (sg / s) cross + (cs cs) bsq
-      const float t4 = (vd * vd) * (wsq[r] / (s[r] * s[r]));
-      const float t8 = ((vd * two_cs) * (sg[r] / s[r])) * cross[r];
-      const float vsq = (t4 - t8) + bsq[r] * cs_sq;
-      vnorm_new[r] = std::sqrt(clamp_min(vsq, 0.f));
       const float kk = safe_div(g_new[r], vnorm_new[r]);
-      rdc[r] = ((kk * vd) * sg[r]) / s[r];
+      rdc[r] = ((kk * vd[r]) * sg[r]) / s[r];
       ral[r] = kk * neg_cs;
     }
     projection_backproject_apply_cpu(p, nn, proj, side, 1.0, 1.0, std::nullopt, std::nullopt, std::nullopt, 0, 0,
                                      row_decay, row_alpha);
     std::copy(g_new.begin(), g_new.end(), gm);
-    std::copy(vnorm_new.begin(), vnorm_new.end(), vn);
+    std::copy(vnorm_new, vnorm_new + m, vn);
   }
 }
 

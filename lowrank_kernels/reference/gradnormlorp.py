@@ -177,9 +177,13 @@ def gradnormlorp_entry_(param, grad, proj, exp_avg, exp_avg_sq, g, vnorm, exp_av
 
 def gradnormlorp_foreach_update_ref(params, grads, projs, exp_avg, exp_avg_sq, wn_g, wn_vnorm, exp_avg_g, exp_avg_sq_g,
                                     side, beta1, beta2, eps, step_size, scale, decay, m_absmax=(), v_absmax=(),
-                                    block_size=0, moment_seed=()):
-    """Each entry in turn (see the module doc)."""
+                                    block_size=0, moment_seed=(), *, project_adam=projection_project_adam_ref,
+                                    backproject_apply=projection_backproject_apply_ref):
+    """Each entry in turn (see the module doc). ``project_adam`` / ``backproject_apply``: as
+    :func:`gradnormlorp_entry_` (the projection ops themselves give the per-parameter step's
+    arithmetic on their dispatched backend)."""
     for i in range(len(params)):
         gradnormlorp_entry_(params[i], grads[i], projs[i], exp_avg[i], exp_avg_sq[i], wn_g[i], wn_vnorm[i],
                             exp_avg_g[i], exp_avg_sq_g[i], side, beta1, beta2, eps, step_size[i], scale[i], decay[i],
-                            *moment_tail(m_absmax, v_absmax, block_size, moment_seed, i))
+                            *moment_tail(m_absmax, v_absmax, block_size, moment_seed, i), project_adam=project_adam,
+                            backproject_apply=backproject_apply)
