@@ -37,6 +37,8 @@ TORCH_LIBRARY_IMPL(_lowrank_kernels, CPU, m) {
   m.impl("frugal_foreach_update_cpu", &frugal_foreach_update_cpu);
   // adafactor (csrc/cpu/adafactor.cpp)
   m.impl("adafactor_foreach_update_cpu", &adafactor_foreach_update_cpu);
+  // gradnormlorp (csrc/cpu/gradnormlorp.cpp)
+  m.impl("gradnormlorp_foreach_update_cpu", &gradnormlorp_foreach_update_cpu);
   // dct (csrc/cpu/dct.cpp)
   m.impl("dct_scores_cpu", &dct_scores_cpu);
   m.impl("dct_score_topk_cpu", &dct_score_topk_cpu);

@@ -99,6 +99,15 @@ void fira_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::Te
                              at::ArrayRef<double> mix, at::ArrayRef<double> gamma, at::ArrayRef<double> alpha,
                              at::ArrayRef<double> decay, at::TensorList m_absmax, at::TensorList v_absmax,
                              int64_t block_size, at::IntArrayRef moment_seed);
+// --------------------------------------------------------------------------- gradnormlorp
+// csrc/cpu/gradnormlorp.cpp
+void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList projs,
+                                     at::TensorList exp_avg, at::TensorList exp_avg_sq, at::TensorList wn_g,
+                                     at::TensorList wn_vnorm, at::TensorList exp_avg_g, at::TensorList exp_avg_sq_g,
+                                     c10::string_view side, double beta1, double beta2, double eps,
+                                     at::ArrayRef<double> step_size, at::ArrayRef<double> scale,
+                                     at::ArrayRef<double> decay, at::TensorList m_absmax, at::TensorList v_absmax,
+                                     int64_t block_size, at::IntArrayRef moment_seed);
 
 // --------------------------------------------------------------------------- dct
 // csrc/cpu/dct.cpp

@@ -30,6 +30,7 @@ from .apollo import foreach_apollo_update_  # noqa: F401
 from .fira import foreach_fira_update_  # noqa: F401
 from .frugal import foreach_frugal_update_  # noqa: F401
 from .adafactor import foreach_adafactor_update_  # noqa: F401
+from .gradnormlorp import foreach_gradnormlorp_update_  # noqa: F401
 from .dct import DCTProjector, dct_basis, dct_project, dct_score_topk, dct_scores, foreach_dct_score_topk  # noqa: F401
 from .dct import dct_foreach_score_topk  # noqa: F401  (deprecated alias of foreach_dct_score_topk)
 from .residual import residual_apply_, residual_sumsq  # noqa: F401
@@ -59,6 +60,7 @@ __all__ = [
     "foreach_fira_update_",
     "foreach_frugal_update_",
     "foreach_adafactor_update_",
+    "foreach_gradnormlorp_update_",
     "moments8_zeros",
     "lowrank_shape",
     "DCTProjector",

@@ -292,7 +292,7 @@ class GaLoreAdamW(LowRankOptimizer):
     def _bucket_key(self, p, state, group):
         """Dense right/left projectors of this class's own step share a bucket per
         (device, side, dtypes, betas, eps, moment format); ``full`` and subclasses that change the step
-        (Q-GaLore, GradNormLoRP) stay per parameter."""
+        stay out of this bucket (Q-GaLore and GradNormLoRP key their own)."""
         if not self._own_fused_step(GaLoreAdamW):
             return None
         side = self._side(state)

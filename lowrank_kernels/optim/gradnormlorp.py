@@ -35,124 +35,23 @@ this is exactly ``torch.optim.Adam`` on the ``(g, V)`` parameters of
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple, Unpack
+from typing import Unpack
 
 import torch
 
 from lowrank_kernels import ops
 from lowrank_kernels.ops import _checks
 from lowrank_kernels.ops import projection as _projection
+from lowrank_kernels.reference.gradnormlorp import (  # noqa: F401  (the per-row math, shared with the list op)
+    NORM_FLOOR, PANEL_ELEMS, acc_dtype as _acc, magnitude_step_, new_row_norms_sq, row_dots, weight_norm_grads,
+)
 
 from . import distributed as _dist
+from . import moments
+from .base import _PLAIN_TENSORS
 from .common import adam_step_size
 from .config import OptimizerConfig, SharedOptions, shared_signature
 from .galore import GaLoreAdamW
-
-#: floor of a row norm used as a divisor (a zero row of W stays zero).
-NORM_FLOOR = 1e-12
-#: elements per row panel of the panel loops (bounded float32 scratch: 4 MiB).
-PANEL_ELEMS = 1 << 20
-
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _panels(m: int, n: int) -> Iterator[slice]:
-    rows = max(1, PANEL_ELEMS // max(n, 1))
-    for i in range(0, m, rows):
-        yield slice(i, min(m, i + rows))
-
-
-def _safe_div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x / y`` where ``y > 0``, else 0 (a degenerate row gets no update instead of a NaN)."""
-    return torch.where(y > 0, x / torch.where(y > 0, y, torch.ones_like(y)), torch.zeros_like(x))
-
-
-def row_dots(x: torch.Tensor, y: torch.Tensor, acc: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``rowsum(x * y)`` of two ``m x n`` matrices in ``acc`` (float32 by default), in row
-    panels: the scratch is bounded by :data:`PANEL_ELEMS` elements, never ``m x n``."""
-    acc = acc or _acc(x)
-    out = torch.empty(x.shape[0], dtype=acc, device=x.device)
-    for sl in _panels(*x.shape):
-        out[sl] = (x[sl].to(acc) * y[sl].to(acc)).sum(1)
-    return out
-
-
-def _row_panel_matmul(w: torch.Tensor, right: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``w @ right`` (``m x n`` times ``n x r``) in ``acc``, converting ``w`` one row panel at a time."""
-    rt = right.to(acc)
-    out = torch.empty(w.shape[0], right.shape[1], dtype=acc, device=w.device)
-    for sl in _panels(*w.shape):
-        torch.matmul(w[sl].to(acc), rt, out=out[sl])
-    return out
-
-
-def weight_norm_grads(
-    weight: torch.Tensor, grad: torch.Tensor, g: torch.Tensor, vnorm: torch.Tensor, *, out_dtype=None
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""The gradients of a per-row weight-normalized weight, from ``W`` and ``dL/dW`` alone.
-
-    With ``W_i = g_i V_i / ||V_i||`` (rows, ``dim=0``), ``vnorm = ||V||_row``:
-    ``s = max(||W||_row, 1e-12)``, ``Vh = sign(g) W / s`` (the unit direction ``V / ||V||``),
-    ``a = rowsum(G * Vh) = dL/dg`` and ``Gv = (g / vnorm) (G - a Vh) = dL/dV``.
-
-    Returns ``(a, Gv, s, wsq)``: ``a`` and ``s`` and ``wsq = ||W||^2_row`` as length-``m``
-    vectors in float32 (float64 for float64 ``weight``), ``Gv`` as an ``m x n`` tensor in
-    ``out_dtype`` (default: ``grad``'s dtype), built in row panels from float32 math.
-    A row with ``vnorm = 0`` gets ``Gv = 0``; a zero row of ``W`` gets ``a = 0``.
-    """
-    acc = _acc(weight)
-    g = g.to(acc)
-    vnorm = vnorm.to(acc)
-    wsq = row_dots(weight, weight, acc)
-    s = wsq.sqrt().clamp_min(NORM_FLOOR)
-    sg = torch.sign(g)
-    a = sg * row_dots(grad, weight, acc) / s
-    k1 = _safe_div(g, vnorm)  # g / vnorm
-    k2 = k1 * a * sg / s  # (g / vnorm) a sign(g) / s: the coefficient of W in Gv
-    gv = torch.empty(weight.shape, dtype=out_dtype or grad.dtype, device=weight.device)
-    for sl in _panels(*weight.shape):
-        gv[sl] = grad[sl].to(acc) * k1[sl, None] - weight[sl].to(acc) * k2[sl, None]
-    return a, gv, s, wsq
-
-
-def new_row_norms_sq(
-    weight: torch.Tensor, update: torch.Tensor, proj: torch.Tensor, side: str, *,
-    vd: torch.Tensor, sg: torch.Tensor, s: torch.Tensor, wsq: torch.Tensor, cs: float,
-) -> torch.Tensor:
-    r"""``||V'||^2_row`` of ``V' = vd Vh - cs back(N)`` with ``Vh = sg W / s``, without an
-    ``m x n`` temporary (``N = update``, ``P = proj``, per-row vectors ``vd``, ``sg``, ``s``,
-    ``wsq = ||W||^2_row``):
-
-    ``||V'_i||^2 = vd_i^2 wsq_i / s_i^2 - 2 cs vd_i (sg_i / s_i) <W_i, back(N)_i> + cs^2 ||back(N)_i||^2``
-
-    - right (``back(N) = N P``, ``P`` is ``r x n``): ``<W_i, N_i P> = <(W P^T)_i, N_i>``;
-      ``||N_i P||^2 = ||N_i||^2`` for a float32/float64 ``P`` with orthonormal rows (GaLore's
-      SVD projectors); for a 16-bit ``P`` (not orthonormal to working precision)
-      ``||N_i P||^2 = N_i (P P^T) N_i^T`` through the ``r x r`` Gram of ``P``, exact for any ``P``;
-    - left (``back(N) = P N``, ``P`` is ``m x r``): ``<W_i, P_i N> = <P_i, (W N^T)_i>`` and
-      ``||P_i N||^2 = P_i (N N^T) P_i^T`` through the ``r x r`` Gram ``N N^T``, exact for any ``P``.
-
-    Scratch: ``m x r`` and ``r x r`` in float32 (float64 for float64 weights), plus bounded
-    row panels of ``W``. Returns float32 (float64) of length ``m``, clamped at 0.
-    """
-    acc = _acc(weight)
-    n_ = update.to(acc)
-    p_ = proj.to(acc)
-    if side == "right":
-        wp = _row_panel_matmul(weight, p_.T, acc)  # W P^T, m x r
-        cross = (wp * n_).sum(1)
-        if proj.dtype in (torch.float32, torch.float64):
-            bsq = (n_ * n_).sum(1)  # orthonormal rows: ||N P|| = ||N||
-        else:
-            bsq = ((n_ @ (p_ @ p_.T)) * n_).sum(1)
-    else:
-        wn = _row_panel_matmul(weight, n_.T, acc)  # W N^T, m x r
-        cross = (wn * p_).sum(1)
-        bsq = ((p_ @ (n_ @ n_.T)) * p_).sum(1)
-    vsq = vd * vd * (wsq / (s * s)) - (2.0 * cs) * vd * (sg / s) * cross + (cs * cs) * bsq
-    return vsq.clamp_min(0.0)
 
 
 def apply_rows(
@@ -226,7 +125,11 @@ class GradNormLoRPAdamW(GaLoreAdamW):
             (default 1.0). proj_type: default ``"std"`` (``"full"`` is not supported).
         svd: ``"exact"`` or ``"lowrank"``.
         skip_nonfinite: skip a parameter whose gradient is not finite (weight and state untouched).
-        foreach: passed to torch's AdamW for the plain groups.
+        foreach: passed to torch's AdamW for the plain groups; also a group key of the
+            projected groups: None/True (default) steps the float32 parameters that take a
+            non-refresh step by bucket, one ``ops.foreach_gradnormlorp_update_`` call per
+            (side, moment format) bucket; False forces the per-parameter path (bit-identical
+            results either way on CPU).
         moment_dtype: ``"float32"`` (default) or ``"param"``: the dtype of the projected and
             plain moments, as :class:`GaLoreAdamW` (``"param"`` is unsafe for 16-bit
             parameters, see :mod:`lowrank_kernels.optim.moments`).
@@ -312,22 +215,47 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         )
         if eps == 0.0:  # 0/0 where a coordinate never had a gradient (zero rows): no update, not NaN
             n = torch.nan_to_num_(n, nan=0.0)
-        c = adam_step_size(lr, beta1, beta2, step)
-        cs = c * group["scale"]
-        g, vnorm = state["wn_g"], state["wn_vnorm"]
-        m_g, v_g = state["exp_avg_g"], state["exp_avg_sq_g"]
-        m_g.mul_(beta1).add_(a, alpha=1.0 - beta1)
-        v_g.mul_(beta2).addcmul_(a, a, value=1.0 - beta2)
-        dg = -c * _safe_div(m_g, v_g.sqrt() + eps)
-        decay = 1.0 - lr * group["weight_decay"]
-        sg = torch.sign(g)
-        vd = vnorm * decay
-        g_new = g * decay + dg
-        vnorm_new = new_row_norms_sq(p, n, proj, side, vd=vd, sg=sg, s=s, wsq=wsq, cs=cs).sqrt()
-        k = _safe_div(g_new, vnorm_new)
-        apply_rows(p, n, proj, side, decay=k * vd * sg / s, alpha=-cs * k)
-        g.copy_(g_new)
-        vnorm.copy_(vnorm_new)
+        magnitude_step_(
+            p, n, proj, side, a=a, s=s, wsq=wsq, g=state["wn_g"], vnorm=state["wn_vnorm"],
+            exp_avg_g=state["exp_avg_g"], exp_avg_sq_g=state["exp_avg_sq_g"], beta1=beta1, beta2=beta2, eps=eps,
+            step_size=adam_step_size(lr, beta1, beta2, step), scale=group["scale"],
+            decay=1.0 - lr * group["weight_decay"],
+            apply=lambda row_decay, row_alpha: apply_rows(p, n, proj, side, decay=row_decay, alpha=row_alpha),
+        )
 
+    # ------------------------------------------------------------------ bucketed step
+    def _bucket_key(self, p, state, group):
+        """Float32 weights, gradients and projectors of this class's own step share a bucket per
+        (device, side, betas, eps, moment format); other dtypes, DTensors and subclasses that
+        change the step stay per parameter."""
+        if not self._own_fused_step(GradNormLoRPAdamW):
+            return None
+        if p.dtype != torch.float32 or type(p) not in _PLAIN_TENSORS or p.grad.dtype != torch.float32:
+            return None
+        proj = state["projector"]
+        if not isinstance(proj, torch.Tensor) or proj.dtype != torch.float32:
+            return None
+        side = self._side(state)
+        if side not in ("right", "left"):
+            return None
+        beta1, beta2 = group["betas"]
+        return ("gradnormlorp", p.device, side, state["exp_avg"].dtype, beta1, beta2, group["eps"],
+                moments.bucket_part(state, moments.format_of(group)))
+
+    def _bucket_step(self, key, entries, skip=None, coeffs=None):
+        """One ``ops.foreach_gradnormlorp_update_`` call: the per-parameter step's arithmetic
+        (:meth:`_lowrank_step` and :meth:`_project_step`) with each weight's step size, scale and decay."""
+        _, _, side, _, beta1, beta2, eps, _ = key
+        sts = [st for _, st, _, _ in entries]
+        ops.foreach_gradnormlorp_update_(
+            [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries], [st["projector"] for st in sts],
+            [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], [st["wn_g"] for st in sts],
+            [st["wn_vnorm"] for st in sts], [st["exp_avg_g"] for st in sts], [st["exp_avg_sq_g"] for st in sts],
+            side=side, beta1=beta1, beta2=beta2, eps=eps,
+            step_size=[adam_step_size(g["lr"], beta1, beta2, t) for _, _, g, t in entries],
+            scale=[g["scale"] for _, _, g, _ in entries],
+            decay=[1.0 - g["lr"] * g["weight_decay"] for _, _, g, _ in entries],
+            **self._foreach_moment_kwargs(entries),
+        )
 
 __all__ = ["GradNormLoRPAdamW", "weight_norm_grads", "new_row_norms_sq", "apply_rows", "row_dots"]

@@ -491,7 +491,7 @@ _register_ours("apollo-mini", "APOLLOAdamW", _apollo_bytes, _BUCKETED, "apollo_m
 _register_ours("frugal", "FrugalAdamW", _frugal_bytes, _BUCKETED, "frugal_adamw",
                "AdamW in a subspace, signSGD on the residual", subspace="density")
 _register_ours("gradnormlorp", "GradNormLoRPAdamW", _gradnormlorp_bytes,
-               Capabilities(bucketed=False, capturable=False, moment_bits=_ALL_BITS, distributed=False),
+               Capabilities(bucketed=True, capturable=False, moment_bits=_ALL_BITS, distributed=False),
                "gradnormlorp_adamw", "GaLore on the weight-normalized direction, Adam on its magnitude")
 _register_ours("fira", "FiraAdamW", _fira_bytes,
                Capabilities(bucketed=True, capturable=False, moment_bits=_ALL_BITS, distributed=False),

@@ -1,12 +1,14 @@
 """The method-step list ops (``foreach_apollo_update_``, ``foreach_frugal_update_``,
-``foreach_adafactor_update_``): every
+``foreach_adafactor_update_``, ``foreach_gradnormlorp_update_``): every
 backend (C++, Triton under the interpreter) against the reference on odd shapes, both sides,
 the moment formats; clear errors with nothing written."""
 import pytest
 import torch
 
 from lowrank_kernels import ops
+from lowrank_kernels.ops import projection as proj_ops
 from lowrank_kernels.ops import use_backend
+from lowrank_kernels.reference import gradnormlorp as gnl_ref
 
 from ..conftest import require_backend
 
@@ -89,6 +91,27 @@ def _adafactor_args(side, bits, scale_parameter, seed=0):
         else:
             kw["exp_avg"] = [0.01 * torch.randn(s, generator=gen) for s in low]
     return ps, gs, projs, rows, cols, kw
+def _gradnormlorp_args(side, bits, eps=1e-6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ranks = [3, 2, 5]
+    ps = [0.1 * torch.randn(s, generator=gen) for s in SHAPES]
+    ps[0][4] = 0.0  # a zero row stays zero
+    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    projs = []
+    for (m, n), r in zip(SHAPES, ranks):
+        q = torch.linalg.qr(torch.randn(n if side == "right" else m, r, generator=gen)).Q
+        projs.append(q.T.contiguous() if side == "right" else q.contiguous())
+    low = [(m, r) if side == "right" else (r, n) for (m, n), r in zip(SHAPES, ranks)]
+    ea, es, kw = _moments(low, bits, gen)
+    norms = [p.norm(dim=1) for p in ps]
+    wn_g = [-v * (1.0 + 0.5 * torch.rand(v.shape, generator=gen)) for v in norms]  # negative g, |g| != ||W||
+    wn_vnorm = [v * (0.5 + torch.rand(v.shape, generator=gen)) for v in norms]
+    m_g = [0.1 * torch.randn(v.shape, generator=gen) for v in norms]
+    m_g[0][4] = 0.0  # a zero row's magnitude never moved (a = 0), so it has no momentum either
+    v_g = [0.01 * torch.rand(v.shape, generator=gen) for v in norms]
+    return ps, gs, projs, ea, es, wn_g, wn_vnorm, m_g, v_g, dict(
+        side=side, beta1=0.9, beta2=0.99, eps=eps, step_size=[1e-2, 2e-2, 3e-3], scale=[0.25, 1.0, 2.0],
+        decay=[0.99, 1.0, 0.9], **kw)
 
 
 def _run(fn, make, backend):
@@ -112,6 +135,8 @@ def _close(a, b, what):
 
 APOLLO_CASES = [("right", True, True, 32), ("left", True, False, 32), ("right", False, True, 32),
                 ("left", False, True, 16), ("right", True, True, 8)]
+GNL_CASES = [("right", 32, 1e-6), ("left", 32, 1e-6), ("right", 32, 0.0), ("left", 16, 1e-6), ("right", 8, 1e-6),
+             ("left", 8, 0.0)]
 FRUGAL_CASES = [("right", True, 32), ("left", True, 32), ("right", False, 32), ("left", True, 16), ("right", True, 8)]
 
 
@@ -188,6 +213,56 @@ def test_adafactor_bad_entry_names_it_and_writes_nothing():
         ops.foreach_adafactor_update_(ps, gs, projs, rows, cols, **{**kw, "clip_threshold": 0.0})
     with pytest.raises(ValueError, match="lr must have one entry per weight"):
         ops.foreach_adafactor_update_(ps, gs, projs, rows, cols, **{**kw, "lr": [1e-2]})
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("case", GNL_CASES, ids=[f"{s}-{b}-eps{e}" for s, b, e in GNL_CASES])
+def test_gradnormlorp_backends_match_reference(case, backend):
+    require_backend("gradnormlorp_foreach_update", backend)
+    want = _run(ops.foreach_gradnormlorp_update_, lambda: _gradnormlorp_args(*case), "reference")
+    got = _run(ops.foreach_gradnormlorp_update_, lambda: _gradnormlorp_args(*case), backend)
+    _close(got[:-1], want[:-1], f"gradnormlorp {case} {backend}")
+    assert torch.equal(got[0][0][4], torch.zeros(SHAPES[0][1]))  # the zero row
+
+
+@pytest.mark.parametrize("case", GNL_CASES, ids=[f"{s}-{b}-eps{e}" for s, b, e in GNL_CASES])
+def test_gradnormlorp_cpp_is_bitwise_the_per_parameter_step(case):
+    """On CPU the C++ loop makes the per-parameter step's roundings exactly: the reference's loop
+    calling the projection ops (C++ on CPU), as GradNormLoRPAdamW's per-parameter step does. (The
+    projection family's reference kernels differ from its C++ ones by rounding, 8-bit moments
+    most.)"""
+    require_backend("gradnormlorp_foreach_update", "cpp")
+
+    def per_parameter(*args, **kw):
+        gnl_ref.gradnormlorp_foreach_update_ref(*args, **kw, project_adam=proj_ops.project_adam_op,
+                                                backproject_apply=proj_ops.backproject_apply_op)
+
+    *tensors, kw = want = _gradnormlorp_args(*case)
+    with use_backend("cpp"):
+        per_parameter(*tensors, kw.pop("side"), kw.pop("beta1"), kw.pop("beta2"), kw.pop("eps"), kw.pop("step_size"),
+                      kw.pop("scale"), kw.pop("decay"), *proj_ops.foreach_moment_args(
+                          "test", kw.pop("m_absmax", None), kw.pop("v_absmax", None), kw.pop("block_size", 256),
+                          kw.pop("moment_seed", None)))
+    assert not kw, kw
+    got = _run(ops.foreach_gradnormlorp_update_, lambda: _gradnormlorp_args(*case), "cpp")
+    for name, xs, ys in zip(("params", "grads", "projs", "exp_avg", "exp_avg_sq", "wn_g", "wn_vnorm", "exp_avg_g",
+                             "exp_avg_sq_g"), got[:-1], want[:-1]):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            assert torch.equal(x, y), f"{case}: {name}[{i}] differs"
+
+
+def test_gradnormlorp_bad_entry_names_it_and_writes_nothing():
+    *tensors, kw = _gradnormlorp_args("right", 32)
+    before = [t.clone() for xs in tensors for t in xs]
+    tensors[6][1] = tensors[6][1][:3].clone()  # wn_vnorm of entry 1: wrong length
+    with pytest.raises(ValueError, match=r"foreach_gradnormlorp_update_ \(entry 1\): wn_vnorm must have shape"):
+        ops.foreach_gradnormlorp_update_(*tensors, **kw)
+    tensors[6][1] = before[0].new_zeros(SHAPES[1][0])
+    tensors[2][2] = tensors[2][2].double()
+    with pytest.raises(TypeError, match=r"\(entry 2\): projs must have a floating dtype \(float32\)"):
+        ops.foreach_gradnormlorp_update_(*tensors, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before[:3], tensors[0]))
+    *tensors, kw = _gradnormlorp_args("left", 32)
+    with pytest.raises(ValueError, match="decay must have one entry per weight"):
+        ops.foreach_gradnormlorp_update_(*tensors, **{**kw, "decay": [1.0]})
 
 
 def test_apollo_bad_entry_names_it_and_writes_nothing():

@@ -31,6 +31,7 @@ METHODS = {
     "fira": ("ours-FiraAdamW", {}),
     "fira-dct": ("ours-FiraAdamW-DCT", {}),
     "trion": ("ours-Trion", {}),
+    "gradnormlorp": ("ours-GradNormLoRPAdamW", {}),
 }
 #: the registry name of a METHODS key that is not one (a bench row with other constructor keywords).
 REGISTERED = {"adafactor-beta1": "adafactor"}
@@ -38,7 +39,7 @@ REGISTERED = {"adafactor-beta1": "adafactor"}
 #: GaLore-Adafactor's format is its first moment's, kept only with ``beta1``).
 BITS = {"qgalore": (32, 16, 8), "apollo": (32, 16, 8), "apollo-mini": (32, 16, 8), "frugal": (32, 16, 8),
         "adafactor": (32,), "adafactor-beta1": (32, 16, 8), "fira": (32, 16, 8), "fira-dct": (32, 16, 8),
-        "trion": (32,)}  # Trion's low-rank groups keep a 32-bit (or parameter-dtype) momentum only
+        "gradnormlorp": (32, 16, 8), "trion": (32,)}  # Trion's low-rank groups keep a 32-bit (or parameter-dtype) momentum only
 
 
 def _stack(seed=0):
@@ -272,3 +273,39 @@ def test_trion_configurations_bucketed_equal_per_parameter(config):
     buckets = {"mixed-groups": 3, "reverse-std-none": 3}.get(config, 2)
     assert ma.total("lowrank_kernels") == buckets, ma.counts
     assert {n for n in ma.counts if n.startswith("lowrank_kernels")} == {"lowrank_kernels.trion_foreach_update"}
+
+
+GNL_CONFIGS = {
+    "decay": dict(weight_decay=0.1),
+    "eps0": dict(eps=0.0),
+    "left": dict(proj_type="left"),
+    "lowrank-svd": dict(svd="lowrank"),
+    "mixed-groups": None,
+}
+
+
+@pytest.mark.parametrize("config", list(GNL_CONFIGS))
+def test_gradnormlorp_configurations_bucketed_equal_per_parameter(config):
+    """GradNormLoRP's options (decay, eps = 0, left projections, the randomized SVD, groups with
+    different lr, scale and rank) keep the bucketed step bit-identical, a zero row included."""
+    from lowrank_kernels.optim import GradNormLoRPAdamW
+
+    shapes, w0 = _stack()
+    w0[1][3] = 0.0
+    grads = _grads(shapes, STEPS)
+    kw = GNL_CONFIGS[config]
+
+    def make(ps, foreach):
+        fe = {} if foreach is None else {"foreach": foreach}
+        if kw is None:
+            groups = [dict(params=ps[:3], rank=RANK, update_proj_gap=GAP, scale=2.0, **fe),
+                      dict(params=ps[3:], rank=2, update_proj_gap=GAP, lr=3e-3, weight_decay=0.01, **fe)]
+            return GradNormLoRPAdamW(groups, lr=1e-2)
+        kw2 = dict(kw)
+        group = dict(params=ps, rank=RANK, update_proj_gap=GAP, **fe)
+        if "proj_type" in kw2:
+            group["proj_type"] = kw2.pop("proj_type")
+        return GradNormLoRPAdamW([group], lr=1e-2, **kw2)
+
+    ma, mb = _compare(make, shapes, w0, grads)
+    assert ma.total("lowrank_kernels") <= 4 < mb.total("lowrank_kernels")

@@ -11,6 +11,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from lowrank_kernels.ops import use_backend
 from lowrank_kernels.optim import GaLoreAdamW, GradNormLoRPAdamW
 from lowrank_kernels.optim import gradnormlorp as gnl
+from lowrank_kernels.reference import gradnormlorp as gnl_ref
 
 from ._helpers import rel_change_err, roundtrip
 
@@ -51,7 +52,7 @@ def test_weight_norm_grads_match_autograd(shape, panel, monkeypatch):
     """a = dL/dg and Gv = dL/dV through torch's weight_norm(dim=0), with negative g and ||V|| != |g|,
     computed from W and dL/dW only (several row panels when panel is small)."""
     if panel is not None:
-        monkeypatch.setattr(gnl, "PANEL_ELEMS", panel)
+        monkeypatch.setattr(gnl_ref, "PANEL_ELEMS", panel)
     m, n = shape
     gen = torch.Generator().manual_seed(3)
     v = torch.randn(m, n, generator=gen, dtype=torch.float64) * 3.0
@@ -218,7 +219,7 @@ def _direct_new_norms(w, n_, proj, side, vd, sg, s, cs):
 def test_new_row_norms_without_temporary_match_direct(side, dtype, monkeypatch):
     """The projector identity (float32/64 P with orthonormal rows, right), the Gram of a 16-bit P
     (right) and the Gram N N^T (left, any P) equal a direct norm of V'; a zero row included."""
-    monkeypatch.setattr(gnl, "PANEL_ELEMS", 64)  # several panels
+    monkeypatch.setattr(gnl_ref, "PANEL_ELEMS", 64)  # several panels
     m, n, r = 29, 17, 6
     gen = torch.Generator().manual_seed(11)
     w = torch.randn(m, n, generator=gen, dtype=torch.float64)
@@ -247,7 +248,7 @@ def test_apply_rows_equals_diag_form(side, dtype, panel, backend, monkeypatch):
     """W <- diag(d) W + diag(b) back(N) through backproject_apply_ on each backend (change compared);
     a bf16 W is rounded once (float32 row panels; several when panel is small), not twice."""
     if panel is not None:
-        monkeypatch.setattr(gnl, "PANEL_ELEMS", panel)
+        monkeypatch.setattr(gnl_ref, "PANEL_ELEMS", panel)
     m, n, r = 31, 19, 5
     gen = torch.Generator().manual_seed(12)
     w = torch.randn(m, n, generator=gen).to(dtype)
