@@ -134,6 +134,24 @@ def check_step_entry(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
     fail_value(g.is_contiguous(), where, "grads must be contiguous")
 
 
+
+def check_dense_projector_entry(p: torch.Tensor, g: torch.Tensor, pr: torch.Tensor, side: str,
+                                where: str) -> tuple:
+    """A method-step list op's weight, gradient and dense float32 projector (``r x n`` on the
+    right, ``m x r`` on the left): :func:`check_step_entry`, then the projector's dtype, shape
+    and rank. Returns ``(m, n, r)``."""
+    check_step_entry(p, g, where)
+    check_float(pr, "projs", where, (torch.float32,))
+    check_ndim(pr, "projs", where, 2)
+    m, k = p.shape
+    inner = k if side == "right" else m
+    fail_value((pr.shape[1] if side == "right" else pr.shape[0]) == inner, where,
+               lambda: f"projs must be {'r x n' if side == 'right' else 'm x r'} for side={side!r} and a "
+                       f"weight of shape {tuple(p.shape)}, got {tuple(pr.shape)}")
+    r = pr.shape[0] if side == "right" else pr.shape[1]
+    check_rank(r, m, k, where, "projs")
+    return m, k, r
+
 def check_side(side, op: str) -> None:
     if side not in SIDES:
         raise ValueError(f"{op}: side must be 'left' or 'right', got {side!r}")

@@ -71,16 +71,7 @@ def validate_foreach_adafactor_update(params, grads, projs, exp_avg_sq_row, exp_
     for i in range(n):
         where = f"{op} (entry {i})"
         p, g, pr = params[i], grads[i], projs[i]
-        C.check_step_entry(p, g, where)
-        C.check_float(pr, "projs", where, (torch.float32,))
-        C.check_ndim(pr, "projs", where, 2)
-        m, k = p.shape
-        inner = k if side == "right" else m
-        C.fail_value((pr.shape[1] if side == "right" else pr.shape[0]) == inner, where,
-                     lambda: f"projs must be {'r x n' if side == 'right' else 'm x r'} for side={side!r} and a "
-                             f"weight of shape {tuple(p.shape)}, got {tuple(pr.shape)}")
-        r = pr.shape[0] if side == "right" else pr.shape[1]
-        C.check_rank(r, m, k, where, "projs")
+        m, k, r = C.check_dense_projector_entry(p, g, pr, side, where)
         rows, cols = (m, r) if side == "right" else (r, k)
         mine = []
         for name, t, length, what in (("exp_avg_sq_row", exp_avg_sq_row[i], rows, "R's rows"),

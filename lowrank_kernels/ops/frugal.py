@@ -52,16 +52,7 @@ def validate_foreach_frugal_update(params, grads, projs, exp_avg, exp_avg_sq, si
     for i in range(n):
         where = f"{op} (entry {i})"
         p, g, pr = params[i], grads[i], projs[i]
-        C.check_step_entry(p, g, where)
-        C.check_float(pr, "projs", where, (torch.float32,))
-        C.check_ndim(pr, "projs", where, 2)
-        m, k = p.shape
-        inner = k if side == "right" else m
-        C.fail_value((pr.shape[1] if side == "right" else pr.shape[0]) == inner, where,
-                     lambda: f"projs must be {'r x n' if side == 'right' else 'm x r'} for side={side!r} and a "
-                             f"weight of shape {tuple(p.shape)}, got {tuple(pr.shape)}")
-        r = pr.shape[0] if side == "right" else pr.shape[1]
-        C.check_rank(r, m, k, where, "projs")
+        m, k, r = C.check_dense_projector_entry(p, g, pr, side, where)
         shape = (m, r) if side == "right" else (r, k)
         mine = C.check_moment_state(where, exp_avg[i], exp_avg_sq[i], shape, p.dtype,
                                     *moment_tail(m_absmax, v_absmax, block_size, moment_seed, i))
