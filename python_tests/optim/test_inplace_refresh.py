@@ -8,7 +8,7 @@ never changes. Checked on CPU for every optimizer that refreshes, across several
 import pytest
 import torch
 
-from lowrank_kernels.optim import (APOLLOAdamW, DCTAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW,
+from lowrank_kernels.optim import (APOLLOAdamW, DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW,
                                    GradNormLoRPAdamW, QGaLoreAdamW)
 from lowrank_kernels.optim.common import assign_
 
@@ -47,6 +47,13 @@ CASES = [
     ("gradnormlorp", GradNormLoRPAdamW, dict(), (24, 16)),
     ("galore-adafactor", GaLoreAdafactor, dict(), (24, 16)),
     ("galore-adafactor-full", GaLoreAdafactor, dict(proj_type="full"), (24, 16)),
+    ("fira-svd", FiraAdamW, dict(), (24, 16)),
+    ("fira-svd-left", FiraAdamW, dict(), (16, 24)),
+    ("fira-dct", FiraAdamW, dict(projector="dct"), (24, 16)),
+    ("fira-transport", FiraAdamW, dict(moment_transport=True), (24, 16)),
+    ("fira-dct-transport", FiraAdamW, dict(projector="dct", moment_transport=True), (24, 16)),
+    ("fira-8bit", FiraAdamW, dict(moment_bits=8, min_8bit_size=0, block_size=16), (24, 16)),
+    ("fira-random", FiraAdamW, dict(refresh="random"), (24, 16)),
 ]
 
 #: state tensors a step (not a refresh) replaces by design: APOLLO's norm-growth memory.
