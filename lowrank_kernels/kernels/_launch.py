@@ -288,6 +288,10 @@ for _arch in TABLE_ARCHS:
     TABLES[("project_q8_grouped", _arch)] = _PROJECT_Q8_GROUPED
     TABLES[("project_sr_grouped", _arch)] = _PROJECT_SR_GROUPED
     TABLES[("backproject_grouped", _arch)] = _BACKPROJECT_GROUPED
+    # Fira's grouped residual kernel (kernels/fira.py) runs the back-projection's GEMM with another
+    # epilogue: the grouped back-projection's table, under its own name (changes below).
+    TABLES[("residual_grouped", _arch)] = _BACKPROJECT_GROUPED
+    EXTRAS[("residual_grouped", _arch)] = []
     for _k in ("project", "project_q8", "project_sr", "backproject"):
         EXTRAS[(_k + "_grouped", _arch)] = []
 # sm_80 (A100: the 163 KB table) differs in two single-kernel entries, because Triton 3.6 (the
@@ -349,8 +353,42 @@ if TRITON_VERSION < (3, 7):
         for _arch in TABLE_ARCHS:
             TABLES[(_name, _arch)] = dict(TABLES[(_name, _arch)])
             TABLES[(_name, _arch)][("int4", True)] = _same(Tile(16, 256, 16, 8, 1))
+# Rows of the full subset (compile check --subset full --only ..., every arch) fixed per Triton version
+# and arch, where the tile above spills and the others stay as they are:
+# - the DCT GEMM's float32 operands with a dense projector (fp32 DCT scoring, Fira's per-entry
+#   projections) on the 99 KB table under 3.6: the 3.6 entry above (64 x 64 x 32, 4 warps, 2 stages)
+#   spills 16 bytes on sm_86 / sm_89 in Fira's list step (right side, odd shapes) at 128 registers;
+#   the 3.9 entry (3 stages) spills in no dense-projector launch of the full subset there (fp32 DCT
+#   scoring, both sides and norms; Fira's list step, both sides; Trion's list step), where 16-wide K
+#   steps spill 16 bytes (fp32 L2 scoring with 3 stages, Trion's step with 2);
+# - the back-projection with float32 operands and an INT4 projector under 3.6 on sm_90: 64 x 64 x 32
+#   with 8 warps spills 100 bytes (float32 weight, right side, even K) at 128 registers; 4 warps do
+#   not (the grouped back-projection's tile, above);
+# - Fira's grouped residual kernel with float32 operands and a dense projector on the 99 KB table under
+#   3.9: the grouped back-projection's 64 x 64 x 32 (8 warps, 2 stages) spills 20 bytes on sm_86 /
+#   sm_89 (left side, at 128 registers); 64 x 32 x 32 does not (the DCT projector's tile). The grouped
+#   back-projection keeps 64 x 64 there: 64 x 32 spills 8 bytes and 4 warps 20 in its unaligned
+#   sub-lists (float32 updates, both sides / left side);
+# - 8-bit project + Adam, 16-bit operands, dense projector, sm_80, under 3.9: 16 x 256 x 32 with 8 warps
+#   spills 8 bytes when narrow quantization blocks make it 32 x 32 x 32 (right side, rank 24; 64
+#   registers, with 1, 2 or 3 stages), and the sm_80 small-M tile (4 warps, for 3.6, above) spills 588
+#   bytes on the right side with 256-wide blocks (rank 300; an autotuning candidate there). The grouped
+#   kernel's 3.9 tile, 16 x 256 x 16 with 8 warps and 3 stages, spills in neither nor on the left side,
+#   so it serves every bucket there (3.6 keeps the tiles above: its 8 warps stop at 128 registers and
+#   spill 28 bytes on the left side with int64 offsets, 16-wide K steps 12).
+if TRITON_VERSION < (3, 7):
+    TABLES[("dct_gemm", 89)] = dict(TABLES[("dct_gemm", 89)])
+    TABLES[("dct_gemm", 89)][("dense", True)] = _DCT_GEMM[("dense", True)]
+    TABLES[("backproject", 90)] = dict(TABLES[("backproject", 90)])
+    TABLES[("backproject", 90)][("int4", True)] = _same(Tile(64, 64, 32, 4, 1))
+else:
+    TABLES[("residual_grouped", 89)] = dict(TABLES[("residual_grouped", 89)])
+    TABLES[("residual_grouped", 89)][("dense", True)] = _same(Tile(64, 32, 32, 8, 2))
+    TABLES[("project_q8", 80)] = dict(TABLES[("project_q8", 80)])
+    TABLES[("project_q8", 80)][("dense", False)] = _same(Tile(16, 256, 16, 8, 3))
 FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P,
-             "project_grouped": _P, "backproject_grouped": _P, "project_q8_grouped": _P, "project_sr_grouped": _P}
+             "project_grouped": _P, "backproject_grouped": _P, "project_q8_grouped": _P, "project_sr_grouped": _P,
+             "residual_grouped": _P}
 MODE_CLASS = {0: "dense", 1: "int4", 2: "dct"}
 _Q8_KERNELS = ("project_q8", "project_q8_grouped")
 # 8-bit project + Adam entries ``(projector class, wide)`` whose narrow quantization blocks keep

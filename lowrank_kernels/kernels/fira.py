@@ -14,7 +14,8 @@ count), a program finds its problem by a binary search over the host-built first
 (:func:`~lowrank_kernels.kernels._tl._grouped_problem`) in ONE int64 table (``_F_*`` fields per
 problem: addresses, shapes, strides, the DCT projector's extras), then computes its tile with
 the single kernel's main loop and epilogue. One tile config per launch (the
-``"backproject_grouped"`` table's tile of the largest problem). In square-sum mode each
+``"residual_grouped"`` table's tile of the largest problem: the grouped back-projection's table
+except where kernels/_launch.py says otherwise). In square-sum mode each
 program stores its tile's ``sum(E^2)`` at ``partial[program_id]`` and the launcher adds each
 problem's partials (a fixed order).
 """
@@ -173,7 +174,7 @@ def residual_grouped(params, grads, lows, projs, indices, factors, side, coef=No
         rows.append(row)
         probs.append((m_, n_, a[1]))
     bytes_ = _op_bytes(lows[0], args[0][0])
-    tile = L.grouped_tile("backproject_grouped", dev, problems=probs, op_bytes=bytes_, side=side, mode=mode)
+    tile = L.grouped_tile("residual_grouped", dev, problems=probs, op_bytes=bytes_, side=side, mode=mode)
     total = 0
     for row, (m_, n_, _) in zip(rows, probs):
         row[_F_TS.value] = total
@@ -186,7 +187,7 @@ def residual_grouped(params, grads, lows, projs, indices, factors, side, coef=No
         dot_dtype, precision = L.dot_config(lows[0].dtype, *args[0][4])
         w0 = params[0] if apply else grads[0]
         L.launch_grouped(
-            "backproject_grouped", _residual_grouped_kernel, (total,),
+            "residual_grouped", _residual_grouped_kernel, (total,),
             (tab, n, w0, grads[0], lows[0], args[0][0], factors[0], args[0][5], args[0][6],
              coef if apply else out, out),
             dict(SIDE_RIGHT=right, PROJ_MODE=mode, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, IDX64=idx64,
