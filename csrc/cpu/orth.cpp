@@ -19,11 +19,11 @@
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "cpu/orth_small.h"
 
 namespace lowrank_kernels {
 namespace {
 
+constexpr int64_t kSmallS = 32;
 constexpr int kLanes = 8;
 
 at::ScalarType compute_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -37,8 +37,6 @@ float dot(const float* a, const float* b, int64_t n) {
   for (int t = 0; k < n; ++k, ++t) acc[t] += a[k] * b[k];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
-
-}  // namespace
 
 // X (s x l, contiguous float32, normalized in place here) through the iteration; returns the
 // buffer holding the result (X or Y).
@@ -75,8 +73,6 @@ float* newton_schulz_small(float* X, float* Y, int64_t s, int64_t l, at::ArrayRe
   }
   return X;
 }
-
-namespace {
 
 Tensor newton_schulz_one(const Tensor& x, at::ArrayRef<double> coefficients, double eps) {
   TORCH_CHECK(x.dim() == 2);

@@ -18,9 +18,10 @@
 //   scores column sums of |S| (or S^2, then sqrt) in double, in row order, rounded to
 //          float32; top-r with dct.cpp's total order (descending, NaN first, ties to the
 //          lower index);
-//   P      = B[idx] (r x s), gathered once and used by the three products below;
-//   X      = m in the orth family's wide orientation (r x rows): P M on the left, (M P^T)^T
-//          on the right (M P^T itself when m == r);
+//   P      = B[idx] (r x s), gathered once and used by the two back-projections;
+//   m      = Mo P^T, the selected columns of S (no product of its own), kept as Xt = X^T for
+//          the Newton-Schulz (X: m in the orth family's wide orientation, m itself when it is
+//          not tall, i.e. on the right with m == r);
 //   M      += -(1 - mu) back(m) (fma(acc, -(1 - mu), M));
 //   O      = Newton-Schulz of X, the orth family's iteration on the same GEMM
 //          (newton_schulz_fast);
@@ -48,7 +49,6 @@
 
 #include "cpu/fast_f32.h"
 #include "cpu/kernels.h"
-#include "cpu/orth_small.h"
 
 namespace lowrank_kernels {
 namespace {
@@ -56,6 +56,9 @@ namespace {
 // The fast path's bound on the scoring GEMM's multiply-adds per entry (m * n * s): 1024 x 64
 // against a basis of order 64, or 64 x 256 on the right at s = 256.
 constexpr int64_t kFastMaxMacs = int64_t(1) << 22;
+// The fast path's largest rank (the orth family's raw-pointer bound too: the r x r Gram
+// matrices stay small).
+constexpr int64_t kSmallS = 32;
 
 using fast::MatF;
 
@@ -244,6 +247,27 @@ struct Scoring {
       sc[2 * t + 1] = od;
     }
   }
+
+  // L[i, a] = S[i, cols[a]] (rows x r) from the scratch `ws` of the last scores() call: the
+  // projection m = Mo B[idx]^T is a part of the scores' product, no GEMM of its own.
+  void gather(const float* ws, int64_t rows, const int64_t* cols, int64_t r, float* L) const {
+    const float* E = ws;
+    const float* Q = ws + rows * h;
+    for (int64_t a = 0; a < r; ++a) {
+      const int64_t j = cols[a];
+      if (kind == Full) {
+        for (int64_t i = 0; i < rows; ++i) L[i * r + a] = ws[i * s + j];
+      } else if (kind == Pairs && j < h) {
+        for (int64_t i = 0; i < rows; ++i) L[i * r + a] = E[i * h + j] + Q[i * h + j];
+      } else if (kind == Pairs) {
+        const int64_t jj = s - 1 - j;
+        for (int64_t i = 0; i < rows; ++i) L[i * r + a] = E[i * h + jj] - Q[i * h + jj];
+      } else {
+        const float* src = (j % 2 == 0 ? E : Q) + j / 2;
+        for (int64_t i = 0; i < rows; ++i) L[i * r + a] = src[i * h];
+      }
+    }
+  }
 };
 
 // Newton-Schulz in the orth family's iteration, on Xt = X^T (l x r, contiguous, r <= l: X the
@@ -296,14 +320,13 @@ StageA fast_stage_a(const float* G, float* Mp, int64_t m, int64_t n, bool right,
   const MatF Mo = right ? MatF{Mp, m, n, n, 1} : MatF{Mp, n, m, 1, n};
   Arena& ar = arena();
   const int64_t sw = scoring.scratch(rows);
-  const int64_t need = sw + 2 * r * s + 3 * rows * r + s + 2 * r * r;
+  const int64_t need = sw + r * s + 3 * rows * r + s + 2 * r * r;
   if (static_cast<int64_t>(ar.f.size()) < need) ar.f.resize(need);
   if (static_cast<int64_t>(ar.d.size()) < 2 * s) ar.d.resize(2 * s);
   if (static_cast<int64_t>(ar.i.size()) < s) ar.i.resize(s);
   float* Sp = ar.f.data();       // the scores' scratch
   float* Pp = Sp + sw;           // r x s
-  float* PTp = Pp + r * s;       // s x r
-  float* Lp = PTp + r * s;       // rows x r: Mo P^T
+  float* Lp = Pp + r * s;        // rows x r: Mo P^T
   float* Xp = Lp + rows * r;     // rows x r: Xt, then O^T (left side)
   float* Yp = Xp + rows * r;     // rows x r
   float* scf = Yp + rows * r;    // s
@@ -319,14 +342,12 @@ StageA fast_stage_a(const float* G, float* Mp, int64_t m, int64_t n, bool right,
     idx_out[a] = static_cast<int32_t>(order[a]);
     std::copy(basis + order[a] * s, basis + (order[a] + 1) * s, Pp + a * s);
   }
-  for (int64_t k = 0; k < s; ++k) {
-    for (int64_t a = 0; a < r; ++a) PTp[k * r + a] = Pp[a * s + k];
-  }
   const MatF P{Pp, r, s, s, 1};
   const float am = static_cast<float>(-(1.0 - mu));
   const MatF Mw{Mp, m, n, n, 1};  // M as stored
-  // L = Mo P^T (rows x r): m on the right (m x r), m^T on the left (m = B[idx] M, r x n).
-  fast::gemm_rows(MatF{Lp, rows, r, r, 1}, Mo, MatF{PTp, s, r, r, 1}, 1.0f, 0.0f, portable);
+  // L = Mo P^T (rows x r), the selected columns of S: m on the right (m x r), m^T on the left
+  // (m = B[idx] M, r x n).
+  scoring.gather(Sp, rows, order, r, Lp);
   StageA out;
   out.P = Pp;
   out.rows = rows;
