@@ -116,8 +116,12 @@ constexpr float kSymUlps = 4.0f;
 
 struct Scoring {
   enum Kind { Unprepared, Full, Pairs, Mirrored } kind = Unprepared;
-  int64_t s = 0, h = 0;
+  int64_t s = 0, h = 0, h2 = 0;
   std::vector<float> bt, be, bo;  // Full: B^T (s x s); else the halves (h x h each)
+  // Pairs whose even half Be has the same symmetry again (s a multiple of 4: the DCT's even
+  // part is the DCT of half the order): E by a second butterfly step, Be2 / Bo2 (h2 x h2).
+  bool two = false;
+  std::vector<float> be2, bo2;
 
   void prepare(const Tensor& basis) {
     if (kind != Unprepared) return;
@@ -158,6 +162,28 @@ struct Scoring {
           bo[t * h + j] = b[j * s + 2 * t + 1];
         }
       }
+      // Be's columns as vectors over t: Be[t, h-1-j] = (-1)^t Be[t, j] for j < h / 2?
+      h2 = h / 2;
+      two = h >= 2 && h % 2 == 0;
+      for (int64_t j = 0; two && j < h2; ++j) {
+        for (int64_t t = 0; t < h; ++t) {
+          const float v = be[t * h + j];
+          if (!near(be[t * h + h - 1 - j], (t & 1) ? -v : v)) {
+            two = false;
+            break;
+          }
+        }
+      }
+      if (two) {
+        be2.resize(h2 * h2);
+        bo2.resize(h2 * h2);
+        for (int64_t t = 0; t < h2; ++t) {
+          for (int64_t j = 0; j < h2; ++j) {
+            be2[t * h2 + j] = be[(2 * t) * h + j];
+            bo2[t * h2 + j] = be[(2 * t + 1) * h + j];
+          }
+        }
+      }
     } else if (s >= 2 && s % 2 == 0 && mirrored()) {
       kind = Mirrored;
       be.resize(h * h);
@@ -178,7 +204,9 @@ struct Scoring {
   }
 
   // Floats of scratch scores() needs for `rows` rows.
-  int64_t scratch(int64_t rows) const { return kind == Full ? rows * s : (kind == Pairs ? 2 : 4) * rows * h; }
+  int64_t scratch(int64_t rows) const {
+    return kind == Full ? rows * s : (kind == Pairs ? (two ? 3 : 2) : 4) * rows * h;
+  }
 
   // sc[j] = sum over i of |S[i, j]| (norm 1) or S[i, j]^2 (norm 2), in double, in row order.
   // hi: s / 2 doubles of scratch.
@@ -202,8 +230,27 @@ struct Scoring {
     float* Q = ws + rows * h;
     const MatF Be{const_cast<float*>(be.data()), h, h, h, 1}, Bo{const_cast<float*>(bo.data()), h, h, h, 1};
     std::fill(hi, hi + h, 0.0);
-    if (kind == Pairs) {
+    if (kind == Pairs && two) {
+      // E = E2 (+/-) Q2: E2 = Mo[:, k = 0 mod 4] Be2, Q2 = Mo[:, k = 2 mod 4] Bo2.
+      float* E2 = ws + 2 * rows * h;
+      float* Q2 = E2 + rows * h2;
+      fast::gemm_rows(MatF{E2, rows, h2, h2, 1}, MatF{Mo.p, rows, h2, Mo.rs, 4 * Mo.cs},
+                      MatF{const_cast<float*>(be2.data()), h2, h2, h2, 1}, 1.0f, 0.0f, portable);
+      fast::gemm_rows(MatF{Q2, rows, h2, h2, 1}, MatF{Mo.p + 2 * Mo.cs, rows, h2, Mo.rs, 4 * Mo.cs},
+                      MatF{const_cast<float*>(bo2.data()), h2, h2, h2, 1}, 1.0f, 0.0f, portable);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* e2 = E2 + i * h2;
+        const float* q2 = Q2 + i * h2;
+        float* e = E + i * h;
+        for (int64_t j = 0; j < h2; ++j) {
+          e[j] = e2[j] + q2[j];
+          e[h - 1 - j] = e2[j] - q2[j];
+        }
+      }
+    } else if (kind == Pairs) {
       fast::gemm_rows(MatF{E, rows, h, h, 1}, MatF{Mo.p, rows, h, Mo.rs, 2 * Mo.cs}, Be, 1.0f, 0.0f, portable);
+    }
+    if (kind == Pairs) {
       fast::gemm_rows(MatF{Q, rows, h, h, 1}, MatF{Mo.p + Mo.cs, rows, h, Mo.rs, 2 * Mo.cs}, Bo, 1.0f, 0.0f,
                       portable);
       for (int64_t i = 0; i < rows; ++i) {
@@ -272,15 +319,17 @@ struct Scoring {
 
 // Newton-Schulz in the orth family's iteration, on Xt = X^T (l x r, contiguous, r <= l: X the
 // wide orientation r x l), with fast_f32.h's GEMM and no transposes: Xt / (||Xt||_F + eps)
-// (the sum of squares in double), then per (a, b, c) triple A = X X^T = Xt^T Xt,
+// (the sum of squares in double, in four lanes), then per (a, b, c) triple A = X X^T = Xt^T Xt,
 // B = b A + c A A, Xt' = a Xt + Xt B (= (a X + B X)^T: A and so B are symmetric bit for bit,
 // their (i, j) and (j, i) elements being the same FMA chains). Each product element one FMA
 // chain in order, then fma(acc, alpha, C beta). Within float32 rounding of the orth family's
 // kernels. A2: 2 r x r scratch; Yt: l x r. Returns the result (Xt or Yt).
 float* newton_schulz_fast(float* Xt, float* Yt, float* A2, int64_t r, int64_t l, at::ArrayRef<double> coefficients,
                           double eps, bool portable) {
-  double sq = 0.0;
-  for (int64_t k = 0; k < r * l; ++k) sq += static_cast<double>(Xt[k]) * static_cast<double>(Xt[k]);
+  // The sum of squares in 4 double lanes (element k in lane k % 4), then (l0 + l1) + (l2 + l3).
+  double lane[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t k = 0; k < r * l; ++k) lane[k & 3] += static_cast<double>(Xt[k]) * static_cast<double>(Xt[k]);
+  const double sq = (lane[0] + lane[1]) + (lane[2] + lane[3]);
   const float denom = static_cast<float>(std::sqrt(sq) + eps);
   for (int64_t k = 0; k < r * l; ++k) Xt[k] = Xt[k] / denom;
   float* A = A2;
