@@ -13,8 +13,9 @@
 // the kernels of fast_f32.h (AVX2 + FMA, or portable loops; every product element one FMA
 // chain in order):
 //   M      += G, element by element (ATen's add_);
-//   S      = Mo B^T (rows x s, B the basis, rows its vectors), by one butterfly step where
-//          the basis has the DCT's symmetry (Scoring below: half the multiply-adds);
+//   S      = Mo B^T (rows x s, B the basis, rows its vectors), by butterfly steps where the
+//          basis has the DCT's symmetry (Scoring below: two for the right side's basis, 3/8
+//          of the multiply-adds; one for the left side's, half);
 //   scores column sums of |S| (or S^2, then sqrt) in double, in row order, rounded to
 //          float32; top-r with dct.cpp's total order (descending, NaN first, ties to the
 //          lower index);
@@ -29,7 +30,8 @@
 // Deterministic and single-threaded (the same result for any thread count); within float32
 // rounding of the reference (the products' summation order differs from BLAS, the scores'
 // by the butterfly). Everything else (other dtypes, strides, larger ranks, m * n * s above
-// the bound: BLAS's multi-threaded GEMMs win there) takes the general path: the per-stage
+// the bound, which is the projection fast path's one-thread bound: larger products keep
+// BLAS's multi-threaded GEMMs) takes the general path: the per-stage
 // kernels (M.add_(G), dct_foreach_score_topk_cpu, projection_project_cpu and
 // projection_backproject_apply_cpu with the DCT projector's indices, orth_newton_schulz_cpu),
 // bitwise the single ops the reference sequence names.
