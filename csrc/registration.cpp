@@ -57,6 +57,8 @@ TORCH_LIBRARY_IMPL(_lowrank_kernels, CPU, m) {
   m.impl("orth_foreach_newton_schulz_cpu", &orth_foreach_newton_schulz_cpu);
   // trion (csrc/cpu/trion.cpp)
   m.impl("trion_foreach_update_cpu", &trion_foreach_update_cpu);
+  m.impl("trion_foreach_orth_cpu", &trion_foreach_orth_cpu);
+  m.impl("trion_foreach_apply_cpu", &trion_foreach_apply_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

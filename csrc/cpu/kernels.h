@@ -154,4 +154,15 @@ void trion_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::T
                               at::ArrayRef<double> coefficients, double eps, at::ArrayRef<double> mu,
                               at::ArrayRef<double> alpha, at::ArrayRef<double> decay);
 
+// Steps 1-5 (M += G up to the orthogonalized update O) per entry, into `orths` (the low-rank
+// shapes) and `indices` (len x rank int32). With trion_foreach_apply_cpu, the sharded step's
+// halves: together bitwise trion_foreach_update_cpu.
+void trion_foreach_orth_cpu(at::TensorList grads, at::TensorList momentum, const Tensor& basis, c10::string_view side,
+                            int64_t rank, int64_t norm, at::ArrayRef<double> coefficients, double eps,
+                            at::ArrayRef<double> mu, at::TensorList orths, const Tensor& indices);
+
+// Step 6 per entry: W <- decay W + alpha back(O) with the basis rows `indices` (len x rank).
+void trion_foreach_apply_cpu(at::TensorList params, at::TensorList orths, const Tensor& indices, const Tensor& basis,
+                             c10::string_view side, at::ArrayRef<double> alpha, at::ArrayRef<double> decay);
+
 }  // namespace lowrank_kernels

@@ -35,3 +35,18 @@ def trion_foreach_update_triton(params, grads, momentum, basis, side, rank, norm
                      mu, alpha, decay, score_topk=_score_topk, project=projection_project_triton,
                      backproject_apply=projection_backproject_apply_triton,
                      newton_schulz=orth_foreach_newton_schulz_triton)
+
+
+def trion_foreach_orth_triton(grads, momentum, basis, side, rank, norm, coefficients, eps, mu, orths, indices):
+    """Triton backend of ``lowrank_kernels::trion_foreach_orth`` (arguments as the op)."""
+    got, idx = ref.orth_steps_(grads, momentum, basis, side, rank, norm, coefficients, eps, mu,
+                               score_topk=_score_topk, project=projection_project_triton,
+                               backproject_apply=projection_backproject_apply_triton,
+                               newton_schulz=orth_foreach_newton_schulz_triton)
+    ref.store_halves(got, idx, orths, indices)
+
+
+def trion_foreach_apply_triton(params, orths, indices, basis, side, alpha, decay):
+    """Triton backend of ``lowrank_kernels::trion_foreach_apply`` (arguments as the op)."""
+    ref.apply_steps_(params, orths, indices, basis, side, alpha, decay,
+                     backproject_apply=projection_backproject_apply_triton)

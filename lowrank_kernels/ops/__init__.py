@@ -35,7 +35,7 @@ from .dct import DCTProjector, dct_basis, dct_project, dct_score_topk, dct_score
 from .dct import dct_foreach_score_topk  # noqa: F401  (deprecated alias of foreach_dct_score_topk)
 from .residual import residual_apply_, residual_sumsq  # noqa: F401
 from .orth import foreach_newton_schulz, newton_schulz  # noqa: F401
-from .trion import foreach_trion_update_  # noqa: F401
+from .trion import foreach_trion_apply_, foreach_trion_orth_, foreach_trion_update_  # noqa: F401
 from .quant import Int4Projector, int4_pack, int4_unpack, int8_dequantize, int8_quantize, int8_update_sr_  # noqa: F401
 
 from lowrank_kernels import _ext as _ext_mod
@@ -74,6 +74,8 @@ __all__ = [
     "newton_schulz",
     "foreach_newton_schulz",
     "foreach_trion_update_",
+    "foreach_trion_orth_",
+    "foreach_trion_apply_",
 ]
 __all__ += ["Int4Projector", "int4_pack", "int4_unpack", "int8_quantize", "int8_dequantize", "int8_update_sr_"]
 

@@ -97,8 +97,8 @@ class Trion(LowRankOptimizer):
     Non-refresh steps by bucket: there is no projector to keep, so after a parameter's first
     step every step goes by bucket (same side, basis size, dtypes, rank and Newton-Schulz
     coefficients): the whole step of a bucket (steps 1-6) is one
-    :func:`~lowrank_kernels.ops.foreach_trion_update_` call. Bit-identical to ``foreach=False``
-    (one op call per stage and parameter).
+    :func:`~lowrank_kernels.ops.foreach_trion_update_` call. Bit-identical to ``foreach=False`` (the same op on a
+    one-entry list per parameter).
 
     Args:
         params: parameters or param groups.
@@ -223,26 +223,20 @@ class Trion(LowRankOptimizer):
         return trion_basis(n if side == "right" else m, side, M.dtype, M.device)
 
     def _project_step(self, p, grad, state, group, step):
+        # The per-parameter step is the list op on a one-entry list: the bucketed step's very
+        # arithmetic (its float32 fast path included).
         M = state["momentum_buffer"]
-        M.add_(grad)
         side = self._side(state)
-        basis = self._basis(p, state, M)
-        r = self._group_rank(group, tuple(p.shape))
-        idx = ops.dct_score_topk(M, r, side=side, norm=SCORE_NORM, basis=basis)
-        self._apply(p, M, ops.DCTProjector(basis, idx), side, group, self._coefficients(group), None)
+        ops.foreach_trion_update_([p], [grad], [M], self._basis(p, state, M), side=side,
+                                  rank=self._group_rank(group, tuple(p.shape)), mu=[group["momentum"]],
+                                  alpha=[self._alpha(p, group)], decay=[1.0 - group["lr"] * group["weight_decay"]],
+                                  coefficients=self._flat_coefficients(self._coefficients(group)), norm=SCORE_NORM)
 
-    def _apply(self, p, M, proj, side, group, coefficients, orth) -> Optional[torch.Tensor]:
-        """Steps 3-6 of the class docstring for one parameter. With ``orth`` None the
-        Newton-Schulz runs here; else steps 3-4 ran before and ``orth`` is ``O``."""
-        if orth is None:
-            m = ops.dct_project(M, proj, side=side)
-            ops.backproject_apply_(M, m, proj, side=side, alpha=-(1.0 - group["momentum"]))
-            orth = ops.newton_schulz(m, coefficients)
+    @staticmethod
+    def _alpha(p, group) -> float:
+        """``-lr * s`` of the weight update (step 6 of the class docstring)."""
         rows, cols = p.shape
-        lr = group["lr"]
-        scaling = update_scaling(group["scaling_type"], rows, cols)
-        ops.backproject_apply_(p, orth, proj, side=side, alpha=-lr * scaling, decay=1.0 - lr * group["weight_decay"])
-        return orth
+        return -group["lr"] * update_scaling(group["scaling_type"], rows, cols)
 
     # ------------------------------------------------------------------ work shared by the ranks
     def _sharing(self) -> bool:
@@ -301,13 +295,10 @@ class Trion(LowRankOptimizer):
             m_dtype = moments.state_dtype(p.dtype, moments.format_of(group))
             basis = trion_basis(p.shape[1] if side == "right" else p.shape[0], side, m_dtype, p.device)
             if owner == rank:
-                M = state["momentum_buffer"]
-                M.add_(p.grad)
-                idx = ops.dct_score_topk(M, r, side=side, norm=SCORE_NORM, basis=basis)
-                proj = ops.DCTProjector(basis, idx)
-                low = ops.dct_project(M, proj, side=side)
-                ops.backproject_apply_(M, low, proj, side=side, alpha=-(1.0 - group["momentum"]))
-                orth = ops.newton_schulz(low, self._coefficients(group))
+                orths, indices = ops.foreach_trion_orth_(
+                    [p.grad], [state["momentum_buffer"]], basis, side=side, rank=r, mu=[group["momentum"]],
+                    coefficients=self._flat_coefficients(self._coefficients(group)), norm=SCORE_NORM)
+                orth, idx = orths[0], indices[0]
             else:
                 out = torch.float64 if m_dtype == torch.float64 else torch.float32
                 orth = torch.empty(ops.lowrank_shape(p.shape[0], p.shape[1], r, side), dtype=out, device=p.device)
@@ -317,7 +308,8 @@ class Trion(LowRankOptimizer):
         for p, group, state, basis, side, orth, idx, handles in pending:
             for h in handles:
                 h.wait()
-            self._apply(p, None, ops.DCTProjector(basis, idx), side, group, None, orth)
+            ops.foreach_trion_apply_([p], [orth], idx.view(1, -1), basis, side=side, alpha=[self._alpha(p, group)],
+                                     decay=[1.0 - group["lr"] * group["weight_decay"]])
             state["step"] += 1
         for group, params in plain_params.values():
             self._plain_step(group, params)
@@ -337,14 +329,12 @@ class Trion(LowRankOptimizer):
         side, _size, _mdt, _pdt, _gdt, _dev, r, ns = key
         params, grads, Ms, mus, alphas, decays = [], [], [], [], [], []
         for p, st, group, _ in entries:
-            lr = group["lr"]
-            rows, cols = p.shape
             params.append(p)
             grads.append(p.grad)
             Ms.append(st["momentum_buffer"])
             mus.append(group["momentum"])
-            alphas.append(-lr * update_scaling(group["scaling_type"], rows, cols))
-            decays.append(1.0 - lr * group["weight_decay"])
+            alphas.append(self._alpha(p, group))
+            decays.append(1.0 - group["lr"] * group["weight_decay"])
         basis = self._basis(entries[0][0], entries[0][1], Ms[0])
         ops.foreach_trion_update_(params, grads, Ms, basis, side=side, rank=r, mu=mus, alpha=alphas, decay=decays,
                                   coefficients=self._flat_coefficients(ns), norm=SCORE_NORM)
