@@ -277,10 +277,26 @@ void int4_lean_step(Tensor& param, const Tensor& grad, Tensor& exp_avg, Tensor& 
     const float* mn = src.qmin.data_ptr<float>();
     float* o = ws.data_ptr<float>();
     const int64_t gs = src.gs;
-    for (int64_t a = 0; a < r; ++a) {
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t f = src.stored_left ? k * r + a : a * K + k;
-        o[a * K + k] = int4_value(pk, s, mn, f, gs);
+    // int4_value(pk, s, mn, f, gs) for every stored index f in order (group and position
+    // in P tracked by counters instead of a division per element): element (a, k) of P is
+    // stored at f = k * r + a (side="left") or a * K + k.
+    const bool sl = src.stored_left;
+    int64_t g = 0, in_g = 0, a = 0, k = 0;
+    for (int64_t f = 0; f < r * K; ++f) {
+      const int q = (pk[f >> 1] >> ((f & 1) * 4)) & 15;
+      o[a * K + k] = mn[g] + s[g] * static_cast<float>(q);
+      if (++in_g == gs) {
+        in_g = 0;
+        ++g;
+      }
+      if (sl) {
+        if (++a == r) {
+          a = 0;
+          ++k;
+        }
+      } else if (++k == K) {
+        k = 0;
+        ++a;
       }
     }
   }
