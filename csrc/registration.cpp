@@ -8,10 +8,11 @@
 // through the dispatcher keeps the C++ ops visible to opcheck and torch.compile.
 //
 // The module's Python functions are host-side helpers of an optimizer step
-// (csrc/python/host.cpp) and one private testing switch (projection_fast_path).
+// (csrc/python/host.cpp) and two private testing hooks (projection_fast_path, direct_blas_addmm).
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/direct.h"
 #include "cpu/kernels.h"
 
 namespace lowrank_kernels {
@@ -69,4 +70,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing and measurement only: the C++ fused step's float32 fast path. mode -1 queries, 0 turns it off "
         "(the general engine for every case), 1 on (AVX2 kernels where the CPU has them), 2 on with the portable "
         "kernels. Returns the mode in effect before the call.");
+  m.def("direct_blas_addmm", &lowrank_kernels::direct::blas_addmm, pybind11::arg("c"), pybind11::arg("a"),
+        pybind11::arg("b"), pybind11::arg("beta"), pybind11::arg("alpha"),
+        "Testing only: c = beta c + alpha a b in place by the BLAS call torch's addmm_ makes for these strides "
+        "(cpu/direct.h, blas_addmm). Returns False, leaving c as it was, where it does not serve the call.");
 }

@@ -20,6 +20,7 @@
 // (no float32 moment tensor), N float32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include "cpu/fast_f32.h"
 #include "cpu/kernels.h"
@@ -162,9 +163,10 @@ Tensor adam_update_cpu(const Tensor& r, Tensor& exp_avg, Tensor& exp_avg_sq, dou
                        const OptTensor& m_absmax, const OptTensor& v_absmax, int64_t block_size,
                        int64_t moment_seed) {
   const bool eight = check_entry(r, exp_avg, exp_avg_sq, m_absmax, v_absmax, block_size, moment_seed);
-  Tensor out = at::empty(exp_avg.sizes(), exp_avg.options()
-                                              .dtype(eight ? at::kFloat : exp_avg.scalar_type())
-                                              .memory_format(at::MemoryFormat::Contiguous));
+  // at::empty's contiguous CPU allocation, without the dispatcher (the per-weight loops of the
+  // method-step list ops call this kernel directly).
+  Tensor out = at::detail::empty_cpu(exp_avg.sizes(), eight ? at::kFloat : exp_avg.scalar_type(), false,
+                                     std::nullopt);
   adam_update_into(r, exp_avg, exp_avg_sq, out, beta1, beta2, eps, eight ? *m_absmax : Tensor(),
                    eight ? *v_absmax : Tensor(), block_size, moment_seed);
   return out;

@@ -28,5 +28,18 @@ inline at::Tensor empty_f32(at::IntArrayRef sizes) {
   return at::detail::empty_cpu(sizes, at::kFloat, false, std::nullopt);
 }
 
+// C = beta C + alpha A B on float32 CPU tensors (C, A, B 2-D, C not overlapping A or B),
+// as at::addmm_(C, A, B, beta, alpha) computes it, or at::mm_out(C, A, B) for beta 0 and
+// alpha 1: the very BLAS call ATen's CPU kernel makes (direct_gemm.cpp: sgemm_ with the
+// operand order, transposes and leading dimensions addmm_impl_cpu_ picks for these
+// strides), without ATen's meta checks, dispatcher round trips and conj views (five
+// dispatcher calls per GEMM). Returns false, having done nothing, where it cannot promise
+// ATen's bits: strides ATen would copy into a temporary, sizes BLAS is not called for,
+// float32 matmul precision below "highest" (oneDNN's bf16/tf32 GEMM), a torch built
+// without BLAS, or a call layout whose one-time check against ATen's call (on
+// deterministic data, once per process for each operand layout) did not match bit for
+// bit; the caller then calls ATen.
+bool blas_addmm(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta, double alpha);
+
 }  // namespace direct
 }  // namespace lowrank_kernels

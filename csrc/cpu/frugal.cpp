@@ -8,8 +8,17 @@
 // projection_backproject_apply_cpu) called directly, and the state-free tail is
 // W + (-lr s) * sign(residual), exact whether or not it is fused (the product is +-lr s or
 // 0), or ATen's add_ for update="sgd".
+//
+// The GEMMs are the very BLAS calls ATen's mm / addmm_ make (direct::blas_addmm,
+// cpu/direct.h), with no dispatcher call in between: the projection as at::mm, and the two
+// back-projections as the engine's one-GEMM apply (engine.cpp, run(): W <- decay W, then
+// W.addmm_(N, P, 1, alpha) on the oriented views) where that is the apply it makes
+// (float32 update, rank <= 128), else projection_backproject_apply_cpu; a GEMM layout
+// blas_addmm does not serve takes ATen's CPU kernel (at::cpu::).
 #include <ATen/ATen.h>
+#include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
+#include <ATen/ScalarOps.h>
 
 #include <cstring>
 
@@ -17,6 +26,33 @@
 #include "cpu/kernels.h"
 
 namespace lowrank_kernels {
+namespace {
+
+// Ranks up to this: the engine's apply is one GEMM (engine.cpp, kBlasSingleKBlock).
+constexpr int64_t kOneGemmMaxRank = 128;
+
+// W <- decay W + alpha back(N) for a float32 contiguous W, float32 N and dense float32
+// projector: the engine's one-GEMM apply (run()), W.mul_(decay) (when decay is not 1) then
+// W.addmm_(N, P, 1, alpha) on the right-oriented views (side="left": W^T, N^T, proj^T), with
+// the GEMM by direct::blas_addmm where it serves, else ATen's addmm_ CPU kernel; any other
+// case through projection_backproject_apply_cpu.
+void backproject_apply(Tensor& w, const Tensor& n, const Tensor& pr, bool right, c10::string_view sd, double alpha,
+                       double decay) {
+  const int64_t r = right ? pr.size(0) : pr.size(1);
+  if (n.scalar_type() == at::kFloat && r <= kOneGemmMaxRank) {
+    const Tensor W = right ? w : direct::t(w);
+    const Tensor N = right ? n : direct::t(n);
+    const Tensor P = right ? pr : direct::t(pr);
+    Tensor Wv = W;  // a handle for the in-place ATen kernels
+    if (decay != 1.0) at::cpu::mul_(Wv, at::native::wrapped_scalar_tensor(decay));
+    if (!direct::blas_addmm(Wv, N, P, 1.0, alpha)) at::cpu::addmm_(Wv, N, P, 1.0, alpha);
+    return;
+  }
+  projection_backproject_apply_cpu(w, n, pr, sd, alpha, decay, std::nullopt, std::nullopt, std::nullopt, 0, 0,
+                                   std::nullopt, std::nullopt);
+}
+
+}  // namespace
 
 void frugal_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList projs,
                                at::TensorList exp_avg, at::TensorList exp_avg_sq, c10::string_view side, bool signsgd,
@@ -48,9 +84,13 @@ void frugal_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::
     const Tensor& pr = projs[i];
     const int64_t r = right ? pr.size(0) : pr.size(1);
     const int64_t full = right ? p.size(1) : p.size(0);
-    // at::mm(g, pr.t()) / at::mm(pr.t(), g) without the dispatcher (cpu/direct.h).
+    // at::mm(g, pr.t()) / at::mm(pr.t(), g) without the dispatcher (cpu/direct.h): the BLAS
+    // call itself, else ATen's CPU kernel.
     const Tensor prt = direct::t(pr);
-    Tensor low = right ? direct::mm(g, prt) : direct::mm(prt, g);
+    const Tensor& lhs = right ? g : prt;
+    const Tensor& rhs = right ? prt : g;
+    Tensor low = direct::empty_f32({lhs.size(0), rhs.size(1)});
+    if (!direct::blas_addmm(low, lhs, rhs, 0.0, 1.0)) at::cpu::mm_out(low, lhs, rhs);
     Tensor m1 = exp_avg[i], v1 = exp_avg_sq[i];
     const auto upd = m1.scalar_type() == at::kByte ? at::kFloat : m1.scalar_type();
     Tensor nlr = adam_update_cpu(upd == at::kFloat ? low : low.to(upd), m1, v1, beta1, beta2, eps, opt(m_absmax, i),
@@ -60,14 +100,12 @@ void frugal_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::
       // A copy of G (as g.clone(): a fresh contiguous float32 tensor), by memcpy.
       residual = direct::empty_f32(p.sizes());
       std::memcpy(residual.data_ptr<float>(), g.const_data_ptr<float>(), sizeof(float) * g.numel());
-      projection_backproject_apply_cpu(residual, low, pr, sd, -1.0, 1.0, std::nullopt, std::nullopt, std::nullopt, 0,
-                                       0, std::nullopt, std::nullopt);
+      backproject_apply(residual, low, pr, right, sd, -1.0, 1.0);
     }
-    projection_backproject_apply_cpu(p, nlr, pr, sd, alpha[i], decay[i], std::nullopt, std::nullopt, std::nullopt, 0, 0,
-                                     std::nullopt, std::nullopt);
+    backproject_apply(p, nlr, pr, right, sd, alpha[i], decay[i]);
     if (!residual.defined()) continue;
     if (!signsgd) {
-      p.add_(residual, free_alpha[i]);
+      at::cpu::add_(p, residual, free_alpha[i]);  // p.add_(residual, free_alpha) without the dispatcher
       continue;
     }
     float* w = p.data_ptr<float>();

@@ -290,3 +290,89 @@ def test_frugal_bad_entry_names_it_and_writes_nothing():
     ps, gs, projs, ea, es, kw = _frugal_args("right", True, 32)
     with pytest.raises(TypeError, match=r"\(entry 1\): params must have a floating dtype \(float32\)"):
         ops.foreach_frugal_update_([ps[0], ps[1].double(), ps[2]], gs, projs, ea, es, **kw)
+
+
+def _frugal_ref_with_cpp_backprojection(args):
+    """The reference step with the back-projections of the C++ kernel the per-parameter
+    optimizer step uses (``ops.backproject_apply_``), in place on ``args``."""
+    from lowrank_kernels.reference import frugal as ref
+
+    ps, gs, projs, ea, es, kw = args
+    kw = dict(kw)
+    for i, (p, g, proj) in enumerate(zip(ps, gs, projs)):
+        low = g @ proj.T if kw["side"] == "right" else proj.T @ g
+        upd = torch.float32 if ea[i].dtype == torch.uint8 else ea[i].dtype
+        n_lr = ops.adam_update_(low.to(upd), ea[i], es[i], beta1=kw["beta1"], beta2=kw["beta2"], eps=kw["eps"],
+                               **_moment_kw(kw, i))
+        ref.frugal_apply_(p, g, proj, low, n_lr, kw["side"], kw["signsgd"], kw["alpha"][i], kw["decay"][i],
+                          kw["free_alpha"][i],
+                          lambda w, u, pr, side, a, d: ops.backproject_apply_(w, u, pr, side=side, alpha=a, decay=d))
+
+
+def _moment_kw(kw, i):
+    out = {}
+    if kw.get("m_absmax"):
+        out.update(m_absmax=kw["m_absmax"][i], v_absmax=kw["v_absmax"][i], block_size=kw["block_size"])
+    if kw.get("moment_seed"):
+        out["moment_seed"] = kw["moment_seed"][i]
+    return out
+
+
+def _frugal_llama_args(side, signsgd, seed=0):
+    """FRUGAL's list op arguments on the LLaMA-layer shapes of the host-cost benchmark (rank 8)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(64, 64), (172, 64), (64, 172)]
+    ps = [0.02 * torch.randn(s, generator=gen) for s in shapes]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
+    projs = []
+    for m, n in shapes:
+        q = torch.linalg.qr(torch.randn(n if side == "right" else m, 8, generator=gen)).Q
+        projs.append(q.T.contiguous() if side == "right" else q.contiguous())
+    low = [(m, 8) if side == "right" else (8, n) for m, n in shapes]
+    ea = [0.1 * torch.randn(s, generator=gen) for s in low]
+    es = [0.01 * torch.rand(s, generator=gen) for s in low]
+    return ps, gs, projs, ea, es, dict(side=side, signsgd=signsgd, beta1=0.9, beta2=0.999, eps=1e-8,
+                                       alpha=[-1e-3, -2e-3, -3e-3], decay=[1.0, 0.999, 1.0],
+                                       free_alpha=[-1e-4, -2e-4, 0.0])
+
+
+@pytest.mark.parametrize("case", FRUGAL_CASES + [("left", False, 32), ("llama-right", True, 32),
+                                                 ("llama-left", True, 32), ("llama-left", False, 32)])
+def test_frugal_cpp_is_bitwise_the_per_parameter_step(case):
+    """On CPU the C++ list op (its GEMMs the BLAS calls torch's mm / addmm_ make, without the
+    dispatcher) gives bit for bit what the per-parameter step computes: the projection by
+    torch's matmul, the adam family's update, the back-projections by the projection
+    family's C++ kernel, the state-free tail."""
+    require_backend("frugal_foreach_update", "cpp")
+    side, signsgd, bits = case
+
+    def make():
+        if side.startswith("llama"):
+            return _frugal_llama_args(side.split("-")[1], signsgd)
+        return _frugal_args(side, signsgd, bits)
+
+    want, got = make(), make()
+    _frugal_ref_with_cpp_backprojection(want)
+    with use_backend("cpp"):
+        ops.foreach_frugal_update_(*got[:-1], **got[-1])
+    for x, y in zip(got[:-1], want[:-1]):
+        for a, b in zip(x, y):
+            assert torch.equal(a, b), case
+
+
+def test_frugal_cpp_float32_step_makes_no_aten_call():
+    """The float32 list op on the benchmark's shapes runs its GEMMs, Adam update and tails
+    with no aten op (after the one-time checks of its GEMM layouts)."""
+    require_backend("frugal_foreach_update", "cpp")
+    cpp = torch.ops._lowrank_kernels.frugal_foreach_update_cpu
+    for side in ("right", "left"):
+        for signsgd in (True, False):
+            ps, gs, projs, ea, es, kw = _frugal_llama_args(side, signsgd)
+            kw["decay"] = [1.0, 1.0, 1.0]
+            args = (ps, gs, projs, ea, es, side, signsgd, kw["beta1"], kw["beta2"], kw["eps"], kw["alpha"],
+                    kw["decay"], kw["free_alpha"], [], [], 0, [])
+            cpp(*args)  # the first call checks each GEMM layout against ATen's call once
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                cpp(*args)
+            names = [e.name for e in prof.events() if e.name.startswith("aten::")]
+            assert names == [], (side, signsgd, sorted(set(names)))

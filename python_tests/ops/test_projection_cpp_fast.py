@@ -286,6 +286,10 @@ def test_int4_lean_route_equals_general_engine(m, n, side):
                 fast_path(mode)
                 b = [x.clone() if i in (0, 3, 4) else x for i, x in enumerate(a[:13])]
                 kwc = {key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
+                # a first call on copies: the one-time checks of the route's GEMM layouts and epilogue
+                OPS.projection_project_update_backproject_cpu(
+                    *[x.clone() if isinstance(x, torch.Tensor) else x for x in b],
+                    **{key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in kwc.items()})
                 seen = aten_ops_inside(lambda: OPS.projection_project_update_backproject_cpu(*b, **kwc))
                 results.append((len(seen), [x for x in b + list(kwc.values()) if isinstance(x, torch.Tensor)]))
             fast_path(1)
@@ -293,6 +297,33 @@ def test_int4_lean_route_equals_general_engine(m, n, side):
             assert n_on < n_off
             for x, y in zip(out_on, out_off):
                 assert torch.equal(x, y), (m, n, side, r, gs, eight, colmaj)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_int4_route_float32_moments_makes_no_aten_call(side):
+    """With float32 moments and no weight decay the INT4 route's GEMMs are direct BLAS calls
+    and its Adam epilogue runs on raw pointers (each checked once against ATen's calls): no
+    aten op at all after the first call; the portable epilogue (mode 2) gives the same bits."""
+    m, n, r = 64, 172, 8
+    a = _args(m, n, r, side)
+    a[11] = 0.0
+    Q = ops.Int4Projector.quantize(a[2], 16)
+    a[2] = Q.packed
+    kw = dict(q_scale=Q.scale, q_min=Q.minimum, rank=r, group_size=16)
+    outs = []
+    for mode in (1, 2, 0):
+        fast_path(mode)
+        b = [x.clone() if i in (0, 3, 4) else x for i, x in enumerate(a[:13])]
+        OPS.projection_project_update_backproject_cpu(*[x.clone() if i in (0, 3, 4) else x
+                                                        for i, x in enumerate(b)], **kw)  # first-use checks
+        seen = aten_ops_inside(lambda: OPS.projection_project_update_backproject_cpu(*b, **kw))
+        if mode == 1:
+            assert seen == [], sorted(set(seen))
+        outs.append([b[0], b[3], b[4]])
+    fast_path(1)
+    for got in outs[:2]:
+        for x, y in zip(got, outs[2]):
+            assert torch.equal(x, y), side
 
 
 def test_size_bound_follows_threads():
