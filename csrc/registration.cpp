@@ -8,7 +8,7 @@
 // through the dispatcher keeps the C++ ops visible to opcheck and torch.compile.
 //
 // The module's Python functions are host-side helpers of an optimizer step
-// (csrc/python/host.cpp) and one private testing switch (projection_fast_path).
+// (csrc/python/host.cpp) and two private testing switches (projection_fast_path, fira_small_path).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -67,4 +67,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing and measurement only: the C++ fused step's float32 fast path. mode -1 queries, 0 turns it off "
         "(the general engine for every case), 1 on (AVX2 kernels where the CPU has them), 2 on with the portable "
         "kernels. Returns the mode in effect before the call.");
+  m.def("fira_small_path", &lowrank_kernels::fira_small_path, pybind11::arg("mode") = -1,
+        "Testing and measurement only: the fira step's raw-pointer path for small weights. mode -1 queries, 0 "
+        "turns it off (the general path for every weight), 1 on (AVX2 kernels where the CPU has them), 2 on with "
+        "the portable kernels. Returns the mode in effect before the call.");
 }

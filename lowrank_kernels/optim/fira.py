@@ -80,7 +80,8 @@ class FiraAdamW(GaLoreAdamW):
             as :class:`GaLoreAdamW` (``foreach``: the non-refresh steps of the float32 weights
             of a bucket are one :func:`lowrank_kernels.ops.foreach_fira_update_` call:
             projections, Adam updates, scalings, limiters and both residual passes; ``False``:
-            per parameter, bit-identical).
+            per parameter, bit-identical: a float32 weight on the CPU steps through the same
+            op with a one-entry list).
         compat: None or ``"fira"`` (above). Also a group key.
 
     State per projected parameter: GaLore's (``step``, ``side``, ``exp_avg``, ``exp_avg_sq``
@@ -169,6 +170,14 @@ class FiraAdamW(GaLoreAdamW):
 
     # ------------------------------------------------------------------ step
     def _project_step(self, p, grad, state, group, step):
+        if p.device.type == "cpu" and grad is p.grad:
+            key = self._bucket_key(p, state, group)
+            if key is not None:
+                # A weight the bucketed step would take: its op on a one-entry list, the same
+                # arithmetic (bit-identical; on the CPU the op's raw path for small weights is
+                # not the per-weight ops' arithmetic below).
+                self._bucket_step(key, [(p, state, group, step)])
+                return
         beta1, beta2 = group["betas"]
         proj = self._get_projector(p, state, group)
         low = ops.project(grad, proj, side=self._side(state))
