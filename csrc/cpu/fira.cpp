@@ -19,8 +19,8 @@
 //         same pointers; other formats (16-bit): adam_update_cpu, the one ATen detour;
 //   s     = ||N||_k / (||R||_k + 1e-8) over the rank dimension (squares summed in double);
 //   limiter: q^2 = sum (back(-mix s R) + s G)^2, back() one bounded panel of rows at a time
-//         into a scratch in L1/L2, the squares summed in double (four lanes per row, the
-//         rows in order);
+//         into a scratch in L1/L2, the squares summed in double (eight lanes per row, SSE2,
+//         the rows in order);
 //   W     = decay W + alpha (back(scale N - mix s R) + s G), panel by panel.
 // Float32 glue in the reference's order; the GEMMs' and sums' order differs from ATen's
 // (within the tests' float32 tolerances).
@@ -138,22 +138,122 @@ float* scratch(int64_t n) {
   return kept.data();
 }
 
-// Sum of (t[j] + f[j] g[j])^2 (f_row: one f for the row, f == nullptr) in double, four lanes
-// added in a fixed order.
-inline double row_sumsq(const float* t, const float* g, const float* f, float f_row, int64_t n) {
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+// Sum of (t[j] + f[j] g[j])^2 (f == nullptr: f_row for the whole row) in double: eight
+// lanes (lane l takes the elements j = l mod 8 of each block of eight, then the tail's
+// first lanes), added in a fixed order; AVX2 or SSE2 where available, else scalar loops
+// with the same lanes and order (the same bits everywhere). The elementwise e is one
+// float32 multiply and add, as the reference's e + f * G.
+inline double lanes_total(const double* a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+inline double row_sumsq_sse2(const float* t, const float* g, const float* f, float f_row, int64_t n) {
+  double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    for (int l = 0; l < 4; ++l) {
+#if LOWRANK_FAST_X86
+  {
+    __m128d a01 = _mm_setzero_pd(), a23 = _mm_setzero_pd(), a45 = _mm_setzero_pd(), a67 = _mm_setzero_pd();
+    const __m128 fr = _mm_set1_ps(f_row);
+    for (; j + 8 <= n; j += 8) {
+      const __m128 f0 = f != nullptr ? _mm_loadu_ps(f + j) : fr;
+      const __m128 f1 = f != nullptr ? _mm_loadu_ps(f + j + 4) : fr;
+      const __m128 e0 = _mm_add_ps(_mm_loadu_ps(t + j), _mm_mul_ps(f0, _mm_loadu_ps(g + j)));
+      const __m128 e1 = _mm_add_ps(_mm_loadu_ps(t + j + 4), _mm_mul_ps(f1, _mm_loadu_ps(g + j + 4)));
+      const __m128d d0 = _mm_cvtps_pd(e0), d1 = _mm_cvtps_pd(_mm_movehl_ps(e0, e0));
+      const __m128d d2 = _mm_cvtps_pd(e1), d3 = _mm_cvtps_pd(_mm_movehl_ps(e1, e1));
+      a01 = _mm_add_pd(a01, _mm_mul_pd(d0, d0));
+      a23 = _mm_add_pd(a23, _mm_mul_pd(d1, d1));
+      a45 = _mm_add_pd(a45, _mm_mul_pd(d2, d2));
+      a67 = _mm_add_pd(a67, _mm_mul_pd(d3, d3));
+    }
+    _mm_storeu_pd(acc, a01);
+    _mm_storeu_pd(acc + 2, a23);
+    _mm_storeu_pd(acc + 4, a45);
+    _mm_storeu_pd(acc + 6, a67);
+  }
+#else
+  for (; j + 8 <= n; j += 8) {
+    for (int l = 0; l < 8; ++l) {
       const float e = t[j + l] + (f != nullptr ? f[j + l] : f_row) * g[j + l];
       acc[l] += static_cast<double>(e) * static_cast<double>(e);
     }
   }
+#endif
   for (int l = 0; j < n; ++j, ++l) {
     const float e = t[j] + (f != nullptr ? f[j] : f_row) * g[j];
     acc[l] += static_cast<double>(e) * static_cast<double>(e);
   }
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  return lanes_total(acc);
+}
+
+// w[j] = w[j] decay + alpha (t[j] + f[j] g[j]) (f == nullptr: f_row), float32, one IEEE
+// operation each (the compiler vectorizes it for the baseline ISA).
+inline void row_apply_base(float* w, const float* t, const float* g, const float* f, float f_row, float fd, float fa,
+                           int64_t n) {
+  if (f == nullptr) {
+    for (int64_t j = 0; j < n; ++j) w[j] = w[j] * fd + fa * (t[j] + f_row * g[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) w[j] = w[j] * fd + fa * (t[j] + f[j] * g[j]);
+  }
+}
+
+#if LOWRANK_FAST_X86
+// The same two row loops eight floats wide, with the same operations in the same order
+// (fp-contract off: no multiply and add fused into an FMA), so the same bits.
+__attribute__((target("avx2,fma"), optimize("fp-contract=off"))) double row_sumsq_avx2(const float* t, const float* g,
+                                                                                     const float* f, float f_row,
+                                                                                     int64_t n) {
+  double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t j = 0;
+  __m256d a03 = _mm256_setzero_pd(), a47 = _mm256_setzero_pd();
+  const __m256 fr = _mm256_set1_ps(f_row);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 fv = f != nullptr ? _mm256_loadu_ps(f + j) : fr;
+    const __m256 e = _mm256_add_ps(_mm256_loadu_ps(t + j), _mm256_mul_ps(fv, _mm256_loadu_ps(g + j)));
+    const __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(e)), d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1));
+    a03 = _mm256_add_pd(a03, _mm256_mul_pd(d0, d0));
+    a47 = _mm256_add_pd(a47, _mm256_mul_pd(d1, d1));
+  }
+  _mm256_storeu_pd(acc, a03);
+  _mm256_storeu_pd(acc + 4, a47);
+  for (int l = 0; j < n; ++j, ++l) {
+    const float e = t[j] + (f != nullptr ? f[j] : f_row) * g[j];
+    acc[l] += static_cast<double>(e) * static_cast<double>(e);
+  }
+  return lanes_total(acc);
+}
+
+__attribute__((target("avx2,fma"), optimize("fp-contract=off"))) void row_apply_avx2(float* w, const float* t,
+                                                                                   const float* g, const float* f,
+                                                                                   float f_row, float fd, float fa,
+                                                                                   int64_t n) {
+  const __m256 vd = _mm256_set1_ps(fd), va = _mm256_set1_ps(fa), fr = _mm256_set1_ps(f_row);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 fv = f != nullptr ? _mm256_loadu_ps(f + j) : fr;
+    const __m256 e = _mm256_add_ps(_mm256_loadu_ps(t + j), _mm256_mul_ps(fv, _mm256_loadu_ps(g + j)));
+    _mm256_storeu_ps(w + j, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(w + j), vd), _mm256_mul_ps(va, e)));
+  }
+  row_apply_base(w + j, t + j, g + j, f != nullptr ? f + j : nullptr, f_row, fd, fa, n - j);
+}
+#endif
+
+inline double row_sumsq(const float* t, const float* g, const float* f, float f_row, int64_t n, bool portable) {
+#if LOWRANK_FAST_X86
+  if (!portable && fast::have_avx2_fma()) return row_sumsq_avx2(t, g, f, f_row, n);
+#endif
+  return row_sumsq_sse2(t, g, f, f_row, n);
+}
+
+inline void row_apply(float* w, const float* t, const float* g, const float* f, float f_row, float fd, float fa,
+                      int64_t n, bool portable) {
+#if LOWRANK_FAST_X86
+  if (!portable && fast::have_avx2_fma()) {
+    row_apply_avx2(w, t, g, f, f_row, fd, fa, n);
+    return;
+  }
+#endif
+  row_apply_base(w, t, g, f, f_row, fd, fa, n);
 }
 
 // Whether a weight takes the raw path: float32 contiguous moments (or 8-bit codes, or any
@@ -252,13 +352,21 @@ void entry_small(Tensor& p, const Tensor& g, const Tensor& proj, OptRef idx, Ten
   // s = ||N||_k / (||R||_k + 1e-8) over the rank dimension.
   {
     if (right) {
-      for (int64_t i = 0; i < m; ++i) {
-        double a = 0.0, b = 0.0;
+      // four rows at a time (independent sums, each in order over the rank)
+      constexpr int64_t kB = 4;
+      for (int64_t i0 = 0; i0 < m; i0 += kB) {
+        const int64_t nb = std::min(kB, m - i0);
+        double a[kB] = {0.0, 0.0, 0.0, 0.0}, b[kB] = {0.0, 0.0, 0.0, 0.0};
         for (int64_t k = 0; k < r; ++k) {
-          a += static_cast<double>(N[i * r + k]) * N[i * r + k];
-          b += static_cast<double>(R[i * r + k]) * R[i * r + k];
+          for (int64_t l = 0; l < nb; ++l) {
+            const double x = N[(i0 + l) * r + k], y = R[(i0 + l) * r + k];
+            a[l] += x * x;
+            b[l] += y * y;
+          }
         }
-        s[i] = static_cast<float>(std::sqrt(a)) / (static_cast<float>(std::sqrt(b)) + kTiny);
+        for (int64_t l = 0; l < nb; ++l) {
+          s[i0 + l] = static_cast<float>(std::sqrt(a[l])) / (static_cast<float>(std::sqrt(b[l])) + kTiny);
+        }
       }
     } else {
       std::vector<double> sa(static_cast<size_t>(2 * n), 0.0);
@@ -278,10 +386,17 @@ void entry_small(Tensor& p, const Tensor& g, const Tensor& proj, OptRef idx, Ten
   // L = (R s) c (s per row of R on the right side, per column on the left) [+ N scale].
   auto low_operand = [&](float c, bool with_n, float sc) {
     for (int64_t a = 0; a < lr; ++a) {
-      for (int64_t b = 0; b < lc; ++b) {
-        const float f = right ? s[a] : s[b];
-        const float x = (R[a * lc + b] * f) * c;
-        L[a * lc + b] = with_n ? N[a * lc + b] * sc - x : x;
+      const float* ra = R + a * lc;
+      const float* na = N + a * lc;
+      float* la = L + a * lc;
+      if (right) {
+        const float f = s[a];
+        for (int64_t b = 0; b < lc; ++b) la[b] = (ra[b] * f) * c;
+      } else {
+        for (int64_t b = 0; b < lc; ++b) la[b] = (ra[b] * s[b]) * c;
+      }
+      if (with_n) {
+        for (int64_t b = 0; b < lc; ++b) la[b] = na[b] * sc - la[b];
       }
     }
   };
@@ -304,7 +419,7 @@ void entry_small(Tensor& p, const Tensor& g, const Tensor& proj, OptRef idx, Ten
       back_panel(i0, rows);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = i0 + i;
-        total += row_sumsq(T + i * n, gp + row * n, right ? nullptr : s, right ? s[row] : 0.0f, n);
+        total += row_sumsq(T + i * n, gp + row * n, right ? nullptr : s, right ? s[row] : 0.0f, n, portable);
       }
     }
     const float q = static_cast<float>(std::sqrt(total));
@@ -325,15 +440,8 @@ void entry_small(Tensor& p, const Tensor& g, const Tensor& proj, OptRef idx, Ten
     back_panel(i0, rows);
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t row = i0 + i;
-      float* w = wp + row * n;
-      const float* t = T + i * n;
-      const float* gr = gp + row * n;
-      if (right) {
-        const float f = s[row];
-        for (int64_t j = 0; j < n; ++j) w[j] = w[j] * fd + fa * (t[j] + f * gr[j]);
-      } else {
-        for (int64_t j = 0; j < n; ++j) w[j] = w[j] * fd + fa * (t[j] + s[j] * gr[j]);
-      }
+      row_apply(wp + row * n, T + i * n, gp + row * n, right ? nullptr : s, right ? s[row] : 0.0f, fd, fa, n,
+                portable);
     }
   }
 }

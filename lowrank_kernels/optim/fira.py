@@ -237,6 +237,7 @@ class FiraAdamW(GaLoreAdamW):
         _, kind, side, _, limiter, _, beta1, beta2, eps, _ = key
         dct = kind == "dct"
         projs, indices, scale, mix, gamma, alpha, decay = [], [], [], [], [], [], []
+        coef = {}  # (group, step) -> its numbers, computed once (a bucket's weights mostly share both)
         for p, st, g, t in entries:
             if dct:
                 m, n = p.shape
@@ -244,11 +245,16 @@ class FiraAdamW(GaLoreAdamW):
                 indices.append(st["indices"])
             else:
                 projs.append(st["projector"])
-            scale.append(g["scale"])
-            mix.append(g["scale"] if g.get("compat") == "fira" else 1.0)
-            gamma.append(g["gamma"])
-            alpha.append(-adam_step_size(g["lr"], beta1, beta2, t) * self._post_decay(g))
-            decay.append(1.0 - g["lr"] * g["weight_decay"])
+            c = coef.get((id(g), t))
+            if c is None:
+                c = coef[(id(g), t)] = (
+                    g["scale"], g["scale"] if g.get("compat") == "fira" else 1.0, g["gamma"],
+                    -adam_step_size(g["lr"], beta1, beta2, t) * self._post_decay(g), 1.0 - g["lr"] * g["weight_decay"])
+            scale.append(c[0])
+            mix.append(c[1])
+            gamma.append(c[2])
+            alpha.append(c[3])
+            decay.append(c[4])
         ops.foreach_fira_update_(
             [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries], projs,
             [st["exp_avg"] for _, st, _, _ in entries], [st["exp_avg_sq"] for _, st, _, _ in entries], side=side,

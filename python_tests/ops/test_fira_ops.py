@@ -266,8 +266,8 @@ def test_fira_cpp_size_bound(shape, rank, raw, side):
 @pytest.mark.parametrize("case", [("right", False, True, 32), ("left", True, True, 8)], ids=["right-dense", "left-dct-8"])
 def test_fira_cpp_small_path_independent_of_threads(case, mode):
     """The raw path's bits are the same on 1 and 2 threads (it runs on the calling thread).
-    (The AVX2 and the portable kernels may differ in the last bit: the compiler may fuse the
-    AVX2 Adam epilogue's multiply and add.)"""
+    (The AVX2 and the portable kernels may differ in the last bit: the compiler fuses a
+    multiply and an add of fast_f32.h's AVX2 Adam epilogue into an FMA.)"""
     require_backend("fira_foreach_update", "cpp")
     make = lambda: _sized_args(SMALL_SHAPES, SMALL_RANKS, *case)  # noqa: E731
     one, two = _flat(_run_mode(mode, make, threads=1)), _flat(_run_mode(mode, make, threads=2))
