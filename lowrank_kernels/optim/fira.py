@@ -236,30 +236,27 @@ class FiraAdamW(GaLoreAdamW):
             raise RuntimeError("FiraAdamW has no capturable step")
         _, kind, side, _, limiter, _, beta1, beta2, eps, _ = key
         dct = kind == "dct"
-        projs, indices, scale, mix, gamma, alpha, decay = [], [], [], [], [], [], []
+        sts = [st for _, st, _, _ in entries]
+        if dct:
+            basis = ops.dct_basis
+            projs = [basis(p.shape[1] if side == "right" else p.shape[0], p.dtype, p.device) for p, _, _, _ in entries]
+        else:
+            projs = [st["projector"] for st in sts]
         coef = {}  # (group, step) -> its numbers, computed once (a bucket's weights mostly share both)
-        for p, st, g, t in entries:
-            if dct:
-                m, n = p.shape
-                projs.append(ops.dct_basis(n if side == "right" else m, p.dtype, p.device))
-                indices.append(st["indices"])
-            else:
-                projs.append(st["projector"])
+        per = []
+        for _, _, g, t in entries:
             c = coef.get((id(g), t))
             if c is None:
                 c = coef[(id(g), t)] = (
                     g["scale"], g["scale"] if g.get("compat") == "fira" else 1.0, g["gamma"],
                     -adam_step_size(g["lr"], beta1, beta2, t) * self._post_decay(g), 1.0 - g["lr"] * g["weight_decay"])
-            scale.append(c[0])
-            mix.append(c[1])
-            gamma.append(c[2])
-            alpha.append(c[3])
-            decay.append(c[4])
+            per.append(c)
+        scale, mix, gamma, alpha, decay = (list(x) for x in zip(*per))
         ops.foreach_fira_update_(
             [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries], projs,
-            [st["exp_avg"] for _, st, _, _ in entries], [st["exp_avg_sq"] for _, st, _, _ in entries], side=side,
+            [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], side=side,
             beta1=beta1, beta2=beta2, eps=eps, scale=scale, mix=mix, alpha=alpha, decay=decay,
-            indices=indices if dct else None,
-            prev_norm=[st["residual_norm"] for _, st, _, _ in entries] if limiter else None,
+            indices=[st["indices"] for st in sts] if dct else None,
+            prev_norm=[st["residual_norm"] for st in sts] if limiter else None,
             gamma=gamma if limiter else None, **self._foreach_moment_kwargs(entries),
         )
