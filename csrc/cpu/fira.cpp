@@ -7,11 +7,11 @@
 // Two paths per weight, chosen by size alone (never by the thread count, so a result does
 // not depend on it):
 //
-// Small weights (m * n * r <= kSmallMacs, the common case of the host-cost stack: ATen calls
-// would cost more than the arithmetic; each is ~1 us of dispatch and allocation, some 140
-// of them per weight in the general path): the whole step on raw float pointers, no ATen
-// call, one thread, with fast_f32.h's kernels (AVX2 + FMA where the CPU has them, else
-// portable loops with the same operations):
+// Small weights (m * n * r <= kSmallMacs and a projected dimension K <= kSmallMaxK, the
+// common case of the host-cost stack: ATen calls would cost more than the arithmetic; each
+// is ~1 us of dispatch and allocation, some 140 of them per weight in the general path): the
+// whole step on raw float pointers, no ATen call, one thread, with fast_f32.h's kernels (AVX2
+// + FMA where the CPU has them, else portable loops with the same operations):
 //   P     the dense projector in place (a row-major copy where a GEMM wants its rows
 //         contiguous), or the DCT rows picked by the indices gathered (r x K);
 //   R     = G P^T (right) or P^T G (left), fast::gemm_rows (one FMA chain per element);
@@ -61,6 +61,9 @@ constexpr float kTiny = 1e-8f;
 // (csrc/cpu/projection/fast_path.cpp; this step makes three GEMMs, not two), fixed: never
 // scaled by the thread count, so no result depends on it.
 constexpr int64_t kSmallMacs = int64_t(1) << 20;
+// ... and a projected dimension of at most this many (each entry of R is one float32 FMA
+// chain over it: longer chains lose accuracy against BLAS's blocked sums).
+constexpr int64_t kSmallMaxK = int64_t(1) << 14;
 // Rows of a back-projection panel: about this many elements of W (64 KiB of float32).
 constexpr int64_t kPanelElems = 1 << 14;
 
@@ -136,9 +139,15 @@ void entry_general(Tensor p, const Tensor& g, const Tensor& proj, OptRef idx, Te
 }
 
 // ------------------------------------------------------------------ the raw path (small weights)
-// This thread's float32 scratch, kept between calls (at most a few hundred KiB: the
-// low-rank operands and one panel).
-float* scratch(int64_t n) {
+// Float32 scratch of at least n floats: this thread's buffer, kept between calls up to
+// kKeepScratch floats (4 MiB), or one for the call (`own`) beyond that.
+constexpr int64_t kKeepScratch = int64_t(1) << 20;
+
+float* scratch(int64_t n, std::vector<float>& own) {
+  if (n > kKeepScratch) {
+    own.resize(static_cast<size_t>(n));
+    return own.data();
+  }
   thread_local std::vector<float> kept;
   if (static_cast<int64_t>(kept.size()) < n) kept.resize(static_cast<size_t>(n));
   return kept.data();
@@ -265,9 +274,9 @@ inline void row_apply(float* w, const float* t, const float* g, const float* f, 
 // Whether a weight takes the raw path: float32 contiguous moments (or 8-bit codes, or any
 // other format through adam_update_cpu), dense P or DCT basis float32 (checked by the op),
 // within the size bound.
-bool small_eligible(const Tensor& p, int64_t r, const Tensor& m1, const Tensor& v1) {
+bool small_eligible(const Tensor& p, int64_t r, bool right, const Tensor& m1, const Tensor& v1) {
   if (g_small_mode.load(std::memory_order_relaxed) == 0) return false;
-  if (p.size(0) * p.size(1) * r > kSmallMacs) return false;
+  if (p.size(0) * p.size(1) * r > kSmallMacs || p.size(right ? 1 : 0) > kSmallMaxK) return false;
   return m1.is_contiguous() && v1.is_contiguous();
 }
 
@@ -285,7 +294,8 @@ void entry_small(Tensor& p, const Tensor& g, const Tensor& proj, OptRef idx, Ten
   // P (r x K) row-major copy or gathered rows, P^T row-major (right), R, N, the low-rank
   // operand of a pass, s, the panel.
   const int64_t need = 2 * r * K + 3 * lowsz + len + prow * n;
-  float* ws = scratch(need);
+  std::vector<float> own;
+  float* ws = scratch(need, own);
   float* Pbuf = ws;
   float* PTbuf = Pbuf + r * K;
   float* R = PTbuf + r * K;
@@ -501,7 +511,7 @@ void fira_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::Te
     Tensor* prev = prev_norm.empty() ? nullptr : &pn;
     const double gm = prev_norm.empty() ? 1.0 : gamma[i];
     const int64_t seed = moment_seed.empty() ? -1 : moment_seed[i];
-    if (small_eligible(p, r, m1, v1)) {
+    if (small_eligible(p, r, right, m1, v1)) {
       entry_small(p, grads[i], projs[i], idx, m1, v1, prev, right, r, beta1, beta2, eps, scale[i], mix[i], gm, alpha[i],
                   decay[i], opt(m_absmax, i), opt(v_absmax, i), block_size, seed);
     } else {

@@ -207,7 +207,10 @@ def _sized_args(shapes, ranks, side, dct, limiter, bits, seed=0, mix=1.0, aligne
 SMALL_SHAPES = [(3, 5), (37, 11), (700, 29), (129, 1016), (1016, 129)]
 SMALL_RANKS = [2, 4, 3, 8, 8]
 BOUND_CASES = [((128, 1024), 8, True), ((129, 1016), 8, True), ((129, 1017), 8, False), ((257, 512), 8, False),
-               ((4096, 256), 1, True), ((4097, 256), 1, False)]
+               ((4096, 256), 1, True), ((4097, 256), 1, False),
+               # the projected dimension (n right, m left) bound, 2^14: a long FMA chain per entry of R
+               ((1, 1 << 14), 1, True), ((1, (1 << 14) + 1), 1, (False, True)),
+               ((1, 1 << 20), 1, (False, True))]  # left: a scratch beyond what a thread keeps
 RAW_CASES = [(side, dct, limiter, bits) for side in ("right", "left") for dct in (False, True)
              for limiter in (True, False) for bits in (32, 8)] + [("right", False, True, 16), ("left", True, True, 16)]
 RAW_IDS = [f"{s}-{'dct' if d else 'dense'}-{'lim' if l else 'free'}-{b}" for s, d, l, b in RAW_CASES]
@@ -251,9 +254,12 @@ def _flat(args):
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("shape,rank,raw", BOUND_CASES, ids=[f"{m}x{n}-r{r}" for (m, n), r, _ in BOUND_CASES])
 def test_fira_cpp_size_bound(shape, rank, raw, side):
-    """Up to the bound the raw path runs (its bits differ from the general path's), above it the
-    general path (the same bits with the raw path off); both match the reference."""
+    """Up to the bounds (m n r <= 2^20, the projected dimension <= 2^14) the raw path runs (its
+    bits differ from the general path's), beyond them the general path (the same bits with the
+    raw path off); both match the reference."""
     require_backend("fira_foreach_update", "cpp")
+    if isinstance(raw, tuple):  # (right, left)
+        raw = raw[side == "left"]
     make = lambda: _sized_args([shape], [rank], side, False, True, 32, aligned=True)  # noqa: E731
     on, off = _flat(_run_mode(1, make)), _flat(_run_mode(0, make))
     same = all(torch.equal(a, b) for a, b in zip(on, off))
