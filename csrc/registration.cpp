@@ -8,7 +8,7 @@
 // through the dispatcher keeps the C++ ops visible to opcheck and torch.compile.
 //
 // The module's Python functions are host-side helpers of an optimizer step
-// (csrc/python/host.cpp) and two private testing hooks (projection_fast_path, direct_blas_addmm).
+// (csrc/python/host.cpp) and private testing hooks (projection_fast_path, fira_small_path, direct_blas_addmm).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -74,4 +74,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("b"), pybind11::arg("beta"), pybind11::arg("alpha"),
         "Testing only: c = beta c + alpha a b in place by the BLAS call torch's addmm_ makes for these strides "
         "(cpu/direct.h, blas_addmm). Returns False, leaving c as it was, where it does not serve the call.");
+  m.def("fira_small_path", &lowrank_kernels::fira_small_path, pybind11::arg("mode") = -1,
+        "Testing and measurement only: the fira step's raw-pointer path for small weights. mode -1 queries, 0 "
+        "turns it off (the general path for every weight), 1 on (AVX2 kernels where the CPU has them), 2 on with "
+        "the portable kernels. Returns the mode in effect before the call.");
 }

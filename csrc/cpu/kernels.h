@@ -99,6 +99,11 @@ void fira_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::Te
                              at::ArrayRef<double> mix, at::ArrayRef<double> gamma, at::ArrayRef<double> alpha,
                              at::ArrayRef<double> decay, at::TensorList m_absmax, at::TensorList v_absmax,
                              int64_t block_size, at::IntArrayRef moment_seed);
+
+// Not an op: the raw-pointer path of the fira step for small weights, for measurements and
+// tests (the private Python function lowrank_kernels._C.fira_small_path). mode -1 queries,
+// 0 turns it off, 1 on, 2 on with the portable kernels; returns the mode before the call.
+int64_t fira_small_path(int64_t mode);
 // --------------------------------------------------------------------------- gradnormlorp
 // csrc/cpu/gradnormlorp.cpp
 void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList projs,

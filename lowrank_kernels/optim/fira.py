@@ -80,7 +80,8 @@ class FiraAdamW(GaLoreAdamW):
             as :class:`GaLoreAdamW` (``foreach``: the non-refresh steps of the float32 weights
             of a bucket are one :func:`lowrank_kernels.ops.foreach_fira_update_` call:
             projections, Adam updates, scalings, limiters and both residual passes; ``False``:
-            per parameter, bit-identical).
+            per parameter, bit-identical: a float32 weight on the CPU steps through the same
+            op with a one-entry list).
         compat: None or ``"fira"`` (above). Also a group key.
 
     State per projected parameter: GaLore's (``step``, ``side``, ``exp_avg``, ``exp_avg_sq``
@@ -169,6 +170,14 @@ class FiraAdamW(GaLoreAdamW):
 
     # ------------------------------------------------------------------ step
     def _project_step(self, p, grad, state, group, step):
+        if p.device.type == "cpu" and grad is p.grad:
+            key = self._bucket_key(p, state, group)
+            if key is not None:
+                # A weight the bucketed step would take: its op on a one-entry list, the same
+                # arithmetic (bit-identical; on the CPU the op's raw path for small weights is
+                # not the per-weight ops' arithmetic below).
+                self._bucket_step(key, [(p, state, group, step)])
+                return
         beta1, beta2 = group["betas"]
         proj = self._get_projector(p, state, group)
         low = ops.project(grad, proj, side=self._side(state))
@@ -227,24 +236,27 @@ class FiraAdamW(GaLoreAdamW):
             raise RuntimeError("FiraAdamW has no capturable step")
         _, kind, side, _, limiter, _, beta1, beta2, eps, _ = key
         dct = kind == "dct"
-        projs, indices, scale, mix, gamma, alpha, decay = [], [], [], [], [], [], []
-        for p, st, g, t in entries:
-            if dct:
-                m, n = p.shape
-                projs.append(ops.dct_basis(n if side == "right" else m, p.dtype, p.device))
-                indices.append(st["indices"])
-            else:
-                projs.append(st["projector"])
-            scale.append(g["scale"])
-            mix.append(g["scale"] if g.get("compat") == "fira" else 1.0)
-            gamma.append(g["gamma"])
-            alpha.append(-adam_step_size(g["lr"], beta1, beta2, t) * self._post_decay(g))
-            decay.append(1.0 - g["lr"] * g["weight_decay"])
+        sts = [st for _, st, _, _ in entries]
+        if dct:
+            basis = ops.dct_basis
+            projs = [basis(p.shape[1] if side == "right" else p.shape[0], p.dtype, p.device) for p, _, _, _ in entries]
+        else:
+            projs = [st["projector"] for st in sts]
+        coef = {}  # (group, step) -> its numbers, computed once (a bucket's weights mostly share both)
+        per = []
+        for _, _, g, t in entries:
+            c = coef.get((id(g), t))
+            if c is None:
+                c = coef[(id(g), t)] = (
+                    g["scale"], g["scale"] if g.get("compat") == "fira" else 1.0, g["gamma"],
+                    -adam_step_size(g["lr"], beta1, beta2, t) * self._post_decay(g), 1.0 - g["lr"] * g["weight_decay"])
+            per.append(c)
+        scale, mix, gamma, alpha, decay = (list(x) for x in zip(*per))
         ops.foreach_fira_update_(
             [p for p, _, _, _ in entries], [p.grad for p, _, _, _ in entries], projs,
-            [st["exp_avg"] for _, st, _, _ in entries], [st["exp_avg_sq"] for _, st, _, _ in entries], side=side,
+            [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], side=side,
             beta1=beta1, beta2=beta2, eps=eps, scale=scale, mix=mix, alpha=alpha, decay=decay,
-            indices=indices if dct else None,
-            prev_norm=[st["residual_norm"] for _, st, _, _ in entries] if limiter else None,
+            indices=[st["indices"] for st in sts] if dct else None,
+            prev_norm=[st["residual_norm"] for st in sts] if limiter else None,
             gamma=gamma if limiter else None, **self._foreach_moment_kwargs(entries),
         )

@@ -2,6 +2,7 @@
 interpreter) against the reference on odd shapes, both sides, dense and DCT projectors, with
 and without the limiter, the moment formats; the C++ op bitwise against the per-weight ops
 it replaces; clear errors with nothing written."""
+import importlib
 import math
 
 import pytest
@@ -85,9 +86,25 @@ def _per_weight(ps, gs, projs, ea, es, kw):
                             decay=kw["decay"][i])
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_fira_cpp_bitwise_equals_per_weight_ops(case):
+def small_path(mode=-1):
+    """The private testing switch of the C++ op's raw path for small weights
+    (lowrank_kernels._C.fira_small_path): -1 queries, 0 off, 1 on, 2 on with the portable
+    kernels; returns the previous mode."""
+    return importlib.import_module("lowrank_kernels._C").fira_small_path(mode)
+
+
+@pytest.fixture
+def small_off():
+    """The general path (the per-weight kernels) for every weight, restored afterwards."""
     require_backend("fira_foreach_update", "cpp")
+    old = small_path(0)
+    yield
+    small_path(old)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fira_cpp_general_path_bitwise_equals_per_weight_ops(case, small_off):
+    """The general path (large weights; here forced on small ones) is the per-weight ops."""
     with use_backend("cpp"):
         a = _fira_args(*case)
         ops.foreach_fira_update_(*a[:-1], **a[-1])
@@ -121,3 +138,165 @@ def test_fira_bad_entry_names_it_and_writes_nothing():
         ops.foreach_fira_update_([ps[0], ps[1].double(), ps[2]], gs, projs, ea, es, **kw)
     with pytest.raises(ValueError, match=r"\(entry 0\).*gamma must be finite|gamma must be finite"):
         ops.foreach_fira_update_(ps, gs, projs, ea, es, **{**kw, "gamma": [0.5, 1.0, 1.0]})
+
+
+# --------------------------------------------------------------------------- the raw path of small weights
+def _one_entry(args, i):
+    """Entry ``i`` of a list op's arguments as a one-entry call."""
+    *ts, kw = args
+    pick = lambda v: None if v is None else [v[i]]  # noqa: E731
+    kw = {k: (pick(v) if isinstance(v, list) and k not in ("block_size",) else v) for k, v in kw.items()}
+    return [[t[i]] for t in ts], kw
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fira_cpp_list_bitwise_equals_one_entry_calls(case):
+    """FiraAdamW's per-parameter step on a float32 CPU weight is the op on a one-entry list:
+    the bucket's call gives each weight the same bits."""
+    require_backend("fira_foreach_update", "cpp")
+    with use_backend("cpp"):
+        a = _fira_args(*case)
+        ops.foreach_fira_update_(*a[:-1], **a[-1])
+        b = _fira_args(*case)
+        for i in range(len(SHAPES)):
+            ts, kw = _one_entry(b, i)
+            ops.foreach_fira_update_(*ts, **kw)
+    for x, y in zip(a[:-1], b[:-1]):
+        for s, t in zip(x, y):
+            assert torch.equal(s, t), case
+    if case[2]:
+        for s, t in zip(a[-1]["prev_norm"], b[-1]["prev_norm"]):
+            assert torch.equal(s, t), case
+
+
+def _sized_args(shapes, ranks, side, dct, limiter, bits, seed=0, mix=1.0, aligned=False):
+    """A list op's arguments; ``aligned``: gradients with a strong part in the (dense) subspace,
+    so no ``R`` entry is near 0 (``s = ||N|| / ||R||`` is ill-conditioned there: the
+    projection's summation order alone moves it)."""
+    gen = torch.Generator().manual_seed(seed)
+    ps = [0.1 * torch.randn(s, generator=gen) for s in shapes]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
+    projs, idx = [], []
+    for i, ((m, n), r) in enumerate(zip(shapes, ranks)):
+        k = n if side == "right" else m
+        if dct:
+            projs.append(ops.dct_basis(k))
+            idx.append(torch.randperm(k, generator=gen)[:r].to(torch.int64 if seed % 2 else torch.int32))
+        else:
+            q = torch.linalg.qr(torch.randn(k, r, generator=gen)).Q
+            # right: r x n, contiguous or a transposed view; left: m x r
+            projs.append((q.T.contiguous() if seed % 2 == 0 else q.T) if side == "right" else q.contiguous())
+            if aligned:
+                c = (6 + torch.randn(m if side == "right" else n, r, generator=gen).abs()) * torch.randint(
+                    0, 2, (1,), generator=gen).mul(2).sub(1)
+                gs[i] += c @ q.T if side == "right" else q @ c.T
+    low = [(m, r) if side == "right" else (r, n) for (m, n), r in zip(shapes, ranks)]
+    ea, es, kw = _moments(low, bits, gen)
+    if bits == 16:
+        kw["moment_seed"] = list(range(5, 5 + len(shapes)))
+    k = len(shapes)
+    # prev norms: +inf (a first step), ones that limit, one that does not
+    prev = [torch.tensor([math.inf, 0.05, 1e3, 1.0][i % 4]) for i in range(k)] if limiter else None
+    return ps, gs, projs, ea, es, dict(side=side, beta1=0.9, beta2=0.99, eps=1e-6, scale=[0.25] * k, mix=[mix] * k,
+                                       alpha=[-1e-2] * k, decay=[0.99] * k, indices=idx if dct else None,
+                                       prev_norm=prev, gamma=[1.01] * k if limiter else None, **kw)
+
+
+# Odd shapes: a few rows or columns, several back-projection panels (16384 // n rows each), and
+# m * n * r on both sides of the raw path's bound (2^20 multiply-adds).
+SMALL_SHAPES = [(3, 5), (37, 11), (700, 29), (129, 1016), (1016, 129)]
+SMALL_RANKS = [2, 4, 3, 8, 8]
+BOUND_CASES = [((128, 1024), 8, True), ((129, 1016), 8, True), ((129, 1017), 8, False), ((257, 512), 8, False),
+               ((4096, 256), 1, True), ((4097, 256), 1, False),
+               # the projected dimension (n right, m left) bound, 2^14: a long FMA chain per entry of R
+               ((1, 1 << 14), 1, True), ((1, (1 << 14) + 1), 1, (False, True)),
+               ((1, 1 << 20), 1, (False, True))]  # left: a scratch beyond what a thread keeps
+RAW_CASES = [(side, dct, limiter, bits) for side in ("right", "left") for dct in (False, True)
+             for limiter in (True, False) for bits in (32, 8)] + [("right", False, True, 16), ("left", True, True, 16)]
+RAW_IDS = [f"{s}-{'dct' if d else 'dense'}-{'lim' if l else 'free'}-{b}" for s, d, l, b in RAW_CASES]
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["avx2", "portable"])
+@pytest.mark.parametrize("case", RAW_CASES, ids=RAW_IDS)
+def test_fira_cpp_small_path_matches_reference(case, mode):
+    """The raw path (both kernel sets) against the reference on odd shapes, both sides, dense
+    and DCT projectors (int32 and int64 indices), limiter on and off, the moment formats."""
+    require_backend("fira_foreach_update", "cpp")
+    old = small_path(mode)
+    try:
+        for seed in (0, 1):
+            make = lambda: _sized_args(SMALL_SHAPES, SMALL_RANKS, *case, seed=seed, mix=0.25 if seed else 1.0)  # noqa
+            want = _run(ops.foreach_fira_update_, make, "reference")
+            got = _run(ops.foreach_fira_update_, make, "cpp")
+            _close(got[:-1], want[:-1], f"fira raw {case} seed {seed}")
+            if case[2]:
+                _close(got[-1]["prev_norm"], want[-1]["prev_norm"], f"fira raw {case} prev_norm")
+    finally:
+        small_path(old)
+
+
+def _run_mode(mode, make, threads=None):
+    old, old_threads = small_path(mode), torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return _run(ops.foreach_fira_update_, make, "cpp")
+    finally:
+        small_path(old)
+        torch.set_num_threads(old_threads)
+
+
+def _flat(args):
+    *ts, kw = args
+    return [t for lst in ts for t in lst] + list(kw["prev_norm"] or [])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("shape,rank,raw", BOUND_CASES, ids=[f"{m}x{n}-r{r}" for (m, n), r, _ in BOUND_CASES])
+def test_fira_cpp_size_bound(shape, rank, raw, side):
+    """Up to the bounds (m n r <= 2^20, the projected dimension <= 2^14) the raw path runs (its
+    bits differ from the general path's), beyond them the general path (the same bits with the
+    raw path off); both match the reference."""
+    require_backend("fira_foreach_update", "cpp")
+    if isinstance(raw, tuple):  # (right, left)
+        raw = raw[side == "left"]
+    make = lambda: _sized_args([shape], [rank], side, False, True, 32, aligned=True)  # noqa: E731
+    on, off = _flat(_run_mode(1, make)), _flat(_run_mode(0, make))
+    same = all(torch.equal(a, b) for a, b in zip(on, off))
+    assert same != raw
+    want = _run(ops.foreach_fira_update_, make, "reference")
+    _close(_flat(_run_mode(1, make)), _flat(want), f"fira bound {shape} r{rank} {side}")
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["avx2", "portable"])
+@pytest.mark.parametrize("case", [("right", False, True, 32), ("left", True, True, 8)], ids=["right-dense", "left-dct-8"])
+def test_fira_cpp_small_path_independent_of_threads(case, mode):
+    """The raw path's bits are the same on 1 and 2 threads (it runs on the calling thread).
+    (The AVX2 and the portable kernels may differ in the last bit: the compiler fuses a
+    multiply and an add of fast_f32.h's AVX2 Adam epilogue into an FMA.)"""
+    require_backend("fira_foreach_update", "cpp")
+    make = lambda: _sized_args(SMALL_SHAPES, SMALL_RANKS, *case)  # noqa: E731
+    one, two = _flat(_run_mode(mode, make, threads=1)), _flat(_run_mode(mode, make, threads=2))
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_fira_cpp_small_path_makes_no_aten_call():
+    """The raw path of float32 and 8-bit moments runs no aten op inside the C++ kernel."""
+    require_backend("fira_foreach_update", "cpp")
+    old = small_path(1)
+    try:
+        for case in (("right", False, True, 32), ("left", True, True, 8)):
+            args = _sized_args(SMALL_SHAPES[:3], SMALL_RANKS[:3], *case)
+            *ts, kw = args
+            pos = [kw["indices"] or [], kw["prev_norm"] or []]
+            call = lambda: torch.ops._lowrank_kernels.fira_foreach_update_cpu(  # noqa: E731
+                ts[0], ts[1], ts[2], pos[0], ts[3], ts[4], pos[1], kw["side"], kw["beta1"], kw["beta2"], kw["eps"],
+                kw["scale"], kw["mix"], kw["gamma"] or [], kw["alpha"], kw["decay"], kw.get("m_absmax", []),
+                kw.get("v_absmax", []), kw.get("block_size", 0), [])
+            call()  # warm (the thread's scratch)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                call()
+            inside = [e.name for e in prof.events() if e.name.startswith("aten::")]
+            assert inside == [], (case, inside)
+    finally:
+        small_path(old)
