@@ -1,0 +1,251 @@
+// ATen's float32 CPU reductions reproduced on raw pointers, in ATen's very order, for the
+// per-weight loops over small weights where each ATen call (dispatch, TensorIterator setup,
+// an output allocation: several microseconds) costs more than the arithmetic. Used only
+// where a one-time self-check (ready()) has compared them bitwise with ATen's own calls in
+// this process; everywhere else the callers keep ATen's calls.
+//
+//   sum_lastdim(x, rows, cols, out)  at::sum(x, -1) of a contiguous rows x cols tensor
+//                                    (and at::sum of a contiguous vector: rows = 1);
+//   sum_dim0(x, rows, cols, out)     at::sum(x, 0);
+//   norm_all(x, n)                   at::linalg_vector_norm(x, 2, dtype=float32) over all
+//                                    of a contiguous tensor.
+//
+// The sums are ATen's cascade_sum (aten/src/ATen/native/cpu/SumKernel.cpp, float32
+// accumulates in float32): the output is filled with 0 and the sum is added to it; along
+// contiguous memory (the reduced dimension innermost, >= 8 long) vectorized_inner_sum:
+// per row, 8-lane vectors in 4 interleaved partial sums (row_sum, each a multi_row_sum:
+// chunks of 2^level_power summed in up to 4 levels), the scalar tail, then the 8 lanes in
+// order; across rows of a row-major matrix (sum over dim 0) vectorized_outer_sum: blocks of
+// 32 columns (4 vectors, each summed down the rows by multi_row_sum), then blocks of 8
+// (row_sum of vectors), then single columns (row_sum of scalars); fewer than 8 columns or
+// rows: the scalar versions (scalar_outer_sum: groups of 4 columns, then single ones). A
+// vector lane is an independent float32 accumulator, so 8 scalar accumulators reproduce
+// it exactly (additions only: nothing to contract). The norm is apollo.cpp's
+// (binary_kernel_reduce_lastdim of the AVX2 build: 8 lanes of unfused x * x + s, lanes
+// folded in order, a 4-element unfused tail, the rest fused).
+//
+// Limits (else the callers use ATen): ATen's AVX2 kernels (at::get_cpu_capability), a CPU
+// with AVX2 and FMA, float32, contiguous, both dimensions >= 2 for the 2-D sums, and the
+// serial reduction: fewer than at::internal::GRAIN_SIZE (32768) elements or one thread
+// (ATen splits larger reductions across threads, which changes the order).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace lowrank_kernels {
+namespace aten_order {
+
+inline int64_t ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  return 64 - __builtin_clzll(static_cast<uint64_t>(x - 1));
+}
+
+// ATen's multi_row_sum: NR accumulators of L lanes; load(i, k, l) is element (i, k, l).
+template <int NR, int L, typename Load>
+inline void multi_row_sum(int64_t size, const Load& load, float (&out)[NR][L]) {
+  constexpr int kLevels = 4;
+  const int64_t power = std::max<int64_t>(4, ceil_log2(size) / kLevels);
+  const int64_t step = int64_t(1) << power;
+  const int64_t mask = step - 1;
+  float acc[kLevels][NR][L];
+  for (int j = 0; j < kLevels; ++j)
+    for (int k = 0; k < NR; ++k)
+      for (int l = 0; l < L; ++l) acc[j][k][l] = 0.0f;
+  int64_t i = 0;
+  for (; i + step <= size;) {
+    for (int64_t j = 0; j < step; ++j, ++i) {
+      for (int k = 0; k < NR; ++k)
+        for (int l = 0; l < L; ++l) acc[0][k][l] += load(i, k, l);
+    }
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < NR; ++k) {
+        for (int l = 0; l < L; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.0f;
+        }
+      }
+      if ((i & (mask << (j * power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i) {
+    for (int k = 0; k < NR; ++k)
+      for (int l = 0; l < L; ++l) acc[0][k][l] += load(i, k, l);
+  }
+  for (int j = 1; j < kLevels; ++j)
+    for (int k = 0; k < NR; ++k)
+      for (int l = 0; l < L; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int k = 0; k < NR; ++k)
+    for (int l = 0; l < L; ++l) out[k][l] = acc[0][k][l];
+}
+
+// ATen's row_sum (4 interleaved partial sums): load(i, l) is lane l of element i.
+template <int L, typename Load>
+inline void row_sum(int64_t size, const Load& load, float (&out)[L]) {
+  constexpr int kIlp = 4;
+  const int64_t size_ilp = size / kIlp;
+  float part[kIlp][L];
+  multi_row_sum<kIlp, L>(size_ilp, [&](int64_t i, int k, int l) { return load(i * kIlp + k, l); }, part);
+  for (int64_t i = size_ilp * kIlp; i < size; ++i)
+    for (int l = 0; l < L; ++l) part[0][l] += load(i, l);
+  for (int k = 1; k < kIlp; ++k)
+    for (int l = 0; l < L; ++l) part[0][l] += part[k][l];
+  for (int l = 0; l < L; ++l) out[l] = part[0][l];
+}
+
+// One contiguous row of n floats as ATen sums it along its memory (vectorized_inner_sum for
+// n >= 8, else scalar_inner_sum), added to an output of 0.
+inline float sum_row(const float* x, int64_t n) {
+  if (n >= 8) {
+    const int64_t vs = n / 8;
+    float lanes[8];
+    row_sum<8>(vs, [&](int64_t i, int l) { return x[i * 8 + l]; }, lanes);
+    float fin = 0.0f;
+    for (int64_t k = vs * 8; k < n; ++k) fin += x[k];
+    for (int l = 0; l < 8; ++l) fin += lanes[l];
+    return 0.0f + fin;
+  }
+  float s[1];
+  row_sum<1>(n, [&](int64_t i, int) { return x[i]; }, s);
+  return 0.0f + s[0];
+}
+
+// at::sum(x, -1) of a contiguous rows x cols float32 tensor (rows = 1: the sum of a vector).
+inline void sum_lastdim(const float* x, int64_t rows, int64_t cols, float* out) {
+  for (int64_t i = 0; i < rows; ++i) out[i] = sum_row(x + i * cols, cols);
+}
+
+// at::sum(x, 0) of a contiguous rows x cols float32 tensor (rows, cols >= 2).
+inline void sum_dim0(const float* x, int64_t rows, int64_t cols, float* out) {
+  int64_t j = 0;
+  if (cols >= 8) {  // vectorized_outer_sum
+    for (; j + 32 <= cols; j += 32) {
+      float s[4][8];
+      const float* b = x + j;
+      multi_row_sum<4, 8>(rows, [&](int64_t i, int k, int l) { return b[i * cols + k * 8 + l]; }, s);
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < 8; ++l) out[j + k * 8 + l] = 0.0f + s[k][l];
+    }
+    for (; j + 8 <= cols; j += 8) {
+      float s[8];
+      const float* b = x + j;
+      row_sum<8>(rows, [&](int64_t i, int l) { return b[i * cols + l]; }, s);
+      for (int l = 0; l < 8; ++l) out[j + l] = 0.0f + s[l];
+    }
+  } else {  // scalar_outer_sum: groups of 4 columns
+    for (; j + 3 < cols; j += 4) {
+      float s[4][1];
+      const float* b = x + j;
+      multi_row_sum<4, 1>(rows, [&](int64_t i, int k, int) { return b[i * cols + k]; }, s);
+      for (int k = 0; k < 4; ++k) out[j + k] = 0.0f + s[k][0];
+    }
+  }
+  for (; j < cols; ++j) {
+    float s[1];
+    const float* b = x + j;
+    row_sum<1>(rows, [&](int64_t i, int) { return b[i * cols]; }, s);
+    out[j] = 0.0f + s[0];
+  }
+}
+
+// at::linalg_vector_norm(x, 2, dtype=float32) over all n elements of contiguous float32 data
+// (ATen's AVX2 binary_kernel_reduce_lastdim; compiled for AVX2 without FMA: nothing contracted).
+__attribute__((target("avx2"))) inline float norm_all(const float* x, int64_t size) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d < size - (size % 8); d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+  }
+  alignas(32) float buf[8];
+  _mm256_store_ps(buf, acc);
+  float s = buf[0];
+  for (int j = 1; j < 8; ++j) s = s + buf[j];
+  if (size - d >= 4) {
+    for (int j = 0; j < 4; ++j, ++d) {
+      const float p = x[d] * x[d];
+      s = s + p;
+    }
+  }
+  for (; d < size; ++d) s = __builtin_fmaf(x[d], x[d], s);
+  return std::sqrt(s);
+}
+
+constexpr int64_t kSerialElems = 32768;  // at::internal::GRAIN_SIZE
+
+// Whether ATen reduces a tensor of numel elements serially (the order reproduced here).
+inline bool serial(int64_t numel) { return numel < kSerialElems || at::get_num_threads() == 1; }
+
+// The deterministic data of the self-check: a 64-bit LCG's high bits as floats in (-4, 4),
+// one value in seven scaled by 2^-20 or 2^20 so that roundings differ.
+inline std::vector<float> check_data(int64_t n, uint64_t seed) {
+  std::vector<float> v(n);
+  uint64_t st = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+  for (int64_t i = 0; i < n; ++i) {
+    st = st * 6364136223846793005ULL + 1442695040888963407ULL;
+    float f = static_cast<float>(static_cast<int64_t>(st >> 40) - (int64_t{1} << 23)) / static_cast<float>(1 << 21);
+    if (i % 7 == 3) f = f * (st & 1 ? 9.5367431640625e-07f : 1048576.0f);
+    v[i] = f;
+  }
+  return v;
+}
+
+inline bool same_bits(const at::Tensor& ref, const float* mine, int64_t n) {
+  const at::Tensor r = ref.contiguous();
+  return r.numel() == n && std::memcmp(r.data_ptr<float>(), mine, n * sizeof(float)) == 0;
+}
+
+// The one-time comparison with ATen's calls: every row length 1..40 (all vector tails and
+// partial-sum interleavings), lengths past the first cascade levels (16 and 256 vectors),
+// and short and tall matrices along both dimensions, on data whose roundings differ.
+inline bool self_check() {
+  if (at::get_cpu_capability() != "AVX2" || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+    return false;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  std::vector<int64_t> sizes;
+  for (int64_t s = 2; s <= 40; ++s) sizes.push_back(s);
+  for (int64_t s : {63, 64, 65, 100, 127, 128, 129, 172, 257, 300, 513, 1030, 2100}) sizes.push_back(s);
+  std::vector<float> mine(4096);
+  for (int64_t rows : {2, 3, 5, 7, 8, 9, 16, 33, 64, 130, 172, 520}) {
+    for (int64_t cols : sizes) {
+      if (rows * cols >= kSerialElems) continue;
+      std::vector<float> data = check_data(rows * cols, static_cast<uint64_t>(rows * 7919 + cols));
+      const at::Tensor x = at::from_blob(data.data(), {rows, cols}, opts);
+      sum_lastdim(data.data(), rows, cols, mine.data());
+      if (!same_bits(at::sum(x, {-1}), mine.data(), rows)) return false;
+      sum_dim0(data.data(), rows, cols, mine.data());
+      if (!same_bits(at::sum(x, {0}), mine.data(), cols)) return false;
+      sum_lastdim(data.data(), 1, rows * cols, mine.data());
+      if (!same_bits(at::sum(x.view({-1}), {0}), mine.data(), 1)) return false;
+      mine[0] = norm_all(data.data(), rows * cols);
+      if (!same_bits(at::linalg_vector_norm(x, 2, std::nullopt, false, at::kFloat), mine.data(), 1)) return false;
+    }
+  }
+  for (int64_t n : sizes) {  // vectors (1-D sums and norms)
+    std::vector<float> data = check_data(n, static_cast<uint64_t>(n) + 17);
+    const at::Tensor x = at::from_blob(data.data(), {n}, opts);
+    sum_lastdim(data.data(), 1, n, mine.data());
+    if (!same_bits(at::sum(x, {0}), mine.data(), 1)) return false;
+    mine[0] = norm_all(data.data(), n);
+    if (!same_bits(at::linalg_vector_norm(x, 2, std::nullopt, false, at::kFloat), mine.data(), 1)) return false;
+  }
+  return true;
+}
+
+// Whether the reproduced reductions are in use in this process (decided once, at first use).
+inline bool ready() {
+  static const bool ok = self_check();
+  return ok;
+}
+
+}  // namespace aten_order
+}  // namespace lowrank_kernels
