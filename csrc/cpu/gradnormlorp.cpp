@@ -21,11 +21,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <array>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "cpu/aten_order.h"
 #include "cpu/direct.h"
+#include "cpu/fast_f32.h"
 #include "cpu/kernels.h"
 
 namespace lowrank_kernels {
@@ -187,6 +191,64 @@ float* scratch(std::vector<float>& v, int64_t n) {
   const uintptr_t a = (reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63);
   return reinterpret_cast<float*>(a);
 }
+
+// ------------------------------------------------------------------ the back-projection panels
+// The engine's panel GEMMs have the rank r as their inner dimension; measured on the AMD EPYC
+// CPU of the host-cost table, torch's BLAS (MKL) computes such a product (r = 8) as one
+// in-order fused multiply-add chain per element, which fast::gemm_rows also is, at a fraction
+// of the call's cost. Since a GEMM's order of operations depends on its shapes, strides and
+// alignment only, never on the values, each panel GEMM (side, m, n, r, panel start and
+// length, the projector's alignment) is compared once with at::mm_out on data of the same
+// layout (values of every magnitude, negative ones, a zero row for the signs of zeros), and
+// fast::gemm_rows replaces at::mm_out for that panel only where they agreed bit for bit.
+using PanelKey = std::array<int64_t, 7>;
+
+bool panel_gemm_agrees(const PanelKey& key) {
+  const bool left = key[0] != 0;
+  const int64_t m = key[1], n = key[2], r = key[3], o0 = key[4], len = key[5], palign = key[6];
+  std::vector<float> nbuf, pbuf, cbuf, obuf;
+  for (uint64_t seed : {11u, 12u}) {
+    const int64_t nlen = r * (left ? n : m), plen = r * (left ? m : n);
+    float* nb = scratch(nbuf, nlen);
+    float* pb = scratch(pbuf, plen + palign) + palign;
+    float* cb = scratch(cbuf, m * len);
+    float* ob = scratch(obuf, m * len);
+    std::vector<float> d = aten_order::check_data(nlen + plen, seed * 1000003 + static_cast<uint64_t>(m * n + r));
+    std::copy(d.begin(), d.begin() + nlen, nb);
+    std::copy(d.begin() + nlen, d.end(), pb);
+    if (left) {  // N (r x n): a zero column of N^T's panel, i.e. N[:, o0] = 0
+      for (int64_t a = 0; a < r; ++a) nb[a * n + o0] = 0.0f;
+      Tensor C = blob(cb, {len, m}, {1, len});
+      at::cpu::mm_out(C, blob(nb + o0, {len, r}, {1, n}), blob(pb, {r, m}, {1, r}));
+      fast::gemm_rows(fast::MatF{ob, m, len, len, 1}, fast::MatF{pb, m, r, r, 1}, fast::MatF{nb + o0, r, len, n, 1},
+                      1.0f, 0.0f, false);
+    } else {  // N (m x r): a zero row
+      for (int64_t a = 0; a < r; ++a) nb[a] = 0.0f;
+      Tensor C = blob(cb, {m, len});
+      at::cpu::mm_out(C, blob(nb, {m, r}), blob(pb + o0, {r, len}, {n, 1}));
+      fast::gemm_rows(fast::MatF{ob, m, len, len, 1}, fast::MatF{nb, m, r, r, 1}, fast::MatF{pb + o0, r, len, n, 1},
+                      1.0f, 0.0f, false);
+    }
+    if (std::memcmp(cb, ob, m * len * sizeof(float)) != 0) return false;
+  }
+  return true;
+}
+
+// Whether the panel GEMM of `key` may run as fast::gemm_rows (compared once per key).
+bool panel_gemm_ok(const PanelKey& key) {
+  static std::mutex mu;
+  static std::map<PanelKey, bool> known;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = known.find(key);
+    if (it != known.end()) return it->second;
+  }
+  const bool ok = panel_gemm_agrees(key);
+  std::lock_guard<std::mutex> lock(mu);
+  known.emplace(key, ok);
+  return ok;
+}
+
 
 }  // namespace
 
@@ -421,13 +483,20 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
       // panel of W along its inner memory dimension, C = back(N) of the panel by at::mm_out into
       // scratch laid out like W, then w <- w * rd; c <- c * ra; w <- w + c (alpha 1, decay 1).
       float* w = p.data_ptr<float>();
+      float* pp = proj.data_ptr<float>();
+      const int64_t palign = static_cast<int64_t>((reinterpret_cast<uintptr_t>(pp) % 64) / sizeof(float));
       if (right) {  // row-major W (m x n): panels of columns, C = N P[:, k0:k1] (m x len, row-major)
         const int64_t bk = engine_panel_len(K, m, r);
         float* cb = scratch(b_c, m * bk);
         for (int64_t k0 = 0; k0 < K; k0 += bk) {
           const int64_t len = std::min(bk, K - k0);
-          Tensor C = blob(cb, {m, len});
-          at::cpu::mm_out(C, nn, proj.narrow(1, k0, len));
+          if (panel_gemm_ok({0, m, n, r, k0, len, palign})) {
+            fast::gemm_rows(fast::MatF{cb, m, len, len, 1}, fast::MatF{nn.data_ptr<float>(), m, r, r, 1},
+                            fast::MatF{pp + k0, r, len, n, 1}, 1.0f, 0.0f, false);
+          } else {
+            Tensor C = blob(cb, {m, len});
+            at::cpu::mm_out(C, nn, proj.narrow(1, k0, len));
+          }
           for (int64_t row = 0; row < m; ++row) {
             float* wr = w + row * n + k0;
             const float* cr = cb + row * len;
@@ -446,8 +515,13 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
         const Tensor pw = direct::t(proj);  // r x m
         for (int64_t i0 = 0; i0 < n; i0 += bm) {
           const int64_t len = std::min(bm, n - i0);
-          Tensor C = blob(cb, {len, m}, {1, len});  // column-major len x m
-          at::cpu::mm_out(C, nf.narrow(0, i0, len), pw);
+          if (panel_gemm_ok({1, m, n, r, i0, len, palign})) {  // C^T = P N[:, i0:i1] (m x len, row-major)
+            fast::gemm_rows(fast::MatF{cb, m, len, len, 1}, fast::MatF{pp, m, r, r, 1},
+                            fast::MatF{nn.data_ptr<float>() + i0, r, len, n, 1}, 1.0f, 0.0f, false);
+          } else {
+            Tensor C = blob(cb, {len, m}, {1, len});  // column-major len x m
+            at::cpu::mm_out(C, nf.narrow(0, i0, len), pw);
+          }
           for (int64_t row = 0; row < m; ++row) {  // W[row, i0 + j] = oriented (j, row)
             float* wr = w + row * n + i0;
             const float* cr = cb + row * len;
