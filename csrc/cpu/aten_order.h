@@ -6,6 +6,7 @@
 //
 //   sum_lastdim(x, rows, cols, out)  at::sum(x, -1) of a contiguous rows x cols tensor
 //                                    (and at::sum of a contiguous vector: rows = 1);
+//   row_dots(x, y, rows, cols, out)  at::sum(at::mul(x, y), -1) (no product tensor);
 //   sum_dim0(x, rows, cols, out)     at::sum(x, 0);
 //   norm_all(x, n)                   at::linalg_vector_norm(x, 2, dtype=float32) over all
 //                                    of a contiguous tensor.
@@ -118,9 +119,79 @@ inline float sum_row(const float* x, int64_t n) {
   return 0.0f + s[0];
 }
 
+// sum_row of the products x[k] * y[k] of fewer than 8 elements (scalar_inner_sum).
+inline float sum_row_scalar_dot(const float* x, const float* y, int64_t n) {
+  float s[1];
+  row_sum<1>(n, [&](int64_t i, int) { return x[i] * y[i]; }, s);
+  return 0.0f + s[0];
+}
+
+// sum_row on 8-float AVX vectors (n >= 8): the same additions in the same order (an AVX add
+// is 8 independent float32 additions), with the element loaded as x[k] or, when y is given,
+// as the float32 product x[k] * y[k] (at::mul's rounding: compiled without FMA, nothing is
+// contracted). Used only after ready(), which requires AVX2.
+template <bool kProduct>
+__attribute__((target("avx2"))) inline float sum_row_avx2(const float* x, const float* y, int64_t n) {
+#define LK_ATEN_ORDER_LOAD(i) \
+  (kProduct ? _mm256_mul_ps(_mm256_loadu_ps(x + 8 * (i)), _mm256_loadu_ps(y + 8 * (i))) : _mm256_loadu_ps(x + 8 * (i)))
+  const int64_t vs = n / 8, size = vs / 4;
+  constexpr int kLevels = 4;
+  const int64_t power = std::max<int64_t>(4, ceil_log2(size) / kLevels);
+  const int64_t step = int64_t(1) << power;
+  const int64_t mask = step - 1;
+  __m256 acc[kLevels][4];
+  for (int j = 0; j < kLevels; ++j)
+    for (int k = 0; k < 4; ++k) acc[j][k] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + step <= size;) {
+    for (int64_t j = 0; j < step; ++j, ++i) {
+      for (int k = 0; k < 4; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], LK_ATEN_ORDER_LOAD(i * 4 + k));
+    }
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        acc[j][k] = _mm256_add_ps(acc[j][k], acc[j - 1][k]);
+        acc[j - 1][k] = _mm256_setzero_ps();
+      }
+      if ((i & (mask << (j * power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i) {
+    for (int k = 0; k < 4; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], LK_ATEN_ORDER_LOAD(i * 4 + k));
+  }
+  for (int j = 1; j < kLevels; ++j)
+    for (int k = 0; k < 4; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], acc[j][k]);
+  for (int64_t v = size * 4; v < vs; ++v) acc[0][0] = _mm256_add_ps(acc[0][0], LK_ATEN_ORDER_LOAD(v));
+  for (int k = 1; k < 4; ++k) acc[0][0] = _mm256_add_ps(acc[0][0], acc[0][k]);
+  float fin = 0.0f;
+  for (int64_t k = vs * 8; k < n; ++k) {
+    const float e = kProduct ? x[k] * y[k] : x[k];
+    fin += e;
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc[0][0]);
+  for (int l = 0; l < 8; ++l) fin += lanes[l];
+  return 0.0f + fin;
+#undef LK_ATEN_ORDER_LOAD
+}
+
 // at::sum(x, -1) of a contiguous rows x cols float32 tensor (rows = 1: the sum of a vector).
 inline void sum_lastdim(const float* x, int64_t rows, int64_t cols, float* out) {
-  for (int64_t i = 0; i < rows; ++i) out[i] = sum_row(x + i * cols, cols);
+  for (int64_t i = 0; i < rows; ++i) {
+    out[i] = cols >= 8 ? sum_row_avx2<false>(x + i * cols, nullptr, cols) : sum_row(x + i * cols, cols);
+  }
+}
+
+// at::sum(at::mul(x, y), -1) of two contiguous rows x cols float32 tensors.
+inline void row_dots(const float* x, const float* y, int64_t rows, int64_t cols, float* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xr = x + i * cols;
+    const float* yr = y + i * cols;
+    if (cols >= 8) {
+      out[i] = sum_row_avx2<true>(xr, yr, cols);
+    } else {
+      out[i] = sum_row_scalar_dot(xr, yr, cols);
+    }
+  }
 }
 
 // at::sum(x, 0) of a contiguous rows x cols float32 tensor (rows, cols >= 2).
@@ -224,6 +295,10 @@ inline bool self_check() {
       if (!same_bits(at::sum(x, {-1}), mine.data(), rows)) return false;
       sum_dim0(data.data(), rows, cols, mine.data());
       if (!same_bits(at::sum(x, {0}), mine.data(), cols)) return false;
+      std::vector<float> other = check_data(rows * cols, static_cast<uint64_t>(rows * 31 + cols * 7));
+      const at::Tensor y = at::from_blob(other.data(), {rows, cols}, opts);
+      row_dots(data.data(), other.data(), rows, cols, mine.data());
+      if (!same_bits(at::sum(at::mul(x, y), {-1}), mine.data(), rows)) return false;
       sum_lastdim(data.data(), 1, rows * cols, mine.data());
       if (!same_bits(at::sum(x.view({-1}), {0}), mine.data(), 1)) return false;
       mine[0] = norm_all(data.data(), rows * cols);

@@ -92,9 +92,8 @@ Tensor blob(float* p, at::IntArrayRef sizes, at::IntArrayRef strides) { return a
 
 // out[i] = rowsum(x * y) of two contiguous m x n float32 matrices: the products (one
 // rounding each, as at::mul) into prod, then at::sum(., 1) in ATen's order.
-void row_dots_raw(const float* x, const float* y, int64_t m, int64_t n, float* prod, float* out) {
-  for (int64_t j = 0; j < m * n; ++j) prod[j] = x[j] * y[j];
-  aten_order::sum_lastdim(prod, m, n, out);
+void row_dots_raw(const float* x, const float* y, int64_t m, int64_t n, float* /*prod*/, float* out) {
+  aten_order::row_dots(x, y, m, n, out);
 }
 
 // The moments' update, m <- m * b1 (+) R * w1 and v <- v * b2 (+) (w2 * R) * R, with (+)
