@@ -9,7 +9,13 @@
 //   row_dots(x, y, rows, cols, out)  at::sum(at::mul(x, y), -1) (no product tensor);
 //   sum_dim0(x, rows, cols, out)     at::sum(x, 0);
 //   norm_all(x, n)                   at::linalg_vector_norm(x, 2, dtype=float32) over all
-//                                    of a contiguous tensor.
+//                                    of a contiguous tensor;
+//   vsqrt(x, out, n)                 at::sqrt of contiguous float32 data: where torch's MKL
+//                                    is there, its vector square root (what ATen's sqrt
+//                                    kernel calls on contiguous data: vmsSqrt, high accuracy,
+//                                    denormals kept), reached through its exported Fortran
+//                                    entry VMSSQRT_ once its own self-check agrees with
+//                                    at::sqrt; else false (the caller uses ATen).
 //
 // The sums are ATen's cascade_sum (aten/src/ATen/native/cpu/SumKernel.cpp, float32
 // accumulates in float32): the output is filled with 0 and the sum is added to it; along
@@ -34,6 +40,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <dlfcn.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -250,11 +257,6 @@ __attribute__((target("avx2"))) inline float norm_all(const float* x, int64_t si
   return std::sqrt(s);
 }
 
-constexpr int64_t kSerialElems = 32768;  // at::internal::GRAIN_SIZE
-
-// Whether ATen reduces a tensor of numel elements serially (the order reproduced here).
-inline bool serial(int64_t numel) { return numel < kSerialElems || at::get_num_threads() == 1; }
-
 // The deterministic data of the self-check: a 64-bit LCG's high bits as floats in (-4, 4),
 // one value in seven scaled by 2^-20 or 2^20 so that roundings differ.
 inline std::vector<float> check_data(int64_t n, uint64_t seed) {
@@ -268,6 +270,51 @@ inline std::vector<float> check_data(int64_t n, uint64_t seed) {
   }
   return v;
 }
+
+// ---------------------------------------------------------------------- square roots
+using VmsSqrtFn = void (*)(const int*, const float*, float*, const long long*);
+constexpr long long kVmlMode = 0x00000002 | 0x00140000 | 0x00000100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE
+
+inline VmsSqrtFn vms_sqrt_symbol() {
+  static const VmsSqrtFn f = reinterpret_cast<VmsSqrtFn>(dlsym(RTLD_DEFAULT, "VMSSQRT_"));
+  return f;
+}
+
+inline bool vsqrt_checked() {
+  const VmsSqrtFn f = vms_sqrt_symbol();
+  if (f == nullptr) return false;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  for (int64_t n : {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 172, 1000, 4099}) {
+    std::vector<float> x = check_data(n, static_cast<uint64_t>(n) + 101);
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = std::fabs(x[i]);
+      if (i % 11 == 5) x[i] = x[i] * 1e-39f;  // denormal inputs
+      if (i % 13 == 7) x[i] = 0.0f;
+    }
+    std::vector<float> mine(n);
+    const int len = static_cast<int>(n);
+    f(&len, x.data(), mine.data(), &kVmlMode);
+    const at::Tensor ref = at::sqrt(at::from_blob(x.data(), {n}, opts));
+    if (std::memcmp(ref.data_ptr<float>(), mine.data(), n * sizeof(float)) != 0) return false;
+  }
+  return true;
+}
+
+// out[0:n] = at::sqrt of x[0:n] (contiguous float32, n < 2^31) where available; false: not done.
+inline bool vsqrt(const float* x, float* out, int64_t n) {
+  static const bool ok = vsqrt_checked();
+  // ATen's kernel makes one MKL call over the whole length when it does not split it among
+  // threads (grain 2048): only then is this the same call.
+  if (!ok || n <= 0 || n > (int64_t{1} << 30) || (n >= 2048 && at::get_num_threads() > 1)) return false;
+  const int len = static_cast<int>(n);
+  vms_sqrt_symbol()(&len, x, out, &kVmlMode);
+  return true;
+}
+
+constexpr int64_t kSerialElems = 32768;  // at::internal::GRAIN_SIZE
+
+// Whether ATen reduces a tensor of numel elements serially (the order reproduced here).
+inline bool serial(int64_t numel) { return numel < kSerialElems || at::get_num_threads() == 1; }
 
 inline bool same_bits(const at::Tensor& ref, const float* mine, int64_t n) {
   const at::Tensor r = ref.contiguous();

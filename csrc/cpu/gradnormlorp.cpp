@@ -90,6 +90,12 @@ const at::TensorOptions& f32() {
 Tensor blob(float* p, at::IntArrayRef sizes) { return at::from_blob(p, sizes, f32()); }
 Tensor blob(float* p, at::IntArrayRef sizes, at::IntArrayRef strides) { return at::from_blob(p, sizes, strides, f32()); }
 
+// out = at::sqrt(x) for contiguous float32 out and x of one length: MKL's vector square root
+// called directly where aten_order::vsqrt's check passed, else ATen's sqrt kernel undispatched.
+void sqrt_into(Tensor& out, const Tensor& x) {
+  if (!aten_order::vsqrt(x.data_ptr<float>(), out.data_ptr<float>(), x.numel())) at::cpu::sqrt_out(out, x);
+}
+
 // out[i] = rowsum(x * y) of two contiguous m x n float32 matrices: the products (one
 // rounding each, as at::mul) into prod, then at::sum(., 1) in ATen's order.
 void row_dots_raw(const float* x, const float* y, int64_t m, int64_t n, float* /*prod*/, float* out) {
@@ -313,7 +319,7 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
       root_t = blob(scratch(b_root, m), {m});
       row_dots_raw(p.data_ptr<float>(), p.data_ptr<float>(), m, n, prod, wsq_t.data_ptr<float>());
       row_dots_raw(grad.data_ptr<float>(), p.data_ptr<float>(), m, n, prod, rd_t.data_ptr<float>());
-      at::cpu::sqrt_out(root_t, wsq_t);  // ATen's float32 sqrt kernel, as wsq.sqrt()
+      sqrt_into(root_t, wsq_t);  // as wsq.sqrt()
     } else {
       wsq_t = row_dots(p, p);
       rd_t = row_dots(grad, p);
@@ -368,7 +374,7 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
       float* vp = es.data_ptr<float>();
       moments(mp, vp, nb, len, beta1, beta2, rule);
       Tensor nflat = blob(nb, {len});
-      at::cpu::sqrt_out(nflat, blob(vp, {len}));  // sqrt(v) over R, as sqrt_out(r, v)
+      sqrt_into(nflat, blob(vp, {len}));  // sqrt(v) over R, as sqrt_out(r, v)
       const float epsf = static_cast<float>(eps);
       for (int64_t j = 0; j < len; ++j) {
         const float d = nb[j] + epsf;
@@ -450,7 +456,7 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
     {
       Tensor den_t = fast ? blob(scratch(b_den, m), {m}) : Tensor();
       if (fast) {
-        at::cpu::sqrt_out(den_t, exp_avg_sq_g[i]);  // as exp_avg_sq_g.sqrt()
+        sqrt_into(den_t, exp_avg_sq_g[i]);  // as exp_avg_sq_g.sqrt()
       } else {
         den_t = at::sqrt(exp_avg_sq_g[i]);
       }
@@ -467,7 +473,7 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
     }
     Tensor vnorm_t = fast ? blob(scratch(b_vn, m), {m}) : Tensor();
     if (fast) {
-      at::cpu::sqrt_out(vnorm_t, blob(vsq, {m}));  // as vsq.clamp_min(0).sqrt()
+      sqrt_into(vnorm_t, blob(vsq, {m}));  // as vsq.clamp_min(0).sqrt()
     } else {
       vnorm_t = at::sqrt(blob(vsq, {m}));
     }
