@@ -15,7 +15,14 @@
 //                                    kernel calls on contiguous data: vmsSqrt, high accuracy,
 //                                    denormals kept), reached through its exported Fortran
 //                                    entry VMSSQRT_ once its own self-check agrees with
-//                                    at::sqrt; else false (the caller uses ATen).
+//                                    at::sqrt; else false (the caller uses ATen);
+//   mm_into(out, a, b)               at::mm_out(out, a, b) of float32 CPU matrices: the BLAS
+//                                    call ATen's CPU mm makes (addmm_impl_cpu_: its choice of
+//                                    transposes and leading dimensions, then cpublas::gemm's
+//                                    normalize_last_dims and sgemm), made directly to torch's
+//                                    exported MKL sgemm, per layout only after a one-time
+//                                    bitwise comparison with at::cpu::mm_out on data of that
+//                                    layout and alignment; else at::cpu::mm_out itself.
 //
 // The sums are ATen's cascade_sum (aten/src/ATen/native/cpu/SumKernel.cpp, float32
 // accumulates in float32): the output is filled with 0 and the sum is added to it; along
@@ -38,15 +45,20 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <dlfcn.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 namespace lowrank_kernels {
@@ -309,6 +321,161 @@ inline bool vsqrt(const float* x, float* out, int64_t n) {
   const int len = static_cast<int>(n);
   vms_sqrt_symbol()(&len, x, out, &kVmlMode);
   return true;
+}
+
+// ---------------------------------------------------------------------- matrix products
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+
+inline SgemmFn sgemm_symbol() {
+  static const SgemmFn f = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm"));
+  return f;
+}
+
+// The arguments of the sgemm call ATen's addmm_impl_cpu_ makes for out = a b (beta 0, alpha 1)
+// with out, a, b of these sizes and strides; false where ATen would copy an operand first.
+struct GemmCall {
+  char ta = 'n', tb = 'n';
+  int m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0;
+  bool swap = false;  // a's matrix is b's tensor
+};
+
+inline bool gemm_call(int64_t M, int64_t N, int64_t K, int64_t sa0, int64_t sa1, int64_t sb0, int64_t sb1,
+                      int64_t sc0, int64_t sc1, GemmCall& g) {
+  if (M <= 0 || N <= 0 || K <= 0) return false;
+  std::array<int64_t, 2> m1z{M, K}, m2z{K, N}, m1s{sa0, sa1}, m2s{sb0, sb1};
+  bool tc;
+  if (sc0 == 1 && (N == 1 || sc1 >= std::max<int64_t>(1, M))) {
+    tc = false;
+  } else if (sc1 == 1 && (M == 1 || sc0 >= std::max<int64_t>(1, N))) {
+    std::swap(m1z, m2z);
+    std::swap(m1s, m2s);
+    tc = true;
+  } else {
+    return false;
+  }
+  const int64_t m = tc ? N : M, n = tc ? M : N, k = m1z[tc ? 0 : 1];
+  bool ta, tb;
+  if (m1s[tc ? 1 : 0] == 1 && m1s[tc ? 0 : 1] >= std::max<int64_t>(1, m)) {
+    ta = false;
+  } else if (m1s[tc ? 0 : 1] == 1 && m1s[tc ? 1 : 0] >= std::max<int64_t>(1, k)) {
+    ta = true;
+  } else {
+    return false;
+  }
+  if (m2s[tc ? 1 : 0] == 1 && m2s[tc ? 0 : 1] >= std::max<int64_t>(1, k)) {
+    tb = false;
+  } else if (m2s[tc ? 0 : 1] == 1 && m2s[tc ? 1 : 0] >= std::max<int64_t>(1, n)) {
+    tb = true;
+  } else {
+    return false;
+  }
+  int64_t lda = m1s[(ta == tc) ? 1 : 0], ldb = m2s[(tb == tc) ? 1 : 0], ldc = tc ? sc0 : sc1;
+  // cpublas::gemm's normalize_last_dims
+  if (n == 1) ldc = m;
+  if (ta) {
+    if (m == 1) lda = k;
+  } else if (k == 1) {
+    lda = m;
+  }
+  if (tb) {
+    if (k == 1) ldb = n;
+  } else if (n == 1) {
+    ldb = k;
+  }
+  for (int64_t v : {m, n, k, lda, ldb, ldc}) {
+    if (v > INT_MAX) return false;
+  }
+  // cpublas's use_blas_gemm
+  if (!(lda >= std::max<int64_t>(1, ta ? k : m) && ldb >= std::max<int64_t>(1, tb ? n : k) &&
+        ldc >= std::max<int64_t>(1, m))) {
+    return false;
+  }
+  g.ta = ta ? 't' : 'n';
+  g.tb = tb ? 't' : 'n';
+  g.m = static_cast<int>(m);
+  g.n = static_cast<int>(n);
+  g.k = static_cast<int>(k);
+  g.lda = static_cast<int>(lda);
+  g.ldb = static_cast<int>(ldb);
+  g.ldc = static_cast<int>(ldc);
+  g.swap = tc;
+  return true;
+}
+
+inline void run_gemm(const GemmCall& g, const float* a, const float* b, float* c) {
+  const float one = 1.0f, zero = 0.0f;
+  const float* x = g.swap ? b : a;
+  const float* y = g.swap ? a : b;
+  sgemm_symbol()(&g.ta, &g.tb, &g.m, &g.n, &g.k, &one, x, &g.lda, y, &g.ldb, &zero, c, &g.ldc);
+}
+
+inline int64_t align_of(const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 64); }
+
+// Whether the direct call agrees with at::cpu::mm_out for this layout (sizes, strides and
+// the operands' alignments), on data of every magnitude with a zero row and column.
+inline bool gemm_layout_agrees(const std::array<int64_t, 15>& key) {
+  const int64_t M = key[0], N = key[1], K = key[2];
+  const int64_t sa0 = key[3], sa1 = key[4], sb0 = key[5], sb1 = key[6], sc0 = key[7], sc1 = key[8];
+  const int64_t al[3] = {key[9] / 4, key[10] / 4, key[11] / 4};
+  GemmCall g;
+  if (!gemm_call(M, N, K, sa0, sa1, sb0, sb1, sc0, sc1, g)) return false;
+  auto span = [](int64_t r, int64_t c, int64_t s0, int64_t s1) { return (r - 1) * s0 + (c - 1) * s1 + 1; };
+  const int64_t na = span(M, K, sa0, sa1), nb = span(K, N, sb0, sb1), nc = span(M, N, sc0, sc1);
+  std::vector<float> va(na + 32), vb(nb + 32), vc(nc + 32), vd(nc + 32);
+  auto base = [](std::vector<float>& v, int64_t off) {
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63)) + off;
+  };
+  float* a = base(va, al[0]);
+  float* b = base(vb, al[1]);
+  float* c = base(vc, al[2]);
+  float* d = base(vd, al[2]);
+  for (uint64_t seed : {21u, 22u}) {
+    const std::vector<float> x = check_data(na + nb, seed * 7777 + static_cast<uint64_t>(M * 131 + N * 17 + K));
+    std::copy(x.begin(), x.begin() + na, a);
+    std::copy(x.begin() + na, x.end(), b);
+    for (int64_t j = 0; j < K; ++j) a[j * sa1] = 0.0f;  // a zero row of a
+    for (int64_t j = 0; j < K; ++j) b[j * sb0] = 0.0f;  // a zero column of b
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor ct = at::from_blob(c, {M, N}, {sc0, sc1}, opts);
+    at::cpu::mm_out(ct, at::from_blob(a, {M, K}, {sa0, sa1}, opts), at::from_blob(b, {K, N}, {sb0, sb1}, opts));
+    run_gemm(g, a, b, d);
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < N; ++j) {
+        if (std::memcmp(c + i * sc0 + j * sc1, d + i * sc0 + j * sc1, sizeof(float)) != 0) return false;
+      }
+    }
+  }
+  return true;
+}
+
+// out = a b as at::mm_out(out, a, b) (float32 CPU 2-D tensors, out of the product's shape).
+inline void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  GemmCall g;
+  if (sgemm_symbol() != nullptr && !a.is_conj() && !b.is_conj() &&
+      gemm_call(M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), g)) {
+    const float* ap = a.data_ptr<float>();
+    const float* bp = b.data_ptr<float>();
+    float* cp = out.data_ptr<float>();
+    const std::array<int64_t, 15> key{M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+                                      out.stride(1), align_of(ap), align_of(bp), align_of(cp),
+                                      static_cast<int64_t>(at::get_num_threads()), 0, 0};
+    static std::mutex mu;
+    static std::map<std::array<int64_t, 15>, bool> known;
+    bool ok;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = known.find(key);
+      ok = it != known.end() && it->second;
+      if (it == known.end()) ok = known[key] = gemm_layout_agrees(key);
+    }
+    if (ok) {
+      run_gemm(g, ap, bp, cp);
+      return;
+    }
+  }
+  at::cpu::mm_out(out, a, b);
 }
 
 constexpr int64_t kSerialElems = 32768;  // at::internal::GRAIN_SIZE

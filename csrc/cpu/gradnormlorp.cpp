@@ -74,8 +74,9 @@ inline float clamp_min(float x, float lo) { return std::isnan(x) ? x : std::max(
 // For a float32 weight with plain float32 moments, a dense contiguous projector and sizes
 // whose reductions ATen runs serially, the step's ATen calls are replaced by their results
 // computed without the dispatcher, bit for bit: the GEMMs and the square roots are ATen's
-// CPU kernels called directly (at::cpu::mm_out, at::cpu::sqrt_out on views of scratch
-// memory), the row sums rowsum(x * y) are the float32 products then ATen's sum reproduced
+// CPU kernels called directly (the GEMMs as aten_order::mm_into: the sgemm call at::mm makes,
+// or at::cpu::mm_out; square roots by MKL's vector square root or at::cpu::sqrt_out; on views
+// of scratch memory), the row sums rowsum(x * y) are the float32 products then ATen's sum reproduced
 // (cpu/aten_order.h, behind its self-check), the projected Adam's moments
 // m.mul_(b1).add_(R, 1 - b1), v.mul_(b2).addcmul_(R, R, 1 - b2) are raw loops with the
 // rounding ATen's kernels give here (fused or not: chosen by a one-time comparison with
@@ -364,11 +365,11 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
       float* nb = scratch(b_n, len);
       if (right) {
         nn = blob(nb, {m, r});
-        at::cpu::mm_out(nn, gv, direct::t(proj));
+        aten_order::mm_into(nn, gv, direct::t(proj));
       } else {
         nn = blob(nb, {r, n});
         Tensor nf = direct::t(nn);
-        at::cpu::mm_out(nf, direct::t(gv), proj);
+        aten_order::mm_into(nf, direct::t(gv), proj);
       }
       float* mp = ea.data_ptr<float>();
       float* vp = es.data_ptr<float>();
@@ -419,16 +420,16 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
       bsq_t = blob(scratch(b_bsq, m), {m});
       Tensor mr = blob(scratch(b_mr, m * r), {m, r});
       if (right) {
-        at::cpu::mm_out(mr, p, direct::t(proj));  // W P^T
+        aten_order::mm_into(mr, p, direct::t(proj));  // W P^T
         row_dots_raw(mr.data_ptr<float>(), nb, m, r, prod, cross_t.data_ptr<float>());
         row_dots_raw(nb, nb, m, r, prod, bsq_t.data_ptr<float>());
       } else {
-        at::cpu::mm_out(mr, p, direct::t(nn));  // W N^T
+        aten_order::mm_into(mr, p, direct::t(nn));  // W N^T
         row_dots_raw(mr.data_ptr<float>(), proj.data_ptr<float>(), m, r, prod, cross_t.data_ptr<float>());
         Tensor inner = blob(scratch(b_in, r * r), {r, r});
-        at::cpu::mm_out(inner, nn, direct::t(nn));  // N N^T
+        aten_order::mm_into(inner, nn, direct::t(nn));  // N N^T
         Tensor outer = blob(scratch(b_out, m * r), {m, r});
-        at::cpu::mm_out(outer, proj, inner);  // P (N N^T)
+        aten_order::mm_into(outer, proj, inner);  // P (N N^T)
         row_dots_raw(outer.data_ptr<float>(), proj.data_ptr<float>(), m, r, prod, bsq_t.data_ptr<float>());
       }
     } else {
@@ -500,7 +501,7 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
                             fast::MatF{pp + k0, r, len, n, 1}, 1.0f, 0.0f, false);
           } else {
             Tensor C = blob(cb, {m, len});
-            at::cpu::mm_out(C, nn, proj.narrow(1, k0, len));
+            aten_order::mm_into(C, nn, proj.narrow(1, k0, len));
           }
           for (int64_t row = 0; row < m; ++row) {
             float* wr = w + row * n + k0;
@@ -525,7 +526,7 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
                             fast::MatF{nn.data_ptr<float>() + i0, r, len, n, 1}, 1.0f, 0.0f, false);
           } else {
             Tensor C = blob(cb, {len, m}, {1, len});  // column-major len x m
-            at::cpu::mm_out(C, nf.narrow(0, i0, len), pw);
+            aten_order::mm_into(C, nf.narrow(0, i0, len), pw);
           }
           for (int64_t row = 0; row < m; ++row) {  // W[row, i0 + j] = oriented (j, row)
             float* wr = w + row * n + i0;
