@@ -103,6 +103,34 @@ void row_dots_raw(const float* x, const float* y, int64_t m, int64_t n, float* /
   aten_order::row_dots(x, y, m, n, out);
 }
 
+// One row of the direction gradient, o = g * c1 - w * c2, and one row of the weight update,
+// w = w * fd + c * fa: three float32 roundings per element, as the reference's ATen ops (the
+// AVX build has no FMA either: nothing is contracted). The AVX build serves the reproduced
+// path, which runs on AVX2 CPUs only.
+#define GNL_DIR_ROW_BODY                  \
+  for (int64_t j = 0; j < n; ++j) {       \
+    const float x = g[j] * c1;            \
+    const float y = w[j] * c2;            \
+    o[j] = x - y;                         \
+  }
+#define GNL_APPLY_ROW_BODY                \
+  for (int64_t j = 0; j < n; ++j) {       \
+    const float x = w[j] * fd;            \
+    const float y = c[j] * fa;            \
+    w[j] = x + y;                         \
+  }
+
+__attribute__((target("avx2"))) void dir_row_avx(const float* g, const float* w, float* o, int64_t n, float c1,
+                                                 float c2) {
+  GNL_DIR_ROW_BODY
+}
+
+__attribute__((target("avx2"))) void apply_row_avx(float* w, const float* c, int64_t n, float fd, float fa) {
+  GNL_APPLY_ROW_BODY
+}
+
+void dir_row(const float* g, const float* w, float* o, int64_t n, float c1, float c2) { GNL_DIR_ROW_BODY }
+
 // The moments' update, m <- m * b1 (+) R * w1 and v <- v * b2 (+) (w2 * R) * R, with (+)
 // fused into one rounding (fma) or not, per `rule` (bit 0: add_'s, bit 1: addcmul_'s).
 #define GNL_MOMENTS_BODY(FMA)                                                  \
@@ -293,7 +321,7 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
   const int rule = moment_rule();  // -1: the reproduced path is off in this process
   thread_local std::vector<float> b_prod, b_wsq, b_rd, b_root, b_gv, b_n, b_mr, b_cross, b_bsq, b_den, b_vn, b_c, b_in,
-      b_out, b_vsq;
+      b_out, b_vsq, b_a, b_s, b_sg, b_k1, b_k2, b_rdc, b_ral, b_gnew, b_vd;
   for (size_t i = 0; i < k; ++i) {
     Tensor p = params[i];
     const Tensor& grad = grads[i];
@@ -329,7 +357,11 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
     const float* wsq = wsq_t.data_ptr<float>();
     const float* rd = rd_t.data_ptr<float>();
     const float* root = root_t.data_ptr<float>();
-    std::vector<float> a(m), s(m), sg(m), k1(m), k2(m);
+    float* a = scratch(b_a, m);
+    float* s = scratch(b_s, m);
+    float* sg = scratch(b_sg, m);
+    float* k1 = scratch(b_k1, m);
+    float* k2 = scratch(b_k2, m);
     const float floor = static_cast<float>(1e-12);
     for (int64_t r = 0; r < m; ++r) {
       s[r] = clamp_min(root[r], floor);
@@ -348,10 +380,10 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
         const float* gr = gp + r * n;
         const float* wr = wp + r * n;
         float* o = out + r * n;
-        for (int64_t j = 0; j < n; ++j) {
-          const float x = gr[j] * c1;
-          const float y = wr[j] * c2;
-          o[j] = x - y;
+        if (fast) {
+          dir_row_avx(gr, wr, o, n, c1, c2);
+        } else {
+          dir_row(gr, wr, o, n, c1, c2);
         }
       }
     }
@@ -452,7 +484,10 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
     const float two_cs = static_cast<float>(2.0 * cs);
     const float cs_sq = static_cast<float>(cs * cs);
     const float neg_cs = static_cast<float>(-cs);
-    std::vector<float> rdc(m), ral(m), g_new(m), vd(m);
+    float* rdc = scratch(b_rdc, m);
+    float* ral = scratch(b_ral, m);
+    float* g_new = scratch(b_gnew, m);
+    float* vd = scratch(b_vd, m);
     float* vsq = scratch(b_vsq, m);  // aligned as the at::empty it stands for
     {
       Tensor den_t = fast ? blob(scratch(b_den, m), {m}) : Tensor();
@@ -504,14 +539,7 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
             aten_order::mm_into(C, nn, proj.narrow(1, k0, len));
           }
           for (int64_t row = 0; row < m; ++row) {
-            float* wr = w + row * n + k0;
-            const float* cr = cb + row * len;
-            const float fd = rdc[row], fa = ral[row];
-            for (int64_t j = 0; j < len; ++j) {
-              const float x = wr[j] * fd;
-              const float y = cr[j] * fa;
-              wr[j] = x + y;
-            }
+            apply_row_avx(w + row * n + k0, cb + row * len, len, rdc[row], ral[row]);
           }
         }
       } else {  // W^T (n x m, column-major): panels of its rows (W's columns), C = N^T[i0:i1] P^T
@@ -529,25 +557,18 @@ void gradnormlorp_foreach_update_cpu(at::TensorList params, at::TensorList grads
             aten_order::mm_into(C, nf.narrow(0, i0, len), pw);
           }
           for (int64_t row = 0; row < m; ++row) {  // W[row, i0 + j] = oriented (j, row)
-            float* wr = w + row * n + i0;
-            const float* cr = cb + row * len;
-            const float fd = rdc[row], fa = ral[row];
-            for (int64_t j = 0; j < len; ++j) {
-              const float x = wr[j] * fd;
-              const float y = cr[j] * fa;
-              wr[j] = x + y;
-            }
+            apply_row_avx(w + row * n + i0, cb + row * len, len, rdc[row], ral[row]);
           }
         }
       }
     } else {
       Tensor row_decay = at::empty({m}, fopt), row_alpha = at::empty({m}, fopt);
-      std::copy(rdc.begin(), rdc.end(), row_decay.data_ptr<float>());
-      std::copy(ral.begin(), ral.end(), row_alpha.data_ptr<float>());
+      std::copy(rdc, rdc + m, row_decay.data_ptr<float>());
+      std::copy(ral, ral + m, row_alpha.data_ptr<float>());
       projection_backproject_apply_cpu(p, nn, proj, side, 1.0, 1.0, std::nullopt, std::nullopt, std::nullopt, 0, 0,
                                        row_decay, row_alpha);
     }
-    std::copy(g_new.begin(), g_new.end(), gm);
+    std::copy(g_new, g_new + m, gm);
     std::copy(vnorm_new, vnorm_new + m, vn);
   }
 }
