@@ -283,12 +283,25 @@ inline std::vector<float> check_data(int64_t n, uint64_t seed) {
   return v;
 }
 
+// ---------------------------------------------------------------------- torch's own MKL
+// A symbol of the library holding ATen's CPU kernels (libtorch_cpu, where torch's MKL is linked
+// in), else of the global scope; null if absent (the callers then keep ATen's calls).
+inline void* torch_symbol(const char* name) {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) != 0 && info.dli_fname != nullptr) {
+    if (void* h = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)) {  // already loaded: no new load
+      if (void* f = dlsym(h, name)) return f;  // the handle is kept: the library stays loaded anyway
+    }
+  }
+  return dlsym(RTLD_DEFAULT, name);
+}
+
 // ---------------------------------------------------------------------- square roots
 using VmsSqrtFn = void (*)(const int*, const float*, float*, const long long*);
 constexpr long long kVmlMode = 0x00000002 | 0x00140000 | 0x00000100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE
 
 inline VmsSqrtFn vms_sqrt_symbol() {
-  static const VmsSqrtFn f = reinterpret_cast<VmsSqrtFn>(dlsym(RTLD_DEFAULT, "VMSSQRT_"));
+  static const VmsSqrtFn f = reinterpret_cast<VmsSqrtFn>(torch_symbol("VMSSQRT_"));
   return f;
 }
 
@@ -328,7 +341,7 @@ using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const
                          const int*, const float*, const int*, const float*, float*, const int*);
 
 inline SgemmFn sgemm_symbol() {
-  static const SgemmFn f = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm"));
+  static const SgemmFn f = reinterpret_cast<SgemmFn>(torch_symbol("sgemm"));
   return f;
 }
 
