@@ -73,15 +73,18 @@ inline float clamp_min(float x, float lo) { return std::isnan(x) ? x : std::max(
 // ------------------------------------------------------------------ the reproduced path
 // For a float32 weight with plain float32 moments, a dense contiguous projector and sizes
 // whose reductions ATen runs serially, the step's ATen calls are replaced by their results
-// computed without the dispatcher, bit for bit: the GEMMs and the square roots are ATen's
-// CPU kernels called directly (the GEMMs as aten_order::mm_into: the sgemm call at::mm makes,
-// or at::cpu::mm_out; square roots by MKL's vector square root or at::cpu::sqrt_out; on views
-// of scratch memory), the row sums rowsum(x * y) are the float32 products then ATen's sum reproduced
-// (cpu/aten_order.h, behind its self-check), the projected Adam's moments
-// m.mul_(b1).add_(R, 1 - b1), v.mul_(b2).addcmul_(R, R, 1 - b2) are raw loops with the
-// rounding ATen's kernels give here (fused or not: chosen by a one-time comparison with
-// ATen's calls, moment_rule()), and the back-projection's per-row panels are the engine's
-// (csrc/cpu/projection/engine.cpp: the same panel GEMMs, then w * rd + c * ra per element).
+// computed without the dispatcher, bit for bit (each replacement behind a one-time bitwise
+// comparison with ATen's own call in this process; where one fails, ATen's call stays):
+//   - the GEMMs: the sgemm call ATen's CPU mm makes, made directly (aten_order::mm_into), and
+//     the back-projection's rank-inner panel GEMMs as in-order FMA chains (fast::gemm_rows:
+//     see "the back-projection panels" below), on views of scratch memory;
+//   - the square roots: MKL's vector square root, what ATen's float32 sqrt kernel calls
+//     (aten_order::vsqrt), else at::cpu::sqrt_out;
+//   - the row sums rowsum(x * y): the float32 products summed in ATen's order (aten_order.h);
+//   - the projected Adam's moments m.mul_(b1).add_(R, 1 - b1), v.mul_(b2).addcmul_(R, R, 1 - b2):
+//     raw loops with the rounding ATen's kernels give here (fused or not, moment_rule());
+//   - the back-projection with per-row factors: the engine's panels (csrc/cpu/projection/
+//     engine.cpp: the same panel GEMMs, then w * rd + c * ra per element).
 
 const at::TensorOptions& f32() {
   static const at::TensorOptions o = at::TensorOptions().dtype(at::kFloat);
@@ -98,7 +101,7 @@ void sqrt_into(Tensor& out, const Tensor& x) {
 }
 
 // out[i] = rowsum(x * y) of two contiguous m x n float32 matrices: the products (one
-// rounding each, as at::mul) into prod, then at::sum(., 1) in ATen's order.
+// rounding each, as at::mul), then at::sum(., 1) in ATen's order.
 void row_dots_raw(const float* x, const float* y, int64_t m, int64_t n, float* /*prod*/, float* out) {
   aten_order::row_dots(x, y, m, n, out);
 }
