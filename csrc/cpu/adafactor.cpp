@@ -3,9 +3,13 @@
 // non-refresh step over a list of float32 weights in one call.
 //
 // Bit-identical to GaLoreAdafactor's per-parameter step (and to the reference on CPU): the
-// operations whose rounding depends on an algorithm (the projection GEMM, the means of the
-// factored statistics, the RMS norms) are the very ATen calls the Python step makes, the
-// back-projection is the projection family's C++ kernel called directly, and the elementwise
+// operations whose rounding depends on an algorithm are ATen's: the projection GEMM is at::mm's
+// CPU kernel called without the dispatcher (cpu/direct.h); the means of the factored
+// statistics (ATen's CPU mean: a sum, then a division by the count) and the RMS norms are
+// ATen's reductions reproduced in ATen's order on raw pointers (cpu/aten_order.h) where its
+// one-time self-check passed and the sizes reduce serially, else the very ATen calls; the
+// back-projection is what the projection family's C++ kernel runs for a contiguous float32
+// weight (W.mul_(decay), then addmm_'s CPU kernel, undispatched), and the elementwise
 // work between them is plain float32 arithmetic in the reference's order, one IEEE operation
 // per ATen operation (this file is compiled for the baseline ISA, which has no FMA
 // instruction to contract two into one), except the moving averages x.mul_(b).add_(y,
@@ -17,8 +21,11 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
+#include "cpu/aten_order.h"
+#include "cpu/direct.h"
 #include "cpu/kernels.h"
 #include "cpu/moments8.h"
 
@@ -48,10 +55,45 @@ void ema(float* y, const float* x, int64_t n, float b, float a) {
 
 // ||x||_2 accumulated in float32 (torch.linalg.vector_norm(x, dtype=torch.float32)) over sqrt(numel),
 // as the Python step's _rms: the norm's 0-d tensor divided by the float32 value of sqrt(numel).
-float rms(const Tensor& x) {
-  const float norm = at::linalg_vector_norm(x, 2, std::nullopt, false, at::kFloat).item<float>();
+// With `fast`, the norm reproduced in ATen's order on raw pointers (cpu/aten_order.h).
+float rms(const Tensor& x, bool fast) {
+  const float norm = fast ? aten_order::norm_all(x.data_ptr<float>(), x.numel())
+                          : at::linalg_vector_norm(x, 2, std::nullopt, false, at::kFloat).item<float>();
   return norm / static_cast<float>(std::sqrt(static_cast<double>(x.numel())));
 }
+
+// at::mean(x, dim) of a contiguous rows x cols float32 matrix (dim 1, or 0), or of a vector
+// (rows = 1, dim 1), into out: ATen's CPU mean is at::sum then div_ by the element count
+// (a float32 division by the count as float32); with `fast` the sum reproduced on raw
+// pointers, else ATen's calls.
+void mean_into(const float* x, int64_t rows, int64_t cols, int dim, bool fast, float* out) {
+  const int64_t len = dim == 1 ? rows : cols;
+  if (fast) {
+    if (dim == 1) {
+      aten_order::sum_lastdim(x, rows, cols, out);
+    } else {
+      aten_order::sum_dim0(x, rows, cols, out);
+    }
+    const float count = static_cast<float>(dim == 1 ? cols : rows);
+    for (int64_t j = 0; j < len; ++j) out[j] = out[j] / count;
+    return;
+  }
+  const Tensor t = at::from_blob(const_cast<float*>(x), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+  const Tensor m = rows == 1 && dim == 1 ? at::mean(t.view({cols}), {-1}, true) : at::mean(t, {dim == 1 ? -1 : -2});
+  std::copy(m.data_ptr<float>(), m.data_ptr<float>() + len, out);
+}
+
+// Scratch reused across weights and calls (no allocation per weight).
+// 64-byte aligned, as ATen's CPU allocations (a BLAS may take other paths for other alignments).
+float* scratch(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n + 16) v.resize(n + 16);
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63);
+  return reinterpret_cast<float*>(a);
+}
+
+// The rank up to which the projection family's back-projection of a contiguous float32 W is
+// one BLAS addmm_ (engine.cpp, kBlasSingleKBlock).
+constexpr int64_t kBlasSingleKBlock = 128;
 
 // torch.clamp(x, min=lo) on a float32 value (NaN stays NaN).
 float clamp_min(float x, float lo) { return x < lo ? lo : x; }
@@ -106,34 +148,44 @@ void adafactor_foreach_update_cpu(at::TensorList params, at::TensorList grads, a
   const float e1 = static_cast<float>(eps1);
   const float clip = static_cast<float>(clip_threshold);
   const float b1 = static_cast<float>(beta1), ob1 = static_cast<float>(1.0 - beta1);
-  std::vector<float> rf, cf;
+  // Scratch of this thread, reused across weights and calls.
+  thread_local std::vector<float> sq_buf, upd_buf, mf_buf, rmean_buf, cmean_buf, rf, cf;
+  const auto fopts = at::TensorOptions().dtype(at::kFloat);
+  const bool reproduced = aten_order::ready();
   for (size_t i = 0; i < k; ++i) {
     Tensor p = params[i];
     const Tensor& g = grads[i];
     const Tensor& pr = projs[i];
-    // R = G P^T (right) or P^T G (left), float32: the Python step's torch.matmul.
-    const Tensor low = right ? at::mm(g, pr.t()) : at::mm(pr.t(), g);
+    // R = G P^T (right) or P^T G (left), float32: the Python step's torch.matmul (at::mm's
+    // CPU kernel, called without the dispatcher).
+    const Tensor prt = direct::t(pr);
+    const Tensor low = right ? direct::mm(g, prt) : direct::mm(prt, g);
     const int64_t rows = low.size(0), cols = low.size(1), numel = rows * cols;
     const float* lo = low.data_ptr<float>();
+    // The reductions in ATen's order on raw pointers where that order is the one reproduced.
+    const bool fast = reproduced && rows >= 2 && cols >= 2 && aten_order::serial(numel) &&
+                      (!scale_parameter || aten_order::serial(p.numel()));
     // lr_t: the relative or external step size, times max(eps2, RMS(W)) with scale_parameter.
     float lr_t = static_cast<float>(lr[i]);
-    if (scale_parameter) lr_t = clamp_min(rms(p), static_cast<float>(eps2)) * lr_t;
+    if (scale_parameter) lr_t = clamp_min(rms(p, fast), static_cast<float>(eps2)) * lr_t;
     // The factored second moment of U = R^2 + eps1: row and column means, moving averages.
-    Tensor sq = at::empty({rows, cols}, low.options());
-    float* s = sq.data_ptr<float>();
+    float* s = scratch(sq_buf, numel);
     for (int64_t j = 0; j < numel; ++j) {
       const float x = lo[j] * lo[j];
       s[j] = x + e1;
     }
-    const Tensor row_mean = at::mean(sq, {-1});
-    const Tensor col_mean = at::mean(sq, {-2});
+    float* row_mean = scratch(rmean_buf, rows);
+    float* col_mean = scratch(cmean_buf, cols);
+    mean_into(s, rows, cols, 1, fast, row_mean);
+    mean_into(s, rows, cols, 0, fast, col_mean);
     Tensor row = exp_avg_sq_row[i], col = exp_avg_sq_col[i];
     const float b2 = static_cast<float>(beta2t[i]), ob2 = static_cast<float>(1.0 - beta2t[i]);
     float* rw = row.data_ptr<float>();
     float* cl = col.data_ptr<float>();
-    ema(rw, row_mean.data_ptr<float>(), rows, b2, ob2);
-    ema(cl, col_mean.data_ptr<float>(), cols, b2, ob2);
-    const float rm = *at::mean(row, {-1}, true).data_ptr<float>();
+    ema(rw, row_mean, rows, b2, ob2);
+    ema(cl, col_mean, cols, b2, ob2);
+    float rm = 0.f;
+    mean_into(rw, 1, rows, 1, fast, &rm);
     rf.resize(rows);
     cf.resize(cols);
     for (int64_t r = 0; r < rows; ++r) {
@@ -142,15 +194,15 @@ void adafactor_foreach_update_cpu(at::TensorList params, at::TensorList grads, a
     }
     for (int64_t c = 0; c < cols; ++c) cf[c] = 1.0f / std::sqrt(cl[c]);
     // upd = (rsqrt(row / mean(row)) rsqrt(col)) * R, clipped to RMS <= clip, times lr_t.
-    Tensor upd = at::empty({rows, cols}, low.options());
-    float* u = upd.data_ptr<float>();
+    float* u = scratch(upd_buf, numel);
+    const Tensor upd = at::from_blob(u, {rows, cols}, fopts);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c = 0; c < cols; ++c) {
         const float f = rf[r] * cf[c];
         u[r * cols + c] = f * lo[r * cols + c];
       }
     }
-    const float q = clamp_min(rms(upd) / clip, 1.0f);
+    const float q = clamp_min(rms(upd, fast) / clip, 1.0f);
     for (int64_t j = 0; j < numel; ++j) {
       const float x = u[j] / q;
       u[j] = x * lr_t;
@@ -164,8 +216,7 @@ void adafactor_foreach_update_cpu(at::TensorList params, at::TensorList grads, a
         const int64_t nblk = (cols + block_size - 1) / block_size;
         uint8_t* codes = m.data_ptr<uint8_t>();
         float* amax = m_absmax[i].data_ptr<float>();
-        Tensor mf = at::empty({rows, cols}, low.options());
-        float* x = mf.data_ptr<float>();
+        float* x = scratch(mf_buf, numel);
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t c = 0; c < cols; ++c) {
             x[r * cols + c] = moments8::kSignedMap[codes[r * cols + c]] * amax[r * nblk + c / block_size];
@@ -179,7 +230,7 @@ void adafactor_foreach_update_cpu(at::TensorList params, at::TensorList grads, a
                 moments8::requantize_block(x + r * cols + c0, len, mp.s, mp.zero_s, codes + r * cols + c0);
           }
         }
-        out = mf;
+        out = at::from_blob(x, {rows, cols}, fopts);
       } else if (m.scalar_type() == at::kBFloat16) {
         Tensor mf = m.to(at::kFloat);
         ema(mf.data_ptr<float>(), u, numel, b1, ob1);
@@ -201,8 +252,23 @@ void adafactor_foreach_update_cpu(at::TensorList params, at::TensorList grads, a
         decay = 1.0 - wd * lr[i];
       }
     }
-    projection_backproject_apply_cpu(p, out, pr, sd, alpha[i], decay, std::nullopt, std::nullopt, std::nullopt, 0, 0,
-                                     std::nullopt, std::nullopt);
+    const int64_t rank = right ? pr.size(0) : pr.size(1);
+    if (rank <= kBlasSingleKBlock) {
+      // What the projection family's back-projection runs here (csrc/cpu/projection/engine.cpp:
+      // a float32 W stored contiguously, no per-row factors, a rank within one BLAS K block):
+      // W.mul_(decay) (one float32 product per element), then W.addmm_(N, P, 1, alpha) in
+      // right orientation, with addmm_'s CPU kernel called without the dispatcher.
+      if (decay != 1.0) {
+        float* w = p.data_ptr<float>();
+        const float d = static_cast<float>(decay);
+        for (int64_t j = 0, n = p.numel(); j < n; ++j) w[j] = w[j] * d;
+      }
+      Tensor w = right ? p : direct::t(p);
+      at::cpu::addmm_(w, right ? out : direct::t(out), right ? pr : prt, 1.0, alpha[i]);
+    } else {
+      projection_backproject_apply_cpu(p, out, pr, sd, alpha[i], decay, std::nullopt, std::nullopt, std::nullopt, 0,
+                                       0, std::nullopt, std::nullopt);
+    }
   }
 }
 

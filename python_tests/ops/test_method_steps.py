@@ -64,19 +64,19 @@ def _frugal_args(side, signsgd, bits, seed=0):
                                        free_alpha=[-1e-3, -2e-3, 0.0], **kw)
 
 
-def _adafactor_args(side, bits, scale_parameter, seed=0):
+def _adafactor_args(side, bits, scale_parameter, seed=0, shapes=SHAPES):
     """Odd shapes, ranks 3 / 2 / 9 (the last full rank), random factored statistics; ``bits``:
     None (no first moment) or the first moment's format."""
     gen = torch.Generator().manual_seed(seed)
     ranks = [3, 2, 9]
-    ps = [0.1 * torch.randn(s, generator=gen) for s in SHAPES]
-    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    ps = [0.1 * torch.randn(s, generator=gen) for s in shapes]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
     projs = []
-    for (m, n), r in zip(SHAPES, ranks):
+    for (m, n), r in zip(shapes, ranks):
         k = n if side == "right" else m
         q = torch.linalg.qr(torch.randn(k, min(r, k), generator=gen)).Q
         projs.append(q.T.contiguous() if side == "right" else q.contiguous())
-    low = [(m, p.shape[0]) if side == "right" else (p.shape[1], n) for (m, n), p in zip(SHAPES, projs)]
+    low = [(m, p.shape[0]) if side == "right" else (p.shape[1], n) for (m, n), p in zip(shapes, projs)]
     rows = [0.1 * torch.rand(s[0], generator=gen) for s in low]
     cols = [0.1 * torch.rand(s[1], generator=gen) for s in low]
     kw = dict(side=side, eps1=1e-30, eps2=1e-3, clip_threshold=0.5, beta2t=[0.0, 0.5, 0.9], lr=[1e-2, 2e-2, 3e-3],
@@ -91,17 +91,17 @@ def _adafactor_args(side, bits, scale_parameter, seed=0):
         else:
             kw["exp_avg"] = [0.01 * torch.randn(s, generator=gen) for s in low]
     return ps, gs, projs, rows, cols, kw
-def _gradnormlorp_args(side, bits, eps=1e-6, seed=0):
+def _gradnormlorp_args(side, bits, eps=1e-6, seed=0, shapes=SHAPES):
     gen = torch.Generator().manual_seed(seed)
     ranks = [3, 2, 5]
-    ps = [0.1 * torch.randn(s, generator=gen) for s in SHAPES]
+    ps = [0.1 * torch.randn(s, generator=gen) for s in shapes]
     ps[0][4] = 0.0  # a zero row stays zero
-    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
     projs = []
-    for (m, n), r in zip(SHAPES, ranks):
+    for (m, n), r in zip(shapes, ranks):
         q = torch.linalg.qr(torch.randn(n if side == "right" else m, r, generator=gen)).Q
         projs.append(q.T.contiguous() if side == "right" else q.contiguous())
-    low = [(m, r) if side == "right" else (r, n) for (m, n), r in zip(SHAPES, ranks)]
+    low = [(m, r) if side == "right" else (r, n) for (m, n), r in zip(shapes, ranks)]
     ea, es, kw = _moments(low, bits, gen)
     norms = [p.norm(dim=1) for p in ps]
     wn_g = [-v * (1.0 + 0.5 * torch.rand(v.shape, generator=gen)) for v in norms]  # negative g, |g| != ||W||
@@ -175,15 +175,22 @@ def test_adafactor_backends_match_reference(case, backend):
     _close(list(got[:-1]) + extra(got), list(want[:-1]) + extra(want), f"adafactor {case} {backend}")
 
 
-def test_adafactor_cpp_is_bitwise_reference_on_cpu():
+#: larger odd shapes (all under ATen's serial reduction size, 32768 elements): full 8-lane
+#: vectors with tails, sums past the first cascade level (rows of 700, columns of 300), the
+#: LLaMA-like 172 x 64 of the host-cost stack; the C++ kernels' raw-pointer paths run here.
+BIG_SHAPES = [(172, 64), (40, 700), (300, 37)]
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, BIG_SHAPES], ids=["small", "big"])
+def test_adafactor_cpp_is_bitwise_reference_on_cpu(shapes):
     """On CPU the C++ kernel repeats the reference's arithmetic: the same bits (the back-projection
     aside, whose C++ kernel the per-parameter optimizer step uses too: here both use it)."""
     require_backend("adafactor_foreach_update", "cpp")
     from lowrank_kernels.reference import adafactor as ref
 
     for case in ADAFACTOR_CASES:
-        want = _adafactor_args(*case)
-        got = _adafactor_args(*case)
+        want = _adafactor_args(*case, shapes=shapes)
+        got = _adafactor_args(*case, shapes=shapes)
         ps, gs, projs, rows, cols, kw = want
         kw = dict(kw)
         ref.adafactor_foreach_update_ref(
@@ -223,8 +230,9 @@ def test_gradnormlorp_backends_match_reference(case, backend):
     assert torch.equal(got[0][0][4], torch.zeros(SHAPES[0][1]))  # the zero row
 
 
+@pytest.mark.parametrize("shapes", [SHAPES, BIG_SHAPES], ids=["small", "big"])
 @pytest.mark.parametrize("case", GNL_CASES, ids=[f"{s}-{b}-eps{e}" for s, b, e in GNL_CASES])
-def test_gradnormlorp_cpp_is_bitwise_the_per_parameter_step(case):
+def test_gradnormlorp_cpp_is_bitwise_the_per_parameter_step(case, shapes):
     """On CPU the C++ loop makes the per-parameter step's roundings exactly: the reference's loop
     calling the projection ops (C++ on CPU), as GradNormLoRPAdamW's per-parameter step does. (The
     projection family's reference kernels differ from its C++ ones by rounding, 8-bit moments
@@ -235,14 +243,14 @@ def test_gradnormlorp_cpp_is_bitwise_the_per_parameter_step(case):
         gnl_ref.gradnormlorp_foreach_update_ref(*args, **kw, project_adam=proj_ops.project_adam_op,
                                                 backproject_apply=proj_ops.backproject_apply_op)
 
-    *tensors, kw = want = _gradnormlorp_args(*case)
+    *tensors, kw = want = _gradnormlorp_args(*case, shapes=shapes)
     with use_backend("cpp"):
         per_parameter(*tensors, kw.pop("side"), kw.pop("beta1"), kw.pop("beta2"), kw.pop("eps"), kw.pop("step_size"),
                       kw.pop("scale"), kw.pop("decay"), *proj_ops.foreach_moment_args(
                           "test", kw.pop("m_absmax", None), kw.pop("v_absmax", None), kw.pop("block_size", 256),
                           kw.pop("moment_seed", None)))
     assert not kw, kw
-    got = _run(ops.foreach_gradnormlorp_update_, lambda: _gradnormlorp_args(*case), "cpp")
+    got = _run(ops.foreach_gradnormlorp_update_, lambda: _gradnormlorp_args(*case, shapes=shapes), "cpp")
     for name, xs, ys in zip(("params", "grads", "projs", "exp_avg", "exp_avg_sq", "wn_g", "wn_vnorm", "exp_avg_g",
                              "exp_avg_sq_g"), got[:-1], want[:-1]):
         for i, (x, y) in enumerate(zip(xs, ys)):
@@ -376,3 +384,31 @@ def test_frugal_cpp_float32_step_makes_no_aten_call():
                 cpp(*args)
             names = [e.name for e in prof.events() if e.name.startswith("aten::")]
             assert names == [], (side, signsgd, sorted(set(names)))
+
+
+def _nested_aten(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("aten::")}
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2",
+                    reason="the raw-pointer reductions are checked against ATen's AVX2 kernels only")
+def test_adafactor_and_gradnormlorp_cpp_take_the_raw_pointer_path():
+    """Where ATen runs its AVX2 kernels, float32 entries of the sizes above step without ATen's
+    reductions, element-wise ops or dispatched GEMMs (cpu/aten_order.h's self-check passed in this
+    process); the bitwise tests above check the results."""
+    require_backend("adafactor_foreach_update", "cpp")
+    require_backend("gradnormlorp_foreach_update", "cpp")
+    for side in ("right", "left"):
+        *tensors, kw = _adafactor_args(side, 32, True, shapes=BIG_SHAPES)
+        with use_backend("cpp"):
+            seen = _nested_aten(lambda: ops.foreach_adafactor_update_(*tensors, **kw))
+        assert not seen & {"aten::sum", "aten::mean", "aten::linalg_vector_norm", "aten::mm", "aten::item"}, seen
+        *tensors, kw = _gradnormlorp_args(side, 32, shapes=BIG_SHAPES)
+        with use_backend("cpp"):
+            seen = _nested_aten(lambda: ops.foreach_gradnormlorp_update_(*tensors, **kw))
+        assert not seen & {"aten::sum", "aten::mul", "aten::mul_", "aten::add_", "aten::addcmul_", "aten::mm",
+                           "aten::empty"}, seen
