@@ -90,3 +90,18 @@ def test_trion_basis_on_another_device_is_refused():
     ps, gs, ms, basis, kw = _trion_args("left")
     with pytest.raises(ValueError, match=r"basis is on meta, params\[0\] on cpu"):
         ops.foreach_trion_update_(ps, gs, ms, basis.to(META), **kw)
+
+
+def test_trion_halves_spanning_devices_are_refused_before_any_write():
+    ps, gs, ms, basis, kw = _trion_args("right")
+    okw = dict(side=kw["side"], rank=kw["rank"], mu=kw["mu"], coefficients=kw["coefficients"], norm=kw["norm"])
+    before = [t.clone() for t in ms]
+    with pytest.raises(ValueError, match=r"momentum\[1\] is on meta, grads\[0\] on cpu"):
+        ops.foreach_trion_orth_(gs, [ms[0], ms[1].to(META), ms[2]], basis, **okw)
+    assert all(torch.equal(a, b) for a, b in zip(before, ms)), "a momentum buffer was written"
+    orths, idx = ops.foreach_trion_orth_(gs, ms, basis, **okw)
+    before = [t.clone() for t in ps]
+    with pytest.raises(ValueError, match=r"orths\[2\] is on meta, params\[0\] on cpu"):
+        ops.foreach_trion_apply_(ps, orths[:2] + [orths[2].to(META)], idx, basis, side="right", alpha=kw["alpha"],
+                                 decay=kw["decay"])
+    assert all(torch.equal(a, b) for a, b in zip(before, ps)), "a weight was written"
