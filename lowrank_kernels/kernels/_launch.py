@@ -29,6 +29,8 @@ Everything a launcher decides besides its kernel's arguments lives here, once:
 
 * **Tile configs** (:func:`choose_config`): by default a pure function of (arch, operand
   storage dtypes, side, projector mode, shape bucket) read from :data:`TABLES`; no timing.
+  A few 8-bit entries also depend on the host's alignment check of the launch
+  (:data:`UNALIGNED`, :func:`q8_aligned`; Triton 3.6 only).
   Each arch's table only holds configs whose shared memory fits that arch's opt-in
   per-block maximum (:data:`SMEM_LIMIT`) and that compile without register spills
   (``python -m lowrank_kernels.compile_check`` checks both; the test suite runs it).
