@@ -640,7 +640,8 @@ def _jobs(archs, subset: str, only: Optional[str] = None) -> List[Job]:
         raise ValueError(f"compile_check: no variant matches {only!r}")
 
     # Base specializations on which every default tile is compiled (ci): the first
-    # launch of each GEMM kernel per operand width and projector mode.
+    # launch of each GEMM kernel per operand width and projector mode (with the tiles of that
+    # launch's alignment, where the table has an alignment-keyed entry: _launch.UNALIGNED).
     base = {}
     for name, c in launches:
         if c.tile_kernel is not None:
@@ -676,13 +677,15 @@ def _jobs(archs, subset: str, only: Optional[str] = None) -> List[Job]:
                 todo.append((name, c, None))
             elif subset == "full":
                 todo += [(name, c, t) for t in L.candidates(c.tile_kernel, arch, wide=c.wide, mode=c.key["mode"],
-                                                            qblock=c.key.get("qblock") or 256)]
+                                                            qblock=c.key.get("qblock") or 256,
+                                                            aligned=c.key.get("aligned", True))]
             else:
                 todo.append((name, c, c.tile_for(arch)))
         if subset != "full":
             for (tk, wide, mode, qblock), (name, c) in base.items():
                 todo += [(f"{name}[tile]", c, t) for t in L.default_tiles(tk, arch, wide=wide, mode=mode,
-                                                                           qblock=qblock or 256)]
+                                                                           qblock=qblock or 256,
+                                                                           aligned=c.key.get("aligned", True))]
         for name, c, tile in todo:
             meta = c.meta if tile is None else c.with_tile(tile)
             cfg = tile.label() if tile is not None else "fixed_" + "_".join(

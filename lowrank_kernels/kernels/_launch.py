@@ -29,6 +29,8 @@ Everything a launcher decides besides its kernel's arguments lives here, once:
 
 * **Tile configs** (:func:`choose_config`): by default a pure function of (arch, operand
   storage dtypes, side, projector mode, shape bucket) read from :data:`TABLES`; no timing.
+  A few 8-bit entries also depend on the host's alignment check of the launch
+  (:data:`UNALIGNED`, :func:`q8_aligned`; Triton 3.6 only).
   Each arch's table only holds configs whose shared memory fits that arch's opt-in
   per-block maximum (:data:`SMEM_LIMIT`) and that compile without register spills
   (``python -m lowrank_kernels.compile_check`` checks both; the test suite runs it).
@@ -386,6 +388,30 @@ else:
     TABLES[("residual_grouped", 89)][("dense", True)] = _same(Tile(64, 32, 32, 8, 2))
     TABLES[("project_q8", 80)] = dict(TABLES[("project_q8", 80)])
     TABLES[("project_q8", 80)][("dense", False)] = _same(Tile(16, 256, 16, 8, 3))
+# Alignment-keyed entries: UNALIGNED[(kernel, arch)] is the table a launch takes when its host found it
+# unaligned (8-bit project + Adam only: the single kernel's :func:`q8_aligned` check, the grouped
+# launch's aligned / unaligned sub-list), TABLES' when aligned; kernels and archs without one take
+# TABLES' for both. Under Triton 3.6 ptxas compiles the 8-warp 16 x 256 tiles of aligned
+# specializations (16-byte vector loads, cp.async) at 128 registers and spills where 4 warps do not,
+# while 4 warps spill in the unaligned ones (scalar epilogue loads), which 8 warps compile clean;
+# so these entries take their warps from the alignment (compile check --subset full, sm_80 / 86 /
+# 89 / 90, bench/results/compile_check/README.md):
+# - 16-bit operands, INT4 projector, every arch: 8 warps spill 12 bytes (single kernel, sm_86 / 89 /
+#   90) and 12-28 (grouped aligned sub-list, sm_80 / 86 / 89 / 90) on the left side; aligned launches
+#   take 4 warps in every bucket (each bucket's tile is an autotuning candidate of every launch),
+#   unaligned ones keep 8;
+# - 16-bit operands, dense projector, sm_80: the small-M tile's 4 warps (for the aligned left-side
+#   launches, above) spill 432 bytes as an autotuning candidate of the unaligned rank-300 launch;
+#   unaligned launches take 8 warps in every bucket.
+UNALIGNED = {}
+if TRITON_VERSION < (3, 7):
+    for _name in ("project_q8", "project_q8_grouped"):
+        for _arch in TABLE_ARCHS:
+            UNALIGNED[(_name, _arch)] = dict(TABLES[(_name, _arch)])
+            TABLES[(_name, _arch)] = dict(TABLES[(_name, _arch)])
+            TABLES[(_name, _arch)][("int4", False)] = tuple(t._replace(warps=4) for t in TABLES[(_name, _arch)][
+                ("int4", False)])
+    UNALIGNED[("project_q8", 80)][("dense", False)] = _same(Tile(16, 256, 32, 8, 3))
 FAMILY_OF = {"project": _P, "backproject": _P, "dct_gemm": _D, "project_q8": _P, "project_sr": _P,
              "project_grouped": _P, "backproject_grouped": _P, "project_q8_grouped": _P, "project_sr_grouped": _P,
              "residual_grouped": _P}
@@ -439,8 +465,16 @@ def _q8_for(kernel: str, tile: Tile, qblock: int, mode: int = 0, wide: bool = Fa
     return t._replace(bm=tile.bm) if keep else t
 
 
+def _entry(kernel: str, arch: int, mode: int, wide: bool, aligned: bool = True) -> tuple:
+    """The (big, small-M, small-N) tiles of ``kernel`` on ``arch``'s table for projector ``mode`` and
+    operand width: from :data:`UNALIGNED` for an unaligned launch where it has a table, else :data:`TABLES`."""
+    ta = table_arch(int(arch))
+    table = TABLES[(kernel, ta)] if aligned else UNALIGNED.get((kernel, ta), TABLES[(kernel, ta)])
+    return table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
+
+
 def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, op_bytes: Sequence[int],
-                  side: str = "right", mode: int = 0, qblock: int = 0) -> Tile:
+                  side: str = "right", mode: int = 0, qblock: int = 0, aligned: bool = True) -> Tile:
     """The tile ``kernel`` (``"project"``, ``"backproject"``, ``"dct_gemm"``, or the project
     kernel's 8-bit / stochastic-rounding forms ``"project_q8"`` / ``"project_sr"``; each
     projection name + ``"_grouped"`` for the grouped kernels) launches with.
@@ -450,7 +484,9 @@ def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, o
     ``arch``: capability ``10 * major + minor``, or ``None`` under the interpreter.
     ``K`` is accepted for the key but does not change today's choice. ``qblock``: for
     ``"project_q8"`` only, the quantization block width ``min(block_size, N)`` that sets
-    the tile's ``bn`` (:func:`q8_tile`).
+    the tile's ``bn`` (:func:`q8_tile`). ``aligned``: whether the host found the launch aligned
+    (8-bit project + Adam: :func:`q8_aligned`, or the grouped launch's sub-list); only the
+    :data:`UNALIGNED` entries depend on it.
     """
     if kernel not in FAMILY_OF:
         raise ValueError(f"choose_config: unknown kernel {kernel!r}; expected one of {sorted(FAMILY_OF)}")
@@ -462,34 +498,34 @@ def choose_config(kernel: str, arch: Optional[int], *, M: int, N: int, K: int, o
     if mode not in MODE_CLASS:
         raise ValueError(f"choose_config: mode must be 0 (dense), 1 (INT4) or 2 (DCT), got {mode!r}")
     wide = max(op_bytes) >= 4
-    table = TABLES[(kernel, table_arch(int(arch)))]
-    entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
-    tile = entry[_bucket(int(M), int(N))]
+    tile = _entry(kernel, arch, mode, wide, aligned)[_bucket(int(M), int(N))]
     return _q8_for(kernel, tile, qblock, mode, wide) if kernel in _Q8_KERNELS else tile
 
 
-def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0, qblock: int = 256) -> list:
+def default_tiles(kernel: str, arch: int, *, wide: bool, mode: int = 0, qblock: int = 256,
+                  aligned: bool = True) -> list:
     """The tiles ``kernel`` launches without autotuning on ``arch`` (one per bucket, deduplicated);
-    ``qblock``: the quantization block width of a ``"project_q8"`` launch (:func:`q8_tile`)."""
-    table = TABLES[(kernel, table_arch(int(arch)))]
-    entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
+    ``qblock``: the quantization block width of a ``"project_q8"`` launch (:func:`q8_tile`);
+    ``aligned``: as :func:`choose_config`."""
+    entry = _entry(kernel, arch, mode, wide, aligned)
     if kernel in _Q8_KERNELS:
         entry = [_q8_for(kernel, t, qblock, mode, wide) for t in entry]
     return list(dict.fromkeys(entry))
 
 
-def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0, qblock: int = 256) -> list:
+def candidates(kernel: str, arch: Optional[int], *, wide: bool, mode: int = 0, qblock: int = 256,
+               aligned: bool = True) -> list:
     """Every tile ``kernel`` may launch on ``arch`` with ``wide`` operands and projector
     ``mode``: the table's defaults for each bucket, then the autotuning extras (dense
-    16-bit operands only; deduplicated, in table order). ``qblock``: as :func:`default_tiles`."""
+    16-bit operands only; deduplicated, in table order). ``qblock``, ``aligned``: as
+    :func:`default_tiles`."""
     if arch is None:
         base = INTERPRET_TILE
         if kernel in _Q8_KERNELS:
             base = base._replace(bn=q8_tile(base, qblock).bn)
         return [base, base._replace(prefetch=True)] if FAMILY_OF[kernel] == _P else [base]
     ta = table_arch(int(arch))
-    table = TABLES[(kernel, ta)]
-    entry = table.get((MODE_CLASS[mode], wide), table[("dense", wide)])
+    entry = _entry(kernel, arch, mode, wide, aligned)
     if kernel in _Q8_KERNELS:
         entry = [_q8_for(kernel, t, qblock, mode, wide) for t in entry]
     out = []
@@ -686,6 +722,22 @@ def address(t: torch.Tensor) -> int:
     return t.storage_offset() * t.element_size() if t.device.type == "meta" else t.data_ptr()
 
 
+def q8_aligned(N: int, K: int, qstep: int, tensors: Sequence[torch.Tensor],
+               absmax: Sequence[torch.Tensor] = ()) -> bool:
+    """Whether a single 8-bit project + Adam launch is aligned (its :data:`UNALIGNED` key): ``N``,
+    ``K`` and the quantization step multiples of 16, every tensor of ``tensors`` (the gradient,
+    moments and output: what the K loop streams along N or K and the epilogue reads and writes
+    along N) at a 16-byte aligned address with strides 1 or multiples of 16, so Triton's
+    specialization gives their loads and stores 16-byte vectors, and the ``absmax`` tensors (one
+    value per block, no vectors) at 16-byte aligned addresses. The projector is not checked: its
+    tile is the small side of the GEMM (left-side rank <= 64: an odd rank's stride is as common as
+    an even one's, and the 8-bit int64 launches with rank 24 compile as the aligned ones do)."""
+    if any(int(d) % 16 for d in (N, K, qstep)):
+        return False
+    return all(address(t) % 16 == 0 and all(st == 1 or st % 16 == 0 for st in t.stride()) for t in tensors) and \
+        all(address(t) % 16 == 0 for t in absmax)
+
+
 # --------------------------------------------------------------------------- capture (compile check)
 _CAPTURE: Optional[list] = None
 
@@ -743,57 +795,62 @@ CHOSEN: dict = {}
 
 def launch_gemm(kernel_name: str, kernel, grid: Callable, args: tuple, meta: dict, *, device: torch.device,
                 M: int, N: int, K: int, op_bytes: Sequence[int], side: str = "right", mode: int = 0,
-                restore: Sequence[torch.Tensor] = (), qblock: int = 0) -> Tile:
+                restore: Sequence[torch.Tensor] = (), qblock: int = 0, aligned: bool = True) -> Tile:
     """Launch a tiled GEMM kernel with the config of :func:`choose_config` (or autotuned).
 
     ``grid(tile)`` gives the launch grid for a tile; ``restore``: tensors the kernel
     writes, restored after each autotuning trial; ``qblock``: the quantization block width
-    of a ``"project_q8"`` launch (:func:`q8_tile`). Returns the tile launched.
+    of a ``"project_q8"`` launch (:func:`q8_tile`); ``aligned``: the host's alignment check of
+    the launch (:func:`choose_config`). Returns the tile launched.
     """
     family = FAMILY_OF[kernel_name]
     wide = max(op_bytes) >= 4
     if _CAPTURE is not None:
         arch = 90  # placeholder: the compile check replaces the tile per target arch
-        tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode, qblock=qblock)
+        tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode, qblock=qblock,
+                             aligned=aligned)
         full = dict(meta, **_tile_meta(family, tile, K), enable_fp_fusion=FP_FUSION[family])
-        key = dict(M=M, N=N, K=K, op_bytes=list(op_bytes), side=side, mode=mode, qblock=qblock)
+        key = dict(M=M, N=N, K=K, op_bytes=list(op_bytes), side=side, mode=mode, qblock=qblock, aligned=aligned)
         _CAPTURE.append(Launch(family, kernel, args, full, kernel_name, wide, key))
         return tile
     with device_guard(device):
         arch = device_arch(device)
         if AUTOTUNE and arch is not None:
-            key = (kernel_name, device.index, M, N, K, tuple(op_bytes), side, mode, qblock,
+            key = (kernel_name, device.index, M, N, K, tuple(op_bytes), side, mode, qblock, aligned,
                    tuple(sorted((k, str(v)) for k, v in meta.items())))
             tile = _TUNED.get(key)
             if tile is None:
-                tile = _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode, qblock)
+                tile = _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode, qblock,
+                                 aligned)
                 _TUNED[key] = tile
         else:
             tile = choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode,
-                                 qblock=qblock)
-        name = kernel_name if kernel_name not in _Q8_KERNELS else f"{kernel_name}[qblock={qblock}]"
+                                 qblock=qblock, aligned=aligned)
+        name = _chosen_name(kernel_name, qblock, aligned)
         CHOSEN[(name, M, N, K, tuple(op_bytes), side, mode, arch)] = tile.label()
         kernel[grid(tile)](*args, **meta, **_tile_meta(family, tile, K), enable_fp_fusion=FP_FUSION[family])
     return tile
 
 
 def grouped_tile(kernel_name: str, device: torch.device, *, problems: Sequence[tuple], op_bytes: Sequence[int],
-                 side: str = "right", mode: int = 0, qblock: int = 0) -> Tile:
+                 side: str = "right", mode: int = 0, qblock: int = 0, aligned: bool = True) -> Tile:
     """The one tile of a grouped launch (``kernel_name``: a ``*_grouped`` kernel) over
     ``problems`` (``(M, N, K)`` each, at least one): the table's choice
     (:func:`choose_config`, no autotuning) for the problem with the most output elements;
-    ``qblock``: the widest quantization block of a ``"project_q8_grouped"`` launch. Under
+    ``qblock``: the widest quantization block of a ``"project_q8_grouped"`` launch; ``aligned``:
+    whether the launch is an aligned sub-list's (constexpr ``ALIGNED``). Under
     :func:`capture` the tile of the placeholder arch 90 (the compile check re-tiles per arch)."""
     if not problems:
         raise ValueError("grouped_tile: problems must not be empty")
     M, N, K = max(problems, key=lambda p: (p[0] * p[1], p))
     arch = 90 if _CAPTURE is not None else device_arch(device)
-    return choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode, qblock=qblock)
+    return choose_config(kernel_name, arch, M=M, N=N, K=K, op_bytes=op_bytes, side=side, mode=mode, qblock=qblock,
+                         aligned=aligned)
 
 
 def launch_grouped(kernel_name: str, kernel, grid: tuple, args: tuple, meta: dict, *, device: torch.device,
                    tile: Tile, problems: Sequence[tuple], op_bytes: Sequence[int], side: str = "right", mode: int = 0,
-                   qblock: int = 0) -> None:
+                   qblock: int = 0, aligned: bool = True) -> None:
     """Launch a grouped GEMM kernel (one launch for a list of problems) with ``tile`` (from
     :func:`grouped_tile`, which the launcher also used to build its tile table, so the tile
     is fixed before the arguments exist) and the family's explicit ``enable_fp_fusion``.
@@ -801,7 +858,8 @@ def launch_grouped(kernel_name: str, kernel, grid: tuple, args: tuple, meta: dic
     ``EVEN_K`` holds for the launch iff every problem's ``K`` is a multiple of ``tile.bk``,
     i.e. iff ``gcd(K_i)`` is: the key recorded for the compile check carries that gcd as its
     ``K`` (which :func:`choose_config` does not use), so re-tiling per arch keeps EVEN_K true.
-    No runtime autotuning (a list has no single shape to tune for).
+    No runtime autotuning (a list has no single shape to tune for). ``aligned``: as
+    :func:`grouped_tile` (recorded in the key, so the compile check re-tiles as the launcher would).
     """
     family = FAMILY_OF[kernel_name]
     wide = max(op_bytes) >= 4
@@ -811,24 +869,33 @@ def launch_grouped(kernel_name: str, kernel, grid: tuple, args: tuple, meta: dic
     M, N, _ = max(problems, key=lambda p: (p[0] * p[1], p))
     full = dict(meta, **_tile_meta(family, tile, k_all), enable_fp_fusion=FP_FUSION[family])
     if _CAPTURE is not None:
-        key = dict(M=M, N=N, K=k_all, op_bytes=list(op_bytes), side=side, mode=mode, qblock=qblock)
+        key = dict(M=M, N=N, K=k_all, op_bytes=list(op_bytes), side=side, mode=mode, qblock=qblock, aligned=aligned)
         _CAPTURE.append(Launch(family, kernel, args, full, kernel_name, wide, key))
         return
     with device_guard(device):
         arch = device_arch(device)
-        name = kernel_name if kernel_name not in _Q8_KERNELS else f"{kernel_name}[qblock={qblock}]"
+        name = _chosen_name(kernel_name, qblock, aligned)
         CHOSEN[(name, M, N, k_all, tuple(op_bytes), side, mode, arch)] = tile.label()
         kernel[grid](*args, **full)
+
+
+def _chosen_name(kernel_name: str, qblock: int, aligned: bool) -> str:
+    """The kernel's name in :data:`CHOSEN`: with its quantization block (8-bit kernels) and
+    ``unaligned`` where the launch took the :data:`UNALIGNED` table's choice."""
+    if kernel_name not in _Q8_KERNELS:
+        return kernel_name
+    return f"{kernel_name}[qblock={qblock}" + ("" if aligned else ",unaligned") + "]"
 
 
 def _tile_meta(family: str, tile: Tile, K: int) -> dict:
     return dict(tile.meta(family), EVEN_K=K % tile.bk == 0)
 
 
-def _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode=0, qblock=256) -> Tile:
+def _autotune(kernel_name, kernel, grid, args, meta, device, arch, wide, K, restore, mode=0, qblock=256,
+              aligned=True) -> Tile:
     """Time every candidate (restoring ``restore`` after each run); rank 0's choice wins."""
     family = FAMILY_OF[kernel_name]
-    cands = candidates(kernel_name, arch, wide=wide, mode=mode, qblock=qblock or 256)
+    cands = candidates(kernel_name, arch, wide=wide, mode=mode, qblock=qblock or 256, aligned=aligned)
     saved = [t.clone() for t in restore]
 
     def put_back():

@@ -266,6 +266,7 @@ def _launch_project_adam(grad, proj, exp_avg, exp_avg_sq, side, beta1, beta2, ep
         ),
         device=grad.device, M=M, N=N, K=K, op_bytes=_op_bytes(grad, p), side=side, mode=mode,
         restore=restore, qblock=qstep,
+        aligned=not q8 or L.q8_aligned(N, K, qstep, (grad, exp_avg, exp_avg_sq, out), (ma, va)),
     )
     return out
 

@@ -440,7 +440,8 @@ def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, bet
     kname = "project_q8_grouped" if q8 else ("project_sr_grouped" if sr else "project_grouped")
     bytes_p, bytes_b = _op_bytes(grads[i0], a0[0]), _op_bytes(out_dtype, a0[0])
     qblock = qmax if q8 else 0
-    tile_p = L.grouped_tile(kname, dev, problems=probs_p, op_bytes=bytes_p, side=side, mode=mode, qblock=qblock)
+    tile_p = L.grouped_tile(kname, dev, problems=probs_p, op_bytes=bytes_p, side=side, mode=mode, qblock=qblock,
+                            aligned=aligned)
     tile_b = L.grouped_tile("backproject_grouped", dev, problems=probs_b, op_bytes=bytes_b, side=side, mode=mode)
     total_p = total_b = 0
     for row, (M, N, _), (m_, n_, _) in zip(rows, probs_p, probs_b):
@@ -473,6 +474,7 @@ def _grouped_step(members, params, grads, exp_avgs, exp_avg_sqs, fmts, side, bet
                  INTERPRET=_INTERPRET, MOMENTS=fmt0.mode, UNIT=unit, SKIP=skip is not None, STEPS=steps,
                  ALIGNED=aligned),
             device=dev, tile=tile_p, problems=probs_p, op_bytes=bytes_p, side=side, mode=mode, qblock=qblock,
+            aligned=aligned,
         )
     if total_b:
         dot_dtype, precision = _dot_config(out_dtype, *a0[4])

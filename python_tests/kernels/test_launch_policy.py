@@ -102,6 +102,92 @@ def test_old_fixed_fp32_config_is_not_in_the_smaller_tables():
                            for t in L.candidates(kernel, arch, wide=True, mode=mode))
 
 
+# --------------------------------------------------------------------------- alignment-keyed entries
+def test_unaligned_launches_take_the_unaligned_table_only_where_it_has_one():
+    """``aligned=False`` changes the tile only of the kernels / archs / entries :data:`UNALIGNED`
+    holds (Triton 3.6: 8-bit project + Adam with 16-bit operands; 4 warps aligned, 8 unaligned)."""
+    shapes = [(4096, 512, 11008), (16, 5000, 4096), (5000, 16, 300), (123, 77, 33), (64, 768, 512)]
+    for kernel in (*KERNELS, "project_q8", "project_q8_grouped", "project_grouped", "backproject_grouped"):
+        for arch in FAKE_ARCHS:
+            for shape in shapes:
+                for op_bytes in ([2, 2], [4, 2], [4, 4]):
+                    for mode in (0, 1, 2):
+                        kw = dict(M=shape[0], N=shape[1], K=shape[2], op_bytes=op_bytes, mode=mode,
+                                  qblock=256 if kernel.startswith("project_q8") else 0)
+                        a = L.choose_config(kernel, arch, aligned=True, **kw)
+                        u = L.choose_config(kernel, arch, aligned=False, **kw)
+                        assert L.choose_config(kernel, arch, **kw) == a  # aligned is the default
+                        table = L.UNALIGNED.get((kernel, L.table_arch(arch)))
+                        if table is None or table == L.TABLES[(kernel, L.table_arch(arch))]:
+                            assert u == a, (kernel, arch, shape, op_bytes, mode)
+                        wide = max(op_bytes) >= 4
+                        assert u in L.candidates(kernel, arch, wide=wide, mode=mode, qblock=kw["qblock"] or 256,
+                                                 aligned=False)
+    if L.TRITON_VERSION >= (3, 7):
+        assert not L.UNALIGNED
+        return
+    for kernel in ("project_q8", "project_q8_grouped"):
+        for arch in (80, 86, 89, 90):
+            for M, N in ((64, 768), (512, 768), (512, 64)):  # every bucket
+                kw = dict(M=M, N=N, K=512, op_bytes=[2, 2], mode=1, side="left", qblock=256)
+                assert L.choose_config(kernel, arch, aligned=True, **kw).warps == 4
+                assert L.choose_config(kernel, arch, aligned=False, **kw).warps == 8
+            assert {t.warps for t in L.candidates(kernel, arch, wide=False, mode=1, aligned=True)} == {4}
+            assert {t.warps for t in L.candidates(kernel, arch, wide=False, mode=1, aligned=False)} == {8}
+    # sm_80, dense projector: the small-M tile's 4 warps only for aligned launches, so an unaligned
+    # launch (rank 300) never tries them, not even as an autotuning candidate
+    kw = dict(M=24, N=768, K=512, op_bytes=[2, 2], mode=0, side="left", qblock=256)
+    assert L.choose_config("project_q8", 80, aligned=True, **kw).warps == 4
+    assert L.choose_config("project_q8", 80, aligned=False, **kw).warps == 8
+    assert {t.warps for t in L.candidates("project_q8", 80, wide=False, aligned=False)} == {8}
+    assert L.choose_config("project_q8", 90, aligned=False, **kw) == L.choose_config("project_q8", 90, **kw)
+
+
+def test_launchers_pass_their_alignment_check_to_the_table():
+    """The single 8-bit launcher's :func:`q8_aligned` and the grouped launcher's sub-lists reach
+    the recorded key, so the compile check re-tiles each launch as the launcher would."""
+    from lowrank_kernels.kernels import moments as km
+    from lowrank_kernels.kernels import projection as kp
+    from lowrank_kernels.kernels import projection_grouped as kg
+
+    meta = torch.device("meta")
+
+    def E(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device=meta)
+
+    def single(m, n, r, offset=0):
+        grad = E(m * n + offset, dtype=torch.bfloat16)[offset:].view(m, n)
+        ea, eas = E(r, n, dtype=torch.uint8), E(r, n, dtype=torch.uint8)
+        ab = (r, -(-n // 256))
+        fmt = km.moment_format("test", ea, eas, E(*ab), E(*ab), 256, -1)
+        with L.capture() as caps:
+            kp._launch_project_adam(grad, E(m, r, dtype=torch.bfloat16), ea, eas, "left", 0.9, 0.999, 1e-8, fmt)
+        (c,) = caps
+        return c.key["aligned"]
+
+    assert single(512, 768, 64) is True
+    assert single(512, 768, 24) is True  # an odd rank: the projector is not checked (q8_aligned)
+    assert single(300, 200, 24) is False  # N, K not multiples of 16
+    assert single(512, 768, 64, offset=1) is False  # gradient 2 bytes off a 16-byte boundary
+    # plain moments: no alignment-keyed entry, recorded as aligned
+    with L.capture() as caps:
+        kp._launch_project_adam(E(300, 200), E(300, 24), E(24, 200), E(24, 200), "left", 0.9, 0.999, 1e-8)
+    assert caps[0].key["aligned"] is True
+
+    shapes = [(512, 768, 64), (256, 128, 32), (300, 200, 24)]
+    with L.capture() as caps:
+        kg.projection_foreach_project_update_backproject_triton(
+            [E(m, n) for m, n, _ in shapes], [E(m, n) for m, n, _ in shapes], [E(m, r) for m, _, r in shapes],
+            [E(r, n, dtype=torch.uint8) for _, n, r in shapes], [E(r, n, dtype=torch.uint8) for _, n, r in shapes],
+            "left", [1e-3] * 3, 0.9, 0.999, 1e-8, [2] * 3, [0.0] * 3, [1.0] * 3, (), (), (), (), 0,
+            [E(r, -(-n // 256)) for _, n, r in shapes], [E(r, -(-n // 256)) for _, n, r in shapes], 256, ())
+    q8 = [c for c in caps if c.tile_kernel == "project_q8_grouped"]
+    assert sorted(c.key["aligned"] for c in q8) == [False, True]
+    for c in q8:
+        assert c.meta["ALIGNED"] == c.key["aligned"]
+        assert c.tile_for(90) == L.choose_config("project_q8_grouped", 90, **c.key)
+
+
 # --------------------------------------------------------------------------- autotuning is opt-in
 @pytest.mark.parametrize("value,expected", [(None, False), ("0", False), ("1", True), ("yes", False)])
 def test_autotune_env_default_off(value, expected, monkeypatch):
