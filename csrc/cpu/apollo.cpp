@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/aten_order.h"
 #include "cpu/direct.h"
 #include "cpu/kernels.h"
 
@@ -58,28 +59,9 @@ Tensor vnorm(const Tensor& x, std::optional<int64_t> dim) {
 // so these run only where they were checked: on the AVX2 kernels (at::get_cpu_capability),
 // and after a self-check at first use that compares them bitwise with ATen's calls on
 // data covering every tail length and both paths; otherwise every norm is ATen's call.
-// The functions are compiled for AVX2 without FMA, so no multiply-add is contracted.
-__attribute__((target("avx2"))) float norm_contig_avx2(const float* x, int64_t size) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d < size - (size % 8); d += 8) {
-    const __m256 v = _mm256_loadu_ps(x + d);
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-  }
-  alignas(32) float buf[8];
-  _mm256_store_ps(buf, acc);
-  float s = buf[0];
-  for (int j = 1; j < 8; ++j) s = s + buf[j];
-  if (size - d >= 4) {
-    for (int j = 0; j < 4; ++j, ++d) {
-      const float p = x[d] * x[d];
-      s = s + p;
-    }
-  }
-  for (; d < size; ++d) s = __builtin_fmaf(x[d], x[d], s);
-  return std::sqrt(s);
-}
-
+// The functions are compiled for AVX2 without FMA, so no multiply-add is contracted. The
+// contiguous path is aten_order.h's norm_all (the one copy of it; GaLore-Adafactor and
+// GradNormLoRP use it too), the strided one is below.
 // Column norms of a rows x cols row-major block (cols >= 2), into out[cols].
 __attribute__((target("avx2"))) void norm_cols_avx2(const float* x, int64_t rows, int64_t cols, float* out) {
   for (int64_t j = 0; j < cols; ++j) out[j] = 0.0f;
@@ -99,11 +81,11 @@ constexpr int64_t kSerialRows = 32768;  // at::internal::GRAIN_SIZE
 // out (cols, rows or 1 values), by the functions above.
 void fast_norm(const float* x, int64_t rows, int64_t cols, int dim, float* out) {
   if (dim < 0) {
-    out[0] = norm_contig_avx2(x, rows * cols);
+    out[0] = aten_order::norm_all(x, rows * cols);
   } else if (dim == 1) {
-    for (int64_t i = 0; i < rows; ++i) out[i] = norm_contig_avx2(x + i * cols, cols);
+    for (int64_t i = 0; i < rows; ++i) out[i] = aten_order::norm_all(x + i * cols, cols);
   } else if (cols == 1) {  // one strided column is contiguous: ATen's contiguous path
-    out[0] = norm_contig_avx2(x, rows);
+    out[0] = aten_order::norm_all(x, rows);
   } else {
     norm_cols_avx2(x, rows, cols, out);
   }
@@ -113,20 +95,6 @@ void fast_norm(const float* x, int64_t rows, int64_t cols, int dim, float* out) 
 bool fast_norm_fits(const Tensor& x, int dim) {
   if (x.scalar_type() != at::kFloat || x.dim() != 2 || !x.is_contiguous() || x.numel() == 0) return false;
   return dim != 0 || x.size(0) < kSerialRows;
-}
-
-// The deterministic data of the self-check: a 64-bit LCG's high bits as floats in (-4, 4),
-// with one value in seven scaled by 2^-20 or 2^20 so that roundings differ.
-std::vector<float> check_data(int64_t n, uint64_t seed) {
-  std::vector<float> v(n);
-  uint64_t st = seed * 6364136223846793005ULL + 1442695040888963407ULL;
-  for (int64_t i = 0; i < n; ++i) {
-    st = st * 6364136223846793005ULL + 1442695040888963407ULL;
-    float f = static_cast<float>(static_cast<int64_t>(st >> 40) - (int64_t{1} << 23)) / static_cast<float>(1 << 21);
-    if (i % 7 == 3) f = f * (st & 1 ? 9.5367431640625e-07f : 1048576.0f);
-    v[i] = f;
-  }
-  return v;
 }
 
 bool fast_norm_checked() {
@@ -146,7 +114,7 @@ bool fast_norm_checked() {
   for (int64_t cols : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 21, 22, 23, 28, 31, 37, 40,
                        172, 333}) {
     for (int64_t rows : {1, 2, 7, 64}) {
-      std::vector<float> data = check_data(rows * cols, static_cast<uint64_t>(rows * 1000 + cols));
+      std::vector<float> data = aten_order::check_data(rows * cols, static_cast<uint64_t>(rows * 1000 + cols));
       Tensor x = at::from_blob(data.data(), {rows, cols}, opts);
       for (int dim : {1, 0, -1}) {
         std::vector<float> mine(dim == 1 ? rows : dim == 0 ? cols : 1);

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/topk.h"
 
 namespace lowrank_kernels {
 namespace {
@@ -128,18 +129,7 @@ at::Tensor topk_indices(const at::Tensor& scores, int64_t k) {
   const int64_t s = scores.size(0);
   const scalar_t* v = scores.data_ptr<scalar_t>();
   std::vector<int64_t> order(s);
-  std::iota(order.begin(), order.end(), 0);
-  // Total order: NaN first, then descending score, ties to the lower index.
-  auto before = [v](int64_t a, int64_t b) {
-    const bool na = std::isnan(v[a]), nb = std::isnan(v[b]);
-    if (na || nb) {
-      if (na && nb) return a < b;
-      return na;
-    }
-    if (v[a] != v[b]) return v[a] > v[b];
-    return a < b;
-  };
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
+  topk_order(v, order.data(), s, k);
   at::Tensor out = at::empty({k}, scores.options().dtype(at::kInt));
   int32_t* o = out.data_ptr<int32_t>();
   for (int64_t i = 0; i < k; ++i) o[i] = static_cast<int32_t>(order[i]);

@@ -51,6 +51,7 @@
 
 #include "cpu/fast_f32.h"
 #include "cpu/kernels.h"
+#include "cpu/topk.h"
 
 namespace lowrank_kernels {
 namespace {
@@ -85,20 +86,6 @@ struct Arena {
 Arena& arena() {
   thread_local Arena a;
   return a;
-}
-
-// The total order of dct.cpp's top-k: NaN first, then descending score, ties to the lower index.
-void topk_order(const float* v, int64_t* order, int64_t s, int64_t k) {
-  std::iota(order, order + s, int64_t(0));
-  std::partial_sort(order, order + k, order + s, [v](int64_t a, int64_t b) {
-    const bool na = std::isnan(v[a]), nb = std::isnan(v[b]);
-    if (na || nb) {
-      if (na && nb) return a < b;
-      return na;
-    }
-    if (v[a] != v[b]) return v[a] > v[b];
-    return a < b;
-  });
 }
 
 // The scoring operands of a basis, prepared once per call. The DCT bases are symmetric: the

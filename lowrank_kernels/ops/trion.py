@@ -77,10 +77,9 @@ def _check_entries(op, params, grads, momentum, basis, side, rank):
     return written
 
 
-def validate_foreach_trion_update(params, grads, momentum, basis, side, rank, norm, coefficients, eps, mu, alpha,
-                                  decay, *, op=_OP):
-    n = len(params)
-    C.check_lists(op, n, (("grads", grads), ("momentum", momentum), ("mu", mu), ("alpha", alpha), ("decay", decay)))
+def _check_step_args(op, side, rank, norm, coefficients, eps, mu, basis):
+    """The checks of the step's scalar arguments and basis, shared by the whole step and its
+    first half."""
     C.check_side(side, op)
     _check_norm(op, norm)
     C.fail_type(isinstance(rank, int) and not isinstance(rank, bool), op, lambda: f"rank must be an int, got {rank!r}")
@@ -89,6 +88,13 @@ def validate_foreach_trion_update(params, grads, momentum, basis, side, rank, no
         C.fail_value(0.0 <= v < 1.0, op, lambda: f"mu[{i}] must be in [0, 1), got {v!r}")
     C.check_float(basis, "basis", op)
     C.check_ndim(basis, "basis", op, 2)
+
+
+def validate_foreach_trion_update(params, grads, momentum, basis, side, rank, norm, coefficients, eps, mu, alpha,
+                                  decay, *, op=_OP):
+    n = len(params)
+    C.check_lists(op, n, (("grads", grads), ("momentum", momentum), ("mu", mu), ("alpha", alpha), ("decay", decay)))
+    _check_step_args(op, side, rank, norm, coefficients, eps, mu, basis)
     C.check_list_devices(op, [("params", params), ("grads", grads), ("momentum", momentum), ("basis", basis)])
     written = _check_entries(op, params, grads, momentum, basis, side, rank)
     C.check_no_overlap(op, written, [(f"grads[{i}]", g) for i, g in enumerate(grads)] + [("basis", basis)])
@@ -178,14 +184,7 @@ def validate_foreach_trion_orth(grads, momentum, basis, side, rank, norm, coeffi
                                 op=_ORTH_OP):
     n = len(momentum)
     C.check_lists(op, n, (("grads", grads), ("mu", mu), ("orths", orths)))
-    C.check_side(side, op)
-    _check_norm(op, norm)
-    C.fail_type(isinstance(rank, int) and not isinstance(rank, bool), op, lambda: f"rank must be an int, got {rank!r}")
-    _check_coefficients(op, coefficients, eps)
-    for i, v in enumerate(mu):
-        C.fail_value(0.0 <= v < 1.0, op, lambda: f"mu[{i}] must be in [0, 1), got {v!r}")
-    C.check_float(basis, "basis", op)
-    C.check_ndim(basis, "basis", op, 2)
+    _check_step_args(op, side, rank, norm, coefficients, eps, mu, basis)
     C.check_tensor(indices, "indices", op)
     C.fail_type(indices.dtype == torch.int32, op, lambda: f"indices must be int32, got {indices.dtype}")
     C.check_shape(indices, "indices", op, (n, rank), "one row of rank indices per weight")
