@@ -1,10 +1,9 @@
 // Raw-pointer float32 building blocks of the projection step's fast path
-// (csrc/cpu/projection/fast_path.cpp): no ATen op, no dispatcher call, no
-// BLAS call (torch's BLAS is not reachable without the dispatcher from an extension:
-// at::native::cpublas::gemm is not exported, and the stub's ABI follows torch's build
-// macros; and on small skinny products a BLAS call costs more than the arithmetic: on the
-// AMD EPYC CPU of the measurements, torch.mm (MKL sgemm) took 4.7-8.9 us per 64..172 x 64
-// x 8 product timed from Python, where the fast path's whole fused step takes 5-10 us).
+// (csrc/cpu/projection/fast_path.cpp): no ATen op, no dispatcher call, no BLAS call
+// (on small skinny products a BLAS call costs more than the arithmetic: on the AMD EPYC
+// CPU of the measurements, torch.mm (MKL sgemm) took 4.7-8.9 us per 64..172 x 64 x 8
+// product timed from Python, where the fast path's whole fused step takes 5-10 us; where
+// torch's own sgemm call is wanted, direct.h's blas_addmm makes it without the dispatcher).
 //
 //   MatF         a strided 2-D float32 view (pointer, sizes, strides in elements);
 //   gemm_rows()  C = beta C + alpha A B with C's and B's rows contiguous, A any strides:
@@ -13,10 +12,14 @@
 //                chain over the inner dimension in order, then fma(acc, alpha, C * beta)
 //                (the reference's mul_(decay).add_(back, alpha=alpha) given back = acc);
 //   adam_run()   the Adam epilogue on contiguous runs of the moments, with the
-//                reference's operations in its order (reference/projection.py, as ATen
-//                evaluates them on CPU): m = fma(R, 1-b1, m*b1)   (add_ with alpha),
+//                reference's operations in its order (reference/projection.py):
+//                m = fma(R, 1-b1, m*b1)   (add_ with alpha),
 //                v = v*b2 + ((1-b2)*R)*R                        (addcmul_),
-//                N = m / (sqrt(v) + eps), written over R.
+//                N = m / (sqrt(v) + eps) (correctly rounded sqrt), written over R.
+//                Not ATen's CPU rounding in every element: torch 2.13's addcmul_ fuses
+//                its multiply-add and its float32 sqrt is MKL's vector square root; the
+//                paths that must match ATen bit for bit (projection/int4_path.cpp,
+//                aten_order.h) reproduce those instead.
 // The AVX2 kernels are chosen at run time where the CPU has AVX2 and FMA; portable loops
 // with the same operations (std::fma where the vector code fuses) serve other CPUs and,
 // forced, the tests. Partial vectors use masked loads/stores or a padded copy, so every
