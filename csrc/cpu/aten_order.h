@@ -61,6 +61,8 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu/direct.h"
+
 namespace lowrank_kernels {
 namespace aten_order {
 
@@ -466,7 +468,10 @@ inline bool gemm_layout_agrees(const std::array<int64_t, 15>& key) {
 inline void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   GemmCall g;
-  if (sgemm_symbol() != nullptr && !a.is_conj() && !b.is_conj() &&
+  // (as direct::blas_addmm: not under a float32 matmul precision that lets oneDNN's bf16/tf32
+  // GEMM serve ATen's call, and not on conjugate or negative views, which ATen resolves first)
+  if (sgemm_symbol() != nullptr && !a.is_conj() && !b.is_conj() && !a.is_neg() && !b.is_neg() &&
+      direct::ieee_matmul() &&
       gemm_call(M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), g)) {
     const float* ap = a.data_ptr<float>();
     const float* bp = b.data_ptr<float>();

@@ -41,5 +41,10 @@ inline at::Tensor empty_f32(at::IntArrayRef sizes) {
 // bit; the caller then calls ATen.
 bool blas_addmm(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta, double alpha);
 
+// Whether ATen's float32 CPU GEMM is the BLAS sgemm now: float32 matmul precision "highest"
+// everywhere ATen looks (else oneDNN's bf16/tf32 GEMM may serve it). Read at every call: the
+// precision can change between calls.
+bool ieee_matmul();
+
 }  // namespace direct
 }  // namespace lowrank_kernels

@@ -121,20 +121,6 @@ void call_blas(const Call& c, const float* A, const float* B, float* C, float be
 #endif
 }
 
-// Float32 matmul precision "highest" everywhere ATen's CPU GEMM looks (else oneDNN's
-// reduced-precision GEMM may serve it).
-bool ieee_matmul() {
-  auto& ctx = at::globalContext();
-  if (ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) return false;
-  for (auto op : {at::Float32Op::MATMUL, at::Float32Op::ALL}) {
-    const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, op);
-    if (p != at::Float32Precision::NONE && p != at::Float32Precision::IEEE && p != at::Float32Precision::DEFAULT) {
-      return false;
-    }
-  }
-  return true;
-}
-
 // Deterministic data of the one-time check: a 64-bit LCG's high bits as floats in (-4, 4).
 void fill(const at::Tensor& t, uint64_t seed) {
   float* p = t.data_ptr<float>();
@@ -174,6 +160,18 @@ std::mutex g_mutex;
 std::map<Key, bool> g_checked;
 
 }  // namespace
+
+bool ieee_matmul() {
+  auto& ctx = at::globalContext();
+  if (ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) return false;
+  for (auto op : {at::Float32Op::MATMUL, at::Float32Op::ALL}) {
+    const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, op);
+    if (p != at::Float32Precision::NONE && p != at::Float32Precision::IEEE && p != at::Float32Precision::DEFAULT) {
+      return false;
+    }
+  }
+  return true;
+}
 
 bool blas_addmm(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta, double alpha) {
 #if !AT_BUILD_WITH_BLAS()
